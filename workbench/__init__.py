@@ -1,0 +1,3 @@
+"""Representation Workbench: load models, extract layer activations, compare representations."""
+
+__version__ = "0.1.0"

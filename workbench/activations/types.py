@@ -1,0 +1,81 @@
+"""The ``Activations`` container: layer name -> ``(n_samples, n_features)`` float32 tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workbench.errors import DataError, UnknownLayerError, did_you_mean, format_choices
+
+
+class Activations(Mapping[str, torch.Tensor]):
+    """Pooled activations of one model on one dataset, in the order the layers were asked for.
+
+    Behaves as a read-only mapping from layer name to a float32 tensor ``(n_samples, n_features)``
+    (possibly memory-mapped from the on-disk cache). Records which model, dataset and pooling rule
+    produced it so results can say what they were computed from.
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        model_name: str = "",
+        model_sha256: str = "",
+        dataset_name: str = "",
+        dataset_sha256: str = "",
+        pooling: str = "mean",
+        labels: torch.Tensor | None = None,
+        key: str = "",
+    ):
+        if not tensors:
+            raise DataError("Activations need at least one layer; pass one or more layer names.")
+        sizes = {name: int(t.shape[0]) for name, t in tensors.items()}
+        if len(set(sizes.values())) != 1:
+            raise DataError(f"All layers must have the same number of samples; got {sizes}.")
+        self._tensors = dict(tensors)
+        self.model_name = model_name
+        self.model_sha256 = model_sha256
+        self.dataset_name = dataset_name
+        self.dataset_sha256 = dataset_sha256
+        self.pooling = pooling
+        self.labels = labels
+        self.key = key
+
+    def __getitem__(self, layer: str) -> torch.Tensor:
+        try:
+            return self._tensors[layer]
+        except KeyError:
+            raise UnknownLayerError(
+                f"Unknown layer '{layer}'.{did_you_mean(layer, self._tensors)} Layers: {format_choices(self._tensors)}."
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._tensors.items())
+        return f"Activations(model={self.model_name!r}, dataset={self.dataset_name!r}, pooling={self.pooling!r}, {{{shapes}}})"
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._tensors)
+
+    @property
+    def n_samples(self) -> int:
+        return int(next(iter(self._tensors.values())).shape[0])
+
+    def save_npz(self, path: str | Path) -> Path:
+        """Write every layer (and labels, when known) to an ``.npz`` readable with ``allow_pickle=False``."""
+        path = Path(path)
+        arrays = {f"layer/{k}": v.detach().cpu().numpy() for k, v in self._tensors.items()}
+        if self.labels is not None:
+            arrays["labels"] = self.labels.detach().cpu().numpy()
+        np.savez(path, **arrays)
+        return path

@@ -1,0 +1,63 @@
+"""Common behaviour of analysis results.
+
+Each analysis returns a frozen dataclass deriving from :class:`Result`. Results hold numpy arrays
+on the CPU and record how they were made (``estimator``, ``n_samples``, ``params``, ``seed``,
+``device``, ``dtype``, ``seconds``). ``to_dict()`` is JSON-safe; ``arrays()`` returns the numeric
+arrays for an ``.npz`` export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "fc":
+            return [_jsonable(v) for v in value.tolist()] if value.ndim else _jsonable(value.item())
+        return value.tolist()
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # torch tensors
+        return _jsonable(np.asarray(value.tolist()))
+    return value
+
+
+class Result:
+    """Mixin for frozen result dataclasses: JSON export and array export."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict of every field (arrays as nested lists, non-finite floats as strings)."""
+        out = _jsonable(self)
+        out["result_type"] = type(self).__name__
+        return out
+
+    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """Every numeric numpy array field (also inside dicts), keyed ``prefix + field[/key]``."""
+        found: dict[str, np.ndarray] = {}
+
+        def visit(key: str, value: Any) -> None:
+            if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+                found[key] = value
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    visit(f"{key}/{k}", v)
+
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            visit(prefix + f.name, getattr(self, f.name))
+        return found

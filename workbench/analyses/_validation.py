@@ -1,0 +1,129 @@
+"""Input checks shared by all analyses.
+
+Public analysis functions validate once with these helpers and then call cores that trust their
+inputs. Every failure is a :class:`~workbench.errors.WorkbenchError` whose message names the
+argument and the function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import numpy as np
+import torch
+
+from workbench.errors import DataError, ParameterError
+
+ArrayLike = Any  # numpy array, torch tensor, or nested sequence of numbers
+
+
+def as_matrix(
+    x: ArrayLike,
+    name: str,
+    *,
+    func: str,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float64,
+    min_samples: int = 2,
+) -> torch.Tensor:
+    """Check ``x`` is a finite ``(n_samples, n_features)`` array and return it as a tensor.
+
+    The input is never modified: a new tensor (or a view that is only read) is returned.
+    """
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        try:
+            arr = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{func}: '{name}' must be a numeric array of shape (n_samples, n_features); it could not be converted ({exc}).") from exc
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise DataError(
+                f"{func}: '{name}' must be a numeric array of shape (n_samples, n_features). Got dtype {arr.dtype}."
+            )
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.ndim != 2:
+        hint = " Reshape with x.reshape(len(x), -1) or pool it first." if t.ndim > 2 else " Use x.reshape(-1, 1) for a single feature."
+        raise DataError(
+            f"{func}: '{name}' must be 2-D (n_samples, n_features). Got shape {tuple(t.shape)}.{hint}"
+        )
+    if t.shape[0] < min_samples:
+        raise DataError(
+            f"{func}: '{name}' needs at least {min_samples} samples. Got {t.shape[0]}."
+        )
+    if t.shape[1] < 1:
+        raise DataError(f"{func}: '{name}' has no features (shape {tuple(t.shape)}).")
+    if t.is_complex():
+        raise DataError(f"{func}: '{name}' must be real-valued. Got dtype {t.dtype}.")
+    t = t.to(device=device if device is not None else t.device, dtype=dtype)
+    if not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise DataError(
+            f"{func}: '{name}' contains {n_bad} NaN or infinite values; remove or impute them before the analysis."
+        )
+    return t
+
+
+def check_paired(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y"), *, func: str) -> None:
+    """Check two representations describe the same samples (same number of rows)."""
+    if x.shape[0] != y.shape[0]:
+        raise DataError(
+            f"{func}: '{names[0]}' and '{names[1]}' must have the same number of samples (rows). "
+            f"Got {x.shape[0]} and {y.shape[0]}; extract both on the same dataset."
+        )
+
+
+def check_not_constant(x: torch.Tensor, name: str, *, func: str) -> None:
+    """Raise when every feature of ``x`` is constant over samples (zero total variance)."""
+    if float((x - x.mean(0, keepdim=True)).abs().max()) == 0.0:
+        raise DataError(
+            f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
+            "pick another layer or check that the model is not dead on this dataset."
+        )
+
+
+def check_int(value: Any, name: str, *, func: str, low: int | None = None, high: int | None = None) -> int:
+    """Check ``value`` is an int in ``[low, high]`` and return it."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if ok and (low is None or value >= low) and (high is None or value <= high):
+        return int(value)
+    rng = f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    raise ParameterError(f"The '{name}' parameter of {func} must be an int{rng}. Got {value!r}.")
+
+
+def check_float(value: Any, name: str, *, func: str, low: float | None = None, high: float | None = None,
+                low_inclusive: bool = True) -> float:
+    """Check ``value`` is a finite real number in the given range and return it as float."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok and np.isfinite(value):
+        v = float(value)
+        above = low is None or (v >= low if low_inclusive else v > low)
+        below = high is None or v <= high
+        if above and below:
+            return v
+    bracket = "[" if low_inclusive else "("
+    rng = f" in {bracket}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    raise ParameterError(f"The '{name}' parameter of {func} must be a number{rng}. Got {value!r}.")
+
+
+def check_choice(value: Any, name: str, choices: Collection[str], *, func: str) -> str:
+    """Check ``value`` is one of ``choices`` and return it."""
+    if value in choices:
+        return value
+    opts = ", ".join(repr(c) for c in choices)
+    raise ParameterError(f"The '{name}' parameter of {func} must be one of {opts}. Got {value!r}.")
+
+
+def as_labels(y: ArrayLike, n_samples: int, *, func: str, name: str = "labels") -> np.ndarray:
+    """Check ``y`` is a 1-D array of ``n_samples`` labels and return it as numpy."""
+    if y is None:
+        raise DataError(f"{func}: '{name}' are required; load a dataset with labels or pass them explicitly.")
+    arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if arr.ndim != 1:
+        raise DataError(f"{func}: '{name}' must be 1-D with one label per sample. Got shape {arr.shape}.")
+    if arr.shape[0] != n_samples:
+        raise DataError(
+            f"{func}: '{name}' has {arr.shape[0]} entries but the activations have {n_samples} samples; they must match."
+        )
+    return arr

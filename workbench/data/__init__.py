@@ -1,0 +1,3 @@
+from workbench.data.datasets import BUILTIN_DATASETS, Dataset, blobs, digits, load_dataset, make_dataset
+
+__all__ = ["BUILTIN_DATASETS", "Dataset", "blobs", "digits", "load_dataset", "make_dataset"]

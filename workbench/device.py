@@ -1,0 +1,49 @@
+"""Device choice, dtype policy and seeding.
+
+Computations accept ``device=None`` (auto: cuda, then mps, then cpu). Accumulations that lose
+accuracy in float32 (Gram matrices, HSIC, eigen-decompositions) run in float64; on MPS, which has
+no float64, they fall back to the CPU.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from workbench.errors import ParameterError
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to compute on: the given one, or cuda > mps > cpu when ``None``."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ParameterError(
+            f"The 'device' parameter must be 'cpu', 'cuda', 'cuda:N', 'mps' or None. Got {device!r}."
+        ) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(
+            f"Device {device!r} was requested but CUDA is not available here; use device='cpu' or None."
+        )
+    return resolved
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """The device for float64 work: ``device`` itself, or the CPU where float64 is unsupported (MPS)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU ``torch.Generator`` seeded with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,60 @@
+"""User-facing errors.
+
+Every error the library raises on bad input is a :class:`WorkbenchError` (a ``ValueError``)
+whose message is one sentence: what was wrong, what was expected, what was given, and what to do.
+The app shows ``str(error)``; it never shows a traceback for these.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class WorkbenchError(ValueError):
+    """Base class of all errors caused by user input."""
+
+
+class UnsupportedFormatError(WorkbenchError):
+    """A file whose type the workbench cannot read."""
+
+
+class CorruptFileError(WorkbenchError):
+    """A file of a supported type that is truncated, damaged or inconsistent."""
+
+
+class UnsafeFileError(WorkbenchError):
+    """A file that would run code when loaded, refused without an explicit trust switch."""
+
+
+class FileTooLargeError(WorkbenchError):
+    """An upload or archive member above the configured size limit."""
+
+
+class ArchitectureError(WorkbenchError):
+    """An architecture spec that is invalid or does not match the weights."""
+
+
+class UnknownLayerError(WorkbenchError):
+    """A layer name that the model does not have."""
+
+
+class DataError(WorkbenchError):
+    """A dataset or activation array that cannot be analysed as given."""
+
+
+class ParameterError(WorkbenchError):
+    """A parameter value outside its valid range."""
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest option, or ``""`` when none is close."""
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def format_choices(options: Iterable[str], limit: int = 30) -> str:
+    """Comma-separated options, shortened with a count when there are many."""
+    items = list(options)
+    shown = ", ".join(items[:limit])
+    return shown + (f", … ({len(items) - limit} more)" if len(items) > limit else "")

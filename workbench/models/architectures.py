@@ -1,0 +1,238 @@
+"""Architecture registry: a JSON-able spec -> an ``nn.Module``.
+
+A state dict carries weights but no code. A spec such as
+``{"type": "mlp", "sizes": [64, 512, 512, 10], "activation": "relu"}`` names a known architecture so
+that such weights can be loaded without running any uploaded code. Layer names are stable and
+readable (``fc1``, ``relu1``, ``out``), because they are what users pick in the layer tree.
+
+Supported types:
+
+``mlp``
+    ``sizes`` [in, h1, ..., out] (at least 2), ``activation`` relu | tanh | gelu | sigmoid,
+    optional ``batchnorm`` (bool). Layers: ``fc1, bn1?, relu1, fc2, ..., out``.
+``cnn``
+    ``input_shape`` [C, H, W], ``channels`` list, ``kernel_size`` (default 3), ``batchnorm`` (bool,
+    default true), ``hidden`` width of the dense layer (0 for none), ``n_classes``. Inputs may be
+    flat ``(n, C*H*W)``; the first module ``unflatten`` reshapes them. Layers: ``conv1, bn1, relu1,
+    conv2, ..., pool, fc1, relu_fc1, out``.
+``resmlp``
+    A residual MLP: ``in_features``, ``width``, ``n_blocks``, ``n_classes``, ``activation``.
+    ``h = inp(x); h = h + blockK.fc2(act(blockK.fc1(h)))``; ``out(h)``. The residual stream shares
+    one permutation across blocks.
+``transformer``
+    A small text encoder over byte tokens: ``vocab_size``, ``max_len``, ``d_model``, ``n_heads``,
+    ``n_layers``, ``n_classes``. Input: ``(n, max_len)`` int64 token ids, 0 = padding;
+    the classifier reads the first (CLS) token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.errors import ArchitectureError, format_choices
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def _get(spec: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if key not in spec:
+        if default is ...:
+            raise ArchitectureError(
+                f"The '{spec.get('type')}' architecture spec needs a '{key}' entry; got keys {sorted(spec)}."
+            )
+        return default
+    value = spec[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ArchitectureError(
+            f"The '{key}' entry of the '{spec.get('type')}' architecture spec has the wrong type: got {value!r}."
+        )
+    return value
+
+
+def _positive_ints(spec: dict[str, Any], key: str, min_len: int) -> list[int]:
+    values = _get(spec, key, list)
+    if len(values) < min_len or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ArchitectureError(
+            f"The '{key}' entry of the '{spec.get('type')}' spec must be a list of at least {min_len} positive ints. Got {values!r}."
+        )
+    return values
+
+
+def _activation(spec: dict[str, Any]) -> tuple[str, Callable[[], nn.Module]]:
+    name = _get(spec, "activation", str, "relu")
+    if name not in _ACTIVATIONS:
+        raise ArchitectureError(
+            f"Unknown activation '{name}' in the architecture spec; supported: {format_choices(_ACTIVATIONS)}."
+        )
+    return name, _ACTIVATIONS[name]
+
+
+def build_mlp(spec: dict[str, Any]) -> nn.Module:
+    sizes = _positive_ints(spec, "sizes", 2)
+    act_name, act = _activation(spec)
+    batchnorm = _get(spec, "batchnorm", bool, False)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-2], sizes[1:-1]), start=1):
+        layers[f"fc{i}"] = nn.Linear(fan_in, fan_out)
+        if batchnorm:
+            layers[f"bn{i}"] = nn.BatchNorm1d(fan_out)
+        layers[f"{act_name}{i}"] = act()
+    layers["out"] = nn.Linear(sizes[-2], sizes[-1])
+    return nn.Sequential(layers)
+
+
+def build_cnn(spec: dict[str, Any]) -> nn.Module:
+    shape = _positive_ints(spec, "input_shape", 3)
+    if len(shape) != 3:
+        raise ArchitectureError(f"The 'input_shape' of a cnn spec must be [channels, height, width]. Got {shape!r}.")
+    channels = _positive_ints(spec, "channels", 1)
+    kernel = _get(spec, "kernel_size", int, 3)
+    batchnorm = _get(spec, "batchnorm", bool, True)
+    hidden = _get(spec, "hidden", int, 64)
+    n_classes = _get(spec, "n_classes", int)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    layers["unflatten"] = nn.Unflatten(1, tuple(shape))
+    c_in = shape[0]
+    for i, c_out in enumerate(channels, start=1):
+        layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2)
+        if batchnorm:
+            layers[f"bn{i}"] = nn.BatchNorm2d(c_out)
+        layers[f"relu{i}"] = nn.ReLU()
+        c_in = c_out
+    layers["pool"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    if hidden:
+        layers["fc1"] = nn.Linear(c_in, hidden)
+        layers["relu_fc1"] = nn.ReLU()
+        c_in = hidden
+    layers["out"] = nn.Linear(c_in, n_classes)
+    return nn.Sequential(layers)
+
+
+class ResidualBlock(nn.Module):
+    """``h + fc2(act(fc1(h)))``."""
+
+    def __init__(self, width: int, hidden: int, act: Callable[[], nn.Module]):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = act()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.fc2(self.act(self.fc1(h)))
+
+
+class ResMLP(nn.Module):
+    """Residual MLP: ``out(blocks(inp(x)))``."""
+
+    def __init__(self, in_features: int, width: int, n_blocks: int, n_classes: int, act: Callable[[], nn.Module]):
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.blocks = nn.Sequential(*[ResidualBlock(width, width, act) for _ in range(n_blocks)])
+        self.out = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.blocks(self.inp(x)))
+
+
+def build_resmlp(spec: dict[str, Any]) -> nn.Module:
+    _, act = _activation(spec)
+    return ResMLP(
+        _get(spec, "in_features", int), _get(spec, "width", int), _get(spec, "n_blocks", int),
+        _get(spec, "n_classes", int), act,
+    )
+
+
+class TextEncoder(nn.Module):
+    """A small transformer classifier over byte tokens (0 = padding, first token = CLS)."""
+
+    def __init__(self, vocab_size: int, max_len: int, d_model: int, n_heads: int, n_layers: int, n_classes: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=0)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, d_model))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, n_heads, 2 * d_model, dropout=0.0, batch_first=True)
+            for _ in range(n_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, n_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens == 0
+        h = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=pad)
+        h = self.norm(h)
+        return self.out(h[:, 0])
+
+
+def build_transformer(spec: dict[str, Any]) -> nn.Module:
+    return TextEncoder(
+        _get(spec, "vocab_size", int), _get(spec, "max_len", int), _get(spec, "d_model", int),
+        _get(spec, "n_heads", int), _get(spec, "n_layers", int), _get(spec, "n_classes", int),
+    )
+
+
+ARCHITECTURES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "mlp": build_mlp,
+    "cnn": build_cnn,
+    "resmlp": build_resmlp,
+    "transformer": build_transformer,
+}
+
+
+def parse_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
+    """Accept a dict or its JSON text; check it names a known architecture type."""
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise ArchitectureError(f"The architecture spec is not valid JSON ({exc.msg} at position {exc.pos}).") from exc
+    if not isinstance(spec, dict):
+        raise ArchitectureError(f"The architecture spec must be a JSON object. Got {type(spec).__name__}.")
+    kind = spec.get("type")
+    if kind not in ARCHITECTURES:
+        raise ArchitectureError(
+            f"Unknown architecture type {kind!r}; supported types: {format_choices(ARCHITECTURES)}."
+        )
+    return spec
+
+
+def build_model(spec: dict[str, Any] | str) -> nn.Module:
+    """Build the (untrained) module a spec describes, in eval mode."""
+    spec = parse_spec(spec)
+    try:
+        module = ARCHITECTURES[spec["type"]](spec)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        if isinstance(exc, ArchitectureError):
+            raise
+        raise ArchitectureError(f"The '{spec['type']}' architecture spec could not be built: {exc}.") from exc
+    return module.eval()
+
+
+def input_spec(spec: dict[str, Any] | None) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """Per-sample input shape and dtype for a spec, or None when unknown."""
+    if spec is None:
+        return None
+    kind = spec.get("type")
+    if kind == "mlp":
+        return (spec["sizes"][0],), torch.float32
+    if kind == "cnn":
+        c, h, w = spec["input_shape"]
+        return (c * h * w,), torch.float32
+    if kind == "resmlp":
+        return (spec["in_features"],), torch.float32
+    if kind == "transformer":
+        return (spec["max_len"],), torch.int64
+    return None
