@@ -1,0 +1,347 @@
+"""Activation extraction through forward hooks, with pooling and an on-disk cache.
+
+``extract`` runs the model over the dataset in batches under ``torch.inference_mode()``, captures
+the outputs of the requested modules with forward hooks (always removed in ``finally``), pools
+conv maps and token sequences to ``(n_samples, n_features)`` by a named rule, and streams each
+layer into a memory-mapped ``.npy`` file in a cache folder keyed by the sha256 of the weights,
+the data, the layers and the pooling rule. Memory is bounded by the batch, not by the dataset; a
+second identical call reads the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from workbench.activations.types import Activations
+from workbench.data.datasets import Dataset, make_dataset
+from workbench.device import resolve_device
+from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
+from workbench.models.loading import LoadedModel, as_loaded_model
+
+POOLINGS = ("mean", "flatten", "max", "cls", "last")
+CACHE_FORMAT = 1
+Progress = Callable[[int, int], None]
+
+
+def default_cache_dir() -> Path:
+    """``$WORKBENCH_CACHE_DIR``, else ``~/.cache/representation-workbench/activations``."""
+    env = os.environ.get("WORKBENCH_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "representation-workbench" / "activations"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One module of a model: its ``named_modules()`` path, type, output shape on a probe batch
+    (``None`` when it did not run), parameter count (own parameters only) and nesting depth."""
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    n_parameters: int
+    depth: int
+
+
+def _valid_layers(module: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in module.named_modules() if name}
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "values"):
+        for v in out.values():
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(out, (tuple, list)):
+        for v in out:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+@contextmanager
+def hooks_on(module: nn.Module, layers: list[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Register forward hooks on ``layers`` calling ``fn(name, output_tensor)``; always removed."""
+    modules = _valid_layers(module)
+    handles = []
+    try:
+        for name in layers:
+            def hook(_m: nn.Module, _inp: Any, out: Any, _name: str = name) -> None:
+                t = _first_tensor(out)
+                if t is not None:
+                    fn(_name, t)
+
+            handles.append(modules[name].register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_layers(model: LoadedModel | nn.Module, layers: list[str] | str) -> list[str]:
+    """Validate layer names against ``named_modules()``; unknown names raise with a suggestion."""
+    module = model.module if isinstance(model, LoadedModel) else model
+    names = list(_valid_layers(module))
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise ParameterError(f"Pick at least one layer. Layers: {format_choices(names)}.")
+    for layer in layers:
+        if layer not in names:
+            raise UnknownLayerError(f"Unknown layer '{layer}'.{did_you_mean(layer, names)} Layers: {format_choices(names)}.")
+    if len(set(layers)) != len(layers):
+        raise ParameterError(f"Each layer may be asked for once; got duplicates in {layers}.")
+    return layers
+
+
+def example_input(model: LoadedModel, n: int = 2) -> torch.Tensor:
+    """A probe batch for a model whose input shape is known."""
+    if model.input_shape is None:
+        raise DataError(
+            f"The input shape of '{model.name}' is unknown (no architecture spec); pass an example batch or a dataset."
+        )
+    if model.takes_tokens:
+        return torch.ones((n, *model.input_shape), dtype=torch.int64)
+    return torch.zeros((n, *model.input_shape), dtype=torch.float32)
+
+
+def _forward(module: nn.Module, batch: torch.Tensor, takes_tokens: bool, source_format: str) -> Any:
+    if source_format == "huggingface":
+        return module(input_ids=batch, attention_mask=(batch != 0).long())
+    return module(batch)
+
+
+def layer_info(model: LoadedModel | nn.Module, example: torch.Tensor | None = None) -> list[LayerInfo]:
+    """Every named module in forward order (modules that did not run last), with output shapes."""
+    lm = as_loaded_model(model)
+    x = example if example is not None else example_input(lm)
+    modules = _valid_layers(lm.module)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str, t: torch.Tensor) -> None:
+        shapes.setdefault(name, tuple(t.shape[1:]))
+
+    with hooks_on(lm.module, list(modules), record), torch.inference_mode():
+        try:
+            _forward(lm.module, x, lm.takes_tokens, lm.source_format)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise DataError(f"The probe batch of shape {tuple(x.shape)} could not be run through '{lm.name}' ({exc}).") from exc
+    order = list(shapes) + [n for n in modules if n not in shapes]
+    return [
+        LayerInfo(
+            name=n, type=type(modules[n]).__name__, output_shape=shapes.get(n),
+            n_parameters=sum(p.numel() for p in modules[n].parameters(recurse=False)), depth=n.count("."),
+        )
+        for n in order
+    ]
+
+
+def list_layers(model: LoadedModel | nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    """Module paths from ``named_modules()`` in the order they run on a probe batch."""
+    return [info.name for info in layer_info(model, example)]
+
+
+def _channel_first(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d)) for m in module.modules()) and not any(
+        isinstance(m, (nn.MultiheadAttention, nn.Embedding)) for m in module.modules())
+
+
+def pool(out: torch.Tensor, rule: str, *, channel_first: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool one layer's batch output to ``(batch, features)``.
+
+    2-D outputs are returned as they are. Conv maps ``(B, C, *spatial)`` (4-D and 5-D outputs, and
+    3-D ones in models built from 1-D convolutions) are channel-first: ``mean``/``max`` reduce the
+    spatial axes, ``flatten`` keeps everything. Token sequences ``(B, T, D)``: ``mean``/``max``
+    over tokens (padding excluded when a mask is given), ``cls`` the first token, ``last`` the last
+    non-padding token.
+    """
+    if out.ndim == 1:
+        return out.reshape(-1, 1)
+    if out.ndim == 2:
+        return out
+    if rule == "flatten":
+        return out.reshape(out.shape[0], -1)
+    spatial = out.ndim >= 4 or channel_first
+    if spatial:
+        if rule in ("cls", "last"):
+            raise ParameterError(f"Pooling '{rule}' applies to token sequences; this layer outputs a conv map of shape {tuple(out.shape)}. Use 'mean', 'max' or 'flatten'.")
+        flat = out.reshape(out.shape[0], out.shape[1], -1)
+        return flat.mean(-1) if rule == "mean" else flat.amax(-1)
+    if out.ndim > 3:
+        out = out.reshape(out.shape[0], out.shape[1], -1)
+    use_mask = mask is not None and mask.shape == out.shape[:2]
+    if rule == "cls":
+        return out[:, 0]
+    if rule == "last":
+        if use_mask:
+            idx = (mask.long().sum(1) - 1).clamp(min=0)
+            return out[torch.arange(out.shape[0], device=out.device), idx]
+        return out[:, -1]
+    if use_mask:
+        m = mask.unsqueeze(-1).to(out.dtype)
+        if rule == "mean":
+            return (out * m).sum(1) / m.sum(1).clamp(min=1)
+        return out.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+    return out.mean(1) if rule == "mean" else out.amax(1)
+
+
+def cache_key(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: str) -> str:
+    payload = json.dumps({"format": CACHE_FORMAT, "model": model.sha256, "data": dataset.sha256,
+                          "layers": layers, "pooling": pooling})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _as_dataset(data: Dataset | torch.Tensor | np.ndarray) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    return make_dataset("array", data)
+
+
+def check_inputs(model: LoadedModel, dataset: Dataset) -> None:
+    """Dataset shape and dtype must fit the model's declared input."""
+    if dataset.n_samples == 0:
+        raise DataError(f"Dataset '{dataset.name}' is empty; it needs at least one sample.")
+    if model.input_shape is None:
+        return
+    sample_shape = tuple(dataset.x.shape[1:])
+    if model.takes_tokens != (not dataset.x.dtype.is_floating_point):
+        kind = "token ids (integers)" if model.takes_tokens else "float features"
+        raise DataError(f"Model '{model.name}' takes {kind} but dataset '{dataset.name}' holds {dataset.x.dtype}; pick a matching dataset.")
+    if not model.takes_tokens and int(np.prod(sample_shape)) != int(np.prod(model.input_shape)):
+        raise DataError(
+            f"Dataset '{dataset.name}' has {int(np.prod(sample_shape))} features per sample but model '{model.name}' expects "
+            f"{int(np.prod(model.input_shape))}; pick a dataset made for this model."
+        )
+
+
+def _read_cache(folder: Path, meta: dict[str, Any], dataset: Dataset, model: LoadedModel) -> Activations:
+    tensors = {}
+    for layer, fname in meta["files"].items():
+        arr = np.load(folder / fname, mmap_mode="c")
+        tensors[layer] = torch.from_numpy(arr)
+    return Activations(tensors, model_name=model.name, model_sha256=model.sha256, dataset_name=dataset.name,
+                       dataset_sha256=dataset.sha256, pooling=meta["pooling"], labels=dataset.y, key=meta["key"])
+
+
+def extract(
+    model: LoadedModel | nn.Module,
+    dataset: Dataset | torch.Tensor | np.ndarray,
+    layers: list[str] | str,
+    *,
+    pooling: str = "mean",
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> Activations:
+    """Pooled activations of ``layers`` for every sample of ``dataset``.
+
+    Returns an :class:`Activations` mapping layer name -> float32 tensor ``(n_samples, n_features)``
+    memory-mapped from the cache. ``pooling`` reduces conv maps and token sequences: ``"mean"``,
+    ``"max"``, ``"flatten"``, ``"cls"`` (first token), ``"last"`` (last non-padding token).
+    ``batch_size`` trades speed for memory (64–4096). ``device=None`` picks cuda, mps, then cpu.
+    ``cache_dir=None`` uses :func:`default_cache_dir`. ``progress(done, total)`` is called after
+    each batch with the number of samples done.
+    """
+    lm = as_loaded_model(model)
+    data = _as_dataset(dataset)
+    layers = check_layers(lm, layers)
+    if pooling not in POOLINGS:
+        raise ParameterError(f"The 'pooling' parameter of extract must be one of {', '.join(map(repr, POOLINGS))}. Got {pooling!r}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ParameterError(f"The 'batch_size' parameter of extract must be a positive int. Got {batch_size!r}.")
+    check_inputs(lm, data)
+    dev = resolve_device(device)
+    key = cache_key(lm, data, layers, pooling)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / key
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("complete"):
+                if progress is not None:
+                    progress(data.n_samples, data.n_samples)
+                return _read_cache(folder, meta, data, lm)
+        except (OSError, ValueError, KeyError):
+            shutil.rmtree(folder, ignore_errors=True)
+    return _run_and_cache(lm, data, layers, pooling, batch_size, dev, root, key, progress)
+
+
+def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str, batch_size: int,
+                   dev: torch.device, root: Path, key: str, progress: Progress | None) -> Activations:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    files = {layer: f"layer{i:03d}.npy" for i, layer in enumerate(layers)}
+    writers: dict[str, np.memmap] = {}
+    captured: dict[str, torch.Tensor] = {}
+    n = data.n_samples
+    module = lm.module
+    channel_first = _channel_first(module)
+    param = next(iter(module.parameters()), None)
+    original_device = param.device if param is not None else torch.device("cpu")
+    mask: torch.Tensor | None = None
+
+    def capture(name: str, t: torch.Tensor) -> None:
+        captured[name] = pool(t.detach(), pooling, channel_first=channel_first, mask=mask).float()
+
+    started = time.perf_counter()
+    try:
+        module.to(dev)
+        with hooks_on(module, layers, capture), torch.inference_mode():
+            for start in range(0, n, batch_size):
+                batch = data.x[start:start + batch_size].to(dev)
+                mask = (batch != 0) if lm.takes_tokens else None
+                captured.clear()
+                try:
+                    _forward(module, batch, lm.takes_tokens, lm.source_format)
+                except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                    raise DataError(
+                        f"Model '{lm.name}' failed on a batch of dataset '{data.name}' with shape {tuple(batch.shape)} ({str(exc).splitlines()[0][:200]}); "
+                        "check that the dataset is made for this model."
+                    ) from exc
+                for layer in layers:
+                    if layer not in captured:
+                        raise DataError(f"Layer '{layer}' did not run in the forward pass of '{lm.name}', so it has no activations; pick a layer that runs.")
+                    out = captured[layer].cpu().numpy()
+                    if layer not in writers:
+                        writers[layer] = np.lib.format.open_memmap(tmp / files[layer], mode="w+", dtype=np.float32, shape=(n, out.shape[1]))
+                    writers[layer][start:start + len(out)] = out
+                if progress is not None:
+                    progress(min(start + batch_size, n), n)
+        for w in writers.values():
+            w.flush()
+        writers.clear()
+        meta = {"complete": True, "key": key, "pooling": pooling, "files": files, "model": lm.name,
+                "model_sha256": lm.sha256, "dataset": data.name, "dataset_sha256": data.sha256, "n_samples": n,
+                "seconds": time.perf_counter() - started, "device": str(dev)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        final = root / key
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished the same key first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return _read_cache(final, json.loads((final / "meta.json").read_text()), data, lm)
+    finally:
+        writers.clear()
+        module.to(original_device)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,418 @@
+"""Loading checkpoints safely.
+
+Uploads are untrusted. Without a switch the loader reads only formats that cannot run code:
+safetensors, state dicts through ``torch.load(..., weights_only=True)``, and Hugging Face model
+folders (or zips of one) whose weights are safetensors. Full pickles, TorchScript and
+``torch.export`` archives run code when loaded: they are refused unless ``trust_remote_code=True``.
+Zip archives are checked for path traversal and decompression bombs before anything is extracted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import re
+import struct
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.errors import (
+    ArchitectureError,
+    CorruptFileError,
+    FileTooLargeError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+)
+from workbench.models.architectures import build_model, input_spec, parse_spec
+
+MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".zip")
+MAX_MODEL_BYTES = 2 << 30
+MAX_ARCHIVE_MEMBERS = 10_000
+MAX_COMPRESSION_RATIO = 200
+MAX_SAFETENSORS_HEADER = 100 << 20
+CONVERT_HINT = (
+    "convert it to safetensors where it was made: "
+    "safetensors.torch.save_file(model.state_dict(), 'model.safetensors', metadata={'architecture': json.dumps(spec)})"
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for analysis.
+
+    ``module`` is in eval mode. ``sha256`` hashes the weights (names, dtypes, shapes, bytes of the
+    state dict), so the same weights give the same hash whatever file they came from.
+    ``input_shape``/``input_dtype`` describe one sample when known (from the spec).
+    """
+
+    module: nn.Module
+    name: str
+    sha256: str
+    architecture: dict[str, Any] | None
+    n_parameters: int
+    source_format: str
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: torch.dtype = torch.float32
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def takes_tokens(self) -> bool:
+        return self.input_dtype == torch.int64
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over the sorted state dict: names, dtypes, shapes and raw bytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def wrap_module(module: nn.Module, *, name: str = "model", architecture: dict[str, Any] | None = None,
+                source_format: str = "module", metadata: dict[str, str] | None = None) -> LoadedModel:
+    """Describe an in-memory module as a :class:`LoadedModel` (puts it in eval mode)."""
+    module.eval()
+    spec = input_spec(architecture)
+    return LoadedModel(
+        module=module,
+        name=name,
+        sha256=weights_sha256(module),
+        architecture=architecture,
+        n_parameters=sum(p.numel() for p in module.parameters()),
+        source_format=source_format,
+        input_shape=spec[0] if spec else None,
+        input_dtype=spec[1] if spec else torch.float32,
+        metadata=dict(metadata or {}),
+    )
+
+
+def as_loaded_model(model: LoadedModel | nn.Module) -> LoadedModel:
+    """Accept a LoadedModel or a bare nn.Module."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        return wrap_module(model, name=type(model).__name__)
+    raise ArchitectureError(f"Expected a LoadedModel or torch.nn.Module; got {type(model).__name__}. Load files with load_model(path).")
+
+
+def load_model(
+    source: str | Path | bytes,
+    *,
+    architecture: dict[str, Any] | str | None = None,
+    trust_remote_code: bool = False,
+    name: str | None = None,
+    filename: str | None = None,
+    max_bytes: int = MAX_MODEL_BYTES,
+) -> LoadedModel:
+    """Load a checkpoint from a path or from uploaded bytes.
+
+    Supported: ``.safetensors`` (architecture spec from ``architecture=`` or the file's metadata key
+    ``"architecture"``); a state dict in ``.pt/.pth/.bin/.ckpt`` read with ``weights_only=True``
+    (spec required); a Hugging Face model folder or a ``.zip`` of one (config.json and
+    model.safetensors, loaded offline with transformers); a full pickled ``nn.Module``,
+    TorchScript or ``torch.export`` archive only with ``trust_remote_code=True``, because loading
+    those runs code from the file.
+
+    ``filename`` names the upload when ``source`` is bytes (its extension selects the reader).
+    ``max_bytes`` bounds the file size (and the unpacked size of archives).
+    """
+    spec = parse_spec(architecture) if architecture is not None else None
+    if isinstance(source, (bytes, bytearray)):
+        if not filename:
+            raise UnsupportedFormatError("Pass filename= with uploaded bytes so the file type is known (e.g. 'model.safetensors').")
+        data = bytes(source)
+        label = filename
+        display = name or Path(filename).stem
+    else:
+        path = Path(source)
+        if path.is_dir():
+            return _load_hf_folder(path, name=name or path.name, trust_remote_code=trust_remote_code)
+        if not path.exists():
+            raise UnsupportedFormatError(f"No model file at '{path}'; check the path.")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise FileTooLargeError(f"Model file '{path.name}' is {size / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit; raise max_bytes or the server's upload limit.")
+        data = path.read_bytes()
+        label = path.name
+        display = name or path.stem
+    if len(data) > max_bytes:
+        raise FileTooLargeError(f"Model file '{label}' is {len(data) / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit; raise max_bytes or the server's upload limit.")
+    if not data:
+        raise CorruptFileError(f"Model file '{label}' is empty (0 bytes); upload the checkpoint again.")
+    suffix = Path(label).suffix.lower()
+    if suffix not in MODEL_SUFFIXES:
+        raise UnsupportedFormatError(
+            f"Cannot load '{label}' as a model: supported types are {', '.join(MODEL_SUFFIXES)} or a Hugging Face model folder."
+        )
+    if suffix == ".safetensors":
+        return _load_safetensors(data, label, display, spec)
+    if data[:4] == b"PK\x03\x04":
+        kind = _classify_zip(data, label, max_bytes)
+        if kind == "huggingface":
+            with tempfile.TemporaryDirectory(prefix="workbench-hf-") as tmp:
+                root = _safe_extract(data, label, Path(tmp), max_bytes)
+                return _load_hf_folder(root, name=display, trust_remote_code=trust_remote_code)
+        if kind in ("torchscript", "torch.export"):
+            return _load_code_archive(data, label, display, kind, spec, trust_remote_code)
+        if kind != "torch.save":
+            raise UnsupportedFormatError(
+                f"'{label}' is a zip archive but neither a torch checkpoint nor a Hugging Face model folder (no config.json found)."
+            )
+    elif suffix == ".zip":
+        raise CorruptFileError(f"'{label}' is not a valid zip archive; re-create it with a zip tool.")
+    return _load_torch_pickle(data, label, display, spec, trust_remote_code)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+
+def safetensors_metadata(data: bytes, label: str) -> dict[str, str]:
+    """Parse and check the safetensors header without trusting its declared sizes."""
+    if len(data) < 8:
+        raise CorruptFileError(f"'{label}' is truncated: a safetensors file starts with an 8-byte header length.")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_SAFETENSORS_HEADER:
+        raise CorruptFileError(f"'{label}' declares a {header_len}-byte safetensors header, far above any real model's; the file is corrupt or hostile.")
+    if 8 + header_len > len(data):
+        raise CorruptFileError(f"'{label}' is truncated: its safetensors header needs {header_len} bytes but the file has {len(data) - 8}.")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"'{label}' has a damaged safetensors header ({type(exc).__name__}); upload an intact copy.") from exc
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"'{label}' has a damaged safetensors header (not a JSON object).")
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _load_safetensors(data: bytes, label: str, name: str, spec: dict[str, Any] | None) -> LoadedModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    metadata = safetensors_metadata(data, label)
+    try:
+        state = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CorruptFileError(f"'{label}' is a damaged safetensors file ({exc}); upload an intact copy.") from exc
+    if spec is None and "architecture" in metadata:
+        spec = parse_spec(metadata["architecture"])
+    return _from_state_dict(state, label, name, spec, "safetensors", metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# state dicts and pickles
+
+
+def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] | None, trust: bool) -> LoadedModel:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust:
+            raise UnsafeFileError(
+                f"'{label}' is a full pickle whose loading can run arbitrary code ({_first_line(exc)}); it was not loaded. "
+                f"Tick 'I trust this file' only if you made it yourself, or {CONVERT_HINT}."
+            ) from exc
+        obj = _trusted_torch_load(data, label)
+    except Exception as exc:  # torch raises many types for damaged archives
+        raise CorruptFileError(f"'{label}' is not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); upload an intact copy.") from exc
+    if isinstance(obj, nn.Module):
+        return wrap_module(obj, name=name, architecture=spec, source_format="pickle (trusted)")
+    state = _find_state_dict(obj, label)
+    return _from_state_dict(state, label, name, spec, "state dict", {})
+
+
+def _trusted_torch_load(data: bytes, label: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CorruptFileError(f"'{label}' could not be unpickled even with trust enabled ({type(exc).__name__}: {_first_line(exc)}).") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _find_state_dict(obj: Any, label: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return obj
+        for key in ("state_dict", "model_state_dict", "model", "module", "net"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    raise CorruptFileError(
+        f"'{label}' holds a {type(obj).__name__}, not a state dict of tensors; save model.state_dict() (or a dict with a 'state_dict' entry)."
+    )
+
+
+_COMMON_PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    for prefix in _COMMON_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            stripped = {k[len(prefix):]: v for k, v in state.items()}
+            if set(stripped) & expected:
+                return stripped
+    return state
+
+
+def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Guess an ``mlp`` spec from ``fcN.weight ... out.weight`` keys (activation unknown: relu assumed)."""
+    fcs = sorted((int(m.group(1)), k) for k in state if (m := re.fullmatch(r"fc(\d+)\.weight", k)))
+    if not fcs or "out.weight" not in state or any(state[k].ndim != 2 for _, k in fcs):
+        return None
+    sizes = [int(state[fcs[0][1]].shape[1])] + [int(state[k].shape[0]) for _, k in fcs] + [int(state["out.weight"].shape[0])]
+    return {"type": "mlp", "sizes": sizes, "activation": "relu"}
+
+
+def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec: dict[str, Any] | None,
+                     source_format: str, metadata: dict[str, str]) -> LoadedModel:
+    if spec is None:
+        guess = infer_architecture(state)
+        hint = f" It looks like {json.dumps(guess)} (check the activation)." if guess else ""
+        raise ArchitectureError(
+            f"'{label}' holds weights but no architecture spec; pass one, e.g. architecture={{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}.{hint}"
+        )
+    module = build_model(spec)
+    expected = module.state_dict()
+    state = _strip_prefix(state, set(expected))
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:6])}{' …' if len(unexpected) > 6 else ''}")
+        if wrong:
+            parts.append(f"wrong shape {', '.join(wrong[:4])} (file vs spec)")
+        raise ArchitectureError(
+            f"The weights in '{label}' do not match the '{spec['type']}' architecture spec: {'; '.join(parts)}. Check the spec's sizes."
+        )
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return wrap_module(module, name=name, architecture=spec, source_format=source_format, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# zip archives: torch.save checkpoints, TorchScript, torch.export, Hugging Face folders
+
+
+def _zip_members(data: bytes, label: str, max_bytes: int) -> list[zipfile.ZipInfo]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CorruptFileError(f"'{label}' is a damaged zip archive ({exc}); re-create it.") from exc
+    if len(infos) > MAX_ARCHIVE_MEMBERS:
+        raise UnsafeFileError(f"'{label}' holds {len(infos)} files, more than the {MAX_ARCHIVE_MEMBERS} allowed; it was not unpacked.")
+    total = 0
+    for info in infos:
+        p = PurePosixPath(info.filename.replace("\\", "/"))
+        if p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", info.filename):
+            raise UnsafeFileError(f"'{label}' contains the path '{info.filename}', which points outside the archive; it was not unpacked.")
+        total += info.file_size
+        if info.compress_size and info.file_size / info.compress_size > MAX_COMPRESSION_RATIO and info.file_size > 1 << 20:
+            raise UnsafeFileError(
+                f"'{label}' member '{info.filename}' expands {info.file_size // max(info.compress_size, 1)}x, like a zip bomb; it was not unpacked."
+            )
+    if total > max_bytes:
+        raise FileTooLargeError(f"'{label}' would unpack to {total / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit; it was not unpacked.")
+    return infos
+
+
+def _classify_zip(data: bytes, label: str, max_bytes: int) -> str:
+    names = [i.filename for i in _zip_members(data, label, max_bytes)]
+    base = {PurePosixPath(n).name for n in names}
+    if "config.json" in base and not any(n.endswith("data.pkl") for n in names):
+        return "huggingface"
+    if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") or n.endswith("archive_format") for n in names):
+        return "torch.export"
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch.save"
+    return "unknown"
+
+
+def _safe_extract(data: bytes, label: str, dest: Path, max_bytes: int) -> Path:
+    """Extract after checking members; return the folder holding config.json."""
+    infos = _zip_members(data, label, max_bytes)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        written = 0
+        for info in infos:
+            if info.is_dir():
+                continue
+            target = dest / PurePosixPath(info.filename.replace("\\", "/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise FileTooLargeError(f"'{label}' unpacks to more than its declared size and the {max_bytes / 2**20:.0f} MiB limit; it was not unpacked.")
+                    out.write(chunk)
+    configs = sorted(dest.rglob("config.json"), key=lambda p: len(p.parts))
+    if not configs:
+        raise UnsupportedFormatError(f"'{label}' has no config.json, so it is not a Hugging Face model folder.")
+    return configs[0].parent
+
+
+def _load_code_archive(data: bytes, label: str, name: str, kind: str, spec: dict[str, Any] | None, trust: bool) -> LoadedModel:
+    if not trust:
+        raise UnsafeFileError(
+            f"'{label}' is a {kind} archive, which runs code from the file when loaded; it was not loaded. "
+            f"Tick 'I trust this file' only if you made it yourself, or {CONVERT_HINT}."
+        )
+    try:
+        if kind == "torchscript":
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        else:
+            module = torch.export.load(io.BytesIO(data)).module()
+    except Exception as exc:
+        raise CorruptFileError(f"'{label}' could not be loaded as a {kind} archive ({type(exc).__name__}: {_first_line(exc)}).") from exc
+    return wrap_module(module, name=name, architecture=spec, source_format=f"{kind} (trusted)")
+
+
+def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool) -> LoadedModel:
+    if not (folder / "config.json").exists():
+        raise UnsupportedFormatError(f"Folder '{folder.name}' has no config.json, so it is not a Hugging Face model folder.")
+    has_safetensors = any(folder.glob("*.safetensors"))
+    if not has_safetensors and not trust_remote_code:
+        raise UnsafeFileError(
+            f"Folder '{folder.name}' has no .safetensors weights, and pickled weights can run code; "
+            "save the model with model.save_pretrained(path, safe_serialization=True), or tick 'I trust this file'."
+        )
+    try:
+        import transformers
+    except ImportError as exc:
+        raise UnsupportedFormatError(
+            "Hugging Face model folders need the optional 'transformers' package: pip install 'representation-workbench[hf]'."
+        ) from exc
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        arch_names = list(getattr(config, "architectures", None) or [])
+        cls = getattr(transformers, arch_names[0], None) if arch_names else None
+        cls = cls if cls is not None else transformers.AutoModel
+        module = cls.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
+                                     use_safetensors=has_safetensors)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CorruptFileError(f"The Hugging Face model in '{folder.name}' could not be loaded ({_first_line(exc)}).") from exc
+    loaded = wrap_module(module, name=name, architecture=None, source_format="huggingface",
+                         metadata={"model_type": str(getattr(config, "model_type", ""))})
+    seq = int(min(getattr(config, "max_position_embeddings", 16) or 16, 16))
+    return LoadedModel(**{**loaded.__dict__, "input_shape": (seq,), "input_dtype": torch.int64})
+
+
