@@ -1,0 +1,53 @@
+"""Representation Workbench: the Streamlit entry point (``streamlit run app.py`` or ``workbench app``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+
+import streamlit as st  # noqa: E402
+
+from pages import _state  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+# (file, title, icon, section)
+PAGES = [
+    ("pages/home.py", "Models & data", ":material/home:", "Start"),
+    ("pages/activations.py", "Activation statistics", ":material/bar_chart:", "Start"),
+    ("pages/compare.py", "Similarity (A vs B)", ":material/compare:", "Compare"),
+    ("pages/relative.py", "Relative representations", ":material/hub:", "Compare"),
+    ("pages/probing.py", "Probing", ":material/target:", "Analyse"),
+    ("pages/embedding.py", "Embedding", ":material/scatter_plot:", "Analyse"),
+    ("pages/topology.py", "Topology", ":material/bubble_chart:", "Analyse"),
+    ("pages/degeneracy.py", "Degeneracy", ":material/grain:", "Analyse"),
+    ("pages/mode_connectivity.py", "Mode connectivity", ":material/timeline:", "Weights"),
+    ("pages/report.py", "Report", ":material/description:", "Export"),
+]
+
+
+@st.cache_resource(show_spinner=False)
+def _warm_up_umap() -> threading.Thread | None:
+    """Compile umap-learn's numba code once per server, in the background, so the embedding page does not wait."""
+    try:
+        from workbench.analyses.embedding import warm_up
+    except ImportError:
+        return None
+    thread = threading.Thread(target=warm_up, name="umap-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+st.set_page_config(page_title="Representation Workbench", page_icon=":material/insights:", layout="wide")
+sections: dict[str, list] = {}
+for file, title, icon, section in PAGES:
+    if (HERE / file).exists():
+        sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon, default=file == "pages/home.py"))
+navigation = st.navigation(sections)
+_state.sidebar()
+if os.environ.get("WORKBENCH_WARM_UP", "1") == "1":
+    _warm_up_umap()
+navigation.run()

@@ -1,0 +1,341 @@
+"""Session state and cached library calls shared by all pages.
+
+Session keys (set them in ``AppTest.session_state`` to drive a page in tests):
+
+``model_a``, ``model_b``  -- :class:`workbench.LoadedModel` or None
+``dataset``               -- :class:`workbench.Dataset`
+``report_sections``       -- list of sections collected with "Add to report"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+import torch
+
+import workbench as wb
+from workbench.activations import POOLINGS, layer_info
+from workbench.errors import FileTooLargeError, WorkbenchError
+
+MODEL_A = "model_a"
+MODEL_B = "model_b"
+DATASET = "dataset"
+REPORT = "report_sections"
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = ROOT / "sample_models"
+DEFAULT_A = "mlp_seed0"
+DEFAULT_B = "mlp_seed1"
+UPLOAD = "Upload a file…"
+NONE = "(none)"
+BUILTIN_DATASETS = {"digits (test split)": ("digits", "test"), "digits (train split)": ("digits", "train"),
+                    "blobs (synthetic)": ("blobs", None), "sentences (text)": ("sentences", "test")}
+SKIP_LAYER_TYPES = {"Unflatten", "Flatten", "Dropout", "Identity", "ModuleList", "Sequential"}
+
+log = logging.getLogger("workbench.app")
+
+
+def max_upload_mb() -> int:
+    """Upload limit in MiB: ``$WORKBENCH_MAX_UPLOAD_MB`` or 200."""
+    return int(os.environ.get("WORKBENCH_MAX_UPLOAD_MB", "200"))
+
+
+def trust_allowed() -> bool:
+    """False when the server was started with ``--no-trust`` (``WORKBENCH_NO_TRUST=1``)."""
+    return os.environ.get("WORKBENCH_NO_TRUST", "") not in ("1", "true", "yes")
+
+
+def sample_model_names() -> list[str]:
+    return sorted(p.stem for p in SAMPLE_DIR.glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# cached library calls
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def load_sample_model(name: str) -> wb.LoadedModel:
+    return wb.load_model(SAMPLE_DIR / f"{name}.safetensors")
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def load_uploaded_model(data: bytes, filename: str, architecture: str | None, trust: bool) -> wb.LoadedModel:
+    return wb.load_model(data, filename=filename, architecture=architecture or None, trust_remote_code=trust,
+                         max_bytes=max_upload_mb() << 20)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def load_builtin_dataset(name: str, split: str | None, options: str = "{}") -> wb.Dataset:
+    kwargs = json.loads(options)
+    return wb.load_dataset(name, split=split, **kwargs) if split else wb.load_dataset(name, **kwargs)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def load_uploaded_dataset(data: bytes, filename: str) -> wb.Dataset:
+    return wb.load_dataset(data, filename=filename, max_bytes=max_upload_mb() << 20)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _extract(model_sha: str, data_sha: str, layers: tuple[str, ...], pooling: str,
+             _model: wb.LoadedModel, _dataset: wb.Dataset, _progress: Callable[[int, int], None]) -> wb.Activations:
+    return wb.extract(_model, _dataset, list(layers), pooling=pooling, progress=_progress)
+
+
+def cached_activations(model: wb.LoadedModel, dataset: wb.Dataset, layers: list[str], pooling: str = "mean") -> wb.Activations:
+    """Activations keyed by content hashes, with a progress bar while they are extracted."""
+    bar = st.progress(0.0, text=f"Extracting activations of {model.name}…")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / max(total, 1), text=f"Extracting activations of {model.name}: {done}/{total} samples")
+
+    try:
+        return _extract(model.sha256, dataset.sha256, tuple(layers), pooling, model, dataset, progress)
+    finally:
+        bar.empty()
+
+
+def content_key(value: Any) -> Any:
+    """A hashable description of an argument: content hashes for models, data and arrays."""
+    if isinstance(value, wb.Activations):
+        return ("activations", value.key, tuple(value.layers))
+    if isinstance(value, wb.LoadedModel):
+        return ("model", value.sha256)
+    if isinstance(value, wb.Dataset):
+        return ("dataset", value.sha256)
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return ("array", arr.shape, str(arr.dtype), hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
+    if isinstance(value, (list, tuple)):
+        return tuple(content_key(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, content_key(v)) for k, v in value.items()))
+    if callable(value):
+        return ("callable", getattr(value, "__module__", ""), getattr(value, "__qualname__", repr(value)))
+    return repr(value)
+
+
+@st.cache_resource(show_spinner=False, max_entries=128)
+def _call(fn_name: str, key: Any, _fn: Callable[..., Any], _args: tuple, _kwargs: dict) -> Any:
+    return _fn(*_args, **_kwargs)
+
+
+def cached_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a library function once per distinct input content; later calls return the cached result.
+
+    Models, datasets, activations and arrays are keyed by their content hashes, other arguments by
+    value. Pass ``progress=`` callables freely: they are not part of the key.
+    """
+    key = content_key(args) + content_key({k: v for k, v in kwargs.items() if k != "progress"})
+    return _call(f"{fn.__module__}.{fn.__qualname__}", key, fn, args, kwargs)
+
+
+@contextmanager
+def progress_bar(text: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback ``(done, total)`` drawing a Streamlit progress bar, removed afterwards."""
+    bar = st.progress(0.0, text=text)
+
+    def update(done: int, total: int) -> None:
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{text} {done}/{total}")
+
+    try:
+        yield update
+    finally:
+        bar.empty()
+
+
+# ---------------------------------------------------------------------------------------------
+# errors and prerequisites
+
+
+def show_error(exc: BaseException) -> None:
+    """One sentence for the user; a traceback only in the server log."""
+    if isinstance(exc, WorkbenchError):
+        st.error(str(exc))
+    else:
+        log.exception("unexpected error in a page")
+        st.error(f"The computation failed unexpectedly ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}). "
+                 "Try other settings; the server log has the details.")
+
+
+@contextmanager
+def guard() -> Iterator[None]:
+    """Show errors raised inside the block with :func:`show_error` and stop the page."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
+        show_error(exc)
+        st.stop()
+
+
+def require_models(n: int = 1) -> tuple[wb.LoadedModel, ...]:
+    """Model A (and B when ``n == 2``), or an info box and a stop when they are not chosen."""
+    models = [st.session_state.get(MODEL_A), st.session_state.get(MODEL_B)][:n]
+    if any(m is None for m in models):
+        what = "a model" if n == 1 else "two models (A and B)"
+        st.info(f"Choose {what} in the sidebar first.")
+        st.stop()
+    return tuple(models)
+
+
+def current_models() -> list[wb.LoadedModel]:
+    """The chosen models: A, and B when one is chosen."""
+    return [m for m in (st.session_state.get(MODEL_A), st.session_state.get(MODEL_B)) if m is not None]
+
+
+def require_dataset() -> wb.Dataset:
+    dataset = st.session_state.get(DATASET)
+    if dataset is None:
+        st.info("Choose a dataset in the sidebar first.")
+        st.stop()
+    return dataset
+
+
+def default_layers(model: wb.LoadedModel) -> list[str]:
+    """Leaf modules worth looking at (no reshapes, dropout or containers)."""
+    infos = cached_layer_info(model)
+    names = [i.name for i in infos if i.output_shape is not None and i.type not in SKIP_LAYER_TYPES
+             and not any(o.name.startswith(i.name + ".") for o in infos)]
+    return names[:12]
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _layer_info(sha: str, _model: wb.LoadedModel) -> list:
+    return layer_info(_model)
+
+
+def cached_layer_info(model: wb.LoadedModel) -> list:
+    return _layer_info(model.sha256, model)
+
+
+def layer_picker(model: wb.LoadedModel, key: str, *, label: str | None = None, default: list[str] | None = None,
+                 multi: bool = True) -> list[str]:
+    """Pick layers of ``model`` (names with output shapes); returns the chosen names in forward order."""
+    with guard():
+        infos = cached_layer_info(model)
+    shapes = {i.name: i.output_shape for i in infos if i.output_shape is not None}
+    names = list(shapes)
+    label = label or f"Layers of {model.name}"
+    fmt = lambda n: f"{n}  {tuple(shapes[n])}"  # noqa: E731
+    if multi:
+        chosen = st.multiselect(label, names, default=[d for d in (default or default_layers(model)) if d in names],
+                                format_func=fmt, key=key, help="Modules from named_modules(), in forward order, with output shapes.")
+        return [n for n in names if n in chosen]
+    pick = default[0] if default else (default_layers(model) or names)[-1]
+    return [st.selectbox(label, names, index=names.index(pick) if pick in names else 0, format_func=fmt, key=key)]
+
+
+def pooling_picker(key: str) -> str:
+    return st.selectbox("Pooling of conv maps / token sequences", POOLINGS, key=key,
+                        help="How outputs with spatial or token axes become one vector per sample: mean or max over "
+                             "positions, flatten everything, the first (cls) or last token.")
+
+
+def report_button(title: str, result: Any, figures: list, key: str) -> None:
+    """An "Add to report" button collecting ``(title, result, figures)`` for the Report page."""
+    if st.button("Add to report", key=key, help="Collect this result and its figures for the exported report."):
+        sections = st.session_state.setdefault(REPORT, [])
+        models = [m.name for m in current_models()]
+        dataset = st.session_state.get(DATASET)
+        sections.append({"title": title, "result": result, "figures": figures, "models": models,
+                         "dataset": dataset.name if dataset is not None else ""})
+        st.toast(f"Added '{title}' to the report ({len(sections)} sections).")
+
+
+# ---------------------------------------------------------------------------------------------
+# sidebar
+
+
+def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> None:
+    names = sample_model_names()
+    options = ([NONE] if optional else []) + names + [UPLOAD]
+    index = options.index(default) if default in options else 0
+    choice = st.sidebar.selectbox(label, options, index=index, key=f"{slot}_choice",
+                                  help="A bundled sample model, or your own checkpoint.")
+    if choice == NONE:
+        st.session_state[slot] = None
+        return
+    if choice != UPLOAD:
+        try:
+            st.session_state[slot] = load_sample_model(choice)
+        except WorkbenchError as exc:
+            st.sidebar.error(str(exc))
+        return
+    upload = st.sidebar.file_uploader(
+        f"Checkpoint for {label.lower()}", type=["safetensors", "pt", "pth", "bin", "ckpt", "zip"], key=f"{slot}_upload",
+        help="safetensors (spec in metadata), a state dict (.pt/.pth/.bin) with an architecture spec, or a zipped Hugging Face folder.",
+    )
+    arch = st.sidebar.text_area("Architecture spec (JSON), for state dicts without one", key=f"{slot}_arch",
+                                placeholder='{"type": "mlp", "sizes": [64, 512, 512, 10], "activation": "relu"}')
+    trust = False
+    if trust_allowed():
+        trust = st.sidebar.checkbox(
+            "I trust this file (allows full pickles, which can run arbitrary code on this server)", key=f"{slot}_trust",
+            value=False,
+        )
+    if upload is None:
+        st.session_state[slot] = None
+        return
+    data = upload.getvalue()
+    try:
+        if len(data) > max_upload_mb() << 20:
+            raise FileTooLargeError(f"'{upload.name}' is {len(data) / 2**20:.0f} MiB, above this server's {max_upload_mb()} MiB upload limit.")
+        st.session_state[slot] = load_uploaded_model(data, upload.name, arch.strip() or None, trust)
+    except WorkbenchError as exc:
+        st.session_state[slot] = None
+        st.sidebar.error(str(exc))
+
+
+def _dataset_chooser() -> None:
+    options = list(BUILTIN_DATASETS) + [UPLOAD]
+    choice = st.sidebar.selectbox("Dataset", options, key="dataset_choice")
+    try:
+        if choice == UPLOAD:
+            upload = st.sidebar.file_uploader("Dataset file (.npz, .csv, .pt)", type=["npz", "csv", "pt"], key="dataset_upload",
+                                              help="Arrays 'x' and optional labels 'y'; CSV with an optional 'label' column.")
+            if upload is None:
+                st.session_state[DATASET] = None
+                return
+            data = upload.getvalue()
+            if len(data) > max_upload_mb() << 20:
+                raise FileTooLargeError(f"'{upload.name}' is {len(data) / 2**20:.0f} MiB, above this server's {max_upload_mb()} MiB upload limit.")
+            st.session_state[DATASET] = load_uploaded_dataset(data, upload.name)
+            return
+        name, split = BUILTIN_DATASETS[choice]
+        options_json = "{}"
+        if name == "blobs":
+            sep = st.sidebar.slider("Class separation", 0.0, 8.0, 3.0, 0.5, key="blobs_separation")
+            options_json = json.dumps({"separation": sep})
+        st.session_state[DATASET] = load_builtin_dataset(name, split, options_json)
+    except WorkbenchError as exc:
+        st.session_state[DATASET] = None
+        st.sidebar.error(str(exc))
+
+
+def sidebar() -> None:
+    """Model A, optional model B and the dataset, kept in session state across pages."""
+    st.sidebar.header("Models and data")
+    if "model_a_choice" not in st.session_state and st.session_state.get(MODEL_A) is not None:
+        return _sidebar_summary()
+    _model_chooser(MODEL_A, "Model A", DEFAULT_A, optional=False)
+    _model_chooser(MODEL_B, "Model B (optional, to compare)", DEFAULT_B, optional=True)
+    _dataset_chooser()
+    _sidebar_summary()
+
+
+def _sidebar_summary() -> None:
+    for slot, label in ((MODEL_A, "A"), (MODEL_B, "B")):
+        m = st.session_state.get(slot)
+        if m is not None:
+            st.sidebar.caption(f"**{label}**: {m.name} · {m.n_parameters:,} parameters · sha256 {m.sha256[:12]}")
+    d = st.session_state.get(DATASET)
+    if d is not None:
+        st.sidebar.caption(f"**Data**: {d.name} · {d.n_samples} samples")

@@ -1,0 +1,44 @@
+"""Activation statistics per layer, for one model or two side by side."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _state
+from workbench.analyses.stats import activation_stats
+from workbench.plots.activations import layer_histograms, stats_rows
+
+st.title("Activation statistics")
+models = _state.current_models()
+if not models:
+    _state.require_models(1)
+dataset = _state.require_dataset()
+
+pooling = _state.pooling_picker("act_pooling")
+cols = st.columns(len(models))
+chosen = {}
+for col, model, slot in zip(cols, models, "ab"):
+    with col:
+        chosen[slot] = _state.layer_picker(model, key=f"act_layers_{slot}", label=f"Layers of {model.name}")
+if not all(chosen.values()):
+    st.info("Pick at least one layer for each model.")
+    st.stop()
+
+results = []
+with _state.guard():
+    for model, slot in zip(models, "ab"):
+        acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
+        results.append(_state.cached_call(activation_stats, acts, model=model.name, dataset=dataset.name))
+
+rows = [row for r in results for row in stats_rows(r)]
+st.dataframe(
+    rows, hide_index=True, width="stretch", key="act_table",
+    column_config={"dead units": st.column_config.ProgressColumn("dead units", min_value=0.0, max_value=1.0, format="percent"),
+                   "constant units": st.column_config.NumberColumn(format="percent"),
+                   "zeros": st.column_config.NumberColumn(format="percent")},
+)
+st.caption(f"n = {dataset.n_samples} samples of {dataset.name}; pooling '{pooling}'. A dead unit is zero on every sample; "
+           "a constant unit has zero variance over the dataset.")
+fig = layer_histograms(*results)
+st.plotly_chart(fig, width="stretch", key="act_hist")
+_state.report_button("Activation statistics", results, [fig], key="act_report")

@@ -1,0 +1,46 @@
+"""Models & data: what is loaded, the layer tree, where to go next."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _state
+
+st.title("Representation Workbench")
+st.caption("Upload one or two trained checkpoints, see what their layers represent, compare them, export a report.")
+
+models = _state.current_models()
+dataset = st.session_state.get(_state.DATASET)
+if not models:
+    st.info("Choose model A in the sidebar: a bundled sample model, or upload a checkpoint.")
+    st.stop()
+
+cols = st.columns(len(models))
+for col, model, slot in zip(cols, models, "AB"):
+    with col:
+        st.subheader(f"Model {slot}: {model.name}")
+        st.metric("Parameters", f"{model.n_parameters:,}")
+        meta = {"format": model.source_format, "weights sha256": model.sha256[:16] + "…",
+                "input": f"{model.input_shape} {str(model.input_dtype).replace('torch.', '')}" if model.input_shape else "unknown"}
+        if "test_accuracy" in model.metadata:
+            meta["test accuracy (digits)"] = model.metadata["test_accuracy"]
+        if model.metadata.get("description"):
+            meta["description"] = model.metadata["description"]
+        st.table({"": list(meta), "value": list(meta.values())})
+        with _state.guard():
+            infos = _state.cached_layer_info(model)
+        st.markdown("**Layer tree** (`named_modules()`, forward order, output shape on a probe batch)")
+        st.dataframe(
+            [{"layer": "  " * i.depth + i.name, "type": i.type,
+              "output shape": str(tuple(i.output_shape)) if i.output_shape is not None else "not run",
+              "parameters": i.n_parameters} for i in infos],
+            hide_index=True, width="stretch", key=f"layer_tree_{slot}",
+        )
+
+if dataset is not None:
+    st.subheader(f"Dataset: {dataset.name}")
+    classes = dataset.n_classes
+    st.write(f"{dataset.n_samples} samples · input shape {tuple(dataset.x.shape[1:])} · "
+             + (f"{classes} classes" if classes else "no class labels" if dataset.y is None else "continuous targets")
+             + f" · sha256 {dataset.sha256[:12]}")
+st.markdown("Next: **Activation statistics** for a first look, **Similarity (A vs B)** to compare the two models.")

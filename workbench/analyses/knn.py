@@ -1,0 +1,255 @@
+"""Exact k-nearest-neighbour graphs, computed once per (data, metric) and shared.
+
+UMAP (as ``precomputed_knn``), trustworthiness, kNN preservation and the intrinsic-dimension
+estimators all start from the same graph, so :func:`knn_graph` caches it in memory keyed by the
+sha256 of the array's content, the metric and ``k``; a later request for the same data with a
+smaller ``k`` is answered by slicing the cached graph.
+
+The graph is exact. Candidates come from one float32 matrix product per block of rows
+(``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``), ``k + margin`` per row; their distances are then
+recomputed in float64 from the differences and re-sorted. A row whose float32 candidate list might
+have missed a true neighbour (its rounding-error bound overlaps the margin) is recomputed against
+every sample in float64, so the result equals a brute-force float64 search up to ties.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from workbench.analyses._result import Result
+from workbench.analyses._validation import as_matrix, check_choice, check_int
+from workbench.device import float64_device, resolve_device
+from workbench.errors import DataError
+
+METRICS = ("euclidean", "cosine")
+CACHE_ENTRIES = 16
+_BLOCK_BYTES = 1 << 27  # distance block of at most 128 MiB
+_FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+_cache: OrderedDict[tuple[str, str], KnnGraph] = OrderedDict()
+_cache_lock = threading.Lock()
+_stats = {"fallback_rows": 0}
+
+
+@dataclass(frozen=True)
+class KnnGraph(Result):
+    """The ``k`` nearest neighbours of every sample, the sample itself excluded.
+
+    ``indices``: ``(n_samples, k)`` int64, nearest first (ties broken by the lower index).
+    ``distances``: ``(n_samples, k)`` float64, non-decreasing along each row; Euclidean distance,
+    or cosine distance ``1 - cos`` in ``[0, 2]`` for ``metric="cosine"``.
+    ``sha256``: hash of the data the graph was built from (the cache key).
+    """
+
+    indices: np.ndarray
+    distances: np.ndarray
+    metric: str
+    k: int
+    sha256: str
+    estimator: str
+    n_samples: int
+    params: dict[str, Any]
+    seed: int | None
+    device: str
+    dtype: str
+    seconds: float
+
+    def with_self(self, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, distances)`` with each sample prepended as its own neighbour at distance 0.
+
+        This is the layout umap-learn expects for ``precomputed_knn`` with ``n_neighbors = k + 1``.
+        ``k`` (default: all) keeps the first ``k`` true neighbours.
+        """
+        k = self.k if k is None else k
+        own = np.arange(self.n_samples, dtype=np.int64)[:, None]
+        idx = np.concatenate([own, self.indices[:, :k]], axis=1)
+        dist = np.concatenate([np.zeros((self.n_samples, 1)), self.distances[:, :k]], axis=1)
+        return idx, dist
+
+    def truncate(self, k: int) -> KnnGraph:
+        """The same graph keeping only the ``k`` nearest neighbours of each sample."""
+        if k == self.k:
+            return self
+        return KnnGraph(
+            indices=self.indices[:, :k], distances=self.distances[:, :k], metric=self.metric, k=k,
+            sha256=self.sha256, estimator=self.estimator, n_samples=self.n_samples,
+            params={**self.params, "k": k}, seed=None, device=self.device, dtype=self.dtype, seconds=self.seconds,
+        )
+
+
+def data_hash(x: torch.Tensor) -> str:
+    """sha256 over dtype, shape and bytes of ``x`` (the key of the kNN cache)."""
+    arr = x.detach().cpu().contiguous().numpy()
+    h = hashlib.sha256(f"{arr.dtype}|{arr.shape}|".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def clear_knn_cache() -> None:
+    """Forget every cached kNN graph."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def knn_graph(
+    x: Any,
+    k: int = 15,
+    *,
+    metric: str = "euclidean",
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> KnnGraph:
+    """Exact ``k`` nearest neighbours of every row of ``x`` (itself excluded), cached by content.
+
+    Parameters
+    ----------
+    x : (n_samples, n_features) array
+        Samples in rows. Not modified.
+    k : int
+        Neighbours per sample, in ``[1, n_samples - 1]``. UMAP uses ``n_neighbors - 1``,
+        trustworthiness 10, the MLE intrinsic dimension 20.
+    metric : "euclidean" or "cosine"
+        Euclidean distance, or cosine distance ``1 - cos(a, b)`` (rows must be non-zero).
+    device : str, torch.device or None
+        Where the matrix products run; ``None`` picks cuda, then mps, then cpu.
+    progress : callable (done, total) or None
+        Called after each block of rows.
+
+    Returns
+    -------
+    KnnGraph with ``indices`` and ``distances`` of shape ``(n_samples, k)``.
+    """
+    func = "knn_graph"
+    metric = check_choice(metric, "metric", METRICS, func=func)
+    t = as_matrix(x, "x", func=func, dtype=torch.float32 if _is_float32(x) else torch.float64, min_samples=2)
+    n = t.shape[0]
+    k = check_int(k, "k", func=func, low=1, high=n - 1)
+    key = (data_hash(t), metric)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None and cached.k >= k:
+            _cache.move_to_end(key)
+            if progress is not None:
+                progress(1, 1)
+            return cached.truncate(k)
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    indices, distances = _exact_knn(t, k, metric, dev, progress)
+    graph = KnnGraph(
+        indices=indices, distances=distances, metric=metric, k=k, sha256=key[0],
+        estimator=f"exact kNN ({metric}), float32 GEMM candidates refined in float64",
+        n_samples=n, params={"k": k, "metric": metric}, seed=None, device=str(dev), dtype="float64",
+        seconds=time.perf_counter() - start,
+    )
+    with _cache_lock:
+        _cache[key] = graph
+        _cache.move_to_end(key)
+        while len(_cache) > CACHE_ENTRIES:
+            _cache.popitem(last=False)
+    return graph
+
+
+def _is_float32(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return getattr(x, "dtype", None) in (np.float32, np.float16)
+
+
+def _exact_knn(
+    t: torch.Tensor, k: int, metric: str, dev: torch.device, progress: Callable[[int, int], None] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Core of :func:`knn_graph`; ``t`` is a validated CPU matrix."""
+    n = t.shape[0]
+    x64 = t.to(device=float64_device(dev), dtype=torch.float64)
+    if metric == "cosine":
+        norms = x64.norm(dim=1, keepdim=True)
+        n_zero = int((norms == 0).sum())
+        if n_zero:
+            raise DataError(
+                f"knn_graph: the cosine distance is undefined for all-zero rows and 'x' has {n_zero}; "
+                "use metric='euclidean' or drop those samples."
+            )
+        x64 = x64 / norms
+    else:
+        # Distances do not change under translation; centring shrinks the norms, and with them
+        # the float32 rounding error of the expansion.
+        x64 = x64 - x64.mean(0, keepdim=True)
+    x32 = x64.to(device=dev, dtype=torch.float32)
+    sq32 = (x32 * x32).sum(1)
+    n_cand = min(n - 1, k + max(8, k // 2))
+    block = max(1, min(n, _BLOCK_BYTES // (4 * n)))
+    out_idx = torch.empty((n, k), dtype=torch.int64)
+    out_dist = torch.empty((n, k), dtype=torch.float64)
+    n_blocks = (n + block - 1) // block
+    bound_all = 8.0 * _FLOAT32_EPS * (sq32.max() + sq32) * (x32.shape[1] ** 0.5)
+    for b, lo in enumerate(range(0, n, block)):
+        hi = min(n, lo + block)
+        rows = torch.arange(lo, hi, device=dev)
+        d2 = sq32[lo:hi, None] + sq32[None, :] - 2.0 * (x32[lo:hi] @ x32.T)
+        d2[rows - lo, rows] = float("inf")
+        approx, cand = torch.topk(d2, n_cand, dim=1, largest=False, sorted=True)
+        cand64 = cand.to(x64.device)
+        exact = _candidate_distances(x64, lo, cand64)
+        # Sort candidates by (distance, index) so ties resolve to the lower index.
+        cand64, order = cand64.sort(dim=1)
+        exact = exact.gather(1, order)
+        exact, order = exact.sort(dim=1, stable=True)
+        cand64 = cand64.gather(1, order)
+        # A neighbour outside the candidates has approximate distance >= the last candidate's;
+        # its exact distance is then at least that minus the rounding bound.
+        bound = bound_all[lo:hi].to(x64.device, torch.float64)
+        last = approx[:, -1].to(x64.device, torch.float64)
+        unsafe = exact[:, k - 1] > last - bound
+        if n_cand == n - 1:
+            unsafe[:] = False
+        _stats["fallback_rows"] += int(unsafe.sum())
+        if bool(unsafe.any()):
+            redo = torch.nonzero(unsafe).flatten()
+            full = _full_rows(x64, lo + redo, k)
+            cand64[redo, :k], exact[redo, :k] = full
+        out_idx[lo:hi] = cand64[:, :k].cpu()
+        out_dist[lo:hi] = exact[:, :k].clamp_min(0.0).cpu()
+        if progress is not None:
+            progress(b + 1, n_blocks)
+    if metric == "euclidean":
+        out_dist = out_dist.sqrt()
+    else:
+        out_dist = out_dist / 2.0  # |a - b|^2 = 2 - 2 cos for unit rows
+    return out_idx.numpy(), out_dist.numpy()
+
+
+def _candidate_distances(x64: torch.Tensor, lo: int, cand: torch.Tensor) -> torch.Tensor:
+    """Squared float64 distances from rows ``lo, lo + 1, ...`` to their candidates, from the differences."""
+    rows, n_cand = cand.shape
+    step = max(1, _BLOCK_BYTES // (8 * n_cand * x64.shape[1]))
+    out = torch.empty((rows, n_cand), dtype=torch.float64, device=x64.device)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        diff = x64[cand[a:b]] - x64[lo + a : lo + b, None, :]
+        out[a:b] = (diff * diff).sum(-1)
+    return out
+
+
+def _full_rows(x64: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force float64 neighbours of ``rows`` against every sample, from the differences."""
+    n = x64.shape[0]
+    idx_out, dist_out = [], []
+    step = max(1, _BLOCK_BYTES // (8 * n * x64.shape[1]))
+    for lo in range(0, rows.numel(), step):
+        r = rows[lo : lo + step]
+        diff = x64[None, :, :] - x64[r][:, None, :]
+        d2 = (diff * diff).sum(-1)
+        d2[torch.arange(r.numel()), r] = float("inf")
+        d2, order = d2.sort(dim=1, stable=True)
+        idx_out.append(order[:, :k])
+        dist_out.append(d2[:, :k])
+    return torch.cat(idx_out), torch.cat(dist_out)

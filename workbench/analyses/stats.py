@@ -1,0 +1,97 @@
+"""Per-layer activation statistics: shape, mean, std, dead units, value histogram."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from workbench.analyses._result import Result
+from workbench.analyses._validation import as_matrix, check_int
+from workbench.device import float64_device, resolve_device
+
+
+@dataclass(frozen=True)
+class LayerStats(Result):
+    """Statistics of one layer's activations ``(n_samples, n_features)``.
+
+    ``dead_fraction``: fraction of units that are exactly zero on every sample (a dead ReLU).
+    ``constant_fraction``: fraction of units with zero variance over samples (dead, saturated
+    or always the same value). ``hist_counts``/``hist_edges``: histogram of all values.
+    """
+
+    layer: str
+    n_samples: int
+    n_features: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    dead_fraction: float
+    constant_fraction: float
+    sparsity: float
+    hist_counts: np.ndarray
+    hist_edges: np.ndarray
+
+
+@dataclass(frozen=True)
+class ActivationStatsResult(Result):
+    """Statistics for every layer of one model's activations."""
+
+    layers: list[str]
+    stats: dict[str, LayerStats]
+    model: str
+    dataset: str
+    n_samples: int
+    estimator: str = "per-unit statistics over samples, float64"
+    params: dict = field(default_factory=dict)
+    seed: int | None = None
+    device: str = "cpu"
+    dtype: str = "float64"
+    seconds: float = 0.0
+
+    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for layer, s in self.stats.items():
+            out.update(s.arrays(prefix=f"{prefix}{layer}/"))
+        return out
+
+
+def layer_stats(x: torch.Tensor | np.ndarray, layer: str = "layer", *, bins: int = 50,
+                device: str | torch.device | None = None) -> LayerStats:
+    """Statistics of one activation matrix ``x: (n_samples, n_features)``; ``bins`` histogram bins (5–500)."""
+    func = "layer_stats"
+    bins = check_int(bins, "bins", func=func, low=5, high=500)
+    dev = float64_device(resolve_device(device))
+    t = as_matrix(x, layer, func=func, device=dev, min_samples=1)
+    n, d = t.shape
+    col_max = t.abs().amax(0)
+    col_std = t.std(0, correction=0)
+    lo, hi = float(t.min()), float(t.max())
+    if hi == lo:
+        hi = lo + 1.0
+    counts = torch.histc(t.float().cpu(), bins=bins, min=lo, max=hi)
+    return LayerStats(
+        layer=layer, n_samples=n, n_features=d, mean=float(t.mean()), std=float(t.std(correction=0)),
+        min=float(t.min()), max=float(t.max()),
+        dead_fraction=float((col_max == 0).double().mean()),
+        constant_fraction=float((col_std <= 1e-12 * (1 + col_max)).double().mean()),
+        sparsity=float((t == 0).double().mean()),
+        hist_counts=counts.numpy().astype(np.int64), hist_edges=np.linspace(lo, hi, bins + 1),
+    )
+
+
+def activation_stats(acts: Mapping[str, torch.Tensor], *, bins: int = 50, device: str | torch.device | None = None,
+                     model: str | None = None, dataset: str | None = None) -> ActivationStatsResult:
+    """:func:`layer_stats` for every layer of an :class:`~workbench.activations.Activations`."""
+    started = time.perf_counter()
+    stats = {layer: layer_stats(acts[layer], layer, bins=bins, device=device) for layer in acts}
+    n = next(iter(stats.values())).n_samples if stats else 0
+    return ActivationStatsResult(
+        layers=list(stats), stats=stats, model=model if model is not None else getattr(acts, "model_name", ""),
+        dataset=dataset if dataset is not None else getattr(acts, "dataset_name", ""), n_samples=n,
+        params={"bins": bins}, device=str(float64_device(resolve_device(device))), seconds=time.perf_counter() - started,
+    )
