@@ -218,9 +218,12 @@ def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] 
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = _weights_only_reason(exc) or _scan_globals(data)
+        if reason is None:
+            raise CorruptFileError(f"'{label}' is not a readable PyTorch checkpoint (damaged pickle data); upload an intact copy.") from exc
         if not trust:
             raise UnsafeFileError(
-                f"'{label}' is a full pickle whose loading can run arbitrary code ({_first_line(exc)}); it was not loaded. "
+                f"'{label}' is a full pickle whose loading can run arbitrary code (it references {reason}); it was not loaded. "
                 f"Tick 'I trust this file' only if you made it yourself, or {CONVERT_HINT}."
             ) from exc
         obj = _trusted_torch_load(data, label)
@@ -230,6 +233,53 @@ def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] 
         return wrap_module(obj, name=name, architecture=spec, source_format="pickle (trusted)")
     state = _find_state_dict(obj, label)
     return _from_state_dict(state, label, name, spec, "state dict", {})
+
+
+def _weights_only_reason(exc: BaseException) -> str | None:
+    """The Python global a weights-only unpickler refused, or None when the data is simply damaged."""
+    text = str(exc)
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"global[^\n]*?([A-Za-z_][\w]*\.[\w.]+)", text, re.I)
+    if match:
+        return f"'{match.group(1)}'"
+    if re.search(r"global|reduce|build|object|class", text, re.I) and "Unsupported operand" not in text:
+        return "objects outside the allowed tensor types"
+    return None
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "_codecs.encode",
+                         "numpy.core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray")
+
+
+def _scan_globals(data: bytes) -> str | None:
+    """Name the first non-tensor global a pickle stream references, without running it.
+
+    Scans the opcodes of a raw pickle (or of ``data.pkl`` inside a torch zip) with ``pickletools``.
+    """
+    import pickletools
+
+    streams = [data]
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                streams = [zf.read(n) for n in zf.namelist() if n.endswith(".pkl")]
+        except (zipfile.BadZipFile, OSError, KeyError):
+            return None
+    for stream in streams:
+        strings: list[str] = []
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                name = None
+                if opcode.name in ("GLOBAL", "INST"):
+                    name = str(arg).replace(" ", ".")
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                if name and not name.startswith(_SAFE_GLOBAL_PREFIXES):
+                    return f"'{name}'"
+        except (ValueError, EOFError, UnicodeDecodeError, pickle.UnpicklingError):
+            continue
+    return None
 
 
 def _trusted_torch_load(data: bytes, label: str) -> Any:

@@ -1,0 +1,299 @@
+"""Model loading: every supported format, clear errors for bad files, and hostile files refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save, save_file
+from torch import nn
+
+from workbench import load_model
+from workbench.errors import (
+    ArchitectureError,
+    CorruptFileError,
+    FileTooLargeError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+    WorkbenchError,
+)
+from workbench.models.architectures import build_model
+
+MLP = {"type": "mlp", "sizes": [64, 32, 10], "activation": "relu"}
+
+
+def _state_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_safetensors_with_embedded_spec(sample_model_path):
+    model = load_model(sample_model_path("mlp_seed0"))
+    assert model.name == "mlp_seed0"
+    assert model.architecture == {"type": "mlp", "sizes": [64, 512, 512, 10], "activation": "relu"}
+    assert model.n_parameters == 64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    assert not model.module.training
+    assert len(model.sha256) == 64
+    assert model.source_format == "safetensors"
+
+
+def test_same_weights_same_hash_across_formats(sample_model):
+    model = sample_model("mlp_seed0")
+    from_pt = load_model(_state_bytes(model.module.state_dict()), filename="w.pt", architecture=model.architecture)
+    from_st = load_model(save(dict(model.module.state_dict())), filename="w.safetensors", architecture=json.dumps(model.architecture))
+    assert from_pt.sha256 == from_st.sha256 == model.sha256
+    other = sample_model("mlp_seed1")
+    assert other.sha256 != model.sha256
+
+
+def test_state_dict_in_checkpoint_dict_and_prefixes():
+    module = build_model(MLP)
+    nested = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in module.state_dict().items()}}
+    loaded = load_model(_state_bytes(nested), filename="ckpt.pth", architecture=MLP)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(loaded.module(x), module.eval()(x))
+
+
+def test_state_dict_without_spec_suggests_one():
+    data = _state_bytes(build_model(MLP).state_dict())
+    with pytest.raises(ArchitectureError, match=r"no architecture spec; pass one.*\"sizes\": \[64, 32, 10\]"):
+        load_model(data, filename="w.pt")
+
+
+def test_wrong_shapes_and_keys_are_named():
+    state = build_model({"type": "mlp", "sizes": [64, 16, 10]}).state_dict()
+    with pytest.raises(ArchitectureError, match=r"wrong shape fc1\.weight \(16, 64\) vs \(32, 64\)"):
+        load_model(_state_bytes(state), filename="w.pt", architecture=MLP)
+    state = dict(build_model(MLP).state_dict())
+    state["extra.weight"] = torch.zeros(1)
+    del state["out.bias"]
+    with pytest.raises(ArchitectureError, match=r"missing out\.bias; unexpected extra\.weight"):
+        load_model(_state_bytes(state), filename="w.pt", architecture=MLP)
+
+
+def test_unknown_architecture_type():
+    with pytest.raises(ArchitectureError, match=r"Unknown architecture type 'vit'; supported types: mlp, cnn"):
+        load_model(_state_bytes({}), filename="w.pt", architecture={"type": "vit"})
+    with pytest.raises(ArchitectureError, match=r"not valid JSON"):
+        load_model(b"x", filename="w.safetensors", architecture="{not json")
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "image.png", "model.onnx", "weights"])
+def test_wrong_extension_lists_supported_types(name):
+    with pytest.raises(UnsupportedFormatError, match=r"supported types are \.safetensors, \.pt, \.pth, \.bin"):
+        load_model(b"some bytes", filename=name)
+
+
+def test_empty_file():
+    with pytest.raises(CorruptFileError, match=r"is empty \(0 bytes\)"):
+        load_model(b"", filename="model.safetensors")
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UnsupportedFormatError, match=r"No model file at"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_too_large(sample_model_path):
+    with pytest.raises(FileTooLargeError, match=r"above the 0 MiB limit"):
+        load_model(sample_model_path("mlp_narrow_seed0"), max_bytes=1000)
+
+
+def test_truncated_safetensors(sample_model_path):
+    data = sample_model_path("mlp_narrow_seed0").read_bytes()
+    with pytest.raises(CorruptFileError, match=r"damaged safetensors file|is truncated"):
+        load_model(data[: len(data) // 2], filename="m.safetensors")
+    with pytest.raises(CorruptFileError, match=r"is truncated: a safetensors file starts with an 8-byte header length"):
+        load_model(data[:5], filename="m.safetensors")
+
+
+def test_bit_flipped_safetensors_header(sample_model_path):
+    data = bytearray(sample_model_path("mlp_narrow_seed0").read_bytes())
+    data[8] ^= 0xFF  # the opening brace of the JSON header
+    with pytest.raises(CorruptFileError, match=r"damaged safetensors header"):
+        load_model(bytes(data), filename="m.safetensors")
+
+
+def test_huge_declared_safetensors_header():
+    data = struct.pack("<Q", 1 << 40) + b"{}"
+    with pytest.raises(CorruptFileError, match=r"declares a 1099511627776-byte safetensors header"):
+        load_model(data, filename="m.safetensors")
+
+
+class _Payload:
+    """Unpickling this calls ``fn(*args)``: the classic malicious-pickle gadget."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _payloads(marker: Path) -> dict[str, object]:
+    import builtins
+    import subprocess
+
+    return {
+        "os.system": _Payload(os.system, (f"touch {marker}",)),
+        "subprocess": _Payload(subprocess.call, (["touch", str(marker)],)),
+        "builtins.exec": _Payload(builtins.exec, (f"open({str(marker)!r}, 'w').close()",)),
+    }
+
+
+@pytest.mark.parametrize("gadget", ["os.system", "subprocess", "builtins.exec"])
+@pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
+def test_malicious_pickle_never_runs(tmp_path, gadget, container):
+    marker = tmp_path / "pwned"
+    payload = {"fc1.weight": torch.zeros(1), "evil": _payloads(marker)[gadget]}
+    data = _state_bytes(payload) if container == "torch.save" else pickle.dumps(payload)
+    with pytest.raises(UnsafeFileError, match=r"full pickle whose loading can run arbitrary code.*convert it to safetensors"):
+        load_model(data, filename="model.pt", architecture=MLP)
+    assert not marker.exists()
+
+
+def test_trusted_full_pickle_loads_module():
+    module = build_model(MLP)
+    data = _state_bytes(module)  # a whole nn.Module, which needs full unpickling
+    with pytest.raises(UnsafeFileError, match=r"I trust this file"):
+        load_model(data, filename="model.pt")
+    loaded = load_model(data, filename="model.pt", trust_remote_code=True)
+    assert loaded.source_format == "pickle (trusted)"
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(loaded.module(x), module.eval()(x))
+
+
+def test_torchscript_archive_refused_unless_trusted():
+    module = build_model(MLP)
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buf)
+    with pytest.raises(UnsafeFileError, match=r"is a torchscript archive, which runs code from the file"):
+        load_model(buf.getvalue(), filename="model.pt")
+    loaded = load_model(buf.getvalue(), filename="model.pt", trust_remote_code=True)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(loaded.module(x), module(x))
+
+
+def test_torch_export_archive_refused_unless_trusted():
+    module = build_model(MLP)
+    program = torch.export.export(module, (torch.randn(2, 64),))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    with pytest.raises(UnsafeFileError, match=r"is a torch\.export archive, which runs code from the file"):
+        load_model(buf.getvalue(), filename="model.pt2.zip")
+    with pytest.raises(UnsafeFileError, match=r"torch\.export archive"):
+        load_model(buf.getvalue(), filename="model.pt")
+
+
+def _zip(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "/tmp/workbench-evil.txt", "model/../../evil.txt"])
+def test_zip_path_traversal_refused(tmp_path, member):
+    data = _zip({"config.json": b"{}", member: b"x"})
+    with pytest.raises(UnsafeFileError, match=r"points outside the archive; it was not unpacked"):
+        load_model(data, filename="model.zip")
+    assert not Path("/tmp/workbench-evil.txt").exists()
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_zip_bomb_refused():
+    data = _zip({"config.json": b"{}", "model.safetensors": b"\0" * (64 << 20)})
+    assert len(data) < 1 << 20
+    with pytest.raises(UnsafeFileError, match=r"like a zip bomb; it was not unpacked"):
+        load_model(data, filename="model.zip")
+    low_entropy = bytes(48 + (b & 1) for b in os.urandom(3 << 20))  # compresses about 8x: not a bomb
+    big = _zip({"config.json": b"{}", "model.safetensors": low_entropy})
+    assert len(big) < 1 << 20
+    with pytest.raises(FileTooLargeError, match=r"would unpack to 3 MiB, above the 1 MiB limit"):
+        load_model(big, filename="model.zip", max_bytes=1 << 20)
+
+
+def test_zip_without_model():
+    with pytest.raises(UnsupportedFormatError, match=r"neither a torch checkpoint nor a Hugging Face model folder"):
+        load_model(_zip({"readme.txt": b"hello"}), filename="stuff.zip")
+    with pytest.raises(CorruptFileError, match=r"not a valid zip archive"):
+        load_model(b"not a zip at all", filename="stuff.zip")
+
+
+def test_garbage_pt_file():
+    with pytest.raises(CorruptFileError, match=r"not a readable PyTorch checkpoint"):
+        load_model(b"\x00\x01garbage" * 10, filename="model.pt")
+
+
+def test_non_tensor_checkpoint():
+    with pytest.raises(CorruptFileError, match=r"not a state dict of tensors"):
+        load_model(_state_bytes({"lr": 0.1, "epochs": [1, 2]}), filename="model.pt", architecture=MLP)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_folder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    folder = tmp_path_factory.mktemp("hf") / "tiny-bert"
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder, model
+
+
+def test_huggingface_folder_and_zip(tiny_hf_folder):
+    from workbench import extract, list_layers
+    from workbench.data import make_dataset
+
+    folder, reference = tiny_hf_folder
+    loaded = load_model(folder)
+    assert loaded.source_format == "huggingface"
+    assert loaded.takes_tokens
+    layers = list_layers(loaded)
+    assert "encoder.layer.0" in layers and "encoder.layer.1.output" in layers
+    tokens = torch.randint(1, 99, (5, 12))
+    data = make_dataset("tokens", tokens)
+    acts = extract(loaded, data, ["encoder.layer.1"], pooling="cls")
+    with torch.inference_mode():
+        expected = reference(input_ids=tokens, attention_mask=torch.ones_like(tokens)).last_hidden_state[:, 0]
+    torch.testing.assert_close(acts["encoder.layer.1"], expected, atol=1e-5, rtol=1e-5)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in folder.iterdir():
+            zf.write(f, f"tiny-bert/{f.name}")
+    zipped = load_model(buf.getvalue(), filename="tiny-bert.zip")
+    assert zipped.sha256 == loaded.sha256
+
+
+def test_huggingface_folder_with_pickled_weights_refused(tiny_hf_folder, tmp_path):
+    folder, model = tiny_hf_folder
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(UnsafeFileError, match=r"has no \.safetensors weights, and pickled weights can run code"):
+        load_model(tmp_path)
+
+
+def test_every_error_is_a_value_error():
+    assert issubclass(WorkbenchError, ValueError)
+    for cls in (ArchitectureError, CorruptFileError, FileTooLargeError, UnsafeFileError, UnsupportedFormatError):
+        assert issubclass(cls, WorkbenchError)
+
+
+def test_safetensors_spec_argument_overrides_missing_metadata(tmp_path):
+    module = build_model(MLP)
+    path = tmp_path / "plain.safetensors"
+    save_file(dict(module.state_dict()), path)
+    with pytest.raises(ArchitectureError, match=r"no architecture spec"):
+        load_model(path)
+    loaded = load_model(path, architecture=MLP)
+    assert isinstance(loaded.module, nn.Module)
