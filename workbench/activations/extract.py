@@ -29,7 +29,7 @@ from torch import nn
 from workbench.activations.types import Activations
 from workbench.data.datasets import Dataset, make_dataset
 from workbench.device import resolve_device
-from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
+from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model
 
 POOLINGS = ("mean", "flatten", "max", "cls", "last")
@@ -313,6 +313,8 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
                 captured.clear()
                 try:
                     _forward(module, batch, lm.takes_tokens, lm.source_format)
+                except WorkbenchError:
+                    raise
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                     raise DataError(
                         f"Model '{lm.name}' failed on a batch of dataset '{data.name}' with shape {tuple(batch.shape)} ({str(exc).splitlines()[0][:200]}); "

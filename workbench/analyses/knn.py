@@ -7,9 +7,10 @@ smaller ``k`` is answered by slicing the cached graph.
 
 The graph is exact. Candidates come from one float32 matrix product per block of rows
 (``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``), ``k + margin`` per row; their distances are then
-recomputed in float64 from the differences and re-sorted. A row whose float32 candidate list might
-have missed a true neighbour (its rounding-error bound overlaps the margin) is recomputed against
-every sample in float64, so the result equals a brute-force float64 search up to ties.
+recomputed from the differences (in the input's precision, summed in float64) and re-sorted. A row
+whose float32 candidate list might have missed a true neighbour (its rounding-error bound overlaps
+the margin) is recomputed against every sample, so the result equals a brute-force search at the
+input's precision, up to ties (broken by the lower index).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def knn_graph(
     indices, distances = _exact_knn(t, k, metric, dev, progress)
     graph = KnnGraph(
         indices=indices, distances=distances, metric=metric, k=k, sha256=key[0],
-        estimator=f"exact kNN ({metric}), float32 GEMM candidates refined in float64",
+        estimator=f"exact kNN ({metric}), float32 GEMM candidates re-ranked from differences",
         n_samples=n, params={"k": k, "metric": metric}, seed=None, device=str(dev), dtype="float64",
         seconds=time.perf_counter() - start,
     )
@@ -167,7 +168,7 @@ def _is_float32(x: Any) -> bool:
 def _exact_knn(
     t: torch.Tensor, k: int, metric: str, dev: torch.device, progress: Callable[[int, int], None] | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Core of :func:`knn_graph`; ``t`` is a validated CPU matrix."""
+    """Core of :func:`knn_graph`; ``t`` is a validated CPU matrix (float32 or float64)."""
     n = t.shape[0]
     x64 = t.to(device=float64_device(dev), dtype=torch.float64)
     if metric == "cosine":
@@ -183,40 +184,44 @@ def _exact_knn(
         # Distances do not change under translation; centring shrinks the norms, and with them
         # the float32 rounding error of the expansion.
         x64 = x64 - x64.mean(0, keepdim=True)
-    x32 = x64.to(device=dev, dtype=torch.float32)
+    # Exact distances are taken in the input's precision (float32 or float64), accumulated in float64,
+    # on a device with float64 support; the matrix products run on ``dev`` in float32.
+    work = x64.to(dtype=t.dtype)
+    x32 = work.to(device=dev, dtype=torch.float32)
     sq32 = (x32 * x32).sum(1)
-    n_cand = min(n - 1, k + max(8, k // 2))
+    n_cand = min(n - 1, k + max(4, k // 4))
     block = max(1, min(n, _BLOCK_BYTES // (4 * n)))
     out_idx = torch.empty((n, k), dtype=torch.int64)
     out_dist = torch.empty((n, k), dtype=torch.float64)
     n_blocks = (n + block - 1) // block
-    bound_all = 8.0 * _FLOAT32_EPS * (sq32.max() + sq32) * (x32.shape[1] ** 0.5)
+    # Rounding bound of the float32 expansion |a|^2 + |b|^2 - 2 a.b (a few ulps of its largest term,
+    # grown with the square root of the dot product's length).
+    bound_all = (8.0 * _FLOAT32_EPS * (x32.shape[1] ** 0.5)) * (sq32.max() + sq32).to(work.device, torch.float64)
     for b, lo in enumerate(range(0, n, block)):
         hi = min(n, lo + block)
-        rows = torch.arange(lo, hi, device=dev)
-        d2 = sq32[lo:hi, None] + sq32[None, :] - 2.0 * (x32[lo:hi] @ x32.T)
-        d2[rows - lo, rows] = float("inf")
-        approx, cand = torch.topk(d2, n_cand, dim=1, largest=False, sorted=True)
-        cand64 = cand.to(x64.device)
-        exact = _candidate_distances(x64, lo, cand64)
+        rows = torch.arange(hi - lo, device=dev)
+        # |b|^2 - 2 a.b orders each row like the squared distance (|a|^2 is constant along a row).
+        part = torch.addmm(sq32[None, :], x32[lo:hi], x32.T, beta=1.0, alpha=-2.0)
+        part[rows, rows + lo] = float("inf")
+        approx, cand = torch.topk(part, n_cand, dim=1, largest=False, sorted=True)
+        last = (approx[:, -1] + sq32[lo:hi]).to(work.device, torch.float64)
+        cand = cand.to(work.device)
+        exact = _candidate_distances(work, lo, cand)
         # Sort candidates by (distance, index) so ties resolve to the lower index.
-        cand64, order = cand64.sort(dim=1)
+        cand, order = cand.sort(dim=1)
         exact = exact.gather(1, order)
         exact, order = exact.sort(dim=1, stable=True)
-        cand64 = cand64.gather(1, order)
-        # A neighbour outside the candidates has approximate distance >= the last candidate's;
-        # its exact distance is then at least that minus the rounding bound.
-        bound = bound_all[lo:hi].to(x64.device, torch.float64)
-        last = approx[:, -1].to(x64.device, torch.float64)
-        unsafe = exact[:, k - 1] > last - bound
+        cand = cand.gather(1, order)
+        # A neighbour outside the candidates has an approximate squared distance of at least the
+        # last candidate's, so its exact one is at least that minus the rounding bound.
+        unsafe = exact[:, k - 1] > last - bound_all[lo:hi]
         if n_cand == n - 1:
             unsafe[:] = False
-        _stats["fallback_rows"] += int(unsafe.sum())
         if bool(unsafe.any()):
             redo = torch.nonzero(unsafe).flatten()
-            full = _full_rows(x64, lo + redo, k)
-            cand64[redo, :k], exact[redo, :k] = full
-        out_idx[lo:hi] = cand64[:, :k].cpu()
+            full_idx, full_dist = _full_rows(work, lo + redo, k)
+            cand[redo, :k], exact[redo, :k] = full_idx, full_dist
+        out_idx[lo:hi] = cand[:, :k].cpu()
         out_dist[lo:hi] = exact[:, :k].clamp_min(0.0).cpu()
         if progress is not None:
             progress(b + 1, n_blocks)
@@ -227,27 +232,27 @@ def _exact_knn(
     return out_idx.numpy(), out_dist.numpy()
 
 
-def _candidate_distances(x64: torch.Tensor, lo: int, cand: torch.Tensor) -> torch.Tensor:
-    """Squared float64 distances from rows ``lo, lo + 1, ...`` to their candidates, from the differences."""
+def _candidate_distances(work: torch.Tensor, lo: int, cand: torch.Tensor) -> torch.Tensor:
+    """Squared distances (as float64) from rows ``lo, lo + 1, ...`` to their candidates, from the differences."""
     rows, n_cand = cand.shape
-    step = max(1, _BLOCK_BYTES // (8 * n_cand * x64.shape[1]))
-    out = torch.empty((rows, n_cand), dtype=torch.float64, device=x64.device)
+    step = max(1, _BLOCK_BYTES // (work.element_size() * n_cand * work.shape[1]))
+    out = torch.empty((rows, n_cand), dtype=torch.float64, device=work.device)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        diff = x64[cand[a:b]] - x64[lo + a : lo + b, None, :]
-        out[a:b] = (diff * diff).sum(-1)
+        diff = work[cand[a:b]] - work[lo + a : lo + b, None, :]
+        out[a:b] = (diff * diff).sum(-1, dtype=torch.float64)
     return out
 
 
-def _full_rows(x64: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brute-force float64 neighbours of ``rows`` against every sample, from the differences."""
-    n = x64.shape[0]
+def _full_rows(work: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force neighbours of ``rows`` against every sample, from the differences."""
+    n = work.shape[0]
     idx_out, dist_out = [], []
-    step = max(1, _BLOCK_BYTES // (8 * n * x64.shape[1]))
+    step = max(1, _BLOCK_BYTES // (work.element_size() * n * work.shape[1]))
     for lo in range(0, rows.numel(), step):
         r = rows[lo : lo + step]
-        diff = x64[None, :, :] - x64[r][:, None, :]
-        d2 = (diff * diff).sum(-1)
+        diff = work[None, :, :] - work[r][:, None, :]
+        d2 = (diff * diff).sum(-1, dtype=torch.float64)
         d2[torch.arange(r.numel()), r] = float("inf")
         d2, order = d2.sort(dim=1, stable=True)
         idx_out.append(order[:, :k])

@@ -233,6 +233,8 @@ def load_dataset(source: str | Path | bytes, *, split: str = "test", filename: s
 
 
 def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    if not data.startswith(b"PK"):
+        raise CorruptFileError(f"'{name}' is not a readable .npz file (not a zip archive); re-save it with np.savez.")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             keys = list(f.keys())

@@ -1,0 +1,120 @@
+"""Datasets: bundled sets, uploads, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from workbench import load_dataset
+from workbench.data import make_dataset
+from workbench.errors import CorruptFileError, DataError, FileTooLargeError, ParameterError, UnsafeFileError, UnsupportedFormatError
+
+
+def test_digits_split_is_fixed_and_standardised():
+    train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
+    assert train.x.shape == (1347, 64) and test.x.shape == (450, 64)
+    assert train.n_classes == test.n_classes == 10
+    assert float(train.x.mean(0).abs().max()) < 1e-5
+    assert test.sha256 == load_dataset("digits").sha256
+    assert load_dataset("digits", split="all").n_samples == 1797
+    with pytest.raises(ParameterError, match=r"'split' parameter of digits must be 'train', 'test' or 'all'\. Got 'val'"):
+        load_dataset("digits", split="val")
+
+
+def test_blobs_separation_controls_distance():
+    near, far = load_dataset("blobs", separation=0.0), load_dataset("blobs", separation=6.0)
+    assert near.x.shape == (1000, 64) and near.n_classes == 5
+
+    def centre_spread(d):
+        centres = torch.stack([d.x[d.y == c].mean(0) for c in range(5)])
+        return float(torch.cdist(centres, centres).max())
+
+    assert centre_spread(far) > 5 > 1 > centre_spread(near)
+    assert load_dataset("blobs", seed=1).sha256 != load_dataset("blobs", seed=2).sha256
+    with pytest.raises(ParameterError, match=r"'separation' parameter of blobs must be a number >= 0"):
+        load_dataset("blobs", separation=-1)
+
+
+def test_npz_upload_roundtrip():
+    buf = io.BytesIO()
+    np.savez(buf, x=np.random.rand(20, 4).astype(np.float32), y=np.arange(20) % 2)
+    data = load_dataset(buf.getvalue(), filename="mine.npz")
+    assert data.name == "mine" and data.x.shape == (20, 4) and data.n_classes == 2
+
+
+def test_npz_with_pickled_objects_refused():
+    buf = io.BytesIO()
+    np.savez(buf, x=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(UnsafeFileError, match=r"stores Python objects that need unpickling, which can run code"):
+        load_dataset(buf.getvalue(), filename="evil.npz")
+
+
+def test_csv_upload_with_label_column():
+    text = "a,b,label\n1,2,cat\n3,4,dog\n5,6,cat\n"
+    data = load_dataset(text.encode(), filename="table.csv")
+    assert data.x.tolist() == [[1, 2], [3, 4], [5, 6]]
+    assert data.y.tolist() == [0, 1, 0]
+
+
+def test_csv_with_text_feature_column():
+    with pytest.raises(DataError, match=r"Column 'b' of 'table\.csv' holds text \('x'\); CSV features must be numbers"):
+        load_dataset(b"a,b\n1,x\n2,y\n", filename="table.csv")
+
+
+def test_csv_ragged_rows():
+    with pytest.raises(CorruptFileError, match=r"Row 3 of 'r\.csv' has 1 columns; expected 2"):
+        load_dataset(b"a,b\n1,2\n3\n", filename="r.csv")
+
+
+def test_pt_upload_weights_only():
+    buf = io.BytesIO()
+    torch.save({"x": torch.randn(6, 3), "y": torch.tensor([0, 1, 2, 0, 1, 2])}, buf)
+    data = load_dataset(buf.getvalue(), filename="t.pt")
+    assert data.x.shape == (6, 3) and data.n_classes == 3
+
+
+def test_pt_upload_with_code_refused(tmp_path):
+    import os
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    buf = io.BytesIO()
+    torch.save({"x": Payload()}, buf)
+    with pytest.raises(UnsafeFileError, match=r"needs full unpickling, which can run code"):
+        load_dataset(buf.getvalue(), filename="evil.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (np.array([[1.0, np.nan], [0.0, 1.0]]), None, r"contains 1 NaN or infinite values"),
+        (np.array([[1.0, np.inf]]), None, r"contains 1 NaN or infinite values"),
+        (np.zeros((0, 3)), None, r"is empty \(0 samples\)"),
+        (np.zeros((4, 3)), np.arange(3), r"has 4 samples but 3 labels; they must match"),
+        (np.array([["a", "b"]]), None, r"must be numeric"),
+    ],
+)
+def test_bad_arrays(x, y, message):
+    with pytest.raises(DataError, match=message):
+        make_dataset("bad", x, y)
+
+
+def test_unknown_name_and_wrong_type(tmp_path):
+    with pytest.raises(DataError, match=r"No dataset named 'mnist': it is neither a bundled dataset \(digits, blobs, sentences\)"):
+        load_dataset("mnist")
+    with pytest.raises(UnsupportedFormatError, match=r"supported types are \.npz, \.csv, \.pt"):
+        load_dataset(b"hello", filename="data.xlsx")
+    with pytest.raises(DataError, match=r"is empty \(0 bytes\)"):
+        load_dataset(b"", filename="data.csv")
+    with pytest.raises(FileTooLargeError, match=r"above the 0 MiB limit"):
+        load_dataset(b"1,2\n" * 1000, filename="data.csv", max_bytes=100)
+    with pytest.raises(CorruptFileError, match=r"not a readable \.npz file"):
+        load_dataset(b"garbage", filename="data.npz")

@@ -1,0 +1,189 @@
+"""Activation extraction: hooks, pooling, cache, progress, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from workbench import extract, layer_info, list_layers
+from workbench.activations import pool
+from workbench.data import make_dataset
+from workbench.errors import DataError, ParameterError, UnknownLayerError
+from workbench.models import wrap_module
+from workbench.models.architectures import build_model
+
+
+def _hook_count(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    module = build_model({"type": "mlp", "sizes": [64, 32, 16, 10]})
+    yield wrap_module(module, name="tiny", architecture={"type": "mlp", "sizes": [64, 32, 16, 10]})
+    assert _hook_count(module) == 0, "a hook was left on the module"
+
+
+def test_matches_manual_forward(mlp, digits_test):
+    acts = extract(mlp, digits_test, ["fc1", "relu2", "out"], batch_size=100)
+    m = mlp.module
+    with torch.inference_mode():
+        h1 = m.fc1(digits_test.x)
+        expected_relu2 = torch.relu(m.fc2(torch.relu(h1)))
+        out = m(digits_test.x)
+    torch.testing.assert_close(acts["fc1"], h1)
+    torch.testing.assert_close(acts["relu2"], expected_relu2)
+    torch.testing.assert_close(acts["out"], out)
+    assert acts.layers == ["fc1", "relu2", "out"]
+    assert acts.n_samples == 450 and acts["fc1"].dtype == torch.float32
+    assert acts.model_sha256 == mlp.sha256 and acts.dataset_sha256 == digits_test.sha256
+    assert torch.equal(acts.labels, digits_test.y)
+
+
+def test_batch_size_does_not_change_values(mlp, digits_test, tmp_path):
+    a = extract(mlp, digits_test, ["fc2"], batch_size=7, cache_dir=tmp_path / "a")
+    b = extract(mlp, digits_test, ["fc2"], batch_size=450, cache_dir=tmp_path / "b")
+    torch.testing.assert_close(a["fc2"], b["fc2"])
+
+
+def test_second_call_reads_cache(mlp, digits_test, tmp_path):
+    calls = []
+    handle = mlp.module.fc1.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        first = extract(mlp, digits_test, ["fc1"], batch_size=150, cache_dir=tmp_path)
+        n_first = len(calls)
+        second = extract(mlp, digits_test, ["fc1"], batch_size=150, cache_dir=tmp_path)
+    finally:
+        handle.remove()
+    assert n_first == 3 and len(calls) == 3, "the cached call ran the model again"
+    torch.testing.assert_close(first["fc1"], second["fc1"])
+    assert first.key == second.key
+    assert len(list(tmp_path.iterdir())) == 1
+    other_pooling = extract(mlp, digits_test, ["fc1"], pooling="max", cache_dir=tmp_path)
+    assert other_pooling.key != first.key
+
+
+def test_cached_arrays_are_read_only_on_disk(mlp, digits_test, tmp_path):
+    acts = extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path)
+    acts["fc1"][0, 0] = 1e6  # copy-on-write map: the file keeps its values
+    again = extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path)
+    assert float(again["fc1"][0, 0]) != 1e6
+
+
+def test_progress_reports_every_batch(mlp, digits_test, tmp_path):
+    seen = []
+    extract(mlp, digits_test, ["out"], batch_size=200, progress=lambda d, t: seen.append((d, t)), cache_dir=tmp_path)
+    assert seen == [(200, 450), (400, 450), (450, 450)]
+
+
+class Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_hooks_removed_when_forward_raises(digits_test, tmp_path):
+    module = nn.Sequential()
+    module.add_module("fc1", nn.Linear(64, 8))
+    module.add_module("boom", Boom())
+    model = wrap_module(module, name="broken")
+    with pytest.raises(DataError, match=r"Model 'broken' failed on a batch of dataset 'digits \(test\)'.*boom"):
+        extract(model, digits_test, ["fc1"], cache_dir=tmp_path)
+    assert _hook_count(module) == 0
+    assert not any(tmp_path.iterdir()), "a partial cache entry was left behind"
+
+
+def test_hooks_removed_after_nested_use(mlp, digits_test, tmp_path):
+    inner = []
+
+    def progress(done, total):
+        if not inner:
+            inner.append(extract(mlp, digits_test, ["fc2"], cache_dir=tmp_path / "inner"))
+
+    outer = extract(mlp, digits_test, ["fc1"], batch_size=100, progress=progress, cache_dir=tmp_path / "outer")
+    assert outer.layers == ["fc1"] and inner[0].layers == ["fc2"]
+    assert _hook_count(mlp.module) == 0
+
+
+def test_unknown_layer_suggests_and_lists(mlp, digits_test):
+    with pytest.raises(UnknownLayerError, match=r"Unknown layer 'fc3'\. Did you mean 'fc[12]'\? Layers: fc1, relu1, fc2, relu2, out\."):
+        extract(mlp, digits_test, ["fc3"])
+    acts = extract(mlp, digits_test, ["fc1"])
+    with pytest.raises(UnknownLayerError, match=r"Unknown layer 'fc'\..*Layers: fc1\."):
+        acts["fc"]
+
+
+def test_bad_parameters(mlp, digits_test):
+    with pytest.raises(ParameterError, match=r"'pooling' parameter of extract must be one of 'mean', 'flatten'"):
+        extract(mlp, digits_test, ["fc1"], pooling="median")
+    with pytest.raises(ParameterError, match=r"'batch_size' parameter of extract must be a positive int\. Got 0"):
+        extract(mlp, digits_test, ["fc1"], batch_size=0)
+    with pytest.raises(ParameterError, match=r"Pick at least one layer"):
+        extract(mlp, digits_test, [])
+    with pytest.raises(ParameterError, match=r"Device 'cuda' was requested but CUDA is not available|cuda"):
+        if torch.cuda.is_available():
+            raise ParameterError("cuda")
+        extract(mlp, digits_test, ["fc1"], device="cuda")
+
+
+def test_dataset_feature_mismatch(mlp):
+    data = make_dataset("wide", torch.zeros(5, 30))
+    with pytest.raises(DataError, match=r"Dataset 'wide' has 30 features per sample but model 'tiny' expects 64"):
+        extract(mlp, data, ["fc1"])
+
+
+def test_cnn_pooling_rules(sample_model, digits_test):
+    cnn = sample_model("cnn_seed0")
+    assert list_layers(cnn)[:4] == ["unflatten", "conv1", "bn1", "relu1"]
+    mean = extract(cnn, digits_test, ["relu1"], pooling="mean")["relu1"]
+    flat = extract(cnn, digits_test, ["relu1"], pooling="flatten")["relu1"]
+    mx = extract(cnn, digits_test, ["relu1"], pooling="max")["relu1"]
+    assert mean.shape == (450, 32) and flat.shape == (450, 32 * 8 * 8) and mx.shape == (450, 32)
+    maps = flat.reshape(450, 32, 64)
+    torch.testing.assert_close(mean, maps.mean(-1))
+    torch.testing.assert_close(mx, maps.amax(-1))
+    with pytest.raises(ParameterError, match=r"Pooling 'cls' applies to token sequences; this layer outputs a conv map"):
+        extract(cnn, digits_test, ["relu1"], pooling="cls")
+
+
+def test_sequence_pooling_with_padding_mask():
+    out = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    torch.testing.assert_close(pool(out, "cls", channel_first=False), out[:, 0])
+    torch.testing.assert_close(pool(out, "last", channel_first=False, mask=mask), torch.stack([out[0, 1], out[1, 3]]))
+    torch.testing.assert_close(pool(out, "mean", channel_first=False, mask=mask), torch.stack([out[0, :2].mean(0), out[1].mean(0)]))
+    torch.testing.assert_close(pool(out, "max", channel_first=False, mask=mask), torch.stack([out[0, 1], out[1, 3]]))
+    assert pool(out, "flatten", channel_first=False).shape == (2, 12)
+
+
+def test_layer_info_in_forward_order(sample_model):
+    infos = layer_info(sample_model("mlp_seed0"))
+    assert [i.name for i in infos] == ["fc1", "relu1", "fc2", "relu2", "out"]
+    assert infos[0].output_shape == (512,) and infos[0].n_parameters == 64 * 512 + 512
+    assert infos[-1].output_shape == (10,)
+
+
+def test_accepts_bare_module_and_arrays(digits_test):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 5), nn.Tanh())
+    acts = extract(module, digits_test.x.numpy(), ["1"])
+    assert acts["1"].shape == (450, 5)
+    assert float(acts["1"].abs().max()) <= 1.0
+
+
+def test_sample_models_are_accurate(sample_model, digits_test):
+    import json
+    from pathlib import Path
+
+    manifest = json.loads((Path(__file__).resolve().parents[2] / "sample_models" / "manifest.json").read_text())
+    for name, entry in manifest.items():
+        model = sample_model(name)
+        if entry.get("architecture", {}).get("type") == "transformer":
+            continue
+        logits = extract(model, digits_test, ["out"])["out"]
+        accuracy = float((logits.argmax(1) == digits_test.y).float().mean())
+        assert accuracy >= 0.95, name
+        assert abs(accuracy - entry["test_accuracy"]) < 1e-6, name
+        assert np.isclose(float(model.metadata["test_accuracy"]), accuracy, atol=1e-4)

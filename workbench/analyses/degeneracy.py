@@ -1,0 +1,1133 @@
+"""Degeneracy of a network's parameters and the interaction basis.
+
+Bushnaq et al., "Using Degeneracy in the Loss Landscape for Mechanistic Interpretability" (2024), name
+three ways in which parameters of a trained network can be *degenerate* (free to change without
+changing what the network computes on the data):
+
+1. linear dependence between a layer's activations (directions with zero variance on the data),
+2. linear dependence between the gradients passed back into a layer (directions the output does
+   not depend on),
+3. ReLUs that fire on the same subset of inputs (synchronised firing; dead and always-on units are
+   extreme cases).
+
+This module measures each of them and builds the *interaction basis*, a reparameterisation of each
+layer that is invariant to the degeneracies of types 1 and 2:
+
+- :func:`activation_rank` -- spectrum, numerical rank and effective rank of the centred activation
+  covariance of each layer.
+- :func:`gradient_rank` -- spectrum and rank of the Gram matrix of Jacobians of the output (logits, or
+  the per-sample loss) with respect to a layer's activations.
+- :func:`relu_patterns` -- dead, always-on and synchronised ReLUs.
+- :func:`degeneracy_summary` -- free parameters per weight matrix implied by the three sources.
+- :func:`interaction_basis` -- the interaction basis (as in the authors' ``rib`` code), its spectra,
+  the transformed activations, and the Newman modularity of the graph of interactions between basis
+  directions of adjacent layers.
+
+The network functions (a layer -> the output) are taken from models built as ``torch.nn.Sequential``
+(the ``mlp`` and ``cnn`` architectures): "the rest of the network after layer L" is the sub-sequence
+of children after L. The pseudo-layer ``"input"`` names the model's input. All work runs in float64
+on a private copy of the model; BatchNorm layers use their running statistics (evaluation mode).
+Jacobians are computed per sample with ``torch.func.vmap(torch.func.jacrev(...))`` over batches whose
+size bounds the memory they take.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from workbench.analyses._result import Result
+from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int
+from workbench.device import float64_device, resolve_device
+from workbench.errors import (
+    ArchitectureError,
+    DataError,
+    ParameterError,
+    UnknownLayerError,
+    did_you_mean,
+    format_choices,
+)
+
+INPUT_LAYER = "input"
+OUTPUTS = ("logits", "loss")
+DEFAULT_RTOL = 1e-8
+_JACOBIAN_BYTES = 1 << 27  # memory of the per-sample Jacobians held at once (128 MiB)
+
+Progress = Callable[[int, int], None] | None
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class RankResult(Result):
+    """Eigen-spectra and ranks of one Gram matrix per layer.
+
+    ``quantity`` says which Gram matrix: ``"activation"`` (centred activation covariance
+    ``Xcᵀ Xc / n``, :func:`activation_rank`) or ``"gradient"`` (mean Jacobian Gram ``mean_s J_sᵀ J_s``,
+    :func:`gradient_rank`).
+    ``eigenvalues[layer]``: ``(width,)`` all eigenvalues, descending, clipped at 0.
+    ``rank[layer]``: number of eigenvalues above ``threshold[layer] = rtol * max(eigenvalues)``.
+    ``effective_rank[layer]``: ``exp(-sum p_i log p_i)`` with ``p = eigenvalues / sum(eigenvalues)``
+    (Roy & Vetterli 2007, applied to the Gram spectrum), in ``[1, rank]``; 0 for an all-zero spectrum.
+    ``width[layer]``: number of features of the layer (the size of the Gram matrix).
+    ``output``: what the Jacobians are of (``"logits"`` or ``"loss"``); None for activations.
+    """
+
+    quantity: str
+    layers: tuple[str, ...]
+    eigenvalues: dict[str, np.ndarray]
+    rank: dict[str, int]
+    effective_rank: dict[str, float]
+    width: dict[str, int]
+    threshold: dict[str, float]
+    rtol: float
+    output: str | None
+    model: str
+    n_samples: int
+    estimator: str
+    params: dict = field(default_factory=dict)
+    seed: int | None = None
+    device: str = "cpu"
+    dtype: str = "float64"
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReluPatternResult(Result):
+    """Firing patterns of ReLU layers over a dataset (a unit *fires* on a sample when its output is > 0).
+
+    Per layer: ``width`` units (elements of the flattened output), ``dead`` (bool mask: never fires),
+    ``always_on`` (bool mask: fires on every sample, i.e. acts linearly on this data),
+    ``firing_rate`` (fraction of samples each unit fires on), ``group_id`` (int per unit: the
+    synchronised group the unit belongs to, numbered 0, 1, ... by decreasing size, or -1) and
+    ``group_sizes`` (size of each group). A synchronised group is a set of two or more units, neither
+    dead nor always-on, that fire on exactly the same samples. ``n_dead``, ``n_always_on``,
+    ``n_synchronised`` (units in some group) and ``n_groups`` count them.
+    """
+
+    layers: tuple[str, ...]
+    width: dict[str, int]
+    dead: dict[str, np.ndarray]
+    always_on: dict[str, np.ndarray]
+    firing_rate: dict[str, np.ndarray]
+    group_id: dict[str, np.ndarray]
+    group_sizes: dict[str, np.ndarray]
+    n_dead: dict[str, int]
+    n_always_on: dict[str, int]
+    n_synchronised: dict[str, int]
+    n_groups: dict[str, int]
+    model: str
+    n_samples: int
+    estimator: str = "ReLU firing patterns (output > 0) over the dataset, exact pattern equality"
+    params: dict = field(default_factory=dict)
+    seed: int | None = None
+    device: str = "cpu"
+    dtype: str = "float64"
+    seconds: float = 0.0
+
+    def groups(self, layer: str) -> list[np.ndarray]:
+        """The unit indices of each synchronised group of ``layer``, largest group first."""
+        ids = self.group_id[layer]
+        return [np.flatnonzero(ids == g) for g in range(len(self.group_sizes[layer]))]
+
+
+@dataclass(frozen=True)
+class DegeneracyResult(Result):
+    """Free (degenerate) parameters of each weight matrix (``nn.Linear``) of a network on a dataset.
+
+    For a weight matrix ``W`` (``fan_out x fan_in``, with bias) whose inputs ``x`` span an affine
+    subspace of dimension ``input_rank`` and whose output Jacobians span ``gradient_rank``
+    dimensions, only ``r_x * gradient_rank`` combinations of the parameters reach the output to first
+    order, with ``r_x = input_rank + 1`` for the bias coordinate. The count of free parameters is
+
+    - ``free_from_activations = (fan_in - input_rank) * fan_out``: every input direction with zero
+      variance on the data can be added to the weights and compensated by the bias;
+    - ``free_from_gradients = r_x * (fan_out - gradient_rank)``: every output direction the rest of the
+      network ignores on the data can be changed freely (a dead unit contributes its fan-in + 1 here
+      and its fan-out in the next matrix's ``free_from_activations``);
+    - ``free_from_synchronised = sum_groups (k**2 - k)`` over the synchronised groups of the ReLU
+      directly after this matrix, with the always-on units counted as one more group: ``k`` units
+      that fire on the same samples can be mixed by any invertible ``k x k`` matrix near the identity
+      (applied to their fan-in and undone on their fan-out) without changing the function on the
+      data; ``k`` of those ``k**2`` directions are the per-unit rescalings every ReLU has, which are
+      not counted;
+    - ``free_total``: their sum; ``free_fraction = free_total / n_parameters``.
+
+    The first two terms are the exact dimension count ``n_parameters - r_x * gradient_rank`` split in
+    two; they count directions of this matrix alone. The third moves two matrices together and can
+    overlap the rank terms when units are exact copies of each other, so ``free_total`` is an
+    estimate. ``input_spectrum`` / ``gradient_spectrum`` hold the eigenvalues behind the ranks.
+    Weighted modules that are not ``nn.Linear`` (convolutions, BatchNorm) are listed in
+    ``not_counted``.
+    """
+
+    modules: tuple[str, ...]
+    fan_in: dict[str, int]
+    fan_out: dict[str, int]
+    n_parameters: dict[str, int]
+    input_rank: dict[str, int]
+    gradient_rank: dict[str, int]
+    zero_variance_inputs: dict[str, int]
+    dead_units: dict[str, int]
+    always_on_units: dict[str, int]
+    synchronised_group_sizes: dict[str, np.ndarray]
+    free_from_activations: dict[str, int]
+    free_from_gradients: dict[str, int]
+    free_from_synchronised: dict[str, int]
+    free_total: dict[str, int]
+    free_fraction: dict[str, float]
+    input_spectrum: dict[str, np.ndarray]
+    gradient_spectrum: dict[str, np.ndarray]
+    total_parameters: int
+    total_free: int
+    not_counted: tuple[str, ...]
+    rtol: float
+    output: str
+    model: str
+    n_samples: int
+    estimator: str = "free parameters per weight matrix from activation rank, gradient rank and synchronised ReLUs"
+    params: dict = field(default_factory=dict)
+    seed: int | None = None
+    device: str = "cpu"
+    dtype: str = "float64"
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class InteractionBasisResult(Result):
+    """The interaction basis of a network's layers, built backwards from the output.
+
+    ``layers``: the node layers in forward order; the last one is the model output (logits).
+    Per layer:
+
+    - ``width``: number of features (without the constant bias coordinate);
+    - ``gram_eigenvalues``: eigenvalues ``D`` of the uncentred Gram ``mean_s f'_s f'_sᵀ`` of the
+      activations with the bias folded in as a constant coordinate ``f' = (f, 1)`` (``width + 1``
+      values; for the output layer the logits' Gram, ``width`` values), descending;
+    - ``interaction_eigenvalues``: eigenvalues ``Λ`` of the Jacobian Gram ``M`` in whitened
+      coordinates (for the output layer: ``D``), descending, truncated ones included;
+    - ``basis_size``: number of kept directions (``Λ > rtol * max Λ``), at most ``width + 1``;
+    - ``basis``: ``C`` of shape ``(width + 1, basis_size)``; the coordinates in the basis are
+      ``f̂ = Cᵀ f'``; for the output layer ``C = U`` (``width x width``), the eigenvectors of the logits'
+      Gram;
+    - ``activations``: ``f̂`` for every sample, ``(n_samples, basis_size)``;
+    - ``communities``: the Louvain community of each basis direction in the interaction graph (-1
+      for directions outside the graph).
+
+    ``edges["a->b"]``: ``(basis_size[b], basis_size[a])`` interaction strengths
+    ``E_ij = mean_s (∂f̂ᵇ_i/∂f̂ᵃ_j · f̂ᵃ_j)²`` (the ``rib`` "squared" edge at the data points).
+    ``modularity``: Newman modularity of the Louvain split of the graph of all layers;
+    ``pair_modularity["a->b"]``: the same for the two-layer graph of each adjacent pair.
+    In the basis, the activation Gram of a layer is ``diag(Λ)`` and the Gram of the Jacobians of the
+    next layer's basis coordinates is the identity (on the kept directions).
+    """
+
+    layers: tuple[str, ...]
+    width: dict[str, int]
+    basis_size: dict[str, int]
+    gram_eigenvalues: dict[str, np.ndarray]
+    interaction_eigenvalues: dict[str, np.ndarray]
+    basis: dict[str, np.ndarray]
+    activations: dict[str, np.ndarray]
+    edges: dict[str, np.ndarray]
+    communities: dict[str, np.ndarray]
+    modularity: float
+    pair_modularity: dict[str, float]
+    rtol: float
+    graph_directions: int
+    model: str
+    n_samples: int
+    estimator: str = (
+        "interaction basis (Bushnaq et al. 2024), bias folded, Jacobians at the data points; "
+        "Louvain communities, Newman modularity"
+    )
+    params: dict = field(default_factory=dict)
+    seed: int | None = 0
+    device: str = "cpu"
+    dtype: str = "float64"
+    seconds: float = 0.0
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The adjacent layer pairs ``(a, b)`` of :attr:`edges`, in forward order."""
+        return list(zip(self.layers[:-1], self.layers[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# model access
+
+
+class _ChannelAffine(nn.Module):
+    """A BatchNorm layer in evaluation mode as a per-channel scale and shift (the shift is a bias)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        var = bn.running_var if bn.running_var is not None else torch.ones(bn.num_features)
+        mean = bn.running_mean if bn.running_mean is not None else torch.zeros(bn.num_features)
+        scale = 1.0 / torch.sqrt(var.detach().double() + bn.eps)
+        if bn.affine:
+            scale = scale * bn.weight.detach().double()
+        shift = -mean.detach().double() * scale
+        if bn.affine:
+            shift = shift + bn.bias.detach().double()
+        self.weight = nn.Parameter(scale, requires_grad=False)
+        self.bias = nn.Parameter(shift, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+def _replace_batchnorm(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, _ChannelAffine(child))
+        else:
+            _replace_batchnorm(child)
+
+
+@dataclass
+class _Net:
+    """A float64 working copy of a sequential model on the compute device."""
+
+    seq: nn.Sequential
+    names: list[str]
+    name: str
+    device: torch.device
+
+    def position(self, layer: str) -> int:
+        """Index of ``layer`` among the children; -1 for the input."""
+        return -1 if layer == INPUT_LAYER else self.names.index(layer)
+
+    def tail(self, start: int, stop: int) -> nn.Sequential:
+        """The children after position ``start`` up to and including ``stop``."""
+        return self.seq[start + 1 : stop + 1]
+
+
+def _network(model: Any, func: str, device: torch.device) -> _Net:
+    module = model.module if hasattr(model, "module") else model
+    if not isinstance(module, nn.Module):
+        raise ParameterError(
+            f"{func} needs a model (a LoadedModel from load_model, or a torch.nn.Module). Got {type(model).__name__}."
+        )
+    if not isinstance(module, nn.Sequential) or len(module) == 0:
+        raise ArchitectureError(
+            f"{func} needs a model built as torch.nn.Sequential (such as the 'mlp' and 'cnn' architectures), so that the "
+            f"network after a layer can be split off; got {type(module).__name__}, whose layers are not one plain sequence."
+        )
+    work = copy.deepcopy(module).eval()
+    _replace_batchnorm(work)
+    work = work.to(device=device, dtype=torch.float64)
+    for p in work.parameters():
+        p.requires_grad_(False)
+    names = [name for name, _ in work.named_children()]
+    name = getattr(model, "name", type(module).__name__)
+    return _Net(seq=work, names=names, name=str(name), device=device)
+
+
+def _inputs(dataset: Any, func: str, device: torch.device) -> torch.Tensor:
+    x = getattr(dataset, "x", None)
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{func} needs a Dataset (from load_dataset or make_dataset). Got {type(dataset).__name__}.")
+    if not x.dtype.is_floating_point:
+        raise DataError(
+            f"{func} needs real-valued inputs to differentiate through; dataset '{getattr(dataset, 'name', '?')}' holds "
+            f"{x.dtype} values (token ids). Use a dataset of float features."
+        )
+    if x.shape[0] < 2:
+        raise DataError(f"{func}: the dataset needs at least 2 samples. Got {x.shape[0]}.")
+    return x.to(device=device, dtype=torch.float64)
+
+
+def _layers(net: _Net, layers: Sequence[str] | str | None, func: str, *, allow_input: bool = True) -> list[str]:
+    """Validate layer names and return them in forward order, without repeats."""
+    if isinstance(layers, str):
+        layers = [layers]
+    valid = ([INPUT_LAYER] if allow_input else []) + net.names
+    if layers is None or len(layers) == 0:
+        raise ParameterError(f"{func} needs at least one layer. Layers: {format_choices(valid)}.")
+    for layer in layers:
+        if not isinstance(layer, str) or layer not in valid:
+            raise UnknownLayerError(
+                f"{func}: unknown layer {layer!r}.{did_you_mean(str(layer), valid)} Layers (top-level children of the "
+                f"sequential model{', and input' if allow_input else ''}): {format_choices(valid)}."
+            )
+    return sorted(set(layers), key=net.position)
+
+
+def _collect(net: _Net, x: torch.Tensor, positions: set[int], batch_size: int, func: str) -> dict[int, torch.Tensor]:
+    """Outputs of the children at ``positions`` (-1 is the input), unflattened, for every sample."""
+    chunks: dict[int, list[torch.Tensor]] = {p: [] for p in positions}
+    last = max(positions)
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], batch_size):
+            h = x[start : start + batch_size]
+            if -1 in chunks:
+                chunks[-1].append(h)
+            for i, child in enumerate(net.seq):
+                if i > last:
+                    break
+                try:
+                    h = child(h)
+                except RuntimeError as exc:
+                    raise DataError(
+                        f"{func}: the model could not run on the dataset at layer '{net.names[i]}' ({str(exc).splitlines()[0]}); "
+                        "check that the dataset matches the model's input."
+                    ) from exc
+                if i in chunks:
+                    chunks[i].append(h)
+    return {p: torch.cat(c) for p, c in chunks.items()}
+
+
+def _folded(tail: nn.Sequential) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``g(f, c)``: the tail on one sample ``f`` with every bias multiplied by the constant coordinate ``c``."""
+    params = dict(tail.named_parameters())
+
+    def g(f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scaled = {k: (v * c if k.rsplit(".", 1)[-1] == "bias" else v) for k, v in params.items()}
+        return functional_call(tail, scaled, (f.unsqueeze(0),)).reshape(-1)
+
+    return g
+
+
+def _plain(tail: nn.Sequential) -> Callable[[torch.Tensor], torch.Tensor]:
+    def g(f: torch.Tensor) -> torch.Tensor:
+        return tail(f.unsqueeze(0)).reshape(-1)
+
+    return g
+
+
+def _chunk(batch_size: int, n_out: int, n_in: int) -> int:
+    return max(1, min(batch_size, _JACOBIAN_BYTES // max(1, 8 * n_out * n_in)))
+
+
+class _Ticker:
+    """Counts finished batches for a ``progress(done, total)`` callback."""
+
+    def __init__(self, progress: Progress, total: int):
+        self.progress, self.total, self.done = progress, max(total, 1), 0
+
+    def tick(self, n: int = 1) -> None:
+        self.done = min(self.done + n, self.total)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+# ---------------------------------------------------------------------------------------------
+# spectra
+
+
+def _spectrum(gram: torch.Tensor, rtol: float) -> tuple[np.ndarray, int, float, float]:
+    """Eigenvalues (descending, clipped at 0), rank above ``rtol * max``, effective rank, threshold."""
+    ev = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+    top = float(ev[0]) if ev.numel() else 0.0
+    threshold = rtol * top
+    rank = int((ev > threshold).sum()) if top > 0 else 0
+    if top > 0:
+        p = ev[ev > 0] / ev.sum()
+        eff = float(torch.exp(-(p * p.log()).sum()))
+    else:
+        eff = 0.0
+    return ev.cpu().numpy(), rank, eff, threshold
+
+
+def _centred_gram(x: torch.Tensor) -> torch.Tensor:
+    xc = x - x.mean(0, keepdim=True)
+    return xc.T @ xc / x.shape[0]
+
+
+def _jacobian_gram(
+    tail: nn.Sequential, acts: torch.Tensor, output: str, labels: torch.Tensor | None, batch_size: int, ticker: _Ticker
+) -> torch.Tensor:
+    """``mean_s J_sᵀ J_s`` of the tail's output (logits, or the per-sample loss) w.r.t. the flattened ``acts``."""
+    n, shape = acts.shape[0], acts.shape[1:]
+    d = int(np.prod(shape)) if len(shape) else 1
+    gram = torch.zeros(d, d, dtype=torch.float64, device=acts.device)
+    if output == "logits":
+        g = _plain(tail)
+        with torch.no_grad():
+            n_out = int(g(acts[0]).numel())
+        step = _chunk(batch_size, n_out, d)
+        jac = vmap(jacrev(g))
+        for start in range(0, n, step):
+            j = jac(acts[start : start + step]).reshape(-1, d)
+            gram += j.T @ j
+            ticker.tick()
+    else:
+        assert labels is not None
+
+        def loss(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(tail(f.unsqueeze(0)), y.unsqueeze(0))
+
+        grad = vmap(torch.func.grad(loss))
+        step = _chunk(batch_size, 1, d)
+        for start in range(0, n, step):
+            j = grad(acts[start : start + step], labels[start : start + step]).reshape(-1, d)
+            gram += j.T @ j
+            ticker.tick()
+    return gram / n
+
+
+def _labels(dataset: Any, n: int, func: str, device: torch.device) -> torch.Tensor:
+    y = getattr(dataset, "y", None)
+    arr = as_labels(y, n, func=func)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(
+            f"{func}: output='loss' needs integer class labels for the cross-entropy; the dataset's labels are {arr.dtype}. "
+            "Use output='logits' or a dataset with class labels."
+        )
+    return torch.as_tensor(arr, dtype=torch.int64, device=device)
+
+
+def _check_common(func: str, rtol: Any, batch_size: Any) -> tuple[float, int]:
+    rtol = check_float(rtol, "rtol", func=func, low=0.0, high=1.0, low_inclusive=False)
+    batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
+    return rtol, batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# public: activation and gradient ranks
+
+
+def activation_rank(
+    acts: Mapping[str, Any] | Any, *, rtol: float = DEFAULT_RTOL, device: str | torch.device | None = None
+) -> RankResult:
+    """Spectrum, numerical rank and effective rank of each layer's centred activation covariance.
+
+    The covariance of a layer with activations ``x: (n_samples, width)`` is ``Xcᵀ Xc / n`` with
+    ``Xc`` the column-centred activations (float64). Its eigenvalues are the variances along its
+    principal directions; a zero eigenvalue is a direction of activation space in which the layer
+    does not vary on the data (source 1 of degeneracy: the weights reading this layer can change
+    along it, compensated by the bias). The numerical rank counts eigenvalues above
+    ``rtol * max(eigenvalue)``; the effective rank ``exp(entropy)`` of the normalised spectrum lies
+    in ``[1, rank]`` and says how many directions carry the variance.
+
+    acts: an :class:`~workbench.Activations` (or any mapping layer name -> ``(n_samples, width)``
+        array), or one ``(n_samples, width)`` array (reported as layer ``"x"``).
+    rtol: relative tolerance for the numerical rank, in (0, 1]; the default 1e-8 counts directions
+        with at least 1e-8 of the largest variance (1e-4 of its standard deviation). Larger values
+        count nearly-flat directions as degenerate too.
+    device: where to compute (None: cuda > mps > cpu).
+    """
+    func = "activation_rank"
+    rtol = check_float(rtol, "rtol", func=func, low=0.0, high=1.0, low_inclusive=False)
+    start = time.perf_counter()
+    dev = float64_device(resolve_device(device))
+    mapping = dict(acts) if isinstance(acts, Mapping) else {"x": acts}
+    if not mapping:
+        raise DataError(f"{func}: 'acts' holds no layers; extract at least one layer first.")
+    eig, rank, eff, width, thr = {}, {}, {}, {}, {}
+    n = 0
+    for layer, x in mapping.items():
+        t = as_matrix(x, str(layer), func=func, device=dev)
+        n = t.shape[0]
+        eig[layer], rank[layer], eff[layer], thr[layer] = _spectrum(_centred_gram(t), rtol)
+        width[layer] = t.shape[1]
+    return RankResult(
+        quantity="activation",
+        layers=tuple(mapping),
+        eigenvalues=eig,
+        rank=rank,
+        effective_rank=eff,
+        width=width,
+        threshold=thr,
+        rtol=rtol,
+        output=None,
+        model=str(getattr(acts, "model_name", "")),
+        n_samples=n,
+        estimator="eigenvalues of the centred activation covariance (float64); rank: eigenvalues > rtol·max",
+        params={"rtol": rtol},
+        device=str(dev),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def gradient_rank(
+    model: Any,
+    dataset: Any,
+    layers: Sequence[str] | str,
+    *,
+    output: str = "logits",
+    rtol: float = DEFAULT_RTOL,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: Progress = None,
+) -> RankResult:
+    """Spectrum and rank of the Gram matrix of the output's Jacobians with respect to each layer.
+
+    For each sample ``s``, ``J_s = ∂ output / ∂ f(s)`` where ``f(s)`` is the layer's (flattened)
+    activation vector and the output is the rest of the network after the layer. The Gram matrix
+    ``mean_s J_sᵀ J_s`` (``width x width``, float64) spans the directions of the layer that the output
+    depends on; each zero eigenvalue is a direction the rest of the network ignores on the data
+    (source 2 of degeneracy: the weights writing into the layer can change along it freely).
+
+    model: a LoadedModel or ``torch.nn.Sequential`` (anything with a ``.module``); the layers are its
+        top-level children, or ``"input"``.
+    dataset: a Dataset whose inputs the model takes.
+    layers: one layer name or several.
+    output: ``"logits"`` (Jacobian of all logits; rank at most the number of classes per sample) or
+        ``"loss"`` (gradient of the per-sample cross-entropy; needs class labels; rank at most
+        ``n_samples``).
+    rtol: relative tolerance for the rank, in (0, 1] (see :func:`activation_rank`).
+    batch_size: samples per vectorised Jacobian batch (lowered automatically so one batch's
+        Jacobians stay within 128 MiB).
+    device: where to compute (None: cuda > mps > cpu).
+    progress: optional callable ``(done, total)`` called after each batch.
+    """
+    func = "gradient_rank"
+    output = check_choice(output, "output", OUTPUTS, func=func)
+    rtol, batch_size = _check_common(func, rtol, batch_size)
+    start = time.perf_counter()
+    dev = float64_device(resolve_device(device))
+    net = _network(model, func, dev)
+    x = _inputs(dataset, func, dev)
+    names = _layers(net, layers, func)
+    labels = _labels(dataset, x.shape[0], func, dev) if output == "loss" else None
+    acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func)
+    ticker = _Ticker(progress, sum(_n_batches(net, acts, net.position(layer), output, batch_size) for layer in names))
+    eig, rank, eff, width, thr = {}, {}, {}, {}, {}
+    for layer in names:
+        p = net.position(layer)
+        gram = _jacobian_gram(net.tail(p, len(net.names) - 1), acts[p], output, labels, batch_size, ticker)
+        eig[layer], rank[layer], eff[layer], thr[layer] = _spectrum(gram, rtol)
+        width[layer] = gram.shape[0]
+    what = "logits" if output == "logits" else "per-sample cross-entropy"
+    return RankResult(
+        quantity="gradient",
+        layers=tuple(names),
+        eigenvalues=eig,
+        rank=rank,
+        effective_rank=eff,
+        width=width,
+        threshold=thr,
+        rtol=rtol,
+        output=output,
+        model=net.name,
+        n_samples=int(x.shape[0]),
+        estimator=f"eigenvalues of mean JᵀJ, J = ∂({what})/∂(layer) (float64, vmap·jacrev); rank: eigenvalues > rtol·max",
+        params={"rtol": rtol, "output": output, "batch_size": batch_size},
+        device=str(dev),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _n_out(net: _Net, acts: dict[int, torch.Tensor], p: int) -> int:
+    """Number of logits (the size of the model's output for one sample)."""
+    with torch.no_grad():
+        return int(net.tail(p, len(net.names) - 1)(acts[p][:1]).numel())
+
+
+def _n_batches(net: _Net, acts: dict[int, torch.Tensor], p: int, output: str, batch_size: int) -> int:
+    """Number of Jacobian batches :func:`_jacobian_gram` takes for the layer at position ``p``."""
+    n_out = 1 if output == "loss" else _n_out(net, acts, p)
+    return math.ceil(acts[p].shape[0] / _chunk(batch_size, n_out, acts[p][0].numel()))
+
+
+# ---------------------------------------------------------------------------------------------
+# public: ReLU patterns
+
+
+def _relu_layers(net: _Net) -> list[str]:
+    return [name for name, child in zip(net.names, net.seq) if isinstance(child, nn.ReLU)]
+
+
+def _patterns(out: torch.Tensor) -> dict[str, Any]:
+    """Dead / always-on masks, firing rates and synchronised groups of one ReLU output ``(n, ...)``."""
+    fires = out.reshape(out.shape[0], -1) > 0  # (n, units)
+    count = fires.sum(0)
+    n, width = fires.shape
+    dead = count == 0
+    on = count == n
+    group_id = torch.full((width,), -1, dtype=torch.int64)
+    sizes = np.zeros(0, dtype=np.int64)
+    middle = torch.flatnonzero(~dead & ~on)
+    if middle.numel() > 1:
+        uniq, inverse, counts = torch.unique(fires[:, middle].T.cpu(), dim=0, return_inverse=True, return_counts=True)
+        big = torch.flatnonzero(counts > 1)
+        if big.numel():
+            # number groups by decreasing size, ties by first unit index
+            first = torch.stack([torch.flatnonzero(inverse == g)[0] for g in big.tolist()])
+            order = sorted(range(big.numel()), key=lambda i: (-int(counts[big[i]]), int(first[i])))
+            remap = torch.full((uniq.shape[0],), -1, dtype=torch.int64)
+            for new, i in enumerate(order):
+                remap[big[i]] = new
+            group_id[middle.cpu()] = remap[inverse]
+            sizes = np.array([int(counts[big[i]]) for i in order], dtype=np.int64)
+    return {
+        "width": width,
+        "dead": dead.cpu().numpy(),
+        "always_on": on.cpu().numpy(),
+        "firing_rate": (count.double() / n).cpu().numpy(),
+        "group_id": group_id.numpy(),
+        "group_sizes": sizes,
+    }
+
+
+def relu_patterns(
+    model: Any,
+    dataset: Any,
+    layers: Sequence[str] | str | None = None,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> ReluPatternResult:
+    """Dead, always-on and synchronised ReLU units of a network on a dataset.
+
+    A unit fires on a sample when its ReLU output is > 0. A *dead* unit never fires (its fan-in and
+    fan-out are free parameters); an *always-on* unit fires on every sample (it acts linearly on this
+    data); a *synchronised group* is a set of two or more other units that fire on exactly the same
+    samples (source 3 of degeneracy: on the data such a group acts as one linear map that can be
+    reparameterised by mixing its units). For convolutional ReLUs every element of the feature map
+    is a unit.
+
+    model: a LoadedModel or ``torch.nn.Sequential`` with ``nn.ReLU`` children.
+    dataset: a Dataset whose inputs the model takes.
+    layers: names of ``nn.ReLU`` children; None for all of them.
+    batch_size: samples per forward batch.
+    device: where to compute (None: cuda > mps > cpu).
+    """
+    func = "relu_patterns"
+    batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
+    start = time.perf_counter()
+    dev = float64_device(resolve_device(device))
+    net = _network(model, func, dev)
+    x = _inputs(dataset, func, dev)
+    relus = _relu_layers(net)
+    if not relus:
+        raise ArchitectureError(f"{func}: the model has no nn.ReLU layers; its layers are {format_choices(net.names)}.")
+    names = relus if layers is None else _layers(net, layers, func, allow_input=False)
+    for layer in names:
+        if layer not in relus:
+            raise ParameterError(
+                f"{func}: layer '{layer}' is a {type(net.seq[net.position(layer)]).__name__}, not a ReLU; pick ReLU layers: "
+                f"{format_choices(relus)}."
+            )
+    acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func)
+    per = {layer: _patterns(acts[net.position(layer)]) for layer in names}
+    pick = lambda key: {layer: per[layer][key] for layer in names}  # noqa: E731
+    return ReluPatternResult(
+        layers=tuple(names),
+        width=pick("width"),
+        dead=pick("dead"),
+        always_on=pick("always_on"),
+        firing_rate=pick("firing_rate"),
+        group_id=pick("group_id"),
+        group_sizes=pick("group_sizes"),
+        n_dead={k: int(v["dead"].sum()) for k, v in per.items()},
+        n_always_on={k: int(v["always_on"].sum()) for k, v in per.items()},
+        n_synchronised={k: int(v["group_sizes"].sum()) for k, v in per.items()},
+        n_groups={k: len(v["group_sizes"]) for k, v in per.items()},
+        model=net.name,
+        n_samples=int(x.shape[0]),
+        params={"batch_size": batch_size},
+        device=str(dev),
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# public: degeneracy summary
+
+
+def _relu_after(net: _Net, position: int) -> int | None:
+    """Position of the ReLU directly after the child at ``position``, or None."""
+    nxt = position + 1
+    if nxt < len(net.names) and isinstance(net.seq[nxt], nn.ReLU):
+        return nxt
+    return None
+
+
+def degeneracy_summary(
+    model: Any,
+    dataset: Any,
+    *,
+    output: str = "logits",
+    rtol: float = DEFAULT_RTOL,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: Progress = None,
+) -> DegeneracyResult:
+    """Free (degenerate) parameters of every ``nn.Linear`` weight matrix of a sequential network.
+
+    For each weight matrix ``W`` (``fan_out x fan_in``) with bias: the rank ``input_rank`` of the
+    centred covariance of its inputs (:func:`activation_rank`), the rank ``gradient_rank`` of the
+    Jacobian Gram of the output with respect to its outputs (:func:`gradient_rank`) and the ReLU
+    firing patterns right after it (:func:`relu_patterns`) give
+
+    ``free_total = (fan_in - input_rank) * fan_out + (input_rank + 1) * (fan_out - gradient_rank)
+    + sum_groups (k**2 - k)``,
+
+    see :class:`DegeneracyResult` for each term. The first two terms are exact first-order counts
+    for the matrix varied alone (``n_parameters - (input_rank + 1) * gradient_rank``); the
+    synchronised-ReLU term is an estimate that can overlap them when units are exact copies.
+    For a matrix without bias, ``input_rank`` is the rank of the uncentred Gram and no ``+ 1`` is
+    added.
+
+    model: a LoadedModel or ``torch.nn.Sequential``.
+    dataset: a Dataset whose inputs the model takes.
+    output: ``"logits"`` (degenerate = leaves every logit unchanged; the default) or ``"loss"``
+        (leaves every per-sample cross-entropy unchanged to first order; needs class labels).
+    rtol: relative tolerance for all ranks, in (0, 1] (see :func:`activation_rank`).
+    batch_size: samples per vectorised Jacobian batch.
+    device: where to compute (None: cuda > mps > cpu).
+    progress: optional callable ``(done, total)`` called after each Jacobian batch.
+    """
+    func = "degeneracy_summary"
+    output = check_choice(output, "output", OUTPUTS, func=func)
+    rtol, batch_size = _check_common(func, rtol, batch_size)
+    start = time.perf_counter()
+    dev = float64_device(resolve_device(device))
+    net = _network(model, func, dev)
+    x = _inputs(dataset, func, dev)
+    n = int(x.shape[0])
+    labels = _labels(dataset, n, func, dev) if output == "loss" else None
+    linear = [i for i, child in enumerate(net.seq) if isinstance(child, nn.Linear)]
+    if not linear:
+        raise ArchitectureError(
+            f"{func}: the model has no nn.Linear layers to count; its layers are {format_choices(net.names)}."
+        )
+    not_counted = tuple(
+        name
+        for name, child in zip(net.names, net.seq)
+        if not isinstance(child, nn.Linear) and any(True for _ in child.parameters())
+    )
+    relus = {i: r for i in linear if (r := _relu_after(net, i)) is not None}
+    wanted = {i - 1 for i in linear} | set(linear) | set(relus.values())
+    acts = _collect(net, x, wanted, batch_size, func)
+    last = len(net.names) - 1
+    total_batches = sum(_n_batches(net, acts, i, output, batch_size) for i in linear)
+    ticker = _Ticker(progress, total_batches)
+
+    out: dict[str, dict[str, Any]] = {
+        k: {}
+        for k in (
+            "fan_in",
+            "fan_out",
+            "n_parameters",
+            "input_rank",
+            "gradient_rank",
+            "zero_variance_inputs",
+            "dead_units",
+            "always_on_units",
+            "synchronised_group_sizes",
+            "free_from_activations",
+            "free_from_gradients",
+            "free_from_synchronised",
+            "free_total",
+            "free_fraction",
+            "input_spectrum",
+            "gradient_spectrum",
+        )
+    }
+    for i in linear:
+        layer: nn.Linear = net.seq[i]
+        name = net.names[i]
+        fan_in, fan_out, has_bias = layer.in_features, layer.out_features, layer.bias is not None
+        xin = acts[i - 1].reshape(n, -1)
+        if has_bias:
+            spec, r_in, _, _ = _spectrum(_centred_gram(xin), rtol)
+            r_x = r_in + 1
+        else:
+            spec, r_in, _, _ = _spectrum(xin.T @ xin / n, rtol)
+            r_x = r_in
+        gram = _jacobian_gram(net.tail(i, last), acts[i], output, labels, batch_size, ticker)
+        gspec, r_g, _, _ = _spectrum(gram, rtol)
+        n_params = fan_out * (fan_in + int(has_bias))
+        free_act = (fan_in - r_in) * fan_out
+        free_grad = r_x * (fan_out - r_g)
+        sizes = np.zeros(0, dtype=np.int64)
+        n_dead = n_on = 0
+        if i in relus:
+            pat = _patterns(acts[relus[i]])
+            n_dead, n_on = int(pat["dead"].sum()), int(pat["always_on"].sum())
+            sizes = pat["group_sizes"]
+        free_sync = int(sum(k * k - k for k in sizes.tolist())) + (n_on * n_on - n_on)
+        total = free_act + free_grad + free_sync
+        values = {
+            "fan_in": fan_in,
+            "fan_out": fan_out,
+            "n_parameters": n_params,
+            "input_rank": r_in,
+            "gradient_rank": r_g,
+            "zero_variance_inputs": fan_in - r_in,
+            "dead_units": n_dead,
+            "always_on_units": n_on,
+            "synchronised_group_sizes": sizes,
+            "free_from_activations": free_act,
+            "free_from_gradients": free_grad,
+            "free_from_synchronised": free_sync,
+            "free_total": total,
+            "free_fraction": total / n_params,
+            "input_spectrum": spec,
+            "gradient_spectrum": gspec,
+        }
+        for k, v in values.items():
+            out[k][name] = v
+    names = tuple(net.names[i] for i in linear)
+    return DegeneracyResult(
+        modules=names,
+        **out,
+        total_parameters=int(sum(out["n_parameters"].values())),
+        total_free=int(sum(out["free_total"].values())),
+        not_counted=not_counted,
+        rtol=rtol,
+        output=output,
+        model=net.name,
+        n_samples=n,
+        params={"rtol": rtol, "output": output, "batch_size": batch_size},
+        device=str(dev),
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# public: interaction basis
+
+
+def _eigh_desc(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ev, vec = torch.linalg.eigh((m + m.T) / 2)
+    return ev.flip(0).clamp_min(0.0), vec.flip(1)
+
+
+def _signs(f_hat: torch.Tensor) -> torch.Tensor:
+    """Signs that make each basis direction's largest-magnitude coordinate over the data positive."""
+    if f_hat.numel() == 0:
+        return torch.ones(f_hat.shape[1], dtype=f_hat.dtype, device=f_hat.device)
+    idx = f_hat.abs().argmax(0)
+    sign = torch.sign(f_hat[idx, torch.arange(f_hat.shape[1], device=f_hat.device)])
+    sign[sign == 0] = 1.0
+    return sign
+
+
+def _basis_jacobians(g: Callable, f: torch.Tensor, out_dim: int, step: int) -> Callable[[], Any]:
+    """Iterate ``(start, J)`` over batches of ``step`` samples, with ``J: (b, out_dim, d + 1)`` the Jacobian of
+    ``g`` w.r.t. the folded coordinates ``(f, c)`` at ``c = 1``."""
+    n, d = f.shape[0], int(np.prod(f.shape[1:]))
+    one = torch.ones((), dtype=torch.float64, device=f.device)
+    jac = vmap(jacrev(g, argnums=(0, 1)), in_dims=(0, None))
+
+    def run():
+        for start in range(0, n, step):
+            jf, jc = jac(f[start : start + step], one)
+            yield start, torch.cat([jf.reshape(jf.shape[0], out_dim, d), jc.reshape(jc.shape[0], out_dim, 1)], dim=2)
+
+    return run
+
+
+def _to_next_basis(tail: Callable, c_next: torch.Tensor, *, with_constant: bool) -> Callable:
+    """``(f, c) -> Cᵀ f'_next``: the next layer's basis coordinates, with its constant coordinate ``c`` when folded."""
+
+    def g(f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        y = tail(f, c)
+        if with_constant:
+            y = torch.cat([y, c.reshape(1)])
+        return c_next.T @ y
+
+    return g
+
+
+def _graph(result_edges: list[np.ndarray], sizes: list[int], k: int) -> nx.Graph:
+    """Graph over the first ``k`` basis directions of each layer; each adjacent pair's edges sum to 1."""
+    graph = nx.Graph()
+    for layer, size in enumerate(sizes):
+        graph.add_nodes_from((layer, j) for j in range(min(size, k)))
+    for layer, e in enumerate(result_edges):
+        sub = e[: min(sizes[layer + 1], k), : min(sizes[layer], k)]
+        total = float(sub.sum())
+        if total <= 0:
+            continue
+        w = np.round(sub / total, 12)
+        rows, cols = np.nonzero(w > 0)
+        graph.add_weighted_edges_from(
+            ((layer, int(j)), (layer + 1, int(i)), float(w[i, j])) for i, j in zip(rows, cols)
+        )
+    return graph
+
+
+def _louvain(graph: nx.Graph, seed: int) -> tuple[list[set], float]:
+    if graph.number_of_edges() == 0:
+        return [{node} for node in graph.nodes], 0.0
+    parts = nx.community.louvain_communities(graph, weight="weight", seed=seed)
+    parts = sorted(parts, key=lambda s: min(s))
+    return parts, float(nx.community.modularity(graph, parts, weight="weight"))
+
+
+def interaction_basis(
+    model: Any,
+    dataset: Any,
+    layers: Sequence[str] | str,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    graph_directions: int = 64,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: Progress = None,
+) -> InteractionBasisResult:
+    """The interaction basis of the given layers, and the modularity of the interactions between them.
+
+    Built backwards from the output as in the authors' reference code (``rib``, Bushnaq et al. 2024).
+    The output layer's basis is ``U``, the eigenvectors of its logits' Gram. Then for each layer, last
+    first, with activations ``f'_s = (f_s, 1)`` (bias folded in as a constant coordinate):
+
+    1. ``G = mean_s f'_s f'_sᵀ = U D Uᵀ`` (float64); keep the directions with ``D > rtol * max D``;
+    2. whiten: ``z = D^-1/2 Uᵀ f'``;
+    3. ``M = mean_s J_sᵀ J_s = V Λ Vᵀ`` with ``J_s = ∂ f̂^{next}_s / ∂ z`` the Jacobian of the next
+       layer's (already transformed) basis coordinates; keep the directions with ``Λ > rtol * max Λ``;
+    4. ``C = U D^-1/2 V Λ^1/2``; the basis coordinates are ``f̂ = Cᵀ f'``.
+
+    The derivative with respect to the constant coordinate is the derivative with respect to a
+    common factor of every bias between the two layers, and the next layer's constant coordinate
+    follows it with derivative 1, as in a network with folded biases. In the basis the activation
+    Gram is ``diag(Λ)`` and the Jacobian Gram is the identity. Directions with no variance, and
+    directions the next layer ignores, drop out, so the basis is the same for any
+    reparameterisation that exploits those degeneracies (and any permutation of hidden units).
+
+    The interaction graph has one node per basis direction (the first ``graph_directions`` of each
+    layer, by ``Λ``) and, between adjacent layers, edges ``E_ij = mean_s (∂f̂ᵇ_i/∂f̂ᵃ_j · f̂ᵃ_j)²``
+    (the ``rib`` squared edge at the data points), normalised to sum 1 per layer pair. Communities
+    come from Louvain (Blondel et al. 2008; networkx, seeded); their quality is Newman's weighted
+    modularity ``Q = (1/2m) sum_ij [A_ij - k_i k_j / 2m] δ(c_i, c_j)`` (Newman 2004, "Analysis of
+    weighted networks"), in ``[-1/2, 1)``: 0 for a split no better than chance, near 1 for
+    separate modules.
+
+    model: a LoadedModel or ``torch.nn.Sequential``.
+    dataset: a Dataset whose inputs the model takes.
+    layers: node layers (top-level children, or ``"input"``); the output is always added last.
+    rtol: relative truncation tolerance for ``D`` and ``Λ``, in (0, 1].
+    graph_directions: how many leading basis directions of each layer enter the interaction graph
+        (1-4096); more gives a fuller graph and a slower Louvain.
+    seed: seed of the Louvain community search.
+    batch_size: samples per vectorised Jacobian batch (lowered automatically to bound memory).
+    device: where to compute (None: cuda > mps > cpu).
+    progress: optional callable ``(done, total)`` called after each Jacobian batch.
+    """
+    func = "interaction_basis"
+    rtol, batch_size = _check_common(func, rtol, batch_size)
+    graph_directions = check_int(graph_directions, "graph_directions", func=func, low=1, high=4096)
+    seed = check_int(seed, "seed", func=func, low=0, high=2**32 - 1)
+    start_time = time.perf_counter()
+    dev = float64_device(resolve_device(device))
+    net = _network(model, func, dev)
+    x = _inputs(dataset, func, dev)
+    n = int(x.shape[0])
+    last = len(net.names) - 1
+    names = [layer for layer in _layers(net, layers, func) if net.position(layer) != last]
+    if not names:
+        raise ParameterError(
+            f"{func} needs at least one layer before the output '{net.names[last]}'; the output is always included. "
+            f"Layers: {format_choices([INPUT_LAYER] + net.names[:-1])}."
+        )
+    positions = [net.position(layer) for layer in names] + [last]
+    acts = _collect(net, x, set(positions), batch_size, func)
+    node_names = names + [net.names[last]]
+
+    # output layer: eigenbasis of the logits' Gram
+    logits = acts[last].reshape(n, -1)
+    d_out = logits.shape[1]
+    ev, vec = _eigh_desc(logits.T @ logits / n)
+    sign = _signs(logits @ vec)
+    c_out = vec * sign
+    width = {node_names[-1]: d_out}
+    gram_ev = {node_names[-1]: ev.cpu().numpy()}
+    inter_ev = {node_names[-1]: ev.cpu().numpy()}
+    basis = {node_names[-1]: c_out.cpu().numpy()}
+    f_hats = {node_names[-1]: logits @ c_out}
+    sizes = {node_names[-1]: d_out}
+    edges: dict[str, np.ndarray] = {}
+
+    # batch sizes from the largest possible basis of the next layer (its width + 1), so the total is known
+    folded_width = [acts[p][0].numel() + 1 for p in positions[:-1]] + [d_out]
+    steps = [_chunk(batch_size, folded_width[i + 1], folded_width[i]) for i in range(len(names))]
+    ticker = _Ticker(progress, 2 * sum(math.ceil(n / step) for step in steps))
+    c_next, next_pos = c_out, last
+    for i in reversed(range(len(names))):
+        layer, next_name, p = node_names[i], node_names[i + 1], positions[i]
+        f = acts[p]
+        d = int(np.prod(f.shape[1:]))
+        f_folded = torch.cat([f.reshape(n, d), torch.ones(n, 1, dtype=torch.float64, device=dev)], dim=1)
+        dd, uu = _eigh_desc(f_folded.T @ f_folded / n)
+        keep = dd > rtol * dd[0]
+        u_r, d_r = uu[:, keep], dd[keep]
+        g = _to_next_basis(_folded(net.tail(p, next_pos)), c_next, with_constant=next_pos != last)
+        jacobians = _basis_jacobians(g, f, c_next.shape[1], steps[i])
+        m_folded = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev)
+        for _, j in jacobians():
+            jj = j.reshape(-1, d + 1)
+            m_folded += jj.T @ jj
+            ticker.tick()
+        m_folded /= n
+        w = u_r * d_r.sqrt()  # U D^1/2: whitened -> folded coordinates
+        lam, v = _eigh_desc(w.T @ m_folded @ w)
+        kept = lam > rtol * lam[0] if lam[0] > 0 else torch.zeros_like(lam, dtype=torch.bool)
+        if not bool(kept.any()):
+            raise DataError(
+                f"{func}: the output does not depend on layer '{layer}' on this dataset (its interaction basis is empty); "
+                "pick layers the output depends on."
+            )
+        v_k, lam_k = v[:, kept], lam[kept]
+        c = (u_r / d_r.sqrt()) @ v_k * lam_k.sqrt()  # C = U D^-1/2 V Λ^1/2
+        inverse = w @ v_k / lam_k.sqrt()  # f' = inverse · f̂ on the kept directions
+        sign = _signs(f_folded @ c)
+        c, inverse = c * sign, inverse * sign
+        f_hat = f_folded @ c
+        # edges: E_ij = mean_s (J̃_s[i, j] f̂_s[j])², with J̃_s = J_s · inverse the Jacobian in basis coordinates
+        e = torch.zeros(c_next.shape[1], c.shape[1], dtype=torch.float64, device=dev)
+        for s0, j in jacobians():
+            e += ((j @ inverse * f_hat[s0 : s0 + j.shape[0], None, :]) ** 2).sum(0)
+            ticker.tick()
+        edges[f"{layer}->{next_name}"] = (e / n).cpu().numpy()
+        width[layer] = d
+        gram_ev[layer] = dd.cpu().numpy()
+        inter_ev[layer] = lam.cpu().numpy()
+        basis[layer] = c.cpu().numpy()
+        f_hats[layer] = f_hat
+        sizes[layer] = int(c.shape[1])
+        c_next, next_pos = c, p
+
+    pair_keys = [f"{a}->{b}" for a, b in zip(node_names[:-1], node_names[1:])]
+    size_list = [sizes[layer] for layer in node_names]
+    edge_list = [edges[k] for k in pair_keys]
+    parts, modularity = _louvain(_graph(edge_list, size_list, graph_directions), seed)
+    communities = {layer: np.full(sizes[layer], -1, dtype=np.int64) for layer in node_names}
+    for label, part in enumerate(parts):
+        for li, j in part:
+            communities[node_names[li]][j] = label
+    pair_mod = {}
+    for i, key in enumerate(pair_keys):
+        _, q = _louvain(_graph([edge_list[i]], size_list[i : i + 2], graph_directions), seed)
+        pair_mod[key] = q
+    order = {layer: i for i, layer in enumerate(node_names)}
+    srt = lambda dct: dict(sorted(dct.items(), key=lambda kv: order[kv[0]]))  # noqa: E731
+    return InteractionBasisResult(
+        layers=tuple(node_names),
+        width=srt(width),
+        basis_size=srt(sizes),
+        gram_eigenvalues=srt(gram_ev),
+        interaction_eigenvalues=srt(inter_ev),
+        basis=srt(basis),
+        activations=srt({k: v.cpu().numpy() for k, v in f_hats.items()}),
+        edges={k: edges[k] for k in pair_keys},
+        communities=communities,
+        modularity=modularity,
+        pair_modularity=pair_mod,
+        rtol=rtol,
+        graph_directions=graph_directions,
+        model=net.name,
+        n_samples=n,
+        params={"rtol": rtol, "graph_directions": graph_directions, "batch_size": batch_size},
+        seed=seed,
+        device=str(dev),
+        seconds=time.perf_counter() - start_time,
+    )
