@@ -26,6 +26,8 @@ HERE = Path(__file__).resolve().parent
 WIDE = {"type": "mlp", "sizes": [64, 512, 512, 10], "activation": "relu"}
 NARROW = {"type": "mlp", "sizes": [64, 64, 64, 10], "activation": "relu"}
 TANH = {"type": "mlp", "sizes": [64, 512, 512, 10], "activation": "tanh"}
+TEXT = {"type": "transformer", "vocab_size": 258, "max_len": 64, "d_model": 32, "n_heads": 2, "n_layers": 2,
+        "n_classes": 4}
 CNN = {"type": "cnn", "input_shape": [1, 8, 8], "channels": [32, 32], "kernel_size": 3, "batchnorm": True,
        "hidden": 64, "n_classes": 10}
 
@@ -38,6 +40,7 @@ MODELS: dict[str, tuple[dict, int, int, float, str]] = {
     "mlp_narrow_seed1": (NARROW, 1, 30, 0.01, "narrow digits MLP 64-64-64-10, ReLU, seed 1"),
     "mlp_tanh_seed0": (TANH, 0, 40, 0.05, "digits MLP 64-512-512-10, tanh, seed 0"),
     "cnn_seed0": (CNN, 0, 40, 0.1, "digits CNN conv32-conv32-fc64 with BatchNorm, seed 0"),
+    "text_transformer_seed0": (TEXT, 0, 80, 0.003, "2-layer byte-level transformer on the bundled topic sentences"),
 }
 SNAPSHOT_MODEL = "mlp_narrow_seed0"
 BATCH_SIZE = 64
@@ -51,10 +54,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 
 def train(name: str, spec: dict, seed: int, epochs: int, lr: float, snapshot_dir: Path | None) -> tuple[nn.Module, dict]:
-    train_set, test_set = load_dataset("digits", split="train"), load_dataset("digits", split="test")
+    dataset = "sentences" if spec["type"] == "transformer" else "digits"
+    train_set, test_set = load_dataset(dataset, split="train"), load_dataset(dataset, split="test")
     torch.manual_seed(seed)
     model = build_model(spec).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    if spec["type"] == "transformer":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = math.ceil(train_set.n_samples / BATCH_SIZE)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
@@ -106,9 +113,10 @@ def main() -> None:
             snap_dir.mkdir(parents=True, exist_ok=True)
         model, facts = train(name, spec, seed, epochs, lr, snap_dir)
         metadata = {"architecture": json.dumps(spec), "name": name, "description": description,
-                    "dataset": "digits", "test_accuracy": f"{facts['test_accuracy']:.4f}", "seed": str(seed)}
+                    "dataset": "sentences" if spec["type"] == "transformer" else "digits", "test_accuracy": f"{facts['test_accuracy']:.4f}", "seed": str(seed)}
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out / f"{name}.safetensors", metadata=metadata)
         manifest[name] = {"file": f"{name}.safetensors", "description": description, "architecture": spec,
+                          "dataset": metadata["dataset"],
                           **{k: v for k, v in facts.items() if k != "history"}}
         if snap_dir is not None:
             manifest[name]["snapshots"] = facts["history"]

@@ -187,3 +187,25 @@ def test_sample_models_are_accurate(sample_model, digits_test):
         assert accuracy >= 0.95, name
         assert abs(accuracy - entry["test_accuracy"]) < 1e-6, name
         assert np.isclose(float(model.metadata["test_accuracy"]), accuracy, atol=1e-4)
+
+
+def test_text_model_token_pooling(sample_model):
+    from workbench import load_dataset
+
+    model = sample_model("text_transformer_seed0")
+    data = load_dataset("sentences")
+    assert model.takes_tokens
+    cls = extract(model, data, ["norm", "out"], pooling="cls")
+    assert cls["norm"].shape == (120, 32)
+    with torch.inference_mode():
+        logits = model.module(data.x)
+    torch.testing.assert_close(cls["out"], logits)
+    accuracy = float((logits.argmax(1) == data.y).float().mean())
+    assert accuracy >= 0.9
+    mean = extract(model, data, ["norm"], pooling="mean")["norm"]
+    assert not torch.allclose(mean, cls["norm"])
+
+
+def test_text_model_rejects_float_features(sample_model, digits_test):
+    with pytest.raises(DataError, match=r"takes token ids \(integers\) but dataset 'digits \(test\)' holds torch\.float32"):
+        extract(sample_model("text_transformer_seed0"), digits_test, ["norm"])

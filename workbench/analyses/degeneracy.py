@@ -651,13 +651,13 @@ def _patterns(out: torch.Tensor) -> dict[str, Any]:
     on = count == n
     group_id = torch.full((width,), -1, dtype=torch.int64)
     sizes = np.zeros(0, dtype=np.int64)
-    middle = torch.flatnonzero(~dead & ~on)
+    middle = torch.nonzero(~dead & ~on).flatten()
     if middle.numel() > 1:
         uniq, inverse, counts = torch.unique(fires[:, middle].T.cpu(), dim=0, return_inverse=True, return_counts=True)
-        big = torch.flatnonzero(counts > 1)
+        big = torch.nonzero(counts > 1).flatten()
         if big.numel():
             # number groups by decreasing size, ties by first unit index
-            first = torch.stack([torch.flatnonzero(inverse == g)[0] for g in big.tolist()])
+            first = torch.stack([torch.nonzero(inverse == g)[0] for g in big.tolist()]).flatten()
             order = sorted(range(big.numel()), key=lambda i: (-int(counts[big[i]]), int(first[i])))
             remap = torch.full((uniq.shape[0],), -1, dtype=torch.int64)
             for new, i in enumerate(order):
