@@ -1,6 +1,7 @@
 """Session state and cached library calls shared by all pages.
 
-Session keys (set them in ``AppTest.session_state`` to drive a page in tests):
+Session keys (set them in ``AppTest.session_state`` before the first run to drive a page in tests;
+missing keys get the bundled defaults: mlp_seed0, mlp_seed1, digits test split):
 
 ``model_a``, ``model_b``  -- :class:`workbench.LoadedModel` or None
 ``dataset``               -- :class:`workbench.Dataset`
@@ -13,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,21 +87,15 @@ def load_uploaded_dataset(data: bytes, filename: str) -> wb.Dataset:
     return wb.load_dataset(data, filename=filename, max_bytes=max_upload_mb() << 20)
 
 
-@st.cache_resource(show_spinner=False, max_entries=64)
-def _extract(model_sha: str, data_sha: str, layers: tuple[str, ...], pooling: str,
-             _model: wb.LoadedModel, _dataset: wb.Dataset, _progress: Callable[[int, int], None]) -> wb.Activations:
-    return wb.extract(_model, _dataset, list(layers), pooling=pooling, progress=_progress)
-
-
 def cached_activations(model: wb.LoadedModel, dataset: wb.Dataset, layers: list[str], pooling: str = "mean") -> wb.Activations:
-    """Activations keyed by content hashes, with a progress bar while they are extracted."""
+    """Activations from the on-disk cache (keyed by content hashes), with a progress bar while they are extracted."""
     bar = st.progress(0.0, text=f"Extracting activations of {model.name}…")
 
     def progress(done: int, total: int) -> None:
         bar.progress(done / max(total, 1), text=f"Extracting activations of {model.name}: {done}/{total} samples")
 
     try:
-        return _extract(model.sha256, dataset.sha256, tuple(layers), pooling, model, dataset, progress)
+        return wb.extract(model, dataset, list(layers), pooling=pooling, progress=progress)
     finally:
         bar.empty()
 
@@ -123,19 +120,34 @@ def content_key(value: Any) -> Any:
     return repr(value)
 
 
-@st.cache_resource(show_spinner=False, max_entries=128)
-def _call(fn_name: str, key: Any, _fn: Callable[..., Any], _args: tuple, _kwargs: dict) -> Any:
-    return _fn(*_args, **_kwargs)
+RESULT_CACHE_SIZE = 128
+
+
+@st.cache_resource(show_spinner=False)
+def _result_store() -> tuple[OrderedDict, threading.Lock]:
+    """One process-wide store of analysis results, shared by all sessions."""
+    return OrderedDict(), threading.Lock()
 
 
 def cached_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a library function once per distinct input content; later calls return the cached result.
+    """Call a library function once per distinct input content; later calls return the stored result.
 
     Models, datasets, activations and arrays are keyed by their content hashes, other arguments by
-    value. Pass ``progress=`` callables freely: they are not part of the key.
+    value. ``progress=`` callables are not part of the key, and may draw Streamlit elements.
     """
-    key = content_key(args) + content_key({k: v for k, v in kwargs.items() if k != "progress"})
-    return _call(f"{fn.__module__}.{fn.__qualname__}", key, fn, args, kwargs)
+    key = (f"{fn.__module__}.{fn.__qualname__}", content_key(args),
+           content_key({k: v for k, v in kwargs.items() if k != "progress"}))
+    store, lock = _result_store()
+    with lock:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+    value = fn(*args, **kwargs)
+    with lock:
+        store[key] = value
+        while len(store) > RESULT_CACHE_SIZE:
+            store.popitem(last=False)
+    return value
 
 
 @contextmanager
@@ -181,7 +193,7 @@ def require_models(n: int = 1) -> tuple[wb.LoadedModel, ...]:
     models = [st.session_state.get(MODEL_A), st.session_state.get(MODEL_B)][:n]
     if any(m is None for m in models):
         what = "a model" if n == 1 else "two models (A and B)"
-        st.info(f"Choose {what} in the sidebar first.")
+        st.info(f"Choose {what} on the Models & data page first.")
         st.stop()
     return tuple(models)
 
@@ -194,7 +206,7 @@ def current_models() -> list[wb.LoadedModel]:
 def require_dataset() -> wb.Dataset:
     dataset = st.session_state.get(DATASET)
     if dataset is None:
-        st.info("Choose a dataset in the sidebar first.")
+        st.info("Choose a dataset on the Models & data page first.")
         st.stop()
     return dataset
 
@@ -251,15 +263,28 @@ def report_button(title: str, result: Any, figures: list, key: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# sidebar
+# choosing models and data
 
 
 def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> None:
     names = sample_model_names()
     options = ([NONE] if optional else []) + names + [UPLOAD]
+    current = st.session_state.get(slot)
+    kept = None
+    if slot in st.session_state:  # set by code (a notebook, a test) or by an earlier run
+        if current is None:
+            default = NONE if optional else default
+        elif current.name in names and current.sha256 == load_sample_model(current.name).sha256:
+            default = current.name
+        else:
+            kept = f"{current.name} (loaded)"
+            options.insert(0, kept)
+            default = kept
     index = options.index(default) if default in options else 0
-    choice = st.sidebar.selectbox(label, options, index=index, key=f"{slot}_choice",
+    choice = st.selectbox(label, options, index=index, key=f"{slot}_choice",
                                   help="A bundled sample model, or your own checkpoint.")
+    if choice == kept:
+        return
     if choice == NONE:
         st.session_state[slot] = None
         return
@@ -267,17 +292,17 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
         try:
             st.session_state[slot] = load_sample_model(choice)
         except WorkbenchError as exc:
-            st.sidebar.error(str(exc))
+            st.error(str(exc))
         return
-    upload = st.sidebar.file_uploader(
+    upload = st.file_uploader(
         f"Checkpoint for {label.lower()}", type=["safetensors", "pt", "pth", "bin", "ckpt", "zip"], key=f"{slot}_upload",
         help="safetensors (spec in metadata), a state dict (.pt/.pth/.bin) with an architecture spec, or a zipped Hugging Face folder.",
     )
-    arch = st.sidebar.text_area("Architecture spec (JSON), for state dicts without one", key=f"{slot}_arch",
+    arch = st.text_area("Architecture spec (JSON), for state dicts without one", key=f"{slot}_arch",
                                 placeholder='{"type": "mlp", "sizes": [64, 512, 512, 10], "activation": "relu"}')
     trust = False
     if trust_allowed():
-        trust = st.sidebar.checkbox(
+        trust = st.checkbox(
             "I trust this file (allows full pickles, which can run arbitrary code on this server)", key=f"{slot}_trust",
             value=False,
         )
@@ -291,16 +316,31 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
         st.session_state[slot] = load_uploaded_model(data, upload.name, arch.strip() or None, trust)
     except WorkbenchError as exc:
         st.session_state[slot] = None
-        st.sidebar.error(str(exc))
+        st.error(str(exc))
 
 
 def _dataset_chooser() -> None:
     options = list(BUILTIN_DATASETS) + [UPLOAD]
-    choice = st.sidebar.selectbox("Dataset", options, key="dataset_choice")
+    current = st.session_state.get(DATASET)
+    kept = None
+    index = 0
+    if current is not None:
+        builtin = next((label for label, (name, split) in BUILTIN_DATASETS.items()
+                        if current.name.startswith(name) and current.info.get("split") == split), None)
+        if current.name.startswith("blobs"):
+            builtin = "blobs (synthetic)"
+        if builtin is None:
+            kept = f"{current.name} (loaded)"
+            options.insert(0, kept)
+        index = options.index(builtin) if builtin else 0
+    choice = st.selectbox("Dataset", options, index=index, key="dataset_choice",
+                          help="A bundled dataset, or your own arrays.")
+    if choice == kept:
+        return
     try:
         if choice == UPLOAD:
-            upload = st.sidebar.file_uploader("Dataset file (.npz, .csv, .pt)", type=["npz", "csv", "pt"], key="dataset_upload",
-                                              help="Arrays 'x' and optional labels 'y'; CSV with an optional 'label' column.")
+            upload = st.file_uploader("Dataset file (.npz, .csv, .pt)", type=["npz", "csv", "pt"], key="dataset_upload",
+                                      help="Arrays 'x' and optional labels 'y'; CSV with an optional 'label' column.")
             if upload is None:
                 st.session_state[DATASET] = None
                 return
@@ -312,23 +352,45 @@ def _dataset_chooser() -> None:
         name, split = BUILTIN_DATASETS[choice]
         options_json = "{}"
         if name == "blobs":
-            sep = st.sidebar.slider("Class separation", 0.0, 8.0, 3.0, 0.5, key="blobs_separation")
+            start = float(current.info.get("separation", 3.0)) if current is not None and current.name.startswith("blobs") else 3.0
+            sep = st.slider("Class separation", 0.0, 8.0, start, 0.5, key="blobs_separation",
+                            help="Distance of the class centres in units of the within-class standard deviation.")
             options_json = json.dumps({"separation": sep})
         st.session_state[DATASET] = load_builtin_dataset(name, split, options_json)
     except WorkbenchError as exc:
         st.session_state[DATASET] = None
-        st.sidebar.error(str(exc))
+        st.error(str(exc))
+
+
+def choosers() -> None:
+    """Model A, optional model B and the dataset, side by side; the choice is kept in session state."""
+    col_a, col_b, col_d = st.columns(3)
+    with col_a:
+        _model_chooser(MODEL_A, "Model A", DEFAULT_A, optional=False)
+    with col_b:
+        _model_chooser(MODEL_B, "Model B (optional, to compare)", DEFAULT_B, optional=True)
+    with col_d:
+        _dataset_chooser()
+
+
+def ensure_defaults() -> None:
+    """Load the bundled default models and dataset the first time a session opens any page."""
+    try:
+        if MODEL_A not in st.session_state:
+            st.session_state[MODEL_A] = load_sample_model(DEFAULT_A)
+        if MODEL_B not in st.session_state:
+            st.session_state[MODEL_B] = load_sample_model(DEFAULT_B)
+        if DATASET not in st.session_state:
+            st.session_state[DATASET] = load_builtin_dataset("digits", "test")
+    except WorkbenchError as exc:
+        st.error(str(exc))
 
 
 def sidebar() -> None:
-    """Model A, optional model B and the dataset, kept in session state across pages."""
+    """What is loaded, on every page, with a link to change it."""
     st.sidebar.header("Models and data")
-    if "model_a_choice" not in st.session_state and st.session_state.get(MODEL_A) is not None:
-        return _sidebar_summary()
-    _model_chooser(MODEL_A, "Model A", DEFAULT_A, optional=False)
-    _model_chooser(MODEL_B, "Model B (optional, to compare)", DEFAULT_B, optional=True)
-    _dataset_chooser()
     _sidebar_summary()
+    st.sidebar.page_link("pages/home.py", label="Change models or data", icon=":material/swap_horiz:")
 
 
 def _sidebar_summary() -> None:

@@ -9,10 +9,12 @@ from pages import _state
 st.title("Representation Workbench")
 st.caption("Upload one or two trained checkpoints, see what their layers represent, compare them, export a report.")
 
+_state.choosers()
+st.divider()
 models = _state.current_models()
 dataset = st.session_state.get(_state.DATASET)
 if not models:
-    st.info("Choose model A in the sidebar: a bundled sample model, or upload a checkpoint.")
+    st.info("Choose model A above: a bundled sample model, or upload a checkpoint.")
     st.stop()
 
 cols = st.columns(len(models))

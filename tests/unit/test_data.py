@@ -10,7 +10,14 @@ import torch
 
 from workbench import load_dataset
 from workbench.data import make_dataset
-from workbench.errors import CorruptFileError, DataError, FileTooLargeError, ParameterError, UnsafeFileError, UnsupportedFormatError
+from workbench.errors import (
+    CorruptFileError,
+    DataError,
+    FileTooLargeError,
+    ParameterError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+)
 
 
 def test_digits_split_is_fixed_and_standardised():

@@ -1,4 +1,13 @@
-from workbench.activations.extract import POOLINGS, LayerInfo, check_layers, default_cache_dir, extract, layer_info, list_layers, pool
+from workbench.activations.extract import (
+    POOLINGS,
+    LayerInfo,
+    check_layers,
+    default_cache_dir,
+    extract,
+    layer_info,
+    list_layers,
+    pool,
+)
 from workbench.activations.types import Activations
 
 __all__ = ["POOLINGS", "Activations", "LayerInfo", "check_layers", "default_cache_dir", "extract", "layer_info", "list_layers", "pool"]

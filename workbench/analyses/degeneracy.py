@@ -910,31 +910,48 @@ def _signs(f_hat: torch.Tensor) -> torch.Tensor:
     return sign
 
 
-def _basis_jacobians(g: Callable, f: torch.Tensor, out_dim: int, step: int) -> Callable[[], Any]:
-    """Iterate ``(start, J)`` over batches of ``step`` samples, with ``J: (b, out_dim, d + 1)`` the Jacobian of
-    ``g`` w.r.t. the folded coordinates ``(f, c)`` at ``c = 1``."""
+def _with_constant(tail: Callable) -> Callable:
+    """``(f, c) -> (tail(f, c), c)``: the next layer's folded coordinates (its constant coordinate is ``c`` itself)."""
+
+    def h(f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tail(f, c), c.reshape(1)])
+
+    return h
+
+
+def _basis_jacobians(h: Callable, f: torch.Tensor, c_next: torch.Tensor, step: int) -> Callable[[], Any]:
+    """Iterate ``(start, J)`` over batches of ``step`` samples; ``J: (b, k, d + 1)`` is the Jacobian of the next
+    layer's basis coordinates ``c_nextᵀ h(f, c)`` w.r.t. this layer's folded coordinates ``(f, c)`` at ``c = 1``.
+
+    Reverse mode pulls back the ``k`` basis directions (one pass each), forward mode pushes ``d + 1``
+    tangents and projects; the cheaper one is used.
+    """
     n, d = f.shape[0], int(np.prod(f.shape[1:]))
+    k = c_next.shape[1]
     one = torch.ones((), dtype=torch.float64, device=f.device)
-    jac = vmap(jacrev(g, argnums=(0, 1)), in_dims=(0, None))
+    cotangents = c_next.T.contiguous()
+
+    if k <= d + 1:
+
+        def rows(fs: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            _, pull = torch.func.vjp(h, fs, c)
+            return vmap(pull)(cotangents)
+
+        jac = vmap(rows, in_dims=(0, None))
+    else:
+        jac = vmap(torch.func.jacfwd(h, argnums=(0, 1)), in_dims=(0, None))
 
     def run():
         for start in range(0, n, step):
             jf, jc = jac(f[start : start + step], one)
-            yield start, torch.cat([jf.reshape(jf.shape[0], out_dim, d), jc.reshape(jc.shape[0], out_dim, 1)], dim=2)
+            b = jf.shape[0]
+            if k <= d + 1:
+                yield start, torch.cat([jf.reshape(b, k, d), jc.reshape(b, k, 1)], dim=2)
+            else:
+                a = torch.cat([jf.reshape(b, -1, d), jc.reshape(b, -1, 1)], dim=2)
+                yield start, cotangents @ a
 
     return run
-
-
-def _to_next_basis(tail: Callable, c_next: torch.Tensor, *, with_constant: bool) -> Callable:
-    """``(f, c) -> Cᵀ f'_next``: the next layer's basis coordinates, with its constant coordinate ``c`` when folded."""
-
-    def g(f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        y = tail(f, c)
-        if with_constant:
-            y = torch.cat([y, c.reshape(1)])
-        return c_next.T @ y
-
-    return g
 
 
 def _graph(result_edges: list[np.ndarray], sizes: list[int], k: int) -> nx.Graph:
@@ -1060,10 +1077,15 @@ def interaction_basis(
         dd, uu = _eigh_desc(f_folded.T @ f_folded / n)
         keep = dd > rtol * dd[0]
         u_r, d_r = uu[:, keep], dd[keep]
-        g = _to_next_basis(_folded(net.tail(p, next_pos)), c_next, with_constant=next_pos != last)
-        jacobians = _basis_jacobians(g, f, c_next.shape[1], steps[i])
+        tail = _folded(net.tail(p, next_pos))
+        jacobians = _basis_jacobians(tail if next_pos == last else _with_constant(tail), f, c_next, steps[i])
+        stored: list[tuple[int, torch.Tensor]] | None = (
+            [] if n * c_next.shape[1] * (d + 1) * 8 <= 2 * _JACOBIAN_BYTES else None
+        )
         m_folded = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev)
-        for _, j in jacobians():
+        for s0, j in jacobians():
+            if stored is not None:
+                stored.append((s0, j))
             jj = j.reshape(-1, d + 1)
             m_folded += jj.T @ jj
             ticker.tick()
@@ -1084,7 +1106,8 @@ def interaction_basis(
         f_hat = f_folded @ c
         # edges: E_ij = mean_s (J̃_s[i, j] f̂_s[j])², with J̃_s = J_s · inverse the Jacobian in basis coordinates
         e = torch.zeros(c_next.shape[1], c.shape[1], dtype=torch.float64, device=dev)
-        for s0, j in jacobians():
+        again = jacobians() if stored is None else iter(stored)
+        for s0, j in again:
             e += ((j @ inverse * f_hat[s0 : s0 + j.shape[0], None, :]) ** 2).sum(0)
             ticker.tick()
         edges[f"{layer}->{next_name}"] = (e / n).cpu().numpy()

@@ -775,12 +775,17 @@ def _float_state(module: nn.Module, device: torch.device) -> dict[str, torch.Ten
 
 def _weight_matching_core(sa: Mapping[str, torch.Tensor], sb: Mapping[str, torch.Tensor], spec: PermutationSpec,
                           sizes: Mapping[str, int], weight_keys: set[str], max_iter: int, rng: np.random.Generator,
-                          progress: Progress = None) -> tuple[dict[str, torch.Tensor], list[float], int, bool]:
-    """Coordinate descent: each step solves one linear assignment with the other permutations fixed."""
+                          progress: Progress = None, init: Mapping[str, torch.Tensor] | None = None,
+                          ) -> tuple[dict[str, torch.Tensor], list[float], int, bool]:
+    """Coordinate descent: each step solves one linear assignment with the other permutations fixed.
+
+    Starts from ``init`` (default: identity); a permutation changes only when it strictly improves."""
     device = next(iter(sa.values())).device
     touching = {p: [(k, ax) for k, ax in pairs if k in weight_keys] for p, pairs in spec.perms.items()}
     names = [p for p in spec.perm_names if touching[p]]
     perms = {p: torch.arange(sizes[p], device=device) for p in spec.perm_names}
+    if init is not None:
+        perms.update({p: t.to(device) for p, t in init.items()})
     a_rows = {(k, ax): sa[k].movedim(ax, 0).reshape(sa[k].shape[ax], -1) for p in names for k, ax in touching[p]}
 
     def objective() -> float:
@@ -936,11 +941,14 @@ class _StopForward(Exception):
 
 def _site_stats(module: nn.Module, x: torch.Tensor, sites: Sequence[tuple[str, str]], batch_size: int,
                 device: torch.device, corrections: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                stop_after_last: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and std at each site over ``x``, with ``corrections`` (site -> scale, shift) applied."""
+                stop_after_last: bool = False, correction_kinds: Mapping[str, str] | None = None,
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and std at each site over ``x``, with ``corrections`` (site -> scale, shift) applied.
+
+    ``correction_kinds``: the layout of each corrected site's output (``features`` or channels)."""
     modules = dict(module.named_modules())
     sums: dict[str, list[Any]] = {path: [0, 0.0, 0.0] for path, _ in sites}
-    kinds = dict(sites)
+    kinds = {**(correction_kinds or {}), **dict(sites)}
     handles = []
     last = sites[-1][0]
 
@@ -948,7 +956,7 @@ def _site_stats(module: nn.Module, x: torch.Tensor, sites: Sequence[tuple[str, s
         def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> Any:
             if corrections is not None and path in corrections:
                 scale, shift = corrections[path]
-                shape = _channel_shape(out, kinds.get(path, "features"))
+                shape = _channel_shape(out, kinds[path])
                 out = out * scale.reshape(shape) + shift.reshape(shape)
             if path in sums:
                 v = _channel_view(out, kinds[path])
@@ -1001,7 +1009,8 @@ def _repair_corrections(work: nn.Module, x: torch.Tensor, sites: Sequence[tuple[
     """REPAIR: per site in order, rescale channels so their mean and std match the goal statistics."""
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, (path, kind) in enumerate(sites):
-        ((mean, std),) = _site_stats(work, x, [(path, kind)], batch_size, device, corrections, stop_after_last=True)
+        ((mean, std),) = _site_stats(work, x, [(path, kind)], batch_size, device, corrections, stop_after_last=True,
+                                     correction_kinds=dict(sites))
         goal_mean, goal_std = goals[k]
         scale = goal_std / (std + _REPAIR_EPS)
         corrections[path] = (scale, goal_mean - mean * scale)
@@ -1468,7 +1477,8 @@ def merge(models: Sequence[Any], dataset: Any, *, method: str = "weight_matching
             for i in rng.permutation(n):
                 aligned = [_permute_state(states[j], spec, perms[j]) for j in range(n) if j != i]
                 target = _average_states(aligned)
-                new, _, _, _ = _weight_matching_core(target, states[i], spec, sizes, weight_keys, max_iter, rng)
+                new, _, _, _ = _weight_matching_core(target, states[i], spec, sizes, weight_keys, max_iter, rng,
+                                                     init=perms[i])
                 if any(not torch.equal(new[p], perms[i][p]) for p in spec.perm_names):
                     changed = True
                 perms[i] = new

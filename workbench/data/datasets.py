@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.errors import CorruptFileError, DataError, FileTooLargeError, ParameterError, UnsafeFileError, UnsupportedFormatError, format_choices
+from workbench.errors import (
+    CorruptFileError,
+    DataError,
+    FileTooLargeError,
+    ParameterError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+    format_choices,
+)
 
 BUILTIN_DATASETS = ("digits", "blobs", "sentences")
 UPLOAD_FORMATS = (".npz", ".csv", ".pt")

@@ -1,0 +1,32 @@
+"""App tests run the real pages with Streamlit's AppTest; umap warm-up is off so runs stay short."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _app_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKBENCH_WARM_UP", "0")
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture
+def app():
+    """A fresh ``AppTest`` of app.py (not yet run)."""
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
+
+
+def page_errors(at) -> list[str]:
+    """Text of every st.error and st.exception element."""
+    return [e.value for e in at.error] + [str(e.value) for e in at.exception]
+
+
+os.environ.setdefault("WORKBENCH_WARM_UP", "0")

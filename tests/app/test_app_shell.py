@@ -1,0 +1,127 @@
+"""The app shell: defaults, sidebar uploads with clear errors, the home and activation pages."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from tests.app.conftest import page_errors
+from workbench.models.architectures import build_model
+
+
+def _upload(at, key: str, name: str, data: bytes):
+    at.selectbox(key=f"{key}_choice").set_value("Upload a file…").run()
+    at.file_uploader(key=f"{key}_upload").upload(name, data, "application/octet-stream").run()
+    return at
+
+
+def test_home_shows_both_default_models_and_layer_trees(app):
+    at = app.run()
+    assert not page_errors(at)
+    assert at.title[0].value == "Representation Workbench"
+    subheaders = [s.value for s in at.subheader]
+    assert "Model A: mlp_seed0" in subheaders and "Model B: mlp_seed1" in subheaders
+    assert any(s.startswith("Dataset: digits (test)") for s in subheaders)
+    trees = list(at.dataframe)
+    assert len(trees) == 2
+    assert list(trees[0].value["layer"]) == ["fc1", "relu1", "fc2", "relu2", "out"]
+    assert at.metric[0].value == "301,066"
+
+
+def test_activation_statistics_side_by_side(app):
+    at = app.run()
+    at.switch_page("pages/activations.py").run()
+    assert not page_errors(at)
+    assert at.title[0].value == "Activation statistics"
+    table = at.dataframe[0].value
+    assert len(table) == 10  # 5 layers x 2 models
+    assert set(table["model"]) == {"mlp_seed0", "mlp_seed1"}
+    relu = table[(table["layer"] == "relu1")]
+    assert (relu["min"] >= 0).all() and (relu["dead units"] <= 1).all()
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_single_model_when_b_is_none(app):
+    at = app.run()
+    at.selectbox(key="model_b_choice").set_value("(none)").run()
+    at.switch_page("pages/activations.py").run()
+    assert not page_errors(at)
+    assert set(at.dataframe[0].value["model"]) == {"mlp_seed0"}
+
+
+def test_upload_safetensors_checkpoint(app, sample_model_path):
+    at = _upload(app.run(), "model_a", "my_model.safetensors", sample_model_path("mlp_narrow_seed0").read_bytes())
+    assert not page_errors(at)
+    assert "Model A: my_model" in [s.value for s in at.subheader]
+
+
+def test_upload_state_dict_needs_spec_then_loads(app):
+    module = build_model({"type": "mlp", "sizes": [64, 20, 10]})
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    at = _upload(app.run(), "model_a", "weights.pt", buf.getvalue())
+    assert any("holds weights but no architecture spec" in e for e in page_errors(at))
+    at.text_area(key="model_a_arch").input('{"type": "mlp", "sizes": [64, 20, 10]}').run()
+    assert not page_errors(at)
+    assert "Model A: weights" in [s.value for s in at.subheader]
+
+
+def test_malicious_pickle_upload_shows_error_not_traceback(app, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    at = _upload(app.run(), "model_a", "evil.pt", pickle.dumps({"w": Payload()}))
+    errors = [e.value for e in at.error]
+    assert any("full pickle whose loading can run arbitrary code" in e for e in errors)
+    assert not at.exception
+    assert not marker.exists()
+
+
+def test_non_model_file_upload(app):
+    at = _upload(app.run(), "model_a", "notes.pt", b"just some text, not a checkpoint")
+    assert any("is not a readable PyTorch checkpoint" in e for e in page_errors(at))
+    assert not at.exception
+
+
+def test_too_large_upload(app, monkeypatch, sample_model_path):
+    monkeypatch.setenv("WORKBENCH_MAX_UPLOAD_MB", "0")
+    at = _upload(app.run(), "model_a", "big.safetensors", sample_model_path("mlp_narrow_seed0").read_bytes())
+    assert any("above this server's 0 MiB upload limit" in e for e in page_errors(at))
+
+
+def test_trust_switch_hidden_with_no_trust(app, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_NO_TRUST", "1")
+    at = app.run()
+    at.selectbox(key="model_a_choice").set_value("Upload a file…").run()
+    assert not [c for c in at.checkbox if c.key == "model_a_trust"]
+    monkeypatch.delenv("WORKBENCH_NO_TRUST")
+    at.run()
+    assert [c for c in at.checkbox if c.key == "model_a_trust"]
+
+
+def test_uploaded_dataset_with_wrong_features(app):
+    buf = io.BytesIO()
+    np.savez(buf, x=np.random.rand(30, 5).astype(np.float32), y=np.arange(30) % 3)
+    at = app.run()
+    at.selectbox(key="dataset_choice").set_value("Upload a file…").run()
+    at.file_uploader(key="dataset_upload").upload("five.npz", buf.getvalue(), "application/octet-stream").run()
+    at.switch_page("pages/activations.py").run()
+    assert any("has 5 features per sample but model 'mlp_seed0' expects 64" in e for e in page_errors(at))
+    assert not at.exception
+
+
+@pytest.mark.parametrize("dataset", ["blobs (synthetic)", "digits (train split)"])
+def test_other_builtin_datasets(app, dataset):
+    at = app.run()
+    at.selectbox(key="dataset_choice").set_value(dataset).run()
+    at.switch_page("pages/activations.py").run()
+    assert not page_errors(at)
+    assert len(at.get("plotly_chart")) == 1

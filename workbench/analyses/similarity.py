@@ -1,0 +1,971 @@
+"""Representational similarity between layers: CKA, Procrustes, CCA and RSA.
+
+Every measure compares two representations of the *same* samples, ``x: (n_samples, n_features_x)``
+and ``y: (n_samples, n_features_y)``. Widths may differ and may exceed ``n_samples``. Inputs are numpy
+arrays or torch tensors of any real dtype; they are copied to float64 on the compute device (``device=None``:
+cuda > mps > cpu; float64 work on MPS runs on the CPU) and never modified. Single-pair functions return a
+Python float; :func:`similarity_matrix` compares every layer of one model with every layer of another
+(or of itself) and returns a :class:`SimilarityMatrixResult`.
+
+Measures and their direction (``*_distance`` is lower-is-closer, everything else higher-is-closer):
+
+=========================  =============  ====================================================
+measure                    range          invariant to
+=========================  =============  ====================================================
+``linear_cka``             [0, 1]         orthogonal maps, isotropic scaling, translation
+``rbf_cka``                [0, 1]         orthogonal maps, isotropic scaling, translation
+``procrustes_distance``    [0, sqrt 2]    orthogonal maps, isotropic scaling, translation
+``cca_similarity``         [0, 1]         invertible linear maps (within the kept subspace)
+``rsa``                    [-1, 1]        orthogonal maps, isotropic scaling, translation
+=========================  =============  ====================================================
+
+(debiased CKA lies in [-1, 1]; the angular Procrustes distance in [0, pi/2]; RSA with
+``rdm="correlation"`` is also invariant to per-sample offsets and scales.)
+
+Defined values and errors, the same for every measure:
+
+* A feature that is constant over samples is allowed. Centring removes it, so it contributes nothing
+  (CKA, Procrustes, Euclidean RSA), or it is dropped as a rank-deficient direction (CCA).
+* A representation whose every feature is constant over samples (an all-zero or dead layer) raises
+  :class:`~workbench.errors.DataError`: every measure here is 0/0 on it.
+* NaN or infinite values, a different number of samples in ``x`` and ``y``, and fewer samples than a
+  measure needs raise :class:`~workbench.errors.DataError`. No function returns NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from workbench.activations.types import Activations
+from workbench.analyses._result import Result
+from workbench.analyses._validation import (
+    ArrayLike,
+    as_matrix,
+    check_choice,
+    check_float,
+    check_paired,
+)
+from workbench.device import float64_device, resolve_device
+from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
+
+MEASURES = ("linear_cka", "rbf_cka", "procrustes_distance", "cca_similarity", "rsa")
+CCA_KINDS = ("svcca", "pwcca", "mean")
+RDM_KINDS = ("correlation", "euclidean")
+RDM_COMPARISONS = ("spearman", "pearson")
+
+# Above this many bytes of stored n x n matrices, linear CKA uses the feature-space form and the
+# Gram-only measures (RBF CKA, RSA) refuse with a message that says how much memory they would need.
+_GRAM_BYTES_LIMIT = 2 * 2**30
+_GRAM_ONLY_BYTES_LIMIT = 8 * 2**30
+
+Progress = Callable[[int, int], Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class SimilarityMatrixResult(Result):
+    """A measure evaluated on every pair (layer of model A, layer of model B).
+
+    ``values[i, j]`` compares ``layers_a[i]`` with ``layers_b[j]``; shape ``(n_layers_a, n_layers_b)``.
+    ``higher_is_closer`` is False for distances. ``n_features_a`` / ``n_features_b`` are the layer widths.
+    """
+
+    values: np.ndarray
+    layers_a: tuple[str, ...]
+    layers_b: tuple[str, ...]
+    n_features_a: np.ndarray
+    n_features_b: np.ndarray
+    measure: str
+    higher_is_closer: bool
+    model_a: str
+    model_b: str
+    estimator: str
+    n_samples: int
+    params: dict[str, Any]
+    seed: int | None
+    device: str
+    dtype: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class MinibatchCKAResult(Result):
+    """Linear CKA accumulated over minibatches.
+
+    ``value`` is in [-1, 1] (near 0 for independent representations). ``batch_sizes`` lists the sample
+    count of every chunk that entered the estimate (batches of fewer than 4 samples are merged into a
+    neighbour), so ``batch_sizes.sum() == n_samples``: every sample is used.
+    """
+
+    value: float
+    n_batches: int
+    batch_sizes: np.ndarray
+    estimator: str
+    n_samples: int
+    params: dict[str, Any]
+    seed: int | None
+    device: str
+    dtype: str
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _compute_device(device: str | torch.device | None) -> torch.device:
+    return float64_device(resolve_device(device))
+
+
+def _check_progress(progress: Any, func: str) -> None:
+    if progress is not None and not callable(progress):
+        raise ParameterError(
+            f"The 'progress' parameter of {func} must be a callable (done, total) or None. Got {progress!r}."
+        )
+
+
+def _check_bool(value: Any, name: str, func: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ParameterError(f"The '{name}' parameter of {func} must be True or False. Got {value!r}.")
+
+
+def _centre(x: torch.Tensor, name: str | None = None, func: str = "") -> torch.Tensor:
+    """Column-centred copy of ``x``. Columns that are exactly constant become exactly 0 (rounding in the
+    mean would otherwise leave ~1e-17 noise that a normalised measure can blow up). With ``name`` given,
+    raise when every column is constant (an all-zero or dead layer)."""
+    constant = (x == x[:1]).all(0)
+    xc = x - x.mean(0, keepdim=True)
+    if bool(constant.any()):
+        if name is not None and bool(constant.all()):
+            raise DataError(
+                f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
+                "pick another layer or check that the model is not dead on this dataset."
+            )
+        xc[:, constant] = 0.0
+    return xc
+
+
+def _unbiased_scale(n: int) -> float:
+    """Factor that turns the scale-free debiased HSIC below into Song et al.'s estimator."""
+    return 1.0 / (n * (n - 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# HSIC / CKA cores
+#
+# A kernel is summarised once per layer by ``_KernelStats``: either centred features X (linear kernel,
+# K = X X^T never formed) or a centred Gram matrix K. Centring the Gram (K -> HKH) changes neither the
+# biased HSIC <HKH, HLH> nor Song et al.'s unbiased estimator, which for a centred K reduces to
+#     <K, L> - n/(n-2) diag(K).diag(L) + tr(K) tr(L) / ((n-1)(n-2))        (times 1 / (n(n-3)))
+# (Kornblith et al. 2019, appendix). Every pair then needs only <K, L>.
+
+
+@dataclass(frozen=True)
+class _KernelStats:
+    features: torch.Tensor | None  # (n, d) centred features, linear kernel
+    gram: torch.Tensor | None  # (n, n) centred Gram matrix
+    diag: torch.Tensor  # (n,) diagonal of the centred Gram
+    trace: float
+    self_hsic: float  # scale-free HSIC(K, K), biased or debiased
+
+
+def _inner(a: _KernelStats, b: _KernelStats) -> float:
+    """<K_a, K_b> (Frobenius) from features or Gram matrices."""
+    if a.features is not None and b.features is not None:
+        return float(torch.linalg.matrix_norm(a.features.T @ b.features) ** 2)
+    if a.gram is not None and b.gram is not None:
+        return float(torch.vdot(a.gram.reshape(-1), b.gram.reshape(-1)))
+    raise RuntimeError("kernel statistics of different forms")  # internal invariant, not user input
+
+
+def _hsic_from_inner(inner: float, a: _KernelStats, b: _KernelStats, debiased: bool, n: int) -> float:
+    if not debiased:
+        return inner
+    return inner - n / (n - 2) * float(torch.dot(a.diag, b.diag)) + a.trace * b.trace / ((n - 1) * (n - 2))
+
+
+def _kernel_stats(
+    features: torch.Tensor | None, gram: torch.Tensor | None, debiased: bool, name: str, func: str
+) -> _KernelStats:
+    if features is not None:
+        n, d = features.shape
+        diag = (features * features).sum(1)
+        small = features.T @ features if d <= n else features @ features.T
+        self_inner = float(torch.linalg.matrix_norm(small) ** 2)
+    else:
+        assert gram is not None
+        n = gram.shape[0]
+        diag = gram.diagonal().clone()
+        self_inner = float(torch.vdot(gram.reshape(-1), gram.reshape(-1)))
+    stats = _KernelStats(features, gram, diag, float(diag.sum()), 0.0)
+    self_hsic = _hsic_from_inner(self_inner, stats, stats, debiased, n)
+    if self_inner <= 0.0:
+        raise DataError(
+            f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
+            "pick another layer or check that the model is not dead on this dataset."
+        )
+    if self_hsic <= 0.0:
+        raise DataError(
+            f"{func}: the debiased HSIC of '{name}' with itself is not positive ({self_hsic * _unbiased_scale(n):.3g}) "
+            f"with {n} samples, so debiased CKA is undefined; use more samples or debiased=False."
+        )
+    return _KernelStats(features, gram, diag, stats.trace, self_hsic)
+
+
+def _cka_from_stats(a: _KernelStats, b: _KernelStats, debiased: bool, n: int) -> float:
+    hsic = _hsic_from_inner(_inner(a, b), a, b, debiased, n)
+    value = hsic / math.sqrt(a.self_hsic * b.self_hsic)
+    return min(1.0, max(-1.0 if debiased else 0.0, value))
+
+
+def _use_gram_form(n: int, widths_a: Sequence[int], widths_b: Sequence[int]) -> bool:
+    """Whether the n x n Gram form is cheaper than the feature-space form (and fits the memory limit)."""
+    if (len(widths_a) + len(widths_b)) * n * n * 8 > _GRAM_BYTES_LIMIT:
+        return False
+    feature_cost = n * sum(widths_a) * sum(widths_b)
+    gram_cost = n * n * (sum(widths_a) + sum(widths_b)) + len(widths_a) * len(widths_b) * n * n
+    return gram_cost < feature_cost
+
+
+def _linear_stats(x: torch.Tensor, name: str, func: str, debiased: bool, gram_form: bool) -> _KernelStats:
+    xc = _centre(x, name, func)
+    if gram_form:
+        return _kernel_stats(None, xc @ xc.T, debiased, name, func)
+    return _kernel_stats(xc, None, debiased, name, func)
+
+
+def _centre_gram(k: torch.Tensor) -> torch.Tensor:
+    row = k.mean(0, keepdim=True)
+    return k - row - row.T + row.mean()
+
+
+def _median(values: torch.Tensor) -> float:
+    """numpy's median (mean of the two middle values for an even count), by selection, not sorting."""
+    flat = values.reshape(-1)
+    m = flat.numel()
+    upper = float(torch.kthvalue(flat, m // 2 + 1).values)
+    if m % 2:
+        return upper
+    return 0.5 * (upper + float(torch.kthvalue(flat, m // 2).values))
+
+
+def _rbf_stats(x: torch.Tensor, name: str, func: str, sigma: float, debiased: bool) -> _KernelStats:
+    xc = _centre(x, name, func)
+    sq_norms = (xc * xc).sum(1)
+    sq = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (xc @ xc.T)).clamp_min_(0.0)
+    sq.fill_diagonal_(0.0)
+    median_sq = _median(sq)
+    if median_sq <= 0.0:
+        raise DataError(
+            f"{func}: the median pairwise distance of '{name}' is zero (more than half of the sample pairs coincide), "
+            "so the RBF bandwidth is zero; remove duplicate samples or use linear_cka."
+        )
+    gram = torch.exp_(sq.mul_(-1.0 / (2.0 * sigma * sigma * median_sq)))
+    return _kernel_stats(None, _centre_gram(gram), debiased, name, func)
+
+
+def _check_debiased_n(n: int, func: str) -> None:
+    if n < 4:
+        raise DataError(
+            f"{func} with debiased=True needs at least 4 samples (the unbiased HSIC estimator divides by n - 3). "
+            f"Got {n}; use more samples or debiased=False."
+        )
+
+
+def _pair_inputs(
+    x: ArrayLike, y: ArrayLike, func: str, device: str | torch.device | None, min_samples: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
+    dev = _compute_device(device)
+    xt = as_matrix(x, "x", func=func, device=dev, min_samples=min_samples)
+    yt = as_matrix(y, "y", func=func, device=dev, min_samples=min_samples)
+    check_paired(xt, yt, func=func)
+    return xt, yt, dev
+
+
+def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False, device: str | torch.device | None = None) -> float:
+    """Linear centred kernel alignment (Kornblith et al. 2019) between two representations of the same samples.
+
+    ``CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with ``Xc, Yc`` the column-centred
+    data: the normalised HSIC of the linear kernels. Computed in the feature space (``d_x x d_y``
+    products) or with the ``n x n`` Gram matrices, whichever is cheaper; both give the same number.
+
+    Range [0, 1]; 1 when ``y`` is an orthogonal transform, isotropic scaling or translation of ``x``.
+    The plain (biased) estimator is inflated when the widths are large relative to ``n_samples``:
+    independent random features score well above 0. ``debiased=True`` uses the unbiased HSIC estimator
+    of Song et al. (2012), as in Kornblith et al.: near 0 for independent features, range [-1, 1], and
+    needs at least 4 samples.
+
+    Args:
+        x: ``(n_samples, n_features_x)`` activations of one layer.
+        y: ``(n_samples, n_features_y)`` activations of another layer on the same samples, in the same order.
+        debiased: use the unbiased HSIC estimator; prefer it when widths are comparable to or larger
+            than the number of samples.
+        device: where to compute (``None``: cuda > mps > cpu); accumulation is always float64.
+
+    Returns:
+        The CKA value as a Python float.
+    """
+    func = "linear_cka"
+    debiased = _check_bool(debiased, "debiased", func)
+    xt, yt, _ = _pair_inputs(x, y, func, device)
+    n = xt.shape[0]
+    if debiased:
+        _check_debiased_n(n, func)
+    gram_form = _use_gram_form(n, [xt.shape[1]], [yt.shape[1]])
+    a = _linear_stats(xt, "x", func, debiased, gram_form)
+    b = _linear_stats(yt, "y", func, debiased, gram_form)
+    return _cka_from_stats(a, b, debiased, n)
+
+
+def rbf_cka(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    sigma: float = 0.8,
+    debiased: bool = False,
+    device: str | torch.device | None = None,
+) -> float:
+    """CKA with Gaussian (RBF) kernels (Kornblith et al. 2019).
+
+    ``K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2 m))`` where ``m`` is the median squared Euclidean distance
+    over all ``n^2`` ordered sample pairs (the diagonal included, as in Kornblith et al.'s code), so
+    ``sigma`` is the bandwidth as a fraction of the median pairwise distance. Then
+    ``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``.
+
+    Range [0, 1] (debiased: [-1, 1]). Invariant to orthogonal transforms, translation and isotropic
+    scaling (the bandwidth follows the median), but not to scaling features by different factors.
+    Needs ``n x n`` memory per representation.
+
+    Args:
+        x: ``(n_samples, n_features_x)`` activations.
+        y: ``(n_samples, n_features_y)`` activations of the same samples.
+        sigma: bandwidth as a fraction of the median distance, > 0. Small values (0.2) compare local
+            neighbourhoods; large values (>= 2) approach linear CKA. Kornblith et al. report 0.2-0.8.
+        debiased: use the unbiased HSIC estimator of Song et al. (2012); needs at least 4 samples.
+        device: where to compute (``None``: cuda > mps > cpu); float64 throughout.
+
+    Returns:
+        The RBF CKA value as a Python float.
+    """
+    func = "rbf_cka"
+    sigma = check_float(sigma, "sigma", func=func, low=0.0, low_inclusive=False)
+    debiased = _check_bool(debiased, "debiased", func)
+    xt, yt, _ = _pair_inputs(x, y, func, device)
+    n = xt.shape[0]
+    if debiased:
+        _check_debiased_n(n, func)
+    a = _rbf_stats(xt, "x", func, sigma, debiased)
+    b = _rbf_stats(yt, "y", func, sigma, debiased)
+    return _cka_from_stats(a, b, debiased, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming (minibatch) CKA
+
+
+def _unbiased_hsic_triplet(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """Song et al.'s unbiased HSIC of (x, y), (x, x), (y, y) for one chunk (linear kernels)."""
+    n = x.shape[0]
+    gram_form = _use_gram_form(n, [x.shape[1]], [y.shape[1]])
+    stats = []
+    for t in (x, y):
+        tc = _centre(t)
+        if gram_form:
+            g = tc @ tc.T
+            diag = g.diagonal().clone()
+            stats.append(_KernelStats(None, g, diag, float(diag.sum()), 0.0))
+        else:
+            diag = (tc * tc).sum(1)
+            stats.append(_KernelStats(tc, None, diag, float(diag.sum()), 0.0))
+    a, b = stats
+    scale = _unbiased_scale(n)
+    return (
+        scale * _hsic_from_inner(_inner(a, b), a, b, True, n),
+        scale * _hsic_from_inner(_inner(a, a), a, a, True, n),
+        scale * _hsic_from_inner(_inner(b, b), b, b, True, n),
+    )
+
+
+def minibatch_cka(
+    batches: Iterable[tuple[ArrayLike, ArrayLike]],
+    *,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> MinibatchCKAResult:
+    """Linear CKA accumulated over minibatches, for data that does not fit in memory (Nguyen et al. 2021).
+
+    For each chunk ``i`` of ``n_i`` samples the unbiased HSIC estimator of Song et al. (2012) gives
+    ``h_xy(i)``, ``h_xx(i)`` and ``h_yy(i)``; the result is
+    ``sum_i n_i h_xy(i) / sqrt(sum_i n_i h_xx(i) * sum_i n_i h_yy(i))``. Each chunk's estimate is unbiased,
+    so the weighted means are unbiased for the population HSIC and the value agrees with full-data
+    debiased :func:`linear_cka` within sampling noise (it is not identical: pairs of samples in
+    different batches are not compared). Range [-1, 1], near 0 for independent representations.
+
+    Every batch is used, including a short last one. The estimator needs 4 samples per chunk, so a
+    batch with fewer than 4 samples is merged into its neighbour (the previous batch, or the next when
+    it is first).
+
+    Args:
+        batches: iterable of ``(x_batch, y_batch)`` pairs, ``x_batch: (batch_size, n_features_x)`` and
+            ``y_batch: (batch_size, n_features_y)`` describing the same samples; widths must stay the same
+            across batches. Batch sizes may vary. Larger batches give less noisy estimates.
+        device: where to compute (``None``: cuda > mps > cpu); float64 accumulation.
+        progress: optional callable ``(batches_done, total)``; ``total`` is ``len(batches)`` when the
+            iterable has a length, else 0.
+
+    Returns:
+        A :class:`MinibatchCKAResult`.
+    """
+    func = "minibatch_cka"
+    _check_progress(progress, func)
+    start = time.perf_counter()
+    dev = _compute_device(device)
+    total = len(batches) if hasattr(batches, "__len__") else 0  # type: ignore[arg-type]
+    sums = np.zeros(3)
+    sizes: list[int] = []
+    widths: tuple[int, int] | None = None
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def flush(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        sums[:] += xb.shape[0] * np.asarray(_unbiased_hsic_triplet(xb, yb))
+        sizes.append(int(xb.shape[0]))
+
+    n_batches = 0
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        raise ParameterError(
+            f"The 'batches' parameter of {func} must be an iterable of (x_batch, y_batch) pairs. Got {type(batches).__name__}."
+        ) from None
+    for item in iterator:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise DataError(
+                f"{func}: batch {n_batches} must be a pair (x_batch, y_batch). Got {type(item).__name__}"
+                f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}."
+            )
+        xb = as_matrix(item[0], f"x (batch {n_batches})", func=func, device=dev, min_samples=1)
+        yb = as_matrix(item[1], f"y (batch {n_batches})", func=func, device=dev, min_samples=1)
+        check_paired(xb, yb, (f"x (batch {n_batches})", f"y (batch {n_batches})"), func=func)
+        if widths is None:
+            widths = (xb.shape[1], yb.shape[1])
+        elif (xb.shape[1], yb.shape[1]) != widths:
+            raise DataError(
+                f"{func}: batch {n_batches} has widths ({xb.shape[1]}, {yb.shape[1]}) but the first batch had {widths}; "
+                "every batch must come from the same two layers."
+            )
+        n_batches += 1
+        if pending is None:
+            pending = (xb, yb)
+        elif xb.shape[0] < 4 or pending[0].shape[0] < 4:
+            pending = (torch.cat([pending[0], xb]), torch.cat([pending[1], yb]))
+        else:
+            flush(*pending)
+            pending = (xb, yb)
+        if progress is not None:
+            progress(n_batches, total)
+    if pending is None:
+        raise DataError(f"{func}: no batches were given; pass an iterable of (x_batch, y_batch) pairs.")
+    n_samples = sum(sizes) + int(pending[0].shape[0])
+    if pending[0].shape[0] < 4:
+        raise DataError(
+            f"{func} needs at least 4 samples in total (the unbiased HSIC estimator divides by n - 3). Got {n_samples}."
+        )
+    flush(*pending)
+    s_xy, s_xx, s_yy = sums.tolist()
+    for s, name in ((s_xx, "x"), (s_yy, "y")):
+        if s <= 0.0:
+            raise DataError(
+                f"{func}: the accumulated debiased HSIC of '{name}' with itself is not positive ({s:.3g}), so CKA is "
+                "undefined; the layer may be constant, or the batches too small: use larger batches."
+            )
+    value = min(1.0, max(-1.0, s_xy / math.sqrt(s_xx * s_yy)))
+    return MinibatchCKAResult(
+        value=value,
+        n_batches=n_batches,
+        batch_sizes=np.asarray(sizes, dtype=np.int64),
+        estimator="linear CKA, minibatch unbiased HSIC (Nguyen et al. 2021), batches weighted by size",
+        n_samples=n_samples,
+        params={},
+        seed=None,
+        device=str(dev),
+        dtype="float64",
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Procrustes
+
+
+def _procrustes_prep(x: torch.Tensor, name: str, func: str) -> torch.Tensor:
+    """Centred, unit-Frobenius-norm data with at most n columns and the same Gram matrix."""
+    xc = _centre(x, name, func)
+    xc = xc / torch.linalg.matrix_norm(xc)
+    n, d = xc.shape
+    if d > n:  # X = R^T Q^T with Q orthonormal: R^T keeps every inner product between samples
+        xc = torch.linalg.qr(xc.T, mode="r").R.T
+    return xc
+
+
+def _procrustes_from_prep(a: torch.Tensor, b: torch.Tensor, angular: bool) -> float:
+    nuclear = float(torch.linalg.svdvals(a.T @ b).sum())
+    nuclear = min(1.0, max(0.0, nuclear))
+    if angular:
+        return math.acos(nuclear)
+    return math.sqrt(max(0.0, 2.0 - 2.0 * nuclear))
+
+
+def procrustes_distance(
+    x: ArrayLike, y: ArrayLike, *, angular: bool = False, device: str | torch.device | None = None
+) -> float:
+    """Orthogonal Procrustes distance between two representations of the same samples.
+
+    Convention: both are centred (column means removed) and scaled to unit Frobenius norm; the narrower
+    one is zero-padded to the wider width. Then
+    ``d(X, Y) = min_Q ||X - Y Q||_F = sqrt(2 - 2 ||X^T Y||_*)`` over orthogonal ``Q``, where ``||.||_*``
+    is the nuclear norm (sum of singular values). Range [0, sqrt(2)]; 0 when ``y`` is a rotation,
+    reflection, isotropic scaling or translation of ``x``.
+
+    The angular variant (``angular=True``, Williams et al. 2021) is ``arccos(||X^T Y||_*)``, in
+    [0, pi/2]; it is a metric on the shapes of representations.
+
+    Args:
+        x: ``(n_samples, n_features_x)`` activations.
+        y: ``(n_samples, n_features_y)`` activations of the same samples.
+        angular: return the angle instead of the Euclidean distance.
+        device: where to compute (``None``: cuda > mps > cpu); float64 throughout.
+
+    Returns:
+        The distance as a Python float (lower is closer).
+    """
+    func = "procrustes_distance"
+    angular = _check_bool(angular, "angular", func)
+    xt, yt, _ = _pair_inputs(x, y, func, device)
+    return _procrustes_from_prep(_procrustes_prep(xt, "x", func), _procrustes_prep(yt, "y", func), angular)
+
+
+# ---------------------------------------------------------------------------------------------
+# CCA
+
+
+@dataclass(frozen=True)
+class _CCABasis:
+    basis: torch.Tensor  # (n, r) orthonormal basis of the kept subspace of the centred data
+    centred: torch.Tensor  # (n, d) centred data (neurons as columns), for PWCCA weights
+
+
+def _cca_prep(x: torch.Tensor, name: str, func: str, kind: str, variance: float) -> _CCABasis:
+    xc = _centre(x, name, func)
+    u, s, _ = torch.linalg.svd(xc, full_matrices=False)
+    tol = float(s.max()) * max(xc.shape) * torch.finfo(torch.float64).eps
+    rank = int((s > tol).sum())
+    if kind == "svcca":
+        energy = torch.cumsum(s[:rank] ** 2, 0)
+        energy = energy / energy[-1]
+        rank = min(rank, int(torch.searchsorted(energy, torch.tensor(variance, dtype=energy.dtype, device=energy.device))) + 1)
+    return _CCABasis(u[:, :rank], xc)
+
+
+def _cca_from_prep(a: _CCABasis, b: _CCABasis, kind: str, names: tuple[str, str], func: str) -> float:
+    n = a.basis.shape[0]
+    ra, rb = a.basis.shape[1], b.basis.shape[1]
+    if ra + rb > n - 1:
+        raise DataError(
+            f"{func}: '{names[0]}' and '{names[1]}' span {ra} + {rb} dimensions but {n} samples leave only {n - 1} after "
+            "centring, so some canonical correlations are 1 whatever the data; use kind='svcca', narrower layers, or more samples."
+        )
+    p, rho, qh = torch.linalg.svd(a.basis.T @ b.basis, full_matrices=False)
+    rho = rho.clamp(0.0, 1.0)
+    if kind != "pwcca":
+        return float(rho.mean())
+    # Morcos et al. 2018: weight each canonical correlation by how much of the neurons of the side with
+    # fewer dimensions its canonical variate accounts for.
+    if ra <= rb:
+        variates, neurons = a.basis @ p, a.centred
+    else:
+        variates, neurons = b.basis @ qh.T, b.centred
+    weights = (variates.T @ neurons).abs().sum(1)
+    weights = weights / weights.sum()
+    return float((weights * rho).sum())
+
+
+def cca_similarity(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    kind: str = "svcca",
+    variance: float = 0.99,
+    device: str | torch.device | None = None,
+) -> float:
+    """Canonical correlation similarity: SVCCA, PWCCA or the mean canonical correlation.
+
+    The canonical correlations ``rho_1 >= rho_2 >= ... >= 0`` are the cosines of the principal angles
+    between the column spaces of the centred ``x`` and ``y`` (invariant to any invertible linear map
+    of either). The summaries:
+
+    * ``"svcca"`` (Raghu et al. 2017): keep the top singular directions of each representation that
+      explain ``variance`` of its variance, then average the canonical correlations.
+    * ``"pwcca"`` (Morcos et al. 2018): weighted mean of the canonical correlations, each weighted by how
+      much of the neurons of the representation with fewer dimensions its canonical variate accounts for
+      (``sum_j |<h_i, x_j>|``). Not symmetric when both sides have the same rank (``x`` gives the weights).
+    * ``"mean"``: plain mean of all canonical correlations (Yanai's generalised coefficient).
+
+    Range [0, 1]. CCA needs more samples than dimensions: when the kept dimensions of ``x`` and ``y``
+    together exceed ``n_samples - 1``, some correlations are 1 for any data and a DataError is raised.
+
+    Args:
+        x: ``(n_samples, n_features_x)`` activations.
+        y: ``(n_samples, n_features_y)`` activations of the same samples.
+        kind: ``"svcca"``, ``"pwcca"`` or ``"mean"``.
+        variance: for ``"svcca"``, the fraction of variance the kept directions explain, in (0, 1];
+            0.99 as in Raghu et al. Lower values compare only the dominant directions.
+        device: where to compute (``None``: cuda > mps > cpu); float64 throughout.
+
+    Returns:
+        The similarity as a Python float.
+    """
+    func = "cca_similarity"
+    kind = check_choice(kind, "kind", CCA_KINDS, func=func)
+    variance = check_float(variance, "variance", func=func, low=0.0, high=1.0, low_inclusive=False)
+    xt, yt, _ = _pair_inputs(x, y, func, device, min_samples=3)
+    a = _cca_prep(xt, "x", func, kind, variance)
+    b = _cca_prep(yt, "y", func, kind, variance)
+    return _cca_from_prep(a, b, kind, ("x", "y"), func)
+
+
+# ---------------------------------------------------------------------------------------------
+# RSA
+
+
+def _rankdata(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..m with ties given their average rank (scipy.stats.rankdata 'average')."""
+    order = torch.argsort(v, stable=True)
+    ordered = v[order]
+    new_group = torch.ones_like(ordered, dtype=torch.bool)
+    new_group[1:] = ordered[1:] != ordered[:-1]
+    group = torch.cumsum(new_group, 0) - 1
+    counts = torch.bincount(group)
+    starts = torch.cumsum(counts, 0) - counts
+    average = starts.to(v.dtype) + (counts.to(v.dtype) - 1.0) / 2.0 + 1.0
+    ranks = torch.empty_like(v)
+    ranks[order] = average[group]
+    return ranks
+
+
+def _rsa_prep(x: torch.Tensor, name: str, func: str, rdm: str, compare: str) -> torch.Tensor:
+    """The upper triangle of the RDM, ranked for Spearman, centred and scaled to unit norm."""
+    _centre(x, name, func)
+    n = x.shape[0]
+    if rdm == "correlation":
+        z = x - x.mean(1, keepdim=True)
+        norms = torch.linalg.vector_norm(z, dim=1)
+        flat = int((norms == 0).sum())
+        if flat:
+            raise DataError(
+                f"{func}: '{name}' has {flat} samples whose features are all equal (e.g. an all-zero activation vector), "
+                "so their correlation distance is undefined; use rdm='euclidean'."
+            )
+        z = z / norms[:, None]
+        dist = 1.0 - z @ z.T
+    else:
+        dist = torch.cdist(x, x)
+    v = dist[torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)]
+    if compare == "spearman":
+        v = _rankdata(v)
+    v = v - v.mean()
+    norm = float(torch.linalg.vector_norm(v))
+    if norm == 0.0:
+        raise DataError(
+            f"{func}: every pairwise dissimilarity of '{name}' is the same, so its correlation with another RDM is "
+            "undefined; use rdm='euclidean' or another layer."
+        )
+    return v / norm
+
+
+def rsa(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    rdm: str = "correlation",
+    compare: str = "spearman",
+    device: str | torch.device | None = None,
+) -> float:
+    """Representational similarity analysis (Kriegeskorte et al. 2008).
+
+    Each representation gives a representational dissimilarity matrix (RDM) over the samples:
+    ``rdm="correlation"``: ``1 - Pearson correlation`` between the feature vectors of two samples;
+    ``rdm="euclidean"``: their Euclidean distance. The score is the correlation (``compare="spearman"``,
+    rank-based, or ``"pearson"``) between the upper triangles of the two RDMs.
+
+    Range [-1, 1]; 1 when the RDMs agree (in order, for Spearman). Needs ``n_samples^2 / 2`` memory.
+
+    Args:
+        x: ``(n_samples, n_features_x)`` activations (correlation RDM: at least 2 features).
+        y: ``(n_samples, n_features_y)`` activations of the same samples.
+        rdm: ``"correlation"`` (insensitive to a sample's overall offset and scale) or ``"euclidean"``.
+        compare: ``"spearman"`` (only the order of dissimilarities matters) or ``"pearson"``.
+        device: where to compute (``None``: cuda > mps > cpu); float64 throughout.
+
+    Returns:
+        The RSA correlation as a Python float.
+    """
+    func = "rsa"
+    rdm = check_choice(rdm, "rdm", RDM_KINDS, func=func)
+    compare = check_choice(compare, "compare", RDM_COMPARISONS, func=func)
+    xt, yt, _ = _pair_inputs(x, y, func, device, min_samples=3)
+    a = _rsa_prep(xt, "x", func, rdm, compare)
+    b = _rsa_prep(yt, "y", func, rdm, compare)
+    return max(-1.0, min(1.0, float(torch.dot(a, b))))
+
+
+# ---------------------------------------------------------------------------------------------
+# all layer pairs
+
+
+@dataclass(frozen=True)
+class _MeasureSpec:
+    params: dict[str, Any]
+    estimator: str
+    higher_is_closer: bool
+    min_samples: int
+
+
+def _measure_spec(
+    measure: str, debiased: bool, sigma: float, angular: bool, kind: str, variance: float, rdm: str, compare: str
+) -> _MeasureSpec:
+    bias = "debiased HSIC (Song et al. 2012)" if debiased else "biased HSIC"
+    if measure == "linear_cka":
+        return _MeasureSpec({"debiased": debiased}, f"linear CKA, {bias}", True, 4 if debiased else 2)
+    if measure == "rbf_cka":
+        return _MeasureSpec(
+            {"sigma": sigma, "debiased": debiased},
+            f"RBF CKA (sigma = {sigma:g} x median distance), {bias}",
+            True,
+            4 if debiased else 2,
+        )
+    if measure == "procrustes_distance":
+        label = "angular Procrustes distance (arccos of nuclear norm)" if angular else "orthogonal Procrustes distance"
+        return _MeasureSpec({"angular": angular}, f"{label}, centred, unit Frobenius norm", False, 2)
+    if measure == "cca_similarity":
+        labels = {
+            "svcca": f"SVCCA ({variance:g} of variance kept), mean canonical correlation",
+            "pwcca": "PWCCA (Morcos et al. 2018), projection-weighted canonical correlation",
+            "mean": "mean canonical correlation",
+        }
+        params: dict[str, Any] = {"kind": kind}
+        if kind == "svcca":
+            params["variance"] = variance
+        return _MeasureSpec(params, labels[kind], True, 3)
+    return _MeasureSpec(
+        {"rdm": rdm, "compare": compare}, f"RSA, {rdm}-distance RDM, {compare.capitalize()} correlation", True, 3
+    )
+
+
+def _layer_tensors(
+    acts: Mapping[str, ArrayLike], layers: Sequence[str] | None, arg: str, func: str
+) -> list[tuple[str, ArrayLike]]:
+    if not isinstance(acts, Mapping):
+        raise DataError(
+            f"{func}: '{arg}' must be Activations or a dict of layer name -> (n_samples, n_features) array. "
+            f"Got {type(acts).__name__}."
+        )
+    if len(acts) == 0:
+        raise DataError(f"{func}: '{arg}' holds no layers; extract at least one layer.")
+    available = list(acts)
+    if layers is None:
+        names = available
+    else:
+        if isinstance(layers, str) or not isinstance(layers, Sequence) or len(layers) == 0:
+            raise ParameterError(
+                f"The 'layers' selection of {func} for '{arg}' must be a non-empty list of layer names or None. Got {layers!r}."
+            )
+        names = list(layers)
+        for name in names:
+            if name not in acts:
+                raise UnknownLayerError(
+                    f"Unknown layer '{name}' in '{arg}'.{did_you_mean(str(name), available)} Layers: {format_choices(available)}."
+                )
+    return [(name, acts[name]) for name in names]
+
+
+def _model_name(acts: Any, default: str) -> str:
+    name = getattr(acts, "model_name", "") if isinstance(acts, Activations) else ""
+    return name or default
+
+
+def similarity_matrix(
+    acts_a: Activations | Mapping[str, ArrayLike],
+    acts_b: Activations | Mapping[str, ArrayLike] | None = None,
+    *,
+    measure: str = "linear_cka",
+    layers_a: Sequence[str] | None = None,
+    layers_b: Sequence[str] | None = None,
+    debiased: bool = False,
+    sigma: float = 0.8,
+    angular: bool = False,
+    kind: str = "svcca",
+    variance: float = 0.99,
+    rdm: str = "correlation",
+    compare: str = "spearman",
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> SimilarityMatrixResult:
+    """Compare every layer of model A with every layer of model B (or of A itself).
+
+    The per-layer work (centring, Gram matrices, bases, RDMs) is done once per layer, so the cost is one
+    pass per layer plus one cheap step per pair, not a pass over the data for every pair. Linear CKA uses
+    the feature-space form when it is cheaper than ``n x n`` Gram matrices (large ``n``) and the Gram
+    form otherwise. When ``acts_b`` is omitted or is ``acts_a`` with the same layers, only one triangle
+    is computed (the symmetric measures give a symmetric matrix with 1, or 0 for distances, on the diagonal).
+
+    Args:
+        acts_a: :class:`~workbench.activations.types.Activations` of model A, or a dict of layer name ->
+            ``(n_samples, n_features)`` array.
+        acts_b: the same for model B, on the same samples in the same order; ``None`` compares A with itself.
+        measure: ``"linear_cka"``, ``"rbf_cka"``, ``"procrustes_distance"`` (lower is closer),
+            ``"cca_similarity"`` or ``"rsa"``; see the single-pair functions of the same names.
+        layers_a: layers of A to use, in order (default: all, in stored order).
+        layers_b: layers of B to use (default: all).
+        debiased: CKA measures only: use the unbiased HSIC estimator (needs 4 samples).
+        sigma: ``rbf_cka`` only: bandwidth as a fraction of the median pairwise distance.
+        angular: ``procrustes_distance`` only: return the angle ``arccos(||X^T Y||_*)``.
+        kind: ``cca_similarity`` only: ``"svcca"``, ``"pwcca"`` or ``"mean"``.
+        variance: ``cca_similarity`` with ``kind="svcca"`` only: variance fraction kept.
+        rdm: ``rsa`` only: ``"correlation"`` or ``"euclidean"``.
+        compare: ``rsa`` only: ``"spearman"`` or ``"pearson"``.
+        device: where to compute (``None``: cuda > mps > cpu); float64 throughout.
+        progress: optional callable ``(steps_done, total_steps)`` over layers prepared and pairs compared.
+
+    Returns:
+        A :class:`SimilarityMatrixResult` with ``values`` of shape ``(n_layers_a, n_layers_b)``.
+    """
+    func = "similarity_matrix"
+    start = time.perf_counter()
+    measure = check_choice(measure, "measure", MEASURES, func=func)
+    debiased = _check_bool(debiased, "debiased", func)
+    angular = _check_bool(angular, "angular", func)
+    sigma = check_float(sigma, "sigma", func=func, low=0.0, low_inclusive=False)
+    kind = check_choice(kind, "kind", CCA_KINDS, func=func)
+    variance = check_float(variance, "variance", func=func, low=0.0, high=1.0, low_inclusive=False)
+    rdm = check_choice(rdm, "rdm", RDM_KINDS, func=func)
+    compare = check_choice(compare, "compare", RDM_COMPARISONS, func=func)
+    _check_progress(progress, func)
+    spec = _measure_spec(measure, debiased, sigma, angular, kind, variance, rdm, compare)
+
+    same_model = acts_b is None or acts_b is acts_a
+    raw_a = _layer_tensors(acts_a, layers_a, "acts_a", func)
+    raw_b = _layer_tensors(acts_a if acts_b is None else acts_b, layers_b, "acts_b", func)
+    symmetric = same_model and [n for n, _ in raw_a] == [n for n, _ in raw_b] and not (
+        measure == "cca_similarity" and kind == "pwcca"
+    )
+    dev = _compute_device(device)
+
+    def load(items: list[tuple[str, ArrayLike]], arg: str) -> list[torch.Tensor]:
+        return [
+            as_matrix(t, f"{arg}['{name}']", func=func, device=dev, min_samples=spec.min_samples) for name, t in items
+        ]
+
+    xs_a = load(raw_a, "acts_a")
+    xs_b = xs_a if symmetric else load(raw_b, "acts_b")
+    names_a = [f"acts_a['{name}']" for name, _ in raw_a]
+    names_b = names_a if symmetric else [f"acts_b['{name}']" for name, _ in raw_b]
+    for x, name in zip(xs_a[1:] + ([] if symmetric else xs_b), names_a[1:] + ([] if symmetric else names_b)):
+        check_paired(xs_a[0], x, (names_a[0], name), func=func)
+    n = int(xs_a[0].shape[0])
+    widths_a = [int(x.shape[1]) for x in xs_a]
+    widths_b = [int(x.shape[1]) for x in xs_b]
+    if debiased and measure in ("linear_cka", "rbf_cka"):
+        _check_debiased_n(n, func)
+    n_prep = len(xs_a) + (0 if symmetric else len(xs_b))
+    n_pairs = len(xs_a) * (len(xs_a) + 1) // 2 if symmetric else len(xs_a) * len(xs_b)
+    total = n_prep + n_pairs
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    if measure in ("rbf_cka", "rsa"):
+        per_layer = n * n * 8 if measure == "rbf_cka" else n * (n - 1) // 2 * 8
+        needed = n_prep * per_layer
+        if needed > _GRAM_ONLY_BYTES_LIMIT:
+            raise DataError(
+                f"{func}: {measure} on {n} samples and {n_prep} layers needs {needed / 2**30:.1f} GiB of n x n matrices, "
+                f"above the {_GRAM_ONLY_BYTES_LIMIT / 2**30:.0f} GiB limit; use a random subset of the samples or linear_cka."
+            )
+
+    gram_form = measure == "linear_cka" and _use_gram_form(n, widths_a, widths_b)
+
+    def prepare(x: torch.Tensor, name: str) -> Any:
+        if measure == "linear_cka":
+            return _linear_stats(x, name, func, debiased, gram_form)
+        if measure == "rbf_cka":
+            return _rbf_stats(x, name, func, sigma, debiased)
+        if measure == "procrustes_distance":
+            return _procrustes_prep(x, name, func)
+        if measure == "cca_similarity":
+            return _cca_prep(x, name, func, kind, variance)
+        return _rsa_prep(x, name, func, rdm, compare)
+
+    def pair(a: Any, b: Any, name_a: str, name_b: str) -> float:
+        if measure in ("linear_cka", "rbf_cka"):
+            return _cka_from_stats(a, b, debiased, n)
+        if measure == "procrustes_distance":
+            return _procrustes_from_prep(a, b, angular)
+        if measure == "cca_similarity":
+            return _cca_from_prep(a, b, kind, (name_a, name_b), func)
+        return max(-1.0, min(1.0, float(torch.dot(a, b))))
+
+    prepared_a = []
+    for x, name in zip(xs_a, names_a):
+        prepared_a.append(prepare(x, name))
+        step()
+    if symmetric:
+        prepared_b = prepared_a
+    else:
+        prepared_b = []
+        for x, name in zip(xs_b, names_b):
+            prepared_b.append(prepare(x, name))
+            step()
+    del xs_a, xs_b
+
+    values = np.empty((len(prepared_a), len(prepared_b)))
+    for i, a in enumerate(prepared_a):
+        for j, b in enumerate(prepared_b):
+            if symmetric and j < i:
+                values[i, j] = values[j, i]
+                continue
+            values[i, j] = pair(a, b, names_a[i], names_b[j])
+            step()
+
+    return SimilarityMatrixResult(
+        values=values,
+        layers_a=tuple(name for name, _ in raw_a),
+        layers_b=tuple(name for name, _ in raw_b),
+        n_features_a=np.asarray(widths_a, dtype=np.int64),
+        n_features_b=np.asarray(widths_b, dtype=np.int64),
+        measure=measure,
+        higher_is_closer=spec.higher_is_closer,
+        model_a=_model_name(acts_a, "A"),
+        model_b=_model_name(acts_a, "A") if acts_b is None else _model_name(acts_b, "B"),
+        estimator=spec.estimator,
+        n_samples=n,
+        params=spec.params,
+        seed=None,
+        device=str(dev),
+        dtype="float64",
+        seconds=time.perf_counter() - start,
+    )
