@@ -1,0 +1,104 @@
+"""Overhead of ``extract`` over a bare forward pass, and peak memory for 100,000 samples.
+
+    python benchmarks/extraction.py [--n 100000] [--batch-size 1024]
+
+Both sides run in this process on the same data and batches: the bare side calls the model on
+each batch and drops the output; ``extract`` adds hooks on six layers, pooling, and streaming to
+the disk cache. Peak memory is measured in a fresh subprocess (``ru_maxrss``) so it counts only
+the extraction. Goal: overhead <= 10 %, peak RSS < 2 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ["conv1", "relu1", "conv2", "relu2", "fc1", "out"]
+
+
+def make_data(n: int):
+    from workbench import load_dataset
+    from workbench.data import make_dataset
+
+    base = load_dataset("digits", split="all")
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, base.n_samples, (n,), generator=gen)
+    x = base.x[idx] + 0.1 * torch.randn(n, base.x.shape[1], generator=gen)
+    return make_dataset(f"digits x{n}", x, base.y[idx])
+
+
+def child(n: int, batch_size: int) -> None:
+    """Run one extraction and print its peak RSS as JSON (used for the memory figure)."""
+    from workbench import extract, load_model
+
+    model = load_model(ROOT / "sample_models" / "cnn_seed0.safetensors")
+    data = make_data(n)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory() as tmp:
+        acts = extract(model, data, LAYERS, batch_size=batch_size, cache_dir=tmp)
+        total = sum(v.numel() * 4 for v in acts.values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mib": peak / 1024, "rss_before_mib": before / 1024, "activation_mib": total / 2**20,
+                      "input_mib": data.x.numel() * 4 / 2**20}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.n, args.batch_size)
+        return
+
+    from workbench import extract, load_model
+
+    model = load_model(ROOT / "sample_models" / "cnn_seed0.safetensors")
+    data = make_data(args.n)
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, data.n_samples, args.batch_size):
+                model.module(data.x[i:i + args.batch_size])
+        return time.perf_counter() - start
+
+    def hooked() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp)
+            return time.perf_counter() - start
+
+    bare()  # warm-up
+    times = [(bare(), hooked()) for _ in range(args.repeats)]  # interleaved, so load changes hit both sides
+    t_bare = min(t for t, _ in times)
+    t_extract = min(t for _, t in times)
+    with tempfile.TemporaryDirectory() as tmp:
+        extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp)
+        start = time.perf_counter()
+        extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp)
+        t_cached = time.perf_counter() - start
+    out = subprocess.run([sys.executable, __file__, "--child", "--n", str(args.n), "--batch-size", str(args.batch_size)],
+                         capture_output=True, text=True, check=True)
+    mem = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"CNN, {args.n} samples, {len(LAYERS)} layers, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    print(f"bare forward:          {t_bare:8.2f} s")
+    print(f"extract (6 hooks):     {t_extract:8.2f} s   overhead {100 * (t_extract / t_bare - 1):+.1f} % (goal <= 10 %)")
+    print(f"extract (cache hit):   {t_cached:8.3f} s")
+    print(f"peak RSS of a fresh extraction process: {mem['peak_rss_mib']:.0f} MiB "
+          f"(input tensor {mem['input_mib']:.0f} MiB, activations on disk {mem['activation_mib']:.0f} MiB; goal < 2048 MiB)")
+
+
+if __name__ == "__main__":
+    main()
