@@ -1,0 +1,3 @@
+from workbench.report.build import FORMATS, SCHEMA_VERSION, PdfUnavailableError, Report, Section, build_report, html_to_pdf
+
+__all__ = ["FORMATS", "SCHEMA_VERSION", "PdfUnavailableError", "Report", "Section", "build_report", "html_to_pdf"]

@@ -1,0 +1,49 @@
+"""Report: the sections collected with "Add to report", reordered, exported as one zip."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _state
+from workbench.report import PdfUnavailableError, Section, build_report
+from workbench.report.build import find_chromium
+
+st.title("Report")
+sections: list[dict] = st.session_state.setdefault(_state.REPORT, [])
+if not sections:
+    st.info("No sections yet: open an analysis page and press **Add to report** under its figures.")
+    st.stop()
+
+title = st.text_input("Report title", value="Representation analysis", key="report_title")
+st.caption(f"{len(sections)} section(s). Reorder with the arrows, remove with ✕.")
+for i, section in enumerate(list(sections)):
+    cols = st.columns([8, 1, 1, 1])
+    cols[0].markdown(f"**{i + 1}. {section['title']}** · {', '.join(section['models'])} · {section['dataset']} · "
+                     f"{len(section['figures'])} figure(s)")
+    if cols[1].button("↑", key=f"report_up_{i}", disabled=i == 0, help="Move up"):
+        sections[i - 1], sections[i] = sections[i], sections[i - 1]
+        st.rerun()
+    if cols[2].button("↓", key=f"report_down_{i}", disabled=i == len(sections) - 1, help="Move down"):
+        sections[i + 1], sections[i] = sections[i], sections[i + 1]
+        st.rerun()
+    if cols[3].button("✕", key=f"report_remove_{i}", help="Remove from the report"):
+        sections.pop(i)
+        st.rerun()
+
+with_pdf = st.checkbox("Include a PDF (needs a headless Chromium on the server)", value=False, key="report_pdf",
+                       disabled=find_chromium() is None)
+with _state.guard():
+    report = build_report(
+        [Section(s["title"], s["result"], s["figures"], snippet=s.get("snippet", "")) for s in sections],
+        title=title, models=_state.current_models(), dataset=st.session_state.get(_state.DATASET),
+    )
+    formats = ("html", "json", "npz", "pdf") if with_pdf else ("html", "json", "npz")
+    try:
+        data = report.zip_bytes(formats)
+    except PdfUnavailableError as exc:
+        st.warning(str(exc))
+        data = report.zip_bytes(("html", "json", "npz"))
+st.download_button("Download report (.zip)", data=data, file_name="workbench-report.zip", mime="application/zip",
+                   key="report_download", type="primary")
+st.caption("The zip holds report.html (interactive figures, works offline), report.json (numbers, schema "
+           f"{report.to_dict()['schema_version']}), arrays.npz" + (" and report.pdf." if with_pdf else "."))

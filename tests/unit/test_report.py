@@ -1,0 +1,83 @@
+"""Reports: HTML with one copy of plotly.js, JSON and NPZ that round-trip the results."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from io import BytesIO
+
+import numpy as np
+import pytest
+
+from workbench import extract
+from workbench.analyses.stats import activation_stats
+from workbench.errors import ParameterError
+from workbench.plots.activations import layer_histograms
+from workbench.report import SCHEMA_VERSION, Section, build_report
+from workbench.report.build import find_chromium
+
+
+@pytest.fixture(scope="module")
+def stats_report(sample_model, digits_test):
+    model = sample_model("mlp_seed0")
+    result = activation_stats(extract(model, digits_test, ["fc1", "relu1"]))
+    section = Section("Activation statistics", result, [layer_histograms(result)], snippet="activation_stats(acts)")
+    other = Section("Second section", result, [layer_histograms(result)])
+    return build_report([section, other], title="Test report", models=[model], dataset=digits_test), result
+
+
+def test_html_has_sections_and_one_plotlyjs(stats_report, tmp_path):
+    report, _ = stats_report
+    files = report.save(tmp_path, formats=("html",))
+    text = files["html"].read_text()
+    assert text.count("Activation statistics") >= 2 and "Second section" in text
+    assert text.count("plotly.js v") == 1 or text.count("/** @license") <= 2
+    assert text.count('<script type="text/javascript">/**') == 1
+    assert text.count("Plotly.newPlot") == 2
+    assert "mlp_seed0" in text and report.header["models"][0]["sha256"][:16] in text
+    assert "digits (test)" in text and "torch" in text
+
+
+def test_json_and_npz_round_trip(stats_report, tmp_path):
+    report, result = stats_report
+    files = report.save(tmp_path, formats=("json", "npz"))
+    doc = json.loads(files["json"].read_text())
+    assert doc["schema_version"] == SCHEMA_VERSION
+    first = doc["sections"][0]["results"][0]
+    assert first["result_type"] == "ActivationStatsResult"
+    assert first["stats"]["fc1"]["mean"] == pytest.approx(result.stats["fc1"].mean)
+    assert doc["header"]["dataset"]["n_samples"] == 450
+    with np.load(files["npz"], allow_pickle=False) as arrays:
+        np.testing.assert_array_equal(arrays["section00/fc1/hist_counts"], result.stats["fc1"].hist_counts)
+        np.testing.assert_allclose(arrays["section01/relu1/hist_edges"], result.stats["relu1"].hist_edges)
+
+
+def test_zip_bytes_and_errors(stats_report):
+    report, _ = stats_report
+    with zipfile.ZipFile(BytesIO(report.zip_bytes())) as zf:
+        assert sorted(zf.namelist()) == ["arrays.npz", "report.html", "report.json"]
+    with pytest.raises(ParameterError, match=r"Unknown report format\(s\) \['docx'\]"):
+        report.save("unused", formats=("docx",))
+    with pytest.raises(ParameterError, match=r"A report needs at least one analysis section"):
+        build_report([])
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no Chromium on this machine")
+def test_html_renders_in_chromium_without_console_errors(stats_report, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    report, _ = stats_report
+    files = report.save(tmp_path, formats=("html", "pdf"))
+    assert files["pdf"].read_bytes()[:4] == b"%PDF"
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=find_chromium(),
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(files["html"].resolve().as_uri())
+        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=20000)
+        n_plots = page.locator(".js-plotly-plot").count()
+        browser.close()
+    assert n_plots == 2
+    assert not errors

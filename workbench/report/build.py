@@ -1,0 +1,227 @@
+"""Analysis reports: one self-contained HTML file, the numbers as JSON, the arrays as NPZ, optionally PDF.
+
+The HTML embeds plotly.js once and every figure as a ``div``, so it opens offline with interactive
+figures. ``report.json`` (schema version ``SCHEMA_VERSION``) holds the header and, per section,
+the result's fields; ``arrays.npz`` holds every numeric array, readable with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from workbench.errors import ParameterError, WorkbenchError
+
+SCHEMA_VERSION = "1.0"
+FORMATS = ("html", "json", "npz", "pdf")
+PACKAGES = ("representation-workbench", "torch", "numpy", "scipy", "scikit-learn", "umap-learn", "gudhi", "plotly",
+            "safetensors", "streamlit")
+
+
+class PdfUnavailableError(WorkbenchError):
+    """No headless browser to print the PDF with."""
+
+
+@dataclass
+class Section:
+    """One analysis in a report: its title, result, figures and the code that recreates it."""
+
+    title: str
+    result: Any
+    figures: list[go.Figure] = field(default_factory=list)
+    snippet: str = ""
+    notes: str = ""
+
+    def record(self) -> dict[str, Any]:
+        results = self.result if isinstance(self.result, (list, tuple)) else [self.result]
+        return {
+            "title": self.title,
+            "results": [r.to_dict() if hasattr(r, "to_dict") else r for r in results],
+            "snippet": self.snippet,
+            "notes": self.notes,
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        results = self.result if isinstance(self.result, (list, tuple)) else [self.result]
+        out: dict[str, np.ndarray] = {}
+        for i, r in enumerate(results):
+            if hasattr(r, "arrays"):
+                prefix = f"{i}/" if len(results) > 1 else ""
+                out.update(r.arrays(prefix=prefix))
+        return out
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for pkg in PACKAGES:
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _describe(model: Any) -> dict[str, Any]:
+    if model is None:
+        return {}
+    return {"name": getattr(model, "name", str(model)), "sha256": getattr(model, "sha256", ""),
+            "n_parameters": getattr(model, "n_parameters", None), "format": getattr(model, "source_format", "")}
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@dataclass
+class Report:
+    """A titled collection of sections with a header saying what was analysed and how."""
+
+    title: str
+    sections: list[Section]
+    header: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "header": self.header, "sections": [s.record() for s in self.sections]}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for i, section in enumerate(self.sections):
+            for key, arr in section.arrays().items():
+                out[f"section{i:02d}/{key}"] = np.asarray(arr)
+        return out
+
+    def to_html(self) -> str:
+        from jinja2 import Environment, PackageLoader, select_autoescape
+        from plotly.offline import get_plotlyjs
+
+        env = Environment(loader=PackageLoader("workbench.report", "templates"), autoescape=select_autoescape(["html"]))
+        sections = []
+        for i, s in enumerate(self.sections):
+            figs = [f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{i}-{j}",
+                              config={"displaylogo": False, "responsive": True}) for j, f in enumerate(s.figures)]
+            results = s.record()["results"]
+            params = [{k: r.get(k) for k in ("estimator", "n_samples", "params", "seed", "device", "dtype", "seconds")
+                       if isinstance(r, dict) and k in r} for r in results]
+            sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet, "notes": s.notes})
+        return env.get_template("report.html.j2").render(
+            title=self.title, header=self.header, sections=sections, plotlyjs=get_plotlyjs(),
+            header_json=html.escape(json.dumps(self.header, indent=2)),
+        )
+
+    def save(self, path: str | Path, formats: Sequence[str] = ("html", "json", "npz")) -> dict[str, Path]:
+        """Write the report into folder ``path``: ``report.html``, ``report.json``, ``arrays.npz``, ``report.pdf``.
+
+        ``"pdf"`` needs a headless Chromium (playwright, or a ``chromium`` binary on the PATH); without
+        one it raises :class:`PdfUnavailableError` after the other formats are written.
+        """
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise ParameterError(f"Unknown report format(s) {unknown}; choose from {', '.join(FORMATS)}.")
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+        if "html" in formats or "pdf" in formats:
+            written["html"] = folder / "report.html"
+            written["html"].write_text(self.to_html(), encoding="utf-8")
+        if "json" in formats:
+            written["json"] = folder / "report.json"
+            written["json"].write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False), encoding="utf-8")
+        if "npz" in formats:
+            written["npz"] = folder / "arrays.npz"
+            np.savez_compressed(written["npz"], **self.arrays())
+        if "pdf" in formats:
+            written["pdf"] = html_to_pdf(written["html"], folder / "report.pdf")
+        return written
+
+    def zip_bytes(self, formats: Sequence[str] = ("html", "json", "npz")) -> bytes:
+        """The saved files in one zip archive (for a download button)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            files = self.save(tmp, formats)
+            buf = tempfile.SpooledTemporaryFile()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                for f in files.values():
+                    zf.write(f, f.name)
+            buf.seek(0)
+            return buf.read()
+
+
+def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], *, title: str = "Representation analysis",
+                 models: Sequence[Any] = (), dataset: Any = None, command: str = "") -> Report:
+    """Assemble a report from sections (``Section`` or ``(title, result, figures)`` tuples).
+
+    The header records the models (names and weight hashes), the dataset (name, n, hash), the date,
+    package versions, the device and, when given, the command that recreates the whole report.
+    """
+    sections = [s if isinstance(s, Section) else Section(*s) for s in results]
+    if not sections:
+        raise ParameterError("A report needs at least one analysis section; add one with 'Add to report' or --analysis.")
+    header = {
+        "title": title,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "models": [_describe(m) for m in models if m is not None],
+        "dataset": {} if dataset is None else {"name": getattr(dataset, "name", str(dataset)),
+                                               "n_samples": getattr(dataset, "n_samples", None),
+                                               "sha256": getattr(dataset, "sha256", "")},
+        "versions": _versions(),
+        "device": _device_name(),
+        "platform": f"{platform.system()} {platform.release()} / Python {sys.version.split()[0]}",
+        "command": command,
+    }
+    return Report(title=title, sections=sections, header=header)
+
+
+def find_chromium() -> str | None:
+    """Path of a Chromium/Chrome binary, or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def html_to_pdf(html_path: Path, pdf_path: Path) -> Path:
+    """Print an HTML file to PDF with headless Chromium (through playwright when installed)."""
+    chromium = find_chromium()
+    if chromium is None:
+        raise PdfUnavailableError(
+            "PDF export needs a headless Chromium and none was found; install one (e.g. 'apt-get install chromium') "
+            "or use the HTML report, which prints to PDF from any browser."
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--run-all-compositor-stages-before-draw", "--virtual-time-budget=10000",
+               f"--print-to-pdf={pdf_path}", "--no-pdf-header-footer", html_path.resolve().as_uri()]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        return pdf_path
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(html_path.resolve().as_uri(), wait_until="load")
+            page.wait_for_timeout(500)
+            page.pdf(path=str(pdf_path), format="A4", print_background=True)
+        finally:
+            browser.close()
+    return pdf_path
