@@ -103,13 +103,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--architecture", help="architecture spec as JSON, for state dicts without one")
     p.set_defaults(func=cmd_extract)
 
-    try:
-        from workbench.report.cli import add_report_commands
-    except ImportError:
-        pass
-    else:
-        add_report_commands(sub)
+    from workbench.registry import ANALYSES
+
+    names = ", ".join(a.name for a in ANALYSES)
+    p = sub.add_parser("analyze", help="run analyses and write a report",
+                       description=f"Run registered analyses ({names}) and write report.html, report.json and arrays.npz.")
+    p.add_argument("--model-a", required=True, help="checkpoint of model A")
+    p.add_argument("--model-b", help="checkpoint of model B (needed by two-model analyses)")
+    p.add_argument("--data", required=True, help="bundled dataset (digits, digits:train, blobs, sentences) or a .npz/.csv/.pt file")
+    p.add_argument("--analysis", required=True, help=f"comma-separated analyses: {names}")
+    p.add_argument("--layers", nargs="+", help="layers to analyse (default: every leaf layer, at most 12)")
+    p.add_argument("--pooling", default="mean", choices=["mean", "flatten", "max", "cls", "last"], help="pooling rule (default mean)")
+    p.add_argument("--param", action="append", default=[], metavar="ANALYSIS.KEY=VALUE",
+                   help="analysis parameter, e.g. similarity.measure=rbf_cka (JSON values; repeatable)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the report")
+    p.add_argument("--title", default="Representation analysis", help="report title")
+    p.add_argument("--pdf", action="store_true", help="also print report.pdf with headless Chromium")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.set_defaults(func=cmd_analyze)
     return parser
+
+
+def _parse_params(items: list[str], analyses: list[str]) -> dict[str, dict[str, object]]:
+    import json
+
+    from workbench.errors import ParameterError
+
+    params: dict[str, dict[str, object]] = {a: {} for a in analyses}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name, dot, param = key.partition(".")
+        if not sep or not dot or name not in params:
+            raise ParameterError(f"--param {item!r} must look like ANALYSIS.KEY=VALUE with ANALYSIS one of {', '.join(analyses)}.")
+        try:
+            params[name][param] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[name][param] = raw
+    return params
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import shlex
+
+    from tqdm import tqdm
+
+    from workbench import load_model
+    from workbench.registry import get_analysis, run_analysis
+    from workbench.report import build_report
+
+    from workbench.errors import ParameterError
+
+    names = [n.strip() for n in args.analysis.split(",") if n.strip()]
+    try:
+        entries = [get_analysis(n) for n in names]
+        params = _parse_params(args.param, names)
+    except ParameterError as exc:  # a bad argument, like argparse's own
+        print(f"workbench analyze: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    model_a = load_model(args.model_a)
+    model_b = load_model(args.model_b) if args.model_b else None
+    data = _data_arg(args.data)
+    sections = []
+    with tqdm(total=len(entries), unit="analysis", disable=None) as bar:
+        for entry in entries:
+            bar.set_description(entry.name)
+            sections.append(run_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data, layers=args.layers,
+                                         pooling=args.pooling, params=params[entry.name], device=args.device))
+            bar.update(1)
+    command = "workbench analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["analyze"] else ""
+    report = build_report(sections, title=args.title, models=[model_a, model_b], dataset=data, command=command)
+    formats = ("html", "json", "npz", "pdf") if args.pdf else ("html", "json", "npz")
+    files = report.save(args.out, formats)
+    for f in files.values():
+        print(f"wrote {f}")  # noqa: T201
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ Zip archives are checked for path traversal and decompression bombs before anyth
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -62,6 +63,7 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None = None
     input_dtype: torch.dtype = torch.float32
     metadata: dict[str, str] = field(default_factory=dict)
+    source: str = ""
 
     @property
     def takes_tokens(self) -> bool:
@@ -126,6 +128,13 @@ def load_model(
     ``filename`` names the upload when ``source`` is bytes (its extension selects the reader).
     ``max_bytes`` bounds the file size (and the unpacked size of archives).
     """
+    loaded = _load(source, architecture, trust_remote_code, name, filename, max_bytes)
+    origin = f"upload:{filename}" if isinstance(source, (bytes, bytearray)) else str(Path(source))
+    return dataclasses.replace(loaded, source=origin)
+
+
+def _load(source: str | Path | bytes, architecture: dict[str, Any] | str | None, trust_remote_code: bool,
+          name: str | None, filename: str | None, max_bytes: int) -> LoadedModel:
     spec = parse_spec(architecture) if architecture is not None else None
     if isinstance(source, (bytes, bytearray)):
         if not filename:
@@ -463,6 +472,6 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool) -> Load
     loaded = wrap_module(module, name=name, architecture=None, source_format="huggingface",
                          metadata={"model_type": str(getattr(config, "model_type", ""))})
     seq = int(min(getattr(config, "max_position_embeddings", 16) or 16, 16))
-    return LoadedModel(**{**loaded.__dict__, "input_shape": (seq,), "input_dtype": torch.int64})
+    return dataclasses.replace(loaded, input_shape=(seq,), input_dtype=torch.int64)
 
 

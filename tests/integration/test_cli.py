@@ -1,0 +1,79 @@
+"""The command line, run as a user would in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MLP0 = str(ROOT / "sample_models" / "mlp_seed0.safetensors")
+MLP1 = str(ROOT / "sample_models" / "mlp_seed1.safetensors")
+
+
+def run(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "WORKBENCH_CACHE_DIR": str(cache), "HOME": str(cache)}
+    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("command", [[], ["app"], ["layers"], ["extract"], ["analyze"]])
+def test_help(command, tmp_path):
+    out = run(*command, "--help", cache=tmp_path)
+    assert out.returncode == 0
+    assert "usage: workbench" in out.stdout
+
+
+def test_layers(tmp_path):
+    out = run("layers", str(ROOT / "sample_models" / "cnn_seed0.safetensors"), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "conv1" in out.stdout and "(32, 8, 8)" in out.stdout and "12,458 parameters" in out.stdout
+
+
+def test_extract_writes_npz(tmp_path):
+    target = tmp_path / "acts.npz"
+    out = run("extract", MLP0, "--data", "digits:train", "--layers", "fc1", "relu2", "--out", str(target), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    with np.load(target, allow_pickle=False) as f:
+        assert f["layer/fc1"].shape == (1347, 512) and f["labels"].shape == (1347,)
+
+
+def test_analyze_writes_report(tmp_path):
+    out_dir = tmp_path / "report"
+    out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "activations,similarity",
+              "--param", "similarity.measure=procrustes_distance", "--layers", "fc1", "relu1", "out", "--out", str(out_dir), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads((out_dir / "report.json").read_text())
+    assert [s["title"] for s in doc["sections"]][1] == "Representational similarity (layer x layer)"
+    assert doc["sections"][1]["results"][0]["measure"] == "procrustes_distance"
+    assert "workbench analyze --model-a" in doc["header"]["command"]
+    html = (out_dir / "report.html").read_text()
+    assert "Plotly.newPlot" in html and "run_analysis(" in html
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "simlarity", "--out", "x"], 2,
+         "Unknown analysis 'simlarity'. Did you mean 'similarity'?"),
+        (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "similarity", "--param", "bad", "--out", "x"], 2,
+         "must look like ANALYSIS.KEY=VALUE"),
+        (["extract", MLP0, "--data", "digits"], 2, "the following arguments are required: --layers, --out"),
+        (["extract", MLP0, "--data", "digits", "--layers", "fc9", "--out", "x.npz"], 1, "Unknown layer 'fc9'"),
+        (["extract", MLP0, "--data", "mnist", "--layers", "fc1", "--out", "x.npz"], 1, "No dataset named 'mnist'"),
+        (["layers", "README.md"], 1, "Cannot load 'README.md' as a model"),
+        (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "similarity", "--out", "x"], 1,
+         "compares two models; pass model_b"),
+        (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_one_line(args, code, message, tmp_path):
+    out = run(*args, cache=tmp_path)
+    assert out.returncode == code
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 2

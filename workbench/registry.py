@@ -1,0 +1,213 @@
+"""The list of analyses. The app's report, the command line and the tests all read this one list.
+
+Each :class:`Analysis` says what it needs (``inputs``: one model, two models, or weights plus a
+dataset), how to compute it from a :class:`Context`, how to draw it, and how to summarise it in a
+few numbers. :func:`run_analysis` runs one entry and returns a report
+:class:`~workbench.report.Section` with the Python that recreates it.
+
+:data:`MEASURES` lists the pairwise representation measures (functions of two activation matrices)
+with their declared properties, so that ``tests/unit/test_common.py`` can check each declared
+property on each measure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from workbench.activations import Activations, extract
+from workbench.data import Dataset
+from workbench.errors import ParameterError, did_you_mean, format_choices
+from workbench.models import LoadedModel
+
+INPUT_KINDS = ("one_model", "two_models", "weights")
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Context:
+    """What an analysis runs on: model A (and B), a dataset, the layers and how to pool them."""
+
+    model_a: LoadedModel
+    dataset: Dataset
+    model_b: LoadedModel | None = None
+    layers_a: list[str] | None = None
+    layers_b: list[str] | None = None
+    pooling: str = "mean"
+    device: str | None = None
+    progress: Progress | None = None
+    _acts: dict[str, Activations] = field(default_factory=dict, repr=False)
+
+    def models(self) -> list[LoadedModel]:
+        return [m for m in (self.model_a, self.model_b) if m is not None]
+
+    def activations(self, which: str = "a") -> Activations:
+        """Activations of model ``"a"`` or ``"b"`` on the dataset (extracted once, then cached)."""
+        if which not in self._acts:
+            model = self.model_a if which == "a" else self.model_b
+            if model is None:
+                raise ParameterError("This analysis compares two models; choose model B too.")
+            layers = self.layers_a if which == "a" else (self.layers_b or self.layers_a)
+            self._acts[which] = extract(model, self.dataset, layers or default_layers(model), pooling=self.pooling,
+                                        device=self.device, progress=self.progress)
+        return self._acts[which]
+
+
+def default_layers(model: LoadedModel) -> list[str]:
+    """Leaf modules that run on a probe batch, without reshapes, dropout or containers (at most 12)."""
+    from workbench.activations import layer_info
+
+    skip = {"Unflatten", "Flatten", "Dropout", "Identity", "ModuleList", "Sequential"}
+    infos = layer_info(model)
+    names = [i.name for i in infos if i.output_shape is not None and i.type not in skip
+             and not any(o.name.startswith(i.name + ".") for o in infos)]
+    return names[:12]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One analysis as the app, the command line and the report see it."""
+
+    name: str
+    title: str
+    inputs: str
+    compute: Callable[..., Any]
+    plot: Callable[[Any], list[go.Figure]]
+    summary: Callable[[Any], dict[str, Any]]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    page: str = ""
+
+    def __post_init__(self) -> None:
+        if self.inputs not in INPUT_KINDS:
+            raise ValueError(f"inputs must be one of {INPUT_KINDS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# entries
+
+
+def _activation_stats(ctx: Context, bins: int = 50) -> Any:
+    from workbench.analyses.stats import activation_stats
+
+    return [activation_stats(ctx.activations(w), bins=bins) for w in ("a", "b")[: len(ctx.models())]]
+
+
+def _activation_stats_plot(results: Any) -> list[go.Figure]:
+    from workbench.plots.activations import layer_histograms
+
+    return [layer_histograms(*results)]
+
+
+def _activation_stats_summary(results: Any) -> dict[str, Any]:
+    return {f"{r.model}/{layer}/dead_fraction": s.dead_fraction for r in results for layer, s in r.stats.items()}
+
+
+def _similarity(ctx: Context, measure: str = "linear_cka", **options: Any) -> Any:
+    from workbench.analyses.similarity import similarity_matrix
+
+    acts_b = ctx.activations("b") if ctx.model_b is not None else None
+    return similarity_matrix(ctx.activations("a"), acts_b, measure=measure, device=ctx.device, **options)
+
+
+def _similarity_plot(result: Any) -> list[go.Figure]:
+    from workbench.plots.similarity import similarity_heatmap
+
+    return [similarity_heatmap(result)]
+
+
+def _similarity_summary(result: Any) -> dict[str, Any]:
+    values = np.asarray(result.values)
+    out: dict[str, Any] = {"measure": result.measure, "estimator": result.estimator}
+    if values.shape[0] == values.shape[1]:
+        out["diagonal_mean"] = float(np.mean(np.diag(values)))
+    out["max"] = float(values.max())
+    return out
+
+
+def _relative(ctx: Context, n_anchors: int = 64, method: str = "random", k: int = 10, seed: int = 0) -> Any:
+    from workbench.analyses.relative import relative_agreement_by_layer
+
+    return relative_agreement_by_layer(ctx.activations("a"), ctx.activations("b"), n_anchors=n_anchors, method=method,
+                                       k=k, seed=seed, device=ctx.device, progress=ctx.progress)
+
+
+def _relative_plot(result: Any) -> list[go.Figure]:
+    from workbench.plots.similarity import layer_agreement_bars
+
+    return [layer_agreement_bars(result)]
+
+
+def _relative_summary(result: Any) -> dict[str, Any]:
+    d = result.to_dict()
+    return {k: v for k, v in d.items() if isinstance(v, list) and k.startswith(("jaccard", "mrr"))}
+
+
+ANALYSES: list[Analysis] = [
+    Analysis("activations", "Activation statistics", "one_model", _activation_stats, _activation_stats_plot,
+             _activation_stats_summary, {"bins": 50}, "shape, mean/std, dead units and value histograms per layer",
+             "pages/activations.py"),
+    Analysis("similarity", "Representational similarity (layer x layer)", "two_models", _similarity, _similarity_plot,
+             _similarity_summary, {"measure": "linear_cka"},
+             "CKA (linear, RBF, debiased), Procrustes, CCA, RSA between every pair of layers", "pages/compare.py"),
+    Analysis("relative", "Relative representations: cross-model agreement", "two_models", _relative, _relative_plot,
+             _relative_summary, {"n_anchors": 64, "method": "random", "k": 10, "seed": 0},
+             "Jaccard@k and MRR of relative vs absolute representations per layer", "pages/relative.py"),
+]
+
+
+def get_analysis(name: str) -> Analysis:
+    """The registry entry called ``name``."""
+    for entry in ANALYSES:
+        if entry.name == name:
+            return entry
+    names = [a.name for a in ANALYSES]
+    raise ParameterError(f"Unknown analysis '{name}'.{did_you_mean(name, names)} Analyses: {format_choices(names)}.")
+
+
+def _snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> str:
+    def model_expr(m: LoadedModel | None) -> str:
+        if m is None:
+            return "None"
+        if m.source and not m.source.startswith("upload:"):
+            arch = f", architecture={json.dumps(m.architecture)}" if m.source.endswith((".pt", ".pth", ".bin", ".ckpt")) else ""
+            return f"load_model({m.source!r}{arch})"
+        return f"load_model(...)  # {m.name}, sha256 {m.sha256[:16]}"
+
+    info = ctx.dataset.info
+    data_expr = (f"load_dataset({ctx.dataset.name.split(' ')[0]!r}, split={info['split']!r})" if "split" in info
+                 else f"load_dataset(...)  # {ctx.dataset.name}, sha256 {ctx.dataset.sha256[:16]}")
+    return (
+        "from workbench import load_dataset, load_model\n"
+        "from workbench.registry import run_analysis\n\n"
+        f"section = run_analysis(\n    {entry.name!r},\n    model_a={model_expr(ctx.model_a)},\n"
+        f"    model_b={model_expr(ctx.model_b)},\n    dataset={data_expr},\n"
+        f"    layers={ctx.layers_a!r}, pooling={ctx.pooling!r},\n    params={params!r},\n)\n"
+    )
+
+
+def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None,
+                 layers: list[str] | None = None, layers_b: list[str] | None = None, pooling: str = "mean",
+                 params: dict[str, Any] | None = None, device: str | None = None, progress: Progress | None = None):
+    """Run one registered analysis and return a report section (title, result, figures, snippet)."""
+    from workbench.report import Section
+
+    entry = get_analysis(name)
+    if entry.inputs == "two_models" and model_b is None:
+        raise ParameterError(f"The '{name}' analysis compares two models; pass model_b (or --model-b).")
+    merged = {**entry.params, **(params or {})}
+    unknown = sorted(set(merged) - set(entry.params))
+    if unknown:
+        raise ParameterError(f"Unknown parameter(s) {unknown} for the '{name}' analysis; it takes {sorted(entry.params)}.")
+    ctx = Context(model_a=model_a, model_b=model_b, dataset=dataset, layers_a=layers, layers_b=layers_b,
+                  pooling=pooling, device=device, progress=progress)
+    result = entry.compute(ctx, **merged)
+    figures = entry.plot(result)
+    if "a" in ctx._acts:
+        ctx.layers_a = ctx._acts["a"].layers
+    return Section(entry.title, result, figures, snippet=_snippet(entry, ctx, merged))
