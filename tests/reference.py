@@ -40,19 +40,19 @@ def centring_matrix(n: int) -> np.ndarray:
     return np.eye(n) - np.full((n, n), 1.0 / n)
 
 
-def hsic_biased(k: np.ndarray, l: np.ndarray) -> np.ndarray:
+def hsic_biased(kx: np.ndarray, ky: np.ndarray) -> np.ndarray:
     """Biased HSIC ``tr(K H L H) / (n - 1)^2`` with the explicit centring matrix."""
-    n = k.shape[0]
+    n = kx.shape[0]
     h = centring_matrix(n)
-    return np.trace(k @ h @ l @ h) / (n - 1) ** 2
+    return np.trace(kx @ h @ ky @ h) / (n - 1) ** 2
 
 
-def hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
+def hsic_unbiased(kx: np.ndarray, ky: np.ndarray) -> float:
     """Song et al. (2012) unbiased HSIC, Eq. (5), literally:
     ``[tr(K~L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n(n-3))`` with zero diagonals."""
-    n = k.shape[0]
-    kt = k - np.diag(np.diag(k))
-    lt = l - np.diag(np.diag(l))
+    n = kx.shape[0]
+    kt = kx - np.diag(np.diag(kx))
+    lt = ky - np.diag(np.diag(ky))
     one = np.ones(n)
     term1 = np.trace(kt @ lt)
     term2 = (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
@@ -65,25 +65,25 @@ def cka_reference(
 ) -> float:
     """CKA from ``n x n`` Gram matrices: ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``."""
     if kernel == "linear":
-        k, l = gram_linear(x), gram_linear(y)
+        kx, ky = gram_linear(x), gram_linear(y)
     else:
-        k, l = gram_rbf(x, sigma), gram_rbf(y, sigma)
+        kx, ky = gram_rbf(x, sigma), gram_rbf(y, sigma)
     hsic = hsic_unbiased if debiased else hsic_biased
-    return float(hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l)))
+    return float(hsic(kx, ky) / np.sqrt(hsic(kx, kx) * hsic(ky, ky)))
 
 
 def cka_reference_large(x: np.ndarray, y: np.ndarray, *, debiased: bool = False) -> float:
     """The same Gram formula as :func:`cka_reference` for the linear kernel, with centring and the
     Song et al. sums written as O(n^2) reductions instead of n^3 products, so it runs for n = 5000."""
-    k, l = gram_linear(x), gram_linear(y)
-    n = k.shape[0]
+    kx, ky = gram_linear(x), gram_linear(y)
+    n = kx.shape[0]
     if not debiased:
 
-        def centre(g: np.ndarray) -> np.ndarray:
-            row = g.mean(0, keepdims=True)
-            return g - row - row.T + row.mean()
+        def centre(gram: np.ndarray) -> np.ndarray:
+            row = gram.mean(0, keepdims=True)
+            return gram - row - row.T + row.mean()
 
-        kc, lc = centre(k), centre(l)
+        kc, lc = centre(kx), centre(ky)
         return float(np.sum(kc * lc) / np.sqrt(np.sum(kc * kc) * np.sum(lc * lc)))
 
     def unbiased(a: np.ndarray, b: np.ndarray) -> float:
@@ -92,18 +92,18 @@ def cka_reference_large(x: np.ndarray, y: np.ndarray, *, debiased: bool = False)
         ra, rb = at.sum(1), bt.sum(1)
         return float(np.sum(at * bt) + ra.sum() * rb.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * ra @ rb)
 
-    return unbiased(k, l) / np.sqrt(unbiased(k, k) * unbiased(l, l))
+    return unbiased(kx, ky) / np.sqrt(unbiased(kx, kx) * unbiased(ky, ky))
 
 
 def minibatch_cka_reference(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     """Size-weighted mean of per-batch unbiased HSIC (Song et al.), then normalised; every batch >= 4 samples."""
     s_xy = s_xx = s_yy = 0.0
     for xb, yb in batches:
-        k, l = gram_linear(xb), gram_linear(yb)
+        kx, ky = gram_linear(xb), gram_linear(yb)
         m = len(xb)
-        s_xy += m * hsic_unbiased(k, l)
-        s_xx += m * hsic_unbiased(k, k)
-        s_yy += m * hsic_unbiased(l, l)
+        s_xy += m * hsic_unbiased(kx, ky)
+        s_xx += m * hsic_unbiased(kx, kx)
+        s_yy += m * hsic_unbiased(ky, ky)
     return s_xy / np.sqrt(s_xx * s_yy)
 
 

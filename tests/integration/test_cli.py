@@ -77,3 +77,29 @@ def test_bad_arguments_one_line(args, code, message, tmp_path):
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) <= 2
+
+
+def test_app_command_serves_the_app(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PATH": "/usr/bin:/bin", "WORKBENCH_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path), "WORKBENCH_WARM_UP": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "app", "--port", str(port), "--no-trust"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        body = b""
+        while time.time() < deadline and body != b"ok":
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    body = r.read().strip()
+            except OSError:
+                time.sleep(0.5)
+        assert body == b"ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -1,0 +1,87 @@
+"""The two-model comparison page: heatmap, measure options, the detail panel, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.app.conftest import page_errors
+
+LAYERS = ["fc1", "relu1", "fc2", "relu2", "out"]
+
+
+def _titles(at) -> list[str]:
+    return [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in at.get("plotly_chart")]
+
+
+def _metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+@pytest.fixture
+def compare(app):
+    at = app.run()
+    return at.switch_page("pages/compare.py").run()
+
+
+def test_heatmap_and_detail_panel_for_two_models(compare, sample_model, digits_test):
+    from workbench import extract
+    from workbench.analyses.similarity import similarity_matrix
+
+    at = compare
+    assert not page_errors(at)
+    assert at.title[0].value == "Similarity (A vs B)"
+    titles = _titles(at)
+    assert len(titles) == 3  # heatmap, relative scatter, per-class bars
+    assert titles[0].startswith("linear CKA: mlp_seed0 vs mlp_seed1") and "n = 450" in titles[0]
+    assert all("n = 450" in t for t in titles)
+    heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert heatmap["data"][0]["x"] == LAYERS and heatmap["data"][0]["y"] == LAYERS
+    expected = similarity_matrix(
+        extract(sample_model("mlp_seed0"), digits_test, LAYERS), extract(sample_model("mlp_seed1"), digits_test, LAYERS)
+    ).values
+    np.testing.assert_allclose(np.asarray(heatmap["data"][0]["z"]), expected, atol=1e-9)
+    assert _metrics(at)["linear CKA"] == f"{expected[-1, -1]:.4f}"  # detail of the last cell by default
+    at.selectbox(key="cmp_cell_a").set_value("fc1")
+    at.selectbox(key="cmp_cell_b").set_value("fc1").run()
+    metrics = _metrics(at)
+    assert metrics["linear CKA"] == f"{expected[0, 0]:.4f}"
+    assert float(metrics["Jaccard@10 (relative)"]) > 0.5
+
+
+def test_measure_options_change_the_heatmap(compare):
+    at = compare
+    at.selectbox(key="cmp_measure").set_value("rbf_cka").run()
+    at.slider(key="cmp_sigma").set_value(0.5).run()
+    assert not page_errors(at)
+    assert "RBF CKA (sigma = 0.5 x median distance), biased HSIC" in _titles(at)[0]
+    at.selectbox(key="cmp_measure").set_value("procrustes_distance").run()
+    at.checkbox(key="cmp_angular").check().run()
+    title = _titles(at)[0]
+    assert title.startswith("Procrustes distance") and "lower is closer" in title and "angular" in title
+
+
+def test_model_with_itself_has_unit_diagonal(app):
+    app.session_state["model_b"] = None
+    at = app.run()
+    at.switch_page("pages/compare.py").run()
+    assert not page_errors(at)
+    assert any("compared with itself" in c.value for c in at.caption)
+    heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)
+    np.testing.assert_allclose(np.diag(np.asarray(heatmap["data"][0]["z"])), 1.0, atol=1e-9)
+    at.selectbox(key="cmp_cell_a").set_value("relu1")
+    at.selectbox(key="cmp_cell_b").set_value("relu1").run()
+    metrics = _metrics(at)
+    assert metrics["linear CKA"] == "1.0000" and metrics["Jaccard@10 (relative)"] == "1.000"
+
+
+def test_undefined_measure_shows_the_library_error(compare):
+    at = compare
+    at.selectbox(key="cmp_measure").set_value("cca_similarity").run()
+    at.selectbox(key="cmp_cca_kind").set_value("mean").run()
+    errors = page_errors(at)
+    assert any("dimensions but 450 samples leave only 449 after centring" in e for e in errors)
+    assert not at.exception
+    assert not at.get("plotly_chart")

@@ -1,0 +1,81 @@
+"""The degeneracy page: spectra, ReLU patterns, free parameters and the interaction graph for one or two models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.app.conftest import page_errors
+from workbench import load_dataset, load_model
+from workbench.models.architectures import build_model
+from workbench.models.loading import wrap_module
+
+PAGE = "pages/degeneracy.py"
+
+
+@pytest.fixture(scope="module")
+def narrow(sample_model_path):
+    return load_model(sample_model_path("mlp_narrow_seed0")), load_model(sample_model_path("mlp_narrow_seed1"))
+
+
+def _title(chart) -> str:
+    return json.loads(chart.proto.spec)["layout"]["title"]["text"]
+
+
+def _open(app, model_a, model_b=None, dataset=None):
+    app.session_state["model_a"] = model_a
+    app.session_state["model_b"] = model_b
+    app.session_state["dataset"] = dataset if dataset is not None else load_dataset("digits", split="test")
+    app.run()
+    return app.switch_page(PAGE).run()
+
+
+def test_two_models_side_by_side(app, narrow):
+    at = _open(app, *narrow)
+    assert not page_errors(at)
+    assert at.title[0].value == "Degeneracy"
+    assert [s.value for s in at.subheader] == ["Spectra", "ReLU firing patterns", "Free parameters", "Interaction basis"]
+    metrics = {m.label: m.value for m in at.metric}
+    # 5 constant pixels in the digits test split: 5 x 64 free weights of fc1, plus one rescaling per live unit
+    assert metrics["Free parameters (mlp_narrow_seed0)"] == "448 of 8,970"
+    assert metrics["Dead / always-on / synchronised units (mlp_narrow_seed0)"] == "0 / 0 / 0"
+    assert 0.3 <= float(metrics["Modularity (mlp_narrow_seed0)"]) <= 0.9
+    assert 0.3 <= float(metrics["Modularity (mlp_narrow_seed1)"]) <= 0.9
+    charts = at.get("plotly_chart")
+    assert len(charts) == 7
+    assert all("n = 450" in _title(c) for c in charts)
+    basis = at.dataframe[1].value  # after the free-parameter table
+    assert list(basis["layer"][:4]) == ["input", "relu1", "relu2", "out"]
+    assert list(basis["basis size"][2:4]) == [10, 10]  # the last hidden layer only feeds 10 logits
+    summary = at.dataframe[0].value
+    assert set(summary["model"]) == {"mlp_narrow_seed0", "mlp_narrow_seed1"} and len(summary) == 6
+
+
+def test_single_model_graph_pair_and_loss_gradients(app, narrow):
+    at = _open(app, narrow[0])
+    assert not page_errors(at)
+    assert [m.label for m in at.metric if m.label.startswith("Free")] == ["Free parameters (mlp_narrow_seed0)"]
+    at.selectbox(key="deg_pair").set_value(("relu1", "relu2")).run()
+    assert not page_errors(at)
+    assert _title(at.get("plotly_chart")[-1]).startswith("Interaction graph relu1 → relu2")
+    at.radio(key="deg_output").set_value("loss").run()
+    assert not page_errors(at)
+    assert _title(at.get("plotly_chart")[1]).startswith("Jacobian Gram spectra (∂loss)")
+
+
+def test_only_the_output_layer_skips_the_interaction_basis(app, narrow):
+    at = _open(app, narrow[0])
+    at.multiselect(key="deg_layers_a").set_value(["out"]).run()
+    assert not page_errors(at)
+    assert "Pick a layer before the output to build the interaction basis." in [i.value for i in at.info]
+    assert "Interaction basis" not in [s.value for s in at.subheader]
+
+
+def test_a_model_that_is_not_sequential_shows_the_reason(app):
+    spec = {"type": "resmlp", "in_features": 64, "width": 16, "n_blocks": 1, "n_classes": 10}
+    model = wrap_module(build_model(spec), name="resmlp", architecture=spec)
+    at = _open(app, model)
+    errors = page_errors(at)
+    assert len(errors) == 1 and "needs a model built as torch.nn.Sequential" in errors[0] and "ResMLP" in errors[0]
+    assert not at.get("plotly_chart")

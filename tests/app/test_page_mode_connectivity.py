@@ -1,0 +1,69 @@
+"""The mode connectivity page: curves, barrier table, layer analysis, downloads, the merge panel, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.app.conftest import page_errors
+
+PAGE = "pages/mode_connectivity.py"
+
+
+@pytest.fixture
+def page(app, sample_model, digits_test):
+    """The page on the narrow MLP pair (fast), with 5 points per curve."""
+    app.session_state["model_a"] = sample_model("mlp_narrow_seed0")
+    app.session_state["model_b"] = sample_model("mlp_narrow_seed1")
+    app.session_state["dataset"] = digits_test
+    app.session_state["mc_points"] = 5
+    return app
+
+
+def test_defaults_pick_two_seeds_and_show_curves_barriers_and_layers(app):
+    app.session_state["mc_points"] = 5
+    at = app.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    assert at.title[0].value == "Mode connectivity"
+    assert at.selectbox(key="mc_model_a").value == "mlp_seed0"
+    assert at.selectbox(key="mc_model_b").value == "mlp_seed1"
+    table = at.dataframe[0].value
+    assert len(table) == 8  # 4 alignments x (test, train)
+    test_rows = table[table["split"] == "test"].set_index("method")
+    naive = test_rows.loc["naive (as trained)", "barrier above the line"]
+    matched = test_rows.loc["weight matching", "barrier above the line"]
+    assert naive > 0.1 and matched * 5 < naive
+    assert any("max over λ" in c.value for c in at.caption)
+    assert len(at.get("plotly_chart")) == 4  # curves, layers, spectra, objective
+    assert any(b.label.startswith("Download B aligned to A") for b in at.get("download_button"))
+    assert not at.get("metric")  # the merge waits for its toggle
+
+
+def test_merge_panel_beats_the_naive_average(page):
+    at = page.run()
+    at.switch_page(PAGE).run()
+    assert at.multiselect(key="mc_merge_models").value == ["mlp_seed0", "mlp_seed1", "mlp_seed2"]
+    at.slider(key="mc_merge_rounds").set_value(1)
+    at.toggle(key="mc_merge_run").set_value(True).run()
+    assert not page_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    merged = float(metrics["Merged accuracy"].rstrip("%"))
+    naive = float(metrics["Naive average accuracy"].rstrip("%"))
+    assert merged > 90 > naive
+    assert any(b.label.startswith("Download the merged model") for b in at.get("download_button"))
+
+
+def test_too_few_members_asks_for_three(page):
+    at = page.run()
+    at.switch_page(PAGE).run()
+    at.multiselect(key="mc_merge_models").set_value(["mlp_seed0", "mlp_seed1"]).run()
+    assert "Pick at least 3 models to merge." in [i.value for i in at.info]
+
+
+def test_different_architectures_show_a_clear_error(page):
+    at = page.run()
+    at.switch_page(PAGE).run()
+    at.selectbox(key="mc_model_b").set_value("cnn_seed0").run()
+    errors = page_errors(at)
+    assert len(errors) == 1 and "have different architectures" in errors[0]
+    assert not at.get("plotly_chart")

@@ -1,0 +1,62 @@
+"""The relative-representations page: agreement per layer, relative vs absolute, zero-shot stitching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from tests.app.conftest import page_errors
+
+
+def _metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_relative_beats_absolute_per_layer(app):
+    at = app.run()
+    at.switch_page("pages/relative.py").run()
+    assert not page_errors(at)
+    assert at.title[0].value == "Relative representations"
+    table = at.dataframe[0].value
+    assert list(table["layer of A"]) == ["fc1", "relu1", "fc2", "relu2", "out"]
+    hidden = table[table["layer of A"] != "out"]
+    assert (hidden["Jaccard relative"] > hidden["Jaccard absolute"]).all()
+    assert (hidden["MRR relative"] > hidden["MRR absolute"]).all()
+    metrics = _metrics(at)
+    assert float(metrics["Best relative Jaccard@10"]) > 0.5 and float(metrics["Absolute Jaccard@10 there"]) < 0.1
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1
+    title = json.loads(charts[0].proto.spec)["layout"]["title"]["text"]
+    assert "64 random anchors" in title and "n = 450" in title
+
+
+def test_zero_shot_stitching(app):
+    at = app.run()
+    at.switch_page("pages/relative.py").run()
+    at.multiselect(key="rel_layers").set_value(["relu2", "out"]).run()
+    at.slider(key="rel_epochs").set_value(40)
+    at.toggle(key="rel_stitch").set_value(True).run()
+    assert not page_errors(at)
+    metrics = _metrics(at)
+    assert float(metrics["B → head of A (stitched)"]) > 0.9
+    assert float(metrics["Absolute stitching"]) < 0.3
+    assert metrics["Own head of A"] == "0.973"
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2
+    spec = json.loads(charts[1].proto.spec)
+    assert (
+        spec["layout"]["title"]["text"].startswith("Zero-shot stitching")
+        and "n = 450" in spec["layout"]["title"]["text"]
+    )
+    bars = np.asarray(spec["data"][0]["y"])
+    assert (bars > 0.9).all()  # relative heads, own and stitched
+    assert any("Trained on 1347 samples of digits (train)" in c.value for c in at.caption)
+
+
+def test_needs_two_models(app):
+    app.session_state["model_b"] = None
+    at = app.run()
+    at.switch_page("pages/relative.py").run()
+    assert any("Choose two models (A and B)" in i.value for i in at.info)
+    assert not at.get("plotly_chart")

@@ -1,0 +1,51 @@
+"""The Report page: empty state, collected sections, reorder, remove, download."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+from tests.app.conftest import page_errors
+
+
+def test_empty_report_explains_what_to_do(app):
+    at = app.run()
+    at.switch_page("pages/report.py").run()
+    assert not page_errors(at)
+    assert "Add to report" in at.info[0].value
+
+
+def test_collect_reorder_remove_download(app):
+    at = app.run()
+    at.switch_page("pages/activations.py").run()
+    at.button(key="act_report").click().run()
+    at.switch_page("pages/activations.py").run()
+    at.multiselect(key="act_layers_a").set_value(["fc1"]).run()
+    at.button(key="act_report").click().run()
+    sections = at.session_state["report_sections"]
+    assert len(sections) == 2
+    at.switch_page("pages/report.py").run()
+    assert not page_errors(at)
+    assert "1. Activation statistics" in at.markdown[0].value
+    first = sections[0]
+    at.button(key="report_down_0").click().run()
+    assert at.session_state["report_sections"][1] is first
+    at.button(key="report_remove_0").click().run()
+    assert len(at.session_state["report_sections"]) == 1
+    download = at.get("download_button")[0]
+    assert download.proto.label == "Download report (.zip)"
+
+
+def test_report_zip_contents(app):
+    from workbench.report import Section, build_report
+
+    at = app.run()
+    at.switch_page("pages/activations.py").run()
+    at.button(key="act_report").click().run()
+    section = at.session_state["report_sections"][0]
+    report = build_report([Section(section["title"], section["result"], section["figures"])], title="t")
+    with zipfile.ZipFile(io.BytesIO(report.zip_bytes())) as zf:
+        doc = json.loads(zf.read("report.json"))
+    assert doc["sections"][0]["results"][0]["model"] == "mlp_seed0"
+    assert doc["sections"][0]["results"][1]["model"] == "mlp_seed1"

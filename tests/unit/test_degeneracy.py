@@ -1,0 +1,494 @@
+"""Degeneracy: activation and gradient ranks, ReLU patterns, free-parameter counts, the interaction basis.
+
+Known answers: hand-made networks with constant inputs, dead, always-on and duplicated units; closed
+forms for linear networks and the softmax cross-entropy; the free-parameter count against the null
+space of the full parameter Jacobian; the interaction basis's defining identities checked with
+Jacobians computed independently (autograd on the original model plus Euler's theorem for the
+bias coordinate); invariance under permutations of hidden units; pinned numbers on the bundled MLPs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from workbench.analyses.degeneracy import (
+    DegeneracyResult,
+    InteractionBasisResult,
+    RankResult,
+    ReluPatternResult,
+    activation_rank,
+    degeneracy_summary,
+    gradient_rank,
+    interaction_basis,
+    relu_patterns,
+)
+from workbench.data.datasets import make_dataset
+from workbench.errors import ArchitectureError, DataError, ParameterError, UnknownLayerError, WorkbenchError
+from workbench.models.architectures import build_model
+from workbench.plots import degeneracy as plots
+
+
+def _mlp(sizes: list[int], seed: int = 0) -> nn.Sequential:
+    """A ReLU MLP ``fc1, relu1, ..., out`` with standard-normal weights and biases."""
+    g = torch.Generator().manual_seed(seed)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, (a, b) in enumerate(zip(sizes[:-2], sizes[1:-1]), start=1):
+        layers[f"fc{i}"] = nn.Linear(a, b)
+        layers[f"relu{i}"] = nn.ReLU()
+    layers["out"] = nn.Linear(sizes[-2], sizes[-1])
+    model = nn.Sequential(layers)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _data(n: int, d: int, seed: int = 0, constant: dict[int, float] | None = None, classes: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    for j, v in (constant or {}).items():
+        x[:, j] = v
+    return make_dataset("synthetic", x, torch.arange(n) % classes)
+
+
+def _param_null_dim(model: nn.Module, x: torch.Tensor, rtol: float = 1e-8) -> int:
+    """Dimension of the null space of d(all logits on all samples)/d(all parameters), computed directly."""
+    m = copy.deepcopy(model).double()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(m, p, (x.double(),)).reshape(-1))(params)
+    j = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in params], dim=1)
+    s = torch.linalg.svdvals(j)
+    return j.shape[1] - int((s**2 > rtol * s[0] ** 2).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# activation and gradient ranks: closed forms
+
+
+def test_activation_rank_matches_a_constructed_spectrum():
+    rng = np.random.default_rng(0)
+    n, d = 200, 6
+    z, _ = np.linalg.qr(rng.standard_normal((n, 4)) - 0)
+    z -= z.mean(0)
+    z, _ = np.linalg.qr(z)  # orthonormal, centred columns (the centring keeps them orthogonal to 1)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    sv = np.array([3.0, 2.0, 1.0, 0.5])
+    x = np.sqrt(n) * z @ np.diag(sv) @ q[:4] + 7.0  # covariance eigenvalues sv**2, two exact zeros
+    r = activation_rank({"h": x})
+    assert isinstance(r, RankResult) and r.quantity == "activation"
+    np.testing.assert_allclose(r.eigenvalues["h"][:4], sv**2, rtol=1e-10)
+    assert np.all(r.eigenvalues["h"][4:] < 1e-12)
+    assert r.rank["h"] == 4 and r.width["h"] == d
+    p = sv**2 / (sv**2).sum()
+    assert r.effective_rank["h"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-10)
+
+
+def test_effective_rank_of_a_flat_spectrum_is_the_rank_and_zero_for_a_constant_layer():
+    x = np.kron(np.eye(5), np.ones((10, 1)))  # 5 equally varying indicator features
+    x = np.hstack([x, np.zeros((50, 1))])
+    r = activation_rank(x)
+    assert r.layers == ("x",)
+    # the 5 indicators sum to 1, so the centred covariance has rank 4 with equal eigenvalues
+    assert r.rank["x"] == 4 and r.effective_rank["x"] == pytest.approx(4.0, rel=1e-10)
+    dead = activation_rank({"dead": np.zeros((20, 3))})
+    assert dead.rank["dead"] == 0 and dead.effective_rank["dead"] == 0.0
+
+
+def test_gradient_rank_of_a_linear_network_is_the_rank_of_its_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 4), fc2=nn.Linear(4, 5)))
+    with torch.no_grad():
+        model.fc1.weight[3] = model.fc1.weight[0] + model.fc1.weight[1]  # rank 3
+    data = _data(30, 6)
+    r = gradient_rank(model, data, ["input", "fc1"])
+    w = (model.fc2.weight @ model.fc1.weight).detach().double()
+    expected = torch.linalg.eigvalsh(w.T @ w).flip(0).numpy()
+    np.testing.assert_allclose(r.eigenvalues["input"], np.clip(expected, 0, None), atol=1e-10)
+    assert r.rank == {"input": 3, "fc1": 4}
+    assert r.output == "logits" and r.width == {"input": 6, "fc1": 4}
+
+
+def test_loss_gradients_at_the_logits_have_rank_classes_minus_one():
+    model = _mlp([5, 8, 4], seed=1)
+    data = _data(60, 5, classes=4)
+    r = gradient_rank(model, data, "out", output="loss")
+    with torch.no_grad():
+        logits = model(data.x).double()
+    g = torch.softmax(logits, 1) - nn.functional.one_hot(data.y, 4).double()  # d CE / d logits
+    expected = torch.linalg.eigvalsh(g.T @ g / 60).flip(0).clamp_min(0).numpy()
+    np.testing.assert_allclose(r.eigenvalues["out"], expected, atol=1e-12)
+    assert r.rank["out"] == 3  # each gradient sums to zero over the classes
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-made networks with known degeneracies
+
+
+@pytest.fixture(scope="module")
+def constant_and_dead():
+    """4 inputs (input 2 constant), 3 hidden units (unit 1 dead), output = identity on the hidden units."""
+    model = _mlp([4, 3, 3], seed=0)
+    with torch.no_grad():
+        model.fc1.bias.copy_(torch.tensor([1.0, -100.0, 0.5]))
+        model.out.weight.copy_(torch.eye(3))
+    return model, _data(60, 4, seed=1, constant={2: 0.7})
+
+
+def test_constant_input_gives_zero_eigenvalues_and_free_parameters(constant_and_dead):
+    model, data = constant_and_dead
+    spec = activation_rank({"input": data.x})
+    assert int((spec.eigenvalues["input"] <= spec.threshold["input"]).sum()) == 1
+    s = degeneracy_summary(model, data)
+    assert isinstance(s, DegeneracyResult) and s.modules == ("fc1", "out")
+    assert s.zero_variance_inputs["fc1"] == 1 and s.input_rank["fc1"] == 3
+    assert s.free_from_activations["fc1"] == 1 * 3  # zero-variance directions x fan-out
+    np.testing.assert_allclose(s.input_spectrum["fc1"], spec.eigenvalues["input"], atol=1e-12)
+
+
+def test_dead_unit_frees_its_fan_in_and_fan_out(constant_and_dead):
+    model, data = constant_and_dead
+    s = degeneracy_summary(model, data)
+    assert s.dead_units["fc1"] == 1 and s.gradient_rank["fc1"] == 2
+    assert s.free_from_gradients["fc1"] == (s.input_rank["fc1"] + 1) * 1  # its fan-in and bias
+    assert s.zero_variance_inputs["out"] == 1 and s.free_from_activations["out"] == 3  # its fan-out
+    assert s.free_from_rescaling["fc1"] == 2  # the two units that fire
+    assert s.free_total == {"fc1": 3 + 4 + 2, "out": 3}
+    assert s.total_parameters == 15 + 12 and s.total_free == 12
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_free_parameter_count_equals_the_null_space_of_the_parameter_jacobian(seed):
+    """On a network whose live units fire often, the count is exact; checked by an independent SVD."""
+    model = _mlp([4, 3, 3], seed=seed)
+    with torch.no_grad():
+        model.fc1.bias.copy_(torch.tensor([1.0, -100.0, 0.5]))
+        model.out.weight.copy_(torch.eye(3))
+    data = _data(60, 4, seed=1, constant={2: 0.7})
+    assert degeneracy_summary(model, data).total_free == _param_null_dim(model, data.x)
+
+
+def test_duplicated_neurons_form_one_synchronised_group():
+    model = _mlp([4, 6, 3], seed=3)
+    with torch.no_grad():
+        for j in (2, 4):
+            model.fc1.weight[j] = model.fc1.weight[0]
+            model.fc1.bias[j] = model.fc1.bias[0]
+    data = _data(60, 4, seed=2)
+    p = relu_patterns(model, data)
+    assert isinstance(p, ReluPatternResult) and p.layers == ("relu1",)
+    assert p.n_groups["relu1"] == 1 and p.n_synchronised["relu1"] == 3
+    np.testing.assert_array_equal(p.groups("relu1")[0], [0, 2, 4])
+    assert (p.group_id["relu1"][[1, 3, 5]] == -1).all()
+    s = degeneracy_summary(model, data)
+    np.testing.assert_array_equal(s.synchronised_group_sizes["fc1"], [3])
+    assert s.free_from_synchronised["fc1"] == 3 * 3 - 3
+    assert s.zero_variance_inputs["out"] == 2  # two copies are linearly dependent on the first
+
+
+def test_always_on_and_dead_units_are_counted():
+    model = _mlp([4, 5, 2], seed=4)
+    with torch.no_grad():
+        model.fc1.bias.copy_(torch.tensor([100.0, 200.0, -300.0, 0.0, 0.1]))
+    data = _data(80, 4, seed=5)
+    p = relu_patterns(model, data, ["relu1"])
+    assert p.n_always_on["relu1"] == 2 and p.n_dead["relu1"] == 1
+    np.testing.assert_array_equal(p.always_on["relu1"], [True, True, False, False, False])
+    np.testing.assert_array_equal(p.firing_rate["relu1"][:3], [1.0, 1.0, 0.0])
+    s = degeneracy_summary(model, data)
+    assert s.always_on_units["fc1"] == 2 and s.free_from_synchronised["fc1"] == 2 * 2 - 2
+
+
+def test_free_count_never_exceeds_the_parameters():
+    model = _mlp([4, 5, 3], seed=6)
+    with torch.no_grad():
+        model.fc1.bias.fill_(-1000.0)  # every unit dead: the output is the constant out.bias
+    s = degeneracy_summary(model, _data(40, 4))
+    assert s.free_total["fc1"] == s.n_parameters["fc1"] == 25
+    assert s.free_total["out"] == 15  # all weights, not the bias
+    assert s.total_free == _param_null_dim(model, _data(40, 4).x)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interaction basis
+
+
+def _folded_jacobians(model: nn.Module, acts: dict, layer_pos: int, next_pos: int, c_next: torch.Tensor, last: int):
+    """Jacobians of the next layer's basis coordinates w.r.t. (f, 1), by autograd on the original children;
+    the bias coordinate's column by Euler's theorem (the folded ReLU network is 1-homogeneous)."""
+    m = copy.deepcopy(model).double().eval()
+    tail = nn.Sequential(*list(m.children())[layer_pos + 1 : next_pos + 1])
+    f = acts[layer_pos]
+    n, d = f.shape[0], f[0].numel()
+    jf = torch.autograd.functional.jacobian(lambda z: tail(z).sum(0), f, vectorize=True)
+    jf = jf.reshape(-1, n, d).permute(1, 0, 2)  # (n, out, d): sample s only depends on f_s
+    out = tail(f).detach().reshape(n, -1)
+    jc = out - torch.einsum("sod,sd->so", jf, f.reshape(n, d))
+    a = torch.cat([jf, jc[:, :, None]], dim=2)
+    if next_pos != last:
+        row = torch.zeros(n, 1, d + 1, dtype=torch.float64)
+        row[:, 0, d] = 1.0
+        a = torch.cat([a, row], dim=1)
+    return c_next.T @ a
+
+
+def _check_basis_identities(model, data, result: InteractionBasisResult, positions: dict[str, int]):
+    m = copy.deepcopy(model).double().eval()
+    x = data.x.double()
+    acts, h = {-1: x}, x
+    with torch.no_grad():
+        for i, child in enumerate(m.children()):
+            h = child(h)
+            acts[i] = h
+    last = len(list(m.children())) - 1
+    n = x.shape[0]
+    for layer, nxt in result.pairs():
+        f = acts[positions[layer]].reshape(n, -1)
+        f_folded = torch.cat([f, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+        c = torch.from_numpy(result.basis[layer])
+        lam = torch.from_numpy(result.interaction_eigenvalues[layer][: c.shape[1]])
+        gram = f_folded.T @ f_folded / n
+        # activation Gram in the basis is diag(Λ)
+        in_basis = c.T @ gram @ c
+        np.testing.assert_allclose(in_basis.numpy(), np.diag(lam.numpy()), atol=1e-9 * float(lam.max()))
+        np.testing.assert_allclose(result.activations[layer], (f_folded @ c).numpy(), atol=1e-9)
+        # Jacobian Gram of the next layer's basis coordinates w.r.t. the basis coordinates is the identity
+        j = _folded_jacobians(model, acts, positions[layer], positions[nxt], torch.from_numpy(result.basis[nxt]), last)
+        to_folded = gram @ c / lam  # f' = to_folded · f̂ on the kept directions
+        jh = j @ to_folded
+        m_hat = torch.einsum("sij,sik->jk", jh, jh) / n
+        np.testing.assert_allclose(m_hat.numpy(), np.eye(c.shape[1]), atol=1e-7)
+        edges = ((jh * (f_folded @ c)[:, None, :]) ** 2).mean(0)
+        np.testing.assert_allclose(result.edges[f"{layer}->{nxt}"], edges.numpy(), rtol=1e-7, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def narrow(sample_model, digits_test):
+    model = sample_model("mlp_narrow_seed0")
+    return model, interaction_basis(model, digits_test, ["input", "relu1", "relu2"])
+
+
+def test_interaction_basis_diagonalises_activations_and_whitens_jacobians(narrow, digits_test):
+    model, result = narrow
+    assert result.layers == ("input", "relu1", "relu2", "out")
+    _check_basis_identities(model.module, digits_test, result, {"input": -1, "relu1": 1, "relu2": 3, "out": 4})
+    out = result.basis["out"]
+    np.testing.assert_allclose(out.T @ out, np.eye(10), atol=1e-10)  # the output layer is only rotated
+
+
+def test_interaction_basis_on_the_bundled_mlp_pinned(narrow, digits_test, sample_model):
+    _, r = narrow
+    # measured on digits (test split, n = 450): basis sizes input 60, relu1 63, relu2 10, out 10;
+    # modularity of the Louvain split 0.59
+    assert 55 <= r.basis_size["input"] <= 65 and r.width["input"] == 64
+    assert 55 <= r.basis_size["relu1"] <= 65
+    assert r.basis_size["relu2"] in (10, 11)  # the last hidden layer only feeds 10 logits
+    assert r.basis_size["out"] == 10
+    assert 0.3 <= r.modularity <= 0.9 and all(0.2 <= q <= 0.95 for q in r.pair_modularity.values())
+    assert set(r.pair_modularity) == {"input->relu1", "relu1->relu2", "relu2->out"}
+    assert all(r.edges[k].shape == (r.basis_size[b], r.basis_size[a]) for k, (a, b) in zip(r.edges, r.pairs()))
+    assert r.activations["relu1"].shape == (450, r.basis_size["relu1"])
+    # dead units and ranks of the wide MLP: 0 dead in relu1, 1 in relu2; 5 constant pixels in the test split
+    wide = sample_model("mlp_seed0")
+    p = relu_patterns(wide, digits_test)
+    assert p.n_dead["relu1"] <= 3 and p.n_dead["relu2"] <= 5 and p.n_always_on["relu1"] <= 5
+    s = degeneracy_summary(wide, digits_test)
+    assert s.zero_variance_inputs["fc1"] == 5 and s.free_from_activations["fc1"] == 5 * 512
+    assert s.input_rank["fc2"] == 449  # 450 samples < 512 units: the sample size bounds the rank
+    assert 0.05 <= s.total_free / s.total_parameters <= 0.2
+
+
+def test_interaction_basis_on_a_cnn_with_batchnorm():
+    model = build_model({"type": "cnn", "input_shape": [1, 4, 4], "channels": [3], "hidden": 6, "n_classes": 3})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.bn1.running_mean.copy_(torch.randn(3, generator=g))
+        model.bn1.running_var.copy_(torch.rand(3, generator=g) + 0.5)
+        model.bn1.weight.copy_(torch.randn(3, generator=g))
+    data = _data(40, 16, seed=3)
+    result = interaction_basis(model, data, ["relu1", "relu_fc1"])
+    assert result.width == {"relu1": 48, "relu_fc1": 6, "out": 3}
+    names = [n for n, _ in model.named_children()]
+    _check_basis_identities(model, data, result, {k: names.index(k) for k in result.layers})
+    # gradients through BatchNorm agree with autograd on the original module
+    r = gradient_rank(model, data, "relu1")
+    m = copy.deepcopy(model).double()
+    tail = m[names.index("relu1") + 1 :]
+    with torch.no_grad():
+        f = m[: names.index("relu1") + 1](data.x.double())
+    j = torch.autograd.functional.jacobian(lambda z: tail(z).sum(0), f).reshape(3, 40, 48).permute(1, 0, 2)
+    gram = torch.einsum("soi,soj->ij", j, j) / 40
+    np.testing.assert_allclose(r.eigenvalues["relu1"], torch.linalg.eigvalsh(gram).flip(0).clamp_min(0), atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# invariance under permutations of hidden units
+
+
+def _permuted(model: nn.Module, seed: int) -> nn.Module:
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for fc, nxt in (("fc1", "fc2"), ("fc2", "out")):
+            perm = torch.randperm(getattr(m, fc).out_features, generator=g)
+            getattr(m, fc).weight.copy_(getattr(m, fc).weight[perm])
+            getattr(m, fc).bias.copy_(getattr(m, fc).bias[perm])
+            getattr(m, nxt).weight.copy_(getattr(m, nxt).weight[:, perm])
+    return m
+
+
+def test_permuting_hidden_units_changes_no_reported_number(sample_model, digits_test, narrow):
+    model, ib = narrow
+    perm = _permuted(model.module, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(perm(digits_test.x), model.module(digits_test.x), rtol=1e-5, atol=1e-5)
+    layers = ["input", "relu1", "relu2"]
+    for fn in (lambda m: gradient_rank(m, digits_test, layers), lambda m: gradient_rank(m, digits_test, layers, output="loss")):
+        a, b = fn(model), fn(perm)
+        assert a.rank == b.rank
+        for layer in layers:
+            np.testing.assert_allclose(a.eigenvalues[layer], b.eigenvalues[layer], rtol=1e-6, atol=1e-12)
+    pa, pb = relu_patterns(model, digits_test), relu_patterns(perm, digits_test)
+    for attr in ("n_dead", "n_always_on", "n_synchronised", "n_groups"):
+        assert getattr(pa, attr) == getattr(pb, attr)
+    for layer in pa.layers:
+        np.testing.assert_allclose(np.sort(pa.firing_rate[layer]), np.sort(pb.firing_rate[layer]))
+    sa, sb = degeneracy_summary(model, digits_test), degeneracy_summary(perm, digits_test)
+    for attr in ("input_rank", "gradient_rank", "free_from_activations", "free_from_gradients",
+                 "free_from_synchronised", "free_from_rescaling", "free_total"):  # fmt: skip
+        assert getattr(sa, attr) == getattr(sb, attr), attr
+    ib_perm = interaction_basis(perm, digits_test, layers)
+    assert ib.basis_size == ib_perm.basis_size
+    for layer in ib.layers:
+        np.testing.assert_allclose(ib.interaction_eigenvalues[layer], ib_perm.interaction_eigenvalues[layer],
+                                   rtol=1e-6, atol=1e-9 * ib.interaction_eigenvalues[layer][0])  # fmt: skip
+        np.testing.assert_allclose(ib.gram_eigenvalues[layer], ib_perm.gram_eigenvalues[layer], rtol=1e-6, atol=1e-10)
+    # the basis itself is invariant: the transformed activations of the leading directions agree
+    for layer in ("relu1", "relu2"):
+        np.testing.assert_allclose(ib.activations[layer][:, :8], ib_perm.activations[layer][:, :8], atol=1e-5)
+    assert ib.modularity == pytest.approx(ib_perm.modularity, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# bookkeeping: inputs unchanged, seeds, progress, export, figures
+
+
+def test_inputs_are_unchanged_and_results_export(constant_and_dead):
+    model, data = constant_and_dead
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x_before = data.x.clone()
+    calls: list[tuple[int, int]] = []
+    s = degeneracy_summary(model, data, progress=lambda done, total: calls.append((done, total)))
+    ib = interaction_basis(model, data, ["input", "relu1"], progress=lambda done, total: calls.append((done, total)))
+    assert model.training
+    model.eval()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    torch.testing.assert_close(data.x, x_before, rtol=0, atol=0)
+    assert calls and calls[-1][0] == calls[-1][1]
+    for result in (s, ib):
+        json.dumps(result.to_dict())
+        assert result.arrays()
+    assert s.device == "cpu" and ib.seed == 0 and ib.n_samples == 60
+
+
+def test_same_seed_same_communities(narrow, digits_test):
+    model, ib = narrow
+    again = interaction_basis(model, digits_test, ["input", "relu1", "relu2"], seed=0)
+    for layer in ib.layers:
+        np.testing.assert_array_equal(ib.communities[layer], again.communities[layer])
+    assert again.modularity == ib.modularity
+
+
+def test_figures_carry_estimator_and_n(narrow, digits_test, constant_and_dead):
+    model, ib = narrow
+    hand, data = constant_and_dead
+    figs = [
+        plots.spectrum_figure(activation_rank({"input": data.x}), activation_rank({"input": data.x + 1})),
+        plots.spectrum_figure(gradient_rank(hand, data, ["input", "relu1"])),
+        plots.relu_pattern_figure(relu_patterns(hand, data)),
+        plots.degeneracy_figure(degeneracy_summary(hand, data)),
+        plots.basis_size_figure(ib, ib),
+        plots.interaction_spectrum_figure(ib),
+        plots.interaction_graph_figure(ib, ("relu1", "relu2"), max_edges=50),
+    ]
+    for fig in figs:
+        title = fig.layout.title.text
+        assert "n = " in title and len(fig.data) > 0
+    assert "n = 60" in figs[0].layout.title.text and "covariance" in figs[0].layout.title.text
+    graph = figs[-1]
+    colours = {c for tr in graph.data if tr.mode == "markers" for c in tr.marker.color}
+    assert len(colours) >= 2  # the module split is coloured
+    assert sum(len([x for x in tr.x if x is not None]) // 2 for tr in graph.data if tr.mode == "lines") <= 50
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_errors_name_the_problem(constant_and_dead, digits_test):
+    model, data = constant_and_dead
+    resmlp = build_model({"type": "resmlp", "in_features": 4, "width": 8, "n_blocks": 1, "n_classes": 3})
+    with pytest.raises(ArchitectureError, match="torch.nn.Sequential .* got ResMLP"):
+        degeneracy_summary(resmlp, data)
+    with pytest.raises(UnknownLayerError, match="unknown layer 'relu3'. Did you mean 'relu1'"):
+        gradient_rank(model, data, ["relu3"])
+    with pytest.raises(ParameterError, match="layer 'fc1' is a Linear, not a ReLU; pick ReLU layers: relu1"):
+        relu_patterns(model, data, ["fc1"])
+    with pytest.raises(ParameterError, match="'output' parameter of gradient_rank must be one of 'logits', 'loss'"):
+        gradient_rank(model, data, "relu1", output="probabilities")
+    with pytest.raises(ParameterError, match="'rtol' parameter of interaction_basis must be a number in \\(0.0, 1.0\\]"):
+        interaction_basis(model, data, ["relu1"], rtol=0)
+    with pytest.raises(ParameterError, match="'graph_directions' parameter of interaction_basis must be an int"):
+        interaction_basis(model, data, ["relu1"], graph_directions=0)
+    with pytest.raises(ParameterError, match="needs at least one layer before the output 'out'"):
+        interaction_basis(model, data, ["out"])
+    with pytest.raises(ParameterError, match="needs a model .* Got str"):
+        relu_patterns("mlp.safetensors", data)
+    with pytest.raises(DataError, match="needs a Dataset .* Got Tensor"):
+        relu_patterns(model, data.x)
+    with pytest.raises(DataError, match="could not run on the dataset at layer 'fc1'"):
+        relu_patterns(model, digits_test)
+    with pytest.raises(DataError, match="output='loss' needs integer class labels"):
+        gradient_rank(model, make_dataset("reg", data.x, data.x[:, 0]), "relu1", output="loss")
+    with pytest.raises(DataError, match="'labels' are required"):
+        degeneracy_summary(model, make_dataset("nolabels", data.x), output="loss")
+    with pytest.raises(DataError, match="token ids"):
+        relu_patterns(model, make_dataset("tokens", torch.ones(5, 4, dtype=torch.int64)))
+    with pytest.raises(DataError, match="'h' contains 1 NaN"):
+        activation_rank({"h": np.array([[0.0, 1.0], [np.nan, 2.0], [1.0, 1.0]])})
+    with pytest.raises(ArchitectureError, match="has no nn.ReLU layers"):
+        relu_patterns(nn.Sequential(OrderedDict(fc=nn.Linear(4, 3))), data)
+    silent = _mlp([4, 3, 3])
+    with torch.no_grad():
+        silent.out.weight.zero_()
+        silent.out.bias.zero_()  # the logits are 0 whatever the input
+    with pytest.raises(DataError, match="the output does not depend on layer 'relu1' on this dataset"):
+        interaction_basis(silent, data, ["relu1"])
+
+
+def test_graph_figure_rejects_a_pair_that_is_not_adjacent(narrow):
+    _, ib = narrow
+    with pytest.raises(UnknownLayerError, match="'input->relu2' is not a pair of adjacent layers.*Pairs: input->relu1"):
+        plots.interaction_graph_figure(ib, ("input", "relu2"))
+    assert issubclass(UnknownLayerError, WorkbenchError)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_agrees_with_cpu(narrow, digits_test):
+    model, ib = narrow
+    gpu = interaction_basis(model, digits_test, ["input", "relu1", "relu2"], device="cuda")
+    assert gpu.basis_size == ib.basis_size and gpu.device.startswith("cuda")
+    for layer in ib.layers:
+        np.testing.assert_allclose(gpu.interaction_eigenvalues[layer], ib.interaction_eigenvalues[layer], rtol=1e-6,
+                                   atol=1e-9 * ib.interaction_eigenvalues[layer][0])  # fmt: skip
+    s_cpu, s_gpu = degeneracy_summary(model, digits_test), degeneracy_summary(model, digits_test, device="cuda")
+    assert s_cpu.free_total == s_gpu.free_total

@@ -1,0 +1,481 @@
+"""Linear mode connectivity: permutation specs, weight/activation matching, interpolation, barriers, merging."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from torch import nn
+
+from workbench.analyses.mode_connectivity import (
+    InterpolationResult,
+    MergeResult,
+    ModeConnectivityResult,
+    PermutationSpec,
+    activation_matching,
+    apply_permutation,
+    interpolate,
+    layer_alignment,
+    loss_barrier,
+    merge,
+    merged_model,
+    mode_connectivity,
+    permutation_spec,
+    to_safetensors,
+    weight_matching,
+)
+from workbench.data import make_dataset
+from workbench.errors import ArchitectureError, DataError, ParameterError
+from workbench.models.architectures import build_model
+
+RESMLP = {"type": "resmlp", "in_features": 64, "width": 24, "n_blocks": 2, "n_classes": 10, "activation": "relu"}
+
+
+def random_permutations(model: nn.Module, seed: int) -> dict[str, np.ndarray]:
+    spec = permutation_spec(model)
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        p: torch.randperm(state[pairs[0][0]].shape[pairs[0][1]], generator=gen).numpy()
+        for p, pairs in spec.perms.items()
+    }
+
+
+def outputs64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def resmlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(RESMLP)
+    with torch.no_grad():  # non-trivial biases so that a wrong permutation of them would show
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def wide_pair(sample_model):
+    a, b = sample_model("mlp_seed0"), sample_model("mlp_seed1")
+    return a, b, weight_matching(a, b)
+
+
+@pytest.fixture(scope="module")
+def wide_curves(wide_pair, digits_test):
+    a, b, wm = wide_pair
+    naive = interpolate(a, b, digits_test, n_points=13)
+    matched = interpolate(a, apply_permutation(b, wm), digits_test, n_points=13)
+    return naive, matched
+
+
+# ---------------------------------------------------------------------------------------------
+# permutation specs
+
+
+def test_spec_of_cnn_permutes_batchnorm_weights_and_running_statistics(sample_model):
+    spec = permutation_spec(sample_model("cnn_seed0"))
+    assert spec.axes["conv1.weight"] == ("P_conv1", None, None, None)
+    for key in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"):
+        assert spec.axes[key] == ("P_conv1",)
+    assert spec.axes["bn1.num_batches_tracked"] == ()
+    assert spec.axes["conv2.weight"] == ("P_conv2", "P_conv1", None, None)
+    assert spec.axes["fc1.weight"] == ("P_fc1", "P_conv2")  # through pool and flatten
+    assert spec.axes["out.weight"] == (None, "P_fc1") and spec.axes["out.bias"] == (None,)
+
+
+def test_spec_of_residual_net_shares_one_permutation_across_the_stream(resmlp):
+    spec = permutation_spec(resmlp)
+    stream = spec.axes["inp.weight"][0]
+    assert spec.axes["blocks.0.fc2.weight"][0] == stream == spec.axes["blocks.1.fc2.weight"][0]
+    assert spec.axes["blocks.0.fc1.weight"][1] == stream == spec.axes["out.weight"][1]
+    assert spec.axes["blocks.0.fc1.weight"][0] != spec.axes["blocks.1.fc1.weight"][0] != stream
+    assert len(spec.perm_names) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# apply_permutation keeps the function
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resmlp"])
+def test_random_permutation_computes_the_same_function(name, sample_model, resmlp, digits_test):
+    model = {"mlp": sample_model("mlp_seed0").module, "cnn": sample_model("cnn_seed0").module, "resmlp": resmlp}[name]
+    before = state_copy(model)
+    perms = random_permutations(model, seed=1)
+    permuted = apply_permutation(model, perms)
+    assert not torch.equal(
+        permuted.state_dict()[permutation_spec(model).perms[next(iter(perms))][0][0]],
+        model.state_dict()[permutation_spec(model).perms[next(iter(perms))][0][0]],
+    )
+    diff = (outputs64(model, digits_test.x) - outputs64(permuted, digits_test.x)).abs().max()
+    assert float(diff) < 1e-5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched
+
+
+def test_batchnorm_running_statistics_are_permuted_with_their_channels(sample_model):
+    cnn = sample_model("cnn_seed0").module
+    perms = random_permutations(cnn, seed=2)
+    permuted = apply_permutation(cnn, perms).state_dict()
+    idx = torch.from_numpy(perms["P_conv1"])
+    for key in ("bn1.running_mean", "bn1.running_var", "bn1.weight"):
+        assert torch.equal(permuted[key], cnn.state_dict()[key][idx])
+
+
+def test_hand_written_spec_permutes_only_what_it_names(sample_model, digits_test):
+    mlp = sample_model("mlp_narrow_seed0").module
+    spec = PermutationSpec({"fc1.weight": ("P1", None), "fc1.bias": ("P1",), "fc2.weight": (None, "P1")})
+    perm = np.random.default_rng(0).permutation(64)
+    permuted = apply_permutation(mlp, {"P1": perm}, spec=spec)
+    assert float((outputs64(mlp, digits_test.x) - outputs64(permuted, digits_test.x)).abs().max()) < 1e-5
+    assert torch.equal(permuted.state_dict()["fc2.bias"], mlp.state_dict()["fc2.bias"])
+    result = weight_matching(mlp, permuted, spec=spec)
+    assert list(result.permutations) == ["P1"]
+    np.testing.assert_array_equal(result.permutations["P1"], np.argsort(perm))
+
+
+# ---------------------------------------------------------------------------------------------
+# matching recovers a known permutation
+
+
+@pytest.mark.parametrize("name", ["mlp_narrow", "cnn", "resmlp"])
+def test_matching_a_permuted_copy_recovers_the_permutation_and_no_barrier(name, sample_model, resmlp, digits_test):
+    model = {
+        "mlp_narrow": sample_model("mlp_narrow_seed0").module,
+        "cnn": sample_model("cnn_seed0").module,
+        "resmlp": resmlp,
+    }[name]
+    perms = random_permutations(model, seed=3)
+    copy_b = apply_permutation(model, perms)
+    result = weight_matching(model, copy_b, seed=5)
+    for p, perm in perms.items():  # unit i of the aligned copy is unit perm^-1[i] of the shuffled one
+        np.testing.assert_array_equal(result.permutations[p], np.argsort(perm))
+    assert result.converged and np.all(np.diff(result.objective) >= -1e-9)
+    curve = interpolate(model, apply_permutation(copy_b, result), digits_test, n_points=5)
+    barrier = loss_barrier(curve)
+    assert abs(barrier.linear["test"]) < 1e-6 and abs(barrier.mean["test"]) < 1e-6
+    found = activation_matching(model, copy_b, digits_test)
+    for p, perm in perms.items():
+        np.testing.assert_array_equal(found.permutations[p], np.argsort(perm))
+        assert found.correlation_after[p] > max(0.9, found.correlation_before[p])  # 1 but for constant (dead) units
+
+
+# ---------------------------------------------------------------------------------------------
+# the bundled digits MLPs
+
+
+def test_naive_barrier_is_large_and_weight_matching_shrinks_it_fivefold(wide_curves):
+    naive, matched = (loss_barrier(c) for c in wide_curves)
+    assert naive.linear["test"] > 0.1
+    assert matched.linear["test"] * 5 < naive.linear["test"]
+    assert matched.mean["test"] * 5 < naive.mean["test"]
+    # endpoints are the models themselves (digits test losses recorded in sample_models/manifest.json)
+    assert wide_curves[0].loss["test"][0] == pytest.approx(0.11059, abs=1e-4)
+    assert wide_curves[0].loss["test"][-1] == pytest.approx(0.09752, abs=1e-4)
+
+
+def test_singular_values_unchanged_while_top_singular_vectors_align(wide_pair):
+    a, b, wm = wide_pair
+    result = layer_alignment(a, b, wm, top_k=5)
+    assert result.layers == ("fc1", "fc2", "out")
+    assert np.all(result.singular_value_change < 1e-5)
+    for layer in result.layers:
+        assert np.all(np.diff(result.singular_values_b[layer]) <= 1e-12)  # descending
+    assert np.all(result.alignment_after > result.alignment_before)
+    assert np.all(result.distance_after < result.distance_before)
+    assert np.all((result.alignment_after >= 0) & (result.alignment_after <= 1))
+
+
+def test_wider_pair_has_a_lower_matched_barrier_than_the_narrow_pair(sample_model, wide_curves, digits_test):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    narrow = loss_barrier(interpolate(a, apply_permutation(b, weight_matching(a, b)), digits_test, n_points=13))
+    wide = loss_barrier(wide_curves[1])
+    assert wide.linear["test"] < narrow.linear["test"]
+    assert wide.mean["test"] < narrow.mean["test"]
+
+
+def test_repair_lowers_the_barrier_of_the_unaligned_pair(sample_model, wide_curves, digits_test):
+    a, b = sample_model("mlp_seed0"), sample_model("mlp_seed1")
+    repaired = interpolate(a, b, digits_test, n_points=3, repair="repair")
+    plain = wide_curves[0]
+    assert repaired.loss["test"][1] < 0.5 * plain.loss["test"][6]  # midpoint: variance collapse corrected
+    np.testing.assert_allclose(repaired.loss["test"][[0, -1]], plain.loss["test"][[0, -1]], atol=1e-4)
+
+
+def test_reset_bn_recomputes_statistics_and_helps_the_batchnorm_cnn(sample_model, digits_test):
+    cnn = sample_model("cnn_seed0")
+    shuffled = apply_permutation(cnn, random_permutations(cnn.module, seed=4))  # same function, unaligned weights
+    plain = interpolate(cnn, shuffled, digits_test, n_points=3)
+    reset = interpolate(cnn, shuffled, digits_test, n_points=3, repair="reset_bn")
+    assert reset.loss["test"][1] < plain.loss["test"][1]
+    # at λ = 0 the statistics are those of the evaluation data, so the loss moves only slightly
+    assert abs(reset.loss["test"][0] - plain.loss["test"][0]) < 0.05
+    assert reset.repair == "reset_bn" and "BatchNorm" in reset.estimator
+
+
+# ---------------------------------------------------------------------------------------------
+# barrier definitions on known curves
+
+
+def curve(loss: list[float], accuracy: list[float] | None = None) -> InterpolationResult:
+    n = len(loss)
+    acc = np.ones(n) if accuracy is None else np.asarray(accuracy)
+    return InterpolationResult(
+        lambdas=np.linspace(0, 1, n),
+        loss={"test": np.asarray(loss)},
+        accuracy={"test": acc},
+        repair="none",
+        estimator="synthetic",
+        n_samples=10,
+        params={},
+        seed=0,
+        device="cpu",
+        dtype="float64",
+        seconds=0.0,
+    )
+
+
+def test_barrier_definitions_on_known_curves():
+    bump = loss_barrier(curve([1.0, 3.0, 2.0], [0.9, 0.5, 0.7]))
+    assert bump.linear["test"] == pytest.approx(1.5) and bump.mean["test"] == pytest.approx(1.5)
+    assert bump.lambda_linear["test"] == 0.5 and bump.accuracy_drop["test"] == pytest.approx(0.3)
+    ramp = loss_barrier(curve([1.0, 2.0, 3.0]))  # on the line: no barrier, but above the endpoint mean at λ = 1
+    assert ramp.linear["test"] == pytest.approx(0.0) and ramp.mean["test"] == pytest.approx(1.0)
+    assert ramp.lambda_mean["test"] == 1.0
+    assert set(bump.definitions) == {"linear", "mean", "accuracy_drop"}
+
+
+# ---------------------------------------------------------------------------------------------
+# merging and export
+
+
+def test_merge_of_three_wide_mlps_beats_the_naive_average(sample_model, digits_test):
+    models = [sample_model(f"mlp_seed{i}") for i in range(3)]
+    progress = []
+    result = merge(models, digits_test, max_rounds=1, progress=lambda d, t: progress.append((d, t)))
+    assert isinstance(result, MergeResult) and result.names == ("mlp_seed0", "mlp_seed1", "mlp_seed2")
+    assert result.naive_accuracy < 0.9 < result.merged_accuracy
+    assert result.merged_loss < result.naive_loss
+    np.testing.assert_allclose(result.member_accuracy, [0.97333, 0.98, 0.98222], atol=1e-4)
+    assert np.all(np.diff(result.objective) > 0) and progress[-1][0] == progress[-1][1]
+    rebuilt = merged_model(models, result)
+    with torch.no_grad():
+        acc = float((rebuilt(digits_test.x).argmax(1) == digits_test.y).float().mean())
+    assert acc == pytest.approx(result.merged_accuracy, abs=1e-6)
+
+
+def test_activation_matching_merge_of_narrow_models(sample_model, digits_test):
+    models = [
+        sample_model("mlp_narrow_seed0"),
+        sample_model("mlp_narrow_seed1"),
+        sample_model("mlp_narrow_seed0_epoch20"),
+    ]
+    result = merge(models, digits_test, method="activation_matching")
+    assert result.merged_accuracy > result.naive_accuracy and result.n_rounds == 1
+    assert all(np.array_equal(p, np.arange(len(p))) for p in result.permutations[0].values())
+
+
+def test_exported_permuted_model_round_trips_through_safetensors(sample_model, digits_test):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    permuted = apply_permutation(b, weight_matching(a, b))
+    data = to_safetensors(permuted, architecture=b.architecture, name="B aligned to A")
+    rebuilt = build_model(json.loads(_metadata(data)["architecture"]))
+    rebuilt.load_state_dict(load_safetensors(data))
+    assert _metadata(data)["name"] == "B aligned to A"
+    with torch.no_grad():
+        assert torch.equal(rebuilt(digits_test.x), permuted(digits_test.x))
+    from workbench import load_model
+
+    loaded = load_model(data, filename="aligned.safetensors")
+    assert loaded.architecture == b.architecture
+
+
+def test_exported_merged_model_round_trips(sample_model, digits_test):
+    models = [sample_model(f"mlp_narrow_seed{i}") for i in range(2)]
+    result = merge(models, digits_test, max_rounds=1)
+    merged = merged_model(models, result)
+    rebuilt = build_model(models[0].architecture)
+    data = to_safetensors(merged, architecture=models[0].architecture)
+    rebuilt.load_state_dict(load_safetensors(data))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(digits_test.x), merged(digits_test.x))
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len])["__metadata__"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the full pair analysis, results and reproducibility
+
+
+def test_mode_connectivity_of_the_narrow_pair(sample_model, digits_test):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    before_a, before_b = state_copy(a.module), state_copy(b.module)
+    calls = []
+    result = mode_connectivity(a, b, digits_test, n_points=5, progress=lambda d, t: calls.append((d, t)))
+    assert isinstance(result, ModeConnectivityResult)
+    assert list(result.curves) == ["naive", "weight_matching", "activation_matching", "repair"]
+    assert result.barriers["weight_matching"].linear["test"] < result.barriers["naive"].linear["test"]
+    assert calls[-1] == (2 + 4 * 5, 2 + 4 * 5) and all(d <= t for d, t in calls)
+    json.dumps(result.to_dict())
+    arrays = result.arrays()
+    assert "curves/naive/loss/test" in arrays and "layers/distance_after" in arrays
+    assert all(torch.equal(before_a[k], v) for k, v in a.module.state_dict().items())
+    assert all(torch.equal(before_b[k], v) for k, v in b.module.state_dict().items())
+    again = mode_connectivity(a, b, digits_test, n_points=5, methods=["weight_matching"])
+    for p, perm in result.weight_matching.permutations.items():
+        np.testing.assert_array_equal(again.weight_matching.permutations[p], perm)
+
+
+def test_plots_carry_estimator_and_n(sample_model, digits_test):
+    from workbench.plots import mode_connectivity as plots
+
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    result = mode_connectivity(a, b, digits_test, n_points=3, methods=["naive", "weight_matching"])
+    fig = plots.interpolation_curves(result)
+    assert len(fig.data) == 4 and f"n = {digits_test.n_samples}" in fig.layout.title.text
+    table = plots.barrier_table(result)
+    assert "above the line" in str(table.data[0].header.values) and "max over λ" in table.layout.annotations[0].text
+    assert len(plots.barrier_rows(result)) == 2
+    assert "Ito" in plots.layer_alignment_figure(result.layers).layout.title.text
+    assert len(plots.singular_values_figure(result.layers).data) == 6
+    assert "passes" in plots.matching_objective(result.weight_matching).layout.title.text
+    merged = merge([a, b], digits_test, max_rounds=1)
+    assert f"n = {digits_test.n_samples}" in plots.merge_figure(merged).layout.title.text
+
+
+# ---------------------------------------------------------------------------------------------
+# clear errors
+
+
+def test_different_architectures_name_the_parameter(sample_model):
+    with pytest.raises(
+        ArchitectureError, match=r"parameter 'fc1.weight' has shape \(512, 64\) in model_a but \(64, 64\) in model_b"
+    ):
+        weight_matching(sample_model("mlp_seed0"), sample_model("mlp_narrow_seed0"))
+    with pytest.raises(ArchitectureError, match=r"module 'relu1' \(ReLU\) in model_a is 'tanh1' \(Tanh\) in model_b"):
+        interpolate(sample_model("mlp_seed0"), sample_model("mlp_tanh_seed0"), None)
+    with pytest.raises(ArchitectureError, match=r"models\[0\] and models\[1\] have different architectures"):
+        merge([sample_model("mlp_seed0"), sample_model("cnn_seed0")], None)
+
+
+def test_attention_is_named_as_unsupported():
+    transformer = build_model(
+        {
+            "type": "transformer",
+            "vocab_size": 50,
+            "max_len": 8,
+            "d_model": 16,
+            "n_heads": 2,
+            "n_layers": 1,
+            "n_classes": 3,
+        }
+    )
+    with pytest.raises(ArchitectureError, match=r"unsupported module 'layers.0' \(TransformerEncoderLayer\).*spec="):
+        permutation_spec(transformer)
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.attn(h, h, h)[0]
+
+    with pytest.raises(ArchitectureError, match=r"unsupported module 'attn' \(MultiheadAttention\)"):
+        weight_matching(Attn(), Attn())
+
+
+def test_untraceable_operation_is_named():
+    class Concat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.cat([self.a(x), self.b(x)], dim=1))
+
+    with pytest.raises(ArchitectureError, match=r"operation 'cat' \(graph node 'cat'\).*PermutationSpec"):
+        permutation_spec(Concat())
+
+
+def test_bad_permutations_and_specs(sample_model):
+    mlp = sample_model("mlp_narrow_seed0")
+    with pytest.raises(ParameterError, match=r"permutation 'P_fc1' must be a reordering of 0..63"):
+        apply_permutation(mlp, {"P_fc1": np.zeros(64, dtype=int)})
+    with pytest.raises(
+        ParameterError,
+        match=r"unknown permutation 'P_fc3'. Did you mean 'P_fc\d'\? Permutations of this model: P_fc1, P_fc2",
+    ):
+        apply_permutation(mlp, {"P_fc3": np.arange(64)})
+    with pytest.raises(
+        ArchitectureError, match=r"the permutation spec names 'fc9.weight', which the model does not have"
+    ):
+        apply_permutation(mlp, {}, spec=PermutationSpec({"fc9.weight": ("P", None)}))
+    with pytest.raises(ArchitectureError, match=r"permutation 'P' of the spec acts on axes of sizes 64 and 10"):
+        weight_matching(mlp, mlp, spec=PermutationSpec({"fc2.weight": ("P", None), "out.weight": ("P", None)}))
+    with pytest.raises(ParameterError, match=r"'spec' parameter of apply_permutation must be a PermutationSpec"):
+        apply_permutation(mlp, {}, spec={"fc1.weight": ("P", None)})
+
+
+def test_bad_parameters_and_data(sample_model, digits_test):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    with pytest.raises(
+        ParameterError, match=r"'n_points' parameter of interpolate must be an int in \[3, 201\]. Got 2"
+    ):
+        interpolate(a, b, digits_test, n_points=2)
+    with pytest.raises(ParameterError, match=r"'repair' parameter of interpolate must be one of 'reset_bn', 'repair'"):
+        interpolate(a, b, digits_test, repair="bn")
+    with pytest.raises(ParameterError, match=r"'max_iter' parameter of weight_matching must be an int in \[1, 10000\]"):
+        weight_matching(a, b, max_iter=0)
+    with pytest.raises(ParameterError, match=r"'model_b' must be a loaded model .* Got str"):
+        weight_matching(a, "mlp_seed1")
+    unlabelled = make_dataset("no labels", digits_test.x)
+    with pytest.raises(DataError, match=r"'dataset' has no labels"):
+        interpolate(a, b, unlabelled)
+    with pytest.raises(DataError, match=r"outputs shape \(450, 10\) but the labels need"):
+        interpolate(a, b, make_dataset("20 classes", digits_test.x, np.arange(450) % 20))
+    with pytest.raises(ParameterError, match=r"'models' parameter of merge needs at least 2 models. Got 1"):
+        merge([a], digits_test)
+    with pytest.raises(ParameterError, match=r"'method' parameter of merge must be one of"):
+        merge([a, b], digits_test, method="average")
+    with pytest.raises(ParameterError, match=r"'methods' parameter of mode_connectivity must be one of"):
+        mode_connectivity(a, b, digits_test, methods=["naive", "magic"])
+    broken = copy.deepcopy(b.module)
+    with torch.no_grad():
+        broken.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(DataError, match=r"parameter 'fc1.weight' of model_b contains NaN"):
+        weight_matching(a, broken)
+    with pytest.raises(ArchitectureError, match=r"architecture spec is unknown.*pass architecture="):
+        to_safetensors(broken)
+    with pytest.raises(ParameterError, match=r"'curve' parameter of loss_barrier must be an InterpolationResult"):
+        loss_barrier({"test": [1.0, 2.0]})
+
+
+# ---------------------------------------------------------------------------------------------
+# device agreement
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_agrees_with_cpu(sample_model, digits_test):
+    a, b = sample_model("mlp_seed0"), sample_model("mlp_seed1")
+    cpu, gpu = weight_matching(a, b, device="cpu"), weight_matching(a, b, device="cuda")
+    for p, perm in cpu.permutations.items():
+        np.testing.assert_array_equal(gpu.permutations[p], perm)
+    permuted = apply_permutation(b, cpu)
+    c_cpu = interpolate(a, permuted, digits_test, n_points=5, repair="repair", device="cpu")
+    c_gpu = interpolate(a, permuted, digits_test, n_points=5, repair="repair", device="cuda")
+    np.testing.assert_allclose(c_gpu.loss["test"], c_cpu.loss["test"], atol=1e-6)

@@ -1,0 +1,287 @@
+"""Relative representations: references, invariances, the bundled MLPs (agreement, stitching), errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests import reference as ref
+from workbench.analyses.relative import (
+    cross_model_agreement,
+    relative_agreement_by_layer,
+    relative_comparison,
+    relative_representation,
+    select_anchors,
+    stitch,
+)
+from workbench.errors import DataError, ParameterError, UnknownLayerError
+
+HIDDEN = ["fc1", "relu1", "fc2", "relu2"]
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _orthogonal(d: int, seed: int = 0) -> np.ndarray:
+    q, r = np.linalg.qr(_rng(seed).normal(size=(d, d)))
+    return q * np.sign(np.diag(r))
+
+
+# ---------------------------------------------------------------------------------------------
+# anchors and relative coordinates
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_relative_representation_matches_loop_reference(center):
+    x = _rng().normal(size=(30, 5)) + 1.0
+    x[4] = 0.0  # no direction: defined as an all-zero relative vector (without centring)
+    anchors = np.array([0, 7, 12, 29])
+    got = relative_representation(x, anchors, center=center)
+    assert got.shape == (30, 4)
+    np.testing.assert_allclose(got, ref.relative_reference(x, x[anchors], center=center), atol=1e-12)
+    np.testing.assert_allclose(relative_representation(x, x[anchors], center=center), got, atol=1e-12)
+
+
+def test_relative_representation_invariant_to_angle_preserving_maps():
+    x = _rng().normal(size=(40, 6))
+    anchors = select_anchors(x, 8, seed=1)
+    moved = 2.5 * x @ _orthogonal(6)
+    np.testing.assert_allclose(relative_representation(moved, anchors), relative_representation(x, anchors), atol=1e-12)
+    shifted = moved + 3.0  # a translation changes cosines unless the anchors' mean is removed
+    np.testing.assert_allclose(
+        relative_representation(shifted, anchors, center=True),
+        relative_representation(x, anchors, center=True),
+        atol=1e-12,
+    )
+    assert not np.allclose(relative_representation(shifted, anchors), relative_representation(x, anchors), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["random", "fps", "kmeans"])
+def test_select_anchors_distinct_in_range_and_seeded(method):
+    x = _rng().normal(size=(50, 3))
+    a = select_anchors(x, 12, method=method, seed=3)
+    assert a.dtype == np.int64 and len(set(a.tolist())) == 12 and a.min() >= 0 and a.max() < 50
+    np.testing.assert_array_equal(a, select_anchors(x, 12, method=method, seed=3))
+    assert select_anchors(x, 50, method=method).shape == (50,)
+
+
+def test_fps_reaches_the_extremes_and_kmeans_one_anchor_per_cluster():
+    line = np.linspace(0.0, 1.0, 101)[:, None]
+    assert set(select_anchors(line, 3, method="fps", seed=0).tolist()) >= {0, 100}
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    blobs = np.repeat(centres, 25, axis=0) + 0.1 * _rng().normal(size=(100, 2))
+    chosen = select_anchors(blobs, 4, method="kmeans", seed=0)
+    assert sorted((chosen // 25).tolist()) == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement
+
+
+def test_agreement_matches_loop_reference():
+    a = _rng().normal(size=(50, 6))
+    b = a + 0.4 * _rng(1).normal(size=(50, 6))
+    result = cross_model_agreement(a, b, k=5)
+    jaccard, rr, cosine = ref.retrieval_reference(a, b, 5)
+    np.testing.assert_allclose(result.jaccard, jaccard, atol=1e-12)
+    np.testing.assert_allclose(result.reciprocal_rank, rr, atol=1e-12)
+    np.testing.assert_allclose(result.cosine, cosine, atol=1e-12)
+    assert result.mean_jaccard == pytest.approx(jaccard.mean()) and result.mrr == pytest.approx(rr.mean())
+    assert result.absolute_jaccard is None and result.absolute_comparable is False
+
+
+def test_agreement_identical_spaces_is_perfect():
+    a = _rng().normal(size=(40, 4))
+    result = cross_model_agreement(a, a, k=5)
+    assert result.mean_jaccard == pytest.approx(1.0) and result.mrr == pytest.approx(1.0)
+    assert result.mean_cosine == pytest.approx(1.0)
+
+
+def test_rotated_space_agrees_in_relative_but_not_in_absolute_coordinates():
+    x = _rng().normal(size=(200, 10))
+    y = x @ _orthogonal(10, seed=4)
+    result = relative_comparison(x, y, n_anchors=30, k=10, labels=np.arange(200) % 4)
+    agreement = result.agreement
+    assert agreement.mean_jaccard == pytest.approx(1.0) and agreement.mrr == pytest.approx(1.0)
+    assert agreement.absolute_comparable and agreement.absolute_mean_jaccard < 0.3 and agreement.absolute_mrr < 0.3
+    assert agreement.classes.tolist() == [0, 1, 2, 3] and agreement.class_jaccard.shape == (4,)
+    assert result.relative_a.shape == (200, 30) and result.anchors.shape == (30,)
+    json.dumps(result.to_dict())
+
+
+def test_absolute_agreement_is_none_when_widths_differ():
+    a, b = _rng().normal(size=(30, 4)), _rng(1).normal(size=(30, 6))
+    rel_a, rel_b = relative_representation(a, np.arange(5)), relative_representation(b, np.arange(5))
+    result = cross_model_agreement(rel_a, rel_b, k=3, absolute_a=a, absolute_b=b)
+    assert result.absolute_comparable is False and result.absolute_mrr is None
+
+
+# ---------------------------------------------------------------------------------------------
+# bundled digits MLPs
+
+
+@pytest.fixture(scope="module")
+def mlp_activations(sample_model, digits_test, digits_train):
+    from workbench import extract
+
+    layers = HIDDEN + ["out"]
+    return {
+        (name, split): extract(sample_model(name), data, layers)
+        for name in ("mlp_seed0", "mlp_seed1")
+        for split, data in (("test", digits_test), ("train", digits_train))
+    }
+
+
+def test_relative_jaccard_beats_absolute_on_mlps_from_different_seeds(mlp_activations):
+    a, b = mlp_activations[("mlp_seed0", "test")], mlp_activations[("mlp_seed1", "test")]
+    result = relative_agreement_by_layer(a, b, layers=HIDDEN, n_anchors=64, k=10, seed=0)
+    assert result.layers_a == tuple(HIDDEN) and result.absolute_comparable.all()
+    assert result.model_a == "mlp_seed0" and result.n_samples == 450
+    assert (result.jaccard > result.absolute_jaccard).all()
+    assert (result.jaccard > 0.3).all() and (result.absolute_jaccard < 0.1).all()
+    assert (result.mrr > result.absolute_mrr).all()
+
+
+def test_zero_shot_stitching_between_mlps_from_different_seeds(mlp_activations, digits_test, digits_train):
+    tr_a, tr_b = mlp_activations[("mlp_seed0", "train")], mlp_activations[("mlp_seed1", "train")]
+    te_a, te_b = mlp_activations[("mlp_seed0", "test")], mlp_activations[("mlp_seed1", "test")]
+    result = stitch(
+        tr_a["relu2"],
+        tr_b["relu2"],
+        te_a["relu2"],
+        te_b["relu2"],
+        digits_train.y,
+        digits_test.y,
+        n_anchors=64,
+        epochs=60,
+        logits_a=te_a["out"],
+        logits_b=te_b["out"],
+        seed=0,
+    )
+    own = result.own_accuracy
+    assert own is not None and (own > 0.95).all()
+    stitched = [result.relative_accuracy[1, 0], result.relative_accuracy[0, 1]]
+    assert min(stitched) > 0.9 and min(stitched) > own.min() - 0.05
+    assert np.diag(result.relative_accuracy).min() > 0.9
+    assert result.absolute_accuracy is not None
+    assert np.diag(result.absolute_accuracy).min() > 0.9  # absolute heads work on their own model...
+    assert max(result.absolute_accuracy[1, 0], result.absolute_accuracy[0, 1]) < 0.3  # ...but not across models
+    assert result.chance_accuracy == pytest.approx(0.1, abs=0.01)
+    assert result.n_samples == 450 and result.n_train == 1347 and result.anchors.shape == (64,)
+
+
+def test_stitching_is_reproducible_with_a_seed():
+    rng = _rng()
+    x_tr, x_te = rng.normal(size=(120, 5)), rng.normal(size=(40, 5))
+    y_tr, y_te = (x_tr[:, 0] > 0).astype(int), (x_te[:, 0] > 0).astype(int)
+    q = _orthogonal(5)
+    first = stitch(x_tr, x_tr @ q, x_te, x_te @ q, y_tr, y_te, n_anchors=20, epochs=50, head="mlp", seed=2)
+    second = stitch(x_tr, x_tr @ q, x_te, x_te @ q, y_tr, y_te, n_anchors=20, epochs=50, head="mlp", seed=2)
+    np.testing.assert_array_equal(first.relative_accuracy, second.relative_accuracy)
+    assert first.seed == 2 and first.params["head"] == "mlp" and first.own_accuracy is None
+    # a rotated copy is stitched as well as the original
+    assert first.relative_accuracy[1, 0] == pytest.approx(first.relative_accuracy[0, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: one test per message
+
+
+def test_error_n_anchors_out_of_range():
+    with pytest.raises(
+        ParameterError, match=r"The 'n_anchors' parameter of select_anchors must be an int in \[1, 10\]. Got 11"
+    ):
+        select_anchors(np.eye(10), 11)
+
+
+def test_error_unknown_anchor_method():
+    with pytest.raises(
+        ParameterError, match=r"The 'method' parameter of select_anchors must be one of 'random', 'fps', 'kmeans'"
+    ):
+        select_anchors(np.eye(10), 3, method="grid")
+
+
+def test_error_anchor_indices():
+    with pytest.raises(ParameterError, match=r"The 'anchors' indices of relative_representation must lie in \[0, 9\]"):
+        relative_representation(np.eye(10), np.array([0, 10]))
+    with pytest.raises(ParameterError, match=r"must be a non-empty 1-D array of integer sample indices"):
+        relative_representation(np.eye(10), np.array([0.5, 1.0]))
+
+
+def test_error_anchor_embeddings_of_other_width():
+    with pytest.raises(DataError, match=r"'anchors' has 3 features but 'x' has 10"):
+        relative_representation(np.eye(10), np.ones((2, 3)))
+
+
+def test_error_zero_anchor():
+    x = _rng().normal(size=(10, 3))
+    x[2] = 0.0
+    with pytest.raises(DataError, match=r"1 anchors \(positions \[1\]\) have an all-zero embedding"):
+        relative_representation(x, np.array([0, 2]))
+
+
+def test_error_relative_widths_differ():
+    with pytest.raises(
+        DataError, match=r"'rel_a' has 3 columns and 'rel_b' 4; relative representations must use the same anchors"
+    ):
+        cross_model_agreement(np.ones((10, 3)), np.ones((10, 4)))
+
+
+def test_error_k_out_of_range():
+    with pytest.raises(
+        ParameterError, match=r"The 'k' parameter of cross_model_agreement must be an int in \[1, 9\]. Got 10"
+    ):
+        cross_model_agreement(np.eye(10), np.eye(10), k=10)
+
+
+def test_error_only_one_absolute():
+    with pytest.raises(
+        ParameterError, match=r"Pass both 'absolute_a' and 'absolute_b' to cross_model_agreement, or neither"
+    ):
+        cross_model_agreement(np.eye(10), np.eye(10), k=2, absolute_a=np.eye(10))
+
+
+def test_error_labels_wrong_length():
+    with pytest.raises(DataError, match=r"'labels' has 3 entries but the activations have 10 samples"):
+        cross_model_agreement(np.eye(10), np.eye(10), k=2, labels=[0, 1, 2])
+
+
+def test_error_no_shared_layers_and_unknown_layer():
+    a, b = {"fc1": np.eye(10)}, {"dense": np.eye(10)}
+    with pytest.raises(
+        DataError, match=r"the two models share no layer names .* pass layers=\[\('layer_of_a', 'layer_of_b'\)"
+    ):
+        relative_agreement_by_layer(a, b)
+    with pytest.raises(UnknownLayerError, match=r"Unknown layer 'dens' in 'acts_b'. Did you mean 'dense'\?"):
+        relative_agreement_by_layer(a, b, layers=[("fc1", "dens")])
+
+
+def test_error_stitch_inputs():
+    x = _rng().normal(size=(30, 4))
+    y = np.arange(30) % 3
+    with pytest.raises(DataError, match=r"stitch: 'train_b' has 4 features but 'test_b' has 2"):
+        stitch(x, x, x, x[:, :2], y, y)
+    with pytest.raises(
+        DataError, match=r"stitch: 'test_labels' must be non-negative integer class labels. Got dtype float64"
+    ):
+        stitch(x, x, x, x, y, y + 0.5)
+    with pytest.raises(ParameterError, match=r"Pass both 'logits_a' and 'logits_b' to stitch, or neither"):
+        stitch(x, x, x, x, y, y, logits_a=x)
+    with pytest.raises(
+        ParameterError, match=r"The 'head' parameter of stitch must be one of 'linear', 'mlp'. Got 'svm'"
+    ):
+        stitch(x, x, x, x, y, y, head="svm")
+    with pytest.raises(ParameterError, match=r"The 'epochs' parameter of stitch must be an int in \[1, 10000\]. Got 0"):
+        stitch(x, x, x, x, y, y, epochs=0)
+
+
+def test_inputs_not_modified_and_tensors_accepted():
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    rel = relative_representation(x, np.array([0, 1, 2]), center=True)
+    assert isinstance(rel, np.ndarray) and rel.dtype == np.float64
+    assert torch.equal(x, before)

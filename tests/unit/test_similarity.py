@@ -1,0 +1,534 @@
+"""Representational similarity: known answers, float64 references, invariances, sample models, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests import reference as ref
+from workbench.analyses import similarity as sim
+from workbench.analyses.similarity import (
+    MEASURES,
+    cca_similarity,
+    linear_cka,
+    minibatch_cka,
+    procrustes_distance,
+    rbf_cka,
+    rsa,
+    similarity_matrix,
+)
+from workbench.errors import DataError, ParameterError, UnknownLayerError
+
+PAIR_FUNCTIONS = {
+    "linear_cka": linear_cka,
+    "rbf_cka": rbf_cka,
+    "procrustes_distance": procrustes_distance,
+    "cca_similarity": cca_similarity,
+    "rsa": rsa,
+}
+HIDDEN = ["fc1", "relu1", "fc2", "relu2", "out"]
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _orthogonal(d: int, seed: int = 0) -> np.ndarray:
+    q, r = np.linalg.qr(_rng(seed).normal(size=(d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def _related(n: int, dx: int, dy: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """x and a noisy nonlinear function of it, float32 like real activations."""
+    rng = _rng(seed)
+    x = rng.normal(size=(n, dx))
+    y = np.tanh(x @ rng.normal(size=(dx, dy)) / math.sqrt(dx)) + 0.5 * rng.normal(size=(n, dy))
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# known answers
+
+
+@pytest.mark.parametrize("shape", [(60, 10), (30, 80)], ids=["d<n", "d>n"])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_cka_of_x_with_itself_is_one(shape, debiased):
+    x = _rng().normal(size=shape)
+    assert linear_cka(x, x, debiased=debiased) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(200, 12), (40, 100)], ids=["feature-form", "gram-form"])
+def test_linear_cka_invariant_to_rotation_isotropic_scaling_and_translation(shape):
+    x = _rng().normal(size=shape)
+    y = 3.7 * x @ _orthogonal(shape[1]) + 5.0
+    assert linear_cka(x, y) == pytest.approx(1.0, abs=1e-6)
+    assert linear_cka(x, y, debiased=True) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rbf_cka_invariant_to_rotation_and_isotropic_scaling():
+    x = _rng().normal(size=(80, 6))
+    y = 0.3 * x @ _orthogonal(6) - 2.0
+    assert rbf_cka(x, y) == pytest.approx(1.0, abs=1e-6)
+    assert rbf_cka(x, y, sigma=0.2, debiased=True) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_linear_invariant_to_rotation_but_rbf_not_to_non_isotropic_scaling():
+    x = _rng().normal(size=(150, 5))
+    scales = np.array([10.0, 1.0, 1.0, 0.1, 0.1])
+    assert linear_cka(x, x @ _orthogonal(5)) == pytest.approx(1.0, abs=1e-6)
+    assert rbf_cka(x, x * scales) < 0.9
+    assert linear_cka(x, x * scales) < 0.9  # linear CKA is not invariant to it either
+
+
+def test_debiased_cka_is_near_zero_for_independent_features_but_biased_is_not():
+    rng = _rng(3)
+    x, y = rng.normal(size=(3000, 10)), rng.normal(size=(3000, 10))  # n >> d
+    assert abs(linear_cka(x, y, debiased=True)) < 0.05
+    x, y = rng.normal(size=(80, 400)), rng.normal(size=(80, 400))  # d large relative to n
+    assert linear_cka(x, y) > 0.5
+    assert abs(linear_cka(x, y, debiased=True)) < 0.1
+
+
+def test_procrustes_zero_for_rotated_copy_and_in_range():
+    x, y = _related(90, 7, 5)
+    assert procrustes_distance(x, 2.0 * x @ _orthogonal(7) + 1.0) == pytest.approx(0.0, abs=1e-6)
+    assert procrustes_distance(x, x, angular=True) == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 < procrustes_distance(x, y) <= math.sqrt(2)
+    assert 0.0 < procrustes_distance(x, y, angular=True) <= math.pi / 2
+
+
+def test_cca_invariant_to_invertible_linear_maps():
+    x = _rng().normal(size=(120, 6))
+    mixed = x @ (_rng(1).normal(size=(6, 6)) + 3 * np.eye(6)) + 4.0
+    for kind in ("mean", "pwcca", "svcca"):
+        assert cca_similarity(x, mixed, kind=kind) == pytest.approx(1.0, abs=1e-6), kind
+
+
+def test_rsa_invariances():
+    x = _rng().normal(size=(50, 8))
+    assert rsa(x, 2.0 * x @ _orthogonal(8) + 1.0, rdm="euclidean") == pytest.approx(1.0, abs=1e-9)
+    per_sample = 3.0 * x * _rng(1).uniform(0.5, 2.0, size=(50, 1)) + _rng(2).normal(size=(50, 1))
+    assert rsa(x, per_sample, rdm="correlation", compare="pearson") == pytest.approx(1.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 references
+
+
+@pytest.mark.parametrize(
+    "n,dx,dy", [(50, 200, 30), (60, 10, 12), (40, 100, 150), (5000, 64, 100)], ids=["d>n", "d<n", "both>n", "n=5000"]
+)
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_cka_matches_gram_reference(n, dx, dy, debiased):
+    x, y = _related(n, dx, dy)
+    expected = (
+        ref.cka_reference_large(x, y, debiased=debiased) if n > 500 else ref.cka_reference(x, y, debiased=debiased)
+    )
+    assert linear_cka(x, y, debiased=debiased) == pytest.approx(expected, abs=1e-6)
+    if n <= 500:  # the n^3 literal formula agrees with the O(n^2) one used for n = 5000
+        assert ref.cka_reference_large(x, y, debiased=debiased) == pytest.approx(expected, abs=1e-10)
+
+
+@pytest.mark.parametrize("n,dx,dy", [(45, 90, 20), (70, 8, 12)])
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("sigma", [0.4, 0.8])
+def test_rbf_cka_matches_kornblith_reference(n, dx, dy, debiased, sigma):
+    x, y = _related(n, dx, dy)
+    expected = ref.cka_reference(x, y, kernel="rbf", sigma=sigma, debiased=debiased)
+    assert rbf_cka(x, y, sigma=sigma, debiased=debiased) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("n,dx,dy", [(40, 100, 7), (80, 6, 9)])
+@pytest.mark.parametrize("angular", [False, True])
+def test_procrustes_matches_svd_reference(n, dx, dy, angular):
+    x, y = _related(n, dx, dy)
+    assert procrustes_distance(x, y, angular=angular) == pytest.approx(
+        ref.procrustes_reference(x, y, angular=angular), abs=1e-6
+    )
+
+
+def test_cca_matches_textbook_reference():
+    x, y = _related(150, 9, 6)
+    assert cca_similarity(x, y, kind="mean") == pytest.approx(
+        ref.canonical_correlations_reference(x, y).mean(), abs=1e-6
+    )
+    assert cca_similarity(x, y, kind="pwcca") == pytest.approx(ref.pwcca_reference(x, y), abs=1e-6)
+    assert cca_similarity(y, x, kind="pwcca") == pytest.approx(ref.pwcca_reference(y, x), abs=1e-6)
+    # with every direction kept, SVCCA is the mean canonical correlation
+    assert cca_similarity(x, y, kind="svcca", variance=1.0) == pytest.approx(
+        cca_similarity(x, y, kind="mean"), abs=1e-9
+    )
+
+
+@pytest.mark.parametrize("rdm", ["correlation", "euclidean"])
+@pytest.mark.parametrize("compare", ["spearman", "pearson"])
+def test_rsa_matches_scipy_reference(rdm, compare):
+    x, y = _related(40, 12, 5)
+    y[:4] = y[0]  # duplicate samples give tied dissimilarities: average ranks like scipy
+    assert rsa(x, y, rdm=rdm, compare=compare) == pytest.approx(
+        ref.rsa_reference(x, y, rdm=rdm, compare=compare), abs=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming
+
+
+def test_minibatch_cka_agrees_with_full_debiased_cka_within_sampling_noise():
+    x, y = _related(3000, 20, 30, seed=4)
+    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, 3000, 256)]  # last batch has 184 samples
+    result = minibatch_cka(batches)
+    assert result.n_samples == 3000 and result.batch_sizes.sum() == 3000 and result.n_batches == len(batches)
+    assert result.value == pytest.approx(linear_cka(x, y, debiased=True), abs=0.02)
+    assert result.value == pytest.approx(ref.minibatch_cka_reference(batches), abs=1e-9)
+
+
+def test_minibatch_cka_uses_every_batch_including_a_short_last_one():
+    rng = _rng(5)
+    x = rng.normal(size=(130, 6))
+    y = rng.normal(size=(130, 6))
+    y[120:] = x[120:] @ _orthogonal(6)  # only the last, short batch is related
+    batches = [(x[i : i + 40], y[i : i + 40]) for i in range(0, 130, 40)]  # 40, 40, 40, 10
+    with_last = minibatch_cka(iter(batches)).value  # a generator: no len()
+    without_last = minibatch_cka(batches[:-1]).value
+    assert with_last == pytest.approx(ref.minibatch_cka_reference(batches), abs=1e-9)
+    assert with_last - without_last > 0.02
+
+
+def test_minibatch_cka_merges_batches_below_four_samples():
+    x, y = _related(50, 5, 5)
+    batches = [(x[:2], y[:2]), (x[2:24], y[2:24]), (x[24:48], y[24:48]), (x[48:], y[48:])]  # 2, 22, 24, 2
+    calls = []
+    result = minibatch_cka(batches, progress=lambda done, total: calls.append((done, total)))
+    assert result.batch_sizes.tolist() == [24, 26] and result.n_samples == 50 and result.n_batches == 4
+    merged = [(x[:24], y[:24]), (x[24:], y[24:])]
+    assert result.value == pytest.approx(ref.minibatch_cka_reference(merged), abs=1e-9)
+    assert calls[-1] == (4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# all layer pairs
+
+
+def _random_layers(n: int = 60, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = _rng(seed)
+    base = rng.normal(size=(n, 8))
+    return {
+        "narrow": base.astype(np.float32),
+        "wide": np.tanh(base @ rng.normal(size=(8, 20))).astype(np.float32),
+        "noise": rng.normal(size=(n, 5)).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_matrix_entries_equal_single_pair_functions(measure):
+    a, b = _random_layers(seed=0), _random_layers(seed=1)
+    options = {"kind": "mean"} if measure == "cca_similarity" else {}
+    result = similarity_matrix(a, b, measure=measure, **options)
+    assert result.values.shape == (3, 3)
+    assert result.layers_a == ("narrow", "wide", "noise") and result.n_samples == 60
+    for i, la in enumerate(result.layers_a):
+        for j, lb in enumerate(result.layers_b):
+            assert result.values[i, j] == pytest.approx(PAIR_FUNCTIONS[measure](a[la], b[lb], **options), abs=1e-12)
+
+
+def test_matrix_of_a_model_with_itself_is_symmetric_with_unit_diagonal():
+    acts = _random_layers()
+    for measure in MEASURES:
+        values = similarity_matrix(acts, measure=measure).values
+        diagonal = 0.0 if measure == "procrustes_distance" else 1.0
+        np.testing.assert_allclose(np.diag(values), diagonal, atol=1e-6, err_msg=measure)
+        np.testing.assert_allclose(values, values.T, atol=1e-12, err_msg=measure)
+
+
+def test_matrix_gram_and_feature_forms_agree(monkeypatch):
+    a, b = _random_layers(n=30, seed=0), _random_layers(n=30, seed=2)
+    gram = similarity_matrix(a, b, debiased=True)  # n = 30 < widths: Gram form
+    monkeypatch.setattr(sim, "_GRAM_BYTES_LIMIT", 0)  # forces the feature-space form
+    features = similarity_matrix(a, b, debiased=True)
+    np.testing.assert_allclose(gram.values, features.values, atol=1e-10)
+
+
+def test_matrix_layer_selection_progress_and_metadata():
+    acts = _random_layers()
+    calls = []
+    result = similarity_matrix(
+        acts,
+        acts,
+        layers_a=["wide"],
+        layers_b=["noise", "narrow"],
+        measure="rbf_cka",
+        sigma=0.5,
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    assert result.layers_a == ("wide",) and result.layers_b == ("noise", "narrow")
+    assert result.n_features_a.tolist() == [20] and result.n_features_b.tolist() == [5, 8]
+    assert calls[-1] == (5, 5)  # 1 + 2 layers prepared, 2 pairs
+    assert result.params == {"sigma": 0.5, "debiased": False} and "RBF CKA" in result.estimator
+    assert result.higher_is_closer and result.dtype == "float64" and result.model_a == "A"
+    json.dumps(result.to_dict())
+
+
+def test_constant_features_change_nothing_and_inputs_are_not_modified():
+    x, y = _related(40, 6, 9)
+    x_const = np.concatenate([x, np.full((40, 2), 0.1, dtype=np.float32)], axis=1)
+    before = x_const.copy()
+    for measure, fn in PAIR_FUNCTIONS.items():
+        options = {"kind": "mean"} if measure == "cca_similarity" else {}
+        if measure == "rsa":
+            options = {"rdm": "euclidean"}
+        assert fn(x_const, y, **options) == pytest.approx(fn(x, y, **options), abs=1e-9), measure
+    np.testing.assert_array_equal(x_const, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample models
+
+
+@pytest.fixture(scope="module")
+def narrow_activations(sample_model, digits_test):
+    """mlp_narrow_seed0 and a copy with the hidden units of fc1/relu1 permuted (the same function)."""
+    from workbench import extract
+
+    model = sample_model("mlp_narrow_seed0")
+    original = extract(model, digits_test, HIDDEN)
+    permuted_module = copy.deepcopy(model.module)
+    perm = torch.from_numpy(_rng(7).permutation(64))
+    with torch.no_grad():
+        permuted_module.fc1.weight.copy_(permuted_module.fc1.weight[perm])
+        permuted_module.fc1.bias.copy_(permuted_module.fc1.bias[perm])
+        permuted_module.fc2.weight.copy_(permuted_module.fc2.weight[:, perm])
+    permuted = extract(permuted_module, digits_test, HIDDEN)
+    return original, permuted, perm
+
+
+def test_permuting_neurons_of_a_sample_model_changes_no_similarity(narrow_activations):
+    original, permuted, perm = narrow_activations
+    np.testing.assert_array_equal(permuted["fc1"].numpy(), original["fc1"].numpy()[:, perm.numpy()])
+    np.testing.assert_allclose(permuted["out"].numpy(), original["out"].numpy(), atol=1e-5)
+    for measure in MEASURES:
+        options = {"kind": "mean"} if measure == "cca_similarity" else {}
+        self_values = similarity_matrix(original, measure=measure, **options).values
+        cross_values = similarity_matrix(original, permuted, measure=measure, **options).values
+        np.testing.assert_allclose(cross_values, self_values, atol=1e-6, err_msg=measure)
+        np.testing.assert_allclose(np.diag(self_values), 0.0 if measure == "procrustes_distance" else 1.0, atol=1e-6)
+
+
+def test_sample_models_from_different_seeds_are_similar_but_not_identical(sample_model, digits_test):
+    from workbench import extract
+
+    a = extract(sample_model("mlp_narrow_seed0"), digits_test, HIDDEN)
+    b = extract(sample_model("mlp_narrow_seed1"), digits_test, HIDDEN)
+    result = similarity_matrix(a, b)
+    assert result.model_a == "mlp_narrow_seed0" and result.model_b == "mlp_narrow_seed1"
+    diagonal = np.diag(result.values)
+    assert (diagonal > 0.7).all() and (diagonal < 0.999).all()
+    # corresponding layers are closer than the input-side layer is to the logits
+    assert result.values[0, 0] > result.values[0, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: one test per message
+
+
+def test_error_nan_input():
+    x = _rng().normal(size=(10, 3))
+    x[2, 1] = np.nan
+    with pytest.raises(DataError, match=r"linear_cka: 'x' contains 1 NaN or infinite values"):
+        linear_cka(x, x)
+
+
+def test_error_mismatched_samples():
+    with pytest.raises(DataError, match=r"'x' and 'y' must have the same number of samples \(rows\). Got 10 and 9"):
+        rbf_cka(np.ones((10, 2)), np.ones((9, 2)))
+
+
+def test_error_one_dimensional_input():
+    with pytest.raises(DataError, match=r"procrustes_distance: 'x' must be 2-D \(n_samples, n_features\)"):
+        procrustes_distance(np.arange(10.0), np.ones((10, 2)))
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_error_constant_layer(measure):
+    x = _rng().normal(size=(12, 3))
+    with pytest.raises(DataError, match=r"'y' is constant over samples \(zero variance in every feature\)"):
+        PAIR_FUNCTIONS[measure](x, np.zeros((12, 4)))
+
+
+def test_error_debiased_needs_four_samples():
+    with pytest.raises(DataError, match=r"linear_cka with debiased=True needs at least 4 samples .* Got 3"):
+        linear_cka(np.eye(3), np.eye(3), debiased=True)
+
+
+def test_error_debiased_self_hsic_not_positive():
+    with pytest.raises(DataError, match=r"the debiased HSIC of 'x' with itself is not positive"):
+        linear_cka(np.eye(4), _rng().normal(size=(4, 2)), debiased=True)
+
+
+def test_error_too_few_samples():
+    with pytest.raises(DataError, match=r"rsa: 'x' needs at least 3 samples. Got 2"):
+        rsa(np.ones((2, 3)), np.ones((2, 3)))
+
+
+def test_error_bad_sigma():
+    with pytest.raises(
+        ParameterError, match=r"The 'sigma' parameter of rbf_cka must be a number in \(0.0, inf\]. Got 0"
+    ):
+        rbf_cka(np.eye(5), np.eye(5), sigma=0)
+
+
+def test_error_bad_bool_flag():
+    with pytest.raises(
+        ParameterError, match=r"The 'debiased' parameter of linear_cka must be True or False. Got 'yes'"
+    ):
+        linear_cka(np.eye(5), np.eye(5), debiased="yes")
+
+
+def test_error_rbf_zero_median_distance():
+    x = np.zeros((10, 2))
+    x[0, 0] = 1.0
+    with pytest.raises(DataError, match=r"the median pairwise distance of 'x' is zero"):
+        rbf_cka(x, _rng().normal(size=(10, 2)))
+
+
+def test_error_cca_more_dimensions_than_samples():
+    x, y = _rng().normal(size=(20, 12)), _rng(1).normal(size=(20, 10))
+    with pytest.raises(DataError, match=r"'x' and 'y' span 12 \+ 10 dimensions but 20 samples leave only 19"):
+        cca_similarity(x, y, kind="mean")
+
+
+def test_error_cca_bad_kind_and_variance():
+    with pytest.raises(
+        ParameterError, match=r"The 'kind' parameter of cca_similarity must be one of 'svcca', 'pwcca', 'mean'"
+    ):
+        cca_similarity(np.eye(5), np.eye(5), kind="cka")
+    with pytest.raises(
+        ParameterError, match=r"The 'variance' parameter of cca_similarity must be a number in \(0.0, 1.0\]"
+    ):
+        cca_similarity(np.eye(5), np.eye(5), variance=1.5)
+
+
+def test_error_rsa_sample_without_direction():
+    x = _rng().normal(size=(10, 4))
+    x[3] = 0.0
+    with pytest.raises(DataError, match=r"rsa: 'x' has 1 samples whose features are all equal .* use rdm='euclidean'"):
+        rsa(x, _rng(1).normal(size=(10, 4)))
+
+
+def test_error_rsa_constant_rdm():
+    with pytest.raises(DataError, match=r"every pairwise dissimilarity of 'x' is the same"):
+        rsa(np.eye(6), _rng().normal(size=(6, 3)), rdm="euclidean")
+
+
+def test_error_rsa_bad_choices():
+    with pytest.raises(
+        ParameterError, match=r"The 'rdm' parameter of rsa must be one of 'correlation', 'euclidean'. Got 'cosine'"
+    ):
+        rsa(np.eye(5), np.eye(5), rdm="cosine")
+    with pytest.raises(ParameterError, match=r"The 'compare' parameter of rsa must be one of 'spearman', 'pearson'"):
+        rsa(np.eye(5), np.eye(5), compare="kendall")
+
+
+def test_error_non_numeric_input():
+    with pytest.raises(DataError, match=r"linear_cka: 'y' must be a numeric array"):
+        linear_cka(np.eye(3), np.array([["a", "b"]] * 3))
+
+
+def test_error_matrix_unknown_measure():
+    with pytest.raises(
+        ParameterError, match=r"The 'measure' parameter of similarity_matrix must be one of 'linear_cka'"
+    ):
+        similarity_matrix(_random_layers(), measure="cka")
+
+
+def test_error_matrix_unknown_layer():
+    with pytest.raises(
+        UnknownLayerError, match=r"Unknown layer 'wida' in 'acts_b'. Did you mean 'wide'\? Layers: narrow, wide, noise"
+    ):
+        similarity_matrix(_random_layers(), _random_layers(), layers_b=["wida"])
+
+
+def test_error_matrix_bad_inputs():
+    with pytest.raises(DataError, match=r"'acts_a' must be Activations or a dict of layer name"):
+        similarity_matrix(np.eye(4))
+    with pytest.raises(DataError, match=r"'acts_b' holds no layers"):
+        similarity_matrix(_random_layers(), {})
+    with pytest.raises(
+        ParameterError, match=r"The 'layers' selection of similarity_matrix for 'acts_a' must be a non-empty list"
+    ):
+        similarity_matrix(_random_layers(), layers_a="wide")
+
+
+def test_error_matrix_layers_of_different_sample_counts():
+    with pytest.raises(
+        DataError, match=r"'acts_a\['narrow'\]' and 'acts_b\['x'\]' must have the same number of samples"
+    ):
+        similarity_matrix(_random_layers(), {"x": np.ones((5, 2))})
+
+
+def test_error_matrix_names_the_dead_layer():
+    acts = {**_random_layers(), "dead": np.zeros((60, 4), dtype=np.float32)}
+    with pytest.raises(DataError, match=r"similarity_matrix: 'acts_a\['dead'\]' is constant over samples"):
+        similarity_matrix(acts)
+
+
+def test_error_matrix_gram_memory_limit(monkeypatch):
+    monkeypatch.setattr(sim, "_GRAM_ONLY_BYTES_LIMIT", 1000)
+    with pytest.raises(DataError, match=r"rbf_cka on 60 samples and 3 layers needs 0.0 GiB of n x n matrices"):
+        similarity_matrix(_random_layers(), measure="rbf_cka")
+
+
+def test_error_progress_not_callable():
+    with pytest.raises(ParameterError, match=r"The 'progress' parameter of similarity_matrix must be a callable"):
+        similarity_matrix(_random_layers(), progress=5)
+
+
+def test_error_minibatch_inputs():
+    x = _rng().normal(size=(20, 3))
+    with pytest.raises(DataError, match=r"minibatch_cka: no batches were given"):
+        minibatch_cka([])
+    with pytest.raises(ParameterError, match=r"The 'batches' parameter of minibatch_cka must be an iterable"):
+        minibatch_cka(5)
+    with pytest.raises(
+        DataError, match=r"minibatch_cka: batch 0 must be a pair \(x_batch, y_batch\). Got tuple of length 3"
+    ):
+        minibatch_cka([(x, x, x)])
+    with pytest.raises(DataError, match=r"minibatch_cka: batch 1 has widths \(2, 3\) but the first batch had \(3, 3\)"):
+        minibatch_cka([(x[:10], x[:10]), (x[10:, :2], x[10:])])
+    with pytest.raises(DataError, match=r"minibatch_cka needs at least 4 samples in total .* Got 3"):
+        minibatch_cka([(x[:3], x[:3])])
+    with pytest.raises(DataError, match=r"the accumulated debiased HSIC of 'y' with itself is not positive"):
+        minibatch_cka([(x[:10], np.ones((10, 2))), (x[10:], np.ones((10, 2)))])
+
+
+# ---------------------------------------------------------------------------------------------
+# plots and device
+
+
+def test_heatmap_records_estimator_and_n_and_hover_values():
+    from workbench.plots.similarity import similarity_heatmap
+
+    result = similarity_matrix(_random_layers(), measure="procrustes_distance", angular=True)
+    fig = similarity_heatmap(result)
+    title = fig.layout.title.text
+    assert "angular Procrustes distance" in title and "n = 60" in title and "lower is closer" in title
+    cells = fig.data[1]
+    assert len(cells.x) == 9 and np.allclose(np.asarray(cells.customdata), result.values.ravel())
+    assert "%{customdata:.6f}" in cells.hovertemplate
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_agrees_with_cpu():
+    a, b = _random_layers(seed=0), _random_layers(seed=1)
+    for measure in MEASURES:
+        options = {"kind": "mean"} if measure == "cca_similarity" else {}
+        cpu = similarity_matrix(a, b, measure=measure, device="cpu", **options).values
+        gpu = similarity_matrix(a, b, measure=measure, device="cuda", **options)
+        assert gpu.device.startswith("cuda")
+        np.testing.assert_allclose(gpu.values, cpu, atol=1e-9, err_msg=measure)

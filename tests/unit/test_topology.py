@@ -1,0 +1,403 @@
+"""Topology family: persistence diagrams, diagram distances, topological separability, tRSA.
+
+Known answers (circle, two clusters, exact MST = gudhi H0), invariances, the separability claims
+of arXiv 2305.15016 on synthetic blobs, the digits MLP and its training snapshots, and the error
+messages of bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gudhi
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from workbench.analyses.topology import (
+    DiagramDistanceMatrixResult,
+    PersistenceResult,
+    SeparabilityResult,
+    class_separability,
+    diagram_distance,
+    diagram_distance_matrix,
+    layer_separability,
+    persistence,
+    persistence_distance,
+    plateau_index,
+    separability_trajectory,
+    topological_rsa,
+)
+from workbench.data.datasets import blobs
+from workbench.errors import DataError, ParameterError, UnknownLayerError
+
+
+def circle(n: int, *, noise: float = 0.0, dim: int = 2, seed: int = 0, even: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    theta = np.arange(n) * 2 * np.pi / n if even else rng.uniform(0, 2 * np.pi, n)
+    pts = np.stack([np.cos(theta), np.sin(theta)], 1)
+    if dim > 2:
+        basis, _ = np.linalg.qr(rng.standard_normal((dim, 2)))
+        pts = pts @ basis.T
+    return pts + noise * rng.standard_normal(pts.shape)
+
+
+def lifetimes(dgm: np.ndarray) -> np.ndarray:
+    return dgm[:, 1] - dgm[:, 0]
+
+
+def distance_matrix(x: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(x)
+    d = torch.cdist(t, t)
+    d = (d + d.T) / 2
+    d.fill_diagonal_(0)
+    return d.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# persistence: known answers
+
+
+def test_evenly_spaced_circle_has_one_h1_bar_with_closed_form_birth_and_death():
+    n = 60
+    res = persistence(circle(n, even=True))
+    h1 = res.diagram(1)
+    assert len(h1) == 1
+    # born when neighbours join (chord of one step), dies when the chord of n/3 steps fills it
+    assert h1[0, 0] == pytest.approx(2 * math.sin(math.pi / n), rel=1e-9)
+    assert h1[0, 1] == pytest.approx(math.sqrt(3), rel=1e-9)
+    assert res.betti_curves[1][np.searchsorted(res.betti_grid, 1.0)] == 1
+    assert res.betti_curves[0][0] == n
+    assert not res.subsampled and res.subsample_indices is None
+
+
+def test_noisy_circle_has_exactly_one_long_h1_bar():
+    res = persistence(circle(150, noise=0.02, dim=5, seed=1))
+    life = lifetimes(res.diagram(1))
+    assert (life > 0.5).sum() == 1
+    assert life[0] > 1.2 and life[1] < 0.15
+
+
+def test_two_far_clusters_give_one_long_finite_h0_bar():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal((40, 3)), rng.standard_normal((40, 3)) + [60.0, 0, 0]])
+    h0 = persistence(x, max_dim=0).diagram(0)
+    assert np.isinf(h0[:, 1]).sum() == 1
+    finite = np.sort(h0[np.isfinite(h0[:, 1]), 1])[::-1]
+    assert len(finite) == 79
+    assert finite[0] > 50 and finite[1] < 5
+    assert np.all(h0[:, 0] == 0)
+
+
+def test_subsampled_noisy_circle_keeps_the_dominant_h1_bar_and_full_h0():
+    x = circle(2000, noise=0.05, dim=8, seed=2)
+    res = persistence(x, max_points=500, seed=3)
+    assert res.subsampled and res.n_points_used == 500 and res.n_points == 2000
+    assert len(np.unique(res.subsample_indices)) == 500
+    assert len(res.diagram(0)) == 2000  # H0 uses every point
+    life = lifetimes(res.diagram(1))
+    assert life[0] > 1.2 and life[0] > 5 * life[1]
+    assert "500 of 2000" in res.estimator
+
+
+def test_mst_h0_equals_gudhi_h0_exactly():
+    rng = np.random.default_rng(0)
+    for n, dim in [(30, 2), (80, 5), (150, 16)]:
+        x = rng.standard_normal((n, dim))
+        d = distance_matrix(x)
+        ours = np.sort(persistence(d, metric="precomputed", max_dim=0).diagram(0)[:, 1])
+        st = gudhi.RipsComplex(distance_matrix=d).create_simplex_tree(max_dimension=1)
+        st.compute_persistence()
+        ref = np.sort(st.persistence_intervals_in_dimension(0)[:, 1])
+        assert np.array_equal(ours, ref)
+        # from points (Prim without a distance matrix): the same up to float rounding of the distances
+        from_points = np.sort(persistence(x, max_dim=0).diagram(0)[:, 1])
+        np.testing.assert_allclose(from_points[:-1], ref[:-1], rtol=1e-12)
+
+
+def test_h1_matches_gudhi_rips_complex():
+    x = circle(70, noise=0.1, dim=3, seed=4)
+    d = distance_matrix(x)
+    ours = persistence(d, metric="precomputed")
+    st = gudhi.RipsComplex(distance_matrix=d).create_simplex_tree(max_dimension=2)
+    st.compute_persistence(homology_coeff_field=2)
+    for k in (0, 1):
+        ref = st.persistence_intervals_in_dimension(k)
+        assert gudhi.bottleneck_distance(ours.diagram(k), ref) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_collapse_path_gives_the_same_diagrams_as_the_dense_path():
+    x = circle(120, noise=0.15, dim=6, seed=5)
+    dense = persistence(x)
+    collapsed = persistence(x, memory_limit_mb=1e-6)
+    assert dense.engine == "ripser" and collapsed.engine == "collapse+ripser"
+    for k in (0, 1):
+        assert np.array_equal(dense.diagram(k), collapsed.diagram(k))
+
+
+def test_h2_of_a_sphere():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((60, 3))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    res = persistence(x, max_dim=2)
+    assert res.engine == "collapse+ripser"
+    h2 = res.diagram(2)
+    assert len(h2) == 1  # one cavity, filled once the tetrahedra span the sphere
+    assert 0.9 < h2[0, 0] < 1.4 and h2[0, 1] > 1.6
+
+
+def test_summaries_have_closed_forms():
+    # three points on a line, unit spacing: H0 finite bars [0, 1], [0, 1]
+    res = persistence(np.array([[0.0], [1.0], [2.0]]), max_dim=0, grid_size=5)
+    assert res.total_persistence[0] == pytest.approx(2.0)
+    assert res.persistence_entropy[0] == pytest.approx(math.log(2))
+    np.testing.assert_allclose(res.betti_grid, [0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_array_equal(res.betti_curves[0], [3, 3, 3, 3, 1])
+
+
+def test_persistence_is_invariant_to_rotation_translation_and_feature_permutation():
+    rng = np.random.default_rng(7)
+    x = circle(80, noise=0.1, dim=4, seed=7)
+    q, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    y = (x @ q + 5.0)[:, rng.permutation(4)]
+    a, b = persistence(x), persistence(y)
+    for k in (0, 1):
+        assert diagram_distance(a, b, dim=k).distance < 1e-9
+
+
+def test_cosine_metric_ignores_sample_scale():
+    x = circle(60, noise=0.05, dim=3, seed=8) + 3.0
+    scales = np.random.default_rng(8).uniform(0.5, 4.0, (60, 1))
+    a, b = persistence(x, metric="cosine"), persistence(x * scales, metric="cosine")
+    assert diagram_distance(a, b, dim=1).distance < 1e-9
+
+
+def test_same_seed_same_subsample_and_inputs_unchanged():
+    x = circle(400, noise=0.05, dim=3, seed=9)
+    before = x.copy()
+    a = persistence(x, max_points=100, seed=1)
+    b = persistence(x, max_points=100, seed=1)
+    np.testing.assert_array_equal(a.subsample_indices, b.subsample_indices)
+    np.testing.assert_array_equal(a.diagram(1), b.diagram(1))
+    np.testing.assert_array_equal(x, before)
+    assert a.seed == 1
+
+
+def test_duplicated_points_subsample_each_point_once():
+    x = np.repeat(circle(20, even=True), 10, axis=0)
+    res = persistence(x, max_points=50)
+    assert res.n_points_used == 20
+    assert len(res.diagram(1)) == 1
+
+
+def test_result_is_json_safe_and_progress_is_reported():
+    calls = []
+    res = persistence(circle(50, noise=0.05), progress=lambda done, total: calls.append((done, total)))
+    assert isinstance(res, PersistenceResult)
+    assert calls[-1] == (3, 3)
+    out = json.loads(json.dumps(res.to_dict()))
+    assert out["diagrams"]["0"][0][1] == "inf"
+    assert "betti_curves" in res.arrays()
+
+
+# ---------------------------------------------------------------------------------------------
+# diagram distances
+
+
+def test_bottleneck_to_itself_is_zero_and_symmetric():
+    a = persistence(circle(80, noise=0.1, seed=10))
+    b = persistence(circle(80, noise=0.3, seed=11))
+    for metric in ("bottleneck", "wasserstein"):
+        assert diagram_distance(a, a, metric=metric).distance == 0.0
+        ab = diagram_distance(a, b, metric=metric).distance
+        ba = diagram_distance(b, a, metric=metric).distance
+        assert ab > 0.01
+        assert ab == pytest.approx(ba, rel=1e-9)
+
+
+def test_bottleneck_and_wasserstein_closed_forms():
+    a = np.array([[0.0, 1.0], [0.0, 3.0]])
+    b = np.array([[0.0, 1.0]])
+    # the unmatched bar [0, 3] goes to the diagonal at L-inf cost 1.5
+    assert diagram_distance(a, b).distance == pytest.approx(1.5)
+    assert diagram_distance(a, b, metric="wasserstein").distance == pytest.approx(1.5, rel=1e-5)
+    c = np.array([[0.0, 2.0], [0.0, 4.0]])
+    assert diagram_distance(a, c, metric="wasserstein", order=1).distance == pytest.approx(2.0, rel=1e-5)
+    assert diagram_distance(a, c, metric="wasserstein", order=2).distance == pytest.approx(math.sqrt(2), rel=1e-5)
+    assert diagram_distance(a, c * 10, normalize=True).distance == pytest.approx(diagram_distance(a / 3, c / 4).distance)
+
+
+def test_persistence_distance_of_a_representation_with_itself_is_zero():
+    x = circle(60, noise=0.1, dim=3, seed=12)
+    assert persistence_distance(x, x).distance == 0.0
+    assert persistence_distance(x, x * 7.0, normalize=True).distance < 1e-9
+    assert persistence_distance(x, np.random.default_rng(0).standard_normal((60, 3))).distance > 0.1
+
+
+def test_distance_matrix_over_layers():
+    acts_a = {"l1": circle(60, noise=0.05, seed=13), "l2": circle(60, noise=0.4, seed=14)}
+    acts_b = {"m1": circle(60, noise=0.05, seed=13) * 2, "m2": np.random.default_rng(1).standard_normal((60, 2))}
+    calls = []
+    res = diagram_distance_matrix(acts_a, acts_b, progress=lambda d, t: calls.append((d, t)))
+    assert isinstance(res, DiagramDistanceMatrixResult)
+    assert res.distances.shape == (2, 2) and res.layers_a == ["l1", "l2"] and res.layers_b == ["m1", "m2"]
+    assert calls[-1][0] == calls[-1][1] == 8
+    self_res = diagram_distance_matrix(acts_a)
+    assert self_res.distances[0, 0] == 0.0
+    assert self_res.distances[0, 1] == self_res.distances[1, 0] > 0
+    given = {k: persistence(v) for k, v in acts_a.items()}
+    np.testing.assert_allclose(diagram_distance_matrix(given).distances, self_res.distances)
+
+
+# ---------------------------------------------------------------------------------------------
+# class separability
+
+
+def test_score_tracks_fisher_and_thornton_on_blobs():
+    rows = []
+    for separation in (0, 2, 4, 6, 8, 10, 12):
+        for seed in range(3):
+            data = blobs(separation, n_samples=250, n_features=64, n_classes=5, seed=seed)
+            res = class_separability(data.x, data.y, probe=False)
+            rows.append((res.score, res.fisher_ratio, res.thornton_index))
+    score, fisher, thornton = map(np.array, zip(*rows))
+    # lower score = more separable, so the correlation with higher-is-separable references is negative
+    assert spearmanr(score, fisher)[0] <= -0.8
+    assert spearmanr(score, thornton)[0] <= -0.8
+    assert score[:3].mean() > score[-3:].mean() + 0.2
+
+
+def test_separability_result_fields_and_references():
+    data = blobs(8.0, n_samples=200, n_features=16, n_classes=4, seed=0)
+    res = class_separability(data.x, data.y, cv=3)
+    assert isinstance(res, SeparabilityResult)
+    assert 0 < res.score <= 1 and res.n_classes == 4
+    assert res.thornton_index == 1.0 and res.probe_accuracy == 1.0 and res.probe_roc_auc == 1.0
+    assert res.fisher_ratio > 1 and res.calinski_harabasz > 10
+    assert len(res.normalized_times) == 199 and res.normalized_times[0] == 1.0
+    unlabelled = class_separability(data.x)
+    assert unlabelled.references() == {} and unlabelled.score == res.score
+    json.dumps(res.to_dict())
+
+
+def test_score_is_invariant_to_rotation_and_scale():
+    data = blobs(4.0, n_samples=120, n_features=8, n_classes=3, seed=1)
+    x = data.x.numpy().astype(np.float64)
+    q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((8, 8)))
+    a = class_separability(x, normalize=False).score
+    b = class_separability(3.0 * x @ q, normalize=False).score
+    assert a == pytest.approx(b, rel=1e-9)
+    assert class_separability(x).score == pytest.approx(class_separability(x * 5).score, rel=1e-12)
+
+
+def test_score_moves_towards_separable_through_the_digits_mlp(sample_model, digits_test):
+    from workbench import extract
+
+    model = sample_model("mlp_seed0")
+    acts = extract(model, digits_test, ["fc1", "relu1", "fc2", "relu2"])
+    res = layer_separability({"input": digits_test.x, **acts}, labels=digits_test.y, probe=False)
+    assert res.layers == ["input", "fc1", "relu1", "fc2", "relu2"]
+    assert res.scores[-1] < res.scores[0] - 0.05
+    assert res.references["fisher_ratio"][-1] > res.references["fisher_ratio"][0]
+
+
+def test_trajectory_over_snapshots_tracks_probe_accuracy_and_stops_at_its_plateau(sample_model_path, digits_test):
+    paths = [sample_model_path(f"mlp_narrow_seed0_epoch{e:02d}") for e in range(31)]
+    calls = []
+    res = separability_trajectory(paths, digits_test, "relu2", progress=lambda d, t: calls.append(d))
+    assert calls[-1] == 31 and len(res.scores) == 31
+    accuracy = res.references["probe_accuracy"]
+    assert spearmanr(res.scores, accuracy)[0] <= -0.7
+    probe_plateau = plateau_index(accuracy, patience=res.patience, tolerance=res.tolerance)
+    assert probe_plateau == res.reference_plateaus["probe_accuracy"]
+    assert res.stop_index is not None and probe_plateau is not None
+    assert abs(res.stop_index - probe_plateau) <= 2
+    assert res.checkpoints[0] == "mlp_narrow_seed0_epoch00"
+
+
+def test_plateau_rule_on_known_curves():
+    t = np.arange(30)
+    saturating = 1 - np.exp(-t / 3)
+    # gain over the next 3 steps <= 5% of the gain so far first holds at t = 8
+    assert plateau_index(saturating) == 8
+    assert plateau_index(-saturating, higher_is_better=False) == 8
+    assert plateau_index(t.astype(float)) is None
+    assert plateau_index(np.ones(10)) is None
+    assert plateau_index(saturating, patience=2, tolerance=0.2) < 8
+
+
+# ---------------------------------------------------------------------------------------------
+# geo-topological RSA
+
+
+def test_trsa_of_a_representation_with_itself_is_one_and_invariant():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((80, 6))
+    assert topological_rsa(x, x).similarity == pytest.approx(1.0, abs=1e-12)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    assert topological_rsa(x, 4.0 * x @ q + 1.0).similarity == pytest.approx(1.0, abs=1e-9)
+    assert abs(topological_rsa(x, rng.standard_normal((80, 6))).similarity) < 0.15
+    res = topological_rsa(x, x**3)
+    assert res.similarity == pytest.approx(topological_rsa(x**3, x).similarity, abs=1e-12)
+    assert res.rgtm_x.shape == (80, 80) and res.rgtm_x.min() == 0.0 and res.rgtm_x.max() == 1.0
+
+
+def test_trsa_transform_thresholds():
+    x = np.arange(6, dtype=float).reshape(-1, 1)
+    res = topological_rsa(x, x, lower=0.0, upper=1.0)
+    # 15 pairs; distances 1..5 with counts 5,4,3,2,1: average ranks 2,6.5,10,12.5,14 of 0..14
+    np.testing.assert_allclose(res.rgtm_x[0, 1:], np.array([2.0, 6.5, 10.0, 12.5, 14.0]) / 14)
+    tight = topological_rsa(x, x, lower=0.4, upper=0.6)
+    assert tight.rgtm_x[0, 1] == 0.0 and tight.rgtm_x[0, 5] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: persistence(np.array([[0.0, np.nan], [1.0, 2.0]])), DataError, "'x' contains 1 NaN"),
+        (lambda: persistence(np.ones(5)), DataError, "must be 2-D"),
+        (lambda: persistence(np.ones((5, 2))), DataError, "constant over samples"),
+        (lambda: persistence(np.eye(4), max_dim=3), ParameterError, "'max_dim' parameter of persistence"),
+        (lambda: persistence(np.eye(4), metric="manhattan"), ParameterError, "'metric' parameter of persistence"),
+        (lambda: persistence(np.eye(4), max_points=2), ParameterError, "'max_points'"),
+        (lambda: persistence(np.eye(4), memory_limit_mb=0), ParameterError, "'memory_limit_mb'"),
+        (lambda: persistence(np.eye(4), collapse="yes"), ParameterError, "'collapse'"),
+        (lambda: persistence(np.ones((3, 4)), metric="precomputed"), DataError, "square"),
+        (lambda: persistence(np.ones((3, 3)), metric="precomputed"), DataError, "zero diagonal"),
+        (lambda: persistence(np.triu(np.ones((3, 3)), 1), metric="precomputed"), DataError, "not symmetric"),
+        (lambda: persistence(np.array([[0.0, 0], [1, 1], [2, 0]]), metric="cosine"), DataError, "all-zero rows"),
+        (lambda: persistence(np.eye(4), max_dim=0).diagram(1), ParameterError, "dimension 1 was not computed"),
+        (lambda: diagram_distance(np.ones((3, 3)), np.ones((2, 2))), DataError, r"\(n_bars, 2\)"),
+        (lambda: diagram_distance(np.array([[2.0, 1.0]]), np.ones((1, 2))), DataError, "die before"),
+        (lambda: diagram_distance(np.ones((1, 2)), np.ones((1, 2)), metric="l2"), ParameterError, "'metric'"),
+        (lambda: diagram_distance(np.ones((1, 2)), np.ones((1, 2)), order=0.5), ParameterError, "'order'"),
+        (lambda: diagram_distance_matrix({"a": np.eye(4)}, layers_a=["b"]), UnknownLayerError, "unknown layer 'b'"),
+        (lambda: diagram_distance_matrix([np.eye(4)]), DataError, "must be Activations"),
+        (lambda: persistence_distance(np.eye(4), np.eye(5)), DataError, "same number of samples"),
+        (lambda: class_separability(np.eye(5), [0, 1]), DataError, "'labels' has 2 entries"),
+        (lambda: class_separability(np.eye(6), [0, 0, 0, 0, 0, 0]), DataError, "between 2 and n_samples - 1"),
+        (lambda: class_separability(np.eye(6), [0.5] * 6), DataError, "integer class labels"),
+        (lambda: class_separability(np.eye(6), [0, 0, 0, 1, 1, 1], cv=5), DataError, "smallest class has 3"),
+        (lambda: class_separability(np.eye(6), cv=1), ParameterError, "'cv' parameter"),
+        (lambda: class_separability(np.eye(6), normalize=1), ParameterError, "'normalize'"),
+        (lambda: layer_separability({}), DataError, "'acts' must be Activations"),
+        (lambda: plateau_index([1.0, np.nan, 2.0]), DataError, "NaN or infinite"),
+        (lambda: plateau_index([1.0, 2.0], patience=0), ParameterError, "'patience'"),
+        (lambda: separability_trajectory(["a"], None, "fc1"), ParameterError, "at least 2 checkpoints"),
+        (lambda: separability_trajectory([1, 2], None, "fc1"), ParameterError, "checkpoint 0 must be"),
+        (lambda: topological_rsa(np.eye(4), np.eye(5)), DataError, "same number of samples"),
+        (lambda: topological_rsa(np.eye(4), np.eye(4), lower=0.8, upper=0.2), ParameterError, "greater than 'lower'"),
+        (lambda: topological_rsa(np.eye(4), np.eye(4), metric="cityblock"), ParameterError, "'metric'"),
+        (lambda: topological_rsa(np.ones((4, 3)) * [[1], [2], [3], [4]], np.eye(4), metric="correlation"),
+         DataError, "correlation distance is undefined"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
