@@ -75,7 +75,11 @@ def cka_reference(
 def cka_reference_large(x: np.ndarray, y: np.ndarray, *, debiased: bool = False) -> float:
     """The same Gram formula as :func:`cka_reference` for the linear kernel, with centring and the
     Song et al. sums written as O(n^2) reductions instead of n^3 products, so it runs for n = 5000."""
-    kx, ky = gram_linear(x), gram_linear(y)
+    return cka_from_grams(gram_linear(x), gram_linear(y), debiased=debiased)
+
+
+def cka_from_grams(kx: np.ndarray, ky: np.ndarray, *, debiased: bool = False) -> float:
+    """CKA of two precomputed (uncentred) ``n x n`` Gram matrices, with O(n^2) reductions."""
     n = kx.shape[0]
     if not debiased:
 

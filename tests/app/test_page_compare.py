@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -10,6 +11,15 @@ import pytest
 from tests.app.conftest import page_errors
 
 LAYERS = ["fc1", "relu1", "fc2", "relu2", "out"]
+
+
+def _array(value) -> np.ndarray:
+    """A plotly JSON array: a list, or the typed-array form {"dtype", "bdata", "shape"}."""
+    if isinstance(value, dict):
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        shape = value.get("shape")
+        return flat.reshape([int(s) for s in str(shape).split(",")]) if shape else flat
+    return np.asarray(value)
 
 
 def _titles(at) -> list[str]:
@@ -42,7 +52,7 @@ def test_heatmap_and_detail_panel_for_two_models(compare, sample_model, digits_t
     expected = similarity_matrix(
         extract(sample_model("mlp_seed0"), digits_test, LAYERS), extract(sample_model("mlp_seed1"), digits_test, LAYERS)
     ).values
-    np.testing.assert_allclose(np.asarray(heatmap["data"][0]["z"]), expected, atol=1e-9)
+    np.testing.assert_allclose(_array(heatmap["data"][0]["z"]), expected, atol=1e-9)
     assert _metrics(at)["linear CKA"] == f"{expected[-1, -1]:.4f}"  # detail of the last cell by default
     at.selectbox(key="cmp_cell_a").set_value("fc1")
     at.selectbox(key="cmp_cell_b").set_value("fc1").run()
@@ -70,7 +80,7 @@ def test_model_with_itself_has_unit_diagonal(app):
     assert not page_errors(at)
     assert any("compared with itself" in c.value for c in at.caption)
     heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)
-    np.testing.assert_allclose(np.diag(np.asarray(heatmap["data"][0]["z"])), 1.0, atol=1e-9)
+    np.testing.assert_allclose(np.diag(_array(heatmap["data"][0]["z"])), 1.0, atol=1e-9)
     at.selectbox(key="cmp_cell_a").set_value("relu1")
     at.selectbox(key="cmp_cell_b").set_value("relu1").run()
     metrics = _metrics(at)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from tests.app.conftest import page_errors
+from tests.app.test_page_compare import _array
 
 
 def _metrics(at) -> dict[str, str]:
@@ -49,7 +48,7 @@ def test_zero_shot_stitching(app):
         spec["layout"]["title"]["text"].startswith("Zero-shot stitching")
         and "n = 450" in spec["layout"]["title"]["text"]
     )
-    bars = np.asarray(spec["data"][0]["y"])
+    bars = _array(spec["data"][0]["y"])
     assert (bars > 0.9).all()  # relative heads, own and stitched
     assert any("Trained on 1347 samples of digits (train)" in c.value for c in at.caption)
 

@@ -157,7 +157,7 @@ def test_zero_shot_stitching_between_mlps_from_different_seeds(mlp_activations, 
         digits_train.y,
         digits_test.y,
         n_anchors=64,
-        epochs=60,
+        epochs=30,
         logits_a=te_a["out"],
         logits_b=te_b["out"],
         seed=0,
@@ -179,8 +179,8 @@ def test_stitching_is_reproducible_with_a_seed():
     x_tr, x_te = rng.normal(size=(120, 5)), rng.normal(size=(40, 5))
     y_tr, y_te = (x_tr[:, 0] > 0).astype(int), (x_te[:, 0] > 0).astype(int)
     q = _orthogonal(5)
-    first = stitch(x_tr, x_tr @ q, x_te, x_te @ q, y_tr, y_te, n_anchors=20, epochs=50, head="mlp", seed=2)
-    second = stitch(x_tr, x_tr @ q, x_te, x_te @ q, y_tr, y_te, n_anchors=20, epochs=50, head="mlp", seed=2)
+    first = stitch(x_tr, x_tr @ q, x_te, x_te @ q, y_tr, y_te, n_anchors=20, epochs=20, head="mlp", seed=2)
+    second = stitch(x_tr, x_tr @ q, x_te, x_te @ q, y_tr, y_te, n_anchors=20, epochs=20, head="mlp", seed=2)
     np.testing.assert_array_equal(first.relative_accuracy, second.relative_accuracy)
     assert first.seed == 2 and first.params["head"] == "mlp" and first.own_accuracy is None
     # a rotated copy is stitched as well as the original

@@ -7,20 +7,15 @@ cuda > mps > cpu; float64 work on MPS runs on the CPU) and never modified. Singl
 Python float; :func:`similarity_matrix` compares every layer of one model with every layer of another
 (or of itself) and returns a :class:`SimilarityMatrixResult`.
 
-Measures and their direction (``*_distance`` is lower-is-closer, everything else higher-is-closer):
+Measures and their direction (``*_distance`` is lower-is-closer, everything else higher-is-closer), with
+their ranges and the changes of ``y`` they ignore (every one also ignores a permutation of the units):
 
-=========================  =============  ====================================================
-measure                    range          invariant to
-=========================  =============  ====================================================
-``linear_cka``             [0, 1]         orthogonal maps, isotropic scaling, translation
-``rbf_cka``                [0, 1]         orthogonal maps, isotropic scaling, translation
-``procrustes_distance``    [0, sqrt 2]    orthogonal maps, isotropic scaling, translation
-``cca_similarity``         [0, 1]         invertible linear maps (within the kept subspace)
-``rsa``                    [-1, 1]        orthogonal maps, isotropic scaling, translation
-=========================  =============  ====================================================
-
-(debiased CKA lies in [-1, 1]; the angular Procrustes distance in [0, pi/2]; RSA with
-``rdm="correlation"`` is also invariant to per-sample offsets and scales.)
+* ``linear_cka``, ``rbf_cka``: [0, 1] ([-1, 1] debiased); orthogonal maps, isotropic scaling, translation.
+* ``procrustes_distance``: [0, sqrt 2] ([0, pi/2] angular); orthogonal maps, isotropic scaling, translation.
+* ``cca_similarity``: [0, 1]; ``kind="mean"``: any invertible linear map and translation; ``"svcca"``:
+  orthogonal maps, isotropic scaling, translation; ``"pwcca"``: sign flips, isotropic scaling, translation.
+* ``rsa``: [-1, 1]; ``rdm="euclidean"``: orthogonal maps, isotropic scaling, translation;
+  ``rdm="correlation"``: a per-sample offset and scale (not rotations).
 
 Defined values and errors, the same for every measure:
 
@@ -203,11 +198,12 @@ def _kernel_stats(
         diag = (features * features).sum(1)
         small = features.T @ features if d <= n else features @ features.T
         self_inner = float(torch.linalg.matrix_norm(small) ** 2)
-    else:
-        assert gram is not None
+    elif gram is not None:
         n = gram.shape[0]
         diag = gram.diagonal().clone()
         self_inner = float(torch.vdot(gram.reshape(-1), gram.reshape(-1)))
+    else:
+        raise RuntimeError("kernel statistics need features or a Gram matrix")  # internal invariant
     stats = _KernelStats(features, gram, diag, float(diag.sum()), 0.0)
     self_hsic = _hsic_from_inner(self_inner, stats, stats, debiased, n)
     if self_inner <= 0.0:
@@ -215,7 +211,7 @@ def _kernel_stats(
             f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
             "pick another layer or check that the model is not dead on this dataset."
         )
-    if self_hsic <= 0.0:
+    if self_hsic <= 1e-12 * self_inner:  # zero up to rounding: the ratio below would amplify noise
         raise DataError(
             f"{func}: the debiased HSIC of '{name}' with itself is not positive ({self_hsic * _unbiased_scale(n):.3g}) "
             f"with {n} samples, so debiased CKA is undefined; use more samples or debiased=False."
@@ -293,7 +289,9 @@ def _pair_inputs(
     return xt, yt, dev
 
 
-def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False, device: str | torch.device | None = None) -> float:
+def linear_cka(
+    x: ArrayLike, y: ArrayLike, *, debiased: bool = False, device: str | torch.device | None = None
+) -> float:
     """Linear centred kernel alignment (Kornblith et al. 2019) between two representations of the same samples.
 
     ``CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with ``Xc, Yc`` the column-centred
@@ -538,7 +536,8 @@ def procrustes_distance(
     reflection, isotropic scaling or translation of ``x``.
 
     The angular variant (``angular=True``, Williams et al. 2021) is ``arccos(||X^T Y||_*)``, in
-    [0, pi/2]; it is a metric on the shapes of representations.
+    [0, pi/2]; it is a metric on the shapes of representations. Both take a square root (or arccos) of
+    ``1 - ||X^T Y||_*``, so identical shapes give values of about 1e-8, the float64 rounding floor.
 
     Args:
         x: ``(n_samples, n_features_x)`` activations.
@@ -573,7 +572,9 @@ def _cca_prep(x: torch.Tensor, name: str, func: str, kind: str, variance: float)
     if kind == "svcca":
         energy = torch.cumsum(s[:rank] ** 2, 0)
         energy = energy / energy[-1]
-        rank = min(rank, int(torch.searchsorted(energy, torch.tensor(variance, dtype=energy.dtype, device=energy.device))) + 1)
+        rank = min(
+            rank, int(torch.searchsorted(energy, torch.tensor(variance, dtype=energy.dtype, device=energy.device))) + 1
+        )
     return _CCABasis(u[:, :rank], xc)
 
 
@@ -866,29 +867,37 @@ def similarity_matrix(
     same_model = acts_b is None or acts_b is acts_a
     raw_a = _layer_tensors(acts_a, layers_a, "acts_a", func)
     raw_b = _layer_tensors(acts_a if acts_b is None else acts_b, layers_b, "acts_b", func)
-    symmetric = same_model and [n for n, _ in raw_a] == [n for n, _ in raw_b] and not (
-        measure == "cca_similarity" and kind == "pwcca"
+    symmetric = (
+        same_model
+        and [n for n, _ in raw_a] == [n for n, _ in raw_b]
+        and not (measure == "cca_similarity" and kind == "pwcca")
     )
     dev = _compute_device(device)
 
-    def load(items: list[tuple[str, ArrayLike]], arg: str) -> list[torch.Tensor]:
-        return [
-            as_matrix(t, f"{arg}['{name}']", func=func, device=dev, min_samples=spec.min_samples) for name, t in items
-        ]
-
-    xs_a = load(raw_a, "acts_a")
-    xs_b = xs_a if symmetric else load(raw_b, "acts_b")
     names_a = [f"acts_a['{name}']" for name, _ in raw_a]
     names_b = names_a if symmetric else [f"acts_b['{name}']" for name, _ in raw_b]
-    for x, name in zip(xs_a[1:] + ([] if symmetric else xs_b), names_a[1:] + ([] if symmetric else names_b)):
-        check_paired(xs_a[0], x, (names_a[0], name), func=func)
-    n = int(xs_a[0].shape[0])
-    widths_a = [int(x.shape[1]) for x in xs_a]
-    widths_b = [int(x.shape[1]) for x in xs_b]
+    items = list(zip(raw_a, names_a)) + ([] if symmetric else list(zip(raw_b, names_b)))
+    # Shapes first (no copies), so that each layer can then be converted, prepared and dropped in turn.
+    shapes = []
+    for (_, t), label in items:
+        shape = tuple(t.shape) if hasattr(t, "shape") else ()
+        if len(shape) != 2:
+            as_matrix(t, label, func=func, device=dev, min_samples=spec.min_samples)  # raises the precise error
+            shape = tuple(np.shape(t))
+        shapes.append((int(shape[0]), int(shape[1])))
+    n = shapes[0][0]
+    for (rows, _), (_, label) in zip(shapes, items):
+        if rows != n:
+            raise DataError(
+                f"{func}: '{names_a[0]}' and '{label}' must have the same number of samples (rows). "
+                f"Got {n} and {rows}; extract both on the same dataset."
+            )
+    widths_a = [w for _, w in shapes[: len(raw_a)]]
+    widths_b = widths_a if symmetric else [w for _, w in shapes[len(raw_a) :]]
     if debiased and measure in ("linear_cka", "rbf_cka"):
         _check_debiased_n(n, func)
-    n_prep = len(xs_a) + (0 if symmetric else len(xs_b))
-    n_pairs = len(xs_a) * (len(xs_a) + 1) // 2 if symmetric else len(xs_a) * len(xs_b)
+    n_prep = len(items)
+    n_pairs = len(raw_a) * (len(raw_a) + 1) // 2 if symmetric else len(raw_a) * len(raw_b)
     total = n_prep + n_pairs
     done = 0
 
@@ -929,18 +938,14 @@ def similarity_matrix(
             return _cca_from_prep(a, b, kind, (name_a, name_b), func)
         return max(-1.0, min(1.0, float(torch.dot(a, b))))
 
-    prepared_a = []
-    for x, name in zip(xs_a, names_a):
-        prepared_a.append(prepare(x, name))
+    prepared = []
+    for (_, t), label in items:
+        x = as_matrix(t, label, func=func, device=dev, min_samples=spec.min_samples)
+        prepared.append(prepare(x, label))
+        del x
         step()
-    if symmetric:
-        prepared_b = prepared_a
-    else:
-        prepared_b = []
-        for x, name in zip(xs_b, names_b):
-            prepared_b.append(prepare(x, name))
-            step()
-    del xs_a, xs_b
+    prepared_a = prepared[: len(raw_a)]
+    prepared_b = prepared_a if symmetric else prepared[len(raw_a) :]
 
     values = np.empty((len(prepared_a), len(prepared_b)))
     for i, a in enumerate(prepared_a):

@@ -1,0 +1,117 @@
+"""Similarity (A vs B): a layer x layer heatmap of one measure; click a cell for a detail panel."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _state
+from workbench.analyses.relative import relative_comparison
+from workbench.analyses.similarity import CCA_KINDS, MEASURES, RDM_COMPARISONS, RDM_KINDS, similarity_matrix
+from workbench.plots.similarity import class_agreement_bars, measure_label, relative_scatter, similarity_heatmap
+
+HELP = {
+    "measure": "Linear CKA: centred kernel alignment of linear kernels (invariant to rotations and isotropic scaling). "
+    "RBF CKA: the same with Gaussian kernels (local structure). Procrustes: distance after the best rotation "
+    "(lower is closer). CCA: canonical correlations (SVCCA / PWCCA / mean). RSA: correlation of the two "
+    "representational dissimilarity matrices.",
+    "debiased": "Song et al.'s unbiased HSIC: near 0 for unrelated layers even when layers are wider than n.",
+    "sigma": "Bandwidth as a fraction of the median distance: small values compare local neighbourhoods, large "
+    "values approach linear CKA.",
+    "angular": "A metric in [0, pi/2] instead of a distance in [0, sqrt 2].",
+    "kind": "SVCCA keeps the directions explaining 99% of the variance; PWCCA weights correlations by how much of the "
+    "neurons they explain; mean: all canonical correlations.",
+    "rdm": "1 - correlation between two samples' activations, or their Euclidean distance.",
+    "compare": "Spearman: only the order of the dissimilarities matters.",
+    "anchors": "Samples whose cosine similarities define the relative coordinates.",
+    "jaccard": "Overlap of the neighbours retrieved in B by a sample of A and by its own copy in B.",
+    "mrr": "Mean reciprocal rank of the matching sample of B when queried with a sample of A.",
+}
+
+st.title("Similarity (A vs B)")
+(model_a,) = _state.require_models(1)
+model_b = st.session_state.get(_state.MODEL_B) or model_a
+dataset = _state.require_dataset()
+if model_b is model_a:
+    st.caption("No model B is chosen: model A is compared with itself.")
+
+pooling = _state.pooling_picker("cmp_pooling")
+col_a, col_b = st.columns(2)
+with col_a:
+    layers_a = _state.layer_picker(model_a, key="cmp_layers_a", label=f"Layers of A ({model_a.name})")
+with col_b:
+    layers_b = _state.layer_picker(model_b, key="cmp_layers_b", label=f"Layers of B ({model_b.name})")
+if not layers_a or not layers_b:
+    st.info("Pick at least one layer of each model.")
+    st.stop()
+
+col_m, col_o = st.columns(2)
+measure = col_m.selectbox("Measure", MEASURES, format_func=measure_label, key="cmp_measure", help=HELP["measure"])
+options: dict = {}
+with col_o:
+    if measure in ("linear_cka", "rbf_cka"):
+        options["debiased"] = st.checkbox("Debiased (unbiased HSIC)", key="cmp_debiased", help=HELP["debiased"])
+    if measure == "rbf_cka":
+        options["sigma"] = st.slider("Bandwidth sigma", 0.1, 4.0, 0.8, 0.1, key="cmp_sigma", help=HELP["sigma"])
+    if measure == "procrustes_distance":
+        options["angular"] = st.checkbox(
+            "Angular (arccos of the nuclear norm)", key="cmp_angular", help=HELP["angular"]
+        )
+    if measure == "cca_similarity":
+        options["kind"] = st.selectbox("CCA summary", CCA_KINDS, key="cmp_cca_kind", help=HELP["kind"])
+    if measure == "rsa":
+        options["rdm"] = st.selectbox("Dissimilarity", RDM_KINDS, key="cmp_rdm", help=HELP["rdm"])
+        options["compare"] = st.selectbox("RDM comparison", RDM_COMPARISONS, key="cmp_compare", help=HELP["compare"])
+
+with _state.guard():
+    acts_a = _state.cached_activations(model_a, dataset, layers_a, pooling)
+    same = model_b is model_a and layers_b == layers_a
+    acts_b = acts_a if same else _state.cached_activations(model_b, dataset, layers_b, pooling)
+    with _state.progress_bar("Comparing layers…") as progress:
+        other = None if same else acts_b
+        result = _state.cached_call(similarity_matrix, acts_a, other, measure=measure, progress=progress, **options)
+
+heatmap = similarity_heatmap(result)
+event = st.plotly_chart(heatmap, key="cmp_heatmap", on_select="rerun", selection_mode="points", width="stretch")
+st.caption(
+    f"{result.estimator}; n = {result.n_samples} samples of {dataset.name}, pooling '{pooling}'. "
+    "Hover a cell for its exact value; click it to open its detail below."
+)
+title = f"{measure_label(measure)}: {result.model_a} vs {result.model_b}"
+_state.report_button(title, result, [heatmap], key="cmp_report")
+
+# the detail panel follows a click on the heatmap, or the two selectors below
+points = list(event.selection.points) if event and event.selection else []
+clicked = (points[0].get("y"), points[0].get("x")) if points else None
+if clicked and clicked != st.session_state.get("cmp_last_click"):
+    st.session_state["cmp_last_click"] = clicked
+    st.session_state["cmp_cell_a"], st.session_state["cmp_cell_b"] = clicked
+for key, names in (("cmp_cell_a", result.layers_a), ("cmp_cell_b", result.layers_b)):
+    if st.session_state.get(key) not in names:
+        st.session_state[key] = names[-1]
+
+st.subheader("Detail of one cell")
+col_a, col_b, col_n = st.columns(3)
+cell_a = col_a.selectbox("Layer of A", result.layers_a, key="cmp_cell_a")
+cell_b = col_b.selectbox("Layer of B", result.layers_b, key="cmp_cell_b")
+n = result.n_samples
+n_anchors = col_n.slider("Anchors", 4, min(256, n), min(64, n), key="cmp_anchors", help=HELP["anchors"])
+labels = dataset.y if dataset.n_classes else None
+with _state.guard():
+    x_a, x_b = acts_a[cell_a], acts_b[cell_b]
+    detail = _state.cached_call(relative_comparison, x_a, x_b, n_anchors=n_anchors, k=min(10, n - 1), labels=labels)
+value = float(result.values[result.layers_a.index(cell_a), result.layers_b.index(cell_b)])
+agreement = detail.agreement
+gain = None
+if agreement.absolute_mean_jaccard is not None:
+    gain = f"{agreement.mean_jaccard - agreement.absolute_mean_jaccard:+.3f} vs absolute"
+cols = st.columns(3)
+cols[0].metric(measure_label(measure), f"{value:.4f}", help=result.estimator)
+cols[1].metric(f"Jaccard@{agreement.k} (relative)", f"{agreement.mean_jaccard:.3f}", delta=gain, help=HELP["jaccard"])
+cols[2].metric("MRR (relative)", f"{agreement.mrr:.3f}", help=HELP["mrr"])
+left, right = st.columns(2)
+scatter = relative_scatter(detail, label_a=f"{model_a.name}.{cell_a}", label_b=f"{model_b.name}.{cell_b}")
+bars = class_agreement_bars(agreement)
+left.plotly_chart(scatter, key="cmp_scatter", width="stretch")
+right.plotly_chart(bars, key="cmp_classes", width="stretch")
+title = f"Relative representations: {model_a.name}.{cell_a} vs {model_b.name}.{cell_b}"
+_state.report_button(title, detail, [scatter, bars], key="cmp_detail_report")

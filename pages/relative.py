@@ -1,0 +1,138 @@
+"""Relative representations: cross-model agreement per layer (relative vs absolute) and zero-shot stitching."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from pages import _state
+from workbench.analyses.relative import ANCHOR_METHODS, HEADS, relative_agreement_by_layer, stitch
+from workbench.plots.similarity import layer_agreement_bars, stitching_bars
+
+HELP = {
+    "layers": "Layer names that both models have; each is compared with its namesake.",
+    "anchors": "Number of anchor samples: the width of the relative representation.",
+    "method": "random (as in the paper), farthest-point sampling, or k-means medoids in A's space.",
+    "k": "Neighbourhood size of the retrieval overlap (Jaccard@k).",
+    "center": "Subtract the anchors' mean embedding before taking cosines (spreads out ReLU activations).",
+    "head": "LayerNorm + linear layer, or a small MLP.",
+    "epochs": "Full-batch Adam steps per head.",
+}
+
+st.title("Relative representations")
+st.caption(
+    "Each sample becomes its vector of cosine similarities to a set of anchor samples (Moschella et al., ICLR 2023). "
+    "Models trained from different seeds differ by near-isometries, which these coordinates ignore."
+)
+model_a, model_b = _state.require_models(2)
+dataset = _state.require_dataset()
+n = dataset.n_samples
+
+pooling = _state.pooling_picker("rel_pooling")
+shared = [name for name in _state.default_layers(model_a) if name in set(_state.default_layers(model_b))]
+if shared:
+    layers = st.multiselect("Layers (in both models)", shared, default=shared, key="rel_layers", help=HELP["layers"])
+    pairs = [(name, name) for name in layers]
+else:
+    col_a, col_b = st.columns(2)
+    with col_a:
+        picked_a = _state.layer_picker(model_a, key="rel_layers_a", label=f"Layers of A ({model_a.name})")
+    with col_b:
+        picked_b = _state.layer_picker(model_b, key="rel_layers_b", label=f"Layers of B ({model_b.name})")
+    if len(picked_a) != len(picked_b):
+        st.info("The models share no layer names: pick the same number of layers in each; they are paired in order.")
+        st.stop()
+    pairs = list(zip(picked_a, picked_b))
+if not pairs:
+    st.info("Pick at least one layer.")
+    st.stop()
+
+cols = st.columns(4)
+n_anchors = cols[0].slider("Anchors", 4, min(512, n), min(64, n), key="rel_anchors", help=HELP["anchors"])
+method = cols[1].selectbox("Anchor choice", ANCHOR_METHODS, key="rel_method", help=HELP["method"])
+k = cols[2].slider("k", 1, min(50, n - 1), min(10, n - 1), key="rel_k", help=HELP["k"])
+seed = int(
+    cols[3].number_input("Seed", min_value=0, value=0, step=1, key="rel_seed", help="Seed of the anchor choice.")
+)
+center = st.checkbox("Centre on the anchors' mean", key="rel_center", help=HELP["center"])
+
+with _state.guard():
+    acts_a = _state.cached_activations(model_a, dataset, list(dict.fromkeys(a for a, _ in pairs)), pooling)
+    acts_b = _state.cached_activations(model_b, dataset, list(dict.fromkeys(b for _, b in pairs)), pooling)
+    options = {"layers": pairs, "n_anchors": n_anchors, "method": method, "center": center, "k": k, "seed": seed}
+    with _state.progress_bar("Comparing layers…") as progress:
+        result = _state.cached_call(relative_agreement_by_layer, acts_a, acts_b, progress=progress, **options)
+
+best = int(np.argmax(result.jaccard))
+absolute = result.absolute_jaccard[best]
+cols = st.columns(3)
+cols[0].metric(f"Best relative Jaccard@{k}", f"{result.jaccard[best]:.3f}", help=f"layer {result.layers_a[best]}")
+cols[1].metric(f"Absolute Jaccard@{k} there", "n/a (widths differ)" if np.isnan(absolute) else f"{absolute:.3f}")
+cols[2].metric("Relative MRR there", f"{result.mrr[best]:.3f}")
+fig = layer_agreement_bars(result)
+st.plotly_chart(fig, key="rel_layers_chart", width="stretch")
+table = {"layer of A": list(result.layers_a), "layer of B": list(result.layers_b), "Jaccard relative": result.jaccard}
+table.update({"Jaccard absolute": result.absolute_jaccard, "MRR relative": result.mrr})
+table.update({"MRR absolute": result.absolute_mrr, "cosine relative": result.cosine})
+st.dataframe(table, hide_index=True, width="stretch", key="rel_table")
+st.caption(
+    f"{result.estimator}; n = {result.n_samples} samples of {dataset.name}. "
+    "Absolute values are missing where the two layers have different widths."
+)
+_state.report_button(f"Relative representations: {model_a.name} vs {model_b.name}", result, [fig], key="rel_report")
+
+st.subheader("Zero-shot stitching")
+st.caption(
+    "A head is trained on one model's relative representation of the training samples and applied unchanged "
+    "to the other model's: the encoder of one model with the head of the other."
+)
+if not dataset.n_classes:
+    st.info("Stitching needs a dataset with class labels.")
+    st.stop()
+cols = st.columns(3)
+pair_names = [a if a == b else f"{a} / {b}" for a, b in pairs]
+chosen = cols[0].selectbox(
+    "Layer (usually the last hidden one)", pair_names, index=max(0, len(pairs) - 2), key="rel_sl"
+)
+layer_pair = pairs[pair_names.index(chosen)]
+head = cols[1].selectbox("Head", HEADS, key="rel_head", help=HELP["head"])
+epochs = cols[2].slider("Training steps", 20, 500, 100, 10, key="rel_epochs", help=HELP["epochs"])
+if not st.toggle("Run zero-shot stitching", key="rel_stitch"):
+    st.stop()
+
+
+def splits(data):
+    """The digits train split for training when the digits test split is shown, else a seeded 70/30 split."""
+    if data.name.startswith("digits") and data.info.get("split") == "test":
+        return _state.load_builtin_dataset("digits", "train"), data
+    order = np.random.default_rng(0).permutation(data.n_samples)
+    cut = int(0.7 * data.n_samples)
+    return data.subset(order[:cut], f"{data.name} [70%]"), data.subset(order[cut:], f"{data.name} [30%]")
+
+
+def output_layer(model):
+    names = [i.name for i in _state.cached_layer_info(model) if i.output_shape is not None]
+    return names[-1] if names else None
+
+
+with _state.guard():
+    train, test = splits(dataset)
+    (la, lb), out_a, out_b = layer_pair, output_layer(model_a), output_layer(model_b)
+    tr_a = _state.cached_activations(model_a, train, [la], pooling)
+    tr_b = _state.cached_activations(model_b, train, [lb], pooling)
+    te_a = _state.cached_activations(model_a, test, list(dict.fromkeys([la, out_a])), pooling)
+    te_b = _state.cached_activations(model_b, test, list(dict.fromkeys([lb, out_b])), pooling)
+    logits = [te[out] if te[out].shape[1] == test.n_classes else None for te, out in ((te_a, out_a), (te_b, out_b))]
+    logits = logits if all(lg is not None for lg in logits) else [None, None]
+    options = {"n_anchors": min(n_anchors, train.n_samples), "method": method, "center": center, "head": head}
+    options.update({"epochs": epochs, "logits_a": logits[0], "logits_b": logits[1], "seed": seed})
+    stitched = _state.cached_call(stitch, tr_a[la], tr_b[lb], te_a[la], te_b[lb], train.y, test.y, **options)
+absolute_acc = stitched.absolute_accuracy
+cols = st.columns(3)
+cols[0].metric("B → head of A (stitched)", f"{stitched.relative_accuracy[1, 0]:.3f}")
+cols[1].metric("Absolute stitching", "n/a (widths differ)" if absolute_acc is None else f"{absolute_acc[1, 0]:.3f}")
+cols[2].metric("Own head of A", "n/a" if stitched.own_accuracy is None else f"{stitched.own_accuracy[0]:.3f}")
+fig = stitching_bars(stitched, name_a=model_a.name, name_b=model_b.name)
+st.plotly_chart(fig, key="rel_stitch_chart", width="stretch")
+st.caption(f"Trained on {train.n_samples} samples of {train.name}, tested on {test.n_samples} of {test.name}.")
+_state.report_button(f"Zero-shot stitching: {model_a.name}, {model_b.name}", stitched, [fig], key="rel_stitch_report")

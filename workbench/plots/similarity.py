@@ -1,0 +1,269 @@
+"""Figures for representational similarity and relative representations.
+
+Each builder takes a Result and returns a plotly figure; the title's second line carries the estimator
+and the number of samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from workbench.analyses.relative import (
+    RelativeAgreementResult,
+    RelativeComparisonResult,
+    RelativeLayerAgreementResult,
+    StitchingResult,
+)
+from workbench.analyses.similarity import SimilarityMatrixResult
+from workbench.plots._style import MODEL_COLORS, titled
+
+_MEASURE_LABELS = {
+    "linear_cka": "linear CKA",
+    "rbf_cka": "RBF CKA",
+    "procrustes_distance": "Procrustes distance",
+    "cca_similarity": "CCA similarity",
+    "rsa": "RSA",
+}
+_RELATIVE_COLOR = MODEL_COLORS[2]
+_ABSOLUTE_COLOR = "#7f7f7f"
+
+
+def measure_label(measure: str) -> str:
+    """Readable name of a ``similarity_matrix`` measure."""
+    return _MEASURE_LABELS.get(measure, measure)
+
+
+def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None = None) -> go.Figure:
+    """Layer x layer heatmap of ``result.values``: rows are model A's layers (top to bottom), columns B's.
+
+    Hovering a cell shows the exact value. Every cell also carries an invisible marker, so that a click
+    selects it (``st.plotly_chart(..., on_select="rerun")`` reports the point's ``x``/``y`` layer names).
+    ``annotate`` writes the values into the cells (default: when the grid has at most 12 x 12 cells).
+    """
+    values = np.asarray(result.values)
+    label = measure_label(result.measure)
+    annotate = values.size <= 144 if annotate is None else annotate
+    is_cka = result.measure in ("linear_cka", "rbf_cka", "cca_similarity") and not result.params.get("debiased", False)
+    zmin, zmax = (0.0, 1.0) if is_cka else (None, None)
+    fig = go.Figure()
+    fig.add_trace(
+        go.Heatmap(
+            z=values,
+            x=list(result.layers_b),
+            y=list(result.layers_a),
+            zmin=zmin,
+            zmax=zmax,
+            colorscale="Viridis" if result.higher_is_closer else "Viridis_r",
+            colorbar={"title": {"text": label}},
+            texttemplate="%{z:.2f}" if annotate else None,
+            hoverinfo="skip",
+        )
+    )
+    rows, cols = np.meshgrid(np.arange(values.shape[0]), np.arange(values.shape[1]), indexing="ij")
+    fig.add_trace(
+        go.Scatter(
+            x=[result.layers_b[j] for j in cols.ravel()],
+            y=[result.layers_a[i] for i in rows.ravel()],
+            customdata=values.ravel(),
+            mode="markers",
+            marker={"symbol": "square", "size": 28, "opacity": 0.0, "color": "#000000"},
+            hovertemplate=f"A ({result.model_a}): %{{y}}<br>B ({result.model_b}): %{{x}}<br>{label} = %{{customdata:.6f}}<extra></extra>",
+            showlegend=False,
+            name="cells",
+        )
+    )
+    fig.update_xaxes(title_text=f"layers of B ({result.model_b})", type="category", tickangle=-45)
+    fig.update_yaxes(title_text=f"layers of A ({result.model_a})", type="category", autorange="reversed")
+    fig.update_layout(height=max(360, 46 * values.shape[0] + 180), clickmode="event+select")
+    direction = "higher is closer" if result.higher_is_closer else "lower is closer"
+    return titled(
+        fig,
+        f"{label}: {result.model_a} vs {result.model_b} ({direction})",
+        estimator=result.estimator,
+        n=result.n_samples,
+    )
+
+
+def relative_scatter(
+    result: RelativeComparisonResult, *, label_a: str = "A", label_b: str = "B", max_points: int = 6000
+) -> go.Figure:
+    """Each (sample, anchor) pair as a point: its cosine to the anchor in A (x) against in B (y).
+
+    Points on the diagonal mean the two models place the sample identically relative to the anchors.
+    Coloured by the sample's class when labels are known. At most ``max_points`` points are drawn (every
+    k-th pair, in sample order).
+    """
+    ra = np.asarray(result.relative_a)
+    rb = np.asarray(result.relative_b)
+    stride = max(1, int(np.ceil(ra.size / max_points)))
+    xs = ra.ravel()[::stride]
+    ys = rb.ravel()[::stride]
+    fig = go.Figure()
+    if result.labels is not None:
+        sample_labels = np.repeat(np.asarray(result.labels), ra.shape[1])[::stride]
+        for i, cls in enumerate(np.unique(sample_labels)):
+            mask = sample_labels == cls
+            fig.add_trace(
+                go.Scattergl(
+                    x=xs[mask],
+                    y=ys[mask],
+                    mode="markers",
+                    name=f"class {cls}",
+                    marker={"size": 3, "opacity": 0.5, "color": _palette(i)},
+                    hovertemplate=f"class {cls}<br>A %{{x:.3f}}<br>B %{{y:.3f}}<extra></extra>",
+                )
+            )
+    else:
+        fig.add_trace(go.Scattergl(x=xs, y=ys, mode="markers", name="pairs", marker={"size": 3, "opacity": 0.5}))
+    low = float(min(xs.min(), ys.min()))
+    fig.add_trace(
+        go.Scatter(
+            x=[low, 1.0], y=[low, 1.0], mode="lines", name="A = B", line={"color": "black", "dash": "dash", "width": 1}
+        )
+    )
+    fig.update_xaxes(title_text=f"cosine to anchor in A ({label_a})")
+    fig.update_yaxes(title_text=f"cosine to anchor in B ({label_b})")
+    fig.update_layout(height=480)
+    agreement = result.agreement
+    return titled(
+        fig,
+        f"Relative coordinates, A vs B (Jaccard@{agreement.k} {agreement.mean_jaccard:.3f}, MRR {agreement.mrr:.3f})",
+        estimator=result.estimator,
+        n=result.n_samples,
+    )
+
+
+def class_agreement_bars(result: RelativeAgreementResult) -> go.Figure:
+    """Mean Jaccard@k per class, relative vs absolute representations (needs labels)."""
+    fig = go.Figure()
+    if result.classes is None or result.class_jaccard is None:
+        fig.add_annotation(text="No class labels: per-class agreement needs a labelled dataset.", showarrow=False)
+        return titled(fig, "Agreement per class", estimator=result.estimator, n=result.n_samples)
+    names = [str(c) for c in result.classes]
+    fig.add_trace(
+        go.Bar(
+            x=names,
+            y=result.class_jaccard,
+            name="relative",
+            marker_color=_RELATIVE_COLOR,
+            hovertemplate="class %{x}<br>relative Jaccard %{y:.3f}<extra></extra>",
+        )
+    )
+    if result.absolute_class_jaccard is not None:
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=result.absolute_class_jaccard,
+                name="absolute",
+                marker_color=_ABSOLUTE_COLOR,
+                hovertemplate="class %{x}<br>absolute Jaccard %{y:.3f}<extra></extra>",
+            )
+        )
+    fig.update_xaxes(title_text="class", type="category")
+    fig.update_yaxes(title_text=f"mean Jaccard@{result.k}", range=[0, 1])
+    fig.update_layout(barmode="group", height=380)
+    return titled(fig, "Cross-model agreement per class", estimator=result.estimator, n=result.n_samples)
+
+
+def layer_agreement_bars(result: RelativeLayerAgreementResult) -> go.Figure:
+    """Jaccard@k and MRR per layer pair, relative next to absolute (absolute missing where widths differ)."""
+    names = [a if a == b else f"{a} / {b}" for a, b in zip(result.layers_a, result.layers_b)]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"Jaccard@{result.k}", "MRR"), horizontal_spacing=0.08)
+    for col, (rel, ab) in enumerate(((result.jaccard, result.absolute_jaccard), (result.mrr, result.absolute_mrr)), 1):
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=rel,
+                name="relative",
+                marker_color=_RELATIVE_COLOR,
+                legendgroup="relative",
+                showlegend=col == 1,
+                hovertemplate="%{x}<br>relative %{y:.3f}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=ab,
+                name="absolute",
+                marker_color=_ABSOLUTE_COLOR,
+                legendgroup="absolute",
+                showlegend=col == 1,
+                hovertemplate="%{x}<br>absolute %{y:.3f}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+    fig.update_yaxes(range=[0, 1])
+    fig.update_xaxes(type="category")
+    fig.update_layout(barmode="group", height=400)
+    return titled(
+        fig,
+        f"Cross-model retrieval per layer: {result.model_a} vs {result.model_b}",
+        estimator=result.estimator,
+        n=result.n_samples,
+    )
+
+
+def stitching_bars(result: StitchingResult, *, name_a: str = "A", name_b: str = "B") -> go.Figure:
+    """Test accuracy of each encoder -> head combination, relative vs absolute, with own heads and chance."""
+    combos = [(0, 0), (1, 0), (1, 1), (0, 1)]
+    names = (name_a, name_b)
+    labels = [f"{names[e]} → head of {names[h]}" + (" (stitched)" if e != h else "") for e, h in combos]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=[result.relative_accuracy[e, h] for e, h in combos],
+            name="relative head",
+            marker_color=_RELATIVE_COLOR,
+            hovertemplate="%{x}<br>accuracy %{y:.3f}<extra></extra>",
+        )
+    )
+    if result.absolute_accuracy is not None:
+        fig.add_trace(
+            go.Bar(
+                x=labels,
+                y=[result.absolute_accuracy[e, h] for e, h in combos],
+                name="absolute head",
+                marker_color=_ABSOLUTE_COLOR,
+                hovertemplate="%{x}<br>accuracy %{y:.3f}<extra></extra>",
+            )
+        )
+    if result.own_accuracy is not None:
+        for i, acc in enumerate(result.own_accuracy):
+            fig.add_hline(
+                y=float(acc),
+                line={"color": MODEL_COLORS[i], "dash": "dot", "width": 1},
+                annotation_text=f"own head of {names[i]}: {acc:.3f}",
+                annotation_position="bottom right",
+            )
+    fig.add_hline(
+        y=result.chance_accuracy,
+        line={"color": "black", "dash": "dash", "width": 1},
+        annotation_text=f"chance {result.chance_accuracy:.3f}",
+        annotation_position="top left",
+    )
+    fig.update_yaxes(title_text="test accuracy", range=[0, 1.05])
+    fig.update_layout(barmode="group", height=420)
+    return titled(fig, "Zero-shot stitching", estimator=result.estimator, n=result.n_samples)
+
+
+def _palette(i: int) -> str:
+    colors = (
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    )
+    return colors[i % len(colors)]
