@@ -211,3 +211,58 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     if "a" in ctx._acts:
         ctx.layers_a = ctx._acts["a"].layers
     return Section(entry.title, result, figures, snippet=_snippet(entry, ctx, merged))
+
+
+# ---------------------------------------------------------------------------------------------
+# pairwise measures and their declared properties
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A function of two representations of the same samples, ``fn(x, y, device=None) -> float``.
+
+    ``higher_is_closer``: similarity (1 for identical inputs) or distance (0 for identical inputs).
+    ``invariant_to``: transforms of one input that leave the value unchanged: ``rotation``
+    (orthogonal map of the features), ``permutation`` (of the features), ``scale`` (isotropic),
+    ``translation`` (adding a constant vector), ``linear`` (any invertible linear map).
+    ``noise_bound``: independent Gaussian features (n=600, d=5) score below this (similarities) or
+    above it (distances).
+    """
+
+    name: str
+    fn: Callable[..., float]
+    higher_is_closer: bool
+    symmetric: bool
+    invariant_to: frozenset[str]
+    noise_bound: float
+    min_samples: int = 2
+    stochastic: bool = False
+    identity_tolerance: float = 1e-6
+
+
+def _measures() -> list[Measure]:
+    from functools import partial
+
+    from workbench.analyses import similarity as s
+
+    rigid = frozenset({"rotation", "permutation", "scale", "translation"})
+    return [
+        Measure("linear_cka", s.linear_cka, True, True, rigid, 0.1),
+        Measure("linear_cka_debiased", partial(s.linear_cka, debiased=True), True, True, rigid, 0.05, min_samples=4),
+        Measure("rbf_cka", s.rbf_cka, True, True, rigid, 0.1),
+        Measure("rbf_cka_debiased", partial(s.rbf_cka, debiased=True), True, True, rigid, 0.05, min_samples=4),
+        Measure("procrustes_distance", s.procrustes_distance, False, True, rigid, 0.9, identity_tolerance=1e-6),
+        Measure("procrustes_angular", partial(s.procrustes_distance, angular=True), False, True, rigid, 0.9),
+        Measure("svcca", partial(s.cca_similarity, kind="svcca"), True, True,
+                frozenset({"rotation", "permutation", "scale", "translation"}), 0.2, min_samples=3),
+        Measure("mean_cca", partial(s.cca_similarity, kind="mean"), True, True,
+                frozenset({"rotation", "permutation", "scale", "translation", "linear"}), 0.2, min_samples=3),
+        Measure("pwcca", partial(s.cca_similarity, kind="pwcca"), True, False,
+                frozenset({"permutation", "scale", "translation"}), 0.2, min_samples=3),
+        Measure("rsa_correlation_spearman", s.rsa, True, True, frozenset({"permutation", "scale"}), 0.1, min_samples=3),
+        Measure("rsa_euclidean_pearson", partial(s.rsa, rdm="euclidean", compare="pearson"), True, True, rigid, 0.1,
+                min_samples=3),
+    ]
+
+
+MEASURES: list[Measure] = _measures()
