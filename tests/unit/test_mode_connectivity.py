@@ -140,6 +140,11 @@ def test_hand_written_spec_permutes_only_what_it_names(sample_model, digits_test
     result = weight_matching(mlp, permuted, spec=spec)
     assert list(result.permutations) == ["P1"]
     np.testing.assert_array_equal(result.permutations["P1"], np.argsort(perm))
+    pair = mode_connectivity(mlp, permuted, digits_test, methods=["weight_matching"], n_points=3, spec=spec)
+    assert list(pair.weight_matching.permutations) == ["P1"] and pair.layers.distance_after.max() < 1e-12
+    merged = merge([mlp, permuted], digits_test, spec=spec, max_rounds=1)
+    assert list(merged.permutations[0]) == ["P1"]
+    assert merged.merged_accuracy == pytest.approx(merged.member_accuracy[0], abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +167,9 @@ def test_matching_a_permuted_copy_recovers_the_permutation_and_no_barrier(name, 
     curve = interpolate(model, apply_permutation(copy_b, result), digits_test, n_points=5)
     barrier = loss_barrier(curve)
     assert abs(barrier.linear["test"]) < 1e-6 and abs(barrier.mean["test"]) < 1e-6
+    layers = layer_alignment(model, copy_b, result, top_k=3)  # aligned copy = model: distance 0, directions equal
+    assert np.all(layers.distance_after < 1e-12) and np.all(layers.distance_before > 0.1)
+    np.testing.assert_allclose(layers.alignment_after, 1.0, atol=1e-8)
     found = activation_matching(model, copy_b, digits_test)
     for p, perm in perms.items():
         np.testing.assert_array_equal(found.permutations[p], np.argsort(perm))

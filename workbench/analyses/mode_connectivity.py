@@ -37,7 +37,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from workbench.analyses._result import Result
-from workbench.analyses._validation import check_choice, check_int
+from workbench.analyses._validation import check_choice, check_float, check_int
 from workbench.device import float64_device, resolve_device
 from workbench.errors import ArchitectureError, DataError, ParameterError, did_you_mean, format_choices
 
@@ -230,8 +230,9 @@ class MergeResult(Result):
     ``names``: the members. ``member_loss`` / ``member_accuracy``: ``(n_models,)`` on the evaluation
     dataset; ``merged_*``: the average of the aligned members; ``naive_*``: the plain average without
     alignment. ``permutations[m]``: the permutations applied to member ``m`` (see
-    :func:`merged_model`). ``n_rounds``: alignment rounds run; ``reset_bn``: whether BatchNorm
-    statistics of the averaged models were recomputed.
+    :func:`merged_model`). ``objective``: ``(n_rounds + 1,)`` the alignment objective
+    ``Σ_{i<j} ⟨π_i θ_i, π_j θ_j⟩`` before the first and after each round; ``n_rounds``: rounds run;
+    ``reset_bn``: whether BatchNorm statistics of the averaged models were recomputed.
     """
 
     names: tuple[str, ...]
@@ -243,6 +244,7 @@ class MergeResult(Result):
     naive_loss: float
     naive_accuracy: float
     permutations: tuple[dict[str, np.ndarray], ...]
+    objective: np.ndarray
     n_rounds: int
     reset_bn: bool
     estimator: str
@@ -313,10 +315,14 @@ def _model_name(model: Any, default: str) -> str:
 
 def _check_progress(progress: Any, func: str) -> None:
     if progress is not None and not callable(progress):
-        raise ParameterError(f"The 'progress' parameter of {func} must be a callable (done, total) or None. Got {progress!r}.")
+        raise ParameterError(
+            f"The 'progress' parameter of {func} must be a callable (done, total) or None. Got {progress!r}."
+        )
 
 
-def _check_same_architecture(a: nn.Module, b: nn.Module, func: str, names: tuple[str, str] = ("model_a", "model_b")) -> None:
+def _check_same_architecture(
+    a: nn.Module, b: nn.Module, func: str, names: tuple[str, str] = ("model_a", "model_b")
+) -> None:
     """Raise :class:`ArchitectureError` naming the first module or parameter where ``b`` differs from ``a``."""
     mods_a = [(n, type(m).__name__) for n, m in a.named_modules()]
     mods_b = [(n, type(m).__name__) for n, m in b.named_modules()]
@@ -327,7 +333,9 @@ def _check_same_architecture(a: nn.Module, b: nn.Module, func: str, names: tuple
                     f"{func}: {names[0]} and {names[1]} have different architectures: module '{na}' ({ta}) in {names[0]} "
                     f"is '{nb}' ({tb}) in {names[1]}; compare models of the same architecture."
                 )
-        longer, extra = (names[0], mods_a[len(mods_b)]) if len(mods_a) > len(mods_b) else (names[1], mods_b[len(mods_a)])
+        longer, extra = (
+            (names[0], mods_a[len(mods_b)]) if len(mods_a) > len(mods_b) else (names[1], mods_b[len(mods_a)])
+        )
         raise ArchitectureError(
             f"{func}: {names[0]} and {names[1]} have different architectures: only {longer} has module '{extra[0]}' "
             f"({extra[1]}); compare models of the same architecture."
@@ -355,7 +363,9 @@ def _check_same_architecture(a: nn.Module, b: nn.Module, func: str, names: tuple
 def _check_finite_weights(module: nn.Module, name: str, func: str) -> None:
     for key, t in module.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise DataError(f"{func}: parameter '{key}' of {name} contains NaN or infinite values; check the checkpoint.")
+            raise DataError(
+                f"{func}: parameter '{key}' of {name} contains NaN or infinite values; check the checkpoint."
+            )
 
 
 def _check_dataset(dataset: Any, name: str, func: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,9 +373,13 @@ def _check_dataset(dataset: Any, name: str, func: str) -> tuple[torch.Tensor, to
     x = getattr(dataset, "x", None)
     y = getattr(dataset, "y", None)
     if not isinstance(x, torch.Tensor):
-        raise ParameterError(f"{func}: '{name}' must be a Dataset (workbench.data.load_dataset). Got {type(dataset).__name__}.")
+        raise ParameterError(
+            f"{func}: '{name}' must be a Dataset (workbench.data.load_dataset). Got {type(dataset).__name__}."
+        )
     if y is None:
-        raise DataError(f"{func}: '{name}' has no labels, but loss and accuracy need class labels; load a labelled dataset.")
+        raise DataError(
+            f"{func}: '{name}' has no labels, but loss and accuracy need class labels; load a labelled dataset."
+        )
     if y.dtype.is_floating_point:
         raise DataError(f"{func}: '{name}' has continuous targets, but loss and accuracy need integer class labels.")
     if x.shape[0] < 1:
@@ -376,7 +390,9 @@ def _check_dataset(dataset: Any, name: str, func: str) -> tuple[torch.Tensor, to
 def _check_spec(spec: Any, state: Mapping[str, torch.Tensor], func: str) -> dict[str, int]:
     """Validate a spec against a state dict; return permutation name -> size."""
     if not isinstance(spec, PermutationSpec):
-        raise ParameterError(f"The 'spec' parameter of {func} must be a PermutationSpec or None. Got {type(spec).__name__}.")
+        raise ParameterError(
+            f"The 'spec' parameter of {func} must be a PermutationSpec or None. Got {type(spec).__name__}."
+        )
     sizes: dict[str, int] = {}
     for key, axes in spec.axes.items():
         if key not in state:
@@ -417,7 +433,12 @@ def _check_permutations(perms: Any, sizes: Mapping[str, int], func: str) -> dict
             )
         arr = perm.detach().cpu().numpy() if isinstance(perm, torch.Tensor) else np.asarray(perm)
         n = sizes[name]
-        if arr.ndim != 1 or arr.shape[0] != n or arr.dtype.kind not in "iu" or not np.array_equal(np.sort(arr), np.arange(n)):
+        if (
+            arr.ndim != 1
+            or arr.shape[0] != n
+            or arr.dtype.kind not in "iu"
+            or not np.array_equal(np.sort(arr), np.arange(n))
+        ):
             raise ParameterError(
                 f"{func}: permutation '{name}' must be a reordering of 0..{n - 1} (an integer array of length {n}). "
                 f"Got an array of shape {arr.shape} and dtype {arr.dtype}."
@@ -432,33 +453,95 @@ def _check_permutations(perms: Any, sizes: Mapping[str, int], func: str) -> dict
 _FIXED = 0  # union-find element for "not permuted" (network inputs and outputs)
 
 _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
 )
 _POOL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
 )
 _CONV_MODULES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_MODULES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CHANNEL_NORM_MODULES: tuple[type[nn.Module], ...] = _BN_MODULES + (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_CHANNEL_NORM_MODULES: tuple[type[nn.Module], ...] = _BN_MODULES + (
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
 _SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
     (nn.Linear, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.PReLU, nn.Flatten, nn.Unflatten)
-    + _ELEMENTWISE_MODULES + _POOL_MODULES + _CONV_MODULES + _CHANNEL_NORM_MODULES
+    + _ELEMENTWISE_MODULES
+    + _POOL_MODULES
+    + _CONV_MODULES
+    + _CHANNEL_NORM_MODULES
 )
-_ELEMENTWISE_FUNCTIONS: frozenset[Any] = frozenset({
-    torch.relu, torch.tanh, torch.sigmoid, torch.neg, operator.neg, torch.nn.functional.relu,
-    torch.nn.functional.relu6, torch.nn.functional.leaky_relu, torch.nn.functional.gelu, torch.nn.functional.silu,
-    torch.nn.functional.elu, torch.nn.functional.tanh, torch.nn.functional.sigmoid, torch.nn.functional.dropout,
-    torch.nn.functional.softplus, torch.nn.functional.mish, torch.nn.functional.hardswish,
-})
+_ELEMENTWISE_FUNCTIONS: frozenset[Any] = frozenset(
+    {
+        torch.relu,
+        torch.tanh,
+        torch.sigmoid,
+        torch.neg,
+        operator.neg,
+        torch.nn.functional.relu,
+        torch.nn.functional.relu6,
+        torch.nn.functional.leaky_relu,
+        torch.nn.functional.gelu,
+        torch.nn.functional.silu,
+        torch.nn.functional.elu,
+        torch.nn.functional.tanh,
+        torch.nn.functional.sigmoid,
+        torch.nn.functional.dropout,
+        torch.nn.functional.softplus,
+        torch.nn.functional.mish,
+        torch.nn.functional.hardswish,
+    }
+)
 _ELEMENTWISE_METHODS = frozenset({"relu", "tanh", "sigmoid", "neg", "contiguous", "clone", "detach"})
-_BINARY_FUNCTIONS: frozenset[Any] = frozenset({
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div,
-})
+_BINARY_FUNCTIONS: frozenset[Any] = frozenset(
+    {
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+    }
+)
 _BINARY_METHODS = frozenset({"add", "sub", "mul", "div", "add_", "mul_"})
 
 
@@ -517,7 +600,9 @@ def _trace(module: nn.Module, func: str) -> _Graph:
     bad = [
         f"'{name}' ({type(m).__name__})"
         for name, m in module.named_modules()
-        if name and not isinstance(m, _SUPPORTED_MODULES) and tracer.is_leaf_module(m, name)
+        if name
+        and not isinstance(m, _SUPPORTED_MODULES)
+        and tracer.is_leaf_module(m, name)
         and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
         and (any(True for _ in m.parameters()) or any(True for _ in m.buffers()))
     ]
@@ -560,8 +645,16 @@ def _trace(module: nn.Module, func: str) -> _Graph:
             for arg in _node_args(node):
                 uf.union(sites[arg.name].group, _FIXED)
         elif node.op == "call_module":
-            sites[node.name] = _module_rule(node, modules[node.target], site(node.args[0]) if node.args else _Site(_FIXED),
-                                            assign, new_group, permuted, producers, func)
+            sites[node.name] = _module_rule(
+                node,
+                modules[node.target],
+                site(node.args[0]) if node.args else _Site(_FIXED),
+                assign,
+                new_group,
+                permuted,
+                producers,
+                func,
+            )
         else:
             sites[node.name] = _function_rule(node, [site(a) for a in _node_args(node)], uf, permuted, func)
 
@@ -580,8 +673,8 @@ def _trace(module: nn.Module, func: str) -> _Graph:
         if uf.find(group) == _FIXED:
             continue
         users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _BN_MODULES):
-            path = users[0].target
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[str(users[0].target)], _BN_MODULES):
+            path = str(users[0].target)
         repair_sites.append((path, sites[node.name].kind))
     return _Graph(PermutationSpec(axes), node_sites, repair_sites, gm)
 
@@ -596,13 +689,25 @@ def _unique_name(name: str, taken: Iterable[str]) -> str:
 
 def _node_args(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+
+    def collect(n: fx.Node) -> fx.Node:
+        found.append(n)
+        return n
+
+    fx.node.map_arg((node.args, node.kwargs), collect)
     return found
 
 
-def _module_rule(node: fx.Node, m: nn.Module, inp: _Site, assign: Callable[[str, int, int], None],
-                 new_group: Callable[[str], int], permuted: Callable[[_Site], bool],
-                 producers: list[tuple[fx.Node, int, str]], func: str) -> _Site:
+def _module_rule(
+    node: fx.Node,
+    m: nn.Module,
+    inp: _Site,
+    assign: Callable[[str, int, int], None],
+    new_group: Callable[[str], int],
+    permuted: Callable[[_Site], bool],
+    producers: list[tuple[fx.Node, int, str]],
+    func: str,
+) -> _Site:
     """Permutation group of a module's output, recording which parameter axes it touches."""
     path = str(node.target)
     prefix = f"{path}." if path else ""
@@ -675,7 +780,10 @@ def _module_rule(node: fx.Node, m: nn.Module, inp: _Site, assign: Callable[[str,
             if (m.start_dim, m.end_dim) != (1, -1):
                 raise _unsupported(func, f"{kind_name} flattens other dimensions than all after the batch")
             if inp.kind == "channels":
-                raise _unsupported(func, f"{kind_name} flattens a feature map whose spatial size may exceed 1, mixing channels and positions")
+                raise _unsupported(
+                    func,
+                    f"{kind_name} flattens a feature map whose spatial size may exceed 1, mixing channels and positions",
+                )
         return _Site(inp.group, "features")
     if isinstance(m, nn.Unflatten):
         if permuted(inp):
@@ -686,28 +794,47 @@ def _module_rule(node: fx.Node, m: nn.Module, inp: _Site, assign: Callable[[str,
     return _Site(_FIXED)
 
 
-def _function_rule(node: fx.Node, args: list[_Site], uf: _UnionFind, permuted: Callable[[_Site], bool], func: str) -> _Site:
+def _function_rule(
+    node: fx.Node, args: list[_Site], uf: _UnionFind, permuted: Callable[[_Site], bool], func: str
+) -> _Site:
     """Permutation group of the output of a function or method call."""
     target = node.target
     live = [s for s in args if permuted(s)]
     if not live:
         return _Site(_FIXED, args[0].kind if args else "features")
-    if node.op == "call_function" and target in _ELEMENTWISE_FUNCTIONS or node.op == "call_method" and target in _ELEMENTWISE_METHODS:
+    if (
+        node.op == "call_function"
+        and target in _ELEMENTWISE_FUNCTIONS
+        or node.op == "call_method"
+        and target in _ELEMENTWISE_METHODS
+    ):
         if len(args) == 1:
             return _Site(args[0].group, args[0].kind)
-    if node.op == "call_function" and target in _BINARY_FUNCTIONS or node.op == "call_method" and target in _BINARY_METHODS:
+    if (
+        node.op == "call_function"
+        and target in _BINARY_FUNCTIONS
+        or node.op == "call_method"
+        and target in _BINARY_METHODS
+    ):
         if len(args) == 1:
             return _Site(args[0].group, args[0].kind)
         if len(args) == 2:
             group = uf.union(args[0].group, args[1].group)
             return _Site(group, live[0].kind)
-    is_flatten = (node.op == "call_function" and target is torch.flatten) or (node.op == "call_method" and target == "flatten")
+    is_flatten = (node.op == "call_function" and target is torch.flatten) or (
+        node.op == "call_method" and target == "flatten"
+    )
     if is_flatten and len(args) == 1 and live[0].kind in ("features", "pooled"):
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0 if node.op == "call_function" else 0)
+        start = (
+            node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0 if node.op == "call_function" else 0)
+        )
         if start == 1:
             return _Site(live[0].group, "features")
     name = getattr(target, "__name__", str(target))
-    raise _unsupported(func, f"the operation '{name}' (graph node '{node.name}') acts on permuted features in a way the tracer does not model")
+    raise _unsupported(
+        func,
+        f"the operation '{name}' (graph node '{node.name}') acts on permuted features in a way the tracer does not model",
+    )
 
 
 def permutation_spec(model: Any) -> PermutationSpec:
@@ -730,8 +857,12 @@ def permutation_spec(model: Any) -> PermutationSpec:
 # Applying permutations
 
 
-def _permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
-                   skip: tuple[str, int] | None = None) -> dict[str, torch.Tensor]:
+def _permute_state(
+    state: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    perms: Mapping[str, torch.Tensor],
+    skip: tuple[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
     """``state`` with each permuted axis reordered (``take`` semantics); ``skip`` leaves one axis alone."""
     out = dict(state)
     for key, axes in spec.axes.items():
@@ -769,49 +900,86 @@ def apply_permutation(model: Any, permutations: Any, *, spec: PermutationSpec | 
 
 
 def _float_state(module: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: (v.detach().to(device=device, dtype=torch.float64) if v.is_floating_point() else v.detach().to(device))
-            for k, v in module.state_dict().items()}
+    return {
+        k: (v.detach().to(device=device, dtype=torch.float64) if v.is_floating_point() else v.detach().to(device))
+        for k, v in module.state_dict().items()
+    }
 
 
-def _weight_matching_core(sa: Mapping[str, torch.Tensor], sb: Mapping[str, torch.Tensor], spec: PermutationSpec,
-                          sizes: Mapping[str, int], weight_keys: set[str], max_iter: int, rng: np.random.Generator,
-                          progress: Progress = None, init: Mapping[str, torch.Tensor] | None = None,
-                          ) -> tuple[dict[str, torch.Tensor], list[float], int, bool]:
+def _weight_matching_core(
+    sa: Mapping[str, torch.Tensor],
+    sb: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    sizes: Mapping[str, int],
+    weight_keys: set[str],
+    max_iter: int,
+    rng: np.random.Generator,
+    progress: Progress = None,
+    init: Mapping[str, torch.Tensor] | None = None,
+    track: bool = True,
+) -> tuple[dict[str, torch.Tensor], list[float], int, bool]:
     """Coordinate descent: each step solves one linear assignment with the other permutations fixed.
 
-    Starts from ``init`` (default: identity); a permutation changes only when it strictly improves."""
+    The assignment is solved on a float32 cost matrix (the costly ``n × n`` products); whether it
+    improves is decided on the exact float64 objective, so the descent is monotone and stops.
+    Starts from ``init`` (default: identity); a permutation changes only when it strictly improves.
+    ``track``: record the objective after each pass (costs one pass over the weights)."""
     device = next(iter(sa.values())).device
     touching = {p: [(k, ax) for k, ax in pairs if k in weight_keys] for p, pairs in spec.perms.items()}
     names = [p for p in spec.perm_names if touching[p]]
     perms = {p: torch.arange(sizes[p], device=device) for p in spec.perm_names}
     if init is not None:
         perms.update({p: t.to(device) for p, t in init.items()})
-    a_rows = {(k, ax): sa[k].movedim(ax, 0).reshape(sa[k].shape[ax], -1) for p in names for k, ax in touching[p]}
+    a_rows = {
+        (k, ax): sa[k].movedim(ax, 0).reshape(sa[k].shape[ax], -1).contiguous() for p in names for k, ax in touching[p]
+    }
+    a_rows32 = {key: rows.float() for key, rows in a_rows.items()}
+    sb32 = {k: sb[k].float() for k in weight_keys}
+
+    def b_rows(state: Mapping[str, torch.Tensor], p: str, k: str, ax: int) -> torch.Tensor:
+        """Weight ``k`` of B with every permutation but ``p``'s applied, ``p``'s axis first, flattened."""
+        wb = _permute_state({k: state[k]}, PermutationSpec({k: spec.axes[k]}), perms, skip=(k, ax))[k]
+        return wb.movedim(ax, 0).reshape(sizes[p], -1)
 
     def objective() -> float:
         pb = _permute_state(sb, spec, perms)
         return float(sum((sa[k] * pb[k]).sum() for k in weight_keys))
 
-    history = [objective()]
+    history = [objective()] if track else []
     converged = False
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
         improved = False
         for p in rng.permutation(names):
-            n = sizes[p]
-            cost = torch.zeros(n, n, dtype=torch.float64, device=device)
-            for k, ax in touching[p]:
-                wb = _permute_state({k: sb[k]}, PermutationSpec({k: spec.axes[k]}), perms, skip=(k, ax))[k]
-                cost += a_rows[(k, ax)] @ wb.movedim(ax, 0).reshape(n, -1).T
+            (k0, ax0), *rest = touching[p]
+            cost = a_rows32[(k0, ax0)] @ b_rows(sb32, p, k0, ax0).T
+            for k, ax in rest:
+                cost += a_rows32[(k, ax)] @ b_rows(sb32, p, k, ax).T
             cost_np = cost.cpu().numpy()
             _, col = linear_sum_assignment(cost_np, maximize=True)
-            rows = np.arange(n)
-            old = float(cost_np[rows, perms[p].cpu().numpy()].sum())
-            new = float(cost_np[rows, col].sum())
-            if new > old + 1e-12 * max(1.0, abs(old)):
-                perms[p] = torch.as_tensor(col, device=device)
+            new_perm = torch.as_tensor(col, device=device)
+            moved = (new_perm != perms[p]).nonzero().flatten()
+            if len(moved) == 0:
+                continue
+            # accept on the float32 costs when the gain is far above their rounding error, else on the
+            # exact float64 gain over the rows whose partner changed
+            rows_np = np.arange(len(col))
+            scale = float(np.abs(cost_np[rows_np, col]).sum())
+            was, now = perms[p][moved], new_perm[moved]
+            gain = float(
+                cost_np[rows_np, col].sum(dtype=np.float64)
+                - cost_np[rows_np, perms[p].cpu().numpy()].sum(dtype=np.float64)
+            )
+            if gain <= 1e-4 * scale:
+                gain = 0.0
+                for k, ax in touching[p]:
+                    rows = b_rows(sb, p, k, ax)
+                    gain += float((a_rows[(k, ax)][moved] * (rows[now] - rows[was])).sum())
+            if gain > 1e-12 * max(1.0, scale):
+                perms[p] = new_perm
                 improved = True
-        history.append(objective())
+        if track:
+            history.append(objective())
         if progress is not None:
             progress(n_iter, max_iter)
         if not improved:
@@ -822,15 +990,24 @@ def _weight_matching_core(sa: Mapping[str, torch.Tensor], sb: Mapping[str, torch
     return perms, history, n_iter, converged
 
 
-def weight_matching(model_a: Any, model_b: Any, *, spec: PermutationSpec | None = None, max_iter: int = 100,
-                    seed: int = 0, device: str | torch.device | None = None, progress: Progress = None) -> WeightMatchingResult:
+def weight_matching(
+    model_a: Any,
+    model_b: Any,
+    *,
+    spec: PermutationSpec | None = None,
+    max_iter: int = 100,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Progress = None,
+) -> WeightMatchingResult:
     """Permute model B's hidden units to maximise ``Σ ⟨θ_A, π(θ_B)⟩`` (Git Re-Basin weight matching).
 
     Coordinate descent over the permutations in a random order (seeded): each step fixes the others
     and solves a linear assignment on the summed inner products of all weights that the permutation
     touches; stops when a full pass improves nothing (a local optimum) or after ``max_iter`` passes.
     Uses the weights only (no data); BatchNorm running statistics are not matched but are permuted by
-    :func:`apply_permutation`.
+    :func:`apply_permutation`. The assignment costs are float32 products; a step is kept only when
+    its gain is positive in float64, so the objective never decreases.
 
     ``model_a``, ``model_b``: loaded models or ``nn.Module`` of the same architecture; B is the one
     permuted. ``spec``: a :class:`PermutationSpec` (default: :func:`permutation_spec` of A).
@@ -852,12 +1029,20 @@ def weight_matching(model_a: Any, model_b: Any, *, spec: PermutationSpec | None 
     sa, sb = _float_state(a, dev), _float_state(b, dev)
     weight_keys = {k for k, _ in a.named_parameters()} & set(spec.axes)
     perms, history, n_iter, converged = _weight_matching_core(
-        sa, sb, spec, sizes, weight_keys, max_iter, np.random.default_rng(seed), progress)
+        sa, sb, spec, sizes, weight_keys, max_iter, np.random.default_rng(seed), progress
+    )
     return WeightMatchingResult(
         permutations={p: perms[p].cpu().numpy() for p in spec.perm_names},
-        perm_sizes=dict(sizes), objective=np.asarray(history), n_iterations=n_iter, converged=converged,
+        perm_sizes=dict(sizes),
+        objective=np.asarray(history),
+        n_iterations=n_iter,
+        converged=converged,
         estimator="weight matching (Ainsworth et al. 2023): coordinate descent, linear assignment per permutation",
-        n_samples=0, params={"max_iter": max_iter}, seed=seed, device=str(dev), dtype="float64",
+        n_samples=0,
+        params={"max_iter": max_iter},
+        seed=seed,
+        device=str(dev),
+        dtype="float64",
         seconds=time.perf_counter() - start,
     )
 
@@ -866,28 +1051,37 @@ def weight_matching(model_a: Any, model_b: Any, *, spec: PermutationSpec | None 
 # Running models on data
 
 
-def _working_copy(module: nn.Module, device: torch.device, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-    work = copy.deepcopy(module).to(device=device, dtype=torch.float64).eval()
+def _working_copy(
+    module: nn.Module, device: torch.device, state: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """A copy in eval mode on ``device`` in the module's own precision, optionally loaded with ``state`` (cast)."""
+    work = copy.deepcopy(module).to(device=device).eval()
     if state is not None:
         work.load_state_dict(state)
     return work
 
 
-def _batches(x: torch.Tensor, batch_size: int, device: torch.device) -> Iterable[torch.Tensor]:
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    return next((t.dtype for t in module.state_dict().values() if t.is_floating_point()), torch.float32)
+
+
+def _batches(x: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> Iterable[torch.Tensor]:
+    """Batches of ``x`` on ``device``; floating inputs cast to the model's ``dtype``."""
     for i in range(0, x.shape[0], batch_size):
-        xb = x[i:i + batch_size].to(device)
-        yield xb.to(torch.float64) if xb.is_floating_point() else xb
+        xb = x[i : i + batch_size].to(device)
+        yield xb.to(dtype) if xb.is_floating_point() else xb
 
 
-def _evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
-              func: str) -> tuple[float, float]:
+def _evaluate(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, func: str
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``module`` on ``(x, y)``."""
     total_loss, correct = 0.0, 0
     y_dev = y.to(device)
     with torch.no_grad():
-        for i, xb in enumerate(_batches(x, batch_size, device)):
-            logits = module(xb)
-            yb = y_dev[i * batch_size:(i + 1) * batch_size]
+        for i, xb in enumerate(_batches(x, batch_size, device, _module_dtype(module))):
+            logits = module(xb).double()
+            yb = y_dev[i * batch_size : (i + 1) * batch_size]
             if logits.ndim != 2 or logits.shape[0] != yb.shape[0] or logits.shape[1] <= int(y.max()):
                 raise DataError(
                     f"{func}: the model outputs shape {tuple(logits.shape)} but the labels need (batch, > {int(y.max())}) "
@@ -899,12 +1093,12 @@ def _evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
 
 
 def _has_bn(module: nn.Module) -> bool:
-    return any(isinstance(m, _BN_MODULES) for m in module.modules())
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def _reset_bn(module: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> None:
     """Recompute BatchNorm running statistics as the average over ``x`` (other modules stay in eval mode)."""
-    bns = [m for m in module.modules() if isinstance(m, _BN_MODULES)]
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
     saved = [m.momentum for m in bns]
@@ -914,7 +1108,7 @@ def _reset_bn(module: nn.Module, x: torch.Tensor, batch_size: int, device: torch
         m.train()
     try:
         with torch.no_grad():
-            for xb in _batches(x, batch_size, device):
+            for xb in _batches(x, batch_size, device, _module_dtype(module)):
                 module(xb)
     finally:
         for m, momentum in zip(bns, saved):
@@ -939,10 +1133,16 @@ class _StopForward(Exception):
     """Raised by a hook once the statistics it needs are recorded."""
 
 
-def _site_stats(module: nn.Module, x: torch.Tensor, sites: Sequence[tuple[str, str]], batch_size: int,
-                device: torch.device, corrections: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                stop_after_last: bool = False, correction_kinds: Mapping[str, str] | None = None,
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _site_stats(
+    module: nn.Module,
+    x: torch.Tensor,
+    sites: Sequence[tuple[str, str]],
+    batch_size: int,
+    device: torch.device,
+    corrections: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    stop_after_last: bool = False,
+    correction_kinds: Mapping[str, str] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and std at each site over ``x``, with ``corrections`` (site -> scale, shift) applied.
 
     ``correction_kinds``: the layout of each corrected site's output (``features`` or channels)."""
@@ -957,9 +1157,9 @@ def _site_stats(module: nn.Module, x: torch.Tensor, sites: Sequence[tuple[str, s
             if corrections is not None and path in corrections:
                 scale, shift = corrections[path]
                 shape = _channel_shape(out, kinds[path])
-                out = out * scale.reshape(shape) + shift.reshape(shape)
+                out = out * scale.to(out.dtype).reshape(shape) + shift.to(out.dtype).reshape(shape)
             if path in sums:
-                v = _channel_view(out, kinds[path])
+                v = _channel_view(out, kinds[path]).double()
                 acc = sums[path]
                 acc[0] += v.shape[0]
                 acc[1] = acc[1] + v.sum(0)
@@ -967,6 +1167,7 @@ def _site_stats(module: nn.Module, x: torch.Tensor, sites: Sequence[tuple[str, s
                 if stop_after_last and path == last:
                     raise _StopForward
             return out
+
         return hook
 
     hooked = set(kinds) | set(corrections or {})
@@ -974,7 +1175,7 @@ def _site_stats(module: nn.Module, x: torch.Tensor, sites: Sequence[tuple[str, s
         for path in hooked:
             handles.append(modules[path].register_forward_hook(make_hook(path)))
         with torch.no_grad():
-            for xb in _batches(x, batch_size, device):
+            for xb in _batches(x, batch_size, device, _module_dtype(module)):
                 try:
                     module(xb)
                 except _StopForward:
@@ -991,26 +1192,42 @@ def _site_stats(module: nn.Module, x: torch.Tensor, sites: Sequence[tuple[str, s
     return out
 
 
-def _correction_hooks(module: nn.Module, kinds: Mapping[str, str],
-                      corrections: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[Any]:
+def _correction_hooks(
+    module: nn.Module, kinds: Mapping[str, str], corrections: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> list[Any]:
     modules = dict(module.named_modules())
     handles = []
     for path, (scale, shift) in corrections.items():
-        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor, scale: torch.Tensor = scale, shift: torch.Tensor = shift,
-                 kind: str = kinds[path]) -> torch.Tensor:
+
+        def hook(
+            _m: nn.Module,
+            _inp: Any,
+            out: torch.Tensor,
+            scale: torch.Tensor = scale,
+            shift: torch.Tensor = shift,
+            kind: str = kinds[path],
+        ) -> torch.Tensor:
             shape = _channel_shape(out, kind)
-            return out * scale.reshape(shape) + shift.reshape(shape)
+            return out * scale.to(out.dtype).reshape(shape) + shift.to(out.dtype).reshape(shape)
+
         handles.append(modules[path].register_forward_hook(hook))
     return handles
 
 
-def _repair_corrections(work: nn.Module, x: torch.Tensor, sites: Sequence[tuple[str, str]], goals: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                        batch_size: int, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _repair_corrections(
+    work: nn.Module,
+    x: torch.Tensor,
+    sites: Sequence[tuple[str, str]],
+    goals: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """REPAIR: per site in order, rescale channels so their mean and std match the goal statistics."""
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, (path, kind) in enumerate(sites):
-        ((mean, std),) = _site_stats(work, x, [(path, kind)], batch_size, device, corrections, stop_after_last=True,
-                                     correction_kinds=dict(sites))
+        ((mean, std),) = _site_stats(
+            work, x, [(path, kind)], batch_size, device, corrections, stop_after_last=True, correction_kinds=dict(sites)
+        )
         goal_mean, goal_std = goals[k]
         scale = goal_std / (std + _REPAIR_EPS)
         corrections[path] = (scale, goal_mean - mean * scale)
@@ -1021,13 +1238,23 @@ def _repair_corrections(work: nn.Module, x: torch.Tensor, sites: Sequence[tuple[
 # Interpolation and barriers
 
 
-def interpolate(model_a: Any, model_b: Any, dataset: Any, *, train_dataset: Any = None, n_points: int = 25,
-                repair: str | None = None, batch_size: int = 512, device: str | torch.device | None = None,
-                progress: Progress = None) -> InterpolationResult:
+def interpolate(
+    model_a: Any,
+    model_b: Any,
+    dataset: Any,
+    *,
+    train_dataset: Any = None,
+    n_points: int = 25,
+    repair: str | None = None,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    progress: Progress = None,
+) -> InterpolationResult:
     """Loss and accuracy of the networks ``(1 − λ) θ_A + λ θ_B`` on ``n_points`` evenly spaced λ in [0, 1].
 
-    Evaluated in float64 on ``dataset`` (the ``"test"`` curves) and, when given, ``train_dataset``
-    (``"train"``). To look for a low-loss path after alignment, permute B first
+    Evaluated on ``dataset`` (the ``"test"`` curves) and, when given, ``train_dataset``
+    (``"train"``). Weights are interpolated in float64, the network runs in its own precision
+    (float32 for the bundled models) and losses and statistics are summed in float64. To look for a low-loss path after alignment, permute B first
     (``apply_permutation(model_b, weight_matching(model_a, model_b))``).
 
     ``repair``: ``None`` interpolates all parameters and buffers; ``"reset_bn"`` recomputes BatchNorm
@@ -1054,24 +1281,45 @@ def interpolate(model_a: Any, model_b: Any, dataset: Any, *, train_dataset: Any 
     stats_x = splits["train" if "train" in splits else "test"][0]
     dev = float64_device(resolve_device(device))
     sites = _trace(a, func).repair_sites if repair_mode == "repair" else []
-    lambdas, loss, acc = _interpolate_core(a, b, splits, stats_x, n_points, repair_mode, sites, batch_size, dev, func, progress)
+    lambdas, loss, acc = _interpolate_core(
+        a, b, splits, stats_x, n_points, repair_mode, sites, batch_size, dev, func, progress
+    )
     return InterpolationResult(
-        lambdas=lambdas, loss=loss, accuracy=acc, repair=repair_mode,
-        estimator=f"linear interpolation (1−λ)θ_A + λθ_B, cross-entropy{_REPAIR_LABELS[repair_mode]}",
+        lambdas=lambdas,
+        loss=loss,
+        accuracy=acc,
+        repair=repair_mode,
+        estimator=f"linear interpolation (1−λ)θ_A + λθ_B, mean cross-entropy{_REPAIR_LABELS[repair_mode]}",
         n_samples=int(splits["test"][0].shape[0]),
-        params={"n_points": n_points, "repair": repair_mode, "batch_size": batch_size,
-                "n_train": int(splits["train"][0].shape[0]) if "train" in splits else 0},
-        seed=0, device=str(dev), dtype="float64", seconds=time.perf_counter() - start,
+        params={
+            "n_points": n_points,
+            "repair": repair_mode,
+            "batch_size": batch_size,
+            "n_train": int(splits["train"][0].shape[0]) if "train" in splits else 0,
+        },
+        seed=0,
+        device=str(dev),
+        dtype=str(_module_dtype(a)).replace("torch.", ""),
+        seconds=time.perf_counter() - start,
     )
 
 
 _REPAIR_LABELS = {"none": "", "reset_bn": ", BatchNorm statistics reset", "repair": ", REPAIR (Jordan et al. 2022)"}
 
 
-def _interpolate_core(a: nn.Module, b: nn.Module, splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                      stats_x: torch.Tensor, n_points: int, repair: str, sites: Sequence[tuple[str, str]],
-                      batch_size: int, device: torch.device, func: str,
-                      progress: Progress) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _interpolate_core(
+    a: nn.Module,
+    b: nn.Module,
+    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    stats_x: torch.Tensor,
+    n_points: int,
+    repair: str,
+    sites: Sequence[tuple[str, str]],
+    batch_size: int,
+    device: torch.device,
+    func: str,
+    progress: Progress,
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     sa, sb = _float_state(a, device), _float_state(b, device)
     work = _working_copy(a, device, sa)
     kinds = dict(sites)
@@ -1089,8 +1337,12 @@ def _interpolate_core(a: nn.Module, b: nn.Module, splits: Mapping[str, tuple[tor
             _reset_bn(work, stats_x, batch_size, device)
         handles: list[Any] = []
         if repair == "repair" and sites:
-            goals = [((1 - lam) * ma + lam * mb, (1 - lam) * da + lam * db) for (ma, da), (mb, db) in zip(stats_a, stats_b)]
-            handles = _correction_hooks(work, kinds, _repair_corrections(work, stats_x, sites, goals, batch_size, device))
+            goals = [
+                ((1 - lam) * ma + lam * mb, (1 - lam) * da + lam * db) for (ma, da), (mb, db) in zip(stats_a, stats_b)
+            ]
+            handles = _correction_hooks(
+                work, kinds, _repair_corrections(work, stats_x, sites, goals, batch_size, device)
+            )
         try:
             for split, (x, y) in splits.items():
                 loss[split][i], acc[split][i] = _evaluate(work, x, y, batch_size, device, func)
@@ -1116,7 +1368,9 @@ def loss_barrier(curve: InterpolationResult) -> BarrierResult:
     """
     func = "loss_barrier"
     if not isinstance(curve, InterpolationResult):
-        raise ParameterError(f"The 'curve' parameter of {func} must be an InterpolationResult (from interpolate). Got {type(curve).__name__}.")
+        raise ParameterError(
+            f"The 'curve' parameter of {func} must be an InterpolationResult (from interpolate). Got {type(curve).__name__}."
+        )
     start = time.perf_counter()
     lam = curve.lambdas
     linear, mean, drop, at_linear, at_mean = {}, {}, {}, {}, {}
@@ -1129,10 +1383,19 @@ def loss_barrier(curve: InterpolationResult) -> BarrierResult:
         accuracy = curve.accuracy[split]
         drop[split] = float(((1 - lam) * accuracy[0] + lam * accuracy[-1] - accuracy).max())
     return BarrierResult(
-        linear=linear, mean=mean, accuracy_drop=drop, lambda_linear=at_linear, lambda_mean=at_mean,
-        definitions=dict(BARRIER_DEFINITIONS), estimator=f"loss barrier of {curve.estimator}",
-        n_samples=curve.n_samples, params=dict(curve.params), seed=curve.seed, device=curve.device,
-        dtype=curve.dtype, seconds=time.perf_counter() - start,
+        linear=linear,
+        mean=mean,
+        accuracy_drop=drop,
+        lambda_linear=at_linear,
+        lambda_mean=at_mean,
+        definitions=dict(BARRIER_DEFINITIONS),
+        estimator=f"loss barrier of {curve.estimator}",
+        n_samples=curve.n_samples,
+        params=dict(curve.params),
+        seed=curve.seed,
+        device=curve.device,
+        dtype=curve.dtype,
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -1140,8 +1403,15 @@ def loss_barrier(curve: InterpolationResult) -> BarrierResult:
 # Activation matching
 
 
-def activation_matching(model_a: Any, model_b: Any, dataset: Any, *, batch_size: int = 512,
-                        device: str | torch.device | None = None, progress: Progress = None) -> ActivationMatchingResult:
+def activation_matching(
+    model_a: Any,
+    model_b: Any,
+    dataset: Any,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    progress: Progress = None,
+) -> ActivationMatchingResult:
     """Permute model B's hidden units to maximise the correlation of their activations with A's.
 
     Runs both models on ``dataset`` and, for each permutation found by :func:`permutation_spec`,
@@ -1163,7 +1433,9 @@ def activation_matching(model_a: Any, model_b: Any, dataset: Any, *, batch_size:
     _check_finite_weights(b, "model_b", func)
     x = getattr(dataset, "x", None)
     if not isinstance(x, torch.Tensor):
-        raise ParameterError(f"{func}: 'dataset' must be a Dataset (workbench.data.load_dataset). Got {type(dataset).__name__}.")
+        raise ParameterError(
+            f"{func}: 'dataset' must be a Dataset (workbench.data.load_dataset). Got {type(dataset).__name__}."
+        )
     if x.shape[0] < 2:
         raise DataError(f"{func}: 'dataset' needs at least 2 samples to correlate activations. Got {x.shape[0]}.")
     dev = float64_device(resolve_device(device))
@@ -1171,15 +1443,23 @@ def activation_matching(model_a: Any, model_b: Any, dataset: Any, *, batch_size:
     sizes = _check_spec(graph.spec, a.state_dict(), func)
     perms, before, after = _activation_matching_core(a, b, graph, sizes, x, batch_size, dev, progress)
     return ActivationMatchingResult(
-        permutations={p: perms[p] for p in graph.spec.perm_names}, perm_sizes=dict(sizes),
-        correlation_before=before, correlation_after=after,
+        permutations={p: perms[p] for p in graph.spec.perm_names},
+        perm_sizes=dict(sizes),
+        correlation_before=before,
+        correlation_after=after,
         estimator="activation matching: Pearson correlation of activations, linear assignment per permutation",
-        n_samples=int(x.shape[0]), params={"batch_size": batch_size}, seed=0, device=str(dev), dtype="float64",
+        n_samples=int(x.shape[0]),
+        params={"batch_size": batch_size},
+        seed=0,
+        device=str(dev),
+        dtype="float64",
         seconds=time.perf_counter() - start,
     )
 
 
-def _record_nodes(gm: fx.GraphModule, xb: torch.Tensor, wanted: Mapping[str, tuple[str, str]]) -> dict[str, torch.Tensor]:
+def _record_nodes(
+    gm: fx.GraphModule, xb: torch.Tensor, wanted: Mapping[str, tuple[str, str]]
+) -> dict[str, torch.Tensor]:
     """Run the traced graph on ``xb`` and return the ``(observations, channels)`` view of each wanted node."""
     recorded: dict[str, torch.Tensor] = {}
 
@@ -1187,7 +1467,7 @@ def _record_nodes(gm: fx.GraphModule, xb: torch.Tensor, wanted: Mapping[str, tup
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
             if n.name in wanted and isinstance(out, torch.Tensor):
-                recorded[n.name] = _channel_view(out, wanted[n.name][1])
+                recorded[n.name] = _channel_view(out, wanted[n.name][1]).double()
             return out
 
     with torch.no_grad():
@@ -1195,15 +1475,22 @@ def _record_nodes(gm: fx.GraphModule, xb: torch.Tensor, wanted: Mapping[str, tup
     return recorded
 
 
-def _activation_matching_core(a: nn.Module, b: nn.Module, graph: _Graph, sizes: Mapping[str, int], x: torch.Tensor,
-                              batch_size: int, device: torch.device,
-                              progress: Progress) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
+def _activation_matching_core(
+    a: nn.Module,
+    b: nn.Module,
+    graph: _Graph,
+    sizes: Mapping[str, int],
+    x: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    progress: Progress,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
     gm_a = fx.GraphModule(_working_copy(a, device), graph.graph_module.graph)
     gm_b = fx.GraphModule(_working_copy(b, device), graph.graph_module.graph)
     wanted = graph.node_sites
     acc: dict[str, list[Any]] = {name: [0, 0.0, 0.0, 0.0, 0.0, 0.0] for name in wanted}
     n_batches = math.ceil(x.shape[0] / batch_size)
-    for i, xb in enumerate(_batches(x, batch_size, device)):
+    for i, xb in enumerate(_batches(x, batch_size, device, _module_dtype(a))):
         ra, rb = _record_nodes(gm_a, xb, wanted), _record_nodes(gm_b, xb, wanted)
         for name in wanted:
             va, vb = ra[name], rb[name]
@@ -1244,8 +1531,15 @@ def _activation_matching_core(a: nn.Module, b: nn.Module, graph: _Graph, sizes: 
 # Layer analysis (Ito et al.)
 
 
-def layer_alignment(model_a: Any, model_b: Any, permutations: Any, *, spec: PermutationSpec | None = None,
-                    top_k: int = 5, device: str | torch.device | None = None) -> LayerAlignmentResult:
+def layer_alignment(
+    model_a: Any,
+    model_b: Any,
+    permutations: Any,
+    *,
+    spec: PermutationSpec | None = None,
+    top_k: int = 5,
+    device: str | torch.device | None = None,
+) -> LayerAlignmentResult:
     """Per-layer distance, singular values and singular-vector alignment before and after permuting B.
 
     Following Ito et al. (2024): a permutation changes ``‖θ_A − θ_B‖`` but not the singular values of
@@ -1271,20 +1565,32 @@ def layer_alignment(model_a: Any, model_b: Any, permutations: Any, *, spec: Perm
     dev = float64_device(resolve_device(device))
     sa, sb = _float_state(a, dev), _float_state(b, dev)
     pb = _permute_state(sb, spec, perms)
-    layers = [name for name, m in a.named_modules() if getattr(m, "weight", None) is not None
-              and isinstance(m.weight, torch.Tensor) and m.weight.ndim >= 2]
+    layers = [
+        name
+        for name, m in a.named_modules()
+        if getattr(m, "weight", None) is not None and isinstance(m.weight, torch.Tensor) and m.weight.ndim >= 2
+    ]
     dist_before, dist_after, sv_change, al_before, al_after = [], [], [], [], []
     sv_a, sv_b, comp_before, comp_after = {}, {}, {}, {}
     params = dict(a.named_parameters())
     for layer in layers:
         prefix = f"{layer}." if layer else ""
-        keys = [k for k in params if k.startswith(prefix) and "." not in k[len(prefix):]]
+        keys = [k for k in params if k.startswith(prefix) and "." not in k[len(prefix) :]]
         dist_before.append(math.sqrt(sum(float(((sa[k] - sb[k]) ** 2).sum()) for k in keys)))
         dist_after.append(math.sqrt(sum(float(((sa[k] - pb[k]) ** 2).sum()) for k in keys)))
         wk = prefix + "weight"
-        ua, sva, vha = torch.linalg.svd(sa[wk].reshape(sa[wk].shape[0], -1), full_matrices=False)
-        ub, svb, vhb = torch.linalg.svd(sb[wk].reshape(sb[wk].shape[0], -1), full_matrices=False)
-        up, svp, vhp = torch.linalg.svd(pb[wk].reshape(pb[wk].shape[0], -1), full_matrices=False)
+        shape = tuple(sa[wk].shape)
+        ua, sva, vha = torch.linalg.svd(sa[wk].reshape(shape[0], -1), full_matrices=False)
+        ub, svb, vhb = torch.linalg.svd(sb[wk].reshape(shape[0], -1), full_matrices=False)
+        svp = torch.linalg.svdvals(pb[wk].reshape(shape[0], -1))
+        # the singular vectors of P W Qᵀ are P u and Q v: permute B's like its weight
+        axes = spec.axes.get(wk, (None,) * len(shape))
+        moved = _permute_state(
+            {"u": ub, "vh": vhb.reshape(-1, *shape[1:])},
+            PermutationSpec({"u": (axes[0], None), "vh": (None, *axes[1:])}),
+            perms,
+        )
+        up, vhp = moved["u"], moved["vh"].reshape(vhb.shape)
         k = min(top_k, sva.shape[0])
         before = ((ua[:, :k] * ub[:, :k]).sum(0) * (vha[:k] * vhb[:k]).sum(1)).abs()
         after = ((ua[:, :k] * up[:, :k]).sum(0) * (vha[:k] * vhp[:k]).sum(1)).abs()
@@ -1294,12 +1600,23 @@ def layer_alignment(model_a: Any, model_b: Any, permutations: Any, *, spec: Perm
         al_before.append(float(before.mean()))
         al_after.append(float(after.mean()))
     return LayerAlignmentResult(
-        layers=tuple(layers), distance_before=np.asarray(dist_before), distance_after=np.asarray(dist_after),
-        singular_values_a=sv_a, singular_values_b=sv_b, singular_value_change=np.asarray(sv_change),
-        alignment_before=np.asarray(al_before), alignment_after=np.asarray(al_after),
-        component_alignment_before=comp_before, component_alignment_after=comp_after, top_k=top_k,
+        layers=tuple(layers),
+        distance_before=np.asarray(dist_before),
+        distance_after=np.asarray(dist_after),
+        singular_values_a=sv_a,
+        singular_values_b=sv_b,
+        singular_value_change=np.asarray(sv_change),
+        alignment_before=np.asarray(al_before),
+        alignment_after=np.asarray(al_after),
+        component_alignment_before=comp_before,
+        component_alignment_after=comp_after,
+        top_k=top_k,
         estimator=f"Frobenius distance and top-{top_k} singular-vector alignment (Ito et al. 2024)",
-        n_samples=0, params={"top_k": top_k}, seed=0, device=str(dev), dtype="float64",
+        n_samples=0,
+        params={"top_k": top_k},
+        seed=0,
+        device=str(dev),
+        dtype="float64",
         seconds=time.perf_counter() - start,
     )
 
@@ -1308,17 +1625,31 @@ def layer_alignment(model_a: Any, model_b: Any, permutations: Any, *, spec: Perm
 # Everything for one pair
 
 
-def mode_connectivity(model_a: Any, model_b: Any, dataset: Any, *, train_dataset: Any = None,
-                      methods: Sequence[str] | None = None, n_points: int = 25, max_iter: int = 100, top_k: int = 5,
-                      seed: int = 0, batch_size: int = 512, device: str | torch.device | None = None,
-                      progress: Progress = None) -> ModeConnectivityResult:
+def mode_connectivity(
+    model_a: Any,
+    model_b: Any,
+    dataset: Any,
+    *,
+    train_dataset: Any = None,
+    methods: Sequence[str] | None = None,
+    n_points: int = 25,
+    max_iter: int = 100,
+    top_k: int = 5,
+    seed: int = 0,
+    spec: PermutationSpec | None = None,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    progress: Progress = None,
+) -> ModeConnectivityResult:
     """Interpolation curves, barriers and layer analysis of a pair of models, for several alignments.
 
     ``methods`` (default: all that apply): ``"naive"`` (B as trained), ``"weight_matching"``,
     ``"activation_matching"`` (matched on ``train_dataset`` when given, else ``dataset``),
     ``"repair"`` (weight matching + REPAIR) and ``"reset_bn"`` (weight matching + BatchNorm reset;
     only for models with BatchNorm). Weight matching is always run, since the layer analysis uses it.
-    Other parameters as in :func:`interpolate`, :func:`weight_matching` and :func:`layer_alignment`.
+    ``spec``: a hand-written :class:`PermutationSpec` for weight matching and the layer analysis
+    (activation matching and REPAIR always trace the model). Other parameters as in
+    :func:`interpolate`, :func:`weight_matching` and :func:`layer_alignment`.
     ``progress``: callable ``(steps done, total steps)`` over matching and interpolation.
     """
     func = "mode_connectivity"
@@ -1341,32 +1672,55 @@ def mode_connectivity(model_a: Any, model_b: Any, dataset: Any, *, train_dataset
         def inner(i: int, _total: int) -> None:
             if progress is not None:
                 progress(offset + i, total)
+
         return inner
 
-    wm = weight_matching(a, b, max_iter=max_iter, seed=seed, device=device)
+    wm = weight_matching(a, b, spec=spec, max_iter=max_iter, seed=seed, device=device)
     report(0)(1, total)
     am = None
     if "activation_matching" in methods:
         am = activation_matching(a, b, match_data, batch_size=batch_size, device=device)
     report(0)(2, total)
     done = 2
-    b_wm = apply_permutation(b, wm)
+    b_wm = apply_permutation(b, wm, spec=spec)
     curves: dict[str, InterpolationResult] = {}
     for method in methods:
         other = b if method == "naive" else apply_permutation(b, am) if method == "activation_matching" else b_wm
         repair = {"repair": "repair", "reset_bn": "reset_bn"}.get(method)
-        curves[method] = interpolate(a, other, dataset, train_dataset=train_dataset, n_points=n_points, repair=repair,
-                                     batch_size=batch_size, device=device, progress=report(done))
+        curves[method] = interpolate(
+            a,
+            other,
+            dataset,
+            train_dataset=train_dataset,
+            n_points=n_points,
+            repair=repair,
+            batch_size=batch_size,
+            device=device,
+            progress=report(done),
+        )
         done += n_points
-    layers = layer_alignment(a, b, wm, top_k=top_k, device=device)
+    layers = layer_alignment(a, b, wm, spec=spec, top_k=top_k, device=device)
     test_n = curves[methods[0]].n_samples
     return ModeConnectivityResult(
-        curves=curves, barriers={m: loss_barrier(c) for m, c in curves.items()}, layers=layers,
-        weight_matching=wm, activation_matching=am,
+        curves=curves,
+        barriers={m: loss_barrier(c) for m, c in curves.items()},
+        layers=layers,
+        weight_matching=wm,
+        activation_matching=am,
         estimator="linear mode connectivity: interpolation after permutation alignment",
-        n_samples=test_n, params={"methods": list(methods), "n_points": n_points, "max_iter": max_iter, "top_k": top_k,
-                                  "model_a": _model_name(model_a, "model A"), "model_b": _model_name(model_b, "model B")},
-        seed=seed, device=wm.device, dtype="float64", seconds=time.perf_counter() - start,
+        n_samples=test_n,
+        params={
+            "methods": list(methods),
+            "n_points": n_points,
+            "max_iter": max_iter,
+            "top_k": top_k,
+            "model_a": _model_name(model_a, "model A"),
+            "model_b": _model_name(model_b, "model B"),
+        },
+        seed=seed,
+        device=wm.device,
+        dtype="float64",
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -1375,11 +1729,19 @@ def mode_connectivity(model_a: Any, model_b: Any, dataset: Any, *, train_dataset
 
 
 def _average_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: (torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v) for k, v in states[0].items()}
+    return {
+        k: (torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v) for k, v in states[0].items()
+    }
 
 
-def merged_model(models: Sequence[Any], merge_result: MergeResult | None = None, *, stats_dataset: Any = None,
-                 spec: PermutationSpec | None = None, batch_size: int = 512) -> nn.Module:
+def merged_model(
+    models: Sequence[Any],
+    merge_result: MergeResult | None = None,
+    *,
+    stats_dataset: Any = None,
+    spec: PermutationSpec | None = None,
+    batch_size: int = 512,
+) -> nn.Module:
     """The average of ``models`` after applying the permutations of ``merge_result`` (plain average when ``None``).
 
     When the models have BatchNorm and ``stats_dataset`` is given, its running statistics are
@@ -1389,7 +1751,9 @@ def merged_model(models: Sequence[Any], merge_result: MergeResult | None = None,
     func = "merged_model"
     modules = _check_models(models, func)
     if merge_result is not None and not isinstance(merge_result, MergeResult):
-        raise ParameterError(f"The 'merge_result' parameter of {func} must be a MergeResult (from merge) or None. Got {type(merge_result).__name__}.")
+        raise ParameterError(
+            f"The 'merge_result' parameter of {func} must be a MergeResult (from merge) or None. Got {type(merge_result).__name__}."
+        )
     if merge_result is not None and len(merge_result.permutations) != len(modules):
         raise ParameterError(
             f"{func}: the merge result aligns {len(merge_result.permutations)} models but {len(modules)} were given; pass the same models."
@@ -1399,18 +1763,25 @@ def merged_model(models: Sequence[Any], merge_result: MergeResult | None = None,
     if merge_result is not None:
         spec = _trace(modules[0], func).spec if spec is None else spec
         sizes = _check_spec(spec, states[0], func)
-        states = [_permute_state(s, spec, _check_permutations(p, sizes, func)) for s, p in zip(states, merge_result.permutations)]
+        states = [
+            _permute_state(s, spec, _check_permutations(p, sizes, func))
+            for s, p in zip(states, merge_result.permutations)
+        ]
     return _merged_module(modules[0], _average_states(states), stats_dataset, batch_size, func)
 
 
-def _merged_module(template: nn.Module, state: Mapping[str, torch.Tensor], stats_dataset: Any, batch_size: int, func: str) -> nn.Module:
+def _merged_module(
+    template: nn.Module, state: Mapping[str, torch.Tensor], stats_dataset: Any, batch_size: int, func: str
+) -> nn.Module:
     out = copy.deepcopy(template).to(torch.device("cpu")).eval()
     dtype = next((t.dtype for t in template.state_dict().values() if t.is_floating_point()), torch.float32)
     out.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     if stats_dataset is not None and _has_bn(out):
         x = getattr(stats_dataset, "x", None)
         if not isinstance(x, torch.Tensor):
-            raise ParameterError(f"{func}: 'stats_dataset' must be a Dataset or None. Got {type(stats_dataset).__name__}.")
+            raise ParameterError(
+                f"{func}: 'stats_dataset' must be a Dataset or None. Got {type(stats_dataset).__name__}."
+            )
         work = _working_copy(out, torch.device("cpu"))
         _reset_bn(work, x, batch_size, torch.device("cpu"))
         out.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in work.state_dict().items()})
@@ -1419,7 +1790,9 @@ def _merged_module(template: nn.Module, state: Mapping[str, torch.Tensor], stats
 
 def _check_models(models: Any, func: str) -> list[nn.Module]:
     if isinstance(models, (nn.Module, str)) or not isinstance(models, Sequence):
-        raise ParameterError(f"The 'models' parameter of {func} must be a list of loaded models. Got {type(models).__name__}.")
+        raise ParameterError(
+            f"The 'models' parameter of {func} must be a list of loaded models. Got {type(models).__name__}."
+        )
     modules = [_module(m, f"models[{i}]", func) for i, m in enumerate(models)]
     if len(modules) < 2:
         raise ParameterError(f"The 'models' parameter of {func} needs at least 2 models. Got {len(modules)}.")
@@ -1430,99 +1803,149 @@ def _check_models(models: Any, func: str) -> list[nn.Module]:
     return modules
 
 
-def merge(models: Sequence[Any], dataset: Any, *, method: str = "weight_matching", train_dataset: Any = None,
-          max_rounds: int = 10, max_iter: int = 100, seed: int = 0, batch_size: int = 512,
-          device: str | torch.device | None = None, progress: Progress = None) -> MergeResult:
+def merge(
+    models: Sequence[Any],
+    dataset: Any,
+    *,
+    method: str = "weight_matching",
+    train_dataset: Any = None,
+    max_rounds: int = 10,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    seed: int = 0,
+    spec: PermutationSpec | None = None,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    progress: Progress = None,
+) -> MergeResult:
     """Align three or more models to a common basis, average them, and compare with the members.
 
     ``method="weight_matching"``: MergeMany (Ainsworth et al. 2023): in random order, each member is
-    weight-matched to the average of the other (aligned) members; rounds repeat until no permutation
-    changes or ``max_rounds`` is reached. ``"activation_matching"``: every member is matched to the
-    first by activation correlation on ``train_dataset`` (or ``dataset``). Reports loss and accuracy
-    on ``dataset`` of each member, of the merged model and of the plain (naive) average. For models
-    with BatchNorm the statistics of both averages are recomputed on ``train_dataset`` (or
-    ``dataset``). Rebuild the merged network with :func:`merged_model`.
+    weight-matched to the average of the other (aligned) members, starting from its current
+    permutations. A round visits every member; rounds repeat until one raises the alignment
+    objective ``Σ_{i<j} ⟨π_i θ_i, π_j θ_j⟩`` by less than the relative ``tol`` (or changes nothing),
+    at most ``max_rounds``. ``"activation_matching"``: every member is matched to the first by
+    activation correlation on ``train_dataset`` (or ``dataset``), in one round.
+
+    Reports loss and accuracy on ``dataset`` of each member, of the merged model and of the plain
+    (naive) average. For models with BatchNorm the statistics of both averages are recomputed on
+    ``train_dataset`` (or ``dataset``). Rebuild the merged network with :func:`merged_model`
+    (``stats_dataset=`` the same data).
 
     ``models``: at least 2 (3 or more for a real merge) models of one architecture. ``max_rounds``:
-    1-100. ``seed``: order of the members and of the permutations. ``progress``: ``(steps, total)``.
+    1-100. ``tol``: relative improvement per round below which rounds stop (0-1; 1e-3 stops once
+    further rounds barely matter). ``seed``: order of members and permutations. ``spec``: a
+    hand-written :class:`PermutationSpec` for weight matching (activation matching traces the
+    model). ``progress``: callable ``(steps done, total steps)``.
     """
     func = "merge"
     start = time.perf_counter()
     modules = _check_models(models, func)
     method = check_choice(method, "method", MERGE_METHODS, func=func)
     max_rounds = check_int(max_rounds, "max_rounds", func=func, low=1, high=100)
+    tol = check_float(tol, "tol", func=func, low=0.0, high=1.0)
     max_iter = check_int(max_iter, "max_iter", func=func, low=1, high=10000)
     seed = check_int(seed, "seed", func=func, low=0)
     batch_size = check_int(batch_size, "batch_size", func=func, low=1)
     _check_progress(progress, func)
     x, y = _check_dataset(dataset, "dataset", func)
-    stats_data = train_dataset if train_dataset is not None else dataset
     if train_dataset is not None:
         _check_dataset(train_dataset, "train_dataset", func)
+    stats_data = train_dataset if train_dataset is not None else dataset
     dev = float64_device(resolve_device(device))
-    graph = _trace(modules[0], func)
-    spec = graph.spec
+    graph = None
+    if spec is None or method == "activation_matching":
+        graph = _trace(modules[0], func)
+        spec = graph.spec
     sizes = _check_spec(spec, modules[0].state_dict(), func)
     states = [_float_state(m, dev) for m in modules]
     weight_keys = {k for k, _ in modules[0].named_parameters()} & set(spec.axes)
     n = len(modules)
-    perms: list[dict[str, torch.Tensor]] = [{p: torch.arange(sizes[p], device=dev) for p in spec.perm_names} for _ in modules]
+    perms = [{p: torch.arange(sizes[p], device=dev) for p in spec.perm_names} for _ in modules]
     rng = np.random.default_rng(seed)
-    total = max_rounds * n + n + 2 if method == "weight_matching" else n + n + 2
-    done = 0
-    rounds = 0
+    steps = [0, (max_rounds if method == "weight_matching" else 1) * n + n + 2]
+
+    def tick() -> None:
+        steps[0] += 1
+        if progress is not None:
+            progress(steps[0], steps[1])
+
+    def alignment() -> float:
+        aligned = [_permute_state(s, spec, p) for s, p in zip(states, perms)]
+        return float(
+            sum((aligned[i][k] * aligned[j][k]).sum() for i in range(n) for j in range(i + 1, n) for k in weight_keys)
+        )
+
+    history = [alignment()]
     if method == "weight_matching":
-        for rounds in range(1, max_rounds + 1):  # noqa: B007 - reported
+        for _round in range(max_rounds):
             changed = False
             for i in rng.permutation(n):
-                aligned = [_permute_state(states[j], spec, perms[j]) for j in range(n) if j != i]
-                target = _average_states(aligned)
-                new, _, _, _ = _weight_matching_core(target, states[i], spec, sizes, weight_keys, max_iter, rng,
-                                                     init=perms[i])
-                if any(not torch.equal(new[p], perms[i][p]) for p in spec.perm_names):
-                    changed = True
+                target = _average_states([_permute_state(states[j], spec, perms[j]) for j in range(n) if j != i])
+                new, _, _, _ = _weight_matching_core(
+                    target, states[i], spec, sizes, weight_keys, max_iter, rng, init=perms[i], track=False
+                )
+                changed = changed or any(not torch.equal(new[p], perms[i][p]) for p in spec.perm_names)
                 perms[i] = new
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            if not changed:
+                tick()
+            history.append(alignment())
+            if not changed or history[-1] - history[-2] <= tol * abs(history[-2]):
                 break
-        total = done + n + 2
     else:
-        rounds = 1
+        traced = graph if graph is not None else _trace(modules[0], func)
         for i in range(1, n):
-            found, _, _ = _activation_matching_core(modules[0], modules[i], graph, sizes, stats_data.x, batch_size, dev, None)
+            found, _, _ = _activation_matching_core(
+                modules[0], modules[i], traced, sizes, stats_data.x, batch_size, dev, None
+            )
             perms[i] = {p: torch.as_tensor(v, device=dev) for p, v in found.items()}
-            done += 1
-            if progress is not None:
-                progress(done, total)
-    cpu = torch.device("cpu")
+            tick()
+        history.append(alignment())
+    steps[1] = steps[0] + n + 2
     member_loss, member_acc = [], []
     for m in modules:
         loss, acc = _evaluate(_working_copy(m, dev), x, y, batch_size, dev, func)
         member_loss.append(loss)
         member_acc.append(acc)
-        done += 1
-        if progress is not None:
-            progress(done, total)
-    results = []
+        tick()
+    has_bn = _has_bn(modules[0])
+    averages = []
     for aligned in (True, False):
         st = [_permute_state(s, spec, p) for s, p in zip(states, perms)] if aligned else states
-        avg = {k: v.to(cpu) for k, v in _average_states(st).items()}
-        merged = _merged_module(modules[0], avg, stats_data if _has_bn(modules[0]) else None, batch_size, func)
-        results.append(_evaluate(_working_copy(merged, dev), x, y, batch_size, dev, func))
-        done += 1
-        if progress is not None:
-            progress(done, total)
+        avg = {k: v.cpu() for k, v in _average_states(st).items()}
+        merged = _merged_module(modules[0], avg, stats_data if has_bn else None, batch_size, func)
+        averages.append(_evaluate(_working_copy(merged, dev), x, y, batch_size, dev, func))
+        tick()
+    label = (
+        "MergeMany weight matching (Ainsworth et al. 2023)"
+        if method == "weight_matching"
+        else "activation matching to the first model"
+    )
     return MergeResult(
-        names=tuple(_model_name(m, f"model {i}") for i, m in enumerate(models)), method=method,
-        member_loss=np.asarray(member_loss), member_accuracy=np.asarray(member_acc),
-        merged_loss=results[0][0], merged_accuracy=results[0][1], naive_loss=results[1][0], naive_accuracy=results[1][1],
-        permutations=tuple({p: t.cpu().numpy() for p, t in pm.items()} for pm in perms), n_rounds=rounds,
-        reset_bn=_has_bn(modules[0]),
-        estimator=f"merge by {method.replace('_', ' ')}" + (" (MergeMany)" if method == "weight_matching" else "") + ", cross-entropy",
-        n_samples=int(x.shape[0]), params={"max_rounds": max_rounds, "max_iter": max_iter, "batch_size": batch_size},
-        seed=seed, device=str(dev), dtype="float64", seconds=time.perf_counter() - start,
+        names=tuple(_model_name(m, f"model {i}") for i, m in enumerate(models)),
+        method=method,
+        member_loss=np.asarray(member_loss),
+        member_accuracy=np.asarray(member_acc),
+        merged_loss=averages[0][0],
+        merged_accuracy=averages[0][1],
+        naive_loss=averages[1][0],
+        naive_accuracy=averages[1][1],
+        permutations=tuple({p: t.cpu().numpy() for p, t in pm.items()} for pm in perms),
+        objective=np.asarray(history),
+        n_rounds=len(history) - 1,
+        reset_bn=has_bn,
+        estimator=f"merge by {label}, averaged weights, cross-entropy",
+        n_samples=int(x.shape[0]),
+        params={
+            "max_rounds": max_rounds,
+            "tol": tol,
+            "max_iter": max_iter,
+            "batch_size": batch_size,
+            "n_stats": int(stats_data.x.shape[0]) if has_bn else 0,
+        },
+        seed=seed,
+        device=str(dev),
+        dtype="float64",
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -1530,8 +1953,9 @@ def merge(models: Sequence[Any], dataset: Any, *, method: str = "weight_matching
 # Export
 
 
-def to_safetensors(model: Any, *, architecture: Mapping[str, Any] | None = None, name: str | None = None,
-                   description: str = "") -> bytes:
+def to_safetensors(
+    model: Any, *, architecture: Mapping[str, Any] | None = None, name: str | None = None, description: str = ""
+) -> bytes:
     """The weights of ``model`` as safetensors bytes, with its architecture spec in the metadata.
 
     The metadata key ``"architecture"`` holds the spec as JSON (so ``load_model`` rebuilds the
@@ -1550,15 +1974,32 @@ def to_safetensors(model: Any, *, architecture: Mapping[str, Any] | None = None,
             "(e.g. {'type': 'mlp', 'sizes': [64, 512, 512, 10]})."
         )
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    metadata = {"architecture": json.dumps(dict(spec)), "name": name or _model_name(model, "model"),
-                "description": description}
+    metadata = {
+        "architecture": json.dumps(dict(spec)),
+        "name": name or _model_name(model, "model"),
+        "description": description,
+    }
     return save(tensors, metadata=metadata)
 
 
 __all__ = [
-    "ActivationMatchingResult", "BarrierResult", "InterpolationResult", "LayerAlignmentResult", "MergeResult",
-    "ModeConnectivityResult", "PermutationSpec", "WeightMatchingResult", "activation_matching", "apply_permutation",
-    "interpolate", "layer_alignment", "loss_barrier", "merge", "merged_model", "mode_connectivity",
-    "permutation_spec", "to_safetensors", "weight_matching",
+    "ActivationMatchingResult",
+    "BarrierResult",
+    "InterpolationResult",
+    "LayerAlignmentResult",
+    "MergeResult",
+    "ModeConnectivityResult",
+    "PermutationSpec",
+    "WeightMatchingResult",
+    "activation_matching",
+    "apply_permutation",
+    "interpolate",
+    "layer_alignment",
+    "loss_barrier",
+    "merge",
+    "merged_model",
+    "mode_connectivity",
+    "permutation_spec",
+    "to_safetensors",
+    "weight_matching",
 ]
-

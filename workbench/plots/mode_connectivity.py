@@ -40,11 +40,19 @@ def interpolation_curves(result: ModeConnectivityResult) -> go.Figure:
             name = f"{method_label(method)} · {split}"
             for col, values, fmt in ((1, curve.loss[split], ".4f"), (2, curve.accuracy[split], ".2%")):
                 fig.add_trace(
-                    go.Scatter(x=curve.lambdas, y=values, mode="lines+markers", name=name, legendgroup=name,
-                               showlegend=col == 1, line={"color": color, "dash": _SPLIT_DASH.get(split, "dot")},
-                               marker={"size": 4},
-                               hovertemplate=f"{name}<br>λ = %{{x:.3f}}<br>%{{y:{fmt}}}<extra></extra>"),
-                    row=1, col=col,
+                    go.Scatter(
+                        x=curve.lambdas,
+                        y=values,
+                        mode="lines+markers",
+                        name=name,
+                        legendgroup=name,
+                        showlegend=col == 1,
+                        line={"color": color, "dash": _SPLIT_DASH.get(split, "dot")},
+                        marker={"size": 4},
+                        hovertemplate=f"{name}<br>λ = %{{x:.3f}}<br>%{{y:{fmt}}}<extra></extra>",
+                    ),
+                    row=1,
+                    col=col,
                 )
     fig.update_xaxes(title_text="λ (0 = model A, 1 = model B)")
     fig.update_yaxes(title_text="loss (nats)", row=1, col=1)
@@ -52,8 +60,10 @@ def interpolation_curves(result: ModeConnectivityResult) -> go.Figure:
     fig.update_layout(height=430, legend={"orientation": "h", "y": -0.25})
     a, b = result.params.get("model_a", "A"), result.params.get("model_b", "B")
     n_train = next(iter(result.curves.values())).params.get("n_train", 0) if result.curves else 0
-    estimator = "(1−λ)θ_A + λθ_B, cross-entropy, float64" + (f"; train curves on {n_train} samples" if n_train else "")
-    return titled(fig, f"Linear interpolation {a} → {b}", estimator=estimator, n=result.n_samples)
+    estimator = "(1−λ)θ_A + λθ_B, mean cross-entropy" + (f"; train curves on {n_train} samples" if n_train else "")
+    return titled(fig, f"Linear interpolation {a} → {b}", estimator=estimator, n=result.n_samples).update_layout(
+        margin={"t": 100}
+    )
 
 
 def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
@@ -61,11 +71,16 @@ def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
     rows = []
     for method, barrier in result.barriers.items():
         for split in barrier.linear:
-            rows.append({
-                "method": method_label(method), "split": split,
-                "barrier above the line": barrier.linear[split], "barrier above the endpoint mean": barrier.mean[split],
-                "at λ": barrier.lambda_linear[split], "accuracy drop": barrier.accuracy_drop[split],
-            })
+            rows.append(
+                {
+                    "method": method_label(method),
+                    "split": split,
+                    "barrier above the line": barrier.linear[split],
+                    "barrier above the endpoint mean": barrier.mean[split],
+                    "at λ": barrier.lambda_linear[split],
+                    "accuracy drop": barrier.accuracy_drop[split],
+                }
+            )
     return rows
 
 
@@ -76,10 +91,26 @@ def barrier_table(result: ModeConnectivityResult) -> go.Figure:
     cells = [[f"{r[h]:.4f}" if isinstance(r[h], float) else r[h] for r in rows] for h in headers]
     fig = go.Figure(go.Table(header={"values": headers, "align": "left"}, cells={"values": cells, "align": "left"}))
     defs = _definitions(next(iter(result.barriers.values())) if result.barriers else None)
-    fig.update_layout(height=80 + 28 * max(len(rows), 1), annotations=[
-        {"text": defs, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0, "y": -0.05, "xanchor": "left",
-         "yanchor": "top", "font": {"size": 10}}])
-    return titled(fig, "Loss barriers", estimator="barrier of the interpolation curve", n=result.n_samples)
+    fig.update_layout(
+        height=190 + 24 * max(len(rows), 1),
+        annotations=[
+            {
+                "text": defs,
+                "showarrow": False,
+                "xref": "paper",
+                "yref": "paper",
+                "x": 0,
+                "y": 0,
+                "xanchor": "left",
+                "yanchor": "top",
+                "align": "left",
+                "font": {"size": 10},
+            }
+        ],
+    )
+    return titled(
+        fig, "Loss barriers", estimator="barrier of the interpolation curve", n=result.n_samples
+    ).update_layout(margin={"t": 80, "b": 70})
 
 
 def _definitions(barrier: BarrierResult | None) -> str:
@@ -90,17 +121,39 @@ def _definitions(barrier: BarrierResult | None) -> str:
 
 def layer_alignment_figure(result: LayerAlignmentResult) -> go.Figure:
     """Per layer: distance ‖θ_A − θ_B‖ (left) and top-k singular-vector alignment (right), before and after matching."""
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
-        "distance ‖θ_A − θ_B‖ (lower = closer)", f"top-{result.top_k} singular-vector alignment (higher = closer)"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.12,
+        subplot_titles=(
+            "distance ‖θ_A − θ_B‖ (lower = closer)",
+            f"top-{result.top_k} singular-vector alignment (higher = closer)",
+        ),
+    )
     layers = list(result.layers)
-    for col, before, after, fmt in ((1, result.distance_before, result.distance_after, ".3f"),
-                                     (2, result.alignment_before, result.alignment_after, ".3f")):
+    for col, before, after, fmt in (
+        (1, result.distance_before, result.distance_after, ".3f"),
+        (2, result.alignment_before, result.alignment_after, ".3f"),
+    ):
         for name, values, color in (("before matching", before, _BEFORE), ("after matching", after, _AFTER)):
-            fig.add_trace(go.Bar(x=layers, y=values, name=name, legendgroup=name, showlegend=col == 1, marker_color=color,
-                                 hovertemplate=f"%{{x}} · {name}<br>%{{y:{fmt}}}<extra></extra>"), row=1, col=col)
+            fig.add_trace(
+                go.Bar(
+                    x=layers,
+                    y=values,
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    marker_color=color,
+                    hovertemplate=f"%{{x}} · {name}<br>%{{y:{fmt}}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
     fig.update_yaxes(range=[0, 1], row=1, col=2)
     fig.update_layout(barmode="group", height=380)
-    return titled(fig, "Per-layer distance and alignment", estimator=result.estimator, n=None)
+    return titled(fig, "Per-layer distance and alignment", estimator=result.estimator, n=None).update_layout(
+        margin={"t": 100}
+    )
 
 
 def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3) -> go.Figure:
@@ -108,32 +161,60 @@ def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3) -> g
     layers = list(result.layers)
     cols = max(1, min(max_cols, len(layers)))
     rows = max(1, (len(layers) + cols - 1) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[
-        f"{layer} (max change under permutation {change:.1e})" for layer, change in zip(layers, result.singular_value_change)])
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[
+            f"{layer} (|Δσ| ≤ {change:.0e})" for layer, change in zip(layers, result.singular_value_change)
+        ],
+    )
     for j, layer in enumerate(layers):
-        for name, values, color in (("model A", result.singular_values_a[layer], MODEL_COLORS[0]),
-                                    ("model B (= permuted B)", result.singular_values_b[layer], MODEL_COLORS[1])):
-            fig.add_trace(go.Scatter(x=np.arange(1, len(values) + 1), y=values, mode="lines", name=name, legendgroup=name,
-                                     showlegend=j == 0, line={"color": color},
-                                     hovertemplate=f"{layer} · {name}<br>σ_%{{x}} = %{{y:.4g}}<extra></extra>"),
-                          row=j // cols + 1, col=j % cols + 1)
+        for name, values, color in (
+            ("model A", result.singular_values_a[layer], MODEL_COLORS[0]),
+            ("model B (= permuted B)", result.singular_values_b[layer], MODEL_COLORS[1]),
+        ):
+            fig.add_trace(
+                go.Scatter(
+                    x=np.arange(1, len(values) + 1),
+                    y=values,
+                    mode="lines",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=j == 0,
+                    line={"color": color},
+                    hovertemplate=f"{layer} · {name}<br>σ_%{{x}} = %{{y:.4g}}<extra></extra>",
+                ),
+                row=j // cols + 1,
+                col=j % cols + 1,
+            )
     fig.update_xaxes(title_text="index i", type="log")
     fig.update_yaxes(title_text="σ_i", type="log")
     fig.update_layout(height=300 * rows)
-    return titled(fig, "Singular values of each weight matrix (a permutation leaves them unchanged)",
-                  estimator="SVD of W reshaped to (out, in·k·k), float64", n=None)
+    return titled(
+        fig,
+        "Singular values of each weight matrix (a permutation leaves them unchanged)",
+        estimator="SVD of W reshaped to (out, in·k·k), float64; |Δσ|: largest change between B and permuted B",
+        n=None,
+    ).update_layout(margin={"t": 100})
 
 
 def matching_objective(result: WeightMatchingResult) -> go.Figure:
     """The weight-matching objective ``Σ⟨θ_A, π(θ_B)⟩`` after each coordinate-descent pass."""
-    fig = go.Figure(go.Scatter(x=np.arange(len(result.objective)), y=result.objective, mode="lines+markers",
-                               hovertemplate="pass %{x}<br>objective %{y:.6g}<extra></extra>"))
+    fig = go.Figure(
+        go.Scatter(
+            x=np.arange(len(result.objective)),
+            y=result.objective,
+            mode="lines+markers",
+            hovertemplate="pass %{x}<br>objective %{y:.6g}<extra></extra>",
+        )
+    )
     fig.update_xaxes(title_text="pass (0 = identity)")
     fig.update_yaxes(title_text="Σ ⟨θ_A, π(θ_B)⟩")
     fig.update_layout(height=320)
     state = "converged" if result.converged else "stopped at max_iter"
-    return titled(fig, f"Weight matching objective ({result.n_iterations} passes, {state})", estimator=result.estimator,
-                  n=None)
+    return titled(
+        fig, f"Weight matching objective ({result.n_iterations} passes, {state})", estimator=result.estimator, n=None
+    )
 
 
 def merge_figure(result: MergeResult) -> go.Figure:
@@ -143,11 +224,27 @@ def merge_figure(result: MergeResult) -> go.Figure:
     acc = list(result.member_accuracy) + [result.naive_accuracy, result.merged_accuracy]
     loss = list(result.member_loss) + [result.naive_loss, result.merged_loss]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "cross-entropy loss"), horizontal_spacing=0.12)
-    fig.add_trace(go.Bar(x=names, y=acc, marker_color=colors, showlegend=False,
-                         hovertemplate="%{x}<br>accuracy %{y:.2%}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(x=names, y=loss, marker_color=colors, showlegend=False,
-                         hovertemplate="%{x}<br>loss %{y:.4f}<extra></extra>"), row=1, col=2)
+    fig.add_trace(
+        go.Bar(
+            x=names,
+            y=acc,
+            marker_color=colors,
+            showlegend=False,
+            hovertemplate="%{x}<br>accuracy %{y:.2%}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Bar(
+            x=names, y=loss, marker_color=colors, showlegend=False, hovertemplate="%{x}<br>loss %{y:.4f}<extra></extra>"
+        ),
+        row=1,
+        col=2,
+    )
     fig.update_yaxes(tickformat=".0%", range=[0, 1], row=1, col=1)
     fig.update_layout(height=380)
     bn = ", BatchNorm statistics reset" if result.reset_bn else ""
-    return titled(fig, f"Merging {len(result.names)} models", estimator=result.estimator + bn, n=result.n_samples)
+    return titled(
+        fig, f"Merging {len(result.names)} models", estimator=result.estimator + bn, n=result.n_samples
+    ).update_layout(margin={"t": 100})

@@ -1,0 +1,181 @@
+"""Linear mode connectivity: interpolate A → B before and after permutation alignment; merge several models."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _state
+from workbench.analyses import mode_connectivity as mc
+from workbench.plots import mode_connectivity as plots
+
+st.title("Mode connectivity")
+st.caption(
+    "Are two trained networks linearly connected once B's hidden units are reordered to match A's? "
+    "Weight matching (Git Re-Basin), activation matching and REPAIR, with the layer analysis of Ito et al."
+)
+_state.require_models(1)
+dataset = _state.require_dataset()
+names = _state.sample_model_names()
+session = {m.name: m for m in _state.current_models()}
+options = list(dict.fromkeys([*session, *names]))
+
+
+def pick(label: str, slot: str, fallback: str, key: str):
+    current = st.session_state.get(slot)
+    default = current.name if current is not None else fallback
+    choice = st.selectbox(
+        label,
+        options,
+        index=options.index(default) if default in options else 0,
+        key=key,
+        help="A model chosen on the Models & data page, or a bundled sample model.",
+    )
+    return session[choice] if choice in session else _state.load_sample_model(choice)
+
+
+col_a, col_b = st.columns(2)
+with col_a, _state.guard():
+    model_a = pick("Model A", _state.MODEL_A, _state.DEFAULT_A, "mc_model_a")
+with col_b, _state.guard():
+    model_b = pick("Model B (permuted to match A)", _state.MODEL_B, _state.DEFAULT_B, "mc_model_b")
+digits = dataset.name.startswith("digits")
+with st.expander("Settings", expanded=False):
+    n_points = st.slider(
+        "Points along the path", 5, 51, 25, 2, key="mc_points", help="λ values in [0, 1]; 25 resolves typical barriers."
+    )
+    methods = st.multiselect(
+        "Alignments",
+        list(mc.CONNECTIVITY_METHODS),
+        default=["naive", "weight_matching", "activation_matching", "repair"],
+        format_func=plots.method_label,
+        key="mc_methods",
+        help="naive: B as trained; repair: weight matching + REPAIR (Jordan et al. 2022); "
+        "reset_bn: weight matching + recomputed BatchNorm statistics.",
+    )
+    use_train = st.checkbox(
+        "Also evaluate on the digits train split (and take REPAIR/BatchNorm statistics from it)",
+        value=digits,
+        disabled=not digits,
+        key="mc_train",
+    )
+    top_k = st.slider("Top-k singular directions compared", 1, 20, 5, key="mc_topk")
+    seed = int(st.number_input("Seed (order of the coordinate descent)", 0, 10_000, 0, key="mc_seed"))
+if not methods:
+    st.info("Pick at least one alignment.")
+    st.stop()
+
+train = _state.load_builtin_dataset("digits", "train") if use_train and digits else None
+with _state.guard(), _state.progress_bar("Matching and interpolating…") as bar:
+    result = _state.cached_call(
+        mc.mode_connectivity,
+        model_a,
+        model_b,
+        dataset,
+        train_dataset=train,
+        methods=methods,
+        n_points=n_points,
+        top_k=top_k,
+        seed=seed,
+        progress=bar,
+    )
+
+curves = plots.interpolation_curves(result)
+st.plotly_chart(curves, width="stretch", key="mc_curves")
+st.subheader("Loss barriers")
+st.dataframe(
+    plots.barrier_rows(result),
+    hide_index=True,
+    width="stretch",
+    key="mc_barriers",
+    column_config={"accuracy drop": st.column_config.NumberColumn(format="percent")},
+)
+barrier = next(iter(result.barriers.values()))
+st.caption(
+    " · ".join(f"**{k}**: {v}" for k, v in barrier.definitions.items()) + f". n = {result.n_samples} test samples."
+)
+
+st.subheader("Per layer: distance and singular-vector alignment")
+layers = plots.layer_alignment_figure(result.layers)
+st.plotly_chart(layers, width="stretch", key="mc_layers")
+with st.expander("Singular values (unchanged by the permutation) and the matching objective"):
+    spectra = plots.singular_values_figure(result.layers)
+    st.plotly_chart(spectra, width="stretch", key="mc_spectra")
+    st.plotly_chart(plots.matching_objective(result.weight_matching), width="stretch", key="mc_objective")
+
+if model_b.architecture is not None:
+    with _state.guard():
+        aligned = mc.apply_permutation(model_b, result.weight_matching)
+        data = mc.to_safetensors(
+            aligned, architecture=model_b.architecture, name=f"{model_b.name} aligned to {model_a.name}"
+        )
+    st.download_button(
+        "Download B aligned to A (safetensors)",
+        data,
+        file_name=f"{model_b.name}_aligned.safetensors",
+        key="mc_download_b",
+        help="The permuted B; it computes the same function as B.",
+    )
+_state.report_button("Mode connectivity", result, [curves, layers, spectra], key="mc_report")
+
+st.divider()
+st.subheader("Merge several models")
+st.caption(
+    "Align the members to a common basis (MergeMany: each is weight-matched to the average of the others) "
+    "and average the weights; compare with each member and with the plain average."
+)
+members = st.multiselect(
+    "Members (one architecture)",
+    names,
+    default=[n for n in ("mlp_seed0", "mlp_seed1", "mlp_seed2") if n in names],
+    key="mc_merge_models",
+    help="At least 3 bundled models of one architecture.",
+)
+merge_method = st.radio(
+    "Alignment",
+    list(mc.MERGE_METHODS),
+    format_func=lambda m: m.replace("_", " "),
+    horizontal=True,
+    key="mc_merge_method",
+)
+rounds = st.slider(
+    "Rounds at most", 1, 10, 3, key="mc_merge_rounds", help="MergeMany rounds; each visits every member."
+)
+if len(members) < 3:
+    st.info("Pick at least 3 models to merge.")
+    st.stop()
+if not st.toggle("Compute the merge", key="mc_merge_run", help="Weight matching of each member; seconds per round."):
+    st.stop()
+with _state.guard():
+    models = [_state.load_sample_model(n) for n in members]
+    with _state.progress_bar("Merging…") as bar:
+        merged = _state.cached_call(
+            mc.merge,
+            models,
+            dataset,
+            method=merge_method,
+            train_dataset=train,
+            max_rounds=rounds,
+            seed=seed,
+            progress=bar,
+        )
+cols = st.columns(3)
+cols[0].metric(
+    "Merged accuracy",
+    f"{merged.merged_accuracy:.1%}",
+    f"{merged.merged_accuracy - merged.naive_accuracy:+.1%} vs naive average",
+)
+cols[1].metric("Naive average accuracy", f"{merged.naive_accuracy:.1%}")
+cols[2].metric("Best member accuracy", f"{merged.member_accuracy.max():.1%}")
+merge_fig = plots.merge_figure(merged)
+st.plotly_chart(merge_fig, width="stretch", key="mc_merge_fig")
+if models[0].architecture is not None:
+    with _state.guard():
+        blob = mc.to_safetensors(
+            mc.merged_model(models, merged, stats_dataset=train if train is not None else dataset),
+            architecture=models[0].architecture,
+            name=f"merge of {', '.join(members)}",
+        )
+    st.download_button(
+        "Download the merged model (safetensors)", blob, file_name="merged.safetensors", key="mc_download_merged"
+    )
+_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report")
