@@ -148,6 +148,29 @@ def _relative_summary(result: Any) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, list) and k.startswith(("jaccard", "mrr"))}
 
 
+def _mode_connectivity(ctx: Context, n_points: int = 25, top_k: int = 5, seed: int = 0) -> Any:
+    from workbench.analyses.mode_connectivity import mode_connectivity
+    from workbench.data import load_dataset
+
+    train = None
+    if ctx.dataset.name.startswith("digits") and ctx.dataset.info.get("split") == "test":
+        train = load_dataset("digits", split="train")
+    return mode_connectivity(ctx.model_a, ctx.model_b, ctx.dataset, train_dataset=train, n_points=n_points,
+                             top_k=top_k, seed=seed, device=ctx.device, progress=ctx.progress)
+
+
+def _mode_connectivity_plot(result: Any) -> list[go.Figure]:
+    from workbench.plots import mode_connectivity as p
+
+    return [p.interpolation_curves(result), p.barrier_table(result), p.layer_alignment_figure(result.layers),
+            p.singular_values_figure(result.layers)]
+
+
+def _mode_connectivity_summary(result: Any) -> dict[str, Any]:
+    return {f"{method}/{split}/barrier_linear": value for method, b in result.barriers.items()
+            for split, value in b.linear.items()}
+
+
 ANALYSES: list[Analysis] = [
     Analysis("activations", "Activation statistics", "one_model", _activation_stats, _activation_stats_plot,
              _activation_stats_summary, {"bins": 50}, "shape, mean/std, dead units and value histograms per layer",
@@ -158,6 +181,10 @@ ANALYSES: list[Analysis] = [
     Analysis("relative", "Relative representations: cross-model agreement", "two_models", _relative, _relative_plot,
              _relative_summary, {"n_anchors": 64, "method": "random", "k": 10, "seed": 0},
              "Jaccard@k and MRR of relative vs absolute representations per layer", "pages/relative.py"),
+    Analysis("mode_connectivity", "Linear mode connectivity (permutation alignment)", "weights", _mode_connectivity,
+             _mode_connectivity_plot, _mode_connectivity_summary, {"n_points": 25, "top_k": 5, "seed": 0},
+             "loss and accuracy along (1-λ)θA + λθB, naive vs weight/activation matching and REPAIR; per-layer alignment",
+             "pages/mode_connectivity.py"),
 ]
 
 
@@ -198,7 +225,7 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     from workbench.report import Section
 
     entry = get_analysis(name)
-    if entry.inputs == "two_models" and model_b is None:
+    if entry.inputs in ("two_models", "weights") and model_b is None:
         raise ParameterError(f"The '{name}' analysis compares two models; pass model_b (or --model-b).")
     merged = {**entry.params, **(params or {})}
     unknown = sorted(set(merged) - set(entry.params))
