@@ -35,7 +35,13 @@ def test_two_models_side_by_side(app, narrow):
     at = _open(app, *narrow)
     assert not page_errors(at)
     assert at.title[0].value == "Degeneracy"
-    assert [s.value for s in at.subheader] == ["Spectra", "ReLU firing patterns", "Free parameters", "Interaction basis"]
+    assert [s.value for s in at.subheader] == [
+        "Spectra",
+        "ReLU firing patterns",
+        "Free parameters",
+        "Interaction basis",
+        "Local learning coefficient (optional)",
+    ]
     metrics = {m.label: m.value for m in at.metric}
     # 5 constant pixels in the digits test split: 5 x 64 free weights of fc1, plus one rescaling per live unit
     assert metrics["Free parameters (mlp_narrow_seed0)"] == "448 of 8,970"
@@ -79,3 +85,19 @@ def test_a_model_that_is_not_sequential_shows_the_reason(app):
     errors = page_errors(at)
     assert len(errors) == 1 and "needs a model built as torch.nn.Sequential" in errors[0] and "ResMLP" in errors[0]
     assert not at.get("plotly_chart")
+
+
+def test_llc_is_shown_with_its_hyperparameters(app, narrow):
+    at = _open(app, narrow[0])
+    assert not [m for m in at.metric if m.label.startswith("LLC")]  # off by default: it takes a while
+    at.session_state["deg_llc_steps"] = 60  # a short run; the settings shown are what is checked
+    at.toggle(key="deg_llc").set_value(True).run()
+    assert not page_errors(at)
+    value = next(m.value for m in at.metric if m.label == "LLC (mlp_narrow_seed0)")
+    assert 1.0 < float(value.split(" ± ")[0]) < 100.0
+    captions = [c.value for c in at.caption]
+    assert any(
+        "Hyper-parameters: step size 0.0001, localization γ 100, nβ 73.66, 4 chains × 60 steps (20 burn-in)" in c
+        for c in captions
+    )
+    assert _title(at.get("plotly_chart")[-1]).startswith("Local learning coefficient mlp_narrow_seed0")

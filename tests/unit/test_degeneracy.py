@@ -24,12 +24,16 @@ from workbench.analyses.degeneracy import (
     RankResult,
     ReluPatternResult,
     activation_rank,
+    default_layers,
     degeneracy_summary,
     gradient_rank,
     interaction_basis,
+    layer_activations,
+    llc_estimate,
     relu_patterns,
+    sequential_layers,
 )
-from workbench.data.datasets import make_dataset
+from workbench.data.datasets import blobs, make_dataset
 from workbench.errors import ArchitectureError, DataError, ParameterError, UnknownLayerError, WorkbenchError
 from workbench.models.architectures import build_model
 from workbench.plots import degeneracy as plots
@@ -304,6 +308,15 @@ def test_interaction_basis_on_the_bundled_mlp_pinned(narrow, digits_test, sample
     assert 0.05 <= s.total_free / s.total_parameters <= 0.2
 
 
+def test_interaction_basis_through_a_wide_layer_from_a_narrow_one():
+    """The next basis (up to 13 directions) is larger than the input (3 + 1): the forward-mode Jacobian path."""
+    model = _mlp([3, 12, 12, 4], seed=8)
+    data = _data(80, 3, seed=4)
+    result = interaction_basis(model, data, ["input", "relu1", "relu2"])
+    assert result.basis_size["relu1"] > result.width["input"] + 1
+    _check_basis_identities(model, data, result, {"input": -1, "relu1": 1, "relu2": 3, "out": 4})
+
+
 def test_interaction_basis_on_a_cnn_with_batchnorm():
     model = build_model({"type": "cnn", "input_shape": [1, 4, 4], "channels": [3], "hidden": 6, "n_classes": 3})
     g = torch.Generator().manual_seed(0)
@@ -349,7 +362,10 @@ def test_permuting_hidden_units_changes_no_reported_number(sample_model, digits_
     with torch.no_grad():
         torch.testing.assert_close(perm(digits_test.x), model.module(digits_test.x), rtol=1e-5, atol=1e-5)
     layers = ["input", "relu1", "relu2"]
-    for fn in (lambda m: gradient_rank(m, digits_test, layers), lambda m: gradient_rank(m, digits_test, layers, output="loss")):
+    for fn in (
+        lambda m: gradient_rank(m, digits_test, layers),
+        lambda m: gradient_rank(m, digits_test, layers, output="loss"),
+    ):
         a, b = fn(model), fn(perm)
         assert a.rank == b.rank
         for layer in layers:
@@ -360,19 +376,109 @@ def test_permuting_hidden_units_changes_no_reported_number(sample_model, digits_
     for layer in pa.layers:
         np.testing.assert_allclose(np.sort(pa.firing_rate[layer]), np.sort(pb.firing_rate[layer]))
     sa, sb = degeneracy_summary(model, digits_test), degeneracy_summary(perm, digits_test)
-    for attr in ("input_rank", "gradient_rank", "free_from_activations", "free_from_gradients",
-                 "free_from_synchronised", "free_from_rescaling", "free_total"):  # fmt: skip
+    for attr in (
+        "input_rank",
+        "gradient_rank",
+        "free_from_activations",
+        "free_from_gradients",
+        "free_from_synchronised",
+        "free_from_rescaling",
+        "free_total",
+    ):
         assert getattr(sa, attr) == getattr(sb, attr), attr
     ib_perm = interaction_basis(perm, digits_test, layers)
     assert ib.basis_size == ib_perm.basis_size
     for layer in ib.layers:
-        np.testing.assert_allclose(ib.interaction_eigenvalues[layer], ib_perm.interaction_eigenvalues[layer],
-                                   rtol=1e-6, atol=1e-9 * ib.interaction_eigenvalues[layer][0])  # fmt: skip
+        np.testing.assert_allclose(
+            ib.interaction_eigenvalues[layer],
+            ib_perm.interaction_eigenvalues[layer],
+            rtol=1e-6,
+            atol=1e-9 * ib.interaction_eigenvalues[layer][0],
+        )
         np.testing.assert_allclose(ib.gram_eigenvalues[layer], ib_perm.gram_eigenvalues[layer], rtol=1e-6, atol=1e-10)
     # the basis itself is invariant: the transformed activations of the leading directions agree
     for layer in ("relu1", "relu2"):
         np.testing.assert_allclose(ib.activations[layer][:, :8], ib_perm.activations[layer][:, :8], atol=1e-5)
     assert ib.modularity == pytest.approx(ib_perm.modularity, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the local learning coefficient (SGLD)
+
+
+def _fit_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> nn.Module:
+    """Softmax regression trained to its minimum (LBFGS, float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(x.shape[1], n_classes)).double()
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x.double()), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model.float()
+
+
+@pytest.fixture
+def one_thread():
+    """SGLD on a 15-parameter model is thousands of tiny steps: one thread avoids the threads' hand-off per step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_llc_of_softmax_regression_is_half_its_identifiable_parameters(one_thread):
+    """Regular model: (d + 1)(C - 1) / 2 = 5 for d = 4 features and C = 3 classes (the softmax ignores a common
+    shift of the logits); with 2 features constant at 0 their weights are free and the coefficient drops to 3."""
+    data = blobs(1.0, n_samples=1000, n_features=4, n_classes=3, seed=0)
+    settings = {
+        "step_size": 1e-3,
+        "localization": 1.0,
+        "n_chains": 4,
+        "n_steps": 500,
+        "n_burnin": 150,
+        "batch_size": 1000,
+    }
+    regular = llc_estimate(_fit_softmax(data.x, data.y, 3), data, **settings)
+    x = data.x.clone()
+    x[:, 2:] = 0.0
+    zeroed = make_dataset("blobs, 2 features zeroed", x, data.y)
+    degenerate = llc_estimate(_fit_softmax(zeroed.x, zeroed.y, 3), zeroed, **settings)
+    assert 4.0 <= regular.llc <= 6.0, regular.llc
+    assert 2.2 <= degenerate.llc <= 3.8, degenerate.llc
+    assert regular.llc > degenerate.llc + 1.0
+    assert regular.n_parameters == 15 and regular.n_beta == pytest.approx(1000 / np.log(1000))
+    assert regular.loss_trace.shape == (4, 500) and regular.llc_per_chain.shape == (4,)
+    assert "step size 0.001, localization γ 1" in regular.hyperparameters()
+    again = llc_estimate(_fit_softmax(data.x, data.y, 3), data, **settings)
+    assert again.llc == regular.llc  # same seed, same chains
+    fig = plots.llc_trace_figure(regular, degenerate)
+    assert "hyper-parameter sensitive" in fig.layout.title.text and "nβ" in fig.layout.title.text
+
+
+def test_llc_errors(constant_and_dead, one_thread):
+    model, data = constant_and_dead
+    with pytest.raises(
+        ParameterError, match="'step_size' parameter of llc_estimate must be a number in \\(0.0, 1.0\\]"
+    ):
+        llc_estimate(model, data, step_size=0.0)
+    with pytest.raises(ParameterError, match="'n_burnin' parameter of llc_estimate must be an int in \\[0, 19\\]"):
+        llc_estimate(model, data, n_steps=20, n_burnin=20)
+    with pytest.raises(ParameterError, match="the SGLD chains diverged .* use a smaller step_size"):
+        llc_estimate(model, data, step_size=0.5, localization=1e6, n_steps=100, n_burnin=0)  # |1 - εγ/2| > 1
+    with pytest.raises(DataError, match="'labels' are required"):
+        llc_estimate(model, make_dataset("nolabels", data.x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +535,21 @@ def test_figures_carry_estimator_and_n(narrow, digits_test, constant_and_dead):
     assert sum(len([x for x in tr.x if x is not None]) // 2 for tr in graph.data if tr.mode == "lines") <= 50
 
 
+def test_layer_names_defaults_and_flattened_activations(sample_model, digits_test):
+    mlp, cnn = sample_model("mlp_narrow_seed0"), sample_model("cnn_seed0")
+    assert sequential_layers(mlp) == ["input", "fc1", "relu1", "fc2", "relu2", "out"]
+    assert default_layers(mlp, digits_test) == ["input", "relu1", "relu2"]
+    assert default_layers(cnn, digits_test) == ["input", "relu_fc1"]  # conv ReLUs have 2048 features
+    assert default_layers(cnn, digits_test, max_width=4096) == ["input", "relu1", "relu2", "relu_fc1"]
+    acts = layer_activations(cnn, digits_test, ["relu2", "input"])
+    assert acts.layers == ["input", "relu2"] and acts["relu2"].shape == (450, 32 * 8 * 8)
+    assert acts.pooling == "flatten" and acts.model_name == "cnn_seed0" and len(acts.key) == 64
+    assert acts.key != layer_activations(mlp, digits_test, ["input", "relu2"]).key
+    torch.testing.assert_close(acts["input"], digits_test.x)
+    r = activation_rank(layer_activations(cnn, digits_test, "input"))
+    assert r.model == "cnn_seed0" and r.rank["input"] == 59  # 5 pixels are constant in the test split
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 
@@ -444,7 +565,9 @@ def test_errors_name_the_problem(constant_and_dead, digits_test):
         relu_patterns(model, data, ["fc1"])
     with pytest.raises(ParameterError, match="'output' parameter of gradient_rank must be one of 'logits', 'loss'"):
         gradient_rank(model, data, "relu1", output="probabilities")
-    with pytest.raises(ParameterError, match="'rtol' parameter of interaction_basis must be a number in \\(0.0, 1.0\\]"):
+    with pytest.raises(
+        ParameterError, match="'rtol' parameter of interaction_basis must be a number in \\(0.0, 1.0\\]"
+    ):
         interaction_basis(model, data, ["relu1"], rtol=0)
     with pytest.raises(ParameterError, match="'graph_directions' parameter of interaction_basis must be an int"):
         interaction_basis(model, data, ["relu1"], graph_directions=0)
@@ -488,7 +611,11 @@ def test_cuda_agrees_with_cpu(narrow, digits_test):
     gpu = interaction_basis(model, digits_test, ["input", "relu1", "relu2"], device="cuda")
     assert gpu.basis_size == ib.basis_size and gpu.device.startswith("cuda")
     for layer in ib.layers:
-        np.testing.assert_allclose(gpu.interaction_eigenvalues[layer], ib.interaction_eigenvalues[layer], rtol=1e-6,
-                                   atol=1e-9 * ib.interaction_eigenvalues[layer][0])  # fmt: skip
+        np.testing.assert_allclose(
+            gpu.interaction_eigenvalues[layer],
+            ib.interaction_eigenvalues[layer],
+            rtol=1e-6,
+            atol=1e-9 * ib.interaction_eigenvalues[layer][0],
+        )
     s_cpu, s_gpu = degeneracy_summary(model, digits_test), degeneracy_summary(model, digits_test, device="cuda")
     assert s_cpu.free_total == s_gpu.free_total

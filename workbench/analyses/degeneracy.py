@@ -22,6 +22,11 @@ layer that is invariant to the degeneracies of types 1 and 2:
 - :func:`interaction_basis` -- the interaction basis (as in the authors' ``rib`` code), its spectra,
   the transformed activations, and the Newman modularity of the graph of interactions between basis
   directions of adjacent layers.
+- :func:`llc_estimate` -- the local learning coefficient by SGLD (Lau et al. 2023), a global measure of
+  degeneracy that depends on its hyper-parameters (they are recorded and shown with it).
+- :func:`sequential_layers`, :func:`default_layers`, :func:`layer_activations` -- the layer names these
+  functions accept, a default choice, and flattened activations (``"input"`` included) for
+  :func:`activation_rank`.
 
 The network functions (a layer -> the output) are taken from models built as ``torch.nn.Sequential``
 (the ``mlp`` and ``cnn`` architectures): "the rest of the network after layer L" is the sub-sequence
@@ -34,11 +39,12 @@ size bounds the memory they take.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import networkx as nx
 import numpy as np
@@ -46,6 +52,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from workbench.activations.types import Activations
 from workbench.analyses._result import Result
 from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int
 from workbench.device import float64_device, resolve_device
@@ -61,6 +68,7 @@ from workbench.errors import (
 INPUT_LAYER = "input"
 OUTPUTS = ("logits", "loss")
 DEFAULT_RTOL = 1e-8
+_ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU)
 _JACOBIAN_BYTES = 1 << 27  # memory of the per-sample Jacobians held at once (128 MiB)
 
 Progress = Callable[[int, int], None] | None
@@ -161,16 +169,19 @@ class DegeneracyResult(Result):
       directly after this matrix, with the always-on units counted as one more group: ``k`` units
       that fire on the same samples can be mixed by any invertible ``k x k`` matrix near the identity
       (applied to their fan-in and undone on their fan-out) without changing the function on the
-      data; ``k`` of those ``k**2`` directions are the per-unit rescalings every ReLU has, which are
-      not counted;
-    - ``free_total``: their sum; ``free_fraction = free_total / n_parameters``.
+      data; the ``k`` diagonal ones are counted in the next term;
+    - ``free_from_rescaling``: one per unit of that ReLU that fires at least once (scale its fan-in
+      by ``a > 0`` and its fan-out by ``1/a``), a symmetry of every ReLU network;
+    - ``free_total``: their sum, at most ``n_parameters``; ``free_fraction = free_total / n_parameters``.
 
     The first two terms are the exact dimension count ``n_parameters - r_x * gradient_rank`` split in
-    two; they count directions of this matrix alone. The third moves two matrices together and can
+    two; they count directions of this matrix alone, and bound the true count from below (units that
+    fire on few samples add more). The last two move this matrix and the next one together; they can
     overlap the rank terms when units are exact copies of each other, so ``free_total`` is an
-    estimate. ``input_spectrum`` / ``gradient_spectrum`` hold the eigenvalues behind the ranks.
-    Weighted modules that are not ``nn.Linear`` (convolutions, BatchNorm) are listed in
-    ``not_counted``.
+    estimate. On networks whose units fire on many samples and are not copies it equals the
+    dimension of the null space of the Jacobian of all logits with respect to all parameters.
+    ``input_spectrum`` / ``gradient_spectrum`` hold the eigenvalues behind the ranks. Modules with
+    parameters that are not ``nn.Linear`` (convolutions, BatchNorm) are listed in ``not_counted``.
     """
 
     modules: tuple[str, ...]
@@ -186,6 +197,7 @@ class DegeneracyResult(Result):
     free_from_activations: dict[str, int]
     free_from_gradients: dict[str, int]
     free_from_synchronised: dict[str, int]
+    free_from_rescaling: dict[str, int]
     free_total: dict[str, int]
     free_fraction: dict[str, float]
     input_spectrum: dict[str, np.ndarray]
@@ -312,20 +324,24 @@ class _Net:
 
     def tail(self, start: int, stop: int) -> nn.Sequential:
         """The children after position ``start`` up to and including ``stop``."""
-        return self.seq[start + 1 : stop + 1]
+        return cast(nn.Sequential, self.seq[start + 1 : stop + 1])
 
 
-def _network(model: Any, func: str, device: torch.device) -> _Net:
-    module = model.module if hasattr(model, "module") else model
+def _network_check(module: Any, func: str) -> None:
     if not isinstance(module, nn.Module):
         raise ParameterError(
-            f"{func} needs a model (a LoadedModel from load_model, or a torch.nn.Module). Got {type(model).__name__}."
+            f"{func} needs a model (a LoadedModel from load_model, or a torch.nn.Module). Got {type(module).__name__}."
         )
     if not isinstance(module, nn.Sequential) or len(module) == 0:
         raise ArchitectureError(
             f"{func} needs a model built as torch.nn.Sequential (such as the 'mlp' and 'cnn' architectures), so that the "
             f"network after a layer can be split off; got {type(module).__name__}, whose layers are not one plain sequence."
         )
+
+
+def _network(model: Any, func: str, device: torch.device) -> _Net:
+    module = model.module if hasattr(model, "module") else model
+    _network_check(module, func)
     work = copy.deepcopy(module).eval()
     _replace_batchnorm(work)
     work = work.to(device=device, dtype=torch.float64)
@@ -464,8 +480,7 @@ def _jacobian_gram(
             j = jac(acts[start : start + step]).reshape(-1, d)
             gram += j.T @ j
             ticker.tick()
-    else:
-        assert labels is not None
+    elif labels is not None:
 
         def loss(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return nn.functional.cross_entropy(tail(f.unsqueeze(0)), y.unsqueeze(0))
@@ -494,6 +509,73 @@ def _check_common(func: str, rtol: Any, batch_size: Any) -> tuple[float, int]:
     rtol = check_float(rtol, "rtol", func=func, low=0.0, high=1.0, low_inclusive=False)
     batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
     return rtol, batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# public: layers and their activations
+
+
+def sequential_layers(model: Any) -> list[str]:
+    """The layer names the functions of this module accept: ``"input"`` and the model's top-level children.
+
+    Raises :class:`~workbench.errors.ArchitectureError` for a model that is not an ``nn.Sequential``.
+    """
+    module = model.module if hasattr(model, "module") else model
+    _network_check(module, "sequential_layers")
+    return [INPUT_LAYER] + [name for name, _ in module.named_children()]
+
+
+def default_layers(model: Any, dataset: Any, *, max_width: int = 1024) -> list[str]:
+    """``"input"`` and the activation-function layers (ReLU, tanh, ...) with at most ``max_width`` features.
+
+    A cheap, informative default set of node layers for :func:`interaction_basis` and the spectra.
+    """
+    func = "default_layers"
+    max_width = check_int(max_width, "max_width", func=func, low=1)
+    dev = torch.device("cpu")
+    net = _network(model, func, dev)
+    x = _inputs(dataset, func, dev)[:2]
+    acts = [i for i, child in enumerate(net.seq) if isinstance(child, _ACTIVATION_TYPES)]
+    widths = {p: t[0].numel() for p, t in _collect(net, x, set(acts), 2, func).items()} if acts else {}
+    return [INPUT_LAYER] + [net.names[p] for p in acts if widths[p] <= max_width]
+
+
+def layer_activations(
+    model: Any,
+    dataset: Any,
+    layers: Sequence[str] | str,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> Activations:
+    """The flattened activations of the given layers (``"input"`` and top-level children) on the dataset.
+
+    Unlike :func:`~workbench.extract` nothing is pooled: a conv map ``(C, H, W)`` becomes ``C*H*W``
+    features, the space the Jacobians of :func:`gradient_rank` live in. Returns an
+    :class:`~workbench.Activations` (float32, on the CPU, pooling ``"flatten"``) keyed by the model's
+    weights, the dataset and the layers.
+    """
+    func = "layer_activations"
+    batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
+    dev = float64_device(resolve_device(device))
+    net = _network(model, func, dev)
+    x = _inputs(dataset, func, dev)
+    names = _layers(net, layers, func)
+    acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func)
+    tensors = {layer: acts[net.position(layer)].reshape(x.shape[0], -1).float().cpu() for layer in names}
+    model_sha = str(getattr(model, "sha256", ""))
+    data_sha = str(getattr(dataset, "sha256", ""))
+    key = hashlib.sha256(f"{model_sha}|{data_sha}|{','.join(names)}|flatten|{func}".encode()).hexdigest()
+    return Activations(
+        tensors,
+        model_name=net.name,
+        model_sha256=model_sha,
+        dataset_name=str(getattr(dataset, "name", "")),
+        dataset_sha256=data_sha,
+        pooling="flatten",
+        labels=getattr(dataset, "y", None),
+        key=key if model_sha and data_sha else "",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,12 +847,13 @@ def degeneracy_summary(
     Jacobian Gram of the output with respect to its outputs (:func:`gradient_rank`) and the ReLU
     firing patterns right after it (:func:`relu_patterns`) give
 
-    ``free_total = (fan_in - input_rank) * fan_out + (input_rank + 1) * (fan_out - gradient_rank)
-    + sum_groups (k**2 - k)``,
+    ``free_total = min(n_parameters, (fan_in - input_rank) * fan_out + (input_rank + 1) * (fan_out - gradient_rank)
+    + sum_groups (k**2 - k) + (units that fire))``,
 
     see :class:`DegeneracyResult` for each term. The first two terms are exact first-order counts
-    for the matrix varied alone (``n_parameters - (input_rank + 1) * gradient_rank``); the
-    synchronised-ReLU term is an estimate that can overlap them when units are exact copies.
+    for the matrix varied alone (``n_parameters - (input_rank + 1) * gradient_rank``); the ReLU
+    terms (synchronised groups, rescalings) are an estimate that can overlap them when units are
+    exact copies.
     For a matrix without bias, ``input_rank`` is the rank of the uncentred Gram and no ``+ 1`` is
     added.
 
@@ -809,52 +892,22 @@ def degeneracy_summary(
     total_batches = sum(_n_batches(net, acts, i, output, batch_size) for i in linear)
     ticker = _Ticker(progress, total_batches)
 
-    out: dict[str, dict[str, Any]] = {
-        k: {}
-        for k in (
-            "fan_in",
-            "fan_out",
-            "n_parameters",
-            "input_rank",
-            "gradient_rank",
-            "zero_variance_inputs",
-            "dead_units",
-            "always_on_units",
-            "synchronised_group_sizes",
-            "free_from_activations",
-            "free_from_gradients",
-            "free_from_synchronised",
-            "free_total",
-            "free_fraction",
-            "input_spectrum",
-            "gradient_spectrum",
-        )
-    }
+    rows: dict[str, dict[str, Any]] = {}
     for i in linear:
-        layer: nn.Linear = net.seq[i]
-        name = net.names[i]
+        layer = cast(nn.Linear, net.seq[i])
         fan_in, fan_out, has_bias = layer.in_features, layer.out_features, layer.bias is not None
         xin = acts[i - 1].reshape(n, -1)
-        if has_bias:
-            spec, r_in, _, _ = _spectrum(_centred_gram(xin), rtol)
-            r_x = r_in + 1
-        else:
-            spec, r_in, _, _ = _spectrum(xin.T @ xin / n, rtol)
-            r_x = r_in
+        spec, r_in, _, _ = _spectrum(_centred_gram(xin) if has_bias else xin.T @ xin / n, rtol)
+        r_x = r_in + int(has_bias)
         gram = _jacobian_gram(net.tail(i, last), acts[i], output, labels, batch_size, ticker)
         gspec, r_g, _, _ = _spectrum(gram, rtol)
         n_params = fan_out * (fan_in + int(has_bias))
-        free_act = (fan_in - r_in) * fan_out
-        free_grad = r_x * (fan_out - r_g)
-        sizes = np.zeros(0, dtype=np.int64)
-        n_dead = n_on = 0
+        sizes, n_dead, n_on, n_alive = np.zeros(0, dtype=np.int64), 0, 0, 0
         if i in relus:
             pat = _patterns(acts[relus[i]])
             n_dead, n_on = int(pat["dead"].sum()), int(pat["always_on"].sum())
-            sizes = pat["group_sizes"]
-        free_sync = int(sum(k * k - k for k in sizes.tolist())) + (n_on * n_on - n_on)
-        total = free_act + free_grad + free_sync
-        values = {
+            sizes, n_alive = pat["group_sizes"], pat["width"] - n_dead
+        row: dict[str, Any] = {
             "fan_in": fan_in,
             "fan_out": fan_out,
             "n_parameters": n_params,
@@ -864,16 +917,18 @@ def degeneracy_summary(
             "dead_units": n_dead,
             "always_on_units": n_on,
             "synchronised_group_sizes": sizes,
-            "free_from_activations": free_act,
-            "free_from_gradients": free_grad,
-            "free_from_synchronised": free_sync,
-            "free_total": total,
-            "free_fraction": total / n_params,
+            "free_from_activations": (fan_in - r_in) * fan_out,
+            "free_from_gradients": r_x * (fan_out - r_g),
+            "free_from_synchronised": int(sum(k * k - k for k in sizes.tolist())) + n_on * n_on - n_on,
+            "free_from_rescaling": n_alive,
             "input_spectrum": spec,
             "gradient_spectrum": gspec,
         }
-        for k, v in values.items():
-            out[k][name] = v
+        terms = ("free_from_activations", "free_from_gradients", "free_from_synchronised", "free_from_rescaling")
+        row["free_total"] = min(n_params, sum(row[k] for k in terms))
+        row["free_fraction"] = row["free_total"] / n_params
+        rows[net.names[i]] = row
+    out: dict[str, Any] = {key: {name: row[key] for name, row in rows.items()} for key in next(iter(rows.values()))}
     names = tuple(net.names[i] for i in linear)
     return DegeneracyResult(
         modules=names,
@@ -934,7 +989,7 @@ def _basis_jacobians(h: Callable, f: torch.Tensor, c_next: torch.Tensor, step: i
     if k <= d + 1:
 
         def rows(fs: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            _, pull = torch.func.vjp(h, fs, c)
+            pull = torch.func.vjp(h, fs, c)[1]
             return vmap(pull)(cotangents)
 
         jac = vmap(rows, in_dims=(0, None))
@@ -1150,6 +1205,184 @@ def interaction_basis(
         model=net.name,
         n_samples=n,
         params={"rtol": rtol, "graph_directions": graph_directions, "batch_size": batch_size},
+        seed=seed,
+        device=str(dev),
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# public: local learning coefficient (optional, hyper-parameter sensitive)
+
+
+@dataclass(frozen=True)
+class LLCResult(Result):
+    """A local learning coefficient estimate by SGLD. **Sensitive to its hyper-parameters**: report them with it.
+
+    ``llc``: mean over chains of ``nβ · (mean_t L_t - L(w*))``, where ``L_t`` is the loss on the
+    step's minibatch after burn-in and ``L(w*)`` the loss of the trained weights on the whole
+    dataset; ``llc_per_chain``: one estimate per chain; ``llc_std``: their standard deviation (it
+    measures chain noise, not the bias from the hyper-parameters). For a regular model with ``d``
+    identifiable parameters at a minimum the coefficient is ``d / 2``; degeneracy lowers it.
+    ``loss_trace``: ``(n_chains, n_steps)`` minibatch losses; ``loss_init``: ``L(w*)``.
+    ``step_size``, ``localization`` (γ), ``n_beta`` (the inverse temperature times n),
+    ``n_steps``, ``n_burnin``, ``batch_size`` are the hyper-parameters the number depends on.
+    """
+
+    llc: float
+    llc_std: float
+    llc_per_chain: np.ndarray
+    loss_init: float
+    loss_trace: np.ndarray
+    step_size: float
+    localization: float
+    n_beta: float
+    n_chains: int
+    n_steps: int
+    n_burnin: int
+    batch_size: int
+    n_parameters: int
+    model: str
+    n_samples: int
+    estimator: str = "local learning coefficient by SGLD (Lau et al. 2023); hyper-parameter sensitive"
+    params: dict = field(default_factory=dict)
+    seed: int | None = 0
+    device: str = "cpu"
+    dtype: str = "float64"
+    seconds: float = 0.0
+
+    def hyperparameters(self) -> str:
+        """The hyper-parameters in one line, to show next to the number."""
+        return (
+            f"step size {self.step_size:g}, localization γ {self.localization:g}, nβ {self.n_beta:.4g}, "
+            f"{self.n_chains} chains × {self.n_steps} steps ({self.n_burnin} burn-in), batch {self.batch_size}"
+        )
+
+
+def llc_estimate(
+    model: Any,
+    dataset: Any,
+    *,
+    step_size: float = 1e-4,
+    localization: float = 100.0,
+    n_beta: float | None = None,
+    n_chains: int = 4,
+    n_steps: int = 300,
+    n_burnin: int = 100,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Progress = None,
+) -> LLCResult:
+    """The local learning coefficient (LLC) of a trained classifier at its weights, estimated by SGLD.
+
+    The LLC ``λ`` measures how the volume of near-optimal weights shrinks around ``w*`` (Lau et al.
+    2023, "Quantifying degeneracy in singular models via the learning coefficient"): ``d / 2`` for a
+    regular model with ``d`` parameters, less for a degenerate one. The estimate samples the tempered,
+    localised posterior ``p(w) ∝ exp(-nβ L(w) - γ/2 |w - w*|²)`` with stochastic-gradient Langevin
+    dynamics, ``w ← w - ε/2 (nβ ∇L_batch(w) + γ (w - w*)) + N(0, ε)``, and returns
+    ``λ̂ = nβ (E[L] - L(w*))`` with ``L`` the mean cross-entropy. Chains run in parallel (vmapped).
+
+    The number depends on every hyper-parameter (a too large step diverges or overestimates, a too
+    large γ pins the chain and underestimates, too few steps have not mixed); compare estimates only
+    at equal settings, check that ``loss_trace`` is flat after burn-in, and show
+    :meth:`LLCResult.hyperparameters` next to the number.
+
+    model: a LoadedModel or ``torch.nn.Module`` classifier (any architecture).
+    dataset: a Dataset with integer class labels.
+    step_size: SGLD step ε (> 0); typical 1e-5 to 1e-3.
+    localization: γ (>= 0), the strength of the pull back to ``w*``; typical 1 to 1000.
+    n_beta: inverse temperature times the number of samples; None for ``n / log n``.
+    n_chains: independent chains (1-64); n_steps: steps per chain (10-100000); n_burnin: steps
+        discarded at the start of each chain (0 to n_steps - 1).
+    batch_size: samples per SGLD step (the whole dataset for exact gradients).
+    seed: seed of the minibatches and the Langevin noise.
+    device: where to compute (None: cuda > mps > cpu).
+    progress: optional callable ``(done, total)`` called after each step.
+    """
+    func = "llc_estimate"
+    step_size = check_float(step_size, "step_size", func=func, low=0.0, high=1.0, low_inclusive=False)
+    localization = check_float(localization, "localization", func=func, low=0.0)
+    n_chains = check_int(n_chains, "n_chains", func=func, low=1, high=64)
+    n_steps = check_int(n_steps, "n_steps", func=func, low=10, high=100_000)
+    n_burnin = check_int(n_burnin, "n_burnin", func=func, low=0, high=n_steps - 1)
+    batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
+    seed = check_int(seed, "seed", func=func, low=0, high=2**63 - 1)
+    start_time = time.perf_counter()
+    dev = float64_device(resolve_device(device))
+    module = model.module if hasattr(model, "module") else model
+    if not isinstance(module, nn.Module):
+        raise ParameterError(
+            f"{func} needs a model (a LoadedModel from load_model, or a torch.nn.Module). Got {type(model).__name__}."
+        )
+    x = _inputs(dataset, func, dev)
+    n = int(x.shape[0])
+    y = _labels(dataset, n, func, dev)
+    if n_beta is None:
+        n_beta = n / math.log(n)
+    n_beta = check_float(n_beta, "n_beta", func=func, low=0.0, low_inclusive=False)
+    work = copy.deepcopy(module).eval().to(device=dev, dtype=torch.float64)
+    w_star = {k: v.detach() for k, v in work.named_parameters()}
+    buffers = {k: v.detach() for k, v in work.named_buffers()}
+    n_params = int(sum(v.numel() for v in w_star.values()))
+
+    def loss(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(work, (params, buffers), (xb,)), yb)
+
+    with torch.no_grad():
+        try:
+            loss_init = float(loss(w_star, x, y))
+        except RuntimeError as exc:
+            raise DataError(
+                f"{func}: the model could not run on the dataset ({str(exc).splitlines()[0]}); check that the dataset "
+                "matches the model's input and its labels the model's classes."
+            ) from exc
+    step = vmap(torch.func.grad_and_value(loss))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    chains = {k: v.expand(n_chains, *v.shape).clone() for k, v in w_star.items()}
+    batch = min(batch_size, n)
+    trace = torch.zeros(n_chains, n_steps, dtype=torch.float64)
+    ticker = _Ticker(progress, n_steps)
+    for t in range(n_steps):
+        idx = torch.stack([torch.randperm(n, generator=gen)[:batch] for _ in range(n_chains)]).to(dev)
+        grads, values = step(chains, x[idx], y[idx])
+        trace[:, t] = values.detach().cpu()
+        for k, w in chains.items():
+            noise = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(dev)
+            drift = n_beta * grads[k] + localization * (w - w_star[k])
+            chains[k] = w - 0.5 * step_size * drift + math.sqrt(step_size) * noise
+        ticker.tick()
+    if not bool(torch.isfinite(trace).all()):
+        raise ParameterError(
+            f"{func}: the SGLD chains diverged (the loss became NaN or infinite) with step_size={step_size:g}; "
+            "use a smaller step_size or a larger localization."
+        )
+    per_chain = n_beta * (trace[:, n_burnin:].mean(1) - loss_init)
+    return LLCResult(
+        llc=float(per_chain.mean()),
+        llc_std=float(per_chain.std(correction=0)),
+        llc_per_chain=per_chain.numpy(),
+        loss_init=loss_init,
+        loss_trace=trace.numpy(),
+        step_size=step_size,
+        localization=localization,
+        n_beta=float(n_beta),
+        n_chains=n_chains,
+        n_steps=n_steps,
+        n_burnin=n_burnin,
+        batch_size=batch,
+        n_parameters=n_params,
+        model=str(getattr(model, "name", type(module).__name__)),
+        n_samples=n,
+        params={
+            "step_size": step_size,
+            "localization": localization,
+            "n_beta": float(n_beta),
+            "n_chains": n_chains,
+            "n_steps": n_steps,
+            "n_burnin": n_burnin,
+            "batch_size": batch,
+        },
         seed=seed,
         device=str(dev),
         seconds=time.perf_counter() - start_time,
