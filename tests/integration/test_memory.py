@@ -18,3 +18,4 @@ def test_extraction_peak_memory_is_bounded(tmp_path):
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     # torch alone takes a few hundred MiB; the activations (16 MiB here) stream to disk.
     assert mem["peak_rss_mib"] < 1200, mem
+    assert mem["peak_rss_mib"] - mem["rss_before_mib"] < 300, mem
