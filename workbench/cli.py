@@ -148,10 +148,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from workbench import load_model
+    from workbench.errors import ParameterError
     from workbench.registry import get_analysis, run_analysis
     from workbench.report import build_report
-
-    from workbench.errors import ParameterError
 
     names = [n.strip() for n in args.analysis.split(",") if n.strip()]
     try:

@@ -171,6 +171,41 @@ def _mode_connectivity_summary(result: Any) -> dict[str, Any]:
             for split, value in b.linear.items()}
 
 
+def _degeneracy(ctx: Context, output: str = "logits") -> Any:
+    from workbench.analyses.degeneracy import degeneracy_summary
+
+    return [degeneracy_summary(m, ctx.dataset, output=output, device=ctx.device, progress=ctx.progress) for m in ctx.models()]
+
+
+def _degeneracy_plot(results: Any) -> list[go.Figure]:
+    from workbench.plots.degeneracy import degeneracy_figure
+
+    return [degeneracy_figure(*results)]
+
+
+def _degeneracy_summary(results: Any) -> dict[str, Any]:
+    return {r.model: {"free": r.total_free, "parameters": r.total_parameters} for r in results}
+
+
+def _interaction_basis(ctx: Context, graph_directions: int = 64, seed: int = 0) -> Any:
+    from workbench.analyses.degeneracy import default_layers as degeneracy_layers
+    from workbench.analyses.degeneracy import interaction_basis
+
+    return [interaction_basis(m, ctx.dataset, degeneracy_layers(m, ctx.dataset), graph_directions=graph_directions,
+                              seed=seed, device=ctx.device, progress=ctx.progress) for m in ctx.models()]
+
+
+def _interaction_basis_plot(results: Any) -> list[go.Figure]:
+    from workbench.plots.degeneracy import basis_size_figure, interaction_spectrum_figure
+
+    return [basis_size_figure(*results), interaction_spectrum_figure(*results)]
+
+
+def _interaction_basis_summary(results: Any) -> dict[str, Any]:
+    return {r.model: {"modularity": r.modularity, "basis_size": dict(zip(r.layers, np.asarray(r.basis_size).tolist()))}
+            for r in results}
+
+
 ANALYSES: list[Analysis] = [
     Analysis("activations", "Activation statistics", "one_model", _activation_stats, _activation_stats_plot,
              _activation_stats_summary, {"bins": 50}, "shape, mean/std, dead units and value histograms per layer",
@@ -185,6 +220,14 @@ ANALYSES: list[Analysis] = [
              _mode_connectivity_plot, _mode_connectivity_summary, {"n_points": 25, "top_k": 5, "seed": 0},
              "loss and accuracy along (1-λ)θA + λθB, naive vs weight/activation matching and REPAIR; per-layer alignment",
              "pages/mode_connectivity.py"),
+    Analysis("degeneracy", "Degeneracy: free parameters per weight matrix", "one_model", _degeneracy, _degeneracy_plot,
+             _degeneracy_summary, {"output": "logits"},
+             "input-activation rank, Jacobian rank, dead/always-on/synchronised ReLUs -> free parameters (Bushnaq et al.)",
+             "pages/degeneracy.py"),
+    Analysis("interaction_basis", "Interaction basis and modularity", "one_model", _interaction_basis,
+             _interaction_basis_plot, _interaction_basis_summary, {"graph_directions": 64, "seed": 0},
+             "basis size per layer, interaction spectra and Louvain modularity of the interaction graph",
+             "pages/degeneracy.py"),
 ]
 
 
@@ -237,7 +280,7 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     figures = entry.plot(result)
     if "a" in ctx._acts:
         ctx.layers_a = ctx._acts["a"].layers
-    return Section(entry.title, result, figures, snippet=_snippet(entry, ctx, merged))
+    return Section(entry.title, result, figures, snippet=_snippet(entry, ctx, merged), summary=entry.summary(result))
 
 
 # ---------------------------------------------------------------------------------------------

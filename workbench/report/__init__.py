@@ -1,3 +1,11 @@
-from workbench.report.build import FORMATS, SCHEMA_VERSION, PdfUnavailableError, Report, Section, build_report, html_to_pdf
+from workbench.report.build import (
+    FORMATS,
+    SCHEMA_VERSION,
+    PdfUnavailableError,
+    Report,
+    Section,
+    build_report,
+    html_to_pdf,
+)
 
 __all__ = ["FORMATS", "SCHEMA_VERSION", "PdfUnavailableError", "Report", "Section", "build_report", "html_to_pdf"]

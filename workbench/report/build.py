@@ -46,12 +46,16 @@ class Section:
     figures: list[go.Figure] = field(default_factory=list)
     snippet: str = ""
     notes: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
+        from workbench.analyses._result import _jsonable
+
         results = self.result if isinstance(self.result, (list, tuple)) else [self.result]
         return {
             "title": self.title,
-            "results": [r.to_dict() if hasattr(r, "to_dict") else r for r in results],
+            "summary": _jsonable(self.summary),
+            "results": [r.to_dict() if hasattr(r, "to_dict") else _jsonable(r) for r in results],
             "snippet": self.snippet,
             "notes": self.notes,
         }

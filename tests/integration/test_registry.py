@@ -1,0 +1,50 @@
+"""Every registered analysis runs through ``run_analysis`` on the sample models and exports cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workbench import registry
+from workbench.errors import ParameterError
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL_PARAMS = {"mode_connectivity": {"n_points": 5}, "relative": {"n_anchors": 32}, "interaction_basis": {"graph_directions": 16}}
+
+
+@pytest.mark.parametrize("entry", registry.ANALYSES, ids=lambda e: e.name)
+def test_entry_runs_and_exports(entry, sample_model, digits_test, tmp_path):
+    from workbench.report import build_report
+
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    section = registry.run_analysis(entry.name, model_a=a, model_b=b, dataset=digits_test,
+                                    params=SMALL_PARAMS.get(entry.name))
+    assert section.title == entry.title
+    assert section.figures and all(f.layout.title.text for f in section.figures)
+    assert "run_analysis(" in section.snippet and "mlp_narrow_seed0.safetensors" in section.snippet
+    json.dumps(section.record(), allow_nan=False)
+    assert section.summary
+    files = build_report([section], models=[a, b], dataset=digits_test).save(tmp_path)
+    with np.load(files["npz"], allow_pickle=False) as arrays:
+        assert len(arrays.files) > 0
+    assert (ROOT / entry.page).exists(), entry.page
+
+
+def test_entries_are_unique_and_described():
+    names = [e.name for e in registry.ANALYSES]
+    assert len(names) == len(set(names))
+    for e in registry.ANALYSES:
+        assert e.description and e.inputs in registry.INPUT_KINDS
+
+
+def test_bad_names_and_parameters(sample_model, digits_test):
+    a = sample_model("mlp_narrow_seed0")
+    with pytest.raises(ParameterError, match=r"Unknown analysis 'simlarity'\. Did you mean 'similarity'\?"):
+        registry.run_analysis("simlarity", model_a=a, dataset=digits_test)
+    with pytest.raises(ParameterError, match=r"Unknown parameter\(s\) \['colour'\] for the 'similarity' analysis"):
+        registry.run_analysis("similarity", model_a=a, model_b=a, dataset=digits_test, params={"colour": 1})
+    with pytest.raises(ParameterError, match=r"compares two models; pass model_b"):
+        registry.run_analysis("relative", model_a=a, dataset=digits_test)
