@@ -25,7 +25,7 @@ run: setup
 lint: setup
 	$(VENV)/bin/ruff check workbench pages tests benchmarks sample_models app.py
 
-test: setup lint
+test: setup lint  # WORKBENCH_UPDATE_SCREENSHOT=1 make test also refreshes docs/screenshot.png
 	$(PY) -m pytest -q -p no:cacheprovider
 
 benchmarks: setup

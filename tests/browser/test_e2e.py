@@ -58,3 +58,60 @@ def test_malicious_and_non_model_uploads_show_clear_errors(page, tmp_path):
     assert "is not a readable PyTorch checkpoint" in text
     assert not page.locator("[data-testid='stException']").count()
     ARTIFACTS.mkdir(exist_ok=True)
+
+
+def _add_to_report(pg, index: int = 0) -> None:
+    pg.get_by_role("button", name="Add to report").nth(index).click()
+    wait_idle(pg)
+
+
+def test_compare_embed_report_download_and_open_offline(page, tmp_path, browser):
+    src = ROOT / "sample_models" / "mlp_seed0.safetensors"
+    upload = tmp_path / "my_mlp.safetensors"
+    upload.write_bytes(src.read_bytes())
+    _upload_model(page, upload)
+    choose(page, "Model B", "mlp_seed2")
+    page.wait_for_selector("h3:has-text('Model B: mlp_seed2')", timeout=60000)
+    shot(page, "04-two-models")
+
+    open_page(page, "Similarity (A vs B)")
+    heatmap = page.locator(".js-plotly-plot").first
+    heatmap.locator(".heatmaplayer, .hm").first.wait_for(timeout=60000)
+    assert "my_mlp" in (heatmap.text_content() or "")
+    shot(page, "05-similarity")
+    if os.environ.get("WORKBENCH_UPDATE_SCREENSHOT") == "1":  # keeps the README's picture current
+        page.screenshot(path=str(ROOT / "docs" / "screenshot.png"))
+    _add_to_report(page)
+
+    if page.locator("[data-testid='stSidebarNav'] a").filter(has_text="Embedding").count():
+        open_page(page, "Embedding")
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 2", timeout=240000)
+        assert page.locator(".js-plotly-plot").count() >= 2
+        shot(page, "06-embedding")
+        _add_to_report(page)
+
+    open_page(page, "Report")
+    shot(page, "07-report")
+    with page.expect_download(timeout=120000) as info:
+        page.get_by_role("button", name="Download report (.zip)").click()
+    archive = tmp_path / "report.zip"
+    info.value.save_as(archive)
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp_path / "report")
+        names = set(zf.namelist())
+    assert {"report.html", "report.json", "arrays.npz"} <= names
+
+    context = browser.new_context(offline=True, viewport={"width": 1300, "height": 900})
+    offline = context.new_page()
+    errors: list[str] = []
+    offline.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    offline.on("pageerror", lambda e: errors.append(str(e)))
+    offline.goto((tmp_path / "report" / "report.html").as_uri())
+    offline.wait_for_selector(".js-plotly-plot .main-svg", timeout=30000)
+    n_figures = offline.locator(".js-plotly-plot").count()
+    offline.screenshot(path=str(ARTIFACTS / "09-offline-report.png"))
+    context.close()
+    assert n_figures >= 1
+    assert not errors, errors
