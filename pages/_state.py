@@ -251,14 +251,28 @@ def pooling_picker(key: str) -> str:
                              "positions, flatten everything, the first (cls) or last token.")
 
 
-def report_button(title: str, result: Any, figures: list, key: str) -> None:
-    """An "Add to report" button collecting ``(title, result, figures)`` for the Report page."""
+def report_button(title: str, result: Any, figures: list, key: str, *, analysis: str | None = None,
+                  params: dict[str, Any] | None = None, layers: list[str] | None = None,
+                  layers_b: list[str] | None = None, pooling: str = "mean") -> None:
+    """An "Add to report" button collecting ``(title, result, figures)`` for the Report page.
+
+    With ``analysis`` (a registry name) and its ``params``, the section also carries the Python
+    that recreates it.
+    """
     if st.button("Add to report", key=key, help="Collect this result and its figures for the exported report."):
         sections = st.session_state.setdefault(REPORT, [])
-        models = [m.name for m in current_models()]
+        models = current_models()
         dataset = st.session_state.get(DATASET)
-        sections.append({"title": title, "result": result, "figures": figures, "models": models,
-                         "dataset": dataset.name if dataset is not None else ""})
+        snippet = ""
+        if analysis is not None and models and dataset is not None:
+            from workbench.registry import Context, get_analysis, recreate_snippet
+
+            entry = get_analysis(analysis)
+            ctx = Context(model_a=models[0], model_b=models[1] if len(models) > 1 else None, dataset=dataset,
+                          layers_a=layers, layers_b=layers_b, pooling=pooling)
+            snippet = recreate_snippet(entry, ctx, {**entry.params, **(params or {})})
+        sections.append({"title": title, "result": result, "figures": figures, "models": [m.name for m in models],
+                         "dataset": dataset.name if dataset is not None else "", "snippet": snippet})
         st.toast(f"Added '{title}' to the report ({len(sections)} sections).")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -211,7 +212,9 @@ ANALYSES: list[Analysis] = [
              _activation_stats_summary, {"bins": 50}, "shape, mean/std, dead units and value histograms per layer",
              "pages/activations.py"),
     Analysis("similarity", "Representational similarity (layer x layer)", "two_models", _similarity, _similarity_plot,
-             _similarity_summary, {"measure": "linear_cka"},
+             _similarity_summary,
+             {"measure": "linear_cka", "debiased": False, "sigma": 0.8, "angular": False, "kind": "svcca",
+              "variance": 0.99, "rdm": "correlation", "compare": "spearman"},
              "CKA (linear, RBF, debiased), Procrustes, CCA, RSA between every pair of layers", "pages/compare.py"),
     Analysis("relative", "Relative representations: cross-model agreement", "two_models", _relative, _relative_plot,
              _relative_summary, {"n_anchors": 64, "method": "random", "k": 10, "seed": 0},
@@ -240,13 +243,17 @@ def get_analysis(name: str) -> Analysis:
     raise ParameterError(f"Unknown analysis '{name}'.{did_you_mean(name, names)} Analyses: {format_choices(names)}.")
 
 
-def _snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> str:
+def recreate_snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> str:
+    """Python that reruns ``entry`` on the same models, dataset, layers and parameters."""
     def model_expr(m: LoadedModel | None) -> str:
         if m is None:
             return "None"
         if m.source and not m.source.startswith("upload:"):
+            source = Path(m.source)
+            if source.is_absolute() and source.is_relative_to(Path.cwd()):
+                source = source.relative_to(Path.cwd())
             arch = f", architecture={json.dumps(m.architecture)}" if m.source.endswith((".pt", ".pth", ".bin", ".ckpt")) else ""
-            return f"load_model({m.source!r}{arch})"
+            return f"load_model({str(source)!r}{arch})"
         return f"load_model(...)  # {m.name}, sha256 {m.sha256[:16]}"
 
     info = ctx.dataset.info
@@ -257,7 +264,8 @@ def _snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> str:
         "from workbench.registry import run_analysis\n\n"
         f"section = run_analysis(\n    {entry.name!r},\n    model_a={model_expr(ctx.model_a)},\n"
         f"    model_b={model_expr(ctx.model_b)},\n    dataset={data_expr},\n"
-        f"    layers={ctx.layers_a!r}, pooling={ctx.pooling!r},\n    params={params!r},\n)\n"
+        f"    layers={ctx.layers_a!r},{f' layers_b={ctx.layers_b!r},' if ctx.layers_b else ''} pooling={ctx.pooling!r},\n"
+        f"    params={params!r},\n)\n"
     )
 
 
@@ -280,7 +288,7 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     figures = entry.plot(result)
     if "a" in ctx._acts:
         ctx.layers_a = ctx._acts["a"].layers
-    return Section(entry.title, result, figures, snippet=_snippet(entry, ctx, merged), summary=entry.summary(result))
+    return Section(entry.title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,3 +49,19 @@ def test_report_zip_contents(app):
         doc = json.loads(zf.read("report.json"))
     assert doc["sections"][0]["results"][0]["model"] == "mlp_seed0"
     assert doc["sections"][0]["results"][1]["model"] == "mlp_seed1"
+
+
+def test_sections_from_pages_carry_the_code_that_recreates_them(app):
+    at = app.run()
+    at.switch_page("pages/compare.py").run()
+    at.button(key="cmp_report").click().run()
+    snippet = at.session_state["report_sections"][0]["snippet"]
+    assert "run_analysis(\n    'similarity'" in snippet
+    assert "load_model('sample_models/mlp_seed0.safetensors')" in snippet
+    assert "'measure': 'linear_cka'" in snippet
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 - the snippet reruns the same analysis
+    section = namespace["section"]
+    import numpy as np
+
+    np.testing.assert_allclose(section.result.values, at.session_state["report_sections"][0]["result"].values, atol=1e-12)
