@@ -16,15 +16,17 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import plotly.graph_objects as go
 
 from workbench.activations import Activations, extract
 from workbench.data import Dataset
 from workbench.errors import ParameterError, did_you_mean, format_choices
 from workbench.models import LoadedModel
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 INPUT_KINDS = ("one_model", "two_models", "weights")
 Progress = Callable[[int, int], None]
