@@ -226,7 +226,9 @@ def test_bottleneck_and_wasserstein_closed_forms():
     c = np.array([[0.0, 2.0], [0.0, 4.0]])
     assert diagram_distance(a, c, metric="wasserstein", order=1).distance == pytest.approx(2.0, rel=1e-5)
     assert diagram_distance(a, c, metric="wasserstein", order=2).distance == pytest.approx(math.sqrt(2), rel=1e-5)
-    assert diagram_distance(a, c * 10, normalize=True).distance == pytest.approx(diagram_distance(a / 3, c / 4).distance)
+    assert diagram_distance(a, c * 10, normalize=True).distance == pytest.approx(
+        diagram_distance(a / 3, c / 4).distance
+    )
 
 
 def test_persistence_distance_of_a_representation_with_itself_is_zero():
@@ -280,6 +282,16 @@ def test_separability_result_fields_and_references():
     unlabelled = class_separability(data.x)
     assert unlabelled.references() == {} and unlabelled.score == res.score
     json.dumps(res.to_dict())
+
+
+def test_fisher_and_thornton_closed_forms():
+    # feature 0: class means 0.5 and 4.5 around 2.5: between = 4 * 2^2 = 16, within = 4 * 0.5^2 = 1
+    x = np.array([[0.0, 5.0], [1.0, 5.0], [4.0, 5.0], [5.0, 5.0]])
+    res = class_separability(x, [0, 0, 1, 1], probe=False)
+    assert res.fisher_ratio == pytest.approx(16.0)
+    assert res.thornton_index == 1.0
+    assert class_separability(x, [0, 1, 0, 1], probe=False).thornton_index == 0.0
+    assert class_separability(x + [[0, 0], [0, 0], [0, 1], [0, 1]], [0, 0, 1, 1], probe=False).fisher_ratio == math.inf
 
 
 def test_score_is_invariant_to_rotation_and_scale():
@@ -394,10 +406,53 @@ def test_trsa_transform_thresholds():
         (lambda: topological_rsa(np.eye(4), np.eye(5)), DataError, "same number of samples"),
         (lambda: topological_rsa(np.eye(4), np.eye(4), lower=0.8, upper=0.2), ParameterError, "greater than 'lower'"),
         (lambda: topological_rsa(np.eye(4), np.eye(4), metric="cityblock"), ParameterError, "'metric'"),
-        (lambda: topological_rsa(np.ones((4, 3)) * [[1], [2], [3], [4]], np.eye(4), metric="correlation"),
-         DataError, "correlation distance is undefined"),
+        (
+            lambda: topological_rsa(np.ones((4, 3)) * [[1], [2], [3], [4]], np.eye(4), metric="correlation"),
+            DataError,
+            "correlation distance is undefined",
+        ),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_agrees_with_cpu():
+    x = circle(300, noise=0.05, dim=6, seed=15)
+    a, b = persistence(x, device="cpu", max_points=150), persistence(x, device="cuda", max_points=150)
+    np.testing.assert_array_equal(a.subsample_indices, b.subsample_indices)
+    for k in (0, 1):
+        assert diagram_distance(a, b, dim=k).distance < 1e-9
+    data = blobs(5.0, n_samples=200, n_features=16, n_classes=4, seed=0)
+    sa = class_separability(data.x, data.y, device="cpu", probe=False)
+    sb = class_separability(data.x, data.y, device="cuda", probe=False)
+    assert sa.score == pytest.approx(sb.score, rel=1e-12)
+    assert sa.fisher_ratio == pytest.approx(sb.fisher_ratio, rel=1e-9) and sa.thornton_index == sb.thornton_index
+    ta = topological_rsa(data.x, data.x**2, device="cpu").similarity
+    assert ta == pytest.approx(topological_rsa(data.x, data.x**2, device="cuda").similarity, abs=1e-12)
+
+
+def test_every_figure_records_the_estimator_and_n():
+    from workbench.plots import topology as plots
+
+    a = persistence(circle(60, noise=0.05, seed=16))
+    b = persistence(circle(300, noise=0.05, seed=17), max_points=100)
+    data = blobs(5.0, n_samples=90, n_features=8, n_classes=3, seed=2)
+    layers = layer_separability({"raw": data.x, "squared": data.x**2}, labels=data.y, cv=3)
+    figures = [
+        plots.persistence_diagram(a, b, titles=["A", "B"]),
+        plots.barcode(a, b, dim=0, max_bars=20),
+        plots.betti_curves({"l1": a, "l2": b}, names=["A"]),
+        plots.diagram_distance_heatmap(diagram_distance_matrix({"l1": a, "l2": b})),
+        plots.separability_curves(layers, layers, names=["A", "B"]),
+        plots.persistence_times_box(layers),
+        plots.trsa_matrices(topological_rsa(data.x, data.x**2)),
+    ]
+    for fig in figures:
+        title = fig.layout.title.text
+        assert "n = " in title and ("persistence" in title.lower() or "RSA" in title or "score" in title)
+    assert "H≥1 on 100 of 300" in figures[0].layout.annotations[1].text
+    assert "20 longest of 300" in figures[1].layout.annotations[1].text

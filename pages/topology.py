@@ -1,0 +1,134 @@
+"""Topology: persistence diagrams, Betti curves, diagram distances and topological class separability."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _state
+from workbench.analyses import topology as tp
+from workbench.plots import topology as plots
+
+HELP = {
+    "dim": "H0 counts connected components (exact for any number of samples); H1 counts loops (seconds for "
+    "1000-2000 samples).",
+    "max_points": "Above this many samples, H1 is computed on a farthest-point subsample of this size (H0 always uses "
+    "every sample). 500-2000 is a sensible range.",
+    "metric": "'euclidean': distances between activation vectors. 'cosine': distances between L2-normalised vectors, "
+    "which ignores each sample's scale.",
+    "distance": "Bottleneck: the largest shift of the best matching between two diagrams. Wasserstein (order 1): the "
+    "summed shifts, sensitive to many small differences.",
+    "normalize": "Divide each diagram by its largest finite death before comparing, so layers of different overall "
+    "scale are compared by shape only.",
+    "probe": "Cross-validated logistic-regression accuracy and ROC-AUC per layer (the slowest reference: about a second "
+    "per 512-wide layer).",
+}
+
+st.title("Topology")
+st.caption(
+    "Persistent homology of each layer's point cloud (one point per sample): when connected components merge (H0) and "
+    "loops appear and fill (H1) as the distance scale grows. The H0 persistence score S (arXiv 2305.15016) estimates "
+    "class separability without labels: lower S means a few long bars and many short ones, i.e. clustered classes."
+)
+models = _state.current_models()
+if not models:
+    _state.require_models(1)
+dataset = _state.require_dataset()
+names = [f"{slot} ({m.name})" for slot, m in zip("AB", models)]
+
+with st.expander("Settings", expanded=False):
+    c1, c2, c3 = st.columns(3)
+    dim = c1.radio(
+        "Homology dimension",
+        [0, 1],
+        index=1,
+        format_func=lambda d: f"H{d}",
+        key="topo_dim",
+        horizontal=True,
+        help=HELP["dim"],
+    )
+    max_points = int(
+        c2.number_input("Max points for H1", 100, 5000, 1000, 100, key="topo_max_points", help=HELP["max_points"])
+    )
+    metric = c3.selectbox("Point metric", ["euclidean", "cosine"], key="topo_metric", help=HELP["metric"])
+    c4, c5, c6 = st.columns(3)
+    distance = c4.selectbox("Diagram distance", tp.DIAGRAM_METRICS, key="topo_distance", help=HELP["distance"])
+    normalize = c5.checkbox("Scale-normalised distances", value=True, key="topo_normalize", help=HELP["normalize"])
+    probe = c6.checkbox("Linear-probe references", value=True, key="topo_probe", help=HELP["probe"])
+    pooling = _state.pooling_picker("topo_pooling")
+
+chosen = {}
+for col, model, slot in zip(st.columns(len(models)), models, "ab"):
+    with col:
+        chosen[slot] = _state.layer_picker(model, key=f"topo_layers_{slot}", label=f"Layers of {model.name}")
+if not all(chosen.values()):
+    st.info("Pick at least one layer for each model.")
+    st.stop()
+
+kw = {"max_dim": dim, "max_points": max_points, "metric": metric}
+labels = dataset.y if dataset.n_classes is not None else None
+pers, seps = [], []
+with _state.guard():
+    for model, slot in zip(models, "ab"):
+        acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
+        with _state.progress_bar(f"Persistence of {model.name}") as bar:
+            layers = chosen[slot]
+            per_layer = {}
+            for i, layer in enumerate(layers):
+                per_layer[layer] = _state.cached_call(tp.persistence, acts[layer], **kw)
+                bar(i + 1, len(layers))
+        pers.append(per_layer)
+        with _state.progress_bar(f"Separability of {model.name}") as bar:
+            seps.append(_state.cached_call(tp.layer_separability, acts, labels=labels, probe=probe, progress=bar))
+
+subsampled = {r.n_points_used for p in pers for r in p.values() if r.subsampled}
+if subsampled:
+    st.info(
+        f"H1 was computed on {', '.join(map(str, sorted(subsampled)))} of {dataset.n_samples} samples chosen by "
+        "farthest-point sampling; H0 and the separability score use every sample."
+    )
+
+st.subheader("Persistence diagrams")
+picked = []
+for col, p, model, slot in zip(st.columns(len(models)), pers, models, "ab"):
+    picked.append(col.selectbox(f"Layer of {model.name}", list(p), index=len(p) - 1, key=f"topo_layer_{slot}"))
+results = [p[layer] for p, layer in zip(pers, picked)]
+titles = [f"{n} · {layer}" for n, layer in zip(names, picked)]
+figures = [plots.persistence_diagram(*results, titles=titles)]
+st.plotly_chart(figures[-1], width="stretch", key="topo_diagrams")
+figures.append(plots.barcode(*results, dim=dim, titles=titles))
+st.plotly_chart(figures[-1], width="stretch", key="topo_barcodes")
+cols = st.columns(len(results))
+for col, r, n in zip(cols, results, names):
+    top = r.diagram(dim)
+    life = f"{top[0, 1] - top[0, 0]:.3g}" if len(top) and dim > 0 else "∞ (one component never dies)"
+    col.metric(f"Longest H{dim} bar ({n})", life, help="Lifetime (death - birth) of the most persistent feature.")
+
+st.subheader("Betti curves across layers")
+figures.append(plots.betti_curves(*pers, names=names, dim=dim))
+st.plotly_chart(figures[-1], width="stretch", key="topo_betti")
+
+st.subheader("Diagram distance between layers")
+with _state.guard():
+    matrix = tp.diagram_distance_matrix(
+        pers[0], pers[-1] if len(pers) > 1 else None, metric=distance, dim=dim, normalize=normalize
+    )
+figures.append(plots.diagram_distance_heatmap(matrix, name_a=names[0], name_b=names[-1]))
+st.plotly_chart(figures[-1], width="stretch", key="topo_distance_matrix")
+
+st.subheader("Class separability across layers")
+if labels is None:
+    st.info(f"{dataset.name} has no class labels: only the unsupervised score S is shown.")
+figures.append(plots.separability_curves(*seps, names=names))
+st.plotly_chart(figures[-1], width="stretch", key="topo_separability")
+rows = [
+    {"model": n, "layer": layer, "score S": s.per_layer[layer].score, **s.per_layer[layer].references()}
+    for n, s in zip(names, seps)
+    for layer in s.layers
+]
+st.dataframe(rows, hide_index=True, width="stretch", key="topo_separability_table")
+st.caption(
+    f"n = {dataset.n_samples} samples of {dataset.name}. S: lower = more separable. References (higher = more "
+    "separable): Thornton = share of samples whose nearest neighbour has their class; probe = 5-fold "
+    "cross-validated logistic regression; Fisher = largest per-feature Fisher discriminant ratio."
+)
+_state.report_button("Topology", [*results, matrix, *seps], figures, key="topo_report")

@@ -1,0 +1,86 @@
+"""The topology page: diagrams and barcodes side by side, Betti curves, layer distances, separability."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.app.conftest import page_errors
+from workbench import load_dataset, load_model
+from workbench.data.datasets import make_dataset
+
+PAGE = "pages/topology.py"
+
+
+@pytest.fixture(scope="module")
+def narrow(sample_model_path):
+    return load_model(sample_model_path("mlp_narrow_seed0")), load_model(sample_model_path("mlp_narrow_seed1"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", split="test")
+
+
+def _title(chart) -> str:
+    return json.loads(chart.proto.spec)["layout"]["title"]["text"]
+
+
+def _open(app, model_a, model_b=None, dataset=None):
+    app.session_state["model_a"] = model_a
+    app.session_state["model_b"] = model_b
+    app.session_state["dataset"] = dataset
+    app.run()
+    return app.switch_page(PAGE).run()
+
+
+def test_two_models_side_by_side(app, narrow, digits):
+    at = _open(app, *narrow, dataset=digits)
+    assert not page_errors(at)
+    assert at.title[0].value == "Topology"
+    assert [s.value for s in at.subheader] == [
+        "Persistence diagrams",
+        "Betti curves across layers",
+        "Diagram distance between layers",
+        "Class separability across layers",
+    ]
+    charts = at.get("plotly_chart")
+    assert len(charts) == 5
+    assert all("n = 450" in _title(c) for c in charts)
+    assert _title(charts[0]).startswith("Persistence diagrams")
+    assert _title(charts[3]).startswith("H1 bottleneck distance between layers")
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["Longest H1 bar (A (mlp_narrow_seed0))"]) > 0
+    table = at.dataframe[0].value
+    assert len(table) == 10 and set(table["model"]) == {"A (mlp_narrow_seed0)", "B (mlp_narrow_seed1)"}
+    relu2 = table[(table["model"] == "A (mlp_narrow_seed0)") & (table["layer"] == "relu2")]
+    assert float(relu2["probe_accuracy"].iloc[0]) > 0.9
+    # no subsampling at 450 samples, so no note
+    assert not [i.value for i in at.info if "farthest-point" in i.value]
+
+
+def test_subsampling_note_and_h0_only(app, narrow, digits):
+    at = _open(app, narrow[0], dataset=digits)
+    at.number_input(key="topo_max_points").set_value(200).run()
+    assert not page_errors(at)
+    notes = [i.value for i in at.info if "farthest-point" in i.value]
+    assert notes == [
+        "H1 was computed on 200 of 450 samples chosen by farthest-point sampling; H0 and the separability score use "
+        "every sample."
+    ]
+    at.radio(key="topo_dim").set_value(0).run()
+    assert not page_errors(at)
+    assert not [i.value for i in at.info if "farthest-point" in i.value]
+    assert _title(at.get("plotly_chart")[1]).startswith("H0 barcodes")
+    assert at.metric[0].value.startswith("∞")
+
+
+def test_unlabelled_data_shows_only_the_score(app, narrow):
+    rng = np.random.default_rng(0)
+    data = make_dataset("unlabelled", rng.standard_normal((120, 64)).astype(np.float32))
+    at = _open(app, narrow[0], dataset=data)
+    assert not page_errors(at)
+    assert "unlabelled has no class labels: only the unsupervised score S is shown." in [i.value for i in at.info]
+    assert list(at.dataframe[0].value.columns) == ["model", "layer", "score S"]

@@ -1,0 +1,355 @@
+"""Figures for the topology family: diagrams, barcodes, Betti curves, distance matrices, separability."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from workbench.analyses.topology import (
+    DiagramDistanceMatrixResult,
+    LayerSeparabilityResult,
+    PersistenceResult,
+    SeparabilityTrajectoryResult,
+    TopologicalRSAResult,
+)
+from workbench.plots._style import MODEL_COLORS, titled
+
+DIM_COLORS = ("#1f77b4", "#d62728", "#2ca02c")
+REFERENCE_NAMES = {
+    "thornton_index": "Thornton index",
+    "probe_accuracy": "probe accuracy (CV)",
+    "probe_roc_auc": "probe ROC-AUC (CV)",
+    "fisher_ratio": "Fisher ratio (max feature)",
+    "calinski_harabasz": "Calinski–Harabasz",
+}
+BOUNDED = ("thornton_index", "probe_accuracy", "probe_roc_auc")
+UNBOUNDED = ("fisher_ratio", "calinski_harabasz")
+REFERENCE_COLORS = {
+    "thornton_index": "#2ca02c",
+    "probe_accuracy": "#9467bd",
+    "probe_roc_auc": "#8c564b",
+    "fisher_ratio": "#ff7f0e",
+    "calinski_harabasz": "#17becf",
+}
+
+
+def _top(results: Sequence[PersistenceResult]) -> float:
+    finite = [dg[np.isfinite(dg[:, 1])] for r in results for dg in r.diagrams.values()]
+    top = max((float(f[:, 1].max()) for f in finite if len(f)), default=1.0)
+    return top if top > 0 else 1.0
+
+
+def _subsample_note(r: PersistenceResult) -> str:
+    return f" (H≥1 on {r.n_points_used} of {r.n_points})" if r.subsampled else ""
+
+
+def persistence_diagram(*results: PersistenceResult, titles: Sequence[str] | None = None) -> go.Figure:
+    """Persistence diagrams side by side: (birth, death) per bar, one colour per dimension.
+
+    Bars that never die are drawn on a dashed line labelled ∞ above the largest finite death.
+    """
+    titles = list(titles) if titles is not None else [f"result {i + 1}" for i in range(len(results))]
+    fig = make_subplots(
+        rows=1, cols=len(results), subplot_titles=[t + _subsample_note(r) for t, r in zip(titles, results)]
+    )
+    top = _top(results)
+    inf_y = top * 1.08
+    for c, (r, name) in enumerate(zip(results, titles), start=1):
+        fig.add_trace(
+            go.Scatter(
+                x=[0, inf_y],
+                y=[0, inf_y],
+                mode="lines",
+                line={"color": "#999", "width": 1},
+                showlegend=False,
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=c,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[0, inf_y],
+                y=[inf_y, inf_y],
+                mode="lines",
+                line={"color": "#999", "dash": "dash", "width": 1},
+                showlegend=False,
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=c,
+        )
+        for k, dg in r.diagrams.items():
+            death = np.where(np.isfinite(dg[:, 1]), dg[:, 1], inf_y)
+            text = np.where(np.isfinite(dg[:, 1]), "", " (never dies)")
+            fig.add_trace(
+                go.Scatter(
+                    x=dg[:, 0],
+                    y=death,
+                    mode="markers",
+                    name=f"H{k}",
+                    legendgroup=f"H{k}",
+                    showlegend=c == 1,
+                    marker={"color": DIM_COLORS[k % len(DIM_COLORS)], "size": 6, "opacity": 0.7},
+                    text=text,
+                    hovertemplate=f"{name} · H{k}<br>birth %{{x:.4g}}<br>death %{{y:.4g}}%{{text}}<extra></extra>",
+                ),
+                row=1,
+                col=c,
+            )
+        fig.update_xaxes(title_text="birth", range=[-0.02 * inf_y, inf_y * 1.02], row=1, col=c)
+        fig.update_yaxes(title_text="death", range=[-0.02 * inf_y, inf_y * 1.05], row=1, col=c)
+        fig.add_annotation(x=0, y=inf_y, text="∞", showarrow=False, xanchor="right", row=1, col=c)
+    fig.update_layout(height=420)
+    return titled(
+        fig,
+        "Persistence diagrams",
+        estimator=results[0].estimator if results else None,
+        n=results[0].n_samples if results else None,
+    )
+
+
+def barcode(
+    *results: PersistenceResult, dim: int = 1, titles: Sequence[str] | None = None, max_bars: int = 100
+) -> go.Figure:
+    """Barcodes of dimension ``dim`` side by side: one horizontal bar per feature, longest at the top.
+
+    Shows the ``max_bars`` longest bars of each result (the subplot title says how many were left out).
+    """
+    titles = list(titles) if titles is not None else [f"result {i + 1}" for i in range(len(results))]
+    sub = []
+    for t, r in zip(titles, results):
+        n_bars = len(r.diagram(dim))
+        sub.append(t + _subsample_note(r) + (f", {max_bars} longest of {n_bars}" if n_bars > max_bars else ""))
+    fig = make_subplots(rows=1, cols=len(results), subplot_titles=sub)
+    top = _top(results)
+    for c, r in enumerate(results, start=1):
+        dg = r.diagram(dim)[:max_bars]
+        death = np.where(np.isfinite(dg[:, 1]), dg[:, 1], top * 1.08)
+        y = np.arange(len(dg))[::-1]
+        xs = np.stack([dg[:, 0], death, np.full(len(dg), np.nan)], 1).ravel()
+        ys = np.stack([y, y, np.full(len(dg), np.nan)], 1).ravel()
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                line={"color": DIM_COLORS[dim % len(DIM_COLORS)], "width": 3},
+                name=f"H{dim}",
+                showlegend=c == 1,
+                hoverinfo="x",
+            ),
+            row=1,
+            col=c,
+        )
+        fig.update_xaxes(title_text="filtration value (distance)", row=1, col=c)
+        fig.update_yaxes(showticklabels=False, row=1, col=c)
+    fig.update_layout(height=380)
+    return titled(
+        fig,
+        f"H{dim} barcodes",
+        estimator=results[0].estimator if results else None,
+        n=results[0].n_samples if results else None,
+    )
+
+
+def betti_curves(
+    *groups: Mapping[str, PersistenceResult],
+    names: Sequence[str] | None = None,
+    dim: int = 1,
+    normalize_scale: bool = True,
+) -> go.Figure:
+    """Betti-``dim`` curves of every layer, one panel per model (``groups``: layer -> result).
+
+    With ``normalize_scale`` each layer's filtration axis is divided by its largest finite death, so
+    layers of different overall scale share the axis [0, 1].
+    """
+    names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(groups))]
+    fig = make_subplots(rows=1, cols=len(groups), subplot_titles=names, shared_yaxes=True)
+    palette = ("#440154", "#3b528b", "#21918c", "#5ec962", "#b5a000", "#e67e22", "#c0392b", "#7f8c8d")
+    first = None
+    for c, group in enumerate(groups, start=1):
+        for i, (layer, r) in enumerate(group.items()):
+            first = first or r
+            x = r.betti_grid / r.betti_grid[-1] if normalize_scale and r.betti_grid[-1] > 0 else r.betti_grid
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=r.betti_curves[dim],
+                    mode="lines",
+                    name=layer,
+                    legendgroup=layer,
+                    showlegend=c == 1,
+                    line={"color": palette[i % len(palette)], "shape": "hv"},
+                    hovertemplate=f"{layer}<br>t %{{x:.3g}}<br>β{dim} %{{y}}<extra></extra>",
+                ),
+                row=1,
+                col=c,
+            )
+        label = "filtration value / largest death" if normalize_scale else "filtration value (distance)"
+        fig.update_xaxes(title_text=label, row=1, col=c)
+    fig.update_yaxes(title_text=f"Betti number β{dim}", row=1, col=1)
+    fig.update_layout(height=380)
+    return titled(
+        fig,
+        f"Betti-{dim} curves across layers",
+        estimator=first.estimator if first else None,
+        n=first.n_samples if first else None,
+    )
+
+
+def diagram_distance_heatmap(result: DiagramDistanceMatrixResult, *, name_a: str = "A", name_b: str = "B") -> go.Figure:
+    """Heatmap of diagram distances: rows are layers of A, columns layers of B (lower = closer)."""
+    fig = go.Figure(
+        go.Heatmap(
+            z=result.distances,
+            x=result.layers_b,
+            y=result.layers_a,
+            colorscale="Viridis_r",
+            colorbar={"title": result.metric},
+            text=np.round(result.distances, 4),
+            texttemplate="%{text}",
+            hovertemplate=f"{name_a} %{{y}} · {name_b} %{{x}}<br>{result.metric} %{{z:.4g}}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title_text=f"layer of {name_b}")
+    fig.update_yaxes(title_text=f"layer of {name_a}", autorange="reversed")
+    fig.update_layout(height=max(300, 60 * len(result.layers_a) + 120))
+    return titled(
+        fig, f"H{result.dim} {result.metric} distance between layers", estimator=result.estimator, n=result.n_samples
+    )
+
+
+def separability_curves(
+    *results: LayerSeparabilityResult | SeparabilityTrajectoryResult, names: Sequence[str] | None = None
+) -> go.Figure:
+    """The persistence score and the labelled references along layers (or checkpoints), on one figure.
+
+    Three aligned panels: the score S (axis reversed, so up is more separable), the references in
+    [0, 1] (Thornton, probe accuracy, ROC-AUC), and the unbounded ones (Fisher, Calinski–Harabasz,
+    log axis). One colour per measure, one line style per model. For trajectories, dotted vertical
+    lines mark where the score plateaued and where a run monitoring it would have stopped.
+    """
+    names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(results))]
+    fig = make_subplots(
+        rows=3,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.06,
+        row_heights=[0.4, 0.3, 0.3],
+        subplot_titles=[
+            "unsupervised H0 persistence score S (lower = more separable)",
+            "labelled references in [0, 1]",
+            "labelled references, unbounded (log)",
+        ],
+    )
+    dashes = ("solid", "dash", "dot", "dashdot")
+    for i, (r, name) in enumerate(zip(results, names)):
+        xs = list(r.layers) if isinstance(r, LayerSeparabilityResult) else list(r.checkpoints)
+        dash = dashes[i % len(dashes)]
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=r.scores,
+                mode="lines+markers",
+                name=f"{name}: score S",
+                line={"color": "#111", "dash": dash},
+                hovertemplate=f"{name} · %{{x}}<br>S %{{y:.4f}}<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
+        for key, values in r.references.items():
+            row = 2 if key in BOUNDED else 3
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=values,
+                    mode="lines+markers",
+                    name=f"{name}: {REFERENCE_NAMES.get(key, key)}",
+                    line={"color": REFERENCE_COLORS.get(key, MODEL_COLORS[0]), "dash": dash},
+                    hovertemplate=f"{name} · %{{x}}<br>{REFERENCE_NAMES.get(key, key)} %{{y:.4g}}<extra></extra>",
+                ),
+                row=row,
+                col=1,
+            )
+        if isinstance(r, SeparabilityTrajectoryResult):
+            for idx, what in ((r.plateau_index, "score plateau"), (r.stop_index, "label-free stop")):
+                if idx is not None:
+                    fig.add_vline(
+                        x=idx,
+                        line={"dash": "dot", "color": "#555"},
+                        annotation_text=f"{name}: {what}",
+                        annotation_position="top left",
+                    )
+    fig.update_yaxes(autorange="reversed", title_text="S", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], row=2, col=1)
+    fig.update_yaxes(type="log", row=3, col=1)
+    fig.update_layout(height=720, legend={"groupclick": "toggleitem"})
+    first = results[0] if results else None
+    what = "checkpoints" if isinstance(first, SeparabilityTrajectoryResult) else "layers"
+    return titled(
+        fig,
+        f"Class separability across {what}",
+        estimator=first.estimator if first else None,
+        n=first.n_samples if first else None,
+    )
+
+
+def persistence_times_box(*results: LayerSeparabilityResult, names: Sequence[str] | None = None) -> go.Figure:
+    """Box plots of the normalised H0 persistence times per layer (the paper's Figure 1 view).
+
+    Few large times and many small ones mean clustered data; S is the mean of each box's values.
+    """
+    names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(results))]
+    fig = go.Figure()
+    for i, (r, name) in enumerate(zip(results, names)):
+        for layer in r.layers:
+            fig.add_trace(
+                go.Box(
+                    y=r.per_layer[layer].normalized_times,
+                    x=[layer] * len(r.per_layer[layer].normalized_times),
+                    name=name,
+                    legendgroup=name,
+                    showlegend=layer == r.layers[0],
+                    boxpoints=False,
+                    marker_color=MODEL_COLORS[i % len(MODEL_COLORS)],
+                ),
+            )
+    fig.update_layout(boxmode="group", height=380)
+    fig.update_yaxes(title_text="H0 persistence time / largest", range=[0, 1.02])
+    return titled(
+        fig,
+        "Normalised H0 persistence times per layer",
+        estimator=results[0].estimator if results else None,
+        n=results[0].n_samples if results else None,
+    )
+
+
+def trsa_matrices(result: TopologicalRSAResult, *, names: Sequence[str] = ("x", "y")) -> go.Figure:
+    """The two representational geo-topological matrices side by side (0 = connected, 1 = far)."""
+    if result.rgtm_x is None or result.rgtm_y is None:
+        fig = go.Figure()
+        fig.add_annotation(
+            text=f"matrices are kept up to 1000 samples; this result has {result.n_samples}",
+            showarrow=False,
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
+        )
+    else:
+        fig = make_subplots(rows=1, cols=2, subplot_titles=list(names))
+        for c, m in enumerate((result.rgtm_x, result.rgtm_y), start=1):
+            fig.add_trace(go.Heatmap(z=m, colorscale="Greys", zmin=0, zmax=1, showscale=c == 2), row=1, col=c)
+            fig.update_yaxes(autorange="reversed", row=1, col=c)
+        fig.update_layout(height=420)
+    return titled(
+        fig,
+        f"Geo-topological matrices (tRSA r = {result.similarity:.3f})",
+        estimator=result.estimator,
+        n=result.n_samples,
+    )
