@@ -209,6 +209,43 @@ def _interaction_basis_summary(results: Any) -> dict[str, Any]:
             for r in results}
 
 
+def _topology(ctx: Context, metric: str = "bottleneck", dim: int = 1, max_points: int = 500, seed: int = 0) -> Any:
+    from workbench.analyses.topology import diagram_distance_matrix
+
+    acts_b = ctx.activations("b") if ctx.model_b is not None else None
+    return diagram_distance_matrix(ctx.activations("a"), acts_b, metric=metric, dim=dim, max_points=max_points,
+                                   seed=seed, device=ctx.device, progress=ctx.progress)
+
+
+def _topology_plot(result: Any) -> list[go.Figure]:
+    from workbench.plots.topology import diagram_distance_heatmap
+
+    return [diagram_distance_heatmap(result)]
+
+
+def _topology_summary(result: Any) -> dict[str, Any]:
+    d = np.asarray(result.distances)
+    return {"min_distance": float(d.min()), "max_distance": float(d.max()), "subsampled": bool(np.any(result.subsampled))}
+
+
+def _separability(ctx: Context, normalize: bool = True, probe: bool = True, cv: int = 5, seed: int = 0) -> Any:
+    from workbench.analyses.topology import layer_separability
+
+    return [layer_separability(ctx.activations(w), normalize=normalize, probe=probe and ctx.dataset.y is not None, cv=cv,
+                               seed=seed, device=ctx.device, progress=ctx.progress)
+            for w in ("a", "b")[: len(ctx.models())]]
+
+
+def _separability_plot(results: Any) -> list[go.Figure]:
+    from workbench.plots.topology import separability_curves
+
+    return [separability_curves(*results, names=[r.model_name for r in results])]
+
+
+def _separability_summary(results: Any) -> dict[str, Any]:
+    return {r.model_name: dict(zip(r.layers, np.asarray(r.scores).tolist())) for r in results}
+
+
 ANALYSES: list[Analysis] = [
     Analysis("activations", "Activation statistics", "one_model", _activation_stats, _activation_stats_plot,
              _activation_stats_summary, {"bins": 50}, "shape, mean/std, dead units and value histograms per layer",
@@ -233,6 +270,14 @@ ANALYSES: list[Analysis] = [
              _interaction_basis_plot, _interaction_basis_summary, {"graph_directions": 64, "seed": 0},
              "basis size per layer, interaction spectra and Louvain modularity of the interaction graph",
              "pages/degeneracy.py"),
+    Analysis("topology", "Persistent homology: diagram distances between layers", "two_models", _topology,
+             _topology_plot, _topology_summary, {"metric": "bottleneck", "dim": 1, "max_points": 500, "seed": 0},
+             "Vietoris-Rips persistence per layer (exact H0 by MST) and bottleneck/Wasserstein distances",
+             "pages/topology.py"),
+    Analysis("separability", "Topological class separability across layers", "one_model", _separability,
+             _separability_plot, _separability_summary, {"normalize": True, "probe": True, "cv": 5, "seed": 0},
+             "label-free H0 persistence score (lower = more separable) next to Fisher, Thornton, probe and CH",
+             "pages/topology.py"),
 ]
 
 
@@ -306,7 +351,8 @@ class Measure:
     (orthogonal map of the features), ``permutation`` (of the features), ``scale`` (isotropic),
     ``translation`` (adding a constant vector), ``linear`` (any invertible linear map).
     ``noise_bound``: independent Gaussian features (n=600, d=5) score below this (similarities) or
-    above it (distances).
+    above it (distances); None where that negative control does not apply (two independent Gaussian
+    clouds have alike topology, so a diagram distance between them is small by design).
     """
 
     name: str
@@ -314,7 +360,7 @@ class Measure:
     higher_is_closer: bool
     symmetric: bool
     invariant_to: frozenset[str]
-    noise_bound: float
+    noise_bound: float | None
     min_samples: int = 2
     stochastic: bool = False
     identity_tolerance: float = 1e-6
@@ -342,7 +388,24 @@ def _measures() -> list[Measure]:
         Measure("rsa_correlation_spearman", s.rsa, True, True, frozenset({"permutation", "scale"}), 0.1, min_samples=3),
         Measure("rsa_euclidean_pearson", partial(s.rsa, rdm="euclidean", compare="pearson"), True, True, rigid, 0.1,
                 min_samples=3),
+        Measure("topological_rsa", topological_rsa_similarity, True, True, rigid, 0.1, min_samples=3),
+        Measure("persistence_distance", persistence_bottleneck, False, True,
+                frozenset({"rotation", "permutation", "translation"}), None, min_samples=1),
     ]
+
+
+def topological_rsa_similarity(x: Any, y: Any, *, device: Any = None) -> float:
+    """:func:`workbench.analyses.topology.topological_rsa` as a number."""
+    from workbench.analyses.topology import topological_rsa
+
+    return topological_rsa(x, y, device=device).similarity
+
+
+def persistence_bottleneck(x: Any, y: Any, *, device: Any = None) -> float:
+    """Bottleneck distance between the H1 diagrams of two representations."""
+    from workbench.analyses.topology import persistence_distance
+
+    return persistence_distance(x, y, device=device).distance
 
 
 MEASURES: list[Measure] = _measures()

@@ -48,8 +48,14 @@ def test_identity(measure):
     assert measure.fn(x, x) == pytest.approx(expected, abs=max(measure.identity_tolerance, 1e-6))
 
 
-@pytest.mark.parametrize("measure", _cases("noise"))
+@pytest.mark.parametrize(
+    "measure",
+    [pytest.param(m, id=f"{m.name}-noise", marks=[] if m.noise_bound is not None else [pytest.mark.xfail(
+        reason="independent Gaussian clouds have alike topology: no negative control for diagram distances", strict=False)])
+     for m in registry.MEASURES],
+)
 def test_independent_noise_scores_low(measure):
+    assert measure.noise_bound is not None
     rng = np.random.default_rng(3)
     value = measure.fn(rng.standard_normal((600, 5)), rng.standard_normal((600, 5)))
     if measure.higher_is_closer:
@@ -127,3 +133,28 @@ def test_every_public_similarity_function_is_registered():
     covered = {getattr(m.fn, "func", m.fn).__name__ for m in registry.MEASURES}
     covered |= {"similarity_matrix", "minibatch_cka"}  # layer x layer and streaming forms of the registered measures
     assert public <= covered, f"unregistered: {sorted(public - covered)}"
+
+
+def test_every_public_analysis_function_is_reachable_from_the_registry():
+    """Each public function of an analysis module is a registered measure, called by a registry entry, or a
+    documented building block listed here with the entry that uses it."""
+    import importlib
+
+    building_blocks = {
+        "relative": {"select_anchors", "relative_representation", "cross_model_agreement", "relative_comparison", "stitch"},
+        "topology": {"persistence", "diagram_distance", "class_separability", "plateau_index", "separability_trajectory",
+                     "topological_rsa", "persistence_distance"},
+        "mode_connectivity": {"permutation_spec", "weight_matching", "activation_matching", "apply_permutation",
+                              "interpolate", "loss_barrier", "layer_alignment", "merge", "merged_model", "to_safetensors"},
+        "degeneracy": {"activation_rank", "gradient_rank", "relu_patterns", "llc_estimate", "sequential_layers",
+                       "default_layers", "layer_activations"},
+        "stats": {"layer_stats"},
+    }
+    source = inspect.getsource(registry)
+    for family, blocks in building_blocks.items():
+        module = importlib.import_module(f"workbench.analyses.{family}")
+        public = {name for name, obj in vars(module).items()
+                  if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_")}
+        called = {name for name in public if f"{name}(" in source or f" {name}\n" in source}
+        missing = public - called - blocks
+        assert not missing, f"{family}: not registered and not a listed building block: {sorted(missing)}"
