@@ -127,3 +127,18 @@ def as_labels(y: ArrayLike, n_samples: int, *, func: str, name: str = "labels") 
             f"{func}: '{name}' has {arr.shape[0]} entries but the activations have {n_samples} samples; they must match."
         )
     return arr
+
+
+def check_bool(value: Any, name: str, *, func: str) -> bool:
+    """Check ``value`` is a bool (Python or numpy) and return it."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ParameterError(f"The '{name}' parameter of {func} must be True or False. Got {value!r}.")
+
+
+def check_progress(progress: Any, *, func: str) -> None:
+    """Check ``progress`` is None or a callable ``(done, total)``."""
+    if progress is not None and not callable(progress):
+        raise ParameterError(
+            f"The 'progress' parameter of {func} must be a callable (done, total) or None. Got {progress!r}."
+        )

@@ -37,7 +37,12 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from workbench.analyses._result import Result
-from workbench.analyses._validation import check_choice, check_float, check_int
+from workbench.analyses._validation import (
+    check_choice,
+    check_float,
+    check_int,
+    check_progress,
+)
 from workbench.device import float64_device, resolve_device
 from workbench.errors import ArchitectureError, DataError, ParameterError, did_you_mean, format_choices
 
@@ -312,12 +317,6 @@ def _model_name(model: Any, default: str) -> str:
     name = getattr(model, "name", None)
     return name if isinstance(name, str) and name else default
 
-
-def _check_progress(progress: Any, func: str) -> None:
-    if progress is not None and not callable(progress):
-        raise ParameterError(
-            f"The 'progress' parameter of {func} must be a callable (done, total) or None. Got {progress!r}."
-        )
 
 
 def _check_same_architecture(
@@ -1019,7 +1018,7 @@ def weight_matching(
     a, b = _module(model_a, "model_a", func), _module(model_b, "model_b", func)
     max_iter = check_int(max_iter, "max_iter", func=func, low=1, high=10000)
     seed = check_int(seed, "seed", func=func, low=0)
-    _check_progress(progress, func)
+    check_progress(progress, func=func)
     _check_same_architecture(a, b, func)
     _check_finite_weights(a, "model_a", func)
     _check_finite_weights(b, "model_b", func)
@@ -1271,7 +1270,7 @@ def interpolate(
     n_points = check_int(n_points, "n_points", func=func, low=3, high=201)
     batch_size = check_int(batch_size, "batch_size", func=func, low=1)
     repair_mode = "none" if repair is None else check_choice(repair, "repair", REPAIR_MODES, func=func)
-    _check_progress(progress, func)
+    check_progress(progress, func=func)
     _check_same_architecture(a, b, func)
     _check_finite_weights(a, "model_a", func)
     _check_finite_weights(b, "model_b", func)
@@ -1427,7 +1426,7 @@ def activation_matching(
     start = time.perf_counter()
     a, b = _module(model_a, "model_a", func), _module(model_b, "model_b", func)
     batch_size = check_int(batch_size, "batch_size", func=func, low=1)
-    _check_progress(progress, func)
+    check_progress(progress, func=func)
     _check_same_architecture(a, b, func)
     _check_finite_weights(a, "model_a", func)
     _check_finite_weights(b, "model_b", func)
@@ -1655,7 +1654,7 @@ def mode_connectivity(
     func = "mode_connectivity"
     start = time.perf_counter()
     a, b = _module(model_a, "model_a", func), _module(model_b, "model_b", func)
-    _check_progress(progress, func)
+    check_progress(progress, func=func)
     if methods is None:
         methods = [m for m in CONNECTIVITY_METHODS if m != "reset_bn" or _has_bn(a)]
     if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
@@ -1847,7 +1846,7 @@ def merge(
     max_iter = check_int(max_iter, "max_iter", func=func, low=1, high=10000)
     seed = check_int(seed, "seed", func=func, low=0)
     batch_size = check_int(batch_size, "batch_size", func=func, low=1)
-    _check_progress(progress, func)
+    check_progress(progress, func=func)
     x, y = _check_dataset(dataset, "dataset", func)
     if train_dataset is not None:
         _check_dataset(train_dataset, "train_dataset", func)

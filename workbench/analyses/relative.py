@@ -30,7 +30,15 @@ from torch import nn
 
 from workbench.activations.types import Activations
 from workbench.analyses._result import Result
-from workbench.analyses._validation import ArrayLike, as_labels, as_matrix, check_choice, check_int, check_paired
+from workbench.analyses._validation import (
+    ArrayLike,
+    as_labels,
+    as_matrix,
+    check_bool,
+    check_choice,
+    check_int,
+    check_paired,
+)
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
 
@@ -174,11 +182,6 @@ class StitchingResult(Result):
 def _compute_device(device: str | torch.device | None) -> torch.device:
     return float64_device(resolve_device(device))
 
-
-def _check_bool(value: Any, name: str, func: str) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise ParameterError(f"The '{name}' parameter of {func} must be True or False. Got {value!r}.")
 
 
 def _select_anchors(x: torch.Tensor, n_anchors: int, method: str, seed: int) -> torch.Tensor:
@@ -338,7 +341,7 @@ def relative_representation(
         ``(n_samples, n_anchors)`` float64 numpy array.
     """
     func = "relative_representation"
-    center = _check_bool(center, "center", func)
+    center = check_bool(center, "center", func=func)
     xt = as_matrix(x, "x", func=func, device=_compute_device(device), min_samples=1)
     return _relative(xt, _anchor_matrix(xt, anchors, func), center, func).cpu().numpy()
 
@@ -528,7 +531,7 @@ def relative_comparison(
     func = "relative_comparison"
     start = time.perf_counter()
     method = check_choice(method, "method", ANCHOR_METHODS, func=func)
-    center = _check_bool(center, "center", func)
+    center = check_bool(center, "center", func=func)
     seed = check_int(seed, "seed", func=func, low=0)
     dev = _compute_device(device)
     xa = as_matrix(x_a, "x_a", func=func, device=dev)
@@ -631,7 +634,7 @@ def relative_agreement_by_layer(
     func = "relative_agreement_by_layer"
     start = time.perf_counter()
     method = check_choice(method, "method", ANCHOR_METHODS, func=func)
-    center = _check_bool(center, "center", func)
+    center = check_bool(center, "center", func=func)
     seed = check_int(seed, "seed", func=func, low=0)
     if progress is not None and not callable(progress):
         raise ParameterError(
@@ -779,7 +782,7 @@ def stitch(
     start = time.perf_counter()
     method = check_choice(method, "method", ANCHOR_METHODS, func=func)
     head = check_choice(head, "head", HEADS, func=func)
-    center = _check_bool(center, "center", func)
+    center = check_bool(center, "center", func=func)
     epochs = check_int(epochs, "epochs", func=func, low=1, high=10_000)
     seed = check_int(seed, "seed", func=func, low=0)
     if (logits_a is None) != (logits_b is None):

@@ -43,9 +43,11 @@ from workbench.analyses._result import Result
 from workbench.analyses._validation import (
     ArrayLike,
     as_matrix,
+    check_bool,
     check_choice,
     check_float,
     check_paired,
+    check_progress,
 )
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
@@ -122,17 +124,6 @@ def _compute_device(device: str | torch.device | None) -> torch.device:
     return float64_device(resolve_device(device))
 
 
-def _check_progress(progress: Any, func: str) -> None:
-    if progress is not None and not callable(progress):
-        raise ParameterError(
-            f"The 'progress' parameter of {func} must be a callable (done, total) or None. Got {progress!r}."
-        )
-
-
-def _check_bool(value: Any, name: str, func: str) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise ParameterError(f"The '{name}' parameter of {func} must be True or False. Got {value!r}.")
 
 
 def _centre(x: torch.Tensor, name: str | None = None, func: str = "") -> torch.Tensor:
@@ -315,7 +306,7 @@ def linear_cka(
         The CKA value as a Python float.
     """
     func = "linear_cka"
-    debiased = _check_bool(debiased, "debiased", func)
+    debiased = check_bool(debiased, "debiased", func=func)
     xt, yt, _ = _pair_inputs(x, y, func, device)
     n = xt.shape[0]
     if debiased:
@@ -358,7 +349,7 @@ def rbf_cka(
     """
     func = "rbf_cka"
     sigma = check_float(sigma, "sigma", func=func, low=0.0, low_inclusive=False)
-    debiased = _check_bool(debiased, "debiased", func)
+    debiased = check_bool(debiased, "debiased", func=func)
     xt, yt, _ = _pair_inputs(x, y, func, device)
     n = xt.shape[0]
     if debiased:
@@ -426,7 +417,7 @@ def minibatch_cka(
         A :class:`MinibatchCKAResult`.
     """
     func = "minibatch_cka"
-    _check_progress(progress, func)
+    check_progress(progress, func=func)
     start = time.perf_counter()
     dev = _compute_device(device)
     total = len(batches) if hasattr(batches, "__len__") else 0  # type: ignore[arg-type]
@@ -549,7 +540,7 @@ def procrustes_distance(
         The distance as a Python float (lower is closer).
     """
     func = "procrustes_distance"
-    angular = _check_bool(angular, "angular", func)
+    angular = check_bool(angular, "angular", func=func)
     xt, yt, _ = _pair_inputs(x, y, func, device)
     return _procrustes_from_prep(_procrustes_prep(xt, "x", func), _procrustes_prep(yt, "y", func), angular)
 
@@ -854,14 +845,14 @@ def similarity_matrix(
     func = "similarity_matrix"
     start = time.perf_counter()
     measure = check_choice(measure, "measure", MEASURES, func=func)
-    debiased = _check_bool(debiased, "debiased", func)
-    angular = _check_bool(angular, "angular", func)
+    debiased = check_bool(debiased, "debiased", func=func)
+    angular = check_bool(angular, "angular", func=func)
     sigma = check_float(sigma, "sigma", func=func, low=0.0, low_inclusive=False)
     kind = check_choice(kind, "kind", CCA_KINDS, func=func)
     variance = check_float(variance, "variance", func=func, low=0.0, high=1.0, low_inclusive=False)
     rdm = check_choice(rdm, "rdm", RDM_KINDS, func=func)
     compare = check_choice(compare, "compare", RDM_COMPARISONS, func=func)
-    _check_progress(progress, func)
+    check_progress(progress, func=func)
     spec = _measure_spec(measure, debiased, sigma, angular, kind, variance, rdm, compare)
 
     same_model = acts_b is None or acts_b is acts_a
