@@ -38,7 +38,6 @@ _FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 _cache: OrderedDict[tuple[str, str], KnnGraph] = OrderedDict()
 _cache_lock = threading.Lock()
-_stats = {"fallback_rows": 0}
 
 
 @dataclass(frozen=True)
@@ -81,9 +80,18 @@ class KnnGraph(Result):
         if k == self.k:
             return self
         return KnnGraph(
-            indices=self.indices[:, :k], distances=self.distances[:, :k], metric=self.metric, k=k,
-            sha256=self.sha256, estimator=self.estimator, n_samples=self.n_samples,
-            params={**self.params, "k": k}, seed=None, device=self.device, dtype=self.dtype, seconds=self.seconds,
+            indices=self.indices[:, :k],
+            distances=self.distances[:, :k],
+            metric=self.metric,
+            k=k,
+            sha256=self.sha256,
+            estimator=self.estimator,
+            n_samples=self.n_samples,
+            params={**self.params, "k": k},
+            seed=None,
+            device=self.device,
+            dtype=self.dtype,
+            seconds=self.seconds,
         )
 
 
@@ -146,9 +154,17 @@ def knn_graph(
     start = time.perf_counter()
     indices, distances = _exact_knn(t, k, metric, dev, progress)
     graph = KnnGraph(
-        indices=indices, distances=distances, metric=metric, k=k, sha256=key[0],
+        indices=indices,
+        distances=distances,
+        metric=metric,
+        k=k,
+        sha256=key[0],
         estimator=f"exact kNN ({metric}), float32 GEMM candidates re-ranked from differences",
-        n_samples=n, params={"k": k, "metric": metric}, seed=None, device=str(dev), dtype="float64",
+        n_samples=n,
+        params={"k": k, "metric": metric},
+        seed=None,
+        device=str(dev),
+        dtype="float64",
         seconds=time.perf_counter() - start,
     )
     with _cache_lock:
@@ -197,30 +213,24 @@ def _exact_knn(
     # Rounding bound of the float32 expansion |a|^2 + |b|^2 - 2 a.b (a few ulps of its largest term,
     # grown with the square root of the dot product's length).
     bound_all = (8.0 * _FLOAT32_EPS * (x32.shape[1] ** 0.5)) * (sq32.max() + sq32).to(work.device, torch.float64)
+    x64g: torch.Tensor | None = None
     for b, lo in enumerate(range(0, n, block)):
         hi = min(n, lo + block)
-        rows = torch.arange(hi - lo, device=dev)
-        # |b|^2 - 2 a.b orders each row like the squared distance (|a|^2 is constant along a row).
-        part = torch.addmm(sq32[None, :], x32[lo:hi], x32.T, beta=1.0, alpha=-2.0)
-        part[rows, rows + lo] = float("inf")
-        approx, cand = torch.topk(part, n_cand, dim=1, largest=False, sorted=True)
-        last = (approx[:, -1] + sq32[lo:hi]).to(work.device, torch.float64)
-        cand = cand.to(work.device)
-        exact = _candidate_distances(work, lo, cand)
-        # Sort candidates by (distance, index) so ties resolve to the lower index.
-        cand, order = cand.sort(dim=1)
-        exact = exact.gather(1, order)
-        exact, order = exact.sort(dim=1, stable=True)
-        cand = cand.gather(1, order)
+        rows = torch.arange(lo, hi, device=work.device)
+        cand, exact, last = _neighbours(work, x32, sq32, rows, n_cand)
         # A neighbour outside the candidates has an approximate squared distance of at least the
-        # last candidate's, so its exact one is at least that minus the rounding bound.
+        # last candidate's, so its exact one is at least that minus the rounding bound. Rows where
+        # that does not rule out a missed neighbour (distances concentrated within the bound) are
+        # searched again with float64 products, whose rounding is far below any distance gap.
         unsafe = exact[:, k - 1] > last - bound_all[lo:hi]
-        if n_cand == n - 1:
-            unsafe[:] = False
-        if bool(unsafe.any()):
+        if n_cand < n - 1 and bool(unsafe.any()):
+            if x64g is None:
+                x64g = x64.to(float64_device(dev))
             redo = torch.nonzero(unsafe).flatten()
-            full_idx, full_dist = _full_rows(work, lo + redo, k)
-            cand[redo, :k], exact[redo, :k] = full_idx, full_dist
+            step = max(1, _BLOCK_BYTES // (8 * n))
+            for a in range(0, redo.numel(), step):
+                sel = redo[a : a + step]
+                cand[sel], exact[sel], _ = _neighbours(work, x64g, (x64g * x64g).sum(1), rows[sel], n_cand)
         out_idx[lo:hi] = cand[:, :k].cpu()
         out_dist[lo:hi] = exact[:, :k].clamp_min(0.0).cpu()
         if progress is not None:
@@ -232,29 +242,35 @@ def _exact_knn(
     return out_idx.numpy(), out_dist.numpy()
 
 
-def _candidate_distances(work: torch.Tensor, lo: int, cand: torch.Tensor) -> torch.Tensor:
-    """Squared distances (as float64) from rows ``lo, lo + 1, ...`` to their candidates, from the differences."""
-    rows, n_cand = cand.shape
+def _neighbours(
+    work: torch.Tensor, xg: torch.Tensor, sqg: torch.Tensor, rows: torch.Tensor, n_cand: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates of ``rows`` from the products of ``xg`` (float32 or float64), re-ranked from differences.
+
+    Returns candidate indices ``(r, n_cand)`` sorted by (exact squared distance, index), their exact
+    squared distances, and the approximate squared distance of the last candidate ``(r,)``.
+    """
+    r = rows.to(xg.device)
+    # |b|^2 - 2 a.b orders each row like the squared distance (|a|^2 is constant along a row).
+    part = torch.addmm(sqg[None, :], xg[r], xg.T, beta=1.0, alpha=-2.0)
+    part[torch.arange(r.numel(), device=xg.device), r] = float("inf")
+    approx, cand = torch.topk(part, n_cand, dim=1, largest=False, sorted=True)
+    last = (approx[:, -1] + sqg[r]).to(work.device, torch.float64)
+    cand = cand.to(work.device)
+    exact = _candidate_distances(work, rows, cand)
+    cand, order = cand.sort(dim=1)
+    exact = exact.gather(1, order)
+    exact, order = exact.sort(dim=1, stable=True)
+    return cand.gather(1, order), exact, last
+
+
+def _candidate_distances(work: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Squared distances (as float64) from ``rows`` to their candidates, from the differences."""
+    n_rows, n_cand = cand.shape
     step = max(1, _BLOCK_BYTES // (work.element_size() * n_cand * work.shape[1]))
-    out = torch.empty((rows, n_cand), dtype=torch.float64, device=work.device)
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        diff = work[cand[a:b]] - work[lo + a : lo + b, None, :]
+    out = torch.empty((n_rows, n_cand), dtype=torch.float64, device=work.device)
+    for a in range(0, n_rows, step):
+        b = min(n_rows, a + step)
+        diff = work[cand[a:b]] - work[rows[a:b], None, :]
         out[a:b] = (diff * diff).sum(-1, dtype=torch.float64)
     return out
-
-
-def _full_rows(work: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brute-force neighbours of ``rows`` against every sample, from the differences."""
-    n = work.shape[0]
-    idx_out, dist_out = [], []
-    step = max(1, _BLOCK_BYTES // (work.element_size() * n * work.shape[1]))
-    for lo in range(0, rows.numel(), step):
-        r = rows[lo : lo + step]
-        diff = work[None, :, :] - work[r][:, None, :]
-        d2 = (diff * diff).sum(-1, dtype=torch.float64)
-        d2[torch.arange(r.numel()), r] = float("inf")
-        d2, order = d2.sort(dim=1, stable=True)
-        idx_out.append(order[:, :k])
-        dist_out.append(d2[:, :k])
-    return torch.cat(idx_out), torch.cat(dist_out)

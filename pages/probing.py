@@ -1,0 +1,112 @@
+"""Probing: how well a simple probe reads the labels from each layer, against a control task."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _state
+from workbench.analyses.probing import PROBES, probe_layers
+from workbench.plots.probing import probe_confusion, probe_profile, probe_rows
+
+st.title("Probing")
+st.caption(
+    "A probe is a small classifier trained on one layer's activations to predict the labels; its held-out "
+    "accuracy says how much of the label the layer makes (linearly) readable. The control task (Hewitt & Liang "
+    "2019) gives each sample a random label: selectivity = accuracy - control accuracy."
+)
+models = _state.current_models()
+if not models:
+    _state.require_models(1)
+dataset = _state.require_dataset()
+if dataset.y is None:
+    st.info("Probing needs labels: choose a dataset with labels on the Models & data page (an uploaded file with 'y').")
+    st.stop()
+
+c1, c2, c3, c4 = st.columns(4)
+probe = c1.selectbox(
+    "Probe",
+    PROBES,
+    key="probe_kind",
+    help="linear: multinomial logistic regression (ridge for float targets), what is linearly decodable; "
+    "mlp: one hidden layer of 128 ReLU units, also non-linear codes, slower and memorises more.",
+)
+cv = int(
+    c2.number_input(
+        "Folds",
+        min_value=2,
+        max_value=10,
+        value=5,
+        step=1,
+        key="probe_cv",
+        help="k-fold cross-validation; every class needs at least this many samples.",
+    )
+)
+c = float(
+    c3.number_input(
+        "C (inverse L2 strength)",
+        min_value=1e-4,
+        max_value=1e4,
+        value=1.0,
+        format="%g",
+        key="probe_c",
+        help="scikit-learn's C for the linear probe: larger fits the training folds harder.",
+    )
+)
+control = c4.checkbox(
+    "Control task",
+    value=True,
+    key="probe_control",
+    help="Also train on random labels (a fixed random function of the sample) and report selectivity.",
+)
+pooling = _state.pooling_picker("probe_pooling")
+cols = st.columns(len(models))
+chosen = {}
+for col, model, slot in zip(cols, models, "ab"):
+    with col:
+        chosen[slot] = _state.layer_picker(model, key=f"probe_layers_{slot}", label=f"Layers of {model.name}")
+if not all(chosen.values()):
+    st.info("Pick at least one layer for each model.")
+    st.stop()
+
+results = []
+with _state.guard():
+    for model, slot in zip(models, "ab"):
+        acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
+        with _state.progress_bar(f"Training {probe} probes on {model.name}…") as progress:
+            results.append(
+                _state.cached_call(probe_layers, acts, probe=probe, cv=cv, control=control, c=c, progress=progress)
+            )
+
+names = [m.name for m in models]
+profile = probe_profile(*results, names=names)
+st.plotly_chart(profile, width="stretch", key="probe_profile")
+metric = results[0].metric
+st.dataframe(
+    [row for r, name in zip(results, names) for row in probe_rows(r, name)],
+    hide_index=True,
+    width="stretch",
+    key="probe_table",
+    column_config={
+        col: st.column_config.NumberColumn(format="%.3f")
+        for col in (metric, "std", "training", "macro-F1", "control", "selectivity")
+    },
+)
+st.caption(
+    f"n = {dataset.n_samples} samples of {dataset.name}; {results[0].estimator}; chance = {results[0].chance:.3f}. "
+    "'training' is the score on the folds' training rows; a large gap to held-out means the probe memorises."
+)
+
+figures = [profile]
+if results[0].confusion is not None:
+    options = [(i, layer) for i, r in enumerate(results) for layer in r.layers]
+    pick = st.selectbox(
+        "Confusion matrix of",
+        options,
+        index=len(results[0].layers) - 1,
+        key="probe_confusion_layer",
+        format_func=lambda o: f"{names[o[0]]} · {o[1]}",
+    )
+    confusion = probe_confusion(results[pick[0]], pick[1], class_names=dataset.class_names)
+    st.plotly_chart(confusion, width="stretch", key="probe_confusion")
+    figures.append(confusion)
+_state.report_button("Probing", results, figures, key="probe_report")

@@ -1,0 +1,59 @@
+"""The embedding page: two linked views, trustworthiness, selection by index with CSV download, intrinsic dimension."""
+
+from __future__ import annotations
+
+import json
+
+from tests.app.conftest import page_errors
+
+
+def _open(app, method: str = "pca"):
+    at = app.run()
+    at.switch_page("pages/embedding.py").run()
+    if method != "umap":
+        at.selectbox(key="emb_method").set_value(method).run()
+    return at
+
+
+def test_embedding_page_umap_two_models(app):
+    at = _open(app, "umap")
+    assert not page_errors(at)
+    assert at.title[0].value == "Embedding"
+    charts = at.get("plotly_chart")
+    assert len(charts) == 3  # view A, view B, intrinsic dimension
+    spec_a = json.loads(charts[0].proto.spec)
+    assert spec_a["layout"]["title"]["text"].startswith("mlp_seed0 · ")
+    assert "UMAP" in spec_a["layout"]["title"]["text"] and "n = 450" in spec_a["layout"]["title"]["text"]
+    assert json.loads(charts[1].proto.spec)["layout"]["title"]["text"].startswith("mlp_seed1 · ")
+    assert len(spec_a["data"]) == 10  # one trace per digit class
+    assert "sample %{customdata[0]}" in spec_a["data"][0]["hovertemplate"]
+    trust = [float(m.value) for m in at.metric]
+    assert len(trust) == 2 and min(trust) > 0.85
+    assert "Intrinsic dimension" in charts[2].proto.spec
+
+
+def test_selection_by_index_highlights_both_views_and_downloads(app):
+    at = _open(app)
+    assert not page_errors(at)
+    assert not at.get("download_button")
+    at.text_input(key="emb_select_text").input("0-9, 42").run()
+    assert at.session_state["emb_selection"] == [*range(10), 42]
+    for chart in at.get("plotly_chart")[:2]:
+        selected = sum(len(trace.get("selectedpoints", [])) for trace in json.loads(chart.proto.spec)["data"])
+        assert selected == 11
+    buttons = at.get("download_button")
+    assert len(buttons) == 1 and "11 selected indices" in buttons[0].proto.label
+    at.button(key="emb_clear").click().run()
+    assert not at.get("download_button")
+
+
+def test_two_layers_of_one_model_coloured_by_distance(app):
+    at = _open(app)
+    at.radio(key="emb_mode").set_value("Two layers of model A").run()
+    at.selectbox(key="emb_color").set_value("distance moved between the views").run()
+    assert not page_errors(at)
+    spec = json.loads(at.get("plotly_chart")[1].proto.spec)
+    assert len(spec["data"]) == 1 and spec["data"][0]["marker"]["showscale"]
+    assert "label %{customdata[2]}" in spec["data"][0]["hovertemplate"]
+    at.radio(key="emb_id_method").set_value("mle").run()
+    assert "MLE" in at.get("plotly_chart")[2].proto.spec

@@ -1,0 +1,71 @@
+"""The probing page: two sample models, profile and confusion figures, the table, no-label and error paths."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.app.conftest import page_errors
+
+
+def _open(app):
+    at = app.run()
+    at.switch_page("pages/probing.py").run()
+    return at
+
+
+def test_probing_page_with_two_models(app):
+    at = _open(app)
+    assert not page_errors(at)
+    assert at.title[0].value == "Probing"
+    table = at.dataframe[0].value
+    assert set(table["model"]) == {"mlp_seed0", "mlp_seed1"}
+    assert list(table["layer"][:5]) == ["fc1", "relu1", "fc2", "relu2", "out"]
+    assert (table["accuracy"] > 0.85).all()  # trained digits models: every layer decodes the digit
+    assert (table["selectivity"] > 0.7).all()  # the control task stays near chance
+    assert (table["control"] < 0.25).all()
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2  # accuracy profile and confusion matrix
+    profile = charts[0].proto.spec
+    assert "control task" in profile and "n = 450" in profile
+    assert "Held-out confusion, layer out" in charts[1].proto.spec
+    assert any("chance = 0.1" in c.value for c in at.caption)
+
+
+def test_confusion_layer_choice_and_single_model(app):
+    at = app.run()
+    at.selectbox(key="model_b_choice").set_value("(none)").run()
+    at.switch_page("pages/probing.py").run()
+    at.multiselect(key="probe_layers_a").set_value(["fc1", "relu2"]).run()
+    assert not page_errors(at)
+    assert list(at.dataframe[0].value["layer"]) == ["fc1", "relu2"]
+    at.selectbox(key="probe_confusion_layer").set_value((0, "fc1")).run()
+    assert "Held-out confusion, layer fc1" in at.get("plotly_chart")[1].proto.spec
+    at.checkbox(key="probe_control").uncheck().run()
+    table = at.dataframe[0].value
+    assert "selectivity" not in table.columns and len(at.get("plotly_chart")) == 2
+
+
+def test_probing_page_without_labels_says_what_to_do(app):
+    from workbench.data.datasets import make_dataset
+
+    at = app.run()
+    at.session_state["dataset"] = make_dataset(
+        "unlabelled", np.random.default_rng(0).normal(size=(50, 64)).astype(np.float32)
+    )
+    at.switch_page("pages/probing.py").run()
+    assert not page_errors(at)
+    assert any("Probing needs labels" in i.value for i in at.info)
+    assert not at.get("plotly_chart")
+
+
+def test_probing_page_shows_a_clear_error_for_too_many_folds(app):
+    from workbench import load_dataset
+
+    small = load_dataset("digits", split="test").subset(np.arange(60))  # about 6 samples per class
+    at = app.run()
+    at.session_state["dataset"] = small
+    at.switch_page("pages/probing.py").run()
+    at.number_input(key="probe_cv").set_value(10).run()
+    errors = page_errors(at)
+    assert any("folds need at least 10 per class; lower cv" in e for e in errors)
+    assert not at.exception

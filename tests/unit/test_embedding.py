@@ -1,0 +1,330 @@
+"""Embeddings, kNN graphs, trustworthiness and intrinsic dimension: references, known answers, errors, plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.analyses import knn as knn_module
+from workbench.analyses.embedding import (
+    AlignedEmbeddingResult,
+    EmbeddingResult,
+    aligned_embedding,
+    embed,
+    intrinsic_dimension,
+    layer_intrinsic_dimension,
+    trustworthiness,
+    warm_up,
+)
+from workbench.analyses.knn import clear_knn_cache, knn_graph
+from workbench.errors import DataError, ParameterError
+from workbench.plots.embedding import embedding_scatter, intrinsic_dimension_profile
+
+
+def _blobs(n: int = 300, d: int = 20, n_classes: int = 5, separation: float = 12.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, d))
+    centres *= separation / np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.arange(n) % n_classes
+    return (centres[y] + rng.normal(size=(n, d))).astype(np.float32), y
+
+
+def _torus_in_50d(n: int, seed: int = 0) -> np.ndarray:
+    """A flat 3-torus (a 3-D manifold) embedded isometrically in R^6, rotated into R^50."""
+    rng = np.random.default_rng(seed)
+    angles = rng.uniform(0, 2 * np.pi, size=(n, 3))
+    torus = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)
+    basis, _ = np.linalg.qr(rng.normal(size=(50, 6)))
+    return torus @ basis.T
+
+
+@pytest.fixture(scope="module")
+def umap_ready() -> float:
+    """Compile umap-learn's kernels once for this module (the same path the app warms up)."""
+    return warm_up()
+
+
+# ---------------------------------------------------------------------------------------------
+# kNN graph
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_knn_graph_matches_sklearn_brute_force(metric, dtype):
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.random.default_rng(0).normal(size=(400, 30)).astype(dtype)
+    graph = knn_graph(x, 7, metric=metric)
+    distances, indices = (
+        NearestNeighbors(n_neighbors=7, metric=metric, algorithm="brute").fit(x.astype(np.float64)).kneighbors()
+    )
+    assert np.array_equal(graph.indices, indices)
+    assert np.allclose(graph.distances, distances, atol=1e-5 if dtype == np.float32 else 1e-10)
+    assert graph.indices.shape == (400, 7) and graph.distances.dtype == np.float64
+    assert (np.diff(graph.distances, axis=1) >= 0).all()
+
+
+def test_knn_graph_is_exact_where_distances_concentrate():
+    # Duplicated high-dimensional Gaussians: every pairwise distance is nearly the same, so the float32
+    # candidate list cannot be trusted and rows are searched again in float64.
+    rng = np.random.default_rng(1)
+    x = np.repeat(rng.normal(size=(60, 800)), 4, axis=0).astype(np.float32)
+    graph = knn_graph(x, 6)
+    diff = x[:, None, :].astype(np.float64) - x[None, :, :]
+    full = np.sqrt((diff**2).sum(-1))
+    np.fill_diagonal(full, np.inf)
+    expected = np.sort(full, axis=1)[:, :6]
+    assert np.allclose(graph.distances, expected, atol=1e-4)
+    assert (graph.distances[:, :3] == 0).all()  # the three copies come first, ties broken by index
+    assert (np.diff(graph.indices[:, :3], axis=1) > 0).all()
+
+
+def test_knn_graph_cache_reuses_and_truncates():
+    clear_knn_cache()
+    x = np.random.default_rng(2).normal(size=(200, 5))
+    big = knn_graph(x, 12)
+    small = knn_graph(x.copy(), 4)  # same content, new array
+    assert np.array_equal(small.indices, big.indices[:, :4])
+    assert small.sha256 == big.sha256 and small.k == 4
+    calls = []
+    knn_graph(x, 10, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]
+    idx, dist = big.with_self(5)
+    assert idx.shape == (200, 6) and (idx[:, 0] == np.arange(200)).all() and (dist[:, 0] == 0).all()
+
+
+def test_knn_graph_errors():
+    x = np.random.default_rng(3).normal(size=(10, 3))
+    with pytest.raises(ParameterError, match="'k' parameter of knn_graph must be an int in \\[1, 9\\]"):
+        knn_graph(x, 10)
+    with pytest.raises(ParameterError, match="'metric' parameter of knn_graph must be one of"):
+        knn_graph(x, 2, metric="manhattan")
+    zero = x.copy()
+    zero[4] = 0.0
+    with pytest.raises(DataError, match="cosine distance is undefined for all-zero rows and 'x' has 1"):
+        knn_graph(zero, 2, metric="cosine")
+
+
+# ---------------------------------------------------------------------------------------------
+# quality scores
+
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_trustworthiness_equals_sklearn(k):
+    from sklearn.manifold import trustworthiness as sk_trustworthiness
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(150, 12))
+    view = x[:, :2] + 0.5 * rng.normal(size=(150, 2))
+    assert trustworthiness(x, view, k=k) == pytest.approx(sk_trustworthiness(x, view, n_neighbors=k), abs=1e-12)
+
+
+def test_trustworthiness_extremes():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(200, 2))
+    assert trustworthiness(x, x * 3.0 + 1.0) == pytest.approx(1.0)
+    assert abs(trustworthiness(x, rng.normal(size=(200, 2))) - 0.5) < 0.08
+
+
+# ---------------------------------------------------------------------------------------------
+# embeddings
+
+
+def test_pca_matches_sklearn_up_to_sign_and_is_deterministic():
+    from sklearn.decomposition import PCA
+
+    x, _ = _blobs(n=120, d=8)
+    result = embed(x, method="pca", n_components=3)
+    reference = PCA(n_components=3).fit(x.astype(np.float64))
+    expected = reference.transform(x.astype(np.float64))
+    assert np.allclose(np.abs(result.coordinates), np.abs(expected), atol=1e-4)
+    assert np.allclose(result.explained_variance_ratio, reference.explained_variance_ratio_, atol=1e-6)
+    assert result.seed is None and result.method == "pca"
+    again = embed(x.copy(), method="pca", n_components=3)
+    assert np.array_equal(again.coordinates, result.coordinates)
+    wide = embed(np.random.default_rng(6).normal(size=(20, 50)), method="pca")  # more features than samples
+    assert wide.coordinates.shape == (20, 2) and wide.explained_variance_ratio[0] >= wide.explained_variance_ratio[1]
+
+
+def test_pca_of_a_plane_is_perfectly_trustworthy():
+    rng = np.random.default_rng(7)
+    plane = rng.normal(size=(150, 2)) @ rng.normal(size=(2, 10))
+    result = embed(plane, method="pca")
+    assert result.trustworthiness == pytest.approx(1.0) and result.knn_preservation == pytest.approx(1.0)
+    assert result.explained_variance_ratio.sum() == pytest.approx(1.0)
+
+
+def test_umap_of_separated_blobs_is_trustworthy_and_reproducible(umap_ready):
+    x, _ = _blobs()
+    calls = []
+    first = embed(x, method="umap", seed=0, progress=lambda done, total: calls.append((done, total)))
+    second = embed(x, method="umap", seed=0)
+    assert isinstance(first, EmbeddingResult) and first.coordinates.shape == (300, 2)
+    assert first.trustworthiness > 0.9
+    assert first.knn_preservation > 0.3
+    assert np.array_equal(first.coordinates, second.coordinates)
+    assert first.seed == 0 and first.params["n_neighbors"] == 15 and first.params["n_epochs"] == 500
+    assert "UMAP" in first.estimator
+    assert calls[-1] == (1000, 1000) and all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
+    assert len(calls) > 3  # epochs reported, not only the start and the end
+
+
+def test_tsne_of_separated_blobs():
+    x, _ = _blobs(n=120, d=10)
+    result = embed(x, method="tsne", perplexity=10.0, seed=1)
+    assert result.coordinates.shape == (120, 2)
+    assert result.trustworthiness > 0.9
+
+
+def test_aligned_pca_views_of_a_rotated_copy_coincide():
+    x, y = _blobs(n=150, d=10)
+    rotation, _ = np.linalg.qr(np.random.default_rng(8).normal(size=(10, 10)))
+    result = aligned_embedding({"A": x, "B": x @ rotation.astype(np.float32)}, method="pca")
+    assert isinstance(result, AlignedEmbeddingResult)
+    assert result.names == ("A", "B") and result.coordinates.shape == (2, 150, 2)
+    assert result.disparity[1] < 1e-6 and result.displacement[1].max() < 1e-3
+    assert np.allclose(np.sqrt((result.coordinates[0] ** 2).sum(1).mean()), 1.0)
+
+
+def test_aligned_umap_views_share_a_frame(umap_ready):
+    x, y = _blobs()
+    rotation, _ = np.linalg.qr(np.random.default_rng(9).normal(size=(20, 20)))
+    result = aligned_embedding([x, (x @ rotation).astype(np.float32)], method="umap", seed=0)
+    assert result.names == ("view 0", "view 1")
+    assert (result.trustworthiness > 0.9).all()
+    # The same neighbourhoods: every cluster of view 1 lies nearest to the same cluster's place in view 0.
+    centroids = np.stack([[view[y == c].mean(0) for c in range(5)] for view in result.coordinates])
+    nearest = np.linalg.norm(centroids[1][:, None, :] - centroids[0][None, :, :], axis=2).argmin(axis=1)
+    assert list(nearest) == list(range(5))
+    assert result.disparity[1] < 0.5 and result.displacement[0].max() == 0.0
+
+
+def test_embedding_errors():
+    x, _ = _blobs(n=40, d=5)
+    with pytest.raises(ParameterError, match="'method' parameter of embed must be one of 'umap', 'pca', 'tsne'"):
+        embed(x, method="mds")
+    with pytest.raises(
+        ParameterError, match="'perplexity' parameter of embed applies to method='tsne' only, not method='umap'"
+    ):
+        embed(x, method="umap", perplexity=5.0)
+    with pytest.raises(ParameterError, match="'n_neighbors' parameter of embed must be an int in \\[2, 39\\]"):
+        embed(x, method="umap", n_neighbors=40)
+    with pytest.raises(ParameterError, match="'n_components' parameter of embed must be an int in \\[1, 5\\]"):
+        embed(x, method="pca", n_components=6)
+    with pytest.raises(DataError, match="embed: 'x' is constant over samples"):
+        embed(np.ones((30, 4)), method="pca")
+    with pytest.raises(DataError, match="embed: 'x' must be 2-D"):
+        embed(np.ones(30), method="pca")
+    with pytest.raises(DataError, match="needs at least 2 views to align"):
+        aligned_embedding([x], method="pca")
+    with pytest.raises(DataError, match="every view must have the same samples \\(rows\\). Got \\[40, 30\\]"):
+        aligned_embedding([x, x[:30]], method="pca")
+    with pytest.raises(DataError, match="trustworthiness: 'x' and 'embedding' must have the same number of samples"):
+        trustworthiness(x, x[:30, :2])
+
+
+def test_embedding_result_is_json_safe():
+    x, _ = _blobs(n=60, d=5)
+    data = json.loads(json.dumps(embed(x, method="pca").to_dict()))
+    assert data["result_type"] == "EmbeddingResult" and len(data["coordinates"]) == 60
+
+
+# ---------------------------------------------------------------------------------------------
+# intrinsic dimension
+
+
+@pytest.mark.parametrize("method", ["twonn", "mle"])
+def test_intrinsic_dimension_of_a_3d_manifold_in_50d(method):
+    result = intrinsic_dimension(_torus_in_50d(1500), method=method)
+    assert 2.5 <= result.dimension <= 3.5
+    assert result.ci_low <= result.dimension <= result.ci_high
+    assert result.ci_high - result.ci_low < 0.5
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+def test_intrinsic_dimension_of_uniform_cubes(dim):
+    x = np.random.default_rng(dim).uniform(size=(1500, dim))
+    assert abs(intrinsic_dimension(x).dimension - dim) < 0.15 * dim + 0.2
+    assert abs(intrinsic_dimension(x, method="mle").dimension - dim) < 0.15 * dim + 0.2
+
+
+def test_twonn_and_mle_follow_their_formulas():
+    x = _torus_in_50d(300, seed=3)
+    dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(dist, np.inf)
+    ordered = np.sort(dist, axis=1)
+    # TwoNN (Facco et al. 2017): slope through the origin of -log(1 - F) on log(mu), top 10% of mu dropped
+    mu = np.sort(ordered[:, 1] / ordered[:, 0])
+    keep = int(np.floor(0.9 * len(mu)))
+    xs = np.log(mu[:keep])
+    ys = -np.log(1 - np.arange(1, keep + 1) / len(mu))
+    assert intrinsic_dimension(x).dimension == pytest.approx((xs @ ys) / (xs @ xs), rel=1e-9)
+    # Levina-Bickel local estimates with k = 8, pooled as the inverse of the mean inverse
+    k = 8
+    inverse = [np.mean([np.log(ordered[i, k - 1] / ordered[i, j]) for j in range(k - 1)]) for i in range(len(x))]
+    result = intrinsic_dimension(x, method="mle", k=k)
+    assert result.dimension == pytest.approx(1.0 / np.mean(inverse), rel=1e-9)
+    assert np.allclose(result.local, 1.0 / np.array(inverse))
+
+
+def test_intrinsic_dimension_skips_duplicates_and_per_layer():
+    x = _torus_in_50d(400)
+    doubled = np.concatenate([x, x[:50]])
+    result = intrinsic_dimension(doubled)
+    assert result.n_discarded == 100 and result.local.shape == (350,)
+    layers = {"torus": x, "plane": np.random.default_rng(0).normal(size=(400, 2)) @ np.ones((2, 30))}
+    calls = []
+    profile = layer_intrinsic_dimension(layers, method="mle", progress=lambda d, t: calls.append((d, t)))
+    assert profile.layers == ("torus", "plane") and list(profile.n_features) == [50, 30]
+    assert 2.4 < profile.dimension[0] < 3.6 and profile.dimension[1] < 1.3  # the "plane" is a line
+    assert calls == [(1, 2), (2, 2)]
+    fig = intrinsic_dimension_profile(profile, names=["A"])
+    assert list(fig.data[0].x) == ["torus", "plane"] and "n = 400" in fig.layout.title.text
+
+
+def test_intrinsic_dimension_errors():
+    with pytest.raises(ParameterError, match="'k' parameter of intrinsic_dimension applies to method='mle' only"):
+        intrinsic_dimension(_torus_in_50d(100), k=5)
+    with pytest.raises(DataError, match="intrinsic_dimension: 'x' needs at least 20 samples. Got 10"):
+        intrinsic_dimension(np.random.default_rng(0).normal(size=(10, 3)))
+    with pytest.raises(DataError, match="at least 10 distinct samples are needed"):
+        intrinsic_dimension(np.repeat(np.random.default_rng(0).normal(size=(5, 3)), 6, axis=0))
+    with pytest.raises(DataError, match="layer 'b': intrinsic_dimension: 'x' is constant over samples"):
+        layer_intrinsic_dimension({"a": _torus_in_50d(100), "b": np.zeros((100, 4))})
+    with pytest.raises(ParameterError, match="'method' parameter of intrinsic_dimension must be one of 'twonn', 'mle'"):
+        intrinsic_dimension(_torus_in_50d(100), method="pca")
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def test_embedding_scatter_carries_indices_labels_and_selection():
+    x, y = _blobs(n=60, d=5, n_classes=3)
+    result = embed(x, method="pca")
+    fig = embedding_scatter(result, color=y, selected=[0, 4, 5])
+    assert len(fig.data) == 3  # one trace per class
+    first = fig.data[0]
+    assert [int(c[0]) for c in first.customdata] == list(range(0, 60, 3))
+    assert "sample %{customdata[0]}" in first.hovertemplate
+    assert list(first.selectedpoints) == [0]  # sample 0 is the first point of class 0
+    assert list(fig.data[1].selectedpoints) == [1] and list(fig.data[2].selectedpoints) == [1]  # samples 4 and 5
+    assert "trustworthiness@10" in fig.layout.title.text and "n = 60" in fig.layout.title.text
+    scalar = embedding_scatter(result, color=np.linspace(0, 1, 60), color_name="norm")
+    assert len(scalar.data) == 1 and scalar.data[0].marker.showscale
+    aligned = aligned_embedding({"A": x, "B": x[:, ::-1].copy()}, method="pca")
+    fig_b = embedding_scatter(aligned, view=1, color=y)
+    assert fig_b.layout.title.text.startswith("B")
+
+
+def test_inputs_are_not_modified():
+    x, _ = _blobs(n=80, d=6)
+    tensor = torch.from_numpy(x.copy())
+    before = tensor.clone()
+    embed(tensor, method="pca")
+    intrinsic_dimension(tensor)
+    knn_module.knn_graph(tensor, 5)
+    assert torch.equal(tensor, before)

@@ -1,0 +1,373 @@
+"""Probing: known answers, scikit-learn on the same folds, control tasks, moment probe, errors, plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.analyses import probing
+from workbench.analyses.probing import ProbingResult, moment_probe, probe_layers
+from workbench.errors import DataError, ParameterError
+from workbench.plots.probing import probe_confusion, probe_profile, probe_rows
+
+
+def _blobs(n: int = 240, d: int = 16, n_classes: int = 4, separation: float = 8.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, d))
+    centres *= separation / np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.arange(n) % n_classes
+    return (centres[y] + rng.normal(size=(n, d))).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def digits_arrays():
+    from workbench import load_dataset
+
+    data = load_dataset("digits", split="test")
+    return data.x.numpy(), data.y.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# known answers
+
+
+def test_separable_classes_are_decoded_and_selective():
+    x, y = _blobs()
+    result = probe_layers({"x": x}, y, seed=0)
+    assert result.metric == "accuracy"
+    assert result.score[0] > 0.97
+    assert result.control_score[0] < 0.45  # held-out control labels are independent of the sample: chance
+    assert result.selectivity[0] > 0.5
+    assert result.chance == pytest.approx(0.25)
+    assert result.macro_f1[0] > 0.97
+
+
+def test_random_labels_give_chance_accuracy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 10)).astype(np.float32)
+    y = rng.integers(0, 3, size=300)
+    result = probe_layers({"noise": x}, y, seed=0)
+    assert abs(result.score[0] - 1 / 3) < 0.1
+    assert abs(result.selectivity[0]) < 0.15
+
+
+def test_linear_probe_matches_sklearn_logistic_regression_on_the_same_folds(digits_arrays):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = digits_arrays
+    result = probe_layers({"pixels": x}, y, control=False, seed=3)
+    accuracies, f1s = [], []
+    for fold in range(5):
+        test = result.folds == fold
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x[~test], y[~test])
+        predicted = model.predict(x[test])
+        accuracies.append(np.mean(predicted == y[test]))
+        f1s.append(f1_score(y[test], predicted, average="macro"))
+    assert np.abs(result.fold_scores[0] - accuracies).max() <= 0.02
+    assert abs(result.score[0] - np.mean(accuracies)) <= 0.01
+    assert abs(result.macro_f1[0] - np.mean(f1s)) <= 0.02
+    assert np.bincount(result.folds).min() >= 89  # stratified, 450 / 5
+
+
+def test_macro_f1_and_confusion_agree_with_sklearn_definitions():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(2)
+    y_true = torch.from_numpy(rng.integers(0, 4, size=(3, 50)))
+    y_pred = torch.from_numpy(np.where(rng.random((3, 50)) < 0.6, y_true.numpy(), rng.integers(0, 4, size=(3, 50))))
+    rows = torch.ones((3, 50), dtype=torch.bool)
+    confusion = probing._confusion(y_true, y_pred, rows, 4)
+    from sklearn.metrics import confusion_matrix
+
+    for f in range(3):
+        assert np.array_equal(confusion[f].numpy(), confusion_matrix(y_true[f], y_pred[f], labels=range(4)))
+    expected = [f1_score(y_true[f], y_pred[f], average="macro") for f in range(3)]
+    assert np.allclose(probing._macro_f1(confusion), expected)
+
+
+def test_confusion_counts_every_held_out_prediction_once(digits_arrays):
+    x, y = digits_arrays
+    result = probe_layers({"pixels": x}, y, control=False)
+    confusion = result.confusion[0]
+    assert confusion.shape == (10, 10) and confusion.sum() == len(y)
+    assert np.array_equal(confusion.sum(axis=1), np.bincount(y))
+    pooled = np.trace(confusion) / len(y)
+    weighted = np.sum(result.fold_scores[0] * np.bincount(result.folds)) / len(y)
+    assert pooled == pytest.approx(weighted)
+
+
+def test_ridge_probe_matches_sklearn_and_gives_r2():
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 12))
+    target = x @ rng.normal(size=12) + 0.3 * rng.normal(size=200)
+    result = probe_layers({"x": x}, target, seed=0)
+    assert result.metric == "r2" and result.macro_f1 is None and result.confusion is None and result.chance == 0.0
+    expected = [
+        r2_score(
+            target[result.folds == f],
+            make_pipeline(StandardScaler(), Ridge(alpha=1.0))
+            .fit(x[result.folds != f], target[result.folds != f])
+            .predict(x[result.folds == f]),
+        )
+        for f in range(5)
+    ]
+    assert np.allclose(result.fold_scores[0], expected, atol=1e-5)
+    assert result.score[0] > 0.9
+    assert result.control_score[0] < 0.1
+
+
+def test_control_task_with_repeated_types_follows_hewitt_and_liang():
+    # Features identify the sample's type (as a word embedding identifies the word); the control label is a
+    # random function of the type, so a probe can learn it on held-out samples of seen types.
+    rng = np.random.default_rng(5)
+    n_types, per_type = 12, 20
+    types = np.repeat(np.arange(n_types), per_type)
+    codes = rng.normal(size=(n_types, 24)) * 3.0
+    x = (codes[types] + 0.3 * rng.normal(size=(len(types), 24))).astype(np.float32)
+    y = types % 3  # the property: a function of the type, too
+    result = probe_layers({"x": x}, y, groups=types, seed=0)
+    assert result.score[0] > 0.95
+    assert result.control_score[0] > 0.9  # the probe also memorises the control task: low selectivity
+    assert result.selectivity[0] < 0.1
+    assert result.params["control_types"] == "groups"
+    without = probe_layers({"x": x}, y, seed=0)
+    assert without.control_score[0] < 0.6
+
+
+def test_mlp_probe_reads_a_nonlinear_code_the_linear_probe_misses():
+    rng = np.random.default_rng(6)
+    signs = rng.choice([-1.0, 1.0], size=(160, 2))
+    x = np.concatenate([signs + 0.2 * rng.normal(size=(160, 2)), 0.2 * rng.normal(size=(160, 2))], axis=1)
+    y = (signs[:, 0] * signs[:, 1] > 0).astype(int)  # XOR of the two signs
+    linear = probe_layers({"x": x}, y, control=False)
+    mlp = probe_layers({"x": x}, y, probe="mlp", control=False)
+    assert linear.score[0] < 0.7
+    assert mlp.score[0] > 0.9
+    assert "MLP probe" in mlp.estimator
+
+
+def test_mlp_probe_regression():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(150, 3))
+    target = np.sin(2 * x[:, 0]) + x[:, 1] ** 2
+    result = probe_layers({"x": x}, target, probe="mlp", control=False)
+    assert result.metric == "r2" and result.score[0] > 0.6
+
+
+def test_fold_standardisation_uses_training_rows_only():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(40, 5)) * [1, 2, 3, 4, 5] + 10
+    x[:8, 4] = 100.0  # held out in fold 0 only: must not move fold 0's statistics
+    folds = np.arange(40) // 8
+    train = torch.from_numpy(folds[None, :] != np.arange(5)[:, None])
+    centred, mean, scale = probing._fold_standardisation(torch.from_numpy(x), train, torch.device("cpu"))
+    centre = x.mean(0)
+    for f in range(5):
+        rows = folds != f
+        assert np.allclose(mean[f].numpy() + centre, x[rows].mean(0))
+        assert np.allclose(1.0 / scale[f].numpy(), x[rows].std(0))
+
+
+def test_feature_constant_on_training_rows_gets_zero_weight():
+    x, y = _blobs(n=100, d=4)
+    spike = np.zeros((100, 1), dtype=np.float32)
+    spike[0] = 1e6  # constant (zero) on the training rows of the fold that holds out sample 0
+    result = probe_layers({"x": np.concatenate([x, spike], axis=1)}, y, control=False)
+    plain = probe_layers({"x": x}, y, control=False)
+    fold = result.folds[0]
+    assert np.isfinite(result.score).all()
+    assert result.fold_scores[0, fold] == pytest.approx(plain.fold_scores[0, fold])
+
+
+def test_same_seed_same_result_and_seed_recorded():
+    x, y = _blobs(n=120)
+    a = probe_layers({"x": x}, y, seed=11)
+    b = probe_layers({"x": x}, y, seed=11)
+    c = probe_layers({"x": x}, y, seed=12)
+    assert np.array_equal(a.fold_scores, b.fold_scores) and np.array_equal(a.folds, b.folds)
+    assert not np.array_equal(a.folds, c.folds)
+    assert a.seed == 11
+
+
+def test_control_flag_does_not_change_the_task_score():
+    x, y = _blobs(n=160, separation=2.0)
+    with_control = probe_layers({"x": x}, y, control=True)
+    without = probe_layers({"x": x}, y, control=False)
+    assert np.array_equal(with_control.fold_scores, without.fold_scores)
+    assert without.control_score is None and without.selectivity is None
+
+
+def test_several_layers_progress_and_inputs_unchanged():
+    x, y = _blobs(n=120)
+    layers = {"a": x, "b": torch.from_numpy(np.maximum(x, 0)), "c": x[:, :3]}
+    before = {k: np.asarray(v, dtype=np.float32).copy() for k, v in layers.items()}
+    calls = []
+    result = probe_layers(layers, y, progress=lambda done, total: calls.append((done, total)))
+    assert result.layers == ("a", "b", "c") and result.score.shape == (3,) and result.fold_scores.shape == (3, 5)
+    assert list(result.n_features) == [16, 16, 3]
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert all(np.array_equal(np.asarray(layers[k], dtype=np.float32), before[k]) for k in layers)
+    only = probe_layers(layers, y, layers=["c"])
+    assert only.layers == ("c",)
+
+
+def test_string_labels_and_single_array_input():
+    x, y = _blobs(n=120, n_classes=3)
+    names = np.array(["cat", "dog", "eel"])[y]
+    result = probe_layers(x, names, control=False)
+    assert result.layers == ("x",) and list(result.classes) == ["cat", "dog", "eel"]
+    assert result.score[0] > 0.95
+
+
+def test_result_is_json_safe():
+    x, y = _blobs(n=100)
+    result = probe_layers({"x": x}, y)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["result_type"] == "ProbingResult" and data["metric"] == "accuracy"
+    assert "score" in result.arrays() and "confusion" in result.arrays()
+
+
+def test_activations_from_a_sample_model(sample_model, digits_test):
+    from workbench import extract
+
+    acts = extract(sample_model("mlp_narrow_seed0"), digits_test, ["relu1", "out"])
+    result = probe_layers(acts, cv=3)  # labels come from the dataset
+    assert isinstance(result, ProbingResult)
+    assert result.model_name == acts.model_name
+    assert (result.score > 0.85).all()
+    assert (result.selectivity > 0.7).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# moment probe
+
+
+def test_moment_probe_on_pooled_activations_is_the_linear_probe():
+    x, y = _blobs(n=150, separation=2.5)
+    linear = probe_layers({"x": x}, y, seed=4)
+    moment = moment_probe({"x": x}, y, seed=4)
+    assert np.array_equal(moment.fold_scores, linear.fold_scores)
+    assert np.array_equal(moment.control_score, linear.control_score)
+    assert moment.probe == "moment" and moment.params["token_layers"] == 0
+
+
+def test_moment_probe_reads_token_variance_that_the_mean_hides():
+    rng = np.random.default_rng(10)
+    n, n_tokens, d = 160, 12, 6
+    y = np.arange(n) % 2
+    spread = np.where(y == 1, 2.0, 0.5)[:, None, None]
+    tokens = (rng.normal(size=(n, n_tokens, d)) * spread).astype(np.float32)
+    tokens -= tokens.mean(axis=1, keepdims=True)  # identical first moments
+    mean_only = probe_layers({"seq": tokens.mean(axis=1)}, y, control=False)
+    moment = moment_probe({"seq": tokens}, y, control=False, rank=4)
+    assert mean_only.score[0] < 0.7
+    assert moment.score[0] > 0.95
+    assert moment.n_features[0] == 2 * d + 4 * 5 // 2
+
+
+def test_moment_probe_ignores_masked_padding():
+    rng = np.random.default_rng(11)
+    n, d = 100, 5
+    y = np.arange(n) % 2
+    tokens = rng.normal(size=(n, 6, d)) * np.where(y == 1, 2.0, 0.5)[:, None, None]
+    padded = np.concatenate([tokens, np.full((n, 3, d), 1e3)], axis=1)
+    mask = np.concatenate([np.ones((n, 6), bool), np.zeros((n, 3), bool)], axis=1)
+    a = moment_probe({"seq": tokens}, y, control=False)
+    b = moment_probe({"seq": padded}, y, mask=mask, control=False)
+    assert np.allclose(a.fold_scores, b.fold_scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_missing_labels():
+    with pytest.raises(DataError, match="'labels' are required"):
+        probe_layers({"x": np.ones((20, 3))}, None)
+
+
+def test_one_class_only():
+    x, _ = _blobs(n=40)
+    with pytest.raises(DataError, match="hold one class only"):
+        probe_layers({"x": x}, np.zeros(40, dtype=int))
+
+
+def test_fewer_samples_per_class_than_folds():
+    x, y = _blobs(n=40)
+    y = y.copy()
+    y[:3] = 9  # class 9 has 3 samples
+    with pytest.raises(DataError, match="class 9 has 3 samples but cv=5 folds need at least 5 per class; lower cv"):
+        probe_layers({"x": x}, y)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"probe": "svm"}, "'probe' parameter of probe_layers must be one of 'linear', 'mlp'"),
+        ({"cv": 1}, "'cv' parameter of probe_layers must be an int in \\[2, 40\\]"),
+        ({"c": 0.0}, "'c' parameter of probe_layers must be a number in \\(0.0"),
+        ({"control": "yes"}, "'control' parameter of probe_layers must be True or False"),
+    ],
+)
+def test_bad_parameters(kwargs, message):
+    x, y = _blobs(n=40)
+    with pytest.raises(ParameterError, match=message):
+        probe_layers({"x": x}, y, **kwargs)
+
+
+def test_bad_activations_and_labels():
+    x, y = _blobs(n=40)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(DataError, match="probe_layers: 'x' contains 1 NaN or infinite values"):
+        probe_layers({"x": bad}, y)
+    with pytest.raises(DataError, match="'labels' has 39 entries but the activations have 40 samples"):
+        probe_layers({"x": x}, y[:-1])
+    with pytest.raises(DataError, match="the float target in 'labels' is constant"):
+        probe_layers({"x": x}, np.full(40, 2.5))
+    with pytest.raises(DataError, match="layer 'b' has 20 samples but the first layer has 40"):
+        probe_layers({"a": x, "b": x[:20]}, y)
+
+
+def test_moment_probe_errors():
+    with pytest.raises(DataError, match="samples have no real token in 'mask'"):
+        moment_probe({"s": np.ones((10, 3, 2))}, np.arange(10) % 2, mask=np.zeros((10, 3), bool), cv=2)
+    with pytest.raises(DataError, match="'mask' must have shape"):
+        moment_probe({"s": np.ones((10, 3, 2))}, np.arange(10) % 2, mask=np.ones((10, 4), bool), cv=2)
+    with pytest.raises(ParameterError, match="'rank' parameter of moment_probe must be an int in \\[0, 64\\]"):
+        moment_probe({"s": np.ones((10, 3, 2))}, np.arange(10) % 2, rank=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def test_probe_figures_and_rows():
+    x, y = _blobs(n=100)
+    a = probe_layers({"l1": x, "l2": x[:, :4]}, y)
+    b = probe_layers({"l1": x[:, :8], "l2": x[:, :2]}, y, control=False)
+    fig = probe_profile(a, b, names=["A", "B"])
+    assert len(fig.data) == 3  # A: score + control, B: score
+    assert "n = 100" in fig.layout.title.text and "logistic regression" in fig.layout.title.text
+    assert list(fig.data[0].x) == ["l1", "l2"]
+    heat = probe_confusion(a, "l2")
+    assert np.asarray(heat.data[0].z).shape == (4, 4)
+    assert "layer l2" in heat.layout.title.text
+    rows = probe_rows(a, "A")
+    assert [r["layer"] for r in rows] == ["l1", "l2"] and {"accuracy", "control", "selectivity", "macro-F1"} <= set(
+        rows[0]
+    )
+    regression = probe_layers({"x": x}, x[:, 0].astype(np.float64) * 2.0, control=False)
+    with pytest.raises(ValueError, match="needs a classification result"):
+        probe_confusion(regression, "x")

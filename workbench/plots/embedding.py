@@ -1,0 +1,179 @@
+"""Figures for embeddings (scatter with linked selection) and intrinsic dimension profiles."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from workbench.analyses.embedding import AlignedEmbeddingResult, EmbeddingResult, LayerIntrinsicDimensionResult
+from workbench.plots._style import MODEL_COLORS, titled
+
+WEBGL_ABOVE = 5000
+CATEGORY_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#7b4173",
+    "#3182bd",
+    "#e6550d",
+    "#31a354",
+    "#756bb1",
+    "#636363",
+)
+
+
+def embedding_scatter(
+    result: EmbeddingResult | AlignedEmbeddingResult,
+    *,
+    view: int = 0,
+    color: Any = None,
+    color_name: str = "label",
+    categorical: bool | None = None,
+    labels: Any = None,
+    selected: Any = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Scatter of one view's coordinates; hover shows the sample index, its label and its colour value.
+
+    ``color``: ``(n_samples,)`` labels (one trace and legend entry per class) or scalars (one trace
+    with a colour bar); ``categorical`` forces the choice (default: integer, bool and string values
+    with at most 20 distinct values are categories). ``selected``: sample indices to highlight; the
+    others are faded (plotly's ``selectedpoints``). ``labels``: ``(n_samples,)`` shown on hover next to
+    the colour value (default: the colour value only). Every point carries
+    ``customdata = [index, value, label]``, so a box or lasso selection returns sample indices.
+    3-D views are drawn with ``Scatter3d``.
+    """
+    coords, name, trust, k = _view(result, view)
+    n = coords.shape[0]
+    values = np.zeros(n) if color is None else np.asarray(color)
+    if categorical is None:
+        categorical = color is None or (
+            values.dtype.kind in "biuUSO" and len(np.unique(values)) <= len(CATEGORY_COLORS)
+        )
+    names = None if labels is None else np.asarray(labels)
+    chosen = None if selected is None else np.zeros(n, dtype=bool)
+    if chosen is not None:
+        chosen[np.asarray(selected, dtype=np.int64)] = True
+    fig = go.Figure()
+    index = np.arange(n)
+    if categorical:
+        for j, value in enumerate(np.unique(values)):
+            rows = index[values == value]
+            label = color_name if color is None else f"{color_name} {value}"
+            fig.add_trace(
+                _trace(coords, rows, values, names, j, label, color_name, chosen, show_legend=color is not None)
+            )
+    else:
+        fig.add_trace(
+            _trace(coords, index, values.astype(float), names, None, color_name, color_name, chosen, show_legend=False)
+        )
+    if coords.shape[1] < 3:
+        fig.update_layout(
+            xaxis_title=f"{result.method} 1",
+            yaxis_title=f"{result.method} 2" if coords.shape[1] > 1 else "",
+            dragmode="lasso",
+            legend={"itemsizing": "constant"},
+        )
+        fig.update_yaxes(scaleanchor="x", scaleratio=1)
+    heading = title or name or f"{result.method.upper()} view"
+    return titled(fig, heading, estimator=f"{result.estimator}; trustworthiness@{k} {trust:.3f}", n=n)
+
+
+def intrinsic_dimension_profile(
+    *results: LayerIntrinsicDimensionResult, names: Sequence[str] | None = None
+) -> go.Figure:
+    """Intrinsic dimension per layer with its 95% interval, one line per model."""
+    fig = go.Figure()
+    for i, result in enumerate(results):
+        name = names[i] if names is not None else (result.model_name or f"model {i + 1}")
+        fig.add_trace(
+            go.Scatter(
+                x=list(result.layers),
+                y=result.dimension,
+                mode="lines+markers",
+                name=str(name),
+                line={"color": MODEL_COLORS[i % len(MODEL_COLORS)]},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": result.ci_high - result.dimension,
+                    "arrayminus": result.dimension - result.ci_low,
+                    "visible": True,
+                },
+                customdata=np.stack([result.ci_low, result.ci_high, result.n_features], axis=1),
+                hovertemplate=f"{name} · %{{x}}<br>dimension %{{y:.2f}} [%{{customdata[0]:.2f}}, %{{customdata[1]:.2f}}]"
+                "<br>%{customdata[2]} features<extra></extra>",
+            )
+        )
+    fig.update_layout(xaxis_title="layer", yaxis_title="intrinsic dimension", yaxis_rangemode="tozero")
+    if not results:
+        return titled(fig, "Intrinsic dimension across layers")
+    return titled(fig, "Intrinsic dimension across layers", estimator=results[0].estimator, n=results[0].n_samples)
+
+
+def _view(result: EmbeddingResult | AlignedEmbeddingResult, view: int) -> tuple[np.ndarray, str, float, int]:
+    if isinstance(result, AlignedEmbeddingResult):
+        return (result.coordinates[view], result.names[view], float(result.trustworthiness[view]), result.quality_k)
+    return result.coordinates, "", result.trustworthiness, result.quality_k
+
+
+def _trace(
+    coords: np.ndarray,
+    rows: np.ndarray,
+    values: np.ndarray,
+    names: np.ndarray | None,
+    category: int | None,
+    label: str,
+    color_name: str,
+    chosen: np.ndarray | None,
+    *,
+    show_legend: bool,
+) -> go.Scatter | go.Scattergl | go.Scatter3d:
+    shown = values[rows] if names is None else names[rows]
+    customdata = np.stack([rows.astype(object), values[rows].astype(object), shown.astype(object)], axis=1)
+    value = "%{customdata[1]:.3g}" if values.dtype.kind == "f" else "%{customdata[1]}"
+    hover = f"sample %{{customdata[0]}}<br>{color_name} {value}"
+    if names is not None:
+        hover += "<br>label %{customdata[2]}"
+    hover += "<extra></extra>"
+    if category is None:
+        marker: dict[str, Any] = {
+            "color": values[rows],
+            "colorscale": "Viridis",
+            "showscale": True,
+            "colorbar": {"title": color_name},
+            "size": 5,
+        }
+    else:
+        marker = {"color": CATEGORY_COLORS[category % len(CATEGORY_COLORS)], "size": 5}
+    common: dict[str, Any] = {
+        "mode": "markers",
+        "name": label,
+        "customdata": customdata,
+        "hovertemplate": hover,
+        "showlegend": show_legend,
+        "marker": marker,
+    }
+    if coords.shape[1] >= 3:
+        return go.Scatter3d(x=coords[rows, 0], y=coords[rows, 1], z=coords[rows, 2], **common)
+    y = coords[rows, 1] if coords.shape[1] > 1 else np.zeros(len(rows))
+    if chosen is not None:
+        common["selectedpoints"] = np.nonzero(chosen[rows])[0].tolist()
+        common["selected"] = {"marker": {"opacity": 1.0}}
+        common["unselected"] = {"marker": {"opacity": 0.12}}
+    kind = go.Scattergl if len(coords) > WEBGL_ABOVE else go.Scatter
+    return kind(x=coords[rows, 0], y=y, **common)

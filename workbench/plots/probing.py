@@ -1,0 +1,145 @@
+"""Figures and table rows for probing results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from workbench.analyses.probing import ProbingResult
+from workbench.plots._style import MODEL_COLORS, titled
+
+METRIC_NAMES = {"accuracy": "accuracy", "r2": "R²"}
+
+
+def probe_profile(*results: ProbingResult, names: Sequence[str] | None = None) -> go.Figure:
+    """Held-out score per layer (solid, ± std over folds) and control-task score (dashed), one colour per model.
+
+    A dotted line marks chance (the majority-class rate; 0 for R²). ``names`` label the models
+    (default: each result's ``model_name``).
+    """
+    fig = go.Figure()
+    labels = _names(results, names)
+    for i, (result, name) in enumerate(zip(results, labels)):
+        color = MODEL_COLORS[i % len(MODEL_COLORS)]
+        layers = list(result.layers)
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=result.score,
+                mode="lines+markers",
+                name=f"{name}: {METRIC_NAMES[result.metric]}",
+                line={"color": color},
+                error_y={"type": "data", "array": result.score_std, "visible": True},
+                customdata=np.stack([result.score_std, result.train_score], axis=1),
+                hovertemplate=f"{name} · %{{x}}<br>held-out %{{y:.3f}} ± %{{customdata[0]:.3f}}"
+                "<br>training %{customdata[1]:.3f}<extra></extra>",
+            )
+        )
+        if (
+            result.control_score is not None
+            and result.selectivity is not None
+            and result.control_train_score is not None
+        ):
+            fig.add_trace(
+                go.Scatter(
+                    x=layers,
+                    y=result.control_score,
+                    mode="lines+markers",
+                    name=f"{name}: control task",
+                    line={"color": color, "dash": "dash"},
+                    marker={"symbol": "x"},
+                    customdata=np.stack([result.selectivity, result.control_train_score], axis=1),
+                    hovertemplate=f"{name} · %{{x}}<br>control %{{y:.3f}}<br>selectivity %{{customdata[0]:.3f}}"
+                    "<br>control, training rows %{customdata[1]:.3f}<extra></extra>",
+                )
+            )
+    if results:
+        fig.add_hline(
+            y=results[0].chance,
+            line_dash="dot",
+            line_color="grey",
+            annotation_text="chance" if results[0].metric == "accuracy" else "predicting the mean",
+        )
+        metric = METRIC_NAMES[results[0].metric]
+        fig.update_layout(
+            xaxis_title="layer",
+            yaxis_title=f"held-out {metric}",
+            hovermode="closest",
+            legend={"orientation": "h", "y": -0.2},
+        )
+        if results[0].metric == "accuracy":
+            fig.update_yaxes(range=[0, 1.02])
+        return titled(fig, f"Probe {metric} across layers", estimator=results[0].estimator, n=results[0].n_samples)
+    return titled(fig, "Probe scores across layers")
+
+
+def probe_confusion(result: ProbingResult, layer: str, *, class_names: Sequence[str] | None = None) -> go.Figure:
+    """Held-out confusion of one layer's probe: rows true class, columns predicted, coloured by row fraction.
+
+    ``class_names`` name integer class labels by position (a dataset's ``class_names``). Raises
+    ``ValueError`` for regression results, which have no classes.
+    """
+    if result.confusion is None or result.classes is None:
+        raise ValueError("probe_confusion needs a classification result; regression probes have no confusion matrix.")
+    index = list(result.layers).index(layer)
+    counts = result.confusion[index]
+    totals = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
+    names = [_class_name(c, class_names) for c in result.classes]
+    fig = go.Figure(
+        go.Heatmap(
+            z=fractions,
+            x=names,
+            y=names,
+            customdata=counts,
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            colorbar={"title": "fraction<br>of true class"},
+            hovertemplate="true %{y} → predicted %{x}<br>%{customdata} samples (%{z:.1%})<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        xaxis_title="predicted class",
+        yaxis_title="true class",
+        yaxis_autorange="reversed",
+        xaxis_type="category",
+        yaxis_type="category",
+    )
+    return titled(fig, f"Held-out confusion, layer {layer}", estimator=result.estimator, n=result.n_samples)
+
+
+def probe_rows(result: ProbingResult, name: str | None = None) -> list[dict[str, object]]:
+    """One table row per layer: score ± std, macro-F1, control score and selectivity."""
+    model = name or result.model_name
+    rows = []
+    for i, layer in enumerate(result.layers):
+        row: dict[str, object] = {
+            "model": model,
+            "layer": layer,
+            "features": int(result.n_features[i]),
+            result.metric: float(result.score[i]),
+            "std": float(result.score_std[i]),
+            "training": float(result.train_score[i]),
+        }
+        if result.macro_f1 is not None:
+            row["macro-F1"] = float(result.macro_f1[i])
+        if result.control_score is not None and result.selectivity is not None:
+            row["control"] = float(result.control_score[i])
+            row["selectivity"] = float(result.selectivity[i])
+        rows.append(row)
+    return rows
+
+
+def _class_name(label: object, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and isinstance(label, (int, np.integer)) and 0 <= int(label) < len(class_names):
+        return str(class_names[int(label)])
+    return str(label)
+
+
+def _names(results: Sequence[ProbingResult], names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        return [str(n) for n in names]
+    return [r.model_name or f"model {i + 1}" for i, r in enumerate(results)]
