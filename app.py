@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 import streamlit as st  # noqa: E402
 
 from pages import _state  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 
 # (file, title, icon, section)
 PAGES = [
@@ -30,12 +27,10 @@ PAGES = [
 
 
 @st.cache_resource(show_spinner=False)
-def _warm_up_umap() -> threading.Thread | None:
+def _warm_up_umap() -> threading.Thread:
     """Compile umap-learn's numba code once per server, in the background, so the embedding page does not wait."""
-    try:
-        from workbench.analyses.embedding import warm_up
-    except ImportError:
-        return None
+    from workbench.analyses.embedding import warm_up
+
     thread = threading.Thread(target=warm_up, name="umap-warm-up", daemon=True)
     thread.start()
     return thread
@@ -44,8 +39,7 @@ def _warm_up_umap() -> threading.Thread | None:
 st.set_page_config(page_title="Representation Workbench", page_icon=":material/insights:", layout="wide")
 sections: dict[str, list] = {}
 for file, title, icon, section in PAGES:
-    if (HERE / file).exists():
-        sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon, default=file == "pages/home.py"))
+    sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon, default=file == "pages/home.py"))
 navigation = st.navigation(sections)
 _state.ensure_defaults()
 _state.sidebar()

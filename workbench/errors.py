@@ -49,7 +49,7 @@ class ParameterError(WorkbenchError):
 
 def did_you_mean(name: str, options: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest option, or ``""`` when none is close."""
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 

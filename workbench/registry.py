@@ -246,6 +246,66 @@ def _separability_summary(results: Any) -> dict[str, Any]:
     return {r.model_name: dict(zip(r.layers, np.asarray(r.scores).tolist())) for r in results}
 
 
+def _probing(ctx: Context, probe: str = "linear", cv: int = 5, control: bool = True, c: float = 1.0, seed: int = 0) -> Any:
+    from workbench.analyses.probing import probe_layers
+
+    if ctx.dataset.y is None:
+        raise ParameterError(f"Probing needs labels and dataset '{ctx.dataset.name}' has none; pick a labelled dataset.")
+    return [probe_layers(ctx.activations(w), ctx.dataset.y, probe=probe, cv=cv, control=control, c=c, seed=seed,
+                         device=ctx.device, progress=ctx.progress) for w in ("a", "b")[: len(ctx.models())]]
+
+
+def _probing_plot(results: Any) -> list[go.Figure]:
+    from workbench.plots.probing import probe_profile
+
+    return [probe_profile(*results)]
+
+
+def _probing_summary(results: Any) -> dict[str, Any]:
+    return {r.model_name or f"model {i}": dict(zip(r.layers, np.asarray(r.score).tolist())) for i, r in enumerate(results)}
+
+
+def _embedding(ctx: Context, method: str = "umap", layer: str | None = None, seed: int = 0) -> Any:
+    from workbench.analyses.embedding import aligned_embedding
+
+    acts_a = ctx.activations("a")
+    layer_a = layer or acts_a.layers[-1]
+    views = {f"{ctx.model_a.name} · {layer_a}": acts_a[layer_a]}
+    if ctx.model_b is not None:
+        acts_b = ctx.activations("b")
+        layer_b = layer if layer in acts_b else acts_b.layers[-1]
+        views[f"{ctx.model_b.name} · {layer_b}"] = acts_b[layer_b]
+    return aligned_embedding(views, method=method, seed=seed, device=ctx.device, progress=ctx.progress)
+
+
+def _embedding_plot(result: Any) -> list[go.Figure]:
+    from workbench.plots.embedding import embedding_scatter
+
+    return [embedding_scatter(result, view=v) for v in range(len(result.names))]
+
+
+def _embedding_summary(result: Any) -> dict[str, Any]:
+    return {"trustworthiness": dict(zip(result.names, np.asarray(result.trustworthiness).tolist())),
+            "disparity": result.disparity}
+
+
+def _intrinsic_dimension(ctx: Context, method: str = "twonn", seed: int = 0) -> Any:
+    from workbench.analyses.embedding import layer_intrinsic_dimension
+
+    return [layer_intrinsic_dimension(ctx.activations(w), method=method, seed=seed, device=ctx.device,
+                                      progress=ctx.progress) for w in ("a", "b")[: len(ctx.models())]]
+
+
+def _intrinsic_dimension_plot(results: Any) -> list[go.Figure]:
+    from workbench.plots.embedding import intrinsic_dimension_profile
+
+    return [intrinsic_dimension_profile(*results)]
+
+
+def _intrinsic_dimension_summary(results: Any) -> dict[str, Any]:
+    return {r.model_name or f"model {i}": dict(zip(r.layers, np.asarray(r.dimension).tolist())) for i, r in enumerate(results)}
+
+
 ANALYSES: list[Analysis] = [
     Analysis("activations", "Activation statistics", "one_model", _activation_stats, _activation_stats_plot,
              _activation_stats_summary, {"bins": 50}, "shape, mean/std, dead units and value histograms per layer",
@@ -258,6 +318,17 @@ ANALYSES: list[Analysis] = [
     Analysis("relative", "Relative representations: cross-model agreement", "two_models", _relative, _relative_plot,
              _relative_summary, {"n_anchors": 64, "method": "random", "k": 10, "seed": 0},
              "Jaccard@k and MRR of relative vs absolute representations per layer", "pages/relative.py"),
+    Analysis("probing", "Linear probes per layer, with control task", "one_model", _probing, _probing_plot,
+             _probing_summary, {"probe": "linear", "cv": 5, "control": True, "c": 1.0, "seed": 0},
+             "cross-validated probe accuracy, macro-F1, control accuracy and selectivity per layer (Hewitt & Liang)",
+             "pages/probing.py"),
+    Analysis("embedding", "Embedding of model A and model B in a shared frame", "one_model", _embedding,
+             _embedding_plot, _embedding_summary, {"method": "umap", "layer": None, "seed": 0},
+             "UMAP / t-SNE / PCA of one layer per model, aligned by orthogonal Procrustes, with trustworthiness",
+             "pages/embedding.py"),
+    Analysis("intrinsic_dimension", "Intrinsic dimension per layer", "one_model", _intrinsic_dimension,
+             _intrinsic_dimension_plot, _intrinsic_dimension_summary, {"method": "twonn", "seed": 0},
+             "TwoNN (Facco et al.) or Levina-Bickel MLE per layer, with a bootstrap interval", "pages/embedding.py"),
     Analysis("mode_connectivity", "Linear mode connectivity (permutation alignment)", "weights", _mode_connectivity,
              _mode_connectivity_plot, _mode_connectivity_summary, {"n_points": 25, "top_k": 5, "seed": 0},
              "loss and accuracy along (1-λ)θA + λθB, naive vs weight/activation matching and REPAIR; per-layer alignment",

@@ -12,7 +12,7 @@ from workbench import registry
 from workbench.errors import ParameterError
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL_PARAMS = {"mode_connectivity": {"n_points": 5}, "relative": {"n_anchors": 32}, "interaction_basis": {"graph_directions": 16}}
+SMALL_PARAMS = {"embedding": {"method": "pca"}, "probing": {"cv": 3},"mode_connectivity": {"n_points": 5}, "relative": {"n_anchors": 32}, "interaction_basis": {"graph_directions": 16}}
 
 
 @pytest.mark.parametrize("entry", registry.ANALYSES, ids=lambda e: e.name)

@@ -149,6 +149,9 @@ def test_every_public_analysis_function_is_reachable_from_the_registry():
         "degeneracy": {"activation_rank", "gradient_rank", "relu_patterns", "llc_estimate", "sequential_layers",
                        "default_layers", "layer_activations"},
         "stats": {"layer_stats"},
+        "probing": {"moment_probe"},
+        "embedding": {"embed", "trustworthiness", "intrinsic_dimension", "warm_up"},
+        "knn": {"knn_graph", "clear_knn_cache", "data_hash"},
     }
     source = inspect.getsource(registry)
     for family, blocks in building_blocks.items():

@@ -53,6 +53,9 @@ class Activations(Mapping[str, torch.Tensor]):
                 f"Unknown layer '{layer}'.{did_you_mean(layer, self._tensors)} Layers: {format_choices(self._tensors)}."
             ) from None
 
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 
