@@ -81,3 +81,13 @@ def test_html_renders_in_chromium_without_console_errors(stats_report, tmp_path)
         browser.close()
     assert n_plots == 2
     assert not errors
+
+
+def test_pdf_without_browser_says_how_to_install_one(stats_report, tmp_path, monkeypatch):
+    from workbench.report import PdfUnavailableError, build
+
+    monkeypatch.setattr(build, "find_chromium", lambda: None)
+    report, _ = stats_report
+    with pytest.raises(PdfUnavailableError, match=r"needs a headless Chromium and none was found; install one"):
+        report.save(tmp_path, formats=("html", "json", "npz", "pdf"))
+    assert (tmp_path / "report.html").exists()  # the other formats never depend on the browser
