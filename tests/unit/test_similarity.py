@@ -532,3 +532,33 @@ def test_cuda_agrees_with_cpu():
         gpu = similarity_matrix(a, b, measure=measure, device="cuda", **options)
         assert gpu.device.startswith("cuda")
         np.testing.assert_allclose(gpu.values, cpu, atol=1e-9, err_msg=measure)
+
+
+def test_similarity_matrix_streams_when_layers_exceed_the_memory_limit():
+    from workbench.analyses.similarity import _chunk_bounds
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3001, 40))
+    y = np.tanh(x @ rng.standard_normal((40, 60))) + 0.5 * rng.standard_normal((3001, 60))
+    z = rng.standard_normal((3001, 700))
+    acts = {"x": x, "y": y, "z": z}
+    full = similarity_matrix(acts, measure="linear_cka", debiased=True)
+    streamed = similarity_matrix(acts, measure="linear_cka", memory_limit_mb=5)
+    assert "minibatch unbiased HSIC" in streamed.estimator and "above the 5 MiB limit" in streamed.estimator
+    assert streamed.params["streamed"] and sum(streamed.params["chunk_sizes"]) == 3001  # every sample is used
+    np.testing.assert_allclose(streamed.values, full.values, atol=0.02)
+    assert abs(streamed.values[0, 2]) < 0.05 and streamed.values[0, 1] > 0.5
+    assert _chunk_bounds(10, 4) == [(0, 4), (4, 10)]  # a last chunk of 2 joins the one before
+    assert _chunk_bounds(12, 4) == [(0, 4), (4, 8), (8, 12)]
+
+
+def test_streamed_similarity_of_cached_activations(sample_model, digits_test):
+    from workbench import extract
+
+    model = sample_model("mlp_seed0")
+    acts = extract(model, digits_test, ["fc1", "relu2", "out"])
+    streamed = similarity_matrix(acts, measure="linear_cka", memory_limit_mb=0.5)
+    full = similarity_matrix(acts, measure="linear_cka", debiased=True)
+    assert streamed.params["streamed"]
+    np.testing.assert_allclose(np.diag(streamed.values), 1.0, atol=1e-9)
+    np.testing.assert_allclose(streamed.values, full.values, atol=0.1)

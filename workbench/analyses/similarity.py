@@ -796,6 +796,67 @@ def _model_name(acts: Any, default: str) -> str:
     return name or default
 
 
+def _chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """Row ranges covering all ``n`` samples; a last range shorter than 4 is merged into the one before."""
+    bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 4:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def _chunk_hsic(a: _KernelStats, b: _KernelStats, m: int) -> float:
+    """Song et al.'s unbiased HSIC of one chunk of ``m`` samples, times ``m`` (the chunk's weight)."""
+    return m * _unbiased_scale(m) * _hsic_from_inner(_inner(a, b), a, b, True, m)
+
+
+def _streaming_linear_cka(
+    raw_a: list[tuple[str, ArrayLike]],
+    raw_b: list[tuple[str, ArrayLike]],
+    symmetric: bool,
+    dev: torch.device,
+    chunk: int,
+    names_a: list[str],
+    names_b: list[str],
+    func: str,
+    progress: Progress | None,
+) -> tuple[np.ndarray, list[int]]:
+    """Minibatch linear CKA of every layer pair in one pass over row chunks (Nguyen et al. 2021).
+
+    Per chunk, each layer is centred once; every pair's unbiased HSIC is accumulated weighted by the
+    chunk size, as in :func:`minibatch_cka`.
+    """
+    layers = raw_a if symmetric else raw_a + raw_b
+    labels = names_a if symmetric else names_a + names_b
+    n = int(np.shape(layers[0][1])[0]) if not hasattr(layers[0][1], "shape") else int(layers[0][1].shape[0])
+    n_a = len(raw_a)
+    idx_b = list(range(n_a)) if symmetric else list(range(n_a, len(layers)))
+    cross = np.zeros((n_a, len(idx_b)))
+    self_terms = np.zeros(len(layers))
+    bounds = _chunk_bounds(n, chunk)
+    for step, (lo, hi) in enumerate(bounds, start=1):
+        m = hi - lo
+        stats = []
+        for (_, t), label in zip(layers, labels):
+            xc = _centre(as_matrix(t[lo:hi], label, func=func, device=dev, min_samples=4))
+            diag = (xc * xc).sum(1)
+            stats.append(_KernelStats(xc, None, diag, float(diag.sum()), 0.0))
+        for i, st in enumerate(stats):
+            self_terms[i] += _chunk_hsic(st, st, m)
+        for i in range(n_a):
+            for j, jb in enumerate(idx_b):
+                cross[i, j] += _chunk_hsic(stats[i], stats[jb], m)
+        if progress is not None:
+            progress(step, len(bounds))
+    for i, total in enumerate(self_terms):
+        if total <= 0.0:
+            raise DataError(
+                f"{func}: the accumulated debiased HSIC of '{labels[i]}' with itself is not positive ({total:.3g}), so CKA "
+                "is undefined; the layer may be constant: pick another layer."
+            )
+    values = cross / np.sqrt(np.outer(self_terms[:n_a], self_terms[idx_b]))
+    return np.clip(values, -1.0, 1.0), [hi - lo for lo, hi in bounds]
+
+
 def similarity_matrix(
     acts_a: Activations | Mapping[str, ArrayLike],
     acts_b: Activations | Mapping[str, ArrayLike] | None = None,
@@ -810,6 +871,7 @@ def similarity_matrix(
     variance: float = 0.99,
     rdm: str = "correlation",
     compare: str = "spearman",
+    memory_limit_mb: float = 4096.0,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
 ) -> SimilarityMatrixResult:
@@ -836,6 +898,10 @@ def similarity_matrix(
         variance: ``cca_similarity`` with ``kind="svcca"`` only: variance fraction kept.
         rdm: ``rsa`` only: ``"correlation"`` or ``"euclidean"``.
         compare: ``rsa`` only: ``"spearman"`` or ``"pearson"``.
+        memory_limit_mb: linear CKA only: when the layers' float64 copies would need more than this,
+            the activations are streamed in chunks of samples (a memory-mapped :class:`Activations` is
+            never loaded whole) and the minibatch estimator of :func:`minibatch_cka` is used for every
+            pair in one pass; the result's ``estimator`` says so. Other measures need all samples at once.
         device: where to compute (``None``: cuda > mps > cpu); float64 throughout.
         progress: optional callable ``(steps_done, total_steps)`` over layers prepared and pairs compared.
 
@@ -906,6 +972,24 @@ def similarity_matrix(
                 f"{func}: {measure} on {n} samples and {n_prep} layers needs {needed / 2**30:.1f} GiB of n x n matrices, "
                 f"above the {_GRAM_ONLY_BYTES_LIMIT / 2**30:.0f} GiB limit; use a random subset of the samples or linear_cka."
             )
+
+    memory_limit_mb = check_float(memory_limit_mb, "memory_limit_mb", func=func, low=0.0, low_inclusive=False)
+    needed_mb = n * sum(w for _, w in shapes) * 8 / 2**20
+    if measure == "linear_cka" and needed_mb > memory_limit_mb:
+        chunk = max(64, min(n, int(memory_limit_mb * 2**20 / (8 * max(sum(w for _, w in shapes), 1) * 3))))
+        values, sizes = _streaming_linear_cka(raw_a, raw_b, symmetric, dev, chunk, names_a, names_b, func, progress)
+        return SimilarityMatrixResult(
+            values=values, layers_a=tuple(name for name, _ in raw_a), layers_b=tuple(name for name, _ in raw_b),
+            n_features_a=np.asarray(widths_a, dtype=np.int64), n_features_b=np.asarray(widths_b, dtype=np.int64),
+            measure=measure, higher_is_closer=True, model_a=_model_name(acts_a, "A"),
+            model_b=_model_name(acts_a, "A") if acts_b is None else _model_name(acts_b, "B"),
+            estimator=(f"linear CKA, minibatch unbiased HSIC (Nguyen et al. 2021) streamed in {len(sizes)} chunks of "
+                       f"<= {max(sizes)} samples: the layers need {needed_mb:.0f} MiB in float64, above the "
+                       f"{memory_limit_mb:.0f} MiB limit"),
+            n_samples=n, params={"debiased": True, "streamed": True, "chunk_sizes": [int(c) for c in sizes],
+                                 "memory_limit_mb": memory_limit_mb},
+            seed=None, device=str(dev), dtype="float64", seconds=time.perf_counter() - start,
+        )
 
     gram_form = measure == "linear_cka" and _use_gram_form(n, widths_a, widths_b)
 
