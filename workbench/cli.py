@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder for the report")
     p.add_argument("--title", default="Representation analysis", help="report title")
     p.add_argument("--pdf", action="store_true", help="also print report.pdf with headless Chromium")
+    p.add_argument("--png", action="store_true", help="also draw every figure as figures/*.png (kaleido + Chromium)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.set_defaults(func=cmd_analyze)
     return parser
@@ -171,7 +172,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             bar.update(1)
     command = "workbench analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["analyze"] else ""
     report = build_report(sections, title=args.title, models=[model_a, model_b], dataset=data, command=command)
-    formats = ("html", "json", "npz", "pdf") if args.pdf else ("html", "json", "npz")
+    formats = ("html", "json", "npz") + (("pdf",) if args.pdf else ()) + (("png",) if args.png else ())
     files = report.save(args.out, formats)
     for f in files.values():
         print(f"wrote {f}")  # noqa: T201

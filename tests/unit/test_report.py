@@ -91,3 +91,31 @@ def test_pdf_without_browser_says_how_to_install_one(stats_report, tmp_path, mon
     with pytest.raises(PdfUnavailableError, match=r"needs a headless Chromium and none was found; install one"):
         report.save(tmp_path, formats=("html", "json", "npz", "pdf"))
     assert (tmp_path / "report.html").exists()  # the other formats never depend on the browser
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no Chromium on this machine")
+def test_figures_as_static_png(stats_report, tmp_path):
+    pytest.importorskip("kaleido")
+    report, _ = stats_report
+    files = report.save(tmp_path, formats=("png",))
+    pngs = sorted(p for k, p in files.items() if k.startswith("png/"))
+    assert [p.name for p in pngs] == ["section00-fig0.png", "section01-fig0.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_png_without_kaleido_says_what_to_install(stats_report, tmp_path, monkeypatch):
+    import builtins
+
+    from workbench.report import StaticImageUnavailableError
+
+    real_import = builtins.__import__
+
+    def no_kaleido(name, *args, **kwargs):
+        if name == "kaleido":
+            raise ImportError("no kaleido")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_kaleido)
+    report, _ = stats_report
+    with pytest.raises(StaticImageUnavailableError, match=r"PNG export needs the 'kaleido' package"):
+        report.save(tmp_path, formats=("png",))

@@ -4,8 +4,9 @@ from workbench.report.build import (
     PdfUnavailableError,
     Report,
     Section,
+    StaticImageUnavailableError,
     build_report,
     html_to_pdf,
 )
 
-__all__ = ["FORMATS", "SCHEMA_VERSION", "PdfUnavailableError", "Report", "Section", "build_report", "html_to_pdf"]
+__all__ = ["FORMATS", "SCHEMA_VERSION", "PdfUnavailableError", "Report", "Section", "StaticImageUnavailableError", "build_report", "html_to_pdf"]

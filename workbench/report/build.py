@@ -28,13 +28,17 @@ import plotly.graph_objects as go
 from workbench.errors import ParameterError, WorkbenchError
 
 SCHEMA_VERSION = "1.0"
-FORMATS = ("html", "json", "npz", "pdf")
+FORMATS = ("html", "json", "npz", "pdf", "png")
 PACKAGES = ("representation-workbench", "torch", "numpy", "scipy", "scikit-learn", "umap-learn", "gudhi", "plotly",
             "safetensors", "streamlit")
 
 
 class PdfUnavailableError(WorkbenchError):
     """No headless browser to print the PDF with."""
+
+
+class StaticImageUnavailableError(WorkbenchError):
+    """No kaleido (or no browser for it) to draw figures as PNG."""
 
 
 @dataclass
@@ -132,10 +136,12 @@ class Report:
         )
 
     def save(self, path: str | Path, formats: Sequence[str] = ("html", "json", "npz")) -> dict[str, Path]:
-        """Write the report into folder ``path``: ``report.html``, ``report.json``, ``arrays.npz``, ``report.pdf``.
+        """Write the report into folder ``path``: ``report.html``, ``report.json``, ``arrays.npz``, ``report.pdf``
+        and ``figures/*.png``.
 
         ``"pdf"`` needs a headless Chromium (playwright, or a ``chromium`` binary on the PATH); without
-        one it raises :class:`PdfUnavailableError` after the other formats are written.
+        one it raises :class:`PdfUnavailableError` after the other formats are written. ``"png"`` also
+        needs kaleido (:class:`StaticImageUnavailableError` otherwise).
         """
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
@@ -152,8 +158,32 @@ class Report:
         if "npz" in formats:
             written["npz"] = folder / "arrays.npz"
             np.savez_compressed(written["npz"], **self.arrays())
+        if "png" in formats:
+            written.update(self.save_png(folder / "figures"))
         if "pdf" in formats:
             written["pdf"] = html_to_pdf(written["html"], folder / "report.pdf")
+        return written
+
+    def save_png(self, folder: Path, *, scale: float = 2.0) -> dict[str, Path]:
+        """Every figure as a static PNG (``sectionNN-figM.png``) through kaleido and a headless Chromium."""
+        try:
+            import kaleido  # noqa: F401
+        except ImportError as exc:
+            raise StaticImageUnavailableError(
+                "PNG export needs the 'kaleido' package: pip install 'representation-workbench[report]' "
+                "(and a Chromium, e.g. 'apt-get install chromium'); the HTML report keeps the figures interactive."
+            ) from exc
+        if find_chromium() is None:
+            raise StaticImageUnavailableError(
+                "PNG export needs a headless Chromium and none was found; install one (e.g. 'apt-get install chromium')."
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+        for i, section in enumerate(self.sections):
+            for j, fig in enumerate(section.figures):
+                path = folder / f"section{i:02d}-fig{j}.png"
+                path.write_bytes(fig.to_image(format="png", scale=scale))
+                written[f"png/{path.name}"] = path
         return written
 
     def zip_bytes(self, formats: Sequence[str] = ("html", "json", "npz")) -> bytes:
@@ -163,7 +193,7 @@ class Report:
             buf = tempfile.SpooledTemporaryFile()
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
                 for f in files.values():
-                    zf.write(f, f.name)
+                    zf.write(f, f.relative_to(tmp))
             buf.seek(0)
             return buf.read()
 
