@@ -297,3 +297,14 @@ def test_safetensors_spec_argument_overrides_missing_metadata(tmp_path):
         load_model(path)
     loaded = load_model(path, architecture=MLP)
     assert isinstance(loaded.module, nn.Module)
+
+
+def test_trusted_pickle_loads_in_an_app_process_that_forces_weights_only(monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    module = build_model(MLP)
+    data = _state_bytes(module)
+    with pytest.raises(UnsafeFileError, match=r"full pickle"):
+        load_model(data, filename="model.pt")
+    loaded = load_model(data, filename="model.pt", trust_remote_code=True)
+    assert loaded.n_parameters == sum(p.numel() for p in module.parameters())
+    assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"

@@ -69,16 +69,24 @@ def test_html_renders_in_chromium_without_console_errors(stats_report, tmp_path)
     files = report.save(tmp_path, formats=("html", "pdf"))
     assert files["pdf"].read_bytes()[:4] == b"%PDF"
     errors = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=find_chromium(),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(files["html"].resolve().as_uri())
-        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=20000)
-        n_plots = page.locator(".js-plotly-plot").count()
-        browser.close()
+
+    def render() -> int:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=find_chromium(),
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(files["html"].resolve().as_uri())
+            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=20000)
+            count = page.locator(".js-plotly-plot").count()
+            browser.close()
+            return count
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # a thread without an asyncio loop, as playwright's sync API needs
+        n_plots = pool.submit(render).result()
     assert n_plots == 2
     assert not errors
 

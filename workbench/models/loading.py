@@ -13,11 +13,15 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import struct
 import tempfile
+import threading
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -291,9 +295,29 @@ def _scan_globals(data: bytes) -> str | None:
     return None
 
 
+_TRUST_LOCK = threading.Lock()
+
+
+@contextmanager
+def _weights_only_not_forced() -> Iterator[None]:
+    """Lift ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` (set in the app process) for one explicitly trusted load.
+
+    Every untrusted load passes ``weights_only=True`` itself, so nothing else depends on the variable
+    while it is lifted; the lock keeps two trusted loads from restoring it out of order.
+    """
+    with _TRUST_LOCK:
+        saved = os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+
+
 def _trusted_torch_load(data: bytes, label: str) -> Any:
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        with _weights_only_not_forced():
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CorruptFileError(f"'{label}' could not be unpickled even with trust enabled ({type(exc).__name__}: {_first_line(exc)}).") from exc
 

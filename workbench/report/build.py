@@ -17,6 +17,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -248,14 +249,19 @@ def html_to_pdf(html_path: Path, pdf_path: Path) -> Path:
                f"--print-to-pdf={pdf_path}", "--no-pdf-header-footer", html_path.resolve().as_uri()]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         return pdf_path
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        try:
-            page = browser.new_page()
-            page.goto(html_path.resolve().as_uri(), wait_until="load")
-            page.wait_for_timeout(500)
-            page.pdf(path=str(pdf_path), format="A4", print_background=True)
-        finally:
-            browser.close()
+    def render() -> None:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            try:
+                page = browser.new_page()
+                page.goto(html_path.resolve().as_uri(), wait_until="load")
+                page.wait_for_timeout(500)
+                page.pdf(path=str(pdf_path), format="A4", print_background=True)
+            finally:
+                browser.close()
+
+    # playwright's sync API refuses to run in a thread with an asyncio loop (a notebook, a server): use a fresh one
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(render).result()
     return pdf_path
