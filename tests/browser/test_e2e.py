@@ -85,7 +85,10 @@ def test_compare_embed_report_download_and_open_offline(page, tmp_path, browser)
 
     if page.locator("[data-testid='stSidebarNav'] a").filter(has_text="Embedding").count():
         open_page(page, "Embedding")
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 2", timeout=240000)
+        page.wait_for_function(
+            "Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p => p.querySelector('.scatterlayer .trace')).length >= 2",
+            timeout=300000,
+        )
         assert page.locator(".js-plotly-plot").count() >= 2
         shot(page, "06-embedding")
         _add_to_report(page)
