@@ -329,9 +329,7 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
                     writers[layer][start:start + len(out)] = out
                 if progress is not None:
                     progress(min(start + batch_size, n), n)
-        for w in writers.values():
-            w.flush()
-        writers.clear()
+        writers.clear()  # unmapped; the page cache holds the data for readers (no msync: a crash of this process loses nothing)
         meta = {"complete": True, "key": key, "pooling": pooling, "files": files, "model": lm.name,
                 "model_sha256": lm.sha256, "dataset": data.name, "dataset_sha256": data.sha256, "n_samples": n,
                 "seconds": time.perf_counter() - started, "device": str(dev)}
