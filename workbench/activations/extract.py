@@ -240,6 +240,42 @@ def _read_cache(folder: Path, meta: dict[str, Any], dataset: Dataset, model: Loa
                        dataset_sha256=dataset.sha256, pooling=meta["pooling"], labels=dataset.y, key=meta["key"])
 
 
+def assemble_cache(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: str,
+                   parts: list[Activations], root: Path) -> Path:
+    """Concatenate activations of consecutive row ranges into the cache entry that :func:`extract` would
+    write for the whole dataset (streamed part by part, so memory stays bounded by one part's layer)."""
+    key = cache_key(model, dataset, layers, pooling)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    files = {layer: f"layer{i:03d}.npy" for i, layer in enumerate(layers)}
+    try:
+        for layer in layers:
+            width = int(parts[0][layer].shape[1])
+            out = np.lib.format.open_memmap(tmp / files[layer], mode="w+", dtype=np.float32, shape=(dataset.n_samples, width))
+            start = 0
+            for part in parts:
+                block = part[layer].numpy()
+                out[start:start + len(block)] = block
+                start += len(block)
+            if start != dataset.n_samples:
+                raise DataError(f"The parts hold {start} samples but dataset '{dataset.name}' has {dataset.n_samples}.")
+            del out
+        meta = {"complete": True, "key": key, "pooling": pooling, "files": files, "model": model.name,
+                "model_sha256": model.sha256, "dataset": dataset.name, "dataset_sha256": dataset.sha256,
+                "n_samples": dataset.n_samples, "seconds": 0.0, "device": "sharded"}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        final = root / key
+        try:
+            tmp.rename(final)
+        except OSError:  # the same entry was completed meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def extract(
     model: LoadedModel | nn.Module,
     dataset: Dataset | torch.Tensor | np.ndarray,

@@ -1,0 +1,79 @@
+"""Scale-out on Ray gives the same numbers as the single-process path."""
+
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+import pytest
+import torch
+
+from workbench import extract
+from workbench.analyses.similarity import similarity_matrix
+from workbench.distributed import extract_sharded, similarity_matrix_sharded
+from workbench.errors import ParameterError, UnsupportedFormatError
+
+LAYERS = ["fc1", "relu1", "relu2", "out"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_sharded_extraction_equals_extract(engine, request, sample_model, digits_test, tmp_path):
+    if engine == "ray":
+        request.getfixturevalue("ray_cluster")
+    model = sample_model("mlp_narrow_seed0")
+    steps = []
+    sharded = extract_sharded(model, digits_test, LAYERS, n_shards=3, engine=engine, cache_dir=tmp_path / "sharded",
+                              progress=lambda d, t: steps.append((d, t)))
+    single = extract(model, digits_test, LAYERS, cache_dir=tmp_path / "single")
+    assert steps[-1] == (3, 3)
+    assert sharded.key == single.key
+    for layer in LAYERS:
+        assert torch.equal(sharded[layer], single[layer])
+    calls = []
+    handle = model.module.fc1.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        again = extract(model, digits_test, LAYERS, cache_dir=tmp_path / "sharded")
+    finally:
+        handle.remove()
+    assert not calls and torch.equal(again["out"], single["out"])  # the merged entry is the cache of extract
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_sharded_similarity_equals_single_process(engine, request, sample_model, digits_test):
+    if engine == "ray":
+        request.getfixturevalue("ray_cluster")
+    a = extract(sample_model("mlp_narrow_seed0"), digits_test, LAYERS)
+    b = extract(sample_model("mlp_narrow_seed1"), digits_test, LAYERS)
+    for measure in ("linear_cka", "procrustes_distance"):
+        single = similarity_matrix(a, b, measure=measure)
+        sharded = similarity_matrix_sharded(a, b, measure=measure, n_tasks=3, engine=engine)
+        np.testing.assert_allclose(sharded.values, single.values, atol=1e-12)
+        assert sharded.layers_a == single.layers_a and sharded.layers_b == single.layers_b
+        assert f"rows over 3 {engine} task(s)" in sharded.estimator
+    self_single = similarity_matrix(a, measure="linear_cka")
+    self_sharded = similarity_matrix_sharded(a, measure="linear_cka", n_tasks=2, engine=engine)
+    np.testing.assert_allclose(self_sharded.values, self_single.values, atol=1e-12)
+
+
+def test_bad_engine_and_missing_ray(sample_model, digits_test, monkeypatch):
+    model = sample_model("mlp_narrow_seed0")
+    with pytest.raises(ParameterError, match=r"The 'engine' parameter of extract_sharded must be one of 'ray', 'local'"):
+        extract_sharded(model, digits_test, LAYERS, engine="dask")
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(UnsupportedFormatError, match=r"needs the optional Ray package: pip install 'representation-workbench\[distributed\]'"):
+        similarity_matrix_sharded({"x": np.eye(5)}, engine="ray")

@@ -1,0 +1,168 @@
+"""Optional scale-out: activation extraction over dataset shards and all-pairs comparisons on Ray.
+
+Install with ``pip install 'representation-workbench[distributed]'``. Both functions give the same
+numbers as the single-process path: :func:`extract_sharded` writes the same cache entry that
+:func:`~workbench.extract` would (so later calls read it), and :func:`similarity_matrix_sharded`
+splits the layer pairs by rows of the matrix. ``engine="local"`` runs the same shards one after the
+other in this process (no Ray), which is what the tests compare against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from workbench.activations.extract import (
+    POOLINGS,
+    _as_dataset,
+    assemble_cache,
+    cache_key,
+    check_layers,
+    default_cache_dir,
+    extract,
+)
+from workbench.activations.types import Activations
+from workbench.analyses._validation import check_choice, check_int, check_progress
+from workbench.data.datasets import Dataset
+from workbench.errors import ParameterError, UnsupportedFormatError
+from workbench.models.loading import LoadedModel, as_loaded_model
+
+ENGINES = ("ray", "local")
+Progress = Callable[[int, int], None]
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise UnsupportedFormatError(
+            "The 'ray' engine needs the optional Ray package: pip install 'representation-workbench[distributed]', "
+            "or pass engine='local'."
+        ) from exc
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _shards(n: int, n_shards: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, min(n_shards, n) + 1).round().astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+def _extract_shard(model: LoadedModel, shard: Dataset, layers: list[str], pooling: str, batch_size: int,
+                   device: str | None, root: str) -> Activations:
+    return extract(model, shard, layers, pooling=pooling, batch_size=batch_size, device=device, cache_dir=root)
+
+
+def _run(engine: str, fn: Callable[..., Any], calls: list[tuple], progress: Progress | None) -> list[Any]:
+    """``fn(*args)`` for every call, in order, as Ray tasks or in this process; progress per finished call."""
+    if engine == "local":
+        out = []
+        for i, args in enumerate(calls, start=1):
+            out.append(fn(*args))
+            if progress is not None:
+                progress(i, len(calls))
+        return out
+    ray = _ray()
+    remote = ray.remote(fn)
+    refs = [remote.remote(*args) for args in calls]
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        if progress is not None:
+            progress(len(refs) - len(pending), len(refs))
+    return ray.get(refs)
+
+
+def extract_sharded(
+    model: LoadedModel | nn.Module,
+    dataset: Dataset | torch.Tensor | np.ndarray,
+    layers: list[str] | str,
+    *,
+    n_shards: int = 4,
+    engine: str = "ray",
+    pooling: str = "mean",
+    batch_size: int = 256,
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> Activations:
+    """:func:`~workbench.extract` over ``n_shards`` contiguous row ranges run as parallel tasks.
+
+    Each task extracts one shard into the disk cache; the shards are then concatenated (streamed)
+    into the cache entry of the whole dataset, so the result, and every later ``extract`` call with
+    the same arguments, equals the single-process extraction. ``progress(done, total)`` counts shards.
+    """
+    func = "extract_sharded"
+    engine = check_choice(engine, "engine", ENGINES, func=func)
+    n_shards = check_int(n_shards, "n_shards", func=func, low=1, high=4096)
+    check_progress(progress, func=func)
+    if pooling not in POOLINGS:
+        raise ParameterError(f"The 'pooling' parameter of {func} must be one of {', '.join(map(repr, POOLINGS))}. Got {pooling!r}.")
+    lm = as_loaded_model(model)
+    data = _as_dataset(dataset)
+    layers = check_layers(lm, layers)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if (root / cache_key(lm, data, layers, pooling) / "meta.json").exists():
+        return extract(lm, data, layers, pooling=pooling, batch_size=batch_size, device=device, cache_dir=root)
+    shards = [data.subset(slice(lo, hi), name=f"{data.name}[{lo}:{hi}]") for lo, hi in _shards(data.n_samples, n_shards)]
+    calls = [(lm, shard, layers, pooling, batch_size, device, str(root)) for shard in shards]
+    parts = _run(engine, _extract_shard, calls, progress)
+    assemble_cache(lm, data, layers, pooling, parts, root)
+    return extract(lm, data, layers, pooling=pooling, batch_size=batch_size, device=device, cache_dir=root)
+
+
+def _similarity_rows(rows: dict[str, np.ndarray], columns: dict[str, np.ndarray], same: bool, options: dict[str, Any]):
+    from workbench.analyses.similarity import similarity_matrix
+
+    return similarity_matrix(rows, None if same else columns, **options)
+
+
+def similarity_matrix_sharded(
+    acts_a: Mapping[str, Any],
+    acts_b: Mapping[str, Any] | None = None,
+    *,
+    n_tasks: int = 4,
+    engine: str = "ray",
+    progress: Progress | None = None,
+    **options: Any,
+):
+    """:func:`~workbench.analyses.similarity.similarity_matrix` with the rows (layers of A) split over tasks.
+
+    ``options`` are passed to ``similarity_matrix`` unchanged (``measure``, ``debiased``, ...). The
+    values equal the single-process matrix; ``estimator`` records the number of tasks.
+    """
+    func = "similarity_matrix_sharded"
+    engine = check_choice(engine, "engine", ENGINES, func=func)
+    n_tasks = check_int(n_tasks, "n_tasks", func=func, low=1, high=4096)
+    check_progress(progress, func=func)
+    started = time.perf_counter()
+    layers_a: Sequence[str] = list(options.pop("layers_a", None) or list(acts_a))
+    columns_source = acts_a if acts_b is None else acts_b
+    layers_b: Sequence[str] = list(options.pop("layers_b", None) or list(columns_source))
+    columns = {name: np.asarray(columns_source[name]) for name in layers_b}
+    groups = [list(g) for g in np.array_split(np.array(layers_a, dtype=object), min(n_tasks, len(layers_a))) if len(g)]
+    calls = [({name: np.asarray(acts_a[name]) for name in g}, columns, False, options) for g in groups]
+    if engine == "ray":
+        ray = _ray()
+        shared = ray.put(columns)
+        calls = [(rows, shared, False, options) for rows, _, _, _ in calls]
+    parts = _run(engine, _similarity_rows, calls, progress)
+    first = parts[0]
+    return replace(
+        first,
+        values=np.concatenate([p.values for p in parts], axis=0),
+        layers_a=tuple(layers_a),
+        n_features_a=np.concatenate([p.n_features_a for p in parts]),
+        model_a=getattr(acts_a, "model_name", "") or "A",
+        model_b=getattr(columns_source, "model_name", "") or ("A" if acts_b is None else "B"),
+        estimator=f"{first.estimator}; rows over {len(parts)} {engine} task(s)",
+        seconds=time.perf_counter() - started,
+    )
