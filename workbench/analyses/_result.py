@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,3 +62,21 @@ class Result:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             visit(prefix + f.name, getattr(self, f.name))
         return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordedResult(Result):
+    """A result that records how it was computed (keyword-only fields shared by the analyses).
+
+    ``estimator``: what was computed, in words (e.g. "linear CKA, debiased HSIC"); ``n_samples``;
+    ``params``: the parameters that change the number; ``seed`` (None when nothing is random);
+    ``device`` and ``dtype`` of the computation; ``seconds`` it took.
+    """
+
+    estimator: str
+    n_samples: int
+    params: dict[str, Any]
+    seed: int | None
+    device: str
+    dtype: str
+    seconds: float

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.analyses._result import Result
+from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import as_matrix, check_choice, check_float, check_int, check_not_constant
 from workbench.analyses.knn import METRICS, _is_float32, knn_graph
 from workbench.device import resolve_device
@@ -58,7 +58,7 @@ Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class EmbeddingResult(Result):
+class EmbeddingResult(RecordedResult):
     """Coordinates of every sample in a low-dimensional view, and how faithful the view is.
 
     ``coordinates``: ``(n_samples, n_components)`` float64.
@@ -75,17 +75,10 @@ class EmbeddingResult(Result):
     knn_preservation: float
     quality_k: int
     explained_variance_ratio: np.ndarray | None
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class AlignedEmbeddingResult(Result):
+class AlignedEmbeddingResult(RecordedResult):
     """Several views of the same samples rotated into the frame of the first.
 
     ``coordinates``: ``(n_views, n_samples, n_components)``; each view is centred, scaled to unit
@@ -104,17 +97,10 @@ class AlignedEmbeddingResult(Result):
     displacement: np.ndarray
     disparity: np.ndarray
     quality_k: int
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class IntrinsicDimensionResult(Result):
+class IntrinsicDimensionResult(RecordedResult):
     """Intrinsic dimension of one point cloud.
 
     ``dimension``: the estimate (> 0; about ``d`` for samples spread over a ``d``-dimensional
@@ -131,17 +117,10 @@ class IntrinsicDimensionResult(Result):
     method: str
     k: int
     n_discarded: int
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class LayerIntrinsicDimensionResult(Result):
+class LayerIntrinsicDimensionResult(RecordedResult):
     """Intrinsic dimension of each layer of one model.
 
     ``layers``: layer names in order. ``dimension``, ``ci_low``, ``ci_high``: ``(n_layers,)``.
@@ -156,13 +135,6 @@ class LayerIntrinsicDimensionResult(Result):
     method: str
     k: int
     model_name: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.analyses._result import Result
+from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import as_matrix, check_choice, check_int
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError
@@ -41,7 +41,7 @@ _cache_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
-class KnnGraph(Result):
+class KnnGraph(RecordedResult):
     """The ``k`` nearest neighbours of every sample, the sample itself excluded.
 
     ``indices``: ``(n_samples, k)`` int64, nearest first (ties broken by the lower index).
@@ -55,13 +55,6 @@ class KnnGraph(Result):
     metric: str
     k: int
     sha256: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
     def with_self(self, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, distances)`` with each sample prepended as its own neighbour at distance 0.

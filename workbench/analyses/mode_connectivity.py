@@ -36,7 +36,7 @@ import torch.fx as fx
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from workbench.analyses._result import Result
+from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import (
     check_choice,
     check_float,
@@ -98,7 +98,7 @@ class PermutationSpec:
 
 
 @dataclass(frozen=True)
-class WeightMatchingResult(Result):
+class WeightMatchingResult(RecordedResult):
     """Permutations of model B's hidden units that best align its weights with model A's.
 
     ``permutations[p][i]`` is the unit of B that takes position ``i`` (apply with
@@ -112,17 +112,10 @@ class WeightMatchingResult(Result):
     objective: np.ndarray
     n_iterations: int
     converged: bool
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class ActivationMatchingResult(Result):
+class ActivationMatchingResult(RecordedResult):
     """Permutations of model B's hidden units that maximise the correlation of activations with A's.
 
     ``permutations`` as in :class:`WeightMatchingResult`. ``correlation_before[p]`` and
@@ -135,17 +128,10 @@ class ActivationMatchingResult(Result):
     perm_sizes: dict[str, int]
     correlation_before: dict[str, float]
     correlation_after: dict[str, float]
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class InterpolationResult(Result):
+class InterpolationResult(RecordedResult):
     """Loss and accuracy of the models ``(1 − λ) θ_A + λ θ_B`` for ``λ`` in ``lambdas``.
 
     ``lambdas``: ``(n_points,)`` from 0 (model A) to 1 (model B). ``loss[split]`` (mean
@@ -159,17 +145,10 @@ class InterpolationResult(Result):
     loss: dict[str, np.ndarray]
     accuracy: dict[str, np.ndarray]
     repair: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class BarrierResult(Result):
+class BarrierResult(RecordedResult):
     """Loss barriers of an interpolation curve, per split, under both common definitions.
 
     ``linear[split]``: ``max_λ L(λ) − ((1−λ) L_A + λ L_B)``; ``mean[split]``:
@@ -184,17 +163,10 @@ class BarrierResult(Result):
     lambda_linear: dict[str, float]
     lambda_mean: dict[str, float]
     definitions: dict[str, str]
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class LayerAlignmentResult(Result):
+class LayerAlignmentResult(RecordedResult):
     """Per-layer comparison of model A with model B before and after permuting B (Ito et al. 2024).
 
     ``layers``: modules owning a weight matrix (conv kernels are read as ``(out, in·k·k)``).
@@ -219,17 +191,10 @@ class LayerAlignmentResult(Result):
     component_alignment_before: dict[str, np.ndarray]
     component_alignment_after: dict[str, np.ndarray]
     top_k: int
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class MergeResult(Result):
+class MergeResult(RecordedResult):
     """Several models aligned to a common basis and averaged, evaluated against its members.
 
     ``names``: the members. ``member_loss`` / ``member_accuracy``: ``(n_models,)`` on the evaluation
@@ -252,17 +217,10 @@ class MergeResult(Result):
     objective: np.ndarray
     n_rounds: int
     reset_bn: bool
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class ModeConnectivityResult(Result):
+class ModeConnectivityResult(RecordedResult):
     """Everything the mode-connectivity page shows for one pair of models.
 
     ``curves[method]``: interpolation curves for each alignment method (``"naive"``,
@@ -277,13 +235,6 @@ class ModeConnectivityResult(Result):
     layers: LayerAlignmentResult
     weight_matching: WeightMatchingResult
     activation_matching: ActivationMatchingResult | None
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int
-    device: str
-    dtype: str
-    seconds: float
 
     def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """Numeric arrays of this result and of the nested results, keyed by path."""

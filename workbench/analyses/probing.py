@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.analyses._result import Result
+from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError
@@ -50,7 +50,7 @@ Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class ProbingResult(Result):
+class ProbingResult(RecordedResult):
     """Cross-validated probe scores per layer.
 
     ``metric`` is ``"accuracy"`` (integer or string labels; in ``[0, 1]``) or ``"r2"`` (float
@@ -85,13 +85,6 @@ class ProbingResult(Result):
     folds: np.ndarray
     n_features: np.ndarray
     model_name: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 def probe_layers(

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from workbench.activations.types import Activations
-from workbench.analyses._result import Result
+from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import (
     ArrayLike,
     as_labels,
@@ -56,7 +56,7 @@ Progress = Callable[[int, int], Any]
 
 
 @dataclass(frozen=True)
-class RelativeAgreementResult(Result):
+class RelativeAgreementResult(RecordedResult):
     """How well space A can stand in for space B, for relative and (optionally) absolute coordinates.
 
     Per-sample arrays have shape ``(n_samples,)``: ``jaccard`` (Jaccard@k of the neighbours retrieved in
@@ -84,17 +84,10 @@ class RelativeAgreementResult(Result):
     classes: np.ndarray | None
     class_jaccard: np.ndarray | None
     absolute_class_jaccard: np.ndarray | None
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class RelativeComparisonResult(Result):
+class RelativeComparisonResult(RecordedResult):
     """Relative representations of one layer of model A and one of model B, and their agreement.
 
     ``anchors``: ``(n_anchors,)`` sample indices, chosen in A's space and used in both.
@@ -107,17 +100,10 @@ class RelativeComparisonResult(Result):
     relative_b: np.ndarray
     labels: np.ndarray | None
     agreement: RelativeAgreementResult
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class RelativeLayerAgreementResult(Result):
+class RelativeLayerAgreementResult(RecordedResult):
     """Cross-model agreement for each compared layer pair ``(layers_a[i], layers_b[i])``.
 
     Arrays have shape ``(n_pairs,)``. ``jaccard`` / ``mrr`` / ``cosine`` are for relative
@@ -138,17 +124,10 @@ class RelativeLayerAgreementResult(Result):
     n_anchors: int
     model_a: str
     model_b: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class StitchingResult(Result):
+class StitchingResult(RecordedResult):
     """Accuracy of classification heads applied to their own and to the other model's representations.
 
     ``relative_accuracy[e, h]``: test accuracy of the head trained on model ``h``'s relative space
@@ -166,13 +145,6 @@ class StitchingResult(Result):
     anchors: np.ndarray
     n_train: int
     head: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 # ---------------------------------------------------------------------------------------------

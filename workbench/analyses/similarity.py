@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from workbench.activations.types import Activations
-from workbench.analyses._result import Result
+from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import (
     ArrayLike,
     as_matrix,
@@ -70,7 +70,7 @@ Progress = Callable[[int, int], Any]
 
 
 @dataclass(frozen=True)
-class SimilarityMatrixResult(Result):
+class SimilarityMatrixResult(RecordedResult):
     """A measure evaluated on every pair (layer of model A, layer of model B).
 
     ``values[i, j]`` compares ``layers_a[i]`` with ``layers_b[j]``; shape ``(n_layers_a, n_layers_b)``.
@@ -86,17 +86,10 @@ class SimilarityMatrixResult(Result):
     higher_is_closer: bool
     model_a: str
     model_b: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class MinibatchCKAResult(Result):
+class MinibatchCKAResult(RecordedResult):
     """Linear CKA accumulated over minibatches.
 
     ``value`` is in [-1, 1] (near 0 for independent representations). ``batch_sizes`` lists the sample
@@ -107,13 +100,6 @@ class MinibatchCKAResult(Result):
     value: float
     n_batches: int
     batch_sizes: np.ndarray
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.analyses._result import Result
+from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import (
     ArrayLike,
     as_labels,
@@ -75,7 +75,7 @@ _blas_controller: Any = None
 
 
 @dataclass(frozen=True)
-class PersistenceResult(Result):
+class PersistenceResult(RecordedResult):
     """Vietoris–Rips persistence of one point cloud.
 
     ``diagrams[k]``: ``(n_bars, 2)`` float64 array of (birth, death) for homology dimension ``k``
@@ -110,13 +110,6 @@ class PersistenceResult(Result):
     subsample_indices: np.ndarray | None
     threshold: float
     engine: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
     @property
     def subsampled(self) -> bool:
@@ -134,7 +127,7 @@ class PersistenceResult(Result):
 
 
 @dataclass(frozen=True)
-class DiagramDistanceResult(Result):
+class DiagramDistanceResult(RecordedResult):
     """Distance between the dimension-``dim`` diagrams of two persistence results.
 
     ``distance`` >= 0, 0 for identical diagrams; ``inf`` when the numbers of never-dying bars differ.
@@ -149,17 +142,10 @@ class DiagramDistanceResult(Result):
     order: float
     normalize: bool
     n_bars: tuple[int, int]
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class DiagramDistanceMatrixResult(Result):
+class DiagramDistanceMatrixResult(RecordedResult):
     """Diagram distances between every layer of A (rows) and every layer of B (columns).
 
     ``distances``: ``(len(layers_a), len(layers_b))``, lower is closer. ``subsampled``: names of the
@@ -174,17 +160,10 @@ class DiagramDistanceMatrixResult(Result):
     order: float
     normalize: bool
     subsampled: list[str]
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class SeparabilityResult(Result):
+class SeparabilityResult(RecordedResult):
     """Topological class separability of one representation, with labelled references.
 
     ``score``: the persistence score S in ``(0, 1]``, the mean of the finite H0 persistence times
@@ -206,13 +185,6 @@ class SeparabilityResult(Result):
     calinski_harabasz: float | None
     n_classes: int | None
     normalize: bool
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
     def references(self) -> dict[str, float]:
         """The labelled references that were computed, by name."""
@@ -221,7 +193,7 @@ class SeparabilityResult(Result):
 
 
 @dataclass(frozen=True)
-class LayerSeparabilityResult(Result):
+class LayerSeparabilityResult(RecordedResult):
     """Separability across the layers of one model (or any named representations).
 
     ``scores``: ``(n_layers,)`` persistence score per layer (lower = more separable).
@@ -234,17 +206,10 @@ class LayerSeparabilityResult(Result):
     references: dict[str, np.ndarray]
     per_layer: dict[str, SeparabilityResult]
     model_name: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class SeparabilityTrajectoryResult(Result):
+class SeparabilityTrajectoryResult(RecordedResult):
     """The persistence score of one layer over a sequence of checkpoints, with a stopping rule.
 
     ``scores``: ``(n_checkpoints,)`` (lower = more separable). ``references``: name ->
@@ -265,17 +230,10 @@ class SeparabilityTrajectoryResult(Result):
     reference_plateaus: dict[str, int | None]
     patience: int
     tolerance: float
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 @dataclass(frozen=True)
-class TopologicalRSAResult(Result):
+class TopologicalRSAResult(RecordedResult):
     """Geo-topological RSA between two representations of the same samples.
 
     ``similarity`` in ``[-1, 1]``: Pearson correlation between the two representational
@@ -289,13 +247,6 @@ class TopologicalRSAResult(Result):
     lower: float
     upper: float
     metric: str
-    estimator: str
-    n_samples: int
-    params: dict[str, Any]
-    seed: int | None
-    device: str
-    dtype: str
-    seconds: float
 
 
 # ---------------------------------------------------------------------------------------------
