@@ -42,6 +42,7 @@ for file, title, icon, section in PAGES:
     sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon, default=file == "pages/home.py"))
 navigation = st.navigation(sections)
 _state.ensure_defaults()
+_state.start_call_log()
 _state.sidebar()
 if os.environ.get("WORKBENCH_WARM_UP", "1") == "1":
     _warm_up_umap()

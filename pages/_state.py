@@ -87,6 +87,77 @@ def load_uploaded_dataset(data: bytes, filename: str) -> wb.Dataset:
     return wb.load_dataset(data, filename=filename, max_bytes=max_upload_mb() << 20)
 
 
+CALL_LOG = "_call_log"
+
+
+def start_call_log() -> None:
+    """Begin recording this script run's library calls (the report turns them into Python)."""
+    st.session_state[CALL_LOG] = {"lines": [], "imports": {}, "names": {}, "keep": [], "count": {}}
+
+
+def _bind(log: dict[str, Any], obj: Any, prefix: str, line: str) -> str:
+    n = log["count"][prefix] = log["count"].get(prefix, 0) + 1
+    var = prefix if prefix in ("model_a", "model_b", "dataset") and n == 1 else f"{prefix}_{n}"
+    log["lines"].append(f"{var} = {line}")
+    log["names"][id(obj)] = var
+    log["keep"].append(obj)
+    if isinstance(obj, wb.Activations):
+        for layer in obj.layers:
+            log["names"][id(obj[layer])] = f"{var}[{layer!r}]"
+    if isinstance(obj, wb.Dataset):
+        log["names"][id(obj.x)] = f"{var}.x"
+        if obj.y is not None:
+            log["names"][id(obj.y)] = f"{var}.y"
+    return var
+
+
+def _expression(log: dict[str, Any], value: Any) -> str:
+    """Python for an argument: a name bound earlier in the log, a literal, or a loaded model/dataset."""
+    from workbench.registry import dataset_expression, model_expression
+
+    if id(value) in log["names"]:
+        return log["names"][id(value)]
+    if isinstance(value, wb.LoadedModel):
+        prefix = "model_a" if value is st.session_state.get(MODEL_A) else "model_b" if value is st.session_state.get(MODEL_B) else "model"
+        log["imports"]["workbench"] = log["imports"].get("workbench", set()) | {"load_model"}
+        return _bind(log, value, prefix, model_expression(value))
+    if isinstance(value, wb.Dataset):
+        log["imports"]["workbench"] = log["imports"].get("workbench", set()) | {"load_dataset"}
+        return _bind(log, value, "dataset", dataset_expression(value))
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return repr(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return repr(value.item())
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_expression(log, v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_expression(log, k)}: {_expression(log, v)}" for k, v in value.items()) + "}"
+    return _bind(log, value, "value", f"...  # a {type(value).__name__} built by the page")
+
+
+def _log_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], result: Any, prefix: str) -> None:
+    log = st.session_state.get(CALL_LOG)
+    if log is None:
+        return
+    parts = [_expression(log, a) for a in args]
+    parts += [f"{k}={_expression(log, v)}" for k, v in kwargs.items() if k != "progress"]
+    log["imports"][fn.__module__] = log["imports"].get(fn.__module__, set()) | {fn.__name__}
+    _bind(log, result, prefix, f"{fn.__name__}({', '.join(parts)})")
+
+
+def call_log_snippet(results: Any) -> str:
+    """The Python that recreates this run's library calls up to now, naming the variable(s) behind ``results``."""
+    log = st.session_state.get(CALL_LOG)
+    if log is None or not log["lines"]:
+        return ""
+    imports = "\n".join(f"from {module} import {', '.join(sorted(names))}" for module, names in sorted(log["imports"].items()))
+    wanted = results if isinstance(results, (list, tuple)) else [results]
+    shown = [log["names"][id(r)] for r in wanted if id(r) in log["names"]]
+    tail = f"\n# this section: {', '.join(shown)}" if shown else ""
+    return f"{imports}\n\n" + "\n".join(log["lines"]) + tail + "\n"
+
+
 def cached_activations(model: wb.LoadedModel, dataset: wb.Dataset, layers: list[str], pooling: str = "mean") -> wb.Activations:
     """Activations from the on-disk cache (keyed by content hashes), with a progress bar while they are extracted."""
     bar = st.progress(0.0, text=f"Extracting activations of {model.name}…")
@@ -95,9 +166,11 @@ def cached_activations(model: wb.LoadedModel, dataset: wb.Dataset, layers: list[
         bar.progress(done / max(total, 1), text=f"Extracting activations of {model.name}: {done}/{total} samples")
 
     try:
-        return wb.extract(model, dataset, list(layers), pooling=pooling, progress=progress)
+        acts = wb.extract(model, dataset, list(layers), pooling=pooling, progress=progress)
     finally:
         bar.empty()
+    _log_call(wb.extract, (model, dataset, list(layers)), {"pooling": pooling}, acts, "acts")
+    return acts
 
 
 def content_key(value: Any) -> Any:
@@ -139,14 +212,17 @@ def cached_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
            content_key({k: v for k, v in kwargs.items() if k != "progress"}))
     store, lock = _result_store()
     with lock:
-        if key in store:
+        hit = key in store
+        if hit:
             store.move_to_end(key)
-            return store[key]
-    value = fn(*args, **kwargs)
-    with lock:
-        store[key] = value
-        while len(store) > RESULT_CACHE_SIZE:
-            store.popitem(last=False)
+            value = store[key]
+    if not hit:
+        value = fn(*args, **kwargs)
+        with lock:
+            store[key] = value
+            while len(store) > RESULT_CACHE_SIZE:
+                store.popitem(last=False)
+    _log_call(fn, args, kwargs, value, "result")
     return value
 
 
@@ -263,7 +339,7 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
         sections = st.session_state.setdefault(REPORT, [])
         models = current_models()
         dataset = st.session_state.get(DATASET)
-        snippet = ""
+        snippet = call_log_snippet(result)
         if analysis is not None and models and dataset is not None:
             from workbench.registry import Context, get_analysis, recreate_snippet
 

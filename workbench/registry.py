@@ -361,27 +361,36 @@ def get_analysis(name: str) -> Analysis:
     raise ParameterError(f"Unknown analysis '{name}'.{did_you_mean(name, names)} Analyses: {format_choices(names)}.")
 
 
+def model_expression(m: LoadedModel | None) -> str:
+    """Python that loads ``m`` again (a comment with its hash when it came from an upload)."""
+    if m is None:
+        return "None"
+    if m.source and not m.source.startswith("upload:"):
+        source = Path(m.source)
+        if source.is_absolute() and source.is_relative_to(Path.cwd()):
+            source = source.relative_to(Path.cwd())
+        arch = f", architecture={json.dumps(m.architecture)}" if m.source.endswith((".pt", ".pth", ".bin", ".ckpt")) else ""
+        return f"load_model({str(source)!r}{arch})"
+    return f"load_model(...)  # the uploaded {m.source.removeprefix('upload:') or m.name}, weights sha256 {m.sha256[:16]}"
+
+
+def dataset_expression(d: Dataset) -> str:
+    """Python that loads ``d`` again (a comment with its hash when it came from an upload)."""
+    info = d.info
+    if d.name.startswith("blobs") and "separation" in info:
+        return f"load_dataset('blobs', separation={info['separation']!r}, seed={info['seed']!r})"
+    if "split" in info:
+        return f"load_dataset({d.name.split(' ')[0]!r}, split={info['split']!r})"
+    return f"load_dataset(...)  # {d.name}, sha256 {d.sha256[:16]}"
+
+
 def recreate_snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> str:
     """Python that reruns ``entry`` on the same models, dataset, layers and parameters."""
-    def model_expr(m: LoadedModel | None) -> str:
-        if m is None:
-            return "None"
-        if m.source and not m.source.startswith("upload:"):
-            source = Path(m.source)
-            if source.is_absolute() and source.is_relative_to(Path.cwd()):
-                source = source.relative_to(Path.cwd())
-            arch = f", architecture={json.dumps(m.architecture)}" if m.source.endswith((".pt", ".pth", ".bin", ".ckpt")) else ""
-            return f"load_model({str(source)!r}{arch})"
-        return f"load_model(...)  # {m.name}, sha256 {m.sha256[:16]}"
-
-    info = ctx.dataset.info
-    data_expr = (f"load_dataset({ctx.dataset.name.split(' ')[0]!r}, split={info['split']!r})" if "split" in info
-                 else f"load_dataset(...)  # {ctx.dataset.name}, sha256 {ctx.dataset.sha256[:16]}")
     return (
         "from workbench import load_dataset, load_model\n"
         "from workbench.registry import run_analysis\n\n"
-        f"section = run_analysis(\n    {entry.name!r},\n    model_a={model_expr(ctx.model_a)},\n"
-        f"    model_b={model_expr(ctx.model_b)},\n    dataset={data_expr},\n"
+        f"section = run_analysis(\n    {entry.name!r},\n    model_a={model_expression(ctx.model_a)},\n"
+        f"    model_b={model_expression(ctx.model_b)},\n    dataset={dataset_expression(ctx.dataset)},\n"
         f"    layers={ctx.layers_a!r},{f' layers_b={ctx.layers_b!r},' if ctx.layers_b else ''} pooling={ctx.pooling!r},\n"
         f"    params={params!r},\n)\n"
     )

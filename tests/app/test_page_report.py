@@ -65,3 +65,32 @@ def test_sections_from_pages_carry_the_code_that_recreates_them(app):
     import numpy as np
 
     np.testing.assert_allclose(section.result.values, at.session_state["report_sections"][0]["result"].values, atol=1e-12)
+
+
+def _run_snippet(snippet: str) -> dict:
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 - the snippet reruns the page's library calls
+    return namespace
+
+
+def test_page_sections_recreate_their_library_calls(app):
+    import numpy as np
+
+    at = app.run()
+    at.switch_page("pages/probing.py").run()
+    at.button(key="probe_report").click().run()
+    section = at.session_state["report_sections"][0]
+    snippet = section["snippet"]
+    assert "from workbench.analyses.probing import probe_layers" in snippet
+    assert "acts_1 = extract(model_a, dataset, ['fc1', 'relu1', 'fc2', 'relu2', 'out'], pooling='mean')" in snippet
+    names = snippet.rsplit("# this section: ", 1)[1].strip().split(", ")
+    namespace = _run_snippet(snippet)
+    for name, original in zip(names, section["result"]):
+        np.testing.assert_allclose(namespace[name].score, original.score)
+
+    at.switch_page("pages/activations.py").run()
+    at.button(key="act_report").click().run()
+    section = at.session_state["report_sections"][1]
+    namespace = _run_snippet(section["snippet"])
+    first = section["snippet"].rsplit("# this section: ", 1)[1].split(", ")[0].strip()
+    assert namespace[first].stats["fc1"].mean == section["result"][0].stats["fc1"].mean
