@@ -23,7 +23,7 @@ run: setup
 	$(VENV)/bin/workbench app --port $(PORT)
 
 lint: setup
-	$(VENV)/bin/ruff check workbench pages tests benchmarks sample_models app.py
+	$(VENV)/bin/ruff check workbench pages tests benchmarks sample_models examples app.py
 
 test: setup lint  # WORKBENCH_UPDATE_SCREENSHOT=1 make test also refreshes docs/screenshot.png
 	$(PY) -m pytest -q -p no:cacheprovider
