@@ -321,6 +321,18 @@ def layer_picker(model: wb.LoadedModel, key: str, *, label: str | None = None, d
     return [st.selectbox(label, names, index=names.index(pick) if pick in names else 0, format_func=fmt, key=key)]
 
 
+def layer_pickers(models: list[wb.LoadedModel], key: str) -> dict[str, list[str]]:
+    """One layer picker per model, side by side, keyed ``"a"``/``"b"``; stops the page until each has a layer."""
+    chosen = {}
+    for col, model, slot in zip(st.columns(len(models)), models, "ab"):
+        with col:
+            chosen[slot] = layer_picker(model, key=f"{key}_{slot}", label=f"Layers of {model.name}")
+    if not all(chosen.values()):
+        st.info("Pick at least one layer for each model.")
+        st.stop()
+    return chosen
+
+
 def pooling_picker(key: str) -> str:
     return st.selectbox("Pooling of conv maps / token sequences", POOLINGS, key=key,
                         help="How outputs with spatial or token axes become one vector per sample: mean or max over "

@@ -15,14 +15,7 @@ if not models:
 dataset = _state.require_dataset()
 
 pooling = _state.pooling_picker("act_pooling")
-cols = st.columns(len(models))
-chosen = {}
-for col, model, slot in zip(cols, models, "ab"):
-    with col:
-        chosen[slot] = _state.layer_picker(model, key=f"act_layers_{slot}", label=f"Layers of {model.name}")
-if not all(chosen.values()):
-    st.info("Pick at least one layer for each model.")
-    st.stop()
+chosen = _state.layer_pickers(models, "act_layers")
 
 results = []
 with _state.guard():

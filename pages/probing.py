@@ -59,14 +59,7 @@ control = c4.checkbox(
     help="Also train on random labels (a fixed random function of the sample) and report selectivity.",
 )
 pooling = _state.pooling_picker("probe_pooling")
-cols = st.columns(len(models))
-chosen = {}
-for col, model, slot in zip(cols, models, "ab"):
-    with col:
-        chosen[slot] = _state.layer_picker(model, key=f"probe_layers_{slot}", label=f"Layers of {model.name}")
-if not all(chosen.values()):
-    st.info("Pick at least one layer for each model.")
-    st.stop()
+chosen = _state.layer_pickers(models, "probe_layers")
 
 results = []
 with _state.guard():

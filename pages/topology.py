@@ -56,13 +56,7 @@ with st.expander("Settings", expanded=False):
     probe = c6.checkbox("Linear-probe references", value=True, key="topo_probe", help=HELP["probe"])
     pooling = _state.pooling_picker("topo_pooling")
 
-chosen = {}
-for col, model, slot in zip(st.columns(len(models)), models, "ab"):
-    with col:
-        chosen[slot] = _state.layer_picker(model, key=f"topo_layers_{slot}", label=f"Layers of {model.name}")
-if not all(chosen.values()):
-    st.info("Pick at least one layer for each model.")
-    st.stop()
+chosen = _state.layer_pickers(models, "topo_layers")
 
 kw = {"max_dim": dim, "max_points": max_points, "metric": metric}
 labels = dataset.y if dataset.n_classes is not None else None

@@ -6,6 +6,16 @@ import plotly.graph_objects as go
 
 MODEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 TEMPLATE = "plotly_white"
+# categorical colours (classes, layers): plotly's default ten, then ten more distinct ones
+CATEGORY_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363",
+)
+
+
+def category_color(i: int) -> str:
+    """The ``i``-th categorical colour (cycling)."""
+    return CATEGORY_COLORS[i % len(CATEGORY_COLORS)]
 
 
 def titled(fig: go.Figure, title: str, *, estimator: str | None = None, n: int | None = None) -> go.Figure:

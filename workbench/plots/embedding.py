@@ -9,31 +9,9 @@ import numpy as np
 import plotly.graph_objects as go
 
 from workbench.analyses.embedding import AlignedEmbeddingResult, EmbeddingResult, LayerIntrinsicDimensionResult
-from workbench.plots._style import MODEL_COLORS, titled
+from workbench.plots._style import CATEGORY_COLORS, MODEL_COLORS, category_color, titled
 
 WEBGL_ABOVE = 5000
-CATEGORY_COLORS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-    "#393b79",
-    "#637939",
-    "#8c6d31",
-    "#843c39",
-    "#7b4173",
-    "#3182bd",
-    "#e6550d",
-    "#31a354",
-    "#756bb1",
-    "#636363",
-)
 
 
 def embedding_scatter(
@@ -159,7 +137,7 @@ def _trace(
             "size": 5,
         }
     else:
-        marker = {"color": CATEGORY_COLORS[category % len(CATEGORY_COLORS)], "size": 5}
+        marker = {"color": category_color(category), "size": 5}
     common: dict[str, Any] = {
         "mode": "markers",
         "name": label,

@@ -17,7 +17,7 @@ from workbench.analyses.relative import (
     StitchingResult,
 )
 from workbench.analyses.similarity import SimilarityMatrixResult
-from workbench.plots._style import MODEL_COLORS, titled
+from workbench.plots._style import MODEL_COLORS, category_color, titled
 
 _MEASURE_LABELS = {
     "linear_cka": "linear CKA",
@@ -111,7 +111,7 @@ def relative_scatter(
                     y=ys[mask],
                     mode="markers",
                     name=f"class {cls}",
-                    marker={"size": 3, "opacity": 0.5, "color": _palette(i)},
+                    marker={"size": 3, "opacity": 0.5, "color": category_color(i)},
                     hovertemplate=f"class {cls}<br>A %{{x:.3f}}<br>B %{{y:.3f}}<extra></extra>",
                 )
             )
@@ -252,18 +252,3 @@ def stitching_bars(result: StitchingResult, *, name_a: str = "A", name_b: str = 
     fig.update_layout(barmode="group", height=420)
     return titled(fig, "Zero-shot stitching", estimator=result.estimator, n=result.n_samples)
 
-
-def _palette(i: int) -> str:
-    colors = (
-        "#1f77b4",
-        "#ff7f0e",
-        "#2ca02c",
-        "#d62728",
-        "#9467bd",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-        "#bcbd22",
-        "#17becf",
-    )
-    return colors[i % len(colors)]
