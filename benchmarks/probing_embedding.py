@@ -13,7 +13,8 @@ Comparisons:
   approximate search) for reference;
 * trustworthiness (k = 10) on a subsample: ``sklearn.manifold.trustworthiness`` vs ours (same value);
 * UMAP: umap-learn ``UMAP(n_neighbors=15, random_state=0)`` (first call: numba compilation; second
-  call: warm) vs ``embed(method="umap")`` after ``warm_up()``, with trustworthiness of both.
+  call: warm) vs ``embed(method="umap")`` after ``warm_up()``, with trustworthiness of both, and
+  the trustworthiness of both over three seeds (``--unseeded``: also umap-learn's default, unseeded run).
 """
 
 from __future__ import annotations
@@ -181,8 +182,21 @@ def bench_umap(x: np.ndarray, full: bool, unseeded: bool) -> np.ndarray:
         f"{bool(np.array_equal(again.coordinates, result.coordinates))}"
     )
     if unseeded:
-        _, seconds = timed(umap.UMAP(n_neighbors=15).fit_transform, x)
-        print(f"{'umap-learn UMAP() without a seed (parallel)':<46} {seconds:7.2f} s (first unseeded call compiles)")
+        default_coords, seconds = timed(umap.UMAP(n_neighbors=15).fit_transform, x)
+        print(
+            f"{'umap-learn UMAP() without a seed (parallel)':<46} {seconds:7.2f} s (first unseeded call compiles)   "
+            f"trustworthiness {trustworthiness(x, default_coords, k=10):.4f}"
+        )
+    seeds = (1, 2)
+    ours_more = [embed(x, method="umap", seed=s).trustworthiness for s in seeds]
+    reference_more = [
+        trustworthiness(x, umap.UMAP(n_neighbors=15, random_state=s).fit_transform(x), k=10) for s in seeds
+    ]
+    print(
+        f"{'trustworthiness over seeds 0, 1, 2':<46} workbench "
+        f"{', '.join(f'{v:.4f}' for v in [result.trustworthiness, *ours_more])}   umap-learn "
+        f"{', '.join(f'{v:.4f}' for v in [reference_trust, *reference_more])}"
+    )
     if full:
         short_run, seconds = timed(embed, x, method="umap", seed=0, n_epochs=200)
         print(

@@ -172,6 +172,71 @@ def test_umap_of_separated_blobs_is_trustworthy_and_reproducible(umap_ready):
     assert len(calls) > 3  # epochs reported, not only the start and the end
 
 
+def test_umap_layout_epoch_equals_the_edge_by_edge_update_with_both_ends_moved(monkeypatch):
+    """One synchronous epoch of the torch layout (twice the per-head sums of a symmetric graph) equals
+    moving both ends of every sampled edge, as umap-learn does, when all forces use the epoch-start positions."""
+    from umap.umap_ import make_epochs_per_sample
+
+    from workbench.analyses import umap_layout
+
+    x, _ = _blobs(n=60, d=5, n_classes=3)
+    idx, dist = knn_graph(x, 7).with_self(7)
+    graph = umap_layout.fuzzy_graph(idx, dist, 10, seed=0)
+    dense = graph.toarray()
+    assert np.array_equal(dense, dense.T) and np.all(np.diff(graph.row) >= 0)
+    start = np.random.default_rng(0).uniform(0, 10, size=(60, 2))
+    start = 10 * (start - start.min(0)) / np.ptp(start, 0)  # already in the box the layout rescales its start to
+    monkeypatch.setattr(umap_layout, "_repel", lambda *args: None)
+    # epoch 0 samples nothing; epoch 1 samples the edges whose epochs_per_sample is 1 (the strongest ones)
+    ours = umap_layout.optimize_layout(start, graph, min_dist=0.1, n_epochs=2, seed=0, learning_rate=0.3)
+    a, b = umap_layout.kernel_params(0.1)
+    y = start.astype(np.float32).astype(np.float64)
+    expected = y.copy()
+    every = make_epochs_per_sample(graph.data, 2)
+    for head, tail, e in zip(graph.row, graph.col, every):
+        if e <= 1:
+            diff = y[head] - y[tail]
+            d2 = float(diff @ diff)
+            grad = np.clip(-2 * a * b * d2 ** (b - 1) / (a * d2**b + 1) * diff, -4, 4) * 0.3 * 0.5
+            expected[head] += grad
+            expected[tail] -= grad
+    assert (every <= 1).sum() > 10
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_umap_layout_matches_umap_learns_optimiser_in_quality(umap_ready):
+    """The batched layout keeps neighbourhoods as well as umap-learn's edge-by-edge SGD on the same graph and start."""
+    from umap.layouts import optimize_layout_euclidean
+    from umap.umap_ import make_epochs_per_sample
+
+    from workbench.analyses import umap_layout
+
+    x, y = _blobs(n=600, d=30, n_classes=6, separation=6.0)
+    idx, dist = knn_graph(x, 14).with_self(14)
+    graph = umap_layout.fuzzy_graph(idx, dist, 200, seed=0)
+    start = umap_layout.spectral_start(x, graph, 2, "euclidean", seed=0)
+    a, b = umap_layout.kernel_params(0.1)
+    scaled = (10 * (start - start.min(0)) / np.ptp(start, 0)).astype(np.float32)
+    reference = optimize_layout_euclidean(
+        scaled.copy(), scaled.copy(), graph.row, graph.col, 200, 600, make_epochs_per_sample(graph.data, 200), a, b,
+        np.array([1, 2, 3], dtype=np.int64), 1.0, 1.0, 5, parallel=False, move_other=True,
+    )
+    ours = umap_layout.optimize_layout(start, graph, min_dist=0.1, n_epochs=200, seed=0)
+    assert trustworthiness(x, ours, k=10) >= trustworthiness(x, reference, k=10) - 0.01
+    # the clusters come apart: each sample's nearest layout neighbours share its class
+    neighbours = knn_graph(ours, 10).indices
+    assert (y[neighbours] == y[:, None]).mean() > 0.95
+
+
+def test_umap_places_disconnected_groups_and_embeds_in_3d(umap_ready):
+    x, _ = _blobs(n=200, d=8, n_classes=2, separation=200.0)
+    result = embed(x, method="umap", n_neighbors=5, n_components=3, seed=3)
+    assert result.coordinates.shape == (200, 3) and np.isfinite(result.coordinates).all()
+    assert result.trustworthiness > 0.85
+    other = embed(x, method="umap", n_neighbors=5, n_components=3, seed=4)
+    assert not np.array_equal(result.coordinates, other.coordinates)
+
+
 def test_tsne_of_separated_blobs():
     x, _ = _blobs(n=120, d=10)
     result = embed(x, method="tsne", perplexity=10.0, seed=1)
