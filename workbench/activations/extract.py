@@ -34,6 +34,7 @@ from workbench.models.loading import LoadedModel, as_loaded_model
 
 POOLINGS = ("mean", "flatten", "max", "cls", "last")
 CACHE_FORMAT = 1
+WRITE_BUFFER_BYTES = 1 << 20
 Progress = Callable[[int, int], None]
 
 
@@ -182,8 +183,8 @@ def pool(out: torch.Tensor, rule: str, *, channel_first: bool, mask: torch.Tenso
     if spatial:
         if rule in ("cls", "last"):
             raise ParameterError(f"Pooling '{rule}' applies to token sequences; this layer outputs a conv map of shape {tuple(out.shape)}. Use 'mean', 'max' or 'flatten'.")
-        flat = out.reshape(out.shape[0], out.shape[1], -1)
-        return flat.mean(-1) if rule == "mean" else flat.amax(-1)
+        dims = tuple(range(2, out.ndim))  # reduced in place, whatever the memory format (no reshape copy)
+        return out.mean(dims) if rule == "mean" else out.amax(dims)
     if out.ndim > 3:
         out = out.reshape(out.shape[0], out.shape[1], -1)
     use_mask = mask is not None and mask.shape == out.shape[:2]
@@ -321,13 +322,33 @@ def extract(
     return _run_and_cache(lm, data, layers, pooling, batch_size, dev, root, key, progress)
 
 
+class _LayerFile:
+    """One layer's ``.npy`` file written front to back, a batch at a time, through a large write buffer
+    (sequential writes cost a fraction of first-touch page faults on a fresh memory map)."""
+
+    def __init__(self, path: Path, n_samples: int, width: int):
+        self.path, self.n_samples, self.width, self.rows = path, n_samples, width, 0
+        self.handle = open(path, "wb", buffering=WRITE_BUFFER_BYTES)  # noqa: SIM115 (closed in close())
+        np.lib.format.write_array_header_1_0(
+            self.handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                          "shape": (n_samples, width)})
+
+    def append(self, block: np.ndarray) -> None:
+        self.handle.write(memoryview(np.ascontiguousarray(block, dtype=np.float32)))
+        self.rows += len(block)
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+
+
 def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str, batch_size: int,
                    dev: torch.device, root: Path, key: str, progress: Progress | None) -> Activations:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     files = {layer: f"layer{i:03d}.npy" for i, layer in enumerate(layers)}
-    writers: dict[str, np.memmap] = {}
+    writers: dict[str, _LayerFile] = {}
     captured: dict[str, torch.Tensor] = {}
     n = data.n_samples
     module = lm.module
@@ -361,11 +382,17 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
                         raise DataError(f"Layer '{layer}' did not run in the forward pass of '{lm.name}', so it has no activations; pick a layer that runs.")
                     out = captured[layer].cpu().numpy()
                     if layer not in writers:
-                        writers[layer] = np.lib.format.open_memmap(tmp / files[layer], mode="w+", dtype=np.float32, shape=(n, out.shape[1]))
-                    writers[layer][start:start + len(out)] = out
+                        writers[layer] = _LayerFile(tmp / files[layer], n, out.shape[1])
+                    elif out.shape[1] != writers[layer].width:
+                        raise DataError(
+                            f"Layer '{layer}' gave {out.shape[1]} features on the batch at sample {start} but {writers[layer].width} "
+                            f"before (with pooling '{pooling}'); use a pooling that gives a fixed width, such as 'mean'."
+                        )
+                    writers[layer].append(out)
                 if progress is not None:
                     progress(min(start + batch_size, n), n)
-        writers.clear()  # unmapped; the page cache holds the data for readers (no msync: a crash of this process loses nothing)
+        for writer in writers.values():  # no fsync: the page cache holds the data for readers, and a crash loses only this entry
+            writer.close()
         meta = {"complete": True, "key": key, "pooling": pooling, "files": files, "model": lm.name,
                 "model_sha256": lm.sha256, "dataset": data.name, "dataset_sha256": data.sha256, "n_samples": n,
                 "seconds": time.perf_counter() - started, "device": str(dev)}
@@ -377,7 +404,8 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
             shutil.rmtree(tmp, ignore_errors=True)
         return _read_cache(final, json.loads((final / "meta.json").read_text()), data, lm)
     finally:
-        writers.clear()
+        for writer in writers.values():
+            writer.close()
         module.to(original_device)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
