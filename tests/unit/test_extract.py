@@ -209,3 +209,15 @@ def test_text_model_token_pooling(sample_model):
 def test_text_model_rejects_float_features(sample_model, digits_test):
     with pytest.raises(DataError, match=r"takes token ids \(integers\) but dataset 'digits \(test\)' holds torch\.float32"):
         extract(sample_model("text_transformer_seed0"), digits_test, ["norm"])
+
+
+def test_layer_whose_width_changes_between_batches_is_refused(tmp_path):
+    class BatchWide(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(len(x), len(x))  # as many features as the batch has samples
+
+    module = nn.Sequential()
+    module.add_module("wide", BatchWide())
+    with pytest.raises(DataError, match=r"Layer 'wide' gave 2 features on the batch at sample 4 but 4 before.*fixed width"):
+        extract(wrap_module(module), torch.ones(6, 3), ["wide"], batch_size=4, cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written is left in the cache
