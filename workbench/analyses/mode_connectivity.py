@@ -1028,7 +1028,7 @@ def _evaluate(
     """Mean cross-entropy and accuracy of ``module`` on ``(x, y)``."""
     total_loss, correct = 0.0, 0
     y_dev = y.to(device)
-    with torch.no_grad():
+    with torch.inference_mode():
         for i, xb in enumerate(_batches(x, batch_size, device, _module_dtype(module))):
             logits = module(xb).double()
             yb = y_dev[i * batch_size : (i + 1) * batch_size]
