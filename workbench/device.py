@@ -8,6 +8,9 @@ no float64, they fall back to the CPU.
 from __future__ import annotations
 
 import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -47,3 +50,33 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+_TF32_LOCK = threading.Lock()
+_tf32_users = 0
+_tf32_saved: tuple[bool, bool] = (False, False)
+
+
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """Run float32 convolutions and matrix products in full float32 on CUDA for the duration.
+
+    PyTorch lets cuDNN convolutions use TF32 by default, which rounds their inputs to 10 mantissa
+    bits: a conv layer's activations then differ from the CPU's by about 1e-3 relative. Activations
+    and losses that are compared across devices are computed without it. The switches are global:
+    the first of overlapping users (threads) turns TF32 off and the last one restores the settings.
+    """
+    global _tf32_users, _tf32_saved
+    with _TF32_LOCK:
+        if _tf32_users == 0:
+            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_users += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _tf32_users -= 1
+            if _tf32_users == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_saved

@@ -393,3 +393,15 @@ def test_inputs_are_not_modified():
     intrinsic_dimension(tensor)
     knn_module.knn_graph(tensor, 5)
     assert torch.equal(tensor, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_umap_is_reproducible_and_as_trustworthy_as_on_cpu(umap_ready):
+    x, _ = _blobs(n=2000, d=30, n_classes=8, separation=6.0)
+    first = embed(x, method="umap", seed=0, device="cuda")
+    second = embed(x, method="umap", seed=0, device="cuda")
+    on_cpu = embed(x, method="umap", seed=0, device="cpu")
+    assert np.array_equal(first.coordinates, second.coordinates)  # segment sums: no atomic adds, no run-to-run noise
+    assert first.device.startswith("cuda")
+    assert first.trustworthiness == pytest.approx(on_cpu.trustworthiness, abs=0.01)
+    assert trustworthiness(x, first.coordinates, k=10, device="cuda") == pytest.approx(first.trustworthiness, abs=1e-9)

@@ -221,3 +221,29 @@ def test_layer_whose_width_changes_between_batches_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"Layer 'wide' gave 2 features on the batch at sample 4 but 4 before.*fixed width"):
         extract(wrap_module(module), torch.ones(6, 3), ["wide"], batch_size=4, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written is left in the cache
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_agrees_with_cpu(sample_model, digits_test, tmp_path):
+    cnn = sample_model("cnn_seed0")
+    layers = ["conv1", "relu2", "fc1"]
+    on_gpu = extract(cnn, digits_test, layers, device="cuda", cache_dir=tmp_path / "gpu")
+    on_cpu = extract(cnn, digits_test, layers, device="cpu", cache_dir=tmp_path / "cpu")
+    for layer in layers:
+        torch.testing.assert_close(on_gpu[layer], on_cpu[layer], atol=1e-4, rtol=1e-4)
+    assert next(cnn.module.parameters()).device.type == "cpu"  # the model goes back where it was
+
+
+def test_full_float32_turns_tf32_off_and_restores_it_after_nested_use():
+    from workbench.device import full_float32
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with full_float32():
+            with full_float32():
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32  # the outer user still needs it off
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

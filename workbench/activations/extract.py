@@ -28,7 +28,7 @@ from torch import nn
 
 from workbench.activations.types import Activations
 from workbench.data.datasets import Dataset, make_dataset
-from workbench.device import resolve_device
+from workbench.device import full_float32, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model
 
@@ -363,7 +363,7 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
     started = time.perf_counter()
     try:
         module.to(dev)
-        with hooks_on(module, layers, capture), torch.inference_mode():
+        with hooks_on(module, layers, capture), torch.inference_mode(), full_float32():
             for start in range(0, n, batch_size):
                 batch = data.x[start:start + batch_size].to(dev)
                 mask = (batch != 0) if lm.takes_tokens else None

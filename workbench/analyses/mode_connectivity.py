@@ -43,7 +43,7 @@ from workbench.analyses._validation import (
     check_int,
     check_progress,
 )
-from workbench.device import float64_device, resolve_device
+from workbench.device import float64_device, full_float32, resolve_device
 from workbench.errors import ArchitectureError, DataError, ParameterError, did_you_mean, format_choices
 
 logger = logging.getLogger(__name__)
@@ -1231,9 +1231,10 @@ def interpolate(
     stats_x = splits["train" if "train" in splits else "test"][0]
     dev = float64_device(resolve_device(device))
     sites = _trace(a, func).repair_sites if repair_mode == "repair" else []
-    lambdas, loss, acc = _interpolate_core(
-        a, b, splits, stats_x, n_points, repair_mode, sites, batch_size, dev, func, progress
-    )
+    with full_float32():
+        lambdas, loss, acc = _interpolate_core(
+            a, b, splits, stats_x, n_points, repair_mode, sites, batch_size, dev, func, progress
+        )
     return InterpolationResult(
         lambdas=lambdas,
         loss=loss,
