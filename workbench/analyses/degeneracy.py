@@ -43,7 +43,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import networkx as nx
@@ -53,7 +53,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from workbench.activations.types import Activations
-from workbench.analyses._result import Result
+from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int
 from workbench.device import float64_device, resolve_device
 from workbench.errors import (
@@ -78,8 +78,8 @@ Progress = Callable[[int, int], None] | None
 # results
 
 
-@dataclass(frozen=True)
-class RankResult(Result):
+@dataclass(frozen=True, kw_only=True)
+class RankResult(RecordedResult):
     """Eigen-spectra and ranks of one Gram matrix per layer.
 
     ``quantity`` says which Gram matrix: ``"activation"`` (centred activation covariance
@@ -103,17 +103,12 @@ class RankResult(Result):
     rtol: float
     output: str | None
     model: str
-    n_samples: int
-    estimator: str
-    params: dict = field(default_factory=dict)
     seed: int | None = None
-    device: str = "cpu"
     dtype: str = "float64"
-    seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class ReluPatternResult(Result):
+@dataclass(frozen=True, kw_only=True)
+class ReluPatternResult(RecordedResult):
     """Firing patterns of ReLU layers over a dataset (a unit *fires* on a sample when its output is > 0).
 
     Per layer: ``width`` units (elements of the flattened output), ``dead`` (bool mask: never fires),
@@ -137,13 +132,9 @@ class ReluPatternResult(Result):
     n_synchronised: dict[str, int]
     n_groups: dict[str, int]
     model: str
-    n_samples: int
     estimator: str = "ReLU firing patterns (output > 0) over the dataset, exact pattern equality"
-    params: dict = field(default_factory=dict)
     seed: int | None = None
-    device: str = "cpu"
     dtype: str = "float64"
-    seconds: float = 0.0
 
     def groups(self, layer: str) -> list[np.ndarray]:
         """The unit indices of each synchronised group of ``layer``, largest group first."""
@@ -151,8 +142,8 @@ class ReluPatternResult(Result):
         return [np.flatnonzero(ids == g) for g in range(len(self.group_sizes[layer]))]
 
 
-@dataclass(frozen=True)
-class DegeneracyResult(Result):
+@dataclass(frozen=True, kw_only=True)
+class DegeneracyResult(RecordedResult):
     """Free (degenerate) parameters of each weight matrix (``nn.Linear``) of a network on a dataset.
 
     For a weight matrix ``W`` (``fan_out x fan_in``, with bias) whose inputs ``x`` span an affine
@@ -208,17 +199,13 @@ class DegeneracyResult(Result):
     rtol: float
     output: str
     model: str
-    n_samples: int
     estimator: str = "free parameters per weight matrix from activation rank, gradient rank and synchronised ReLUs"
-    params: dict = field(default_factory=dict)
     seed: int | None = None
-    device: str = "cpu"
     dtype: str = "float64"
-    seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class InteractionBasisResult(Result):
+@dataclass(frozen=True, kw_only=True)
+class InteractionBasisResult(RecordedResult):
     """The interaction basis of a network's layers, built backwards from the output.
 
     ``layers``: the node layers in forward order; the last one is the model output (logits).
@@ -260,16 +247,12 @@ class InteractionBasisResult(Result):
     rtol: float
     graph_directions: int
     model: str
-    n_samples: int
     estimator: str = (
         "interaction basis (Bushnaq et al. 2024), bias folded, Jacobians at the data points; "
         "Louvain communities, Newman modularity"
     )
-    params: dict = field(default_factory=dict)
     seed: int | None = 0
-    device: str = "cpu"
     dtype: str = "float64"
-    seconds: float = 0.0
 
     def pairs(self) -> list[tuple[str, str]]:
         """The adjacent layer pairs ``(a, b)`` of :attr:`edges`, in forward order."""
@@ -1215,8 +1198,8 @@ def interaction_basis(
 # public: local learning coefficient (optional, hyper-parameter sensitive)
 
 
-@dataclass(frozen=True)
-class LLCResult(Result):
+@dataclass(frozen=True, kw_only=True)
+class LLCResult(RecordedResult):
     """A local learning coefficient estimate by SGLD. **Sensitive to its hyper-parameters**: report them with it.
 
     ``llc``: mean over chains of ``nβ · (mean_t L_t - L(w*))``, where ``L_t`` is the loss on the
@@ -1243,13 +1226,9 @@ class LLCResult(Result):
     batch_size: int
     n_parameters: int
     model: str
-    n_samples: int
     estimator: str = "local learning coefficient by SGLD (Lau et al. 2023); hyper-parameter sensitive"
-    params: dict = field(default_factory=dict)
     seed: int | None = 0
-    device: str = "cpu"
     dtype: str = "float64"
-    seconds: float = 0.0
 
     def hyperparameters(self) -> str:
         """The hyper-parameters in one line, to show next to the number."""
