@@ -11,14 +11,15 @@
 
 Every method starts from the exact kNN graph of :mod:`workbench.analyses.knn`, computed once per
 (data, metric) and reused: UMAP builds its fuzzy graph from it (umap-learn's
-``fuzzy_simplicial_set``, so no approximate search runs), t-SNE as a sparse distance graph, the quality scores and the dimension
-estimators read it directly.
+``fuzzy_simplicial_set``, so no approximate search runs), t-SNE takes it as a sparse distance
+graph, and the quality scores and the dimension estimators read it directly.
 
-UMAP's layout is optimised in batched torch on the selected device (:mod:`workbench.analyses.umap_layout`,
-about 2.5 times faster than umap-learn's seeded single-threaded loop on two cores, with the same
-quality). umap-learn's graph and spectral start compile numba kernels on first use in a process;
-:func:`warm_up` runs the same code path on a tiny input so a long-lived server can pay that cost
-in the background at start.
+UMAP's layout is optimised in batched torch on the selected device
+(:mod:`workbench.analyses.umap_layout`; on two cores about 2.5 times faster than umap-learn's
+seeded single-threaded loop, and at least as trustworthy in ``benchmarks/probing_embedding.py``).
+umap-learn's graph and spectral start compile numba kernels on first use in a process (about 15 s
+on two cores); :func:`warm_up` runs the same code path on a tiny input so a long-lived server can
+pay that cost in the background at start.
 """
 
 from __future__ import annotations
@@ -410,9 +411,9 @@ def warm_up(progress: Progress | None = None) -> float:
     """Compile the numba kernels of umap-learn's graph code by running :func:`embed` on a tiny input.
 
     Runs the same code path as ``embed(method="umap")`` (exact kNN, fuzzy graph, spectral
-    initialisation, layout), so a later call in this process starts at once.
-    Takes up to a minute on two cores the first time and well under a second afterwards; meant for
-    a background thread when a long-lived server starts. Returns the seconds it took.
+    initialisation, layout), so a later call in this process starts at once. Takes about 15 s on
+    two cores the first time (numba compilation) and well under a second afterwards; meant for a
+    background thread when a long-lived server starts. Returns the seconds it took.
     """
     start = time.perf_counter()
     rng = np.random.default_rng(0)

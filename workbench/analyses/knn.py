@@ -1,6 +1,6 @@
 """Exact k-nearest-neighbour graphs, computed once per (data, metric) and shared.
 
-UMAP (as ``precomputed_knn``), trustworthiness, kNN preservation and the intrinsic-dimension
+UMAP (its fuzzy graph), t-SNE, trustworthiness, kNN preservation and the intrinsic-dimension
 estimators all start from the same graph, so :func:`knn_graph` caches it in memory keyed by the
 sha256 of the array's content, the metric and ``k``; a later request for the same data with a
 smaller ``k`` is answered by slicing the cached graph.
@@ -59,7 +59,7 @@ class KnnGraph(RecordedResult):
     def with_self(self, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, distances)`` with each sample prepended as its own neighbour at distance 0.
 
-        This is the layout umap-learn expects for ``precomputed_knn`` with ``n_neighbors = k + 1``.
+        This is the layout umap-learn's ``fuzzy_simplicial_set`` expects for ``n_neighbors = k + 1``.
         ``k`` (default: all) keeps the first ``k`` true neighbours.
         """
         k = self.k if k is None else k
