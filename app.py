@@ -9,7 +9,7 @@ os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 import streamlit as st  # noqa: E402
 
-from pages import _state  # noqa: E402
+from pages import _choosers, _state  # noqa: E402
 
 # (file, title, icon, section)
 PAGES = [
@@ -41,9 +41,9 @@ sections: dict[str, list] = {}
 for file, title, icon, section in PAGES:
     sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon, default=file == "pages/home.py"))
 navigation = st.navigation(sections)
-_state.ensure_defaults()
+_choosers.ensure_defaults()
 _state.start_call_log()
-_state.sidebar()
+_choosers.sidebar()
 if os.environ.get("WORKBENCH_WARM_UP", "1") == "1":
     _warm_up_umap()
 navigation.run()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import _state
+from pages import _choosers, _state
 
 st.title("Representation Workbench")
 st.caption("Upload one or two trained checkpoints, see what their layers represent, compare them, export a report.")
 
-_state.choosers()
+_choosers.choosers()
 st.divider()
 models = _state.current_models()
 dataset = st.session_state.get(_state.DATASET)

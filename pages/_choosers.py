@@ -1,0 +1,166 @@
+"""The model and dataset choosers (on the "Models & data" page) and the sidebar summary on every page."""
+
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from pages._state import (
+    BUILTIN_DATASETS,
+    DATASET,
+    DEFAULT_A,
+    DEFAULT_B,
+    MODEL_A,
+    MODEL_B,
+    NONE,
+    UPLOAD,
+    load_builtin_dataset,
+    load_sample_model,
+    load_uploaded_dataset,
+    load_uploaded_model,
+    max_upload_mb,
+    sample_model_names,
+    trust_allowed,
+)
+from workbench.errors import FileTooLargeError, WorkbenchError
+
+
+def _check_size(name: str, data: bytes) -> None:
+    if len(data) > max_upload_mb() << 20:
+        raise FileTooLargeError(f"'{name}' is {len(data) / 2**20:.0f} MiB, above this server's {max_upload_mb()} MiB upload limit.")
+
+
+def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> None:
+    names = sample_model_names()
+    options = ([NONE] if optional else []) + names + [UPLOAD]
+    current = st.session_state.get(slot)
+    kept = None
+    if slot in st.session_state:  # set by code (a notebook, a test) or by an earlier run
+        if current is None:
+            default = NONE if optional else default
+        elif current.name in names and current.sha256 == load_sample_model(current.name).sha256:
+            default = current.name
+        else:
+            kept = f"{current.name} (loaded)"
+            options.insert(0, kept)
+            default = kept
+    index = options.index(default) if default in options else 0
+    choice = st.selectbox(label, options, index=index, key=f"{slot}_choice",
+                                  help="A bundled sample model, or your own checkpoint.")
+    if choice == kept:
+        return
+    if choice == NONE:
+        st.session_state[slot] = None
+        return
+    if choice != UPLOAD:
+        try:
+            st.session_state[slot] = load_sample_model(choice)
+        except WorkbenchError as exc:
+            st.error(str(exc))
+        return
+    upload = st.file_uploader(
+        f"Checkpoint for {label.lower()}", type=["safetensors", "pt", "pth", "bin", "ckpt", "zip"], key=f"{slot}_upload",
+        help="safetensors (spec in metadata), a state dict (.pt/.pth/.bin) with an architecture spec, or a zipped Hugging Face folder.",
+    )
+    arch = st.text_area("Architecture spec (JSON), for state dicts without one", key=f"{slot}_arch",
+                                placeholder='{"type": "mlp", "sizes": [64, 512, 512, 10], "activation": "relu"}')
+    trust = False
+    if trust_allowed():
+        trust = st.checkbox(
+            "I trust this file (allows full pickles, which can run arbitrary code on this server)", key=f"{slot}_trust",
+            value=False,
+        )
+    if upload is None:
+        st.session_state[slot] = None
+        return
+    data = upload.getvalue()
+    try:
+        _check_size(upload.name, data)
+        st.session_state[slot] = load_uploaded_model(data, upload.name, arch.strip() or None, trust)
+    except WorkbenchError as exc:
+        st.session_state[slot] = None
+        st.error(str(exc))
+
+
+def _dataset_chooser() -> None:
+    options = list(BUILTIN_DATASETS) + [UPLOAD]
+    current = st.session_state.get(DATASET)
+    kept = None
+    index = 0
+    if current is not None:
+        builtin = next((label for label, (name, split) in BUILTIN_DATASETS.items()
+                        if current.name.startswith(name) and current.info.get("split") == split), None)
+        if current.name.startswith("blobs"):
+            builtin = "blobs (synthetic)"
+        if builtin is None:
+            kept = f"{current.name} (loaded)"
+            options.insert(0, kept)
+        index = options.index(builtin) if builtin else 0
+    choice = st.selectbox("Dataset", options, index=index, key="dataset_choice",
+                          help="A bundled dataset, or your own arrays.")
+    if choice == kept:
+        return
+    try:
+        if choice == UPLOAD:
+            upload = st.file_uploader("Dataset file (.npz, .csv, .pt)", type=["npz", "csv", "pt"], key="dataset_upload",
+                                      help="Arrays 'x' and optional labels 'y'; CSV with an optional 'label' column.")
+            if upload is None:
+                st.session_state[DATASET] = None
+                return
+            data = upload.getvalue()
+            _check_size(upload.name, data)
+            st.session_state[DATASET] = load_uploaded_dataset(data, upload.name)
+            return
+        name, split = BUILTIN_DATASETS[choice]
+        options_json = "{}"
+        if name == "blobs":
+            start = float(current.info.get("separation", 3.0)) if current is not None and current.name.startswith("blobs") else 3.0
+            sep = st.slider("Class separation", 0.0, 8.0, start, 0.5, key="blobs_separation",
+                            help="Distance of the class centres in units of the within-class standard deviation.")
+            options_json = json.dumps({"separation": sep})
+        st.session_state[DATASET] = load_builtin_dataset(name, split, options_json)
+    except WorkbenchError as exc:
+        st.session_state[DATASET] = None
+        st.error(str(exc))
+
+
+def choosers() -> None:
+    """Model A, optional model B and the dataset, side by side; the choice is kept in session state."""
+    col_a, col_b, col_d = st.columns(3)
+    with col_a:
+        _model_chooser(MODEL_A, "Model A", DEFAULT_A, optional=False)
+    with col_b:
+        _model_chooser(MODEL_B, "Model B (optional, to compare)", DEFAULT_B, optional=True)
+    with col_d:
+        _dataset_chooser()
+
+
+def ensure_defaults() -> None:
+    """Load the bundled default models and dataset the first time a session opens any page."""
+    try:
+        if MODEL_A not in st.session_state:
+            st.session_state[MODEL_A] = load_sample_model(DEFAULT_A)
+        if MODEL_B not in st.session_state:
+            st.session_state[MODEL_B] = load_sample_model(DEFAULT_B)
+        if DATASET not in st.session_state:
+            st.session_state[DATASET] = load_builtin_dataset("digits", "test")
+    except WorkbenchError as exc:
+        st.error(str(exc))
+
+
+def sidebar() -> None:
+    """What is loaded, on every page, with a link to change it."""
+    st.sidebar.header("Models and data")
+    _sidebar_summary()
+    st.sidebar.page_link("pages/home.py", label="Change models or data", icon=":material/swap_horiz:")
+
+
+def _sidebar_summary() -> None:
+    for slot, label in ((MODEL_A, "A"), (MODEL_B, "B")):
+        m = st.session_state.get(slot)
+        if m is not None:
+            st.sidebar.caption(f"**{label}**: {m.name} · {m.n_parameters:,} parameters · sha256 {m.sha256[:12]}")
+    d = st.session_state.get(DATASET)
+    if d is not None:
+        st.sidebar.caption(f"**Data**: {d.name} · {d.n_samples} samples")
