@@ -20,6 +20,7 @@ from workbench.analyses.topology import (
     DiagramDistanceMatrixResult,
     PersistenceResult,
     SeparabilityResult,
+    _h1_birth_bound,
     class_separability,
     diagram_distance,
     diagram_distance_matrix,
@@ -135,6 +136,63 @@ def test_collapse_path_gives_the_same_diagrams_as_the_dense_path():
     assert dense.engine == "ripser" and collapsed.engine == "collapse+ripser"
     for k in (0, 1):
         assert np.array_equal(dense.diagram(k), collapsed.diagram(k))
+
+
+def _full_rips(d: np.ndarray) -> list[np.ndarray]:
+    from gudhi.sklearn.rips_persistence import RipsPersistence
+
+    return RipsPersistence([0, 1], input_type="full distance matrix", num_collapses=0, homology_coeff_field=2).fit_transform([d])[0]
+
+
+def _cloud(case: str) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    if case == "noisy torus in 20-D":
+        a, b = rng.uniform(0, 2 * np.pi, (2, 400))
+        torus = np.stack([(2 + np.cos(b)) * np.cos(a), (2 + np.cos(b)) * np.sin(a), np.sin(b)], 1)
+        return torus @ np.linalg.qr(rng.standard_normal((20, 3)))[0].T + 0.1 * rng.standard_normal((400, 20))
+    if case == "blobs":
+        return rng.normal(size=(5, 8))[np.arange(300) % 5] * 4 + rng.normal(size=(300, 8))
+    if case == "integer grid (many equal distances)":
+        g = np.arange(17.0)
+        return np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    if case == "duplicated points":
+        base = rng.normal(size=(150, 5))
+        return np.concatenate([base, base[:150]])
+    return circle(300, noise=0.01, seed=3)  # a clean circle: its one long 1-cycle dies far beyond the last birth
+
+
+@pytest.mark.parametrize(
+    ("case", "engine"),
+    [
+        ("noisy torus in 20-D", "ripser-truncated"),
+        ("blobs", None),
+        ("integer grid (many equal distances)", None),
+        ("duplicated points", None),
+        ("clean circle", "ripser"),
+    ],
+)
+def test_truncated_persistence_equals_the_full_computation(case, engine):
+    d = distance_matrix(_cloud(case))
+    ours = persistence(d, metric="precomputed", max_dim=1, max_points=len(d))
+    if engine is not None:
+        assert ours.engine == engine
+    reference = _full_rips(d)
+    for k in (0, 1):
+        assert np.array_equal(np.sort(ours.diagram(k), axis=0), np.sort(np.asarray(reference[k]).reshape(-1, 2), axis=0))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_h1_birth_bound_bounds_every_birth_and_every_unwitnessed_edge(seed):
+    rng = np.random.default_rng(seed)
+    n, dim = int(rng.integers(30, 70)), int(rng.integers(2, 12))
+    x = np.round(rng.normal(size=(n, dim)), 1 if seed % 2 else 6)  # odd seeds: coarse values, many ties
+    d = distance_matrix(x)
+    bound = _h1_birth_bound(torch.from_numpy(d))
+    h1 = np.asarray(_full_rips(d)[1]).reshape(-1, 2)
+    assert len(h1) == 0 or h1[:, 0].max() <= bound
+    # brute force: every edge longer than the bound has a strict witness
+    witnessed = (np.maximum(d[:, None, :], d[None, :, :]) < d[:, :, None]).any(axis=2)  # [u, v]: some w beats d_uv
+    assert np.all(witnessed[d > bound])
 
 
 def test_h2_of_a_sphere():

@@ -5,7 +5,10 @@
     once in float64 with torch; H0 is the minimum spanning tree of the distance graph (Prim's
     algorithm in torch, exact for any number of points); H1 and H2 come from gudhi's Ripser-based
     engine, with exact edge collapses when the dense engine would need too much memory, on at most
-    ``max_points`` points chosen by farthest-point sampling.
+    ``max_points`` points chosen by farthest-point sampling. For H0 + H1, Ripser first runs only up
+    to a certified bound on the births of 1-cycles (edges without a witness, see
+    ``_h1_birth_bound``); when no 1-cycle is alive there, that is the whole diagram, at a fraction
+    of the cost (on a noisy torus of 1,000 points in 64-D, 0.23 s instead of 0.53 s).
 ``diagram_distance`` / ``persistence_distance`` / ``diagram_distance_matrix``
     Bottleneck or Wasserstein distance between diagrams (gudhi), for two layers or all layer pairs.
 ``class_separability`` / ``layer_separability`` / ``separability_trajectory``
@@ -61,6 +64,17 @@ GRID_SIZE = 100
 # Peak memory of gudhi's dense Ripser per edge below the enclosing radius, H0 + H1, measured on
 # 64-D point clouds of 500-2000 points (noisy tori, Gaussian noise): 70-420 bytes. Rounded up.
 RIPSER_BYTES_PER_EDGE = 512
+BIRTH_BOUND_NEIGHBOURS = 8  # witness candidates per point: its nearest neighbours ...
+BIRTH_BOUND_LANDMARKS = 32  # ... and a farthest-point set shared by all points
+TRUNCATE_MIN_POINTS = 256  # below this the full computation takes milliseconds
+# A computation truncated at a scale costs about 1.6 times the full one's share of edges below that scale; it pays
+# when it succeeds (no 1-cycle alive there) and is wasted otherwise. On a noisy torus in 64-D the bound on births
+# sits at 0.53 of the enclosing radius, above every death (0.48), with 20 % of the edges below it; on a Gaussian
+# cloud in 50-D it sits at 0.81, and 1-cycles there live on to 0.82 of the enclosing radius.
+TRUNCATE_BELOW = 0.75  # of the enclosing radius
+TRUNCATE_MAX_EDGES = 0.35  # of all pairs
+TRUNCATE_GROWTH = 1.2  # next scale when a 1-cycle is still alive at the last one ...
+TRUNCATE_TRIES = 2  # ... and how many scales to try before the full computation
 MAX_COLLAPSE_ROUNDS = 32
 STORED_RDM_MAX_SAMPLES = 1000
 
@@ -92,10 +106,12 @@ class PersistenceResult(RecordedResult):
     ``n_points``: rows of the input; H0 always uses all of them. ``n_points_used``: the points the
     higher dimensions were computed on (``< n_points`` when subsampled); ``subsample_indices`` are
     their row numbers (farthest-point order), or None when no subsampling happened.
-    ``threshold``: the largest edge length entered in the Rips complex for dimensions >= 1 (the
-    enclosing radius, beyond which the complex is a cone and nothing changes), or the longest
-    spanning-tree edge for H0 alone. ``engine``:
-    ``"mst"`` (H0 only), ``"ripser"`` (dense) or ``"collapse+ripser"`` (edge-collapsed sparse graph).
+    ``threshold``: the scale up to which the diagrams of dimensions >= 1 are complete (the enclosing
+    radius, beyond which the complex is a cone and nothing changes), or the longest spanning-tree
+    edge for H0 alone. ``engine``: ``"mst"`` (H0 only), ``"ripser"`` (dense),
+    ``"ripser-truncated"`` (dense, H0 + H1, computed only up to a certified bound on H1 births once
+    no 1-cycle outlives it: the same diagrams, a fraction of the work) or ``"collapse+ripser"``
+    (edge-collapsed sparse graph).
     """
 
     diagrams: dict[int, np.ndarray]
@@ -443,14 +459,17 @@ def _rips_diagrams(
                 memory_limit / 2**20,
             )
     if not use_collapse:
-        rips = RipsPersistence(
-            homology_dimensions=dims,
-            input_type="full distance matrix",
-            num_collapses=0,
-            homology_coeff_field=HOMOLOGY_FIELD,
-        )
-        out = rips.fit_transform([d])[0]
-        return {k: np.asarray(out[k], dtype=np.float64).reshape(-1, 2) for k in dims}, threshold, "ripser"
+        if max_dim == 1 and n >= TRUNCATE_MIN_POINTS:
+            scale = _h1_birth_bound(torch.from_numpy(d))
+            for _ in range(TRUNCATE_TRIES):
+                if scale >= TRUNCATE_BELOW * threshold or np.count_nonzero(d <= scale) > TRUNCATE_MAX_EDGES * d.size:
+                    break
+                diagrams = _ripser_dense(d, dims, scale)
+                if np.isinf(diagrams[0][:, 1]).sum() == 1 and not np.isinf(diagrams[1][:, 1]).any():
+                    return diagrams, threshold, "ripser-truncated"
+                log.info("Rips on %d points: a 1-cycle outlives scale %.4g (births end before it)", n, scale)
+                scale *= TRUNCATE_GROWTH
+        return _ripser_dense(d, dims, np.inf), threshold, "ripser"
     from gudhi.flag_filtration.edge_collapse import reduce_graph
     from scipy.sparse import coo_matrix
 
@@ -468,6 +487,52 @@ def _rips_diagrams(
     )
     out = rips.fit_transform([graph])[0]
     return {k: np.asarray(out[k], dtype=np.float64).reshape(-1, 2) for k in dims}, threshold, "collapse+ripser"
+
+
+def _ripser_dense(d: np.ndarray, dims: list[int], max_edge_length: float) -> dict[int, np.ndarray]:
+    from gudhi.sklearn.rips_persistence import RipsPersistence
+
+    rips = RipsPersistence(
+        homology_dimensions=dims,
+        threshold=max_edge_length,
+        input_type="full distance matrix",
+        num_collapses=0,
+        homology_coeff_field=HOMOLOGY_FIELD,
+    )
+    out = rips.fit_transform([d])[0]
+    return {k: np.asarray(out[k], dtype=np.float64).reshape(-1, 2) for k in dims}
+
+
+def _h1_birth_bound(d: torch.Tensor) -> float:
+    """An upper bound on the birth of every 1-cycle of the Rips filtration of the distance matrix ``d``.
+
+    An edge ``uv`` with a witness ``w`` (``max(d_uw, d_vw) < d_uv``) enters together with the
+    triangle ``uvw`` whose other two edges are already in: an elementary expansion, which changes no
+    homology, and the other simplices entering at that value can only fill 1-cycles. So 1-cycles
+    are born only at edges without a witness (the relative neighbourhood graph), and the longest
+    edge for which no witness turns up among either end's nearest neighbours and a farthest-point
+    set of landmarks bounds every H1 birth. Persistence computed up to this bound is the whole H1
+    diagram when no 1-cycle is still alive there. Witnesses are tested in float32 with a relative
+    margin that covers the rounding, so an edge counts as witnessed only when it is in float64.
+    """
+    n = d.shape[0]
+    d32 = d.float()
+    margin = 1.0 - 64 * float(torch.finfo(torch.float32).eps)
+    near = d32.topk(min(BIRTH_BOUND_NEIGHBOURS + 1, n), largest=False).indices[:, 1:]
+    landmarks = _farthest_points(None, d, min(BIRTH_BOUND_LANDMARKS, n), seed=0)
+    from_landmarks = d32[landmarks]  # (landmarks, n)
+    block = max(1, (1 << 24) // (max(near.shape[1], len(landmarks)) * n))  # (rows, candidates, n) blocks under 64 MiB
+    unwitnessed = torch.empty(n, n, dtype=torch.bool)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        rows = torch.arange(lo, hi)[:, None]
+        # best witness of each pair (rows, n) among the row's neighbours, then among the landmarks
+        best = torch.maximum(d32[rows, near[lo:hi]][:, :, None], d32[near[lo:hi]]).amin(1)
+        best = torch.minimum(best, torch.maximum(d32[rows, landmarks][:, :, None], from_landmarks[None]).amin(1))
+        unwitnessed[lo:hi] = ~(best < d32[lo:hi] * margin)
+    unwitnessed &= unwitnessed.T.clone()  # a witness found from either end will do
+    unwitnessed.fill_diagonal_(False)
+    return float(d[unwitnessed].max()) if bool(unwitnessed.any()) else 0.0
 
 
 def _h0_diagram(lengths: np.ndarray) -> np.ndarray:
@@ -637,10 +702,9 @@ def persistence(
         check_not_constant(t, "x", func=func)
         p, d_full = _points(t, metric == "cosine", func), None
     report(1, stages)
-    with _single_threaded(dev):
-        diagrams, threshold, engine, subsample = _persistence_core(
-            p, d_full, max_dim, max_points, seed, collapse, memory_limit, report, stages
-        )
+    diagrams, threshold, engine, subsample = _persistence_core(
+        p, d_full, max_dim, max_points, seed, collapse, memory_limit, report, stages
+    )
     used = n if subsample is None else len(subsample)
     diagrams = {k: _sorted_by_lifetime(v) for k, v in diagrams.items()}
     grid, curves, total, entropy = _summaries(diagrams, grid_size)
@@ -648,6 +712,7 @@ def persistence(
     label = {
         "mst": "H0 by minimum spanning tree (Prim, torch)",
         "ripser": "Vietoris-Rips persistence, gudhi Ripser (dense)",
+        "ripser-truncated": "Vietoris-Rips persistence, gudhi Ripser up to a certified bound on H1 births (exact)",
         "collapse+ripser": "Vietoris-Rips persistence, edge collapse + gudhi Ripser (sparse)",
     }[engine]
     if subsample is not None:
