@@ -441,9 +441,10 @@ def _rips_diagrams(
 
     Dense Ripser when its estimated memory fits ``memory_limit`` (and for H1 only); otherwise, when
     ``collapse``, the graph of edges up to the enclosing radius is reduced by edge collapses
-    (exact: the flag filtration keeps its persistence) until stable, and Ripser runs on it.
+    (exact: the flag filtration keeps its persistence) until stable, and Ripser runs on it. Dense
+    H0 + H1 first tries scales from :func:`_h1_birth_bound` up, and keeps the first run in which
+    no 1-cycle is still alive.
     """
-    from gudhi.sklearn.rips_persistence import RipsPersistence
 
     n = d.shape[0]
     threshold = float(d.max(1).min())  # enclosing radius
@@ -466,12 +467,12 @@ def _rips_diagrams(
             for _ in range(TRUNCATE_TRIES):
                 if scale >= TRUNCATE_BELOW * threshold or np.count_nonzero(d <= scale) > TRUNCATE_MAX_EDGES * d.size:
                     break
-                diagrams = _ripser_dense(d, dims, scale)
+                diagrams = _ripser(d, dims, "full distance matrix", scale)
                 if np.isinf(diagrams[0][:, 1]).sum() == 1 and not np.isinf(diagrams[1][:, 1]).any():
                     return diagrams, threshold, "ripser-truncated"
                 log.info("Rips on %d points: a 1-cycle outlives scale %.4g (births end before it)", n, scale)
                 scale *= TRUNCATE_GROWTH
-        return _ripser_dense(d, dims, np.inf), threshold, "ripser"
+        return _ripser(d, dims, "full distance matrix"), threshold, "ripser"
     from gudhi.flag_filtration.edge_collapse import reduce_graph
     from scipy.sparse import coo_matrix
 
@@ -484,24 +485,21 @@ def _rips_diagrams(
         graph = reduced
         if stable:
             break
-    rips = RipsPersistence(
-        homology_dimensions=dims, input_type="distance coo_matrix", num_collapses=0, homology_coeff_field=HOMOLOGY_FIELD
-    )
-    out = rips.fit_transform([graph])[0]
-    return {k: np.asarray(out[k], dtype=np.float64).reshape(-1, 2) for k in dims}, threshold, "collapse+ripser"
+    return _ripser(graph, dims, "distance coo_matrix"), threshold, "collapse+ripser"
 
 
-def _ripser_dense(d: np.ndarray, dims: list[int], max_edge_length: float) -> dict[int, np.ndarray]:
+def _ripser(data: Any, dims: list[int], input_type: str, max_edge_length: float = np.inf) -> dict[int, np.ndarray]:
+    """gudhi's Ripser on a full distance matrix or a sparse edge graph, up to ``max_edge_length``."""
     from gudhi.sklearn.rips_persistence import RipsPersistence
 
     rips = RipsPersistence(
         homology_dimensions=dims,
         threshold=max_edge_length,
-        input_type="full distance matrix",
+        input_type=input_type,
         num_collapses=0,
         homology_coeff_field=HOMOLOGY_FIELD,
     )
-    out = rips.fit_transform([d])[0]
+    out = rips.fit_transform([data])[0]
     return {k: np.asarray(out[k], dtype=np.float64).reshape(-1, 2) for k in dims}
 
 
