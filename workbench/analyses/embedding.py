@@ -164,9 +164,9 @@ def embed(
     x : (n_samples, n_features) array
         One layer's activations (or any samples in rows). Not modified.
     method : "umap", "pca" or "tsne"
-        UMAP (umap-learn's fuzzy graph of the exact kNN graph, layout optimised in torch) keeps local neighbourhoods and separates
-        clusters; PCA is linear, deterministic and keeps global distances; t-SNE (scikit-learn,
-        Barnes-Hut) keeps local neighbourhoods, slower than UMAP.
+        UMAP (umap-learn's fuzzy graph of the exact kNN graph, layout optimised in torch) keeps
+        local neighbourhoods and separates clusters; PCA is linear, deterministic and keeps global
+        distances; t-SNE (scikit-learn, Barnes-Hut) keeps local neighbourhoods, slower than UMAP.
     n_components : int
         Output dimensions, 2 or 3 for plotting (PCA: up to ``min(n_samples, n_features)``).
     seed : int
