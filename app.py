@@ -22,6 +22,7 @@ PAGES = [
     ("pages/topology.py", "Topology", ":material/bubble_chart:", "Analyse"),
     ("pages/degeneracy.py", "Degeneracy", ":material/grain:", "Analyse"),
     ("pages/mode_connectivity.py", "Mode connectivity", ":material/timeline:", "Weights"),
+    ("pages/merge.py", "Model merging", ":material/merge:", "Weights"),
     ("pages/report.py", "Report", ":material/description:", "Export"),
 ]
 

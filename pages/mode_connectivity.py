@@ -1,4 +1,4 @@
-"""Linear mode connectivity: interpolate A → B before and after permutation alignment; merge several models."""
+"""Linear mode connectivity: interpolate A → B before and after permutation alignment (merging: pages/merge.py)."""
 
 from __future__ import annotations
 
@@ -116,66 +116,3 @@ if model_b.architecture is not None:
         help="The permuted B; it computes the same function as B.",
     )
 _state.report_button("Mode connectivity", result, [curves, layers, spectra], key="mc_report")
-
-st.divider()
-st.subheader("Merge several models")
-st.caption(
-    "Align the members to a common basis (MergeMany: each is weight-matched to the average of the others) "
-    "and average the weights; compare with each member and with the plain average."
-)
-members = st.multiselect(
-    "Members (one architecture)",
-    names,
-    default=[n for n in ("mlp_seed0", "mlp_seed1", "mlp_seed2") if n in names],
-    key="mc_merge_models",
-    help="At least 3 bundled models of one architecture.",
-)
-merge_method = st.radio(
-    "Alignment",
-    list(mc.MERGE_METHODS),
-    format_func=lambda m: m.replace("_", " "),
-    horizontal=True,
-    key="mc_merge_method",
-)
-rounds = st.slider(
-    "Rounds at most", 1, 10, 3, key="mc_merge_rounds", help="MergeMany rounds; each visits every member."
-)
-if len(members) < 3:
-    st.info("Pick at least 3 models to merge.")
-    st.stop()
-if not st.toggle("Compute the merge", key="mc_merge_run", help="Weight matching of each member; seconds per round."):
-    st.stop()
-with _state.guard():
-    models = [_state.load_sample_model(n) for n in members]
-    with _state.progress_bar("Merging…") as bar:
-        merged = _state.cached_call(
-            mc.merge,
-            models,
-            dataset,
-            method=merge_method,
-            train_dataset=train,
-            max_rounds=rounds,
-            seed=seed,
-            progress=bar,
-        )
-cols = st.columns(3)
-cols[0].metric(
-    "Merged accuracy",
-    f"{merged.merged_accuracy:.1%}",
-    f"{merged.merged_accuracy - merged.naive_accuracy:+.1%} vs naive average",
-)
-cols[1].metric("Naive average accuracy", f"{merged.naive_accuracy:.1%}")
-cols[2].metric("Best member accuracy", f"{merged.member_accuracy.max():.1%}")
-merge_fig = plots.merge_figure(merged)
-st.plotly_chart(merge_fig, width="stretch", key="mc_merge_fig")
-if models[0].architecture is not None:
-    with _state.guard():
-        blob = mc.to_safetensors(
-            mc.merged_model(models, merged, stats_dataset=train if train is not None else dataset),
-            architecture=models[0].architecture,
-            name=f"merge of {', '.join(members)}",
-        )
-    st.download_button(
-        "Download the merged model (safetensors)", blob, file_name="merged.safetensors", key="mc_download_merged"
-    )
-_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report")

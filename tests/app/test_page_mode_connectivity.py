@@ -1,4 +1,4 @@
-"""The mode connectivity page: curves, barrier table, layer analysis, downloads, the merge panel, errors."""
+"""The mode connectivity page: curves, barrier table, layer analysis, downloads, errors."""
 
 from __future__ import annotations
 
@@ -36,28 +36,6 @@ def test_defaults_pick_two_seeds_and_show_curves_barriers_and_layers(app):
     assert any("max over λ" in c.value for c in at.caption)
     assert len(at.get("plotly_chart")) == 4  # curves, layers, spectra, objective
     assert any(b.label.startswith("Download B aligned to A") for b in at.get("download_button"))
-    assert not at.get("metric")  # the merge waits for its toggle
-
-
-def test_merge_panel_beats_the_naive_average(page):
-    at = page.run()
-    at.switch_page(PAGE).run()
-    assert at.multiselect(key="mc_merge_models").value == ["mlp_seed0", "mlp_seed1", "mlp_seed2"]
-    at.slider(key="mc_merge_rounds").set_value(1)
-    at.toggle(key="mc_merge_run").set_value(True).run()
-    assert not page_errors(at)
-    metrics = {m.label: m.value for m in at.metric}
-    merged = float(metrics["Merged accuracy"].rstrip("%"))
-    naive = float(metrics["Naive average accuracy"].rstrip("%"))
-    assert merged > 90 > naive
-    assert any(b.label.startswith("Download the merged model") for b in at.get("download_button"))
-
-
-def test_too_few_members_asks_for_three(page):
-    at = page.run()
-    at.switch_page(PAGE).run()
-    at.multiselect(key="mc_merge_models").set_value(["mlp_seed0", "mlp_seed1"]).run()
-    assert "Pick at least 3 models to merge." in [i.value for i in at.info]
 
 
 def test_different_architectures_show_a_clear_error(page):

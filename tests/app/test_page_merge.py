@@ -1,0 +1,38 @@
+"""The model merging page: MergeMany against the naive average, its download, too few members."""
+
+from __future__ import annotations
+
+from tests.app.conftest import page_errors
+
+PAGE = "pages/merge.py"
+
+
+def test_merge_waits_for_its_toggle(app):
+    at = app.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    assert at.title[0].value == "Model merging"
+    assert not at.get("metric")
+
+
+def test_merge_panel_beats_the_naive_average(app, digits_test):
+    app.session_state["dataset"] = digits_test
+    at = app.run()
+    at.switch_page(PAGE).run()
+    assert at.multiselect(key="mc_merge_models").value == ["mlp_seed0", "mlp_seed1", "mlp_seed2"]
+    at.slider(key="mc_merge_rounds").set_value(1)
+    at.toggle(key="mc_merge_run").set_value(True).run()
+    assert not page_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    merged = float(metrics["Merged accuracy"].rstrip("%"))
+    naive = float(metrics["Naive average accuracy"].rstrip("%"))
+    assert merged > 90 > naive
+    assert any(b.label.startswith("Download the merged model") for b in at.get("download_button"))
+
+
+def test_too_few_members_asks_for_three(app, digits_test):
+    app.session_state["dataset"] = digits_test
+    at = app.run()
+    at.switch_page(PAGE).run()
+    at.multiselect(key="mc_merge_models").set_value(["mlp_seed0", "mlp_seed1"]).run()
+    assert "Pick at least 3 models to merge." in [i.value for i in at.info]
