@@ -42,6 +42,7 @@ sections: dict[str, list] = {}
 for file, title, icon, section in PAGES:
     sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon, default=file == "pages/home.py"))
 navigation = st.navigation(sections)
+st.session_state[_state.SHELL] = True
 _choosers.ensure_defaults()
 _state.start_call_log()
 _choosers.sidebar()

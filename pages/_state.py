@@ -33,6 +33,7 @@ MODEL_A = "model_a"
 MODEL_B = "model_b"
 DATASET = "dataset"
 REPORT = "report_sections"
+SHELL = "app_shell_ran"  # set by app.py on every run
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT / "sample_models"
@@ -45,6 +46,21 @@ BUILTIN_DATASETS = {"digits (test split)": ("digits", "test"), "digits (train sp
 SKIP_LAYER_TYPES = {"Unflatten", "Flatten", "Dropout", "Identity", "ModuleList", "Sequential"}
 
 log = logging.getLogger("workbench.app")
+
+
+def in_app_shell() -> None:
+    """Make sure this page runs inside app.py's navigation (every page calls it first).
+
+    Until app.py has called ``st.navigation`` once in the server process, Streamlit runs in its
+    legacy pages-folder mode: a first request to a deep link such as ``/compare`` runs that page
+    file directly, with the folder's file list as navigation and no default models. A session in
+    which app.py has not run yet leaves that mode and starts again through app.py.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if getattr(PagesManager, "uses_pages_directory", False) and SHELL not in st.session_state:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def max_upload_mb() -> int:

@@ -8,6 +8,8 @@ from pages import _state
 from workbench.analyses.stats import activation_stats
 from workbench.plots.activations import layer_histograms, stats_rows
 
+_state.in_app_shell()
+
 st.title("Activation statistics")
 models = _state.current_models()
 if not models:

@@ -9,6 +9,8 @@ from workbench.analyses.relative import relative_comparison
 from workbench.analyses.similarity import CCA_KINDS, MEASURES, RDM_COMPARISONS, RDM_KINDS, similarity_matrix
 from workbench.plots.similarity import class_agreement_bars, measure_label, relative_scatter, similarity_heatmap
 
+_state.in_app_shell()
+
 HELP = {
     "measure": "Linear CKA: centred kernel alignment of linear kernels (invariant to rotations and isotropic scaling). "
     "RBF CKA: the same with Gaussian kernels (local structure). Procrustes: distance after the best rotation "

@@ -9,6 +9,8 @@ from workbench.analyses import degeneracy as dg
 from workbench.errors import ArchitectureError
 from workbench.plots import degeneracy as plots
 
+_state.in_app_shell()
+
 HELP = {
     "rtol": "Eigenvalues below rtol × the largest count as zero, for the ranks and for the truncation of the "
     "interaction basis; 1e-8 keeps directions with 1e-4 of the largest spread.",

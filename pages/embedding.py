@@ -8,6 +8,8 @@ from pages import _state
 from workbench.analyses.embedding import ID_METHODS, METHODS, aligned_embedding, layer_intrinsic_dimension
 from workbench.plots.embedding import embedding_scatter, intrinsic_dimension_profile
 
+_state.in_app_shell()
+
 SELECTION = "emb_selection"
 SELECT_MODES = ("points", "box", "lasso")
 

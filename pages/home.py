@@ -6,6 +6,8 @@ import streamlit as st
 
 from pages import _choosers, _state
 
+_state.in_app_shell()
+
 st.title("Representation Workbench")
 st.caption("Upload one or two trained checkpoints, see what their layers represent, compare them, export a report.")
 

@@ -8,6 +8,8 @@ from pages import _state
 from workbench.analyses import mode_connectivity as mc
 from workbench.plots import mode_connectivity as plots
 
+_state.in_app_shell()
+
 st.title("Model merging")
 dataset = _state.require_dataset()
 names = _state.sample_model_names()

@@ -8,6 +8,8 @@ from pages import _state
 from workbench.analyses import mode_connectivity as mc
 from workbench.plots import mode_connectivity as plots
 
+_state.in_app_shell()
+
 st.title("Mode connectivity")
 st.caption(
     "Are two trained networks linearly connected once B's hidden units are reordered to match A's? "

@@ -8,6 +8,8 @@ from pages import _state
 from workbench.analyses.probing import PROBES, probe_layers
 from workbench.plots.probing import probe_confusion, probe_profile, probe_rows
 
+_state.in_app_shell()
+
 st.title("Probing")
 st.caption(
     "A probe is a small classifier trained on one layer's activations to predict the labels; its held-out "

@@ -9,6 +9,8 @@ from pages import _state
 from workbench.analyses.relative import ANCHOR_METHODS, HEADS, relative_agreement_by_layer, stitch
 from workbench.plots.similarity import layer_agreement_bars, stitching_bars
 
+_state.in_app_shell()
+
 HELP = {
     "layers": "Layer names that both models have; each is compared with its namesake.",
     "anchors": "Number of anchor samples: the width of the relative representation.",

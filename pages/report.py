@@ -8,6 +8,8 @@ from pages import _state
 from workbench.report import PdfUnavailableError, Section, build_report
 from workbench.report.build import find_chromium
 
+_state.in_app_shell()
+
 st.title("Report")
 sections: list[dict] = st.session_state.setdefault(_state.REPORT, [])
 if not sections:

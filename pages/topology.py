@@ -8,6 +8,8 @@ from pages import _state
 from workbench.analyses import topology as tp
 from workbench.plots import topology as plots
 
+_state.in_app_shell()
+
 HELP = {
     "dim": "H0 counts connected components (exact for any number of samples); H1 counts loops (seconds for "
     "1000-2000 samples).",

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """The app on a free local port; yields its base URL once /_stcore/health answers."""
+@contextmanager
+def _app_server(tmp_path_factory) -> Iterator[str]:
+    """Start the app on a free local port; yield its base URL once /_stcore/health answers."""
     if _chromium() is None:
         pytest.skip("no Chromium on this machine (apt-get install chromium)")
     pytest.importorskip("playwright.sync_api")
@@ -64,6 +66,20 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The app, shared by the tests of a session."""
+    with _app_server(tmp_path_factory) as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_server(tmp_path_factory):
+    """The app in a server that has answered no request yet."""
+    with _app_server(tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

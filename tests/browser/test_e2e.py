@@ -118,3 +118,20 @@ def test_compare_embed_report_download_and_open_offline(page, tmp_path, browser)
     context.close()
     assert n_figures >= 1
     assert not errors, errors
+
+
+def test_a_deep_link_as_the_first_request_opens_the_page_inside_the_app(fresh_server, browser):
+    context = browser.new_context(viewport={"width": 1500, "height": 1000})
+    pg = context.new_page()
+    try:
+        pg.goto(f"{fresh_server}/compare")
+        pg.wait_for_selector("h1:has-text('Similarity')", timeout=60000)
+        wait_idle(pg)
+        nav = pg.locator("[data-testid='stSidebarNav']")
+        nav.get_by_text("Models & data").wait_for(timeout=30000)
+        assert not nav.get_by_text("choosers").count() and not nav.get_by_text("state", exact=True).count()
+        pg.wait_for_selector(".js-plotly-plot .main-svg", timeout=60000)  # the default models are loaded
+        assert not pg.locator("[data-testid='stException']").count()
+    finally:
+        context.close()
+
