@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
@@ -49,24 +52,23 @@ def _log_spectrum(values: np.ndarray) -> np.ndarray:
     return np.maximum(rel, ZERO_FLOOR)
 
 
-def spectrum_figure(*results: RankResult, max_cols: int = 3) -> go.Figure:
-    """Eigenvalue spectra per layer on a log scale, relative to the largest, one colour per model.
-
-    Takes the results of :func:`~workbench.analyses.degeneracy.activation_rank` or
-    :func:`~workbench.analyses.degeneracy.gradient_rank` (of one or two models). The dashed line is
-    the rank tolerance ``rtol``; eigenvalues below it count as zero. Exact zeros are drawn at 1e-16.
-    """
-    if not results:
-        raise ParameterError("spectrum_figure needs at least one RankResult.")
+def _spectrum_grid(
+    results: Sequence[Any],
+    spectra: Callable[[Any], dict[str, np.ndarray]],
+    detail: Callable[[Any, str], str],
+    symbol: str,
+    max_cols: int,
+) -> go.Figure:
+    """One log-scale panel per layer of relative eigenvalues, one line per result, the dashed line at rtol."""
     layers = _union([r.layers for r in results])
     rows, cols = _grid(len(layers), max_cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=layers)
     for i, r in enumerate(results):
         name = _label(r, i)
         for j, layer in enumerate(layers):
-            if layer not in r.eigenvalues:
+            if layer not in spectra(r):
                 continue
-            ev = r.eigenvalues[layer]
+            ev = spectra(r)[layer]
             fig.add_trace(
                 go.Scatter(
                     x=np.arange(1, ev.size + 1),
@@ -76,8 +78,8 @@ def spectrum_figure(*results: RankResult, max_cols: int = 3) -> go.Figure:
                     legendgroup=name,
                     showlegend=j == 0,
                     line={"color": MODEL_COLORS[i % len(MODEL_COLORS)]},
-                    hovertemplate=f"{name} · {layer}<br>#%{{x}}: %{{y:.3g}} of the largest<br>rank {r.rank[layer]} of "
-                    f"{r.width[layer]}, effective rank {r.effective_rank[layer]:.1f}<extra></extra>",
+                    hovertemplate=f"{name} · {layer}<br>{symbol}#%{{x}}: %{{y:.3g}} of the largest<br>"
+                    f"{detail(r, layer)}<extra></extra>",
                 ),
                 row=j // cols + 1,
                 col=j % cols + 1,
@@ -85,8 +87,27 @@ def spectrum_figure(*results: RankResult, max_cols: int = 3) -> go.Figure:
     for j in range(len(layers)):
         fig.add_hline(y=results[0].rtol, line_dash="dash", line_color="grey", row=j // cols + 1, col=j % cols + 1)
     fig.update_yaxes(type="log", exponentformat="power")
-    fig.update_xaxes(title_text="eigenvalue index", row=rows)
     fig.update_layout(height=280 * rows)
+    return fig
+
+
+def spectrum_figure(*results: RankResult, max_cols: int = 3) -> go.Figure:
+    """Eigenvalue spectra per layer on a log scale, relative to the largest, one colour per model.
+
+    Takes the results of :func:`~workbench.analyses.degeneracy.activation_rank` or
+    :func:`~workbench.analyses.degeneracy.gradient_rank` (of one or two models). The dashed line is
+    the rank tolerance ``rtol``; eigenvalues below it count as zero. Exact zeros are drawn at 1e-16.
+    """
+    if not results:
+        raise ParameterError("spectrum_figure needs at least one RankResult.")
+    fig = _spectrum_grid(
+        results,
+        lambda r: r.eigenvalues,
+        lambda r, layer: f"rank {r.rank[layer]} of {r.width[layer]}, effective rank {r.effective_rank[layer]:.1f}",
+        "",
+        max_cols,
+    )
+    fig.update_xaxes(title_text="eigenvalue index", row=_grid(len(_union([r.layers for r in results])), max_cols)[0])
     what = "Activation covariance spectra" if results[0].quantity == "activation" else "Jacobian Gram spectra"
     if results[0].output:
         what += f" (∂{results[0].output})"
@@ -212,34 +233,9 @@ def interaction_spectrum_figure(*results: InteractionBasisResult, max_cols: int 
     """The interaction eigenvalues Λ per layer on a log scale, relative to the largest; the dashed line is rtol."""
     if not results:
         raise ParameterError("interaction_spectrum_figure needs at least one InteractionBasisResult.")
-    layers = _union([r.layers for r in results])
-    rows, cols = _grid(len(layers), max_cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=layers)
-    for i, r in enumerate(results):
-        name = _label(r, i)
-        for j, layer in enumerate(layers):
-            if layer not in r.interaction_eigenvalues:
-                continue
-            ev = r.interaction_eigenvalues[layer]
-            fig.add_trace(
-                go.Scatter(
-                    x=np.arange(1, ev.size + 1),
-                    y=_log_spectrum(ev),
-                    mode="lines",
-                    name=name,
-                    legendgroup=name,
-                    showlegend=j == 0,
-                    line={"color": MODEL_COLORS[i % len(MODEL_COLORS)]},
-                    hovertemplate=f"{name} · {layer}<br>Λ #%{{x}}: %{{y:.3g}} of the largest<br>basis size "
-                    f"{r.basis_size[layer]}<extra></extra>",
-                ),
-                row=j // cols + 1,
-                col=j % cols + 1,
-            )
-    for j in range(len(layers)):
-        fig.add_hline(y=results[0].rtol, line_dash="dash", line_color="grey", row=j // cols + 1, col=j % cols + 1)
-    fig.update_yaxes(type="log", exponentformat="power")
-    fig.update_layout(height=280 * rows)
+    fig = _spectrum_grid(
+        results, lambda r: r.interaction_eigenvalues, lambda r, layer: f"basis size {r.basis_size[layer]}", "Λ ", max_cols
+    )
     title = "Interaction eigenvalues Λ (activation variance in the basis)"
     return _room(titled(fig, title, estimator=results[0].estimator, n=results[0].n_samples))
 
