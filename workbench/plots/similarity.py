@@ -172,32 +172,20 @@ def layer_agreement_bars(result: RelativeLayerAgreementResult) -> go.Figure:
     names = [a if a == b else f"{a} / {b}" for a, b in zip(result.layers_a, result.layers_b)]
     fig = make_subplots(rows=1, cols=2, subplot_titles=(f"Jaccard@{result.k}", "MRR"), horizontal_spacing=0.08)
     for col, (rel, ab) in enumerate(((result.jaccard, result.absolute_jaccard), (result.mrr, result.absolute_mrr)), 1):
-        fig.add_trace(
-            go.Bar(
-                x=names,
-                y=rel,
-                name="relative",
-                marker_color=_RELATIVE_COLOR,
-                legendgroup="relative",
-                showlegend=col == 1,
-                hovertemplate="%{x}<br>relative %{y:.3f}<extra></extra>",
-            ),
-            row=1,
-            col=col,
-        )
-        fig.add_trace(
-            go.Bar(
-                x=names,
-                y=ab,
-                name="absolute",
-                marker_color=_ABSOLUTE_COLOR,
-                legendgroup="absolute",
-                showlegend=col == 1,
-                hovertemplate="%{x}<br>absolute %{y:.3f}<extra></extra>",
-            ),
-            row=1,
-            col=col,
-        )
+        for kind, values, color in (("relative", rel, _RELATIVE_COLOR), ("absolute", ab, _ABSOLUTE_COLOR)):
+            fig.add_trace(
+                go.Bar(
+                    x=names,
+                    y=values,
+                    name=kind,
+                    marker_color=color,
+                    legendgroup=kind,
+                    showlegend=col == 1,
+                    hovertemplate=f"%{{x}}<br>{kind} %{{y:.3f}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
     fig.update_yaxes(range=[0, 1])
     fig.update_xaxes(type="category")
     fig.update_layout(barmode="group", height=400)
