@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from workbench.activations.capture import POOLINGS
 from workbench.activations.extract import (
-    POOLINGS,
     _as_dataset,
     assemble_cache,
     cache_key,

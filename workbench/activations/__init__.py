@@ -1,12 +1,11 @@
+from workbench.activations.capture import POOLINGS, pool
 from workbench.activations.extract import (
-    POOLINGS,
     LayerInfo,
     check_layers,
     default_cache_dir,
     extract,
     layer_info,
     list_layers,
-    pool,
 )
 from workbench.activations.types import Activations
 

@@ -3,7 +3,7 @@
 ``extract`` runs the model over the dataset in batches under ``torch.inference_mode()``, captures
 the outputs of the requested modules with forward hooks (always removed in ``finally``), pools
 conv maps and token sequences to ``(n_samples, n_features)`` by a named rule, and streams each
-layer into a memory-mapped ``.npy`` file in a cache folder keyed by the sha256 of the weights,
+layer into a ``.npy`` file in a cache folder keyed by the sha256 of the weights,
 the data, the layers and the pooling rule. Memory is bounded by the batch, not by the dataset; a
 second identical call reads the cache.
 """
@@ -16,8 +16,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from workbench.activations.capture import POOLINGS, PooledCapture, channel_first_model, hooks_on, valid_layers
 from workbench.activations.types import Activations
 from workbench.data.datasets import Dataset, make_dataset
 from workbench.device import full_float32, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model
 
-POOLINGS = ("mean", "flatten", "max", "cls", "last")
 CACHE_FORMAT = 1
-WRITE_BUFFER_BYTES = 1 << 20
 Progress = Callable[[int, int], None]
 
 
@@ -56,49 +54,10 @@ class LayerInfo:
     depth: int
 
 
-def _valid_layers(module: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in module.named_modules() if name}
-
-
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "values"):
-        for v in out.values():
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    if isinstance(out, (tuple, list)):
-        for v in out:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    return None
-
-
-@contextmanager
-def hooks_on(module: nn.Module, layers: list[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Register forward hooks on ``layers`` calling ``fn(name, output_tensor)``; always removed."""
-    modules = _valid_layers(module)
-    handles = []
-    try:
-        for name in layers:
-            def hook(_m: nn.Module, _inp: Any, out: Any, _name: str = name) -> None:
-                t = _first_tensor(out)
-                if t is not None:
-                    fn(_name, t)
-
-            handles.append(modules[name].register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def check_layers(model: LoadedModel | nn.Module, layers: list[str] | str) -> list[str]:
     """Validate layer names against ``named_modules()``; unknown names raise with a suggestion."""
     module = model.module if isinstance(model, LoadedModel) else model
-    names = list(_valid_layers(module))
+    names = list(valid_layers(module))
     if isinstance(layers, str):
         layers = [layers]
     layers = list(layers)
@@ -133,7 +92,7 @@ def layer_info(model: LoadedModel | nn.Module, example: torch.Tensor | None = No
     """Every named module in forward order (modules that did not run last), with output shapes."""
     lm = as_loaded_model(model)
     x = example if example is not None else example_input(lm)
-    modules = _valid_layers(lm.module)
+    modules = valid_layers(lm.module)
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str, t: torch.Tensor) -> None:
@@ -157,50 +116,6 @@ def layer_info(model: LoadedModel | nn.Module, example: torch.Tensor | None = No
 def list_layers(model: LoadedModel | nn.Module, example: torch.Tensor | None = None) -> list[str]:
     """Module paths from ``named_modules()`` in the order they run on a probe batch."""
     return [info.name for info in layer_info(model, example)]
-
-
-def _channel_first(module: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d)) for m in module.modules()) and not any(
-        isinstance(m, (nn.MultiheadAttention, nn.Embedding)) for m in module.modules())
-
-
-def pool(out: torch.Tensor, rule: str, *, channel_first: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Pool one layer's batch output to ``(batch, features)``.
-
-    2-D outputs are returned as they are. Conv maps ``(B, C, *spatial)`` (4-D and 5-D outputs, and
-    3-D ones in models built from 1-D convolutions) are channel-first: ``mean``/``max`` reduce the
-    spatial axes, ``flatten`` keeps everything. Token sequences ``(B, T, D)``: ``mean``/``max``
-    over tokens (padding excluded when a mask is given), ``cls`` the first token, ``last`` the last
-    non-padding token.
-    """
-    if out.ndim == 1:
-        return out.reshape(-1, 1)
-    if out.ndim == 2:
-        return out
-    if rule == "flatten":
-        return out.reshape(out.shape[0], -1)
-    spatial = out.ndim >= 4 or channel_first
-    if spatial:
-        if rule in ("cls", "last"):
-            raise ParameterError(f"Pooling '{rule}' applies to token sequences; this layer outputs a conv map of shape {tuple(out.shape)}. Use 'mean', 'max' or 'flatten'.")
-        dims = tuple(range(2, out.ndim))  # reduced in place, whatever the memory format (no reshape copy)
-        return out.mean(dims) if rule == "mean" else out.amax(dims)
-    if out.ndim > 3:
-        out = out.reshape(out.shape[0], out.shape[1], -1)
-    use_mask = mask is not None and mask.shape == out.shape[:2]
-    if rule == "cls":
-        return out[:, 0]
-    if rule == "last":
-        if use_mask:
-            idx = (mask.long().sum(1) - 1).clamp(min=0)
-            return out[torch.arange(out.shape[0], device=out.device), idx]
-        return out[:, -1]
-    if use_mask:
-        m = mask.unsqueeze(-1).to(out.dtype)
-        if rule == "mean":
-            return (out * m).sum(1) / m.sum(1).clamp(min=1)
-        return out.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
-    return out.mean(1) if rule == "mean" else out.amax(1)
 
 
 def cache_key(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: str) -> str:
@@ -323,18 +238,21 @@ def extract(
 
 
 class _LayerFile:
-    """One layer's ``.npy`` file written front to back, a batch at a time, through a large write buffer
-    (sequential writes cost a fraction of first-touch page faults on a fresh memory map)."""
+    """One layer's ``.npy`` file written front to back, one block per batch, straight from the block
+    (no user-space buffer: sequential writes cost a fraction of first-touch page faults on a fresh
+    memory map, and a copy into a buffer would cost as much again)."""
 
     def __init__(self, path: Path, n_samples: int, width: int):
         self.path, self.n_samples, self.width, self.rows = path, n_samples, width, 0
-        self.handle = open(path, "wb", buffering=WRITE_BUFFER_BYTES)  # noqa: SIM115 (closed in close())
+        self.handle = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in close())
         np.lib.format.write_array_header_1_0(
             self.handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                           "shape": (n_samples, width)})
 
     def append(self, block: np.ndarray) -> None:
-        self.handle.write(memoryview(np.ascontiguousarray(block, dtype=np.float32)))
+        view = memoryview(np.ascontiguousarray(block, dtype=np.float32)).cast("B")
+        while view:
+            view = view[self.handle.write(view):]
         self.rows += len(block)
 
     def close(self) -> None:
@@ -349,25 +267,18 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
     tmp.mkdir()
     files = {layer: f"layer{i:03d}.npy" for i, layer in enumerate(layers)}
     writers: dict[str, _LayerFile] = {}
-    captured: dict[str, torch.Tensor] = {}
     n = data.n_samples
     module = lm.module
-    channel_first = _channel_first(module)
     param = next(iter(module.parameters()), None)
     original_device = param.device if param is not None else torch.device("cpu")
-    mask: torch.Tensor | None = None
-
-    def capture(name: str, t: torch.Tensor) -> None:
-        captured[name] = pool(t.detach(), pooling, channel_first=channel_first, mask=mask).float()
-
     started = time.perf_counter()
     try:
         module.to(dev)
-        with hooks_on(module, layers, capture), torch.inference_mode(), full_float32():
+        with PooledCapture(module, layers, pooling, channel_first=channel_first_model(module)) as capture, \
+                torch.inference_mode(), full_float32():
             for start in range(0, n, batch_size):
                 batch = data.x[start:start + batch_size].to(dev)
-                mask = (batch != 0) if lm.takes_tokens else None
-                captured.clear()
+                capture.begin_batch(mask=(batch != 0) if lm.takes_tokens else None)
                 try:
                     _forward(module, batch, lm.takes_tokens, lm.source_format)
                 except WorkbenchError:
@@ -377,6 +288,7 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
                         f"Model '{lm.name}' failed on a batch of dataset '{data.name}' with shape {tuple(batch.shape)} ({str(exc).splitlines()[0][:200]}); "
                         "check that the dataset is made for this model."
                     ) from exc
+                captured = capture.end_batch()
                 for layer in layers:
                     if layer not in captured:
                         raise DataError(f"Layer '{layer}' did not run in the forward pass of '{lm.name}', so it has no activations; pick a layer that runs.")

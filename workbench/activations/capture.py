@@ -1,0 +1,356 @@
+"""Forward hooks that capture layer outputs and pool them to ``(batch, features)``.
+
+:func:`pool` is the pooling rule; :class:`PooledCapture` applies it to the outputs of the
+requested layers during a forward pass. A conv map is large (a 32-channel 8x8 map is as many
+numbers as the model's own BatchNorm reads), so ``PooledCapture`` avoids reading a map where the
+pooled value follows from a smaller tensor, with the same result up to float rounding:
+
+- a map that a plain ``nn.Sequential`` hands straight to a global pool of the same rule
+  (``AdaptiveAvgPool2d(1)`` for ``mean``, ``AdaptiveMaxPool2d(1)`` for ``max``) is pooled by the
+  model itself: its output is taken;
+- the spatial mean of a zero-padded convolution is linear in its input,
+  ``mean_p y[:, o, p] = b_o + sum_{c, k} w[o, c, k] S[:, c, k] / P`` with ``S[:, c, k]`` the sum of
+  the input over the positions that kernel offset ``k`` reads (``P`` output positions); where the
+  input is much smaller than the output (a first layer), it is one matrix product of the input;
+- the spatial mean of an eval-mode BatchNorm is its per-channel affine map of the mean of its
+  input, when that input is a hooked layer's output (a conv followed by BatchNorm).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from workbench.errors import ParameterError
+
+POOLINGS = ("mean", "flatten", "max", "cls", "last")
+_GLOBAL_POOLS: dict[str, tuple[type[nn.Module], ...]] = {
+    "mean": (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
+    "max": (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
+}
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+INPUT_SIDE_MAX_RATIO = 0.25  # take a conv's mean from its input when the input has at most this share of the output's numbers
+
+
+def valid_layers(module: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in module.named_modules() if name}
+
+
+def first_tensor(out: Any) -> torch.Tensor | None:
+    """The first tensor in a module output (a tensor, or nested tuples, lists and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "values"):
+        for v in out.values():
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(out, (tuple, list)):
+        for v in out:
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+@contextmanager
+def hooks_on(module: nn.Module, layers: list[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Register forward hooks on ``layers`` calling ``fn(name, output_tensor)``; always removed."""
+    modules = valid_layers(module)
+    handles = []
+    try:
+        for name in layers:
+            def hook(_m: nn.Module, _inp: Any, out: Any, _name: str = name) -> None:
+                t = first_tensor(out)
+                if t is not None:
+                    fn(_name, t)
+
+            handles.append(modules[name].register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def channel_first_model(module: nn.Module) -> bool:
+    """Whether 3-D outputs of ``module`` are ``(batch, channels, length)`` maps rather than token sequences."""
+    return any(isinstance(m, (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d)) for m in module.modules()) and not any(
+        isinstance(m, (nn.MultiheadAttention, nn.Embedding)) for m in module.modules())
+
+
+def _is_spatial(out: torch.Tensor, channel_first: bool) -> bool:
+    return out.ndim >= 4 or (out.ndim == 3 and channel_first)
+
+
+def pool(out: torch.Tensor, rule: str, *, channel_first: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool one layer's batch output to ``(batch, features)``.
+
+    2-D outputs are returned as they are. Conv maps ``(B, C, *spatial)`` (4-D and 5-D outputs, and
+    3-D ones in models built from 1-D convolutions) are channel-first: ``mean``/``max`` reduce the
+    spatial axes, ``flatten`` keeps everything. Token sequences ``(B, T, D)``: ``mean``/``max``
+    over tokens (padding excluded when a mask is given), ``cls`` the first token, ``last`` the last
+    non-padding token.
+    """
+    if out.ndim == 1:
+        return out.reshape(-1, 1)
+    if out.ndim == 2:
+        return out
+    if rule == "flatten":
+        return out.reshape(out.shape[0], -1)
+    if _is_spatial(out, channel_first):
+        if rule in ("cls", "last"):
+            raise ParameterError(f"Pooling '{rule}' applies to token sequences; this layer outputs a conv map of shape {tuple(out.shape)}. Use 'mean', 'max' or 'flatten'.")
+        dims = tuple(range(2, out.ndim))  # reduced in place, whatever the memory format (no reshape copy)
+        return out.mean(dims) if rule == "mean" else out.amax(dims)
+    if out.ndim > 3:
+        out = out.reshape(out.shape[0], out.shape[1], -1)
+    use_mask = mask is not None and mask.shape == out.shape[:2]
+    if rule == "cls":
+        return out[:, 0]
+    if rule == "last":
+        if use_mask:
+            idx = (mask.long().sum(1) - 1).clamp(min=0)
+            return out[torch.arange(out.shape[0], device=out.device), idx]
+        return out[:, -1]
+    if use_mask:
+        m = mask.unsqueeze(-1).to(out.dtype)
+        if rule == "mean":
+            return (out * m).sum(1) / m.sum(1).clamp(min=1)
+        return out.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+    return out.mean(1) if rule == "mean" else out.amax(1)
+
+
+def window_counts(n_in: int, n_out: int, kernel: int, stride: int, dilation: int, padding: int,
+                  dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> torch.Tensor:
+    """``A[k, i]``: how many of the ``n_out`` output positions read input position ``i`` at kernel offset ``k``
+    (0 or 1) along one axis of a zero-padded convolution."""
+    offsets = torch.arange(kernel, device=device).view(-1, 1) * dilation - padding
+    idx = torch.arange(n_out, device=device).view(1, -1) * stride + offsets  # (kernel, n_out) input positions
+    inside = (idx >= 0) & (idx < n_in)
+    counts = torch.zeros(kernel, n_in, dtype=dtype, device=device)
+    return counts.scatter_add_(1, idx.clamp(0, n_in - 1), inside.to(dtype))
+
+
+MAX_MEAN_MAP = 1 << 22  # entries of the (in_channels * input positions, out_channels) matrix of the input-side conv mean
+
+
+def conv_mean_plan(conv: nn.Module, in_spatial: tuple[int, ...], out_spatial: tuple[int, ...], device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The spatial mean of a zero-padded convolution as one linear map of its flattened input:
+    ``G[(c, i), o] = sum_k M[i, k] w[o, c, k] / P``, with ``M`` (input positions x kernel offsets) the
+    Kronecker product of :func:`window_counts` over the axes, and the bias. Built in float64, stored in
+    ``dtype``; ``None`` when ``G`` would be too large (then the output is read instead)."""
+    in_channels, out_channels, groups = conv.in_channels, conv.out_channels, conv.groups
+    if in_channels * math.prod(in_spatial) * out_channels > MAX_MEAN_MAP:
+        return None
+    m = torch.ones(1, 1, dtype=torch.float64, device=device)
+    for d in range(len(in_spatial)):
+        a = window_counts(in_spatial[d], out_spatial[d], conv.kernel_size[d], conv.stride[d], conv.dilation[d],
+                          conv.padding[d], device=device)
+        m = torch.kron(m, a.T)
+    weight = conv.weight.detach().to(device=device, dtype=torch.float64).reshape(out_channels, in_channels // groups, -1)
+    dense = torch.zeros(out_channels, in_channels, weight.shape[2], dtype=torch.float64, device=device)
+    per_in, per_out = in_channels // groups, out_channels // groups
+    for g in range(groups):  # each output channel reads only its group's input channels
+        dense[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = weight[g * per_out:(g + 1) * per_out]
+    g_map = torch.einsum("pk,ock->cpo", m, dense).reshape(-1, out_channels) / math.prod(out_spatial)
+    bias = conv.bias.detach().to(device=device, dtype=dtype) if conv.bias is not None else None
+    return g_map.to(dtype).contiguous(), bias
+
+
+def conv_mean_from_input(x: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """Spatial mean of a zero-padded convolution of ``x``, ``(batch, out_channels)``, as one matrix product
+    of the flattened input (``plan`` from :func:`conv_mean_plan`; computed in the plan's dtype)."""
+    g_map, bias = plan
+    flat = x.reshape(x.shape[0], -1).to(g_map.dtype)
+    return torch.addmm(bias, flat, g_map) if bias is not None else flat @ g_map
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    """A convolution whose forward is the stock zero-padded one with numeric padding."""
+    base = next((c for c in _CONVS if isinstance(module, c)), None)
+    return (base is not None and type(module).forward is base.forward and type(module)._conv_forward is base._conv_forward
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+
+
+def _global_forward_hooks() -> bool:
+    """Whether hooks registered for every module (``register_module_forward_hook``) could change outputs."""
+    from torch.nn.modules import module as module_impl
+
+    return bool(getattr(module_impl, "_global_forward_hooks", None))
+
+
+def _global_pool(module: nn.Module, rule: str) -> bool:
+    if not isinstance(module, _GLOBAL_POOLS.get(rule, ())) or getattr(module, "return_indices", False):
+        return False
+    size = module.output_size
+    sizes = size if isinstance(size, tuple) else (size,)
+    return all(s == 1 for s in sizes)
+
+
+def _sequential_neighbours(root: nn.Module, name: str) -> tuple[str | None, nn.Module | None]:
+    """The path of the module a plain ``nn.Sequential`` calls right before ``name`` and the module it calls
+    right after (its previous and next children); ``(None, None)`` outside such a container."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
+        return None, None
+    names = [k for k, v in parent._modules.items() if v is not None]
+    i = names.index(child)
+    prev = f"{parent_name}.{names[i - 1]}" if parent_name and i > 0 else (names[i - 1] if i > 0 else None)
+    return prev, parent._modules[names[i + 1]] if i + 1 < len(names) else None
+
+
+def _eval_batchnorm(module: nn.Module) -> bool:
+    """A stock BatchNorm in eval mode with running statistics: a fixed affine map per channel."""
+    bn = nn.modules.batchnorm._BatchNorm
+    return (isinstance(module, bn) and type(module).forward is bn.forward and not module.training
+            and module.track_running_stats and module.running_mean is not None and module.running_var is not None)
+
+
+def _batchnorm_affine(bn: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``bn(x) = x * scale + shift`` per channel (built in float64)."""
+    scale = 1 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    shift = -bn.running_mean.detach().double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    return scale.to(dtype), shift.to(dtype)
+
+
+class PooledCapture:
+    """Forward hooks on ``layers`` that leave each layer's pooled batch output in :attr:`pooled`.
+
+    Use as a context manager (hooks are removed on exit, also after an error); call
+    :meth:`begin_batch` before and :meth:`end_batch` after each forward pass. ``mask`` (set per
+    batch) marks the non-padding tokens of token-sequence models. :attr:`sources` says how each
+    pooled value of the last batch was obtained: ``"map"`` (the layer's output was read),
+    ``"global pool"`` (the following pool's output), ``"input"`` (a convolution's mean from its
+    input) or ``"affine"`` (an eval-mode BatchNorm's mean from the mean of its hooked input).
+    """
+
+    def __init__(self, module: nn.Module, layers: list[str], rule: str, *, channel_first: bool):
+        self.module, self.layers, self.rule, self.channel_first = module, list(layers), rule, channel_first
+        self.mask: torch.Tensor | None = None
+        self.pooled: dict[str, torch.Tensor] = {}
+        self.sources: dict[str, str] = {}
+        self._pending: dict[str, torch.Tensor] = {}  # maps waiting for the global pool that follows them
+        self._outputs: dict[str, torch.Tensor] = {}  # outputs a following BatchNorm's hook checks its input against
+        self._keep_output: set[str] = set()
+        self._plans: dict[tuple, Any] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> PooledCapture:
+        try:
+            modules = valid_layers(self.module)
+            hooked = {id(m) for m in self.module.modules() if m._forward_hooks} if not _global_forward_hooks() else None
+
+            def untouched(m: nn.Module) -> bool:  # no hook but ours could change its output
+                return hooked is not None and id(m) not in hooked
+
+            for name in self.layers:
+                target = modules[name]
+                prev, nxt = _sequential_neighbours(self.module, name)
+                if nxt is not None and _global_pool(nxt, self.rule) and untouched(nxt):
+                    self._handles.append(target.register_forward_hook(self._deferring_hook(name)))
+                    self._handles.append(nxt.register_forward_hook(self._global_pool_hook(name)))
+                    continue
+                route = "map"
+                if self.rule == "mean" and untouched(target):
+                    if _eval_batchnorm(target) and prev in self.layers:
+                        route = "affine"
+                        self._keep_output.add(prev)
+                    elif _plain_conv(target):
+                        route = "input"
+                self._handles.append(target.register_forward_hook(self._hook(name, route, prev)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pending.clear()
+        self._outputs.clear()
+
+    def begin_batch(self, mask: torch.Tensor | None = None) -> None:
+        self.mask = mask
+        self.pooled.clear()
+        self.sources.clear()
+        self._pending.clear()
+        self._outputs.clear()
+
+    def end_batch(self) -> dict[str, torch.Tensor]:
+        """The pooled outputs of this batch; a map whose global pool did not run is pooled here."""
+        for name, out in self._pending.items():
+            self._set(name, self._pool(out), "map")
+        self._pending.clear()
+        self._outputs.clear()
+        return self.pooled
+
+    def _pool(self, out: torch.Tensor) -> torch.Tensor:
+        return pool(out.detach(), self.rule, channel_first=self.channel_first, mask=self.mask)
+
+    def _set(self, name: str, value: torch.Tensor, source: str) -> None:
+        self.pooled[name] = value.float()
+        self.sources[name] = source
+
+    def _hook(self, name: str, route: str, prev: str | None) -> Callable[..., None]:
+        def hook(module: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+            t = first_tensor(out)
+            if t is None:
+                return
+            if name in self._keep_output:
+                self._outputs[name] = t
+            x = inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
+            if route == "map" or x is None or not _is_spatial(t, self.channel_first):
+                self._set(name, self._pool(t), "map")
+            elif route == "affine" and x is self._outputs.get(prev) and prev in self.pooled and x.shape == t.shape:
+                key = (name, t.dtype)
+                if key not in self._plans:
+                    self._plans[key] = _batchnorm_affine(module, self.pooled[prev].dtype)
+                scale, shift = self._plans[key]
+                self._set(name, torch.addcmul(shift, self.pooled[prev], scale), "affine")
+            elif (route == "input" and x.is_floating_point() and x.ndim == t.ndim == len(module.kernel_size) + 2
+                    and x.numel() <= INPUT_SIDE_MAX_RATIO * t.numel()
+                    and (plan := self._conv_plan(name, module, x, t)) is not None):
+                self._set(name, conv_mean_from_input(x.detach(), plan), "input")
+            else:
+                self._set(name, self._pool(t), "map")
+
+        return hook
+
+    def _conv_plan(self, name: str, conv: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Any:
+        key = (name, tuple(x.shape[2:]), tuple(out.shape[2:]), x.device, x.dtype)
+        if key not in self._plans:
+            self._plans[key] = conv_mean_plan(conv, key[1], key[2], x.device, torch.promote_types(x.dtype, torch.float32))
+        return self._plans[key]
+
+    def _deferring_hook(self, name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inp: tuple[Any, ...], out: Any) -> None:
+            t = first_tensor(out)
+            if t is not None:
+                self._pending[name] = t
+                if name in self._keep_output:
+                    self._outputs[name] = t
+
+        return hook
+
+    def _global_pool_hook(self, name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+            pending = self._pending.get(name)
+            if (pending is not None and inp and inp[0] is pending and isinstance(out, torch.Tensor)
+                    and _is_spatial(pending, self.channel_first) and out.shape[:2] == pending.shape[:2]):
+                self._set(name, out.detach().reshape(out.shape[0], -1), "global pool")
+                del self._pending[name]
+
+        return hook
