@@ -43,8 +43,6 @@ UPLOAD = "Upload a file…"
 NONE = "(none)"
 BUILTIN_DATASETS = {"digits (test split)": ("digits", "test"), "digits (train split)": ("digits", "train"),
                     "blobs (synthetic)": ("blobs", None), "sentences (text)": ("sentences", "test")}
-SKIP_LAYER_TYPES = {"Unflatten", "Flatten", "Dropout", "Identity", "ModuleList", "Sequential"}
-
 log = logging.getLogger("workbench.app")
 
 
@@ -305,10 +303,9 @@ def require_dataset() -> wb.Dataset:
 
 def default_layers(model: wb.LoadedModel) -> list[str]:
     """Leaf modules worth looking at (no reshapes, dropout or containers)."""
-    infos = cached_layer_info(model)
-    names = [i.name for i in infos if i.output_shape is not None and i.type not in SKIP_LAYER_TYPES
-             and not any(o.name.startswith(i.name + ".") for o in infos)]
-    return names[:12]
+    from workbench import registry
+
+    return registry.default_layers(model, cached_layer_info(model))
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)

@@ -61,13 +61,17 @@ class Context:
         return self._acts[which]
 
 
-def default_layers(model: LoadedModel) -> list[str]:
-    """Leaf modules that run on a probe batch, without reshapes, dropout or containers (at most 12)."""
+SKIP_LAYER_TYPES = frozenset({"Unflatten", "Flatten", "Dropout", "Identity", "ModuleList", "Sequential"})
+
+
+def default_layers(model: LoadedModel, infos: list | None = None) -> list[str]:
+    """Leaf modules that run on a probe batch, without reshapes, dropout or containers (at most 12).
+
+    ``infos`` is the model's :func:`workbench.activations.layer_info`, when already at hand."""
     from workbench.activations import layer_info
 
-    skip = {"Unflatten", "Flatten", "Dropout", "Identity", "ModuleList", "Sequential"}
-    infos = layer_info(model)
-    names = [i.name for i in infos if i.output_shape is not None and i.type not in skip
+    infos = layer_info(model) if infos is None else infos
+    names = [i.name for i in infos if i.output_shape is not None and i.type not in SKIP_LAYER_TYPES
              and not any(o.name.startswith(i.name + ".") for o in infos)]
     return names[:12]
 
