@@ -226,7 +226,7 @@ def test_layer_whose_width_changes_between_batches_is_refused(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_extraction_agrees_with_cpu(sample_model, digits_test, tmp_path):
     cnn = sample_model("cnn_seed0")
-    layers = ["conv1", "relu2", "fc1"]
+    layers = ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "fc1"]  # every pooling route: input, affine, map, global pool
     on_gpu = extract(cnn, digits_test, layers, device="cuda", cache_dir=tmp_path / "gpu")
     on_cpu = extract(cnn, digits_test, layers, device="cpu", cache_dir=tmp_path / "cpu")
     for layer in layers:

@@ -312,9 +312,10 @@ class PooledCapture:
             if name in self._keep_output:
                 self._outputs[name] = t
             x = inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
+            prev_out = self._outputs.pop(prev, None) if route == "affine" else None  # held no longer than needed
             if route == "map" or x is None or not _is_spatial(t, self.channel_first):
                 self._set(name, self._pool(t), "map")
-            elif route == "affine" and x is self._outputs.get(prev) and prev in self.pooled and x.shape == t.shape:
+            elif route == "affine" and x is prev_out and prev in self.pooled and x.shape == t.shape:
                 key = (name, t.dtype)
                 if key not in self._plans:
                     self._plans[key] = _batchnorm_affine(module, self.pooled[prev].dtype)
