@@ -32,7 +32,7 @@ from workbench.device import full_float32, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: conv-map means may come from a smaller tensor (equal up to float rounding)
 Progress = Callable[[int, int], None]
 
 
