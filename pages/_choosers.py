@@ -68,7 +68,7 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
     trust = False
     if trust_allowed():
         trust = st.checkbox(
-            "I trust this file (allows full pickles, which can run arbitrary code on this server)", key=f"{slot}_trust",
+            "I trust this file (a full pickle runs its code on this server, in a separate process)", key=f"{slot}_trust",
             value=False,
         )
     if upload is None:

@@ -87,7 +87,7 @@ def load_sample_model(name: str) -> wb.LoadedModel:
 @st.cache_resource(show_spinner=False, max_entries=16)
 def load_uploaded_model(data: bytes, filename: str, architecture: str | None, trust: bool) -> wb.LoadedModel:
     return wb.load_model(data, filename=filename, architecture=architecture or None, trust_remote_code=trust,
-                         max_bytes=max_upload_mb() << 20)
+                         isolate=True, max_bytes=max_upload_mb() << 20)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)

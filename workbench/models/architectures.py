@@ -23,10 +23,17 @@ Supported types:
     A small text encoder over byte tokens: ``vocab_size``, ``max_len``, ``d_model``, ``n_heads``,
     ``n_layers``, ``n_classes``. Input: ``(n, max_len)`` int64 token ids, 0 = padding;
     the classifier reads the first (CLS) token.
+``torch.nn``
+    Any tree of ``nn.Sequential`` containers over stock ``torch.nn`` layers (linear, conv,
+    normalisation, activation, pooling, reshaping, dropout, embedding; see ``TORCH_NN_LAYERS``):
+    ``root`` is ``{"class": "Sequential", "children": [[name, node], ...]}`` and each leaf node is
+    ``{"class": "Conv2d", "args": {...}}`` with the layer's constructor arguments. Optional
+    ``input_shape``. :func:`describe_module` writes such a spec for a module built that way.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections import OrderedDict
 from collections.abc import Callable
@@ -184,11 +191,94 @@ def build_transformer(spec: dict[str, Any]) -> nn.Module:
     )
 
 
+TORCH_NN_LAYERS = frozenset({
+    "Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
+    "InstanceNorm3d", "Embedding", "ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish",
+    "Tanh", "Sigmoid", "Hardtanh", "Hardswish", "Hardsigmoid", "Softplus", "Softmax", "LogSoftmax", "Identity",
+    "Flatten", "Unflatten", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "MaxPool1d",
+    "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
+    "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+})  # stock layers that keep every constructor argument as an attribute of the same name
+_NOT_ARGS = {"self", "device", "dtype", "_weight", "_freeze"}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (tuple, list, torch.Size)):
+        return [_jsonable(v) for v in value]
+    raise TypeError(type(value).__name__)
+
+
+def _describe(module: nn.Module, path: str) -> dict[str, Any]:
+    cls = type(module)
+    where = f"'{path}' ({cls.__module__}.{cls.__qualname__})" if path else f"the model ({cls.__module__}.{cls.__qualname__})"
+    if cls is nn.Sequential:
+        return {"class": "Sequential",
+                "children": [[k, _describe(v, f"{path}.{k}" if path else k)] for k, v in module._modules.items() if v is not None]}
+    if cls.__name__ not in TORCH_NN_LAYERS or getattr(nn, cls.__name__, None) is not cls:
+        raise ArchitectureError(f"{where} is not a stock torch.nn layer, so its code would be needed to run it")
+    args: dict[str, Any] = {}
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name in _NOT_ARGS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = getattr(module, p.name, None) if hasattr(module, p.name) else p.default
+        if p.name == "bias" and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None
+        try:
+            args[p.name] = _jsonable(value)
+        except TypeError:
+            raise ArchitectureError(f"{where} has an argument '{p.name}' of type {type(value).__name__} that a spec cannot hold") from None
+    return {"class": cls.__name__, "args": args}
+
+
+def describe_module(module: nn.Module) -> dict[str, Any]:
+    """The ``torch.nn`` spec of a module built from ``nn.Sequential`` and stock layers only.
+
+    Raises :class:`ArchitectureError` naming the first module that is not such a layer. The spec
+    rebuilds a module with the same structure, names and parameter shapes (checked here by
+    ``repr`` and by loading the state dict)."""
+    spec: dict[str, Any] = {"type": "torch.nn", "root": _describe(module, "")}
+    first = next((m for m in module.modules() if not isinstance(m, nn.Sequential)), None)
+    if isinstance(first, nn.Linear):
+        spec["input_shape"] = [first.in_features]
+    elif isinstance(first, nn.Unflatten) and first.dim in (1, -len(first.unflattened_size) - 1):
+        spec["input_shape"] = [int(torch.Size(first.unflattened_size).numel())]
+    rebuilt = build_model(spec)
+    if repr(rebuilt) != repr(module):
+        raise ArchitectureError("the model could not be described exactly by stock torch.nn layers (rebuilt structure differs)")
+    rebuilt.load_state_dict(module.state_dict(), strict=True)
+    return spec
+
+
+def _build_node(node: Any, path: str) -> nn.Module:
+    if not isinstance(node, dict) or not isinstance(node.get("class"), str):
+        raise ArchitectureError(f"The 'torch.nn' spec node at '{path or 'root'}' must be an object with a 'class' entry.")
+    name = node["class"]
+    if name == "Sequential":
+        children = node.get("children")
+        if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) for c in children):
+            raise ArchitectureError(f"The 'torch.nn' spec node at '{path or 'root'}' needs 'children': a list of [name, node] pairs.")
+        return nn.Sequential(OrderedDict((k, _build_node(v, f"{path}.{k}" if path else k)) for k, v in children))
+    if name not in TORCH_NN_LAYERS:
+        raise ArchitectureError(f"Layer class {name!r} at '{path}' is not one a 'torch.nn' spec may name; allowed: Sequential, {format_choices(sorted(TORCH_NN_LAYERS))}.")
+    args = node.get("args", {})
+    if not isinstance(args, dict):
+        raise ArchitectureError(f"The 'args' of '{path}' in the 'torch.nn' spec must be an object.")
+    return getattr(nn, name)(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+
+
+def build_torch_nn(spec: dict[str, Any]) -> nn.Module:
+    return _build_node(_get(spec, "root", dict), "")
+
+
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
     "resmlp": build_resmlp,
     "transformer": build_transformer,
+    "torch.nn": build_torch_nn,
 }
 
 
@@ -235,4 +325,6 @@ def input_spec(spec: dict[str, Any] | None) -> tuple[tuple[int, ...], torch.dtyp
         return (spec["in_features"],), torch.float32
     if kind == "transformer":
         return (spec["max_len"],), torch.int64
+    if kind == "torch.nn" and isinstance(spec.get("input_shape"), list):
+        return tuple(int(v) for v in spec["input_shape"]), torch.float32
     return None

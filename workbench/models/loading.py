@@ -3,7 +3,9 @@
 Uploads are untrusted. Without a switch the loader reads only formats that cannot run code:
 safetensors, state dicts through ``torch.load(..., weights_only=True)``, and Hugging Face model
 folders (or zips of one) whose weights are safetensors. Full pickles, TorchScript and
-``torch.export`` archives run code when loaded: they are refused unless ``trust_remote_code=True``.
+``torch.export`` archives run code when loaded: they are refused unless ``trust_remote_code=True``,
+and with ``isolate=True`` as well (the app) a trusted full pickle is opened in a separate process
+that hands back only weights and stock layers (:mod:`workbench.models.isolated`).
 Zip archives are checked for path traversal and decompression bombs before anything is extracted.
 """
 
@@ -116,6 +118,7 @@ def load_model(
     *,
     architecture: dict[str, Any] | str | None = None,
     trust_remote_code: bool = False,
+    isolate: bool = False,
     name: str | None = None,
     filename: str | None = None,
     max_bytes: int = MAX_MODEL_BYTES,
@@ -129,16 +132,22 @@ def load_model(
     TorchScript or ``torch.export`` archive only with ``trust_remote_code=True``, because loading
     those runs code from the file.
 
+    ``isolate=True`` (what the app does) keeps code from the file out of this process: a trusted
+    full pickle is opened in a separate process, which hands back only its weights and, for a
+    module built from ``nn.Sequential`` and stock ``torch.nn`` layers, a spec that rebuilds it
+    (:mod:`workbench.models.isolated`); a module with its own code, a TorchScript or
+    ``torch.export`` archive and Hugging Face remote code are then refused with a message.
+
     ``filename`` names the upload when ``source`` is bytes (its extension selects the reader).
     ``max_bytes`` bounds the file size (and the unpacked size of archives).
     """
-    loaded = _load(source, architecture, trust_remote_code, name, filename, max_bytes)
+    loaded = _load(source, architecture, trust_remote_code, isolate, name, filename, max_bytes)
     origin = f"upload:{filename}" if isinstance(source, (bytes, bytearray)) else str(Path(source))
     return dataclasses.replace(loaded, source=origin)
 
 
 def _load(source: str | Path | bytes, architecture: dict[str, Any] | str | None, trust_remote_code: bool,
-          name: str | None, filename: str | None, max_bytes: int) -> LoadedModel:
+          isolate: bool, name: str | None, filename: str | None, max_bytes: int) -> LoadedModel:
     spec = parse_spec(architecture) if architecture is not None else None
     if isinstance(source, (bytes, bytearray)):
         if not filename:
@@ -149,7 +158,7 @@ def _load(source: str | Path | bytes, architecture: dict[str, Any] | str | None,
     else:
         path = Path(source)
         if path.is_dir():
-            return _load_hf_folder(path, name=name or path.name, trust_remote_code=trust_remote_code)
+            return _load_hf_folder(path, name=name or path.name, trust_remote_code=trust_remote_code, isolate=isolate)
         if not path.exists():
             raise UnsupportedFormatError(f"No model file at '{path}'; check the path.")
         size = path.stat().st_size
@@ -174,16 +183,16 @@ def _load(source: str | Path | bytes, architecture: dict[str, Any] | str | None,
         if kind == "huggingface":
             with tempfile.TemporaryDirectory(prefix="workbench-hf-") as tmp:
                 root = _safe_extract(data, label, Path(tmp), max_bytes)
-                return _load_hf_folder(root, name=display, trust_remote_code=trust_remote_code)
+                return _load_hf_folder(root, name=display, trust_remote_code=trust_remote_code, isolate=isolate)
         if kind in ("torchscript", "torch.export"):
-            return _load_code_archive(data, label, display, kind, spec, trust_remote_code)
+            return _load_code_archive(data, label, display, kind, spec, trust_remote_code, isolate)
         if kind != "torch.save":
             raise UnsupportedFormatError(
                 f"'{label}' is a zip archive but neither a torch checkpoint nor a Hugging Face model folder (no config.json found)."
             )
     elif suffix == ".zip":
         raise CorruptFileError(f"'{label}' is not a valid zip archive; re-create it with a zip tool.")
-    return _load_torch_pickle(data, label, display, spec, trust_remote_code)
+    return _load_torch_pickle(data, label, display, spec, trust_remote_code, isolate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +236,8 @@ def _load_safetensors(data: bytes, label: str, name: str, spec: dict[str, Any] |
 # state dicts and pickles
 
 
-def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] | None, trust: bool) -> LoadedModel:
+def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] | None, trust: bool,
+                       isolate: bool) -> LoadedModel:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -239,13 +249,31 @@ def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] 
                 f"'{label}' is a full pickle whose loading can run arbitrary code (it references {reason}); it was not loaded. "
                 f"Tick 'I trust this file' only if you made it yourself, or {CONVERT_HINT}."
             ) from exc
+        if isolate:
+            return _open_isolated(data, label, name, spec)
         obj = _trusted_torch_load(data, label)
     except Exception as exc:  # torch raises many types for damaged archives
         raise CorruptFileError(f"'{label}' is not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); upload an intact copy.") from exc
     if isinstance(obj, nn.Module):
         return wrap_module(obj, name=name, architecture=spec, source_format="pickle (trusted)")
-    state = _find_state_dict(obj, label)
+    state = find_state_dict(obj, label)
     return _from_state_dict(state, label, name, spec, "state dict", {})
+
+
+def _open_isolated(data: bytes, label: str, name: str, spec: dict[str, Any] | None) -> LoadedModel:
+    from workbench.models.isolated import ChildFailed, ChildRefused, open_in_subprocess
+
+    try:
+        weights = open_in_subprocess(data, label)
+    except ChildRefused as exc:
+        raise UnsafeFileError(
+            f"'{label}' was opened in a separate process, but {str(exc).rstrip('.')}; only weights and stock torch.nn layers come back from it. "
+            f"Load it from Python with load_model(path, trust_remote_code=True), or {CONVERT_HINT}."
+        ) from None
+    except ChildFailed as exc:
+        raise CorruptFileError(f"'{label}' could not be unpickled even with trust enabled ({exc}).") from None
+    loaded = _load_safetensors(weights, label, name, spec)
+    return dataclasses.replace(loaded, source_format="pickle (trusted, opened in a separate process)")
 
 
 def _weights_only_reason(exc: BaseException) -> str | None:
@@ -314,10 +342,20 @@ def _weights_only_not_forced() -> Iterator[None]:
                 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
 
 
+def unpickle_trusted(data: bytes) -> Any:
+    """Fully unpickle a torch checkpoint or a plain pickle. Runs code from the file: trusted data only."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except RuntimeError as exc:
+        if "magic number" not in str(exc):
+            raise
+    return pickle.loads(data)  # noqa: S301 (trusted by the caller)
+
+
 def _trusted_torch_load(data: bytes, label: str) -> Any:
     try:
         with _weights_only_not_forced():
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+            return unpickle_trusted(data)
     except Exception as exc:
         raise CorruptFileError(f"'{label}' could not be unpickled even with trust enabled ({type(exc).__name__}: {_first_line(exc)}).") from exc
 
@@ -327,7 +365,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def _find_state_dict(obj: Any, label: str) -> dict[str, torch.Tensor]:
+def find_state_dict(obj: Any, label: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             return obj
@@ -453,11 +491,17 @@ def _safe_extract(data: bytes, label: str, dest: Path, max_bytes: int) -> Path:
     return configs[0].parent
 
 
-def _load_code_archive(data: bytes, label: str, name: str, kind: str, spec: dict[str, Any] | None, trust: bool) -> LoadedModel:
+def _load_code_archive(data: bytes, label: str, name: str, kind: str, spec: dict[str, Any] | None, trust: bool,
+                       isolate: bool) -> LoadedModel:
     if not trust:
         raise UnsafeFileError(
             f"'{label}' is a {kind} archive, which runs code from the file when loaded; it was not loaded. "
             f"Tick 'I trust this file' only if you made it yourself, or {CONVERT_HINT}."
+        )
+    if isolate:
+        raise UnsafeFileError(
+            f"'{label}' is a {kind} archive, whose code would run in this process; it is not opened here. "
+            f"Load it from Python with load_model(path, trust_remote_code=True), or {CONVERT_HINT}."
         )
     try:
         if kind == "torchscript":
@@ -469,10 +513,16 @@ def _load_code_archive(data: bytes, label: str, name: str, kind: str, spec: dict
     return wrap_module(module, name=name, architecture=spec, source_format=f"{kind} (trusted)")
 
 
-def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool) -> LoadedModel:
+def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate: bool = False) -> LoadedModel:
     if not (folder / "config.json").exists():
         raise UnsupportedFormatError(f"Folder '{folder.name}' has no config.json, so it is not a Hugging Face model folder.")
     has_safetensors = any(folder.glob("*.safetensors"))
+    if isolate and trust_remote_code and not has_safetensors:
+        raise UnsafeFileError(
+            f"Folder '{folder.name}' has only pickled weights, which would be unpickled in this process; save the model with "
+            "model.save_pretrained(path, safe_serialization=True), or load it from Python with trust_remote_code=True."
+        )
+    trust_remote_code = trust_remote_code and not isolate  # no repository code in this process
     if not has_safetensors and not trust_remote_code:
         raise UnsafeFileError(
             f"Folder '{folder.name}' has no .safetensors weights, and pickled weights can run code; "
