@@ -41,6 +41,8 @@ def open_in_subprocess(data: bytes, label: str, timeout: float = TIMEOUT_S) -> b
         src, out = Path(tmp) / "checkpoint", Path(tmp) / "weights.safetensors"
         src.write_bytes(data)
         env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}
+        package_root = str(Path(__file__).resolve().parents[2])  # the child imports this workbench, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         try:
             proc = subprocess.run([sys.executable, "-m", "workbench.models.isolated", str(src), str(out), label],
                                   cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
