@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import streamlit as st
 
@@ -149,18 +151,20 @@ def ensure_defaults() -> None:
         st.error(str(exc))
 
 
-def sidebar() -> None:
-    """What is loaded, on every page, with a link to change it."""
+def sidebar() -> Callable[[], None]:
+    """What is loaded, on every page, with a link to change it. Returns the function that writes the
+    summary: call it after the page has run, so a model chosen on this run is already in it."""
     st.sidebar.header("Models and data")
-    _sidebar_summary()
+    slot = st.sidebar.empty()
     st.sidebar.page_link("pages/home.py", label="Change models or data", icon=":material/swap_horiz:")
+    return lambda: _sidebar_summary(slot.container())
 
 
-def _sidebar_summary() -> None:
+def _sidebar_summary(box: Any) -> None:
     for slot, label in ((MODEL_A, "A"), (MODEL_B, "B")):
         m = st.session_state.get(slot)
         if m is not None:
-            st.sidebar.caption(f"**{label}**: {m.name} · {m.n_parameters:,} parameters · sha256 {m.sha256[:12]}")
+            box.caption(f"**{label}**: {m.name} · {m.n_parameters:,} parameters · sha256 {m.sha256[:12]}")
     d = st.session_state.get(DATASET)
     if d is not None:
-        st.sidebar.caption(f"**Data**: {d.name} · {d.n_samples} samples")
+        box.caption(f"**Data**: {d.name} · {d.n_samples} samples")

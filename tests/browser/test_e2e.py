@@ -60,6 +60,30 @@ def test_malicious_and_non_model_uploads_show_clear_errors(page, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
 
 
+def test_trusted_full_pickle_opens_in_a_separate_process(page, tmp_path):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    path = tmp_path / "whole_model.pt"
+    torch.save(model, path)  # the whole module: a full pickle
+    _upload_model(page, path)
+    alert = page.locator("[data-testid='stAlertContentError']").first
+    alert.wait_for(timeout=30000)
+    assert "Tick 'I trust this file'" in alert.inner_text()
+    page.get_by_text("I trust this file", exact=False).first.click()
+    wait_idle(page)
+    page.wait_for_selector("h3:has-text('Model A: whole_model')", timeout=60000)
+    # the summary, written after the page has run, shows the model this run loaded
+    page.locator("[data-testid='stSidebar']").get_by_text("whole_model", exact=False).first.wait_for(timeout=30000)
+    assert not page.locator("[data-testid='stAlertContentError']").count()
+    assert not page.locator("[data-testid='stException']").count()
+    shot(page, "09-trusted-pickle")
+    page.get_by_text("I trust this file", exact=False).first.click()  # leave the switch off for the next test
+    wait_idle(page)
+
+
 def _add_to_report(pg, index: int = 0) -> None:
     pg.get_by_role("button", name="Add to report").nth(index).click()
     wait_idle(pg)
