@@ -107,6 +107,19 @@ def test_trust_switch_hidden_with_no_trust(app, monkeypatch):
     assert [c for c in at.checkbox if c.key == "model_a_trust"]
 
 
+def test_trusted_whole_module_pickle_loads_through_a_separate_process(app):
+    module = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    at = _upload(app.run(), "model_a", "whole.pt", buf.getvalue())
+    assert any("full pickle whose loading can run arbitrary code" in e for e in page_errors(at))
+    at.checkbox(key="model_a_trust").check().run()
+    assert not page_errors(at)
+    assert "Model A: whole" in [s.value for s in at.subheader]
+    formats = [str(v) for t in at.table for v in t.value.to_numpy().ravel()]
+    assert "pickle (trusted, opened in a separate process)" in formats
+
+
 def test_uploaded_dataset_with_wrong_features(app):
     buf = io.BytesIO()
     np.savez(buf, x=np.random.rand(30, 5).astype(np.float32), y=np.arange(30) % 3)
