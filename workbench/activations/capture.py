@@ -203,7 +203,8 @@ def _sequential_neighbours(root: nn.Module, name: str) -> tuple[str | None, nn.M
         return None, None
     names = [k for k, v in parent._modules.items() if v is not None]
     i = names.index(child)
-    prev = f"{parent_name}.{names[i - 1]}" if parent_name and i > 0 else (names[i - 1] if i > 0 else None)
+    prefix = f"{parent_name}." if parent_name else ""
+    prev = prefix + names[i - 1] if i > 0 else None
     return prev, parent._modules[names[i + 1]] if i + 1 < len(names) else None
 
 
