@@ -223,7 +223,7 @@ def _describe(module: nn.Module, path: str) -> dict[str, Any]:
     for p in inspect.signature(cls.__init__).parameters.values():
         if p.name in _NOT_ARGS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        value = getattr(module, p.name, None) if hasattr(module, p.name) else p.default
+        value = getattr(module, p.name, p.default)
         if p.name == "bias" and (value is None or isinstance(value, torch.Tensor)):
             value = value is not None
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import plotly.graph_objects as go
 
 MODEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
@@ -23,4 +25,20 @@ def titled(fig: go.Figure, title: str, *, estimator: str | None = None, n: int |
     sub = " · ".join(p for p in (estimator, f"n = {n}" if n is not None else None) if p)
     text = f"{title}<br><sup>{sub}</sup>" if sub else title
     fig.update_layout(title={"text": text}, template=TEMPLATE, margin={"t": 70})
+    return fig
+
+
+def grouped_bar_panels(fig: go.Figure, x: Sequence[str], series: Sequence[tuple[str, str]],
+                       panels: Sequence[Sequence[Sequence[float] | None]]) -> go.Figure:
+    """Grouped bars in side-by-side subplot columns: ``series`` is ``(name, colour)`` per bar group and
+    ``panels[c][s]`` the values of series ``s`` in column ``c + 1``; each series has one legend entry."""
+    for col, values_per_series in enumerate(panels, 1):
+        for (name, color), values in zip(series, values_per_series, strict=True):
+            fig.add_trace(
+                go.Bar(x=list(x), y=values, name=name, legendgroup=name, showlegend=col == 1, marker_color=color,
+                       hovertemplate=f"%{{x}} · {name}<br>%{{y:.3f}}<extra></extra>"),
+                row=1,
+                col=col,
+            )
+    fig.update_layout(barmode="group")
     return fig

@@ -13,7 +13,7 @@ from workbench.analyses.mode_connectivity import (
     ModeConnectivityResult,
     WeightMatchingResult,
 )
-from workbench.plots._style import MODEL_COLORS, titled
+from workbench.plots._style import MODEL_COLORS, grouped_bar_panels, titled
 
 METHOD_LABELS = {
     "naive": "naive (as trained)",
@@ -130,27 +130,10 @@ def layer_alignment_figure(result: LayerAlignmentResult) -> go.Figure:
             f"top-{result.top_k} singular-vector alignment (higher = closer)",
         ),
     )
-    layers = list(result.layers)
-    for col, before, after, fmt in (
-        (1, result.distance_before, result.distance_after, ".3f"),
-        (2, result.alignment_before, result.alignment_after, ".3f"),
-    ):
-        for name, values, color in (("before matching", before, _BEFORE), ("after matching", after, _AFTER)):
-            fig.add_trace(
-                go.Bar(
-                    x=layers,
-                    y=values,
-                    name=name,
-                    legendgroup=name,
-                    showlegend=col == 1,
-                    marker_color=color,
-                    hovertemplate=f"%{{x}} · {name}<br>%{{y:{fmt}}}<extra></extra>",
-                ),
-                row=1,
-                col=col,
-            )
+    grouped_bar_panels(fig, list(result.layers), (("before matching", _BEFORE), ("after matching", _AFTER)),
+                       ((result.distance_before, result.distance_after), (result.alignment_before, result.alignment_after)))
     fig.update_yaxes(range=[0, 1], row=1, col=2)
-    fig.update_layout(barmode="group", height=380)
+    fig.update_layout(height=380)
     return titled(fig, "Per-layer distance and alignment", estimator=result.estimator, n=None).update_layout(
         margin={"t": 100}
     )

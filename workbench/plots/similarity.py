@@ -17,7 +17,7 @@ from workbench.analyses.relative import (
     StitchingResult,
 )
 from workbench.analyses.similarity import SimilarityMatrixResult
-from workbench.plots._style import MODEL_COLORS, category_color, titled
+from workbench.plots._style import MODEL_COLORS, category_color, grouped_bar_panels, titled
 
 _MEASURE_LABELS = {
     "linear_cka": "linear CKA",
@@ -171,24 +171,11 @@ def layer_agreement_bars(result: RelativeLayerAgreementResult) -> go.Figure:
     """Jaccard@k and MRR per layer pair, relative next to absolute (absolute missing where widths differ)."""
     names = [a if a == b else f"{a} / {b}" for a, b in zip(result.layers_a, result.layers_b)]
     fig = make_subplots(rows=1, cols=2, subplot_titles=(f"Jaccard@{result.k}", "MRR"), horizontal_spacing=0.08)
-    for col, (rel, ab) in enumerate(((result.jaccard, result.absolute_jaccard), (result.mrr, result.absolute_mrr)), 1):
-        for kind, values, color in (("relative", rel, _RELATIVE_COLOR), ("absolute", ab, _ABSOLUTE_COLOR)):
-            fig.add_trace(
-                go.Bar(
-                    x=names,
-                    y=values,
-                    name=kind,
-                    marker_color=color,
-                    legendgroup=kind,
-                    showlegend=col == 1,
-                    hovertemplate=f"%{{x}}<br>{kind} %{{y:.3f}}<extra></extra>",
-                ),
-                row=1,
-                col=col,
-            )
+    grouped_bar_panels(fig, names, (("relative", _RELATIVE_COLOR), ("absolute", _ABSOLUTE_COLOR)),
+                       ((result.jaccard, result.absolute_jaccard), (result.mrr, result.absolute_mrr)))
     fig.update_yaxes(range=[0, 1])
     fig.update_xaxes(type="category")
-    fig.update_layout(barmode="group", height=400)
+    fig.update_layout(height=400)
     return titled(
         fig,
         f"Cross-model retrieval per layer: {result.model_a} vs {result.model_b}",
