@@ -78,7 +78,8 @@ def main() -> None:
         return
 
     from workbench import extract, load_model
-    from workbench.activations.capture import PooledCapture
+    from workbench.activations.capture import PooledCapture, hooks_on
+    from workbench.activations.extract import _LayerFile
     from workbench.registry import default_layers
 
     model = load_model(ROOT / "sample_models" / "cnn_seed0.safetensors")
@@ -109,7 +110,31 @@ def main() -> None:
                 capture.end_batch()
         return time.perf_counter() - start
 
-    sides = {"bare": bare, "pooled": pooled_only, "extract": lambda: hooked(LAYERS), "all": lambda: hooked(all_layers)}
+    def routes(layers: list[str]) -> dict[str, str]:
+        with PooledCapture(model.module, layers, "mean", channel_first=False) as capture, torch.inference_mode():
+            capture.begin_batch()
+            model.module(data.x[:8])
+            capture.end_batch()
+            return dict(capture.sources)
+
+    def is_map(name: str) -> bool:
+        return len(layer_shapes[name]) >= 3
+
+    layer_shapes: dict[str, tuple[int, ...]] = {}
+    with hooks_on(model.module, LAYERS, lambda n, t: layer_shapes.__setitem__(n, tuple(t.shape))), torch.inference_mode():
+        model.module(data.x[:8])
+    must_read = [k for k, v in routes(LAYERS).items() if v == "map" and is_map(k)]
+
+    def read_floor() -> float:
+        """Hooks that only sum the maps ``extract`` has to read: the least any extraction spends on them."""
+        start = time.perf_counter()
+        with hooks_on(model.module, must_read, lambda _n, t: t.sum(tuple(range(2, t.ndim)))), torch.inference_mode():
+            for i in range(0, data.n_samples, args.batch_size):
+                model.module(data.x[i:i + args.batch_size])
+        return time.perf_counter() - start
+
+    sides = {"bare": bare, "pooled": pooled_only, "extract": lambda: hooked(LAYERS), "all": lambda: hooked(all_layers),
+             "floor": read_floor}
     for side in sides.values():  # warm-up
         side()
     times: dict[str, list[float]] = {k: [] for k in sides}
@@ -123,15 +148,27 @@ def main() -> None:
         return f"{min(times[k]):8.2f} s   overhead {best:+.1f} % (median of paired runs {paired:+.1f} %)"
 
     with tempfile.TemporaryDirectory() as tmp:
-        extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp)
+        acts = extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp)
         start = time.perf_counter()
         extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp)
         t_cached = time.perf_counter() - start
-    with PooledCapture(model.module, all_layers, "mean", channel_first=False) as capture, torch.inference_mode():
-        capture.begin_batch()
-        model.module(data.x[:8])
-        capture.end_batch()
-        sources = dict(capture.sources)
+        blocks = {k: v.clone().numpy() for k, v in acts.items()}
+        del acts
+
+    def write_floor() -> float:
+        """The pooled outputs written batch by batch to a fresh folder as ``extract`` writes them, without the model."""
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            files = {k: _LayerFile(Path(tmp) / f"{k}.npy", *v.shape) for k, v in blocks.items()}
+            for i in range(0, data.n_samples, args.batch_size):
+                for k, v in blocks.items():
+                    files[k].append(v[i:i + args.batch_size])
+            for f in files.values():
+                f.close()
+            return time.perf_counter() - start
+
+    t_write = min(write_floor() for _ in range(args.repeats))
+    sources = routes(all_layers)
     out = subprocess.run([sys.executable, __file__, "--child", "--n", str(args.n), "--batch-size", str(args.batch_size)],
                          capture_output=True, text=True, check=True)
     mem = json.loads(out.stdout.strip().splitlines()[-1])
@@ -141,6 +178,10 @@ def main() -> None:
     print(f"hooks + pooling only:        {overhead('pooled')} (no cache)")
     print(f"extract (6 hooks):           {overhead('extract')} (goal <= 10 %)")
     print(f"extract ({len(all_layers)} default layers): {overhead('all')}")
+    write_share = 100 * t_write / min(times["bare"])
+    print(f"floor, reading the maps that must be read ({', '.join(must_read)}) and nothing else: {overhead('floor')}")
+    print(f"floor, writing the {sum(v.nbytes for v in blocks.values()) / 1e6:.0f} MB of pooled outputs alone: "
+          f"{t_write:8.3f} s   = {write_share:.1f} % of the bare forward pass")
     print(f"extract (cache hit):         {t_cached:8.3f} s")
     print(f"peak RSS of a fresh extraction process: {mem['peak_rss_mib']:.0f} MiB "
           f"(input tensor {mem['input_mib']:.0f} MiB, activations on disk {mem['activation_mib']:.0f} MiB; goal < 2048 MiB)")

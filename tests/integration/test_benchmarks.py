@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 SMALL_RUNS = [
-    (["extraction.py", "--n", "3000", "--repeats", "1"], ["bare forward:", "extract (6 hooks):", "peak RSS"]),
+    (["extraction.py", "--n", "3000", "--repeats", "1"], ["bare forward:", "extract (6 hooks):", "floor, reading the maps", "floor, writing", "peak RSS"]),
     (["probing_embedding.py", "--n", "1500", "--d", "32", "--skip-umap"], ["probe, 1 layer", "exact kNN graph", "trustworthiness"]),
     (
         ["topology.py", "--sizes", "150", "--h0-size", "1500", "--repeats", "1", "--plain-gudhi-max", "150"],
