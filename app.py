@@ -45,10 +45,10 @@ navigation = st.navigation(sections)
 st.session_state[_state.SHELL] = True
 _choosers.ensure_defaults()
 _state.start_call_log()
-write_summary = _choosers.sidebar()
+st.session_state[_state.SUMMARY] = _choosers.sidebar()
 if os.environ.get("WORKBENCH_WARM_UP", "1") == "1":
     _warm_up_umap()
 try:
     navigation.run()
-finally:  # also after a page's st.stop(): the summary shows what the page chose on this run
-    write_summary()
+finally:  # the summary shows what the page chose on this run (pages that stop early write it in _state.stop())
+    _state.write_summary()

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import streamlit as st
@@ -34,6 +34,7 @@ MODEL_B = "model_b"
 DATASET = "dataset"
 REPORT = "report_sections"
 SHELL = "app_shell_ran"  # set by app.py on every run
+SUMMARY = "sidebar_summary_writer"  # set by app.py on every run: writes the sidebar summary once
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT / "sample_models"
@@ -268,6 +269,19 @@ def show_error(exc: BaseException) -> None:
                  "Try other settings; the server log has the details.")
 
 
+def write_summary() -> None:
+    """Write the sidebar summary of this run, once (app.py sets the writer before the page runs)."""
+    writer = st.session_state.pop(SUMMARY, None)
+    if writer is not None:
+        writer()
+
+
+def stop() -> NoReturn:  # type: ignore[misc]
+    """``st.stop()`` after writing the sidebar summary: once a stop is requested, Streamlit writes no more elements."""
+    write_summary()
+    st.stop()
+
+
 @contextmanager
 def guard() -> Iterator[None]:
     """Show errors raised inside the block with :func:`show_error` and stop the page."""
@@ -275,7 +289,7 @@ def guard() -> Iterator[None]:
         yield
     except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
         show_error(exc)
-        st.stop()
+        stop()
 
 
 def require_models(n: int = 1) -> tuple[wb.LoadedModel, ...]:
@@ -284,7 +298,7 @@ def require_models(n: int = 1) -> tuple[wb.LoadedModel, ...]:
     if any(m is None for m in models):
         what = "a model" if n == 1 else "two models (A and B)"
         st.info(f"Choose {what} on the Models & data page first.")
-        st.stop()
+        stop()
     return tuple(models)
 
 
@@ -297,7 +311,7 @@ def require_dataset() -> wb.Dataset:
     dataset = st.session_state.get(DATASET)
     if dataset is None:
         st.info("Choose a dataset on the Models & data page first.")
-        st.stop()
+        stop()
     return dataset
 
 
@@ -342,7 +356,7 @@ def layer_pickers(models: list[wb.LoadedModel], key: str) -> dict[str, list[str]
             chosen[slot] = layer_picker(model, key=f"{key}_{slot}", label=f"Layers of {model.name}")
     if not all(chosen.values()):
         st.info("Pick at least one layer for each model.")
-        st.stop()
+        stop()
     return chosen
 
 

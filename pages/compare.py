@@ -44,7 +44,7 @@ with col_b:
     layers_b = _state.layer_picker(model_b, key="cmp_layers_b", label=f"Layers of B ({model_b.name})")
 if not layers_a or not layers_b:
     st.info("Pick at least one layer of each model.")
-    st.stop()
+    _state.stop()
 
 col_m, col_o = st.columns(2)
 measure = col_m.selectbox("Measure", MEASURES, format_func=measure_label, key="cmp_measure", help=HELP["measure"])

@@ -62,7 +62,7 @@ for col, model, slot in zip(st.columns(len(models)), models, "ab"):
         chosen[slot] = st.multiselect(label, options, default, key=f"deg_layers_{slot}", help=HELP["layers"])
 if not all(chosen.values()):
     st.info("Pick at least one layer for each model.")
-    st.stop()
+    _state.stop()
 
 act_ranks, grad_ranks, relus, summaries, bases, basis_slots = [], [], [], [], [], []
 with _state.guard():

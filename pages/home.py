@@ -17,7 +17,7 @@ models = _state.current_models()
 dataset = st.session_state.get(_state.DATASET)
 if not models:
     st.info("Choose model A above: a bundled sample model, or upload a checkpoint.")
-    st.stop()
+    _state.stop()
 
 cols = st.columns(len(models))
 for col, model, slot in zip(cols, models, "AB"):

@@ -46,9 +46,9 @@ rounds = st.slider(
 )
 if len(members) < 3:
     st.info("Pick at least 3 models to merge.")
-    st.stop()
+    _state.stop()
 if not st.toggle("Compute the merge", key="mc_merge_run", help="Weight matching of each member; seconds per round."):
-    st.stop()
+    _state.stop()
 with _state.guard():
     models = [_state.load_sample_model(n) for n in members]
     with _state.progress_bar("Merging…") as bar:

@@ -64,7 +64,7 @@ with st.expander("Settings", expanded=False):
     seed = int(st.number_input("Seed (order of the coordinate descent)", 0, 10_000, 0, key="mc_seed"))
 if not methods:
     st.info("Pick at least one alignment.")
-    st.stop()
+    _state.stop()
 
 train = _state.load_builtin_dataset("digits", "train") if use_train and digits else None
 with _state.guard(), _state.progress_bar("Matching and interpolating…") as bar:

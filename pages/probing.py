@@ -22,7 +22,7 @@ if not models:
 dataset = _state.require_dataset()
 if dataset.y is None:
     st.info("Probing needs labels: choose a dataset with labels on the Models & data page (an uploaded file with 'y').")
-    st.stop()
+    _state.stop()
 
 c1, c2, c3, c4 = st.columns(4)
 probe = c1.selectbox(

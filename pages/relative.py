@@ -43,11 +43,11 @@ else:
         picked_b = _state.layer_picker(model_b, key="rel_layers_b", label=f"Layers of B ({model_b.name})")
     if len(picked_a) != len(picked_b):
         st.info("The models share no layer names: pick the same number of layers in each; they are paired in order.")
-        st.stop()
+        _state.stop()
     pairs = list(zip(picked_a, picked_b))
 if not pairs:
     st.info("Pick at least one layer.")
-    st.stop()
+    _state.stop()
 
 cols = st.columns(4)
 n_anchors = cols[0].slider("Anchors", 4, min(512, n), min(64, n), key="rel_anchors", help=HELP["anchors"])
@@ -90,7 +90,7 @@ st.caption(
 )
 if not dataset.n_classes:
     st.info("Stitching needs a dataset with class labels.")
-    st.stop()
+    _state.stop()
 cols = st.columns(3)
 pair_names = [a if a == b else f"{a} / {b}" for a, b in pairs]
 chosen = cols[0].selectbox(
@@ -100,7 +100,7 @@ layer_pair = pairs[pair_names.index(chosen)]
 head = cols[1].selectbox("Head", HEADS, key="rel_head", help=HELP["head"])
 epochs = cols[2].slider("Training steps", 20, 500, 100, 10, key="rel_epochs", help=HELP["epochs"])
 if not st.toggle("Run zero-shot stitching", key="rel_stitch"):
-    st.stop()
+    _state.stop()
 
 
 def splits(data):

@@ -14,7 +14,7 @@ st.title("Report")
 sections: list[dict] = st.session_state.setdefault(_state.REPORT, [])
 if not sections:
     st.info("No sections yet: open an analysis page and press **Add to report** under its figures.")
-    st.stop()
+    _state.stop()
 
 title = st.text_input("Report title", value="Representation analysis", key="report_title")
 st.caption(f"{len(sections)} section(s). Reorder with the arrows, remove with ✕.")

@@ -159,3 +159,11 @@ def test_a_deep_link_as_the_first_request_opens_the_page_inside_the_app(fresh_se
     finally:
         context.close()
 
+
+
+def test_the_sidebar_summary_shows_on_a_page_that_stops_early(page):
+    # Relative representations stops after its first section while stitching is off; the summary is written first
+    open_page(page, "Relative representations")
+    sidebar = page.locator("[data-testid='stSidebar']")
+    sidebar.get_by_text("mlp_seed0", exact=False).first.wait_for(timeout=30000)
+    assert "Data" in sidebar.inner_text() and "sha256" in sidebar.inner_text()
