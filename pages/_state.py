@@ -368,15 +368,17 @@ def pooling_picker(key: str) -> str:
 
 def report_button(title: str, result: Any, figures: list, key: str, *, analysis: str | None = None,
                   params: dict[str, Any] | None = None, layers: list[str] | None = None,
-                  layers_b: list[str] | None = None, pooling: str = "mean") -> None:
-    """An "Add to report" button collecting ``(title, result, figures)`` for the Report page.
+                  layers_b: list[str] | None = None, pooling: str = "mean",
+                  models: list[wb.LoadedModel] | None = None) -> None:
+    """An "Add to report" button collecting ``(title, result, figures)`` for the Report page, with the
+    models it analysed (``models``, else model A and B) and the dataset.
 
     With ``analysis`` (a registry name) and its ``params``, the section also carries the Python
     that recreates it.
     """
     if st.button("Add to report", key=key, help="Collect this result and its figures for the exported report."):
         sections = st.session_state.setdefault(REPORT, [])
-        models = current_models()
+        models = current_models() if models is None else list(models)
         dataset = st.session_state.get(DATASET)
         snippet = call_log_snippet(result)
         if analysis is not None and models and dataset is not None:
@@ -387,5 +389,6 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
                           layers_a=layers, layers_b=layers_b, pooling=pooling)
             snippet = recreate_snippet(entry, ctx, {**entry.params, **(params or {})})
         sections.append({"title": title, "result": result, "figures": figures, "models": [m.name for m in models],
-                         "dataset": dataset.name if dataset is not None else "", "snippet": snippet})
+                         "dataset": dataset.name if dataset is not None else "", "snippet": snippet,
+                         "model_objects": models, "dataset_object": dataset})
         st.toast(f"Added '{title}' to the report ({len(sections)} sections).")

@@ -66,7 +66,7 @@ cols = st.columns(3)
 cols[0].metric(
     "Merged accuracy",
     f"{merged.merged_accuracy:.1%}",
-    f"{merged.merged_accuracy - merged.naive_accuracy:+.1%} vs naive average",
+    f"{100 * (merged.merged_accuracy - merged.naive_accuracy):+.1f} points vs naive average",
 )
 cols[1].metric("Naive average accuracy", f"{merged.naive_accuracy:.1%}")
 cols[2].metric("Best member accuracy", f"{merged.member_accuracy.max():.1%}")
@@ -82,4 +82,4 @@ if models[0].architecture is not None:
     st.download_button(
         "Download the merged model (safetensors)", blob, file_name="merged.safetensors", key="mc_download_merged"
     )
-_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report")
+_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report", models=models)

@@ -36,8 +36,9 @@ with_pdf = st.checkbox("Include a PDF (needs a headless Chromium on the server)"
                        disabled=find_chromium() is None)
 with _state.guard():
     report = build_report(
-        [Section(s["title"], s["result"], s["figures"], snippet=s.get("snippet", "")) for s in sections],
-        title=title, models=_state.current_models(), dataset=st.session_state.get(_state.DATASET),
+        [Section(s["title"], s["result"], s["figures"], snippet=s.get("snippet", ""), models=s.get("model_objects", ()),
+                 dataset=s.get("dataset_object")) for s in sections],
+        title=title,
     )
     formats = ("html", "json", "npz", "pdf") if with_pdf else ("html", "json", "npz")
     try:

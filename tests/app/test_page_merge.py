@@ -27,7 +27,12 @@ def test_merge_panel_beats_the_naive_average(app, digits_test):
     merged = float(metrics["Merged accuracy"].rstrip("%"))
     naive = float(metrics["Naive average accuracy"].rstrip("%"))
     assert merged > 90 > naive
+    delta = at.metric[0].proto.delta  # a difference of two percentages: percentage points, not a relative change
+    assert delta == f"{merged - naive:+.1f} points vs naive average"
     assert any(b.label.startswith("Download the merged model") for b in at.get("download_button"))
+    at.button(key="mc_merge_report").click().run()
+    section = at.session_state["report_sections"][0]
+    assert section["models"] == ["mlp_seed0", "mlp_seed1", "mlp_seed2"]  # the members, not models A and B
 
 
 def test_too_few_members_asks_for_three(app, digits_test):

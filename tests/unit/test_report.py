@@ -52,6 +52,30 @@ def test_json_and_npz_round_trip(stats_report, tmp_path):
         np.testing.assert_allclose(arrays["section01/relu1/hist_edges"], result.stats["relu1"].hist_edges)
 
 
+def test_sections_record_their_models_and_the_header_lists_them_all(sample_model, digits_test, tmp_path):
+    from workbench import load_dataset
+
+    a, b, c = (sample_model(n) for n in ("mlp_seed0", "mlp_seed1", "mlp_seed2"))
+    result = activation_stats(extract(a, digits_test, ["fc1"]))
+    sections = [Section("First", result, models=[a, b], dataset=digits_test),
+                Section("Merge", result, models=[a, b, c], dataset=digits_test)]
+    doc = build_report(sections).to_dict()
+    assert [m["name"] for m in doc["sections"][1]["models"]] == ["mlp_seed0", "mlp_seed1", "mlp_seed2"]
+    assert doc["sections"][0]["dataset"]["sha256"] == digits_test.sha256
+    header = doc["header"]
+    assert [(m["label"], m["name"]) for m in header["models"]] == [("1", "mlp_seed0"), ("2", "mlp_seed1"), ("3", "mlp_seed2")]
+    assert header["dataset"]["name"] == digits_test.name  # shared by all sections
+    text = build_report(sections).save(tmp_path, formats=("html",))["html"].read_text()
+    assert "<b>Models:</b> mlp_seed0 (sha256 " in text and "Model 3" in text
+
+    train = load_dataset("digits", split="train")
+    mixed = build_report([sections[0], Section("Other data", result, models=[a], dataset=train)]).to_dict()
+    assert mixed["header"]["dataset"] == {}  # no single dataset: each section says its own
+    assert mixed["sections"][1]["dataset"]["name"] == train.name
+    explicit = build_report(sections, models=[a, b]).to_dict()["header"]
+    assert [m["label"] for m in explicit["models"]] == ["A", "B"]
+
+
 def test_zip_bytes_and_errors(stats_report):
     report, _ = stats_report
     with zipfile.ZipFile(BytesIO(report.zip_bytes())) as zf:

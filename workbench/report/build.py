@@ -52,6 +52,8 @@ class Section:
     snippet: str = ""
     notes: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
+    models: Sequence[Any] = ()  # the models this section analysed (LoadedModel or anything with name/sha256)
+    dataset: Any = None  # the dataset it ran on
 
     def record(self) -> dict[str, Any]:
         from workbench.analyses._result import _jsonable
@@ -59,6 +61,8 @@ class Section:
         results = self.result if isinstance(self.result, (list, tuple)) else [self.result]
         return {
             "title": self.title,
+            "models": [_describe(m) for m in self.models if m is not None],
+            "dataset": _describe_dataset(self.dataset),
             "summary": _jsonable(self.summary),
             "results": [r.to_dict() if hasattr(r, "to_dict") else _jsonable(r) for r in results],
             "snippet": self.snippet,
@@ -90,6 +94,21 @@ def _describe(model: Any) -> dict[str, Any]:
         return {}
     return {"name": getattr(model, "name", str(model)), "sha256": getattr(model, "sha256", ""),
             "n_parameters": getattr(model, "n_parameters", None), "format": getattr(model, "source_format", "")}
+
+
+def _describe_dataset(dataset: Any) -> dict[str, Any]:
+    if dataset is None:
+        return {}
+    return {"name": getattr(dataset, "name", str(dataset)), "n_samples": getattr(dataset, "n_samples", None),
+            "sha256": getattr(dataset, "sha256", "")}
+
+
+def _distinct(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Descriptions in first-seen order, one per weights (or content) hash."""
+    seen: dict[str, dict[str, Any]] = {}
+    for d in items:
+        seen.setdefault(str(d.get("sha256") or d.get("name")), d)
+    return list(seen.values())
 
 
 def _device_name() -> str:
@@ -130,7 +149,9 @@ class Report:
             results = s.record()["results"]
             params = [{k: r.get(k) for k in ("estimator", "n_samples", "params", "seed", "device", "dtype", "seconds")
                        if isinstance(r, dict) and k in r} for r in results]
-            sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet, "notes": s.notes})
+            record = s.record()
+            sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet,
+                             "notes": s.notes, "models": record["models"], "dataset": record["dataset"]})
         return env.get_template("report.html.j2").render(
             title=self.title, header=self.header, sections=sections, plotlyjs=get_plotlyjs(),
             header_json=html.escape(json.dumps(self.header, indent=2)),
@@ -205,17 +226,27 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
 
     The header records the models (names and weight hashes), the dataset (name, n, hash), the date,
     package versions, the device and, when given, the command that recreates the whole report.
+    ``models`` are labelled A and B in the header; without them, the header lists every model the
+    sections name (numbered), and the dataset when all sections share one.
     """
     sections = [s if isinstance(s, Section) else Section(*s) for s in results]
     if not sections:
         raise ParameterError("A report needs at least one analysis section; add one with 'Add to report' or --analysis.")
+    described = [_describe(m) for m in models if m is not None]
+    if described:
+        labels = ["A", "B"] if len(described) <= 2 else [str(i + 1) for i in range(len(described))]
+    else:
+        described = _distinct([d for s in sections for d in s.record()["models"]])
+        labels = [str(i + 1) for i in range(len(described))]
+    data = _describe_dataset(dataset)
+    if not data:
+        shared = _distinct([d for s in sections if (d := _describe_dataset(s.dataset))])
+        data = shared[0] if len(shared) == 1 else {}
     header = {
         "title": title,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "models": [_describe(m) for m in models if m is not None],
-        "dataset": {} if dataset is None else {"name": getattr(dataset, "name", str(dataset)),
-                                               "n_samples": getattr(dataset, "n_samples", None),
-                                               "sha256": getattr(dataset, "sha256", "")},
+        "models": [{**d, "label": label} for d, label in zip(described, labels)],
+        "dataset": data,
         "versions": _versions(),
         "device": _device_name(),
         "platform": f"{platform.system()} {platform.release()} / Python {sys.version.split()[0]}",
