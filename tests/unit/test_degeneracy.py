@@ -619,3 +619,18 @@ def test_cuda_agrees_with_cpu(narrow, digits_test):
         )
     s_cpu, s_gpu = degeneracy_summary(model, digits_test), degeneracy_summary(model, digits_test, device="cuda")
     assert s_cpu.free_total == s_gpu.free_total
+
+
+def test_basis_rows_split_each_layer_over_the_modules(narrow):
+    from workbench.plots import degeneracy as plots
+
+    _, result = narrow
+    rows = plots.basis_rows(result)
+    assert [r["layer"] for r in rows] == list(result.layers)
+    n_modules = 1 + max(int(c.max()) for c in result.communities.values())
+    for row in rows:
+        counts = [int(c) for c in row["directions per module"].split(" · ")]
+        assert len(counts) == n_modules  # every module is listed, in order, also where a layer has none of it
+        assert sum(counts) == row["in graph"] <= row["basis size"]
+        labels = result.communities[row["layer"]]
+        assert counts == np.bincount(labels[labels >= 0], minlength=n_modules).tolist()

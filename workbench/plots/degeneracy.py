@@ -355,17 +355,23 @@ def summary_rows(result: DegeneracyResult) -> list[dict[str, object]]:
 
 
 def basis_rows(result: InteractionBasisResult) -> list[dict[str, object]]:
-    """One table row per node layer of an :class:`InteractionBasisResult`."""
-    return [
-        {
+    """One table row per node layer of an :class:`InteractionBasisResult`: its width, basis size, how many
+    of its directions are in the interaction graph and how they split over the graph's modules (the Louvain
+    communities span layers, so each layer lists its directions per module, in module order)."""
+    n_modules = max((int(c.max()) + 1 for c in result.communities.values() if c.size), default=0)
+    rows = []
+    for layer in result.layers:
+        labels = result.communities[layer]
+        counts = np.bincount(labels[labels >= 0], minlength=n_modules)
+        rows.append({
             "model": result.model,
             "layer": layer,
             "width": result.width[layer],
             "basis size": result.basis_size[layer],
-            "modules": int(len(set(result.communities[layer][result.communities[layer] >= 0].tolist()))),
-        }
-        for layer in result.layers
-    ]
+            "in graph": int((labels >= 0).sum()),
+            "directions per module": " · ".join(str(int(c)) for c in counts),
+        })
+    return rows
 
 
 def llc_trace_figure(*results: LLCResult) -> go.Figure:
