@@ -110,6 +110,12 @@ with _state.guard():
     )
 figures.append(plots.diagram_distance_heatmap(matrix, name_a=names[0], name_b=names[-1]))
 st.plotly_chart(figures[-1], width="stretch", key="topo_distance_matrix")
+if distance == "bottleneck":
+    st.caption(
+        "The bottleneck distance is set by the single worst-matched feature: when one diagram has a long bar that the "
+        "other cannot match, the distance is half that bar's lifetime, so a whole row or column can repeat one value. "
+        "Wasserstein sums every shift and separates such layers."
+    )
 
 st.subheader("Class separability across layers")
 if labels is None:

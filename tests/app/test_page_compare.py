@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.app.conftest import page_errors
+from workbench.plots._style import figure_title
 
 LAYERS = ["fc1", "relu1", "fc2", "relu2", "out"]
 
@@ -23,7 +24,7 @@ def _array(value) -> np.ndarray:
 
 
 def _titles(at) -> list[str]:
-    return [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in at.get("plotly_chart")]
+    return [figure_title(json.loads(chart.proto.spec)) for chart in at.get("plotly_chart")]
 
 
 def _metrics(at) -> dict[str, str]:

@@ -10,6 +10,7 @@ from tests.app.conftest import page_errors
 from workbench import load_dataset, load_model
 from workbench.models.architectures import build_model
 from workbench.models.loading import wrap_module
+from workbench.plots._style import figure_title
 
 PAGE = "pages/degeneracy.py"
 
@@ -20,7 +21,7 @@ def narrow(sample_model_path):
 
 
 def _title(chart) -> str:
-    return json.loads(chart.proto.spec)["layout"]["title"]["text"]
+    return figure_title(json.loads(chart.proto.spec))
 
 
 def _open(app, model_a, model_b=None, dataset=None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.app.conftest import page_errors
+from workbench.plots._style import figure_title
 
 
 def _open(app, method: str = "pca"):
@@ -22,9 +23,9 @@ def test_embedding_page_umap_two_models(app):
     charts = at.get("plotly_chart")
     assert len(charts) == 3  # view A, view B, intrinsic dimension
     spec_a = json.loads(charts[0].proto.spec)
-    assert spec_a["layout"]["title"]["text"].startswith("mlp_seed0 · ")
-    assert "UMAP" in spec_a["layout"]["title"]["text"] and "n = 450" in spec_a["layout"]["title"]["text"]
-    assert json.loads(charts[1].proto.spec)["layout"]["title"]["text"].startswith("mlp_seed1 · ")
+    assert figure_title(spec_a).startswith("mlp_seed0 · ")
+    assert "UMAP" in figure_title(spec_a) and "n = 450" in figure_title(spec_a)
+    assert figure_title(json.loads(charts[1].proto.spec)).startswith("mlp_seed1 · ")
     assert len(spec_a["data"]) == 10  # one trace per digit class
     assert "sample %{customdata[0]}" in spec_a["data"][0]["hovertemplate"]
     trust = [float(m.value) for m in at.metric]

@@ -6,6 +6,7 @@ import json
 
 from tests.app.conftest import page_errors
 from tests.app.test_page_compare import _array
+from workbench.plots._style import figure_title
 
 
 def _metrics(at) -> dict[str, str]:
@@ -26,7 +27,7 @@ def test_relative_beats_absolute_per_layer(app):
     assert float(metrics["Best relative Jaccard@10"]) > 0.5 and float(metrics["Absolute Jaccard@10 there"]) < 0.1
     charts = at.get("plotly_chart")
     assert len(charts) == 1
-    title = json.loads(charts[0].proto.spec)["layout"]["title"]["text"]
+    title = figure_title(json.loads(charts[0].proto.spec))
     assert "64 random anchors" in title and "n = 450" in title
 
 
@@ -45,8 +46,8 @@ def test_zero_shot_stitching(app):
     assert len(charts) == 2
     spec = json.loads(charts[1].proto.spec)
     assert (
-        spec["layout"]["title"]["text"].startswith("Zero-shot stitching")
-        and "n = 450" in spec["layout"]["title"]["text"]
+        figure_title(spec).startswith("Zero-shot stitching")
+        and "n = 450" in figure_title(spec)
     )
     bars = _array(spec["data"][0]["y"])
     assert (bars > 0.9).all()  # relative heads, own and stitched

@@ -10,6 +10,7 @@ import pytest
 from tests.app.conftest import page_errors
 from workbench import load_dataset, load_model
 from workbench.data.datasets import make_dataset
+from workbench.plots._style import figure_title
 
 PAGE = "pages/topology.py"
 
@@ -25,7 +26,7 @@ def digits():
 
 
 def _title(chart) -> str:
-    return json.loads(chart.proto.spec)["layout"]["title"]["text"]
+    return figure_title(json.loads(chart.proto.spec))
 
 
 def _open(app, model_a, model_b=None, dataset=None):
@@ -51,6 +52,7 @@ def test_two_models_side_by_side(app, narrow, digits):
     assert all("n = 450" in _title(c) for c in charts)
     assert _title(charts[0]).startswith("Persistence diagrams")
     assert _title(charts[3]).startswith("H1 bottleneck distance between layers")
+    assert any("half that bar's lifetime" in c.value for c in at.caption)  # why bottleneck rows can repeat a value
     metrics = {m.label: m.value for m in at.metric}
     assert float(metrics["Longest H1 bar (A (mlp_narrow_seed0))"]) > 0
     table = at.dataframe[0].value

@@ -10,6 +10,7 @@ import pytest
 
 from workbench import registry
 from workbench.errors import ParameterError
+from workbench.plots._style import figure_title
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_PARAMS = {"embedding": {"method": "pca"}, "probing": {"cv": 3},"mode_connectivity": {"n_points": 5}, "relative": {"n_anchors": 32}, "interaction_basis": {"graph_directions": 16}}
@@ -23,7 +24,7 @@ def test_entry_runs_and_exports(entry, sample_model, digits_test, tmp_path):
     section = registry.run_analysis(entry.name, model_a=a, model_b=b, dataset=digits_test,
                                     params=SMALL_PARAMS.get(entry.name))
     assert section.title == entry.title
-    assert section.figures and all(f.layout.title.text for f in section.figures)
+    assert section.figures and all(figure_title(f) for f in section.figures)
     assert "run_analysis(" in section.snippet and "mlp_narrow_seed0.safetensors" in section.snippet
     json.dumps(section.record(), allow_nan=False)
     assert section.summary

@@ -37,6 +37,7 @@ from workbench.data.datasets import blobs, make_dataset
 from workbench.errors import ArchitectureError, DataError, ParameterError, UnknownLayerError, WorkbenchError
 from workbench.models.architectures import build_model
 from workbench.plots import degeneracy as plots
+from workbench.plots._style import figure_title
 
 
 def _mlp(sizes: list[int], seed: int = 0) -> nn.Sequential:
@@ -464,7 +465,7 @@ def test_llc_of_softmax_regression_is_half_its_identifiable_parameters(one_threa
     again = llc_estimate(_fit_softmax(data.x, data.y, 3), data, **settings)
     assert again.llc == regular.llc  # same seed, same chains
     fig = plots.llc_trace_figure(regular, degenerate)
-    assert "hyper-parameter sensitive" in fig.layout.title.text and "nβ" in fig.layout.title.text
+    assert "hyper-parameter sensitive" in figure_title(fig) and "nβ" in figure_title(fig)
 
 
 def test_llc_errors(constant_and_dead, one_thread):
@@ -526,9 +527,9 @@ def test_figures_carry_estimator_and_n(narrow, digits_test, constant_and_dead):
         plots.interaction_graph_figure(ib, ("relu1", "relu2"), max_edges=50),
     ]
     for fig in figs:
-        title = fig.layout.title.text
+        title = figure_title(fig)
         assert "n = " in title and len(fig.data) > 0
-    assert "n = 60" in figs[0].layout.title.text and "covariance" in figs[0].layout.title.text
+    assert "n = 60" in figure_title(figs[0]) and "covariance" in figure_title(figs[0])
     graph = figs[-1]
     colours = {c for tr in graph.data if tr.mode == "markers" for c in tr.marker.color}
     assert len(colours) >= 2  # the module split is coloured

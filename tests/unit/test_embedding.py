@@ -21,6 +21,7 @@ from workbench.analyses.embedding import (
 )
 from workbench.analyses.knn import clear_knn_cache, knn_graph
 from workbench.errors import DataError, ParameterError
+from workbench.plots._style import figure_title
 from workbench.plots.embedding import embedding_scatter, intrinsic_dimension_profile
 
 
@@ -347,7 +348,7 @@ def test_intrinsic_dimension_skips_duplicates_and_per_layer():
     assert 2.4 < profile.dimension[0] < 3.6 and profile.dimension[1] < 1.3  # the "plane" is a line
     assert calls == [(1, 2), (2, 2)]
     fig = intrinsic_dimension_profile(profile, names=["A"])
-    assert list(fig.data[0].x) == ["torus", "plane"] and "n = 400" in fig.layout.title.text
+    assert list(fig.data[0].x) == ["torus", "plane"] and "n = 400" in figure_title(fig)
 
 
 def test_intrinsic_dimension_errors():
@@ -377,12 +378,12 @@ def test_embedding_scatter_carries_indices_labels_and_selection():
     assert "sample %{customdata[0]}" in first.hovertemplate
     assert list(first.selectedpoints) == [0]  # sample 0 is the first point of class 0
     assert list(fig.data[1].selectedpoints) == [1] and list(fig.data[2].selectedpoints) == [1]  # samples 4 and 5
-    assert "trustworthiness@10" in fig.layout.title.text and "n = 60" in fig.layout.title.text
+    assert "trustworthiness@10" in figure_title(fig) and "n = 60" in figure_title(fig)
     scalar = embedding_scatter(result, color=np.linspace(0, 1, 60), color_name="norm")
     assert len(scalar.data) == 1 and scalar.data[0].marker.showscale
     aligned = aligned_embedding({"A": x, "B": x[:, ::-1].copy()}, method="pca")
     fig_b = embedding_scatter(aligned, view=1, color=y)
-    assert fig_b.layout.title.text.startswith("B")
+    assert figure_title(fig_b).startswith("B")
 
 
 def test_inputs_are_not_modified():

@@ -31,6 +31,7 @@ from workbench.analyses.mode_connectivity import (
 from workbench.data import make_dataset
 from workbench.errors import ArchitectureError, DataError, ParameterError
 from workbench.models.architectures import build_model
+from workbench.plots._style import figure_title
 
 RESMLP = {"type": "resmlp", "in_features": 64, "width": 24, "n_blocks": 2, "n_classes": 10, "activation": "relu"}
 
@@ -351,15 +352,15 @@ def test_plots_carry_estimator_and_n(sample_model, digits_test):
     a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
     result = mode_connectivity(a, b, digits_test, n_points=3, methods=["naive", "weight_matching"])
     fig = plots.interpolation_curves(result)
-    assert len(fig.data) == 4 and f"n = {digits_test.n_samples}" in fig.layout.title.text
+    assert len(fig.data) == 4 and f"n = {digits_test.n_samples}" in figure_title(fig)
     table = plots.barrier_table(result)
     assert "above the line" in str(table.data[0].header.values) and "max over λ" in table.layout.annotations[0].text
     assert len(plots.barrier_rows(result)) == 2
-    assert "Ito" in plots.layer_alignment_figure(result.layers).layout.title.text
+    assert "Ito" in figure_title(plots.layer_alignment_figure(result.layers))
     assert len(plots.singular_values_figure(result.layers).data) == 6
-    assert "passes" in plots.matching_objective(result.weight_matching).layout.title.text
+    assert "passes" in figure_title(plots.matching_objective(result.weight_matching))
     merged = merge([a, b], digits_test, max_rounds=1)
-    assert f"n = {digits_test.n_samples}" in plots.merge_figure(merged).layout.title.text
+    assert f"n = {digits_test.n_samples}" in figure_title(plots.merge_figure(merged))
 
 
 # ---------------------------------------------------------------------------------------------

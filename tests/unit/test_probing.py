@@ -11,6 +11,7 @@ import torch
 from workbench.analyses import probing
 from workbench.analyses.probing import ProbingResult, moment_probe, probe_layers
 from workbench.errors import DataError, ParameterError
+from workbench.plots._style import figure_title
 from workbench.plots.probing import probe_confusion, probe_profile, probe_rows
 
 
@@ -359,11 +360,11 @@ def test_probe_figures_and_rows():
     b = probe_layers({"l1": x[:, :8], "l2": x[:, :2]}, y, control=False)
     fig = probe_profile(a, b, names=["A", "B"])
     assert len(fig.data) == 3  # A: score + control, B: score
-    assert "n = 100" in fig.layout.title.text and "logistic regression" in fig.layout.title.text
+    assert "n = 100" in figure_title(fig) and "logistic regression" in figure_title(fig)
     assert list(fig.data[0].x) == ["l1", "l2"]
     heat = probe_confusion(a, "l2")
     assert np.asarray(heat.data[0].z).shape == (4, 4)
-    assert "layer l2" in heat.layout.title.text
+    assert "layer l2" in figure_title(heat)
     rows = probe_rows(a, "A")
     assert [r["layer"] for r in rows] == ["l1", "l2"] and {"accuracy", "control", "selectivity", "macro-F1"} <= set(
         rows[0]

@@ -23,6 +23,7 @@ from workbench.analyses.similarity import (
     similarity_matrix,
 )
 from workbench.errors import DataError, ParameterError, UnknownLayerError
+from workbench.plots._style import figure_title
 
 PAIR_FUNCTIONS = {
     "linear_cka": linear_cka,
@@ -515,7 +516,7 @@ def test_heatmap_records_estimator_and_n_and_hover_values():
 
     result = similarity_matrix(_random_layers(), measure="procrustes_distance", angular=True)
     fig = similarity_heatmap(result)
-    title = fig.layout.title.text
+    title = figure_title(fig)
     assert "angular Procrustes distance" in title and "n = 60" in title and "lower is closer" in title
     cells = fig.data[1]
     assert len(cells.x) == 9 and np.allclose(np.asarray(cells.customdata), result.values.ravel())

@@ -33,6 +33,7 @@ from workbench.analyses.topology import (
 )
 from workbench.data.datasets import blobs
 from workbench.errors import DataError, ParameterError, UnknownLayerError
+from workbench.plots._style import figure_title
 
 
 def circle(n: int, *, noise: float = 0.0, dim: int = 2, seed: int = 0, even: bool = False) -> np.ndarray:
@@ -510,7 +511,7 @@ def test_every_figure_records_the_estimator_and_n():
         plots.trsa_matrices(topological_rsa(data.x, data.x**2)),
     ]
     for fig in figures:
-        title = fig.layout.title.text
+        title = figure_title(fig)
         assert "n = " in title and ("persistence" in title.lower() or "RSA" in title or "score" in title)
     assert "H≥1 on 100 of 300" in figures[0].layout.annotations[1].text
     assert "20 longest of 300" in figures[1].layout.annotations[1].text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 
@@ -20,12 +21,39 @@ def category_color(i: int) -> str:
     return CATEGORY_COLORS[i % len(CATEGORY_COLORS)]
 
 
+SUBTITLE_WIDTH = 90  # characters per subtitle line: fits a chart that shares the page width with another
+
+
+def _wrap(text: str, width: int = SUBTITLE_WIDTH) -> list[str]:
+    """Break ``text`` into lines of at most ``width`` characters at spaces (a longer word stays whole)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
 def titled(fig: go.Figure, title: str, *, estimator: str | None = None, n: int | None = None) -> go.Figure:
-    """Set a title whose second line says how the numbers were computed."""
+    """Set a title with a subtitle that says how the numbers were computed (wrapped, so a narrow chart shows
+    all of it), with room above subplot titles."""
     sub = " · ".join(p for p in (estimator, f"n = {n}" if n is not None else None) if p)
-    text = f"{title}<br><sup>{sub}</sup>" if sub else title
-    fig.update_layout(title={"text": text}, template=TEMPLATE, margin={"t": 70})
+    lines = _wrap(sub) if sub else []
+    subplot_titles = any(a.yref == "paper" and a.y is not None and a.y >= 0.98 and a.yanchor == "bottom"
+                         for a in fig.layout.annotations)
+    top = 56 + 15 * len(lines) + (34 if subplot_titles else 0)
+    fig.update_layout(title={"text": title, "subtitle": {"text": "<br>".join(lines)}}, template=TEMPLATE,
+                      margin={"t": max(top, fig.layout.margin.t or 0)})
     return fig
+
+
+def figure_title(fig: go.Figure | dict[str, Any]) -> str:
+    """A figure's title and subtitle as one line of text (``fig`` a figure or its JSON dict)."""
+    layout = fig.to_plotly_json()["layout"] if isinstance(fig, go.Figure) else fig.get("layout", {})
+    title = layout.get("title", {})
+    sub = title.get("subtitle", {}).get("text") or ""
+    return " · ".join(p for p in (title.get("text") or "", sub.replace("<br>", " ")) if p)
 
 
 def grouped_bar_panels(fig: go.Figure, x: Sequence[str], series: Sequence[tuple[str, str]],

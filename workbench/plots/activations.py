@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -19,26 +20,44 @@ def stats_rows(result: ActivationStatsResult) -> list[dict[str, object]]:
     ]
 
 
+def _translucent(hex_colour: str, alpha: float) -> str:
+    r, g, b = (int(hex_colour[k:k + 2], 16) for k in (1, 3, 5))
+    return f"rgba({r}, {g}, {b}, {alpha})"
+
+
 def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.Figure:
-    """A histogram of activation values per layer; one colour per model, overlaid where layer names match."""
+    """A histogram of activation values per layer, drawn as an outlined step curve with a light fill, one
+    colour per model, overlaid where layer names match (so a second model never hides the first). Heights
+    are densities (count / (total x bin width)): each model has its own bins, and densities stay comparable."""
     layers: list[str] = []
     for r in results:
         layers += [layer for layer in r.layers if layer not in layers]
     cols = min(max_cols, len(layers))
     rows = (len(layers) + cols - 1) // cols
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=layers)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=layers, vertical_spacing=0.16 if rows > 1 else 0.1)
     for i, r in enumerate(results):
+        colour = MODEL_COLORS[i % len(MODEL_COLORS)]
         for j, layer in enumerate(layers):
             if layer not in r.stats:
                 continue
             s = r.stats[layer]
-            centres = (s.hist_edges[:-1] + s.hist_edges[1:]) / 2
+            edges = np.asarray(s.hist_edges, dtype=np.float64)
+            counts = np.asarray(s.hist_counts, dtype=np.float64)
+            centres = (edges[:-1] + edges[1:]) / 2
+            density = counts / max(counts.sum(), 1.0) / np.maximum(np.diff(edges), np.finfo(np.float64).tiny)
             fig.add_trace(
-                go.Bar(x=centres, y=s.hist_counts, name=r.model, legendgroup=r.model, showlegend=j == 0,
-                       marker_color=MODEL_COLORS[i % len(MODEL_COLORS)], opacity=0.6,
-                       hovertemplate=f"{r.model} · {layer}<br>value %{{x:.3g}}<br>count %{{y}}<extra></extra>"),
+                go.Scatter(x=centres, y=density, customdata=counts, name=r.model, legendgroup=r.model, showlegend=j == 0,
+                           mode="lines", line={"color": colour, "width": 1.5, "shape": "hvh"}, fill="tozeroy",
+                           fillcolor=_translucent(colour, 0.25),
+                           hovertemplate=f"{r.model} · {layer}<br>value %{{x:.3g}}<br>density %{{y:.3g}} (count %{{customdata:d}})<extra></extra>"),
                 row=j // cols + 1, col=j % cols + 1,
             )
-    fig.update_layout(barmode="overlay", height=260 * rows, bargap=0)
+    for j in range(len(layers)):
+        row, col = j // cols + 1, j % cols + 1
+        if j + cols >= len(layers):  # the lowest panel of its column
+            fig.update_xaxes(title_text="activation value", row=row, col=col)
+        if col == 1:
+            fig.update_yaxes(title_text="density", row=row, col=col)
+    fig.update_layout(height=280 * rows)
     n = results[0].n_samples if results else None
-    return titled(fig, "Activation values per layer", estimator="histogram of all units × samples", n=n)
+    return titled(fig, "Activation values per layer", estimator="density of all units × samples, each model on its own bins", n=n)

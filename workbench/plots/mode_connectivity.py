@@ -171,7 +171,7 @@ def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3) -> g
                 col=j % cols + 1,
             )
     fig.update_xaxes(title_text="index i", type="log")
-    fig.update_yaxes(title_text="σ_i", type="log")
+    fig.update_yaxes(title_text="σ_i", type="log", exponentformat="power")
     fig.update_layout(height=300 * rows)
     return titled(
         fig,

@@ -287,7 +287,7 @@ def separability_curves(
                     )
     fig.update_yaxes(autorange="reversed", title_text="S", row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], row=2, col=1)
-    fig.update_yaxes(type="log", row=3, col=1)
+    fig.update_yaxes(type="log", minorloglabels="complete", row=3, col=1)
     fig.update_layout(height=720, legend={"groupclick": "toggleitem"})
     first = results[0] if results else None
     what = "checkpoints" if isinstance(first, SeparabilityTrajectoryResult) else "layers"

@@ -1,0 +1,61 @@
+"""Per-layer activation statistics against hand-computed values, and the histogram figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.analyses.stats import activation_stats, layer_stats
+from workbench.errors import DataError, ParameterError
+from workbench.plots.activations import layer_histograms
+
+
+def _three_units(n: int = 200, seed: int = 0) -> np.ndarray:
+    """Unit 0 dead (always 0), unit 1 constant 3.0, unit 2 standard normal."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.zeros(n), np.full(n, 3.0), rng.standard_normal(n)], axis=1)
+
+
+def test_layer_stats_match_hand_computed_values():
+    x = _three_units()
+    s = layer_stats(torch.from_numpy(x), "fc1", bins=20)
+    assert (s.n_samples, s.n_features) == (200, 3)
+    assert s.mean == pytest.approx(x.mean(), abs=1e-12) and s.std == pytest.approx(x.std(), abs=1e-12)
+    assert (s.min, s.max) == (x.min(), x.max())
+    assert s.dead_fraction == pytest.approx(1 / 3)  # only the all-zero unit
+    assert s.constant_fraction == pytest.approx(2 / 3)  # the dead and the constant unit
+    assert s.sparsity == pytest.approx((x == 0).mean())
+    counts, edges = np.histogram(x, bins=20, range=(x.min(), x.max()))
+    np.testing.assert_allclose(s.hist_edges, edges)
+    assert s.hist_counts.sum() == x.size
+    assert np.abs(s.hist_counts - counts).sum() <= 2  # float32 binning may move a value at a bin edge
+
+
+def test_a_constant_layer_has_one_occupied_bin_and_no_dead_units():
+    s = layer_stats(torch.full((10, 4), 2.5), "out", bins=5)
+    assert s.constant_fraction == 1.0 and s.dead_fraction == 0.0 and s.std == 0.0
+    assert s.hist_counts.sum() == 40 and np.count_nonzero(s.hist_counts) == 1
+
+
+def test_bad_input_gets_a_clear_message():
+    with pytest.raises(DataError, match=r"'fc1' contains 1 NaN or infinite values; remove or impute them"):
+        layer_stats(torch.tensor([[1.0, float("nan")], [2.0, 3.0]]), "fc1")
+    with pytest.raises(ParameterError, match=r"The 'bins' parameter of layer_stats must be an int in \[5, 500\]. Got 2."):
+        layer_stats(torch.zeros(3, 2), "fc1", bins=2)
+
+
+def test_histograms_are_densities_so_models_on_different_bins_compare():
+    narrow = {"fc1": torch.from_numpy(np.random.default_rng(0).normal(0, 1, (500, 8)))}
+    wide = {"fc1": torch.from_numpy(np.random.default_rng(1).normal(0, 10, (500, 8)))}
+    a = activation_stats(narrow, model="A")
+    b = activation_stats(wide, model="B")
+    fig = layer_histograms(a, b)
+    assert [t.name for t in fig.data] == ["A", "B"]
+    for trace, result in zip(fig.data, (a, b), strict=True):
+        widths = np.diff(result.stats["fc1"].hist_edges)
+        assert float(np.sum(np.asarray(trace.y) * widths)) == pytest.approx(1.0)  # area 1 whatever the bin width
+        np.testing.assert_array_equal(trace.customdata, result.stats["fc1"].hist_counts)  # counts on hover
+    # the wide model's peak density is about ten times lower, as its spread is ten times larger
+    assert max(fig.data[0].y) / max(fig.data[1].y) == pytest.approx(10, rel=0.3)
+    assert fig.layout.xaxis.title.text == "activation value" and fig.layout.yaxis.title.text == "density"
