@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from pages import _state
@@ -76,10 +77,11 @@ st.plotly_chart(fig, key="rel_layers_chart", width="stretch")
 table = {"layer of A": list(result.layers_a), "layer of B": list(result.layers_b), "Jaccard relative": result.jaccard}
 table.update({"Jaccard absolute": result.absolute_jaccard, "MRR relative": result.mrr})
 table.update({"MRR absolute": result.absolute_mrr, "cosine relative": result.cosine})
-st.dataframe(table, hide_index=True, width="stretch", key="rel_table")
+st.dataframe(pd.DataFrame(table).style.format(precision=3, na_rep="n/a"), hide_index=True, width="stretch",
+             key="rel_table")
 st.caption(
     f"{result.estimator}; n = {result.n_samples} samples of {dataset.name}. "
-    "Absolute values are missing where the two layers have different widths."
+    "Absolute values are n/a where the two layers have different widths."
 )
 _state.report_button(f"Relative representations: {model_a.name} vs {model_b.name}", result, [fig], key="rel_report")
 

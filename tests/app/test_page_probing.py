@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from tests.app.conftest import page_errors
+from workbench.plots._style import figure_title
 
 
 def _open(app):
@@ -27,7 +30,7 @@ def test_probing_page_with_two_models(app):
     assert len(charts) == 2  # accuracy profile and confusion matrix
     profile = charts[0].proto.spec
     assert "control task" in profile and "n = 450" in profile
-    assert "Held-out confusion, layer out" in charts[1].proto.spec
+    assert figure_title(json.loads(charts[1].proto.spec)).startswith("Held-out confusion, mlp_seed0 · out")
     assert any("chance = 0.1" in c.value for c in at.caption)
 
 
@@ -39,7 +42,7 @@ def test_confusion_layer_choice_and_single_model(app):
     assert not page_errors(at)
     assert list(at.dataframe[0].value["layer"]) == ["fc1", "relu2"]
     at.selectbox(key="probe_confusion_layer").set_value((0, "fc1")).run()
-    assert "Held-out confusion, layer fc1" in at.get("plotly_chart")[1].proto.spec
+    assert figure_title(json.loads(at.get("plotly_chart")[1].proto.spec)).startswith("Held-out confusion, mlp_seed0 · fc1")
     at.checkbox(key="probe_control").uncheck().run()
     table = at.dataframe[0].value
     assert "selectivity" not in table.columns and len(at.get("plotly_chart")) == 2

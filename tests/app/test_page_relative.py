@@ -60,3 +60,17 @@ def test_needs_two_models(app):
     at.switch_page("pages/relative.py").run()
     assert any("Choose two models (A and B)" in i.value for i in at.info)
     assert not at.get("plotly_chart")
+
+
+def test_models_of_different_widths_have_no_absolute_values(app, sample_model_path):
+    from workbench import load_model
+
+    app.session_state["model_b"] = load_model(sample_model_path("mlp_narrow_seed0"))
+    at = app.run()
+    at.switch_page("pages/relative.py").run()
+    assert not page_errors(at)
+    table = at.dataframe[0].value
+    hidden = table[table["layer of A"] != "out"]
+    assert hidden["Jaccard absolute"].isna().all() and (hidden["Jaccard relative"] > 0).all()
+    assert not table[table["layer of A"] == "out"]["Jaccard absolute"].isna().any()  # both heads have 10 outputs
+    assert any("n/a where the two layers have different widths" in c.value for c in at.caption)

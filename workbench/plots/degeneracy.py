@@ -40,12 +40,6 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
     return (n + cols - 1) // cols, cols
 
 
-def _room(fig: go.Figure) -> go.Figure:
-    """Space between the two-line title and the subplot titles."""
-    fig.update_layout(margin={"t": 110})
-    return fig
-
-
 def _log_spectrum(values: np.ndarray) -> np.ndarray:
     top = float(values.max()) if values.size else 0.0
     rel = values / top if top > 0 else np.zeros_like(values)
@@ -87,6 +81,7 @@ def _spectrum_grid(
     for j in range(len(layers)):
         fig.add_hline(y=results[0].rtol, line_dash="dash", line_color="grey", row=j // cols + 1, col=j % cols + 1)
     fig.update_yaxes(type="log", exponentformat="power")
+    fig.update_yaxes(title_text=f"{symbol.strip() or 'eigenvalue'} / largest", col=1)
     fig.update_layout(height=280 * rows)
     return fig
 
@@ -111,9 +106,7 @@ def spectrum_figure(*results: RankResult, max_cols: int = 3) -> go.Figure:
     what = "Activation covariance spectra" if results[0].quantity == "activation" else "Jacobian Gram spectra"
     if results[0].output:
         what += f" (∂{results[0].output})"
-    return _room(
-        titled(fig, what, estimator=f"{results[0].estimator}; rtol = {results[0].rtol:g}", n=results[0].n_samples)
-    )
+    return titled(fig, what, estimator=f"{results[0].estimator}; rtol = {results[0].rtol:g}", n=results[0].n_samples)
 
 
 def relu_pattern_figure(*results: ReluPatternResult) -> go.Figure:
@@ -151,7 +144,7 @@ def relu_pattern_figure(*results: ReluPatternResult) -> go.Figure:
     fig.update_yaxes(tickformat=".0%", range=[0, max(0.05, min(1.0, 1.2 * top))])
     fig.update_yaxes(title_text="fraction of units (count on bar)", col=1)
     fig.update_layout(barmode="group", height=340)
-    return _room(titled(fig, "ReLU firing patterns", estimator=results[0].estimator, n=results[0].n_samples))
+    return titled(fig, "ReLU firing patterns", estimator=results[0].estimator, n=results[0].n_samples)
 
 
 def degeneracy_figure(*results: DegeneracyResult) -> go.Figure:
@@ -189,9 +182,7 @@ def degeneracy_figure(*results: DegeneracyResult) -> go.Figure:
     fig.update_layout(barmode="stack", height=380)
     totals = "; ".join(f"{_label(r, i)}: {r.total_free:,} of {r.total_parameters:,}" for i, r in enumerate(results))
     estimator = f"{results[0].estimator}, Jacobians of the {results[0].output}, rtol = {results[0].rtol:g}"
-    return _room(
-        titled(fig, f"Free parameters per weight matrix ({totals})", estimator=estimator, n=results[0].n_samples)
-    )
+    return titled(fig, f"Free parameters per weight matrix ({totals})", estimator=estimator, n=results[0].n_samples)
 
 
 def basis_size_figure(*results: InteractionBasisResult) -> go.Figure:
@@ -237,7 +228,7 @@ def interaction_spectrum_figure(*results: InteractionBasisResult, max_cols: int 
         results, lambda r: r.interaction_eigenvalues, lambda r, layer: f"basis size {r.basis_size[layer]}", "Λ ", max_cols
     )
     title = "Interaction eigenvalues Λ (activation variance in the basis)"
-    return _room(titled(fig, title, estimator=results[0].estimator, n=results[0].n_samples))
+    return titled(fig, title, estimator=results[0].estimator, n=results[0].n_samples)
 
 
 def interaction_graph_figure(

@@ -108,7 +108,8 @@ def probe_confusion(result: ProbingResult, layer: str, *, class_names: Sequence[
         xaxis_type="category",
         yaxis_type="category",
     )
-    return titled(fig, f"Held-out confusion, layer {layer}", estimator=result.estimator, n=result.n_samples)
+    where = f"{result.model_name} · {layer}" if result.model_name else f"layer {layer}"
+    return titled(fig, f"Held-out confusion, {where}", estimator=result.estimator, n=result.n_samples)
 
 
 def probe_rows(result: ProbingResult, name: str | None = None) -> list[dict[str, object]]:

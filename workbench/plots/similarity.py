@@ -215,7 +215,8 @@ def stitching_bars(result: StitchingResult, *, name_a: str = "A", name_b: str = 
                 y=float(acc),
                 line={"color": MODEL_COLORS[i], "dash": "dot", "width": 1},
                 annotation_text=f"own head of {names[i]}: {acc:.3f}",
-                annotation_position="bottom right",
+                annotation_position=("bottom left", "bottom right")[i % 2],  # opposite ends: close lines stay readable
+                annotation_font_color=MODEL_COLORS[i],
             )
     fig.add_hline(
         y=result.chance_accuracy,
