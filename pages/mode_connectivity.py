@@ -22,24 +22,30 @@ session = {m.name: m for m in _state.current_models()}
 options = list(dict.fromkeys([*session, *names]))
 
 
-def pick(label: str, slot: str, fallback: str, key: str):
+def load(name: str):
+    return session[name] if name in session else _state.load_sample_model(name)
+
+
+def pick(label: str, slot: str, fallback: str, key: str, choices: list[str], help_text: str):
     current = st.session_state.get(slot)
-    default = current.name if current is not None else fallback
+    default = current.name if current is not None and current.name in choices else fallback
     choice = st.selectbox(
-        label,
-        options,
-        index=options.index(default) if default in options else 0,
-        key=key,
-        help="A model chosen on the Models & data page, or a bundled sample model.",
+        label, choices, index=choices.index(default) if default in choices else 0, key=key, help=help_text
     )
-    return session[choice] if choice in session else _state.load_sample_model(choice)
+    return load(choice)
 
 
 col_a, col_b = st.columns(2)
 with col_a, _state.guard():
-    model_a = pick("Model A", _state.MODEL_A, _state.DEFAULT_A, "mc_model_a")
+    model_a = pick("Model A", _state.MODEL_A, _state.DEFAULT_A, "mc_model_a", options,
+                   "A model chosen on the Models & data page, or a bundled sample model.")
 with col_b, _state.guard():
-    model_b = pick("Model B (permuted to match A)", _state.MODEL_B, _state.DEFAULT_B, "mc_model_b")
+    matching = [n for n in options if mc.same_architecture(model_a, load(n))]  # only these can be matched to A
+    others = [n for n in matching if n != model_a.name]
+    model_b = pick("Model B (permuted to match A)", _state.MODEL_B, others[0] if others else model_a.name,
+                   "mc_model_b", matching, "Models of A's architecture: the same modules and parameter shapes.")
+if len(matching) == 1:
+    st.info(f"No other model has the architecture of {model_a.name}: choose or upload one on the Models & data page.")
 digits = dataset.name.startswith("digits")
 with st.expander("Settings", expanded=False):
     n_points = st.slider(
@@ -91,10 +97,9 @@ st.dataframe(
     key="mc_barriers",
     column_config={"accuracy drop": st.column_config.NumberColumn(format="percent")},
 )
-barrier = next(iter(result.barriers.values()))
-st.caption(
-    " · ".join(f"**{k}**: {v}" for k, v in barrier.definitions.items()) + f". n = {result.n_samples} test samples."
-)
+definitions = plots.barrier_definitions(next(iter(result.barriers.values()), None))
+samples = f"n = {result.n_samples} test samples" + (f" and {train.n_samples} train samples" if train is not None else "")
+st.caption(" · ".join(f"**{k}**: {v}" for k, v in definitions.items()) + f". {samples}.")
 
 st.subheader("Per layer: distance and singular-vector alignment")
 layers = plots.layer_alignment_figure(result.layers)
@@ -117,4 +122,4 @@ if model_b.architecture is not None:
         key="mc_download_b",
         help="The permuted B; it computes the same function as B.",
     )
-_state.report_button("Mode connectivity", result, [curves, layers, spectra], key="mc_report")
+_state.report_button("Mode connectivity", result, [curves, layers, spectra], key="mc_report", models=[model_a, model_b])

@@ -488,3 +488,12 @@ def test_cuda_agrees_with_cpu(sample_model, digits_test):
     c_cpu = interpolate(a, permuted, digits_test, n_points=5, repair="repair", device="cpu")
     c_gpu = interpolate(a, permuted, digits_test, n_points=5, repair="repair", device="cuda")
     np.testing.assert_allclose(c_gpu.loss["test"], c_cpu.loss["test"], atol=1e-6)
+
+
+def test_same_architecture(sample_model):
+    from workbench.analyses.mode_connectivity import same_architecture
+
+    a, b = sample_model("mlp_seed0"), sample_model("mlp_seed1")
+    assert same_architecture(a, b) and same_architecture(a.module, b.module)
+    assert not same_architecture(a, sample_model("mlp_narrow_seed0"))  # same modules, other shapes
+    assert not same_architecture(a, sample_model("cnn_seed0"))  # other modules

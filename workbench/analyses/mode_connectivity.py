@@ -310,6 +310,17 @@ def _check_same_architecture(
             )
 
 
+def same_architecture(model_a: Any, model_b: Any) -> bool:
+    """Whether two models (``LoadedModel`` or ``nn.Module``) have the same modules and parameter shapes, so
+    that they can be matched, interpolated and merged."""
+    a, b = (getattr(m, "module", m) for m in (model_a, model_b))
+    try:
+        _check_same_architecture(a, b, "same_architecture")
+    except ArchitectureError:
+        return False
+    return True
+
+
 def _check_finite_weights(module: nn.Module, name: str, func: str) -> None:
     for key, t in module.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):

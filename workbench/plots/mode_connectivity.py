@@ -66,6 +66,17 @@ def interpolation_curves(result: ModeConnectivityResult) -> go.Figure:
     )
 
 
+BARRIER_COLUMNS = {"linear": "barrier above the line", "mean": "barrier above the endpoint mean",
+                   "accuracy_drop": "accuracy drop"}
+
+
+def barrier_definitions(barrier: BarrierResult | None) -> dict[str, str]:
+    """Each barrier definition under the name of its column in :func:`barrier_rows`."""
+    if barrier is None:
+        return {}
+    return {BARRIER_COLUMNS.get(k, k): v for k, v in barrier.definitions.items()}
+
+
 def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
     """One table row per method and split with both barrier definitions."""
     rows = []
@@ -75,10 +86,10 @@ def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
                 {
                     "method": method_label(method),
                     "split": split,
-                    "barrier above the line": barrier.linear[split],
-                    "barrier above the endpoint mean": barrier.mean[split],
+                    BARRIER_COLUMNS["linear"]: barrier.linear[split],
+                    BARRIER_COLUMNS["mean"]: barrier.mean[split],
                     "at λ": barrier.lambda_linear[split],
-                    "accuracy drop": barrier.accuracy_drop[split],
+                    BARRIER_COLUMNS["accuracy_drop"]: barrier.accuracy_drop[split],
                 }
             )
     return rows
@@ -114,9 +125,7 @@ def barrier_table(result: ModeConnectivityResult) -> go.Figure:
 
 
 def _definitions(barrier: BarrierResult | None) -> str:
-    if barrier is None:
-        return ""
-    return "<br>".join(f"{k}: {v}" for k, v in barrier.definitions.items())
+    return "<br>".join(f"{k}: {v}" for k, v in barrier_definitions(barrier).items())
 
 
 def layer_alignment_figure(result: LayerAlignmentResult) -> go.Figure:
