@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
@@ -37,7 +38,9 @@ def _warm_up_umap() -> threading.Thread:
     return thread
 
 
-st.set_page_config(page_title="Representation Workbench", page_icon=":material/insights:", layout="wide")
+# a local icon: a Material icon name would make the browser fetch the favicon from Google's font servers
+ICON = Path(__file__).resolve().parent / "assets" / "icon.png"
+st.set_page_config(page_title="Representation Workbench", page_icon=str(ICON), layout="wide")
 sections: dict[str, list] = {}
 for file, title, icon, section in PAGES:
     sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon, default=file == "pages/home.py"))

@@ -167,3 +167,19 @@ def test_the_sidebar_summary_shows_on_a_page_that_stops_early(page):
     sidebar = page.locator("[data-testid='stSidebar']")
     sidebar.get_by_text("mlp_seed0", exact=False).first.wait_for(timeout=30000)
     assert "Data" in sidebar.inner_text() and "sha256" in sidebar.inner_text()
+
+
+def test_the_app_requests_nothing_outside_its_server(browser, server):
+    from urllib.parse import urlparse
+
+    context = browser.new_context(viewport={"width": 1300, "height": 900})
+    pg = context.new_page()
+    outside: list[str] = []
+    host = urlparse(server).hostname
+    pg.on("request", lambda r: outside.append(r.url) if urlparse(r.url).hostname not in (host, None) and not r.url.startswith("data:") else None)
+    pg.goto(server)
+    pg.wait_for_selector("h1:has-text('Representation Workbench')", timeout=60000)
+    wait_idle(pg)
+    open_page(pg, "Similarity (A vs B)")
+    context.close()
+    assert not outside, outside  # e.g. a favicon from a font server: the app must work without internet
