@@ -1,6 +1,6 @@
 """Retrain the bundled sample models deterministically on the CPU.
 
-    python sample_models/train.py            # all models, a few minutes on 2 cores
+    python sample_models/train.py            # all models, under a minute on 2 cores
 
 Writes ``<name>.safetensors`` (weights, with the architecture spec and training facts in the
 safetensors metadata), ``snapshots/`` (per-epoch weights of the narrow MLP) and ``manifest.json``
@@ -102,6 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     for name, (spec, seed, epochs, lr, description) in MODELS.items():

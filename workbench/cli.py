@@ -25,6 +25,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _check_output(path: Path, *, folder: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written (missing folders are created on saving)."""
+    from workbench.errors import ParameterError
+
+    if folder and path.exists() and not path.is_dir():
+        raise ParameterError(f"--out {path} is a file; the report is written into a folder: give a folder path.")
+    if not folder and path.is_dir():
+        raise ParameterError(f"--out {path} is a folder; give a file name ending in .npz.")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ParameterError(f"--out {path} cannot be created: {existing} is not a writable folder; choose another location.")
+
+
 def _data_arg(value: str):
     from workbench import load_dataset
 
@@ -61,6 +76,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     from workbench import extract, load_model
 
+    _check_output(args.out, folder=False)
+    out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")  # numpy's own rule
     model = load_model(args.model, architecture=args.architecture)
     data = _data_arg(args.data)
     with tqdm(total=data.n_samples, unit="sample", disable=None) as bar:
@@ -69,7 +86,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
         acts = extract(model, data, args.layers, pooling=args.pooling, batch_size=args.batch_size,
                        device=args.device, progress=progress)
-    out = acts.save_npz(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out = acts.save_npz(out)
     print(f"wrote {out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in acts.items()))  # noqa: T201
     return 0
 
@@ -106,13 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     from workbench.registry import ANALYSES
 
     names = ", ".join(a.name for a in ANALYSES)
-    p = sub.add_parser("analyze", help="run analyses and write a report",
-                       description=f"Run registered analyses ({names}) and write report.html, report.json and arrays.npz.")
+    params = "\n".join(f"  {a.name}: " + (", ".join(f"{k}={v!r}" for k, v in a.params.items()) or "(none)") for a in ANALYSES)
+    p = sub.add_parser("analyze", help="run analyses and write a report", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=f"Run registered analyses ({names}) and write report.html, report.json and arrays.npz.",
+                       epilog=f"parameters of each analysis and their defaults (set with --param ANALYSIS.KEY=VALUE):\n{params}")
     p.add_argument("--model-a", required=True, help="checkpoint of model A")
     p.add_argument("--model-b", help="checkpoint of model B (needed by two-model analyses)")
     p.add_argument("--data", required=True, help="bundled dataset (digits, digits:train, blobs, sentences) or a .npz/.csv/.pt file")
     p.add_argument("--analysis", required=True, help=f"comma-separated analyses: {names}")
     p.add_argument("--layers", nargs="+", help="layers to analyse (default: every leaf layer, at most 12)")
+    p.add_argument("--layers-b", nargs="+", help="layers of model B, when its layer names differ (default: --layers)")
     p.add_argument("--pooling", default="mean", choices=["mean", "flatten", "max", "cls", "last"], help="pooling rule (default mean)")
     p.add_argument("--param", action="append", default=[], metavar="ANALYSIS.KEY=VALUE",
                    help="analysis parameter, e.g. similarity.measure=rbf_cka (JSON values; repeatable)")
@@ -160,6 +181,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except ParameterError as exc:  # a bad argument, like argparse's own
         print(f"workbench analyze: error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    _check_output(args.out, folder=True)
     model_a = load_model(args.model_a)
     model_b = load_model(args.model_b) if args.model_b else None
     data = _data_arg(args.data)
@@ -168,7 +190,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for entry in entries:
             bar.set_description(entry.name)
             sections.append(run_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data, layers=args.layers,
-                                         pooling=args.pooling, params=params[entry.name], device=args.device))
+                                         layers_b=args.layers_b, pooling=args.pooling, params=params[entry.name], device=args.device))
             bar.update(1)
     command = "workbench analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["analyze"] else ""
     report = build_report(sections, title=args.title, models=[model_a, model_b], dataset=data, command=command)

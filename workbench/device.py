@@ -34,7 +34,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         ) from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ParameterError(
-            f"Device {device!r} was requested but CUDA is not available here; use device='cpu' or None."
+            f"Device {device!r} was requested but CUDA is not available here; use 'cpu', or no device (None, or no --device) to pick the best available."
         )
     return resolved
 

@@ -29,7 +29,7 @@ from workbench.activations.extract import (
     extract,
 )
 from workbench.activations.types import Activations
-from workbench.analyses._validation import check_choice, check_int, check_progress
+from workbench.analyses._validation import check_choice, check_int, check_progress, check_same_dataset
 from workbench.data.datasets import Dataset
 from workbench.errors import ParameterError, UnsupportedFormatError
 from workbench.models.loading import LoadedModel, as_loaded_model
@@ -143,6 +143,8 @@ def similarity_matrix_sharded(
     engine = check_choice(engine, "engine", ENGINES, func=func)
     n_tasks = check_int(n_tasks, "n_tasks", func=func, low=1, high=4096)
     check_progress(progress, func=func)
+    if acts_b is not None:
+        check_same_dataset(acts_a, acts_b, func=func)
     started = time.perf_counter()
     layers_a: Sequence[str] = list(options.pop("layers_a", None) or list(acts_a))
     columns_source = acts_a if acts_b is None else acts_b

@@ -22,7 +22,7 @@ import numpy as np
 
 from workbench.activations import Activations, extract
 from workbench.data import Dataset
-from workbench.errors import ParameterError, did_you_mean, format_choices
+from workbench.errors import ParameterError, UnknownLayerError, did_you_mean, format_choices
 from workbench.models import LoadedModel
 
 if TYPE_CHECKING:
@@ -56,8 +56,12 @@ class Context:
             if model is None:
                 raise ParameterError("This analysis compares two models; choose model B too.")
             layers = self.layers_a if which == "a" else (self.layers_b or self.layers_a)
-            self._acts[which] = extract(model, self.dataset, layers or default_layers(model), pooling=self.pooling,
-                                        device=self.device, progress=self.progress)
+            try:
+                self._acts[which] = extract(model, self.dataset, layers or default_layers(model), pooling=self.pooling,
+                                            device=self.device, progress=self.progress)
+            except UnknownLayerError as exc:  # say which of the two models lacks the layer
+                hint = " Name model B's layers separately (layers_b, --layers-b)." if which == "b" and not self.layers_b else ""
+                raise UnknownLayerError(f"Model {which.upper()} ('{model.name}'): {exc}{hint}") from exc
         return self._acts[which]
 
 
@@ -209,7 +213,7 @@ def _interaction_basis_plot(results: Any) -> list[go.Figure]:
 
 
 def _interaction_basis_summary(results: Any) -> dict[str, Any]:
-    return {r.model: {"modularity": r.modularity, "basis_size": dict(zip(r.layers, np.asarray(r.basis_size).tolist()))}
+    return {r.model: {"modularity": r.modularity, "basis_size": {layer: int(r.basis_size[layer]) for layer in r.layers}}
             for r in results}
 
 

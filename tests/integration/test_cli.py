@@ -79,6 +79,42 @@ def test_bad_arguments_one_line(args, code, message, tmp_path):
     assert len(out.stderr.strip().splitlines()) <= 2
 
 
+def test_extract_output_paths(tmp_path):
+    target = tmp_path / "new" / "folder" / "acts"  # no suffix: numpy adds .npz, and the message says so
+    out = run("extract", MLP0, "--data", "digits", "--layers", "fc1", "--out", str(target), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "new" / "folder" / "acts.npz").exists() and f"wrote {target}.npz: fc1 (450, 512)" in out.stdout
+    out = run("extract", MLP0, "--data", "digits", "--layers", "fc1", "--out", str(tmp_path), cache=tmp_path)
+    assert out.returncode == 1 and "is a folder; give a file name ending in .npz" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_analyze_refuses_a_file_as_its_folder_before_any_work(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = run("analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "activations", "--out", str(afile), cache=tmp_path)
+    assert out.returncode == 1 and "is a file; the report is written into a folder" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "activations").exists()
+
+
+def test_analyze_names_the_model_that_lacks_a_layer_and_takes_layers_of_b(tmp_path):
+    cnn = str(ROOT / "sample_models" / "cnn_seed0.safetensors")
+    args = ["analyze", "--model-a", MLP0, "--model-b", cnn, "--data", "digits", "--analysis", "similarity"]
+    out = run(*args, "--layers", "fc2", "--out", str(tmp_path / "r1"), cache=tmp_path)
+    assert out.returncode == 1 and "Model B ('cnn_seed0'): Unknown layer 'fc2'" in out.stderr
+    assert "--layers-b" in out.stderr and "Traceback" not in out.stderr
+    out = run(*args, "--layers", "fc2", "--layers-b", "conv1", "relu2", "--out", str(tmp_path / "r2"), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r2" / "report.json").read_text())["sections"][0]["results"][0]
+    assert result["layers_a"] == ["fc2"] and result["layers_b"] == ["conv1", "relu2"]
+
+
+def test_analyze_help_lists_each_analysis_parameters(tmp_path):
+    out = run("analyze", "--help", cache=tmp_path)
+    assert "similarity: measure='linear_cka', debiased=False" in out.stdout
+    assert "probing: probe='linear', cv=5" in out.stdout
+
+
 def test_app_command_serves_the_app(tmp_path):
     import socket
     import time

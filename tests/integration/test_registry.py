@@ -28,6 +28,10 @@ def test_entry_runs_and_exports(entry, sample_model, digits_test, tmp_path):
     assert "run_analysis(" in section.snippet and "mlp_narrow_seed0.safetensors" in section.snippet
     json.dumps(section.record(), allow_nan=False)
     assert section.summary
+    if entry.name == "interaction_basis":  # sizes per layer, not the layer names
+        for r in section.result:
+            sizes = section.summary[r.model]["basis_size"]
+            assert sizes == {layer: int(r.basis_size[layer]) for layer in r.layers} and all(type(v) is int for v in sizes.values())
     files = build_report([section], models=[a, b], dataset=digits_test).save(tmp_path)
     with np.load(files["npz"], allow_pickle=False) as arrays:
         assert len(arrays.files) > 0

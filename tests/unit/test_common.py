@@ -162,3 +162,24 @@ def test_every_public_analysis_function_is_reachable_from_the_registry():
         called = {name for name in public if f"{name}(" in source or f" {name}\n" in source}
         missing = public - called - blocks
         assert not missing, f"{family}: not registered and not a listed building block: {sorted(missing)}"
+
+
+def test_activations_of_different_datasets_are_not_compared():
+    from workbench.activations import Activations
+    from workbench.analyses.relative import relative_agreement_by_layer
+    from workbench.analyses.similarity import similarity_matrix
+    from workbench.analyses.topology import diagram_distance_matrix
+    from workbench.distributed import similarity_matrix_sharded
+
+    x = torch.randn(60, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = Activations({"l": x}, model_name="a", dataset_name="digits (test)", dataset_sha256="1" * 64)
+    b = Activations({"l": x[torch.randperm(60)]}, model_name="b", dataset_name="digits (shuffled)", dataset_sha256="2" * 64)
+    message = (r"the two activations come from different datasets \('digits \(test\)', sha256 111111111111, and "
+               r"'digits \(shuffled\)', sha256 222222222222\); sample i of A is compared with sample i of B")
+    for call in (lambda: similarity_matrix(a, b), lambda: relative_agreement_by_layer(a, b, n_anchors=8),
+                 lambda: diagram_distance_matrix(a, b, dim=0), lambda: similarity_matrix_sharded(a, b, n_tasks=1)):
+        with pytest.raises(WorkbenchError, match=message):
+            call()
+    same = Activations({"l": x}, model_name="c", dataset_name="digits (test)", dataset_sha256="1" * 64)
+    assert similarity_matrix(a, same).values[0, 0] == pytest.approx(1.0)  # same data: compared
+    assert similarity_matrix(a, {"l": x}).values[0, 0] == pytest.approx(1.0)  # plain tensors carry no hash

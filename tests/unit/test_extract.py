@@ -128,6 +128,12 @@ def test_bad_parameters(mlp, digits_test):
         extract(mlp, digits_test, ["fc1"], device="cuda")
 
 
+def test_a_dataset_name_instead_of_a_dataset(mlp):
+    with pytest.raises(DataError, match=r"extract takes a Dataset or an array of inputs, not the name or path 'digits'; "
+                                        r"load it first: extract\(model, load_dataset\('digits'\), layers\)"):
+        extract(mlp, "digits", ["fc1"])
+
+
 def test_dataset_feature_mismatch(mlp):
     data = make_dataset("wide", torch.zeros(5, 30))
     with pytest.raises(DataError, match=r"Dataset 'wide' has 30 features per sample but model 'tiny' expects 64"):

@@ -127,6 +127,9 @@ def cache_key(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: 
 def _as_dataset(data: Dataset | torch.Tensor | np.ndarray) -> Dataset:
     if isinstance(data, Dataset):
         return data
+    if isinstance(data, (str, os.PathLike)):
+        raise DataError(f"extract takes a Dataset or an array of inputs, not the name or path {str(data)!r}; "
+                        f"load it first: extract(model, load_dataset({str(data)!r}), layers).")
     return make_dataset("array", data)
 
 

@@ -74,6 +74,20 @@ def check_paired(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x"
         )
 
 
+def check_same_dataset(a: Any, b: Any, *, func: str) -> None:
+    """Two sets of activations compared sample by sample must come from the same dataset: when both record
+    a dataset content hash (as :class:`~workbench.Activations` do), the hashes must agree. Same row counts
+    alone do not catch a shuffled or different dataset of the same size."""
+    sha_a, sha_b = getattr(a, "dataset_sha256", ""), getattr(b, "dataset_sha256", "")
+    if sha_a and sha_b and sha_a != sha_b:
+        name_a, name_b = getattr(a, "dataset_name", "") or "?", getattr(b, "dataset_name", "") or "?"
+        raise DataError(
+            f"{func}: the two activations come from different datasets ('{name_a}', sha256 {sha_a[:12]}, and "
+            f"'{name_b}', sha256 {sha_b[:12]}); sample i of A is compared with sample i of B, so extract both "
+            "models on the same dataset."
+        )
+
+
 def check_not_constant(x: torch.Tensor, name: str, *, func: str) -> None:
     """Raise when every feature of ``x`` is constant over samples (zero total variance)."""
     if float((x - x.mean(0, keepdim=True)).abs().max()) == 0.0:

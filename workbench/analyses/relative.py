@@ -38,6 +38,7 @@ from workbench.analyses._validation import (
     check_choice,
     check_int,
     check_paired,
+    check_same_dataset,
 )
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
@@ -604,6 +605,7 @@ def relative_agreement_by_layer(
         A :class:`RelativeLayerAgreementResult`.
     """
     func = "relative_agreement_by_layer"
+    check_same_dataset(acts_a, acts_b, func=func)
     start = time.perf_counter()
     method = check_choice(method, "method", ANCHOR_METHODS, func=func)
     center = check_bool(center, "center", func=func)

@@ -48,6 +48,7 @@ from workbench.analyses._validation import (
     check_float,
     check_paired,
     check_progress,
+    check_same_dataset,
 )
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
@@ -895,6 +896,8 @@ def similarity_matrix(
         A :class:`SimilarityMatrixResult` with ``values`` of shape ``(n_layers_a, n_layers_b)``.
     """
     func = "similarity_matrix"
+    if acts_b is not None:
+        check_same_dataset(acts_a, acts_b, func=func)
     start = time.perf_counter()
     measure = check_choice(measure, "measure", MEASURES, func=func)
     debiased = check_bool(debiased, "debiased", func=func)

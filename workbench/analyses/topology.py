@@ -47,6 +47,7 @@ from workbench.analyses._validation import (
     check_int,
     check_not_constant,
     check_paired,
+    check_same_dataset,
 )
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
@@ -939,6 +940,8 @@ def diagram_distance_matrix(
     compared as in :func:`diagram_distance`. ``progress(done, total)`` counts layers and pairs.
     """
     func = "diagram_distance_matrix"
+    if b is not None:
+        check_same_dataset(a, b, func=func)
     t0 = time.perf_counter()
     metric, dim, order = _check_diagram_params(metric, dim, order, normalize, func)
     report = progress or (lambda done, total: None)

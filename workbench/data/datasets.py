@@ -98,7 +98,7 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
         xt = xt.to(torch.float32)
         if not bool(torch.isfinite(xt).all()):
             n_bad = int((~torch.isfinite(xt)).sum())
-            raise DataError(f"Dataset '{name}' contains {n_bad} NaN or infinite values; remove or impute them and upload again.")
+            raise DataError(f"Dataset '{name}' contains {n_bad} NaN or infinite values; remove or impute them, then load the data again.")
     elif xt.dtype == torch.bool:
         xt = xt.to(torch.float32)
     else:

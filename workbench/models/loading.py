@@ -247,7 +247,8 @@ def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] 
         if not trust:
             raise UnsafeFileError(
                 f"'{label}' is a full pickle whose loading can run arbitrary code (it references {reason}); it was not loaded. "
-                f"Tick 'I trust this file' only if you made it yourself, or {CONVERT_HINT}."
+                f"Load it only if you made it yourself (in the app tick 'I trust this file', in Python pass trust_remote_code=True), "
+                f"or {CONVERT_HINT}."
             ) from exc
         if isolate:
             return _open_isolated(data, label, name, spec)
@@ -405,7 +406,8 @@ def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec
         guess = infer_architecture(state)
         hint = f" It looks like {json.dumps(guess)} (check the activation)." if guess else ""
         raise ArchitectureError(
-            f"'{label}' holds weights but no architecture spec; pass one, e.g. architecture={{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}.{hint}"
+            f"'{label}' holds weights but no architecture spec; pass one (the app's spec box, architecture= in Python, "
+            f"--architecture on the command line), e.g. {{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}.{hint}"
         )
     module = build_model(spec)
     expected = module.state_dict()
@@ -496,7 +498,8 @@ def _load_code_archive(data: bytes, label: str, name: str, kind: str, spec: dict
     if not trust:
         raise UnsafeFileError(
             f"'{label}' is a {kind} archive, which runs code from the file when loaded; it was not loaded. "
-            f"Tick 'I trust this file' only if you made it yourself, or {CONVERT_HINT}."
+            f"Load it only if you made it yourself (in the app tick 'I trust this file', in Python pass trust_remote_code=True), "
+                f"or {CONVERT_HINT}."
         )
     if isolate:
         raise UnsafeFileError(
@@ -526,7 +529,8 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
     if not has_safetensors and not trust_remote_code:
         raise UnsafeFileError(
             f"Folder '{folder.name}' has no .safetensors weights, and pickled weights can run code; "
-            "save the model with model.save_pretrained(path, safe_serialization=True), or tick 'I trust this file'."
+            "save the model with model.save_pretrained(path, safe_serialization=True), or load it from Python with "
+            "trust_remote_code=True."
         )
     try:
         import transformers

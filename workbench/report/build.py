@@ -169,6 +169,8 @@ class Report:
         if unknown:
             raise ParameterError(f"Unknown report format(s) {unknown}; choose from {', '.join(FORMATS)}.")
         folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise ParameterError(f"'{folder}' is a file; a report is saved into a folder: give a folder path.")
         folder.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
         if "html" in formats or "pdf" in formats:
