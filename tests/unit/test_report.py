@@ -86,6 +86,14 @@ def test_zip_bytes_and_errors(stats_report):
         build_report([])
 
 
+def test_saving_into_a_file_path_says_to_give_a_folder(stats_report, tmp_path):
+    report, _ = stats_report
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ParameterError, match=r"'.*afile' is a file; a report is saved into a folder: give a folder path\."):
+        report.save(afile)
+
+
 @pytest.mark.skipif(find_chromium() is None, reason="no Chromium on this machine")
 def test_html_renders_in_chromium_without_console_errors(stats_report, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
