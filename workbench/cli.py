@@ -65,9 +65,12 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, architecture=args.architecture)
     print(f"{model.name}: {model.n_parameters:,} parameters, sha256 {model.sha256[:16]}")  # noqa: T201
-    for info in layer_info(model):
+    infos = layer_info(model)
+    name_width = max([2 * i.depth + len(i.name) for i in infos] + [38]) + 2  # columns line up for long paths too
+    type_width = max([len(i.type) for i in infos] + [22]) + 2
+    for info in infos:
         shape = "not run" if info.output_shape is None else str(tuple(info.output_shape))
-        print(f"{'  ' * info.depth}{info.name:<{40 - 2 * info.depth}} {info.type:<24} {shape}")  # noqa: T201
+        print(f"{'  ' * info.depth}{info.name:<{name_width - 2 * info.depth}}{info.type:<{type_width}}{shape}")  # noqa: T201
     return 0
 
 

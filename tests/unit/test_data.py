@@ -125,3 +125,10 @@ def test_unknown_name_and_wrong_type(tmp_path):
         load_dataset(b"1,2\n" * 1000, filename="data.csv", max_bytes=100)
     with pytest.raises(CorruptFileError, match=r"not a readable \.npz file"):
         load_dataset(b"garbage", filename="data.npz")
+
+
+def test_repr_is_a_summary_not_the_tensors():
+    from workbench import load_dataset
+
+    text = repr(load_dataset("digits"))
+    assert text.startswith("Dataset('digits (test)', x (450, 64) float32, 10 classes, sha256 ") and len(text) < 120

@@ -275,6 +275,17 @@ def test_huggingface_folder_and_zip(tiny_hf_folder):
     assert zipped.sha256 == loaded.sha256
 
 
+def test_huggingface_loading_prints_no_progress_bar_and_leaves_the_setting(tiny_hf_folder, capsys):
+    from transformers.utils import logging as hf_logging
+
+    folder, _ = tiny_hf_folder
+    hf_logging.enable_progress_bar()
+    load_model(folder)
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
+
+
 def test_huggingface_folder_with_pickled_weights_refused(tiny_hf_folder, tmp_path):
     folder, model = tiny_hf_folder
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())

@@ -52,6 +52,12 @@ class Dataset:
     description: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        labels = "no labels" if self.y is None else (
+            f"{self.n_classes} classes" if self.n_classes is not None else "float targets")
+        return (f"Dataset({self.name!r}, x {tuple(self.x.shape)} {str(self.x.dtype).removeprefix('torch.')}, {labels}, "
+                f"sha256 {self.sha256[:12]})")
+
     @property
     def n_samples(self) -> int:
         return int(self.x.shape[0])

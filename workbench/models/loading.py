@@ -543,8 +543,15 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
         arch_names = list(getattr(config, "architectures", None) or [])
         cls = getattr(transformers, arch_names[0], None) if arch_names else None
         cls = cls if cls is not None else transformers.AutoModel
-        module = cls.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
-                                     use_safetensors=has_safetensors)
+        hf_logging = transformers.utils.logging
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a loading bar for a small local folder is noise in the CLI and the server log
+        try:
+            module = cls.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
+                                         use_safetensors=has_safetensors)
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise CorruptFileError(f"The Hugging Face model in '{folder.name}' could not be loaded ({_first_line(exc)}).") from exc
     loaded = wrap_module(module, name=name, architecture=None, source_format="huggingface",
