@@ -449,7 +449,7 @@ class Measure:
     symmetric: bool
     invariant_to: frozenset[str]
     noise_bound: float | None
-    min_samples: int = 2
+    min_samples: int = 3  # two centred samples span one direction: any two layers would look the same
     stochastic: bool = False
     identity_tolerance: float = 1e-6
 

@@ -478,6 +478,11 @@ def test_llc_errors(constant_and_dead, one_thread):
         llc_estimate(model, data, n_steps=20, n_burnin=20)
     with pytest.raises(ParameterError, match="the SGLD chains diverged .* use a smaller step_size"):
         llc_estimate(model, data, step_size=0.5, localization=1e6, n_steps=100, n_burnin=0)  # |1 - εγ/2| > 1
+    wrong = make_dataset("other classes", data.x, torch.tensor([12, 7] * (data.n_samples // 2) + [7] * (data.n_samples % 2)))
+    for call in (lambda: degeneracy_summary(model, wrong, output="loss"),
+                 lambda: llc_estimate(model, wrong, n_chains=1, n_steps=10, n_burnin=1)):
+        with pytest.raises(DataError, match=r"the labels run from 7 to 12 but the model has \d+ outputs \(classes 0 to"):
+            call()
     with pytest.raises(DataError, match="'labels' are required"):
         llc_estimate(model, make_dataset("nolabels", data.x))
 
@@ -580,7 +585,7 @@ def test_errors_name_the_problem(constant_and_dead, digits_test):
         relu_patterns(model, data.x)
     with pytest.raises(DataError, match="could not run on the dataset at layer 'fc1'"):
         relu_patterns(model, digits_test)
-    with pytest.raises(DataError, match="output='loss' needs integer class labels"):
+    with pytest.raises(DataError, match="the loss needs integer class labels"):
         gradient_rank(model, make_dataset("reg", data.x, data.x[:, 0]), "relu1", output="loss")
     with pytest.raises(DataError, match="'labels' are required"):
         degeneracy_summary(model, make_dataset("nolabels", data.x), output="loss")

@@ -497,3 +497,19 @@ def test_same_architecture(sample_model):
     assert same_architecture(a, b) and same_architecture(a.module, b.module)
     assert not same_architecture(a, sample_model("mlp_narrow_seed0"))  # same modules, other shapes
     assert not same_architecture(a, sample_model("cnn_seed0"))  # other modules
+
+
+def test_a_dataset_of_the_wrong_width_is_named(sample_model):
+    from workbench import load_dataset
+    from workbench.analyses.mode_connectivity import activation_matching, mode_connectivity
+    from workbench.data import make_dataset
+
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    wrong = make_dataset("w", torch.randn(20, 10), torch.arange(20) % 10)
+    with pytest.raises(DataError, match=r"mode_connectivity: the model could not run on 'dataset' \(.*\); use a dataset made"):
+        mode_connectivity(a, b, wrong, n_points=3)
+    digits = load_dataset("digits")
+    with pytest.raises(DataError, match=r"mode_connectivity: the model could not run on 'train_dataset'"):
+        mode_connectivity(a, b, digits, train_dataset=wrong, n_points=3)
+    with pytest.raises(DataError, match=r"activation_matching: the model could not run on 'dataset'"):
+        activation_matching(a, b, wrong)

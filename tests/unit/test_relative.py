@@ -187,6 +187,24 @@ def test_stitching_is_reproducible_with_a_seed():
     assert first.relative_accuracy[1, 0] == pytest.approx(first.relative_accuracy[0, 0])
 
 
+def test_stitching_with_sparse_labels_equals_stitching_with_class_indices():
+    rng = _rng()
+    x_tr, x_te = rng.normal(size=(120, 5)), rng.normal(size=(40, 5))
+    y_tr, y_te = (x_tr[:, 0] > 0).astype(int), (x_te[:, 0] > 0).astype(int)
+    q = _orthogonal(5)
+    dense = stitch(x_tr, x_tr @ q, x_te, x_te @ q, y_tr, y_te, n_anchors=20, epochs=20, seed=1)
+    sparse = stitch(x_tr, x_tr @ q, x_te, x_te @ q, 3 + y_tr * 10**8, 3 + y_te * 10**8, n_anchors=20, epochs=20, seed=1)
+    np.testing.assert_array_equal(dense.relative_accuracy, sparse.relative_accuracy)  # a two-class head either way
+    assert sparse.chance_accuracy == dense.chance_accuracy
+
+
+def test_nan_labels_are_no_class():
+    x = _rng().normal(size=(40, 6))
+    labels = np.r_[np.nan, np.zeros(39)]
+    with pytest.raises(DataError, match=r"relative_comparison: 'labels' contain 1 NaN or infinite values, which are no class"):
+        relative_comparison(x, x, n_anchors=10, labels=labels)
+
+
 # ---------------------------------------------------------------------------------------------
 # errors: one test per message
 

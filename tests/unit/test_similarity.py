@@ -563,3 +563,14 @@ def test_streamed_similarity_of_cached_activations(sample_model, digits_test):
     assert streamed.params["streamed"]
     np.testing.assert_allclose(np.diag(streamed.values), 1.0, atol=1e-9)
     np.testing.assert_allclose(streamed.values, full.values, atol=0.1)
+
+
+def test_two_samples_are_too_few_to_compare():
+    # two centred samples span one direction, so any two layers would score CKA 1 and Procrustes 0
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 5)), rng.normal(size=(2, 3))
+    for measure in ("linear_cka", "rbf_cka", "procrustes_distance"):
+        with pytest.raises(DataError, match=r"similarity_matrix: 'acts_a\['l'\]' needs at least 3 samples\. Got 2\."):
+            similarity_matrix({"l": x}, {"l": y}, measure=measure)
+    with pytest.raises(DataError, match=r"linear_cka: 'x' needs at least 3 samples"):
+        linear_cka(x, y)

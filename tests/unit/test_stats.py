@@ -59,3 +59,9 @@ def test_histograms_are_densities_so_models_on_different_bins_compare():
     # the wide model's peak density is about ten times lower, as its spread is ten times larger
     assert max(fig.data[0].y) / max(fig.data[1].y) == pytest.approx(10, rel=0.3)
     assert fig.layout.xaxis.title.text == "activation value" and fig.layout.yaxis.title.text == "density"
+
+
+def test_values_beyond_float32_are_counted():
+    s = layer_stats(np.array([[3e38, -3e38], [1.0, 2.0]]), "wide", bins=5)
+    assert s.hist_counts.sum() == 4  # a float32 histogram would overflow and count nothing
+    assert layer_stats(np.full((4, 2), 1e300) * np.arange(1, 5)[:, None], "huge").hist_counts.sum() == 8

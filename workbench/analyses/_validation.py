@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.errors import DataError, ParameterError
+from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
 
 ArrayLike = Any  # numpy array, torch tensor, or nested sequence of numbers
 
@@ -74,6 +74,17 @@ def check_paired(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x"
         )
 
 
+def check_layer_names(acts: Any, names: Any, *, func: str) -> list[str]:
+    """The requested layer names, each of which must be a key of ``acts`` (else one sentence listing the valid ones)."""
+    available = [str(k) for k in acts]
+    for name in names:
+        if name not in acts:
+            raise UnknownLayerError(
+                f"{func}: unknown layer '{name}'.{did_you_mean(str(name), available)} Layers: {format_choices(available)}."
+            )
+    return list(names)
+
+
 def check_same_dataset(a: Any, b: Any, *, func: str) -> None:
     """Two sets of activations compared sample by sample must come from the same dataset: when both record
     a dataset content hash (as :class:`~workbench.Activations` do), the hashes must agree. Same row counts
@@ -129,16 +140,30 @@ def check_choice(value: Any, name: str, choices: Collection[str], *, func: str) 
     raise ParameterError(f"The '{name}' parameter of {func} must be one of {opts}. Got {value!r}.")
 
 
-def as_labels(y: ArrayLike, n_samples: int, *, func: str, name: str = "labels") -> np.ndarray:
-    """Check ``y`` is a 1-D array of ``n_samples`` labels and return it as numpy."""
+def as_labels(y: ArrayLike, n_samples: int, *, func: str, name: str = "labels", classes: bool = False) -> np.ndarray:
+    """Check ``y`` is a 1-D array of ``n_samples`` labels of one type and return it as numpy. With ``classes``,
+    float labels must be finite (a NaN is no class)."""
     if y is None:
-        raise DataError(f"{func}: '{name}' are required; load a dataset with labels or pass them explicitly.")
+        raise DataError(f"{func}: '{name}' are required; use a dataset with labels (or pass labels where the function takes them).")
     arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     if arr.ndim != 1:
         raise DataError(f"{func}: '{name}' must be 1-D with one label per sample. Got shape {arr.shape}.")
     if arr.shape[0] != n_samples:
         raise DataError(
             f"{func}: '{name}' has {arr.shape[0]} entries but the activations have {n_samples} samples; they must match."
+        )
+    if arr.dtype == object:
+        kinds = {"str" if isinstance(v, str) else "int" if isinstance(v, (int, np.integer)) else type(v).__name__ for v in arr}
+        if len(kinds) > 1 or not kinds <= {"str", "int"}:
+            raise DataError(
+                f"{func}: '{name}' mix value types ({', '.join(sorted(kinds))}); give every sample a label of one type "
+                "(all int or all str)."
+            )
+        arr = arr.astype(str if kinds == {"str"} else np.int64)
+    if classes and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise DataError(
+            f"{func}: '{name}' contain {int((~np.isfinite(arr)).sum())} NaN or infinite values, which are no class; "
+            "drop those samples or give them a label."
         )
     return arr
 

@@ -477,14 +477,24 @@ def _jacobian_gram(
     return gram / n
 
 
-def _labels(dataset: Any, n: int, func: str, device: torch.device) -> torch.Tensor:
+def _labels(dataset: Any, n: int, func: str, device: torch.device, forward: Any = None, x: Any = None) -> torch.Tensor:
+    """The dataset's class labels for the cross-entropy; with ``forward`` and ``x``, checked against the number
+    of outputs the model gives on one sample."""
     y = getattr(dataset, "y", None)
     arr = as_labels(y, n, func=func)
     if not np.issubdtype(arr.dtype, np.integer):
         raise DataError(
-            f"{func}: output='loss' needs integer class labels for the cross-entropy; the dataset's labels are {arr.dtype}. "
+            f"{func}: the loss needs integer class labels for the cross-entropy; the dataset's labels are {arr.dtype}. "
             "Use output='logits' or a dataset with class labels."
         )
+    if forward is not None and x is not None and arr.size:
+        with torch.no_grad():
+            width = int(forward(x[:1]).shape[-1])
+        if int(arr.min()) < 0 or int(arr.max()) >= width:
+            raise DataError(
+                f"{func}: the labels run from {int(arr.min())} to {int(arr.max())} but the model has {width} outputs "
+                f"(classes 0 to {width - 1}); use a dataset whose labels are the model's classes."
+            )
     return torch.as_tensor(arr, dtype=torch.int64, device=device)
 
 
@@ -658,7 +668,7 @@ def gradient_rank(
     net = _network(model, func, dev)
     x = _inputs(dataset, func, dev)
     names = _layers(net, layers, func)
-    labels = _labels(dataset, x.shape[0], func, dev) if output == "loss" else None
+    labels = _labels(dataset, x.shape[0], func, dev, net.seq, x) if output == "loss" else None
     acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func)
     ticker = _Ticker(progress, sum(_n_batches(net, acts, net.position(layer), output, batch_size) for layer in names))
     eig, rank, eff, width, thr = {}, {}, {}, {}, {}
@@ -857,7 +867,7 @@ def degeneracy_summary(
     net = _network(model, func, dev)
     x = _inputs(dataset, func, dev)
     n = int(x.shape[0])
-    labels = _labels(dataset, n, func, dev) if output == "loss" else None
+    labels = _labels(dataset, n, func, dev, net.seq, x) if output == "loss" else None
     linear = [i for i, child in enumerate(net.seq) if isinstance(child, nn.Linear)]
     if not linear:
         raise ArchitectureError(
@@ -1301,6 +1311,7 @@ def llc_estimate(
         n_beta = n / math.log(n)
     n_beta = check_float(n_beta, "n_beta", func=func, low=0.0, low_inclusive=False)
     work = copy.deepcopy(module).eval().to(device=dev, dtype=torch.float64)
+    _labels(dataset, n, func, dev, work, x)  # the labels must be classes of the model
     w_star = {k: v.detach() for k, v in work.named_parameters()}
     buffers = {k: v.detach() for k, v in work.named_buffers()}
     n_params = int(sum(v.numel() for v in w_star.values()))

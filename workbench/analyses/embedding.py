@@ -35,7 +35,14 @@ import torch
 
 from workbench.analyses import umap_layout
 from workbench.analyses._result import RecordedResult
-from workbench.analyses._validation import as_matrix, check_choice, check_float, check_int, check_not_constant
+from workbench.analyses._validation import (
+    as_matrix,
+    check_choice,
+    check_float,
+    check_int,
+    check_layer_names,
+    check_not_constant,
+)
 from workbench.analyses.knn import METRICS, _is_float32, knn_graph
 from workbench.device import resolve_device
 from workbench.errors import DataError, ParameterError
@@ -551,7 +558,7 @@ def layer_intrinsic_dimension(
         raise DataError(
             f"{func}: 'acts' must be Activations or a mapping layer name -> array. Got {type(acts).__name__}."
         )
-    names = list(acts) if layers is None else list(layers)
+    names = list(acts) if layers is None else check_layer_names(acts, layers, func=func)
     if not names:
         raise DataError(f"{func}: no layers to analyse; pass at least one layer name.")
     start = time.perf_counter()

@@ -348,6 +348,23 @@ def _check_dataset(dataset: Any, name: str, func: str) -> tuple[torch.Tensor, to
     return x, y
 
 
+def _check_runs(module: nn.Module, dataset: Any, name: str, func: str) -> None:
+    """The model must run on one sample of ``dataset`` (the feature count must fit its input)."""
+    x = getattr(dataset, "x", None)
+    if not isinstance(x, torch.Tensor) or x.shape[0] < 1:
+        return
+    param = next(module.parameters(), None)
+    xb = x[:1].to(param.device, param.dtype) if param is not None and x.is_floating_point() else x[:1]
+    try:
+        with torch.no_grad():
+            module(xb)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise DataError(
+            f"{func}: the model could not run on '{name}' ({str(exc).splitlines()[0][:160]}); "
+            "use a dataset made for this model (its features must fit the model's input)."
+        ) from exc
+
+
 def _check_spec(spec: Any, state: Mapping[str, torch.Tensor], func: str) -> dict[str, int]:
     """Validate a spec against a state dict; return permutation name -> size."""
     if not isinstance(spec, PermutationSpec):
@@ -1400,6 +1417,7 @@ def activation_matching(
         )
     if x.shape[0] < 2:
         raise DataError(f"{func}: 'dataset' needs at least 2 samples to correlate activations. Got {x.shape[0]}.")
+    _check_runs(a, dataset, "dataset", func)
     dev = float64_device(resolve_device(device))
     graph = _trace(a, func)
     sizes = _check_spec(graph.spec, a.state_dict(), func)
@@ -1627,6 +1645,9 @@ def mode_connectivity(
     methods = [check_choice(m, "methods", CONNECTIVITY_METHODS, func=func) for m in methods]
     n_points = check_int(n_points, "n_points", func=func, low=3, high=201)
     match_data = train_dataset if train_dataset is not None else dataset
+    _check_runs(a, dataset, "dataset", func)
+    if train_dataset is not None:
+        _check_runs(a, train_dataset, "train_dataset", func)
     total = 2 + len(methods) * n_points
     done = 0
 

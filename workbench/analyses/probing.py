@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from workbench.analyses._result import RecordedResult
-from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int
+from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int, check_layer_names
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError
 
@@ -217,7 +217,7 @@ def moment_probe(
     func = "moment_probe"
     rank = check_int(rank, "rank", func=func, low=0, high=64)
     if isinstance(acts, Mapping):
-        names = list(acts) if layers is None else list(layers)
+        names = list(acts) if layers is None else check_layer_names(acts, layers, func=func)
         raw = {name: acts[name] for name in names}
     else:
         raw = {"x": acts}
@@ -261,7 +261,7 @@ def moment_probe(
 
 def _layer_matrices(acts: Any, layers: Sequence[str] | None, func: str) -> dict[str, torch.Tensor]:
     if isinstance(acts, Mapping):
-        names = list(acts) if layers is None else list(layers)
+        names = list(acts) if layers is None else check_layer_names(acts, layers, func=func)
         if not names:
             raise DataError(f"{func}: no layers to probe; pass at least one layer name.")
         return {name: as_matrix(acts[name], name, func=func, dtype=torch.float32, min_samples=2) for name in names}

@@ -465,7 +465,7 @@ def cross_model_agreement(
         ab = as_matrix(absolute_b, "absolute_b", func=func, device=dev)
         check_paired(ra, aa, ("rel_a", "absolute_a"), func=func)
         check_paired(ra, ab, ("rel_a", "absolute_b"), func=func)
-    lab = None if labels is None else as_labels(labels, n, func=func)
+    lab = None if labels is None else as_labels(labels, n, func=func, classes=True)
     return _agreement(ra, rb, k, aa, ab, lab, {"k": k}, None, dev, start)
 
 
@@ -513,7 +513,7 @@ def relative_comparison(
     n = int(xa.shape[0])
     n_anchors = check_int(n_anchors, "n_anchors", func=func, low=1, high=n)
     k = check_int(k, "k", func=func, low=1, high=n - 1)
-    lab = None if labels is None else as_labels(labels, n, func=func)
+    lab = None if labels is None else as_labels(labels, n, func=func, classes=True)
     anchors = _select_anchors(xa, n_anchors, method, seed)
     ra = _relative(xa, xa[anchors], center, func)
     rb = _relative(xb, xb[anchors], center, func)
@@ -779,9 +779,13 @@ def stitch(
     for arr, name in ((y_tr_np, "train_labels"), (y_te_np, "test_labels")):
         if not np.issubdtype(arr.dtype, np.integer) or (arr.size and int(arr.min()) < 0):
             raise DataError(f"{func}: '{name}' must be non-negative integer class labels. Got dtype {arr.dtype}.")
-    n_classes = int(max(y_tr_np.max(), y_te_np.max())) + 1
-    y_tr = torch.as_tensor(y_tr_np, dtype=torch.long, device=dev)
-    y_te = torch.as_tensor(y_te_np, dtype=torch.long, device=dev)
+    # the heads learn class indices 0..k-1 of the labels present (labels such as 3 and 7, or 1e8, cost nothing);
+    # the models' own heads are scored against the labels as given
+    classes = np.unique(np.concatenate([y_tr_np, y_te_np]))
+    n_classes = int(classes.size)
+    y_tr = torch.as_tensor(np.searchsorted(classes, y_tr_np), dtype=torch.long, device=dev)
+    y_te = torch.as_tensor(np.searchsorted(classes, y_te_np), dtype=torch.long, device=dev)
+    y_te_given = torch.as_tensor(y_te_np, dtype=torch.long, device=dev)
     n_anchors = check_int(n_anchors, "n_anchors", func=func, low=1, high=int(tr_a.shape[0]))
 
     anchors = _select_anchors(tr_a, n_anchors, method, seed)
@@ -800,9 +804,9 @@ def stitch(
         for logits, name in ((logits_a, "logits_a"), (logits_b, "logits_b")):
             lt = as_matrix(logits, name, func=func, device=dev, min_samples=1)
             check_paired(te_a, lt, ("test_a", name), func=func)
-            own_list.append(float((lt.argmax(1) == y_te).to(torch.float64).mean()))
+            own_list.append(float((lt.argmax(1) == y_te_given).to(torch.float64).mean()))
         own = np.asarray(own_list)
-    chance = float(np.bincount(y_te_np).max() / y_te_np.size)
+    chance = float(np.unique(y_te_np, return_counts=True)[1].max() / y_te_np.size)
     return StitchingResult(
         relative_accuracy=relative_acc,
         absolute_accuracy=absolute_acc,

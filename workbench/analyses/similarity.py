@@ -258,7 +258,7 @@ def _check_debiased_n(n: int, func: str) -> None:
 
 
 def _pair_inputs(
-    x: ArrayLike, y: ArrayLike, func: str, device: str | torch.device | None, min_samples: int = 2
+    x: ArrayLike, y: ArrayLike, func: str, device: str | torch.device | None, min_samples: int = 3
 ) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
     dev = _compute_device(device)
     xt = as_matrix(x, "x", func=func, device=dev, min_samples=min_samples)
@@ -725,17 +725,17 @@ def _measure_spec(
 ) -> _MeasureSpec:
     bias = "debiased HSIC (Song et al. 2012)" if debiased else "biased HSIC"
     if measure == "linear_cka":
-        return _MeasureSpec({"debiased": debiased}, f"linear CKA, {bias}", True, 4 if debiased else 2)
+        return _MeasureSpec({"debiased": debiased}, f"linear CKA, {bias}", True, 4 if debiased else 3)
     if measure == "rbf_cka":
         return _MeasureSpec(
             {"sigma": sigma, "debiased": debiased},
             f"RBF CKA (sigma = {sigma:g} x median distance), {bias}",
             True,
-            4 if debiased else 2,
+            4 if debiased else 3,
         )
     if measure == "procrustes_distance":
         label = "angular Procrustes distance (arccos of nuclear norm)" if angular else "orthogonal Procrustes distance"
-        return _MeasureSpec({"angular": angular}, f"{label}, centred, unit Frobenius norm", False, 2)
+        return _MeasureSpec({"angular": angular}, f"{label}, centred, unit Frobenius norm", False, 3)
     if measure == "cca_similarity":
         labels = {
             "svcca": f"SVCCA ({variance:g} of variance kept), mean canonical correlation",

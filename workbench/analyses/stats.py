@@ -73,7 +73,7 @@ def layer_stats(x: torch.Tensor | np.ndarray, layer: str = "layer", *, bins: int
     lo, hi = float(t.min()), float(t.max())
     if hi == lo:
         hi = lo + 1.0
-    counts = torch.histc(t.float().cpu(), bins=bins, min=lo, max=hi)
+    counts = torch.histc(t.cpu(), bins=bins, min=lo, max=hi)  # float64: float32 would overflow past 3.4e38
     return LayerStats(
         layer=layer, n_samples=n, n_features=d, mean=float(t.mean()), std=float(t.std(correction=0)),
         min=float(t.min()), max=float(t.max()),

@@ -45,6 +45,7 @@ from workbench.analyses._validation import (
     check_choice,
     check_float,
     check_int,
+    check_layer_names,
     check_not_constant,
     check_paired,
     check_same_dataset,
@@ -756,11 +757,16 @@ def persistence(
 def _as_diagram(value: Any, dim: int, name: str, func: str) -> np.ndarray:
     if isinstance(value, PersistenceResult):
         return value.diagram(dim)
-    arr = (
-        np.asarray(value, dtype=np.float64)
-        if not isinstance(value, torch.Tensor)
-        else value.detach().cpu().double().numpy()
-    )
+    try:
+        arr = (
+            np.asarray(value, dtype=np.float64)
+            if not isinstance(value, torch.Tensor)
+            else value.detach().cpu().double().numpy()
+        )
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"{func}: '{name}' must be a PersistenceResult or an (n, 2) array of (birth, death) pairs. Got {type(value).__name__}."
+        ) from exc
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise DataError(
             f"{func}: '{name}' must be a PersistenceResult or an (n_bars, 2) array of (birth, death). Got shape {arr.shape}."
@@ -1241,7 +1247,7 @@ def layer_separability(
         raise DataError(
             f"{func}: 'acts' must be Activations or a dict of layer name -> (n_samples, n_features). Got {type(acts).__name__}."
         )
-    names = list(acts) if layers is None else list(layers)
+    names = list(acts) if layers is None else check_layer_names(acts, layers, func=func)
     if not names:
         raise ParameterError(f"The 'layers' parameter of {func} must name at least one layer.")
     if labels is None:

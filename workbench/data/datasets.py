@@ -74,9 +74,18 @@ class Dataset:
 
     def subset(self, indices: np.ndarray | torch.Tensor | slice, name: str | None = None) -> Dataset:
         """The same dataset restricted to ``indices``."""
-        x = self.x[indices]
-        y = None if self.y is None else self.y[indices]
+        try:
+            x = self.x[indices]
+            y = None if self.y is None else self.y[indices]
+        except (IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise DataError(f"Dataset '{self.name}' has {self.n_samples} samples; the indices {_preview(indices)} do not select "
+                            f"from it ({str(exc).splitlines()[0]}).") from exc
         return make_dataset(name or f"{self.name}[subset]", x, y, class_names=self.class_names, description=self.description)
+
+
+def _preview(indices: object) -> str:
+    text = repr(indices)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def content_hash(*tensors: torch.Tensor | None) -> str:
