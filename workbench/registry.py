@@ -103,6 +103,11 @@ class Analysis:
 # entries
 
 
+def _labels(names: list[str]) -> list[str]:
+    """One label per model result: its name, or "A: name" and "B: name" when both models have the same name."""
+    return names if len(set(names)) == len(names) else [f"{slot}: {n}" for slot, n in zip("AB", names)]
+
+
 def _activation_stats(ctx: Context, bins: int = 50) -> Any:
     from workbench.analyses.stats import activation_stats
 
@@ -116,14 +121,16 @@ def _activation_stats_plot(results: Any) -> list[go.Figure]:
 
 
 def _activation_stats_summary(results: Any) -> dict[str, Any]:
-    return {f"{r.model}/{layer}/dead_fraction": s.dead_fraction for r in results for layer, s in r.stats.items()}
+    labels = _labels([r.model for r in results])
+    return {f"{m}/{layer}/dead_fraction": s.dead_fraction for m, r in zip(labels, results) for layer, s in r.stats.items()}
 
 
 def _similarity(ctx: Context, measure: str = "linear_cka", **options: Any) -> Any:
     from workbench.analyses.similarity import similarity_matrix
 
+    acts_a = ctx.activations("a")  # model A first, so that a layer missing from both is reported for A
     acts_b = ctx.activations("b") if ctx.model_b is not None else None
-    return similarity_matrix(ctx.activations("a"), acts_b, measure=measure, device=ctx.device, **options)
+    return similarity_matrix(acts_a, acts_b, measure=measure, device=ctx.device, **options)
 
 
 def _similarity_plot(result: Any) -> list[go.Figure]:
@@ -195,7 +202,7 @@ def _degeneracy_plot(results: Any) -> list[go.Figure]:
 
 
 def _degeneracy_summary(results: Any) -> dict[str, Any]:
-    return {r.model: {"free": r.total_free, "parameters": r.total_parameters} for r in results}
+    return {m: {"free": r.total_free, "parameters": r.total_parameters} for m, r in zip(_labels([r.model for r in results]), results)}
 
 
 def _interaction_basis(ctx: Context, graph_directions: int = 64, seed: int = 0) -> Any:
@@ -213,15 +220,16 @@ def _interaction_basis_plot(results: Any) -> list[go.Figure]:
 
 
 def _interaction_basis_summary(results: Any) -> dict[str, Any]:
-    return {r.model: {"modularity": r.modularity, "basis_size": {layer: int(r.basis_size[layer]) for layer in r.layers}}
-            for r in results}
+    return {m: {"modularity": r.modularity, "basis_size": {layer: int(r.basis_size[layer]) for layer in r.layers}}
+            for m, r in zip(_labels([r.model for r in results]), results)}
 
 
 def _topology(ctx: Context, metric: str = "bottleneck", dim: int = 1, max_points: int = 500, seed: int = 0) -> Any:
     from workbench.analyses.topology import diagram_distance_matrix
 
+    acts_a = ctx.activations("a")
     acts_b = ctx.activations("b") if ctx.model_b is not None else None
-    return diagram_distance_matrix(ctx.activations("a"), acts_b, metric=metric, dim=dim, max_points=max_points,
+    return diagram_distance_matrix(acts_a, acts_b, metric=metric, dim=dim, max_points=max_points,
                                    seed=seed, device=ctx.device, progress=ctx.progress)
 
 
@@ -251,7 +259,7 @@ def _separability_plot(results: Any) -> list[go.Figure]:
 
 
 def _separability_summary(results: Any) -> dict[str, Any]:
-    return {r.model_name: dict(zip(r.layers, np.asarray(r.scores).tolist())) for r in results}
+    return {m: dict(zip(r.layers, np.asarray(r.scores).tolist())) for m, r in zip(_labels([r.model_name for r in results]), results)}
 
 
 def _probing(ctx: Context, probe: str = "linear", cv: int = 5, control: bool = True, c: float = 1.0, seed: int = 0) -> Any:
@@ -270,7 +278,8 @@ def _probing_plot(results: Any) -> list[go.Figure]:
 
 
 def _probing_summary(results: Any) -> dict[str, Any]:
-    return {r.model_name or f"model {i}": dict(zip(r.layers, np.asarray(r.score).tolist())) for i, r in enumerate(results)}
+    labels = _labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
+    return {m: dict(zip(r.layers, np.asarray(r.score).tolist())) for m, r in zip(labels, results)}
 
 
 def _embedding(ctx: Context, method: str = "umap", layer: str | None = None, seed: int = 0) -> Any:
@@ -278,11 +287,12 @@ def _embedding(ctx: Context, method: str = "umap", layer: str | None = None, see
 
     acts_a = ctx.activations("a")
     layer_a = layer or acts_a.layers[-1]
-    views = {f"{ctx.model_a.name} · {layer_a}": acts_a[layer_a]}
+    names = _labels([m.name for m in ctx.models()])
+    views = {f"{names[0]} · {layer_a}": acts_a[layer_a]}
     if ctx.model_b is not None:
         acts_b = ctx.activations("b")
         layer_b = layer if layer in acts_b else acts_b.layers[-1]
-        views[f"{ctx.model_b.name} · {layer_b}"] = acts_b[layer_b]
+        views[f"{names[1]} · {layer_b}"] = acts_b[layer_b]
     return aligned_embedding(views, method=method, seed=seed, device=ctx.device, progress=ctx.progress)
 
 
@@ -311,7 +321,8 @@ def _intrinsic_dimension_plot(results: Any) -> list[go.Figure]:
 
 
 def _intrinsic_dimension_summary(results: Any) -> dict[str, Any]:
-    return {r.model_name or f"model {i}": dict(zip(r.layers, np.asarray(r.dimension).tolist())) for i, r in enumerate(results)}
+    labels = _labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
+    return {m: dict(zip(r.layers, np.asarray(r.dimension).tolist())) for m, r in zip(labels, results)}
 
 
 ANALYSES: list[Analysis] = [

@@ -53,3 +53,18 @@ def test_bad_names_and_parameters(sample_model, digits_test):
         registry.run_analysis("similarity", model_a=a, model_b=a, dataset=digits_test, params={"colour": 1})
     with pytest.raises(ParameterError, match=r"compares two models; pass model_b"):
         registry.run_analysis("relative", model_a=a, dataset=digits_test)
+
+
+@pytest.mark.parametrize("name", [e.name for e in registry.ANALYSES if e.inputs == "one_model"])
+def test_one_model_entries_run_on_one_model(name, sample_model, digits_test):
+    section = registry.run_analysis(name, model_a=sample_model("mlp_narrow_seed0"), dataset=digits_test,
+                                    params=SMALL_PARAMS.get(name))
+    assert section.figures and section.summary
+
+
+def test_two_copies_of_one_checkpoint_keep_two_results(sample_model, digits_test):
+    a = sample_model("mlp_narrow_seed0")
+    for name in ("probing", "embedding"):
+        section = registry.run_analysis(name, model_a=a, model_b=a, dataset=digits_test, params=SMALL_PARAMS.get(name))
+        keys = list(section.summary if name == "probing" else section.summary["trustworthiness"])
+        assert len(keys) == 2 and keys[0].startswith("A: mlp_narrow_seed0") and keys[1].startswith("B: mlp_narrow_seed0")

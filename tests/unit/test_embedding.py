@@ -284,8 +284,10 @@ def test_embedding_errors():
         embed(np.ones((30, 4)), method="pca")
     with pytest.raises(DataError, match="embed: 'x' must be 2-D"):
         embed(np.ones(30), method="pca")
-    with pytest.raises(DataError, match="needs at least 2 views to align"):
-        aligned_embedding([x], method="pca")
+    with pytest.raises(DataError, match="'xs' needs at least one view"):
+        aligned_embedding([], method="pca")
+    single = aligned_embedding([x], method="pca")  # one model: its own frame, nothing to align
+    assert single.coordinates.shape == (1, 40, 2) and single.disparity.tolist() == [0.0]
     with pytest.raises(DataError, match="every view must have the same samples \\(rows\\). Got \\[40, 30\\]"):
         aligned_embedding([x, x[:30]], method="pca")
     with pytest.raises(DataError, match="trustworthiness: 'x' and 'embedding' must have the same number of samples"):

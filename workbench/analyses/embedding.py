@@ -301,7 +301,7 @@ def aligned_embedding(
     Parameters
     ----------
     xs : sequence of (n_samples, n_features_i) arrays, or a mapping name -> array
-        Two or more views with the same samples in the same order (features may differ).
+        One or more views with the same samples in the same order (features may differ).
     method, n_components, seed, metric, n_neighbors, min_dist, n_epochs, perplexity, device
         As in :func:`embed`, the same for every view.
     progress : callable (done, total) or None
@@ -320,8 +320,8 @@ def aligned_embedding(
         names = tuple(f"view {i}" for i in range(len(views)))
     else:
         raise DataError(f"{func}: 'xs' must be a list of arrays or a mapping name -> array. Got {type(xs).__name__}.")
-    if len(views) < 2:
-        raise DataError(f"{func}: 'xs' needs at least 2 views to align. Got {len(views)}; use embed() for one.")
+    if len(views) < 1:
+        raise DataError(f"{func}: 'xs' needs at least one view (a layer's activations). Got none.")
     sizes = [int(np.shape(v)[0]) if np.ndim(v) >= 1 else 0 for v in views]
     if len(set(sizes)) != 1:
         raise DataError(

@@ -322,9 +322,12 @@ def _prepare_targets(
         cv = check_int(cv, "cv", func=func, low=2, high=n)
         if counts.min() < cv:
             rare = classes[int(counts.argmin())].item()
+            fewest = int(counts.min())
+            fix = (f"lower cv to {fewest} or drop classes that rare" if fewest >= 2 else
+                   "drop the samples of classes with a single sample (a class needs at least 2: one to train, one to test)")
             raise DataError(
-                f"{func}: class {rare!r} has {int(counts.min())} samples but cv={cv} folds need at least {cv} per class; "
-                f"lower cv to {max(2, int(counts.min()))} or drop classes that rare."
+                f"{func}: class {rare!r} has {fewest} sample{'s' if fewest != 1 else ''} but cv={cv} folds need at least "
+                f"{cv} per class; {fix}."
             )
         folds = np.empty(n, dtype=np.int64)
         splitter = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)

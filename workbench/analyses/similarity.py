@@ -562,7 +562,9 @@ def _cca_from_prep(a: _CCABasis, b: _CCABasis, kind: str, names: tuple[str, str]
     if ra + rb > n - 1:
         raise DataError(
             f"{func}: '{names[0]}' and '{names[1]}' span {ra} + {rb} dimensions but {n} samples leave only {n - 1} after "
-            "centring, so some canonical correlations are 1 whatever the data; use kind='svcca', narrower layers, or more samples."
+            "centring, so some canonical correlations are 1 whatever the data; "
+            + ("keep less variance (a lower 'variance'), " if kind == "svcca" else "use kind='svcca', ")
+            + "narrower layers, or more samples."
         )
     p, rho, qh = torch.linalg.svd(a.basis.T @ b.basis, full_matrices=False)
     rho = rho.clamp(0.0, 1.0)

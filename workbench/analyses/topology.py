@@ -1095,8 +1095,8 @@ def _check_cv(cv: int, y: np.ndarray, func: str) -> None:
     counts = np.bincount(y)
     if counts.min() < cv:
         raise DataError(
-            f"{func}: the smallest class has {int(counts.min())} samples but the linear probe's cv={cv} folds need at "
-            "least that many per class; lower cv, pass probe=False, or use more samples."
+            f"{func}: the smallest class has {int(counts.min())} sample{'s' if int(counts.min()) != 1 else ''} but the "
+            f"linear probe's cv={cv} folds need at least {cv} per class; lower cv, pass probe=False, or use more samples."
         )
 
 
