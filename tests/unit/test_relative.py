@@ -303,3 +303,10 @@ def test_inputs_not_modified_and_tensors_accepted():
     rel = relative_representation(x, np.array([0, 1, 2]), center=True)
     assert isinstance(rel, np.ndarray) and rel.dtype == np.float64
     assert torch.equal(x, before)
+
+
+def test_fps_anchors_are_distinct_samples_even_among_duplicate_rows():
+    x = np.repeat(_rng().normal(size=(3, 4)), 10, axis=0)  # 30 samples, 3 distinct points
+    anchors = select_anchors(x, 5, method="fps")
+    assert len(set(anchors.tolist())) == 5
+    assert len({tuple(x[i]) for i in anchors.tolist()[:3]}) == 3  # the first three cover the three distinct points

@@ -167,10 +167,12 @@ def _select_anchors(x: torch.Tensor, n_anchors: int, method: str, seed: int) -> 
         chosen = torch.empty(n_anchors, dtype=torch.long, device=x.device)
         chosen[0] = first
         nearest = torch.linalg.vector_norm(x - x[first], dim=1)
+        nearest[first] = -1.0  # a chosen sample is never chosen again, also where duplicate rows leave ties at 0
         for i in range(1, n_anchors):
             nxt = int(torch.argmax(nearest))
             chosen[i] = nxt
             nearest = torch.minimum(nearest, torch.linalg.vector_norm(x - x[nxt], dim=1))
+            nearest[chosen[: i + 1]] = -1.0
         return chosen
     # k-means (k-means++ initialisation, Lloyd iterations), then the sample nearest each centroid
     centroids = x[first : first + 1].clone()
