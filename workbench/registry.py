@@ -103,7 +103,7 @@ class Analysis:
 # entries
 
 
-def _labels(names: list[str]) -> list[str]:
+def _model_labels(names: list[str]) -> list[str]:
     """One label per model result: its name, or "A: name" and "B: name" when both models have the same name."""
     return names if len(set(names)) == len(names) else [f"{slot}: {n}" for slot, n in zip("AB", names)]
 
@@ -121,7 +121,7 @@ def _activation_stats_plot(results: Any) -> list[go.Figure]:
 
 
 def _activation_stats_summary(results: Any) -> dict[str, Any]:
-    labels = _labels([r.model for r in results])
+    labels = _model_labels([r.model for r in results])
     return {f"{m}/{layer}/dead_fraction": s.dead_fraction for m, r in zip(labels, results) for layer, s in r.stats.items()}
 
 
@@ -202,7 +202,7 @@ def _degeneracy_plot(results: Any) -> list[go.Figure]:
 
 
 def _degeneracy_summary(results: Any) -> dict[str, Any]:
-    return {m: {"free": r.total_free, "parameters": r.total_parameters} for m, r in zip(_labels([r.model for r in results]), results)}
+    return {m: {"free": r.total_free, "parameters": r.total_parameters} for m, r in zip(_model_labels([r.model for r in results]), results)}
 
 
 def _interaction_basis(ctx: Context, graph_directions: int = 64, seed: int = 0) -> Any:
@@ -221,7 +221,7 @@ def _interaction_basis_plot(results: Any) -> list[go.Figure]:
 
 def _interaction_basis_summary(results: Any) -> dict[str, Any]:
     return {m: {"modularity": r.modularity, "basis_size": {layer: int(r.basis_size[layer]) for layer in r.layers}}
-            for m, r in zip(_labels([r.model for r in results]), results)}
+            for m, r in zip(_model_labels([r.model for r in results]), results)}
 
 
 def _topology(ctx: Context, metric: str = "bottleneck", dim: int = 1, max_points: int = 500, seed: int = 0) -> Any:
@@ -259,7 +259,7 @@ def _separability_plot(results: Any) -> list[go.Figure]:
 
 
 def _separability_summary(results: Any) -> dict[str, Any]:
-    return {m: dict(zip(r.layers, np.asarray(r.scores).tolist())) for m, r in zip(_labels([r.model_name for r in results]), results)}
+    return {m: dict(zip(r.layers, np.asarray(r.scores).tolist())) for m, r in zip(_model_labels([r.model_name for r in results]), results)}
 
 
 def _probing(ctx: Context, probe: str = "linear", cv: int = 5, control: bool = True, c: float = 1.0, seed: int = 0) -> Any:
@@ -278,7 +278,7 @@ def _probing_plot(results: Any) -> list[go.Figure]:
 
 
 def _probing_summary(results: Any) -> dict[str, Any]:
-    labels = _labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
+    labels = _model_labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
     return {m: dict(zip(r.layers, np.asarray(r.score).tolist())) for m, r in zip(labels, results)}
 
 
@@ -287,7 +287,7 @@ def _embedding(ctx: Context, method: str = "umap", layer: str | None = None, see
 
     acts_a = ctx.activations("a")
     layer_a = layer or acts_a.layers[-1]
-    names = _labels([m.name for m in ctx.models()])
+    names = _model_labels([m.name for m in ctx.models()])
     views = {f"{names[0]} · {layer_a}": acts_a[layer_a]}
     if ctx.model_b is not None:
         acts_b = ctx.activations("b")
@@ -321,7 +321,7 @@ def _intrinsic_dimension_plot(results: Any) -> list[go.Figure]:
 
 
 def _intrinsic_dimension_summary(results: Any) -> dict[str, Any]:
-    labels = _labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
+    labels = _model_labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
     return {m: dict(zip(r.layers, np.asarray(r.dimension).tolist())) for m, r in zip(labels, results)}
 
 

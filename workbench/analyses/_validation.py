@@ -74,13 +74,15 @@ def check_paired(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x"
         )
 
 
-def check_layer_names(acts: Any, names: Any, *, func: str) -> list[str]:
-    """The requested layer names, each of which must be a key of ``acts`` (else one sentence listing the valid ones)."""
+def check_layer_names(acts: Any, names: Any, *, func: str, arg: str | None = None) -> list[str]:
+    """The requested layer names, each of which must be a key of ``acts`` (the argument ``arg``), else one
+    sentence listing the valid ones."""
     available = [str(k) for k in acts]
+    where = f" in '{arg}'" if arg else ""
     for name in names:
         if name not in acts:
             raise UnknownLayerError(
-                f"{func}: unknown layer '{name}'.{did_you_mean(str(name), available)} Layers: {format_choices(available)}."
+                f"{func}: unknown layer '{name}'{where}.{did_you_mean(str(name), available)} Layers: {format_choices(available)}."
             )
     return list(names)
 

@@ -51,7 +51,7 @@ from workbench.analyses._validation import (
     check_same_dataset,
 )
 from workbench.device import float64_device, resolve_device
-from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
+from workbench.errors import DataError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -910,11 +910,7 @@ def _layer_persistence(
             f"PersistenceResult. Got {type(acts).__name__}."
         )
     out = {}
-    for layer in layers:
-        if layer not in acts:
-            raise UnknownLayerError(
-                f"{func}: unknown layer '{layer}' in '{name}'.{did_you_mean(str(layer), list(acts))} Layers: {format_choices(acts)}."
-            )
+    for layer in check_layer_names(acts, layers, func=func, arg=name):
         value = acts[layer]
         out[layer] = value if isinstance(value, PersistenceResult) else persistence(value, **kwargs)
     return out
