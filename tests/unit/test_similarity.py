@@ -117,6 +117,27 @@ def test_rsa_invariances():
     assert rsa(x, per_sample, rdm="correlation", compare="pearson") == pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e160, 1e300])
+def test_every_measure_is_scale_free_at_the_ends_of_the_float64_range(scale):
+    # kernel statistics multiply four values; without rescaling 1e160 overflowed (RBF CKA 0, debiased CKA -1,
+    # Procrustes 1.414) and 1e-200 underflowed to a "constant layer"
+    x, y = (v.astype(np.float64) for v in _related(60, 5, 7))
+    cases = {
+        "linear": lambda a, b: linear_cka(a, b),
+        "debiased": lambda a, b: linear_cka(a, b, debiased=True),
+        "rbf": lambda a, b: rbf_cka(a, b),
+        "procrustes": lambda a, b: procrustes_distance(a, b),
+        "pwcca": lambda a, b: cca_similarity(a, b, kind="pwcca"),
+        "rsa euclidean": lambda a, b: rsa(a, b, rdm="euclidean"),
+        "rsa correlation": lambda a, b: rsa(a, b),
+        "minibatch": lambda a, b: minibatch_cka([(a[i:i + 20], b[i:i + 20]) for i in range(0, 60, 20)]).value,
+        "streamed": lambda a, b: similarity_matrix({"a": a, "b": b}, measure="linear_cka",
+                                                   memory_limit_mb=0.01).values[0, 1],
+    }
+    for name, f in cases.items():
+        assert f(x * scale, y) == pytest.approx(f(x, y), rel=1e-9, abs=1e-12), name
+
+
 # ---------------------------------------------------------------------------------------------
 # float64 references
 

@@ -226,6 +226,21 @@ def test_persistence_is_invariant_to_rotation_translation_and_feature_permutatio
         assert diagram_distance(a, b, dim=k).distance < 1e-9
 
 
+@pytest.mark.parametrize("scale", [1e-200, 1e200, 1e300])
+def test_diagrams_scale_with_data_at_the_ends_of_the_float64_range(scale):
+    # squared distances of 1e200 overflowed (a NaN threshold and no bars); 1e-200 collapsed to one point
+    x = circle(80, noise=0.1, dim=3, seed=3)
+    a, b = persistence(x), persistence(x * scale)
+    assert b.threshold / scale == pytest.approx(a.threshold, rel=1e-12)
+    for k in (0, 1):
+        np.testing.assert_allclose(b.diagram(k) / scale, a.diagram(k), rtol=1e-12)
+    assert persistence(x * scale, metric="cosine").diagram(1) == pytest.approx(persistence(x, metric="cosine").diagram(1))
+    labels = np.repeat([0, 1], 40)
+    s, t = class_separability(x, labels, cv=2), class_separability(x * scale, labels, cv=2)
+    assert (t.score, t.fisher_ratio, t.thornton_index) == pytest.approx((s.score, s.fisher_ratio, s.thornton_index), rel=1e-9)
+    assert topological_rsa(x * scale, x).similarity == pytest.approx(1.0)
+
+
 def test_cosine_metric_ignores_sample_scale():
     x = circle(60, noise=0.05, dim=3, seed=8) + 3.0
     scales = np.random.default_rng(8).uniform(0.5, 4.0, (60, 1))

@@ -7,6 +7,7 @@ argument and the function.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from typing import Any
 
@@ -63,6 +64,18 @@ def as_matrix(
             f"{func}: '{name}' contains {n_bad} NaN or infinite values; remove or impute them before the analysis."
         )
     return t
+
+
+def unit_scale(t: torch.Tensor) -> float:
+    """The power of two that brings the largest ``|value|`` of ``t`` into [0.5, 1) (1.0 for an all-zero ``t``).
+
+    Multiplying by a power of two is exact, so scale-free measures give the same bits on data of ordinary
+    scale, while products of several values (kernel statistics, squared distances) stay inside the float64
+    range for data as large as 1e300 or as small as 1e-300."""
+    largest = float(t.abs().max()) if t.numel() else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(largest)[1])
 
 
 def check_paired(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y"), *, func: str) -> None:

@@ -49,6 +49,7 @@ from workbench.analyses._validation import (
     check_paired,
     check_progress,
     check_same_dataset,
+    unit_scale,
 )
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
@@ -113,10 +114,12 @@ def _compute_device(device: str | torch.device | None) -> torch.device:
 
 
 
-def _centre(x: torch.Tensor, name: str | None = None, func: str = "") -> torch.Tensor:
-    """Column-centred copy of ``x``. Columns that are exactly constant become exactly 0 (rounding in the
-    mean would otherwise leave ~1e-17 noise that a normalised measure can blow up). With ``name`` given,
-    raise when every column is constant (an all-zero or dead layer)."""
+def _centre(x: torch.Tensor, name: str | None = None, func: str = "", scale: float | None = None) -> torch.Tensor:
+    """Column-centred copy of ``x``, times a power of two (``scale``, else :func:`unit_scale` of the centred
+    data) so that every measure built on it is computed in range whatever the data's scale; all of them are
+    scale-free. Columns that are exactly constant become exactly 0 (rounding in the mean would otherwise
+    leave ~1e-17 noise that a normalised measure can blow up). With ``name`` given, raise when every column
+    is constant (an all-zero or dead layer)."""
     constant = (x == x[:1]).all(0)
     xc = x - x.mean(0, keepdim=True)
     if bool(constant.any()):
@@ -126,7 +129,7 @@ def _centre(x: torch.Tensor, name: str | None = None, func: str = "") -> torch.T
                 "pick another layer or check that the model is not dead on this dataset."
             )
         xc[:, constant] = 0.0
-    return xc
+    return xc.mul_(unit_scale(xc) if scale is None else scale)
 
 
 def _unbiased_scale(n: int) -> float:
@@ -350,13 +353,14 @@ def rbf_cka(
 # streaming (minibatch) CKA
 
 
-def _unbiased_hsic_triplet(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-    """Song et al.'s unbiased HSIC of (x, y), (x, x), (y, y) for one chunk (linear kernels)."""
+def _unbiased_hsic_triplet(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, float]) -> tuple[float, float, float]:
+    """Song et al.'s unbiased HSIC of (x, y), (x, x), (y, y) for one chunk (linear kernels), with x and y
+    multiplied by ``scales`` (powers of two kept the same for every chunk, so the chunks add up)."""
     n = x.shape[0]
     gram_form = _use_gram_form(n, [x.shape[1]], [y.shape[1]])
     stats = []
-    for t in (x, y):
-        tc = _centre(t)
+    for t, scale in zip((x, y), scales):
+        tc = _centre(t, scale=scale)
         if gram_form:
             g = tc @ tc.T
             diag = g.diagonal().clone()
@@ -412,9 +416,12 @@ def minibatch_cka(
     sizes: list[int] = []
     widths: tuple[int, int] | None = None
     pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    scales: list[tuple[float, float]] = []  # set by the first chunk, then kept
 
     def flush(xb: torch.Tensor, yb: torch.Tensor) -> None:
-        sums[:] += xb.shape[0] * np.asarray(_unbiased_hsic_triplet(xb, yb))
+        if not scales:
+            scales.append((unit_scale(xb), unit_scale(yb)))
+        sums[:] += xb.shape[0] * np.asarray(_unbiased_hsic_triplet(xb, yb, scales[0]))
         sizes.append(int(xb.shape[0]))
 
     n_batches = 0
@@ -647,6 +654,7 @@ def _rankdata(v: torch.Tensor) -> torch.Tensor:
 def _rsa_prep(x: torch.Tensor, name: str, func: str, rdm: str, compare: str) -> torch.Tensor:
     """The upper triangle of the RDM, ranked for Spearman, centred and scaled to unit norm."""
     _centre(x, name, func)
+    x = x * unit_scale(x)  # distances in range whatever the scale (RSA is scale-free)
     n = x.shape[0]
     if rdm == "correlation":
         z = x - x.mean(1, keepdim=True)
@@ -822,11 +830,15 @@ def _streaming_linear_cka(
     cross = np.zeros((n_a, len(idx_b)))
     self_terms = np.zeros(len(layers))
     bounds = _chunk_bounds(n, chunk)
+    scales: list[float] = []  # one power of two per layer, from its first chunk, so the chunks add up
     for step, (lo, hi) in enumerate(bounds, start=1):
         m = hi - lo
         stats = []
-        for (_, t), label in zip(layers, labels):
-            xc = _centre(as_matrix(t[lo:hi], label, func=func, device=dev, min_samples=4))
+        for i, ((_, t), label) in enumerate(zip(layers, labels)):
+            rows = as_matrix(t[lo:hi], label, func=func, device=dev, min_samples=4)
+            if len(scales) == i:
+                scales.append(unit_scale(rows))
+            xc = _centre(rows, scale=scales[i])
             diag = (xc * xc).sum(1)
             stats.append(_KernelStats(xc, None, diag, float(diag.sum()), 0.0))
         for i, st in enumerate(stats):

@@ -49,6 +49,7 @@ from workbench.analyses._validation import (
     check_not_constant,
     check_paired,
     check_same_dataset,
+    unit_scale,
 )
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError
@@ -307,6 +308,7 @@ def _single_threaded(device: torch.device) -> Iterator[None]:
 def _points(x: torch.Tensor, unit: bool, func: str, name: str = "x") -> torch.Tensor:
     """Centred (and, for ``unit``, L2-normalised) float64 points; the input is not modified."""
     if unit:
+        x = x * unit_scale(x)  # the directions do not depend on it; the norms stay in range
         norms = torch.linalg.vector_norm(x, dim=1)
         n_zero = int((norms == 0).sum())
         if n_zero:
@@ -612,11 +614,17 @@ def _persistence_core(
     report: Progress,
     stages: int,
 ) -> tuple[dict[int, np.ndarray], float, str, torch.Tensor | None]:
-    """Diagrams from centred points ``p`` or a distance matrix ``d_full`` (exactly one is given)."""
+    """Diagrams from centred points ``p`` or a distance matrix ``d_full`` (exactly one is given).
+
+    The data are multiplied by a power of two that brings them near 1 and the diagrams divided by it
+    (both exact), so squared distances stay inside the float64 range for data of any scale."""
+    scale = unit_scale(p if p is not None else d_full)
+    p = p * scale if p is not None else None
+    d_full = d_full * scale if d_full is not None else None
     if max_dim == 0:
         lengths = _mst_from_matrix(d_full) if d_full is not None else _mst_from_points(p)
         report(2, stages)
-        return {0: _h0_diagram(lengths)}, float(lengths.max()) if len(lengths) else 0.0, "mst", None
+        return {0: _h0_diagram(lengths / scale)}, float(lengths.max()) / scale if len(lengths) else 0.0, "mst", None
     n = d_full.shape[0] if d_full is not None else p.shape[0]
     subsample, lengths = None, None
     if n > max_points:
@@ -629,10 +637,11 @@ def _persistence_core(
     diagrams, threshold, engine = _rips_diagrams(
         np.ascontiguousarray(d_sub.cpu().numpy()), max_dim, collapse, memory_limit
     )
+    diagrams = {k: v / scale for k, v in diagrams.items()}
     if lengths is not None:  # H0 of every sample, not only the subsample
-        diagrams[0] = _h0_diagram(lengths)
+        diagrams[0] = _h0_diagram(lengths / scale)
     report(3, stages)
-    return diagrams, threshold, engine, subsample
+    return diagrams, threshold / scale, engine, subsample
 
 
 def persistence(
@@ -1179,6 +1188,7 @@ def _class_separability_core(
     func: str,
     t0: float,
 ) -> SeparabilityResult:
+    t = t * unit_scale(t)  # every measure below is scale-free; a power of two keeps their squares in range
     times = _persistence_score(t, normalize, func)
     refs: dict[str, float | None] = dict.fromkeys(
         ("fisher_ratio", "thornton_index", "probe_accuracy", "probe_roc_auc", "calinski_harabasz")
@@ -1400,7 +1410,9 @@ def separability_trajectory(
 
 
 def _rdm_vector(t: torch.Tensor, metric: str, func: str, name: str) -> torch.Tensor:
-    """Upper-triangle dissimilarities (float64) of the rows of ``t``."""
+    """Upper-triangle dissimilarities (float64) of the rows of ``t``, in units of a power of two near the
+    data's largest value (the geo-topological transform only ranks them)."""
+    t = t * unit_scale(t)
     if metric == "correlation":
         c = t - t.mean(1, keepdim=True)
         norms = torch.linalg.vector_norm(c, dim=1)
