@@ -55,6 +55,7 @@ QUALITY_K = 10
 UMAP_REFINE_FRACTION = 0.25  # of the learning rate, when UMAP starts from given coordinates
 UMAP_SMALL_DATA = 10_000  # umap-learn optimises 500 epochs up to this many samples, 200 above
 TWONN_DISCARD_FRACTION = 0.1
+TWONN_MAX_TIED_FRACTION = 0.5  # above this share of r2 == r1 the fit is degenerate (a 2-D grid gave dimension 0)
 N_BOOTSTRAP = 200
 TSNE_SINGLE_THREAD_BELOW = 5000
 
@@ -505,6 +506,13 @@ def intrinsic_dimension(
     boot = rng.integers(0, dist.shape[0], size=(N_BOOTSTRAP, dist.shape[0]))
     if method == "twonn":
         local = dist[:, 1] / dist[:, 0]
+        n_tied = int((local == 1.0).sum())
+        if n_tied > TWONN_MAX_TIED_FRACTION * len(local):
+            raise DataError(
+                f"{func}: {n_tied} of {len(local)} samples have their two nearest neighbours at exactly the same distance "
+                "(quantised or lattice data), where TwoNN's ratio r2/r1 carries no information; use method='mle' or add "
+                "noise below the data's resolution."
+            )
         dimension = float(_twonn_fit(local[None, :])[0])
         spread = _twonn_fit(local[boot])
         estimator = f"TwoNN (Facco et al. 2017), linear fit discarding the top {TWONN_DISCARD_FRACTION:.0%} of r2/r1"
