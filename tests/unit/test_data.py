@@ -104,6 +104,7 @@ def test_pt_upload_with_code_refused(tmp_path):
     [
         (np.array([[1.0, np.nan], [0.0, 1.0]]), None, r"contains 1 NaN or infinite values"),
         (np.array([[1.0, np.inf]]), None, r"contains 1 NaN or infinite values"),
+        (np.array([[1.0, 1e300], [-1e39, 0.0]]), None, r"has 2 values beyond the float32 range \(\|x\| > 3.4e\+38\) that models compute in"),
         (np.zeros((0, 3)), None, r"is empty \(0 samples\)"),
         (np.zeros((4, 3)), np.arange(3), r"has 4 samples but 3 labels; they must match"),
         (np.array([["a", "b"]]), None, r"must be numeric"),

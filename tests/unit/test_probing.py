@@ -333,6 +333,10 @@ def test_bad_activations_and_labels():
     bad[3, 2] = np.nan
     with pytest.raises(DataError, match="probe_layers: 'x' contains 1 NaN or infinite values"):
         probe_layers({"x": bad}, y)
+    big = x.astype(np.float64)
+    big[3, 2] = 1e300  # finite, but not in float32, which the probes compute in
+    with pytest.raises(DataError, match=r"probe_layers: 1 value of 'x' lies beyond the float32 range \(\|x\| > 3.4e\+38\)"):
+        probe_layers({"x": big}, y)
     with pytest.raises(DataError, match="'labels' has 39 entries but the activations have 40 samples"):
         probe_layers({"x": x}, y[:-1])
     with pytest.raises(DataError, match="the float target in 'labels' is constant"):

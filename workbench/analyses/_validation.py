@@ -57,11 +57,18 @@ def as_matrix(
         raise DataError(f"{func}: '{name}' has no features (shape {tuple(t.shape)}).")
     if t.is_complex():
         raise DataError(f"{func}: '{name}' must be real-valued. Got dtype {t.dtype}.")
+    source = t
     t = t.to(device=device if device is not None else t.device, dtype=dtype)
     if not bool(torch.isfinite(t).all()):
-        n_bad = int((~torch.isfinite(t)).sum())
+        n_bad = int((~torch.isfinite(source)).sum()) if source.is_floating_point() else 0
+        if n_bad:
+            raise DataError(
+                f"{func}: '{name}' contains {n_bad} NaN or infinite values; remove or impute them before the analysis."
+            )
+        n_big = int((~torch.isfinite(t)).sum())
         raise DataError(
-            f"{func}: '{name}' contains {n_bad} NaN or infinite values; remove or impute them before the analysis."
+            f"{func}: {n_big} value{'s' if n_big != 1 else ''} of '{name}' {'lie' if n_big != 1 else 'lies'} beyond the {str(dtype).removeprefix('torch.')} "
+            f"range (|x| > {torch.finfo(dtype).max:.3g}) that this analysis computes in; rescale the data first."
         )
     return t
 

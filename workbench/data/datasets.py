@@ -110,10 +110,14 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
     if xt.shape[0] == 0:
         raise DataError(f"Dataset '{name}' is empty (0 samples); provide at least one sample.")
     if xt.dtype.is_floating_point:
-        xt = xt.to(torch.float32)
-        if not bool(torch.isfinite(xt).all()):
-            n_bad = int((~torch.isfinite(xt)).sum())
+        n_bad = int((~torch.isfinite(xt)).sum())
+        if n_bad:
             raise DataError(f"Dataset '{name}' contains {n_bad} NaN or infinite values; remove or impute them, then load the data again.")
+        xt = xt.to(torch.float32)
+        n_big = int((~torch.isfinite(xt)).sum())
+        if n_big:
+            raise DataError(f"Dataset '{name}' has {n_big} value{'s' if n_big != 1 else ''} beyond the float32 range (|x| > 3.4e+38) "
+                            "that models compute in; rescale the data, then load it again.")
     elif xt.dtype == torch.bool:
         xt = xt.to(torch.float32)
     else:
