@@ -268,6 +268,15 @@ def test_aligned_umap_views_share_a_frame(umap_ready):
     assert result.disparity[1] < 0.5 and result.displacement[0].max() == 0.0
 
 
+def test_defaults_fit_a_small_dataset(umap_ready):
+    # 12 samples: the defaults n_neighbors=15 and perplexity=30 are out of range, and the user set neither
+    x, _ = _blobs(n=12, d=5)
+    assert embed(x, method="umap", n_epochs=20).params["n_neighbors"] == 11
+    assert embed(x, method="tsne").params["perplexity"] == pytest.approx(11 / 3)
+    with pytest.raises(ParameterError, match="'n_neighbors' parameter of embed must be an int in \\[2, 11\\]. Got 15"):
+        embed(x, method="umap", n_neighbors=15)  # an explicit value is never changed
+
+
 def test_embedding_errors():
     x, _ = _blobs(n=40, d=5)
     with pytest.raises(ParameterError, match="'method' parameter of embed must be one of 'umap', 'pca', 'tsne'"):

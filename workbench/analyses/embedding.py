@@ -182,7 +182,8 @@ def embed(
     metric : "euclidean" or "cosine"
         Distance in the original space (UMAP, t-SNE and the quality scores).
     n_neighbors : int, UMAP only
-        Size of the neighbourhood UMAP preserves, in ``[2, n_samples - 1]``; default 15. Larger values
+        Size of the neighbourhood UMAP preserves, in ``[2, n_samples - 1]``; default 15, or
+        ``n_samples - 1`` when there are fewer samples. Larger values
         keep more global structure, smaller ones more local detail.
     min_dist : float, UMAP only
         How tightly UMAP packs neighbours, in ``[0, 1]``; default 0.1.
@@ -190,7 +191,8 @@ def embed(
         Optimisation epochs, in ``[10, 2000]``; default umap-learn's: 500 up to 10,000 samples, 200
         above. Fewer epochs are proportionally faster but less faithful.
     perplexity : float, t-SNE only
-        Effective number of neighbours, in ``[2, (n_samples - 1) / 3]``; default 30.
+        Effective number of neighbours, in ``[2, (n_samples - 1) / 3]``; default 30, or the upper end
+        of that range when there are fewer than 91 samples.
     init : (n_samples, n_components) array or None, UMAP and t-SNE only
         Starting coordinates (for example another view's, to keep the arrangement of clusters);
         default: UMAP's spectral layout, or the PCA scores for t-SNE. From given coordinates UMAP
@@ -237,7 +239,8 @@ def embed(
     }
     explained = None
     if method == "umap":
-        n_neighbors = check_int(15 if n_neighbors is None else n_neighbors, "n_neighbors", func=func, low=2, high=n - 1)
+        n_neighbors = check_int(min(15, n - 1) if n_neighbors is None else n_neighbors, "n_neighbors", func=func, low=2,
+                                high=n - 1)
         min_dist = check_float(0.1 if min_dist is None else min_dist, "min_dist", func=func, low=0.0, high=1.0)
         default_epochs = 500 if n <= UMAP_SMALL_DATA else 200
         n_epochs = check_int(default_epochs if n_epochs is None else n_epochs, "n_epochs", func=func, low=10, high=2000)
@@ -245,9 +248,9 @@ def embed(
         coords = _umap(t, n_components, n_neighbors, min_dist, n_epochs, metric, seed, dev, report, start_coords)
         estimator = f"UMAP (exact {n_neighbors}-NN fuzzy graph, {n_epochs} epochs of batched torch SGD)"
     elif method == "tsne":
-        perplexity = check_float(
-            30.0 if perplexity is None else perplexity, "perplexity", func=func, low=2.0, high=max(2.0, (n - 1) / 3.0)
-        )
+        highest = max(2.0, (n - 1) / 3.0)
+        perplexity = check_float(min(30.0, highest) if perplexity is None else perplexity, "perplexity", func=func,
+                                 low=2.0, high=highest)
         params.update(perplexity=perplexity)
         coords = _tsne(t, n_components, perplexity, metric, seed, dev, report, start_coords)
         estimator = "t-SNE (scikit-learn Barnes-Hut, exact kNN graph)"
