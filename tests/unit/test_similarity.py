@@ -110,6 +110,21 @@ def test_cca_invariant_to_invertible_linear_maps():
         assert cca_similarity(x, mixed, kind=kind) == pytest.approx(1.0, abs=1e-6), kind
 
 
+def test_cca_ignores_float32_rounding_directions():
+    # two float32 linear maps of one 10-D input: each spans 10 directions plus rounding noise at ~1e-7 of the
+    # largest singular value, which a float64 rank cut-off counted as 40 more dimensions (mean CCA 0.6)
+    rng = _rng()
+    x = rng.normal(size=(200, 10))
+    a = (x @ rng.normal(size=(10, 50))).astype(np.float32)
+    b = (x @ rng.normal(size=(10, 50)) + 1.0).astype(np.float32)
+    for kind in ("mean", "pwcca"):
+        assert cca_similarity(a, b, kind=kind) == pytest.approx(1.0, abs=1e-9), kind
+        assert cca_similarity(torch.from_numpy(a), torch.from_numpy(b), kind=kind) == pytest.approx(1.0, abs=1e-9), kind
+        matrix = similarity_matrix({"a": a}, {"b": b}, measure="cca_similarity", kind=kind).values
+        assert matrix[0, 0] == pytest.approx(1.0, abs=1e-9), kind
+    assert sim._input_eps(a.astype(np.float64)) == np.finfo(np.float64).eps  # float64 input keeps its own precision
+
+
 def test_rsa_invariances():
     x = _rng().normal(size=(50, 8))
     assert rsa(x, 2.0 * x @ _orthogonal(8) + 1.0, rdm="euclidean") == pytest.approx(1.0, abs=1e-9)

@@ -549,10 +549,23 @@ class _CCABasis:
     centred: torch.Tensor  # (n, d) centred data (neurons as columns), for PWCCA weights
 
 
-def _cca_prep(x: torch.Tensor, name: str, func: str, kind: str, variance: float) -> _CCABasis:
+def _input_eps(x: ArrayLike) -> float:
+    """Machine epsilon of the precision ``x`` was stored in (float32 activations carry float32 rounding
+    noise even after the float64 copy); float64's for float64, integer and other input."""
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return torch.finfo(dtype).eps if dtype.is_floating_point and dtype.itemsize < 8 else torch.finfo(torch.float64).eps
+    if dtype is not None and np.issubdtype(dtype, np.floating) and np.dtype(dtype).itemsize < 8:
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float64).eps)
+
+
+def _cca_prep(x: torch.Tensor, name: str, func: str, kind: str, variance: float, eps: float) -> _CCABasis:
+    """The kept subspace of the centred ``x``: directions whose singular value exceeds the rounding level
+    of the input's precision ``eps`` (below it, CCA would weigh rounding noise like signal)."""
     xc = _centre(x, name, func)
     u, s, _ = torch.linalg.svd(xc, full_matrices=False)
-    tol = float(s.max()) * max(xc.shape) * torch.finfo(torch.float64).eps
+    tol = float(s.max()) * max(xc.shape) * eps
     rank = int((s > tol).sum())
     if kind == "svcca":
         energy = torch.cumsum(s[:rank] ** 2, 0)
@@ -627,8 +640,8 @@ def cca_similarity(
     kind = check_choice(kind, "kind", CCA_KINDS, func=func)
     variance = check_float(variance, "variance", func=func, low=0.0, high=1.0, low_inclusive=False)
     xt, yt, _ = _pair_inputs(x, y, func, device, min_samples=3)
-    a = _cca_prep(xt, "x", func, kind, variance)
-    b = _cca_prep(yt, "y", func, kind, variance)
+    a = _cca_prep(xt, "x", func, kind, variance, _input_eps(x))
+    b = _cca_prep(yt, "y", func, kind, variance, _input_eps(y))
     return _cca_from_prep(a, b, kind, ("x", "y"), func)
 
 
@@ -996,7 +1009,7 @@ def similarity_matrix(
 
     gram_form = measure == "linear_cka" and _use_gram_form(n, widths_a, widths_b)
 
-    def prepare(x: torch.Tensor, name: str) -> Any:
+    def prepare(x: torch.Tensor, name: str, eps: float) -> Any:
         if measure == "linear_cka":
             return _linear_stats(x, name, func, debiased, gram_form)
         if measure == "rbf_cka":
@@ -1004,7 +1017,7 @@ def similarity_matrix(
         if measure == "procrustes_distance":
             return _procrustes_prep(x, name, func)
         if measure == "cca_similarity":
-            return _cca_prep(x, name, func, kind, variance)
+            return _cca_prep(x, name, func, kind, variance, eps)
         return _rsa_prep(x, name, func, rdm, compare)
 
     def pair(a: Any, b: Any, name_a: str, name_b: str) -> float:
@@ -1019,7 +1032,7 @@ def similarity_matrix(
     prepared = []
     for (_, t), label in items:
         x = as_matrix(t, label, func=func, device=dev, min_samples=spec.min_samples)
-        prepared.append(prepare(x, label))
+        prepared.append(prepare(x, label, _input_eps(t)))
         del x
         step()
     prepared_a = prepared[: len(raw_a)]
