@@ -95,6 +95,9 @@ BAD_INPUTS = {
     "mismatched-n": (lambda x: x[:-1], r"same number of samples"),
     "too-few-samples": (lambda x: x[:1], r"needs at least"),
     "constant": (lambda x: np.ones_like(x), r"constant over samples|equal|same"),
+    "layers-dict": (lambda x: {"fc1": x, "fc2": x},
+                    r"'x' must be one \(n_samples, n_features\) array; got dict of 2 layers \(fc1, fc2\). Pass one layer, such as x\['fc1'\]"),
+    "model": (lambda x: torch.nn.Linear(8, 3), r"'x' must be an \(n_samples, n_features\) array of activations; got the model itself \(Linear\)"),
 }
 
 

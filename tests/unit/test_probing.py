@@ -376,3 +376,14 @@ def test_probe_figures_and_rows():
     regression = probe_layers({"x": x}, x[:, 0].astype(np.float64) * 2.0, control=False)
     with pytest.raises(ValueError, match="needs a classification result"):
         probe_confusion(regression, "x")
+
+
+def test_a_model_or_a_dataset_in_place_of_arrays_is_named():
+    from workbench.data.datasets import make_dataset
+
+    x, y = _blobs(n=40)
+    data = make_dataset("blobs", x, y)
+    with pytest.raises(DataError, match=r"probe_layers: 'labels' must be one label per sample; got a dataset. Pass its labels: dataset.y"):
+        probe_layers({"x": x}, data)
+    with pytest.raises(DataError, match=r"probe_layers: 'acts' must be an \(n_samples, n_features\) array of activations; got a dataset"):
+        probe_layers(data, y)

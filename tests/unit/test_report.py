@@ -84,6 +84,11 @@ def test_zip_bytes_and_errors(stats_report):
         report.save("unused", formats=("docx",))
     with pytest.raises(ParameterError, match=r"A report needs at least one analysis section"):
         build_report([])
+    result = report.sections[0].result
+    with pytest.raises(ParameterError, match=r"Each report section is a Section or a \(title, result, figures\) tuple; "
+                                             r"got ActivationStatsResult. Wrap a result with its title"):
+        build_report([result])
+    assert len(build_report(("Statistics", result)).sections) == 1  # one section on its own
 
 
 def test_saving_into_a_file_path_says_to_give_a_folder(stats_report, tmp_path):

@@ -43,6 +43,9 @@ def test_bad_input_gets_a_clear_message():
         layer_stats(torch.tensor([[1.0, float("nan")], [2.0, 3.0]]), "fc1")
     with pytest.raises(ParameterError, match=r"The 'bins' parameter of layer_stats must be an int in \[5, 500\]. Got 2."):
         layer_stats(torch.zeros(3, 2), "fc1", bins=2)
+    with pytest.raises(DataError, match=r"activation_stats takes Activations or a dict of layer name -> \(n_samples, n_features\) "
+                                        r"array; got Tensor. Extract activations first"):
+        activation_stats(torch.zeros(3, 2))
 
 
 def test_histograms_are_densities_so_models_on_different_bins_compare():

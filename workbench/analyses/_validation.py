@@ -35,6 +35,7 @@ def as_matrix(
     if isinstance(x, torch.Tensor):
         t = x.detach()
     else:
+        not_an_array(x, name, func=func)
         try:
             arr = np.asarray(x)
         except (TypeError, ValueError) as exc:
@@ -71,6 +72,31 @@ def as_matrix(
             f"range (|x| > {torch.finfo(dtype).max:.3g}) that this analysis computes in; rescale the data first."
         )
     return t
+
+
+def not_an_array(x: Any, name: str, *, func: str) -> None:
+    """Raise a sentence for the objects that are most often passed where one array belongs."""
+    from collections.abc import Mapping
+
+    from torch import nn
+
+    kind = type(x).__name__
+    if isinstance(x, Mapping):
+        layers = format_choices([str(k) for k in x])
+        raise DataError(
+            f"{func}: '{name}' must be one (n_samples, n_features) array; got {kind} of {len(x)} "
+            f"layer{'s' if len(x) != 1 else ''} ({layers}). Pass one layer, such as {name}[{str(next(iter(x), 'layer'))!r}]."
+        )
+    if isinstance(x, nn.Module) or hasattr(x, "module") and isinstance(getattr(x, "module", None), nn.Module):
+        raise DataError(
+            f"{func}: '{name}' must be an (n_samples, n_features) array of activations; got the model itself ({kind}). "
+            "Extract activations first: extract(model, dataset, layers)."
+        )
+    if hasattr(x, "x") and hasattr(x, "sha256") and hasattr(x, "n_samples"):
+        raise DataError(
+            f"{func}: '{name}' must be an (n_samples, n_features) array of activations; got a dataset. "
+            "Extract activations first (extract(model, dataset, layers)), or pass dataset.x for the raw inputs."
+        )
 
 
 def unit_scale(t: torch.Tensor) -> float:
@@ -167,6 +193,8 @@ def as_labels(y: ArrayLike, n_samples: int, *, func: str, name: str = "labels", 
     float labels must be finite (a NaN is no class)."""
     if y is None:
         raise DataError(f"{func}: '{name}' are required; use a dataset with labels (or pass labels where the function takes them).")
+    if hasattr(y, "x") and hasattr(y, "y") and hasattr(y, "sha256"):
+        raise DataError(f"{func}: '{name}' must be one label per sample; got a dataset. Pass its labels: dataset.y.")
     arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     if arr.ndim != 1:
         raise DataError(f"{func}: '{name}' must be 1-D with one label per sample. Got shape {arr.shape}.")

@@ -12,6 +12,7 @@ import torch
 from workbench.analyses._result import Result
 from workbench.analyses._validation import as_matrix, check_int
 from workbench.device import float64_device, resolve_device
+from workbench.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,15 @@ def layer_stats(x: torch.Tensor | np.ndarray, layer: str = "layer", *, bins: int
 
 def activation_stats(acts: Mapping[str, torch.Tensor], *, bins: int = 50, device: str | torch.device | None = None,
                      model: str | None = None, dataset: str | None = None) -> ActivationStatsResult:
-    """:func:`layer_stats` for every layer of an :class:`~workbench.activations.Activations`."""
+    """:func:`layer_stats` for every layer of an :class:`~workbench.activations.Activations` (or any mapping of
+    layer name -> ``(n_samples, n_features)`` array); ``bins`` histogram bins per layer; ``model`` and
+    ``dataset`` name them in the result (default: the names the activations carry)."""
+    if not isinstance(acts, Mapping):
+        raise DataError(
+            f"activation_stats takes Activations or a dict of layer name -> (n_samples, n_features) array; got "
+            f"{type(acts).__name__}. Extract activations first (extract(model, dataset, layers)), or wrap one array: "
+            "{'layer': x}."
+        )
     started = time.perf_counter()
     stats = {layer: layer_stats(acts[layer], layer, bins=bins, device=device) for layer in acts}
     n = next(iter(stats.values())).n_samples if stats else 0

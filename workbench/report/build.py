@@ -231,6 +231,15 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
     ``models`` are labelled A and B in the header; without them, the header lists every model the
     sections name (numbered), and the dataset when all sections share one.
     """
+    if isinstance(results, Section) or (isinstance(results, tuple) and results and isinstance(results[0], str)) \
+            or not isinstance(results, Sequence):
+        results = [results]  # one section on its own
+    for s in results:
+        if not (isinstance(s, Section) or (isinstance(s, (tuple, list)) and 2 <= len(s) <= 3 and isinstance(s[0], str))):
+            raise ParameterError(
+                f"Each report section is a Section or a (title, result, figures) tuple; got {type(s).__name__}. "
+                "Wrap a result with its title: build_report([('CKA', result, [figure])])."
+            )
     sections = [s if isinstance(s, Section) else Section(*s) for s in results]
     if not sections:
         raise ParameterError("A report needs at least one analysis section; add one with 'Add to report' or --analysis.")
