@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
+from workbench import load_model
 from workbench.analyses.mode_connectivity import (
     InterpolationResult,
     MergeResult,
@@ -301,8 +302,6 @@ def test_exported_permuted_model_round_trips_through_safetensors(sample_model, d
     assert _metadata(data)["name"] == "B aligned to A"
     with torch.no_grad():
         assert torch.equal(rebuilt(digits_test.x), permuted(digits_test.x))
-    from workbench import load_model
-
     loaded = load_model(data, filename="aligned.safetensors")
     assert loaded.architecture == b.architecture
 
@@ -316,6 +315,10 @@ def test_exported_merged_model_round_trips(sample_model, digits_test):
     rebuilt.load_state_dict(load_safetensors(data))
     with torch.no_grad():
         assert torch.equal(rebuilt(digits_test.x), merged(digits_test.x))
+    loaded = load_model(to_safetensors(merged, name="merged"), filename="merged.safetensors")  # spec from the module
+    assert loaded.architecture["type"] == "torch.nn"
+    with torch.no_grad():
+        assert torch.equal(loaded.module(digits_test.x), merged(digits_test.x))
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -467,8 +470,13 @@ def test_bad_parameters_and_data(sample_model, digits_test):
         broken.fc1.weight[0, 0] = float("nan")
     with pytest.raises(DataError, match=r"parameter 'fc1.weight' of model_b contains NaN"):
         weight_matching(a, broken)
+    class Custom(torch.nn.Module):  # no spec, and not made of stock layers only
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
     with pytest.raises(ArchitectureError, match=r"architecture spec is unknown.*pass architecture="):
-        to_safetensors(broken)
+        to_safetensors(Custom())
     with pytest.raises(ParameterError, match=r"'curve' parameter of loss_barrier must be an InterpolationResult"):
         loss_barrier({"test": [1.0, 2.0]})
 

@@ -1943,14 +1943,22 @@ def to_safetensors(
 
     The metadata key ``"architecture"`` holds the spec as JSON (so ``load_model`` rebuilds the
     network without running code), ``"name"`` and ``"description"`` describe it. ``architecture``:
-    the spec dict (default: ``model.architecture`` of a loaded model). Raises
+    the spec dict (default: ``model.architecture`` of a loaded model, else the ``torch.nn`` spec of a
+    module built from ``nn.Sequential`` and stock layers, such as :func:`merged_model`'s). Raises
     :class:`ArchitectureError` when no spec is known.
     """
     from safetensors.torch import save
 
+    from workbench.models.architectures import describe_module
+
     func = "to_safetensors"
     module = _module(model, "model", func)
     spec = architecture if architecture is not None else getattr(model, "architecture", None)
+    if spec is None:
+        try:
+            spec = describe_module(module)
+        except ArchitectureError:
+            spec = None
     if not isinstance(spec, Mapping):
         raise ArchitectureError(
             f"{func}: the model's architecture spec is unknown, so the file could not be loaded again; pass architecture= "
