@@ -304,7 +304,7 @@ def _embedding_plot(result: Any) -> list[go.Figure]:
 
 def _embedding_summary(result: Any) -> dict[str, Any]:
     return {"trustworthiness": dict(zip(result.names, np.asarray(result.trustworthiness).tolist())),
-            "disparity": result.disparity}
+            "disparity": dict(zip(result.names, np.asarray(result.disparity).tolist()))}
 
 
 def _intrinsic_dimension(ctx: Context, method: str = "twonn", seed: int = 0) -> Any:

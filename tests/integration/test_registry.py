@@ -32,6 +32,9 @@ def test_entry_runs_and_exports(entry, sample_model, digits_test, tmp_path):
         for r in section.result:
             sizes = section.summary[r.model]["basis_size"]
             assert sizes == {layer: int(r.basis_size[layer]) for layer in r.layers} and all(type(v) is int for v in sizes.values())
+    if entry.name == "embedding":  # numbers per view, not an array's printout
+        disparity = section.summary["disparity"]
+        assert list(disparity) == list(section.result.names) and all(type(v) is float for v in disparity.values())
     files = build_report([section], models=[a, b], dataset=digits_test).save(tmp_path)
     with np.load(files["npz"], allow_pickle=False) as arrays:
         assert len(arrays.files) > 0
