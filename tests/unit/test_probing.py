@@ -387,3 +387,13 @@ def test_a_model_or_a_dataset_in_place_of_arrays_is_named():
         probe_layers({"x": x}, data)
     with pytest.raises(DataError, match=r"probe_layers: 'acts' must be an \(n_samples, n_features\) array of activations; got a dataset"):
         probe_layers(data, y)
+
+
+def test_probing_result_converts_to_one_row_per_layer():
+    x, y = _blobs(n=60)
+    result = probe_layers({"x": x, "half": x[:, :2]}, y, cv=3)
+    frame = result.to_frame()
+    assert list(frame.index) == ["x", "half"] and frame.index.name == "layer"
+    np.testing.assert_array_equal(frame["accuracy"].to_numpy(), result.score)
+    assert {"n_features", "accuracy_std", "train_accuracy"} <= set(frame.columns)
+    assert "score=" in repr(result) and len(repr(result)) < 2000  # arrays by shape, not printed in full

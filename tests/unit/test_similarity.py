@@ -610,3 +610,15 @@ def test_two_samples_are_too_few_to_compare():
             similarity_matrix({"l": x}, {"l": y}, measure=measure)
     with pytest.raises(DataError, match=r"linear_cka: 'x' needs at least 3 samples"):
         linear_cka(x, y)
+
+
+def test_result_prints_on_one_short_line_and_converts_to_pandas():
+    x, y = _related(500, 30, 40)
+    result = similarity_matrix({"x": x, "y": y, "z": y[:, :5]})
+    text = repr(result)
+    assert text.startswith("SimilarityMatrixResult(estimator='linear CKA, biased HSIC', n_samples=500")
+    assert "values=<array (3, 3) float64>" in text and "layers_a=('x', 'y', 'z')" in text and len(text) < 600
+    frame = result.to_frame()
+    assert list(frame.index) == ["x", "y", "z"] and list(frame.columns) == ["x", "y", "z"]
+    np.testing.assert_array_equal(frame.to_numpy(), result.values)
+    assert frame.index.name == "A" and frame.columns.name == "A"  # the model names (A for a plain dict)

@@ -39,8 +39,45 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+_REPR_ITEMS = 12  # items of a long list or dict shown by repr
+_REPR_ARRAY = 8  # arrays up to this size are shown in full by repr
+
+
+def _short(value: Any) -> str:
+    """A one-line description of a field for ``repr``: arrays by shape and dtype, long containers cut."""
+    if isinstance(value, np.ndarray) or (hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "tolist")):
+        shape = tuple(value.shape)
+        if int(np.prod(shape)) <= _REPR_ARRAY:
+            return repr(np.asarray(value).tolist())
+        return f"<array {shape} {str(value.dtype).removeprefix('torch.')}>"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return repr(value) if isinstance(value, Result) else f"{type(value).__name__}(...)"
+    if isinstance(value, dict):
+        items = [f"{k!r}: {_short(v)}" for k, v in list(value.items())[:_REPR_ITEMS]]
+        more = f", ... ({len(value)} entries)" if len(value) > _REPR_ITEMS else ""
+        return "{" + ", ".join(items) + more + "}"
+    if isinstance(value, (list, tuple)):
+        items = [_short(v) for v in value[:_REPR_ITEMS]]
+        more = f", ... ({len(value)} items)" if len(value) > _REPR_ITEMS else ""
+        body = ", ".join(items) + more
+        return f"[{body}]" if isinstance(value, list) else f"({body}{',' if len(value) == 1 else ''})"
+    return repr(value)
+
+
 class Result:
-    """Mixin for frozen result dataclasses: JSON export and array export."""
+    """Mixin for frozen result dataclasses: JSON export and array export.
+
+    ``repr`` is one line per result that shows arrays by shape and dtype (``to_dict()`` and
+    ``arrays()`` give the numbers)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__repr__ = Result.__repr__  # type: ignore[method-assign]  # in the class itself, so @dataclass keeps it
+
+    def __repr__(self) -> str:
+        fields = dataclasses.fields(self) if dataclasses.is_dataclass(self) else ()  # type: ignore[arg-type]
+        body = ", ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in fields if f.repr)
+        return f"{type(self).__name__}({body})"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict of every field (arrays as nested lists, non-finite floats as strings)."""

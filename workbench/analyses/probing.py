@@ -86,6 +86,18 @@ class ProbingResult(RecordedResult):
     n_features: np.ndarray
     model_name: str
 
+    def to_frame(self) -> Any:
+        """One row per layer (``pandas.DataFrame`` indexed by layer): width, held-out score and its spread,
+        train score, and macro F1, control score and selectivity where they were computed."""
+        import pandas as pd
+
+        columns: dict[str, Any] = {"n_features": self.n_features, self.metric: self.score, f"{self.metric}_std": self.score_std,
+                                   f"train_{self.metric}": self.train_score}
+        for name in ("macro_f1", "control_score", "selectivity"):
+            if getattr(self, name) is not None:
+                columns[name] = getattr(self, name)
+        return pd.DataFrame(columns, index=pd.Index(self.layers, name="layer"))
+
 
 def probe_layers(
     acts: Mapping[str, Any] | Any,

@@ -89,6 +89,13 @@ class SimilarityMatrixResult(RecordedResult):
     model_a: str
     model_b: str
 
+    def to_frame(self) -> Any:
+        """The values as a ``pandas.DataFrame``: rows are model A's layers, columns model B's."""
+        import pandas as pd
+
+        return pd.DataFrame(self.values, index=pd.Index(self.layers_a, name=self.model_a),
+                            columns=pd.Index(self.layers_b, name=self.model_b))
+
 
 @dataclass(frozen=True)
 class MinibatchCKAResult(RecordedResult):
