@@ -319,3 +319,11 @@ def test_trusted_pickle_loads_in_an_app_process_that_forces_weights_only(monkeyp
     loaded = load_model(data, filename="model.pt", trust_remote_code=True)
     assert loaded.n_parameters == sum(p.numel() for p in module.parameters())
     assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
+
+
+def test_loaded_model_runs_when_called_and_prints_a_summary(sample_model):
+    model = sample_model("mlp_narrow_seed0")
+    x = torch.zeros(3, 64)
+    assert torch.equal(model(x), model.module(x))
+    assert repr(model) == (f"LoadedModel(name='mlp_narrow_seed0', architecture='mlp', n_parameters={model.n_parameters:,}, "
+                           f"input_shape=(64,), source_format='safetensors', sha256='{model.sha256[:12]}'...)")

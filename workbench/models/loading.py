@@ -75,6 +75,16 @@ class LoadedModel:
     def takes_tokens(self) -> bool:
         return self.input_dtype == torch.int64
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the module: ``model(x)`` is ``model.module(x)``."""
+        return self.module(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        kind = (self.architecture or {}).get("type", type(self.module).__name__)
+        shape = f", input_shape={self.input_shape}" if self.input_shape is not None else ""
+        return (f"LoadedModel(name={self.name!r}, architecture={kind!r}, n_parameters={self.n_parameters:,}{shape}, "
+                f"source_format={self.source_format!r}, sha256={self.sha256[:12]!r}...)")
+
 
 def weights_sha256(module: nn.Module) -> str:
     """sha256 over the sorted state dict: names, dtypes, shapes and raw bytes."""
