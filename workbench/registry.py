@@ -418,7 +418,18 @@ def recreate_snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> s
 def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None,
                  layers: list[str] | None = None, layers_b: list[str] | None = None, pooling: str = "mean",
                  params: dict[str, Any] | None = None, device: str | None = None, progress: Progress | None = None):
-    """Run one registered analysis and return a report section (title, result, figures, snippet)."""
+    """Run one registered analysis and return a report :class:`~workbench.report.Section` (title, result,
+    figures, summary, and the snippet that recreates it).
+
+    ``name``: an entry of :data:`ANALYSES` (``workbench analyze --help`` lists them with their
+    parameters). ``model_a``, ``model_b``: loaded models (``model_b`` is required by the two-model
+    and weight-space analyses and optional for the others, which then run on both). ``dataset``: the
+    samples every model sees. ``layers``, ``layers_b``: the layers to extract from each model
+    (default: :func:`default_layers`, the leaf modules that compute, at most 12). ``pooling``: how
+    conv maps and token sequences are reduced (see :func:`~workbench.extract`). ``params``: the
+    entry's parameters to change (the others keep their defaults). ``device``: where to compute
+    (``None``: cuda > mps > cpu). ``progress``: callable ``(done, total)``.
+    """
     from workbench.report import Section
 
     entry = get_analysis(name)

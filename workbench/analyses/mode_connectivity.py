@@ -1627,9 +1627,15 @@ def mode_connectivity(
     ``"activation_matching"`` (matched on ``train_dataset`` when given, else ``dataset``),
     ``"repair"`` (weight matching + REPAIR) and ``"reset_bn"`` (weight matching + BatchNorm reset;
     only for models with BatchNorm). Weight matching is always run, since the layer analysis uses it.
+    ``dataset``: where the curves are evaluated (loss and accuracy); ``train_dataset``: the data the
+    activation matching, REPAIR and the BatchNorm reset use (default ``dataset``).
     ``spec``: a hand-written :class:`PermutationSpec` for weight matching and the layer analysis
-    (activation matching and REPAIR always trace the model). Other parameters as in
-    :func:`interpolate`, :func:`weight_matching` and :func:`layer_alignment`.
+    (activation matching and REPAIR always trace the model).
+    ``n_points``: points on each curve, 3-201 (as in :func:`interpolate`). ``max_iter``: passes of
+    weight matching at most (1-10000; as in :func:`weight_matching`). ``top_k``: singular directions
+    compared per layer (as in :func:`layer_alignment`). ``seed``: order of the permutations in weight
+    matching. ``batch_size``: samples per forward pass. ``device``: where the networks run (``None``:
+    cuda > mps > cpu).
     ``progress``: callable ``(steps done, total steps)`` over matching and interpolation.
     """
     func = "mode_connectivity"
@@ -1819,7 +1825,9 @@ def merge(
     1-100. ``tol``: relative improvement per round below which rounds stop (0-1; 1e-3 stops once
     further rounds barely matter). ``seed``: order of members and permutations. ``spec``: a
     hand-written :class:`PermutationSpec` for weight matching (activation matching traces the
-    model). ``progress``: callable ``(steps done, total steps)``.
+    model). ``max_iter``: passes of each weight-matching call at most (1-10000). ``batch_size``: samples
+    per forward pass in the evaluations and BatchNorm resets. ``device``: where the networks run
+    (``None``: cuda > mps > cpu). ``progress``: callable ``(steps done, total steps)``.
     """
     func = "merge"
     start = time.perf_counter()
