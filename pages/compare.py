@@ -78,6 +78,15 @@ st.caption(
     f"{result.estimator}; n = {result.n_samples} samples of {dataset.name}, pooling '{pooling}'. "
     "Hover a cell for its exact value; click it to open its detail below."
 )
+if measure in ("linear_cka", "rbf_cka") and not options.get("debiased"):
+    da, db = int(result.n_features_a.max()), int(result.n_features_b.max())
+    null = (da * db) ** 0.5 / ((result.n_samples + da) * (result.n_samples + db)) ** 0.5
+    if null > 0.1:
+        st.caption(
+            f"Biased CKA runs high when layers have many features for the number of samples: unrelated random features "
+            f"of {da} and {db} dimensions on {result.n_samples} samples score about {null:.2f}. Tick 'Debiased' for "
+            "values near 0 for unrelated layers."
+        )
 title = f"{measure_label(measure)}: {result.model_a} vs {result.model_b}"
 _state.report_button(title, result, [heatmap], key="cmp_report", analysis="similarity",
                      params={"measure": measure, **options}, layers=layers_a, layers_b=layers_b, pooling=pooling)

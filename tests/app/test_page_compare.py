@@ -62,6 +62,14 @@ def test_heatmap_and_detail_panel_for_two_models(compare, sample_model, digits_t
     assert float(metrics["Jaccard@10 (relative)"]) > 0.5
 
 
+def test_biased_cka_of_wide_layers_says_how_high_unrelated_layers_score(compare):
+    at = compare
+    note = "unrelated random features of 512 and 512 dimensions on 450 samples score about 0.53. Tick 'Debiased'"
+    assert any(note in c.value for c in at.caption)
+    at.checkbox(key="cmp_debiased").check().run()
+    assert not page_errors(at) and not any("Biased CKA runs high" in c.value for c in at.caption)
+
+
 def test_measure_options_change_the_heatmap(compare):
     at = compare
     at.selectbox(key="cmp_measure").set_value("rbf_cka").run()
