@@ -109,6 +109,13 @@ if relus:
 st.subheader("Free parameters")
 for col, s in zip(st.columns(len(summaries)), summaries):
     col.metric(f"Free parameters ({s.model})", f"{s.total_free:,} of {s.total_parameters:,}", help=HELP["free"])
+for s in summaries:
+    if s.sample_limited:
+        st.caption(
+            f"{s.model}: the input rank of {', '.join(s.sample_limited)} reached the most {s.n_samples} samples allow, below "
+            "the fan-in, so part of its free count is directions these samples never explored; more samples (such as "
+            "the train split) lower it."
+        )
 rows = [row for s in summaries for row in plots.summary_rows(s)]
 percent = {"free fraction": st.column_config.NumberColumn(format="percent")}
 st.dataframe(rows, hide_index=True, width="stretch", key="deg_summary", column_config=percent)

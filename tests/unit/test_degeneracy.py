@@ -168,6 +168,13 @@ def test_dead_unit_frees_its_fan_in_and_fan_out(constant_and_dead):
     assert s.total_parameters == 15 + 12 and s.total_free == 12
 
 
+def test_layers_whose_input_rank_is_capped_by_the_sample_count_are_named():
+    model = _mlp([4, 20, 3])
+    few, many = degeneracy_summary(model, _data(8, 4)), degeneracy_summary(model, _data(200, 4))
+    assert few.input_rank["out"] == 7 and few.sample_limited == ("out",)  # 20 inputs, 8 centred samples: rank <= 7
+    assert many.sample_limited == () and many.total_free < few.total_free
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_free_parameter_count_equals_the_null_space_of_the_parameter_jacobian(seed):
     """On a network whose live units fire often, the count is exact; checked by an independent SVD."""

@@ -173,6 +173,9 @@ class DegeneracyResult(RecordedResult):
     dimension of the null space of the Jacobian of all logits with respect to all parameters.
     ``input_spectrum`` / ``gradient_spectrum`` hold the eigenvalues behind the ranks. Modules with
     parameters that are not ``nn.Linear`` (convolutions, BatchNorm) are listed in ``not_counted``.
+    ``sample_limited``: the modules whose input rank reached the most the samples allow (``n - 1``
+    centred, ``n`` without bias) below their fan-in, so that ``free_from_activations`` also counts
+    directions the samples did not explore; more samples lower it.
     """
 
     modules: tuple[str, ...]
@@ -199,6 +202,7 @@ class DegeneracyResult(RecordedResult):
     rtol: float
     output: str
     model: str
+    sample_limited: tuple[str, ...] = ()
     estimator: str = "free parameters per weight matrix from activation rank, gradient rank and synchronised ReLUs"
     seed: int | None = None
     dtype: str = "float64"
@@ -920,7 +924,9 @@ def degeneracy_summary(
         terms = ("free_from_activations", "free_from_gradients", "free_from_synchronised", "free_from_rescaling")
         row["free_total"] = min(n_params, sum(row[k] for k in terms))
         row["free_fraction"] = row["free_total"] / n_params
+        row["sample_limited"] = r_in >= n - int(has_bias) and r_in < fan_in
         rows[net.names[i]] = row
+    limited = tuple(name for name, row in rows.items() if row.pop("sample_limited"))
     out: dict[str, Any] = {key: {name: row[key] for name, row in rows.items()} for key in next(iter(rows.values()))}
     names = tuple(net.names[i] for i in linear)
     return DegeneracyResult(
@@ -932,6 +938,7 @@ def degeneracy_summary(
         rtol=rtol,
         output=output,
         model=net.name,
+        sample_limited=limited,
         n_samples=n,
         params={"rtol": rtol, "output": output, "batch_size": batch_size},
         device=str(dev),
