@@ -384,13 +384,15 @@ def model_expression(m: LoadedModel | None) -> str:
     """Python that loads ``m`` again (a comment with its hash when it came from an upload)."""
     if m is None:
         return "None"
+    arch = f", architecture={json.dumps(m.architecture)}" if m.source.endswith((".pt", ".pth", ".bin", ".ckpt")) \
+        and m.source_format != "module" and m.architecture is not None else ""
     if m.source and not m.source.startswith("upload:"):
         source = Path(m.source)
         if source.is_absolute() and source.is_relative_to(Path.cwd()):
             source = source.relative_to(Path.cwd())
-        arch = f", architecture={json.dumps(m.architecture)}" if m.source.endswith((".pt", ".pth", ".bin", ".ckpt")) else ""
         return f"load_model({str(source)!r}{arch})"
-    return f"load_model(...)  # the uploaded {m.source.removeprefix('upload:') or m.name}, weights sha256 {m.sha256[:16]}"
+    name = m.source.removeprefix("upload:") or m.name
+    return f"load_model({name!r}{arch})  # the uploaded file, weights sha256 {m.sha256[:16]}"
 
 
 def dataset_expression(d: Dataset) -> str:
@@ -400,6 +402,8 @@ def dataset_expression(d: Dataset) -> str:
         return f"load_dataset('blobs', separation={info['separation']!r}, seed={info['seed']!r})"
     if "split" in info:
         return f"load_dataset({d.name.split(' ')[0]!r}, split={info['split']!r})"
+    if info.get("file"):
+        return f"load_dataset({info['file']!r})  # the file, sha256 {d.sha256[:16]}"
     return f"load_dataset(...)  # {d.name}, sha256 {d.sha256[:16]}"
 
 
@@ -408,8 +412,10 @@ def recreate_snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> s
     return (
         "from workbench import load_dataset, load_model\n"
         "from workbench.registry import run_analysis\n\n"
-        f"section = run_analysis(\n    {entry.name!r},\n    model_a={model_expression(ctx.model_a)},\n"
-        f"    model_b={model_expression(ctx.model_b)},\n    dataset={dataset_expression(ctx.dataset)},\n"
+        f"model_a = {model_expression(ctx.model_a)}\n"
+        f"model_b = {model_expression(ctx.model_b)}\n"
+        f"dataset = {dataset_expression(ctx.dataset)}\n"
+        f"section = run_analysis(\n    {entry.name!r},\n    model_a=model_a,\n    model_b=model_b,\n    dataset=dataset,\n"
         f"    layers={ctx.layers_a!r},{f' layers_b={ctx.layers_b!r},' if ctx.layers_b else ''} pooling={ctx.pooling!r},\n"
         f"    params={params!r},\n)\n"
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from workbench import registry
 from workbench.errors import ParameterError
@@ -71,3 +72,23 @@ def test_two_copies_of_one_checkpoint_keep_two_results(sample_model, digits_test
         section = registry.run_analysis(name, model_a=a, model_b=a, dataset=digits_test, params=SMALL_PARAMS.get(name))
         keys = list(section.summary if name == "probing" else section.summary["trustworthiness"])
         assert len(keys) == 2 and keys[0].startswith("A: mlp_narrow_seed0") and keys[1].startswith("B: mlp_narrow_seed0")
+
+
+def test_recreate_snippet_of_uploaded_files_is_valid_python(sample_model_path, digits_test, tmp_path):
+    import ast
+
+    from workbench import load_dataset, load_model
+    from workbench.models.architectures import build_model
+
+    upload_a = load_model(sample_model_path("mlp_narrow_seed0").read_bytes(), filename="model.safetensors")
+    spec = upload_a.architecture
+    state = tmp_path / "weights.pt"
+    torch.save(build_model(spec).state_dict(), state)
+    upload_b = load_model(state.read_bytes(), filename="weights.pt", architecture=spec)
+    np.savez(tmp_path / "mine.npz", x=digits_test.x.numpy(), y=digits_test.y.numpy())
+    data = load_dataset((tmp_path / "mine.npz").read_bytes(), filename="mine.npz")
+    section = registry.run_analysis("similarity", model_a=upload_a, model_b=upload_b, dataset=data)
+    ast.parse(section.snippet)  # a comment once swallowed the comma between arguments
+    assert "model_a = load_model('model.safetensors')  # the uploaded file, weights sha256" in section.snippet
+    assert f"model_b = load_model('weights.pt', architecture={json.dumps(spec)})" in section.snippet
+    assert "dataset = load_dataset('mine.npz')  # the file, sha256" in section.snippet

@@ -256,7 +256,7 @@ def load_dataset(source: str | Path | bytes, *, split: str = "test", filename: s
         raise UnsupportedFormatError(
             f"Cannot read dataset file '{name}': supported types are {', '.join(UPLOAD_FORMATS)} (or a bundled name: {', '.join(BUILTIN_DATASETS)})."
         )
-    return make_dataset(stem, x, y, description=f"uploaded {suffix} file")
+    return make_dataset(stem, x, y, description=f"uploaded {suffix} file", info={"file": name})
 
 
 def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
