@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from collections.abc import Callable
 from typing import Any
@@ -134,6 +136,10 @@ def choosers() -> None:
         _model_chooser(MODEL_A, "Model A", DEFAULT_A, optional=False)
     with col_b:
         _model_chooser(MODEL_B, "Model B (optional, to compare)", DEFAULT_B, optional=True)
+    a, b = st.session_state.get(MODEL_A), st.session_state.get(MODEL_B)
+    if a is not None and b is not None and a.name == b.name and a is not b:
+        # pages label and key results by model name: two files called model.safetensors must not merge into one
+        st.session_state[MODEL_B] = dataclasses.replace(b, name=f"{b.name} (B)")
     with col_d:
         _dataset_chooser()
 

@@ -60,6 +60,19 @@ def test_upload_safetensors_checkpoint(app, sample_model_path):
     assert "Model A: my_model" in [s.value for s in at.subheader]
 
 
+def test_two_uploads_with_one_file_name_stay_two_models(app, sample_model_path):
+    # results are labelled and keyed by model name: B is renamed rather than silently taken for A
+    at = _upload(app.run(), "model_a", "model.safetensors", sample_model_path("mlp_narrow_seed0").read_bytes())
+    at = _upload(at, "model_b", "model.safetensors", sample_model_path("mlp_narrow_seed1").read_bytes())
+    assert not page_errors(at)
+    assert at.session_state["model_a"].name == "model" and at.session_state["model_b"].name == "model (B)"
+    subheaders = [s.value for s in at.subheader]
+    assert "Model A: model" in subheaders and "Model B: model (B)" in subheaders
+    at.switch_page("pages/probing.py").run()
+    assert not page_errors(at)
+    assert set(at.dataframe[0].value["model"]) == {"model", "model (B)"}
+
+
 def test_upload_state_dict_needs_spec_then_loads(app):
     module = build_model({"type": "mlp", "sizes": [64, 20, 10]})
     buf = io.BytesIO()
