@@ -19,8 +19,12 @@ if not models:
     st.info("Choose model A above: a bundled sample model, or upload a checkpoint.")
     _state.stop()
 
-cols = st.columns(len(models))
-for col, model, slot in zip(cols, models, "AB"):
+chosen = [(slot, m) for slot, m in zip("AB", (st.session_state.get(_state.MODEL_A), st.session_state.get(_state.MODEL_B)))
+          if m is not None]
+if chosen[0][0] == "B":
+    st.info("Model A is not chosen: the pages analyse model B alone until it is.")
+cols = st.columns(len(chosen))
+for col, (slot, model) in zip(cols, chosen):
     with col:
         st.subheader(f"Model {slot}: {model.name}")
         st.metric("Parameters", f"{model.n_parameters:,}")

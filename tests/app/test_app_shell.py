@@ -73,6 +73,15 @@ def test_two_uploads_with_one_file_name_stay_two_models(app, sample_model_path):
     assert set(at.dataframe[0].value["model"]) == {"model", "model (B)"}
 
 
+def test_an_empty_slot_a_does_not_relabel_model_b(app):
+    at = app.run()
+    at.selectbox(key="model_a_choice").set_value("Upload a file…").run()  # nothing uploaded yet
+    assert not page_errors(at)
+    subheaders = [s.value for s in at.subheader]
+    assert "Model B: mlp_seed1" in subheaders and not any(s.startswith("Model A") for s in subheaders)
+    assert any("Model A is not chosen" in i.value for i in at.info)
+
+
 def test_upload_state_dict_needs_spec_then_loads(app):
     module = build_model({"type": "mlp", "sizes": [64, 20, 10]})
     buf = io.BytesIO()
