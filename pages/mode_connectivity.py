@@ -44,8 +44,13 @@ with col_b, _state.guard():
     others = [n for n in matching if n != model_a.name]
     model_b = pick("Model B (permuted to match A)", _state.MODEL_B, others[0] if others else model_a.name,
                    "mc_model_b", matching, "Models of A's architecture: the same modules and parameter shapes.")
-if len(matching) == 1:
+if not others:
     st.info(f"No other model has the architecture of {model_a.name}: choose or upload one on the Models & data page.")
+    _state.stop()
+chosen_b = st.session_state.get(_state.MODEL_B)
+if chosen_b is not None and chosen_b.name not in matching:
+    st.caption(f"The sidebar's model B ({chosen_b.name}) has another architecture than {model_a.name}, so it cannot be "
+               f"matched to it; {model_b.name} is used instead.")
 digits = dataset.name.startswith("digits")
 with st.expander("Settings", expanded=False):
     n_points = st.slider(
