@@ -253,3 +253,29 @@ def test_full_float32_turns_tf32_off_and_restores_it_after_nested_use():
         assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+class _PositionTable(nn.Module):
+    """A layer whose output is one table shared by every sample (like position embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(5, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x + self.pos(torch.arange(5)).sum(0))
+
+
+def test_a_layer_without_a_row_per_sample_is_refused_and_leaves_no_cache(tmp_path):
+    from workbench.registry import default_layers
+
+    model = wrap_module(_PositionTable(), name="table")
+    data = make_dataset("d", torch.randn(16, 3))
+    with pytest.raises(DataError, match=r"Layer 'pos' of 'table' outputs 5 row\(s\) for a batch of 8 samples .* pick another layer"):
+        extract(model, data, ["pos", "fc"], batch_size=8, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is kept
+    assert extract(model, data, ["fc"], batch_size=8, cache_dir=tmp_path)["fc"].shape == (16, 2)
+    info = {i.name: i.output_shape for i in layer_info(model, torch.zeros(2, 3))}
+    assert info == {"fc": (2,), "pos": None}
+    assert default_layers(model, layer_info(model, torch.zeros(2, 3))) == ["fc"]

@@ -45,7 +45,7 @@ def default_cache_dir() -> Path:
 @dataclass(frozen=True)
 class LayerInfo:
     """One module of a model: its ``named_modules()`` path, type, output shape on a probe batch
-    (``None`` when it did not run), parameter count (own parameters only) and nesting depth."""
+    (``None`` when it did not run, or gave no row per sample), parameter count (own parameters only) and nesting depth."""
 
     name: str
     type: str
@@ -96,7 +96,8 @@ def layer_info(model: LoadedModel | nn.Module, example: torch.Tensor | None = No
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str, t: torch.Tensor) -> None:
-        shapes.setdefault(name, tuple(t.shape[1:]))
+        if t.ndim and t.shape[0] == x.shape[0]:  # one row per sample (not a table shared by the batch)
+            shapes.setdefault(name, tuple(t.shape[1:]))
 
     with hooks_on(lm.module, list(modules), record), torch.inference_mode():
         try:
@@ -296,6 +297,12 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
                     if layer not in captured:
                         raise DataError(f"Layer '{layer}' did not run in the forward pass of '{lm.name}', so it has no activations; pick a layer that runs.")
                     out = captured[layer].cpu().numpy()
+                    if out.shape[0] != batch.shape[0]:
+                        raise DataError(
+                            f"Layer '{layer}' of '{lm.name}' outputs {out.shape[0]} row(s) for a batch of {batch.shape[0]} samples "
+                            "(a table shared by all samples, such as position embeddings), so it has no activations per sample; "
+                            "pick another layer."
+                        )
                     if layer not in writers:
                         writers[layer] = _LayerFile(tmp / files[layer], n, out.shape[1])
                     elif out.shape[1] != writers[layer].width:
