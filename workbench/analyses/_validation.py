@@ -8,11 +8,12 @@ argument and the function.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
 
@@ -74,12 +75,13 @@ def as_matrix(
     return t
 
 
+def _is_dataset(obj: Any) -> bool:
+    """A :class:`~workbench.data.Dataset` (recognised by its fields: the data package imports this module)."""
+    return all(hasattr(obj, a) for a in ("x", "y", "sha256", "n_samples"))
+
+
 def not_an_array(x: Any, name: str, *, func: str) -> None:
     """Raise a sentence for the objects that are most often passed where one array belongs."""
-    from collections.abc import Mapping
-
-    from torch import nn
-
     kind = type(x).__name__
     if isinstance(x, Mapping):
         layers = format_choices([str(k) for k in x])
@@ -92,7 +94,7 @@ def not_an_array(x: Any, name: str, *, func: str) -> None:
             f"{func}: '{name}' must be an (n_samples, n_features) array of activations; got the model itself ({kind}). "
             "Extract activations first: extract(model, dataset, layers)."
         )
-    if hasattr(x, "x") and hasattr(x, "sha256") and hasattr(x, "n_samples"):
+    if _is_dataset(x):
         raise DataError(
             f"{func}: '{name}' must be an (n_samples, n_features) array of activations; got a dataset. "
             "Extract activations first (extract(model, dataset, layers)), or pass dataset.x for the raw inputs."
@@ -193,7 +195,7 @@ def as_labels(y: ArrayLike, n_samples: int, *, func: str, name: str = "labels", 
     float labels must be finite (a NaN is no class)."""
     if y is None:
         raise DataError(f"{func}: '{name}' are required; use a dataset with labels (or pass labels where the function takes them).")
-    if hasattr(y, "x") and hasattr(y, "y") and hasattr(y, "sha256"):
+    if _is_dataset(y):
         raise DataError(f"{func}: '{name}' must be one label per sample; got a dataset. Pass its labels: dataset.y.")
     arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     if arr.ndim != 1:
