@@ -384,8 +384,7 @@ def model_expression(m: LoadedModel | None) -> str:
     """Python that loads ``m`` again (a comment with its hash when it came from an upload)."""
     if m is None:
         return "None"
-    arch = f", architecture={json.dumps(m.architecture)}" if m.source.endswith((".pt", ".pth", ".bin", ".ckpt")) \
-        and m.source_format != "module" and m.architecture is not None else ""
+    arch = f", architecture={json.dumps(m.architecture)}" if m.source_format == "state dict" and m.architecture else ""
     if m.source and not m.source.startswith("upload:"):
         source = Path(m.source)
         if source.is_absolute() and source.is_relative_to(Path.cwd()):
