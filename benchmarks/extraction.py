@@ -1,6 +1,6 @@
 """Overhead of ``extract`` over a bare forward pass, and peak memory for 100,000 samples.
 
-    python benchmarks/extraction.py [--n 100000] [--batch-size 1024]
+    python benchmarks/extraction.py [--n 100000] [--batch-size 1024] [--device cpu|cuda]
 
 All sides run in this process on the same data and batches, taking turns: the bare side calls
 the model on each batch and drops the output; ``extract`` adds hooks on six layers, pooling, and
@@ -9,6 +9,8 @@ separates the cost of reading the hooked maps from that of the cache; a fourth e
 the app picks by default. Each overhead is given from the best times and as the median over
 repeats of each run against the bare run next to it. Peak memory is measured in a fresh subprocess
 (``VmHWM``) so it counts only the extraction. Goal: overhead <= 10 %, peak RSS < 2 GiB.
+On an accelerator (``--device cuda``) every side moves each batch to the device and waits for the
+device at the end; ``extract`` also brings the pooled outputs back to the host for the cache.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(n: int, batch_size: int) -> None:
+def child(n: int, batch_size: int, device: str) -> None:
     """Run one extraction and print its peak RSS as JSON (used for the memory figure)."""
     from workbench import extract, load_model
 
@@ -59,7 +61,7 @@ def child(n: int, batch_size: int) -> None:
     data = make_data(n)
     before = peak_rss_mib()
     with tempfile.TemporaryDirectory() as tmp:
-        acts = extract(model, data, LAYERS, batch_size=batch_size, cache_dir=tmp)
+        acts = extract(model, data, LAYERS, batch_size=batch_size, cache_dir=tmp, device=device)
         total = sum(v.numel() * 4 for v in acts.values())
     peak = peak_rss_mib()
     print(json.dumps({"peak_rss_mib": peak, "rss_before_mib": before, "activation_mib": total / 2**20,
@@ -71,10 +73,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or an accelerator such as cuda")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.n, args.batch_size)
+        child(args.n, args.batch_size, args.device)
         return
 
     from workbench import extract, load_model
@@ -84,19 +87,31 @@ def main() -> None:
 
     model = load_model(ROOT / "sample_models" / "cnn_seed0.safetensors")
     data = make_data(args.n)
+    dev = torch.device(args.device)
+    model.module.to(dev)  # extract leaves a model on the device it found it on
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def batches():
+        for i in range(0, data.n_samples, args.batch_size):
+            yield data.x[i:i + args.batch_size].to(dev)
+
     all_layers = default_layers(model)  # what the app and `workbench analyze` extract when no layers are named
 
     def bare() -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            for i in range(0, data.n_samples, args.batch_size):
-                model.module(data.x[i:i + args.batch_size])
+            for x in batches():
+                model.module(x)
+        sync()
         return time.perf_counter() - start
 
     def hooked(layers: list[str]) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            extract(model, data, layers, batch_size=args.batch_size, cache_dir=tmp)
+            extract(model, data, layers, batch_size=args.batch_size, cache_dir=tmp, device=dev)
             return time.perf_counter() - start
 
     def pooled_only() -> float:
@@ -104,16 +119,17 @@ def main() -> None:
         the cost of reading the maps."""
         start = time.perf_counter()
         with PooledCapture(model.module, LAYERS, "mean", channel_first=False) as capture, torch.inference_mode():
-            for i in range(0, data.n_samples, args.batch_size):
+            for x in batches():
                 capture.begin_batch()
-                model.module(data.x[i:i + args.batch_size])
+                model.module(x)
                 capture.end_batch()
+        sync()
         return time.perf_counter() - start
 
     def routes(layers: list[str]) -> dict[str, str]:
         with PooledCapture(model.module, layers, "mean", channel_first=False) as capture, torch.inference_mode():
             capture.begin_batch()
-            model.module(data.x[:8])
+            model.module(data.x[:8].to(dev))
             capture.end_batch()
             return dict(capture.sources)
 
@@ -122,15 +138,16 @@ def main() -> None:
 
     layer_shapes: dict[str, tuple[int, ...]] = {}
     with hooks_on(model.module, LAYERS, lambda n, t: layer_shapes.__setitem__(n, tuple(t.shape))), torch.inference_mode():
-        model.module(data.x[:8])
+        model.module(data.x[:8].to(dev))
     must_read = [k for k, v in routes(LAYERS).items() if v == "map" and is_map(k)]
 
     def read_floor() -> float:
         """Hooks that only sum the maps ``extract`` has to read: the least any extraction spends on them."""
         start = time.perf_counter()
         with hooks_on(model.module, must_read, lambda _n, t: t.sum(tuple(range(2, t.ndim)))), torch.inference_mode():
-            for i in range(0, data.n_samples, args.batch_size):
-                model.module(data.x[i:i + args.batch_size])
+            for x in batches():
+                model.module(x)
+        sync()
         return time.perf_counter() - start
 
     sides = {"bare": bare, "pooled": pooled_only, "extract": lambda: hooked(LAYERS), "all": lambda: hooked(all_layers),
@@ -148,9 +165,9 @@ def main() -> None:
         return f"{min(times[k]):8.2f} s   overhead {best:+.1f} % (median of paired runs {paired:+.1f} %)"
 
     with tempfile.TemporaryDirectory() as tmp:
-        acts = extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp)
+        acts = extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp, device=dev)
         start = time.perf_counter()
-        extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp)
+        extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp, device=dev)
         t_cached = time.perf_counter() - start
         blocks = {k: v.clone().numpy() for k, v in acts.items()}
         del acts
@@ -169,10 +186,12 @@ def main() -> None:
 
     t_write = min(write_floor() for _ in range(args.repeats))
     sources = routes(all_layers)
-    out = subprocess.run([sys.executable, __file__, "--child", "--n", str(args.n), "--batch-size", str(args.batch_size)],
+    out = subprocess.run([sys.executable, __file__, "--child", "--n", str(args.n), "--batch-size", str(args.batch_size),
+                          "--device", args.device],
                          capture_output=True, text=True, check=True)
     mem = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"CNN, {args.n} samples, batch {args.batch_size}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, torch threads {torch.get_num_threads()}"
+    print(f"CNN, {args.n} samples, batch {args.batch_size}, {where}, best of {args.repeats}")
     print("how each layer is pooled: " + ", ".join(f"{k} ({v})" for k, v in sources.items()))
     print(f"bare forward:                {min(times['bare']):8.2f} s")
     print(f"hooks + pooling only:        {overhead('pooled')} (no cache)")

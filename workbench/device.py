@@ -39,6 +39,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return resolved
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device a module's weights are on (its first parameter or buffer; the CPU for a module with neither)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def float64_device(device: torch.device) -> torch.device:
     """The device for float64 work: ``device`` itself, or the CPU where float64 is unsupported (MPS)."""
     return torch.device("cpu") if device.type == "mps" else device

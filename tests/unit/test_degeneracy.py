@@ -504,8 +504,8 @@ def test_inputs_are_unchanged_and_results_export(constant_and_dead):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x_before = data.x.clone()
     calls: list[tuple[int, int]] = []
-    s = degeneracy_summary(model, data, progress=lambda done, total: calls.append((done, total)))
-    ib = interaction_basis(model, data, ["input", "relu1"], progress=lambda done, total: calls.append((done, total)))
+    s = degeneracy_summary(model, data, device="cpu", progress=lambda done, total: calls.append((done, total)))
+    ib = interaction_basis(model, data, ["input", "relu1"], device="cpu", progress=lambda done, total: calls.append((done, total)))
     assert model.training
     model.eval()
     for k, v in model.state_dict().items():

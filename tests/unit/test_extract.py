@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from workbench import extract, layer_info, list_layers
+from workbench import extract, layer_info, list_layers, load_model
 from workbench.activations import pool
 from workbench.data import make_dataset
 from workbench.errors import DataError, ParameterError, UnknownLayerError
@@ -171,6 +171,14 @@ def test_layer_info_in_forward_order(sample_model):
     assert infos[-1].output_shape == (10,)
 
 
+def test_module_device_is_where_the_weights_are():
+    from workbench.device import module_device
+
+    assert module_device(nn.Linear(2, 2).to("meta")) == torch.device("meta")
+    assert module_device(nn.BatchNorm1d(2, affine=False).to("meta")) == torch.device("meta")  # buffers only
+    assert module_device(nn.ReLU()) == torch.device("cpu")
+
+
 def test_accepts_bare_module_and_arrays(digits_test):
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(64, 5), nn.Tanh())
@@ -230,7 +238,7 @@ def test_layer_whose_width_changes_between_batches_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_extraction_agrees_with_cpu(sample_model, digits_test, tmp_path):
+def test_cuda_extraction_agrees_with_cpu(sample_model, sample_model_path, digits_test, tmp_path):
     cnn = sample_model("cnn_seed0")
     layers = ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "fc1"]  # every pooling route: input, affine, map, global pool
     on_gpu = extract(cnn, digits_test, layers, device="cuda", cache_dir=tmp_path / "gpu")
@@ -238,6 +246,12 @@ def test_cuda_extraction_agrees_with_cpu(sample_model, digits_test, tmp_path):
     for layer in layers:
         torch.testing.assert_close(on_gpu[layer], on_cpu[layer], atol=1e-4, rtol=1e-4)
     assert next(cnn.module.parameters()).device.type == "cpu"  # the model goes back where it was
+    moved = load_model(sample_model_path("cnn_seed0"))
+    moved.module.to("cuda")  # a model the user put on the GPU is probed and extracted there, and stays there
+    assert [i.name for i in layer_info(moved)] == [i.name for i in layer_info(cnn)]
+    again = extract(moved, digits_test, layers, cache_dir=tmp_path / "moved")
+    torch.testing.assert_close(again["conv2"], on_gpu["conv2"], atol=1e-5, rtol=1e-5)
+    assert next(moved.module.parameters()).device.type == "cuda"
 
 
 def test_full_float32_turns_tf32_off_and_restores_it_after_nested_use():
@@ -264,7 +278,7 @@ class _PositionTable(nn.Module):
         self.fc = nn.Linear(3, 2)
 
     def forward(self, x):
-        return self.fc(x + self.pos(torch.arange(5)).sum(0))
+        return self.fc(x + self.pos(torch.arange(5, device=x.device)).sum(0))
 
 
 def test_a_layer_without_a_row_per_sample_is_refused_and_leaves_no_cache(tmp_path):

@@ -28,7 +28,7 @@ from torch import nn
 from workbench.activations.capture import POOLINGS, PooledCapture, channel_first_model, hooks_on, valid_layers
 from workbench.activations.types import Activations
 from workbench.data.datasets import Dataset, make_dataset
-from workbench.device import full_float32, resolve_device
+from workbench.device import full_float32, module_device, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model
 
@@ -91,7 +91,7 @@ def _forward(module: nn.Module, batch: torch.Tensor, takes_tokens: bool, source_
 def layer_info(model: LoadedModel | nn.Module, example: torch.Tensor | None = None) -> list[LayerInfo]:
     """Every named module in forward order (modules that did not run last), with output shapes."""
     lm = as_loaded_model(model)
-    x = example if example is not None else example_input(lm)
+    x = (example if example is not None else example_input(lm)).to(module_device(lm.module))
     modules = valid_layers(lm.module)
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -264,6 +264,15 @@ class _LayerFile:
             self.handle.close()
 
 
+def _to_host(blocks: list[torch.Tensor]) -> list[np.ndarray]:
+    """The pooled blocks of one batch as host arrays; from an accelerator in one copy (one synchronisation per batch, not per layer)."""
+    if not blocks or blocks[0].device.type == "cpu":
+        return [b.numpy() for b in blocks]
+    host = torch.cat(blocks, dim=1).cpu().numpy()
+    bounds = np.cumsum([0] + [b.shape[1] for b in blocks])
+    return [host[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str, batch_size: int,
                    dev: torch.device, root: Path, key: str, progress: Progress | None) -> Activations:
     root.mkdir(parents=True, exist_ok=True)
@@ -273,8 +282,7 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
     writers: dict[str, _LayerFile] = {}
     n = data.n_samples
     module = lm.module
-    param = next(iter(module.parameters()), None)
-    original_device = param.device if param is not None else torch.device("cpu")
+    original_device = module_device(module)
     started = time.perf_counter()
     try:
         module.to(dev)
@@ -296,7 +304,7 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
                 for layer in layers:
                     if layer not in captured:
                         raise DataError(f"Layer '{layer}' did not run in the forward pass of '{lm.name}', so it has no activations; pick a layer that runs.")
-                    out = captured[layer].cpu().numpy()
+                    out = captured[layer]
                     if out.shape[0] != batch.shape[0]:
                         raise DataError(
                             f"Layer '{layer}' of '{lm.name}' outputs {out.shape[0]} row(s) for a batch of {batch.shape[0]} samples "
@@ -310,7 +318,8 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
                             f"Layer '{layer}' gave {out.shape[1]} features on the batch at sample {start} but {writers[layer].width} "
                             f"before (with pooling '{pooling}'); use a pooling that gives a fixed width, such as 'mean'."
                         )
-                    writers[layer].append(out)
+                for layer, block in zip(layers, _to_host([captured[layer] for layer in layers]), strict=True):
+                    writers[layer].append(block)
                 if progress is not None:
                     progress(min(start + batch_size, n), n)
         for writer in writers.values():  # no fsync: the page cache holds the data for readers, and a crash loses only this entry
