@@ -571,7 +571,35 @@ def test_cuda_agrees_with_cpu():
         np.testing.assert_allclose(gpu.values, cpu, atol=1e-9, err_msg=measure)
 
 
-def test_similarity_matrix_streams_when_layers_exceed_the_memory_limit():
+def test_similarity_matrix_streams_exactly_when_layers_exceed_the_memory_limit():
+    rng = np.random.default_rng(0)
+    n = 3001
+    x = rng.standard_normal((n, 40)) + 1e4  # a large offset: the accumulated sums must not cancel
+    y = np.tanh((x - 1e4) @ rng.standard_normal((40, 60))) + 0.5 * rng.standard_normal((n, 60))
+    z = rng.standard_normal((n, 700))
+    z[:, :5] = 3.0  # constant features
+    w = np.c_[3 * x[:, :10] + 7, rng.standard_normal((n, 3))]
+    acts = {"x": x, "y": y, "z": z, "w": w}
+    for debiased in (False, True):
+        full = similarity_matrix(acts, measure="linear_cka", debiased=debiased)
+        calls = []
+        streamed = similarity_matrix(acts, measure="linear_cka", debiased=debiased, memory_limit_mb=15,
+                                     progress=lambda done, total: calls.append((done, total)))
+        assert streamed.params["streamed"] and streamed.params["exact"] and streamed.params["debiased"] == debiased
+        assert "exact" in streamed.estimator and "above the 15 MiB limit" in streamed.estimator
+        assert len(streamed.params["chunk_sizes"]) > 1 and sum(streamed.params["chunk_sizes"]) == n  # every sample
+        assert calls[-1][0] == calls[-1][1] == len(streamed.params["chunk_sizes"])
+        np.testing.assert_allclose(streamed.values, full.values, rtol=0, atol=1e-12)
+        a_vs_b = similarity_matrix({"x": x, "y": y}, {"z": z, "w": w}, measure="linear_cka", debiased=debiased)
+        streamed = similarity_matrix({"x": x, "y": y}, {"z": z, "w": w}, measure="linear_cka", debiased=debiased,
+                                     memory_limit_mb=15)
+        assert streamed.params["exact"] and streamed.values.shape == (2, 2)
+        np.testing.assert_allclose(streamed.values, a_vs_b.values, rtol=0, atol=1e-12)
+    with pytest.raises(DataError, match=r"'acts_a\['dead'\]' is constant over samples .* pick another layer"):
+        similarity_matrix({"x": x, "dead": np.ones((n, 600))}, measure="linear_cka", memory_limit_mb=10)
+
+
+def test_similarity_matrix_falls_back_to_the_minibatch_estimate_when_cross_products_do_not_fit():
     from workbench.analyses.similarity import _chunk_bounds
 
     rng = np.random.default_rng(0)
@@ -581,7 +609,9 @@ def test_similarity_matrix_streams_when_layers_exceed_the_memory_limit():
     acts = {"x": x, "y": y, "z": z}
     full = similarity_matrix(acts, measure="linear_cka", debiased=True)
     streamed = similarity_matrix(acts, measure="linear_cka", memory_limit_mb=5)
+    assert not streamed.params["exact"] and streamed.params["debiased"]
     assert "minibatch unbiased HSIC" in streamed.estimator and "above the 5 MiB limit" in streamed.estimator
+    assert "do not fit" in streamed.estimator
     assert streamed.params["streamed"] and sum(streamed.params["chunk_sizes"]) == 3001  # every sample is used
     np.testing.assert_allclose(streamed.values, full.values, atol=0.02)
     assert abs(streamed.values[0, 2]) < 0.05 and streamed.values[0, 1] > 0.5
@@ -592,13 +622,11 @@ def test_similarity_matrix_streams_when_layers_exceed_the_memory_limit():
 def test_streamed_similarity_of_cached_activations(sample_model, digits_test):
     from workbench import extract
 
-    model = sample_model("mlp_seed0")
-    acts = extract(model, digits_test, ["fc1", "relu2", "out"])
-    streamed = similarity_matrix(acts, measure="linear_cka", memory_limit_mb=0.5)
-    full = similarity_matrix(acts, measure="linear_cka", debiased=True)
-    assert streamed.params["streamed"]
-    np.testing.assert_allclose(np.diag(streamed.values), 1.0, atol=1e-9)
-    np.testing.assert_allclose(streamed.values, full.values, atol=0.1)
+    acts = extract(sample_model("cnn_seed0"), digits_test, ["conv1", "conv2", "out"])
+    streamed = similarity_matrix(acts, measure="linear_cka", memory_limit_mb=0.1)  # memory-mapped, read in chunks
+    full = similarity_matrix(acts, measure="linear_cka")
+    assert streamed.params["streamed"] and streamed.params["exact"] and len(streamed.params["chunk_sizes"]) > 2
+    np.testing.assert_allclose(streamed.values, full.values, rtol=0, atol=1e-12)
 
 
 def test_two_samples_are_too_few_to_compare():

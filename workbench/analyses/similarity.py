@@ -172,10 +172,29 @@ def _inner(a: _KernelStats, b: _KernelStats) -> float:
     raise RuntimeError("kernel statistics of different forms")  # internal invariant, not user input
 
 
+def _debiased_hsic(inner: float, diag_dot: float, trace_a: float, trace_b: float, n: int) -> float:
+    """Song et al.'s unbiased HSIC times ``n (n - 3)``, from ``<K, L>``, ``diag(K).diag(L)`` and the traces of the centred Grams."""
+    return inner - n / (n - 2) * diag_dot + trace_a * trace_b / ((n - 1) * (n - 2))
+
+
 def _hsic_from_inner(inner: float, a: _KernelStats, b: _KernelStats, debiased: bool, n: int) -> float:
     if not debiased:
         return inner
-    return inner - n / (n - 2) * float(torch.dot(a.diag, b.diag)) + a.trace * b.trace / ((n - 1) * (n - 2))
+    return _debiased_hsic(inner, float(torch.dot(a.diag, b.diag)), a.trace, b.trace, n)
+
+
+def _check_self_hsic(self_inner: float, self_hsic: float, n: int, name: str, func: str) -> None:
+    """Refuse a layer whose HSIC with itself is zero: constant, or (debiased) too few samples for its spread."""
+    if self_inner <= 0.0:
+        raise DataError(
+            f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
+            "pick another layer or check that the model is not dead on this dataset."
+        )
+    if self_hsic <= 1e-12 * self_inner:  # zero up to rounding: the ratio below would amplify noise
+        raise DataError(
+            f"{func}: the debiased HSIC of '{name}' with itself is not positive ({self_hsic * _unbiased_scale(n):.3g}) "
+            f"with {n} samples, so debiased CKA is undefined; use more samples or debiased=False."
+        )
 
 
 def _kernel_stats(
@@ -194,16 +213,7 @@ def _kernel_stats(
         raise RuntimeError("kernel statistics need features or a Gram matrix")  # internal invariant
     stats = _KernelStats(features, gram, diag, float(diag.sum()), 0.0)
     self_hsic = _hsic_from_inner(self_inner, stats, stats, debiased, n)
-    if self_inner <= 0.0:
-        raise DataError(
-            f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
-            "pick another layer or check that the model is not dead on this dataset."
-        )
-    if self_hsic <= 1e-12 * self_inner:  # zero up to rounding: the ratio below would amplify noise
-        raise DataError(
-            f"{func}: the debiased HSIC of '{name}' with itself is not positive ({self_hsic * _unbiased_scale(n):.3g}) "
-            f"with {n} samples, so debiased CKA is undefined; use more samples or debiased=False."
-        )
+    _check_self_hsic(self_inner, self_hsic, n, name, func)
     return _KernelStats(features, gram, diag, stats.trace, self_hsic)
 
 
@@ -878,6 +888,125 @@ def _streaming_linear_cka(
     return np.clip(values, -1.0, 1.0), [hi - lo for lo, hi in bounds]
 
 
+def _streamed_matrix_bytes(widths_a: Sequence[int], widths_b: Sequence[int], symmetric: bool) -> int:
+    """Memory of the cross products that :func:`_exact_streaming_linear_cka` accumulates."""
+    selfs = 0 if symmetric else sum(w * w for w in list(widths_a) + list(widths_b))
+    return 8 * (sum(widths_a) * sum(widths_b) + selfs)
+
+
+def _exact_streaming_linear_cka(
+    raw_a: list[tuple[str, ArrayLike]],
+    raw_b: list[tuple[str, ArrayLike]],
+    symmetric: bool,
+    debiased: bool,
+    dev: torch.device,
+    chunk: int,
+    names_a: list[str],
+    names_b: list[str],
+    func: str,
+    progress: Progress | None,
+) -> tuple[np.ndarray, list[int]]:
+    """Linear CKA (biased or debiased) of every layer pair from sums over row chunks: the same value as in memory.
+
+    CKA is unchanged by shifting a layer's features by a constant vector and scaling them by a number,
+    so each layer is shifted by its first sample (exactly constant features become exactly 0, and the
+    sums below do not cancel catastrophically) and scaled by a power of two. Per chunk the shifted
+    features ``Z`` add ``Z_a^T Z_b``, their column sums ``s``, and with the squared row norms ``q`` of
+    each layer ``q^T Z`` and ``q^T q``. At the end, with ``zbar = s / n``, the centred cross product is
+    ``Z_a^T Z_b - n zbar_a zbar_b^T`` (its squared Frobenius norm is ``<K_a, K_b>``), and
+    ``||z_i - zbar||^2 = q_i - 2 z_i.zbar + |zbar|^2`` expands ``diag(K_a).diag(K_b)`` and the traces
+    the unbiased estimator needs into the same sums.
+    """
+    layers = raw_a if symmetric else raw_a + raw_b
+    labels = names_a if symmetric else names_a + names_b
+    n = int(layers[0][1].shape[0]) if hasattr(layers[0][1], "shape") else int(np.shape(layers[0][1])[0])
+    n_a = len(raw_a)
+    idx_b = list(range(n_a)) if symmetric else list(range(n_a, len(layers)))
+    shifts: list[torch.Tensor] = []
+    scales: list[float] = []
+    cols: list[slice] = []
+    cross = selfs = q_z = q_q = col_sums = None
+    bounds = _chunk_bounds(n, chunk)
+    for step, (lo, hi) in enumerate(bounds, start=1):
+        blocks = []
+        for i, ((_, t), label) in enumerate(zip(layers, labels)):
+            rows = as_matrix(t[lo:hi], label, func=func, device=dev, min_samples=1)
+            if len(shifts) == i:
+                shifts.append(rows[:1].clone())
+                start = cols[-1].stop if cols else 0
+                cols.append(slice(start, start + rows.shape[1]))
+            z = rows - shifts[i]
+            if len(scales) == i:
+                scales.append(unit_scale(z))
+            blocks.append(z.mul_(scales[i]))
+        z_all = torch.cat(blocks, 1)
+        q = torch.stack([(b * b).sum(1) for b in blocks], 1)
+        z_a = z_all[:, : cols[n_a - 1].stop]
+        z_b = z_a if symmetric else z_all[:, cols[n_a].start :]
+        if cross is None:
+            cross = torch.zeros(z_a.shape[1], z_b.shape[1], dtype=z_all.dtype, device=dev)
+            selfs = None if symmetric else [torch.zeros(b.shape[1], b.shape[1], dtype=z_all.dtype, device=dev) for b in blocks]
+            q_z = torch.zeros(len(blocks), z_all.shape[1], dtype=z_all.dtype, device=dev)
+            q_q = torch.zeros(len(blocks), len(blocks), dtype=z_all.dtype, device=dev)
+            col_sums = torch.zeros(z_all.shape[1], dtype=z_all.dtype, device=dev)
+        cross.addmm_(z_a.T, z_b)
+        if selfs is not None:
+            for acc, b in zip(selfs, blocks):
+                acc.addmm_(b.T, b)
+        q_z.addmm_(q.T, z_all)
+        q_q.addmm_(q.T, q)
+        col_sums += z_all.sum(0)
+        del blocks, z_all, z_a, z_b
+        if progress is not None:
+            progress(step, len(bounds))
+
+    zbar = [col_sums[c] / n for c in cols]
+    offset_b = 0 if symmetric else cols[n_a].start
+
+    def product(i: int, j: int) -> torch.Tensor:
+        """Z_i^T Z_j (uncentred) for layer i of A (or any layer, i == j) and layer j."""
+        if selfs is not None and i == j:
+            return selfs[i]
+        cj = cols[j]
+        return cross[cols[i], cj.start - offset_b : cj.stop - offset_b]
+
+    def terms(i: int, j: int) -> tuple[float, float]:
+        """<K_i, K_j> and diag(K_i).diag(K_j) of the centred linear kernels."""
+        s_ij = product(i, j)
+        inner = float(torch.linalg.matrix_norm(s_ij - n * torch.outer(zbar[i], zbar[j])) ** 2)
+        if not debiased:
+            return inner, 0.0
+        r_i, r_j = float(zbar[i] @ zbar[i]), float(zbar[j] @ zbar[j])
+        sum_q_i, sum_q_j = float(product(i, i).trace()), float(product(j, j).trace())
+        qi_uj = float(q_z[i, cols[j]] @ zbar[j])  # sum_k q_ik (z_jk . zbar_j)
+        ui_qj = float(q_z[j, cols[i]] @ zbar[i])
+        ui_uj = float(zbar[i] @ s_ij @ zbar[j])
+        sum_u_i, sum_u_j = n * r_i, n * r_j
+        diag_dot = (float(q_q[i, j]) - 2 * qi_uj + r_j * sum_q_i - 2 * ui_qj + 4 * ui_uj - 2 * r_j * sum_u_i
+                    + r_i * sum_q_j - 2 * r_i * sum_u_j + n * r_i * r_j)
+        return inner, diag_dot
+
+    def trace(i: int) -> float:
+        return float(product(i, i).trace()) - n * float(zbar[i] @ zbar[i])
+
+    self_hsic = []
+    for i, label in enumerate(labels):
+        inner, diag_dot = terms(i, i)
+        value = _debiased_hsic(inner, diag_dot, trace(i), trace(i), n) if debiased else inner
+        _check_self_hsic(inner, value, n, label, func)
+        self_hsic.append(value)
+    values = np.empty((n_a, len(idx_b)))
+    for i in range(n_a):
+        for col, j in enumerate(idx_b):
+            if symmetric and col < i:
+                values[i, col] = values[col, i]
+                continue
+            inner, diag_dot = terms(i, j)
+            hsic = _debiased_hsic(inner, diag_dot, trace(i), trace(j), n) if debiased else inner
+            values[i, col] = min(1.0, max(-1.0 if debiased else 0.0, hsic / math.sqrt(self_hsic[i] * self_hsic[j])))
+    return values, [hi - lo for lo, hi in bounds]
+
+
 def similarity_matrix(
     acts_a: Activations | Mapping[str, ArrayLike],
     acts_b: Activations | Mapping[str, ArrayLike] | None = None,
@@ -921,8 +1050,11 @@ def similarity_matrix(
         compare: ``rsa`` only: ``"spearman"`` or ``"pearson"``.
         memory_limit_mb: linear CKA only: when the layers' float64 copies would need more than this,
             the activations are streamed in chunks of samples (a memory-mapped :class:`Activations` is
-            never loaded whole) and the minibatch estimator of :func:`minibatch_cka` is used for every
-            pair in one pass; the result's ``estimator`` says so. Other measures need all samples at once.
+            never loaded whole) and every pair's CKA, biased or debiased as asked, is computed exactly
+            from feature cross products accumulated in one pass (the same value as in memory, to
+            rounding). Only when those ``d_a x d_b`` products need more than half the limit is the
+            minibatch estimate of :func:`minibatch_cka` used instead; the result's ``estimator`` and
+            ``params["exact"]`` say which. Other measures need all samples at once.
         device: where to compute (``None``: cuda > mps > cpu); float64 throughout.
         progress: optional callable ``(steps_done, total_steps)`` over layers prepared and pairs compared.
 
@@ -999,18 +1131,30 @@ def similarity_matrix(
     memory_limit_mb = check_float(memory_limit_mb, "memory_limit_mb", func=func, low=0.0, low_inclusive=False)
     needed_mb = n * sum(w for _, w in shapes) * 8 / 2**20
     if measure == "linear_cka" and needed_mb > memory_limit_mb:
-        chunk = max(64, min(n, int(memory_limit_mb * 2**20 / (8 * max(sum(w for _, w in shapes), 1) * 3))))
-        values, sizes = _streaming_linear_cka(raw_a, raw_b, symmetric, dev, chunk, names_a, names_b, func, progress)
+        limit = memory_limit_mb * 2**20
+        accumulated = _streamed_matrix_bytes(widths_a, widths_b, symmetric)
+        exact = accumulated <= limit / 2
+        room = limit - accumulated if exact else limit
+        chunk = max(64, min(n, int(room / (8 * max(sum(w for _, w in shapes), 1) * 3))))
+        why = f"the layers need {needed_mb:.0f} MiB in float64, above the {memory_limit_mb:.0f} MiB limit"
+        if exact:
+            values, sizes = _exact_streaming_linear_cka(raw_a, raw_b, symmetric, debiased, dev, chunk, names_a, names_b,
+                                                        func, progress)
+            estimator = (f"{spec.estimator}, exact, from cross products accumulated over {len(sizes)} chunks of "
+                         f"<= {max(sizes)} samples: {why}")
+        else:
+            values, sizes = _streaming_linear_cka(raw_a, raw_b, symmetric, dev, chunk, names_a, names_b, func, progress)
+            estimator = (f"linear CKA, minibatch unbiased HSIC (Nguyen et al. 2021) streamed in {len(sizes)} chunks of "
+                         f"<= {max(sizes)} samples, an estimate of debiased CKA: {why}, and the exact cross products "
+                         f"({accumulated / 2**20:.0f} MiB) do not fit in half of it")
         return SimilarityMatrixResult(
             values=values, layers_a=tuple(name for name, _ in raw_a), layers_b=tuple(name for name, _ in raw_b),
             n_features_a=np.asarray(widths_a, dtype=np.int64), n_features_b=np.asarray(widths_b, dtype=np.int64),
             measure=measure, higher_is_closer=True, model_a=_model_name(acts_a, "A"),
             model_b=_model_name(acts_a, "A") if acts_b is None else _model_name(acts_b, "B"),
-            estimator=(f"linear CKA, minibatch unbiased HSIC (Nguyen et al. 2021) streamed in {len(sizes)} chunks of "
-                       f"<= {max(sizes)} samples: the layers need {needed_mb:.0f} MiB in float64, above the "
-                       f"{memory_limit_mb:.0f} MiB limit"),
-            n_samples=n, params={"debiased": True, "streamed": True, "chunk_sizes": [int(c) for c in sizes],
-                                 "memory_limit_mb": memory_limit_mb},
+            estimator=estimator, n_samples=n,
+            params={"debiased": debiased if exact else True, "streamed": True, "exact": exact,
+                    "chunk_sizes": [int(c) for c in sizes], "memory_limit_mb": memory_limit_mb},
             seed=None, device=str(dev), dtype="float64", seconds=time.perf_counter() - start,
         )
 
