@@ -24,6 +24,7 @@ from pages._state import (
     load_uploaded_model,
     max_upload_mb,
     sample_model_names,
+    show_error,
     trust_allowed,
 )
 from workbench.errors import FileTooLargeError, WorkbenchError
@@ -60,7 +61,7 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
         try:
             st.session_state[slot] = load_sample_model(choice)
         except WorkbenchError as exc:
-            st.error(str(exc))
+            show_error(exc)
         return
     upload = st.file_uploader(
         f"Checkpoint for {label.lower()}", type=["safetensors", "pt", "pth", "bin", "ckpt", "zip"], key=f"{slot}_upload",
@@ -83,7 +84,7 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
         st.session_state[slot] = load_uploaded_model(data, upload.name, arch.strip() or None, trust)
     except WorkbenchError as exc:
         st.session_state[slot] = None
-        st.error(str(exc))
+        show_error(exc)
 
 
 def _dataset_chooser() -> None:
@@ -125,7 +126,7 @@ def _dataset_chooser() -> None:
         st.session_state[DATASET] = load_builtin_dataset(name, split, options_json)
     except WorkbenchError as exc:
         st.session_state[DATASET] = None
-        st.error(str(exc))
+        show_error(exc)
 
 
 def choosers() -> None:
@@ -153,7 +154,7 @@ def ensure_defaults() -> None:
         if DATASET not in st.session_state:
             st.session_state[DATASET] = load_builtin_dataset("digits", "test")
     except WorkbenchError as exc:
-        st.error(str(exc))
+        show_error(exc)
 
 
 def sidebar() -> Callable[[], None]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -259,14 +260,24 @@ def progress_bar(text: str) -> Iterator[Callable[[int, int], None]]:
 # errors and prerequisites
 
 
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_~$\[\]<])")  # what formats text inside a sentence
+
+
+def plain(text: str) -> str:
+    """``text`` with Markdown's and LaTeX's special characters escaped, so that Streamlit shows it as written
+    (a message naming ``__main__`` or a file ``a_b_c.pt`` would otherwise lose its underscores to bold and italics)."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
 def show_error(exc: BaseException) -> None:
     """One sentence for the user; a traceback only in the server log."""
     if isinstance(exc, WorkbenchError):
-        st.error(str(exc))
+        st.error(plain(str(exc)))
     else:
         log.exception("unexpected error in a page")
-        st.error(f"The computation failed unexpectedly ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}). "
-                 "Try other settings; the server log has the details.")
+        detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+        st.error(plain(f"The computation failed unexpectedly ({type(exc).__name__}: {detail}). "
+                       "Try other settings; the server log has the details."))
 
 
 def write_summary() -> None:

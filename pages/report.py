@@ -44,7 +44,7 @@ with _state.guard():
     try:
         data = report.zip_bytes(formats)
     except PdfUnavailableError as exc:
-        st.warning(str(exc))
+        st.warning(_state.plain(str(exc)))
         data = report.zip_bytes(("html", "json", "npz"))
 st.download_button("Download report (.zip)", data=data, file_name="workbench-report.zip", mime="application/zip",
                    key="report_download", type="primary")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,14 @@ def app():
     return AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
 
 
+def shown(markdown: str) -> str:
+    """The text a user reads for Markdown whose special characters were escaped (``mlp\\_seed0`` reads ``mlp_seed0``)."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
 def page_errors(at) -> list[str]:
-    """Text of every st.error and st.exception element."""
-    return [e.value for e in at.error] + [str(e.value) for e in at.exception]
+    """Text of every st.error and st.exception element, as displayed."""
+    return [shown(e.value) for e in at.error] + [str(e.value) for e in at.exception]
 
 
 os.environ.setdefault("WORKBENCH_WARM_UP", "0")

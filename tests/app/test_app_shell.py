@@ -101,7 +101,7 @@ def test_malicious_pickle_upload_shows_error_not_traceback(app, tmp_path):
             return os.system, (f"touch {marker}",)
 
     at = _upload(app.run(), "model_a", "evil.pt", pickle.dumps({"w": Payload()}))
-    errors = [e.value for e in at.error]
+    errors = page_errors(at)
     assert any("full pickle whose loading can run arbitrary code" in e for e in errors)
     assert not at.exception
     assert not marker.exists()
@@ -150,7 +150,17 @@ def test_uploaded_dataset_with_wrong_features(app):
     at.file_uploader(key="dataset_upload").upload("five.npz", buf.getvalue(), "application/octet-stream").run()
     at.switch_page("pages/activations.py").run()
     assert any("has 5 features per sample but model 'mlp_seed0' expects 64" in e for e in page_errors(at))
+    assert any("model 'mlp\\_seed0'" in e.value for e in at.error)  # shown as written, not as Markdown
     assert not at.exception
+
+
+def test_messages_are_shown_as_written_not_as_markdown():
+    from pages._state import plain
+
+    assert plain("'__main__' of a_b_c.pt costs $5 *now* [x](y) `z` ~w~ <b>") == (
+        "'\\_\\_main\\_\\_' of a\\_b\\_c.pt costs \\$5 \\*now\\* \\[x\\](y) \\`z\\` \\~w\\~ \\<b>"
+    )
+    assert plain("A plain sentence (with 3.5 %, 'quotes' and a-dash).") == "A plain sentence (with 3.5 %, 'quotes' and a-dash)."
 
 
 @pytest.mark.parametrize("dataset", ["blobs (synthetic)", "digits (train split)"])

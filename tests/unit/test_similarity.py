@@ -584,7 +584,7 @@ def test_similarity_matrix_streams_exactly_when_layers_exceed_the_memory_limit()
         full = similarity_matrix(acts, measure="linear_cka", debiased=debiased)
         calls = []
         streamed = similarity_matrix(acts, measure="linear_cka", debiased=debiased, memory_limit_mb=15,
-                                     progress=lambda done, total: calls.append((done, total)))
+                                     progress=lambda done, total, calls=calls: calls.append((done, total)))
         assert streamed.params["streamed"] and streamed.params["exact"] and streamed.params["debiased"] == debiased
         assert "exact" in streamed.estimator and "above the 15 MiB limit" in streamed.estimator
         assert len(streamed.params["chunk_sizes"]) > 1 and sum(streamed.params["chunk_sizes"]) == n  # every sample
