@@ -122,6 +122,17 @@ def test_bit_flipped_safetensors_header(sample_model_path):
         load_model(bytes(data), filename="m.safetensors")
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"weights,bias\n0.1,0.2\n" * 20, r"'m.safetensors' is not a safetensors file: it looks like a text file, not a model"),
+    (b"PK\x03\x04" + bytes(200), r"it looks like a zip archive \(torch.save writes one\): give a torch checkpoint a .pt name"),
+    (b"\x80\x02}q\x00." + bytes(50), r"it looks like a Python pickle .*: give it a .pt name"),
+    (b"\x89HDF\r\n\x1a\n" + bytes(100), r"it looks like an HDF5 file .*save the weights with safetensors"),
+])
+def test_another_format_named_safetensors_says_what_it_is(content, message):
+    with pytest.raises(UnsupportedFormatError, match=message):
+        load_model(content, filename="m.safetensors")
+
+
 def test_huge_declared_safetensors_header():
     data = struct.pack("<Q", 1 << 40) + b"{}"
     with pytest.raises(CorruptFileError, match=r"declares a 1099511627776-byte safetensors header"):

@@ -209,11 +209,31 @@ def _load(source: str | Path | bytes, architecture: dict[str, Any] | str | None,
 # safetensors
 
 
+def _looks_like(data: bytes) -> str | None:
+    """What a file that is not safetensors appears to be, from its first bytes (None when unrecognised)."""
+    if data.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch.save writes one): give a torch checkpoint a .pt name"
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (an old-style torch checkpoint): give it a .pt name"
+    if data.startswith(b"\x89HDF"):
+        return "an HDF5 file (Keras or h5py), which is not read here: save the weights with safetensors"
+    if data.startswith(b"\x93NUMPY"):
+        return "a NumPy array (.npy), not a model"
+    sample = data[:512]
+    if sample and all(32 <= b < 127 or b in (9, 10, 13) for b in sample):
+        return "a text file, not a model"
+    return None
+
+
 def safetensors_metadata(data: bytes, label: str) -> dict[str, str]:
     """Parse and check the safetensors header without trusting its declared sizes."""
     if len(data) < 8:
         raise CorruptFileError(f"'{label}' is truncated: a safetensors file starts with an 8-byte header length.")
     (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > len(data):
+        what = _looks_like(data)
+        if what is not None:
+            raise UnsupportedFormatError(f"'{label}' is not a safetensors file: it looks like {what}.")
     if header_len > MAX_SAFETENSORS_HEADER:
         raise CorruptFileError(f"'{label}' declares a {header_len}-byte safetensors header, far above any real model's; the file is corrupt or hostile.")
     if 8 + header_len > len(data):
