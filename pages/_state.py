@@ -280,6 +280,13 @@ def show_error(exc: BaseException) -> None:
                        "Try other settings; the server log has the details."))
 
 
+def label_order_caption(dataset: wb.Dataset) -> None:
+    """Under a model's accuracy on ``dataset``: how text labels were numbered (the model may use another order)."""
+    note = wb.data.label_order_note(dataset)
+    if note is not None:
+        st.caption(plain(note))
+
+
 def write_summary() -> None:
     """Write the sidebar summary of this run, once (app.py sets the writer before the page runs)."""
     writer = st.session_state.pop(SUMMARY, None)

@@ -51,4 +51,8 @@ if dataset is not None:
     st.write(f"{dataset.n_samples} samples · input shape {tuple(dataset.x.shape[1:])} · "
              + (f"{classes} classes" if classes else "no class labels" if dataset.y is None else "continuous targets")
              + f" · sha256 {dataset.sha256[:12]}")
+    if dataset.class_names and classes and list(dataset.class_names) != [str(i) for i in range(len(dataset.class_names))]:
+        numbered = ", ".join(f"{i} = {c}" for i, c in enumerate(dataset.class_names[:20]))
+        st.caption(_state.plain(f"Classes: {numbered}{', …' if len(dataset.class_names) > 20 else ''}."))
+    _state.label_order_caption(dataset)
 st.markdown("Next: **Activation statistics** for a first look, **Similarity (A vs B)** to compare the two models.")

@@ -70,6 +70,7 @@ cols[0].metric(
 )
 cols[1].metric("Naive average accuracy", f"{merged.naive_accuracy:.1%}")
 cols[2].metric("Best member accuracy", f"{merged.member_accuracy.max():.1%}")
+_state.label_order_caption(dataset)
 merge_fig = plots.merge_figure(merged)
 st.plotly_chart(merge_fig, width="stretch", key="mc_merge_fig")
 if models[0].architecture is not None:

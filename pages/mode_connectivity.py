@@ -105,6 +105,7 @@ st.dataframe(
 definitions = plots.barrier_definitions(next(iter(result.barriers.values()), None))
 samples = f"n = {result.n_samples} test samples" + (f" and {train.n_samples} train samples" if train is not None else "")
 st.caption(" · ".join(f"**{k}**: {v}" for k, v in definitions.items()) + f". {samples}.")
+_state.label_order_caption(dataset)
 
 st.subheader("Per layer: distance and singular-vector alignment")
 layers = plots.layer_alignment_figure(result.layers)

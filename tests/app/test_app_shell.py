@@ -142,6 +142,18 @@ def test_trusted_whole_module_pickle_loads_through_a_separate_process(app):
     assert "pickle (trusted, opened in a separate process)" in formats
 
 
+def test_text_labels_show_their_numbering(app):
+    rows = "".join(f"{','.join(['0.5'] * 64)},{['zero', 'one'][i % 2]}\n" for i in range(6))
+    at = app.run()
+    at.selectbox(key="dataset_choice").set_value("Upload a file…").run()
+    header = ",".join(f"f{i}" for i in range(64)) + ",label\n"
+    at.file_uploader(key="dataset_upload").upload("words.csv", (header + rows).encode(), "text/csv").run()
+    captions = [c.value.replace("\\", "") for c in at.caption]
+    assert any("Classes: 0 = one, 1 = zero." in c for c in captions)
+    assert any("were text, numbered in sorted order (one → 0, zero → 1)" in c for c in captions)
+    assert not page_errors(at)
+
+
 def test_uploaded_dataset_with_wrong_features(app):
     buf = io.BytesIO()
     np.savez(buf, x=np.random.rand(30, 5).astype(np.float32), y=np.arange(30) % 3)

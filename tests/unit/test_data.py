@@ -66,6 +66,39 @@ def test_csv_upload_with_label_column():
     assert data.y.tolist() == [0, 1, 0]
 
 
+def test_text_labels_are_numbered_in_sorted_order_with_their_names_kept():
+    from workbench.data import label_order_note
+
+    text = "a,b,label\n" + "".join(f"{i},{2 * i}, {['zero', 'one', 'two'][i % 3]}\n" for i in range(9))
+    data = load_dataset(text.encode(), filename="table.csv")
+    assert data.class_names == ("one", "two", "zero") and data.y.tolist() == [2, 0, 1] * 3  # spaces stripped
+    note = label_order_note(data)
+    assert note.startswith("The labels of 'table' were text, numbered in sorted order (one → 0, two → 1, zero → 2)")
+    assert label_order_note(data.subset(slice(0, 4))) is not None  # kept by subsets
+    buf = io.BytesIO()
+    np.savez(buf, x=np.ones((4, 2)), y=np.array(["b", "a", "b", "c"]))
+    data = load_dataset(buf.getvalue(), filename="s.npz")
+    assert data.class_names == ("a", "b", "c") and data.y.tolist() == [1, 0, 1, 2]
+    assert label_order_note(load_dataset("digits")) is None  # integer labels are the model's own order
+
+
+def test_npz_class_names_name_integer_labels():
+    from workbench.data import label_order_note
+
+    buf = io.BytesIO()
+    np.savez(buf, x=np.ones((3, 2)), y=np.array([2, 0, 1]), class_names=np.array(["zero", "one", "two"]))
+    data = load_dataset(buf.getvalue(), filename="n.npz")
+    assert data.class_names == ("zero", "one", "two") and data.y.tolist() == [2, 0, 1] and label_order_note(data) is None
+    for extra, message in [({"class_names": np.array(["a", "b"])}, r"has labels up to 2 but 2 class_names; give one name per class"),
+                           ({"class_names": np.arange(3)}, r"'class_names' in 'n.npz' must be a 1-D array of strings"),
+                           ({"y": np.array(["a", "b", "c"]), "class_names": np.array(["a", "b", "c"])},
+                            r"has text labels and 'class_names'; give integer labels with 'class_names'")]:
+        buf = io.BytesIO()
+        np.savez(buf, **{"x": np.ones((3, 2)), "y": np.array([2, 0, 1]), **extra})
+        with pytest.raises(DataError, match=message):
+            load_dataset(buf.getvalue(), filename="n.npz")
+
+
 def test_csv_with_text_feature_column():
     with pytest.raises(DataError, match=r"Column 'b' of 'table\.csv' holds text \('x'\); CSV features must be numbers"):
         load_dataset(b"a,b\n1,x\n2,y\n", filename="table.csv")

@@ -80,7 +80,8 @@ class Dataset:
         except (IndexError, TypeError, ValueError, RuntimeError) as exc:
             raise DataError(f"Dataset '{self.name}' has {self.n_samples} samples; the indices {_preview(indices)} do not select "
                             f"from it ({str(exc).splitlines()[0]}).") from exc
-        return make_dataset(name or f"{self.name}[subset]", x, y, class_names=self.class_names, description=self.description)
+        return make_dataset(name or f"{self.name}[subset]", x, y, class_names=self.class_names, description=self.description,
+                            info={k: v for k, v in self.info.items() if k == "labels"})
 
 
 def _preview(indices: object) -> str:
@@ -246,8 +247,9 @@ def load_dataset(source: str | Path | bytes, *, split: str = "test", filename: s
         raise DataError(f"Dataset file '{name}' is empty (0 bytes).")
     suffix = Path(name).suffix.lower()
     stem = Path(name).stem
+    class_names = None
     if suffix == ".npz":
-        x, y = _read_npz(data, name)
+        x, y, class_names = _read_npz(data, name)
     elif suffix == ".csv":
         x, y = _read_csv(data, name)
     elif suffix == ".pt":
@@ -256,10 +258,30 @@ def load_dataset(source: str | Path | bytes, *, split: str = "test", filename: s
         raise UnsupportedFormatError(
             f"Cannot read dataset file '{name}': supported types are {', '.join(UPLOAD_FORMATS)} (or a bundled name: {', '.join(BUILTIN_DATASETS)})."
         )
-    return make_dataset(stem, x, y, description=f"uploaded {suffix} file", info={"file": name})
+    info: dict[str, Any] = {"file": name}
+    if y is not None and np.asarray(y).dtype.kind in "US":
+        if class_names is not None:
+            raise DataError(f"'{name}' has text labels and 'class_names'; give integer labels with 'class_names', or text labels alone.")
+        names, y = np.unique(np.char.strip(np.asarray(y).astype(str)), return_inverse=True)
+        class_names = tuple(str(c) for c in names)
+        info["labels"] = TEXT_LABELS_NOTE
+    return make_dataset(stem, x, y, class_names=class_names, description=f"uploaded {suffix} file", info=info)
 
 
-def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+TEXT_LABELS_NOTE = "text, numbered in sorted order"
+
+
+def label_order_note(dataset: Dataset) -> str | None:
+    """For text labels: a sentence saying how they were numbered, for results that compare a model's outputs with them."""
+    if dataset.info.get("labels") != TEXT_LABELS_NOTE or not dataset.class_names:
+        return None
+    shown = ", ".join(f"{c} → {i}" for i, c in enumerate(dataset.class_names[:6]))
+    more = ", …" if len(dataset.class_names) > 6 else ""
+    return (f"The labels of '{dataset.name}' were text, numbered in sorted order ({shown}{more}); accuracies of a model "
+            "assume its outputs follow that order. If they do not, give integer labels in the model's order.")
+
+
+def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
     if not data.startswith(b"PK"):
         raise CorruptFileError(f"'{name}' is not a readable .npz file (not a zip archive); re-save it with np.savez.")
     try:
@@ -270,6 +292,7 @@ def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
             xkey = "x" if "x" in keys else ("X" if "X" in keys else keys[0])
             x = f[xkey]
             y = f["y"] if "y" in keys else (f["labels"] if "labels" in keys else None)
+            names = f["class_names"] if "class_names" in keys else None
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise UnsafeFileError(
@@ -278,7 +301,14 @@ def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         raise CorruptFileError(f"'{name}' is not a readable .npz file ({exc}); re-save it with np.savez.") from exc
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
         raise CorruptFileError(f"'{name}' is not a readable .npz file ({exc}); re-save it with np.savez.") from exc
-    return x, y
+    class_names = None
+    if names is not None:
+        if names.ndim != 1 or names.dtype.kind not in "US":
+            raise DataError(f"'class_names' in '{name}' must be a 1-D array of strings; got shape {names.shape} of {names.dtype}.")
+        class_names = tuple(str(c) for c in names)
+        if y is not None and np.asarray(y).dtype.kind in "iu" and np.asarray(y).size and int(np.max(y)) >= len(class_names):
+            raise DataError(f"'{name}' has labels up to {int(np.max(y))} but {len(class_names)} class_names; give one name per class.")
+    return x, y, class_names
 
 
 def _read_csv(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -324,10 +354,7 @@ def _read_csv(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     y = None
     if label_idx is not None:
         raw = columns[label_idx]
-        if all(numeric(c) for c in raw):
-            y = np.array([float(c) for c in raw])
-        else:
-            _, y = np.unique(np.array(raw), return_inverse=True)
+        y = np.array([float(c) for c in raw]) if all(numeric(c) for c in raw) else np.array(raw)
     return x, y
 
 
