@@ -186,3 +186,20 @@ def test_activations_of_different_datasets_are_not_compared():
     same = Activations({"l": x}, model_name="c", dataset_name="digits (test)", dataset_sha256="1" * 64)
     assert similarity_matrix(a, same).values[0, 0] == pytest.approx(1.0)  # same data: compared
     assert similarity_matrix(a, {"l": x}).values[0, 0] == pytest.approx(1.0)  # plain tensors carry no hash
+
+
+def test_activations_of_a_dataset_and_of_its_unlabelled_inputs_are_compared(sample_model, digits_test):
+    from workbench import extract
+    from workbench.analyses.similarity import similarity_matrix
+    from workbench.data import make_dataset
+
+    model = sample_model("mlp_seed0")
+    labelled = extract(model, digits_test, ["fc1"])
+    bare = extract(sample_model("mlp_seed1"), digits_test.x.numpy(), ["fc1"])  # the same inputs, no labels
+    assert labelled.dataset_sha256 != bare.dataset_sha256 and labelled.inputs_sha256 == bare.inputs_sha256
+    assert 0.0 < similarity_matrix(labelled, bare).values[0, 0] < 1.0
+    relabelled = extract(model, make_dataset("other labels", digits_test.x, (digits_test.y + 1) % 10), ["fc1"])
+    assert similarity_matrix(labelled, relabelled).values[0, 0] == pytest.approx(1.0)
+    shuffled = extract(model, digits_test.x.flip(0), ["fc1"])
+    with pytest.raises(WorkbenchError, match=r"the two activations come from different datasets"):
+        similarity_matrix(labelled, shuffled)

@@ -157,7 +157,8 @@ def _read_cache(folder: Path, meta: dict[str, Any], dataset: Dataset, model: Loa
         arr = np.load(folder / fname, mmap_mode="c")
         tensors[layer] = torch.from_numpy(arr)
     return Activations(tensors, model_name=model.name, model_sha256=model.sha256, dataset_name=dataset.name,
-                       dataset_sha256=dataset.sha256, pooling=meta["pooling"], labels=dataset.y, key=meta["key"])
+                       dataset_sha256=dataset.sha256, inputs_sha256=dataset.inputs_sha256, pooling=meta["pooling"],
+                       labels=dataset.y, key=meta["key"])
 
 
 def assemble_cache(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: str,

@@ -27,6 +27,7 @@ class Activations(Mapping[str, torch.Tensor]):
         model_sha256: str = "",
         dataset_name: str = "",
         dataset_sha256: str = "",
+        inputs_sha256: str = "",
         pooling: str = "mean",
         labels: torch.Tensor | None = None,
         key: str = "",
@@ -41,6 +42,7 @@ class Activations(Mapping[str, torch.Tensor]):
         self.model_sha256 = model_sha256
         self.dataset_name = dataset_name
         self.dataset_sha256 = dataset_sha256
+        self.inputs_sha256 = inputs_sha256
         self.pooling = pooling
         self.labels = labels
         self.key = key

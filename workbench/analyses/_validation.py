@@ -136,10 +136,13 @@ def check_layer_names(acts: Any, names: Any, *, func: str, arg: str | None = Non
 
 
 def check_same_dataset(a: Any, b: Any, *, func: str) -> None:
-    """Two sets of activations compared sample by sample must come from the same dataset: when both record
-    a dataset content hash (as :class:`~workbench.Activations` do), the hashes must agree. Same row counts
-    alone do not catch a shuffled or different dataset of the same size."""
-    sha_a, sha_b = getattr(a, "dataset_sha256", ""), getattr(b, "dataset_sha256", "")
+    """Two sets of activations compared sample by sample must come from the same inputs: when both record
+    a content hash of the inputs (as :class:`~workbench.Activations` do), the hashes must agree; labels do
+    not matter, so a dataset and its unlabelled array compare. Same row counts alone do not catch a
+    shuffled or different dataset of the same size."""
+    sha_a, sha_b = getattr(a, "inputs_sha256", ""), getattr(b, "inputs_sha256", "")
+    if not (sha_a and sha_b):  # activations made before inputs were hashed apart from labels
+        sha_a, sha_b = getattr(a, "dataset_sha256", ""), getattr(b, "dataset_sha256", "")
     if sha_a and sha_b and sha_a != sha_b:
         name_a, name_b = getattr(a, "dataset_name", "") or "?", getattr(b, "dataset_name", "") or "?"
         raise DataError(

@@ -569,6 +569,7 @@ def layer_activations(
         model_sha256=model_sha,
         dataset_name=str(getattr(dataset, "name", "")),
         dataset_sha256=data_sha,
+        inputs_sha256=str(getattr(dataset, "inputs_sha256", "")),
         pooling="flatten",
         labels=getattr(dataset, "y", None),
         key=key if model_sha and data_sha else "",

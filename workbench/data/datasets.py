@@ -11,7 +11,7 @@ import hashlib
 import io
 import zipfile
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,11 @@ class Dataset:
             f"{self.n_classes} classes" if self.n_classes is not None else "float targets")
         return (f"Dataset({self.name!r}, x {tuple(self.x.shape)} {str(self.x.dtype).removeprefix('torch.')}, {labels}, "
                 f"sha256 {self.sha256[:12]})")
+
+    @cached_property
+    def inputs_sha256(self) -> str:
+        """sha256 of the inputs alone: the same for a dataset and its unlabelled copy (activations depend only on ``x``)."""
+        return self.sha256 if self.y is None else content_hash(self.x, None)
 
     @property
     def n_samples(self) -> int:
