@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workbench import registry
-from workbench.errors import WorkbenchError
+from workbench.errors import ParameterError, WorkbenchError
 
 MEASURES = {m.name: m for m in registry.MEASURES}
 TRANSFORMS = ("rotation", "permutation", "scale", "translation", "linear")
@@ -203,3 +203,35 @@ def test_activations_of_a_dataset_and_of_its_unlabelled_inputs_are_compared(samp
     shuffled = extract(model, digits_test.x.flip(0), ["fc1"])
     with pytest.raises(WorkbenchError, match=r"the two activations come from different datasets"):
         similarity_matrix(labelled, shuffled)
+
+
+def _figure_helpers() -> list:
+    import importlib
+    import pkgutil
+
+    import workbench.plots as plots
+
+    found = []
+    for info in pkgutil.iter_modules(plots.__path__):
+        module = importlib.import_module(f"workbench.plots.{info.name}")
+        found += [f for f in vars(module).values() if hasattr(f, "result_types") and f.__module__ == module.__name__]
+    return found
+
+
+def test_every_figure_helper_taking_a_result_checks_its_type():
+    helpers = _figure_helpers()
+    assert len(helpers) >= 30
+    for helper in helpers:
+        wanted = " or ".join(t.__name__ for t in helper.result_types if t is not type(None))
+        with pytest.raises(ParameterError, match=rf"^{helper.__name__} draws (a result|results) of type {wanted}; got dict\. Pass what"):
+            helper({"values": [[1.0]]})
+
+
+def test_figure_helpers_still_draw_their_own_results(sample_model, digits_test):
+    from workbench import extract
+    from workbench.analyses.similarity import similarity_matrix
+    from workbench.plots.similarity import similarity_heatmap
+
+    acts = extract(sample_model("mlp_seed0"), digits_test, ["fc1", "out"])
+    assert similarity_heatmap(similarity_matrix(acts)).data
+    assert similarity_heatmap(result=similarity_matrix(acts)).data

@@ -182,8 +182,10 @@ def test_isolated_state_dict_pickle_needs_a_spec_like_any_state_dict():
 
 def test_isolated_pickle_whose_code_is_missing_is_reported():
     data = pickle.dumps(argparse.Namespace(lr=0.1), protocol=0).replace(b"argparse", b"no_such_mod")
-    with pytest.raises(CorruptFileError, match=r"could not be unpickled even with trust enabled \(ModuleNotFoundError: No module named"):
-        load_model(data, filename="gone.pt", trust_remote_code=True, isolate=True)
+    hint = r"the file needs the code that defined the model .* save model.state_dict\(\) with safetensors and give its architecture spec\.$"
+    for isolate in (True, False):
+        with pytest.raises(CorruptFileError, match=r"could not be unpickled even with trust enabled \(ModuleNotFoundError: No module named.*" + hint):
+            load_model(data, filename="gone.pt", trust_remote_code=True, isolate=isolate)
 
 
 def test_isolated_torchscript_archive_is_refused_without_running_it():

@@ -302,7 +302,7 @@ def _open_isolated(data: bytes, label: str, name: str, spec: dict[str, Any] | No
             f"Load it from Python with load_model(path, trust_remote_code=True), or {CONVERT_HINT}."
         ) from None
     except ChildFailed as exc:
-        raise CorruptFileError(f"'{label}' could not be unpickled even with trust enabled ({exc}).") from None
+        raise CorruptFileError(f"'{label}' could not be unpickled even with trust enabled ({exc}){_missing_code_hint(str(exc))}.") from None
     loaded = _load_safetensors(weights, label, name, spec)
     return dataclasses.replace(loaded, source_format="pickle (trusted, opened in a separate process)")
 
@@ -388,7 +388,16 @@ def _trusted_torch_load(data: bytes, label: str) -> Any:
         with _weights_only_not_forced():
             return unpickle_trusted(data)
     except Exception as exc:
-        raise CorruptFileError(f"'{label}' could not be unpickled even with trust enabled ({type(exc).__name__}: {_first_line(exc)}).") from exc
+        raise CorruptFileError(f"'{label}' could not be unpickled even with trust enabled ({type(exc).__name__}: {_first_line(exc)})"
+                               f"{_missing_code_hint(str(exc))}.") from exc
+
+
+def _missing_code_hint(text: str) -> str:
+    """What to do when a pickle names a class or module that cannot be imported here."""
+    if "Can't get attribute" in text or "No module named" in text:
+        return ("; the file needs the code that defined the model (a class of the script that saved it, or a module), which "
+                "is not importable here: save model.state_dict() with safetensors and give its architecture spec")
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:

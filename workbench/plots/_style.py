@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import plotly.graph_objects as go
+
+from workbench.errors import ParameterError
 
 MODEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 TEMPLATE = "plotly_white"
@@ -14,6 +19,33 @@ CATEGORY_COLORS = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
     "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363",
 )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def takes_results(fn: F) -> F:
+    """Check the result argument(s) of a figure or table helper against its annotation, so that a wrong
+    object gets one sentence naming the expected result type instead of an AttributeError deep inside."""
+    first = next(iter(inspect.signature(fn).parameters.values()))
+    expected = typing.get_type_hints(fn)[first.name]
+    allowed = tuple(t for t in (typing.get_args(expected) or (expected,)) if isinstance(t, type))
+    wanted = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    many = first.kind is inspect.Parameter.VAR_POSITIONAL
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        given = args if many else (args[:1] if args else (kwargs[first.name],) if first.name in kwargs else ())
+        for value in given:
+            if not isinstance(value, allowed):
+                raise ParameterError(
+                    f"{fn.__name__} draws {'results' if many else 'a result'} of type {wanted}; got {type(value).__name__}. "
+                    "Pass what the matching analysis returns."
+                )
+        return fn(*args, **kwargs)
+
+    checked.result_types = allowed  # type: ignore[attr-defined]
+    return typing.cast(F, checked)
 
 
 def category_color(i: int) -> str:

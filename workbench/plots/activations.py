@@ -7,9 +7,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.analyses.stats import ActivationStatsResult
-from workbench.plots._style import MODEL_COLORS, titled
+from workbench.plots._style import MODEL_COLORS, takes_results, titled
 
 
+@takes_results
 def stats_rows(result: ActivationStatsResult) -> list[dict[str, object]]:
     """One table row per layer."""
     return [
@@ -25,6 +26,7 @@ def _translucent(hex_colour: str, alpha: float) -> str:
     return f"rgba({r}, {g}, {b}, {alpha})"
 
 
+@takes_results
 def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.Figure:
     """A histogram of activation values per layer, drawn as an outlined step curve with a light fill, one
     colour per model, overlaid where layer names match (so a second model never hides the first). Heights

@@ -18,7 +18,7 @@ from workbench.analyses.degeneracy import (
     ReluPatternResult,
 )
 from workbench.errors import ParameterError, UnknownLayerError, did_you_mean, format_choices
-from workbench.plots._style import MODEL_COLORS, titled
+from workbench.plots._style import MODEL_COLORS, takes_results, titled
 
 ZERO_FLOOR = 1e-16  # exact zeros are drawn here on log axes
 COMMUNITY_COLORS = qualitative.Plotly + qualitative.D3 + qualitative.Set3
@@ -86,6 +86,7 @@ def _spectrum_grid(
     return fig
 
 
+@takes_results
 def spectrum_figure(*results: RankResult, max_cols: int = 3) -> go.Figure:
     """Eigenvalue spectra per layer on a log scale, relative to the largest, one colour per model.
 
@@ -109,6 +110,7 @@ def spectrum_figure(*results: RankResult, max_cols: int = 3) -> go.Figure:
     return titled(fig, what, estimator=f"{results[0].estimator}; rtol = {results[0].rtol:g}", n=results[0].n_samples)
 
 
+@takes_results
 def relu_pattern_figure(*results: ReluPatternResult) -> go.Figure:
     """Dead, always-on and synchronised ReLU units per layer, as a fraction of the layer's units (counts on the bars)."""
     if not results:
@@ -147,6 +149,7 @@ def relu_pattern_figure(*results: ReluPatternResult) -> go.Figure:
     return titled(fig, "ReLU firing patterns", estimator=results[0].estimator, n=results[0].n_samples)
 
 
+@takes_results
 def degeneracy_figure(*results: DegeneracyResult) -> go.Figure:
     """Free parameters of each weight matrix by source, as a fraction of its parameters (stacked bars)."""
     if not results:
@@ -185,6 +188,7 @@ def degeneracy_figure(*results: DegeneracyResult) -> go.Figure:
     return titled(fig, f"Free parameters per weight matrix ({totals})", estimator=estimator, n=results[0].n_samples)
 
 
+@takes_results
 def basis_size_figure(*results: InteractionBasisResult) -> go.Figure:
     """Interaction-basis size per layer (solid) against the layer's width, + 1 for the bias coordinate (dashed)."""
     if not results:
@@ -220,6 +224,7 @@ def basis_size_figure(*results: InteractionBasisResult) -> go.Figure:
     return titled(fig, "Interaction basis size vs layer width", estimator=results[0].estimator, n=results[0].n_samples)
 
 
+@takes_results
 def interaction_spectrum_figure(*results: InteractionBasisResult, max_cols: int = 3) -> go.Figure:
     """The interaction eigenvalues Λ per layer on a log scale, relative to the largest; the dashed line is rtol."""
     if not results:
@@ -231,6 +236,7 @@ def interaction_spectrum_figure(*results: InteractionBasisResult, max_cols: int 
     return titled(fig, title, estimator=results[0].estimator, n=results[0].n_samples)
 
 
+@takes_results
 def interaction_graph_figure(
     result: InteractionBasisResult, pair: tuple[str, str] | None = None, *, max_edges: int = 400
 ) -> go.Figure:
@@ -325,6 +331,7 @@ def _positions(communities: np.ndarray) -> np.ndarray:
     return pos
 
 
+@takes_results
 def summary_rows(result: DegeneracyResult) -> list[dict[str, object]]:
     """One table row per weight matrix of a :class:`DegeneracyResult`."""
     return [
@@ -345,6 +352,7 @@ def summary_rows(result: DegeneracyResult) -> list[dict[str, object]]:
     ]
 
 
+@takes_results
 def basis_rows(result: InteractionBasisResult) -> list[dict[str, object]]:
     """One table row per node layer of an :class:`InteractionBasisResult`: its width, basis size, how many
     of its directions are in the interaction graph and how they split over the graph's modules (the Louvain
@@ -365,6 +373,7 @@ def basis_rows(result: InteractionBasisResult) -> list[dict[str, object]]:
     return rows
 
 
+@takes_results
 def llc_trace_figure(*results: LLCResult) -> go.Figure:
     """SGLD minibatch losses per chain (one colour per model), with the burn-in shaded and the estimate and its
     hyper-parameters in the title: the LLC is only meaningful with them, and where the trace is flat after burn-in."""

@@ -9,11 +9,12 @@ import numpy as np
 import plotly.graph_objects as go
 
 from workbench.analyses.embedding import AlignedEmbeddingResult, EmbeddingResult, LayerIntrinsicDimensionResult
-from workbench.plots._style import CATEGORY_COLORS, MODEL_COLORS, category_color, titled
+from workbench.plots._style import CATEGORY_COLORS, MODEL_COLORS, category_color, takes_results, titled
 
 WEBGL_ABOVE = 5000
 
 
+@takes_results
 def embedding_scatter(
     result: EmbeddingResult | AlignedEmbeddingResult,
     *,
@@ -71,6 +72,7 @@ def embedding_scatter(
     return titled(fig, heading, estimator=f"{result.estimator}; trustworthiness@{k} {trust:.3f}", n=n)
 
 
+@takes_results
 def intrinsic_dimension_profile(
     *results: LayerIntrinsicDimensionResult, names: Sequence[str] | None = None
 ) -> go.Figure:

@@ -13,7 +13,7 @@ from workbench.analyses.mode_connectivity import (
     ModeConnectivityResult,
     WeightMatchingResult,
 )
-from workbench.plots._style import MODEL_COLORS, grouped_bar_panels, titled
+from workbench.plots._style import MODEL_COLORS, grouped_bar_panels, takes_results, titled
 
 METHOD_LABELS = {
     "naive": "naive (as trained)",
@@ -31,6 +31,7 @@ def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
+@takes_results
 def interpolation_curves(result: ModeConnectivityResult) -> go.Figure:
     """Loss (left) and accuracy (right) along ``(1−λ)θ_A + λθ_B``: one colour per method, test solid, train dashed."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("cross-entropy loss", "accuracy"), horizontal_spacing=0.1)
@@ -70,6 +71,7 @@ BARRIER_COLUMNS = {"linear": "barrier above the line", "mean": "barrier above th
                    "accuracy_drop": "accuracy drop"}
 
 
+@takes_results
 def barrier_definitions(barrier: BarrierResult | None) -> dict[str, str]:
     """Each barrier definition under the name of its column in :func:`barrier_rows`."""
     if barrier is None:
@@ -77,6 +79,7 @@ def barrier_definitions(barrier: BarrierResult | None) -> dict[str, str]:
     return {BARRIER_COLUMNS.get(k, k): v for k, v in barrier.definitions.items()}
 
 
+@takes_results
 def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
     """One table row per method and split with both barrier definitions."""
     rows = []
@@ -95,6 +98,7 @@ def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
     return rows
 
 
+@takes_results
 def barrier_table(result: ModeConnectivityResult) -> go.Figure:
     """The barrier table as a figure (for the exported report), with the definitions in the caption."""
     rows = barrier_rows(result)
@@ -128,6 +132,7 @@ def _definitions(barrier: BarrierResult | None) -> str:
     return "<br>".join(f"{k}: {v}" for k, v in barrier_definitions(barrier).items())
 
 
+@takes_results
 def layer_alignment_figure(result: LayerAlignmentResult) -> go.Figure:
     """Per layer: distance ‖θ_A − θ_B‖ (left) and top-k singular-vector alignment (right), before and after matching."""
     fig = make_subplots(
@@ -148,6 +153,7 @@ def layer_alignment_figure(result: LayerAlignmentResult) -> go.Figure:
     )
 
 
+@takes_results
 def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3) -> go.Figure:
     """Singular values of each weight matrix of A and B (and the change under B's permutation, in the hover)."""
     layers = list(result.layers)
@@ -190,6 +196,7 @@ def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3) -> g
     ).update_layout(margin={"t": 100})
 
 
+@takes_results
 def matching_objective(result: WeightMatchingResult) -> go.Figure:
     """The weight-matching objective ``Σ⟨θ_A, π(θ_B)⟩`` after each coordinate-descent pass."""
     fig = go.Figure(
@@ -209,6 +216,7 @@ def matching_objective(result: WeightMatchingResult) -> go.Figure:
     )
 
 
+@takes_results
 def merge_figure(result: MergeResult) -> go.Figure:
     """Accuracy (left) and loss (right) of each member, the naive average and the aligned merge."""
     names = list(result.names) + ["naive average", f"merged ({result.method.replace('_', ' ')})"]

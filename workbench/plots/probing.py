@@ -8,11 +8,12 @@ import numpy as np
 import plotly.graph_objects as go
 
 from workbench.analyses.probing import ProbingResult
-from workbench.plots._style import MODEL_COLORS, titled
+from workbench.plots._style import MODEL_COLORS, takes_results, titled
 
 METRIC_NAMES = {"accuracy": "accuracy", "r2": "R²"}
 
 
+@takes_results
 def probe_profile(*results: ProbingResult, names: Sequence[str] | None = None) -> go.Figure:
     """Held-out score per layer (solid, ± std over folds) and control-task score (dashed), one colour per model.
 
@@ -75,6 +76,7 @@ def probe_profile(*results: ProbingResult, names: Sequence[str] | None = None) -
     return titled(fig, "Probe scores across layers")
 
 
+@takes_results
 def probe_confusion(result: ProbingResult, layer: str, *, class_names: Sequence[str] | None = None) -> go.Figure:
     """Held-out confusion of one layer's probe: rows true class, columns predicted, coloured by row fraction.
 
@@ -112,6 +114,7 @@ def probe_confusion(result: ProbingResult, layer: str, *, class_names: Sequence[
     return titled(fig, f"Held-out confusion, {where}", estimator=result.estimator, n=result.n_samples)
 
 
+@takes_results
 def probe_rows(result: ProbingResult, name: str | None = None) -> list[dict[str, object]]:
     """One table row per layer: score ± std, macro-F1, control score and selectivity."""
     model = name or result.model_name

@@ -17,7 +17,7 @@ from workbench.analyses.relative import (
     StitchingResult,
 )
 from workbench.analyses.similarity import SimilarityMatrixResult
-from workbench.plots._style import MODEL_COLORS, category_color, grouped_bar_panels, titled
+from workbench.plots._style import MODEL_COLORS, category_color, grouped_bar_panels, takes_results, titled
 
 _MEASURE_LABELS = {
     "linear_cka": "linear CKA",
@@ -35,6 +35,7 @@ def measure_label(measure: str) -> str:
     return _MEASURE_LABELS.get(measure, measure)
 
 
+@takes_results
 def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None = None) -> go.Figure:
     """Layer x layer heatmap of ``result.values``: rows are model A's layers (top to bottom), columns B's.
 
@@ -86,6 +87,7 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
     )
 
 
+@takes_results
 def relative_scatter(
     result: RelativeComparisonResult, *, label_a: str = "A", label_b: str = "B", max_points: int = 6000
 ) -> go.Figure:
@@ -135,6 +137,7 @@ def relative_scatter(
     )
 
 
+@takes_results
 def class_agreement_bars(result: RelativeAgreementResult) -> go.Figure:
     """Mean Jaccard@k per class, relative vs absolute representations (needs labels)."""
     fig = go.Figure()
@@ -167,6 +170,7 @@ def class_agreement_bars(result: RelativeAgreementResult) -> go.Figure:
     return titled(fig, "Cross-model agreement per class", estimator=result.estimator, n=result.n_samples)
 
 
+@takes_results
 def layer_agreement_bars(result: RelativeLayerAgreementResult) -> go.Figure:
     """Jaccard@k and MRR per layer pair, relative next to absolute (absolute missing where widths differ)."""
     names = [a if a == b else f"{a} / {b}" for a, b in zip(result.layers_a, result.layers_b)]
@@ -184,6 +188,7 @@ def layer_agreement_bars(result: RelativeLayerAgreementResult) -> go.Figure:
     )
 
 
+@takes_results
 def stitching_bars(result: StitchingResult, *, name_a: str = "A", name_b: str = "B") -> go.Figure:
     """Test accuracy of each encoder -> head combination, relative vs absolute, with own heads and chance."""
     combos = [(0, 0), (1, 0), (1, 1), (0, 1)]

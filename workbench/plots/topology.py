@@ -15,7 +15,7 @@ from workbench.analyses.topology import (
     SeparabilityTrajectoryResult,
     TopologicalRSAResult,
 )
-from workbench.plots._style import MODEL_COLORS, titled
+from workbench.plots._style import MODEL_COLORS, takes_results, titled
 
 DIM_COLORS = ("#1f77b4", "#d62728", "#2ca02c")
 REFERENCE_NAMES = {
@@ -46,6 +46,7 @@ def _subsample_note(r: PersistenceResult) -> str:
     return f" (H≥1 on {r.n_points_used} of {r.n_points})" if r.subsampled else ""
 
 
+@takes_results
 def persistence_diagram(*results: PersistenceResult, titles: Sequence[str] | None = None) -> go.Figure:
     """Persistence diagrams side by side: (birth, death) per bar, one colour per dimension.
 
@@ -112,6 +113,7 @@ def persistence_diagram(*results: PersistenceResult, titles: Sequence[str] | Non
     )
 
 
+@takes_results
 def barcode(
     *results: PersistenceResult, dim: int = 1, titles: Sequence[str] | None = None, max_bars: int = 100
 ) -> go.Figure:
@@ -201,6 +203,7 @@ def betti_curves(
     )
 
 
+@takes_results
 def diagram_distance_heatmap(result: DiagramDistanceMatrixResult, *, name_a: str = "A", name_b: str = "B") -> go.Figure:
     """Heatmap of diagram distances: rows are layers of A, columns layers of B (lower = closer)."""
     fig = go.Figure(
@@ -223,6 +226,7 @@ def diagram_distance_heatmap(result: DiagramDistanceMatrixResult, *, name_a: str
     )
 
 
+@takes_results
 def separability_curves(
     *results: LayerSeparabilityResult | SeparabilityTrajectoryResult, names: Sequence[str] | None = None
 ) -> go.Figure:
@@ -299,6 +303,7 @@ def separability_curves(
     )
 
 
+@takes_results
 def persistence_times_box(*results: LayerSeparabilityResult, names: Sequence[str] | None = None) -> go.Figure:
     """Box plots of the normalised H0 persistence times per layer (the paper's Figure 1 view).
 
@@ -329,6 +334,7 @@ def persistence_times_box(*results: LayerSeparabilityResult, names: Sequence[str
     )
 
 
+@takes_results
 def trsa_matrices(result: TopologicalRSAResult, *, names: Sequence[str] = ("x", "y")) -> go.Figure:
     """The two representational geo-topological matrices side by side (0 = connected, 1 = far)."""
     if result.rgtm_x is None or result.rgtm_y is None:
