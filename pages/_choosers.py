@@ -64,7 +64,7 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
             show_error(exc)
         return
     upload = st.file_uploader(
-        f"Checkpoint for {label.lower()}", type=["safetensors", "pt", "pth", "bin", "ckpt", "zip"], key=f"{slot}_upload",
+        f"Checkpoint for {label.split(' (')[0]}", key=f"{slot}_upload",  # any file: a wrong type gets the loader's sentence
         help="safetensors (spec in metadata), a state dict (.pt/.pth/.bin) with an architecture spec, or a zipped Hugging Face folder.",
     )
     arch = st.text_area("Architecture spec (JSON), for state dicts without one", key=f"{slot}_arch",
@@ -72,8 +72,9 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
     trust = False
     if trust_allowed():
         trust = st.checkbox(
-            "I trust this file (a full pickle runs its code on this server, in a separate process)", key=f"{slot}_trust",
-            value=False,
+            "I trust this file (opening a pickle runs its code)", key=f"{slot}_trust", value=False,
+            help="Only for a full pickle (a whole nn.Module saved with torch.save): opening it runs the code inside it on "
+                 "this server, in a separate process, and only its weights and stock torch.nn layers come back.",
         )
     if upload is None:
         st.session_state[slot] = None
@@ -107,7 +108,7 @@ def _dataset_chooser() -> None:
         return
     try:
         if choice == UPLOAD:
-            upload = st.file_uploader("Dataset file (.npz, .csv, .pt)", type=["npz", "csv", "pt"], key="dataset_upload",
+            upload = st.file_uploader("Dataset file (.npz, .csv, .pt)", key="dataset_upload",
                                       help="Arrays 'x' and optional labels 'y'; CSV with an optional 'label' column.")
             if upload is None:
                 st.session_state[DATASET] = None

@@ -113,6 +113,15 @@ def test_non_model_file_upload(app):
     assert not at.exception
 
 
+def test_wrong_file_types_get_the_supported_types(app):
+    at = _upload(app.run(), "model_a", "setup.exe", b"MZ\x90\x00" * 20)
+    assert any("Cannot load 'setup.exe' as a model: supported types are .safetensors, .pt" in e for e in page_errors(at))
+    at.selectbox(key="dataset_choice").set_value("Upload a file…").run()
+    at.file_uploader(key="dataset_upload").upload("notes.txt", b"some notes", "text/plain").run()
+    assert any("Cannot read dataset file 'notes.txt': supported types are .npz, .csv, .pt" in e for e in page_errors(at))
+    assert not at.exception
+
+
 def test_too_large_upload(app, monkeypatch, sample_model_path):
     monkeypatch.setenv("WORKBENCH_MAX_UPLOAD_MB", "0")
     at = _upload(app.run(), "model_a", "big.safetensors", sample_model_path("mlp_narrow_seed0").read_bytes())
