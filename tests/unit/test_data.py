@@ -166,3 +166,14 @@ def test_repr_is_a_summary_not_the_tensors():
 
     text = repr(load_dataset("digits"))
     assert text.startswith("Dataset('digits (test)', x (450, 64) float32, 10 classes, sha256 ") and len(text) < 120
+
+
+def test_inputs_hash_ignores_labels_and_is_made_with_the_dataset_hash():
+    from workbench.data.datasets import content_hash
+
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    labelled = make_dataset("a", x, torch.arange(20) % 2)
+    assert "inputs_sha256" in labelled.__dict__  # computed in the same pass as sha256, not again per extraction
+    assert labelled.sha256 == content_hash(labelled.x, labelled.y)
+    assert labelled.inputs_sha256 == content_hash(labelled.x, None) == make_dataset("b", x).sha256
+    assert labelled.inputs_sha256 != make_dataset("c", x.flip(0)).inputs_sha256

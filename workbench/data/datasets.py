@@ -60,8 +60,9 @@ class Dataset:
 
     @cached_property
     def inputs_sha256(self) -> str:
-        """sha256 of the inputs alone: the same for a dataset and its unlabelled copy (activations depend only on ``x``)."""
-        return self.sha256 if self.y is None else content_hash(self.x, None)
+        """sha256 of the inputs alone: the same for a dataset and its unlabelled copy (activations depend only on ``x``).
+        :func:`make_dataset` computes it with :attr:`sha256` in one pass over ``x``."""
+        return content_hashes(self.x, self.y)[1]
 
     @property
     def n_samples(self) -> int:
@@ -94,17 +95,31 @@ def _preview(indices: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _hash_update(h: Any, t: torch.Tensor | None) -> None:
+    if t is None:
+        h.update(b"<none>")
+        return
+    arr = t.detach().cpu().contiguous().numpy()
+    h.update(f"{arr.dtype}|{arr.shape}|".encode())
+    h.update(memoryview(arr).cast("B"))
+
+
 def content_hash(*tensors: torch.Tensor | None) -> str:
     """sha256 over dtype, shape and bytes of each tensor (None contributes a marker)."""
     h = hashlib.sha256()
     for t in tensors:
-        if t is None:
-            h.update(b"<none>")
-            continue
-        arr = t.detach().cpu().contiguous().numpy()
-        h.update(f"{arr.dtype}|{arr.shape}|".encode())
-        h.update(arr.tobytes())
+        _hash_update(h, t)
     return h.hexdigest()
+
+
+def content_hashes(x: torch.Tensor, y: torch.Tensor | None) -> tuple[str, str]:
+    """``(content_hash(x, y), content_hash(x, None))`` with one pass over ``x``."""
+    h = hashlib.sha256()
+    _hash_update(h, x)
+    inputs = h.copy()
+    _hash_update(h, y)
+    _hash_update(inputs, None)
+    return h.hexdigest(), inputs.hexdigest()
 
 
 def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ...] | None = None,
@@ -146,8 +161,11 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
             yt = yt.to(torch.int64)
             if yt.numel() and int(yt.min()) < 0:
                 raise DataError(f"Class labels of dataset '{name}' must be non-negative integers; got a minimum of {int(yt.min())}.")
-    return Dataset(name=name, x=xt, y=yt, sha256=content_hash(xt, yt), class_names=class_names,
+    full, inputs = content_hashes(xt, yt)
+    made = Dataset(name=name, x=xt, y=yt, sha256=full, class_names=class_names,
                    description=description, info=dict(info or {}))
+    made.__dict__["inputs_sha256"] = inputs  # the cached property's value, from the same pass
+    return made
 
 
 def _to_tensor(value: Any, what: str) -> torch.Tensor:
