@@ -6,7 +6,7 @@ import streamlit as st
 
 from pages import _state
 from workbench.analyses import degeneracy as dg
-from workbench.errors import ArchitectureError
+from workbench.errors import ArchitectureError, WorkbenchError
 from workbench.plots import degeneracy as plots
 
 _state.in_app_shell()
@@ -52,21 +52,29 @@ with st.expander("Settings", expanded=False):
     output = c2.radio("Jacobians of", dg.OUTPUTS, key="deg_output", horizontal=True, help=HELP["output"])
     directions = c3.number_input("Graph directions", 4, 512, 64, 4, key="deg_dirs", help=HELP["directions"])
 
-chosen, last_layer = {}, {}
+chosen, last_layer, usable = {}, {}, []
 for col, model, slot in zip(st.columns(len(models)), models, "ab"):
-    with col, _state.guard():
-        options = _state.cached_call(dg.sequential_layers, model)
-        default = _state.cached_call(dg.default_layers, model, dataset)
+    with col:
+        try:  # a model this page cannot analyse is named in its column; the other one is still analysed
+            options = _state.cached_call(dg.sequential_layers, model)
+            default = _state.cached_call(dg.default_layers, model, dataset)
+        except WorkbenchError as exc:
+            _state.show_error(exc)
+            continue
+        usable.append((model, slot))
         last_layer[slot] = options[-1]
         label = f"Layers of {model.name}"
         chosen[slot] = st.multiselect(label, options, default, key=f"deg_layers_{slot}", help=HELP["layers"])
+if not usable:
+    _state.stop()
 if not all(chosen.values()):
     st.info("Pick at least one layer for each model.")
     _state.stop()
+models = [model for model, _ in usable]
 
 act_ranks, grad_ranks, relus, summaries, bases, basis_slots = [], [], [], [], [], []
 with _state.guard():
-    for model, slot in zip(models, "ab"):
+    for model, slot in usable:
         layers = chosen[slot]
         acts = _state.cached_call(dg.layer_activations, model, dataset, layers)
         act_ranks.append(_state.cached_call(dg.activation_rank, acts, rtol=rtol))

@@ -88,6 +88,15 @@ def test_a_model_that_is_not_sequential_shows_the_reason(app):
     assert not at.get("plotly_chart")
 
 
+def test_a_model_b_that_is_not_sequential_leaves_model_a_analysed(app, narrow):
+    spec = {"type": "resmlp", "in_features": 64, "width": 16, "n_blocks": 1, "n_classes": 10}
+    at = _open(app, narrow[0], wrap_module(build_model(spec), name="resmlp", architecture=spec))
+    errors = page_errors(at)
+    assert len(errors) == 1 and "needs a model built as torch.nn.Sequential" in errors[0]
+    assert at.get("plotly_chart") and not at.exception
+    assert [m.label for m in at.metric if m.label.startswith("Free parameters")] == ["Free parameters (mlp_narrow_seed0)"]
+
+
 def test_llc_is_shown_with_its_hyperparameters(app, narrow):
     at = _open(app, narrow[0])
     assert not [m for m in at.metric if m.label.startswith("LLC")]  # off by default: it takes a while
