@@ -27,12 +27,16 @@ with st.expander("Settings", expanded=False):
     )
     seed = int(st.number_input("Seed (order of members and permutations)", 0, 10_000, 0, key="merge_seed"))
 train = _state.load_builtin_dataset("digits", "train") if use_train and digits else None
+loaded = {  # the sidebar's models that are not bundled ones (uploads, models set from Python)
+    f"{m.name} (loaded)": m for m in _state.current_models()
+    if m.name not in names or m.sha256 != _state.load_sample_model(m.name).sha256
+}
 members = st.multiselect(
     "Members (one architecture)",
-    names,
+    list(loaded) + names,
     default=[n for n in ("mlp_seed0", "mlp_seed1", "mlp_seed2") if n in names],
     key="mc_merge_models",
-    help="At least 3 bundled models of one architecture.",
+    help="At least 3 models of one architecture: the bundled ones, and models loaded in the sidebar.",
 )
 merge_method = st.radio(
     "Alignment",
@@ -50,7 +54,7 @@ if len(members) < 3:
 if not st.toggle("Compute the merge", key="mc_merge_run", help="Weight matching of each member; seconds per round."):
     _state.stop()
 with _state.guard():
-    models = [_state.load_sample_model(n) for n in members]
+    models = [loaded[n] if n in loaded else _state.load_sample_model(n) for n in members]
     with _state.progress_bar("Merging…") as bar:
         merged = _state.cached_call(
             mc.merge,

@@ -41,3 +41,22 @@ def test_too_few_members_asks_for_three(app, digits_test):
     at.switch_page(PAGE).run()
     at.multiselect(key="mc_merge_models").set_value(["mlp_seed0", "mlp_seed1"]).run()
     assert "Pick at least 3 models to merge." in [i.value for i in at.info]
+
+
+def test_models_loaded_in_the_sidebar_can_be_merged(app, digits_test, sample_model_path):
+    import dataclasses
+
+    from workbench import load_model
+
+    uploaded = dataclasses.replace(load_model(sample_model_path("mlp_seed2")), name="my_upload")
+    app.session_state["dataset"] = digits_test
+    app.session_state["model_a"] = uploaded
+    at = app.run()
+    at.switch_page(PAGE).run()
+    members = at.multiselect(key="mc_merge_models")
+    assert "my_upload (loaded)" in members.options and "mlp_seed1 (loaded)" not in members.options  # bundled B listed once
+    members.set_value(["my_upload (loaded)", "mlp_seed0", "mlp_seed1"]).run()
+    at.slider(key="mc_merge_rounds").set_value(1)
+    at.toggle(key="mc_merge_run").set_value(True).run()
+    assert not page_errors(at)
+    assert float({m.label: m.value for m in at.metric}["Merged accuracy"].rstrip("%")) > 90
