@@ -514,10 +514,10 @@ def test_a_dataset_of_the_wrong_width_is_named(sample_model):
 
     a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
     wrong = make_dataset("w", torch.randn(20, 10), torch.arange(20) % 10)
-    with pytest.raises(DataError, match=r"mode_connectivity: the model could not run on 'dataset' \(.*\); use a dataset made"):
+    with pytest.raises(DataError, match=r"mode_connectivity: the model could not run on dataset 'w' \(dataset, inputs of shape \(10,\): .*\); use a dataset made"):
         mode_connectivity(a, b, wrong, n_points=3)
     digits = load_dataset("digits")
-    with pytest.raises(DataError, match=r"mode_connectivity: the model could not run on 'train_dataset'"):
+    with pytest.raises(DataError, match=r"mode_connectivity: the model could not run on dataset 'w' \(train_dataset, "):
         mode_connectivity(a, b, digits, train_dataset=wrong, n_points=3)
-    with pytest.raises(DataError, match=r"activation_matching: the model could not run on 'dataset'"):
+    with pytest.raises(DataError, match=r"activation_matching: the model could not run on dataset 'w' \(dataset, "):
         activation_matching(a, b, wrong)

@@ -360,8 +360,9 @@ def _check_runs(module: nn.Module, dataset: Any, name: str, func: str) -> None:
             module(xb)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise DataError(
-            f"{func}: the model could not run on '{name}' ({str(exc).splitlines()[0][:160]}); "
-            "use a dataset made for this model (its features must fit the model's input)."
+            f"{func}: the model could not run on dataset '{getattr(dataset, 'name', '?')}' ({name}, inputs of shape "
+            f"{tuple(x.shape[1:])}: {str(exc).splitlines()[0][:160]}); use a dataset made for this model (its features must "
+            "fit the model's input)."
         ) from exc
 
 
@@ -1416,7 +1417,10 @@ def activation_matching(
             f"{func}: 'dataset' must be a Dataset (workbench.data.load_dataset). Got {type(dataset).__name__}."
         )
     if x.shape[0] < 2:
-        raise DataError(f"{func}: 'dataset' needs at least 2 samples to correlate activations. Got {x.shape[0]}.")
+        raise DataError(
+            f"{func}: dataset '{getattr(dataset, 'name', '?')}' has {x.shape[0]} sample(s); at least 2 are needed to "
+            "correlate activations."
+        )
     _check_runs(a, dataset, "dataset", func)
     dev = float64_device(resolve_device(device))
     graph = _trace(a, func)
