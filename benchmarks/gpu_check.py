@@ -4,7 +4,8 @@
 
 For each registry entry the same inputs go through ``entry.compute`` with ``device="cuda"`` and
 ``device="cpu"``; every numeric array of the results is compared (max absolute difference, and
-relative to the array's scale). Timings are the second of two runs on each device, so CUDA
+relative to the array's scale), except the embedding's coordinates: a UMAP layout is optimised by
+seeded SGD on each device, so its trustworthiness and neighbour preservation are compared instead. Timings are the second of two runs on each device, so CUDA
 start-up and kernel compilation are excluded.
 """
 
@@ -67,6 +68,8 @@ def main() -> None:
             print(f"{entry.name:<22} skipped: {exc}")
             continue
         ca, ga = _arrays(cpu), _arrays(gpu)
+        if entry.name == "embedding":  # a UMAP layout is optimised by seeded SGD on each device: compare its quality, not its coordinates
+            ca = {k: v for k, v in ca.items() if k.endswith(("trustworthiness", "knn_preservation"))}
         diffs = [(float(np.max(np.abs(ca[k].astype(float) - ga[k].astype(float)))) if ca[k].size else 0.0,
                   float(np.max(np.abs(ca[k].astype(float)))) if ca[k].size else 0.0)
                  for k in ca if k in ga and ca[k].shape == ga[k].shape and ca[k].dtype.kind == "f"]
