@@ -190,13 +190,15 @@ def cached_activations(model: wb.LoadedModel, dataset: wb.Dataset, layers: list[
 
 
 def content_key(value: Any) -> Any:
-    """A hashable description of an argument: content hashes for models, data and arrays."""
+    """A hashable description of an argument: content hashes for models, data and arrays. Models, datasets and
+    activations add their names, which results carry into titles and legends: a result computed for another
+    session's upload of the same weights must not show that upload's name."""
     if isinstance(value, wb.Activations):
-        return ("activations", value.key, tuple(value.layers))
+        return ("activations", value.key, tuple(value.layers), value.model_name, value.dataset_name)
     if isinstance(value, wb.LoadedModel):
-        return ("model", value.sha256)
+        return ("model", value.sha256, value.name)
     if isinstance(value, wb.Dataset):
-        return ("dataset", value.sha256)
+        return ("dataset", value.sha256, value.name)
     if isinstance(value, (torch.Tensor, np.ndarray)):
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
         return ("array", arr.shape, str(arr.dtype), hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())

@@ -191,3 +191,19 @@ def test_other_builtin_datasets(app, dataset):
     at.switch_page("pages/activations.py").run()
     assert not page_errors(at)
     assert len(at.get("plotly_chart")) == 1
+
+
+def test_cached_results_carry_the_names_of_the_callers_models(sample_model_path):
+    import dataclasses
+
+    from pages._state import cached_call
+    from workbench import load_dataset, load_model
+
+    def names(model, dataset):
+        return f"{model.name} on {dataset.name}"
+
+    model, data = load_model(sample_model_path("mlp_narrow_seed0")), load_dataset("digits")
+    upload = dataclasses.replace(model, name="someone's upload")  # the same weights under another name
+    assert cached_call(names, upload, data) == "someone's upload on digits (test)"
+    assert cached_call(names, model, data) == "mlp_narrow_seed0 on digits (test)"
+    assert cached_call(names, model, dataclasses.replace(data, name="mine")) == "mlp_narrow_seed0 on mine"
