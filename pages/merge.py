@@ -13,7 +13,7 @@ _state.in_app_shell()
 st.title("Model merging")
 dataset = _state.require_dataset()
 names = _state.sample_model_names()
-digits = dataset.name.startswith("digits")
+digits = _state.is_digits_test(dataset)
 st.caption(
     "Align the members to a common basis (MergeMany: each is weight-matched to the average of the others) "
     "and average the weights; compare with each member and with the plain average."
@@ -24,6 +24,7 @@ with st.expander("Settings", expanded=False):
         value=digits,
         disabled=not digits,
         key="merge_train",
+        help="Offered when the dataset is the bundled digits test split.",
     )
     seed = int(st.number_input("Seed (order of members and permutations)", 0, 10_000, 0, key="merge_seed"))
 train = _state.load_builtin_dataset("digits", "train") if use_train and digits else None

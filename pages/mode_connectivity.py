@@ -51,7 +51,7 @@ chosen_b = st.session_state.get(_state.MODEL_B)
 if chosen_b is not None and chosen_b.name not in matching:
     st.caption(f"The sidebar's model B ({chosen_b.name}) has another architecture than {model_a.name}, so it cannot be "
                f"matched to it; {model_b.name} is used instead.")
-digits = dataset.name.startswith("digits")
+digits = _state.is_digits_test(dataset)
 with st.expander("Settings", expanded=False):
     n_points = st.slider(
         "Points along the path", 5, 51, 25, 2, key="mc_points", help="λ values in [0, 1]; 25 resolves typical barriers."
@@ -70,6 +70,7 @@ with st.expander("Settings", expanded=False):
         value=digits,
         disabled=not digits,
         key="mc_train",
+        help="Offered when the dataset is the bundled digits test split.",
     )
     top_k = st.slider("Top-k singular directions compared", 1, 20, 5, key="mc_topk")
     seed = int(st.number_input("Seed (order of the coordinate descent)", 0, 10_000, 0, key="mc_seed"))

@@ -107,7 +107,7 @@ if not st.toggle("Run zero-shot stitching", key="rel_stitch"):
 
 def splits(data):
     """The digits train split for training when the digits test split is shown, else a seeded 70/30 split."""
-    if data.name.startswith("digits") and data.info.get("split") == "test":
+    if _state.is_digits_test(data):
         return _state.load_builtin_dataset("digits", "train"), data
     order = np.random.default_rng(0).permutation(data.n_samples)
     cut = int(0.7 * data.n_samples)

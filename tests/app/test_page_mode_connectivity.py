@@ -56,3 +56,15 @@ def test_model_b_offers_only_models_of_a_s_architecture(page, sample_model):
     assert not at.dataframe and not at.get("plotly_chart")  # A against itself is not computed
 
 
+
+
+def test_an_upload_named_digits_gets_no_bundled_train_split(page, digits_test):
+    from workbench.data import make_dataset
+
+    mine = make_dataset("digits_mine", digits_test.x[:300], digits_test.y[:300])  # named like it, not the bundled split
+    page.session_state["dataset"] = mine
+    at = page.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    assert at.checkbox(key="mc_train").disabled and not at.checkbox(key="mc_train").value
+    assert set(at.dataframe[0].value["split"]) == {"test"}  # no rows computed on data that is not the user's
