@@ -116,7 +116,14 @@ if relus:
 
 st.subheader("Free parameters")
 for col, s in zip(st.columns(len(summaries)), summaries):
-    col.metric(f"Free parameters ({s.model})", f"{s.total_free:,} of {s.total_parameters:,}", help=HELP["free"])
+    scope = " in its linear layers" if s.not_counted else ""
+    col.metric(f"Free parameters ({s.model}){scope}", f"{s.total_free:,} of {s.total_parameters:,}", help=HELP["free"])
+for s, model in zip(summaries, models):
+    if s.not_counted:
+        st.caption(
+            f"{s.model}: only its nn.Linear layers are counted ({s.total_parameters:,} of its {model.n_parameters:,} "
+            f"parameters); {', '.join(s.not_counted)} (convolutions, normalisation) are not analysed."
+        )
 for s in summaries:
     if s.sample_limited:
         st.caption(

@@ -111,3 +111,16 @@ def test_llc_is_shown_with_its_hyperparameters(app, narrow):
         for c in captions
     )
     assert _title(at.get("plotly_chart")[-1]).startswith("Local learning coefficient mlp_narrow_seed0")
+
+
+def test_a_cnn_beside_an_mlp_says_what_is_counted_and_keeps_each_layer_order(app, narrow, sample_model_path):
+    cnn = load_model(sample_model_path("cnn_seed0"))
+    at = _open(app, narrow[0], cnn)
+    assert not page_errors(at) and not at.exception
+    labels = [m.label for m in at.metric if m.label.startswith("Free parameters")]
+    assert labels == ["Free parameters (mlp_narrow_seed0)", "Free parameters (cnn_seed0) in its linear layers"]
+    caption = next(c.value for c in at.caption if c.value.startswith("cnn_seed0: only its nn.Linear layers"))
+    assert f"of its {cnn.n_parameters:,} parameters" in caption and "conv1, bn1, conv2, bn2" in caption
+    size = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "Interaction basis size" in _title(c))
+    order = size["layout"]["xaxis"]["categoryarray"]
+    assert order.index("relu_fc1") < order.index("out") and order.index("relu2") < order.index("out")

@@ -235,3 +235,16 @@ def test_figure_helpers_still_draw_their_own_results(sample_model, digits_test):
     acts = extract(sample_model("mlp_seed0"), digits_test, ["fc1", "out"])
     assert similarity_heatmap(similarity_matrix(acts)).data
     assert similarity_heatmap(result=similarity_matrix(acts)).data
+
+
+def test_layers_of_two_models_share_an_axis_in_both_forward_orders():
+    import plotly.graph_objects as go
+
+    from workbench.plots._style import merged_order, order_layers
+
+    mlp, cnn = ["input", "relu1", "relu2", "out"], ["input", "relu_fc1", "out"]
+    assert merged_order(mlp, cnn) == ["input", "relu1", "relu2", "relu_fc1", "out"]
+    assert merged_order(cnn, mlp) == ["input", "relu_fc1", "relu1", "relu2", "out"]
+    assert merged_order(["a", "b"], ["c", "d"]) == ["a", "b", "c", "d"]
+    fig = order_layers(go.Figure([go.Scatter(x=mlp, y=[1, 2, 3, 4]), go.Scatter(x=cnn, y=[1, 2, 3])]), mlp, cnn)
+    assert list(fig.layout.xaxis.categoryarray) == merged_order(mlp, cnn) and fig.layout.xaxis.categoryorder == "array"

@@ -530,3 +530,7 @@ def test_every_figure_records_the_estimator_and_n():
         assert "n = " in title and ("persistence" in title.lower() or "RSA" in title or "score" in title)
     assert "H≥1 on 100 of 300" in figures[0].layout.annotations[1].text
     assert "20 longest of 300" in figures[1].layout.annotations[1].text
+    assert len([a for a in figures[4].layout.annotations if "labelled references" in a.text]) == 2
+    unlabelled = plots.separability_curves(layer_separability({"raw": data.x, "squared": data.x**2}))
+    assert not [a for a in unlabelled.layout.annotations if "labelled references" in a.text]  # no empty panels
+    assert list(unlabelled.layout.xaxis.categoryarray) == ["raw", "squared"]

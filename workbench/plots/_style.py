@@ -48,6 +48,26 @@ def takes_results(fn: F) -> F:
     return typing.cast(F, checked)
 
 
+def merged_order(*sequences: Sequence[str]) -> list[str]:
+    """One category order that keeps each sequence's own order where they agree (the layers of two models on a
+    shared axis): a name not seen yet goes just before the next name of its sequence that is already placed."""
+    order: list[str] = []
+    for seq in sequences:
+        for k, name in enumerate(seq):
+            if name in order:
+                continue
+            later = next((order.index(n) for n in seq[k + 1:] if n in order), len(order))
+            order.insert(later, name)
+    return order
+
+
+def order_layers(fig: go.Figure, *sequences: Sequence[str]) -> go.Figure:
+    """Put every x axis of ``fig`` in the :func:`merged_order` of the models' layers (plotly would otherwise order
+    categories by first appearance, so a second model's layer could be drawn after the output)."""
+    fig.update_xaxes(categoryorder="array", categoryarray=merged_order(*sequences))
+    return fig
+
+
 def category_color(i: int) -> str:
     """The ``i``-th categorical colour (cycling)."""
     return CATEGORY_COLORS[i % len(CATEGORY_COLORS)]

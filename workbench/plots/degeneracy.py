@@ -18,7 +18,7 @@ from workbench.analyses.degeneracy import (
     ReluPatternResult,
 )
 from workbench.errors import ParameterError, UnknownLayerError, did_you_mean, format_choices
-from workbench.plots._style import MODEL_COLORS, takes_results, titled
+from workbench.plots._style import MODEL_COLORS, order_layers, takes_results, titled
 
 ZERO_FLOOR = 1e-16  # exact zeros are drawn here on log axes
 COMMUNITY_COLORS = qualitative.Plotly + qualitative.D3 + qualitative.Set3
@@ -146,6 +146,7 @@ def relu_pattern_figure(*results: ReluPatternResult) -> go.Figure:
     fig.update_yaxes(tickformat=".0%", range=[0, max(0.05, min(1.0, 1.2 * top))])
     fig.update_yaxes(title_text="fraction of units (count on bar)", col=1)
     fig.update_layout(barmode="group", height=340)
+    order_layers(fig, *(r.layers for r in results))
     return titled(fig, "ReLU firing patterns", estimator=results[0].estimator, n=results[0].n_samples)
 
 
@@ -221,6 +222,7 @@ def basis_size_figure(*results: InteractionBasisResult) -> go.Figure:
             )
         )
     fig.update_layout(yaxis_title="directions", yaxis_rangemode="tozero", height=380)
+    order_layers(fig, *(r.layers for r in results))
     return titled(fig, "Interaction basis size vs layer width", estimator=results[0].estimator, n=results[0].n_samples)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from workbench.analyses.embedding import AlignedEmbeddingResult, EmbeddingResult, LayerIntrinsicDimensionResult
-from workbench.plots._style import CATEGORY_COLORS, MODEL_COLORS, category_color, takes_results, titled
+from workbench.plots._style import CATEGORY_COLORS, MODEL_COLORS, category_color, order_layers, takes_results, titled
 
 WEBGL_ABOVE = 5000
 
@@ -100,6 +100,7 @@ def intrinsic_dimension_profile(
             )
         )
     fig.update_layout(xaxis_title="layer", yaxis_title="intrinsic dimension", yaxis_rangemode="tozero")
+    order_layers(fig, *(r.layers for r in results))
     if not results:
         return titled(fig, "Intrinsic dimension across layers")
     return titled(fig, "Intrinsic dimension across layers", estimator=results[0].estimator, n=results[0].n_samples)

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from workbench.analyses.probing import ProbingResult
-from workbench.plots._style import MODEL_COLORS, takes_results, titled
+from workbench.plots._style import MODEL_COLORS, order_layers, takes_results, titled
 
 METRIC_NAMES = {"accuracy": "accuracy", "r2": "R²"}
 
@@ -56,6 +56,7 @@ def probe_profile(*results: ProbingResult, names: Sequence[str] | None = None) -
                     "<br>control, training rows %{customdata[1]:.3f}<extra></extra>",
                 )
             )
+    order_layers(fig, *(r.layers for r in results))
     if results:
         fig.add_hline(
             y=results[0].chance,

@@ -15,7 +15,7 @@ from workbench.analyses.topology import (
     SeparabilityTrajectoryResult,
     TopologicalRSAResult,
 )
-from workbench.plots._style import MODEL_COLORS, takes_results, titled
+from workbench.plots._style import MODEL_COLORS, order_layers, takes_results, titled
 
 DIM_COLORS = ("#1f77b4", "#d62728", "#2ca02c")
 REFERENCE_NAMES = {
@@ -238,17 +238,18 @@ def separability_curves(
     lines mark where the score plateaued and where a run monitoring it would have stopped.
     """
     names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(results))]
+    labelled = any(r.references for r in results)  # without labels there are no reference panels to draw
     fig = make_subplots(
-        rows=3,
+        rows=3 if labelled else 1,
         cols=1,
         shared_xaxes=True,
         vertical_spacing=0.06,
-        row_heights=[0.4, 0.3, 0.3],
+        row_heights=[0.4, 0.3, 0.3] if labelled else None,
         subplot_titles=[
             "unsupervised H0 persistence score S (lower = more separable)",
             "labelled references in [0, 1]",
             "labelled references, unbounded (log)",
-        ],
+        ][: 3 if labelled else 1],
     )
     dashes = ("solid", "dash", "dot", "dashdot")
     for i, (r, name) in enumerate(zip(results, names)):
@@ -290,9 +291,12 @@ def separability_curves(
                         annotation_position="top left",
                     )
     fig.update_yaxes(autorange="reversed", title_text="S", row=1, col=1)
-    fig.update_yaxes(range=[0, 1.02], row=2, col=1)
-    fig.update_yaxes(type="log", minorloglabels="complete", row=3, col=1)
-    fig.update_layout(height=720, legend={"groupclick": "toggleitem"})
+    if labelled:
+        fig.update_yaxes(range=[0, 1.02], row=2, col=1)
+        fig.update_yaxes(type="log", minorloglabels="complete", row=3, col=1)
+    fig.update_layout(height=720 if labelled else 340, legend={"groupclick": "toggleitem"})
+    if results and all(isinstance(r, LayerSeparabilityResult) for r in results):
+        order_layers(fig, *(r.layers for r in results))
     first = results[0] if results else None
     what = "checkpoints" if isinstance(first, SeparabilityTrajectoryResult) else "layers"
     return titled(
