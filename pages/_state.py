@@ -414,7 +414,9 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
             ctx = Context(model_a=models[0], model_b=models[1] if len(models) > 1 else None, dataset=dataset,
                           layers_a=layers, layers_b=layers_b, pooling=pooling)
             snippet = recreate_snippet(entry, ctx, {**entry.params, **(params or {})})
+        from workbench.registry import summarize
+
         sections.append({"title": title, "result": result, "figures": figures, "models": [m.name for m in models],
                          "dataset": dataset.name if dataset is not None else "", "snippet": snippet,
-                         "model_objects": models, "dataset_object": dataset})
+                         "model_objects": models, "dataset_object": dataset, "summary": summarize(result)})
         st.toast(f"Added '{title}' to the report ({len(sections)} sections).")

@@ -37,7 +37,7 @@ with_pdf = st.checkbox("Include a PDF (needs a headless Chromium on the server)"
 with _state.guard():
     report = build_report(
         [Section(s["title"], s["result"], s["figures"], snippet=s.get("snippet", ""), models=s.get("model_objects", ()),
-                 dataset=s.get("dataset_object")) for s in sections],
+                 dataset=s.get("dataset_object"), summary=s.get("summary", {})) for s in sections],
         title=title,
     )
     formats = ("html", "json", "npz", "pdf") if with_pdf else ("html", "json", "npz")

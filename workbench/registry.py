@@ -171,7 +171,7 @@ def _mode_connectivity(ctx: Context, n_points: int = 25, top_k: int = 5, seed: i
     from workbench.data import load_dataset
 
     train = None
-    if ctx.dataset.name.startswith("digits") and ctx.dataset.info.get("split") == "test":
+    if ctx.dataset.sha256 == load_dataset("digits", split="test").sha256:  # the bundled test split: add its train split
         train = load_dataset("digits", split="train")
     return mode_connectivity(ctx.model_a, ctx.model_b, ctx.dataset, train_dataset=train, n_points=n_points,
                              top_k=top_k, seed=seed, device=ctx.device, progress=ctx.progress)
@@ -323,6 +323,79 @@ def _intrinsic_dimension_plot(results: Any) -> list[go.Figure]:
 def _intrinsic_dimension_summary(results: Any) -> dict[str, Any]:
     labels = _model_labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
     return {m: dict(zip(r.layers, np.asarray(r.dimension).tolist())) for m, r in zip(labels, results)}
+
+
+def _separability_table(results: Any) -> dict[str, Any]:
+    labels = _model_labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
+    return {m: {layer: {"score S": float(r.scores[j]), **{k: float(v[j]) for k, v in r.references.items()}}
+                for j, layer in enumerate(r.layers)} for m, r in zip(labels, results)}
+
+
+def _mode_connectivity_table(result: Any) -> dict[str, Any]:
+    return {method: {split: {"barrier (linear)": b.linear[split], "barrier (mean)": b.mean[split],
+                             "accuracy drop": b.accuracy_drop[split]} for split in b.linear}
+            for method, b in result.barriers.items()}
+
+
+def _merge_summary(result: Any) -> dict[str, Any]:
+    return {"merged accuracy": result.merged_accuracy, "naive average accuracy": result.naive_accuracy,
+            "member accuracy": dict(zip(result.names, np.asarray(result.member_accuracy).tolist())),
+            "merged loss": result.merged_loss, "naive average loss": result.naive_loss}
+
+
+def _stitching_summary(result: Any) -> dict[str, Any]:
+    rel = np.asarray(result.relative_accuracy)
+    out: dict[str, Any] = {"B on the head of A (relative)": float(rel[1, 0]), "A on the head of B (relative)": float(rel[0, 1]),
+                           "chance": result.chance_accuracy}
+    if result.absolute_accuracy is not None:
+        out["B on the head of A (absolute)"] = float(np.asarray(result.absolute_accuracy)[1, 0])
+    if result.own_accuracy is not None:
+        out["own heads (A, B)"] = np.asarray(result.own_accuracy).tolist()
+    return out
+
+
+def _llc_summary(results: Any) -> dict[str, Any]:
+    return {m: {"LLC": r.llc, "spread over chains": r.llc_std} for m, r in zip(_model_labels([r.model for r in results]), results)}
+
+
+def _by_type() -> dict[str, tuple[str, Callable[[Any], dict[str, Any]], bool]]:
+    """Result type name -> (label, summary function, whether it takes a list of results)."""
+    return {
+        "ActivationStatsResult": ("dead fraction", _activation_stats_summary, True),
+        "SimilarityMatrixResult": ("similarity", _similarity_summary, False),
+        "RelativeLayerAgreementResult": ("relative agreement", _relative_summary, False),
+        "StitchingResult": ("stitching accuracy", _stitching_summary, False),
+        "ModeConnectivityResult": ("barriers", _mode_connectivity_table, False),
+        "MergeResult": ("merge", _merge_summary, False),
+        "DegeneracyResult": ("free parameters", _degeneracy_summary, True),
+        "InteractionBasisResult": ("interaction basis", _interaction_basis_summary, True),
+        "LLCResult": ("local learning coefficient", _llc_summary, True),
+        "DiagramDistanceMatrixResult": ("diagram distances", _topology_summary, False),
+        "LayerSeparabilityResult": ("separability", _separability_table, True),
+        "ProbingResult": ("probe score", _probing_summary, True),
+        "AlignedEmbeddingResult": ("embedding quality", _embedding_summary, False),
+        "LayerIntrinsicDimensionResult": ("intrinsic dimension", _intrinsic_dimension_summary, True),
+    }
+
+
+def summarize(result: Any) -> dict[str, Any]:
+    """The headline numbers of a result, or of a list of results of several kinds (one entry per kind, in
+    order of first appearance), for a report section; kinds without a summary are left out."""
+    results = list(result) if isinstance(result, (list, tuple)) else [result]
+    table = _by_type()
+    groups: dict[str, list[Any]] = {}
+    for r in results:
+        if type(r).__name__ in table:
+            groups.setdefault(type(r).__name__, []).append(r)
+    out: dict[str, Any] = {}
+    for kind, items in groups.items():
+        label, fn, takes_list = table[kind]
+        if takes_list:
+            out[label] = fn(items)
+        else:
+            for i, item in enumerate(items):
+                out[label if len(items) == 1 else f"{label} {i + 1}"] = fn(item)
+    return out
 
 
 ANALYSES: list[Analysis] = [

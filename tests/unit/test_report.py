@@ -38,6 +38,25 @@ def test_html_has_sections_and_one_plotlyjs(stats_report, tmp_path):
     assert "digits (test)" in text and "torch" in text
 
 
+def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
+    from workbench.analyses.mode_connectivity import mode_connectivity
+    from workbench.registry import summarize
+    from workbench.report.build import summary_rows
+
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    result = mode_connectivity(a, b, digits_test, n_points=5, methods=("naive", "weight_matching"))
+    summary = summarize([result, activation_stats(extract(a, digits_test, ["fc1"]))])
+    assert list(summary) == ["barriers", "dead fraction"]
+    naive = result.barriers["naive"]
+    assert summary["barriers"]["naive"]["test"]["barrier (linear)"] == naive.linear["test"]
+    rows = dict(summary_rows(summary))
+    assert rows["barriers / naive / test / barrier (linear)"] == f"{naive.linear['test']:.4g}"
+    text = build_report([Section("Mode connectivity", result, summary=summary)], title="t").save(tmp_path, ("html",))["html"].read_text()
+    assert "Key numbers" in text and "barriers / weight_matching / test / accuracy drop" in text
+    assert f"{naive.linear['test']:.4g}" in text
+    assert summarize([object()]) == {}  # kinds without a summary are left out
+
+
 def test_json_and_npz_round_trip(stats_report, tmp_path):
     report, result = stats_report
     files = report.save(tmp_path, formats=("json", "npz"))

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -40,6 +40,28 @@ class PdfUnavailableError(WorkbenchError):
 
 class StaticImageUnavailableError(WorkbenchError):
     """No kaleido (or no browser for it) to draw figures as PNG."""
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_format_value(v) for v in value)
+    return str(value)
+
+
+def summary_rows(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """A section's headline numbers as (name, value) rows: nested names joined by " / ", floats to 4 significant digits."""
+    rows: list[tuple[str, str]] = []
+    for key, value in summary.items():
+        name = f"{prefix} / {key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            rows += summary_rows(value, name)
+        else:
+            rows.append((name, _format_value(value)))
+    return rows
 
 
 @dataclass
@@ -151,7 +173,8 @@ class Report:
                        if isinstance(r, dict) and k in r} for r in results]
             record = s.record()
             sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet,
-                             "notes": s.notes, "models": record["models"], "dataset": record["dataset"]})
+                             "notes": s.notes, "models": record["models"], "dataset": record["dataset"],
+                             "summary": summary_rows(record["summary"])})
         return env.get_template("report.html.j2").render(
             title=self.title, header=self.header, sections=sections, plotlyjs=get_plotlyjs(),
             header_json=html.escape(json.dumps(self.header, indent=2)),
