@@ -458,11 +458,8 @@ def model_expression(m: LoadedModel | None) -> str:
     if m is None:
         return "None"
     arch = f", architecture={json.dumps(m.architecture)}" if m.source_format == "state dict" and m.architecture else ""
-    if m.source and not m.source.startswith("upload:"):
-        source = Path(m.source)
-        if source.is_absolute() and source.is_relative_to(Path.cwd()):
-            source = source.relative_to(Path.cwd())
-        return f"load_model({str(source)!r}{arch})"
+    if m.source and not m.source.startswith("upload:"):  # absolute, so the code runs from any folder (a notebook's)
+        return f"load_model({str(Path(m.source).resolve())!r}{arch})"
     name = m.source.removeprefix("upload:") or m.name
     return f"load_model({name!r}{arch})  # the uploaded file, weights sha256 {m.sha256[:16]}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from pathlib import Path
 
 from tests.app.conftest import page_errors
 
@@ -55,15 +56,17 @@ def test_report_zip_contents(app):
     assert len(summary) >= 4
 
 
-def test_sections_from_pages_carry_the_code_that_recreates_them(app):
+def test_sections_from_pages_carry_the_code_that_recreates_them(app, tmp_path, monkeypatch):
     at = app.run()
     at.switch_page("pages/compare.py").run()
     at.button(key="cmp_report").click().run()
     snippet = at.session_state["report_sections"][0]["snippet"]
     assert "run_analysis(\n    'similarity'" in snippet
-    assert "load_model('sample_models/mlp_seed0.safetensors')" in snippet
+    root = Path(__file__).resolve().parents[2]
+    assert f"load_model('{root / 'sample_models' / 'mlp_seed0.safetensors'}')" in snippet  # runs from any folder
     assert "'measure': 'linear_cka'" in snippet
     namespace: dict = {}
+    monkeypatch.chdir(tmp_path)  # as from a notebook in another folder
     exec(snippet, namespace)  # noqa: S102 - the snippet reruns the same analysis
     section = namespace["section"]
     import numpy as np
