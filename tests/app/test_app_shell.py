@@ -109,7 +109,7 @@ def test_malicious_pickle_upload_shows_error_not_traceback(app, tmp_path):
 
 def test_non_model_file_upload(app):
     at = _upload(app.run(), "model_a", "notes.pt", b"just some text, not a checkpoint")
-    assert any("is not a readable PyTorch checkpoint" in e for e in page_errors(at))
+    assert any("'notes.pt' is not a PyTorch checkpoint: it looks like a text file, not a model" in e for e in page_errors(at))
     assert not at.exception
 
 

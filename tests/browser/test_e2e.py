@@ -55,7 +55,7 @@ def test_malicious_and_non_model_uploads_show_clear_errors(page, tmp_path):
     page.locator("[data-testid='stFileUploader'] input[type='file']").first.set_input_files(str(notes))
     wait_idle(page)
     text = " ".join(page.locator("[data-testid='stAlertContentError']").all_inner_texts())
-    assert "is not a readable PyTorch checkpoint" in text
+    assert "'notes.bin' is not a PyTorch checkpoint: it looks like a text file" in text
     assert not page.locator("[data-testid='stException']").count()
     ARTIFACTS.mkdir(exist_ok=True)
 

@@ -377,7 +377,7 @@ def test_different_architectures_name_the_parameter(sample_model):
         weight_matching(sample_model("mlp_seed0"), sample_model("mlp_narrow_seed0"))
     with pytest.raises(ArchitectureError, match=r"module 'relu1' \(ReLU\) in model_a is 'tanh1' \(Tanh\) in model_b"):
         interpolate(sample_model("mlp_seed0"), sample_model("mlp_tanh_seed0"), None)
-    with pytest.raises(ArchitectureError, match=r"models\[0\] and models\[1\] have different architectures"):
+    with pytest.raises(ArchitectureError, match=r"'mlp_seed0' \(models\[0\]\) and 'cnn_seed0' \(models\[1\]\) have different architectures"):
         merge([sample_model("mlp_seed0"), sample_model("cnn_seed0")], None)
 
 
@@ -455,7 +455,7 @@ def test_bad_parameters_and_data(sample_model, digits_test):
     with pytest.raises(ParameterError, match=r"'model_b' must be a loaded model .* Got str"):
         weight_matching(a, "mlp_seed1")
     unlabelled = make_dataset("no labels", digits_test.x)
-    with pytest.raises(DataError, match=r"'dataset' has no labels"):
+    with pytest.raises(DataError, match=r"interpolate: dataset 'no labels' \(dataset\) has no labels"):
         interpolate(a, b, unlabelled)
     with pytest.raises(DataError, match=r"outputs shape \(450, 10\) but the labels need"):
         interpolate(a, b, make_dataset("20 classes", digits_test.x, np.arange(450) % 20))

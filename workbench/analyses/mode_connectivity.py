@@ -337,14 +337,15 @@ def _check_dataset(dataset: Any, name: str, func: str) -> tuple[torch.Tensor, to
         raise ParameterError(
             f"{func}: '{name}' must be a Dataset (workbench.data.load_dataset). Got {type(dataset).__name__}."
         )
+    called = f"dataset '{getattr(dataset, 'name', '') or '?'}' ({name})"
     if y is None:
         raise DataError(
-            f"{func}: '{name}' has no labels, but loss and accuracy need class labels; load a labelled dataset."
+            f"{func}: {called} has no labels, but loss and accuracy need class labels; load a labelled dataset."
         )
     if y.dtype.is_floating_point:
-        raise DataError(f"{func}: '{name}' has continuous targets, but loss and accuracy need integer class labels.")
+        raise DataError(f"{func}: {called} has continuous targets, but loss and accuracy need integer class labels.")
     if x.shape[0] < 1:
-        raise DataError(f"{func}: '{name}' is empty; it needs at least one sample.")
+        raise DataError(f"{func}: {called} is empty; it needs at least one sample.")
     return x, y
 
 
@@ -1789,8 +1790,9 @@ def _check_models(models: Any, func: str) -> list[nn.Module]:
     modules = [_module(m, f"models[{i}]", func) for i, m in enumerate(models)]
     if len(modules) < 2:
         raise ParameterError(f"The 'models' parameter of {func} needs at least 2 models. Got {len(modules)}.")
+    labels = [f"'{_model_name(m, '')}' (models[{i}])" if _model_name(m, "") else f"models[{i}]" for i, m in enumerate(models)]
     for i, m in enumerate(modules[1:], start=1):
-        _check_same_architecture(modules[0], m, func, ("models[0]", f"models[{i}]"))
+        _check_same_architecture(modules[0], m, func, (labels[0], labels[i]))
     for i, m in enumerate(modules):
         _check_finite_weights(m, f"models[{i}]", func)
     return modules

@@ -284,6 +284,9 @@ def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] 
             return _open_isolated(data, label, name, spec)
         obj = _trusted_torch_load(data, label)
     except Exception as exc:  # torch raises many types for damaged archives
+        what = _looks_like(data)
+        if what is not None and not what.startswith(("a zip archive", "a Python pickle")):
+            raise UnsupportedFormatError(f"'{label}' is not a PyTorch checkpoint: it looks like {what}.") from exc
         raise CorruptFileError(f"'{label}' is not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); upload an intact copy.") from exc
     if isinstance(obj, nn.Module):
         return wrap_module(obj, name=name, architecture=spec, source_format="pickle (trusted)")
