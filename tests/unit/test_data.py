@@ -104,6 +104,15 @@ def test_csv_with_text_feature_column():
         load_dataset(b"a,b\n1,x\n2,y\n", filename="table.csv")
 
 
+def test_csv_missing_value_is_named_with_its_row():
+    with pytest.raises(DataError, match=r"Row 3 of 'gaps\.csv' has no value in column 'b'; fill in or drop the rows"):
+        load_dataset(b"a,b\n1,2\n3, \n5,6\n", filename="gaps.csv")
+    with pytest.raises(DataError, match=r"Row 2 of 'gaps\.csv' has no value in column 'column 1'"):
+        load_dataset(b"1,2\n,4\n", filename="gaps.csv")
+    with pytest.raises(DataError, match=r"Row 3 of 'gaps\.csv' has no label in column 'label'; fill in or drop"):
+        load_dataset(b"a,label\n1,cat\n2,\n", filename="gaps.csv")
+
+
 def test_csv_ragged_rows():
     with pytest.raises(CorruptFileError, match=r"Row 3 of 'r\.csv' has 1 columns; expected 2"):
         load_dataset(b"a,b\n1,2\n3\n", filename="r.csv")

@@ -366,9 +366,15 @@ def _read_csv(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     columns = list(zip(*body))
     feature_cols = [j for j in range(width) if j != label_idx]
     for j in feature_cols:
+        col_name = header[j] if has_header else f"column {j + 1}"
+        empty = next((i for i, c in enumerate(columns[j]) if not c.strip()), None)
+        if empty is not None:
+            raise DataError(
+                f"Row {empty + 1 + has_header} of '{name}' has no value in column '{col_name}'; fill in or drop the rows "
+                "with missing values."
+            )
         bad = next((c for c in columns[j] if not numeric(c)), None)
         if bad is not None:
-            col_name = header[j] if has_header else f"column {j + 1}"
             raise DataError(
                 f"Column '{col_name}' of '{name}' holds text ({bad!r}); CSV features must be numbers. "
                 f"Remove or encode the column, or name the label column one of: {', '.join(LABEL_COLUMNS)}."
@@ -377,6 +383,12 @@ def _read_csv(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     y = None
     if label_idx is not None:
         raw = columns[label_idx]
+        empty = next((i for i, c in enumerate(raw) if not c.strip()), None)
+        if empty is not None:
+            raise DataError(
+                f"Row {empty + 2} of '{name}' has no label in column '{header[label_idx]}'; fill in or drop the rows "
+                "without a label."
+            )
         y = np.array([float(c) for c in raw]) if all(numeric(c) for c in raw) else np.array(raw)
     return x, y
 
