@@ -63,7 +63,7 @@ with _state.guard():
         umap_only = {"n_neighbors": n_neighbors} if method == "umap" else {}
         result = _state.cached_call(aligned_embedding, views, method=method, seed=seed, progress=progress, **umap_only)
 
-labels = dataset.y.numpy() if dataset.y is not None else None
+labels = dataset.named_labels()  # class names in legends where the dataset has them
 color_options = (["label"] if labels is not None else []) + ["distance moved between the views", "none"]
 color_by = st.selectbox("Colour by", color_options, key="emb_color", help=HELP["color"])
 color, color_name = {"label": (labels, "label"), "none": (None, "label")}.get(

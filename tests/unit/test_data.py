@@ -82,6 +82,13 @@ def test_text_labels_are_numbered_in_sorted_order_with_their_names_kept():
     assert label_order_note(load_dataset("digits")) is None  # integer labels are the model's own order
 
 
+def test_named_labels_are_the_class_names_where_there_are_some():
+    text = "a,label\n1,cat\n2,dog\n3,cat\n"
+    assert load_dataset(text.encode(), filename="t.csv").named_labels().tolist() == ["cat", "dog", "cat"]
+    assert make_dataset("plain", np.ones((3, 2)), np.array([2, 0, 1])).named_labels().tolist() == [2, 0, 1]
+    assert make_dataset("none", np.ones((3, 2))).named_labels() is None
+
+
 def test_npz_class_names_name_integer_labels():
     from workbench.data import label_order_note
 

@@ -64,6 +64,15 @@ class Dataset:
         :func:`make_dataset` computes it with :attr:`sha256` in one pass over ``x``."""
         return content_hashes(self.x, self.y)[1]
 
+    def named_labels(self) -> np.ndarray | None:
+        """The labels as class names where the dataset names its classes (for legends and tables), else as stored."""
+        if self.y is None:
+            return None
+        y = self.y.numpy()
+        if self.class_names and y.dtype.kind in "iu" and y.size and 0 <= y.min() and y.max() < len(self.class_names):
+            return np.asarray(self.class_names, dtype=object)[y]
+        return y
+
     @property
     def n_samples(self) -> int:
         return int(self.x.shape[0])
