@@ -122,12 +122,7 @@ if labels is None:
     st.info(f"{dataset.name} has no class labels: only the unsupervised score S is shown.")
 figures.append(plots.separability_curves(*seps, names=names))
 st.plotly_chart(figures[-1], width="stretch", key="topo_separability")
-rows = [
-    {"model": n, "layer": layer, "score S": s.per_layer[layer].score, **s.per_layer[layer].references()}
-    for n, s in zip(names, seps)
-    for layer in s.layers
-]
-st.dataframe(rows, hide_index=True, width="stretch", key="topo_separability_table")
+st.dataframe(plots.separability_rows(*seps, names=names), hide_index=True, width="stretch", key="topo_separability_table")
 st.caption(
     f"n = {dataset.n_samples} samples of {dataset.name}. S: lower = more separable. References (higher = more "
     "separable): Thornton = share of samples whose nearest neighbour has their class; probe = 5-fold "

@@ -534,3 +534,7 @@ def test_every_figure_records_the_estimator_and_n():
     unlabelled = plots.separability_curves(layer_separability({"raw": data.x, "squared": data.x**2}))
     assert not [a for a in unlabelled.layout.annotations if "labelled references" in a.text]  # no empty panels
     assert list(unlabelled.layout.xaxis.categoryarray) == ["raw", "squared"]
+    rows = plots.separability_rows(layers, names=["A"])
+    assert [r["layer"] for r in rows] == ["raw", "squared"] and rows[0]["score S"] == layers.per_layer["raw"].score
+    assert rows[0]["Fisher ratio (max feature)"] == layers.per_layer["raw"].references()["fisher_ratio"]
+    assert "fisher_ratio" not in rows[0]

@@ -308,6 +308,18 @@ def separability_curves(
 
 
 @takes_results
+def separability_rows(*results: LayerSeparabilityResult, names: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """One table row per model and layer: the score S and each labelled reference, under readable names."""
+    labels = list(names) if names is not None else [r.model_name or f"model {i + 1}" for i, r in enumerate(results)]
+    return [
+        {"model": name, "layer": layer, "score S": r.per_layer[layer].score,
+         **{REFERENCE_NAMES.get(k, k): v for k, v in r.per_layer[layer].references().items()}}
+        for name, r in zip(labels, results)
+        for layer in r.layers
+    ]
+
+
+@takes_results
 def persistence_times_box(*results: LayerSeparabilityResult, names: Sequence[str] | None = None) -> go.Figure:
     """Box plots of the normalised H0 persistence times per layer (the paper's Figure 1 view).
 
