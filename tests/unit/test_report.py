@@ -93,6 +93,11 @@ def test_sections_record_their_models_and_the_header_lists_them_all(sample_model
     assert mixed["sections"][1]["dataset"]["name"] == train.name
     explicit = build_report(sections, models=[a, b]).to_dict()["header"]
     assert [m["label"] for m in explicit["models"]] == ["A", "B"]
+    import dataclasses
+
+    upload = dataclasses.replace(a, name="upA")  # the same weights under another name
+    both = build_report([Section("Up", result, models=[upload, b]), sections[1]]).to_dict()["header"]
+    assert [m["name"] for m in both["models"]] == ["upA (also mlp_seed0)", "mlp_seed1", "mlp_seed2"]
 
 
 def test_zip_bytes_and_errors(stats_report):

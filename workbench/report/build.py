@@ -126,11 +126,19 @@ def _describe_dataset(dataset: Any) -> dict[str, Any]:
 
 
 def _distinct(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Descriptions in first-seen order, one per weights (or content) hash."""
-    seen: dict[str, dict[str, Any]] = {}
+    """Descriptions in first-seen order, one per weights (or content) hash; the same weights under several
+    names keep every name ("upload (also mlp_seed0)"), so that each name a section shows is in the header."""
+    seen: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for d in items:
-        seen.setdefault(str(d.get("sha256") or d.get("name")), d)
-    return list(seen.values())
+        first, names = seen.setdefault(str(d.get("sha256") or d.get("name")), (dict(d), []))
+        if d.get("name") and d["name"] not in names:
+            names.append(d["name"])
+    out = []
+    for first, names in seen.values():
+        if len(names) > 1:
+            first["name"] = f"{names[0]} (also {', '.join(names[1:])})"
+        out.append(first)
+    return out
 
 
 def _device_name() -> str:
