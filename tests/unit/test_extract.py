@@ -293,3 +293,24 @@ def test_a_layer_without_a_row_per_sample_is_refused_and_leaves_no_cache(tmp_pat
     info = {i.name: i.output_shape for i in layer_info(model, torch.zeros(2, 3))}
     assert info == {"fc": (2,), "pos": None}
     assert default_layers(model, layer_info(model, torch.zeros(2, 3))) == ["fc"]
+
+
+def test_weights_changed_in_place_give_new_activations(sample_model_path, digits_test, tmp_path):
+    model = load_model(sample_model_path("mlp_narrow_seed0"))
+    loaded = model.sha256
+    before = extract(model, digits_test, ["fc1"], cache_dir=tmp_path)["fc1"].clone()
+    assert model.sha256 == loaded  # reading the hash again does not rehash unchanged weights into another value
+    with torch.no_grad():
+        model.module.fc1.bias += 1.0  # an in-place edit, as an optimizer step makes
+    assert model.sha256 != loaded and model.loaded_sha256 == loaded
+    after = extract(model, digits_test, ["fc1"], cache_dir=tmp_path)
+    torch.testing.assert_close(after["fc1"], before + 1.0)  # not the cached activations of the old weights
+    assert after.model_sha256 == model.sha256
+    opt = torch.optim.SGD(model.module.parameters(), lr=0.1)
+    model.module(digits_test.x).sum().backward()
+    opt.step()
+    assert extract(model, digits_test, ["fc1"], cache_dir=tmp_path).model_sha256 not in (loaded, after.model_sha256)
+    with torch.no_grad():
+        model.module.fc1.bias -= 1.0
+    reloaded = load_model(sample_model_path("mlp_narrow_seed0"))
+    assert model.sha256 != reloaded.sha256  # the optimizer step is still in

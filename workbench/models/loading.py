@@ -21,6 +21,7 @@ import re
 import struct
 import tempfile
 import threading
+import weakref
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,14 +56,16 @@ CONVERT_HINT = (
 class LoadedModel:
     """A model ready for analysis.
 
-    ``module`` is in eval mode. ``sha256`` hashes the weights (names, dtypes, shapes, bytes of the
-    state dict), so the same weights give the same hash whatever file they came from.
+    ``module`` is in eval mode. :attr:`sha256` hashes the weights (names, dtypes, shapes, bytes of the
+    state dict) as they are now, so the same weights give the same hash whatever file they came from,
+    and weights changed in place (an optimizer step, an edited bias) give a new hash, and new
+    activations from :func:`~workbench.extract`. ``loaded_sha256`` is the hash when the model was loaded.
     ``input_shape``/``input_dtype`` describe one sample when known (from the spec).
     """
 
     module: nn.Module
     name: str
-    sha256: str
+    loaded_sha256: str
     architecture: dict[str, Any] | None
     n_parameters: int
     source_format: str
@@ -70,6 +73,13 @@ class LoadedModel:
     input_dtype: torch.dtype = torch.float32
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = ""
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the current weights; rehashed only after a parameter or buffer changed since the last hash
+        (in-place updates such as optimizer steps are seen; writes through ``tensor.data`` bypass torch's
+        version counters and are not)."""
+        return current_weights_sha256(self.module, self.loaded_sha256)
 
     @property
     def takes_tokens(self) -> bool:
@@ -96,6 +106,27 @@ def weights_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+_WEIGHT_HASHES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def _weights_fingerprint(module: nn.Module) -> tuple:
+    """Where each parameter and buffer lives and how often it was modified in place: equal fingerprints mean
+    unchanged weights (torch bumps a tensor's version on every in-place update)."""
+    return tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in (*module.parameters(), *module.buffers()))
+
+
+def current_weights_sha256(module: nn.Module, known: str = "") -> str:
+    """:func:`weights_sha256` of ``module`` now, recomputed only when its fingerprint changed since the last call
+    (``known``: a hash of the weights as first seen, which saves hashing a freshly loaded module twice)."""
+    fingerprint = _weights_fingerprint(module)
+    cached = _WEIGHT_HASHES.get(module)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    sha = known if cached is None and known else weights_sha256(module)
+    _WEIGHT_HASHES[module] = (fingerprint, sha)
+    return sha
+
+
 def wrap_module(module: nn.Module, *, name: str = "model", architecture: dict[str, Any] | None = None,
                 source_format: str = "module", metadata: dict[str, str] | None = None) -> LoadedModel:
     """Describe an in-memory module as a :class:`LoadedModel` (puts it in eval mode)."""
@@ -104,7 +135,7 @@ def wrap_module(module: nn.Module, *, name: str = "model", architecture: dict[st
     return LoadedModel(
         module=module,
         name=name,
-        sha256=weights_sha256(module),
+        loaded_sha256=current_weights_sha256(module),
         architecture=architecture,
         n_parameters=sum(p.numel() for p in module.parameters()),
         source_format=source_format,
