@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=f"parameters of each analysis and their defaults (set with --param ANALYSIS.KEY=VALUE):\n{params}")
     p.add_argument("--model-a", required=True, help="checkpoint of model A")
     p.add_argument("--model-b", help="checkpoint of model B (needed by two-model analyses)")
+    p.add_argument("--architecture", help="architecture spec of model A as JSON, for a state dict without one")
+    p.add_argument("--architecture-b", help="architecture spec of model B as JSON (default: --architecture)")
     p.add_argument("--data", required=True, help="bundled dataset (digits, digits:train, blobs, sentences) or a .npz/.csv/.pt file")
     p.add_argument("--analysis", required=True, help=f"comma-separated analyses: {names}")
     p.add_argument("--layers", nargs="+", help="layers to analyse (default: every leaf layer, at most 12)")
@@ -158,8 +160,11 @@ def _parse_params(items: list[str], analyses: list[str]) -> dict[str, dict[str, 
     for item in items:
         key, sep, raw = item.partition("=")
         name, dot, param = key.partition(".")
-        if not sep or not dot or name not in params:
+        if not sep or not dot:
             raise ParameterError(f"--param {item!r} must look like ANALYSIS.KEY=VALUE with ANALYSIS one of {', '.join(analyses)}.")
+        if name not in params:
+            raise ParameterError(f"--param {item!r} sets a parameter of '{name}', which is not among the analyses run "
+                                 f"({', '.join(analyses)}); add it to --analysis or drop the parameter.")
         try:
             params[name][param] = json.loads(raw)
         except json.JSONDecodeError:
@@ -179,14 +184,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     names = [n.strip() for n in args.analysis.split(",") if n.strip()]
     try:
+        if not names:
+            from workbench.registry import ANALYSES
+
+            raise ParameterError(f"--analysis names no analysis; give one or more of {', '.join(a.name for a in ANALYSES)}.")
         entries = [get_analysis(n) for n in names]
         params = _parse_params(args.param, names)
     except ParameterError as exc:  # a bad argument, like argparse's own
         print(f"workbench analyze: error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     _check_output(args.out, folder=True)
-    model_a = load_model(args.model_a)
-    model_b = load_model(args.model_b) if args.model_b else None
+    model_a = load_model(args.model_a, architecture=args.architecture)
+    model_b = load_model(args.model_b, architecture=args.architecture_b or args.architecture) if args.model_b else None
     data = _data_arg(args.data)
     sections = []
     with tqdm(total=len(entries), unit="analysis", disable=None) as bar:

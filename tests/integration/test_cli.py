@@ -69,6 +69,10 @@ def test_analyze_writes_report(tmp_path):
         (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "similarity", "--out", "x"], 1,
          "compares two models; pass model_b"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+        (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "activations", "--param", "probing.cv=3",
+          "--out", "x"], 2, "sets a parameter of 'probing', which is not among the analyses run (activations)"),
+        (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", " ", "--out", "x"], 2,
+         "--analysis names no analysis; give one or more of activations, similarity"),
     ],
 )
 def test_bad_arguments_one_line(args, code, message, tmp_path):
@@ -87,6 +91,21 @@ def test_extract_output_paths(tmp_path):
     out = run("extract", MLP0, "--data", "digits", "--layers", "fc1", "--out", str(tmp_path), cache=tmp_path)
     assert out.returncode == 1 and "is a folder; give a file name ending in .npz" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_analyze_reads_state_dicts_with_their_architecture(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    spec = '{"type": "mlp", "sizes": [64, 64, 64, 10], "activation": "relu"}'
+    for i, seed in enumerate((0, 1)):
+        state = load_file(str(ROOT / "sample_models" / f"mlp_narrow_seed{seed}.safetensors"))
+        torch.save(state, tmp_path / f"sd{i}.pt")
+    out = run("analyze", "--model-a", str(tmp_path / "sd0.pt"), "--model-b", str(tmp_path / "sd1.pt"), "--architecture", spec,
+              "--data", "digits", "--analysis", "activations", "--out", str(tmp_path / "r"), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [m["name"] for m in doc["header"]["models"]] == ["sd0", "sd1"]
 
 
 def test_analyze_refuses_a_file_as_its_folder_before_any_work(tmp_path):
