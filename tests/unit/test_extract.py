@@ -171,6 +171,14 @@ def test_layer_info_in_forward_order(sample_model):
     assert infos[-1].output_shape == (10,)
 
 
+def test_layers_of_a_bare_module_from_a_dataset_an_array_or_a_list(digits_test):
+    module = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    for example in (digits_test, digits_test.x.numpy().astype(np.float64), [[0.0] * 64] * 2, torch.zeros(2, 64)):
+        assert list_layers(module, example) == ["0", "1", "2"]
+    with pytest.raises(ParameterError, match=r"example batch for the layers of 'Sequential' must be a tensor, an array or a Dataset; got object"):
+        list_layers(module, object())
+
+
 def test_module_device_is_where_the_weights_are():
     from workbench.device import module_device
 

@@ -88,9 +88,22 @@ def _forward(module: nn.Module, batch: torch.Tensor, takes_tokens: bool, source_
     return module(batch)
 
 
-def layer_info(model: LoadedModel | nn.Module, example: torch.Tensor | None = None) -> list[LayerInfo]:
-    """Every named module in forward order (modules that did not run last), with output shapes."""
+def layer_info(model: LoadedModel | nn.Module, example: Any = None) -> list[LayerInfo]:
+    """Every named module in forward order (modules that did not run last), with output shapes.
+
+    ``example``: a probe batch (tensor, array or :class:`Dataset`; its first two samples are used), needed
+    when the model's input shape is unknown (no architecture spec)."""
     lm = as_loaded_model(model)
+    if isinstance(example, Dataset):
+        example = example.x[:2]
+    elif example is not None and not isinstance(example, torch.Tensor):
+        try:
+            example = torch.as_tensor(np.asarray(example))
+            example = example.float() if example.is_floating_point() else example  # float32, as datasets store features
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ParameterError(
+                f"The example batch for the layers of '{lm.name}' must be a tensor, an array or a Dataset; got {type(example).__name__}."
+            ) from exc
     x = (example if example is not None else example_input(lm)).to(module_device(lm.module))
     modules = valid_layers(lm.module)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -114,7 +127,7 @@ def layer_info(model: LoadedModel | nn.Module, example: torch.Tensor | None = No
     ]
 
 
-def list_layers(model: LoadedModel | nn.Module, example: torch.Tensor | None = None) -> list[str]:
+def list_layers(model: LoadedModel | nn.Module, example: Any = None) -> list[str]:
     """Module paths from ``named_modules()`` in the order they run on a probe batch."""
     return [info.name for info in layer_info(model, example)]
 
