@@ -608,10 +608,13 @@ def test_similarity_matrix_falls_back_to_the_minibatch_estimate_when_cross_produ
     z = rng.standard_normal((3001, 700))
     acts = {"x": x, "y": y, "z": z}
     full = similarity_matrix(acts, measure="linear_cka", debiased=True)
-    streamed = similarity_matrix(acts, measure="linear_cka", memory_limit_mb=5)
+    streamed = similarity_matrix(acts, measure="linear_cka", debiased=True, memory_limit_mb=5)
     assert not streamed.params["exact"] and streamed.params["debiased"]
     assert "minibatch unbiased HSIC" in streamed.estimator and "above the 5 MiB limit" in streamed.estimator
     assert "do not fit" in streamed.estimator
+    with pytest.raises(DataError, match=r"streaming biased linear CKA exactly needs 5.18 MiB of feature cross products; "
+                                        r"raise memory_limit_mb to that, .* or pass debiased=True"):
+        similarity_matrix(acts, measure="linear_cka", memory_limit_mb=5)
     assert streamed.params["streamed"] and sum(streamed.params["chunk_sizes"]) == 3001  # every sample is used
     np.testing.assert_allclose(streamed.values, full.values, atol=0.02)
     assert abs(streamed.values[0, 2]) < 0.05 and streamed.values[0, 1] > 0.5

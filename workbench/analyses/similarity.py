@@ -1052,9 +1052,10 @@ def similarity_matrix(
             the activations are streamed in chunks of samples (a memory-mapped :class:`Activations` is
             never loaded whole) and every pair's CKA, biased or debiased as asked, is computed exactly
             from feature cross products accumulated in one pass (the same value as in memory, to
-            rounding). Only when those ``d_a x d_b`` products need more than half the limit is the
-            minibatch estimate of :func:`minibatch_cka` used instead; the result's ``estimator`` and
-            ``params["exact"]`` say which. Other measures need all samples at once.
+            rounding). When those ``d_a x d_b`` products do not fit in the limit either, debiased CKA
+            falls back to the minibatch estimate of :func:`minibatch_cka` (the result's ``estimator``
+            and ``params["exact"]`` say so) and biased CKA raises, naming the limit it needs. Other
+            measures need all samples at once.
         device: where to compute (``None``: cuda > mps > cpu); float64 throughout.
         progress: optional callable ``(steps_done, total_steps)`` over layers prepared and pairs compared.
 
@@ -1133,10 +1134,17 @@ def similarity_matrix(
     if measure == "linear_cka" and needed_mb > memory_limit_mb:
         limit = memory_limit_mb * 2**20
         accumulated = _streamed_matrix_bytes(widths_a, widths_b, symmetric)
-        exact = accumulated <= limit / 2
-        room = limit - accumulated if exact else limit
-        chunk = max(64, min(n, int(room / (8 * max(sum(w for _, w in shapes), 1) * 3))))
-        why = f"the layers need {needed_mb:.0f} MiB in float64, above the {memory_limit_mb:.0f} MiB limit"
+        row_bytes = 8 * max(sum(w for _, w in shapes), 1) * 3
+        exact = accumulated + 16 * row_bytes <= limit
+        if not exact and not debiased:
+            raise DataError(
+                f"{func}: the layers need {needed_mb:.3g} MiB in float64, above memory_limit_mb={memory_limit_mb:g}, and "
+                f"streaming biased linear CKA exactly needs {(accumulated + 16 * row_bytes) / 2**20:.3g} MiB of feature "
+                "cross products; raise memory_limit_mb to that, compare fewer layers at a time, or pass debiased=True for "
+                "the minibatch estimate of debiased CKA."
+            )
+        chunk = max(16, min(n, int((limit - accumulated) / row_bytes))) if exact else max(64, min(n, int(limit / row_bytes)))
+        why = f"the layers need {needed_mb:.3g} MiB in float64, above the {memory_limit_mb:g} MiB limit"
         if exact:
             values, sizes = _exact_streaming_linear_cka(raw_a, raw_b, symmetric, debiased, dev, chunk, names_a, names_b,
                                                         func, progress)
@@ -1146,7 +1154,7 @@ def similarity_matrix(
             values, sizes = _streaming_linear_cka(raw_a, raw_b, symmetric, dev, chunk, names_a, names_b, func, progress)
             estimator = (f"linear CKA, minibatch unbiased HSIC (Nguyen et al. 2021) streamed in {len(sizes)} chunks of "
                          f"<= {max(sizes)} samples, an estimate of debiased CKA: {why}, and the exact cross products "
-                         f"({accumulated / 2**20:.0f} MiB) do not fit in half of it")
+                         f"({accumulated / 2**20:.0f} MiB) do not fit in it")
         return SimilarityMatrixResult(
             values=values, layers_a=tuple(name for name, _ in raw_a), layers_b=tuple(name for name, _ in raw_b),
             n_features_a=np.asarray(widths_a, dtype=np.int64), n_features_b=np.asarray(widths_b, dtype=np.int64),
