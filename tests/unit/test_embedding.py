@@ -399,6 +399,14 @@ def test_embedding_scatter_carries_indices_labels_and_selection():
     aligned = aligned_embedding({"A": x, "B": x[:, ::-1].copy()}, method="pca")
     fig_b = embedding_scatter(aligned, view=1, color=y)
     assert figure_title(fig_b).startswith("B")
+    from workbench.errors import ParameterError
+
+    for kwargs, message in [({"color": y[:10]}, r"'color' must give one value per sample, shape \(60,\); got shape \(10,\)"),
+                            ({"labels": y[:, None]}, r"'labels' must give one value per sample"),
+                            ({"selected": [3, 60]}, r"'selected' must hold sample indices in \[0, 59\]"),
+                            ({"view": 2}, r"'view' must be 0 to 1 \(the views \['A', 'B'\]\); got 2")]:
+        with pytest.raises(ParameterError, match=message):
+            embedding_scatter(aligned, **kwargs)
 
 
 def test_inputs_are_not_modified():

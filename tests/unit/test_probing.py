@@ -376,6 +376,10 @@ def test_probe_figures_and_rows():
     regression = probe_layers({"x": x}, x[:, 0].astype(np.float64) * 2.0, control=False)
     with pytest.raises(ValueError, match="needs a classification result"):
         probe_confusion(regression, "x")
+    from workbench.errors import UnknownLayerError
+
+    with pytest.raises(UnknownLayerError, match=r"probe_confusion: the probing result has no layer 'l3'.* Layers: 'l1', 'l2'"):
+        probe_confusion(a, "l3")
 
 
 def test_a_model_or_a_dataset_in_place_of_arrays_is_named():

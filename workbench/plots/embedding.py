@@ -9,6 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from workbench.analyses.embedding import AlignedEmbeddingResult, EmbeddingResult, LayerIntrinsicDimensionResult
+from workbench.errors import ParameterError
 from workbench.plots._style import CATEGORY_COLORS, MODEL_COLORS, category_color, order_layers, takes_results, titled
 
 WEBGL_ABOVE = 5000
@@ -38,6 +39,13 @@ def embedding_scatter(
     """
     coords, name, trust, k = _view(result, view)
     n = coords.shape[0]
+    for what, given in (("color", color), ("labels", labels)):
+        if given is not None and np.shape(given) != (n,):
+            raise ParameterError(
+                f"embedding_scatter: '{what}' must give one value per sample, shape ({n},); got shape {np.shape(given)}."
+            )
+    if selected is not None and len(selected) and not (0 <= np.min(selected) and np.max(selected) < n):
+        raise ParameterError(f"embedding_scatter: 'selected' must hold sample indices in [0, {n - 1}].")
     values = np.zeros(n) if color is None else np.asarray(color)
     if categorical is None:
         categorical = color is None or (
@@ -108,6 +116,8 @@ def intrinsic_dimension_profile(
 
 def _view(result: EmbeddingResult | AlignedEmbeddingResult, view: int) -> tuple[np.ndarray, str, float, int]:
     if isinstance(result, AlignedEmbeddingResult):
+        if not (isinstance(view, (int, np.integer)) and 0 <= view < len(result.names)):
+            raise ParameterError(f"embedding_scatter: 'view' must be 0 to {len(result.names) - 1} (the views {list(result.names)}); got {view!r}.")
         return (result.coordinates[view], result.names[view], float(result.trustworthiness[view]), result.quality_k)
     return result.coordinates, "", result.trustworthiness, result.quality_k
 

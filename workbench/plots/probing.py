@@ -8,6 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from workbench.analyses.probing import ProbingResult
+from workbench.errors import ParameterError, UnknownLayerError, did_you_mean, format_choices
 from workbench.plots._style import MODEL_COLORS, order_layers, takes_results, titled
 
 METRIC_NAMES = {"accuracy": "accuracy", "r2": "R²"}
@@ -82,10 +83,16 @@ def probe_confusion(result: ProbingResult, layer: str, *, class_names: Sequence[
     """Held-out confusion of one layer's probe: rows true class, columns predicted, coloured by row fraction.
 
     ``class_names`` name integer class labels by position (a dataset's ``class_names``). Raises
-    ``ValueError`` for regression results, which have no classes.
+    :class:`~workbench.errors.ParameterError` for regression results, which have no classes, and
+    :class:`~workbench.errors.UnknownLayerError` for a layer the result does not hold.
     """
     if result.confusion is None or result.classes is None:
-        raise ValueError("probe_confusion needs a classification result; regression probes have no confusion matrix.")
+        raise ParameterError("probe_confusion needs a classification result; regression probes have no confusion matrix.")
+    if layer not in result.layers:
+        raise UnknownLayerError(
+            f"probe_confusion: the probing result has no layer '{layer}'.{did_you_mean(str(layer), result.layers)} "
+            f"Layers: {format_choices(result.layers)}."
+        )
     index = list(result.layers).index(layer)
     counts = result.confusion[index]
     totals = counts.sum(axis=1, keepdims=True)
