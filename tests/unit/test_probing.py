@@ -378,7 +378,7 @@ def test_probe_figures_and_rows():
         probe_confusion(regression, "x")
     from workbench.errors import UnknownLayerError
 
-    with pytest.raises(UnknownLayerError, match=r"probe_confusion: the probing result has no layer 'l3'.* Layers: 'l1', 'l2'"):
+    with pytest.raises(UnknownLayerError, match=r"probe_confusion: the probing result has no layer 'l3'.* Layers: l1, l2\."):
         probe_confusion(a, "l3")
 
 
