@@ -508,6 +508,8 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     from workbench.report import Section
 
     entry = get_analysis(name)
+    if params is not None and not isinstance(params, Mapping):
+        raise ParameterError(f"The 'params' of run_analysis must be a dict of parameter name -> value; got {type(params).__name__}.")
     if entry.inputs in ("two_models", "weights") and model_b is None:
         raise ParameterError(f"The '{name}' analysis compares two models; pass model_b (or --model-b).")
     merged = {**entry.params, **(params or {})}

@@ -57,6 +57,8 @@ def test_bad_names_and_parameters(sample_model, digits_test):
         registry.run_analysis("similarity", model_a=a, model_b=a, dataset=digits_test, params={"colour": 1})
     with pytest.raises(ParameterError, match=r"compares two models; pass model_b"):
         registry.run_analysis("relative", model_a=a, dataset=digits_test)
+    with pytest.raises(ParameterError, match=r"The 'params' of run_analysis must be a dict of parameter name -> value; got list"):
+        registry.run_analysis("similarity", model_a=a, model_b=a, dataset=digits_test, params=[("measure", "rsa")])
 
 
 @pytest.mark.parametrize("name", [e.name for e in registry.ANALYSES if e.inputs == "one_model"])

@@ -113,6 +113,10 @@ def test_zip_bytes_and_errors(stats_report):
                                              r"got ActivationStatsResult. Wrap a result with its title"):
         build_report([result])
     assert len(build_report(("Statistics", result)).sections) == 1  # one section on its own
+    with pytest.raises(ParameterError, match=r"Section 'S' holds a str among its figures; give plotly figures"):
+        build_report([Section("S", result, ["not a figure"])])
+    with zipfile.ZipFile(BytesIO(report.zip_bytes("html"))) as zf:  # one format as a plain string
+        assert zf.namelist() == ["report.html"]
 
 
 def test_saving_into_a_file_path_says_to_give_a_folder(stats_report, tmp_path):

@@ -168,6 +168,8 @@ class Report:
         return out
 
     def to_html(self) -> str:
+        """The report as one self-contained HTML page: header, and per section its models and data, estimator
+        lines, key numbers, interactive figures (one embedded copy of plotly.js) and the code that recreates it."""
         from jinja2 import Environment, PackageLoader, select_autoescape
         from plotly.offline import get_plotlyjs
 
@@ -196,6 +198,7 @@ class Report:
         one it raises :class:`PdfUnavailableError` after the other formats are written. ``"png"`` also
         needs kaleido (:class:`StaticImageUnavailableError` otherwise).
         """
+        formats = (formats,) if isinstance(formats, str) else tuple(formats)
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise ParameterError(f"Unknown report format(s) {unknown}; choose from {', '.join(FORMATS)}.")
@@ -273,7 +276,16 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
             )
     sections = [s if isinstance(s, Section) else Section(*s) for s in results]
     if not sections:
-        raise ParameterError("A report needs at least one analysis section; add one with 'Add to report' or --analysis.")
+        raise ParameterError("A report needs at least one analysis section, such as build_report([('CKA', result, [figure])]).")
+    for s in sections:
+        figures = s.figures if isinstance(s.figures, (list, tuple)) else [s.figures]
+        wrong = next((f for f in figures if not isinstance(f, go.Figure)), None)
+        if wrong is not None:
+            raise ParameterError(
+                f"Section '{s.title}' holds a {type(wrong).__name__} among its figures; give plotly figures, such as the "
+                "workbench.plots functions return."
+            )
+        s.figures = list(figures)
     described = [_describe(m) for m in models if m is not None]
     if described:
         labels = ["A", "B"] if len(described) <= 2 else [str(i + 1) for i in range(len(described))]
