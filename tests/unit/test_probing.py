@@ -401,3 +401,14 @@ def test_probing_result_converts_to_one_row_per_layer():
     np.testing.assert_array_equal(frame["accuracy"].to_numpy(), result.score)
     assert {"n_features", "accuracy_std", "train_accuracy"} <= set(frame.columns)
     assert "score=" in repr(result) and len(repr(result)) < 2000  # arrays by shape, not printed in full
+
+
+def test_whole_number_float_labels_warn_that_they_are_probed_as_a_regression_target():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 4))
+    labels = (x[:, 0] > 0).astype(np.float64)  # 0./1. class labels stored as floats
+    with pytest.warns(UserWarning, match=r"the labels are floats with 2 whole-number values, so they are probed as a "
+                                         r"regression target \(R\^2\); pass them as integers"):
+        result = probe_layers({"x": x}, labels, control=False, cv=3)
+    assert result.metric == "r2"
+    assert probe_layers({"x": x}, labels.astype(int), control=False, cv=3).metric == "accuracy"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -315,6 +316,13 @@ def _prepare_targets(
         if float(arr.max() - arr.min()) == 0.0:
             raise DataError(
                 f"{func}: the float target in 'labels' is constant ({arr[0]:g}), so R^2 is undefined; pass a target that varies."
+            )
+        values = np.unique(arr)
+        if len(values) <= 20 and np.array_equal(values, np.round(values)):
+            warnings.warn(
+                f"{func}: the labels are floats with {len(values)} whole-number values, so they are probed as a regression "
+                "target (R^2); pass them as integers (labels.astype(int)) to probe them as classes.",
+                UserWarning, stacklevel=3,
             )
         y = arr.astype(np.float64)
         classes = None
