@@ -522,7 +522,8 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     figures = entry.plot(result)
     if "a" in ctx._acts:
         ctx.layers_a = ctx._acts["a"].layers
-    return Section(entry.title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result))
+    return Section(entry.title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result),
+                   models=ctx.models(), dataset=dataset)
 
 
 # ---------------------------------------------------------------------------------------------

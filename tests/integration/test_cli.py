@@ -50,6 +50,8 @@ def test_analyze_writes_report(tmp_path):
     doc = json.loads((out_dir / "report.json").read_text())
     assert [s["title"] for s in doc["sections"]][1] == "Representational similarity (layer x layer)"
     assert doc["sections"][1]["results"][0]["measure"] == "procrustes_distance"
+    assert [m["name"] for m in doc["sections"][1]["models"]] == ["mlp_seed0", "mlp_seed1"]
+    assert doc["sections"][1]["dataset"]["name"] == "digits (test)"
     assert "workbench analyze --model-a" in doc["header"]["command"]
     html = (out_dir / "report.html").read_text()
     assert "Plotly.newPlot" in html and "run_analysis(" in html
