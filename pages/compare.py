@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 
 from pages import _state
 from workbench.analyses.relative import relative_comparison
-from workbench.analyses.similarity import CCA_KINDS, MEASURES, RDM_COMPARISONS, RDM_KINDS, similarity_matrix
+from workbench.analyses.similarity import (
+    CCA_KINDS,
+    MEASURES,
+    RDM_COMPARISONS,
+    RDM_KINDS,
+    chance_level,
+    similarity_matrix,
+)
+from workbench.errors import WorkbenchError
 from workbench.plots.similarity import class_agreement_bars, measure_label, relative_scatter, similarity_heatmap
 
 _state.in_app_shell()
@@ -25,6 +34,8 @@ HELP = {
     "rdm": "1 - correlation between two samples' activations, or their Euclidean distance.",
     "compare": "Spearman: only the order of the dissimilarities matters.",
     "anchors": "Samples whose cosine similarities define the relative coordinates.",
+    "chance": "The same comparison with model B's samples in a random order, so that sample i of A meets another "
+    "sample of B: what unrelated representations of these widths score on this many samples (a negative control).",
     "jaccard": "Overlap of the neighbours retrieved in B by a sample of A and by its own copy in B.",
     "mrr": "Mean reciprocal rank of the matching sample of B when queried with a sample of A.",
 }
@@ -78,15 +89,21 @@ st.caption(
     f"{result.estimator}; n = {result.n_samples} samples of {dataset.name}, pooling '{pooling}'. "
     "Hover a cell for its exact value; click it to open its detail below."
 )
-if measure in ("linear_cka", "rbf_cka") and not options.get("debiased"):
-    da, db = int(result.n_features_a.max()), int(result.n_features_b.max())
-    null = (da * db) ** 0.5 / ((result.n_samples + da) * (result.n_samples + db)) ** 0.5
-    if null > 0.1:
-        st.caption(
-            f"Biased CKA runs high when layers have many features for the number of samples: unrelated random features "
-            f"of {da} and {db} dimensions on {result.n_samples} samples score about {null:.2f}. Tick 'Debiased' for "
-            "values near 0 for unrelated layers."
-        )
+chance = None
+if st.checkbox("Chance level (B's samples shuffled)", value=True, key="cmp_chance", help=HELP["chance"]):
+    try:
+        with _state.progress_bar("Comparing with B's samples shuffled…") as progress:
+            chance = _state.cached_call(chance_level, acts_a, other, measure=measure, progress=progress, **options)
+    except WorkbenchError as exc:
+        st.caption(_state.plain(f"No chance level: {exc}"))
+if chance is not None:
+    low, high, mid = float(chance.values.min()), float(chance.values.max()), float(np.median(chance.values))
+    st.caption(
+        f"Chance level, the same measure on unrelated samples (B's samples in a random order): {low:.2f} to {high:.2f} "
+        f"over the cells (median {mid:.2f}); read each cell against it."
+        + (" Biased CKA of unrelated layers stays above 0: tick 'Debiased' for a chance level near 0."
+           if measure in ("linear_cka", "rbf_cka") and not options.get("debiased") and high > 0.1 else "")
+    )
 title = f"{measure_label(measure)}: {result.model_a} vs {result.model_b}"
 _state.report_button(title, result, [heatmap], key="cmp_report", analysis="similarity",
                      params={"measure": measure, **options}, layers=layers_a, layers_b=layers_b, pooling=pooling)
@@ -117,7 +134,10 @@ gain = None
 if agreement.absolute_mean_jaccard is not None:
     gain = f"{agreement.mean_jaccard - agreement.absolute_mean_jaccard:+.3f} vs absolute"
 cols = st.columns(3)
-cols[0].metric(measure_label(measure), f"{value:.4f}", help=result.estimator)
+cell_chance = None if chance is None else float(chance.values[chance.layers_a.index(cell_a), chance.layers_b.index(cell_b)])
+cols[0].metric(measure_label(measure), f"{value:.4f}", help=result.estimator,
+               delta=None if cell_chance is None else f"{value - cell_chance:+.3f} vs chance ({cell_chance:.3f})",
+               delta_color="normal" if result.higher_is_closer else "inverse")
 cols[1].metric(f"Jaccard@{agreement.k} (relative)", f"{agreement.mean_jaccard:.3f}", delta=gain, help=HELP["jaccard"])
 cols[2].metric("MRR (relative)", f"{agreement.mrr:.3f}", help=HELP["mrr"])
 left, right = st.columns(2)

@@ -62,12 +62,30 @@ def test_heatmap_and_detail_panel_for_two_models(compare, sample_model, digits_t
     assert float(metrics["Jaccard@10 (relative)"]) > 0.5
 
 
-def test_biased_cka_of_wide_layers_says_how_high_unrelated_layers_score(compare):
+def test_every_cell_is_read_against_the_chance_level_of_shuffled_samples(compare):
+    import re
+
+    from workbench.analyses.similarity import chance_level
+
     at = compare
-    note = "unrelated random features of 512 and 512 dimensions on 450 samples score about 0.53. Tick 'Debiased'"
-    assert any(note in c.value for c in at.caption)
+    caption = next(c.value for c in at.caption if c.value.startswith("Chance level"))
+    low, high = (float(v) for v in re.search(r"random order\): ([-\d.]+) to ([-\d.]+)", caption).groups())
+    assert 0.0 <= low <= high < 0.2  # unrelated samples score far below the matching layers (0.92-0.98)
+    acts = at.session_state  # the page's chance level is the library's on the same activations
+    from workbench import extract
+
+    a = extract(acts["model_a"], acts["dataset"], list(at.multiselect(key="cmp_layers_a").value))
+    b = extract(acts["model_b"], acts["dataset"], list(at.multiselect(key="cmp_layers_b").value))
+    expected = chance_level(a, b)
+    assert f"{expected.values.min():.2f} to {expected.values.max():.2f}" in caption
+    delta = at.metric[0].proto.delta
+    assert delta.endswith(f"vs chance ({expected.values[-1, -1]:.3f})")
     at.checkbox(key="cmp_debiased").check().run()
-    assert not page_errors(at) and not any("Biased CKA runs high" in c.value for c in at.caption)
+    assert not page_errors(at)
+    caption = next(c.value for c in at.caption if c.value.startswith("Chance level"))
+    assert "tick 'Debiased'" not in caption
+    at.checkbox(key="cmp_chance").uncheck().run()
+    assert not any(c.value.startswith("Chance level") for c in at.caption) and not at.metric[0].proto.delta
 
 
 def test_measure_options_change_the_heatmap(compare):

@@ -653,3 +653,24 @@ def test_result_prints_on_one_short_line_and_converts_to_pandas():
     assert list(frame.index) == ["x", "y", "z"] and list(frame.columns) == ["x", "y", "z"]
     np.testing.assert_array_equal(frame.to_numpy(), result.values)
     assert frame.index.name == "A" and frame.columns.name == "A"  # the model names (A for a plain dict)
+
+
+def test_chance_level_is_the_measure_on_shuffled_samples():
+    from workbench.analyses.similarity import chance_level
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((450, 512))
+    y = x @ rng.standard_normal((512, 512)) + 0.1 * rng.standard_normal((450, 512))  # closely related to x
+    related = similarity_matrix({"x": x}, {"y": y}).values[0, 0]
+    chance = chance_level({"x": x}, {"y": y})
+    assert related > chance.values[0, 0] + 0.3
+    z = rng.standard_normal((450, 512))
+    null = math.sqrt(512 * 512 / ((450 + 512) * (450 + 512)))  # biased CKA of unrelated isotropic features
+    assert chance_level({"x": x}, {"z": z}).values[0, 0] == pytest.approx(null, abs=0.02)
+    assert chance.model_b == "B (samples shuffled)" and "random order (seed 0)" in chance.estimator
+    assert abs(chance_level({"x": x}, {"y": y}, debiased=True).values[0, 0]) < 0.02
+    assert chance_level({"x": x}, {"y": y}, seed=1).values[0, 0] != chance.values[0, 0]
+    itself = chance_level({"x": x, "x2": x[:, :10]})  # A against itself, shuffled: a full, non-symmetric matrix
+    assert itself.values.shape == (2, 2) and itself.values[0, 0] < 0.6
+    with pytest.raises(ParameterError, match=r"'seed' parameter of chance_level must be an int in \[0, inf\]"):
+        chance_level({"x": x}, seed=-1)

@@ -29,6 +29,7 @@ Defined values and errors, the same for every measure:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,6 +47,7 @@ from workbench.analyses._validation import (
     check_bool,
     check_choice,
     check_float,
+    check_int,
     check_paired,
     check_progress,
     check_same_dataset,
@@ -1223,4 +1225,35 @@ def similarity_matrix(
         device=str(dev),
         dtype="float64",
         seconds=time.perf_counter() - start,
+    )
+
+
+def chance_level(
+    acts_a: Activations | Mapping[str, ArrayLike],
+    acts_b: Activations | Mapping[str, ArrayLike] | None = None,
+    *,
+    layers_b: Sequence[str] | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> SimilarityMatrixResult:
+    """What unrelated samples score: :func:`similarity_matrix` with model B's samples in a random order.
+
+    Sample ``i`` of A is then compared with another sample of B, so every cell is the measure's value
+    for two representations that share nothing sample by sample, at the same widths and ``n``: the
+    negative control to read a heatmap against (biased CKA of wide layers and SVCCA with many kept
+    directions sit far above 0 on unrelated data). ``acts_b=None`` shuffles A against itself.
+    ``seed`` fixes the permutation; ``layers_b`` and ``options`` are passed on (``layers_a``,
+    ``measure``, ``debiased``, ...).
+    """
+    func = "chance_level"
+    seed = check_int(seed, "seed", func=func, low=0)
+    source = acts_a if acts_b is None else acts_b
+    raw_b = _layer_tensors(source, layers_b, "acts_b", func)
+    n = int(np.shape(raw_b[0][1])[0])
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    shuffled = {name: torch.as_tensor(np.asarray(t))[perm] for name, t in raw_b}
+    result = similarity_matrix(acts_a, shuffled, **options)
+    return dataclasses.replace(
+        result, model_b=f"{_model_name(source, 'A' if acts_b is None else 'B')} (samples shuffled)",
+        estimator=f"{result.estimator}; chance level: B's samples in a random order (seed {seed})", seed=seed,
     )
