@@ -14,7 +14,10 @@ st.title("Probing")
 st.caption(
     "A probe is a small classifier trained on one layer's activations to predict the labels; its held-out "
     "accuracy says how much of the label the layer makes (linearly) readable. The control task (Hewitt & Liang "
-    "2019) gives each sample a random label: selectivity = accuracy - control accuracy."
+    "2019) gives each sample a random label: selectivity = accuracy - control accuracy. With one random label per "
+    "sample the held-out control sits at chance by construction, so selectivity is accuracy above chance; the "
+    "control's training score shows how much random labelling the probe can memorise (high: the probe is too "
+    "expressive for these samples)."
 )
 models = _state.current_models()
 if not models:
@@ -83,7 +86,7 @@ st.dataframe(
     key="probe_table",
     column_config={
         col: st.column_config.NumberColumn(format="%.3f")
-        for col in (metric, "std", "training", "macro-F1", "control", "selectivity")
+        for col in (metric, "std", "training", "macro-F1", "control", "control, training", "selectivity")
     },
 )
 st.caption(

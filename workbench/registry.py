@@ -121,8 +121,11 @@ def _activation_stats_plot(results: Any) -> list[go.Figure]:
 
 
 def _activation_stats_summary(results: Any) -> dict[str, Any]:
+    from workbench.plots.activations import stats_rows
+
     labels = _model_labels([r.model for r in results])
-    return {f"{m}/{layer}/dead_fraction": s.dead_fraction for m, r in zip(labels, results) for layer, s in r.stats.items()}
+    return {m: {row["layer"]: {k: v for k, v in row.items() if k not in ("model", "layer")} for row in stats_rows(r)}
+            for m, r in zip(labels, results)}
 
 
 def _similarity(ctx: Context, measure: str = "linear_cka", **options: Any) -> Any:
@@ -162,8 +165,14 @@ def _relative_plot(result: Any) -> list[go.Figure]:
 
 
 def _relative_summary(result: Any) -> dict[str, Any]:
-    d = result.to_dict()
-    return {k: v for k, v in d.items() if isinstance(v, list) and k.startswith(("jaccard", "mrr"))}
+    out: dict[str, Any] = {}
+    for i, (la, lb) in enumerate(zip(result.layers_a, result.layers_b)):
+        row = {f"Jaccard@{result.k} (relative)": float(result.jaccard[i]), "MRR (relative)": float(result.mrr[i])}
+        if bool(result.absolute_comparable[i]):
+            row.update({f"Jaccard@{result.k} (absolute)": float(result.absolute_jaccard[i]),
+                        "MRR (absolute)": float(result.absolute_mrr[i])})
+        out[la if la == lb else f"{la} vs {lb}"] = row
+    return out
 
 
 def _mode_connectivity(ctx: Context, n_points: int = 25, top_k: int = 5, seed: int = 0) -> Any:
@@ -278,8 +287,11 @@ def _probing_plot(results: Any) -> list[go.Figure]:
 
 
 def _probing_summary(results: Any) -> dict[str, Any]:
+    from workbench.plots.probing import probe_rows
+
     labels = _model_labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
-    return {m: dict(zip(r.layers, np.asarray(r.score).tolist())) for m, r in zip(labels, results)}
+    return {m: {row["layer"]: {k: v for k, v in row.items() if k not in ("model", "layer", "features")} for row in probe_rows(r, m)}
+            for m, r in zip(labels, results)}
 
 
 def _embedding(ctx: Context, method: str = "umap", layer: str | None = None, seed: int = 0) -> Any:
@@ -346,9 +358,11 @@ def _merge_summary(result: Any) -> dict[str, Any]:
 def _stitching_summary(result: Any) -> dict[str, Any]:
     rel = np.asarray(result.relative_accuracy)
     out: dict[str, Any] = {"B on the head of A (relative)": float(rel[1, 0]), "A on the head of B (relative)": float(rel[0, 1]),
-                           "chance": result.chance_accuracy}
+                           "chance": result.chance_accuracy, "heads trained on (samples)": result.n_train}
     if result.absolute_accuracy is not None:
-        out["B on the head of A (absolute)"] = float(np.asarray(result.absolute_accuracy)[1, 0])
+        absolute = np.asarray(result.absolute_accuracy)
+        out["B on the head of A (absolute)"] = float(absolute[1, 0])
+        out["A on the head of B (absolute)"] = float(absolute[0, 1])
     if result.own_accuracy is not None:
         out["own heads (A, B)"] = np.asarray(result.own_accuracy).tolist()
     return out
@@ -361,7 +375,7 @@ def _llc_summary(results: Any) -> dict[str, Any]:
 def _by_type() -> dict[str, tuple[str, Callable[[Any], dict[str, Any]], bool]]:
     """Result type name -> (label, summary function, whether it takes a list of results)."""
     return {
-        "ActivationStatsResult": ("dead fraction", _activation_stats_summary, True),
+        "ActivationStatsResult": ("activation statistics", _activation_stats_summary, True),
         "SimilarityMatrixResult": ("similarity", _similarity_summary, False),
         "RelativeLayerAgreementResult": ("relative agreement", _relative_summary, False),
         "StitchingResult": ("stitching accuracy", _stitching_summary, False),

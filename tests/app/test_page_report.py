@@ -50,10 +50,11 @@ def test_report_zip_contents(app):
         doc = json.loads(zf.read("report.json"))
     assert doc["sections"][0]["results"][0]["model"] == "mlp_seed0"
     assert doc["sections"][0]["results"][1]["model"] == "mlp_seed1"
-    summary = section["summary"]["dead fraction"]  # the page's headline numbers travel with the section
+    summary = section["summary"]["activation statistics"]  # the page's table travels with the section
     results = section["result"]
-    assert summary == {f"{r.model}/{layer}/dead_fraction": s.dead_fraction for r in results for layer, s in r.stats.items()}
-    assert len(summary) >= 4
+    assert {m: set(layers) for m, layers in summary.items()} == {r.model: set(r.stats) for r in results}
+    first = results[0].stats[next(iter(results[0].stats))]
+    assert summary[results[0].model][first.layer]["dead units"] == first.dead_fraction
 
 
 def test_sections_from_pages_carry_the_code_that_recreates_them(app, tmp_path, monkeypatch):

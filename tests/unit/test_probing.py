@@ -370,6 +370,7 @@ def test_probe_figures_and_rows():
     assert np.asarray(heat.data[0].z).shape == (4, 4)
     assert "layer l2" in figure_title(heat)
     rows = probe_rows(a, "A")
+    assert rows[0]["control, training"] == a.control_train_score[0]  # what the probe memorises of random labels
     assert [r["layer"] for r in rows] == ["l1", "l2"] and {"accuracy", "control", "selectivity", "macro-F1"} <= set(
         rows[0]
     )

@@ -46,7 +46,7 @@ def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
     a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
     result = mode_connectivity(a, b, digits_test, n_points=5, methods=("naive", "weight_matching"))
     summary = summarize([result, activation_stats(extract(a, digits_test, ["fc1"]))])
-    assert list(summary) == ["barriers", "dead fraction"]
+    assert list(summary) == ["barriers", "activation statistics"]
     naive = result.barriers["naive"]
     assert summary["barriers"]["naive"]["test"]["barrier (linear)"] == naive.linear["test"]
     rows = dict(summary_rows(summary))
@@ -55,6 +55,9 @@ def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
     assert "Key numbers" in text and "barriers / weight_matching / test / accuracy drop" in text
     assert f"{naive.linear['test']:.4g}" in text
     assert summarize([object()]) == {}  # kinds without a summary are left out
+    stats = activation_stats(extract(a, digits_test, ["fc1"]))
+    twice = build_report([Section("Twice", [stats, stats])], title="t").to_html()
+    assert twice.count("<b>Estimator:</b>") == 1  # results sharing an estimator give one line
 
 
 def test_json_and_npz_round_trip(stats_report, tmp_path):

@@ -14,7 +14,7 @@ from workbench.plots._style import MODEL_COLORS, takes_results, titled
 def stats_rows(result: ActivationStatsResult) -> list[dict[str, object]]:
     """One table row per layer."""
     return [
-        {"model": result.model, "layer": s.layer, "features": s.n_features, "mean": s.mean, "std": s.std,
+        {"model": result.model, "layer": s.layer, "features": s.n_features, "mean": s.mean, "std (all values)": s.std,
          "min": s.min, "max": s.max, "dead units": s.dead_fraction, "constant units": s.constant_fraction,
          "zeros": s.sparsity}
         for s in result.stats.values()

@@ -124,7 +124,8 @@ def probe_confusion(result: ProbingResult, layer: str, *, class_names: Sequence[
 
 @takes_results
 def probe_rows(result: ProbingResult, name: str | None = None) -> list[dict[str, object]]:
-    """One table row per layer: score ± std, macro-F1, control score and selectivity."""
+    """One table row per layer: score ± std, training score, macro-F1, control score (held-out and on the training
+    rows, where a probe that memorises random labels scores high) and selectivity."""
     model = name or result.model_name
     rows = []
     for i, layer in enumerate(result.layers):
@@ -140,6 +141,8 @@ def probe_rows(result: ProbingResult, name: str | None = None) -> list[dict[str,
             row["macro-F1"] = float(result.macro_f1[i])
         if result.control_score is not None and result.selectivity is not None:
             row["control"] = float(result.control_score[i])
+            if result.control_train_score is not None:
+                row["control, training"] = float(result.control_train_score[i])
             row["selectivity"] = float(result.selectivity[i])
         rows.append(row)
     return rows

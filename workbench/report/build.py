@@ -179,8 +179,12 @@ class Report:
             figs = [f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{i}-{j}",
                               config={"displaylogo": False, "responsive": True}) for j, f in enumerate(s.figures)]
             results = s.record()["results"]
-            params = [{k: r.get(k) for k in ("estimator", "n_samples", "params", "seed", "device", "dtype", "seconds")
-                       if isinstance(r, dict) and k in r} for r in results]
+            params: list[dict[str, Any]] = []
+            for r in results:  # one line per distinct estimator (two models' results usually share one)
+                line = {k: r.get(k) for k in ("estimator", "n_samples", "params", "seed", "device", "dtype")
+                        if isinstance(r, dict) and k in r}
+                if line not in params:
+                    params.append(line)
             record = s.record()
             sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet,
                              "notes": s.notes, "models": record["models"], "dataset": record["dataset"],
