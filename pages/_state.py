@@ -318,6 +318,20 @@ def guard() -> Iterator[None]:
         stop()
 
 
+def for_each_model(models: list[wb.LoadedModel], fn: Callable[[wb.LoadedModel, str], Any]) -> list[tuple[wb.LoadedModel, Any]]:
+    """``fn(model, slot)`` for model A (slot "a") and B ("b"); a model that fails shows its error and is left out, so
+    that a problem of model B does not hide model A's results. Stops the page when no model succeeds."""
+    done = []
+    for model, slot in zip(models, "ab"):
+        try:
+            done.append((model, fn(model, slot)))
+        except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
+            show_error(exc)
+    if not done:
+        stop()
+    return done
+
+
 def require_models(n: int = 1) -> tuple[wb.LoadedModel, ...]:
     """Model A (and B when ``n == 2``), or an info box and a stop when they are not chosen."""
     models = [st.session_state.get(MODEL_A), st.session_state.get(MODEL_B)][:n]

@@ -19,11 +19,14 @@ dataset = _state.require_dataset()
 pooling = _state.pooling_picker("act_pooling")
 chosen = _state.layer_pickers(models, "act_layers")
 
-results = []
-with _state.guard():
-    for model, slot in zip(models, "ab"):
-        acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
-        results.append(_state.cached_call(activation_stats, acts, model=model.name, dataset=dataset.name))
+
+
+def statistics(model, slot):
+    acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
+    return _state.cached_call(activation_stats, acts, model=model.name, dataset=dataset.name)
+
+
+results = [r for _, r in _state.for_each_model(models, statistics)]
 
 rows = [row for r in results for row in stats_rows(r)]
 st.dataframe(

@@ -66,16 +66,17 @@ control = c4.checkbox(
 pooling = _state.pooling_picker("probe_pooling")
 chosen = _state.layer_pickers(models, "probe_layers")
 
-results = []
-with _state.guard():
-    for model, slot in zip(models, "ab"):
-        acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
-        with _state.progress_bar(f"Training {probe} probes on {model.name}…") as progress:
-            results.append(
-                _state.cached_call(probe_layers, acts, probe=probe, cv=cv, control=control, c=c, progress=progress)
-            )
 
-names = [m.name for m in models]
+
+def probes(model, slot):
+    acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
+    with _state.progress_bar(f"Training {probe} probes on {model.name}…") as progress:
+        return _state.cached_call(probe_layers, acts, probe=probe, cv=cv, control=control, c=c, progress=progress)
+
+
+done = _state.for_each_model(models, probes)
+results = [r for _, r in done]
+names = [m.name for m, _ in done]
 profile = probe_profile(*results, names=names)
 st.plotly_chart(profile, width="stretch", key="probe_profile")
 metric = results[0].metric

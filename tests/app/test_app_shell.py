@@ -207,3 +207,17 @@ def test_cached_results_carry_the_names_of_the_callers_models(sample_model_path)
     assert cached_call(names, upload, data) == "someone's upload on digits (test)"
     assert cached_call(names, model, data) == "mlp_narrow_seed0 on digits (test)"
     assert cached_call(names, model, dataclasses.replace(data, name="mine")) == "mlp_narrow_seed0 on mine"
+
+
+@pytest.mark.parametrize("page", ["pages/activations.py", "pages/probing.py"])
+def test_a_model_b_that_cannot_run_on_the_data_leaves_model_a_shown(app, sample_model_path, page):
+    from workbench import load_model
+
+    app.session_state["model_a"] = load_model(sample_model_path("mlp_narrow_seed0"))
+    app.session_state["model_b"] = load_model(sample_model_path("text_transformer_seed0"))  # takes token ids, not digits
+    at = app.run()
+    at.switch_page(page).run()
+    errors = page_errors(at)
+    assert len(errors) == 1 and "text_transformer_seed0" in errors[0] and not at.exception
+    table = at.dataframe[0].value
+    assert set(table["model"]) == {"mlp_narrow_seed0"}
