@@ -1033,7 +1033,8 @@ def similarity_matrix(
     pass per layer plus one cheap step per pair, not a pass over the data for every pair. Linear CKA uses
     the feature-space form when it is cheaper than ``n x n`` Gram matrices (large ``n``) and the Gram
     form otherwise. When ``acts_b`` is omitted or is ``acts_a`` with the same layers, only one triangle
-    is computed (the symmetric measures give a symmetric matrix with 1, or 0 for distances, on the diagonal).
+    is computed (the symmetric measures give a symmetric matrix with 1, or 0 for distances up to the rounding
+    floor of :func:`procrustes_distance`, about 1e-7, on the diagonal).
 
     Args:
         acts_a: :class:`~workbench.activations.types.Activations` of model A, or a dict of layer name ->
