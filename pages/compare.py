@@ -79,9 +79,16 @@ with _state.guard():
     acts_a = _state.cached_activations(model_a, dataset, layers_a, pooling)
     same = model_b is model_a and layers_b == layers_a
     acts_b = acts_a if same else _state.cached_activations(model_b, dataset, layers_b, pooling)
-    with _state.progress_bar("Comparing layers…") as progress:
-        other = None if same else acts_b
-        result = _state.cached_call(similarity_matrix, acts_a, other, measure=measure, progress=progress, **options)
+    other = None if same else acts_b
+    try:
+        with _state.progress_bar("Comparing layers…") as progress:
+            result = _state.cached_call(similarity_matrix, acts_a, other, measure=measure, progress=progress, **options)
+    except WorkbenchError as exc:
+        _state.show_error(exc)
+        if measure == "cca_similarity" and options.get("kind") != "svcca":
+            st.info("PWCCA and mean CCA need every compared pair of layers to span fewer dimensions than there are samples: "
+                    "choose 'svcca' under CCA summary (it keeps the leading directions only), or deselect the widest layers.")
+        _state.stop()
 
 heatmap = similarity_heatmap(result)
 event = st.plotly_chart(heatmap, key="cmp_heatmap", on_select="rerun", selection_mode="points", width="stretch")

@@ -122,3 +122,14 @@ def test_undefined_measure_shows_the_library_error(compare):
     assert any("dimensions but 450 samples leave only 449 after centring" in e for e in errors)
     assert not at.exception
     assert not at.get("plotly_chart")
+
+
+def test_pwcca_on_layers_wider_than_the_samples_points_to_svcca(compare):
+    at = compare
+    at.selectbox(key="cmp_measure").set_value("cca_similarity").run()
+    at.selectbox(key="cmp_cca_kind").set_value("pwcca").run()
+    errors = page_errors(at)
+    assert len(errors) == 1 and "some canonical correlations are 1 whatever the data" in errors[0]
+    assert any("choose 'svcca' under CCA summary" in i.value for i in at.info) and not at.exception
+    at.selectbox(key="cmp_cca_kind").set_value("svcca").run()
+    assert not page_errors(at) and at.get("plotly_chart")
