@@ -103,12 +103,6 @@ def load_uploaded_dataset(data: bytes, filename: str) -> wb.Dataset:
     return wb.load_dataset(data, filename=filename, max_bytes=max_upload_mb() << 20)
 
 
-def is_digits_test(dataset: wb.Dataset) -> bool:
-    """Whether ``dataset`` is the bundled digits test split (by content: an upload named 'digits…' is not), the one
-    whose train split pages may add for statistics and a second evaluation."""
-    return dataset.sha256 == load_builtin_dataset("digits", "test").sha256
-
-
 CALL_LOG = "_call_log"
 
 

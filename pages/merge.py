@@ -6,6 +6,7 @@ import streamlit as st
 
 from pages import _state
 from workbench.analyses import mode_connectivity as mc
+from workbench.data import digits_train_for
 from workbench.plots import mode_connectivity as plots
 
 _state.in_app_shell()
@@ -13,7 +14,8 @@ _state.in_app_shell()
 st.title("Model merging")
 dataset = _state.require_dataset()
 names = _state.sample_model_names()
-digits = _state.is_digits_test(dataset)
+train_split = digits_train_for(dataset)
+digits = train_split is not None
 st.caption(
     "Align the members to a common basis (MergeMany: each is weight-matched to the average of the others) "
     "and average the weights; compare with each member and with the plain average."
@@ -27,7 +29,7 @@ with st.expander("Settings", expanded=False):
         help="Offered when the dataset is the bundled digits test split.",
     )
     seed = int(st.number_input("Seed (order of members and permutations)", 0, 10_000, 0, key="merge_seed"))
-train = _state.load_builtin_dataset("digits", "train") if use_train and digits else None
+train = train_split if use_train else None
 loaded = {  # the sidebar's models that are not bundled ones (uploads, models set from Python)
     f"{m.name} (loaded)": m for m in _state.current_models()
     if m.name not in names or m.sha256 != _state.load_sample_model(m.name).sha256

@@ -6,6 +6,7 @@ import streamlit as st
 
 from pages import _state
 from workbench.analyses import mode_connectivity as mc
+from workbench.data import digits_train_for
 from workbench.plots import mode_connectivity as plots
 
 _state.in_app_shell()
@@ -51,7 +52,8 @@ chosen_b = st.session_state.get(_state.MODEL_B)
 if chosen_b is not None and chosen_b.name not in matching:
     st.caption(f"The sidebar's model B ({chosen_b.name}) has another architecture than {model_a.name}, so it cannot be "
                f"matched to it; {model_b.name} is used instead.")
-digits = _state.is_digits_test(dataset)
+train_split = digits_train_for(dataset)
+digits = train_split is not None
 with st.expander("Settings", expanded=False):
     n_points = st.slider(
         "Points along the path", 5, 51, 25, 2, key="mc_points", help="λ values in [0, 1]; 25 resolves typical barriers."
@@ -78,7 +80,7 @@ if not methods:
     st.info("Pick at least one alignment.")
     _state.stop()
 
-train = _state.load_builtin_dataset("digits", "train") if use_train and digits else None
+train = train_split if use_train else None
 with _state.guard(), _state.progress_bar("Matching and interpolating…") as bar:
     result = _state.cached_call(
         mc.mode_connectivity,

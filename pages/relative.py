@@ -8,6 +8,7 @@ import streamlit as st
 
 from pages import _state
 from workbench.analyses.relative import ANCHOR_METHODS, HEADS, relative_agreement_by_layer, stitch
+from workbench.data import digits_train_for
 from workbench.plots.similarity import layer_agreement_bars, stitching_bars
 
 _state.in_app_shell()
@@ -107,8 +108,9 @@ if not st.toggle("Run zero-shot stitching", key="rel_stitch"):
 
 def splits(data):
     """The digits train split for training when the digits test split is shown, else a seeded 70/30 split."""
-    if _state.is_digits_test(data):
-        return _state.load_builtin_dataset("digits", "train"), data
+    train = digits_train_for(data)
+    if train is not None:
+        return train, data
     order = np.random.default_rng(0).permutation(data.n_samples)
     cut = int(0.7 * data.n_samples)
     return data.subset(order[:cut], f"{data.name} [70%]"), data.subset(order[cut:], f"{data.name} [30%]")

@@ -177,12 +177,9 @@ def _relative_summary(result: Any) -> dict[str, Any]:
 
 def _mode_connectivity(ctx: Context, n_points: int = 25, top_k: int = 5, seed: int = 0) -> Any:
     from workbench.analyses.mode_connectivity import mode_connectivity
-    from workbench.data import load_dataset
+    from workbench.data import digits_train_for
 
-    train = None
-    if ctx.dataset.sha256 == load_dataset("digits", split="test").sha256:  # the bundled test split: add its train split
-        train = load_dataset("digits", split="train")
-    return mode_connectivity(ctx.model_a, ctx.model_b, ctx.dataset, train_dataset=train, n_points=n_points,
+    return mode_connectivity(ctx.model_a, ctx.model_b, ctx.dataset, train_dataset=digits_train_for(ctx.dataset), n_points=n_points,
                              top_k=top_k, seed=seed, device=ctx.device, progress=ctx.progress)
 
 

@@ -193,3 +193,13 @@ def test_inputs_hash_ignores_labels_and_is_made_with_the_dataset_hash():
     assert labelled.sha256 == content_hash(labelled.x, labelled.y)
     assert labelled.inputs_sha256 == content_hash(labelled.x, None) == make_dataset("b", x).sha256
     assert labelled.inputs_sha256 != make_dataset("c", x.flip(0)).inputs_sha256
+
+
+def test_the_digits_train_split_goes_with_the_bundled_test_split_only():
+    from workbench.data import digits_train_for
+
+    test = load_dataset("digits")
+    assert digits_train_for(test).sha256 == load_dataset("digits", split="train").sha256
+    assert digits_train_for(make_dataset("renamed", test.x, test.y)) is not None  # the same content under another name
+    assert digits_train_for(make_dataset("digits_mine", test.x[:300], test.y[:300])) is None  # named like it, not it
+    assert digits_train_for(load_dataset("digits", split="train")) is None

@@ -3,9 +3,10 @@ from workbench.data.datasets import (
     Dataset,
     blobs,
     digits,
+    digits_train_for,
     label_order_note,
     load_dataset,
     make_dataset,
 )
 
-__all__ = ["BUILTIN_DATASETS", "Dataset", "blobs", "digits", "label_order_note", "load_dataset", "make_dataset"]
+__all__ = ["BUILTIN_DATASETS", "Dataset", "blobs", "digits", "digits_train_for", "label_order_note", "load_dataset", "make_dataset"]

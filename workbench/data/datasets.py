@@ -222,6 +222,12 @@ def digits(split: str = "test") -> Dataset:
                         description="scikit-learn 8x8 digits, standardised", info={"split": split})
 
 
+def digits_train_for(dataset: Dataset) -> Dataset | None:
+    """The bundled digits train split when ``dataset`` is the bundled test split (by content: a file named
+    'digits…' is not), else None: the split analyses add for statistics and a second evaluation."""
+    return digits("train") if dataset.sha256 == digits("test").sha256 else None
+
+
 def blobs(separation: float = 3.0, *, n_samples: int = 1000, n_features: int = 64, n_classes: int = 5,
           seed: int = 0) -> Dataset:
     """Gaussian classes with controllable separation.
