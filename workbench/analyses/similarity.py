@@ -838,6 +838,18 @@ def _chunk_hsic(a: _KernelStats, b: _KernelStats, m: int) -> float:
     return m * _unbiased_scale(m) * _hsic_from_inner(_inner(a, b), a, b, True, m)
 
 
+def _stream_layout(
+    raw_a: list[tuple[str, ArrayLike]], raw_b: list[tuple[str, ArrayLike]], symmetric: bool, names_a: list[str],
+    names_b: list[str],
+) -> tuple[list[tuple[str, ArrayLike]], list[str], int, int, list[int]]:
+    """The layers a streamed matrix reads (A's, then B's unless B is A), their labels, the sample count, the number
+    of A's layers and the positions of B's layers among them."""
+    layers = raw_a if symmetric else raw_a + raw_b
+    labels = names_a if symmetric else names_a + names_b
+    idx_b = list(range(len(raw_a))) if symmetric else list(range(len(raw_a), len(layers)))
+    return layers, labels, int(np.shape(layers[0][1])[0]), len(raw_a), idx_b
+
+
 def _streaming_linear_cka(
     raw_a: list[tuple[str, ArrayLike]],
     raw_b: list[tuple[str, ArrayLike]],
@@ -854,11 +866,7 @@ def _streaming_linear_cka(
     Per chunk, each layer is centred once; every pair's unbiased HSIC is accumulated weighted by the
     chunk size, as in :func:`minibatch_cka`.
     """
-    layers = raw_a if symmetric else raw_a + raw_b
-    labels = names_a if symmetric else names_a + names_b
-    n = int(np.shape(layers[0][1])[0]) if not hasattr(layers[0][1], "shape") else int(layers[0][1].shape[0])
-    n_a = len(raw_a)
-    idx_b = list(range(n_a)) if symmetric else list(range(n_a, len(layers)))
+    layers, labels, n, n_a, idx_b = _stream_layout(raw_a, raw_b, symmetric, names_a, names_b)
     cross = np.zeros((n_a, len(idx_b)))
     self_terms = np.zeros(len(layers))
     bounds = _chunk_bounds(n, chunk)
@@ -919,11 +927,7 @@ def _exact_streaming_linear_cka(
     ``||z_i - zbar||^2 = q_i - 2 z_i.zbar + |zbar|^2`` expands ``diag(K_a).diag(K_b)`` and the traces
     the unbiased estimator needs into the same sums.
     """
-    layers = raw_a if symmetric else raw_a + raw_b
-    labels = names_a if symmetric else names_a + names_b
-    n = int(layers[0][1].shape[0]) if hasattr(layers[0][1], "shape") else int(np.shape(layers[0][1])[0])
-    n_a = len(raw_a)
-    idx_b = list(range(n_a)) if symmetric else list(range(n_a, len(layers)))
+    layers, labels, n, n_a, idx_b = _stream_layout(raw_a, raw_b, symmetric, names_a, names_b)
     shifts: list[torch.Tensor] = []
     scales: list[float] = []
     cols: list[slice] = []
