@@ -45,6 +45,7 @@ def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
 
     a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
     result = mode_connectivity(a, b, digits_test, n_points=5, methods=("naive", "weight_matching"))
+    assert result.dtype == result.curves["naive"].dtype == "float32"  # the paths' forward passes, as the report line says
     summary = summarize([result, activation_stats(extract(a, digits_test, ["fc1"]))])
     assert list(summary) == ["barriers", "activation statistics"]
     naive = result.barriers["naive"]

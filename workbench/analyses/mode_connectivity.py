@@ -1713,7 +1713,7 @@ def mode_connectivity(
         },
         seed=seed,
         device=wm.device,
-        dtype="float64",
+        dtype=curves[methods[0]].dtype,  # the forward passes along the paths; sums and matching are float64
         seconds=time.perf_counter() - start,
     )
 
@@ -1941,7 +1941,7 @@ def merge(
         },
         seed=seed,
         device=str(dev),
-        dtype="float64",
+        dtype=str(_module_dtype(modules[0])).replace("torch.", ""),  # the evaluations; matching sums are float64
         seconds=time.perf_counter() - start,
     )
 
