@@ -148,8 +148,9 @@ cols[0].metric(measure_label(measure), f"{value:.4f}", help=result.estimator,
 cols[1].metric(f"Jaccard@{agreement.k} (relative)", f"{agreement.mean_jaccard:.3f}", delta=gain, help=HELP["jaccard"])
 cols[2].metric("MRR (relative)", f"{agreement.mrr:.3f}", help=HELP["mrr"])
 left, right = st.columns(2)
-scatter = relative_scatter(detail, label_a=f"{model_a.name}.{cell_a}", label_b=f"{model_b.name}.{cell_b}")
-bars = class_agreement_bars(agreement)
+scatter = relative_scatter(detail, label_a=f"{model_a.name}.{cell_a}", label_b=f"{model_b.name}.{cell_b}",
+                           class_names=dataset.class_names)
+bars = class_agreement_bars(agreement, class_names=dataset.class_names)
 left.plotly_chart(scatter, key="cmp_scatter", width="stretch")
 right.plotly_chart(bars, key="cmp_classes", width="stretch")
 title = f"Relative representations: {model_a.name}.{cell_a} vs {model_b.name}.{cell_b}"

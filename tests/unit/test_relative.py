@@ -310,3 +310,18 @@ def test_fps_anchors_are_distinct_samples_even_among_duplicate_rows():
     anchors = select_anchors(x, 5, method="fps")
     assert len(set(anchors.tolist())) == 5
     assert len({tuple(x[i]) for i in anchors.tolist()[:3]}) == 3  # the first three cover the three distinct points
+
+
+def test_relative_figures_name_the_classes():
+    from workbench.analyses.relative import relative_comparison
+    from workbench.plots.similarity import class_agreement_bars, relative_scatter
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 8))
+    labels = np.arange(60) % 3
+    detail = relative_comparison(x, x @ rng.standard_normal((8, 8)), n_anchors=10, k=5, labels=labels)
+    names = ("cat", "dog", "eel")
+    scatter = relative_scatter(detail, class_names=names)
+    assert [t.name for t in scatter.data[:3]] == ["class cat", "class dog", "class eel"]
+    assert list(class_agreement_bars(detail.agreement, class_names=names).data[0].x) == list(names)
+    assert [t.name for t in relative_scatter(detail).data[:3]] == ["class 0", "class 1", "class 2"]

@@ -8,6 +8,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import plotly.graph_objects as go
 
 from workbench.errors import ParameterError
@@ -66,6 +67,13 @@ def order_layers(fig: go.Figure, *sequences: Sequence[str]) -> go.Figure:
     categories by first appearance, so a second model's layer could be drawn after the output)."""
     fig.update_xaxes(categoryorder="array", categoryarray=merged_order(*sequences))
     return fig
+
+
+def class_name(label: object, class_names: Sequence[str] | None) -> str:
+    """An integer class label by its name where the dataset names its classes (``class_names[label]``), else as is."""
+    if class_names is not None and isinstance(label, (int, np.integer)) and 0 <= int(label) < len(class_names):
+        return str(class_names[int(label)])
+    return str(label)
 
 
 def category_color(i: int) -> str:

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 
 from workbench.analyses.probing import ProbingResult
 from workbench.errors import ParameterError, UnknownLayerError, did_you_mean, format_choices
-from workbench.plots._style import MODEL_COLORS, order_layers, takes_results, titled
+from workbench.plots._style import MODEL_COLORS, class_name, order_layers, takes_results, titled
 
 METRIC_NAMES = {"accuracy": "accuracy", "r2": "R²"}
 
@@ -97,7 +97,7 @@ def probe_confusion(result: ProbingResult, layer: str, *, class_names: Sequence[
     counts = result.confusion[index]
     totals = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
-    names = [_class_name(c, class_names) for c in result.classes]
+    names = [class_name(c, class_names) for c in result.classes]
     fig = go.Figure(
         go.Heatmap(
             z=fractions,
@@ -148,10 +148,6 @@ def probe_rows(result: ProbingResult, name: str | None = None) -> list[dict[str,
     return rows
 
 
-def _class_name(label: object, class_names: Sequence[str] | None) -> str:
-    if class_names is not None and isinstance(label, (int, np.integer)) and 0 <= int(label) < len(class_names):
-        return str(class_names[int(label)])
-    return str(label)
 
 
 def _names(results: Sequence[ProbingResult], names: Sequence[str] | None) -> list[str]:

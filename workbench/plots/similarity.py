@@ -6,6 +6,8 @@ and the number of samples.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -17,7 +19,7 @@ from workbench.analyses.relative import (
     StitchingResult,
 )
 from workbench.analyses.similarity import SimilarityMatrixResult
-from workbench.plots._style import MODEL_COLORS, category_color, grouped_bar_panels, takes_results, titled
+from workbench.plots._style import MODEL_COLORS, category_color, class_name, grouped_bar_panels, takes_results, titled
 
 _MEASURE_LABELS = {
     "linear_cka": "linear CKA",
@@ -89,13 +91,14 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
 
 @takes_results
 def relative_scatter(
-    result: RelativeComparisonResult, *, label_a: str = "A", label_b: str = "B", max_points: int = 6000
+    result: RelativeComparisonResult, *, label_a: str = "A", label_b: str = "B", max_points: int = 6000,
+    class_names: Sequence[str] | None = None,
 ) -> go.Figure:
     """Each (sample, anchor) pair as a point: its cosine to the anchor in A (x) against in B (y).
 
     Points on the diagonal mean the two models place the sample identically relative to the anchors.
-    Coloured by the sample's class when labels are known. At most ``max_points`` points are drawn (every
-    k-th pair, in sample order).
+    Coloured by the sample's class when labels are known (named by ``class_names``, a dataset's). At
+    most ``max_points`` points are drawn (every k-th pair, in sample order).
     """
     ra = np.asarray(result.relative_a)
     rb = np.asarray(result.relative_b)
@@ -112,9 +115,9 @@ def relative_scatter(
                     x=xs[mask],
                     y=ys[mask],
                     mode="markers",
-                    name=f"class {cls}",
+                    name=f"class {class_name(cls, class_names)}",
                     marker={"size": 3, "opacity": 0.5, "color": category_color(i)},
-                    hovertemplate=f"class {cls}<br>A %{{x:.3f}}<br>B %{{y:.3f}}<extra></extra>",
+                    hovertemplate=f"class {class_name(cls, class_names)}<br>A %{{x:.3f}}<br>B %{{y:.3f}}<extra></extra>",
                 )
             )
     else:
@@ -138,13 +141,13 @@ def relative_scatter(
 
 
 @takes_results
-def class_agreement_bars(result: RelativeAgreementResult) -> go.Figure:
-    """Mean Jaccard@k per class, relative vs absolute representations (needs labels)."""
+def class_agreement_bars(result: RelativeAgreementResult, *, class_names: Sequence[str] | None = None) -> go.Figure:
+    """Mean Jaccard@k per class, relative vs absolute representations (needs labels); ``class_names`` name the classes."""
     fig = go.Figure()
     if result.classes is None or result.class_jaccard is None:
         fig.add_annotation(text="No class labels: per-class agreement needs a labelled dataset.", showarrow=False)
         return titled(fig, "Agreement per class", estimator=result.estimator, n=result.n_samples)
-    names = [str(c) for c in result.classes]
+    names = [class_name(c, class_names) for c in result.classes]
     fig.add_trace(
         go.Bar(
             x=names,
