@@ -172,6 +172,12 @@ def test_zero_shot_stitching_between_mlps_from_different_seeds(mlp_activations, 
     assert max(result.absolute_accuracy[1, 0], result.absolute_accuracy[0, 1]) < 0.3  # ...but not across models
     assert result.chance_accuracy == pytest.approx(0.1, abs=0.01)
     assert result.n_samples == 450 and result.n_train == 1347 and result.anchors.shape == (64,)
+    from workbench.plots.similarity import stitching_bars
+
+    fig = stitching_bars(result, name_a="s0", name_b="s1")
+    own_lines = [t for t in fig.data if t.name.startswith("own head")]  # in the legend, not written over the bars
+    assert [t.name for t in own_lines] == [f"own head of s0: {own[0]:.3f}", f"own head of s1: {own[1]:.3f}"]
+    assert not [a for a in fig.layout.annotations if "own head" in (a.text or "")]
 
 
 def test_stitching_is_reproducible_with_a_seed():

@@ -218,13 +218,13 @@ def stitching_bars(result: StitchingResult, *, name_a: str = "A", name_b: str = 
             )
         )
     if result.own_accuracy is not None:
-        for i, acc in enumerate(result.own_accuracy):
-            fig.add_hline(
-                y=float(acc),
-                line={"color": MODEL_COLORS[i], "dash": "dot", "width": 1},
-                annotation_text=f"own head of {names[i]}: {acc:.3f}",
-                annotation_position=("bottom left", "bottom right")[i % 2],  # opposite ends: close lines stay readable
-                annotation_font_color=MODEL_COLORS[i],
+        for i, acc in enumerate(result.own_accuracy):  # lines across the bars, named in the legend (text would cover the bars)
+            fig.add_trace(
+                go.Scatter(
+                    x=[labels[0], labels[-1]], y=[float(acc)] * 2, mode="lines", name=f"own head of {names[i]}: {acc:.3f}",
+                    line={"color": MODEL_COLORS[i], "dash": "dot", "width": 1.5},
+                    hovertemplate=f"own head of {names[i]}: {acc:.3f}<extra></extra>",
+                )
             )
     fig.add_hline(
         y=result.chance_accuracy,
