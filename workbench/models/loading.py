@@ -79,7 +79,7 @@ class LoadedModel:
         """sha256 of the current weights; rehashed only after a parameter or buffer changed since the last hash
         (in-place updates such as optimizer steps are seen; writes through ``tensor.data`` bypass torch's
         version counters and are not)."""
-        return current_weights_sha256(self.module, self.loaded_sha256)
+        return current_weights_sha256(self.module)
 
     @property
     def takes_tokens(self) -> bool:
@@ -115,14 +115,13 @@ def _weights_fingerprint(module: nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in (*module.parameters(), *module.buffers()))
 
 
-def current_weights_sha256(module: nn.Module, known: str = "") -> str:
-    """:func:`weights_sha256` of ``module`` now, recomputed only when its fingerprint changed since the last call
-    (``known``: a hash of the weights as first seen, which saves hashing a freshly loaded module twice)."""
+def current_weights_sha256(module: nn.Module) -> str:
+    """:func:`weights_sha256` of ``module`` now, recomputed only when its fingerprint changed since the last call."""
     fingerprint = _weights_fingerprint(module)
     cached = _WEIGHT_HASHES.get(module)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
-    sha = known if cached is None and known else weights_sha256(module)
+    sha = weights_sha256(module)
     _WEIGHT_HASHES[module] = (fingerprint, sha)
     return sha
 
