@@ -178,14 +178,13 @@ class Report:
         for i, s in enumerate(self.sections):
             figs = [f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{i}-{j}",
                               config={"displaylogo": False, "responsive": True}) for j, f in enumerate(s.figures)]
-            results = s.record()["results"]
+            record = s.record()
             params: list[dict[str, Any]] = []
-            for r in results:  # one line per distinct estimator (two models' results usually share one)
+            for r in record["results"]:  # one line per distinct estimator (two models' results usually share one)
                 line = {k: r.get(k) for k in ("estimator", "n_samples", "params", "seed", "device", "dtype")
                         if isinstance(r, dict) and k in r}
                 if line not in params:
                     params.append(line)
-            record = s.record()
             sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet,
                              "notes": s.notes, "models": record["models"], "dataset": record["dataset"],
                              "summary": summary_rows(record["summary"])})
