@@ -164,6 +164,45 @@ def test_sequence_pooling_with_padding_mask():
     assert pool(out, "flatten", channel_first=False).shape == (2, 12)
 
 
+class _InPlaceTokens(nn.Module):
+    """Token model that changes its embedding output in place after the embedding's hook ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h.mul_(0).add_(5.0)
+        return h.mean(1)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "flatten", "cls", "last", "max"])
+def test_outputs_changed_in_place_later_are_captured_as_the_layer_gave_them(pooling, tmp_path):
+    # nn.ReLU(inplace=True) after a linear or conv layer rewrites its output after the hook ran
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).eval()
+    x = torch.randn(50, 4)
+    with torch.no_grad():
+        want = mlp[0](x)
+    assert want.min() < 0
+    got = extract(mlp, x, ["0"], pooling=pooling, cache_dir=tmp_path / "mlp")["0"]
+    torch.testing.assert_close(got, want)
+
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
+    xc = torch.randn(20, 1, 6, 6)
+    with torch.no_grad():
+        want = pool(cnn[0](xc), pooling, channel_first=True) if pooling not in ("cls", "last") else None
+    if want is not None:
+        torch.testing.assert_close(extract(cnn, xc, ["0"], pooling=pooling, cache_dir=tmp_path / "cnn")["0"], want)
+
+    tokens = _InPlaceTokens().eval()
+    ids = torch.randint(1, 7, (30, 6))
+    with torch.no_grad():
+        want = pool(tokens.emb(ids), pooling, channel_first=False, mask=ids != 0)
+    torch.testing.assert_close(extract(tokens, ids, ["emb"], pooling=pooling, cache_dir=tmp_path / "tok")["emb"], want)
+
+
 def test_layer_info_in_forward_order(sample_model):
     infos = layer_info(sample_model("mlp_seed0"))
     assert [i.name for i in infos] == ["fc1", "relu1", "fc2", "relu2", "out"]

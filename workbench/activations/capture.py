@@ -299,7 +299,13 @@ class PooledCapture:
         return self.pooled
 
     def _pool(self, out: torch.Tensor) -> torch.Tensor:
-        return pool(out.detach(), self.rule, channel_first=self.channel_first, mask=self.mask)
+        """``out`` pooled into memory of its own: a 2-D output, a flattened map or a token taken by ``cls``
+        or ``last`` would otherwise be a view of the output, and a later in-place operation of the model
+        (``nn.ReLU(inplace=True)`` after a linear layer) would change it before it is written."""
+        pooled = pool(out.detach(), self.rule, channel_first=self.channel_first, mask=self.mask)
+        if pooled.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            pooled = pooled.clone()
+        return pooled
 
     def _set(self, name: str, value: torch.Tensor, source: str) -> None:
         self.pooled[name] = value.float()
@@ -352,7 +358,7 @@ class PooledCapture:
             pending = self._pending.get(name)
             if (pending is not None and inp and inp[0] is pending and isinstance(out, torch.Tensor)
                     and _is_spatial(pending, self.channel_first) and out.shape[:2] == pending.shape[:2]):
-                self._set(name, out.detach().reshape(out.shape[0], -1), "global pool")
+                self._set(name, out.detach().reshape(out.shape[0], -1).clone(), "global pool")
                 del self._pending[name]
 
         return hook
