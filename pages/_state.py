@@ -196,7 +196,7 @@ def content_key(value: Any) -> Any:
     if isinstance(value, wb.Activations):
         return ("activations", value.key, tuple(value.layers), value.model_name, value.dataset_name)
     if isinstance(value, wb.LoadedModel):
-        return ("model", value.sha256, value.name)
+        return ("model", value.content_sha256, value.name)
     if isinstance(value, wb.Dataset):
         return ("dataset", value.sha256, value.name)
     if isinstance(value, (torch.Tensor, np.ndarray)):
@@ -362,7 +362,7 @@ def _layer_info(sha: str, _model: wb.LoadedModel) -> list:
 
 
 def cached_layer_info(model: wb.LoadedModel) -> list:
-    return _layer_info(model.sha256, model)
+    return _layer_info(model.content_sha256, model)
 
 
 def layer_picker(model: wb.LoadedModel, key: str, *, label: str | None = None, default: list[str] | None = None,

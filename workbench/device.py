@@ -48,6 +48,16 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def rows_on(source: torch.Tensor, start: int, stop: int, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of ``source`` on ``device`` (floating rows cast to ``dtype`` when given), in memory of
+    their own: a model whose first operation is in place (``nn.ReLU(inplace=True)``) must not change the
+    dataset the rows came from, whose hash keys every cache."""
+    rows = source[start:stop].to(device)
+    if dtype is not None and rows.is_floating_point():
+        rows = rows.to(dtype)
+    return rows.clone() if rows.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else rows
+
+
 def float64_device(device: torch.device) -> torch.device:
     """The device for float64 work: ``device`` itself, or the CPU where float64 is unsupported (MPS)."""
     return torch.device("cpu") if device.type == "mps" else device

@@ -203,3 +203,34 @@ def test_the_digits_train_split_goes_with_the_bundled_test_split_only():
     assert digits_train_for(make_dataset("renamed", test.x, test.y)) is not None  # the same content under another name
     assert digits_train_for(make_dataset("digits_mine", test.x[:300], test.y[:300])) is None  # named like it, not it
     assert digits_train_for(load_dataset("digits", split="train")) is None
+
+
+def test_a_dataset_keeps_its_content_when_the_caller_edits_the_arrays_it_was_made_from():
+    x, y = np.random.default_rng(0).normal(size=(10, 3)), np.arange(10)
+    t = torch.rand(10, 3)
+    a, b = make_dataset("array", x, y), make_dataset("tensor", t)
+    want_a, want_b = a.x.clone(), b.x.clone()
+    x *= 2
+    y[:] = 0
+    t.mul_(0)
+    torch.testing.assert_close(a.x, want_a)
+    torch.testing.assert_close(b.x, want_b)
+    assert a.y.tolist() == list(range(10))
+    a.check_unchanged()
+    b.check_unchanged()
+
+
+def test_editing_a_loaded_bundled_dataset_does_not_change_the_next_load():
+    first = load_dataset("digits", split="train")
+    want = first.x.clone()
+    first.x.mul_(0)
+    torch.testing.assert_close(load_dataset("digits", split="train").x, want)
+
+
+def test_copies_of_a_dataset_are_unchanged_copies():
+    import copy
+    import pickle
+
+    d = load_dataset("blobs")
+    copy.deepcopy(d).check_unchanged()
+    pickle.loads(pickle.dumps(d)).check_unchanged()

@@ -361,3 +361,58 @@ def test_weights_changed_in_place_give_new_activations(sample_model_path, digits
         model.module.fc1.bias -= 1.0
     reloaded = load_model(sample_model_path("mlp_narrow_seed0"))
     assert model.sha256 != reloaded.sha256  # the optimizer step is still in
+
+
+def test_same_weights_under_another_architecture_are_not_served_from_the_cache(sample_model_path, digits_test, tmp_path):
+    relu = load_model(sample_model_path("mlp_seed0"))
+    spec = {**relu.architecture, "activation": "tanh"}
+    tanh = load_model(sample_model_path("mlp_seed0"), architecture=spec)
+    assert relu.sha256 == tanh.sha256 and relu.content_sha256 != tanh.content_sha256
+    a = extract(relu, digits_test, ["fc2"], cache_dir=tmp_path)["fc2"]
+    b = extract(tanh, digits_test, ["fc2"], cache_dir=tmp_path)["fc2"]
+    with torch.inference_mode():
+        want = tanh.module[:3](digits_test.x)
+    torch.testing.assert_close(b, want)
+    assert (a - b).abs().max() > 1
+    before = tanh.content_sha256
+    assert isinstance(tanh.module[1], nn.Tanh)
+    tanh.module[1] = nn.ReLU()  # a module swapped in place
+    assert tanh.content_sha256 != before
+
+
+def test_a_model_in_training_mode_is_run_in_eval_mode_and_left_as_it_was(digits_test, tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+    net.train()
+    net[4].eval()  # a submodule's own mode is kept too
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    got = extract(net, digits_test, ["2", "3"], cache_dir=tmp_path)
+    assert net.training and net[1].training and not net[4].training
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, stats[k], msg=f"{k} changed")
+    with torch.inference_mode():
+        net.eval()
+        want = net[2](net[1](net[0](digits_test.x)))
+    torch.testing.assert_close(got["2"], want)
+    torch.testing.assert_close(got["3"], want)  # no dropout
+    layer_info(nn.Sequential(nn.Linear(64, 4), nn.BatchNorm1d(4)).train(), digits_test)  # a probe batch of 2 in eval mode
+
+
+def test_a_model_whose_first_operation_is_in_place_leaves_the_dataset_alone(tmp_path):
+    data = make_dataset("signed", torch.randn(40, 6))
+    before = data.x.clone()
+    net = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(6, 3))
+    extract(net, data, ["1"], cache_dir=tmp_path, batch_size=16)
+    torch.testing.assert_close(data.x, before)
+    data.check_unchanged()
+
+
+def test_a_dataset_changed_in_place_after_it_was_made_is_refused(mlp, digits_test, tmp_path):
+    data = make_dataset("mine", digits_test.x.clone(), digits_test.y)
+    extract(mlp, data, ["fc1"], cache_dir=tmp_path)
+    data.x.mul_(2)
+    with pytest.raises(DataError, match=r"Dataset 'mine' was changed in place after it was made, so its sha256 no longer describes it; "
+                                        r"build a new dataset from the changed arrays with make_dataset\(name, x, y\)\."):
+        extract(mlp, data, ["fc1"], cache_dir=tmp_path)

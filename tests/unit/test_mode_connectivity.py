@@ -17,6 +17,7 @@ from workbench.analyses.mode_connectivity import (
     MergeResult,
     ModeConnectivityResult,
     PermutationSpec,
+    _check_runs,
     activation_matching,
     apply_permutation,
     interpolate,
@@ -521,3 +522,12 @@ def test_a_dataset_of_the_wrong_width_is_named(sample_model):
         mode_connectivity(a, b, digits, train_dataset=wrong, n_points=3)
     with pytest.raises(DataError, match=r"activation_matching: the model could not run on dataset 'w' \(dataset, "):
         activation_matching(a, b, wrong)
+
+
+def test_a_model_in_training_mode_is_checked_without_changing_it(sample_model, digits_test):
+    model = copy.deepcopy(sample_model("cnn_seed0").module).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _check_runs(model, digits_test, "A", "mode_connectivity")
+    assert model.training
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], msg=f"{k} changed")

@@ -3,7 +3,7 @@
 ``extract`` runs the model over the dataset in batches under ``torch.inference_mode()``, captures
 the outputs of the requested modules with forward hooks (always removed in ``finally``), pools
 conv maps and token sequences to ``(n_samples, n_features)`` by a named rule, and streams each
-layer into a ``.npy`` file in a cache folder keyed by the sha256 of the weights,
+layer into a ``.npy`` file in a cache folder keyed by the sha256 of the weights and the module tree,
 the data, the layers and the pooling rule. Memory is bounded by the batch, not by the dataset; a
 second identical call reads the cache.
 """
@@ -28,11 +28,11 @@ from torch import nn
 from workbench.activations.capture import POOLINGS, PooledCapture, channel_first_model, hooks_on, valid_layers
 from workbench.activations.types import Activations
 from workbench.data.datasets import Dataset, make_dataset
-from workbench.device import full_float32, module_device, resolve_device
+from workbench.device import full_float32, module_device, resolve_device, rows_on
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
-from workbench.models.loading import LoadedModel, as_loaded_model
+from workbench.models.loading import LoadedModel, as_loaded_model, eval_mode
 
-CACHE_FORMAT = 2  # 2: conv-map means may come from a smaller tensor (equal up to float rounding)
+CACHE_FORMAT = 3  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and structure
 Progress = Callable[[int, int], None]
 
 
@@ -112,7 +112,7 @@ def layer_info(model: LoadedModel | nn.Module, example: Any = None) -> list[Laye
         if t.ndim and t.shape[0] == x.shape[0]:  # one row per sample (not a table shared by the batch)
             shapes.setdefault(name, tuple(t.shape[1:]))
 
-    with hooks_on(lm.module, list(modules), record), torch.inference_mode():
+    with hooks_on(lm.module, list(modules), record), eval_mode(lm.module), torch.inference_mode():
         try:
             _forward(lm.module, x, lm.takes_tokens, lm.source_format)
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -133,7 +133,8 @@ def list_layers(model: LoadedModel | nn.Module, example: Any = None) -> list[str
 
 
 def cache_key(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: str) -> str:
-    payload = json.dumps({"format": CACHE_FORMAT, "model": model.sha256, "data": dataset.sha256,
+    dataset.check_unchanged()
+    payload = json.dumps({"format": CACHE_FORMAT, "model": model.content_sha256, "data": dataset.sha256,
                           "layers": layers, "pooling": pooling})
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -228,7 +229,8 @@ def extract(
     ``"max"``, ``"flatten"``, ``"cls"`` (first token), ``"last"`` (last non-padding token).
     ``batch_size`` trades speed for memory (64–4096). ``device=None`` picks cuda, mps, then cpu.
     ``cache_dir=None`` uses :func:`default_cache_dir`. ``progress(done, total)`` is called after
-    each batch with the number of samples done.
+    each batch with the number of samples done. The model runs in eval mode (no dropout, BatchNorm on
+    its running statistics); each module's own mode is restored afterwards.
     """
     lm = as_loaded_model(model)
     data = _as_dataset(dataset)
@@ -301,9 +303,9 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
     try:
         module.to(dev)
         with PooledCapture(module, layers, pooling, channel_first=channel_first_model(module)) as capture, \
-                torch.inference_mode(), full_float32():
+                eval_mode(module), torch.inference_mode(), full_float32():
             for start in range(0, n, batch_size):
-                batch = data.x[start:start + batch_size].to(dev)
+                batch = rows_on(data.x, start, start + batch_size, dev)
                 capture.begin_batch(mask=(batch != 0) if lm.takes_tokens else None)
                 try:
                     _forward(module, batch, lm.takes_tokens, lm.source_format)

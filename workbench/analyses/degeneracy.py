@@ -562,7 +562,8 @@ def layer_activations(
     tensors = {layer: acts[net.position(layer)].reshape(x.shape[0], -1).float().cpu() for layer in names}
     model_sha = str(getattr(model, "sha256", ""))
     data_sha = str(getattr(dataset, "sha256", ""))
-    key = hashlib.sha256(f"{model_sha}|{data_sha}|{','.join(names)}|flatten|{func}".encode()).hexdigest()
+    model_key = str(getattr(model, "content_sha256", "") or model_sha)
+    key = hashlib.sha256(f"{model_key}|{data_sha}|{','.join(names)}|flatten|{func}".encode()).hexdigest()
     return Activations(
         tensors,
         model_name=net.name,

@@ -43,8 +43,9 @@ from workbench.analyses._validation import (
     check_int,
     check_progress,
 )
-from workbench.device import float64_device, full_float32, resolve_device
+from workbench.device import float64_device, full_float32, resolve_device, rows_on
 from workbench.errors import ArchitectureError, DataError, ParameterError, did_you_mean, format_choices
+from workbench.models.loading import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -355,9 +356,9 @@ def _check_runs(module: nn.Module, dataset: Any, name: str, func: str) -> None:
     if not isinstance(x, torch.Tensor) or x.shape[0] < 1:
         return
     param = next(module.parameters(), None)
-    xb = x[:1].to(param.device, param.dtype) if param is not None and x.is_floating_point() else x[:1]
+    xb = rows_on(x, 0, 1, param.device, param.dtype) if param is not None else rows_on(x, 0, 1, torch.device("cpu"))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(module):
             module(xb)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise DataError(
@@ -1048,8 +1049,7 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
 def _batches(x: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> Iterable[torch.Tensor]:
     """Batches of ``x`` on ``device``; floating inputs cast to the model's ``dtype``."""
     for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size].to(device)
-        yield xb.to(dtype) if xb.is_floating_point() else xb
+        yield rows_on(x, i, i + batch_size, device, dtype)
 
 
 def _evaluate(

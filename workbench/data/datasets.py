@@ -52,6 +52,20 @@ class Dataset:
     description: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_versions", _versions(self.x, self.y))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # a copy's tensors count their changes from zero
+        self.__dict__.update(state)
+        object.__setattr__(self, "_versions", _versions(self.x, self.y))
+
+    def check_unchanged(self) -> None:
+        """Raise where ``x`` or ``y`` was changed in place after the dataset was made: :attr:`sha256` would no
+        longer describe the content, and caches keyed by it would hand back results of the old content."""
+        if _versions(self.x, self.y) != self._versions:
+            raise DataError(f"Dataset '{self.name}' was changed in place after it was made, so its sha256 no longer "
+                            "describes it; build a new dataset from the changed arrays with make_dataset(name, x, y).")
+
     def __repr__(self) -> str:
         labels = "no labels" if self.y is None else (
             f"{self.n_classes} classes" if self.n_classes is not None else "float targets")
@@ -99,6 +113,17 @@ class Dataset:
                             info={k: v for k, v in self.info.items() if k == "labels"})
 
 
+def _versions(*tensors: torch.Tensor | None) -> tuple[int | None, ...]:
+    """How often each tensor was changed in place (torch counts it; ``None`` where a tensor keeps no count)."""
+    out = []
+    for t in tensors:
+        try:
+            out.append(None if t is None else t._version)
+        except RuntimeError:  # a tensor made under torch.inference_mode keeps no version counter
+            out.append(None)
+    return tuple(out)
+
+
 def _preview(indices: object) -> str:
     text = repr(indices)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -133,8 +158,11 @@ def content_hashes(x: torch.Tensor, y: torch.Tensor | None) -> tuple[str, str]:
 
 def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ...] | None = None,
                  description: str = "", info: dict[str, Any] | None = None) -> Dataset:
-    """Validate arrays and build a :class:`Dataset` (float inputs -> float32, integer labels -> int64)."""
-    xt = _to_tensor(x, "x")
+    """Validate arrays and build a :class:`Dataset` (float inputs -> float32, integer labels -> int64).
+
+    The dataset holds its own copy where ``x`` or ``y`` would otherwise share memory with the caller's
+    arrays: its hash keys every cache, so a later edit of those arrays must not change its content."""
+    x_in = xt = _to_tensor(x, "x")
     if xt.ndim < 2:
         xt = xt.reshape(-1, 1) if xt.ndim == 1 else xt
     if xt.shape[0] == 0:
@@ -152,9 +180,11 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
         xt = xt.to(torch.float32)
     else:
         xt = xt.to(torch.int64)
+    xt = _owned(xt, x_in)
     yt = None
     if y is not None:
-        yt = _to_tensor(y, "y").reshape(-1)
+        y_in = yt = _to_tensor(y, "y")
+        yt = yt.reshape(-1)
         if yt.shape[0] != xt.shape[0]:
             raise DataError(
                 f"Dataset '{name}' has {xt.shape[0]} samples but {yt.shape[0]} labels; they must match."
@@ -170,11 +200,17 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
             yt = yt.to(torch.int64)
             if yt.numel() and int(yt.min()) < 0:
                 raise DataError(f"Class labels of dataset '{name}' must be non-negative integers; got a minimum of {int(yt.min())}.")
+        yt = _owned(yt, y_in)
     full, inputs = content_hashes(xt, yt)
     made = Dataset(name=name, x=xt, y=yt, sha256=full, class_names=class_names,
                    description=description, info=dict(info or {}))
     made.__dict__["inputs_sha256"] = inputs  # the cached property's value, from the same pass
     return made
+
+
+def _owned(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it shares memory with ``source`` (the caller's array or tensor)."""
+    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
 
 
 def _to_tensor(value: Any, what: str) -> torch.Tensor:

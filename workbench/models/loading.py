@@ -60,6 +60,9 @@ class LoadedModel:
     state dict) as they are now, so the same weights give the same hash whatever file they came from,
     and weights changed in place (an optimizer step, an edited bias) give a new hash, and new
     activations from :func:`~workbench.extract`. ``loaded_sha256`` is the hash when the model was loaded.
+    :attr:`content_sha256` adds the module tree (each module's path, class and settings): the same
+    weights under another architecture (tanh instead of ReLU) compute other activations, so caches
+    are keyed by it.
     ``input_shape``/``input_dtype`` describe one sample when known (from the spec).
     """
 
@@ -80,6 +83,11 @@ class LoadedModel:
         (in-place updates such as optimizer steps are seen; writes through ``tensor.data`` bypass torch's
         version counters and are not)."""
         return current_weights_sha256(self.module)
+
+    @property
+    def content_sha256(self) -> str:
+        """sha256 of the current weights and of the module tree that computes with them (see :func:`structure_sha256`)."""
+        return hashlib.sha256(f"{self.sha256}|{structure_sha256(self.module)}|{self.source_format}".encode()).hexdigest()
 
     @property
     def takes_tokens(self) -> bool:
@@ -106,6 +114,30 @@ def weights_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def structure_sha256(module: nn.Module) -> str:
+    """sha256 of the module tree: every module's path, class (module and qualified name) and settings
+    (``extra_repr``: sizes, strides, ``inplace``, eps...). Two models with equal weights and equal
+    structure compute the same outputs unless a custom ``forward`` differs in code of the same name."""
+    h = hashlib.sha256()
+    for name, m in module.named_modules():
+        cls = type(m)
+        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{m.extra_repr()}\n".encode())
+    return h.hexdigest()
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the duration (no dropout, BatchNorm on its running statistics, which stay
+    untouched); each submodule's own train/eval flag is restored afterwards, also after an error."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 _WEIGHT_HASHES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
@@ -130,6 +162,11 @@ def wrap_module(module: nn.Module, *, name: str = "model", architecture: dict[st
                 source_format: str = "module", metadata: dict[str, str] | None = None) -> LoadedModel:
     """Describe an in-memory module as a :class:`LoadedModel` (puts it in eval mode)."""
     module.eval()
+    return _describe(module, name=name, architecture=architecture, source_format=source_format, metadata=metadata)
+
+
+def _describe(module: nn.Module, *, name: str, architecture: dict[str, Any] | None = None, source_format: str = "module",
+              metadata: dict[str, str] | None = None) -> LoadedModel:
     spec = input_spec(architecture)
     return LoadedModel(
         module=module,
@@ -145,11 +182,12 @@ def wrap_module(module: nn.Module, *, name: str = "model", architecture: dict[st
 
 
 def as_loaded_model(model: LoadedModel | nn.Module) -> LoadedModel:
-    """Accept a LoadedModel or a bare nn.Module."""
+    """Accept a LoadedModel or a bare nn.Module (described as it is: its train/eval mode is left alone, the
+    functions that run it run it in :func:`eval_mode`)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, nn.Module):
-        return wrap_module(model, name=type(model).__name__)
+        return _describe(model, name=type(model).__name__)
     raise ArchitectureError(f"Expected a LoadedModel or torch.nn.Module; got {type(model).__name__}. Load files with load_model(path).")
 
 

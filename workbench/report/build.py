@@ -115,6 +115,7 @@ def _describe(model: Any) -> dict[str, Any]:
     if model is None:
         return {}
     return {"name": getattr(model, "name", str(model)), "sha256": getattr(model, "sha256", ""),
+            "content_sha256": getattr(model, "content_sha256", ""),
             "n_parameters": getattr(model, "n_parameters", None), "format": getattr(model, "source_format", "")}
 
 
@@ -126,11 +127,12 @@ def _describe_dataset(dataset: Any) -> dict[str, Any]:
 
 
 def _distinct(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Descriptions in first-seen order, one per weights (or content) hash; the same weights under several
-    names keep every name ("upload (also mlp_seed0)"), so that each name a section shows is in the header."""
+    """Descriptions in first-seen order, one per model (weights and structure) or dataset hash; the same model
+    under several names keeps every name ("upload (also mlp_seed0)"), so that each name a section shows is in the
+    header. The same weights under two architectures are two models."""
     seen: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for d in items:
-        first, names = seen.setdefault(str(d.get("sha256") or d.get("name")), (dict(d), []))
+        first, names = seen.setdefault(str(d.get("content_sha256") or d.get("sha256") or d.get("name")), (dict(d), []))
         if d.get("name") and d["name"] not in names:
             names.append(d["name"])
     out = []
