@@ -122,7 +122,8 @@ class ActivationMatchingResult(RecordedResult):
     ``permutations`` as in :class:`WeightMatchingResult`. ``correlation_before[p]`` and
     ``correlation_after[p]`` are the mean Pearson correlation (in [-1, 1]) between unit ``i`` of A and
     unit ``i`` of B, averaged over units and over every activation that carries permutation ``p``,
-    before and after matching.
+    before and after matching. Pairs in which a unit is constant on the dataset (a dead ReLU) have no
+    correlation and are left out of the mean (nan when no pair is left).
     """
 
     permutations: dict[str, np.ndarray]
@@ -1460,6 +1461,12 @@ def _record_nodes(
     return recorded
 
 
+def _mean_defined(total: np.ndarray, n_defined: np.ndarray) -> float:
+    """Mean correlation over the (pair, activation) entries where both units vary; nan where none does."""
+    count = float(n_defined.sum())
+    return float(total.sum() / count) if count else float("nan")
+
+
 def _activation_matching_core(
     a: nn.Module,
     b: nn.Module,
@@ -1489,6 +1496,7 @@ def _activation_matching_core(
         if progress is not None:
             progress(i + 1, n_batches)
     corr: dict[str, torch.Tensor] = {}
+    defined: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for name, (n, sa_, sb_, saa, sbb, sab) in acc.items():
         perm = wanted[name][0]
@@ -1497,7 +1505,10 @@ def _activation_matching_core(
         std_a = (saa / n - ma * ma).clamp_min(0).sqrt()
         std_b = (sbb / n - mb * mb).clamp_min(0).sqrt()
         c = cov / (std_a[:, None] * std_b[None, :] + 1e-12)
+        varies = (std_a > 1e-6 * ma.abs())[:, None] & (std_b > 1e-6 * mb.abs())[None, :]  # beyond the rounding of a constant
         corr[perm] = corr[perm] + c if perm in corr else c
+        kept = torch.stack([c * varies, varies.to(c.dtype)])  # correlations where both units vary, and their count
+        defined[perm] = defined[perm] + kept if perm in defined else kept
         counts[perm] = counts.get(perm, 0) + 1
     perms, before, after = {}, {}, {}
     for p in graph.spec.perm_names:
@@ -1507,8 +1518,10 @@ def _activation_matching_core(
         c = (corr[p] / counts[p]).cpu().numpy()
         _, col = linear_sum_assignment(c, maximize=True)
         perms[p] = col.astype(np.int64)
-        before[p] = float(np.diag(c).mean())
-        after[p] = float(c[np.arange(len(col)), col].mean())
+        total, n_defined = defined[p].cpu().numpy()
+        rows = np.arange(len(col))
+        before[p] = _mean_defined(np.diag(total), np.diag(n_defined))
+        after[p] = _mean_defined(total[rows, col], n_defined[rows, col])
     return perms, before, after
 
 
