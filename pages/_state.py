@@ -395,7 +395,7 @@ def layer_pickers(models: list[wb.LoadedModel], key: str) -> dict[str, list[str]
 
 
 def pooling_picker(key: str) -> str:
-    return st.selectbox("Pooling of conv maps / token sequences", POOLINGS, key=key,
+    return st.selectbox("Pooling of conv maps / token sequences", POOLINGS, key=key, persist_state="session",
                         help="How outputs with spatial or token axes become one vector per sample: mean or max over "
                              "positions, flatten everything, the first (cls) or last token.")
 

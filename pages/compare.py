@@ -58,22 +58,22 @@ if not layers_a or not layers_b:
     _state.stop()
 
 col_m, col_o = st.columns(2)
-measure = col_m.selectbox("Measure", MEASURES, format_func=measure_label, key="cmp_measure", help=HELP["measure"])
+measure = col_m.selectbox("Measure", MEASURES, format_func=measure_label, key="cmp_measure", persist_state="session", help=HELP["measure"])
 options: dict = {}
 with col_o:
     if measure in ("linear_cka", "rbf_cka"):
-        options["debiased"] = st.checkbox("Debiased (unbiased HSIC)", key="cmp_debiased", help=HELP["debiased"])
+        options["debiased"] = st.checkbox("Debiased (unbiased HSIC)", key="cmp_debiased", persist_state="session", help=HELP["debiased"])
     if measure == "rbf_cka":
-        options["sigma"] = st.slider("Bandwidth sigma", 0.1, 4.0, 0.8, 0.1, key="cmp_sigma", help=HELP["sigma"])
+        options["sigma"] = st.slider("Bandwidth sigma", 0.1, 4.0, 0.8, 0.1, key="cmp_sigma", persist_state="session", help=HELP["sigma"])
     if measure == "procrustes_distance":
         options["angular"] = st.checkbox(
-            "Angular (arccos of the nuclear norm)", key="cmp_angular", help=HELP["angular"]
+            "Angular (arccos of the nuclear norm)", key="cmp_angular", persist_state="session", help=HELP["angular"]
         )
     if measure == "cca_similarity":
-        options["kind"] = st.selectbox("CCA summary", CCA_KINDS, key="cmp_cca_kind", help=HELP["kind"])
+        options["kind"] = st.selectbox("CCA summary", CCA_KINDS, key="cmp_cca_kind", persist_state="session", help=HELP["kind"])
     if measure == "rsa":
-        options["rdm"] = st.selectbox("Dissimilarity", RDM_KINDS, key="cmp_rdm", help=HELP["rdm"])
-        options["compare"] = st.selectbox("RDM comparison", RDM_COMPARISONS, key="cmp_compare", help=HELP["compare"])
+        options["rdm"] = st.selectbox("Dissimilarity", RDM_KINDS, key="cmp_rdm", persist_state="session", help=HELP["rdm"])
+        options["compare"] = st.selectbox("RDM comparison", RDM_COMPARISONS, key="cmp_compare", persist_state="session", help=HELP["compare"])
 
 with _state.guard():
     acts_a = _state.cached_activations(model_a, dataset, layers_a, pooling)
@@ -97,7 +97,7 @@ st.caption(
     "Hover a cell for its exact value; click it to open its detail below."
 )
 chance = None
-if st.checkbox("Chance level (B's samples shuffled)", value=True, key="cmp_chance", help=HELP["chance"]):
+if st.checkbox("Chance level (B's samples shuffled)", value=True, key="cmp_chance", persist_state="session", help=HELP["chance"]):
     try:
         with _state.progress_bar("Comparing with B's samples shuffled…") as progress:
             chance = _state.cached_call(chance_level, acts_a, other, measure=measure, progress=progress, **options)

@@ -48,9 +48,9 @@ dataset = _state.require_dataset()
 with st.expander("Settings", expanded=False):
     c1, c2, c3 = st.columns(3)
     rtols = [1e-12, 1e-10, 1e-8, 1e-6, 1e-4]
-    rtol = c1.select_slider("Rank tolerance (rtol)", rtols, dg.DEFAULT_RTOL, key="deg_rtol", help=HELP["rtol"])
-    output = c2.radio("Jacobians of", dg.OUTPUTS, key="deg_output", horizontal=True, help=HELP["output"])
-    directions = c3.number_input("Graph directions", 4, 512, 64, 4, key="deg_dirs", help=HELP["directions"])
+    rtol = c1.select_slider("Rank tolerance (rtol)", rtols, dg.DEFAULT_RTOL, key="deg_rtol", persist_state="session", help=HELP["rtol"])
+    output = c2.radio("Jacobians of", dg.OUTPUTS, key="deg_output", persist_state="session", horizontal=True, help=HELP["output"])
+    directions = c3.number_input("Graph directions", 4, 512, 64, 4, key="deg_dirs", persist_state="session", help=HELP["directions"])
 
 chosen, last_layer, usable = {}, {}, []
 for col, model, slot in zip(st.columns(len(models)), models, "ab"):
@@ -157,11 +157,11 @@ else:
 
 st.subheader("Local learning coefficient (optional)")
 llcs = []
-if st.toggle("Estimate the LLC by SGLD (hyper-parameter sensitive)", key="deg_llc", help=HELP["llc"]):
+if st.toggle("Estimate the LLC by SGLD (hyper-parameter sensitive)", key="deg_llc", persist_state="session", help=HELP["llc"]):
     c1, c2, c3 = st.columns(3)
-    step = c1.select_slider("Step size ε", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], 1e-4, key="deg_llc_step")
-    gamma = c2.select_slider("Localization γ", [1.0, 10.0, 100.0, 1000.0], 100.0, key="deg_llc_gamma")
-    steps = c3.number_input("Steps per chain", 50, 5000, 300, 50, key="deg_llc_steps")
+    step = c1.select_slider("Step size ε", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], 1e-4, key="deg_llc_step", persist_state="session")
+    gamma = c2.select_slider("Localization γ", [1.0, 10.0, 100.0, 1000.0], 100.0, key="deg_llc_gamma", persist_state="session")
+    steps = c3.number_input("Steps per chain", 50, 5000, 300, 50, key="deg_llc_steps", persist_state="session")
     settings = {"step_size": step, "localization": gamma, "n_steps": int(steps), "n_burnin": int(steps) // 3}
     with _state.guard():
         llcs = [with_progress(f"SGLD for {m.name}", dg.llc_estimate, m, dataset, **settings) for m in models]

@@ -33,9 +33,9 @@ HELP = {
     "id": "twonn: Facco et al. 2017, from the two nearest neighbours; mle: Levina & Bickel 2005, 20 neighbours.",
 }
 c1, c2, c3, c4 = st.columns(4)
-method = c1.selectbox("Method", METHODS, key="emb_method", help=HELP["method"])
-seed = int(c2.number_input("Seed", min_value=0, value=0, step=1, key="emb_seed", help=HELP["seed"]))
-n_neighbors = int(c3.slider("UMAP neighbours", 5, 50, 15, key="emb_neighbors", help=HELP["neighbors"]))
+method = c1.selectbox("Method", METHODS, key="emb_method", persist_state="session", help=HELP["method"])
+seed = int(c2.number_input("Seed", min_value=0, value=0, step=1, key="emb_seed", persist_state="session", help=HELP["seed"]))
+n_neighbors = int(c3.slider("UMAP neighbours", 5, 50, 15, key="emb_neighbors", persist_state="session", help=HELP["neighbors"]))
 modes = ["Model A vs model B, same layer", "Two layers of model A"] if len(models) == 2 else ["Two layers of model A"]
 mode = c4.radio("Compare", modes, key="emb_mode")
 pooling = _state.pooling_picker("emb_pooling")
@@ -114,7 +114,7 @@ if selection:
         st.rerun()
 
 st.subheader("Intrinsic dimension across layers")
-id_method = st.radio("Estimator", ID_METHODS, horizontal=True, key="emb_id_method", help=HELP["id"])
+id_method = st.radio("Estimator", ID_METHODS, horizontal=True, key="emb_id_method", persist_state="session", help=HELP["id"])
 profiles = []
 with _state.guard():
     for model in models:

@@ -28,7 +28,7 @@ with st.expander("Settings", expanded=False):
         key="merge_train",
         help="Offered when the dataset is the bundled digits test split.",
     )
-    seed = int(st.number_input("Seed (order of members and permutations)", 0, 10_000, 0, key="merge_seed"))
+    seed = int(st.number_input("Seed (order of members and permutations)", 0, 10_000, 0, key="merge_seed", persist_state="session"))
 train = train_split if use_train else None
 loaded = {  # the sidebar's models that are not bundled ones (uploads, models set from Python)
     f"{m.name} (loaded)": m for m in _state.current_models()
@@ -46,15 +46,15 @@ merge_method = st.radio(
     list(mc.MERGE_METHODS),
     format_func=lambda m: m.replace("_", " "),
     horizontal=True,
-    key="mc_merge_method",
+    key="mc_merge_method", persist_state="session",
 )
 rounds = st.slider(
-    "Rounds at most", 1, 10, 3, key="mc_merge_rounds", help="MergeMany rounds; each visits every member."
+    "Rounds at most", 1, 10, 3, key="mc_merge_rounds", persist_state="session", help="MergeMany rounds; each visits every member."
 )
 if len(members) < 3:
     st.info("Pick at least 3 models to merge.")
     _state.stop()
-if not st.toggle("Compute the merge", key="mc_merge_run", help="Weight matching of each member; seconds per round."):
+if not st.toggle("Compute the merge", key="mc_merge_run", persist_state="session", help="Weight matching of each member; seconds per round."):
     _state.stop()
 with _state.guard():
     models = [loaded[n] if n in loaded else _state.load_sample_model(n) for n in members]

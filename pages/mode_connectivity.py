@@ -56,14 +56,14 @@ train_split = digits_train_for(dataset)
 digits = train_split is not None
 with st.expander("Settings", expanded=False):
     n_points = st.slider(
-        "Points along the path", 5, 51, 25, 2, key="mc_points", help="λ values in [0, 1]; 25 resolves typical barriers."
+        "Points along the path", 5, 51, 25, 2, key="mc_points", persist_state="session", help="λ values in [0, 1]; 25 resolves typical barriers."
     )
     methods = st.multiselect(
         "Alignments",
         list(mc.CONNECTIVITY_METHODS),
         default=["naive", "weight_matching", "activation_matching", "repair"],
         format_func=plots.method_label,
-        key="mc_methods",
+        key="mc_methods", persist_state="session",
         help="naive: B as trained; repair: weight matching + REPAIR (Jordan et al. 2022); "
         "reset_bn: weight matching + recomputed BatchNorm statistics.",
     )
@@ -74,8 +74,8 @@ with st.expander("Settings", expanded=False):
         key="mc_train",
         help="Offered when the dataset is the bundled digits test split.",
     )
-    top_k = st.slider("Top-k singular directions compared", 1, 20, 5, key="mc_topk")
-    seed = int(st.number_input("Seed (order of the coordinate descent)", 0, 10_000, 0, key="mc_seed"))
+    top_k = st.slider("Top-k singular directions compared", 1, 20, 5, key="mc_topk", persist_state="session")
+    seed = int(st.number_input("Seed (order of the coordinate descent)", 0, 10_000, 0, key="mc_seed", persist_state="session"))
 if not methods:
     st.info("Pick at least one alignment.")
     _state.stop()

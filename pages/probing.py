@@ -31,7 +31,7 @@ c1, c2, c3, c4 = st.columns(4)
 probe = c1.selectbox(
     "Probe",
     PROBES,
-    key="probe_kind",
+    key="probe_kind", persist_state="session",
     help="linear: multinomial logistic regression (ridge for float targets), what is linearly decodable; "
     "mlp: one hidden layer of 128 ReLU units, also non-linear codes, slower and memorises more.",
 )
@@ -42,7 +42,7 @@ cv = int(
         max_value=10,
         value=5,
         step=1,
-        key="probe_cv",
+        key="probe_cv", persist_state="session",
         help="k-fold cross-validation; every class needs at least this many samples.",
     )
 )
@@ -53,14 +53,14 @@ c = float(
         max_value=1e4,
         value=1.0,
         format="%g",
-        key="probe_c",
+        key="probe_c", persist_state="session",
         help="scikit-learn's C for the linear probe: larger fits the training folds harder.",
     )
 )
 control = c4.checkbox(
     "Control task",
     value=True,
-    key="probe_control",
+    key="probe_control", persist_state="session",
     help="Also train on random labels (a fixed random function of the sample) and report selectivity.",
 )
 pooling = _state.pooling_picker("probe_pooling")

@@ -58,7 +58,7 @@ k = cols[2].slider("k", 1, min(50, n - 1), min(10, n - 1), key="rel_k", help=HEL
 seed = int(
     cols[3].number_input("Seed", min_value=0, value=0, step=1, key="rel_seed", help="Seed of the anchor choice.")
 )
-center = st.checkbox("Centre on the anchors' mean", key="rel_center", help=HELP["center"])
+center = st.checkbox("Centre on the anchors' mean", key="rel_center", persist_state="session", help=HELP["center"])
 
 with _state.guard():
     acts_a = _state.cached_activations(model_a, dataset, list(dict.fromkeys(a for a, _ in pairs)), pooling)
@@ -102,7 +102,7 @@ chosen = cols[0].selectbox(
 layer_pair = pairs[pair_names.index(chosen)]
 head = cols[1].selectbox("Head", HEADS, key="rel_head", help=HELP["head"])
 epochs = cols[2].slider("Training steps", 20, 500, 100, 10, key="rel_epochs", help=HELP["epochs"])
-if not st.toggle("Run zero-shot stitching", key="rel_stitch"):
+if not st.toggle("Run zero-shot stitching", key="rel_stitch", persist_state="session"):
     _state.stop()
 
 

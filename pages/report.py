@@ -16,7 +16,7 @@ if not sections:
     st.info("No sections yet: open an analysis page and press **Add to report** under its figures.")
     _state.stop()
 
-title = st.text_input("Report title", value="Representation analysis", key="report_title")
+title = st.text_input("Report title", value="Representation analysis", key="report_title", persist_state="session")
 st.caption(f"{len(sections)} section(s). Reorder with the arrows, remove with ✕.")
 for i, section in enumerate(list(sections)):
     cols = st.columns([8, 1, 1, 1])
@@ -32,7 +32,7 @@ for i, section in enumerate(list(sections)):
         sections.pop(i)
         st.rerun()
 
-with_pdf = st.checkbox("Include a PDF (needs a headless Chromium on the server)", value=False, key="report_pdf",
+with_pdf = st.checkbox("Include a PDF (needs a headless Chromium on the server)", value=False, key="report_pdf", persist_state="session",
                        disabled=find_chromium() is None)
 with _state.guard():
     report = build_report(

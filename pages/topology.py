@@ -44,18 +44,18 @@ with st.expander("Settings", expanded=False):
         [0, 1],
         index=1,
         format_func=lambda d: f"H{d}",
-        key="topo_dim",
+        key="topo_dim", persist_state="session",
         horizontal=True,
         help=HELP["dim"],
     )
     max_points = int(
-        c2.number_input("Max points for H1", 100, 5000, 1000, 100, key="topo_max_points", help=HELP["max_points"])
+        c2.number_input("Max points for H1", 100, 5000, 1000, 100, key="topo_max_points", persist_state="session", help=HELP["max_points"])
     )
-    metric = c3.selectbox("Point metric", ["euclidean", "cosine"], key="topo_metric", help=HELP["metric"])
+    metric = c3.selectbox("Point metric", ["euclidean", "cosine"], key="topo_metric", persist_state="session", help=HELP["metric"])
     c4, c5, c6 = st.columns(3)
-    distance = c4.selectbox("Diagram distance", tp.DIAGRAM_METRICS, key="topo_distance", help=HELP["distance"])
-    normalize = c5.checkbox("Scale-normalised distances", value=True, key="topo_normalize", help=HELP["normalize"])
-    probe = c6.checkbox("Linear-probe references", value=True, key="topo_probe", help=HELP["probe"])
+    distance = c4.selectbox("Diagram distance", tp.DIAGRAM_METRICS, key="topo_distance", persist_state="session", help=HELP["distance"])
+    normalize = c5.checkbox("Scale-normalised distances", value=True, key="topo_normalize", persist_state="session", help=HELP["normalize"])
+    probe = c6.checkbox("Linear-probe references", value=True, key="topo_probe", persist_state="session", help=HELP["probe"])
     pooling = _state.pooling_picker("topo_pooling")
 
 chosen = _state.layer_pickers(models, "topo_layers")

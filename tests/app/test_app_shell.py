@@ -221,3 +221,17 @@ def test_a_model_b_that_cannot_run_on_the_data_leaves_model_a_shown(app, sample_
     assert len(errors) == 1 and "text_transformer_seed0" in errors[0] and not at.exception
     table = at.dataframe[0].value
     assert set(table["model"]) == {"mlp_narrow_seed0"}
+
+
+def test_page_settings_are_kept_while_the_user_visits_another_page(app):
+    at = app.run()
+    at.switch_page("pages/relative.py").run()
+    at.checkbox(key="rel_center").check()
+    at.selectbox(key="rel_pooling").set_value("max").run()
+    at.switch_page("pages/activations.py").run()
+    assert at.selectbox(key="act_pooling").value == "mean"  # a setting of another page keeps its own value
+    at.switch_page("pages/home.py").run()
+    at.switch_page("pages/relative.py").run()
+    assert not page_errors(at)
+    assert at.checkbox(key="rel_center").value is True
+    assert at.selectbox(key="rel_pooling").value == "max"
