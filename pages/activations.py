@@ -35,7 +35,7 @@ st.dataframe(
                    "constant units": st.column_config.NumberColumn(format="percent"),
                    "zeros": st.column_config.NumberColumn(format="percent")},
 )
-st.caption(f"n = {dataset.n_samples} samples of {dataset.name}; pooling '{pooling}'. A dead unit is zero on every sample; "
+st.caption(f"n = {dataset.n_samples} samples of {_state.plain(dataset.name)}; pooling '{pooling}'. A dead unit is zero on every sample; "
            "a constant unit has zero variance over the dataset.")
 fig = layer_histograms(*results)
 st.plotly_chart(fig, width="stretch", key="act_hist")

@@ -94,7 +94,7 @@ with _state.guard():
         try:
             relus.append(_state.cached_call(dg.relu_patterns, model, dataset))
         except ArchitectureError:
-            st.info(f"{name} has no ReLU layers, so it has no dead, always-on or synchronised ReLUs.")
+            st.info(f"{_state.plain(name)} has no ReLU layers, so it has no dead, always-on or synchronised ReLUs.")
 
 st.subheader("Spectra")
 figures = [plots.spectrum_figure(*act_ranks), plots.spectrum_figure(*grad_ranks)]

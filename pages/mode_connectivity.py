@@ -46,12 +46,12 @@ with col_b, _state.guard():
     model_b = pick("Model B (permuted to match A)", _state.MODEL_B, others[0] if others else model_a.name,
                    "mc_model_b", matching, "Models of A's architecture: the same modules and parameter shapes.")
 if not others:
-    st.info(f"No other model has the architecture of {model_a.name}: choose or upload one on the Models & data page.")
+    st.info(f"No other model has the architecture of {_state.plain(model_a.name)}: choose or upload one on the Models & data page.")
     _state.stop()
 chosen_b = st.session_state.get(_state.MODEL_B)
 if chosen_b is not None and chosen_b.name not in matching:
-    st.caption(f"The sidebar's model B ({chosen_b.name}) has another architecture than {model_a.name}, so it cannot be "
-               f"matched to it; {model_b.name} is used instead.")
+    st.caption(f"The sidebar's model B ({_state.plain(chosen_b.name)}) has another architecture than {_state.plain(model_a.name)}, so it cannot be "
+               f"matched to it; {_state.plain(model_b.name)} is used instead.")
 train_split = digits_train_for(dataset)
 digits = train_split is not None
 with st.expander("Settings", expanded=False):

@@ -141,5 +141,5 @@ cols[2].metric("Own head of A", "n/a" if stitched.own_accuracy is None else f"{s
 _state.label_order_caption(test)
 fig = stitching_bars(stitched, name_a=model_a.name, name_b=model_b.name)
 st.plotly_chart(fig, key="rel_stitch_chart", width="stretch")
-st.caption(f"Trained on {train.n_samples} samples of {train.name}, tested on {test.n_samples} of {test.name}.")
+st.caption(f"Trained on {train.n_samples} samples of {_state.plain(train.name)}, tested on {test.n_samples} of {_state.plain(test.name)}.")
 _state.report_button(f"Zero-shot stitching: {model_a.name}, {model_b.name}", stitched, [fig], key="rel_stitch_report")

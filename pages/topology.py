@@ -119,7 +119,7 @@ if distance == "bottleneck":
 
 st.subheader("Class separability across layers")
 if labels is None:
-    st.info(f"{dataset.name} has no class labels: only the unsupervised score S is shown.")
+    st.info(f"{_state.plain(dataset.name)} has no class labels: only the unsupervised score S is shown.")
 figures.append(plots.separability_curves(*seps, names=names))
 st.plotly_chart(figures[-1], width="stretch", key="topo_separability")
 st.dataframe(plots.separability_rows(*seps, names=names), hide_index=True, width="stretch", key="topo_separability_table")
