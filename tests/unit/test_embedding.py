@@ -97,6 +97,22 @@ def test_knn_graph_cache_reuses_and_truncates():
     assert idx.shape == (200, 6) and (idx[:, 0] == np.arange(200)).all() and (dist[:, 0] == 0).all()
 
 
+def test_cached_knn_graph_cannot_be_edited_by_a_caller():
+    clear_knn_cache()
+    x = _torus_in_50d(300, seed=3)
+    before_id = intrinsic_dimension(x, method="mle").dimension
+    before_quality = embed(x, method="pca").knn_preservation
+    graph = knn_graph(x, 20)
+    with pytest.raises(ValueError, match="read-only"):
+        graph.indices[:] = 0
+    with pytest.raises(ValueError, match="read-only"):
+        graph.distances[:, 0] = 1.0
+    with pytest.raises(ValueError, match="read-only"):
+        knn_graph(x, 5).indices[:] = 0  # a truncated view of the cached graph
+    assert intrinsic_dimension(x, method="mle").dimension == before_id
+    assert embed(x, method="pca").knn_preservation == before_quality
+
+
 def test_knn_graph_errors():
     x = np.random.default_rng(3).normal(size=(10, 3))
     with pytest.raises(ParameterError, match="'k' parameter of knn_graph must be an int in \\[1, 9\\]"):
@@ -128,6 +144,16 @@ def test_trustworthiness_extremes():
     x = rng.normal(size=(200, 2))
     assert trustworthiness(x, x * 3.0 + 1.0) == pytest.approx(1.0)
     assert abs(trustworthiness(x, rng.normal(size=(200, 2))) - 0.5) < 0.08
+
+
+def test_trustworthiness_of_tight_clusters_far_from_the_centre_is_exact():
+    # Neighbour distances of 1e-3 next to norms of 100: a float32 expansion ranked rounding noise (0.94).
+    from sklearn.manifold import trustworthiness as sk_trustworthiness
+
+    rng = np.random.default_rng(6)
+    x = 100.0 * rng.normal(size=(5, 8))[np.arange(100) % 5] + 1e-3 * rng.normal(size=(100, 8))
+    assert trustworthiness(x, x, k=5) == 1.0
+    assert sk_trustworthiness(x, x, n_neighbors=5) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

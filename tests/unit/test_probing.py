@@ -191,6 +191,21 @@ def test_feature_constant_on_training_rows_gets_zero_weight():
     assert result.fold_scores[0, fold] == pytest.approx(plain.fold_scores[0, fold])
 
 
+def test_a_large_offset_does_not_quantise_the_features():
+    # Features near 1e4 that vary by 1e-3 keep only ~3 digits in float32: centring must come first.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 6))
+    y = (x[:, 0] + 0.5 * x[:, 1] + rng.standard_normal(120) > 0).astype(int)
+    plain = probe_layers({"l": x * 1e-3}, y, cv=4, control=False)
+    offset = probe_layers({"l": x * 1e-3 + 1e4}, y, cv=4, control=False)
+    np.testing.assert_array_equal(offset.fold_scores, plain.fold_scores)
+    assert offset.score[0] == pytest.approx(103 / 120)
+    tokens = rng.standard_normal((120, 3, 6))
+    plain = moment_probe({"s": tokens * 1e-3}, y, rank=2, cv=4, control=False)
+    offset = moment_probe({"s": tokens * 1e-3 + 1e4}, y, rank=2, cv=4, control=False)
+    np.testing.assert_array_equal(offset.fold_scores, plain.fold_scores)
+
+
 def test_same_seed_same_result_and_seed_recorded():
     x, y = _blobs(n=120)
     a = probe_layers({"x": x}, y, seed=11)

@@ -212,6 +212,26 @@ def test_rsa_matches_scipy_reference(rdm, compare):
     )
 
 
+@pytest.mark.parametrize("rdm", ["correlation", "euclidean"])
+def test_rsa_of_tied_distances_is_exactly_scale_invariant(rdm):
+    # Binary samples: many pairs share one distance. A matrix-product expansion left rounding noise in
+    # those ties that Spearman read as an order (0.988 for the Euclidean RDM, 0.999 for correlation).
+    x = np.random.default_rng(5).integers(0, 2, (40, 6)).astype(float)
+    assert rsa(x, x * 3.3, rdm=rdm) == pytest.approx(1.0, abs=1e-12)
+    assert rsa(x, x * 3.3, rdm=rdm, compare="pearson") == pytest.approx(1.0, abs=1e-12)
+
+
+def test_rsa_ranks_give_equal_distances_one_rank():
+    x = np.random.default_rng(5).integers(0, 2, (40, 6)).astype(float)
+    upper = np.triu_indices(40, 1)
+    distinct = len(np.unique(np.round((1.0 - np.corrcoef(x))[upper], 9)))  # 33
+    ranks = sim._rsa_prep(torch.from_numpy(x), "x", "rsa", "correlation", "spearman").numpy()
+    assert len(np.unique(ranks)) == distinct
+    distinct = len(np.unique(np.round(np.linalg.norm(x[:, None] - x[None], axis=-1)[upper], 9)))
+    ranks = sim._rsa_prep(torch.from_numpy(x), "x", "rsa", "euclidean", "spearman").numpy()
+    assert len(np.unique(ranks)) == distinct
+
+
 # ---------------------------------------------------------------------------------------------
 # streaming
 

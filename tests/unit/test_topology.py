@@ -266,6 +266,27 @@ def test_duplicated_points_subsample_each_point_once():
     assert len(res.diagram(1)) == 1
 
 
+def test_duplicate_samples_add_no_h0_bar():
+    # The copies are 0 apart; a matrix-product expansion made them ~1e-8 apart, and each such pair an H0 bar.
+    x = circle(60, noise=0.05, dim=10, seed=0)
+    x = np.concatenate([x, x[:10]])
+    res = persistence(x, max_dim=1)
+    assert len(res.diagram(0)) == 60
+    np.testing.assert_allclose(res.diagram(0), persistence(x, max_dim=0).diagram(0), rtol=1e-12)
+
+
+def test_h0_deaths_of_tight_far_apart_clusters_are_exact():
+    from scipy.sparse.csgraph import minimum_spanning_tree
+    from scipy.spatial.distance import pdist, squareform
+
+    rng = np.random.default_rng(1)
+    x = 100.0 * rng.standard_normal((4, 5))[np.arange(80) % 4] + 1e-3 * rng.standard_normal((80, 5))
+    deaths = np.sort(minimum_spanning_tree(squareform(pdist(x))).data)[::-1]  # from coordinate differences
+    h0 = persistence(x, max_dim=1).diagram(0)
+    assert np.isinf(h0[0, 1])
+    np.testing.assert_allclose(h0[1:, 1], deaths, rtol=1e-9)
+
+
 def test_result_is_json_safe_and_progress_is_reported():
     calls = []
     res = persistence(circle(50, noise=0.05), progress=lambda done, total: calls.append((done, total)))
@@ -428,6 +449,14 @@ def test_trsa_of_a_representation_with_itself_is_one_and_invariant():
     res = topological_rsa(x, x**3)
     assert res.similarity == pytest.approx(topological_rsa(x**3, x).similarity, abs=1e-12)
     assert res.rgtm_x.shape == (80, 80) and res.rgtm_x.min() == 0.0 and res.rgtm_x.max() == 1.0
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "correlation"])
+def test_trsa_of_tied_distances_is_exactly_scale_invariant(metric):
+    # Binary samples: many pairs share one distance, which rounding noise must not put in an order.
+    x = np.random.default_rng(5).integers(0, 2, (40, 6)).astype(float)
+    assert topological_rsa(x, x * 3.3, lower=0.0, upper=1.0, metric=metric).similarity == pytest.approx(1.0, abs=1e-12)
+    assert topological_rsa(x, x * 3.3, metric=metric).similarity == pytest.approx(1.0, abs=1e-12)
 
 
 def test_trsa_transform_thresholds():

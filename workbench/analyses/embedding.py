@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from workbench.analyses import umap_layout
+from workbench.analyses._distances import squared_distances
 from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import (
     as_matrix,
@@ -44,7 +45,7 @@ from workbench.analyses._validation import (
     check_not_constant,
 )
 from workbench.analyses.knn import METRICS, _is_float32, knn_graph
-from workbench.device import resolve_device
+from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError
 
 logger = logging.getLogger(__name__)
@@ -756,22 +757,23 @@ def _trustworthiness(t: torch.Tensor, low: np.ndarray, k: int, metric: str, dev:
     """Venna & Kaski trustworthiness from the view's neighbour lists ``low`` (n, k), ranks taken in ``t``.
 
     The rank of ``j`` from ``i`` is one more than the number of other samples strictly closer to ``i``;
-    distances come from one float32 matrix product per block of rows (ranks change only at near-ties).
+    squared distances come from :func:`squared_distances` in float64, one block of rows at a time, so
+    neighbours inside tight clusters far from the centre are ranked as exactly as the kNN graph ranks them.
     """
     n = t.shape[0]
-    x = t.to(device=dev, dtype=torch.float32)
+    dev = float64_device(dev)
+    x = t.to(device=dev, dtype=torch.float64)
     if metric == "cosine":
         x = x / x.norm(dim=1, keepdim=True)
     else:
         x = x - x.mean(0, keepdim=True)
-    sq = (x * x).sum(1)
-    low_t = torch.from_numpy(low).to(dev)
-    block = max(1, min(n, (1 << 24) // n))  # a block of distances stays under 64 MiB
+    low_t = torch.tensor(low, dtype=torch.int64, device=dev)
+    block = max(1, min(n, (1 << 23) // n))  # a block of distances stays under 64 MiB
     penalty = 0
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         rows = torch.arange(hi - lo, device=dev)
-        part = torch.addmm(sq[None, :], x[lo:hi], x.T, beta=1.0, alpha=-2.0)  # |b|^2 - 2 a.b, row order of distance
+        part = squared_distances(x, lo, hi)
         part[rows, rows + lo] = float("inf")
         target = part.gather(1, low_t[lo:hi])
         # one neighbour column at a time: a contiguous int32 count is several times faster than one (rows, n, k) mask

@@ -48,6 +48,9 @@ class KnnGraph(RecordedResult):
     ``distances``: ``(n_samples, k)`` float64, non-decreasing along each row; Euclidean distance,
     or cosine distance ``1 - cos`` in ``[0, 2]`` for ``metric="cosine"``.
     ``sha256``: hash of the data the graph was built from (the cache key).
+
+    The graph is shared through the cache, so ``indices`` and ``distances`` are read-only (an edit
+    raises ``ValueError``); copy them (``graph.indices.copy()``) to change them.
     """
 
     indices: np.ndarray
@@ -73,8 +76,8 @@ class KnnGraph(RecordedResult):
         if k == self.k:
             return self
         return KnnGraph(
-            indices=self.indices[:, :k],
-            distances=self.distances[:, :k],
+            indices=_read_only(self.indices[:, :k]),
+            distances=_read_only(self.distances[:, :k]),
             metric=self.metric,
             k=k,
             sha256=self.sha256,
@@ -147,8 +150,8 @@ def knn_graph(
     start = time.perf_counter()
     indices, distances = _exact_knn(t, k, metric, dev, progress)
     graph = KnnGraph(
-        indices=indices,
-        distances=distances,
+        indices=_read_only(indices),
+        distances=_read_only(distances),
         metric=metric,
         k=k,
         sha256=key[0],
@@ -166,6 +169,13 @@ def knn_graph(
         while len(_cache) > CACHE_ENTRIES:
             _cache.popitem(last=False)
     return graph
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """``a`` marked read-only: cached graphs are handed to every caller, so one caller's edit would
+    change every later result computed from the same data."""
+    a.setflags(write=False)
+    return a
 
 
 def _is_float32(x: Any) -> bool:

@@ -10,6 +10,7 @@ standardisation of each fold is folded into its weights, so every fold's logits 
 matrix product ``x @ W`` of shape ``(n_samples, n_folds * n_classes)``, and one full-batch L-BFGS
 minimises the sum of the folds' (independent) objectives. Features are standardised with the
 mean and standard deviation of each fold's training rows only, so nothing leaks from held-out rows.
+Each layer is centred in float64 before the probes' float32 work, so a large offset costs no digits.
 
 :func:`moment_probe` is the moment probe of Tao et al. (ICCV 2023, "Tuning Pre-trained Model via
 Moment Probing") for activations with a token axis: a linear probe on the first moment (mean
@@ -244,7 +245,7 @@ def moment_probe(
             matrices[name] = _moment_features(t, mask, rank, seed + index, func, name)
             token_layers += 1
         else:
-            matrices[name] = as_matrix(t, name, func=func, dtype=torch.float32, min_samples=2)
+            matrices[name] = _centred_float32(as_matrix(t, name, func=func, min_samples=2), name, func)
     prefix = (
         f"moment probe (mean + diagonal + rank-{rank} token covariance), "
         if token_layers
@@ -277,8 +278,32 @@ def _layer_matrices(acts: Any, layers: Sequence[str] | None, func: str) -> dict[
         names = list(acts) if layers is None else check_layer_names(acts, layers, func=func)
         if not names:
             raise DataError(f"{func}: no layers to probe; pass at least one layer name.")
-        return {name: as_matrix(acts[name], name, func=func, dtype=torch.float32, min_samples=2) for name in names}
-    return {"x": as_matrix(acts, "acts", func=func, dtype=torch.float32, min_samples=2)}
+        return {name: _centred_float32(as_matrix(acts[name], name, func=func, min_samples=2), name, func) for name in names}
+    return {"x": _centred_float32(as_matrix(acts, "acts", func=func, min_samples=2), "acts", func)}
+
+
+def _centred_float32(x: torch.Tensor, name: str, func: str) -> torch.Tensor:
+    """``x`` minus its column means, computed in float64 and only then rounded to the probes' float32.
+
+    Every probe standardises its features, so the centring changes no result; done after the rounding,
+    it would keep only the few float32 digits left below a large offset (features near 1e4 that vary
+    by 1e-3 would be quantised to steps of 1e-3). Exactly constant columns become exactly 0."""
+    limit = torch.finfo(torch.float32).max
+    n_big = int((x.abs() > limit).sum())
+    out = x
+    if not n_big:
+        constant = (x == x[:1]).all(0)
+        x64 = x.to(torch.float64)
+        xc = x64 - x64.mean(0, keepdim=True)
+        xc[:, constant] = 0.0
+        out = xc.to(torch.float32)
+        n_big = int((~torch.isfinite(out)).sum())  # a spread beyond the range (values near it of both signs)
+    if n_big:
+        raise DataError(
+            f"{func}: {n_big} value{'s' if n_big != 1 else ''} of '{name}' {'lie' if n_big != 1 else 'lies'} beyond the "
+            f"float32 range (|x| > {limit:.3g}) that the probes compute in; rescale the data first."
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -834,4 +859,4 @@ def _moment_features(t: torch.Tensor, mask: Any, rank: int, seed: int, func: str
         cov = torch.einsum("ntr,nts->nrs", z, z) / count[:, None, None]
         rows, cols = torch.triu_indices(cov.shape[1], cov.shape[1])
         parts.append(cov[:, rows, cols])
-    return torch.cat(parts, dim=1).to(torch.float32)
+    return _centred_float32(torch.cat(parts, dim=1), name, func)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from workbench.activations.types import Activations
+from workbench.analyses._distances import average_ranks, squared_distances
 from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import (
     ArrayLike,
@@ -668,27 +669,17 @@ def cca_similarity(
 # RSA
 
 
-def _rankdata(v: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..m with ties given their average rank (scipy.stats.rankdata 'average')."""
-    order = torch.argsort(v, stable=True)
-    ordered = v[order]
-    new_group = torch.ones_like(ordered, dtype=torch.bool)
-    new_group[1:] = ordered[1:] != ordered[:-1]
-    group = torch.cumsum(new_group, 0) - 1
-    counts = torch.bincount(group)
-    starts = torch.cumsum(counts, 0) - counts
-    average = starts.to(v.dtype) + (counts.to(v.dtype) - 1.0) / 2.0 + 1.0
-    ranks = torch.empty_like(v)
-    ranks[order] = average[group]
-    return ranks
-
-
 def _rsa_prep(x: torch.Tensor, name: str, func: str, rdm: str, compare: str) -> torch.Tensor:
-    """The upper triangle of the RDM, ranked for Spearman, centred and scaled to unit norm."""
-    _centre(x, name, func)
-    x = x * unit_scale(x)  # distances in range whatever the scale (RSA is scale-free)
+    """The upper triangle of the RDM, ranked for Spearman, centred and scaled to unit norm.
+
+    Both RDMs come from :func:`squared_distances` (the correlation distance of unit-norm, row-centred
+    patterns is half their squared Euclidean distance), so identical samples are exactly 0 apart, and
+    the ranking treats distances equal up to rounding as ties: Spearman RSA is then exactly invariant to
+    the changes listed in the module docstring, also when distances tie (binary or quantised data)."""
     n = x.shape[0]
+    xc = _centre(x, name, func)  # scaled into range whatever the data's scale (RSA is scale-free)
     if rdm == "correlation":
+        x = x * unit_scale(x)
         z = x - x.mean(1, keepdim=True)
         norms = torch.linalg.vector_norm(z, dim=1)
         flat = int((norms == 0).sum())
@@ -698,12 +689,13 @@ def _rsa_prep(x: torch.Tensor, name: str, func: str, rdm: str, compare: str) -> 
                 "so their correlation distance is undefined; use rdm='euclidean'."
             )
         z = z / norms[:, None]
-        dist = 1.0 - z @ z.T
+        dist = squared_distances(z).mul_(0.5)
     else:
-        dist = torch.cdist(x, x)
+        dist = squared_distances(xc).sqrt_()  # centred: small norms, so few pairs need recomputing
     v = dist[torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)]
+    del dist
     if compare == "spearman":
-        v = _rankdata(v)
+        v = average_ranks(v)
     v = v - v.mean()
     norm = float(torch.linalg.vector_norm(v))
     if norm == 0.0:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from workbench.analyses._distances import average_ranks, squared_distances
 from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import (
     ArrayLike,
@@ -321,10 +322,11 @@ def _points(x: torch.Tensor, unit: bool, func: str, name: str = "x") -> torch.Te
 
 
 def _distance_matrix(p: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances ``(n, n)`` from one GEMM, exactly symmetric, with an exact zero diagonal."""
-    sq = (p * p).sum(1)
-    d2 = torch.addmm(sq[:, None] + sq[None, :], p, p.T, alpha=-2.0)
-    d = d2.clamp_min_(0).sqrt_()
+    """Euclidean distances ``(n, n)``, exactly symmetric, with an exact zero diagonal.
+
+    From :func:`squared_distances`: duplicate samples are exactly 0 apart (else each pair of them would
+    add an H0 bar of ~1e-8) and the distances inside tight clusters keep their digits."""
+    d = squared_distances(p).sqrt_()
     sym = d.T.contiguous()  # a blocked transpose copy: twice as fast as adding the strided view
     sym.add_(d).mul_(0.5)
     sym.fill_diagonal_(0.0)
@@ -1422,7 +1424,7 @@ def _rdm_vector(t: torch.Tensor, metric: str, func: str, name: str) -> torch.Ten
                 "distance is undefined; use metric='euclidean'."
             )
         c = c / norms[:, None]
-        d = (1.0 - c @ c.T).clamp_min_(0)
+        d = squared_distances(c).mul_(0.5)  # 1 - cos of unit vectors, exact for (near-)identical patterns
     else:
         p = _points(t, metric == "cosine", func, name)
         d = _distance_matrix(p)
@@ -1430,22 +1432,12 @@ def _rdm_vector(t: torch.Tensor, metric: str, func: str, name: str) -> torch.Ten
     return d[iu[0], iu[1]]
 
 
-def _average_ranks(v: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..m-1 of ``v`` with ties given their average rank."""
-    order = torch.argsort(v, stable=True)
-    sorted_v = v[order]
-    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    avg = ends - (counts.to(torch.float64) + 1.0) / 2.0
-    ranks = torch.empty_like(v)
-    ranks[order] = avg[inverse]
-    return ranks
-
-
 def _rgtm(v: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
-    """Rank-normalise to [0, 1], then 0 below ``lower``, 1 above ``upper``, linear in between."""
+    """Rank-normalise to [0, 1], then 0 below ``lower``, 1 above ``upper``, linear in between.
+
+    Dissimilarities equal up to rounding share their average rank (see :func:`average_ranks`)."""
     m = v.numel()
-    q = _average_ranks(v) / max(m - 1, 1)
+    q = (average_ranks(v) - 1.0) / max(m - 1, 1)
     return ((q - lower) / (upper - lower)).clamp_(0.0, 1.0)
 
 
