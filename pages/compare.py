@@ -86,14 +86,14 @@ with _state.guard():
     except WorkbenchError as exc:
         _state.show_error(exc)
         if measure == "cca_similarity" and options.get("kind") != "svcca":
-            st.info("PWCCA and mean CCA need every compared pair of layers to span fewer dimensions than there are samples: "
-                    "choose 'svcca' under CCA summary (it keeps the leading directions only), or deselect the widest layers.")
+            st.info("PWCCA and mean CCA need a pair of layers to span fewer dimensions than there are samples, and no pair "
+                    "does: choose 'svcca' under CCA summary (it keeps the leading directions only), or narrower layers.")
         _state.stop()
 
 heatmap = similarity_heatmap(result)
 event = st.plotly_chart(heatmap, key="cmp_heatmap", on_select="rerun", selection_mode="points", width="stretch")
 st.caption(
-    f"{result.estimator}; n = {result.n_samples} samples of {dataset.name}, pooling '{pooling}'. "
+    f"{_state.plain(result.estimator)}; n = {result.n_samples} samples of {_state.plain(dataset.name)}, pooling '{pooling}'. "
     "Hover a cell for its exact value; click it to open its detail below."
 )
 chance = None
@@ -104,7 +104,7 @@ if st.checkbox("Chance level (B's samples shuffled)", value=True, key="cmp_chanc
     except WorkbenchError as exc:
         st.caption(_state.plain(f"No chance level: {exc}"))
 if chance is not None:
-    low, high, mid = float(chance.values.min()), float(chance.values.max()), float(np.median(chance.values))
+    low, high, mid = (float(f(chance.values)) for f in (np.nanmin, np.nanmax, np.nanmedian))  # n/a cells are NaN
     st.caption(
         f"Chance level, the same measure on unrelated samples (B's samples in a random order): {low:.2f} to {high:.2f} "
         f"over the cells (median {mid:.2f}); read each cell against it."
@@ -142,8 +142,9 @@ if agreement.absolute_mean_jaccard is not None:
     gain = f"{agreement.mean_jaccard - agreement.absolute_mean_jaccard:+.3f} vs absolute"
 cols = st.columns(3)
 cell_chance = None if chance is None else float(chance.values[chance.layers_a.index(cell_a), chance.layers_b.index(cell_b)])
-cols[0].metric(measure_label(measure), f"{value:.4f}", help=result.estimator,
-               delta=None if cell_chance is None else f"{value - cell_chance:+.3f} vs chance ({cell_chance:.3f})",
+defined = bool(np.isfinite(value))
+cols[0].metric(measure_label(measure), f"{value:.4f}" if defined else "n/a", help=result.estimator,
+               delta=None if cell_chance is None or not defined else f"{value - cell_chance:+.3f} vs chance ({cell_chance:.3f})",
                delta_color="normal" if result.higher_is_closer else "inverse")
 cols[1].metric(f"Jaccard@{agreement.k} (relative)", f"{agreement.mean_jaccard:.3f}", delta=gain, help=HELP["jaccard"])
 cols[2].metric("MRR (relative)", f"{agreement.mrr:.3f}", help=HELP["mrr"])

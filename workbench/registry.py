@@ -145,9 +145,12 @@ def _similarity_plot(result: Any) -> list[go.Figure]:
 def _similarity_summary(result: Any) -> dict[str, Any]:
     values = np.asarray(result.values)
     out: dict[str, Any] = {"measure": result.measure, "estimator": result.estimator}
-    if values.shape[0] == values.shape[1]:
-        out["diagonal_mean"] = float(np.mean(np.diag(values)))
-    out["max"] = float(values.max())
+    defined = values[np.isfinite(values)]
+    if values.shape[0] == values.shape[1] and np.isfinite(np.diag(values)).any():
+        out["diagonal_mean"] = float(np.nanmean(np.diag(values)))
+    out["max"] = float(defined.max())
+    if defined.size < values.size:
+        out["pairs n/a"] = int(values.size - defined.size)
     return out
 
 

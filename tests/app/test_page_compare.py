@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.app.conftest import page_errors
+from tests.app.conftest import page_errors, shown
 from workbench.plots._style import figure_title
 
 LAYERS = ["fc1", "relu1", "fc2", "relu2", "out"]
@@ -114,18 +114,27 @@ def test_model_with_itself_has_unit_diagonal(app):
     assert metrics["linear CKA"] == "1.0000" and metrics["Jaccard@10 (relative)"] == "1.000"
 
 
-def test_undefined_measure_shows_the_library_error(compare):
+def test_cca_of_pairs_wider_than_the_samples_is_marked_n_a_and_the_rest_is_shown(compare):
     at = compare
     at.selectbox(key="cmp_measure").set_value("cca_similarity").run()
     at.selectbox(key="cmp_cca_kind").set_value("mean").run()
-    errors = page_errors(at)
-    assert any("dimensions but 450 samples leave only 449 after centring" in e for e in errors)
-    assert not at.exception
-    assert not at.get("plotly_chart")
+    assert not page_errors(at) and not at.exception
+    heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)
+    z = _array(heatmap["data"][0]["z"])
+    rows = heatmap["data"][0]["y"]
+    assert np.isnan(z[rows.index("relu1")]).all()  # 512 ReLU units span all 449 dimensions the samples leave
+    out = rows.index("out")
+    assert np.isfinite(z[out, heatmap["data"][0]["x"].index("out")]) and np.isfinite(z[out]).sum() >= 2
+    assert any("n/a (NaN) for" in c.value and "use kind='svcca' for them" in shown(c.value) for c in at.caption)
+    at.selectbox(key="cmp_cell_a").set_value("relu1")
+    at.selectbox(key="cmp_cell_b").set_value("relu1").run()
+    assert _metrics(at)["CCA similarity"] == "n/a"
 
 
-def test_pwcca_on_layers_wider_than_the_samples_points_to_svcca(compare):
+def test_pwcca_when_no_pair_is_defined_points_to_svcca(compare):
     at = compare
+    at.multiselect(key="cmp_layers_a").set_value(["relu1"])
+    at.multiselect(key="cmp_layers_b").set_value(["relu1"]).run()
     at.selectbox(key="cmp_measure").set_value("cca_similarity").run()
     at.selectbox(key="cmp_cca_kind").set_value("pwcca").run()
     errors = page_errors(at)

@@ -576,7 +576,7 @@ def test_heatmap_records_estimator_and_n_and_hover_values():
     assert "angular Procrustes distance" in title and "n = 60" in title and "lower is closer" in title
     cells = fig.data[1]
     assert len(cells.x) == 9 and np.allclose(np.asarray(cells.customdata), result.values.ravel())
-    assert "%{customdata:.6f}" in cells.hovertemplate
+    assert "%{text}" in cells.hovertemplate and list(cells.text) == [f"{v:.6f}" for v in result.values.ravel()]
 
 
 @pytest.mark.cuda
@@ -694,3 +694,17 @@ def test_chance_level_is_the_measure_on_shuffled_samples():
     assert itself.values.shape == (2, 2) and itself.values[0, 0] < 0.6
     with pytest.raises(ParameterError, match=r"'seed' parameter of chance_level must be an int in \[0, inf\]"):
         chance_level({"x": x}, seed=-1)
+
+
+def test_matrix_marks_cca_pairs_wider_than_the_samples_n_a_and_keeps_the_others():
+    rng = _rng()
+    wide, narrow = rng.normal(size=(30, 25)), rng.normal(size=(30, 3))
+    acts = {"wide": wide, "narrow": narrow}
+    for kind in ("mean", "pwcca"):
+        result = similarity_matrix(acts, measure="cca_similarity", kind=kind)
+        assert np.isnan(result.values[0, 0]) and result.params["undefined_pairs"] == [("wide", "wide")]
+        assert result.values[1, 1] == pytest.approx(1.0)
+        assert result.values[0, 1] == pytest.approx(cca_similarity(wide, narrow, kind=kind))
+        assert f"n/a (NaN) for 1 of {3 if kind == 'mean' else 4} pairs" in result.estimator  # PWCCA is not symmetric and "use kind='svcca' for them" in result.estimator
+    with pytest.raises(DataError, match=r"'acts_a\['wide'\]' and 'acts_a\['wide'\]' span 25 \+ 25 dimensions but 30 samples"):
+        similarity_matrix({"wide": wide}, measure="cca_similarity", kind="mean")

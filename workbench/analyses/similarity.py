@@ -80,6 +80,8 @@ class SimilarityMatrixResult(RecordedResult):
 
     ``values[i, j]`` compares ``layers_a[i]`` with ``layers_b[j]``; shape ``(n_layers_a, n_layers_b)``.
     ``higher_is_closer`` is False for distances. ``n_features_a`` / ``n_features_b`` are the layer widths.
+    CCA of two layers that together span more dimensions than the samples allow is undefined: those
+    cells are NaN and listed in ``params["undefined_pairs"]`` (the ``estimator`` says why).
     """
 
     values: np.ndarray
@@ -1197,13 +1199,30 @@ def similarity_matrix(
     prepared_b = prepared_a if symmetric else prepared[len(raw_a) :]
 
     values = np.empty((len(prepared_a), len(prepared_b)))
+    undefined: list[tuple[int, int, DataError]] = []  # CCA pairs spanning more dimensions than the samples allow
     for i, a in enumerate(prepared_a):
         for j, b in enumerate(prepared_b):
             if symmetric and j < i:
                 values[i, j] = values[j, i]
                 continue
-            values[i, j] = pair(a, b, names_a[i], names_b[j])
+            try:
+                values[i, j] = pair(a, b, names_a[i], names_b[j])
+            except DataError as exc:
+                if measure != "cca_similarity":
+                    raise
+                values[i, j] = np.nan
+                undefined.append((i, j, exc))
             step()
+    estimator, params = spec.estimator, dict(spec.params)
+    if undefined:
+        if len(undefined) == n_pairs:
+            raise undefined[0][2]
+        layer_a, layer_b = raw_a[undefined[0][0]][0], raw_b[undefined[0][1]][0]
+        params["undefined_pairs"] = [(raw_a[i][0], raw_b[j][0]) for i, j, _ in undefined]  # one triangle when symmetric
+        estimator = (f"{estimator}; n/a (NaN) for {len(params['undefined_pairs'])} of {n_pairs} pairs of layers that "
+                     f"together span more dimensions than {n} samples leave after centring, where some canonical "
+                     f"correlations are 1 whatever the data (first: {layer_a} and {layer_b}); "
+                     + ("keep less variance for them" if kind == "svcca" else "use kind='svcca' for them"))
 
     return SimilarityMatrixResult(
         values=values,
@@ -1215,9 +1234,9 @@ def similarity_matrix(
         higher_is_closer=spec.higher_is_closer,
         model_a=_model_name(acts_a, "A"),
         model_b=_model_name(acts_a, "A") if acts_b is None else _model_name(acts_b, "B"),
-        estimator=spec.estimator,
+        estimator=estimator,
         n_samples=n,
-        params=spec.params,
+        params=params,
         seed=None,
         device=str(dev),
         dtype="float64",

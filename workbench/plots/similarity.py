@@ -43,7 +43,8 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
 
     Hovering a cell shows the exact value. Every cell also carries an invisible marker, so that a click
     selects it (``st.plotly_chart(..., on_select="rerun")`` reports the point's ``x``/``y`` layer names).
-    ``annotate`` writes the values into the cells (default: when the grid has at most 12 x 12 cells).
+    ``annotate`` writes the values into the cells (default: when the grid has at most 12 x 12 cells); an
+    undefined cell (NaN) is left blank and reads "n/a" on hover.
     """
     values = np.asarray(result.values)
     label = measure_label(result.measure)
@@ -69,10 +70,11 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
         go.Scatter(
             x=[result.layers_b[j] for j in cols.ravel()],
             y=[result.layers_a[i] for i in rows.ravel()],
-            customdata=values.ravel(),
+            customdata=np.where(np.isfinite(values), values, None).ravel(),
+            text=[f"{v:.6f}" if np.isfinite(v) else "n/a" for v in values.ravel()],
             mode="markers",
             marker={"symbol": "square", "size": 28, "opacity": 0.0, "color": "#000000"},
-            hovertemplate=f"A ({result.model_a}): %{{y}}<br>B ({result.model_b}): %{{x}}<br>{label} = %{{customdata:.6f}}<extra></extra>",
+            hovertemplate=f"A ({result.model_a}): %{{y}}<br>B ({result.model_b}): %{{x}}<br>{label} = %{{text}}<extra></extra>",
             showlegend=False,
             name="cells",
         )
