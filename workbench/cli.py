@@ -1,7 +1,8 @@
 """Command line: ``workbench app | layers | extract | analyze``.
 
-Bad arguments print one line to stderr and exit with code 2; errors in the input files
-(a ``WorkbenchError``) print their message and exit with code 1.
+Bad arguments (options argparse refuses, a ``ParameterError`` or an unknown layer) print one line
+to stderr and exit with code 2; errors in the input files (any other ``WorkbenchError``) and
+outputs that cannot be written print their message and exit with code 1.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from workbench.errors import WorkbenchError
+from workbench.errors import ParameterError, UnknownLayerError, WorkbenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +28,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _check_output(path: Path, *, folder: bool) -> None:
     """Refuse, before any work, an output path that cannot be written (missing folders are created on saving)."""
-    from workbench.errors import ParameterError
 
     if folder and path.exists() and not path.is_dir():
         raise ParameterError(f"--out {path} is a file; the report is written into a folder: give a folder path.")
     if not folder and path.is_dir():
         raise ParameterError(f"--out {path} is a folder; give a file name ending in .npz.")
+    if not folder and path.is_file():  # overwritten
+        if not os.access(path, os.W_OK):
+            raise ParameterError(f"--out {path} exists and cannot be overwritten; choose another location.")
+        return
     existing = path.absolute()
     while not existing.exists():
         existing = existing.parent
@@ -81,6 +85,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     _check_output(args.out, folder=False)
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")  # numpy's own rule
+    _check_output(out, folder=False)
     model = load_model(args.model, architecture=args.architecture)
     data = _data_arg(args.data)
     with tqdm(total=data.n_samples, unit="sample", disable=None) as bar:
@@ -96,7 +101,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from workbench import __version__
+
     parser = _Parser(prog="workbench", description="Representation Workbench: inspect and compare trained networks.")
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("app", help="start the web app", description="Start the Streamlit app on the bundled sample models.")
@@ -154,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse_params(items: list[str], analyses: list[str]) -> dict[str, dict[str, object]]:
     import json
 
-    from workbench.errors import ParameterError
 
     params: dict[str, dict[str, object]] = {a: {} for a in analyses}
     for item in items:
@@ -167,8 +174,8 @@ def _parse_params(items: list[str], analyses: list[str]) -> dict[str, dict[str, 
                                  f"({', '.join(analyses)}); add it to --analysis or drop the parameter.")
         try:
             params[name][param] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[name][param] = raw
+        except json.JSONDecodeError:  # Python's spellings of the JSON constants, else the text itself
+            params[name][param] = {"True": True, "False": False, "None": None}.get(raw, raw)
     return params
 
 
@@ -178,21 +185,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from workbench import load_model
-    from workbench.errors import ParameterError
     from workbench.registry import get_analysis, run_analysis
     from workbench.report import build_report
 
     names = [n.strip() for n in args.analysis.split(",") if n.strip()]
-    try:
-        if not names:
-            from workbench.registry import ANALYSES
+    if not names:
+        from workbench.registry import ANALYSES
 
-            raise ParameterError(f"--analysis names no analysis; give one or more of {', '.join(a.name for a in ANALYSES)}.")
-        entries = [get_analysis(n) for n in names]
-        params = _parse_params(args.param, names)
-    except ParameterError as exc:  # a bad argument, like argparse's own
-        print(f"workbench analyze: error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
+        raise ParameterError(f"--analysis names no analysis; give one or more of {', '.join(a.name for a in ANALYSES)}.")
+    entries = [get_analysis(n) for n in names]  # bad arguments (exit code 2) before any work
+    params = _parse_params(args.param, names)
     _check_output(args.out, folder=True)
     model_a = load_model(args.model_a, architecture=args.architecture)
     model_b = load_model(args.model_b, architecture=args.architecture_b or args.architecture) if args.model_b else None
@@ -218,8 +220,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except (ParameterError, UnknownLayerError) as exc:  # a bad argument, like argparse's own
+        print(f"workbench {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     except WorkbenchError as exc:
         print(f"workbench {args.command}: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    except OSError as exc:  # an output that cannot be written (a read-only or special folder)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"workbench {args.command}: could not write{where}: {exc.strerror or exc}; choose another location.",  # noqa: T201
+              file=sys.stderr)
         return 1
 
 

@@ -157,8 +157,16 @@ def _similarity_summary(result: Any) -> dict[str, Any]:
 def _relative(ctx: Context, n_anchors: int = 64, method: str = "random", k: int = 10, seed: int = 0) -> Any:
     from workbench.analyses.relative import relative_agreement_by_layer
 
-    return relative_agreement_by_layer(ctx.activations("a"), ctx.activations("b"), n_anchors=n_anchors, method=method,
-                                       k=k, seed=seed, device=ctx.device, progress=ctx.progress)
+    pairs = None  # layers of the same name in both models
+    if ctx.layers_b:  # the layers of A and B were named apart: pair them by position
+        acts_a = ctx.activations("a")
+        if len(ctx.layers_b) != len(acts_a.layers):
+            raise ParameterError(
+                f"Relative representations pair model A's layers with model B's by position; got {len(acts_a.layers)} "
+                f"layer(s) of A and {len(ctx.layers_b)} of B (layers_b, --layers-b): name as many of each.")
+        pairs = list(zip(acts_a.layers, ctx.layers_b, strict=True))
+    return relative_agreement_by_layer(ctx.activations("a"), ctx.activations("b"), layers=pairs, n_anchors=n_anchors,
+                                       method=method, k=k, seed=seed, device=ctx.device, progress=ctx.progress)
 
 
 def _relative_plot(result: Any) -> list[go.Figure]:
@@ -194,8 +202,11 @@ def _mode_connectivity_plot(result: Any) -> list[go.Figure]:
 
 
 def _mode_connectivity_summary(result: Any) -> dict[str, Any]:
-    return {f"{method}/{split}/barrier_linear": value for method, b in result.barriers.items()
-            for split, value in b.linear.items()}
+    out: dict[str, Any] = {f"{method}/{split}/barrier_linear": value for method, b in result.barriers.items()
+                           for split, value in b.linear.items()}
+    datasets = next(iter(result.curves.values())).params.get("datasets", {}) if result.curves else {}
+    out.update({f"{split} split": name for split, name in datasets.items()})  # what each split was evaluated on
+    return out
 
 
 def _degeneracy(ctx: Context, output: str = "logits") -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.conftest import page_errors
+from tests.app.conftest import page_errors, shown
 
 PAGE = "pages/mode_connectivity.py"
 
@@ -48,11 +48,11 @@ def test_model_b_offers_only_models_of_a_s_architecture(page, sample_model):
     options = at.selectbox(key="mc_model_b").options
     assert "mlp_narrow_seed1" in options and "cnn_seed0" not in options and "mlp_seed0" not in options
     assert at.selectbox(key="mc_model_b").value == "mlp_narrow_seed1"
-    assert any("The sidebar's model B (cnn_seed0) has another architecture than mlp_narrow_seed0" in c.value
-               and "mlp_narrow_seed1 is used instead" in c.value for c in at.caption)
+    assert any("The sidebar's model B (cnn_seed0) has another architecture than mlp_narrow_seed0" in shown(c.value)
+               and "mlp_narrow_seed1 is used instead" in shown(c.value) for c in at.caption)
     at.selectbox(key="mc_model_a").set_value("cnn_seed0").run()
     assert at.selectbox(key="mc_model_b").options == ["cnn_seed0"]
-    assert any("No other model has the architecture of cnn_seed0" in i.value for i in at.info)
+    assert any("No other model has the architecture of cnn_seed0" in shown(i.value) for i in at.info)
     assert not at.dataframe and not at.get("plotly_chart")  # A against itself is not computed
 
 

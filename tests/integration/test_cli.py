@@ -65,10 +65,10 @@ def test_analyze_writes_report(tmp_path):
         (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "similarity", "--param", "bad", "--out", "x"], 2,
          "must look like ANALYSIS.KEY=VALUE"),
         (["extract", MLP0, "--data", "digits"], 2, "the following arguments are required: --layers, --out"),
-        (["extract", MLP0, "--data", "digits", "--layers", "fc9", "--out", "x.npz"], 1, "Unknown layer 'fc9'"),
+        (["extract", MLP0, "--data", "digits", "--layers", "fc9", "--out", "x.npz"], 2, "Unknown layer 'fc9'"),
         (["extract", MLP0, "--data", "mnist", "--layers", "fc1", "--out", "x.npz"], 1, "No dataset named 'mnist'"),
         (["layers", "README.md"], 1, "Cannot load 'README.md' as a model"),
-        (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "similarity", "--out", "x"], 1,
+        (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "similarity", "--out", "x"], 2,
          "compares two models; pass model_b"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
         (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "activations", "--param", "probing.cv=3",
@@ -91,7 +91,7 @@ def test_extract_output_paths(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "new" / "folder" / "acts.npz").exists() and f"wrote {target}.npz: fc1 (450, 512)" in out.stdout
     out = run("extract", MLP0, "--data", "digits", "--layers", "fc1", "--out", str(tmp_path), cache=tmp_path)
-    assert out.returncode == 1 and "is a folder; give a file name ending in .npz" in out.stderr
+    assert out.returncode == 2 and "is a folder; give a file name ending in .npz" in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -114,7 +114,7 @@ def test_analyze_refuses_a_file_as_its_folder_before_any_work(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
     out = run("analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "activations", "--out", str(afile), cache=tmp_path)
-    assert out.returncode == 1 and "is a file; the report is written into a folder" in out.stderr
+    assert out.returncode == 2 and "is a file; the report is written into a folder" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "activations").exists()
 
 
@@ -122,7 +122,7 @@ def test_analyze_names_the_model_that_lacks_a_layer_and_takes_layers_of_b(tmp_pa
     cnn = str(ROOT / "sample_models" / "cnn_seed0.safetensors")
     args = ["analyze", "--model-a", MLP0, "--model-b", cnn, "--data", "digits", "--analysis", "similarity"]
     out = run(*args, "--layers", "fc2", "--out", str(tmp_path / "r1"), cache=tmp_path)
-    assert out.returncode == 1 and "Model B ('cnn_seed0'): Unknown layer 'fc2'" in out.stderr
+    assert out.returncode == 2 and "Model B ('cnn_seed0'): Unknown layer 'fc2'" in out.stderr
     assert "--layers-b" in out.stderr and "Traceback" not in out.stderr
     out = run(*args, "--layers", "fc2", "--layers-b", "conv1", "relu2", "--out", str(tmp_path / "r2"), cache=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -160,3 +160,38 @@ def test_app_command_serves_the_app(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_extract_overwrites_its_own_output(tmp_path):
+    target = tmp_path / "acts.npz"
+    for layer in ("fc1", "relu2"):  # the same command twice, then another layer into the same file
+        out = run("extract", MLP0, "--data", "digits", "--layers", layer, "--out", str(target), cache=tmp_path)
+        assert out.returncode == 0, out.stderr
+    with np.load(target) as saved:
+        assert [k for k in saved.files if k.startswith("layer/")] == ["layer/relu2"]
+
+
+def test_an_output_that_cannot_be_written_is_one_sentence(tmp_path):
+    out = run("extract", MLP0, "--data", "digits", "--layers", "fc1", "--out", "/proc/acts.npz", cache=tmp_path)
+    assert out.returncode in (1, 2) and "Traceback" not in out.stderr
+    assert "/proc" in out.stderr and "choose another location" in out.stderr
+
+
+def test_python_spellings_of_booleans_and_the_version(tmp_path):
+    out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "similarity",
+              "--layers", "fc1", "--param", "similarity.debiased=True", "--out", str(tmp_path / "r"), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r" / "report.json").read_text())["sections"][0]["results"][0]
+    assert result["params"]["debiased"] is True
+    out = run("--version", cache=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("workbench ")
+
+
+def test_relative_pairs_the_layers_of_a_and_b_by_position(tmp_path):
+    args = ["analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "relative"]
+    out = run(*args, "--layers", "fc1", "relu2", "--layers-b", "relu2", "fc1", "--out", str(tmp_path / "r"), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r" / "report.json").read_text())["sections"][0]["results"][0]
+    assert result["layers_a"] == ["fc1", "relu2"] and result["layers_b"] == ["relu2", "fc1"]
+    out = run(*args, "--layers", "fc1", "relu2", "--layers-b", "fc1", "--out", str(tmp_path / "r2"), cache=tmp_path)
+    assert out.returncode == 2 and "pair model A's layers with model B's by position; got 2 layer(s) of A and 1 of B" in out.stderr

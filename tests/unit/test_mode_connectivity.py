@@ -532,3 +532,13 @@ def test_a_model_in_training_mode_is_checked_without_changing_it(sample_model, d
     assert model.training
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], msg=f"{k} changed")
+
+
+def test_each_split_names_the_dataset_it_was_evaluated_on(sample_model, digits_test, digits_train):
+    from workbench.plots.mode_connectivity import barrier_rows, interpolation_curves
+
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    result = mode_connectivity(a, b, digits_train, methods=["naive"], n_points=3)
+    assert result.curves["naive"].params["datasets"] == {"test": "digits (train)"}
+    assert barrier_rows(result)[0]["dataset"] == "digits (train)"
+    assert [t.name for t in interpolation_curves(result).data][0] == "naive (as trained) · test: digits (train)"

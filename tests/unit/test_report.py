@@ -196,3 +196,15 @@ def test_png_without_kaleido_says_what_to_install(stats_report, tmp_path, monkey
     report, _ = stats_report
     with pytest.raises(StaticImageUnavailableError, match=r"PNG export needs the 'kaleido' package"):
         report.save(tmp_path, formats=("png",))
+
+
+def test_saving_into_a_folder_removes_the_files_of_an_earlier_report(tmp_path):
+    report = build_report([Section("numbers", {"value": 1.0}, [])], title="second")
+    (tmp_path / "figures").mkdir()
+    for old in ("report.pdf", "arrays.npz", "figures/section00-fig0.png", "notes.txt"):
+        (tmp_path / old).write_text("from before")
+    written = report.save(tmp_path, ("html", "json"))
+    assert set(written) == {"html", "json"}
+    assert not (tmp_path / "report.pdf").exists() and not (tmp_path / "arrays.npz").exists()
+    assert not (tmp_path / "figures" / "section00-fig0.png").exists()
+    assert (tmp_path / "notes.txt").read_text() == "from before"  # not a report file

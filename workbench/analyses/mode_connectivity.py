@@ -1234,7 +1234,8 @@ def interpolate(
     """Loss and accuracy of the networks ``(1 − λ) θ_A + λ θ_B`` on ``n_points`` evenly spaced λ in [0, 1].
 
     Evaluated on ``dataset`` (the ``"test"`` curves) and, when given, ``train_dataset``
-    (``"train"``). Weights are interpolated in float64, the network runs in its own precision
+    (``"train"``); ``params["datasets"]`` names the dataset of each split (the ``"test"`` curves are those
+    of whatever dataset was given, the digits train split included). Weights are interpolated in float64, the network runs in its own precision
     (float32 for the bundled models) and losses and statistics are summed in float64. To look for a low-loss path after alignment, permute B first
     (``apply_permutation(model_b, weight_matching(model_a, model_b))``).
 
@@ -1278,6 +1279,8 @@ def interpolate(
             "repair": repair_mode,
             "batch_size": batch_size,
             "n_train": int(splits["train"][0].shape[0]) if "train" in splits else 0,
+            "datasets": {"test": str(getattr(dataset, "name", "")),
+                         **({"train": str(getattr(train_dataset, "name", ""))} if train_dataset is not None else {})},
         },
         seed=0,
         device=str(dev),

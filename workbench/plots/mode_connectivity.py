@@ -31,6 +31,12 @@ def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
+def split_label(params: dict, split: str) -> str:
+    """``split`` with the name of the dataset it was evaluated on, where the result records it."""
+    name = params.get("datasets", {}).get(split, "")
+    return f"{split}: {name}" if name else split
+
+
 @takes_results
 def interpolation_curves(result: ModeConnectivityResult) -> go.Figure:
     """Loss (left) and accuracy (right) along ``(1−λ)θ_A + λθ_B``: one colour per method, test solid, train dashed."""
@@ -38,7 +44,7 @@ def interpolation_curves(result: ModeConnectivityResult) -> go.Figure:
     for i, (method, curve) in enumerate(result.curves.items()):
         color = MODEL_COLORS[i % len(MODEL_COLORS)]
         for split in curve.loss:
-            name = f"{method_label(method)} · {split}"
+            name = f"{method_label(method)} · {split_label(curve.params, split)}"
             for col, values, fmt in ((1, curve.loss[split], ".4f"), (2, curve.accuracy[split], ".2%")):
                 fig.add_trace(
                     go.Scatter(
@@ -89,6 +95,7 @@ def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
                 {
                     "method": method_label(method),
                     "split": split,
+                    "dataset": barrier.params.get("datasets", {}).get(split, ""),
                     BARRIER_COLUMNS["linear"]: barrier.linear[split],
                     BARRIER_COLUMNS["mean"]: barrier.mean[split],
                     "at λ": barrier.lambda_linear[split],

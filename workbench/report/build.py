@@ -197,7 +197,8 @@ class Report:
 
     def save(self, path: str | Path, formats: Sequence[str] = ("html", "json", "npz")) -> dict[str, Path]:
         """Write the report into folder ``path``: ``report.html``, ``report.json``, ``arrays.npz``, ``report.pdf``
-        and ``figures/*.png``.
+        and ``figures/*.png``. Files of these names left in the folder by an earlier report are removed
+        first, so the folder never mixes two reports; other files are left alone.
 
         ``"pdf"`` needs a headless Chromium (playwright, or a ``chromium`` binary on the PATH); without
         one it raises :class:`PdfUnavailableError` after the other formats are written. ``"png"`` also
@@ -211,6 +212,9 @@ class Report:
         if folder.exists() and not folder.is_dir():
             raise ParameterError(f"'{folder}' is a file; a report is saved into a folder: give a folder path.")
         folder.mkdir(parents=True, exist_ok=True)
+        for old in [folder / f for f in ("report.html", "report.json", "arrays.npz", "report.pdf")] + sorted(
+                (folder / "figures").glob("section*-fig*.png")):
+            old.unlink(missing_ok=True)
         written: dict[str, Path] = {}
         if "html" in formats or "pdf" in formats:
             written["html"] = folder / "report.html"
