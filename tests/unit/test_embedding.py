@@ -455,3 +455,11 @@ def test_cuda_umap_is_reproducible_and_as_trustworthy_as_on_cpu(umap_ready):
     assert first.device.startswith("cuda")
     assert first.trustworthiness == pytest.approx(on_cpu.trustworthiness, abs=0.01)
     assert trustworthiness(x, first.coordinates, k=10, device="cuda") == pytest.approx(first.trustworthiness, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["umap", "pca"])
+def test_a_view_equal_to_an_earlier_one_gets_the_same_layout(method):
+    x = np.random.default_rng(0).normal(size=(80, 6))
+    result = aligned_embedding({"A": x, "B": x.copy(), "C": x[:, ::-1].copy()}, method=method, seed=0)
+    np.testing.assert_array_equal(result.coordinates[1], result.coordinates[0])
+    assert result.disparity[1] == 0.0 and result.trustworthiness[1] == result.trustworthiness[0]

@@ -44,7 +44,7 @@ from workbench.analyses._validation import (
     check_layer_names,
     check_not_constant,
 )
-from workbench.analyses.knn import METRICS, _is_float32, knn_graph
+from workbench.analyses.knn import METRICS, _is_float32, data_hash, knn_graph
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError
 
@@ -302,6 +302,7 @@ def aligned_embedding(
     PCA coordinates, so nothing is lost. UMAP and t-SNE views after the first start from view 0's
     layout (``init``), so clusters present in both keep their arrangement instead of landing
     wherever the optimisation happens to put them; each view still follows its own neighbour graph.
+    A view equal to an earlier one (a model compared with itself) gets that view's layout: disparity 0.
 
     Parameters
     ----------
@@ -335,8 +336,19 @@ def aligned_embedding(
     start = time.perf_counter()
     n_views = len(views)
     results: list[EmbeddingResult] = []
+    seen: dict[str, int] = {}  # content hash of a view -> the first view with that content
+    same_as: dict[int, int] = {}
     for i, view in enumerate(views):
         sub = None if progress is None else _sub_progress(progress, i, n_views)
+        key = _content_key(view)
+        if key is not None and key in seen:  # the same representation gets the same layout, not a second optimisation from the first
+            same_as[i] = seen[key]
+            results.append(results[seen[key]])
+            if sub is not None:
+                sub(1, 1)
+            continue
+        if key is not None:
+            seen[key] = i
         init = results[0].coordinates if i > 0 and method in ("umap", "tsne") else None
         try:
             results.append(
@@ -360,7 +372,7 @@ def aligned_embedding(
     coords = np.stack([_normalise(r.coordinates) for r in results])
     reference = coords[0]
     for i in range(1, n_views):
-        coords[i] = coords[i] @ _procrustes_rotation(coords[i], reference)
+        coords[i] = coords[same_as[i]] if i in same_as else coords[i] @ _procrustes_rotation(coords[i], reference)
     displacement = np.linalg.norm(coords - reference[None], axis=2)
     return AlignedEmbeddingResult(
         coordinates=coords,
@@ -801,6 +813,14 @@ def _procrustes_rotation(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The orthogonal matrix ``R`` minimising ``|source R - target|`` (reflections allowed)."""
     u, _, vt = np.linalg.svd(source.T @ target)
     return u @ vt
+
+
+def _content_key(view: Any) -> str | None:
+    """Content hash of a view, ``None`` for input that :func:`embed` will refuse with its own message."""
+    try:
+        return data_hash(view if isinstance(view, torch.Tensor) else torch.as_tensor(np.asarray(view)))
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _sub_progress(progress: Progress, index: int, count: int) -> Progress:
