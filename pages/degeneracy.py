@@ -19,8 +19,8 @@ HELP = {
     "directions": "How many leading interaction-basis directions of each layer enter the interaction graph; more "
     "gives a fuller graph and a slower Louvain search.",
     "layers": "'input' and top-level layers of the sequential model; the output is always added to the interaction basis.",
-    "free": "First-order estimate per weight matrix: zero-variance inputs × fan-out + (input rank + 1) × ignored "
-    "outputs + synchronised-ReLU mixing + ReLU rescalings.",
+    "free": "Structural first-order count per weight matrix: zero-variance inputs × fan-out + (input rank + 1) × "
+    "ignored outputs + synchronised-ReLU mixing + ReLU rescalings + bias shifts of always-on ReLUs.",
     "llc": "Samples the tempered posterior around the trained weights with SGLD (Lau et al. 2023). The number depends "
     "on every setting here: compare models only at equal settings, and check that the traces are flat after burn-in.",
     "modularity": "Newman modularity of the seeded Louvain split of the interaction graph: 0 is no better than "
@@ -121,15 +121,17 @@ for col, s in zip(st.columns(len(summaries)), summaries):
 for s, model in zip(summaries, models):
     if s.not_counted:
         st.caption(
-            f"{s.model}: only its nn.Linear layers are counted ({s.total_parameters:,} of its {model.n_parameters:,} "
-            f"parameters); {', '.join(s.not_counted)} (convolutions, normalisation) are not analysed."
+            f"{s.model}: only its nn.Linear layers on flat inputs are counted ({s.total_parameters:,} of its "
+            f"{model.n_parameters:,} parameters); {', '.join(s.not_counted)} (convolutions, normalisation, linear "
+            "layers applied along an axis) are not analysed."
         )
 for s in summaries:
     if s.sample_limited:
         st.caption(
-            f"{s.model}: the input rank of {', '.join(s.sample_limited)} reached the most {s.n_samples} samples allow, below "
-            "the fan-in, so part of its free count is directions these samples never explored; more samples (such as "
-            "the train split) lower it."
+            f"{s.model}: {s.n_samples} samples do not pin down the count of {', '.join(s.sample_limited)}: its input rank "
+            "reached the most they allow, below the fan-in (the count includes directions they never explored), or they "
+            "give fewer Jacobian rows than the directions counted as used (on these samples more directions are free "
+            "than counted); more samples (such as the train split) settle it."
         )
 rows = [row for s in summaries for row in plots.summary_rows(s)]
 percent = {"free fraction": st.column_config.NumberColumn(format="percent")}

@@ -8,6 +8,7 @@ import pytest
 
 from tests.app.conftest import page_errors
 from workbench import load_dataset, load_model
+from workbench.data.datasets import make_dataset
 from workbench.models.architectures import build_model
 from workbench.models.loading import wrap_module
 from workbench.plots._style import figure_title
@@ -119,8 +120,20 @@ def test_a_cnn_beside_an_mlp_says_what_is_counted_and_keeps_each_layer_order(app
     assert not page_errors(at) and not at.exception
     labels = [m.label for m in at.metric if m.label.startswith("Free parameters")]
     assert labels == ["Free parameters (mlp_narrow_seed0)", "Free parameters (cnn_seed0) in its linear layers"]
-    caption = next(c.value for c in at.caption if c.value.startswith("cnn_seed0: only its nn.Linear layers"))
+    caption = next(
+        c.value for c in at.caption if c.value.startswith("cnn_seed0: only its nn.Linear layers on flat inputs")
+    )
     assert f"of its {cnn.n_parameters:,} parameters" in caption and "conv1, bn1, conv2, bn2" in caption
     size = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "Interaction basis size" in _title(c))
     order = size["layout"]["xaxis"]["categoryarray"]
     assert order.index("relu_fc1") < order.index("out") and order.index("relu2") < order.index("out")
+
+
+def test_matrices_whose_count_the_samples_do_not_pin_down_are_named(app, narrow):
+    digits = load_dataset("digits", split="test")
+    at = _open(app, narrow[0], dataset=make_dataset("digits, 40 samples", digits.x[:40], digits.y[:40]))
+    assert not page_errors(at)
+    caption = next(c.value for c in at.caption if "do not pin down" in c.value)
+    # 40 samples: every input rank stops at 39, and fc1's 65 x 64 structural directions exceed 40 x 10 Jacobian rows
+    assert caption.startswith("mlp_narrow_seed0: 40 samples do not pin down the count of fc1, fc2, out:")
+    assert "more directions are free than counted" in caption

@@ -73,6 +73,17 @@ def _param_null_dim(model: nn.Module, x: torch.Tensor, rtol: float = 1e-8) -> in
     return j.shape[1] - int((s**2 > rtol * s[0] ** 2).sum())
 
 
+def _matrix_null_dim(model: nn.Module, x: torch.Tensor, module: str, rtol: float = 1e-8) -> int:
+    """Dimension of the null space of d(all logits on all samples)/d(the parameters of one module), directly."""
+    m = copy.deepcopy(model).double()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    own = {k: v for k, v in params.items() if k.startswith(module + ".")}
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(m, {**params, **p}, (x.double(),)).reshape(-1))(own)
+    j = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in own], dim=1)
+    s = torch.linalg.svdvals(j)
+    return j.shape[1] - int((s**2 > rtol * s[0] ** 2).sum())
+
+
 # ---------------------------------------------------------------------------------------------
 # activation and gradient ranks: closed forms
 
@@ -132,6 +143,54 @@ def test_loss_gradients_at_the_logits_have_rank_classes_minus_one():
     assert r.rank["out"] == 3  # each gradient sums to zero over the classes
 
 
+def test_rtol_must_be_below_one_and_the_effective_rank_does_not_depend_on_it(constant_and_dead):
+    model, data = constant_and_dead
+    calls = {
+        "activation_rank": lambda rtol: activation_rank({"input": data.x}, rtol=rtol),
+        "gradient_rank": lambda rtol: gradient_rank(model, data, "relu1", rtol=rtol),
+        "degeneracy_summary": lambda rtol: degeneracy_summary(model, data, rtol=rtol),
+        "interaction_basis": lambda rtol: interaction_basis(model, data, ["relu1"], rtol=rtol),
+    }
+    for func, call in calls.items():
+        with pytest.raises(
+            ParameterError, match=f"'rtol' parameter of {func} must be a number in \\(0.0, 1.0\\). Got 1.0."
+        ):
+            call(1.0)
+    # covariance eigenvalues 1, 0.4, 0.4, 0.4: at rtol = 0.5 the rank is 1, the effective rank still ~3.7
+    rng = np.random.default_rng(1)
+    z, _ = np.linalg.qr(rng.standard_normal((100, 4)) - 0)
+    z -= z.mean(0)
+    z, _ = np.linalg.qr(z)
+    x = np.sqrt(100) * z @ np.diag(np.sqrt([1.0, 0.4, 0.4, 0.4]))
+    strict, loose = activation_rank(x), activation_rank(x, rtol=0.5)
+    p = np.array([1.0, 0.4, 0.4, 0.4]) / 2.2
+    assert strict.rank["x"] == 4 and loose.rank["x"] == 1
+    assert loose.effective_rank["x"] == strict.effective_rank["x"]
+    assert loose.effective_rank["x"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-10)  # 3.70
+
+
+def test_in_place_relus_give_the_results_of_the_same_network_without_them():
+    plain = _mlp([4, 6, 5, 3], seed=2)
+    twin = copy.deepcopy(plain)
+    twin.relu1.inplace = twin.relu2.inplace = True
+    data = _data(50, 4, seed=3)
+    a, b = layer_activations(plain, data, ["fc1", "relu1"]), layer_activations(twin, data, ["fc1", "relu1"])
+    assert float(a["fc1"].min()) < 0  # pre-activations, not the ReLU's output written over them
+    for layer in ("fc1", "relu1"):
+        torch.testing.assert_close(b[layer], a[layer], rtol=0, atol=0)
+    ga, gb = gradient_rank(plain, data, ["fc1", "relu2"]), gradient_rank(twin, data, ["fc1", "relu2"])
+    for layer in ("fc1", "relu2"):
+        np.testing.assert_array_equal(gb.eigenvalues[layer], ga.eigenvalues[layer])
+    sa, sb = degeneracy_summary(plain, data), degeneracy_summary(twin, data)
+    assert sb.free_total == sa.free_total and sb.gradient_rank == sa.gradient_rank
+    ia, ib = interaction_basis(plain, data, ["relu1", "relu2"]), interaction_basis(twin, data, ["relu1", "relu2"])
+    for layer in ia.layers:
+        np.testing.assert_array_equal(ib.basis[layer], ia.basis[layer])
+    settings = {"n_chains": 1, "n_steps": 10, "n_burnin": 2}
+    assert llc_estimate(twin, data, **settings).llc == llc_estimate(plain, data, **settings).llc
+    assert twin.relu1.inplace and twin.relu2.inplace  # the model passed in is left as it was
+
+
 # ---------------------------------------------------------------------------------------------
 # hand-made networks with known degeneracies
 
@@ -171,8 +230,31 @@ def test_dead_unit_frees_its_fan_in_and_fan_out(constant_and_dead):
 def test_layers_whose_input_rank_is_capped_by_the_sample_count_are_named():
     model = _mlp([4, 20, 3])
     few, many = degeneracy_summary(model, _data(8, 4)), degeneracy_summary(model, _data(200, 4))
-    assert few.input_rank["out"] == 7 and few.sample_limited == ("out",)  # 20 inputs, 8 centred samples: rank <= 7
+    assert few.input_rank["out"] == 7  # 20 inputs, 8 centred samples: rank <= 7
+    # fc1: (4 + 1) x 20 directions reach the logits structurally, but 8 samples x 3 logits give 24 Jacobian rows
+    assert few.gradient_rank["fc1"] == 20 and few.sample_limited == ("fc1", "out")
     assert many.sample_limited == () and many.total_free < few.total_free
+
+
+def test_the_count_is_structural_and_matrices_with_too_few_jacobian_rows_are_named():
+    """Layer '0' has (10 + 1) x 40 = 440 weights that reach the logits structurally; 100 samples x 2 logits give
+    200 Jacobian rows, so on these samples 240 directions of '0' alone leave the logits unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(100, 10)
+    model = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 2)).eval()
+    s = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(100) % 2))
+    assert s.input_rank == {"0": 10, "2": 40} and s.gradient_rank == {"0": 40, "2": 2}
+    assert s.free_from_activations["0"] + s.free_from_gradients["0"] == 0 and s.free_total == {"0": 40, "2": 0}
+    assert _matrix_null_dim(model, x, "0") == 440 - 200
+    assert s.sample_limited == ("0",)
+    loss = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(100) % 2), output="loss")
+    assert loss.gradient_rank == {"0": 40, "2": 1} and loss.sample_limited == ("0",)  # 440 > 100 rows; 41 <= 100
+    torch.manual_seed(0)
+    x = torch.randn(1000, 10)
+    model = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 2)).eval()
+    many = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(1000) % 2))
+    assert many.sample_limited == () and many.free_total == {"0": 40, "2": 0}
+    assert _matrix_null_dim(model, x, "0") == 0 and _param_null_dim(model, x) == many.total_free == 40
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -215,6 +297,65 @@ def test_always_on_and_dead_units_are_counted():
     np.testing.assert_array_equal(p.firing_rate["relu1"][:3], [1.0, 1.0, 0.0])
     s = degeneracy_summary(model, data)
     assert s.always_on_units["fc1"] == 2 and s.free_from_synchronised["fc1"] == 2 * 2 - 2
+
+
+@pytest.mark.parametrize(("k", "expected"), [(1, 9), (2, 12), (3, 17)])
+def test_always_on_units_add_their_bias_shifts(k, expected):
+    """k always-on units: k**2 - k mixings, k rescalings and k bias shifts into the next layer's bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].bias[:k] = 5.0
+    x = torch.randn(1500, 6)
+    s = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(1500) % 3))
+    assert s.always_on_units["0"] == k and s.free_from_bias_shift == {"0": k, "2": 0}
+    assert s.free_total == {"0": expected, "2": 0} == {"0": _param_null_dim(model, x), "2": 0}
+
+
+def test_bias_shifts_pass_dropout_and_flatten_and_need_a_bias_to_move_into():
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)
+    ).eval()
+    with torch.no_grad():
+        model[0].bias[:2] = 5.0
+        model[4].bias[:1] = 8.0
+    x = torch.randn(1500, 6)
+    data = make_dataset("synthetic", x, torch.arange(1500) % 3)
+    s = degeneracy_summary(model, data)
+    assert s.always_on_units == {"0": 2, "4": 3, "6": 0} and s.dead_units == {"0": 0, "4": 2, "6": 0}
+    assert s.free_from_bias_shift == {"0": 2, "4": 3, "6": 0}
+    assert s.total_free == _param_null_dim(model, x) == 48
+    no_bias = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3, bias=False)).eval()
+    with torch.no_grad():
+        no_bias[0].bias[:2] = 5.0
+    s = degeneracy_summary(no_bias, data)
+    assert s.always_on_units["0"] == 2 and s.free_from_bias_shift["0"] == 0
+    assert s.total_free == _param_null_dim(no_bias, x)
+
+
+def test_a_unit_without_fan_out_is_not_rescaled_twice():
+    """Unit 0 of fc1 reaches no logit: its fan-in and bias are free (5 directions), its rescaling is one of them."""
+    model = _mlp([4, 5, 3])
+    with torch.no_grad():
+        model.out.weight[:, 0] = 0.0
+    data = _data(60, 4)
+    s = degeneracy_summary(model, data)
+    assert s.gradient_rank["fc1"] == 4 and s.dead_units["fc1"] == 0
+    assert s.free_from_gradients["fc1"] == 5 and s.free_from_rescaling["fc1"] == 4
+    assert s.free_total == {"fc1": 9, "out": 0} and s.total_free == _param_null_dim(model, data.x) == 9
+
+
+def test_linear_layers_applied_along_an_axis_are_not_counted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Unflatten(1, (4, 16)), nn.Linear(16, 8), nn.ReLU(), nn.Flatten(), nn.Linear(32, 10))
+    data = make_dataset("synthetic", torch.randn(200, 64), torch.arange(200) % 10)
+    s = degeneracy_summary(model.eval(), data)
+    assert s.modules == ("4",) and s.not_counted == ("1",)
+    assert s.free_total == {"4": 0} and s.total_parameters == 330 and s.free_fraction == {"4": 0.0}
+    along = nn.Sequential(nn.Unflatten(1, (4, 16)), nn.Linear(16, 3), nn.Flatten())
+    with pytest.raises(ArchitectureError, match="every nn.Linear layer of the model \\(1\\) is applied along an axis"):
+        degeneracy_summary(along, data)
 
 
 def test_free_count_never_exceeds_the_parameters():
@@ -494,6 +635,29 @@ def test_llc_errors(constant_and_dead, one_thread):
         llc_estimate(model, make_dataset("nolabels", data.x))
 
 
+def test_llc_error_paths_say_what_to_do(constant_and_dead, sample_model, digits_test, one_thread):
+    model, data = constant_and_dead
+    short = {"n_chains": 1, "n_steps": 10, "n_burnin": 0}
+    wide = make_dataset("wide", torch.randn(data.n_samples, 5), data.y)
+    for call in (
+        lambda: llc_estimate(model, wide, **short),
+        lambda: gradient_rank(model, wide, "relu1", output="loss"),
+        lambda: degeneracy_summary(model, wide, output="loss"),
+    ):
+        with pytest.raises(
+            DataError, match="could not run on the dataset .*; check that the dataset matches the model's input"
+        ):
+            call()
+    with pytest.raises(DataError, match="labels are float32. Use a dataset with class labels.$"):
+        llc_estimate(model, make_dataset("regression", data.x, data.x[:, 0]), **short)
+    with pytest.raises(
+        ParameterError,
+        match="the SGLD chains diverged \\(a chain's estimate .* exceeds the 8970 parameters.*\\) with step_size=1 "
+        "and localization=0; use a smaller step_size or a larger localization.",
+    ):
+        llc_estimate(sample_model("mlp_narrow_seed0"), digits_test, step_size=1.0, localization=0.0, **short)
+
+
 # ---------------------------------------------------------------------------------------------
 # bookkeeping: inputs unchanged, seeds, progress, export, figures
 
@@ -579,7 +743,7 @@ def test_errors_name_the_problem(constant_and_dead, digits_test):
     with pytest.raises(ParameterError, match="'output' parameter of gradient_rank must be one of 'logits', 'loss'"):
         gradient_rank(model, data, "relu1", output="probabilities")
     with pytest.raises(
-        ParameterError, match="'rtol' parameter of interaction_basis must be a number in \\(0.0, 1.0\\]"
+        ParameterError, match="'rtol' parameter of interaction_basis must be a number in \\(0.0, 1.0\\)"
     ):
         interaction_basis(model, data, ["relu1"], rtol=0)
     with pytest.raises(ParameterError, match="'graph_directions' parameter of interaction_basis must be an int"):

@@ -88,7 +88,9 @@ class RankResult(RecordedResult):
     ``eigenvalues[layer]``: ``(width,)`` all eigenvalues, descending, clipped at 0.
     ``rank[layer]``: number of eigenvalues above ``threshold[layer] = rtol * max(eigenvalues)``.
     ``effective_rank[layer]``: ``exp(-sum p_i log p_i)`` with ``p = eigenvalues / sum(eigenvalues)``
-    (Roy & Vetterli 2007, applied to the Gram spectrum), in ``[1, rank]``; 0 for an all-zero spectrum.
+    (Roy & Vetterli 2007, applied to the Gram spectrum), in ``[1, width]``; 0 for an all-zero spectrum.
+    It is computed from the whole spectrum and does not depend on ``rtol``, so it can exceed ``rank``
+    when much of the spectrum lies below the threshold (a large ``rtol``).
     ``width[layer]``: number of features of the layer (the size of the Gram matrix).
     ``output``: what the Jacobians are of (``"logits"`` or ``"loss"``); None for activations.
     """
@@ -148,8 +150,9 @@ class DegeneracyResult(RecordedResult):
 
     For a weight matrix ``W`` (``fan_out x fan_in``, with bias) whose inputs ``x`` span an affine
     subspace of dimension ``input_rank`` and whose output Jacobians span ``gradient_rank``
-    dimensions, only ``r_x * gradient_rank`` combinations of the parameters reach the output to first
-    order, with ``r_x = input_rank + 1`` for the bias coordinate. The count of free parameters is
+    dimensions, a change of ``W`` reaches the output to first order only through its component in
+    ``span(inputs) ⊗ span(output gradients)``, which has ``r_x * gradient_rank`` dimensions, with
+    ``r_x = input_rank + 1`` for the bias coordinate. The count of free parameters is
 
     - ``free_from_activations = (fan_in - input_rank) * fan_out``: every input direction with zero
       variance on the data can be added to the weights and compensated by the bias;
@@ -161,21 +164,38 @@ class DegeneracyResult(RecordedResult):
       that fire on the same samples can be mixed by any invertible ``k x k`` matrix near the identity
       (applied to their fan-in and undone on their fan-out) without changing the function on the
       data; the ``k`` diagonal ones are counted in the next term;
-    - ``free_from_rescaling``: one per unit of that ReLU that fires at least once (scale its fan-in
-      by ``a > 0`` and its fan-out by ``1/a``), a symmetry of every ReLU network;
+    - ``free_from_rescaling``: one per unit of that ReLU that fires at least once and whose output
+      gradient is not zero on the data (scale its fan-in by ``a > 0`` and its fan-out by ``1/a``), a
+      symmetry of every ReLU network; a unit the rest of the network ignores (its diagonal entry of
+      the Jacobian Gram at most the rank threshold, such as a unit with zero fan-out) is left out,
+      because its rescaling already lies among the ``free_from_gradients`` directions;
+    - ``free_from_bias_shift``: for the always-on units of that ReLU, which act linearly on the data,
+      when this matrix has a bias and the next ``nn.Linear`` after the ReLU has one: a unit's bias can
+      be raised and the change undone in the next layer's bias. It counts one per always-on unit,
+      less the combinations of them the rest of the network ignores (the rank of the Jacobian Gram
+      restricted to the always-on units), which are already among the ``free_from_gradients``;
     - ``free_total``: their sum, at most ``n_parameters``; ``free_fraction = free_total / n_parameters``.
 
-    The first two terms are the exact dimension count ``n_parameters - r_x * gradient_rank`` split in
-    two; they count directions of this matrix alone, and bound the true count from below (units that
-    fire on few samples add more). The last two move this matrix and the next one together; they can
-    overlap the rank terms when units are exact copies of each other, so ``free_total`` is an
-    estimate. On networks whose units fire on many samples and are not copies it equals the
-    dimension of the null space of the Jacobian of all logits with respect to all parameters.
+    The first two terms are the structural count ``n_parameters - r_x * gradient_rank`` split in two:
+    the directions of this matrix alone outside ``span(inputs) ⊗ span(output gradients)``, the
+    population-level quantity of Bushnaq et al. It is not the null space of the Jacobian of the
+    outputs on these samples: that Jacobian has ``n_samples x n_outputs`` rows (``n_samples`` for
+    the loss), and where ``r_x * gradient_rank`` exceeds that number the samples leave more
+    directions free than counted (such modules are listed in ``sample_limited``). Units that fire
+    on few samples also add directions the count misses. The last three terms move this matrix and
+    the next one together; they can overlap the rank terms when units are exact copies of each
+    other, so ``free_total`` is an estimate of the structural count.
     ``input_spectrum`` / ``gradient_spectrum`` hold the eigenvalues behind the ranks. Modules with
-    parameters that are not ``nn.Linear`` (convolutions, BatchNorm) are listed in ``not_counted``.
-    ``sample_limited``: the modules whose input rank reached the most the samples allow (``n - 1``
-    centred, ``n`` without bias) below their fan-in, so that ``free_from_activations`` also counts
-    directions the samples did not explore; more samples lower it.
+    parameters that are not ``nn.Linear`` (convolutions, BatchNorm) are listed in ``not_counted``, and
+    so are ``nn.Linear`` layers applied along an axis of a larger input (their weights are shared
+    over the other axes, which this count does not cover).
+    ``sample_limited``: the modules whose count these samples do not pin down, for either reason:
+    the input rank reached the most the samples allow (``n - 1`` centred, ``n`` without bias) below
+    the fan-in, so that ``free_from_activations`` also counts directions the samples did not
+    explore; or ``r_x * gradient_rank`` exceeds the number of rows of the Jacobian of the outputs
+    with respect to the matrix (``n_samples x n_outputs`` for ``output="logits"``, ``n_samples`` for
+    ``"loss"``), so that on these samples more directions leave the outputs unchanged than counted.
+    More samples resolve both.
     """
 
     modules: tuple[str, ...]
@@ -192,6 +212,7 @@ class DegeneracyResult(RecordedResult):
     free_from_gradients: dict[str, int]
     free_from_synchronised: dict[str, int]
     free_from_rescaling: dict[str, int]
+    free_from_bias_shift: dict[str, int]
     free_total: dict[str, int]
     free_fraction: dict[str, float]
     input_spectrum: dict[str, np.ndarray]
@@ -203,7 +224,9 @@ class DegeneracyResult(RecordedResult):
     output: str
     model: str
     sample_limited: tuple[str, ...] = ()
-    estimator: str = "free parameters per weight matrix from activation rank, gradient rank and synchronised ReLUs"
+    estimator: str = (
+        "structural free parameters per weight matrix from activation rank, gradient rank and ReLU firing patterns"
+    )
     seed: int | None = None
     dtype: str = "float64"
 
@@ -326,10 +349,19 @@ def _network_check(module: Any, func: str) -> None:
         )
 
 
+def _without_inplace(module: nn.Module) -> None:
+    """Turn off ``inplace`` on every submodule of a working copy that has it (``nn.ReLU(inplace=True)``, ...), so
+    that stored activations keep their values and autograd can differentiate through the copy."""
+    for sub in module.modules():
+        if isinstance(getattr(sub, "inplace", None), bool):
+            cast(Any, sub).inplace = False
+
+
 def _network(model: Any, func: str, device: torch.device) -> _Net:
     module = model.module if hasattr(model, "module") else model
     _network_check(module, func)
     work = copy.deepcopy(module).eval()
+    _without_inplace(work)
     _replace_batchnorm(work)
     work = work.to(device=device, dtype=torch.float64)
     for p in work.parameters():
@@ -481,19 +513,35 @@ def _jacobian_gram(
     return gram / n
 
 
-def _labels(dataset: Any, n: int, func: str, device: torch.device, forward: Any = None, x: Any = None) -> torch.Tensor:
+def _labels(
+    dataset: Any,
+    n: int,
+    func: str,
+    device: torch.device,
+    forward: Any = None,
+    x: Any = None,
+    *,
+    has_output: bool = True,
+) -> torch.Tensor:
     """The dataset's class labels for the cross-entropy; with ``forward`` and ``x``, checked against the number
-    of outputs the model gives on one sample."""
+    of outputs the model gives on one sample. ``has_output``: whether ``func`` takes ``output="logits"``."""
     y = getattr(dataset, "y", None)
     arr = as_labels(y, n, func=func)
     if not np.issubdtype(arr.dtype, np.integer):
+        remedy = "Use output='logits' or a dataset" if has_output else "Use a dataset"
         raise DataError(
             f"{func}: the loss needs integer class labels for the cross-entropy; the dataset's labels are {arr.dtype}. "
-            "Use output='logits' or a dataset with class labels."
+            f"{remedy} with class labels."
         )
     if forward is not None and x is not None and arr.size:
         with torch.no_grad():
-            width = int(forward(x[:1]).shape[-1])
+            try:
+                width = int(forward(x[:1]).shape[-1])
+            except RuntimeError as exc:
+                raise DataError(
+                    f"{func}: the model could not run on the dataset ({str(exc).splitlines()[0]}); check that the "
+                    "dataset matches the model's input."
+                ) from exc
         if int(arr.min()) < 0 or int(arr.max()) >= width:
             raise DataError(
                 f"{func}: the labels run from {int(arr.min())} to {int(arr.max())} but the model has {width} outputs "
@@ -502,8 +550,16 @@ def _labels(dataset: Any, n: int, func: str, device: torch.device, forward: Any 
     return torch.as_tensor(arr, dtype=torch.int64, device=device)
 
 
+def _check_rtol(rtol: Any, func: str) -> float:
+    """``rtol`` in (0, 1): at 1 no eigenvalue lies above the threshold, so every rank would be 0."""
+    number = isinstance(rtol, (int, float, np.integer, np.floating)) and not isinstance(rtol, bool)
+    if number and 0.0 < float(rtol) < 1.0:
+        return float(rtol)
+    raise ParameterError(f"The 'rtol' parameter of {func} must be a number in (0.0, 1.0). Got {rtol!r}.")
+
+
 def _check_common(func: str, rtol: Any, batch_size: Any) -> tuple[float, int]:
-    rtol = check_float(rtol, "rtol", func=func, low=0.0, high=1.0, low_inclusive=False)
+    rtol = _check_rtol(rtol, func)
     batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
     return rtol, batch_size
 
@@ -592,17 +648,19 @@ def activation_rank(
     does not vary on the data (source 1 of degeneracy: the weights reading this layer can change
     along it, compensated by the bias). The numerical rank counts eigenvalues above
     ``rtol * max(eigenvalue)``; the effective rank ``exp(entropy)`` of the normalised spectrum lies
-    in ``[1, rank]`` and says how many directions carry the variance.
+    in ``[1, width]`` and says how many directions carry the variance. It uses the whole spectrum,
+    not only the eigenvalues above the threshold, so it does not depend on ``rtol`` and can exceed
+    the rank when ``rtol`` is large.
 
     acts: an :class:`~workbench.Activations` (or any mapping layer name -> ``(n_samples, width)``
         array), or one ``(n_samples, width)`` array (reported as layer ``"x"``).
-    rtol: relative tolerance for the numerical rank, in (0, 1]; the default 1e-8 counts directions
+    rtol: relative tolerance for the numerical rank, in (0, 1); the default 1e-8 counts directions
         with at least 1e-8 of the largest variance (1e-4 of its standard deviation). Larger values
         count nearly-flat directions as degenerate too.
     device: where to compute (None: cuda > mps > cpu).
     """
     func = "activation_rank"
-    rtol = check_float(rtol, "rtol", func=func, low=0.0, high=1.0, low_inclusive=False)
+    rtol = _check_rtol(rtol, func)
     start = time.perf_counter()
     dev = float64_device(resolve_device(device))
     mapping = dict(acts) if isinstance(acts, Mapping) else {"x": acts}
@@ -660,7 +718,7 @@ def gradient_rank(
     output: ``"logits"`` (Jacobian of all logits; rank at most the number of classes per sample) or
         ``"loss"`` (gradient of the per-sample cross-entropy; needs class labels; rank at most
         ``n_samples``).
-    rtol: relative tolerance for the rank, in (0, 1] (see :func:`activation_rank`).
+    rtol: relative tolerance for the rank, in (0, 1) (see :func:`activation_rank`).
     batch_size: samples per vectorised Jacobian batch (lowered automatically so one batch's
         Jacobians stay within 128 MiB).
     device: where to compute (None: cuda > mps > cpu).
@@ -829,6 +887,20 @@ def _relu_after(net: _Net, position: int) -> int | None:
     return None
 
 
+_PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)  # identity maps on a flat input in evaluation mode
+
+
+def _next_linear(net: _Net, position: int) -> int | None:
+    """Position of the ``nn.Linear`` that reads the output of the child at ``position`` unchanged (past
+    flattening, dropout and identity layers), or None."""
+    for p in range(position + 1, len(net.names)):
+        if isinstance(net.seq[p], nn.Linear):
+            return p
+        if not isinstance(net.seq[p], _PASS_THROUGH):
+            return None
+    return None
+
+
 def degeneracy_summary(
     model: Any,
     dataset: Any,
@@ -847,20 +919,25 @@ def degeneracy_summary(
     firing patterns right after it (:func:`relu_patterns`) give
 
     ``free_total = min(n_parameters, (fan_in - input_rank) * fan_out + (input_rank + 1) * (fan_out - gradient_rank)
-    + sum_groups (k**2 - k) + (units that fire))``,
+    + sum_groups (k**2 - k) + rescalings + bias shifts)``,
 
-    see :class:`DegeneracyResult` for each term. The first two terms are exact first-order counts
-    for the matrix varied alone (``n_parameters - (input_rank + 1) * gradient_rank``); the ReLU
-    terms (synchronised groups, rescalings) are an estimate that can overlap them when units are
-    exact copies.
+    see :class:`DegeneracyResult` for each term. The first two terms are the structural count for the
+    matrix varied alone, ``n_parameters - (input_rank + 1) * gradient_rank``: the directions outside
+    ``span(inputs) ⊗ span(output gradients)`` (the population-level quantity of Bushnaq et al.), not
+    the null space of the Jacobian of the outputs on these samples, which is larger where the samples
+    give fewer Jacobian rows (``n_samples x n_outputs``, or ``n_samples`` for the loss) than
+    ``(input_rank + 1) * gradient_rank``; such matrices are listed in ``sample_limited``. The ReLU
+    terms (synchronised groups, rescalings, bias shifts of always-on units) are an estimate that can
+    overlap the rank terms when units are exact copies.
     For a matrix without bias, ``input_rank`` is the rank of the uncentred Gram and no ``+ 1`` is
-    added.
+    added. ``nn.Linear`` layers applied along an axis of a larger input are not counted (they are
+    listed in ``not_counted``).
 
     model: a LoadedModel or ``torch.nn.Sequential``.
     dataset: a Dataset whose inputs the model takes.
     output: ``"logits"`` (degenerate = leaves every logit unchanged; the default) or ``"loss"``
         (leaves every per-sample cross-entropy unchanged to first order; needs class labels).
-    rtol: relative tolerance for all ranks, in (0, 1] (see :func:`activation_rank`).
+    rtol: relative tolerance for all ranks, in (0, 1) (see :func:`activation_rank`).
     batch_size: samples per vectorised Jacobian batch.
     device: where to compute (None: cuda > mps > cpu).
     progress: optional callable ``(done, total)`` called after each Jacobian batch.
@@ -879,33 +956,50 @@ def degeneracy_summary(
         raise ArchitectureError(
             f"{func}: the model has no nn.Linear layers to count; its layers are {format_choices(net.names)}."
         )
-    not_counted = tuple(
-        name
-        for name, child in zip(net.names, net.seq)
-        if not isinstance(child, nn.Linear) and any(True for _ in child.parameters())
-    )
     relus = {i: r for i in linear if (r := _relu_after(net, i)) is not None}
     wanted = {i - 1 for i in linear} | set(linear) | set(relus.values())
     acts = _collect(net, x, wanted, batch_size, func)
+    flat = [i for i in linear if acts[i - 1].ndim == 2]
+    if not flat:
+        raise ArchitectureError(
+            f"{func}: every nn.Linear layer of the model ({format_choices([net.names[i] for i in linear])}) is applied "
+            "along an axis of a larger input, which this count does not cover; use a model with an nn.Linear layer "
+            "on flat inputs."
+        )
+    not_counted = tuple(
+        name
+        for i, (name, child) in enumerate(zip(net.names, net.seq))
+        if (isinstance(child, nn.Linear) and i not in flat)
+        or (not isinstance(child, nn.Linear) and any(True for _ in child.parameters()))
+    )
     last = len(net.names) - 1
-    total_batches = sum(_n_batches(net, acts, i, output, batch_size) for i in linear)
+    with torch.no_grad():
+        n_rows = n * int(net.seq(x[:1]).numel()) if output == "logits" else n
+    total_batches = sum(_n_batches(net, acts, i, output, batch_size) for i in flat)
     ticker = _Ticker(progress, total_batches)
 
     rows: dict[str, dict[str, Any]] = {}
-    for i in linear:
+    for i in flat:
         layer = cast(nn.Linear, net.seq[i])
         fan_in, fan_out, has_bias = layer.in_features, layer.out_features, layer.bias is not None
-        xin = acts[i - 1].reshape(n, -1)
+        xin = acts[i - 1]
         spec, r_in, _, _ = _spectrum(_centred_gram(xin) if has_bias else xin.T @ xin / n, rtol)
         r_x = r_in + int(has_bias)
         gram = _jacobian_gram(net.tail(i, last), acts[i], output, labels, batch_size, ticker)
-        gspec, r_g, _, _ = _spectrum(gram, rtol)
+        gspec, r_g, _, g_threshold = _spectrum(gram, rtol)
+        reaches = gram.diagonal() > g_threshold  # units whose output gradient is not zero on the data
         n_params = fan_out * (fan_in + int(has_bias))
-        sizes, n_dead, n_on, n_alive = np.zeros(0, dtype=np.int64), 0, 0, 0
+        sizes, n_dead, n_on, n_rescaled, n_shifted = np.zeros(0, dtype=np.int64), 0, 0, 0, 0
         if i in relus:
             pat = _patterns(acts[relus[i]])
             n_dead, n_on = int(pat["dead"].sum()), int(pat["always_on"].sum())
-            sizes, n_alive = pat["group_sizes"], pat["width"] - n_dead
+            sizes = pat["group_sizes"]
+            fires = torch.as_tensor(~pat["dead"], device=gram.device)
+            n_rescaled = int((fires & reaches).sum())
+            nxt = _next_linear(net, relus[i])
+            if n_on and has_bias and nxt in flat and cast(nn.Linear, net.seq[nxt]).bias is not None:
+                on = torch.as_tensor(np.flatnonzero(pat["always_on"]), device=gram.device)
+                n_shifted = int((torch.linalg.eigvalsh(gram[on][:, on]) > g_threshold).sum())
         row: dict[str, Any] = {
             "fan_in": fan_in,
             "fan_out": fan_out,
@@ -919,18 +1013,25 @@ def degeneracy_summary(
             "free_from_activations": (fan_in - r_in) * fan_out,
             "free_from_gradients": r_x * (fan_out - r_g),
             "free_from_synchronised": int(sum(k * k - k for k in sizes.tolist())) + n_on * n_on - n_on,
-            "free_from_rescaling": n_alive,
+            "free_from_rescaling": n_rescaled,
+            "free_from_bias_shift": n_shifted,
             "input_spectrum": spec,
             "gradient_spectrum": gspec,
         }
-        terms = ("free_from_activations", "free_from_gradients", "free_from_synchronised", "free_from_rescaling")
+        terms = (
+            "free_from_activations",
+            "free_from_gradients",
+            "free_from_synchronised",
+            "free_from_rescaling",
+            "free_from_bias_shift",
+        )
         row["free_total"] = min(n_params, sum(row[k] for k in terms))
         row["free_fraction"] = row["free_total"] / n_params
-        row["sample_limited"] = r_in >= n - int(has_bias) and r_in < fan_in
+        row["sample_limited"] = (r_in >= n - int(has_bias) and r_in < fan_in) or r_x * r_g > n_rows
         rows[net.names[i]] = row
     limited = tuple(name for name, row in rows.items() if row.pop("sample_limited"))
     out: dict[str, Any] = {key: {name: row[key] for name, row in rows.items()} for key in next(iter(rows.values()))}
-    names = tuple(net.names[i] for i in linear)
+    names = tuple(net.names[i] for i in flat)
     return DegeneracyResult(
         modules=names,
         **out,
@@ -1079,7 +1180,7 @@ def interaction_basis(
     model: a LoadedModel or ``torch.nn.Sequential``.
     dataset: a Dataset whose inputs the model takes.
     layers: node layers (top-level children, or ``"input"``); the output is always added last.
-    rtol: relative truncation tolerance for ``D`` and ``Λ``, in (0, 1].
+    rtol: relative truncation tolerance for ``D`` and ``Λ``, in (0, 1).
     graph_directions: how many leading basis directions of each layer enter the interaction graph
         (1-4096); more gives a fuller graph and a slower Louvain.
     seed: seed of the Louvain community search.
@@ -1284,7 +1385,9 @@ def llc_estimate(
     The number depends on every hyper-parameter (a too large step diverges or overestimates, a too
     large γ pins the chain and underestimates, too few steps have not mixed); compare estimates only
     at equal settings, check that ``loss_trace`` is flat after burn-in, and show
-    :meth:`LLCResult.hyperparameters` next to the number.
+    :meth:`LLCResult.hyperparameters` next to the number. Chains that diverge (a loss that becomes NaN
+    or infinite, or an estimate above the number of parameters, twice the largest possible
+    coefficient) raise a :class:`~workbench.errors.ParameterError` instead of returning a number.
 
     model: a LoadedModel or ``torch.nn.Module`` classifier (any architecture).
     dataset: a Dataset with integer class labels.
@@ -1315,12 +1418,14 @@ def llc_estimate(
         )
     x = _inputs(dataset, func, dev)
     n = int(x.shape[0])
-    y = _labels(dataset, n, func, dev)
+    y = _labels(dataset, n, func, dev, has_output=False)
     if n_beta is None:
         n_beta = n / math.log(n)
     n_beta = check_float(n_beta, "n_beta", func=func, low=0.0, low_inclusive=False)
-    work = copy.deepcopy(module).eval().to(device=dev, dtype=torch.float64)
-    _labels(dataset, n, func, dev, work, x)  # the labels must be classes of the model
+    work = copy.deepcopy(module).eval()
+    _without_inplace(work)
+    work = work.to(device=dev, dtype=torch.float64)
+    _labels(dataset, n, func, dev, work, x, has_output=False)  # the labels must be classes of the model
     w_star = {k: v.detach() for k, v in work.named_parameters()}
     buffers = {k: v.detach() for k, v in work.named_buffers()}
     n_params = int(sum(v.numel() for v in w_star.values()))
@@ -1357,6 +1462,12 @@ def llc_estimate(
             "use a smaller step_size or a larger localization."
         )
     per_chain = n_beta * (trace[:, n_burnin:].mean(1) - loss_init)
+    if float(per_chain.max()) > n_params:
+        raise ParameterError(
+            f"{func}: the SGLD chains diverged (a chain's estimate {float(per_chain.max()):.3g} exceeds the "
+            f"{n_params} parameters, while the coefficient is at most half of them) with step_size={step_size:g} "
+            f"and localization={localization:g}; use a smaller step_size or a larger localization."
+        )
     return LLCResult(
         llc=float(per_chain.mean()),
         llc_std=float(per_chain.std(correction=0)),

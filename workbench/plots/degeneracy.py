@@ -160,6 +160,7 @@ def degeneracy_figure(*results: DegeneracyResult) -> go.Figure:
         ("ignored outputs", "free_from_gradients", "#f58518"),
         ("synchronised ReLUs", "free_from_synchronised", "#54a24b"),
         ("ReLU rescaling", "free_from_rescaling", "#b279a2"),
+        ("always-on bias shifts", "free_from_bias_shift", "#e45756"),
     )
     fig = make_subplots(
         rows=1, cols=len(results), subplot_titles=[_label(r, i) for i, r in enumerate(results)], shared_yaxes=True
