@@ -234,3 +234,13 @@ def test_copies_of_a_dataset_are_unchanged_copies():
     d = load_dataset("blobs")
     copy.deepcopy(d).check_unchanged()
     pickle.loads(pickle.dumps(d)).check_unchanged()
+
+
+def test_options_a_source_does_not_take_are_refused_not_ignored():
+    with pytest.raises(ParameterError, match=r"split='train' applies to the bundled digits and sentences only; 'blobs' has no splits"):
+        load_dataset("blobs", split="train")
+    with pytest.raises(ParameterError, match=r"load_dataset\('digits'\) does not take separation; it takes no options\."):
+        load_dataset("digits", separation=3)
+    with pytest.raises(ParameterError, match=r"load_dataset\('blobs'\) does not take sep; it takes separation, n_samples"):
+        load_dataset("blobs", sep=3)
+    assert load_dataset("sentences", split="train").n_samples == 360

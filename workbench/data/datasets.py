@@ -264,6 +264,9 @@ def digits_train_for(dataset: Dataset) -> Dataset | None:
     return digits("train") if dataset.sha256 == digits("test").sha256 else None
 
 
+BLOBS_OPTIONS = ("separation", "n_samples", "n_features", "n_classes", "seed")
+
+
 def blobs(separation: float = 3.0, *, n_samples: int = 1000, n_features: int = 64, n_classes: int = 5,
           seed: int = 0) -> Dataset:
     """Gaussian classes with controllable separation.
@@ -283,7 +286,7 @@ def blobs(separation: float = 3.0, *, n_samples: int = 1000, n_features: int = 6
                         description="isotropic Gaussian classes", info={"separation": separation, "seed": seed})
 
 
-def load_dataset(source: str | Path | bytes, *, split: str = "test", filename: str | None = None,
+def load_dataset(source: str | Path | bytes, *, split: str | None = None, filename: str | None = None,
                  max_bytes: int = MAX_DATASET_BYTES, **options: Any) -> Dataset:
     """Load a bundled dataset by name, or an uploaded tensor file.
 
@@ -292,16 +295,27 @@ def load_dataset(source: str | Path | bytes, *, split: str = "test", filename: s
     of such a file (then ``filename`` gives its type). ``.npz`` is read with ``allow_pickle=False``
     (arrays ``x`` and optional ``y``); ``.csv`` must be numeric with an optional label column named
     one of ``label, labels, y, target, class``; ``.pt`` is read with ``weights_only=True`` (a tensor,
-    or a dict with ``x`` and optional ``y``).
+    or a dict with ``x`` and optional ``y``). ``split`` (``"train"``, ``"test"`` the default, ``"all"``)
+    applies to digits and sentences; an option a source does not take is refused, not ignored.
     """
-    if isinstance(source, str) and source in BUILTIN_DATASETS:
+    builtin = isinstance(source, str) and source in BUILTIN_DATASETS
+    label = repr(source) if builtin else "a dataset file"
+    if split is not None and (not builtin or source == "blobs"):
+        raise ParameterError(f"split={split!r} applies to the bundled digits and sentences only; {label} has no splits "
+                             "(blobs takes seed= for another sample).")
+    allowed = BLOBS_OPTIONS if source == "blobs" else ()
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        takes = f"takes {format_choices(allowed)}" if allowed else "takes no options"
+        raise ParameterError(f"load_dataset({label}) does not take {', '.join(unknown)}; it {takes}.")
+    if builtin:
         if source == "digits":
-            return digits(split)
+            return digits(split or "test")
         if source == "blobs":
             return blobs(**options)
         from workbench.data.sentences import sentences
 
-        return sentences(split)
+        return sentences(split or "test")
     if isinstance(source, (bytes, bytearray)):
         if filename is None:
             raise ParameterError("Pass filename= with the uploaded bytes so the file type is known (e.g. 'data.npz').")
