@@ -439,7 +439,7 @@ ANALYSES: list[Analysis] = [
              _probing_summary, {"probe": "linear", "cv": 5, "control": True, "c": 1.0, "seed": 0},
              "cross-validated probe accuracy, macro-F1, control accuracy and selectivity per layer (Hewitt & Liang)",
              "pages/probing.py"),
-    Analysis("embedding", "Embedding of model A and model B in a shared frame", "one_model", _embedding,
+    Analysis("embedding", "Embedding of one layer per model in a shared frame", "one_model", _embedding,
              _embedding_plot, _embedding_summary, {"method": "umap", "layer": None, "seed": 0},
              "UMAP / t-SNE / PCA of one layer per model, aligned by orthogonal Procrustes, with trustworthiness",
              "pages/embedding.py"),

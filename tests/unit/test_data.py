@@ -244,3 +244,13 @@ def test_options_a_source_does_not_take_are_refused_not_ignored():
     with pytest.raises(ParameterError, match=r"load_dataset\('blobs'\) does not take sep; it takes separation, n_samples"):
         load_dataset("blobs", sep=3)
     assert load_dataset("sentences", split="train").n_samples == 360
+
+
+def test_npz_without_x_among_several_arrays_is_refused():
+    buf = io.BytesIO()
+    np.savez(buf, data=np.zeros((4, 3)), other=np.ones(4))
+    with pytest.raises(DataError, match=r"'d.npz' holds the arrays data, other but none named 'x'; save the features as 'x'"):
+        load_dataset(buf.getvalue(), filename="d.npz")
+    one = io.BytesIO()
+    np.savez(one, features=np.zeros((4, 3)))
+    assert load_dataset(one.getvalue(), filename="one.npz").n_features == 3  # a single array is the features

@@ -141,13 +141,15 @@ def check_same_dataset(a: Any, b: Any, *, func: str) -> None:
     not matter, so a dataset and its unlabelled array compare. Same row counts alone do not catch a
     shuffled or different dataset of the same size."""
     sha_a, sha_b = getattr(a, "inputs_sha256", ""), getattr(b, "inputs_sha256", "")
+    what = "inputs sha256"
     if not (sha_a and sha_b):  # activations made before inputs were hashed apart from labels
         sha_a, sha_b = getattr(a, "dataset_sha256", ""), getattr(b, "dataset_sha256", "")
+        what = "sha256"
     if sha_a and sha_b and sha_a != sha_b:
         name_a, name_b = getattr(a, "dataset_name", "") or "?", getattr(b, "dataset_name", "") or "?"
         raise DataError(
-            f"{func}: the two activations come from different datasets ('{name_a}', sha256 {sha_a[:12]}, and "
-            f"'{name_b}', sha256 {sha_b[:12]}); sample i of A is compared with sample i of B, so extract both "
+            f"{func}: the two activations come from different datasets ('{name_a}', {what} {sha_a[:12]}, and "
+            f"'{name_b}', {what} {sha_b[:12]}); sample i of A is compared with sample i of B, so extract both "
             "models on the same dataset."
         )
 

@@ -377,10 +377,15 @@ def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None, tu
             keys = list(f.keys())
             if not keys:
                 raise DataError(f"'{name}' holds no arrays; save features as 'x' (and labels as 'y').")
-            xkey = "x" if "x" in keys else ("X" if "X" in keys else keys[0])
+            xkey = "x" if "x" in keys else ("X" if "X" in keys else (keys[0] if len(keys) == 1 else None))
+            if xkey is None:
+                raise DataError(f"'{name}' holds the arrays {', '.join(keys)} but none named 'x'; save the features as 'x' "
+                                "(and labels as 'y'): np.savez(path, x=x, y=y).")
             x = f[xkey]
             y = f["y"] if "y" in keys else (f["labels"] if "labels" in keys else None)
             names = f["class_names"] if "class_names" in keys else None
+    except DataError:
+        raise
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise UnsafeFileError(
