@@ -428,3 +428,16 @@ def test_whole_number_float_labels_warn_that_they_are_probed_as_a_regression_tar
         result = probe_layers({"x": x}, labels, control=False, cv=3)
     assert result.metric == "r2"
     assert probe_layers({"x": x}, labels.astype(int), control=False, cv=3).metric == "accuracy"
+
+
+def test_layers_of_two_architectures_in_another_order_get_an_axis_stretch_each():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    feats = {name: rng.normal(size=(90, 4)) + y[:, None] for name in ("fc1", "relu1", "out")}
+    cnn = probe_layers({k: feats[k] for k in ("relu1", "fc1", "out")}, y, cv=3, control=False)
+    mlp = probe_layers({k: feats[k] for k in ("fc1", "relu1", "out")}, y, cv=3, control=False)
+    fig = probe_profile(cnn, mlp, names=["cnn", "mlp"])
+    assert list(fig.data[1].x) == ["mlp · fc1", "mlp · relu1", "mlp · out"]  # in the MLP's own order
+    assert list(fig.layout.xaxis.categoryarray) == ["cnn · relu1", "cnn · fc1", "cnn · out", "mlp · fc1", "mlp · relu1", "mlp · out"]
+    same = probe_profile(mlp, mlp, names=["a", "b"])  # orders agree: one shared axis
+    assert list(same.data[0].x) == ["fc1", "relu1", "out"] and list(same.layout.xaxis.categoryarray) == ["fc1", "relu1", "out"]

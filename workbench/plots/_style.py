@@ -62,10 +62,33 @@ def merged_order(*sequences: Sequence[str]) -> list[str]:
     return order
 
 
-def order_layers(fig: go.Figure, *sequences: Sequence[str]) -> go.Figure:
+def _keeps_order(order: Sequence[str], seq: Sequence[str]) -> bool:
+    positions = [order.index(name) for name in seq]
+    return all(p < q for p, q in zip(positions, positions[1:]))
+
+
+def order_layers(fig: go.Figure, *sequences: Sequence[str], labels: Sequence[str] | None = None) -> go.Figure:
     """Put every x axis of ``fig`` in the :func:`merged_order` of the models' layers (plotly would otherwise order
-    categories by first appearance, so a second model's layer could be drawn after the output)."""
-    fig.update_xaxes(categoryorder="array", categoryarray=merged_order(*sequences))
+    categories by first appearance, so a second model's layer could be drawn after the output).
+
+    When no single order keeps each model's forward order (two architectures that share layer names in another
+    order, such as a CNN's ``fc1`` after its ``relu1`` and an MLP's before), each model gets its own stretch of
+    the axis, its layers named ``"<label> · <layer>"`` (``labels`` default "model 1", "model 2") in its own
+    order: one shared axis would draw a line back and forth between layers."""
+    order = merged_order(*sequences)
+    if all(_keeps_order(order, seq) for seq in sequences):
+        fig.update_xaxes(categoryorder="array", categoryarray=order)
+        return fig
+    names = list(labels) if labels is not None else [f"model {k + 1}" for k in range(len(sequences))]
+    keys = [tuple(seq) for seq in sequences]
+    traces = [t for t in fig.data if getattr(t, "x", None) is not None and len(t.x)]
+    if not all(tuple(t.x) in keys for t in traces):  # a trace that is not one model's layers: keep a shared axis
+        fig.update_xaxes(categoryorder="array", categoryarray=order)
+        return fig
+    for t in traces:
+        t.x = [f"{names[keys.index(tuple(t.x))]} · {layer}" for layer in t.x]
+    fig.update_xaxes(categoryorder="array",
+                     categoryarray=[f"{name} · {layer}" for name, seq in zip(names, sequences) for layer in seq])
     return fig
 
 

@@ -57,7 +57,7 @@ def probe_profile(*results: ProbingResult, names: Sequence[str] | None = None) -
                     "<br>control, training rows %{customdata[1]:.3f}<extra></extra>",
                 )
             )
-    order_layers(fig, *(r.layers for r in results))
+    order_layers(fig, *(r.layers for r in results), labels=labels)
     if results:
         fig.add_hline(
             y=results[0].chance,

@@ -296,7 +296,7 @@ def separability_curves(
         fig.update_yaxes(type="log", minorloglabels="complete", row=3, col=1)
     fig.update_layout(height=720 if labelled else 340, legend={"groupclick": "toggleitem"})
     if results and all(isinstance(r, LayerSeparabilityResult) for r in results):
-        order_layers(fig, *(r.layers for r in results))
+        order_layers(fig, *(r.layers for r in results), labels=names)
     first = results[0] if results else None
     what = "checkpoints" if isinstance(first, SeparabilityTrajectoryResult) else "layers"
     return titled(
