@@ -68,3 +68,19 @@ def test_values_beyond_float32_are_counted():
     s = layer_stats(np.array([[3e38, -3e38], [1.0, 2.0]]), "wide", bins=5)
     assert s.hist_counts.sum() == 4  # a float32 histogram would overflow and count nothing
     assert layer_stats(np.full((4, 2), 1e300) * np.arange(1, 5)[:, None], "huge").hist_counts.sum() == 8
+
+
+def test_histograms_of_two_architectures_are_not_overlaid_by_layer_name():
+    from workbench.analyses.stats import activation_stats
+    from workbench.plots.activations import layer_histograms
+
+    rng = np.random.default_rng(0)
+    cnn = activation_stats({"relu1": rng.normal(size=(50, 4)), "fc1": rng.normal(size=(50, 3))}, model="cnn")
+    mlp = activation_stats({"fc1": rng.normal(size=(50, 8)), "relu1": rng.normal(size=(50, 8))}, model="mlp")
+    fig = layer_histograms(cnn, mlp)
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["cnn · relu1", "cnn · fc1", "mlp · fc1", "mlp · relu1"]
+    assert [t.name for t in fig.data if t.showlegend] == ["cnn", "mlp"]  # each model in the legend once
+    twin = activation_stats({"fc1": rng.normal(size=(50, 8)), "relu1": rng.normal(size=(50, 8))}, model="mlp2")
+    same = layer_histograms(mlp, twin)
+    assert [a.text for a in same.layout.annotations] == ["fc1", "relu1"] and len(same.data) == 4

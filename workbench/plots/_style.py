@@ -62,7 +62,8 @@ def merged_order(*sequences: Sequence[str]) -> list[str]:
     return order
 
 
-def _keeps_order(order: Sequence[str], seq: Sequence[str]) -> bool:
+def keeps_order(order: Sequence[str], seq: Sequence[str]) -> bool:
+    """Whether the names of ``seq`` come in ``order`` in the order ``seq`` has them."""
     positions = [order.index(name) for name in seq]
     return all(p < q for p, q in zip(positions, positions[1:]))
 
@@ -76,7 +77,7 @@ def order_layers(fig: go.Figure, *sequences: Sequence[str], labels: Sequence[str
     the axis, its layers named ``"<label> · <layer>"`` (``labels`` default "model 1", "model 2") in its own
     order: one shared axis would draw a line back and forth between layers."""
     order = merged_order(*sequences)
-    if all(_keeps_order(order, seq) for seq in sequences):
+    if all(keeps_order(order, seq) for seq in sequences):
         fig.update_xaxes(categoryorder="array", categoryarray=order)
         return fig
     names = list(labels) if labels is not None else [f"model {k + 1}" for k in range(len(sequences))]

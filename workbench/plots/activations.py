@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.analyses.stats import ActivationStatsResult
-from workbench.plots._style import MODEL_COLORS, takes_results, titled
+from workbench.plots._style import MODEL_COLORS, keeps_order, merged_order, takes_results, titled
 
 
 @takes_results
@@ -30,30 +30,37 @@ def _translucent(hex_colour: str, alpha: float) -> str:
 def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.Figure:
     """A histogram of activation values per layer, drawn as an outlined step curve with a light fill, one
     colour per model, overlaid where layer names match (so a second model never hides the first). Heights
-    are densities (count / (total x bin width)): each model has its own bins, and densities stay comparable."""
-    layers: list[str] = []
-    for r in results:
-        layers += [layer for layer in r.layers if layer not in layers]
+    are densities (count / (total x bin width)): each model has its own bins, and densities stay comparable.
+    Models whose shared layer names run in another order (two architectures) get a panel per model and layer,
+    titled "<model> · <layer>": the same name there is not the same layer."""
+    union = merged_order(*(r.layers for r in results))
+    if all(keeps_order(union, r.layers) for r in results):
+        panels = [(layer, [(i, layer) for i, r in enumerate(results) if layer in r.stats]) for layer in union]
+    else:
+        panels = [(f"{r.model} · {layer}", [(i, layer)]) for i, r in enumerate(results) for layer in r.layers]
+    layers = [title for title, _ in panels]
     cols = min(max_cols, len(layers))
     rows = (len(layers) + cols - 1) // cols
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=layers, vertical_spacing=0.16 if rows > 1 else 0.1)
-    for i, r in enumerate(results):
-        colour = MODEL_COLORS[i % len(MODEL_COLORS)]
-        for j, layer in enumerate(layers):
-            if layer not in r.stats:
-                continue
+    in_legend: set[int] = set()
+    for j, (_, members) in enumerate(panels):
+        for i, layer in members:
+            r = results[i]
+            colour = MODEL_COLORS[i % len(MODEL_COLORS)]
             s = r.stats[layer]
             edges = np.asarray(s.hist_edges, dtype=np.float64)
             counts = np.asarray(s.hist_counts, dtype=np.float64)
             centres = (edges[:-1] + edges[1:]) / 2
             density = counts / max(counts.sum(), 1.0) / np.maximum(np.diff(edges), np.finfo(np.float64).tiny)
             fig.add_trace(
-                go.Scatter(x=centres, y=density, customdata=counts, name=r.model, legendgroup=r.model, showlegend=j == 0,
+                go.Scatter(x=centres, y=density, customdata=counts, name=r.model, legendgroup=r.model,
+                           showlegend=i not in in_legend,  # each model once, at its first panel
                            mode="lines", line={"color": colour, "width": 1.5, "shape": "hvh"}, fill="tozeroy",
                            fillcolor=_translucent(colour, 0.25),
                            hovertemplate=f"{r.model} · {layer}<br>value %{{x:.3g}}<br>density %{{y:.3g}} (count %{{customdata:d}})<extra></extra>"),
                 row=j // cols + 1, col=j % cols + 1,
             )
+            in_legend.add(i)
     for j in range(len(layers)):
         row, col = j // cols + 1, j % cols + 1
         if j + cols >= len(layers):  # the lowest panel of its column
