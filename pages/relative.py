@@ -14,7 +14,7 @@ from workbench.plots.similarity import layer_agreement_bars, stitching_bars
 _state.in_app_shell()
 
 HELP = {
-    "layers": "Layer names that both models have; each is compared with its namesake.",
+    "layers": "Layers of the two models (one architecture); each is compared with its namesake.",
     "anchors": "Number of anchor samples: the width of the relative representation.",
     "method": "random (as in the paper), farthest-point sampling, or k-means medoids in A's space.",
     "k": "Neighbourhood size of the retrieval overlap (Jaccard@k).",
@@ -33,7 +33,8 @@ dataset = _state.require_dataset()
 n = dataset.n_samples
 
 pooling = _state.pooling_picker("rel_pooling")
-shared = [name for name in _state.default_layers(model_a) if name in set(_state.default_layers(model_b))]
+layers_a, layers_b = _state.default_layers(model_a), _state.default_layers(model_b)
+shared = layers_a if layers_a == layers_b else []  # one architecture: a name is the same layer in both
 if shared:
     layers = st.multiselect("Layers (in both models)", shared, default=shared, key="rel_layers", help=HELP["layers"])
     pairs = [(name, name) for name in layers]
@@ -44,7 +45,8 @@ else:
     with col_b:
         picked_b = _state.layer_picker(model_b, key="rel_layers_b", label=f"Layers of B ({model_b.name})")
     if len(picked_a) != len(picked_b):
-        st.info("The models share no layer names: pick the same number of layers in each; they are paired in order.")
+        st.info("The models have different architectures, so a layer name need not mean the same layer in both: pick "
+                "the same number of layers in each; they are paired in order.")
         _state.stop()
     pairs = list(zip(picked_a, picked_b))
 if not pairs:
@@ -75,9 +77,14 @@ cols[1].metric(f"Absolute Jaccard@{k} there", "n/a (widths differ)" if np.isnan(
 cols[2].metric("Relative MRR there", f"{result.mrr[best]:.3f}")
 fig = layer_agreement_bars(result)
 st.plotly_chart(fig, key="rel_layers_chart", width="stretch")
-table = {"layer of A": list(result.layers_a), "layer of B": list(result.layers_b), "Jaccard relative": result.jaccard}
-table.update({"Jaccard absolute": result.absolute_jaccard, "MRR relative": result.mrr})
-table.update({"MRR absolute": result.absolute_mrr, "cosine relative": result.cosine})
+
+def numbers(values) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)  # undefined values read n/a
+
+
+table = {"layer of A": list(result.layers_a), "layer of B": list(result.layers_b), "Jaccard relative": numbers(result.jaccard)}
+table.update({"Jaccard absolute": numbers(result.absolute_jaccard), "MRR relative": numbers(result.mrr)})
+table.update({"MRR absolute": numbers(result.absolute_mrr), "cosine relative": numbers(result.cosine)})
 st.dataframe(pd.DataFrame(table).style.format(precision=3, na_rep="n/a"), hide_index=True, width="stretch",
              key="rel_table")
 st.caption(

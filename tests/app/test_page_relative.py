@@ -74,3 +74,16 @@ def test_models_of_different_widths_have_no_absolute_values(app, sample_model_pa
     assert hidden["Jaccard absolute"].isna().all() and (hidden["Jaccard relative"] > 0).all()
     assert not table[table["layer of A"] == "out"]["Jaccard absolute"].isna().any()  # both heads have 10 outputs
     assert any("n/a where the two layers have different widths" in c.value for c in at.caption)
+
+
+def test_layers_of_two_architectures_are_paired_by_the_user_not_by_name(app, sample_model):
+    app.session_state["model_a"] = sample_model("cnn_seed0")  # its fc1 is the last hidden layer, the MLP's the first
+    at = app.run()
+    at.switch_page("pages/relative.py").run()
+    assert not page_errors(at)
+    assert "rel_layers" not in [m.key for m in at.multiselect]
+    at.multiselect(key="rel_layers_a").set_value(["relu2", "relu_fc1"])
+    at.multiselect(key="rel_layers_b").set_value(["relu1", "relu2"]).run()
+    assert not page_errors(at)
+    table = at.dataframe[0].value
+    assert list(zip(table["layer of A"], table["layer of B"])) == [("relu2", "relu1"), ("relu_fc1", "relu2")]
