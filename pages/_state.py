@@ -316,7 +316,7 @@ def for_each_model(models: list[wb.LoadedModel], fn: Callable[[wb.LoadedModel, s
     """``fn(model, slot)`` for model A (slot "a") and B ("b"); a model that fails shows its error and is left out, so
     that a problem of model B does not hide model A's results. Stops the page when no model succeeds."""
     done = []
-    for model, slot in zip(models, "ab"):
+    for model, slot in zip(models, slots(models)):
         try:
             done.append((model, fn(model, slot)))
         except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
@@ -337,8 +337,14 @@ def require_models(n: int = 1) -> tuple[wb.LoadedModel, ...]:
 
 
 def current_models() -> list[wb.LoadedModel]:
-    """The chosen models: A, and B when one is chosen."""
+    """The chosen models: A, and B when one is chosen (B alone when A could not be loaded)."""
     return [m for m in (st.session_state.get(MODEL_A), st.session_state.get(MODEL_B)) if m is not None]
+
+
+def slots(models: list[wb.LoadedModel]) -> str:
+    """The sidebar slot of each of ``models`` ("a" or "b"), so that model B analysed alone is still called B."""
+    a = st.session_state.get(MODEL_A)
+    return "".join("a" if m is a and a is not None else "b" for m in models)
 
 
 def require_dataset() -> wb.Dataset:
@@ -385,7 +391,7 @@ def layer_picker(model: wb.LoadedModel, key: str, *, label: str | None = None, d
 def layer_pickers(models: list[wb.LoadedModel], key: str) -> dict[str, list[str]]:
     """One layer picker per model, side by side, keyed ``"a"``/``"b"``; stops the page until each has a layer."""
     chosen = {}
-    for col, model, slot in zip(st.columns(len(models)), models, "ab"):
+    for col, model, slot in zip(st.columns(len(models)), models, slots(models)):
         with col:
             chosen[slot] = layer_picker(model, key=f"{key}_{slot}", label=f"Layers of {model.name}")
     if not all(chosen.values()):

@@ -53,7 +53,7 @@ with st.expander("Settings", expanded=False):
     directions = c3.number_input("Graph directions", 4, 512, 64, 4, key="deg_dirs", persist_state="session", help=HELP["directions"])
 
 chosen, last_layer, usable = {}, {}, []
-for col, model, slot in zip(st.columns(len(models)), models, "ab"):
+for col, model, slot in zip(st.columns(len(models)), models, _state.slots(models)):
     with col:
         try:  # a model this page cannot analyse is named in its column; the other one is still analysed
             options = _state.cached_call(dg.sequential_layers, model)

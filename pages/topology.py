@@ -35,7 +35,7 @@ models = _state.current_models()
 if not models:
     _state.require_models(1)
 dataset = _state.require_dataset()
-names = [f"{slot} ({m.name})" for slot, m in zip("AB", models)]
+names = [f"{slot.upper()} ({m.name})" for slot, m in zip(_state.slots(models), models)]
 
 with st.expander("Settings", expanded=False):
     c1, c2, c3 = st.columns(3)
@@ -64,7 +64,7 @@ kw = {"max_dim": dim, "max_points": max_points, "metric": metric}
 labels = dataset.y if dataset.n_classes is not None else None
 pers, seps = [], []
 with _state.guard():
-    for model, slot in zip(models, "ab"):
+    for model, slot in zip(models, _state.slots(models)):
         acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
         with _state.progress_bar(f"Persistence of {model.name}") as bar:
             layers = chosen[slot]
@@ -85,7 +85,7 @@ if subsampled:
 
 st.subheader("Persistence diagrams")
 picked = []
-for col, p, model, slot in zip(st.columns(len(models)), pers, models, "ab"):
+for col, p, model, slot in zip(st.columns(len(models)), pers, models, _state.slots(models)):
     picked.append(col.selectbox(f"Layer of {model.name}", list(p), index=len(p) - 1, key=f"topo_layer_{slot}"))
 results = [p[layer] for p, layer in zip(pers, picked)]
 titles = [f"{n} · {layer}" for n, layer in zip(names, picked)]

@@ -86,3 +86,14 @@ def test_unlabelled_data_shows_only_the_score(app, narrow):
     assert not page_errors(at)
     assert "unlabelled has no class labels: only the unsupervised score S is shown." in [i.value for i in at.info]
     assert list(at.dataframe[0].value.columns) == ["model", "layer", "score S"]
+
+
+def test_model_b_analysed_alone_is_called_b(app):
+    app.session_state["model_a"] = None  # model A could not be loaded
+    at = app.switch_page("pages/embedding.py").run()
+    assert not page_errors(at)
+    assert at.radio(key="emb_mode").options == ["Two layers of model B"]
+    at.switch_page("pages/topology.py").run()
+    assert not page_errors(at)
+    texts = [m.label for m in at.metric] + [json.dumps(json.loads(c.proto.spec)["layout"]) for c in at.get("plotly_chart")]
+    assert any("B (mlp_seed1)" in t for t in texts) and not any("A (mlp_seed1)" in t for t in texts)
