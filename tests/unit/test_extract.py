@@ -150,7 +150,8 @@ def test_cnn_pooling_rules(sample_model, digits_test):
     maps = flat.reshape(450, 32, 64)
     torch.testing.assert_close(mean, maps.mean(-1))
     torch.testing.assert_close(mx, maps.amax(-1))
-    with pytest.raises(ParameterError, match=r"Pooling 'cls' applies to token sequences; this layer outputs a conv map"):
+    with pytest.raises(ParameterError, match=r"Pooling 'cls' applies to token sequences; layer 'relu1' outputs conv maps "
+                                             r"of shape \(32, 8, 8\) per sample\. Use 'mean', 'max' or 'flatten'\."):
         extract(cnn, digits_test, ["relu1"], pooling="cls")
 
 

@@ -293,16 +293,22 @@ class PooledCapture:
     def end_batch(self) -> dict[str, torch.Tensor]:
         """The pooled outputs of this batch; a map whose global pool did not run is pooled here."""
         for name, out in self._pending.items():
-            self._set(name, self._pool(out), "map")
+            self._set(name, self._pool(out, name), "map")
         self._pending.clear()
         self._outputs.clear()
         return self.pooled
 
-    def _pool(self, out: torch.Tensor) -> torch.Tensor:
+    def _pool(self, out: torch.Tensor, name: str) -> torch.Tensor:
         """``out`` pooled into memory of its own: a 2-D output, a flattened map or a token taken by ``cls``
         or ``last`` would otherwise be a view of the output, and a later in-place operation of the model
         (``nn.ReLU(inplace=True)`` after a linear layer) would change it before it is written."""
-        pooled = pool(out.detach(), self.rule, channel_first=self.channel_first, mask=self.mask)
+        try:
+            pooled = pool(out.detach(), self.rule, channel_first=self.channel_first, mask=self.mask)
+        except ParameterError as exc:  # name the layer and give its shape per sample, not per batch
+            raise ParameterError(
+                f"Pooling '{self.rule}' applies to token sequences; layer '{name}' outputs conv maps of shape "
+                f"{tuple(out.shape[1:])} per sample. Use 'mean', 'max' or 'flatten'."
+            ) from exc
         if pooled.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
             pooled = pooled.clone()
         return pooled
@@ -321,7 +327,7 @@ class PooledCapture:
             x = inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
             prev_out = self._outputs.pop(prev, None) if route == "affine" else None  # held no longer than needed
             if route == "map" or x is None or not _is_spatial(t, self.channel_first):
-                self._set(name, self._pool(t), "map")
+                self._set(name, self._pool(t, name), "map")
             elif route == "affine" and x is prev_out and prev in self.pooled and x.shape == t.shape:
                 key = (name, t.dtype)
                 if key not in self._plans:
@@ -333,7 +339,7 @@ class PooledCapture:
                     and (plan := self._conv_plan(name, module, x, t)) is not None):
                 self._set(name, conv_mean_from_input(x.detach(), plan), "input")
             else:
-                self._set(name, self._pool(t), "map")
+                self._set(name, self._pool(t, name), "map")
 
         return hook
 
