@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint file or folder")
     p.add_argument("--data", required=True, help="bundled dataset (digits, digits:train, blobs, sentences) or a .npz/.csv/.pt file")
     p.add_argument("--layers", nargs="+", required=True, help="layer names (see `workbench layers MODEL`)")
-    p.add_argument("--out", required=True, type=Path, help="output .npz (arrays 'layer/<name>' and 'labels')")
+    p.add_argument("--out", required=True, type=Path, help="output .npz (arrays 'layer/<name>', 'labels' and 'meta', a JSON string naming model, dataset and pooling)")
     p.add_argument("--pooling", default="mean", choices=["mean", "flatten", "max", "cls", "last"],
                    help="how conv maps and token sequences become vectors (default mean)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")

@@ -40,6 +40,9 @@ def test_extract_writes_npz(tmp_path):
     assert out.returncode == 0, out.stderr
     with np.load(target, allow_pickle=False) as f:
         assert f["layer/fc1"].shape == (1347, 512) and f["labels"].shape == (1347,)
+        meta = json.loads(str(f["meta"]))
+    assert meta["model"] == "mlp_seed0" and meta["dataset"] == "digits (train)" and meta["pooling"] == "mean"
+    assert meta["layers"] == ["fc1", "relu2"] and len(meta["dataset_sha256"]) == 64
 
 
 def test_analyze_writes_report(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -77,10 +78,14 @@ class Activations(Mapping[str, torch.Tensor]):
         return int(next(iter(self._tensors.values())).shape[0])
 
     def save_npz(self, path: str | Path) -> Path:
-        """Write every layer (and labels, when known) to an ``.npz`` readable with ``allow_pickle=False``."""
+        """Write every layer (and labels, when known) to an ``.npz`` readable with ``allow_pickle=False``, with
+        ``meta``: a JSON string naming the model, the dataset (names and sha256) and the pooling rule."""
         path = Path(path)
         arrays = {f"layer/{k}": v.detach().cpu().numpy() for k, v in self._tensors.items()}
         if self.labels is not None:
             arrays["labels"] = self.labels.detach().cpu().numpy()
+        meta = {"model": self.model_name, "model_sha256": self.model_sha256, "dataset": self.dataset_name,
+                "dataset_sha256": self.dataset_sha256, "pooling": self.pooling, "layers": list(self._tensors)}
+        arrays["meta"] = np.array(json.dumps(meta))
         np.savez(path, **arrays)
         return path
