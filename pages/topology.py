@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 
 from pages import _state
@@ -95,9 +96,12 @@ figures.append(plots.barcode(*results, dim=dim, titles=titles))
 st.plotly_chart(figures[-1], width="stretch", key="topo_barcodes")
 cols = st.columns(len(results))
 for col, r, n in zip(cols, results, names):
-    top = r.diagram(dim)
-    life = f"{top[0, 1] - top[0, 0]:.3g}" if len(top) and dim > 0 else "∞ (one component never dies)"
-    col.metric(f"Longest H{dim} bar ({n})", life, help="Lifetime (death - birth) of the most persistent feature.")
+    bars = r.diagram(dim)
+    lives = (bars[:, 1] - bars[:, 0])[np.isfinite(bars[:, 1])] if len(bars) else np.zeros(0)
+    life = f"{lives.max():.3g}" if len(lives) else "none"
+    col.metric(f"Longest finite H{dim} bar ({n})", life,
+               help="Lifetime (death - birth) of the most persistent feature that dies"
+               + (" (the one H0 bar of the whole cloud never dies and is left out)." if dim == 0 else "."))
 
 st.subheader("Betti curves across layers")
 figures.append(plots.betti_curves(*pers, names=names, dim=dim))
