@@ -31,7 +31,8 @@ for col, (slot, model) in zip(cols, chosen):
         meta = {"format": model.source_format, "weights sha256": model.sha256[:16] + "…",
                 "input": f"{model.input_shape} {str(model.input_dtype).replace('torch.', '')}" if model.input_shape else "unknown"}
         if "test_accuracy" in model.metadata:
-            meta["test accuracy (digits)"] = model.metadata["test_accuracy"]
+            trained_on = model.metadata.get("dataset")
+            meta[f"test accuracy ({trained_on})" if trained_on else "test accuracy"] = model.metadata["test_accuracy"]
         if model.metadata.get("description"):
             meta["description"] = model.metadata["description"]
         st.table({"": list(meta), "value": list(meta.values())})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import streamlit as st
+import torch
 
 from pages import _state
 from workbench.analyses import mode_connectivity as mc
@@ -54,18 +55,21 @@ if chosen_b is not None and chosen_b.name not in matching:
                f"matched to it; {_state.plain(model_b.name)} is used instead.")
 train_split = digits_train_for(dataset)
 digits = train_split is not None
+has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model_a.module.modules())
+offered = [m for m in mc.CONNECTIVITY_METHODS if m != "reset_bn" or has_bn]
+dropped_reset = not has_bn and "reset_bn" in (st.session_state.get("mc_methods") or [])
 with st.expander("Settings", expanded=False):
     n_points = st.slider(
         "Points along the path", 5, 51, 25, 2, key="mc_points", persist_state="session", help="λ values in [0, 1]; 25 resolves typical barriers."
     )
     methods = st.multiselect(
         "Alignments",
-        list(mc.CONNECTIVITY_METHODS),
+        offered,
         default=["naive", "weight_matching", "activation_matching", "repair"],
         format_func=plots.method_label,
         key="mc_methods", persist_state="session",
         help="naive: B as trained; repair: weight matching + REPAIR (Jordan et al. 2022); "
-        "reset_bn: weight matching + recomputed BatchNorm statistics.",
+        "reset_bn: weight matching + recomputed BatchNorm statistics, offered when A has BatchNorm layers.",
     )
     use_train = st.checkbox(
         "Also evaluate on the digits train split (and take REPAIR/BatchNorm statistics from it)",
@@ -76,6 +80,9 @@ with st.expander("Settings", expanded=False):
     )
     top_k = st.slider("Top-k singular directions compared", 1, 20, 5, key="mc_topk", persist_state="session")
     seed = int(st.number_input("Seed (order of the coordinate descent)", 0, 10_000, 0, key="mc_seed", persist_state="session"))
+if dropped_reset:
+    st.caption(f"The alignment '{plots.method_label('reset_bn')}' is left out: {_state.plain(model_a.name)} has no BatchNorm "
+               "layers, so it would give the same result as weight matching.")
 if not methods:
     st.info("Pick at least one alignment.")
     _state.stop()

@@ -54,9 +54,12 @@ c = float(
         value=1.0,
         format="%g",
         key="probe_c", persist_state="session",
-        help="scikit-learn's C for the linear probe: larger fits the training folds harder.",
+        disabled=probe == "mlp",
+        help="scikit-learn's C, for the linear probe only: larger fits the training folds harder. "
+        "The MLP probe's weight decay is fixed at 1e-4.",
     )
 )
+linear_only = {"c": c} if probe == "linear" else {}
 control = c4.checkbox(
     "Control task",
     value=True,
@@ -71,7 +74,8 @@ chosen = _state.layer_pickers(models, "probe_layers")
 def probes(model, slot):
     acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
     with _state.progress_bar(f"Training {probe} probes on {model.name}…") as progress:
-        return _state.cached_call(probe_layers, acts, probe=probe, cv=cv, control=control, c=c, progress=progress)
+        return _state.cached_call(probe_layers, acts, probe=probe, cv=cv, control=control, progress=progress,
+                                  **linear_only)
 
 
 done = _state.for_each_model(models, probes)

@@ -93,6 +93,28 @@ def test_upload_state_dict_needs_spec_then_loads(app):
     assert "Model A: weights" in [s.value for s in at.subheader]
 
 
+def test_cnn_state_dict_upload_suggests_the_cnn_spec_not_an_mlp(app, sample_model):
+    buf = io.BytesIO()
+    torch.save(sample_model("cnn_seed0").module.state_dict(), buf)
+    at = _upload(app.run(), "model_a", "cnn.pt", buf.getvalue())
+    errors = page_errors(at)
+    assert any('It looks like {"type": "cnn", "channels": [32, 32]' in e for e in errors)
+    assert not any('"type": "mlp", "sizes": [32' in e for e in errors)
+    spec = ('{"type": "cnn", "input_shape": [1, 8, 8], "channels": [32, 32], "kernel_size": 3, "batchnorm": true, '
+            '"hidden": 64, "n_classes": 10}')
+    at.text_area(key="model_a_arch").input(spec).run()
+    assert not page_errors(at)
+    assert "Model A: cnn" in [s.value for s in at.subheader]
+
+
+def test_home_names_the_dataset_each_test_accuracy_was_measured_on(app):
+    at = app.run()
+    at.selectbox(key="model_a_choice").set_value("text_transformer_seed0").run()
+    model_a, model_b = ({str(k): str(v) for k, v in t.value.to_numpy()} for t in at.table)
+    assert model_a.get("test accuracy (sentences)") == "0.9417" and "test accuracy (digits)" not in model_a
+    assert model_b.get("test accuracy (digits)") == "0.9800"
+
+
 def test_malicious_pickle_upload_shows_error_not_traceback(app, tmp_path):
     marker = tmp_path / "pwned"
 

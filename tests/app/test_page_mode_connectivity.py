@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 from tests.app.conftest import page_errors, shown
 
 PAGE = "pages/mode_connectivity.py"
+RESET_BN = "weight matching + BatchNorm reset"
 
 
 @pytest.fixture
@@ -68,3 +72,37 @@ def test_an_upload_named_digits_gets_no_bundled_train_split(page, digits_test):
     assert not page_errors(at)
     assert at.checkbox(key="mc_train").disabled and not at.checkbox(key="mc_train").value
     assert set(at.dataframe[0].value["split"]) == {"test"}  # no rows computed on data that is not the user's
+
+
+def test_batchnorm_reset_is_offered_only_for_a_model_a_with_batchnorm(app, sample_model, digits_test):
+    from workbench.models.loading import wrap_module
+
+    cnn = sample_model("cnn_seed0")
+    other = copy.deepcopy(cnn.module)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.01)
+    app.session_state["model_a"] = cnn
+    app.session_state["model_b"] = wrap_module(other, name="cnn_other", architecture=cnn.architecture)
+    app.session_state["dataset"] = digits_test
+    app.session_state["mc_points"] = 5
+    app.session_state["mc_train"] = False
+    app.session_state["mc_methods"] = ["naive", "reset_bn"]
+    at = app.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    assert RESET_BN in at.multiselect(key="mc_methods").options
+    assert set(at.dataframe[0].value["method"]) == {"naive (as trained)", RESET_BN}
+
+    at.selectbox(key="mc_model_a").set_value("mlp_narrow_seed0").run()
+    assert not page_errors(at)
+    assert RESET_BN not in at.multiselect(key="mc_methods").options
+    assert at.multiselect(key="mc_methods").value == ["naive"]
+    assert any(f"'{RESET_BN}' is left out: mlp_narrow_seed0 has no BatchNorm layers" in shown(c.value)
+               for c in at.caption)
+    assert set(at.dataframe[0].value["method"]) == {"naive (as trained)"}
+
+    at.selectbox(key="mc_model_a").set_value("cnn_seed0").run()
+    assert not page_errors(at)
+    assert RESET_BN in at.multiselect(key="mc_methods").options
+    assert not any("is left out" in c.value for c in at.caption)

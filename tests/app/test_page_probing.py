@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -72,3 +73,36 @@ def test_probing_page_shows_a_clear_error_for_too_many_folds(app):
     errors = page_errors(at)
     assert any("folds need at least 10 per class; lower cv" in e for e in errors)
     assert not at.exception
+
+
+def test_c_is_disabled_for_the_mlp_probe_and_changing_it_recomputes_nothing(app, monkeypatch):
+    import workbench.analyses.probing as probing
+
+    mlp_fits = []
+    original = probing.probe_layers
+
+    @functools.wraps(original)
+    def counted(*args, **kwargs):
+        if kwargs.get("probe") == "mlp":
+            mlp_fits.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probing, "probe_layers", counted)
+    at = app.run()
+    at.selectbox(key="model_b_choice").set_value("(none)").run()
+    at.switch_page("pages/probing.py").run()
+    at.multiselect(key="probe_layers_a").set_value(["out"]).run()
+    at.checkbox(key="probe_control").uncheck().run()
+    assert not at.number_input(key="probe_c").proto.disabled
+    at.selectbox(key="probe_kind").set_value("mlp").run()
+    assert not page_errors(at)
+    c_input = at.number_input(key="probe_c")
+    assert c_input.proto.disabled and "linear probe only" in c_input.proto.help
+    table = at.dataframe[0].value
+    fits = len(mlp_fits)
+    at.selectbox(key="probe_kind").set_value("linear").run()
+    at.number_input(key="probe_c").set_value(100.0).run()
+    at.selectbox(key="probe_kind").set_value("mlp").run()
+    assert not page_errors(at)
+    assert len(mlp_fits) == fits  # the stored MLP result is reused: C does not enter it
+    assert at.dataframe[0].value.equals(table)

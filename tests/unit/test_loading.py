@@ -68,6 +68,47 @@ def test_state_dict_without_spec_suggests_one():
         load_model(data, filename="w.pt")
 
 
+def _suggested_spec(data: bytes, filename: str) -> dict | None:
+    with pytest.raises(ArchitectureError, match=r"no architecture spec") as info:
+        load_model(data, filename=filename)
+    text = str(info.value)
+    if "It looks like {" not in text:
+        return None
+    return json.loads(text.split("It looks like ", 1)[1].split(" (check the activation)", 1)[0])
+
+
+def test_suggested_mlp_spec_loads_the_weights(sample_model):
+    model = sample_model("mlp_seed0")
+    data = _state_bytes(model.module.state_dict())
+    spec = _suggested_spec(data, "mlp.pt")
+    assert spec == {"type": "mlp", "sizes": [64, 512, 512, 10], "activation": "relu"}
+    assert load_model(data, filename="mlp.pt", architecture=spec).sha256 == model.sha256
+    bn_state = build_model({"type": "mlp", "sizes": [8, 4, 3], "batchnorm": True}).state_dict()
+    data = _state_bytes({f"module.{k}": v for k, v in bn_state.items()})
+    spec = _suggested_spec(data, "bn.pt")
+    assert spec == {"type": "mlp", "sizes": [8, 4, 3], "activation": "relu", "batchnorm": True}
+    load_model(data, filename="bn.pt", architecture=spec)
+
+
+def test_cnn_state_dict_is_never_offered_an_mlp_spec(sample_model):
+    data = _state_bytes(sample_model("cnn_seed0").module.state_dict())
+    with pytest.raises(ArchitectureError) as info:
+        load_model(data, filename="cnn.pt")
+    text = str(info.value)
+    assert '"sizes": [32, 64, 10]' not in text
+    assert ('It looks like {"type": "cnn", "channels": [32, 32], "kernel_size": 3, "batchnorm": true, "hidden": 64, '
+            '"n_classes": 10} plus "input_shape": [1, height, width]') in text
+    spec = {"type": "cnn", "channels": [32, 32], "kernel_size": 3, "batchnorm": True, "hidden": 64, "n_classes": 10,
+            "input_shape": [1, 8, 8]}
+    assert load_model(data, filename="cnn.pt", architecture=spec).sha256 == sample_model("cnn_seed0").sha256
+
+
+def test_weights_no_spec_loads_get_no_suggestion():
+    state = dict(build_model(MLP).state_dict())
+    state["extra.weight"] = torch.zeros(3, 3, 3, 3)
+    assert _suggested_spec(_state_bytes(state), "odd.pt") is None
+
+
 def test_wrong_shapes_and_keys_are_named():
     state = build_model({"type": "mlp", "sizes": [64, 16, 10]}).state_dict()
     with pytest.raises(ArchitectureError, match=r"wrong shape fc1\.weight \(16, 64\) vs \(32, 64\)"):

@@ -501,20 +501,72 @@ def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[st
     return state
 
 
+def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without a wrapper prefix (``module.``, ``model.``...) that every key shares."""
+    for prefix in _COMMON_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _loads_exactly(spec: dict[str, Any], state: dict[str, torch.Tensor]) -> bool:
+    """Whether the module ``spec`` builds takes ``state`` with no key missing, extra or of another shape."""
+    try:
+        build_model(spec).load_state_dict(state, strict=True)
+    except (ArchitectureError, RuntimeError):
+        return False
+    return True
+
+
+def _numbered(state: dict[str, torch.Tensor], stem: str) -> list[torch.Tensor]:
+    """The weights of ``stem1``, ``stem2``... in order."""
+    found = sorted((int(m.group(1)), k) for k in state if (m := re.fullmatch(rf"{stem}(\d+)\.weight", k)))
+    return [state[k] for _, k in found]
+
+
 def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-    """Guess an ``mlp`` spec from ``fcN.weight ... out.weight`` keys (activation unknown: relu assumed)."""
-    fcs = sorted((int(m.group(1)), k) for k in state if (m := re.fullmatch(r"fc(\d+)\.weight", k)))
-    if not fcs or "out.weight" not in state or any(state[k].ndim != 2 for _, k in fcs):
+    """Guess an ``mlp`` spec from ``fcN.weight ... out.weight`` keys (activation unknown: relu assumed).
+
+    A guess is returned only when the module it builds loads ``state`` exactly; otherwise None
+    (convolutional weights, for one: the input's height and width are not in them).
+    """
+    state = _unprefixed(state)
+    fcs = _numbered(state, "fc")
+    if not fcs or "out.weight" not in state or any(w.ndim != 2 for w in fcs):
         return None
-    sizes = [int(state[fcs[0][1]].shape[1])] + [int(state[k].shape[0]) for _, k in fcs] + [int(state["out.weight"].shape[0])]
-    return {"type": "mlp", "sizes": sizes, "activation": "relu"}
+    sizes = [int(fcs[0].shape[1])] + [int(w.shape[0]) for w in fcs] + [int(state["out.weight"].shape[0])]
+    guess: dict[str, Any] = {"type": "mlp", "sizes": sizes, "activation": "relu"}
+    if "bn1.running_mean" in state:
+        guess["batchnorm"] = True
+    return guess if _loads_exactly(guess, state) else None
+
+
+def _cnn_hint(state: dict[str, torch.Tensor]) -> str:
+    """The ``cnn`` spec that loads ``state`` but for the input's height and width, as a hint; "" when none does."""
+    state = _unprefixed(state)
+    convs = _numbered(state, "conv")
+    if not convs or "out.weight" not in state or any(w.ndim != 4 for w in convs):
+        return ""
+    known: dict[str, Any] = {
+        "type": "cnn",
+        "channels": [int(w.shape[0]) for w in convs],
+        "kernel_size": int(convs[0].shape[-1]),
+        "batchnorm": "bn1.weight" in state,
+        "hidden": int(state["fc1.weight"].shape[0]) if "fc1.weight" in state else 0,
+        "n_classes": int(state["out.weight"].shape[0]),
+    }
+    in_channels = int(convs[0].shape[1])
+    if not _loads_exactly({**known, "input_shape": [in_channels, 1, 1]}, state):
+        return ""
+    return (f" It looks like {json.dumps(known)} plus \"input_shape\": [{in_channels}, height, width], "
+            f"with the height and width of the input images, which the weights do not record.")
 
 
 def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec: dict[str, Any] | None,
                      source_format: str, metadata: dict[str, str]) -> LoadedModel:
     if spec is None:
         guess = infer_architecture(state)
-        hint = f" It looks like {json.dumps(guess)} (check the activation)." if guess else ""
+        hint = f" It looks like {json.dumps(guess)} (check the activation)." if guess else _cnn_hint(state)
         raise ArchitectureError(
             f"'{label}' holds weights but no architecture spec; pass one (the app's spec box, architecture= in Python, "
             f"--architecture on the command line), e.g. {{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}.{hint}"
