@@ -35,7 +35,8 @@ HELP = {
 c1, c2, c3, c4 = st.columns(4)
 method = c1.selectbox("Method", METHODS, key="emb_method", persist_state="session", help=HELP["method"])
 seed = int(c2.number_input("Seed", min_value=0, value=0, step=1, key="emb_seed", persist_state="session", help=HELP["seed"]))
-n_neighbors = int(c3.slider("UMAP neighbours", 5, 50, 15, key="emb_neighbors", persist_state="session", help=HELP["neighbors"]))
+n_neighbors = int(c3.slider("UMAP neighbours", 5, 50, 15, key="emb_neighbors", persist_state="session", help=HELP["neighbors"],
+                            disabled=method != "umap"))
 alone = f"Two layers of model {_state.slots(models)[0].upper()}"  # B when B is analysed alone
 modes = ["Model A vs model B, same layer", alone] if len(models) == 2 else [alone]
 mode = c4.radio("Compare", modes, key="emb_mode")

@@ -102,6 +102,12 @@ with _state.guard(), _state.progress_bar("Matching and interpolating…") as bar
         progress=bar,
     )
 
+naive = next(iter(result.curves.values())).accuracy["test"]
+chance = 1 / dataset.n_classes if dataset.n_classes else 0.0
+if min(naive[0], naive[-1]) <= 1.5 * chance:
+    st.warning(f"{_state.plain(model_a.name)} and {_state.plain(model_b.name)} score {naive[0]:.0%} and {naive[-1]:.0%} on "
+               f"{_state.plain(dataset.name)}, near or below chance ({chance:.0%}): the dataset's labels are not what the "
+               "models predict, so the barriers below say little. Choose the dataset the models were trained for.")
 curves = plots.interpolation_curves(result)
 st.plotly_chart(curves, width="stretch", key="mc_curves")
 st.subheader("Loss barriers")

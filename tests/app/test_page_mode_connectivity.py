@@ -106,3 +106,15 @@ def test_batchnorm_reset_is_offered_only_for_a_model_a_with_batchnorm(app, sampl
     assert not page_errors(at)
     assert RESET_BN in at.multiselect(key="mc_methods").options
     assert not any("is left out" in c.value for c in at.caption)
+
+
+def test_models_near_chance_on_the_dataset_are_flagged(page):
+    from workbench import load_dataset
+
+    page.session_state["dataset"] = load_dataset("blobs")  # 64 features like the digits, but other labels
+    at = page.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    assert any("near or below chance (20%)" in shown(w.value) and "Choose the dataset the models were trained for" in w.value
+               for w in at.warning)
+    page.session_state["dataset"] = None
