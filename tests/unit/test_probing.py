@@ -441,3 +441,12 @@ def test_layers_of_two_architectures_in_another_order_get_an_axis_stretch_each()
     assert list(fig.layout.xaxis.categoryarray) == ["cnn · relu1", "cnn · fc1", "cnn · out", "mlp · fc1", "mlp · relu1", "mlp · out"]
     same = probe_profile(mlp, mlp, names=["a", "b"])  # orders agree: one shared axis
     assert list(same.data[0].x) == ["fc1", "relu1", "out"] and list(same.layout.xaxis.categoryarray) == ["fc1", "relu1", "out"]
+
+
+def test_each_probe_records_the_regularisation_it_was_fitted_with():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    x = rng.normal(size=(60, 3)) + y[:, None]
+    assert probe_layers({"l": x}, y, cv=3, control=False, c=0.5).params["c"] == 0.5
+    mlp = probe_layers({"l": x}, y, cv=3, control=False, probe="mlp")
+    assert "c" not in mlp.params and mlp.params["weight_decay"] == probing.MLP_WEIGHT_DECAY

@@ -453,7 +453,7 @@ def _probe(
         "probe": probe,
         "cv": cv,
         "control": bool(control),
-        "c": c,
+        **({"c": c} if probe == "linear" else {"weight_decay": MLP_WEIGHT_DECAY}),  # what the probe was fitted with
         "control_types": "groups" if groups is not None else "samples",
         **(extra_params or {}),
     }
