@@ -53,8 +53,13 @@ def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
     rows = dict(summary_rows(summary))
     assert rows["barriers / naive / test / barrier (linear)"] == f"{naive.linear['test']:.4g}"
     text = build_report([Section("Mode connectivity", result, summary=summary)], title="t").save(tmp_path, ("html",))["html"].read_text()
-    assert "Key numbers" in text and "barriers / weight_matching / test / accuracy drop" in text
-    assert f"{naive.linear['test']:.4g}" in text
+    assert "Key numbers: barriers" in text and "<th>accuracy drop</th>" in text  # method / split rows, a column per number
+    assert "<td>weight_matching / test</td>" in text and f"<td>{naive.linear['test']:.4g}</td>" in text
+    from workbench.report.build import summary_tables
+
+    tables = summary_tables({"n": 3, "per layer": {"m": {"fc1": {"mean": 0.5, "dead": 2}, "fc2": {"mean": 1.0}}}})
+    assert tables[0] == ("", [], [["n", "3"]])
+    assert tables[1] == ("per layer", ["mean", "dead"], [["m / fc1", "0.5", "2"], ["m / fc2", "1", ""]])
     assert summarize([object()]) == {}  # kinds without a summary are left out
     stats = activation_stats(extract(a, digits_test, ["fc1"]))
     twice = build_report([Section("Twice", [stats, stats])], title="t").to_html()

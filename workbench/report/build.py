@@ -64,6 +64,32 @@ def summary_rows(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str
     return rows
 
 
+def _leaves(value: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(value, Mapping):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, (*path, str(k)))]
+    return [(path, value)]
+
+
+def summary_tables(summary: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """A section's headline numbers as tables ``(caption, column names, rows)``: a group whose numbers sit two or
+    more levels down (model / layer / statistic, method / split / barrier) becomes a table with a row per path and a
+    column per statistic; single numbers and one-level groups stay (name, value) rows of a first table."""
+    plain: list[list[str]] = []
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    for key, value in summary.items():
+        leaves = _leaves(value) if isinstance(value, Mapping) else []
+        if not leaves or len({len(path) for path, _ in leaves}) != 1 or len(leaves[0][0]) < 2:
+            plain += [[name, text] for name, text in summary_rows({key: value})]
+            continue
+        columns = list(dict.fromkeys(path[-1] for path, _ in leaves))
+        records: dict[tuple[str, ...], dict[str, str]] = {}
+        for path, leaf in leaves:
+            records.setdefault(path[:-1], {})[path[-1]] = _format_value(leaf)
+        rows = [[" / ".join(rec), *(cells.get(c, "") for c in columns)] for rec, cells in records.items()]
+        tables.append((str(key), columns, rows))
+    return ([("", [], plain)] if plain else []) + tables
+
+
 @dataclass
 class Section:
     """One analysis in a report: its title, result, figures and the code that recreates it."""
@@ -189,7 +215,7 @@ class Report:
                     params.append(line)
             sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet,
                              "notes": s.notes, "models": record["models"], "dataset": record["dataset"],
-                             "summary": summary_rows(record["summary"])})
+                             "summary": summary_tables(record["summary"])})
         return env.get_template("report.html.j2").render(
             title=self.title, header=self.header, sections=sections, plotlyjs=get_plotlyjs(),
             header_json=html.escape(json.dumps(self.header, indent=2)),
