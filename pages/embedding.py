@@ -11,6 +11,15 @@ from workbench.plots.embedding import embedding_scatter, intrinsic_dimension_pro
 _state.in_app_shell()
 
 SELECTION = "emb_selection"
+
+
+def clear_selection() -> None:
+    """Forget the selected samples and the typed indices (before the widgets are drawn again)."""
+    st.session_state[SELECTION] = []
+    st.session_state["emb_select_text"] = ""
+    st.session_state.pop("emb_typed_last", None)
+
+
 SELECT_MODES = ("points", "box", "lasso")
 
 st.title("Embedding")
@@ -111,9 +120,7 @@ if selection:
     label = f"Download the {len(selection)} selected indices (CSV)"
     csv = "\n".join(rows) + "\n"
     s1.download_button(label, csv, file_name="selected_samples.csv", mime="text/csv", key="emb_download")
-    if s2.button("Clear selection", key="emb_clear"):
-        st.session_state[SELECTION] = []
-        st.rerun()
+    s2.button("Clear selection", key="emb_clear", on_click=clear_selection)
 
 st.subheader("Intrinsic dimension across layers")
 id_method = st.radio("Estimator", ID_METHODS, horizontal=True, key="emb_id_method", persist_state="session", help=HELP["id"])

@@ -45,7 +45,9 @@ def test_selection_by_index_highlights_both_views_and_downloads(app):
     buttons = at.get("download_button")
     assert len(buttons) == 1 and "11 selected indices" in buttons[0].proto.label
     at.button(key="emb_clear").click().run()
-    assert not at.get("download_button")
+    assert not at.get("download_button") and at.text_input(key="emb_select_text").value == ""
+    at.text_input(key="emb_select_text").input("0-9, 42").run()  # the same text again selects again
+    assert at.session_state["emb_selection"] == [*range(10), 42]
 
 
 def test_two_layers_of_one_model_coloured_by_distance(app):
