@@ -128,21 +128,34 @@ def _activation_stats_summary(results: Any) -> dict[str, Any]:
             for m, r in zip(labels, results)}
 
 
-def _similarity(ctx: Context, measure: str = "linear_cka", **options: Any) -> Any:
-    from workbench.analyses.similarity import similarity_matrix
+def _similarity(ctx: Context, measure: str = "linear_cka", chance: bool = True, **options: Any) -> Any:
+    """The matrix, and with ``chance`` its chance level (the same measure with B's samples shuffled) to read it against."""
+    from workbench.analyses._validation import check_bool
+    from workbench.analyses.similarity import chance_level, similarity_matrix
 
+    chance = check_bool(chance, "chance", func="similarity")
     acts_a = ctx.activations("a")  # model A first, so that a layer missing from both is reported for A
     acts_b = ctx.activations("b") if ctx.model_b is not None else None
-    return similarity_matrix(acts_a, acts_b, measure=measure, device=ctx.device, **options)
+    result = similarity_matrix(acts_a, acts_b, measure=measure, device=ctx.device, **options)
+    if not chance:
+        return result
+    return [result, chance_level(acts_a, acts_b, measure=measure, device=ctx.device, **options)]
 
 
 def _similarity_plot(result: Any) -> list[go.Figure]:
     from workbench.plots.similarity import similarity_heatmap
 
-    return [similarity_heatmap(result)]
+    return [similarity_heatmap(r) for r in (result if isinstance(result, list) else [result])]
 
 
 def _similarity_summary(result: Any) -> dict[str, Any]:
+    if isinstance(result, list):  # the matrix and its chance level
+        out = _similarity_summary(result[0])
+        values = np.asarray(result[1].values)
+        values = values[np.isfinite(values)]
+        out["chance level (B's samples shuffled)"] = {"min": float(values.min()), "median": float(np.median(values)),
+                                                      "max": float(values.max())}
+        return out
     values = np.asarray(result.values)
     out: dict[str, Any] = {"measure": result.measure, "estimator": result.estimator}
     defined = values[np.isfinite(values)]
@@ -430,7 +443,7 @@ ANALYSES: list[Analysis] = [
     Analysis("similarity", "Representational similarity (layer x layer)", "two_models", _similarity, _similarity_plot,
              _similarity_summary,
              {"measure": "linear_cka", "debiased": False, "sigma": 0.8, "angular": False, "kind": "svcca",
-              "variance": 0.99, "rdm": "correlation", "compare": "spearman"},
+              "variance": 0.99, "rdm": "correlation", "compare": "spearman", "chance": True},
              "CKA (linear, RBF, debiased), Procrustes, CCA, RSA between every pair of layers", "pages/compare.py"),
     Analysis("relative", "Relative representations: cross-model agreement", "two_models", _relative, _relative_plot,
              _relative_summary, {"n_anchors": 64, "method": "random", "k": 10, "seed": 0},

@@ -94,3 +94,16 @@ def test_recreate_snippet_of_uploaded_files_is_valid_python(sample_model_path, d
     assert "model_a = load_model('model.safetensors')  # the uploaded file, weights sha256" in section.snippet
     assert f"model_b = load_model('weights.pt', architecture={json.dumps(spec)})" in section.snippet
     assert "dataset = load_dataset('mine.npz')  # the file, sha256" in section.snippet
+
+
+def test_similarity_is_reported_with_its_chance_level(sample_model, digits_test):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    section = registry.run_analysis("similarity", model_a=a, model_b=b, dataset=digits_test, layers=["fc1", "out"])
+    matrix, shuffled = section.result
+    assert shuffled.values.max() < 0.5 < matrix.values.min()  # trained layers far above unrelated samples
+    assert "B's samples in a random order" in shuffled.estimator and len(section.figures) == 2
+    chance = section.summary["chance level (B's samples shuffled)"]
+    assert chance["max"] == pytest.approx(float(shuffled.values.max()))
+    alone = registry.run_analysis("similarity", model_a=a, model_b=b, dataset=digits_test, layers=["fc1"],
+                                  params={"chance": False})
+    assert not isinstance(alone.result, list) and "chance level (B's samples shuffled)" not in alone.summary
