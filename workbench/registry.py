@@ -506,7 +506,8 @@ def dataset_expression(d: Dataset) -> str:
     """Python that loads ``d`` again (a comment with its hash when it came from an upload)."""
     info = d.info
     if d.name.startswith("blobs") and "separation" in info:
-        return f"load_dataset('blobs', separation={info['separation']!r}, seed={info['seed']!r})"
+        options = ", ".join(f"{k}={info[k]!r}" for k in ("separation", "n_samples", "n_features", "n_classes", "seed") if k in info)
+        return f"load_dataset('blobs', {options})"
     if "split" in info:
         return f"load_dataset({d.name.split(' ')[0]!r}, split={info['split']!r})"
     if info.get("file"):
@@ -558,8 +559,10 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
                   pooling=pooling, device=device, progress=progress)
     result = entry.compute(ctx, **merged)
     figures = entry.plot(result)
-    if "a" in ctx._acts:
+    if "a" in ctx._acts:  # the layers the defaults gave, so that the snippet asks each model for its own
         ctx.layers_a = ctx._acts["a"].layers
+    if "b" in ctx._acts and ctx._acts["b"].layers != ctx.layers_a:
+        ctx.layers_b = ctx._acts["b"].layers
     return Section(entry.title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result),
                    models=ctx.models(), dataset=dataset)
 

@@ -107,3 +107,18 @@ def test_similarity_is_reported_with_its_chance_level(sample_model, digits_test)
     alone = registry.run_analysis("similarity", model_a=a, model_b=b, dataset=digits_test, layers=["fc1"],
                                   params={"chance": False})
     assert not isinstance(alone.result, list) and "chance level (B's samples shuffled)" not in alone.summary
+
+
+def test_recreate_snippet_asks_each_model_for_its_own_default_layers_and_keeps_blobs_options(sample_model, digits_test):
+    from workbench import load_dataset
+
+    section = registry.run_analysis("similarity", model_a=sample_model("mlp_narrow_seed0"), model_b=sample_model("cnn_seed0"),
+                                    dataset=digits_test, params={"chance": False})
+    assert "layers_b=[" in section.snippet
+    namespace: dict = {}
+    exec(section.snippet, namespace)  # noqa: S102 - the snippet the report shows must run as written
+    np.testing.assert_allclose(namespace["section"].result.values, section.result.values)
+    blobs = load_dataset("blobs", separation=2.0, n_samples=300, n_classes=3, seed=4)
+    expression = registry.dataset_expression(blobs)
+    assert expression == "load_dataset('blobs', separation=2.0, n_samples=300, n_features=64, n_classes=3, seed=4)"
+    assert eval(expression, {"load_dataset": load_dataset}).sha256 == blobs.sha256  # noqa: S307

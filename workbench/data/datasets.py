@@ -283,7 +283,8 @@ def blobs(separation: float = 3.0, *, n_samples: int = 1000, n_features: int = 6
     x = centres[y] + rng.standard_normal((n_samples, n_features))
     return make_dataset(f"blobs (sep={separation:g}, seed={seed})", x.astype(np.float32), y,
                         class_names=tuple(f"class {i}" for i in range(n_classes)),
-                        description="isotropic Gaussian classes", info={"separation": separation, "seed": seed})
+                        description="isotropic Gaussian classes", info={"separation": separation, "seed": seed, "n_samples": n_samples,
+                              "n_features": n_features, "n_classes": n_classes})
 
 
 def load_dataset(source: str | Path | bytes, *, split: str | None = None, filename: str | None = None,
