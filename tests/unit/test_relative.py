@@ -331,3 +331,13 @@ def test_relative_figures_name_the_classes():
     assert [t.name for t in scatter.data[:3]] == ["class cat", "class dog", "class eel"]
     assert list(class_agreement_bars(detail.agreement, class_names=names).data[0].x) == list(names)
     assert [t.name for t in relative_scatter(detail).data[:3]] == ["class 0", "class 1", "class 2"]
+
+
+def test_a_sample_tied_with_every_row_does_not_get_the_best_rank():
+    from workbench.analyses.relative import _retrieval
+
+    rng = np.random.default_rng(0)
+    a, b = torch.from_numpy(rng.normal(size=(40, 5))), torch.from_numpy(rng.normal(size=(40, 5)))
+    a[:10] = 0.0  # all-zero rows: cosine 0 with every row of B
+    _, reciprocal, _ = _retrieval(a, b, 5)
+    np.testing.assert_allclose(reciprocal[:10].numpy(), 1 / (1 + 39 / 2))  # the middle of 40 tied ranks

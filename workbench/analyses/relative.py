@@ -326,7 +326,8 @@ def relative_representation(
 
 
 def _retrieval(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample Jaccard@k, reciprocal rank and cosine of A queried against B (cosine similarity)."""
+    """Per-sample Jaccard@k, reciprocal rank and cosine of A queried against B (cosine similarity). Rows tied
+    with a sample's own row share the middle rank (an all-zero row, tied with every row, ranks like a random guess)."""
     an, bn = _normalise_rows(a), _normalise_rows(b)
     n = a.shape[0]
     jaccard = torch.empty(n, dtype=a.dtype, device=a.device)
@@ -340,7 +341,9 @@ def _retrieval(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, 
         inter = (top_ab[:, :, None] == top_bb[:, None, :]).sum((1, 2)).to(a.dtype)
         jaccard[s:e] = inter / (2 * k - inter)
         own = s_ab[torch.arange(e - s, device=a.device), torch.arange(s, e, device=a.device)]
-        reciprocal[s:e] = 1.0 / (1.0 + (s_ab > own[:, None]).sum(1).to(a.dtype))
+        above = (s_ab > own[:, None]).sum(1).to(a.dtype)
+        tied = (s_ab == own[:, None]).sum(1).to(a.dtype) - 1.0  # other rows exactly as close as the sample's own
+        reciprocal[s:e] = 1.0 / (1.0 + above + tied / 2.0)  # a tie takes the middle rank, not the best
     cosine = (an * bn).sum(1)
     return jaccard, reciprocal, cosine
 
