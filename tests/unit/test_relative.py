@@ -171,7 +171,7 @@ def test_zero_shot_stitching_between_mlps_from_different_seeds(mlp_activations, 
     assert np.diag(result.absolute_accuracy).min() > 0.9  # absolute heads work on their own model...
     assert max(result.absolute_accuracy[1, 0], result.absolute_accuracy[0, 1]) < 0.3  # ...but not across models
     assert result.chance_accuracy == pytest.approx(0.1, abs=0.01)
-    assert result.n_samples == 450 and result.n_train == 1347 and result.anchors.shape == (64,)
+    assert result.n_samples == 450 and result.n_train == 1347 - 64 and result.anchors.shape == (64,)
     from workbench.plots.similarity import stitching_bars
 
     fig = stitching_bars(result, name_a="s0", name_b="s1")
@@ -341,3 +341,15 @@ def test_a_sample_tied_with_every_row_does_not_get_the_best_rank():
     a[:10] = 0.0  # all-zero rows: cosine 0 with every row of B
     _, reciprocal, _ = _retrieval(a, b, 5)
     np.testing.assert_allclose(reciprocal[:10].numpy(), 1 / (1 + 39 / 2))  # the middle of 40 tied ranks
+
+
+def test_a_random_encoder_stitches_at_chance(sample_model, digits_train, digits_test):
+    from workbench import extract
+
+    model = sample_model("mlp_narrow_seed0")
+    tr, te = extract(model, digits_train, ["relu2"])["relu2"], extract(model, digits_test, ["relu2"])["relu2"]
+    rng = np.random.default_rng(0)
+    noise_tr, noise_te = rng.standard_normal((tr.shape[0], 64)), rng.standard_normal((te.shape[0], 64))
+    result = stitch(tr, noise_tr, te, noise_te, digits_train.y, digits_test.y, n_anchors=256, epochs=60)
+    assert result.relative_accuracy[0, 0] > 0.9  # A on its own head
+    assert result.relative_accuracy[0, 1] < result.chance_accuracy + 0.08  # A on the head of noise: chance

@@ -136,7 +136,8 @@ class StitchingResult(RecordedResult):
     zero-shot stitched accuracies. ``absolute_accuracy``: the same with heads on the raw activations
     (None when the widths differ). ``own_accuracy``: each model's own output layer, shape ``(2,)``
     (None when no logits were given). ``chance_accuracy``: frequency of the most common test class.
-    ``anchors``: indices of the anchor samples within the training samples.
+    ``anchors``: indices of the anchor samples within the training samples; ``n_train``: the training
+    samples the heads learned from (the others, or all when every training sample is an anchor).
     """
 
     relative_accuracy: np.ndarray
@@ -726,7 +727,8 @@ def stitch(
     """Zero-shot stitching through relative representations (Moschella et al. 2023, Sec. 5).
 
     Anchors are ``n_anchors`` training samples (chosen in A's space), the same samples in both models.
-    A classification head is trained on each model's relative representation of the training samples
+    A classification head is trained on each model's relative representation of the other training samples
+    (an anchor's own column would tell its class in any space: a random encoder then stitches above chance)
     and then applied, without any further training, to the other model's relative representation of
     the test samples: the encoder of one model is stitched to the head of the other. The same is done
     with heads on the raw activations ("absolute stitching", possible only when the widths match),
@@ -794,15 +796,21 @@ def stitch(
     n_anchors = check_int(n_anchors, "n_anchors", func=func, low=1, high=int(tr_a.shape[0]))
 
     anchors = _select_anchors(tr_a, n_anchors, method, seed)
-    rel_train = [_relative(tr_a, tr_a[anchors], center, func), _relative(tr_b, tr_b[anchors], center, func)]
+    # the heads learn from the training rows that are not anchors: an anchor's relative representation has a
+    # cosine of 1 in its own column in any space, so a head trained on it would learn "column j -> class of
+    # anchor j", which even a random encoder reproduces
+    fit = torch.ones(tr_a.shape[0], dtype=torch.bool, device=dev)
+    fit[anchors] = False
+    fit = fit if bool(fit.any()) else ~fit
+    rel_train = [_relative(tr_a[fit], tr_a[anchors], center, func), _relative(tr_b[fit], tr_b[anchors], center, func)]
     rel_test = [_relative(te_a, tr_a[anchors], center, func), _relative(te_b, tr_b[anchors], center, func)]
 
     def cross(train: list[torch.Tensor], test: list[torch.Tensor]) -> np.ndarray:
-        heads = [_train_head(t, y_tr, n_classes, head, epochs, seed) for t in train]
+        heads = [_train_head(t, y_tr[fit], n_classes, head, epochs, seed) for t in train]
         return np.array([[_accuracy(h, test[e], y_te) for h in heads] for e in range(2)])
 
     relative_acc = cross(rel_train, rel_test)
-    absolute_acc = cross([tr_a, tr_b], [te_a, te_b]) if tr_a.shape[1] == tr_b.shape[1] else None
+    absolute_acc = cross([tr_a[fit], tr_b[fit]], [te_a, te_b]) if tr_a.shape[1] == tr_b.shape[1] else None
     own = None
     if logits_a is not None:
         own_list = []
@@ -818,7 +826,7 @@ def stitch(
         own_accuracy=own,
         chance_accuracy=chance,
         anchors=anchors.cpu().numpy().astype(np.int64),
-        n_train=int(tr_a.shape[0]),
+        n_train=int(fit.sum()),
         head=head,
         estimator=f"test accuracy of {head} heads (LayerNorm + {'linear' if head == 'linear' else 'MLP'}, {epochs} full-batch "
         f"Adam steps) on relative representations ({n_anchors} {method} training anchors{', centred' if center else ''})",
