@@ -29,9 +29,15 @@ from workbench.activations.extract import (
     extract,
 )
 from workbench.activations.types import Activations
-from workbench.analyses._validation import check_choice, check_int, check_progress, check_same_dataset
+from workbench.analyses._validation import (
+    check_choice,
+    check_int,
+    check_layer_names,
+    check_progress,
+    check_same_dataset,
+)
 from workbench.data.datasets import Dataset
-from workbench.errors import ParameterError, UnsupportedFormatError
+from workbench.errors import DataError, ParameterError, UnsupportedFormatError
 from workbench.models.loading import LoadedModel, as_loaded_model
 
 ENGINES = ("ray", "local")
@@ -125,6 +131,17 @@ def _similarity_rows(rows: dict[str, np.ndarray], columns: dict[str, np.ndarray]
     return similarity_matrix(rows, None if same else columns, **options)
 
 
+def _layer_list(acts: Mapping[str, Any], layers: Any, name: str, arg: str, func: str) -> list[str]:
+    """The layers to use (all of ``acts`` when None), checked as :func:`similarity_matrix` checks them."""
+    if not len(acts):
+        raise DataError(f"{func}: '{arg}' holds no layers; pass the activations of at least one layer.")
+    if layers is None:
+        return list(acts)
+    if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
+        raise ParameterError(f"The '{name}' parameter of {func} must be a non-empty list of layer names. Got {layers!r}.")
+    return check_layer_names(acts, list(layers), func=func, arg=arg)
+
+
 def similarity_matrix_sharded(
     acts_a: Mapping[str, Any],
     acts_b: Mapping[str, Any] | None = None,
@@ -146,9 +163,9 @@ def similarity_matrix_sharded(
     if acts_b is not None:
         check_same_dataset(acts_a, acts_b, func=func)
     started = time.perf_counter()
-    layers_a: Sequence[str] = list(options.pop("layers_a", None) or list(acts_a))
     columns_source = acts_a if acts_b is None else acts_b
-    layers_b: Sequence[str] = list(options.pop("layers_b", None) or list(columns_source))
+    layers_a = _layer_list(acts_a, options.pop("layers_a", None), "layers_a", "acts_a", func)
+    layers_b = _layer_list(columns_source, options.pop("layers_b", None), "layers_b", "acts_a" if acts_b is None else "acts_b", func)
     columns = {name: np.asarray(columns_source[name]) for name in layers_b}
     groups = [list(g) for g in np.array_split(np.array(layers_a, dtype=object), min(n_tasks, len(layers_a))) if len(g)]
     calls = [({name: np.asarray(acts_a[name]) for name in g}, columns, False, options) for g in groups]

@@ -77,3 +77,17 @@ def test_bad_engine_and_missing_ray(sample_model, digits_test, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(UnsupportedFormatError, match=r"needs the optional Ray package: pip install 'representation-workbench\[distributed\]'"):
         similarity_matrix_sharded({"x": np.eye(5)}, engine="ray")
+
+
+def test_sharded_similarity_checks_its_arguments_like_the_single_process_one():
+    from workbench.errors import DataError, UnknownLayerError
+
+    acts = {"a": np.random.default_rng(0).normal(size=(20, 3)), "b": np.random.default_rng(1).normal(size=(20, 4))}
+    with pytest.raises(ParameterError, match=r"The 'layers_a' parameter of similarity_matrix_sharded must be a non-empty list"):
+        similarity_matrix_sharded(acts, layers_a="a", engine="local")
+    with pytest.raises(ParameterError, match=r"must be a non-empty list of layer names\. Got \[\]"):
+        similarity_matrix_sharded(acts, layers_a=[], engine="local")
+    with pytest.raises(UnknownLayerError, match=r"unknown layer 'nope' in 'acts_a'\. Layers: a, b\."):
+        similarity_matrix_sharded(acts, layers_a=["nope"], engine="local")
+    with pytest.raises(DataError, match=r"'acts_a' holds no layers"):
+        similarity_matrix_sharded({}, engine="local")
