@@ -113,7 +113,7 @@ if chance is not None:
     )
 title = f"{measure_label(measure)}: {result.model_a} vs {result.model_b}"
 _state.report_button(title, result, [heatmap], key="cmp_report", analysis="similarity",
-                     params={"measure": measure, **options}, layers=layers_a, layers_b=layers_b, pooling=pooling)
+                     params={"measure": measure, **options, "chance": False}, layers=layers_a, layers_b=layers_b, pooling=pooling)
 
 # the detail panel follows a click on the heatmap, or the two selectors below
 points = list(event.selection.points) if event and event.selection else []
