@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -344,6 +345,20 @@ def test_huggingface_folder_with_pickled_weights_refused(tiny_hf_folder, tmp_pat
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(UnsafeFileError, match=r"has no \.safetensors weights, and pickled weights can run code"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["/etc/model.safetensors", "../outside.safetensors", "pytorch_model.bin", "missing.safetensors"])
+def test_a_weight_index_that_reads_outside_the_folder_or_pickles_is_refused(tiny_hf_folder, tmp_path, shard):
+    import json as _json
+    import shutil
+
+    folder, _ = tiny_hf_folder
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(UnsafeFileError, match=rf"'model\.safetensors\.index\.json' in folder 'copy' reads weights from "
+                                              rf"'{re.escape(shard)}', which is not a \.safetensors file in the folder"):
+        load_model(copy)
 
 
 def test_every_error_is_a_value_error():

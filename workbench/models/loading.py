@@ -678,6 +678,24 @@ def _load_code_archive(data: bytes, label: str, name: str, kind: str, spec: dict
     return wrap_module(module, name=name, architecture=spec, source_format=f"{kind} (trusted)")
 
 
+def _check_weight_indexes(folder: Path) -> None:
+    """A sharded checkpoint's index (``*.index.json``) names the files its weights are read from: each must be a
+    ``.safetensors`` file inside the folder, or the index would read files elsewhere on the machine, or pickles."""
+    for index in folder.glob("*.index.json"):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            shards = {str(v) for v in weight_map.values()}
+        except (ValueError, AttributeError, RecursionError) as exc:
+            raise CorruptFileError(f"'{index.name}' in folder '{folder.name}' is not a readable weight index ({exc}).") from exc
+        for shard in sorted(shards):
+            inside = PurePosixPath(shard).name == shard and "\\" not in shard and shard not in ("", ".", "..")
+            if not (inside and shard.endswith(".safetensors") and (folder / shard).is_file()):
+                raise UnsafeFileError(
+                    f"'{index.name}' in folder '{folder.name}' reads weights from '{shard}', which is not a .safetensors "
+                    "file in the folder; save the model with model.save_pretrained(path, safe_serialization=True)."
+                )
+
+
 def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate: bool = False) -> LoadedModel:
     if not (folder / "config.json").exists():
         raise UnsupportedFormatError(f"Folder '{folder.name}' has no config.json, so it is not a Hugging Face model folder.")
@@ -688,6 +706,8 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
             "model.save_pretrained(path, safe_serialization=True), or load it from Python with trust_remote_code=True."
         )
     trust_remote_code = trust_remote_code and not isolate  # no repository code in this process
+    if not trust_remote_code:
+        _check_weight_indexes(folder)
     if not has_safetensors and not trust_remote_code:
         raise UnsafeFileError(
             f"Folder '{folder.name}' has no .safetensors weights, and pickled weights can run code; "
