@@ -55,7 +55,12 @@ def rows_on(source: torch.Tensor, start: int, stop: int, device: torch.device, d
     rows = source[start:stop].to(device)
     if dtype is not None and rows.is_floating_point():
         rows = rows.to(dtype)
-    return rows.clone() if rows.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else rows
+    return own_memory(rows, source)
+
+
+def own_memory(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it shares memory with ``source`` (a view of it, or ``source`` itself)."""
+    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
 
 
 def float64_device(device: torch.device) -> torch.device:

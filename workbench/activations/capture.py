@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from workbench.device import own_memory
 from workbench.errors import ParameterError
 
 POOLINGS = ("mean", "flatten", "max", "cls", "last")
@@ -309,9 +310,7 @@ class PooledCapture:
                 f"Pooling '{self.rule}' applies to token sequences; layer '{name}' outputs conv maps of shape "
                 f"{tuple(out.shape[1:])} per sample. Use 'mean', 'max' or 'flatten'."
             ) from exc
-        if pooled.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-            pooled = pooled.clone()
-        return pooled
+        return own_memory(pooled, out)
 
     def _set(self, name: str, value: torch.Tensor, source: str) -> None:
         self.pooled[name] = value.float()

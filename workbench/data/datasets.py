@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from workbench.device import own_memory
 from workbench.errors import (
     CorruptFileError,
     DataError,
@@ -180,7 +181,7 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
         xt = xt.to(torch.float32)
     else:
         xt = xt.to(torch.int64)
-    xt = _owned(xt, x_in)
+    xt = own_memory(xt, x_in)
     yt = None
     if y is not None:
         y_in = yt = _to_tensor(y, "y")
@@ -200,17 +201,12 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
             yt = yt.to(torch.int64)
             if yt.numel() and int(yt.min()) < 0:
                 raise DataError(f"Class labels of dataset '{name}' must be non-negative integers; got a minimum of {int(yt.min())}.")
-        yt = _owned(yt, y_in)
+        yt = own_memory(yt, y_in)
     full, inputs = content_hashes(xt, yt)
     made = Dataset(name=name, x=xt, y=yt, sha256=full, class_names=class_names,
                    description=description, info=dict(info or {}))
     made.__dict__["inputs_sha256"] = inputs  # the cached property's value, from the same pass
     return made
-
-
-def _owned(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``t``, copied when it shares memory with ``source`` (the caller's array or tensor)."""
-    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
 
 
 def _to_tensor(value: Any, what: str) -> torch.Tensor:
