@@ -27,7 +27,7 @@ from pages._state import (
     show_error,
     trust_allowed,
 )
-from workbench.errors import FileTooLargeError, WorkbenchError
+from workbench.errors import FileTooLargeError
 
 
 def _check_size(name: str, data: bytes) -> None:
@@ -60,7 +60,7 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
     if choice != UPLOAD:
         try:
             st.session_state[slot] = load_sample_model(choice)
-        except WorkbenchError as exc:
+        except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
             show_error(exc)
         return
     upload = st.file_uploader(
@@ -83,7 +83,7 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
     try:
         _check_size(upload.name, data)
         st.session_state[slot] = load_uploaded_model(data, upload.name, arch.strip() or None, trust)
-    except WorkbenchError as exc:
+    except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
         st.session_state[slot] = None
         show_error(exc)
 
@@ -125,7 +125,7 @@ def _dataset_chooser() -> None:
                             help="Distance of the class centres in units of the within-class standard deviation.")
             options_json = json.dumps({"separation": sep})
         st.session_state[DATASET] = load_builtin_dataset(name, split, options_json)
-    except WorkbenchError as exc:
+    except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
         st.session_state[DATASET] = None
         show_error(exc)
 
@@ -154,7 +154,7 @@ def ensure_defaults() -> None:
             st.session_state[MODEL_B] = load_sample_model(DEFAULT_B)
         if DATASET not in st.session_state:
             st.session_state[DATASET] = load_builtin_dataset("digits", "test")
-    except WorkbenchError as exc:
+    except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
         show_error(exc)
 
 

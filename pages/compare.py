@@ -103,6 +103,8 @@ if st.checkbox("Chance level (B's samples shuffled)", value=True, key="cmp_chanc
             chance = _state.cached_call(chance_level, acts_a, other, measure=measure, progress=progress, **options)
     except WorkbenchError as exc:
         st.caption(_state.plain(f"No chance level: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
+        _state.show_error(exc)
 if chance is not None:
     low, high, mid = (float(f(chance.values)) for f in (np.nanmin, np.nanmax, np.nanmedian))  # n/a cells are NaN
     st.caption(

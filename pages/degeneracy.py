@@ -6,7 +6,7 @@ import streamlit as st
 
 from pages import _state
 from workbench.analyses import degeneracy as dg
-from workbench.errors import ArchitectureError, WorkbenchError
+from workbench.errors import ArchitectureError
 from workbench.plots import degeneracy as plots
 
 _state.in_app_shell()
@@ -58,7 +58,7 @@ for col, model, slot in zip(st.columns(len(models)), models, _state.slots(models
         try:  # a model this page cannot analyse is named in its column; the other one is still analysed
             options = _state.cached_call(dg.sequential_layers, model)
             default = _state.cached_call(dg.default_layers, model, dataset)
-        except WorkbenchError as exc:
+        except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
             _state.show_error(exc)
             continue
         usable.append((model, slot))

@@ -257,3 +257,20 @@ def test_page_settings_are_kept_while_the_user_visits_another_page(app):
     assert not page_errors(at)
     assert at.checkbox(key="rel_center").value is True
     assert at.selectbox(key="rel_pooling").value == "max"
+
+
+def test_a_loader_failing_unexpectedly_shows_a_sentence_not_a_traceback(app, monkeypatch):
+    import workbench as wb
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("unexpected failure inside the reader")
+
+    at = app.run()  # the bundled defaults load first
+    monkeypatch.setattr(wb, "load_model", failing)
+    monkeypatch.setattr(wb, "load_dataset", failing)
+    at = _upload(at, "model_a", "odd-model.pt", b"bytes seen by no other test")
+    assert any("failed unexpectedly (RuntimeError: unexpected failure inside the reader)" in e for e in page_errors(at))
+    at.selectbox(key="dataset_choice").set_value("Upload a file…").run()
+    at.file_uploader(key="dataset_upload").upload("odd-data.npz", b"other bytes seen by no other test", "application/octet-stream").run()
+    assert sum("unexpected failure inside the reader" in e for e in page_errors(at)) == 2
+    assert not at.exception
