@@ -344,6 +344,7 @@ def test_mode_connectivity_of_the_narrow_pair(sample_model, digits_test):
     json.dumps(result.to_dict())
     arrays = result.arrays()
     assert "curves/naive/loss/test" in arrays and "layers/distance_after" in arrays
+    assert "weight_matching/permutations/" + next(iter(result.weight_matching.permutations)) in arrays
     assert all(torch.equal(before_a[k], v) for k, v in a.module.state_dict().items())
     assert all(torch.equal(before_b[k], v) for k, v in b.module.state_dict().items())
     again = mode_connectivity(a, b, digits_test, n_points=5, methods=["weight_matching"])

@@ -111,6 +111,9 @@ def test_rotated_space_agrees_in_relative_but_not_in_absolute_coordinates():
     assert agreement.classes.tolist() == [0, 1, 2, 3] and agreement.class_jaccard.shape == (4,)
     assert result.relative_a.shape == (200, 30) and result.anchors.shape == (30,)
     json.dumps(result.to_dict())
+    arrays = result.arrays()  # the nested agreement is exported with the comparison
+    np.testing.assert_array_equal(arrays["agreement/jaccard"], agreement.jaccard)
+    assert "relative_a" in arrays and "agreement/class_jaccard" in arrays
 
 
 def test_absolute_agreement_is_none_when_widths_differ():

@@ -86,15 +86,21 @@ class Result:
         return out
 
     def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        """Every numeric numpy array field (also inside dicts), keyed ``prefix + field[/key]``."""
+        """Every numeric numpy array field, also inside dicts, lists and nested results, keyed
+        ``prefix + field[/key or index][/nested field]``."""
         found: dict[str, np.ndarray] = {}
 
         def visit(key: str, value: Any) -> None:
             if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
                 found[key] = value
+            elif isinstance(value, Result):
+                found.update(value.arrays(prefix=f"{key}/"))
             elif isinstance(value, dict):
                 for k, v in value.items():
                     visit(f"{key}/{k}", v)
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    visit(f"{key}/{i}", v)
 
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             visit(prefix + f.name, getattr(self, f.name))

@@ -238,16 +238,6 @@ class ModeConnectivityResult(RecordedResult):
     weight_matching: WeightMatchingResult
     activation_matching: ActivationMatchingResult | None
 
-    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        """Numeric arrays of this result and of the nested results, keyed by path."""
-        found = super().arrays(prefix)
-        for method, curve in self.curves.items():
-            found.update(curve.arrays(f"{prefix}curves/{method}/"))
-        found.update(self.layers.arrays(f"{prefix}layers/"))
-        found.update(self.weight_matching.arrays(f"{prefix}weight_matching/"))
-        if self.activation_matching is not None:
-            found.update(self.activation_matching.arrays(f"{prefix}activation_matching/"))
-        return found
 
 
 # ---------------------------------------------------------------------------------------------
