@@ -126,9 +126,12 @@ def extract_sharded(
 
 
 def _similarity_rows(rows: dict[str, np.ndarray], columns: dict[str, np.ndarray], same: bool, options: dict[str, Any]):
-    from workbench.analyses.similarity import similarity_matrix
+    from workbench.analyses.similarity import UndefinedPairError, similarity_matrix
 
-    return similarity_matrix(rows, None if same else columns, **options)
+    try:
+        return similarity_matrix(rows, None if same else columns, **options)
+    except UndefinedPairError as exc:  # every CCA pair of these rows is undefined: NaN cells, unless all rows are
+        return exc
 
 
 def _layer_list(acts: Mapping[str, Any], layers: Any, name: str, arg: str, func: str) -> list[str]:
@@ -167,21 +170,60 @@ def similarity_matrix_sharded(
     layers_a = _layer_list(acts_a, options.pop("layers_a", None), "layers_a", "acts_a", func)
     layers_b = _layer_list(columns_source, options.pop("layers_b", None), "layers_b", "acts_a" if acts_b is None else "acts_b", func)
     columns = {name: np.asarray(columns_source[name]) for name in layers_b}
-    groups = [list(g) for g in np.array_split(np.array(layers_a, dtype=object), min(n_tasks, len(layers_a))) if len(g)]
+    measure, kind = options.get("measure", "linear_cka"), options.get("kind", "svcca")
+    symmetric = acts_b is None and layers_a == layers_b and not (measure == "cca_similarity" and kind == "pwcca")
+    widths = [np.shape(acts_a[name])[1] for name in layers_a] + ([] if symmetric else [w.shape[1] for w in columns.values()])
+    needed_mb = np.shape(acts_a[layers_a[0]])[0] * sum(widths) * 8 / 2**20
+    streamed = measure == "linear_cka" and needed_mb > options.get("memory_limit_mb", 4096.0)
+    # a streamed matrix reads every layer in each chunk of samples, and its chunk size depends on all the layers: one task
+    groups = [list(layers_a)] if streamed else [
+        list(g) for g in np.array_split(np.array(layers_a, dtype=object), min(n_tasks, len(layers_a))) if len(g)]
     calls = [({name: np.asarray(acts_a[name]) for name in g}, columns, False, options) for g in groups]
     if engine == "ray":
         ray = _ray()
         shared = ray.put(columns)
         calls = [(rows, shared, False, options) for rows, _, _, _ in calls]
     parts = _run(engine, _similarity_rows, calls, progress)
-    first = parts[0]
+    return _merge_rows(parts, groups, layers_a, layers_b, acts_a, columns_source, acts_b is None, symmetric, engine, kind,
+                       time.perf_counter() - started)
+
+
+def _merge_rows(parts: list[Any], groups: list[list[str]], layers_a: list[str], layers_b: list[str], acts_a: Mapping[str, Any],
+                columns_source: Mapping[str, Any], same: bool, symmetric: bool, engine: str, kind: str, seconds: float):
+    """One matrix from the row blocks of the tasks: a block whose CCA pairs are all undefined becomes NaN cells, and the
+    undefined pairs are listed as the single-process matrix lists them (one triangle when it is symmetric)."""
+    from workbench.analyses.similarity import UndefinedPairError, undefined_pairs_note
+
+    done = [p for p in parts if not isinstance(p, UndefinedPairError)]
+    if not done:
+        raise parts[0]
+    first = done[0]
+    values, undefined = [], []
+    for group, part in zip(groups, parts):
+        if isinstance(part, UndefinedPairError):
+            values.append(np.full((len(group), len(layers_b)), np.nan))
+            undefined += [(a, b) for a in group for b in layers_b]
+        else:
+            values.append(part.values)
+            undefined += [tuple(p) for p in part.params.get("undefined_pairs", [])]
+    if symmetric:
+        undefined = [(a, b) for a, b in undefined if layers_a.index(a) <= layers_a.index(b)]
+    n_pairs = len(layers_a) * (len(layers_a) + 1) // 2 if symmetric else len(layers_a) * len(layers_b)
+    if len(undefined) == n_pairs:
+        raise next(p for p in parts if isinstance(p, UndefinedPairError))
+    params = {k: v for k, v in first.params.items() if k != "undefined_pairs"}
+    estimator = first.estimator.split("; n/a (NaN) for ")[0]
+    if undefined:
+        params["undefined_pairs"] = undefined
+        estimator = undefined_pairs_note(estimator, undefined, n_pairs, first.n_samples, kind)
     return replace(
         first,
-        values=np.concatenate([p.values for p in parts], axis=0),
+        values=np.concatenate(values, axis=0),
         layers_a=tuple(layers_a),
-        n_features_a=np.concatenate([p.n_features_a for p in parts]),
+        n_features_a=np.asarray([np.shape(acts_a[name])[1] for name in layers_a], dtype=np.int64),
         model_a=getattr(acts_a, "model_name", "") or "A",
-        model_b=getattr(columns_source, "model_name", "") or ("A" if acts_b is None else "B"),
-        estimator=f"{first.estimator}; rows over {len(parts)} {engine} task(s)",
-        seconds=time.perf_counter() - started,
+        model_b=getattr(columns_source, "model_name", "") or ("A" if same else "B"),
+        params=params,
+        estimator=f"{estimator}; rows over {len(parts)} {engine} task(s)",
+        seconds=seconds,
     )

@@ -11,7 +11,7 @@ import torch
 from workbench import extract
 from workbench.analyses.similarity import similarity_matrix
 from workbench.distributed import extract_sharded, similarity_matrix_sharded
-from workbench.errors import ParameterError, UnsupportedFormatError
+from workbench.errors import DataError, ParameterError, UnsupportedFormatError
 
 LAYERS = ["fc1", "relu1", "relu2", "out"]
 
@@ -91,3 +91,27 @@ def test_sharded_similarity_checks_its_arguments_like_the_single_process_one():
         similarity_matrix_sharded(acts, layers_a=["nope"], engine="local")
     with pytest.raises(DataError, match=r"'acts_a' holds no layers"):
         similarity_matrix_sharded({}, engine="local")
+
+
+def test_sharded_cca_with_undefined_pairs_equals_single_process():
+    rng = np.random.default_rng(0)
+    acts = {"wide1": rng.normal(size=(20, 30)), "narrow": rng.normal(size=(20, 3)), "wide2": rng.normal(size=(20, 30))}
+    options = {"measure": "cca_similarity", "kind": "mean"}
+    for other in (None, {k: v + 0.1 * rng.normal(size=v.shape) for k, v in acts.items()}):
+        single = similarity_matrix(acts, other, **options)
+        sharded = similarity_matrix_sharded(acts, other, n_tasks=3, engine="local", **options)  # wide rows: all undefined
+        np.testing.assert_allclose(sharded.values, single.values, atol=1e-12)
+        assert sharded.params["undefined_pairs"] == [tuple(p) for p in single.params["undefined_pairs"]]
+        assert sharded.estimator.startswith(single.estimator) and f"for {5 if other is None else 8} of" in sharded.estimator
+    with pytest.raises(DataError, match="span 19 \\+ 19 dimensions but 20 samples leave only 19 after centring"):
+        similarity_matrix_sharded({"wide1": acts["wide1"], "wide2": acts["wide2"]}, n_tasks=2, engine="local", **options)
+
+
+def test_sharded_minibatch_cka_runs_as_one_task_like_the_single_process_stream(sample_model, digits_test):
+    a = extract(sample_model("mlp_narrow_seed0"), digits_test, LAYERS)
+    options = {"measure": "linear_cka", "debiased": True, "memory_limit_mb": 0.05}
+    single = similarity_matrix(a, **options)
+    sharded = similarity_matrix_sharded(a, n_tasks=3, engine="local", **options)
+    assert single.params["streamed"] and sharded.params["streamed"]
+    np.testing.assert_allclose(sharded.values, single.values, atol=1e-12)
+    assert "rows over 1 local task(s)" in sharded.estimator

@@ -24,7 +24,9 @@ Defined values and errors, the same for every measure:
 * A representation whose every feature is constant over samples (an all-zero or dead layer) raises
   :class:`~workbench.errors.DataError`: every measure here is 0/0 on it.
 * NaN or infinite values, a different number of samples in ``x`` and ``y``, and fewer samples than a
-  measure needs raise :class:`~workbench.errors.DataError`. No function returns NaN.
+  measure needs raise :class:`~workbench.errors.DataError`. No function returns NaN, except for the
+  cells of :func:`similarity_matrix` where CCA of a pair of layers is undefined (listed in
+  ``params["undefined_pairs"]``; a single pair raises :class:`UndefinedPairError`).
 """
 
 from __future__ import annotations
@@ -598,11 +600,22 @@ def _cca_prep(x: torch.Tensor, name: str, func: str, kind: str, variance: float,
     return _CCABasis(u[:, :rank], xc)
 
 
+class UndefinedPairError(DataError):
+    """CCA of two layers that together span more dimensions than the samples leave after centring."""
+
+
+def undefined_pairs_note(estimator: str, pairs: Sequence[tuple[str, str]], n_pairs: int, n: int, kind: str) -> str:
+    """``estimator`` with the sentence that names the undefined (NaN) CCA cells of a matrix."""
+    return (f"{estimator}; n/a (NaN) for {len(pairs)} of {n_pairs} pairs of layers that together span more dimensions "
+            f"than {n} samples leave after centring, where some canonical correlations are 1 whatever the data (first: "
+            f"{pairs[0][0]} and {pairs[0][1]}); " + ("keep less variance for them" if kind == "svcca" else "use kind='svcca' for them"))
+
+
 def _cca_from_prep(a: _CCABasis, b: _CCABasis, kind: str, names: tuple[str, str], func: str) -> float:
     n = a.basis.shape[0]
     ra, rb = a.basis.shape[1], b.basis.shape[1]
     if ra + rb > n - 1:
-        raise DataError(
+        raise UndefinedPairError(
             f"{func}: '{names[0]}' and '{names[1]}' span {ra} + {rb} dimensions but {n} samples leave only {n - 1} after "
             "centring, so some canonical correlations are 1 whatever the data; "
             + ("keep less variance (a lower 'variance'), " if kind == "svcca" else "use kind='svcca', ")
@@ -1199,7 +1212,7 @@ def similarity_matrix(
     prepared_b = prepared_a if symmetric else prepared[len(raw_a) :]
 
     values = np.empty((len(prepared_a), len(prepared_b)))
-    undefined: list[tuple[int, int, DataError]] = []  # CCA pairs spanning more dimensions than the samples allow
+    undefined: list[tuple[int, int, UndefinedPairError]] = []  # CCA pairs spanning more dimensions than the samples allow
     for i, a in enumerate(prepared_a):
         for j, b in enumerate(prepared_b):
             if symmetric and j < i:
@@ -1207,9 +1220,7 @@ def similarity_matrix(
                 continue
             try:
                 values[i, j] = pair(a, b, names_a[i], names_b[j])
-            except DataError as exc:
-                if measure != "cca_similarity":
-                    raise
+            except UndefinedPairError as exc:
                 values[i, j] = np.nan
                 undefined.append((i, j, exc))
             step()
@@ -1217,12 +1228,8 @@ def similarity_matrix(
     if undefined:
         if len(undefined) == n_pairs:
             raise undefined[0][2]
-        layer_a, layer_b = raw_a[undefined[0][0]][0], raw_b[undefined[0][1]][0]
         params["undefined_pairs"] = [(raw_a[i][0], raw_b[j][0]) for i, j, _ in undefined]  # one triangle when symmetric
-        estimator = (f"{estimator}; n/a (NaN) for {len(params['undefined_pairs'])} of {n_pairs} pairs of layers that "
-                     f"together span more dimensions than {n} samples leave after centring, where some canonical "
-                     f"correlations are 1 whatever the data (first: {layer_a} and {layer_b}); "
-                     + ("keep less variance for them" if kind == "svcca" else "use kind='svcca' for them"))
+        estimator = undefined_pairs_note(estimator, params["undefined_pairs"], n_pairs, n, kind)
 
     return SimilarityMatrixResult(
         values=values,
