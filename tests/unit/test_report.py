@@ -55,6 +55,8 @@ def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
     text = build_report([Section("Mode connectivity", result, summary=summary)], title="t").save(tmp_path, ("html",))["html"].read_text()
     assert "Key numbers: barriers" in text and "<th>accuracy drop</th>" in text  # method / split rows, a column per number
     assert "<td>weight_matching / test</td>" in text and f"<td>{naive.linear['test']:.4g}</td>" in text
+    by_hand = build_report([("Mode connectivity", result, [])], title="t")  # a bare tuple gets the same key numbers
+    assert by_hand.sections[0].summary == summarize(result) and "Key numbers: barriers" in by_hand.to_html()
     from workbench.report.build import summary_tables
 
     tables = summary_tables({"n": 3, "per layer": {"m": {"fc1": {"mean": 0.5, "dead": 2}, "fc2": {"mean": 1.0}}}})

@@ -293,7 +293,8 @@ class Report:
 
 def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], *, title: str = "Representation analysis",
                  models: Sequence[Any] = (), dataset: Any = None, command: str = "") -> Report:
-    """Assemble a report from sections (``Section`` or ``(title, result, figures)`` tuples).
+    """Assemble a report from sections (``Section`` or ``(title, result, figures)`` tuples). A section
+    without a ``summary`` gets the key numbers of its result (:func:`workbench.registry.summarize`).
 
     The header records the models (names and weight hashes), the dataset (name, n, hash), the date,
     package versions, the device and, when given, the command that recreates the whole report.
@@ -321,6 +322,10 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
                 "workbench.plots functions return."
             )
         s.figures = list(figures)
+        if not s.summary:  # a section made by hand gets the key numbers the registry's sections carry
+            from workbench.registry import summarize
+
+            s.summary = summarize(s.result)
     described = [_describe(m) for m in models if m is not None]
     if described:
         labels = ["A", "B"] if len(described) <= 2 else [str(i + 1) for i in range(len(described))]
