@@ -78,6 +78,13 @@ def test_rbf_cka_invariant_to_rotation_and_isotropic_scaling():
     assert rbf_cka(x, y, sigma=0.2, debiased=True) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_rbf_cka_of_a_tight_cluster_far_from_the_centre_is_rotation_invariant():
+    # within-cluster distances (~1e-3) are what the median bandwidth sees; |x|^2 + |y|^2 - 2 x.y loses them (0.94)
+    rng = _rng()
+    x = np.vstack([1e5 + 1e-3 * rng.normal(size=(45, 6)), -1e5 + 1e-3 * rng.normal(size=(5, 6))])
+    assert rbf_cka(x, x @ _orthogonal(6)) == pytest.approx(1.0, abs=1e-9)
+
+
 def test_linear_invariant_to_rotation_but_rbf_not_to_non_isotropic_scaling():
     x = _rng().normal(size=(150, 5))
     scales = np.array([10.0, 1.0, 1.0, 0.1, 0.1])

@@ -263,9 +263,7 @@ def _median(values: torch.Tensor) -> float:
 
 def _rbf_stats(x: torch.Tensor, name: str, func: str, sigma: float, debiased: bool) -> _KernelStats:
     xc = _centre(x, name, func)
-    sq_norms = (xc * xc).sum(1)
-    sq = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (xc @ xc.T)).clamp_min_(0.0)
-    sq.fill_diagonal_(0.0)
+    sq = squared_distances(xc)  # exact within tight clusters and for duplicates, where the expansion loses digits
     median_sq = _median(sq)
     if median_sq <= 0.0:
         raise DataError(
