@@ -379,6 +379,19 @@ def test_separability_result_fields_and_references():
     json.dumps(res.to_dict())
 
 
+def test_thornton_index_finds_near_duplicate_neighbours_far_from_the_centre():
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(0)
+    centres = 1e5 + 1e-3 * rng.normal(size=(20, 4))  # twins 1e-6 apart, next to other pairs 1e-3 apart
+    x = np.vstack([centres, centres + 1e-6 * rng.normal(size=(20, 4)), -1e5 + rng.normal(size=(4, 4))])
+    y = np.concatenate([np.arange(20) % 2, np.arange(20) % 2, [0, 1, 0, 1]])
+    d = cdist(x, x)  # from the differences
+    np.fill_diagonal(d, np.inf)
+    expected = float(np.mean(y[d.argmin(1)] == y))
+    assert expected > 0.9 and class_separability(x, y, probe=False).thornton_index == expected  # 0.84 from |a|^2 + |b|^2 - 2ab
+
+
 def test_fisher_and_thornton_closed_forms():
     # feature 0: class means 0.5 and 4.5 around 2.5: between = 4 * 2^2 = 16, within = 4 * 0.5^2 = 1
     x = np.array([[0.0, 5.0], [1.0, 5.0], [4.0, 5.0], [5.0, 5.0]])

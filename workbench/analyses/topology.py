@@ -1048,12 +1048,11 @@ def _fisher_ratio(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> float:
 def _thornton_index(x: torch.Tensor, y: torch.Tensor, block: int = 2048) -> float:
     """Fraction of samples whose nearest other sample (Euclidean, ties to the lower index) shares its label."""
     p = x - x.mean(0, keepdim=True)
-    sq = (p * p).sum(1)
     n = p.shape[0]
     hits = 0
     for start in range(0, n, block):
         stop = min(start + block, n)
-        d2 = torch.addmm(sq[start:stop, None] + sq[None, :], p[start:stop], p.T, alpha=-2.0).clamp_min_(0)
+        d2 = squared_distances(p, start, stop)  # exact for near-duplicates, whose order decides the nearest
         d2[torch.arange(stop - start), torch.arange(start, stop)] = float("inf")
         hits += int((y[d2.argmin(1)] == y[start:stop]).sum())
     return hits / n
