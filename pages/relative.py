@@ -8,7 +8,7 @@ import streamlit as st
 
 from pages import _state
 from workbench.analyses.relative import ANCHOR_METHODS, HEADS, relative_agreement_by_layer, stitch
-from workbench.data import digits_train_for
+from workbench.data import digits_train_for, train_test_split
 from workbench.plots.similarity import layer_agreement_bars, stitching_bars
 
 _state.in_app_shell()
@@ -114,13 +114,10 @@ if not st.toggle("Run zero-shot stitching", key="rel_stitch", persist_state="ses
 
 
 def splits(data):
-    """The digits train split for training when the digits test split is shown, else a seeded 70/30 split."""
+    """The digits train split for training when the digits test split is shown, else a seeded 70/30 split,
+    stratified by class where the labels allow."""
     train = digits_train_for(data)
-    if train is not None:
-        return train, data
-    order = np.random.default_rng(0).permutation(data.n_samples)
-    cut = int(0.7 * data.n_samples)
-    return data.subset(order[:cut], f"{data.name} [70%]"), data.subset(order[cut:], f"{data.name} [30%]")
+    return (train, data) if train is not None else train_test_split(data, test_fraction=0.3, seed=0)
 
 
 def output_layer(model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.app.conftest import page_errors
+from tests.app.conftest import page_errors, shown
 from tests.app.test_page_compare import _array
 from workbench.plots._style import figure_title
 
@@ -87,3 +87,14 @@ def test_layers_of_two_architectures_are_paired_by_the_user_not_by_name(app, sam
     assert not page_errors(at)
     table = at.dataframe[0].value
     assert list(zip(table["layer of A"], table["layer of B"])) == [("relu2", "relu1"), ("relu_fc1", "relu2")]
+
+
+def test_stitching_on_a_dataset_without_a_train_split_trains_on_a_stratified_70_percent(app):
+    at = app.run()
+    at.selectbox(key="dataset_choice").set_value("blobs (synthetic)").run()
+    at.switch_page("pages/relative.py").run()
+    at.multiselect(key="rel_layers").set_value(["relu2"]).run()
+    at.slider(key="rel_epochs").set_value(20)
+    at.toggle(key="rel_stitch").set_value(True).run()
+    assert not page_errors(at)
+    assert any("Trained on 700 samples of blobs" in shown(c.value) and "[70%], tested on 300 of" in shown(c.value) for c in at.caption)

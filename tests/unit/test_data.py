@@ -254,3 +254,21 @@ def test_npz_without_x_among_several_arrays_is_refused():
     one = io.BytesIO()
     np.savez(one, features=np.zeros((4, 3)))
     assert load_dataset(one.getvalue(), filename="one.npz").n_features == 3  # a single array is the features
+
+
+def test_train_test_split_is_stratified_seeded_and_named():
+    from workbench.data import train_test_split
+
+    data = load_dataset("blobs", n_samples=1000, n_classes=5)
+    train, test = train_test_split(data, test_fraction=0.3, seed=0)
+    assert (train.n_samples, test.n_samples) == (700, 300) and (train.name, test.name) == (f"{data.name} [70%]", f"{data.name} [30%]")
+    assert torch.bincount(test.y).tolist() == [60] * 5  # each class keeps its share
+    assert torch.equal(train_test_split(data, seed=0)[1].x, test.x) and not torch.equal(train_test_split(data, seed=1)[1].x, test.x)
+    rows = {tuple(r) for r in torch.cat([train.x, test.x]).tolist()}
+    assert len(rows) == data.n_samples  # disjoint, and together the whole dataset
+    one_of_a_kind = make_dataset("odd", torch.randn(10, 2), torch.tensor([0] * 9 + [1]))
+    assert train_test_split(one_of_a_kind)[1].n_samples == 3  # a class with one sample: a plain random split
+    with pytest.raises(ParameterError, match="test_fraction must be a number between 0 and 1"):
+        train_test_split(data, test_fraction=1.0)
+    with pytest.raises(DataError, match="has 1 samples, too few to hold out 30%"):
+        train_test_split(make_dataset("one", torch.randn(1, 2)))
