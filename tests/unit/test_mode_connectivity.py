@@ -361,7 +361,10 @@ def test_plots_carry_estimator_and_n(sample_model, digits_test):
     assert len(fig.data) == 4 and f"n = {digits_test.n_samples}" in figure_title(fig)
     table = plots.barrier_table(result)
     assert "above the line" in str(table.data[0].header.values) and "max over λ" in table.layout.annotations[0].text
-    assert len(plots.barrier_rows(result)) == 2
+    rows = plots.barrier_rows(result)
+    assert len(rows) == 2  # each barrier next to the λ where it is reached
+    barrier = result.barriers[next(iter(result.barriers))]
+    assert rows[0]["at λ (line)"] == barrier.lambda_linear["test"] and rows[0]["at λ (mean)"] == barrier.lambda_mean["test"]
     assert "Ito" in figure_title(plots.layer_alignment_figure(result.layers))
     assert len(plots.singular_values_figure(result.layers).data) == 6
     assert "passes" in figure_title(plots.matching_objective(result.weight_matching))

@@ -97,8 +97,9 @@ def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
                     "split": split,
                     "dataset": barrier.params.get("datasets", {}).get(split, ""),
                     BARRIER_COLUMNS["linear"]: barrier.linear[split],
+                    "at λ (line)": barrier.lambda_linear[split],
                     BARRIER_COLUMNS["mean"]: barrier.mean[split],
-                    "at λ": barrier.lambda_linear[split],
+                    "at λ (mean)": barrier.lambda_mean[split],
                     BARRIER_COLUMNS["accuracy_drop"]: barrier.accuracy_drop[split],
                 }
             )
