@@ -169,7 +169,7 @@ class DiagramDistanceMatrixResult(RecordedResult):
     """Diagram distances between every layer of A (rows) and every layer of B (columns).
 
     ``distances``: ``(len(layers_a), len(layers_b))``, lower is closer. ``subsampled``: names of the
-    layers whose dimensions >= 1 were computed on a farthest-point subsample.
+    layers whose dimensions >= 1 were computed on a farthest-point subsample, in layer order (A, then B).
     """
 
     distances: np.ndarray
@@ -988,7 +988,7 @@ def diagram_distance_matrix(
             out[i, j] = 0.0 if same else _diagram_distance_core(diag[la], diag_b[lb], metric, order)
             done += 1
             report(done, total)
-    subsampled = sorted({k for k, v in {**pa, **pb}.items() if v.subsampled})
+    subsampled = list(dict.fromkeys([k for k, v in pa.items() if v.subsampled] + [k for k, v in pb.items() if v.subsampled]))
     first = next(iter(pa.values()))
     label = f"{metric} distance between H{dim} diagrams (gudhi)" + (
         f", order {order:g}" if metric == "wasserstein" else ""
