@@ -9,7 +9,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
+import math
 import zipfile
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -26,6 +30,7 @@ from workbench.errors import (
     ParameterError,
     UnsafeFileError,
     UnsupportedFormatError,
+    WorkbenchError,
     format_choices,
 )
 
@@ -35,6 +40,7 @@ LABEL_COLUMNS = ("label", "labels", "y", "target", "class")
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
 MAX_DATASET_BYTES = 1 << 30
+MAX_CLASSES = 100_000  # class labels are 0 .. MAX_CLASSES - 1: per-class arrays downstream grow with the largest label
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,8 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
         xt = xt.reshape(-1, 1) if xt.ndim == 1 else xt
     if xt.shape[0] == 0:
         raise DataError(f"Dataset '{name}' is empty (0 samples); provide at least one sample.")
+    if xt.numel() == 0:
+        raise DataError(f"Dataset '{name}' has no features (x has shape {tuple(xt.shape)}); give each sample at least one feature.")
     if xt.dtype.is_floating_point:
         n_bad = int((~torch.isfinite(xt)).sum())
         if n_bad:
@@ -191,16 +199,23 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
                 f"Dataset '{name}' has {xt.shape[0]} samples but {yt.shape[0]} labels; they must match."
             )
         if yt.dtype.is_floating_point:
-            if bool((yt == yt.round()).all()) and yt.numel() and float(yt.min()) >= 0 and len(torch.unique(yt)) <= 1000:
-                yt = yt.to(torch.int64)
-            elif not bool(torch.isfinite(yt).all()):
+            if not bool(torch.isfinite(yt).all()):
                 raise DataError(f"The labels of dataset '{name}' contain NaN or infinite values.")
+            if (bool((yt == yt.round()).all()) and yt.numel() and 0 <= float(yt.min()) and float(yt.max()) < MAX_CLASSES
+                    and len(torch.unique(yt)) <= 1000):
+                yt = yt.to(torch.int64)
             else:
                 yt = yt.to(torch.float32)
+                if not bool(torch.isfinite(yt).all()):
+                    raise DataError(f"The float targets of dataset '{name}' reach beyond the float32 range (|y| > 3.4e+38); "
+                                    "rescale them, then load the data again.")
         else:
             yt = yt.to(torch.int64)
             if yt.numel() and int(yt.min()) < 0:
                 raise DataError(f"Class labels of dataset '{name}' must be non-negative integers; got a minimum of {int(yt.min())}.")
+            if yt.numel() and int(yt.max()) >= MAX_CLASSES:
+                raise DataError(f"Class labels of dataset '{name}' must be below {MAX_CLASSES} (classes are numbered 0, 1, 2, …); "
+                                f"got a maximum of {int(yt.max())}. Renumber the classes from 0.")
         yt = own_memory(yt, y_in)
     full, inputs = content_hashes(xt, yt)
     made = Dataset(name=name, x=xt, y=yt, sha256=full, class_names=class_names,
@@ -291,9 +306,14 @@ def load_dataset(source: str | Path | bytes, *, split: str | None = None, filena
     ``n_classes``, ``seed``), ``"sentences"``, a path to ``.npz`` / ``.csv`` / ``.pt``, or the bytes
     of such a file (then ``filename`` gives its type). ``.npz`` is read with ``allow_pickle=False``
     (arrays ``x`` and optional ``y``); ``.csv`` must be numeric with an optional label column named
-    one of ``label, labels, y, target, class``; ``.pt`` is read with ``weights_only=True`` (a tensor,
-    or a dict with ``x`` and optional ``y``). ``split`` (``"train"``, ``"test"`` the default, ``"all"``)
-    applies to digits and sentences; an option a source does not take is refused, not ignored.
+    one of ``label, labels, y, target, class`` holding text, class numbers ``0 .. MAX_CLASSES - 1`` or
+    other finite numbers (regression targets);
+    ``.pt`` is read with ``weights_only=True`` (a tensor, or a dict with ``x`` and optional ``y``).
+    ``split`` (``"train"``, ``"test"`` the default, ``"all"``) applies to digits and sentences; an option
+    a source does not take is refused, not ignored.
+
+    A file is untrusted input: ``max_bytes`` bounds the file, what its archive members unpack to and
+    what each array declares; anything it cannot read raises a :class:`~workbench.errors.WorkbenchError`.
     """
     builtin = isinstance(source, str) and source in BUILTIN_DATASETS
     label = repr(source) if builtin else "a dataset file"
@@ -325,32 +345,52 @@ def load_dataset(source: str | Path | bytes, *, split: str | None = None, filena
             )
         if path.stat().st_size > max_bytes:
             raise FileTooLargeError(f"Dataset file '{path.name}' is {path.stat().st_size / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit.")
-        data, name = path.read_bytes(), path.name
+        try:
+            data, name = path.read_bytes(), path.name
+        except OSError as exc:
+            raise DataError(f"Cannot read dataset file '{path}' ({exc.strerror}); pass a readable .npz, .csv or .pt file.") from exc
     if len(data) > max_bytes:
         raise FileTooLargeError(f"Dataset file '{name}' is {len(data) / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit.")
     if not data:
         raise DataError(f"Dataset file '{name}' is empty (0 bytes).")
+    try:
+        return _read_file(data, name, max_bytes)
+    except (WorkbenchError, MemoryError):
+        raise
+    except Exception as exc:  # a crafted file reaches a path no check foresaw: still one sentence, never a traceback
+        first = next(iter(str(exc).strip().splitlines()), "")[:200]
+        raise CorruptFileError(f"Dataset file '{name}' could not be read ({type(exc).__name__}{': ' + first if first else ''}); "
+                               "re-save it as load_dataset describes, then load it again.") from exc
+
+
+def _read_file(data: bytes, name: str, max_bytes: int) -> Dataset:
     suffix = Path(name).suffix.lower()
-    stem = Path(name).stem
+    y: Any
     class_names = None
     if suffix == ".npz":
-        x, y, class_names = _read_npz(data, name)
+        x, y, class_names = _read_npz(data, name, max_bytes)
     elif suffix == ".csv":
         x, y = _read_csv(data, name)
     elif suffix == ".pt":
-        x, y = _read_pt(data, name)
+        x, y = _read_pt(data, name, max_bytes)
     else:
         raise UnsupportedFormatError(
             f"Cannot read dataset file '{name}': supported types are {', '.join(UPLOAD_FORMATS)} (or a bundled name: {', '.join(BUILTIN_DATASETS)})."
         )
     info: dict[str, Any] = {"file": name}
-    if y is not None and np.asarray(y).dtype.kind in "US":
+    if isinstance(y, list) or (isinstance(y, np.ndarray) and y.dtype.kind in "US"):
         if class_names is not None:
             raise DataError(f"'{name}' has text labels and 'class_names'; give integer labels with 'class_names', or text labels alone.")
-        names, y = np.unique(np.char.strip(np.asarray(y).astype(str)), return_inverse=True)
-        class_names = tuple(str(c) for c in names)
+        labels = y if isinstance(y, list) else y.astype(str).ravel().tolist()
+        stripped = {c: c.strip() for c in set(labels)}
+        class_names = tuple(sorted(set(stripped.values())))
+        if len(class_names) > MAX_CLASSES:
+            raise DataError(f"'{name}' has {len(class_names)} distinct text labels, above the limit of {MAX_CLASSES} classes; "
+                            "give labels that name classes, not samples.")
+        index = {c: i for i, c in enumerate(class_names)}
+        y = np.fromiter((index[stripped[c]] for c in labels), dtype=np.int64, count=len(labels))
         info["labels"] = TEXT_LABELS_NOTE
-    return make_dataset(stem, x, y, class_names=class_names, description=f"uploaded {suffix} file", info=info)
+    return make_dataset(Path(name).stem, x, y, class_names=class_names, description=f"uploaded {suffix} file", info=info)
 
 
 TEXT_LABELS_NOTE = "text, numbered in sorted order"
@@ -366,11 +406,50 @@ def label_order_note(dataset: Dataset) -> str | None:
             "assume its outputs follow that order. If they do not, give integer labels in the model's order.")
 
 
-def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+def _check_unpacked_size(zf: zipfile.ZipFile, name: str, max_bytes: int) -> None:
+    """Refuse an archive whose members declare more than ``max_bytes`` once decompressed (a zip bomb): readers
+    allocate and fill what a member declares, and zipfile stops each member at its declared size."""
+    total = sum(info.file_size for info in zf.infolist())
+    if total > max_bytes:
+        raise FileTooLargeError(f"'{name}' unpacks to {total / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit; "
+                                "save fewer or smaller samples.")
+
+
+def _check_npy_member(zf: zipfile.ZipFile, member: str, name: str, max_bytes: int) -> None:
+    """Refuse an .npy member whose header declares more than ``max_bytes`` or more than the member stores: numpy
+    allocates the declared array before it reads (and decompresses) the data."""
+    info = zf.getinfo(member)
+    with zf.open(info) as fp:
+        magic = fp.read(8)
+        if len(magic) < 8 or not magic.startswith(np.lib.format.MAGIC_PREFIX) or magic[6] not in (1, 2, 3):
+            return  # np.load hands back raw bytes or refuses the version itself
+        read_header = np.lib.format.read_array_header_1_0 if magic[6] == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fp)
+        stored = info.file_size - fp.tell()
+    key = member.removesuffix(".npy")
+    if any(d < 0 for d in shape):
+        raise CorruptFileError(f"Array '{key}' in '{name}' declares the negative shape {shape}; re-save it with np.savez.")
+    declared = math.prod(shape) * max(dtype.itemsize, 1)
+    if declared > max_bytes:
+        raise FileTooLargeError(f"Array '{key}' in '{name}' declares shape {shape} of {dtype} ({declared / 2**20:.0f} MiB), above the "
+                                f"{max_bytes / 2**20:.0f} MiB limit; save fewer or smaller samples.")
+    if declared > stored:
+        raise CorruptFileError(f"Array '{key}' in '{name}' declares shape {shape} of {dtype} ({declared} bytes) but stores {stored} "
+                               "bytes, so the file is truncated or damaged; re-save it with np.savez.")
+
+
+def _read_npz(data: bytes, name: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
     if not data.startswith(b"PK"):
         raise CorruptFileError(f"'{name}' is not a readable .npz file (not a zip archive); re-save it with np.savez.")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            _check_unpacked_size(f.zip, name, max_bytes)
+            members = set(f.zip.namelist())
+
+            def read(key: str) -> np.ndarray:
+                _check_npy_member(f.zip, key if key in members else key + ".npy", name, max_bytes)  # np.load's lookup order
+                return f[key]
+
             keys = list(f.keys())
             if not keys:
                 raise DataError(f"'{name}' holds no arrays; save features as 'x' (and labels as 'y').")
@@ -378,10 +457,10 @@ def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None, tu
             if xkey is None:
                 raise DataError(f"'{name}' holds the arrays {', '.join(keys)} but none named 'x'; save the features as 'x' "
                                 "(and labels as 'y'): np.savez(path, x=x, y=y).")
-            x = f[xkey]
-            y = f["y"] if "y" in keys else (f["labels"] if "labels" in keys else None)
-            names = f["class_names"] if "class_names" in keys else None
-    except DataError:
+            x = read(xkey)
+            y = read("y") if "y" in keys else (read("labels") if "labels" in keys else None)
+            names = read("class_names") if "class_names" in keys else None
+    except WorkbenchError:
         raise
     except ValueError as exc:
         if "pickle" in str(exc).lower():
@@ -401,68 +480,88 @@ def _read_npz(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None, tu
     return x, y, class_names
 
 
-def _read_csv(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _is_number(cell: str) -> bool:
     try:
-        text = data.decode("utf-8-sig")
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_csv(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | list[str] | None]:
+    """Features (float64) and labels (class numbers, text as a list, or None), parsed row by row into one flat buffer:
+    rows kept as Python lists would take some 40 times the file's size."""
+    reader = csv.reader(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline=""))
+    try:
+        return _csv_table((r for r in reader if r), name)
     except UnicodeDecodeError as exc:
         raise CorruptFileError(f"'{name}' is not UTF-8 text, so it cannot be read as CSV.") from exc
-    rows = [r for r in csv.reader(io.StringIO(text)) if r]
-    if not rows:
+    except csv.Error as exc:
+        raise CorruptFileError(f"Line {reader.line_num} of '{name}' cannot be read as CSV ({exc}); save the table as plain "
+                               "comma-separated numbers, one sample per row.") from exc
+
+
+def _csv_table(rows: Iterator[list[str]], name: str) -> tuple[np.ndarray, np.ndarray | list[str] | None]:
+    header = next(rows, None)
+    if header is None:
         raise DataError(f"'{name}' has no rows.")
-    header = rows[0]
-
-    def numeric(cell: str) -> bool:
-        try:
-            float(cell)
-            return True
-        except ValueError:
-            return False
-
-    has_header = not all(numeric(c) for c in header)
-    body = rows[1:] if has_header else rows
-    if not body:
+    has_header = not all(_is_number(c) for c in header)
+    first = next(rows, None) if has_header else header
+    if first is None:
         raise DataError(f"'{name}' has a header but no data rows.")
-    width = len(body[0])
-    for i, r in enumerate(body):
-        if len(r) != width:
-            raise CorruptFileError(f"Row {i + 1 + has_header} of '{name}' has {len(r)} columns; expected {width} like the first row.")
-    label_idx = None
-    if has_header:
-        lowered = [h.strip().lower() for h in header]
-        label_idx = next((lowered.index(c) for c in LABEL_COLUMNS if c in lowered), None)
-    columns = list(zip(*body))
-    feature_cols = [j for j in range(width) if j != label_idx]
-    for j in feature_cols:
-        col_name = header[j] if has_header else f"column {j + 1}"
-        empty = next((i for i, c in enumerate(columns[j]) if not c.strip()), None)
-        if empty is not None:
-            raise DataError(
-                f"Row {empty + 1 + has_header} of '{name}' has no value in column '{col_name}'; fill in or drop the rows "
-                "with missing values."
-            )
-        bad = next((c for c in columns[j] if not numeric(c)), None)
-        if bad is not None:
-            raise DataError(
-                f"Column '{col_name}' of '{name}' holds text ({bad!r}); CSV features must be numbers. "
-                f"Remove or encode the column, or name the label column one of: {', '.join(LABEL_COLUMNS)}."
-            )
-    x = np.array([[float(r[j]) for j in feature_cols] for r in body], dtype=np.float64)
-    y = None
-    if label_idx is not None:
-        raw = columns[label_idx]
-        empty = next((i for i, c in enumerate(raw) if not c.strip()), None)
-        if empty is not None:
-            raise DataError(
-                f"Row {empty + 2} of '{name}' has no label in column '{header[label_idx]}'; fill in or drop the rows "
-                "without a label."
-            )
-        y = np.array([float(c) for c in raw]) if all(numeric(c) for c in raw) else np.array(raw)
-    return x, y
+    width = len(first)
+    if has_header and len(header) != width:
+        raise CorruptFileError(f"The header of '{name}' has {len(header)} columns but row 2 has {width}; give the header one name per column.")
+    lowered = [h.strip().lower() for h in header] if has_header else []
+    label_idx = next((lowered.index(c) for c in LABEL_COLUMNS if c in lowered), None)
+    features = [j for j in range(width) if j != label_idx]
+    if label_idx is not None and not features:
+        raise DataError(f"'{name}' has the label column '{header[label_idx]}' but no feature columns; add at least one numeric feature column.")
+    values: array[float] = array("d")
+    labels: list[str] = []
+    seen: dict[str, str] = {}  # one string object per distinct label
+    for i, row in enumerate(itertools.chain([first], rows), start=1 + has_header):
+        if len(row) != width:
+            raise CorruptFileError(f"Row {i} of '{name}' has {len(row)} columns; expected {width} like the first row.")
+        for j in features:
+            try:
+                values.append(float(row[j]))
+            except ValueError:
+                col_name = header[j] if has_header else f"column {j + 1}"
+                if not row[j].strip():
+                    raise DataError(f"Row {i} of '{name}' has no value in column '{col_name}'; fill in or drop the rows "
+                                    "with missing values.") from None
+                raise DataError(f"Column '{col_name}' of '{name}' holds text ({row[j]!r}); CSV features must be numbers. "
+                                f"Remove or encode the column, or name the label column one of: {', '.join(LABEL_COLUMNS)}.") from None
+        if label_idx is not None:
+            cell = row[label_idx]
+            if not cell.strip():
+                raise DataError(f"Row {i} of '{name}' has no label in column '{header[label_idx]}'; fill in or drop the rows "
+                                "without a label.")
+            labels.append(seen.setdefault(cell, cell))
+    x = np.frombuffer(values, dtype=np.float64).reshape(-1, len(features))
+    if label_idx is None or not all(_is_number(c) for c in seen):
+        return x, (labels or None)
+    numbers = {cell: float(cell) for cell in seen}
+    bad = next((c for c, v in numbers.items() if not math.isfinite(v)), None)
+    if bad is not None:
+        raise DataError(f"Row {labels.index(bad) + 2} of '{name}' has the label {bad.strip()!r} in column '{header[label_idx]}'; "
+                        "labels must be finite numbers (class numbers, or targets for regression) or text.")
+    values = np.fromiter((numbers[c] for c in labels), dtype=np.float64, count=len(labels))
+    if all(v.is_integer() and 0 <= v < MAX_CLASSES for v in numbers.values()):
+        return x, values.astype(np.int64)  # class numbers
+    return x, values  # regression targets: make_dataset checks their range
 
 
-def _read_pt(data: bytes, name: str) -> tuple[Any, Any]:
+def _read_pt(data: bytes, name: str, max_bytes: int) -> tuple[Any, Any]:
     import pickle
 
+    if data.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                _check_unpacked_size(zf, name, max_bytes)
+        except zipfile.BadZipFile as exc:
+            raise CorruptFileError(f"'{name}' is not a readable torch file ({exc}); re-save it with torch.save.") from exc
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -472,7 +571,27 @@ def _read_pt(data: bytes, name: str) -> tuple[Any, Any]:
     except Exception as exc:  # torch raises many types for damaged archives
         raise CorruptFileError(f"'{name}' is not a readable torch file ({type(exc).__name__}); re-save it with torch.save.") from exc
     if isinstance(obj, torch.Tensor):
-        return obj, None
+        return _pt_value(obj, "x", name), None
     if isinstance(obj, dict) and "x" in obj:
-        return obj["x"], obj.get("y")
+        return _pt_value(obj["x"], "x", name), None if obj.get("y") is None else _pt_value(obj["y"], "y", name)
     raise DataError(f"'{name}' must hold a tensor or a dict with 'x' (and optional 'y'); got {type(obj).__name__}.")
+
+
+def _pt_value(value: Any, key: str, name: str) -> Any:
+    """``value`` checked before anything materialises it: an expanded tensor (stride 0) or a list that repeats one
+    pickled object costs little in the file and up to any size in memory."""
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise DataError(f"'{key}' in '{name}' is a {value.layout} tensor; save a dense one: {key}.to_dense().")
+        stored = value.untyped_storage().nbytes()
+        if value.numel() * value.element_size() > stored:
+            raise DataError(f"'{key}' in '{name}' is an expanded view: shape {tuple(value.shape)} with strides {value.stride()} over "
+                            f"{stored} stored bytes; save a copy that holds its values: {key}.contiguous().")
+        return value
+    items = list(value) if isinstance(value, (list, tuple)) else None
+    if items is not None and all(isinstance(v, (int, float)) for v in items):
+        return np.asarray(items)
+    if items is not None and key == "y" and all(isinstance(v, str) for v in items):
+        return items
+    what = "a tensor or a flat list of labels" if key == "y" else "a tensor"
+    raise DataError(f"'{key}' in '{name}' must be {what}; got {type(value).__name__}. Save it with torch.as_tensor({key}).")
