@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _choosers, _state
+from workbench.activations import tree_order
 
 _state.in_app_shell()
 
@@ -38,11 +39,12 @@ for col, (slot, model) in zip(cols, chosen):
         st.table({"": list(meta), "value": list(meta.values())})
         with _state.guard():
             infos = _state.cached_layer_info(model)
-        st.markdown("**Layer tree** (`named_modules()`, forward order, output shape on a probe batch)")
+        st.markdown("**Layer tree** (`named_modules()` in forward order, each container above its submodules; "
+                    "output shape on a probe batch)")
         st.dataframe(
             [{"layer": "  " * i.depth + i.name, "type": i.type,
               "output shape": str(tuple(i.output_shape)) if i.output_shape is not None else "not run",
-              "parameters": i.n_parameters} for i in infos],
+              "parameters": i.n_parameters} for i in tree_order(infos)],
             hide_index=True, width="stretch", key=f"layer_tree_{slot}",
         )
 

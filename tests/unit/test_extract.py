@@ -417,3 +417,15 @@ def test_a_dataset_changed_in_place_after_it_was_made_is_refused(mlp, digits_tes
     with pytest.raises(DataError, match=r"Dataset 'mine' was changed in place after it was made, so its sha256 no longer describes it; "
                                         r"build a new dataset from the changed arrays with make_dataset\(name, x, y\)\."):
         extract(mlp, data, ["fc1"], cache_dir=tmp_path)
+
+
+def test_tree_order_puts_containers_above_their_submodules(sample_model):
+    from workbench.activations import layer_info, tree_order
+
+    infos = layer_info(sample_model("text_transformer_seed0"))
+    names = [i.name for i in tree_order(infos)]
+    assert sorted(names) == sorted(i.name for i in infos)
+    assert names[:5] == ["embed", "layers", "layers.0", "layers.0.self_attn", "layers.0.self_attn.out_proj"]
+    assert names.index("layers.0.norm2") < names.index("layers.1") < names.index("layers.1.self_attn") < names.index("norm")
+    flat = layer_info(sample_model("mlp_narrow_seed0"))
+    assert tree_order(flat) == flat  # a model without containers keeps its forward order

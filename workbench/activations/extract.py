@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -125,6 +126,27 @@ def layer_info(model: LoadedModel | nn.Module, example: Any = None) -> list[Laye
         )
         for n in order
     ]
+
+
+def tree_order(infos: list[LayerInfo]) -> list[LayerInfo]:
+    """``infos`` (forward order, as :func:`layer_info` gives them) arranged as a tree: each module right before
+    the first of its submodules to run, and a module that did not run right after its parent, so that a
+    container (a transformer block, a ``ModuleList``) heads its children instead of following them."""
+    pos = {info.name: i for i, info in enumerate(infos) if info.output_shape is not None}
+    first: dict[str, float] = {}
+    for name, i in pos.items():  # each run module bounds the start of every ancestor's subtree
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:k])
+            first[prefix] = min(first.get(prefix, math.inf), i)
+
+    def start(name: str) -> float:
+        while name not in first and "." in name:
+            name = name.rpartition(".")[0]
+        return first.get(name, math.inf)
+
+    order = {info.name: i for i, info in enumerate(infos)}
+    return sorted(infos, key=lambda info: (start(info.name), info.depth, order[info.name]))
 
 
 def list_layers(model: LoadedModel | nn.Module, example: Any = None) -> list[str]:
