@@ -29,6 +29,11 @@ Supported types:
     ``root`` is ``{"class": "Sequential", "children": [[name, node], ...]}`` and each leaf node is
     ``{"class": "Conv2d", "args": {...}}`` with the layer's constructor arguments. Optional
     ``input_shape``. :func:`describe_module` writes such a spec for a module built that way.
+
+A spec may come from an uploaded file, so its size is bounded before anything is allocated: at most
+``MAX_SPEC_LAYERS`` repeated layers (entries of ``sizes`` or ``channels``, blocks, encoder layers,
+``torch.nn`` nodes), containers nested at most ``MAX_SPEC_DEPTH`` deep, and at most ``MAX_PARAMETERS``
+weights (parameters and buffers), counted by :func:`count_weights` on the meta device.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ import torch
 from torch import nn
 
 from workbench.errors import ArchitectureError, format_choices
+
+MAX_PARAMETERS = 1 << 30  # the 16-bit weights a 2 GiB file holds; 4 GiB once built in float32
+MAX_SPEC_LAYERS = 1_000
+MAX_SPEC_DEPTH = 100
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -69,11 +78,25 @@ def _get(spec: dict[str, Any], key: str, kind: type | tuple[type, ...], default:
 
 def _positive_ints(spec: dict[str, Any], key: str, min_len: int) -> list[int]:
     values = _get(spec, key, list)
+    if len(values) > MAX_SPEC_LAYERS:
+        raise ArchitectureError(
+            f"The '{key}' entry of the '{spec.get('type')}' spec lists {len(values)} layers, more than the {MAX_SPEC_LAYERS} "
+            "a spec may build; check the spec."
+        )
     if len(values) < min_len or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
         raise ArchitectureError(
             f"The '{key}' entry of the '{spec.get('type')}' spec must be a list of at least {min_len} positive ints. Got {values!r}."
         )
     return values
+
+
+def _layer_count(spec: dict[str, Any], key: str) -> int:
+    value = _get(spec, key, int)
+    if not 0 <= value <= MAX_SPEC_LAYERS:
+        raise ArchitectureError(
+            f"The '{key}' entry of the '{spec.get('type')}' spec must be an int in [0, {MAX_SPEC_LAYERS}]. Got {value}."
+        )
+    return value
 
 
 def _activation(spec: dict[str, Any]) -> tuple[str, Callable[[], nn.Module]]:
@@ -156,7 +179,7 @@ class ResMLP(nn.Module):
 def build_resmlp(spec: dict[str, Any]) -> nn.Module:
     _, act = _activation(spec)
     return ResMLP(
-        _get(spec, "in_features", int), _get(spec, "width", int), _get(spec, "n_blocks", int),
+        _get(spec, "in_features", int), _get(spec, "width", int), _layer_count(spec, "n_blocks"),
         _get(spec, "n_classes", int), act,
     )
 
@@ -187,7 +210,7 @@ class TextEncoder(nn.Module):
 def build_transformer(spec: dict[str, Any]) -> nn.Module:
     return TextEncoder(
         _get(spec, "vocab_size", int), _get(spec, "max_len", int), _get(spec, "d_model", int),
-        _get(spec, "n_heads", int), _get(spec, "n_layers", int), _get(spec, "n_classes", int),
+        _get(spec, "n_heads", int), _layer_count(spec, "n_layers"), _get(spec, "n_classes", int),
     )
 
 
@@ -266,11 +289,29 @@ def _build_node(node: Any, path: str) -> nn.Module:
     args = node.get("args", {})
     if not isinstance(args, dict):
         raise ArchitectureError(f"The 'args' of '{path}' in the 'torch.nn' spec must be an object.")
+    if set(args) & _NOT_ARGS:
+        raise ArchitectureError(f"The 'args' of '{path}' in the 'torch.nn' spec set {sorted(set(args) & _NOT_ARGS)}, which a spec may not set; remove them.")
     return getattr(nn, name)(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
 
 
+def _check_tree(root: dict[str, Any]) -> None:
+    """Bound a 'torch.nn' spec's node count and nesting depth before it is built (iteratively: no recursion limit)."""
+    stack, n_nodes = [(root, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        n_nodes += 1
+        if n_nodes > MAX_SPEC_LAYERS or depth > MAX_SPEC_DEPTH:
+            what = f"more than {MAX_SPEC_LAYERS} nodes" if n_nodes > MAX_SPEC_LAYERS else f"containers nested more than {MAX_SPEC_DEPTH} deep"
+            raise ArchitectureError(f"The 'torch.nn' spec has {what}, beyond what a spec may build; check the spec.")
+        children = node.get("children") if isinstance(node, dict) else None
+        if isinstance(children, list):
+            stack.extend((c[1], depth + 1) for c in children if isinstance(c, list) and len(c) == 2)
+
+
 def build_torch_nn(spec: dict[str, Any]) -> nn.Module:
-    return _build_node(_get(spec, "root", dict), "")
+    root = _get(spec, "root", dict)
+    _check_tree(root)
+    return _build_node(root, "")
 
 
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
@@ -289,6 +330,8 @@ def parse_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
             spec = json.loads(spec)
         except json.JSONDecodeError as exc:
             raise ArchitectureError(f"The architecture spec is not valid JSON ({exc.msg} at position {exc.pos}).") from exc
+        except RecursionError as exc:
+            raise ArchitectureError("The architecture spec nests JSON too deeply to be read; a spec is a few levels deep: check it.") from exc
     if not isinstance(spec, dict):
         raise ArchitectureError(f"The architecture spec must be a JSON object. Got {type(spec).__name__}.")
     kind = spec.get("type")
@@ -299,16 +342,37 @@ def parse_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
     return spec
 
 
-def build_model(spec: dict[str, Any] | str) -> nn.Module:
-    """Build the (untrained) module a spec describes, in eval mode."""
-    spec = parse_spec(spec)
+def _construct(spec: dict[str, Any]) -> nn.Module:
     try:
-        module = ARCHITECTURES[spec["type"]](spec)
-    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        return ARCHITECTURES[spec["type"]](spec)
+    except (TypeError, ValueError, RuntimeError, AssertionError, OverflowError) as exc:
         if isinstance(exc, ArchitectureError):
             raise
         raise ArchitectureError(f"The '{spec['type']}' architecture spec could not be built: {exc}.") from exc
-    return module.eval()
+
+
+def count_weights(spec: dict[str, Any] | str) -> int:
+    """Values in the parameters and buffers of the module a spec describes, counted on the meta device:
+    nothing is allocated, whatever sizes the spec declares."""
+    spec = parse_spec(spec)
+    with torch.device("meta"):
+        module = _construct(spec)
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+
+
+def build_model(spec: dict[str, Any] | str) -> nn.Module:
+    """Build the (untrained) module a spec describes, in eval mode.
+
+    Refused with :class:`ArchitectureError`, before anything is allocated, when it would hold more than
+    ``MAX_PARAMETERS`` weights."""
+    spec = parse_spec(spec)
+    n_weights = count_weights(spec)
+    if n_weights > MAX_PARAMETERS:
+        raise ArchitectureError(
+            f"The '{spec['type']}' architecture spec describes {n_weights:,} weights, more than the {MAX_PARAMETERS:,} "
+            "a model may have here; check the spec's sizes."
+        )
+    return _construct(spec).eval()
 
 
 def input_spec(spec: dict[str, Any] | None) -> tuple[tuple[int, ...], torch.dtype] | None:

@@ -6,15 +6,20 @@ folders (or zips of one) whose weights are safetensors. Full pickles, TorchScrip
 ``torch.export`` archives run code when loaded: they are refused unless ``trust_remote_code=True``,
 and with ``isolate=True`` as well (the app) a trusted full pickle is opened in a separate process
 that hands back only weights and stock layers (:mod:`workbench.models.isolated`).
-Zip archives are checked for path traversal and decompression bombs before anything is extracted.
+Zip archives are checked for path traversal, odd member names and decompression bombs before anything
+is extracted. Declared sizes are never trusted: a state dict's tensors must store every value they declare,
+a spec is counted on the meta device before it is built, and a Hugging Face config must fit the tensors
+its .safetensors headers list. Any other failure to read a file is a :class:`CorruptFileError` naming it.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -23,6 +28,7 @@ import tempfile
 import threading
 import weakref
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +44,7 @@ from workbench.errors import (
     FileTooLargeError,
     UnsafeFileError,
     UnsupportedFormatError,
+    WorkbenchError,
 )
 from workbench.models.architectures import build_model, input_spec, parse_spec
 
@@ -46,6 +53,10 @@ MAX_MODEL_BYTES = 2 << 30
 MAX_ARCHIVE_MEMBERS = 10_000
 MAX_COMPRESSION_RATIO = 200
 MAX_SAFETENSORS_HEADER = 100 << 20
+MAX_MEMBER_NAME = 255  # bytes in one part of a zip member's path (the file system's limit)
+MAX_MEMBER_PATH = 1024  # bytes in a zip member's whole path
+MAX_CONFIG_BYTES = 16 << 20  # a Hugging Face config.json (real ones are a few KiB)
+MAX_CONFIG_LAYERS = 1_000  # layers a Hugging Face config may ask for (real models have a few hundred at most)
 CONVERT_HINT = (
     "convert it to safetensors where it was made: "
     "safetensors.torch.save_file(model.state_dict(), 'model.safetensors', metadata={'architecture': json.dumps(spec)})"
@@ -218,8 +229,18 @@ def load_model(
 
     ``filename`` names the upload when ``source`` is bytes (its extension selects the reader).
     ``max_bytes`` bounds the file size (and the unpacked size of archives).
+
+    Every failure caused by the file is a :class:`~workbench.WorkbenchError`: an unexpected exception
+    while reading it becomes a :class:`CorruptFileError` naming the file (the original is chained).
     """
-    loaded = _load(source, architecture, trust_remote_code, isolate, name, filename, max_bytes)
+    try:
+        loaded = _load(source, architecture, trust_remote_code, isolate, name, filename, max_bytes)
+    except (WorkbenchError, MemoryError):
+        raise
+    except Exception as exc:
+        label = filename if isinstance(source, (bytes, bytearray)) else Path(str(source)).name
+        raise CorruptFileError(f"'{label}' could not be loaded as a model ({type(exc).__name__}: {_first_line(exc)}); "
+                               "check that it is an intact checkpoint of a supported type.") from exc
     origin = f"upload:{filename}" if isinstance(source, (bytes, bytearray)) else str(Path(source))
     return dataclasses.replace(loaded, source=origin)
 
@@ -261,7 +282,7 @@ def _load(source: str | Path | bytes, architecture: dict[str, Any] | str | None,
         if kind == "huggingface":
             with tempfile.TemporaryDirectory(prefix="workbench-hf-") as tmp:
                 root = _safe_extract(data, label, Path(tmp), max_bytes)
-                return _load_hf_folder(root, name=display, trust_remote_code=trust_remote_code, isolate=isolate)
+                return _load_hf_folder(root, name=display, trust_remote_code=trust_remote_code, isolate=isolate, label=label)
         if kind in ("torchscript", "torch.export"):
             return _load_code_archive(data, label, display, kind, spec, trust_remote_code, isolate)
         if kind != "torch.save":
@@ -308,12 +329,12 @@ def safetensors_metadata(data: bytes, label: str) -> dict[str, str]:
         raise CorruptFileError(f"'{label}' is truncated: its safetensors header needs {header_len} bytes but the file has {len(data) - 8}.")
     try:
         header = json.loads(data[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if not isinstance(header, dict):
+            raise CorruptFileError(f"'{label}' has a damaged safetensors header (not a JSON object).")
+        meta = header.get("__metadata__") or {}
+        return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptFileError(f"'{label}' has a damaged safetensors header ({type(exc).__name__}); upload an intact copy.") from exc
-    if not isinstance(header, dict):
-        raise CorruptFileError(f"'{label}' has a damaged safetensors header (not a JSON object).")
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def _load_safetensors(data: bytes, label: str, name: str, spec: dict[str, Any] | None) -> LoadedModel:
@@ -359,6 +380,7 @@ def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] 
     if isinstance(obj, nn.Module):
         return wrap_module(obj, name=name, architecture=spec, source_format="pickle (trusted)")
     state = find_state_dict(obj, label)
+    _check_tensors(state, label)
     return _from_state_dict(state, label, name, spec, "state dict", {})
 
 
@@ -489,6 +511,25 @@ def find_state_dict(obj: Any, label: str) -> dict[str, torch.Tensor]:
     )
 
 
+def _check_tensors(state: dict[str, torch.Tensor], label: str) -> None:
+    """Refuse tensors without values of their own (meta, sparse, quantized, nested, complex) and views that declare
+    more values than the file stores for them (``expand``: stride 0), before any shape is used to allocate."""
+    for key, t in state.items():
+        odd = ("nested" if t.is_nested else "meta-device" if t.is_meta else f"{t.device.type}-device" if t.device.type != "cpu"
+               else f"{t.layout}" if t.layout != torch.strided else "quantized" if t.is_quantized
+               else f"complex ({t.dtype})" if t.dtype.is_complex else None)
+        if odd is not None:
+            raise CorruptFileError(f"'{label}' holds '{key}' as a {odd} tensor, not a dense array of real numbers; save the "
+                                   "weights as dense, unquantized, real-valued CPU tensors.")
+        stored = t.untyped_storage().nbytes()
+        if t.numel() * t.element_size() > stored:
+            raise UnsafeFileError(
+                f"'{label}' declares '{key}' with shape {tuple(t.shape)} ({t.numel():,} values) but stores only {stored:,} bytes "
+                "for it (an expanded or overlapping view), so its shapes would allocate memory the file does not hold; "
+                "save real copies: {k: v.contiguous() for k, v in model.state_dict().items()}."
+            )
+
+
 _COMMON_PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 
 
@@ -509,13 +550,34 @@ def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _meta_state(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict (names, shapes, dtypes) of the module ``spec`` describes, built on the meta device: nothing is
+    allocated, so a spec is compared with the weights before it is built for real."""
+    with torch.device("meta"):
+        return build_model(spec).state_dict()
+
+
+def _mismatches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of ``state`` missing, unexpected or of the wrong shape for ``expected``, each kind as one phrase."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}")
+    if unexpected:
+        parts.append(f"unexpected {', '.join(unexpected[:6])}{' …' if len(unexpected) > 6 else ''}")
+    if wrong:
+        parts.append(f"wrong shape {', '.join(wrong[:4])} (file vs spec)")
+    return parts
+
+
 def _loads_exactly(spec: dict[str, Any], state: dict[str, torch.Tensor]) -> bool:
     """Whether the module ``spec`` builds takes ``state`` with no key missing, extra or of another shape."""
     try:
-        build_model(spec).load_state_dict(state, strict=True)
-    except (ArchitectureError, RuntimeError):
+        return not _mismatches(_meta_state(spec), state)
+    except ArchitectureError:
         return False
-    return True
 
 
 def _numbered(state: dict[str, torch.Tensor], stem: str) -> list[torch.Tensor]:
@@ -571,23 +633,14 @@ def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec
             f"'{label}' holds weights but no architecture spec; pass one (the app's spec box, architecture= in Python, "
             f"--architecture on the command line), e.g. {{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}.{hint}"
         )
-    module = build_model(spec)
-    expected = module.state_dict()
+    expected = _meta_state(spec)
     state = _strip_prefix(state, set(expected))
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:6])}{' …' if len(unexpected) > 6 else ''}")
-        if wrong:
-            parts.append(f"wrong shape {', '.join(wrong[:4])} (file vs spec)")
+    parts = _mismatches(expected, state)
+    if parts:
         raise ArchitectureError(
             f"The weights in '{label}' do not match the '{spec['type']}' architecture spec: {'; '.join(parts)}. Check the spec's sizes."
         )
+    module = build_model(spec)  # as large as the weights in the file, whose shapes it matches
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return wrap_module(module, name=name, architecture=spec, source_format=source_format, metadata=metadata)
 
@@ -614,6 +667,11 @@ def _zip_members(data: bytes, label: str, max_bytes: int) -> list[zipfile.ZipInf
             raise UnsafeFileError(
                 f"'{label}' member '{info.filename}' expands {info.file_size // max(info.compress_size, 1)}x, like a zip bomb; it was not unpacked."
             )
+    if total > 1 << 20 and total > MAX_COMPRESSION_RATIO * len(data):
+        raise UnsafeFileError(
+            f"'{label}' expands {total // len(data)}x in all ({total / 2**20:.0f} MiB from {len(data) / 2**10:.0f} KiB), "
+            "like a zip bomb; it was not unpacked."
+        )
     if total > max_bytes:
         raise FileTooLargeError(f"'{label}' would unpack to {total / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit; it was not unpacked.")
     return infos
@@ -635,20 +693,31 @@ def _classify_zip(data: bytes, label: str, max_bytes: int) -> str:
 
 def _safe_extract(data: bytes, label: str, dest: Path, max_bytes: int) -> Path:
     """Extract after checking members; return the folder holding config.json."""
-    infos = _zip_members(data, label, max_bytes)
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        written = 0
-        for info in infos:
-            if info.is_dir():
-                continue
-            target = dest / PurePosixPath(info.filename.replace("\\", "/"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > max_bytes:
-                        raise FileTooLargeError(f"'{label}' unpacks to more than its declared size and the {max_bytes / 2**20:.0f} MiB limit; it was not unpacked.")
-                    out.write(chunk)
+    files = [(i, PurePosixPath(i.filename.replace("\\", "/"))) for i in _zip_members(data, label, max_bytes) if not i.is_dir()]
+    names = sorted(str(p) for _, p in files)
+    for info, p in files:
+        below = names[min(bisect.bisect_left(names, f"{p}/"), len(names) - 1)]  # the first name that may lie inside p
+        odd = ("it contains a NUL character" if "\0" in info.orig_filename else "it has no file name" if not p.parts
+               else f"a part of it is longer than {MAX_MEMBER_NAME} bytes" if any(len(part.encode()) > MAX_MEMBER_NAME for part in p.parts)
+               else f"it is longer than {MAX_MEMBER_PATH} bytes" if len(str(p).encode()) > MAX_MEMBER_PATH
+               else "it is also the name of a folder" if below.startswith(f"{p}/") else None)
+        if odd is not None:
+            raise UnsafeFileError(f"'{label}' has a member {info.orig_filename[:80]!r} that cannot be unpacked as a file ({odd}); "
+                                  "it was not unpacked: zip the model folder again.")
+    written = 0
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for info, p in files:
+                target = dest / p
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise FileTooLargeError(f"'{label}' unpacks to more than its declared size and the {max_bytes / 2**20:.0f} MiB limit; it was not unpacked.")
+                        out.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as exc:
+        raise CorruptFileError(f"'{label}' could not be unpacked ({type(exc).__name__}: {_first_line(exc)}); re-create the zip.") from exc
     configs = sorted(dest.rglob("config.json"), key=lambda p: len(p.parts))
     if not configs:
         raise UnsupportedFormatError(f"'{label}' has no config.json, so it is not a Hugging Face model folder.")
@@ -696,13 +765,83 @@ def _check_weight_indexes(folder: Path) -> None:
                 )
 
 
-def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate: bool = False) -> LoadedModel:
+_LAYER_KEYS = re.compile(r"(?:num_|n_)?(?:hidden_|encoder_|decoder_)?layers?")  # num_hidden_layers, n_layer, decoder_layers...
+
+
+def _read_config(folder: Path, label: str) -> dict[str, Any]:
+    """``config.json`` as a dict, read with bounded size and nesting; a quantized model is refused (it needs other libraries)."""
+    path = folder / "config.json"
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise FileTooLargeError(f"The config.json of '{label}' is {size / 2**20:.0f} MiB, above the {MAX_CONFIG_BYTES >> 20} MiB "
+                                "a model config may have; check the file.")
+    try:
+        config = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise CorruptFileError(f"The config.json of '{label}' is not readable JSON ({type(exc).__name__}: {_first_line(exc)}); "
+                               "save the model again with model.save_pretrained(path).") from exc
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"The config.json of '{label}' holds a {type(config).__name__}, not a JSON object; save the model again with model.save_pretrained(path).")
+    if "quantization_config" in config:
+        raise UnsupportedFormatError(f"'{label}' holds a quantized model ('quantization_config' in its config.json), which is not "
+                                     "loaded here; save it unquantized with model.save_pretrained(path, safe_serialization=True).")
+    return config
+
+
+def _safetensors_extent(folder: Path, label: str) -> tuple[int, int]:
+    """How many tensors, and values in them, the folder's .safetensors files hold, read from their headers alone."""
+    from safetensors import SafetensorError, safe_open
+
+    n_tensors = n_values = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    n_tensors += 1
+                    n_values += math.prod(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CorruptFileError(f"'{path.name}' in '{label}' is a damaged safetensors file ({_first_line(exc)}); save the model again.") from exc
+    return n_tensors, n_values
+
+
+def _check_config_sizes(config: dict[str, Any], label: str, n_tensors: int, n_values: int) -> None:
+    """Before the config is parsed by transformers: a layer count (num_hidden_layers, n_layer, ...) above the tensors present
+    (every layer has weights) or above ``MAX_CONFIG_LAYERS``, or a label count above the values present, would build (or hang
+    building) a model the weights cannot fill."""
+    stack = [config]
+    while stack:
+        for key, value in stack.pop().items():
+            if isinstance(value, dict):
+                stack.append(value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                limit = min(n_tensors, MAX_CONFIG_LAYERS) if _LAYER_KEYS.fullmatch(key) else n_values if key == "num_labels" else None
+                if limit is not None and value > limit:
+                    raise ArchitectureError(
+                        f"The config.json of '{label}' sets '{key}' to {value:,}, more than the {limit:,} that its weights "
+                        f"({n_tensors:,} tensors, {n_values:,} values) allow; check the config."
+                    )
+
+
+def _model_class(transformers: Any, config: Any, label: str) -> Any:
+    """The transformers model class the config's ``architectures`` names (AutoModel when it names none that transformers has)."""
+    arch_names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, str(arch_names[0]), None) if isinstance(arch_names, list) and arch_names else None
+    if cls is None:
+        return transformers.AutoModel
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and cls is not transformers.PreTrainedModel):
+        raise ArchitectureError(f"The config.json of '{label}' names {str(arch_names[0])[:80]!r} in 'architectures', which is not a "
+                                "transformers model class; set it to the class that saved the model, e.g. [\"BertModel\"].")
+    return cls
+
+
+def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate: bool = False, label: str | None = None) -> LoadedModel:
+    label = label or folder.name
     if not (folder / "config.json").exists():
-        raise UnsupportedFormatError(f"Folder '{folder.name}' has no config.json, so it is not a Hugging Face model folder.")
+        raise UnsupportedFormatError(f"Folder '{label}' has no config.json, so it is not a Hugging Face model folder.")
     has_safetensors = any(folder.glob("*.safetensors"))
     if isolate and trust_remote_code and not has_safetensors:
         raise UnsafeFileError(
-            f"Folder '{folder.name}' has only pickled weights, which would be unpickled in this process; save the model with "
+            f"Folder '{label}' has only pickled weights, which would be unpickled in this process; save the model with "
             "model.save_pretrained(path, safe_serialization=True), or load it from Python with trust_remote_code=True."
         )
     trust_remote_code = trust_remote_code and not isolate  # no repository code in this process
@@ -710,10 +849,15 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
         _check_weight_indexes(folder)
     if not has_safetensors and not trust_remote_code:
         raise UnsafeFileError(
-            f"Folder '{folder.name}' has no .safetensors weights, and pickled weights can run code; "
+            f"Folder '{label}' has no .safetensors weights, and pickled weights can run code; "
             "save the model with model.save_pretrained(path, safe_serialization=True), or load it from Python with "
             "trust_remote_code=True."
         )
+    config_dict = _read_config(folder, label)
+    n_values = None
+    if has_safetensors:
+        n_tensors, n_values = _safetensors_extent(folder, label)
+        _check_config_sizes(config_dict, label, n_tensors, n_values)
     try:
         import transformers
     except ImportError as exc:
@@ -722,9 +866,17 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
         ) from exc
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-        arch_names = list(getattr(config, "architectures", None) or [])
-        cls = getattr(transformers, arch_names[0], None) if arch_names else None
-        cls = cls if cls is not None else transformers.AutoModel
+        cls = _model_class(transformers, config, label)
+        if n_values is not None:  # count what the config builds on the meta device: nothing is allocated
+            with torch.device("meta"):
+                skeleton = (transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+                            if cls is transformers.AutoModel else cls(config))
+            n_weights = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
+            if n_weights > 2 * n_values + (1 << 20):  # room for a task head the checkpoint lacks (initialised fresh)
+                raise ArchitectureError(
+                    f"The config.json of '{label}' describes a model of {n_weights:,} weights, but its .safetensors files hold only "
+                    f"{n_values:,}; the config does not fit the weights: save the model again with model.save_pretrained(path)."
+                )
         hf_logging = transformers.utils.logging
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a loading bar for a small local folder is noise in the CLI and the server log
@@ -734,11 +886,11 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
+    except WorkbenchError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise CorruptFileError(f"The Hugging Face model in '{folder.name}' could not be loaded ({_first_line(exc)}).") from exc
+        raise CorruptFileError(f"The Hugging Face model in '{label}' could not be loaded ({_first_line(exc)}).") from exc
     loaded = wrap_module(module, name=name, architecture=None, source_format="huggingface",
                          metadata={"model_type": str(getattr(config, "model_type", ""))})
     seq = int(min(getattr(config, "max_position_embeddings", 16) or 16, 16))
     return dataclasses.replace(loaded, input_shape=(seq,), input_dtype=torch.int64)
-
-
