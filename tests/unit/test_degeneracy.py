@@ -346,6 +346,19 @@ def test_a_unit_without_fan_out_is_not_rescaled_twice():
     assert s.free_total == {"fc1": 9, "out": 0} and s.total_free == _param_null_dim(model, data.x) == 9
 
 
+def test_a_relu_after_the_last_linear_layer_frees_no_rescaling_or_mixing():
+    """Scaling an output unit's fan-in changes the output: nothing after the ReLU undoes it."""
+    model = _mlp([4, 6, 3], seed=2)
+    model.add_module("relu_out", nn.ReLU())
+    with torch.no_grad():
+        model.out.bias.fill_(20.0)  # the output units fire on every sample (one synchronised group)
+    data = _data(80, 4)
+    s = degeneracy_summary(model, data)
+    assert s.always_on_units["out"] == 3
+    assert s.free_from_rescaling["out"] == 0 and s.free_from_synchronised["out"] == 0 and s.free_from_bias_shift["out"] == 0
+    assert s.total_free == _param_null_dim(model, data.x)
+
+
 def test_linear_layers_applied_along_an_axis_are_not_counted():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Unflatten(1, (4, 16)), nn.Linear(16, 8), nn.ReLU(), nn.Flatten(), nn.Linear(32, 10))

@@ -168,7 +168,9 @@ class DegeneracyResult(RecordedResult):
       gradient is not zero on the data (scale its fan-in by ``a > 0`` and its fan-out by ``1/a``), a
       symmetry of every ReLU network; a unit the rest of the network ignores (its diagonal entry of
       the Jacobian Gram at most the rank threshold, such as a unit with zero fan-out) is left out,
-      because its rescaling already lies among the ``free_from_gradients`` directions;
+      because its rescaling already lies among the ``free_from_gradients`` directions. Mixing and
+      rescaling are undone on the fan-out, so both count only when an ``nn.Linear`` reads the ReLU's
+      output (a ReLU after the last layer frees neither);
     - ``free_from_bias_shift``: for the always-on units of that ReLU, which act linearly on the data,
       when this matrix has a bias and the next ``nn.Linear`` after the ReLU has one: a unit's bias can
       be raised and the change undone in the next layer's bias. It counts one per always-on unit,
@@ -989,14 +991,16 @@ def degeneracy_summary(
         gspec, r_g, _, g_threshold = _spectrum(gram, rtol)
         reaches = gram.diagonal() > g_threshold  # units whose output gradient is not zero on the data
         n_params = fan_out * (fan_in + int(has_bias))
-        sizes, n_dead, n_on, n_rescaled, n_shifted = np.zeros(0, dtype=np.int64), 0, 0, 0, 0
+        sizes, n_dead, n_on, n_rescaled, n_shifted, undone = np.zeros(0, dtype=np.int64), 0, 0, 0, 0, False
         if i in relus:
             pat = _patterns(acts[relus[i]])
             n_dead, n_on = int(pat["dead"].sum()), int(pat["always_on"].sum())
-            sizes = pat["group_sizes"]
-            fires = torch.as_tensor(~pat["dead"], device=gram.device)
-            n_rescaled = int((fires & reaches).sum())
             nxt = _next_linear(net, relus[i])
+            undone = nxt is not None  # mixing and rescaling are undone on the fan-out: no Linear after the ReLU, no symmetry
+            if undone:
+                sizes = pat["group_sizes"]
+                fires = torch.as_tensor(~pat["dead"], device=gram.device)
+                n_rescaled = int((fires & reaches).sum())
             if n_on and has_bias and nxt in flat and cast(nn.Linear, net.seq[nxt]).bias is not None:
                 on = torch.as_tensor(np.flatnonzero(pat["always_on"]), device=gram.device)
                 n_shifted = int((torch.linalg.eigvalsh(gram[on][:, on]) > g_threshold).sum())
@@ -1012,7 +1016,7 @@ def degeneracy_summary(
             "synchronised_group_sizes": sizes,
             "free_from_activations": (fan_in - r_in) * fan_out,
             "free_from_gradients": r_x * (fan_out - r_g),
-            "free_from_synchronised": int(sum(k * k - k for k in sizes.tolist())) + n_on * n_on - n_on,
+            "free_from_synchronised": int(sum(k * k - k for k in sizes.tolist())) + (n_on * n_on - n_on if undone else 0),
             "free_from_rescaling": n_rescaled,
             "free_from_bias_shift": n_shifted,
             "input_spectrum": spec,
