@@ -346,6 +346,26 @@ def test_a_unit_without_fan_out_is_not_rescaled_twice():
     assert s.free_total == {"fc1": 9, "out": 0} and s.total_free == _param_null_dim(model, data.x) == 9
 
 
+@pytest.mark.parametrize("ignored", [False, True])
+def test_mixing_a_synchronised_group_counts_only_the_units_that_reach_the_output(ignored):
+    """Three fc1 units fire on the samples where x0 > 0 (non-parallel fan-in rows): 3 * 2 mixing directions; with
+    unit 0's fan-out zeroed, its row changes are already free through the gradients and 2 * 2 are left."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    x[:, 0] = torch.sign(x[:, 0]) * (1 + x[:, 0].abs())
+    data = make_dataset("synchronised", x, torch.arange(200) % 3)
+    model = _mlp([4, 6, 3], seed=3)
+    with torch.no_grad():
+        model.fc1.weight[:3] = torch.tensor([[1.0, 0.1, 0, 0], [1.0, 0, 0.1, 0], [1.0, 0, 0, 0.1]])
+        model.fc1.bias[:3] = 0.0
+        if ignored:
+            model.out.weight[:, 0] = 0.0
+    s = degeneracy_summary(model, data)
+    assert s.synchronised_group_sizes["fc1"].tolist() == [3]
+    assert s.free_from_synchronised["fc1"] == (4 if ignored else 6)
+    assert s.total_free == _param_null_dim(model, data.x) == (14 if ignored else 12)
+
+
 def test_a_relu_after_the_last_linear_layer_frees_no_rescaling_or_mixing():
     """Scaling an output unit's fan-in changes the output: nothing after the ReLU undoes it."""
     model = _mlp([4, 6, 3], seed=2)

@@ -159,7 +159,8 @@ class DegeneracyResult(RecordedResult):
     - ``free_from_gradients = r_x * (fan_out - gradient_rank)``: every output direction the rest of the
       network ignores on the data can be changed freely (a dead unit contributes its fan-in + 1 here
       and its fan-out in the next matrix's ``free_from_activations``);
-    - ``free_from_synchronised = sum_groups (k**2 - k)`` over the synchronised groups of the ReLU
+    - ``free_from_synchronised = sum_groups r (k - 1)`` (``k**2 - k`` when all ``k`` units of a group
+      reach the output; ``r`` is the number that do) over the synchronised groups of the ReLU
       directly after this matrix, with the always-on units counted as one more group: ``k`` units
       that fire on the same samples can be mixed by any invertible ``k x k`` matrix near the identity
       (applied to their fan-in and undone on their fan-out) without changing the function on the
@@ -991,16 +992,20 @@ def degeneracy_summary(
         gspec, r_g, _, g_threshold = _spectrum(gram, rtol)
         reaches = gram.diagonal() > g_threshold  # units whose output gradient is not zero on the data
         n_params = fan_out * (fan_in + int(has_bias))
-        sizes, n_dead, n_on, n_rescaled, n_shifted, undone = np.zeros(0, dtype=np.int64), 0, 0, 0, 0, False
+        sizes, n_dead, n_on, n_rescaled, n_shifted, n_mixed = np.zeros(0, dtype=np.int64), 0, 0, 0, 0, 0
         if i in relus:
             pat = _patterns(acts[relus[i]])
             n_dead, n_on = int(pat["dead"].sum()), int(pat["always_on"].sum())
+            sizes = pat["group_sizes"]
             nxt = _next_linear(net, relus[i])
-            undone = nxt is not None  # mixing and rescaling are undone on the fan-out: no Linear after the ReLU, no symmetry
-            if undone:
-                sizes = pat["group_sizes"]
+            if nxt is not None:  # mixing and rescaling are undone on the fan-out: no Linear after the ReLU, no symmetry
                 fires = torch.as_tensor(~pat["dead"], device=gram.device)
                 n_rescaled = int((fires & reaches).sum())
+                # a group of k units: k - 1 mixing directions per unit that reaches the output (the rows of a unit
+                # the network ignores are already among the free_from_gradients directions)
+                reach = reaches.cpu().numpy()
+                members = [pat["group_id"] == g for g in range(len(sizes))] + ([pat["always_on"]] if n_on else [])
+                n_mixed = sum(int((m & reach).sum()) * (int(m.sum()) - 1) for m in members)
             if n_on and has_bias and nxt in flat and cast(nn.Linear, net.seq[nxt]).bias is not None:
                 on = torch.as_tensor(np.flatnonzero(pat["always_on"]), device=gram.device)
                 n_shifted = int((torch.linalg.eigvalsh(gram[on][:, on]) > g_threshold).sum())
@@ -1016,7 +1021,7 @@ def degeneracy_summary(
             "synchronised_group_sizes": sizes,
             "free_from_activations": (fan_in - r_in) * fan_out,
             "free_from_gradients": r_x * (fan_out - r_g),
-            "free_from_synchronised": int(sum(k * k - k for k in sizes.tolist())) + (n_on * n_on - n_on if undone else 0),
+            "free_from_synchronised": n_mixed,
             "free_from_rescaling": n_rescaled,
             "free_from_bias_shift": n_shifted,
             "input_spectrum": spec,
