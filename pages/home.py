@@ -34,6 +34,9 @@ for col, (slot, model) in zip(cols, chosen):
         if "test_accuracy" in model.metadata:
             trained_on = model.metadata.get("dataset")
             meta[f"test accuracy ({trained_on})" if trained_on else "test accuracy"] = model.metadata["test_accuracy"]
+        if model.metadata.get("stored_dtype"):
+            rounded = " (rounded)" if "float64" in model.metadata["stored_dtype"] else ""
+            meta["weights"] = f"stored as {model.metadata['stored_dtype']}, computed in float32{rounded}"
         if model.metadata.get("description"):
             meta["description"] = model.metadata["description"]
         st.table({"": list(meta), "value": list(meta.values())})

@@ -274,3 +274,15 @@ def test_a_loader_failing_unexpectedly_shows_a_sentence_not_a_traceback(app, mon
     at.file_uploader(key="dataset_upload").upload("odd-data.npz", b"other bytes seen by no other test", "application/octet-stream").run()
     assert sum("unexpected failure inside the reader" in e for e in page_errors(at)) == 2
     assert not at.exception
+
+
+def test_home_says_when_weights_were_stored_in_float64(app):
+    import json
+
+    from safetensors.torch import save
+
+    spec = {"type": "mlp", "sizes": [64, 16, 10], "activation": "relu"}
+    data = save({k: v.double() for k, v in build_model(spec).state_dict().items()}, metadata={"architecture": json.dumps(spec)})
+    at = _upload(app.run(), "model_a", "f64.safetensors", data)
+    assert "stored as float64, computed in float32 (rounded)" in at.table[0].value.to_string()
+    assert not at.exception

@@ -394,3 +394,13 @@ def test_loaded_model_runs_when_called_and_prints_a_summary(sample_model):
     assert torch.equal(model(x), model.module(x))
     assert repr(model) == (f"LoadedModel(name='mlp_narrow_seed0', architecture='mlp', n_parameters={model.n_parameters:,}, "
                            f"input_shape=(64,), source_format='safetensors', sha256='{model.sha256[:12]}'...)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.float32])
+def test_weights_stored_in_another_precision_are_computed_in_float32_and_say_so(dtype):
+    spec = {"type": "mlp", "sizes": [4, 3, 2], "activation": "relu"}
+    state = {k: v.to(dtype) for k, v in build_model(spec).state_dict().items()}
+    loaded = load_model(save(state, metadata={"architecture": json.dumps(spec)}), filename="w.safetensors")
+    assert all(p.dtype == torch.float32 for p in loaded.module.parameters())
+    assert torch.equal(loaded.module.state_dict()["fc1.weight"], state["fc1.weight"].float())
+    assert loaded.metadata.get("stored_dtype") == (None if dtype == torch.float32 else str(dtype).removeprefix("torch."))

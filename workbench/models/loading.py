@@ -642,6 +642,9 @@ def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec
         )
     module = build_model(spec)  # as large as the weights in the file, whose shapes it matches
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    stored = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
+    if stored and stored != ["float32"]:  # computed in float32 like the rest: say so where the file held other precisions
+        metadata = {**metadata, "stored_dtype": ", ".join(stored)}
     return wrap_module(module, name=name, architecture=spec, source_format=source_format, metadata=metadata)
 
 
