@@ -269,7 +269,7 @@ def describe_module(module: nn.Module) -> dict[str, Any]:
     elif isinstance(first, nn.Unflatten) and first.dim in (1, -len(first.unflattened_size) - 1):
         spec["input_shape"] = [int(torch.Size(first.unflattened_size).numel())]
     rebuilt = build_model(spec)
-    if repr(rebuilt) != repr(module):
+    if _describe(rebuilt, "") != spec["root"] or [type(m) for m in rebuilt.modules()] != [type(m) for m in module.modules()]:
         raise ArchitectureError("the model could not be described exactly by stock torch.nn layers (rebuilt structure differs)")
     rebuilt.load_state_dict(module.state_dict(), strict=True)
     return spec
@@ -351,11 +351,23 @@ def _construct(spec: dict[str, Any]) -> nn.Module:
         raise ArchitectureError(f"The '{spec['type']}' architecture spec could not be built: {exc}.") from exc
 
 
+class _MetaInitSkipped(torch.overrides.TorchFunctionMode):
+    """Random initialisation of meta tensors is a no-op (they hold no values); skipping ``normal_`` there keeps torch from
+    importing its compiler, about a second per process."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if func in (torch.Tensor.normal_, torch.nn.init.normal_) and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
 def count_weights(spec: dict[str, Any] | str) -> int:
     """Values in the parameters and buffers of the module a spec describes, counted on the meta device:
     nothing is allocated, whatever sizes the spec declares."""
     spec = parse_spec(spec)
-    with torch.device("meta"):
+    with torch.device("meta"), _MetaInitSkipped():
         module = _construct(spec)
     return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
 
@@ -372,6 +384,9 @@ def build_model(spec: dict[str, Any] | str) -> nn.Module:
             f"The '{spec['type']}' architecture spec describes {n_weights:,} weights, more than the {MAX_PARAMETERS:,} "
             "a model may have here; check the spec's sizes."
         )
+    if torch.empty(0).is_meta:  # built for counting (loading._meta_state)
+        with _MetaInitSkipped():
+            return _construct(spec).eval()
     return _construct(spec).eval()
 
 

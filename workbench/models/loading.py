@@ -52,6 +52,7 @@ MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".zip")
 MAX_MODEL_BYTES = 2 << 30
 MAX_ARCHIVE_MEMBERS = 10_000
 MAX_COMPRESSION_RATIO = 200
+MIN_BOMB_BYTES = 64 << 20  # below this an archive is unpacked whatever its ratio (pruned weights deflate > 200x)
 MAX_SAFETENSORS_HEADER = 100 << 20
 MAX_MEMBER_NAME = 255  # bytes in one part of a zip member's path (the file system's limit)
 MAX_MEMBER_PATH = 1024  # bytes in a zip member's whole path
@@ -348,6 +349,8 @@ def _load_safetensors(data: bytes, label: str, name: str, spec: dict[str, Any] |
         raise CorruptFileError(f"'{label}' is a damaged safetensors file ({exc}); upload an intact copy.") from exc
     if spec is None and "architecture" in metadata:
         spec = parse_spec(metadata["architecture"])
+    # safetensors.torch.save_model keeps one name of tied tensors and records each dropped name -> the kept one
+    state.update({k: state[v] for k, v in metadata.items() if k not in state and v in state})
     return _from_state_dict(state, label, name, spec, "safetensors", metadata)
 
 
@@ -534,19 +537,17 @@ _COMMON_PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    for prefix in _COMMON_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            stripped = {k[len(prefix):]: v for k, v in state.items()}
-            if set(stripped) & expected:
-                return stripped
-    return state
+    stripped = _unprefixed(state)
+    return stripped if set(stripped) & expected else state
 
 
 def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` without a wrapper prefix (``module.``, ``model.``...) that every key shares."""
-    for prefix in _COMMON_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items()}
+    while state:
+        prefix = next((p for p in _COMMON_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
@@ -559,7 +560,7 @@ def _meta_state(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def _mismatches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
     """Keys of ``state`` missing, unexpected or of the wrong shape for ``expected``, each kind as one phrase."""
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
     parts = []
@@ -666,11 +667,11 @@ def _zip_members(data: bytes, label: str, max_bytes: int) -> list[zipfile.ZipInf
         if p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", info.filename):
             raise UnsafeFileError(f"'{label}' contains the path '{info.filename}', which points outside the archive; it was not unpacked.")
         total += info.file_size
-        if info.compress_size and info.file_size / info.compress_size > MAX_COMPRESSION_RATIO and info.file_size > 1 << 20:
+        if info.compress_size and info.file_size / info.compress_size > MAX_COMPRESSION_RATIO and info.file_size > MIN_BOMB_BYTES:
             raise UnsafeFileError(
                 f"'{label}' member '{info.filename}' expands {info.file_size // max(info.compress_size, 1)}x, like a zip bomb; it was not unpacked."
             )
-    if total > 1 << 20 and total > MAX_COMPRESSION_RATIO * len(data):
+    if total > MIN_BOMB_BYTES and total > MAX_COMPRESSION_RATIO * len(data):
         raise UnsafeFileError(
             f"'{label}' expands {total // len(data)}x in all ({total / 2**20:.0f} MiB from {len(data) / 2**10:.0f} KiB), "
             "like a zip bomb; it was not unpacked."
@@ -681,7 +682,7 @@ def _zip_members(data: bytes, label: str, max_bytes: int) -> list[zipfile.ZipInf
 
 
 def _classify_zip(data: bytes, label: str, max_bytes: int) -> str:
-    names = [i.filename for i in _zip_members(data, label, max_bytes)]
+    names = [i.filename.replace("\\", "/") for i in _zip_members(data, label, max_bytes)]
     base = {PurePosixPath(n).name for n in names}
     if "config.json" in base and not any(n.endswith("data.pkl") for n in names):
         return "huggingface"
@@ -753,7 +754,7 @@ def _load_code_archive(data: bytes, label: str, name: str, kind: str, spec: dict
 def _check_weight_indexes(folder: Path) -> None:
     """A sharded checkpoint's index (``*.index.json``) names the files its weights are read from: each must be a
     ``.safetensors`` file inside the folder, or the index would read files elsewhere on the machine, or pickles."""
-    for index in folder.glob("*.index.json"):
+    for index in folder.glob("*.safetensors.index.json"):
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
             shards = {str(v) for v in weight_map.values()}
@@ -785,7 +786,7 @@ def _read_config(folder: Path, label: str) -> dict[str, Any]:
                                "save the model again with model.save_pretrained(path).") from exc
     if not isinstance(config, dict):
         raise CorruptFileError(f"The config.json of '{label}' holds a {type(config).__name__}, not a JSON object; save the model again with model.save_pretrained(path).")
-    if "quantization_config" in config:
+    if config.get("quantization_config") is not None:
         raise UnsupportedFormatError(f"'{label}' holds a quantized model ('quantization_config' in its config.json), which is not "
                                      "loaded here; save it unquantized with model.save_pretrained(path, safe_serialization=True).")
     return config
@@ -817,11 +818,12 @@ def _check_config_sizes(config: dict[str, Any], label: str, n_tensors: int, n_va
             if isinstance(value, dict):
                 stack.append(value)
             elif isinstance(value, int) and not isinstance(value, bool):
-                limit = min(n_tensors, MAX_CONFIG_LAYERS) if _LAYER_KEYS.fullmatch(key) else n_values if key == "num_labels" else None
+                limit = MAX_CONFIG_LAYERS if _LAYER_KEYS.fullmatch(key) else n_values if key == "num_labels" else None
                 if limit is not None and value > limit:
                     raise ArchitectureError(
-                        f"The config.json of '{label}' sets '{key}' to {value:,}, more than the {limit:,} that its weights "
-                        f"({n_tensors:,} tensors, {n_values:,} values) allow; check the config."
+                        f"The config.json of '{label}' sets '{key}' to {value:,}, more than the {limit:,} "
+                        + ("layers a model may have here" if key != "num_labels" else f"values its weights hold ({n_tensors:,} tensors)")
+                        + "; check the config."
                     )
 
 
@@ -874,7 +876,12 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
             with torch.device("meta"):
                 skeleton = (transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
                             if cls is transformers.AutoModel else cls(config))
-            n_weights = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
+            saved = skeleton.state_dict(keep_vars=True)  # parameters and persistent buffers: what a save holds
+            n_weights = sum(t.numel() for t in {id(t): t for t in saved.values()}.values())
+            scratch = sum(b.numel() * b.element_size() for n, b in skeleton.named_buffers() if n not in saved)
+            if scratch > MAX_MODEL_BYTES:
+                raise ArchitectureError(f"The config.json of '{label}' describes {scratch / 2**20:,.0f} MiB of buffers that are "
+                                        "computed, not stored, above what a model may have here; check the config.")
             if n_weights > 2 * n_values + (1 << 20):  # room for a task head the checkpoint lacks (initialised fresh)
                 raise ArchitectureError(
                     f"The config.json of '{label}' describes a model of {n_weights:,} weights, but its .safetensors files hold only "
