@@ -380,12 +380,19 @@ def layer_picker(model: wb.LoadedModel, key: str, *, label: str | None = None, d
     names = list(shapes)
     label = label or f"Layers of {model.name}"
     fmt = lambda n: f"{n}  {tuple(shapes[n])}"  # noqa: E731
+    kept_key = f"_kept_{key}"  # the last choice for this model, restored when the user comes back from another page
+    kept = st.session_state.get(kept_key)
+    if kept is not None and kept[0] == model.content_sha256 and key not in st.session_state:
+        default = [n for n in kept[1] if n in names] or default
     if multi:
         chosen = st.multiselect(label, names, default=[d for d in (default or default_layers(model)) if d in names],
                                 format_func=fmt, key=key, help="Modules from named_modules(), in forward order, with output shapes.")
-        return [n for n in names if n in chosen]
-    pick = default[0] if default else (default_layers(model) or names)[-1]
-    return [st.selectbox(label, names, index=names.index(pick) if pick in names else 0, format_func=fmt, key=key)]
+        picked = [n for n in names if n in chosen]
+    else:
+        pick = default[0] if default else (default_layers(model) or names)[-1]
+        picked = [st.selectbox(label, names, index=names.index(pick) if pick in names else 0, format_func=fmt, key=key)]
+    st.session_state[kept_key] = (model.content_sha256, picked)
+    return picked
 
 
 def layer_pickers(models: list[wb.LoadedModel], key: str) -> dict[str, list[str]]:

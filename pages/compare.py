@@ -129,8 +129,8 @@ for key, names in (("cmp_cell_a", result.layers_a), ("cmp_cell_b", result.layers
 
 st.subheader("Detail of one cell")
 col_a, col_b, col_n = st.columns(3)
-cell_a = col_a.selectbox("Layer of A", result.layers_a, key="cmp_cell_a")
-cell_b = col_b.selectbox("Layer of B", result.layers_b, key="cmp_cell_b")
+cell_a = col_a.selectbox("Layer of A", result.layers_a, key="cmp_cell_a", persist_state="session")
+cell_b = col_b.selectbox("Layer of B", result.layers_b, key="cmp_cell_b", persist_state="session")
 n = result.n_samples
 n_anchors = col_n.slider("Anchors", 4, min(256, n), min(64, n), key="cmp_anchors", help=HELP["anchors"])
 labels = dataset.y if dataset.n_classes else None

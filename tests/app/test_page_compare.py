@@ -142,3 +142,15 @@ def test_pwcca_when_no_pair_is_defined_points_to_svcca(compare):
     assert any("choose 'svcca' under CCA summary" in i.value for i in at.info) and not at.exception
     at.selectbox(key="cmp_cca_kind").set_value("svcca").run()
     assert not page_errors(at) and at.get("plotly_chart")
+
+
+def test_layers_and_the_detail_cell_are_kept_while_the_user_visits_another_page(compare):
+    at = compare
+    at.multiselect(key="cmp_layers_a").set_value(["relu1", "relu2"]).run()
+    at.selectbox(key="cmp_cell_a").set_value("relu2")
+    at.selectbox(key="cmp_cell_b").set_value("relu1").run()
+    at.switch_page("pages/activations.py").run()
+    at.switch_page("pages/compare.py").run()
+    assert list(at.multiselect(key="cmp_layers_a").value) == ["relu1", "relu2"]
+    assert (at.selectbox(key="cmp_cell_a").value, at.selectbox(key="cmp_cell_b").value) == ("relu2", "relu1")
+    assert not at.exception
