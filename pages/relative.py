@@ -145,5 +145,8 @@ cols[2].metric("Own head of A", "n/a" if stitched.own_accuracy is None else f"{s
 _state.label_order_caption(test)
 fig = stitching_bars(stitched, name_a=model_a.name, name_b=model_b.name)
 st.plotly_chart(fig, key="rel_stitch_chart", width="stretch")
-st.caption(f"Trained on {train.n_samples} samples of {_state.plain(train.name)}, tested on {test.n_samples} of {_state.plain(test.name)}.")
+held = train.n_samples - stitched.n_train
+st.caption(f"Heads trained on {stitched.n_train} samples of {_state.plain(train.name)}"
+           + (f" (its {train.n_samples} samples less the {held} anchors, whose own columns would give their class away)" if held else "")
+           + f", tested on {test.n_samples} of {_state.plain(test.name)}.")
 _state.report_button(f"Zero-shot stitching: {model_a.name}, {model_b.name}", stitched, [fig], key="rel_stitch_report")

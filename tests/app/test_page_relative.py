@@ -51,7 +51,7 @@ def test_zero_shot_stitching(app):
     )
     bars = _array(spec["data"][0]["y"])
     assert (bars > 0.9).all()  # relative heads, own and stitched
-    assert any("Trained on 1347 samples of digits (train)" in c.value for c in at.caption)
+    assert any("Heads trained on 1283 samples of digits (train) (its 1347 samples less the 64 anchors" in c.value for c in at.caption)
 
 
 def test_needs_two_models(app):
@@ -97,4 +97,5 @@ def test_stitching_on_a_dataset_without_a_train_split_trains_on_a_stratified_70_
     at.slider(key="rel_epochs").set_value(20)
     at.toggle(key="rel_stitch").set_value(True).run()
     assert not page_errors(at)
-    assert any("Trained on 700 samples of blobs" in shown(c.value) and "[70%], tested on 300 of" in shown(c.value) for c in at.caption)
+    assert any("Heads trained on 636 samples of blobs" in shown(c.value) and "[70%] (its 700 samples less the 64 anchors" in shown(c.value)
+               and "tested on 300 of" in shown(c.value) for c in at.caption)
