@@ -44,8 +44,12 @@ with col_a, _state.guard():
 with col_b, _state.guard():
     matching = [n for n in options if mc.same_architecture(model_a, load(n))]  # only these can be matched to A
     others = [n for n in matching if n != model_a.name]
-    model_b = pick("Model B (permuted to match A)", _state.MODEL_B, others[0] if others else model_a.name,
-                   "mc_model_b", matching, "Models of A's architecture: the same modules and parameter shapes.")
+    if others:
+        model_b = pick("Model B (permuted to match A)", _state.MODEL_B, others[0], "mc_model_b", matching,
+                       "Models of A's architecture: the same modules and parameter shapes.")
+    else:  # not A itself: there is nothing to match A to
+        st.selectbox("Model B (permuted to match A)", [f"no other model of {model_a.name}'s architecture"], disabled=True,
+                     key="mc_model_b_none")
 if not others:
     st.info(f"No other model has the architecture of {_state.plain(model_a.name)}: choose or upload one on the Models & data page.")
     _state.stop()
