@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import streamlit as st
 
 from pages import _choosers, _state
@@ -24,12 +26,23 @@ chosen = [(slot, m) for slot, m in zip("AB", (st.session_state.get(_state.MODEL_
           if m is not None]
 if chosen[0][0] == "B":
     st.info("Model A is not chosen: the pages analyse model B alone until it is.")
+
+
+def _architecture(model) -> str:
+    """The spec the weights were loaded into (cut when long), or where the module came from."""
+    if model.architecture:
+        text = json.dumps(model.architecture)
+        return text if len(text) <= 240 else text[:240] + "…"
+    return "config.json (transformers)" if model.source_format == "huggingface" else f"the file itself ({model.source_format})"
+
+
 cols = st.columns(len(chosen))
 for col, (slot, model) in zip(cols, chosen):
     with col:
         st.subheader(f"Model {slot}: {model.name}")
         st.metric("Parameters", f"{model.n_parameters:,}")
         meta = {"format": model.source_format, "weights sha256": model.sha256[:16] + "…",
+                "architecture": _architecture(model),
                 "input": f"{model.input_shape} {str(model.input_dtype).replace('torch.', '')}" if model.input_shape else "unknown"}
         if "test_accuracy" in model.metadata:
             trained_on = model.metadata.get("dataset")

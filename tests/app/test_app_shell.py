@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 
@@ -286,3 +287,12 @@ def test_home_says_when_weights_were_stored_in_float64(app):
     at = _upload(app.run(), "model_a", "f64.safetensors", data)
     assert "stored as float64, computed in float32 (rounded)" in at.table[0].value.to_string()
     assert not at.exception
+
+
+def test_home_shows_the_spec_a_state_dict_was_loaded_into(app):
+    spec = {"type": "mlp", "sizes": [64, 16, 10], "activation": "tanh"}
+    buf = io.BytesIO()
+    torch.save(build_model(spec).state_dict(), buf)
+    at = _upload(app.run(), "model_a", "w.pt", buf.getvalue())
+    at.text_area(key="model_a_arch").set_value(json.dumps(spec)).run()
+    assert '"activation": "tanh"' in at.table[0].value.to_string()
