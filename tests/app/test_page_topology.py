@@ -58,7 +58,7 @@ def test_two_models_side_by_side(app, narrow, digits):
     table = at.dataframe[0].value
     assert len(table) == 10 and set(table["model"]) == {"A (mlp_narrow_seed0)", "B (mlp_narrow_seed1)"}
     relu2 = table[(table["model"] == "A (mlp_narrow_seed0)") & (table["layer"] == "relu2")]
-    assert float(relu2["probe accuracy (CV)"].iloc[0]) > 0.9
+    assert float(relu2["probe accuracy (CV, on the samples S uses: L2-normalised unless raw)"].iloc[0]) > 0.9
     # no subsampling at 450 samples, so no note
     assert not [i.value for i in at.info if "farthest-point" in i.value]
 

@@ -20,7 +20,7 @@ from workbench.plots._style import MODEL_COLORS, order_layers, takes_results, ti
 DIM_COLORS = ("#1f77b4", "#d62728", "#2ca02c")
 REFERENCE_NAMES = {
     "thornton_index": "Thornton index",
-    "probe_accuracy": "probe accuracy (CV)",
+    "probe_accuracy": "probe accuracy (CV, on the samples S uses: L2-normalised unless raw)",
     "probe_roc_auc": "probe ROC-AUC (CV)",
     "fisher_ratio": "Fisher ratio (max feature)",
     "calinski_harabasz": "Calinski–Harabasz",
