@@ -440,4 +440,4 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
         sections.append({"title": title, "result": result, "figures": figures, "models": [m.name for m in models],
                          "dataset": dataset.name if dataset is not None else "", "snippet": snippet,
                          "model_objects": models, "dataset_object": dataset, "summary": summarize(result)})
-        st.toast(f"Added '{title}' to the report ({len(sections)} sections).")
+        st.toast(f"Added '{title}' to the report ({len(sections)} section{'s' if len(sections) != 1 else ''}).")

@@ -17,12 +17,12 @@ if not sections:
     _state.stop()
 
 title = st.text_input("Report title", value="Representation analysis", key="report_title", persist_state="session")
-st.caption(f"{len(sections)} section(s). Reorder with the arrows, remove with ✕.")
+st.caption(f"{len(sections)} section{'s' if len(sections) != 1 else ''}. Reorder with the arrows, remove with ✕.")
 for i, section in enumerate(list(sections)):
     cols = st.columns([8, 1, 1, 1])
     cols[0].markdown(f"**{i + 1}. {_state.plain(section['title'])}** · {_state.plain(', '.join(section['models']))} · "
                      f"{_state.plain(section['dataset'])} · "
-                     f"{len(section['figures'])} figure(s)")
+                     f"{len(section['figures'])} figure{'s' if len(section['figures']) != 1 else ''}")
     if cols[1].button("↑", key=f"report_up_{i}", disabled=i == 0, help="Move up"):
         sections[i - 1], sections[i] = sections[i], sections[i - 1]
         st.rerun()
