@@ -24,6 +24,7 @@ from safetensors.torch import save, save_file, save_model
 from torch import nn
 
 from workbench import load_model
+from workbench.activations import layer_info
 from workbench.models.architectures import build_model, describe_module, input_spec
 
 SPECS = {
@@ -424,6 +425,9 @@ def test_huggingface_models_load_from_folders_and_zips(tmp_path, cls, config_cls
         assert loaded.source_format == "huggingface"
         _assert_same_weights(loaded.module, reference.state_dict())
     _assert_same_outputs(loaded.module, reference, inputs())
+    vision = "pixel_values" in inputs()
+    assert loaded.takes_tokens != vision and (not vision or loaded.input_shape[0] == 3)
+    assert [i for i in layer_info(loaded) if i.output_shape is not None]  # the workbench's own probe batch runs
 
 
 def _hub_snapshot(folder: Path, reference: nn.Module) -> Path:

@@ -85,7 +85,11 @@ def example_input(model: LoadedModel, n: int = 2) -> torch.Tensor:
 
 def _forward(module: nn.Module, batch: torch.Tensor, takes_tokens: bool, source_format: str) -> Any:
     if source_format == "huggingface":
-        return module(input_ids=batch, attention_mask=(batch != 0).long())
+        if not takes_tokens:
+            return module(pixel_values=batch)
+        # an encoder-decoder (T5, BART) reads the same tokens on its decoder side (teacher forcing on the input)
+        extra = {"decoder_input_ids": batch} if getattr(getattr(module, "config", None), "is_encoder_decoder", False) else {}
+        return module(input_ids=batch, attention_mask=(batch != 0).long(), **extra)
     return module(batch)
 
 
@@ -116,8 +120,9 @@ def layer_info(model: LoadedModel | nn.Module, example: Any = None) -> list[Laye
     with hooks_on(lm.module, list(modules), record), eval_mode(lm.module), torch.inference_mode():
         try:
             _forward(lm.module, x, lm.takes_tokens, lm.source_format)
-        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-            raise DataError(f"The probe batch of shape {tuple(x.shape)} could not be run through '{lm.name}' ({exc}).") from exc
+        except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError) as exc:
+            raise DataError(f"The probe batch of shape {tuple(x.shape)} could not be run through '{lm.name}' "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).") from exc
     order = list(shapes) + [n for n in modules if n not in shapes]
     return [
         LayerInfo(

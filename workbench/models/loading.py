@@ -902,5 +902,9 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
         raise CorruptFileError(f"The Hugging Face model in '{label}' could not be loaded ({_first_line(exc)}).") from exc
     loaded = wrap_module(module, name=name, architecture=None, source_format="huggingface",
                          metadata={"model_type": str(getattr(config, "model_type", ""))})
+    channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None) or 224
+    if isinstance(channels, int) and not getattr(config, "vocab_size", None):  # a vision model: images, not tokens
+        size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        return dataclasses.replace(loaded, input_shape=(channels, size, size), input_dtype=torch.float32)
     seq = int(min(getattr(config, "max_position_embeddings", 16) or 16, 16))
     return dataclasses.replace(loaded, input_shape=(seq,), input_dtype=torch.int64)
