@@ -199,6 +199,14 @@ def _relative_summary(result: Any) -> dict[str, Any]:
     return out
 
 
+def _relative_pair_summary(result: Any) -> dict[str, Any]:
+    a = result.agreement
+    out = {f"Jaccard@{a.k} (relative)": a.mean_jaccard, "MRR (relative)": a.mrr, "mean cosine (relative)": a.mean_cosine}
+    if a.absolute_comparable:
+        out.update({f"Jaccard@{a.k} (absolute)": a.absolute_mean_jaccard, "MRR (absolute)": a.absolute_mrr})
+    return out
+
+
 def _mode_connectivity(ctx: Context, n_points: int = 25, top_k: int = 5, seed: int = 0) -> Any:
     from workbench.analyses.mode_connectivity import mode_connectivity
     from workbench.data import digits_train_for
@@ -402,6 +410,7 @@ def _by_type() -> dict[str, tuple[str, Callable[[Any], dict[str, Any]], bool]]:
         "ActivationStatsResult": ("activation statistics", _activation_stats_summary, True),
         "SimilarityMatrixResult": ("similarity", _similarity_summary, False),
         "RelativeLayerAgreementResult": ("relative agreement", _relative_summary, False),
+        "RelativeComparisonResult": ("relative agreement", _relative_pair_summary, False),
         "StitchingResult": ("stitching accuracy", _stitching_summary, False),
         "ModeConnectivityResult": ("barriers", _mode_connectivity_table, False),
         "MergeResult": ("merge", _merge_summary, False),

@@ -356,3 +356,13 @@ def test_a_random_encoder_stitches_at_chance(sample_model, digits_train, digits_
     result = stitch(tr, noise_tr, te, noise_te, digits_train.y, digits_test.y, n_anchors=256, epochs=60)
     assert result.relative_accuracy[0, 0] > 0.9  # A on its own head
     assert result.relative_accuracy[0, 1] < result.chance_accuracy + 0.08  # A on the head of noise: chance
+
+
+def test_a_relative_comparison_has_key_numbers_for_reports():
+    from workbench.registry import summarize
+
+    x = _rng().normal(size=(120, 8))
+    result = relative_comparison(x, x @ _orthogonal(8, seed=1), n_anchors=20, k=5)
+    numbers = summarize(result)["relative agreement"]
+    assert numbers["Jaccard@5 (relative)"] == pytest.approx(1.0) and numbers["MRR (relative)"] == pytest.approx(1.0)
+    assert numbers["Jaccard@5 (absolute)"] == result.agreement.absolute_mean_jaccard
