@@ -325,7 +325,8 @@ def safetensors_metadata(data: bytes, label: str) -> dict[str, str]:
         if what is not None:
             raise UnsupportedFormatError(f"'{label}' is not a safetensors file: it looks like {what}.")
     if header_len > MAX_SAFETENSORS_HEADER:
-        raise CorruptFileError(f"'{label}' declares a {header_len}-byte safetensors header, far above any real model's; the file is corrupt or hostile.")
+        raise CorruptFileError(f"'{label}' is not a readable safetensors file: its first 8 bytes declare a header larger than "
+                               f"{MAX_SAFETENSORS_HEADER >> 20} MiB, which no model has; upload an intact copy.")
     if 8 + header_len > len(data):
         raise CorruptFileError(f"'{label}' is truncated: its safetensors header needs {header_len} bytes but the file has {len(data) - 8}.")
     try:
