@@ -244,6 +244,14 @@ def cached_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return value
 
 
+def logged_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a library function without caching (its inputs have no content key) and record it for the report's
+    recreate snippet, as :func:`cached_call` does."""
+    value = fn(*args, **kwargs)
+    _log_call(fn, args, kwargs, value, "result")
+    return value
+
+
 @contextmanager
 def progress_bar(text: str) -> Iterator[Callable[[int, int], None]]:
     """A progress callback ``(done, total)`` drawing a Streamlit progress bar, removed afterwards."""

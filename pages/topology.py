@@ -109,8 +109,8 @@ st.plotly_chart(figures[-1], width="stretch", key="topo_betti")
 
 st.subheader("Diagram distance between layers")
 with _state.guard():
-    matrix = tp.diagram_distance_matrix(
-        pers[0], pers[-1] if len(pers) > 1 else None, metric=distance, dim=dim, normalize=normalize
+    matrix = _state.logged_call(  # from the diagrams above (dicts of results: no content key to cache by)
+        tp.diagram_distance_matrix, pers[0], pers[-1] if len(pers) > 1 else None, metric=distance, dim=dim, normalize=normalize
     )
 figures.append(plots.diagram_distance_heatmap(matrix, name_a=names[0], name_b=names[-1]))
 st.plotly_chart(figures[-1], width="stretch", key="topo_distance_matrix")

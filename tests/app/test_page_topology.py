@@ -61,6 +61,9 @@ def test_two_models_side_by_side(app, narrow, digits):
     assert float(relu2["probe accuracy (CV, on the samples S uses: L2-normalised unless raw)"].iloc[0]) > 0.9
     # no subsampling at 450 samples, so no note
     assert not [i.value for i in at.info if "farthest-point" in i.value]
+    at.button(key="topo_report").click().run()
+    snippet = at.session_state["report_sections"][-1]["snippet"]
+    assert "= diagram_distance_matrix({" in snippet and "metric='bottleneck'" in snippet  # the heatmap is recreated too
 
 
 def test_subsampling_note_and_h0_only(app, narrow, digits):
