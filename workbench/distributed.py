@@ -192,7 +192,7 @@ def _merge_rows(parts: list[Any], groups: list[list[str]], layers_a: list[str], 
                 columns_source: Mapping[str, Any], same: bool, symmetric: bool, engine: str, kind: str, seconds: float):
     """One matrix from the row blocks of the tasks: a block whose CCA pairs are all undefined becomes NaN cells, and the
     undefined pairs are listed as the single-process matrix lists them (one triangle when it is symmetric)."""
-    from workbench.analyses.similarity import UndefinedPairError, undefined_pairs_note
+    from workbench.analyses.similarity import UndefinedPairError, _undefined_pairs_note
 
     done = [p for p in parts if not isinstance(p, UndefinedPairError)]
     if not done:
@@ -215,7 +215,7 @@ def _merge_rows(parts: list[Any], groups: list[list[str]], layers_a: list[str], 
     estimator = first.estimator.split("; n/a (NaN) for ")[0]
     if undefined:
         params["undefined_pairs"] = undefined
-        estimator = undefined_pairs_note(estimator, undefined, n_pairs, first.n_samples, kind)
+        estimator = _undefined_pairs_note(estimator, undefined, n_pairs, first.n_samples, kind)
     return replace(
         first,
         values=np.concatenate(values, axis=0),

@@ -602,7 +602,7 @@ class UndefinedPairError(DataError):
     """CCA of two layers that together span more dimensions than the samples leave after centring."""
 
 
-def undefined_pairs_note(estimator: str, pairs: Sequence[tuple[str, str]], n_pairs: int, n: int, kind: str) -> str:
+def _undefined_pairs_note(estimator: str, pairs: Sequence[tuple[str, str]], n_pairs: int, n: int, kind: str) -> str:
     """``estimator`` with the sentence that names the undefined (NaN) CCA cells of a matrix."""
     return (f"{estimator}; n/a (NaN) for {len(pairs)} of {n_pairs} pairs of layers that together span more dimensions "
             f"than {n} samples leave after centring, where some canonical correlations are 1 whatever the data (first: "
@@ -1227,7 +1227,7 @@ def similarity_matrix(
         if len(undefined) == n_pairs:
             raise undefined[0][2]
         params["undefined_pairs"] = [(raw_a[i][0], raw_b[j][0]) for i, j, _ in undefined]  # one triangle when symmetric
-        estimator = undefined_pairs_note(estimator, params["undefined_pairs"], n_pairs, n, kind)
+        estimator = _undefined_pairs_note(estimator, params["undefined_pairs"], n_pairs, n, kind)
 
     return SimilarityMatrixResult(
         values=values,
