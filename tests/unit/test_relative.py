@@ -181,6 +181,9 @@ def test_zero_shot_stitching_between_mlps_from_different_seeds(mlp_activations, 
     own_lines = [t for t in fig.data if t.name.startswith("own head")]  # in the legend, not written over the bars
     assert [t.name for t in own_lines] == [f"own head of s0: {own[0]:.3f}", f"own head of s1: {own[1]:.3f}"]
     assert not [a for a in fig.layout.annotations if "own head" in (a.text or "")]
+    assert own_lines[0].line.dash != own_lines[1].line.dash  # equal accuracies still show two lines
+    assert [t.y[0] for t in fig.data if t.name.startswith("chance")] == [result.chance_accuracy]
+    assert not [a for a in fig.layout.annotations if "chance" in (a.text or "")]
 
 
 def test_stitching_is_reproducible_with_a_seed():

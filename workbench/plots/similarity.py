@@ -224,16 +224,15 @@ def stitching_bars(result: StitchingResult, *, name_a: str = "A", name_b: str = 
             fig.add_trace(
                 go.Scatter(
                     x=[labels[0], labels[-1]], y=[float(acc)] * 2, mode="lines", name=f"own head of {names[i]}: {acc:.3f}",
-                    line={"color": MODEL_COLORS[i], "dash": "dot", "width": 1.5},
+                    line={"color": MODEL_COLORS[i], "dash": ("dot", "dashdot")[i % 2], "width": 1.5},  # equal lines stay visible
                     hovertemplate=f"own head of {names[i]}: {acc:.3f}<extra></extra>",
                 )
             )
-    fig.add_hline(
-        y=result.chance_accuracy,
-        line={"color": "black", "dash": "dash", "width": 1},
-        annotation_text=f"chance {result.chance_accuracy:.3f}",
-        annotation_position="top left",
-    )
+    chance = float(result.chance_accuracy)
+    fig.add_trace(go.Scatter(  # in the legend, like the own heads: a label on the plot sat under the first bar
+        x=[labels[0], labels[-1]], y=[chance] * 2, mode="lines", name=f"chance: {chance:.3f}",
+        line={"color": "black", "dash": "dash", "width": 1}, hovertemplate=f"chance: {chance:.3f}<extra></extra>",
+    ))
     fig.update_yaxes(title_text="test accuracy", range=[0, 1.05])
     fig.update_layout(barmode="group", height=420)
     return titled(fig, "Zero-shot stitching", estimator=result.estimator, n=result.n_samples)
