@@ -363,30 +363,42 @@ class _MetaInitSkipped(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _on_meta(spec: dict[str, Any]) -> nn.Module:
+    with torch.device("meta"), _MetaInitSkipped():
+        return _construct(spec)
+
+
+def _n_weights(module: nn.Module) -> int:
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+
+
 def count_weights(spec: dict[str, Any] | str) -> int:
     """Values in the parameters and buffers of the module a spec describes, counted on the meta device:
     nothing is allocated, whatever sizes the spec declares."""
+    return _n_weights(_on_meta(parse_spec(spec)))
+
+
+def meta_model(spec: dict[str, Any] | str) -> nn.Module:
+    """The module a spec describes on the meta device (shapes and dtypes, no values), in eval mode; refused with
+    :class:`ArchitectureError` when it would hold more than ``MAX_PARAMETERS`` weights."""
     spec = parse_spec(spec)
-    with torch.device("meta"), _MetaInitSkipped():
-        module = _construct(spec)
-    return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+    module = _on_meta(spec)
+    n_weights = _n_weights(module)
+    if n_weights > MAX_PARAMETERS:
+        raise ArchitectureError(
+            f"The '{spec['type']}' architecture spec describes {n_weights:,} weights, more than the {MAX_PARAMETERS:,} "
+            "a model may have here; check the spec's sizes."
+        )
+    return module.eval()
 
 
 def build_model(spec: dict[str, Any] | str) -> nn.Module:
     """Build the (untrained) module a spec describes, in eval mode.
 
     Refused with :class:`ArchitectureError`, before anything is allocated, when it would hold more than
-    ``MAX_PARAMETERS`` weights."""
+    ``MAX_PARAMETERS`` weights (:func:`meta_model` counts them first)."""
     spec = parse_spec(spec)
-    n_weights = count_weights(spec)
-    if n_weights > MAX_PARAMETERS:
-        raise ArchitectureError(
-            f"The '{spec['type']}' architecture spec describes {n_weights:,} weights, more than the {MAX_PARAMETERS:,} "
-            "a model may have here; check the spec's sizes."
-        )
-    if torch.empty(0).is_meta:  # built for counting (loading._meta_state)
-        with _MetaInitSkipped():
-            return _construct(spec).eval()
+    meta_model(spec)
     return _construct(spec).eval()
 
 

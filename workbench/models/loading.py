@@ -46,7 +46,7 @@ from workbench.errors import (
     UnsupportedFormatError,
     WorkbenchError,
 )
-from workbench.models.architectures import build_model, input_spec, parse_spec
+from workbench.models.architectures import build_model, input_spec, meta_model, parse_spec
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".zip")
 MAX_MODEL_BYTES = 2 << 30
@@ -555,8 +555,7 @@ def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _meta_state(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The state dict (names, shapes, dtypes) of the module ``spec`` describes, built on the meta device: nothing is
     allocated, so a spec is compared with the weights before it is built for real."""
-    with torch.device("meta"):
-        return build_model(spec).state_dict()
+    return meta_model(spec).state_dict()
 
 
 def _mismatches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
