@@ -151,11 +151,23 @@ def test_csv_numeric_labels_must_be_finite(label):
 
 
 def test_csv_numbers_that_are_not_class_numbers_are_regression_targets_within_float32():
-    for label in ("2.5", "-1", "100000", "1e18"):
+    for label in ("2.5", "-1.5", "100000", "1e18"):
         y = load_dataset(f"a,label\n1,0\n2,{label}\n3,1\n".encode(), filename="lab.csv").y
         assert y.dtype == torch.float32 and y.tolist() == [0.0, float(np.float32(label)), 1.0]
     with pytest.raises(DataError, match=r"The float targets of dataset 'lab' reach beyond the float32 range \(\|y\| > 3\.4e\+38\)"):
         load_dataset(b"a,label\n1,0\n2,1e300\n3,1\n", filename="lab.csv")
+
+
+def test_csv_whole_numbers_below_zero_are_classes_in_increasing_order():
+    from workbench.data import label_order_note
+
+    data = load_dataset(b"a,label\n1,1\n2,-1\n3,1\n4,-1.0\n5,-0\n", filename="pm.csv")
+    assert data.y.dtype == torch.int64 and data.y.tolist() == [2, 0, 2, 0, 1] and data.class_names == ("-1", "0", "1")
+    assert label_order_note(data).startswith("The labels of 'pm' were whole numbers below zero among them, numbered in "
+                                             "increasing order (-1 → 0, 0 → 1, 1 → 2)")
+    many = "a,label\n" + "".join(f"{i},{i - 1000}\n" for i in range(datasets.MAX_SIGNED_CLASSES + 1))
+    y = load_dataset(many.encode(), filename="t.csv").y  # more distinct values than classes: regression targets
+    assert y.dtype == torch.float32 and y[0] == -1000
 
 
 def test_csv_class_numbers_load_as_integers():

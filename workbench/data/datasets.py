@@ -306,8 +306,9 @@ def load_dataset(source: str | Path | bytes, *, split: str | None = None, filena
     ``n_classes``, ``seed``), ``"sentences"``, a path to ``.npz`` / ``.csv`` / ``.pt``, or the bytes
     of such a file (then ``filename`` gives its type). ``.npz`` is read with ``allow_pickle=False``
     (arrays ``x`` and optional ``y``); ``.csv`` must be numeric with an optional label column named
-    one of ``label, labels, y, target, class`` holding text, class numbers ``0 .. MAX_CLASSES - 1`` or
-    other finite numbers (regression targets);
+    one of ``label, labels, y, target, class`` holding text, class numbers ``0 .. MAX_CLASSES - 1``, whole
+    numbers some of which are below zero (such as -1 / 1: classes numbered in increasing order, named by
+    their numbers) or other finite numbers (regression targets);
     ``.pt`` is read with ``weights_only=True`` (a tensor, or a dict with ``x`` and optional ``y``).
     ``split`` (``"train"``, ``"test"`` the default, ``"all"``) applies to digits and sentences; an option
     a source does not take is refused, not ignored.
@@ -383,27 +384,31 @@ def _read_file(data: bytes, name: str, max_bytes: int) -> Dataset:
             raise DataError(f"'{name}' has text labels and 'class_names'; give integer labels with 'class_names', or text labels alone.")
         labels = y if isinstance(y, list) else y.astype(str).ravel().tolist()
         stripped = {c: c.strip() for c in set(labels)}
-        class_names = tuple(sorted(set(stripped.values())))
+        numeric = suffix == ".csv" and all(_is_number(c) for c in stripped.values())  # whole numbers below zero
+        class_names = tuple(sorted(set(stripped.values()), key=float if numeric else None))
         if len(class_names) > MAX_CLASSES:
             raise DataError(f"'{name}' has {len(class_names)} distinct text labels, above the limit of {MAX_CLASSES} classes; "
                             "give labels that name classes, not samples.")
         index = {c: i for i, c in enumerate(class_names)}
         y = np.fromiter((index[stripped[c]] for c in labels), dtype=np.int64, count=len(labels))
-        info["labels"] = TEXT_LABELS_NOTE
+        info["labels"] = SIGNED_LABELS_NOTE if numeric else TEXT_LABELS_NOTE
     return make_dataset(Path(name).stem, x, y, class_names=class_names, description=f"uploaded {suffix} file", info=info)
 
 
 TEXT_LABELS_NOTE = "text, numbered in sorted order"
+SIGNED_LABELS_NOTE = "whole numbers below zero among them, numbered in increasing order"
+MAX_SIGNED_CLASSES = 1000  # whole-number CSV labels below zero are classes up to this many distinct values, else targets
 
 
 def label_order_note(dataset: Dataset) -> str | None:
     """For text labels: a sentence saying how they were numbered, for results that compare a model's outputs with them."""
-    if dataset.info.get("labels") != TEXT_LABELS_NOTE or not dataset.class_names:
+    how = dataset.info.get("labels")
+    if how not in (TEXT_LABELS_NOTE, SIGNED_LABELS_NOTE) or not dataset.class_names:
         return None
     shown = ", ".join(f"{c} → {i}" for i, c in enumerate(dataset.class_names[:6]))
     more = ", …" if len(dataset.class_names) > 6 else ""
-    return (f"The labels of '{dataset.name}' were text, numbered in sorted order ({shown}{more}); accuracies of a model "
-            "assume its outputs follow that order. If they do not, give integer labels in the model's order.")
+    return (f"The labels of '{dataset.name}' were {how} ({shown}{more}); accuracies of a model "
+            "assume its outputs follow that order. If they do not, give integer labels from 0 in the model's order.")
 
 
 def _check_unpacked_size(zf: zipfile.ZipFile, name: str, max_bytes: int) -> None:
@@ -550,6 +555,9 @@ def _csv_table(rows: Iterator[list[str]], name: str) -> tuple[np.ndarray, np.nda
     values = np.fromiter((numbers[c] for c in labels), dtype=np.float64, count=len(labels))
     if all(v.is_integer() and 0 <= v < MAX_CLASSES for v in numbers.values()):
         return x, values.astype(np.int64)  # class numbers
+    distinct = sorted(set(numbers.values()))
+    if distinct[0] < 0 and all(v.is_integer() for v in distinct) and len(distinct) <= MAX_SIGNED_CLASSES:  # such as -1 / 1
+        return x, [f"{v + 0.0:.0f}" for v in values]  # (+ 0.0: no "-0")  # classes, numbered below in numeric order
     return x, values  # regression targets: make_dataset checks their range
 
 
