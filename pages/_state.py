@@ -424,9 +424,11 @@ def pooling_picker(key: str) -> str:
 def report_button(title: str, result: Any, figures: list, key: str, *, analysis: str | None = None,
                   params: dict[str, Any] | None = None, layers: list[str] | None = None,
                   layers_b: list[str] | None = None, pooling: str = "mean",
-                  models: list[wb.LoadedModel] | None = None) -> None:
+                  models: list[wb.LoadedModel] | None = None, dataset: wb.Dataset | None = None,
+                  train_dataset: wb.Dataset | None = None) -> None:
     """An "Add to report" button collecting ``(title, result, figures)`` for the Report page, with the
-    models it analysed (``models``, else model A and B) and the dataset.
+    models it analysed (``models``, else model A and B), the dataset (``dataset``, else the sidebar's) and
+    the data it trained or matched on where that was another dataset (``train_dataset``).
 
     With ``analysis`` (a registry name) and its ``params``, the section also carries the Python
     that recreates it.
@@ -434,7 +436,7 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
     if st.button("Add to report", key=key, help="Collect this result and its figures for the exported report."):
         sections = st.session_state.setdefault(REPORT, [])
         models = current_models() if models is None else list(models)
-        dataset = st.session_state.get(DATASET)
+        dataset = st.session_state.get(DATASET) if dataset is None else dataset
         snippet = call_log_snippet(result)
         if analysis is not None and models and dataset is not None:
             from workbench.registry import Context, get_analysis, recreate_snippet
@@ -447,5 +449,6 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
 
         sections.append({"title": title, "result": result, "figures": figures, "models": [m.name for m in models],
                          "dataset": dataset.name if dataset is not None else "", "snippet": snippet,
-                         "model_objects": models, "dataset_object": dataset, "summary": summarize(result)})
+                         "model_objects": models, "dataset_object": dataset, "train_dataset_object": train_dataset,
+                         "summary": summarize(result)})
         st.toast(f"Added '{title}' to the report ({len(sections)} section{'s' if len(sections) != 1 else ''}).")

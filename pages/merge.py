@@ -90,4 +90,4 @@ if models[0].architecture is not None:
     st.download_button(
         "Download the merged model (safetensors)", blob, file_name="merged.safetensors", key="mc_download_merged"
     )
-_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report", models=models)
+_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report", models=models, train_dataset=train)

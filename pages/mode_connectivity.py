@@ -148,4 +148,5 @@ if model_b.architecture is not None:
         key="mc_download_b",
         help="The permuted B; it computes the same function as B.",
     )
-_state.report_button("Mode connectivity", result, [curves, layers, spectra], key="mc_report", models=[model_a, model_b])
+_state.report_button("Mode connectivity", result, [curves, layers, spectra], key="mc_report", models=[model_a, model_b],
+                    train_dataset=train)

@@ -149,4 +149,5 @@ held = train.n_samples - stitched.n_train
 st.caption(f"Heads trained on {stitched.n_train} samples of {_state.plain(train.name)}"
            + (f" (its {train.n_samples} samples less the {held} anchors, whose own columns would give their class away)" if held else "")
            + f", tested on {test.n_samples} of {_state.plain(test.name)}.")
-_state.report_button(f"Zero-shot stitching: {model_a.name}, {model_b.name}", stitched, [fig], key="rel_stitch_report")
+_state.report_button(f"Zero-shot stitching: {model_a.name}, {model_b.name}", stitched, [fig], key="rel_stitch_report",
+                    dataset=test, train_dataset=train)

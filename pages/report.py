@@ -20,8 +20,10 @@ title = st.text_input("Report title", value="Representation analysis", key="repo
 st.caption(f"{len(sections)} section{'s' if len(sections) != 1 else ''}. Reorder with the arrows, remove with ✕.")
 for i, section in enumerate(list(sections)):
     cols = st.columns([8, 1, 1, 1])
+    train = section.get("train_dataset_object")
+    trained = f" (trained on {_state.plain(train.name)})" if train is not None else ""
     cols[0].markdown(f"**{i + 1}. {_state.plain(section['title'])}** · {_state.plain(', '.join(section['models']))} · "
-                     f"{_state.plain(section['dataset'])} · "
+                     f"{_state.plain(section['dataset'])}{trained} · "
                      f"{len(section['figures'])} figure{'s' if len(section['figures']) != 1 else ''}")
     if cols[1].button("↑", key=f"report_up_{i}", disabled=i == 0, help="Move up"):
         sections[i - 1], sections[i] = sections[i], sections[i - 1]
@@ -38,7 +40,8 @@ with_pdf = st.checkbox("Include a PDF (needs a headless Chromium on the server)"
 with _state.guard():
     report = build_report(
         [Section(s["title"], s["result"], s["figures"], snippet=s.get("snippet", ""), models=s.get("model_objects", ()),
-                 dataset=s.get("dataset_object"), summary=s.get("summary", {})) for s in sections],
+                 dataset=s.get("dataset_object"), train_dataset=s.get("train_dataset_object"), summary=s.get("summary", {}))
+         for s in sections],
         title=title,
     )
     formats = ("html", "json", "npz", "pdf") if with_pdf else ("html", "json", "npz")

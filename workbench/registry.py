@@ -44,6 +44,7 @@ class Context:
     pooling: str = "mean"
     device: str | None = None
     progress: Progress | None = None
+    train_dataset: Dataset | None = None  # set by an analysis that trains or matches on other data than ``dataset``
     _acts: dict[str, Activations] = field(default_factory=dict, repr=False)
 
     def models(self) -> list[LoadedModel]:
@@ -211,7 +212,8 @@ def _mode_connectivity(ctx: Context, n_points: int = 25, top_k: int = 5, seed: i
     from workbench.analyses.mode_connectivity import mode_connectivity
     from workbench.data import digits_train_for
 
-    return mode_connectivity(ctx.model_a, ctx.model_b, ctx.dataset, train_dataset=digits_train_for(ctx.dataset), n_points=n_points,
+    ctx.train_dataset = digits_train_for(ctx.dataset)
+    return mode_connectivity(ctx.model_a, ctx.model_b, ctx.dataset, train_dataset=ctx.train_dataset, n_points=n_points,
                              top_k=top_k, seed=seed, device=ctx.device, progress=ctx.progress)
 
 
@@ -573,7 +575,7 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     if "b" in ctx._acts and ctx._acts["b"].layers != ctx.layers_a:
         ctx.layers_b = ctx._acts["b"].layers
     return Section(entry.title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result),
-                   models=ctx.models(), dataset=dataset)
+                   models=ctx.models(), dataset=dataset, train_dataset=ctx.train_dataset)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def test_merge_panel_beats_the_naive_average(app, digits_test):
     at.button(key="mc_merge_report").click().run()
     section = at.session_state["report_sections"][0]
     assert section["models"] == ["mlp_seed0", "mlp_seed1", "mlp_seed2"]  # the members, not models A and B
+    assert section["train_dataset_object"].name == "digits (train)"  # matched on the training split
 
 
 def test_too_few_members_asks_for_three(app, digits_test):

@@ -52,6 +52,9 @@ def test_zero_shot_stitching(app):
     bars = _array(spec["data"][0]["y"])
     assert (bars > 0.9).all()  # relative heads, own and stitched
     assert any("Heads trained on 1283 samples of digits (train) (its 1347 samples less the 64 anchors" in c.value for c in at.caption)
+    at.button(key="rel_stitch_report").click().run()
+    section = at.session_state["report_sections"][0]  # the report names the data the heads were trained on
+    assert section["dataset_object"].name == "digits (test)" and section["train_dataset_object"].name == "digits (train)"
 
 
 def test_needs_two_models(app):
@@ -99,3 +102,7 @@ def test_stitching_on_a_dataset_without_a_train_split_trains_on_a_stratified_70_
     assert not page_errors(at)
     assert any("Heads trained on 636 samples of blobs" in shown(c.value) and "[70%] (its 700 samples less the 64 anchors" in shown(c.value)
                and "tested on 300 of" in shown(c.value) for c in at.caption)
+    at.button(key="rel_stitch_report").click().run()
+    section = at.session_state["report_sections"][0]  # tested on the 30 %, trained on the 70 %
+    assert (section["dataset_object"].n_samples, section["train_dataset_object"].n_samples) == (300, 700)
+    assert section["dataset"] == section["dataset_object"].name

@@ -33,6 +33,10 @@ def test_entry_runs_and_exports(entry, sample_model, digits_test, tmp_path):
         for r in section.result:
             sizes = section.summary[r.model]["basis_size"]
             assert sizes == {layer: int(r.basis_size[layer]) for layer in r.layers} and all(type(v) is int for v in sizes.values())
+    if entry.name == "mode_connectivity":  # matched on the training split, which the section names
+        assert section.train_dataset.name == "digits (train)" and section.record()["train_dataset"]["n_samples"] == 1347
+    else:
+        assert section.train_dataset is None
     if entry.name == "embedding":  # numbers per view, not an array's printout
         disparity = section.summary["disparity"]
         assert list(disparity) == list(section.result.names) and all(type(v) is float for v in disparity.values())

@@ -102,6 +102,15 @@ def test_sections_record_their_models_and_the_header_lists_them_all(sample_model
     mixed = build_report([sections[0], Section("Other data", result, models=[a], dataset=train)]).to_dict()
     assert mixed["header"]["dataset"] == {}  # no single dataset: each section says its own
     assert mixed["sections"][1]["dataset"]["name"] == train.name
+    assert [d["name"] for d in mixed["header"]["datasets"]] == [digits_test.name, train.name]  # but the header lists both
+    matched = build_report([Section("Matched", result, models=[a, b], dataset=digits_test, train_dataset=train)])
+    doc = matched.to_dict()
+    assert doc["header"]["dataset"]["name"] == digits_test.name and doc["sections"][0]["train_dataset"]["n_samples"] == 1347
+    assert [d["sha256"] for d in doc["header"]["datasets"]] == [digits_test.sha256, train.sha256]
+    text = matched.to_html()
+    assert f"<b>Dataset 2</b></td><td>{train.name}</td>" in text
+    assert f"<b>Data:</b> {digits_test.name} (n = 450) · <b>Training data:</b> {train.name} (n = 1347)" in text
+    assert build_report(sections).to_dict()["sections"][0]["train_dataset"] == {}
     explicit = build_report(sections, models=[a, b]).to_dict()["header"]
     assert [m["label"] for m in explicit["models"]] == ["A", "B"]
     import dataclasses

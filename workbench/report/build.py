@@ -102,6 +102,7 @@ class Section:
     summary: dict[str, Any] = field(default_factory=dict)
     models: Sequence[Any] = ()  # the models this section analysed (LoadedModel or anything with name/sha256)
     dataset: Any = None  # the dataset it ran on
+    train_dataset: Any = None  # the data it trained, matched or fitted statistics on, where that was another dataset
 
     def record(self) -> dict[str, Any]:
         from workbench.analyses._result import _jsonable
@@ -111,6 +112,7 @@ class Section:
             "title": self.title,
             "models": [_describe(m) for m in self.models if m is not None],
             "dataset": _describe_dataset(self.dataset),
+            "train_dataset": _describe_dataset(self.train_dataset),
             "summary": _jsonable(self.summary),
             "results": [r.to_dict() if hasattr(r, "to_dict") else _jsonable(r) for r in results],
             "snippet": self.snippet,
@@ -215,6 +217,7 @@ class Report:
                     params.append(line)
             sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet,
                              "notes": s.notes, "models": record["models"], "dataset": record["dataset"],
+                             "train_dataset": record["train_dataset"],
                              "summary": summary_tables(record["summary"])})
         return env.get_template("report.html.j2").render(
             title=self.title, header=self.header, sections=sections, plotlyjs=get_plotlyjs(),
@@ -299,7 +302,8 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
     The header records the models (names and weight hashes), the dataset (name, n, hash), the date,
     package versions, the device and, when given, the command that recreates the whole report.
     ``models`` are labelled A and B in the header; without them, the header lists every model the
-    sections name (numbered), and the dataset when all sections share one.
+    sections name (numbered). ``header["dataset"]`` is ``dataset`` or the one all sections ran on;
+    ``header["datasets"]`` lists every dataset the report used, the sections' training data included.
     """
     if isinstance(results, Section) or (isinstance(results, tuple) and results and isinstance(results[0], str)) \
             or not isinstance(results, Sequence):
@@ -333,6 +337,7 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
         described = _distinct([d for s in sections for d in s.record()["models"]])
         labels = [str(i + 1) for i in range(len(described))]
     data = _describe_dataset(dataset)
+    used = _distinct([d for d in [data] + [_describe_dataset(x) for s in sections for x in (s.dataset, s.train_dataset)] if d])
     if not data:
         shared = _distinct([d for s in sections if (d := _describe_dataset(s.dataset))])
         data = shared[0] if len(shared) == 1 else {}
@@ -341,6 +346,7 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "models": [{**d, "label": label} for d, label in zip(described, labels)],
         "dataset": data,
+        "datasets": used,
         "versions": _versions(),
         "device": _device_name(),
         "platform": f"{platform.system()} {platform.release()} / Python {sys.version.split()[0]}",
