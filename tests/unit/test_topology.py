@@ -573,6 +573,12 @@ def test_every_figure_records_the_estimator_and_n():
     assert "H≥1 on 100 of 300" in figures[0].layout.annotations[1].text
     assert "20 longest of 300" in figures[1].layout.annotations[1].text
     assert len([a for a in figures[4].layout.annotations if "labelled references" in a.text]) == 2
+    panels = [a for a in figures[4].layout.annotations if a.yanchor == "bottom"]  # panel titles start at the left edge,
+    assert len(panels) == 3 and all(a.x == 0 and a.xanchor == "left" for a in panels)  # not centred past it
+    groups = {(t.legendgroup, t.legendgrouptitle.text) for t in figures[4].data if t.legendgrouptitle.text}
+    assert groups == {("model 0", "A"), ("model 1", "B")}  # legend: the measures under each model's name
+    assert {t.legendgroup for t in figures[4].data} == {"model 0", "model 1"}
+    assert [t.name for t in figures[4].data if t.legendgroup == "model 0"][:2] == ["score S", "probe accuracy (CV)"]
     unlabelled = plots.separability_curves(layer_separability({"raw": data.x, "squared": data.x**2}))
     assert not [a for a in unlabelled.layout.annotations if "labelled references" in a.text]  # no empty panels
     assert list(unlabelled.layout.xaxis.categoryarray) == ["raw", "squared"]

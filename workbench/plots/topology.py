@@ -25,6 +25,7 @@ REFERENCE_NAMES = {
     "fisher_ratio": "Fisher ratio (max feature)",
     "calinski_harabasz": "Calinski–Harabasz",
 }
+LEGEND_NAMES = {**REFERENCE_NAMES, "probe_accuracy": "probe accuracy (CV)"}  # the table's column says which samples
 BOUNDED = ("thornton_index", "probe_accuracy", "probe_roc_auc")
 UNBOUNDED = ("fisher_ratio", "calinski_harabasz")
 REFERENCE_COLORS = {
@@ -260,7 +261,9 @@ def separability_curves(
                 x=xs,
                 y=r.scores,
                 mode="lines+markers",
-                name=f"{name}: score S",
+                name="score S",
+                legendgroup=f"model {i}",
+                legendgrouptitle_text=name,
                 line={"color": "#111", "dash": dash},
                 hovertemplate=f"{name} · %{{x}}<br>S %{{y:.4f}}<extra></extra>",
             ),
@@ -274,7 +277,8 @@ def separability_curves(
                     x=xs,
                     y=values,
                     mode="lines+markers",
-                    name=f"{name}: {REFERENCE_NAMES.get(key, key)}",
+                    name=LEGEND_NAMES.get(key, key),
+                    legendgroup=f"model {i}",
                     line={"color": REFERENCE_COLORS.get(key, MODEL_COLORS[0]), "dash": dash},
                     hovertemplate=f"{name} · %{{x}}<br>{REFERENCE_NAMES.get(key, key)} %{{y:.4g}}<extra></extra>",
                 ),
@@ -290,11 +294,12 @@ def separability_curves(
                         annotation_text=f"{name}: {what}",
                         annotation_position="top left",
                     )
+    fig.for_each_annotation(lambda a: a.update(x=0, xanchor="left"), selector={"xref": "paper", "yanchor": "bottom"})
     fig.update_yaxes(autorange="reversed", title_text="S", row=1, col=1)
     if labelled:
         fig.update_yaxes(range=[0, 1.02], row=2, col=1)
         fig.update_yaxes(type="log", minorloglabels="complete", row=3, col=1)
-    fig.update_layout(height=720 if labelled else 340, legend={"groupclick": "toggleitem"})
+    fig.update_layout(height=720 if labelled else 340, legend={"groupclick": "toggleitem", "tracegroupgap": 12})
     if results and all(isinstance(r, LayerSeparabilityResult) for r in results):
         order_layers(fig, *(r.layers for r in results), labels=names)
     first = results[0] if results else None
