@@ -99,7 +99,7 @@ def test_cnn_state_dict_upload_suggests_the_cnn_spec_not_an_mlp(app, sample_mode
     torch.save(sample_model("cnn_seed0").module.state_dict(), buf)
     at = _upload(app.run(), "model_a", "cnn.pt", buf.getvalue())
     errors = page_errors(at)
-    assert any('It looks like {"type": "cnn", "channels": [32, 32]' in e for e in errors)
+    assert any('it looks like {"type": "cnn", "channels": [32, 32]' in e for e in errors)
     assert not any('"type": "mlp", "sizes": [32' in e for e in errors)
     spec = ('{"type": "cnn", "input_shape": [1, 8, 8], "channels": [32, 32], "kernel_size": 3, "batchnorm": true, '
             '"hidden": 64, "n_classes": 10}')

@@ -73,9 +73,9 @@ def _suggested_spec(data: bytes, filename: str) -> dict | None:
     with pytest.raises(ArchitectureError, match=r"no architecture spec") as info:
         load_model(data, filename=filename)
     text = str(info.value)
-    if "It looks like {" not in text:
+    if "it looks like {" not in text:
         return None
-    return json.loads(text.split("It looks like ", 1)[1].split(" (check the activation)", 1)[0])
+    return json.loads(text.split("it looks like ", 1)[1].split(" (check the activation)", 1)[0])
 
 
 def test_suggested_mlp_spec_loads_the_weights(sample_model):
@@ -97,7 +97,7 @@ def test_cnn_state_dict_is_never_offered_an_mlp_spec(sample_model):
         load_model(data, filename="cnn.pt")
     text = str(info.value)
     assert '"sizes": [32, 64, 10]' not in text
-    assert ('It looks like {"type": "cnn", "channels": [32, 32], "kernel_size": 3, "batchnorm": true, "hidden": 64, '
+    assert ('it looks like {"type": "cnn", "channels": [32, 32], "kernel_size": 3, "batchnorm": true, "hidden": 64, '
             '"n_classes": 10} plus "input_shape": [1, height, width]') in text
     spec = {"type": "cnn", "channels": [32, 32], "kernel_size": 3, "batchnorm": True, "hidden": 64, "n_classes": 10,
             "input_shape": [1, 8, 8]}

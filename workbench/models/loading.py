@@ -621,18 +621,18 @@ def _cnn_hint(state: dict[str, torch.Tensor]) -> str:
     in_channels = int(convs[0].shape[1])
     if not _loads_exactly({**known, "input_shape": [in_channels, 1, 1]}, state):
         return ""
-    return (f" It looks like {json.dumps(known)} plus \"input_shape\": [{in_channels}, height, width], "
-            f"with the height and width of the input images, which the weights do not record.")
+    return (f"; it looks like {json.dumps(known)} plus \"input_shape\": [{in_channels}, height, width], "
+            f"with the height and width of the input images, which the weights do not record")
 
 
 def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec: dict[str, Any] | None,
                      source_format: str, metadata: dict[str, str]) -> LoadedModel:
     if spec is None:
         guess = infer_architecture(state)
-        hint = f" It looks like {json.dumps(guess)} (check the activation)." if guess else _cnn_hint(state)
+        hint = f"; it looks like {json.dumps(guess)} (check the activation)" if guess else _cnn_hint(state)
         raise ArchitectureError(
             f"'{label}' holds weights but no architecture spec; pass one (the app's spec box, architecture= in Python, "
-            f"--architecture on the command line), e.g. {{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}.{hint}"
+            f"--architecture on the command line), e.g. {{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}{hint}."
         )
     expected = _meta_state(spec)
     state = _strip_prefix(state, set(expected))
