@@ -128,6 +128,16 @@ def test_ridge_probe_matches_sklearn_and_gives_r2():
     assert result.control_score[0] < 0.1
 
 
+def test_regression_folds_keep_two_test_samples():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 3))
+    target = x @ np.array([1.0, 2.0, 3.0]) + 0.01 * rng.normal(size=30)
+    assert probe_layers({"x": x}, target, cv=15, control=False).score[0] > 0.95  # every test fold has two samples
+    with pytest.raises(ParameterError, match=r"probe_layers: cv=16 folds of 30 samples leave test folds of one sample, "
+                                             r"where R\^2 is undefined; use cv <= 15\."):
+        probe_layers({"x": x}, target, cv=16, control=False)
+
+
 def test_control_task_with_repeated_types_follows_hewitt_and_liang():
     # Features identify the sample's type (as a word embedding identifies the word); the control label is a
     # random function of the type, so a probe can learn it on held-out samples of seen types.

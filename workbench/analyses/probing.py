@@ -145,7 +145,8 @@ def probe_layers(
         The linear probe measures linearly decodable information; the MLP (128 hidden units, Adam,
         100 epochs) also finds non-linear codes but memorises more.
     cv : int
-        Number of folds, in ``[2, n_samples]``; every class needs at least ``cv`` samples.
+        Number of folds, in ``[2, n_samples]``; every class needs at least ``cv`` samples (for float targets
+        at most ``n_samples // 2``, so that every test fold has two samples to take R^2 over).
     control : bool
         Also train on the control task and report the selectivity.
     seed : int
@@ -352,6 +353,11 @@ def _prepare_targets(
         y = arr.astype(np.float64)
         classes = None
         cv = check_int(cv, "cv", func=func, low=2, high=n)
+        if cv > n // 2:
+            raise ParameterError(
+                f"{func}: cv={cv} folds of {n} samples leave test folds of one sample, where R^2 is undefined; "
+                f"use cv <= {n // 2}."
+            )
         folds = np.empty(n, dtype=np.int64)
         for f, (_, test) in enumerate(KFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(n))):
             folds[test] = f
