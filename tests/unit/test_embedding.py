@@ -377,7 +377,13 @@ def test_intrinsic_dimension_skips_duplicates_and_per_layer():
     x = _torus_in_50d(400)
     doubled = np.concatenate([x, x[:50]])
     result = intrinsic_dimension(doubled)
-    assert result.n_discarded == 100 and result.local.shape == (350,)
+    assert result.n_discarded == 50 and result.local.shape == (400,)  # each copy counted once, nothing biased
+    assert result.dimension == intrinsic_dimension(x).dimension
+    for method in ("twonn", "mle"):  # a distinct sample next to a duplicated pair no longer sees r2 = r1
+        cube = np.random.default_rng(1).random((1000, 4))
+        plain = intrinsic_dimension(cube, method=method).dimension
+        assert intrinsic_dimension(np.concatenate([cube, cube[:500]]), method=method).dimension == pytest.approx(plain, rel=1e-12)
+    assert intrinsic_dimension(x.astype(np.float32)).dtype == "float32"
     layers = {"torus": x, "plane": np.random.default_rng(0).normal(size=(400, 2)) @ np.ones((2, 30))}
     calls = []
     profile = layer_intrinsic_dimension(layers, method="mle", progress=lambda d, t: calls.append((d, t)))

@@ -115,9 +115,9 @@ class IntrinsicDimensionResult(RecordedResult):
 
     ``dimension``: the estimate (> 0; about ``d`` for samples spread over a ``d``-dimensional
     manifold, at most about the number of features). ``ci_low``/``ci_high``: 95% bootstrap interval
-    over samples. ``local``: ``(n_used,)`` per-sample statistic: the ratio ``r2 / r1`` of second to
-    first neighbour distance (TwoNN) or the local MLE dimension (MLE). ``n_discarded``: samples left
-    out because they coincide with their nearest neighbour (zero distance).
+    over samples. ``local``: ``(n_distinct,)`` per-sample statistic of the distinct samples: the ratio
+    ``r2 / r1`` of second to first neighbour distance (TwoNN) or the local MLE dimension (MLE).
+    ``n_discarded``: copies of a sample left out (each repeated row counts once).
     """
 
     dimension: float
@@ -474,7 +474,9 @@ def intrinsic_dimension(
     neighbour; the global estimate pools them as the inverse of the mean of ``1 / m(x)``
     (MacKay & Ghahramani's correction, less biased than the plain mean).
 
-    Samples at zero distance from their nearest neighbour (duplicates) are left out and counted.
+    Repeated samples (equal rows) are counted once: a copy would put a neighbour at distance zero, and a
+    distinct sample next to a duplicated pair would see its two nearest neighbours at one distance
+    (``r2 / r1 = 1``), both of which bias the estimate; ``n_discarded`` counts the copies left out.
 
     Parameters
     ----------
@@ -509,15 +511,14 @@ def intrinsic_dimension(
     check_not_constant(t, "x", func=func)
     dev = resolve_device(device)
     start = time.perf_counter()
-    dist = knn_graph(t, k, device=dev).distances
-    keep = dist[:, 0] > 0
-    n_discarded = int((~keep).sum())
-    if keep.sum() < 10:
+    distinct = torch.unique(t, dim=0)
+    n_discarded = n - distinct.shape[0]
+    if distinct.shape[0] < max(10, k + 1):
         raise DataError(
-            f"{func}: only {int(keep.sum())} of {n} samples differ from their nearest neighbour; "
-            "at least 10 distinct samples are needed (the rest are duplicates)."
+            f"{func}: only {distinct.shape[0]} of the {n} samples are distinct; at least {max(10, k + 1)} distinct samples "
+            "are needed (the rest are copies)."
         )
-    dist = dist[keep]
+    dist = knn_graph(distinct, k, device=dev).distances
     rng = np.random.default_rng(seed)
     boot = rng.integers(0, dist.shape[0], size=(N_BOOTSTRAP, dist.shape[0]))
     if method == "twonn":
@@ -526,8 +527,8 @@ def intrinsic_dimension(
         if n_tied > TWONN_MAX_TIED_FRACTION * len(local):
             raise DataError(
                 f"{func}: {n_tied} of {len(local)} samples have their two nearest neighbours at exactly the same distance "
-                "(quantised or lattice data), where TwoNN's ratio r2/r1 carries no information; use method='mle' or add "
-                "noise below the data's resolution."
+                "(quantised or lattice data), where TwoNN's ratio r2/r1 carries no information; add noise below the "
+                "data's resolution, then estimate again."
             )
         dimension = float(_twonn_fit(local[None, :])[0])
         spread = _twonn_fit(local[boot])
@@ -553,7 +554,7 @@ def intrinsic_dimension(
         params={"method": method, "k": k, "n_bootstrap": N_BOOTSTRAP},
         seed=seed,
         device=str(dev),
-        dtype="float64",
+        dtype=str(t.dtype).replace("torch.", ""),
         seconds=time.perf_counter() - start,
     )
 
