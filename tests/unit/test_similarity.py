@@ -699,7 +699,7 @@ def test_chance_level_is_the_measure_on_shuffled_samples():
     assert chance_level({"x": x}, {"y": y}, seed=1).values[0, 0] != chance.values[0, 0]
     itself = chance_level({"x": x, "x2": x[:, :10]})  # A against itself, shuffled: a full, non-symmetric matrix
     assert itself.values.shape == (2, 2) and itself.values[0, 0] < 0.6
-    with pytest.raises(ParameterError, match=r"'seed' parameter of chance_level must be an int in \[0, inf\]"):
+    with pytest.raises(ParameterError, match=r"'seed' parameter of chance_level must be an int in \[0, 4294967295\]"):
         chance_level({"x": x}, seed=-1)
 
 

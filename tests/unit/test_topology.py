@@ -412,6 +412,31 @@ def test_score_is_invariant_to_rotation_and_scale():
     assert class_separability(x).score == pytest.approx(class_separability(x * 5).score, rel=1e-12)
 
 
+def test_repeated_samples_leave_the_score_as_it_is():
+    data = blobs(3.0, n_samples=180, n_features=5, n_classes=3, seed=4)
+    x, y = data.x.numpy(), data.y.numpy()
+    once = class_separability(x, y, probe=False)
+    twice = class_separability(np.repeat(x, 2, axis=0), np.repeat(y, 2), probe=False)
+    assert twice.score == pytest.approx(once.score, rel=1e-12)  # zero-length bars are dropped, as persistence() drops them
+    assert len(twice.normalized_times) == len(once.normalized_times) == 179
+    with pytest.raises(ParameterError, match=r"class_separability: 'x' has one feature, which L2 normalisation maps to -1 or "
+                                             r"\+1 \(two points, no H0 structure left\); pass normalize=False\."):
+        class_separability(x[:, :1], y)
+    assert 0 < class_separability(x[:, :1], y, normalize=False, probe=False).score <= 1
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, y, seed: persistence(x, max_points=10, seed=seed),
+    lambda x, y, seed: class_separability(x, y, seed=seed),
+    lambda x, y, seed: layer_separability({"a": x}, labels=y, seed=seed),
+    lambda x, y, seed: persistence_distance(x, x, max_points=10, seed=seed),
+])
+def test_seeds_beyond_what_the_libraries_take_get_a_sentence(call):
+    data = blobs(3.0, n_samples=30, n_features=4, n_classes=2, seed=0)
+    with pytest.raises(ParameterError, match=r"The 'seed' parameter of \w+ must be an int in \[0, 4294967295\]"):
+        call(data.x.numpy(), data.y.numpy(), 2**40)
+
+
 def test_score_moves_towards_separable_through_the_digits_mlp(sample_model, digits_test):
     from workbench import extract
 

@@ -163,6 +163,14 @@ def check_not_constant(x: torch.Tensor, name: str, *, func: str) -> None:
         )
 
 
+MAX_SEED = 2**32 - 1  # what numpy's and scikit-learn's seeding accept
+
+
+def check_seed(value: Any, *, func: str) -> int:
+    """Check ``value`` is a seed every library the analyses seed accepts (an int in ``[0, 2**32 - 1]``)."""
+    return check_int(value, "seed", func=func, low=0, high=MAX_SEED)
+
+
 def check_int(value: Any, name: str, *, func: str, low: int | None = None, high: int | None = None) -> int:
     """Check ``value`` is an int in ``[low, high]`` and return it."""
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)

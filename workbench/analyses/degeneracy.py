@@ -54,7 +54,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from workbench.activations.types import Activations
 from workbench.analyses._result import RecordedResult
-from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int
+from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int, check_seed
 from workbench.device import float64_device, resolve_device
 from workbench.errors import (
     ArchitectureError,
@@ -1200,7 +1200,7 @@ def interaction_basis(
     func = "interaction_basis"
     rtol, batch_size = _check_common(func, rtol, batch_size)
     graph_directions = check_int(graph_directions, "graph_directions", func=func, low=1, high=4096)
-    seed = check_int(seed, "seed", func=func, low=0, high=2**32 - 1)
+    seed = check_seed(seed, func=func)
     start_time = time.perf_counter()
     dev = float64_device(resolve_device(device))
     net = _network(model, func, dev)
@@ -1417,7 +1417,7 @@ def llc_estimate(
     n_steps = check_int(n_steps, "n_steps", func=func, low=10, high=100_000)
     n_burnin = check_int(n_burnin, "n_burnin", func=func, low=0, high=n_steps - 1)
     batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
-    seed = check_int(seed, "seed", func=func, low=0, high=2**63 - 1)
+    seed = check_seed(seed, func=func)
     start_time = time.perf_counter()
     dev = float64_device(resolve_device(device))
     module = model.module if hasattr(model, "module") else model

@@ -43,6 +43,7 @@ from workbench.analyses._validation import (
     check_int,
     check_layer_names,
     check_not_constant,
+    check_seed,
 )
 from workbench.analyses.knn import METRICS, _is_float32, data_hash, knn_graph
 from workbench.device import float64_device, resolve_device
@@ -115,7 +116,8 @@ class IntrinsicDimensionResult(RecordedResult):
 
     ``dimension``: the estimate (> 0; about ``d`` for samples spread over a ``d``-dimensional
     manifold, at most about the number of features). ``ci_low``/``ci_high``: 95% bootstrap interval
-    over samples. ``local``: ``(n_distinct,)`` per-sample statistic of the distinct samples: the ratio
+    over samples. ``local``: ``(n_distinct,)`` per-sample statistic of the distinct samples (each row's
+    first occurrence, in input order): the ratio
     ``r2 / r1`` of second to first neighbour distance (TwoNN) or the local MLE dimension (MLE).
     ``n_discarded``: copies of a sample left out (each repeated row counts once).
     """
@@ -213,7 +215,7 @@ def embed(
     func = "embed"
     method = check_choice(method, "method", METHODS, func=func)
     metric = check_choice(metric, "metric", METRICS, func=func)
-    seed = check_int(seed, "seed", func=func, low=0, high=2**32 - 1)
+    seed = check_seed(seed, func=func)
     t = as_matrix(x, "x", func=func, dtype=torch.float32 if _is_float32(x) else torch.float64, min_samples=4)
     n, d = t.shape
     _check_method_params(
@@ -497,7 +499,7 @@ def intrinsic_dimension(
     """
     func = "intrinsic_dimension"
     method = check_choice(method, "method", ID_METHODS, func=func)
-    seed = check_int(seed, "seed", func=func, low=0, high=2**32 - 1)
+    seed = check_seed(seed, func=func)
     t = as_matrix(x, "x", func=func, dtype=torch.float32 if _is_float32(x) else torch.float64, min_samples=20)
     n = t.shape[0]
     if method == "twonn":
@@ -511,7 +513,10 @@ def intrinsic_dimension(
     check_not_constant(t, "x", func=func)
     dev = resolve_device(device)
     start = time.perf_counter()
-    distinct = torch.unique(t, dim=0)
+    _, copy_of = torch.unique(t, dim=0, return_inverse=True)
+    first = torch.full((int(copy_of.max()) + 1,), n, dtype=torch.int64).scatter_reduce_(
+        0, copy_of, torch.arange(n), reduce="amin")
+    distinct = t[first.sort().values]  # each row's first occurrence, in the input's order
     n_discarded = n - distinct.shape[0]
     if distinct.shape[0] < max(10, k + 1):
         raise DataError(

@@ -42,6 +42,7 @@ from workbench.analyses._validation import (
     check_float,
     check_int,
     check_progress,
+    check_seed,
 )
 from workbench.device import float64_device, full_float32, resolve_device, rows_on
 from workbench.errors import ArchitectureError, DataError, ParameterError, did_you_mean, format_choices
@@ -990,7 +991,7 @@ def weight_matching(
     start = time.perf_counter()
     a, b = _module(model_a, "model_a", func), _module(model_b, "model_b", func)
     max_iter = check_int(max_iter, "max_iter", func=func, low=1, high=10000)
-    seed = check_int(seed, "seed", func=func, low=0)
+    seed = check_seed(seed, func=func)
     check_progress(progress, func=func)
     _check_same_architecture(a, b, func)
     _check_finite_weights(a, "model_a", func)
@@ -1848,7 +1849,7 @@ def merge(
     max_rounds = check_int(max_rounds, "max_rounds", func=func, low=1, high=100)
     tol = check_float(tol, "tol", func=func, low=0.0, high=1.0)
     max_iter = check_int(max_iter, "max_iter", func=func, low=1, high=10000)
-    seed = check_int(seed, "seed", func=func, low=0)
+    seed = check_seed(seed, func=func)
     batch_size = check_int(batch_size, "batch_size", func=func, low=1)
     check_progress(progress, func=func)
     x, y = _check_dataset(dataset, "dataset", func)

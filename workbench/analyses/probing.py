@@ -32,7 +32,15 @@ import numpy as np
 import torch
 
 from workbench.analyses._result import RecordedResult
-from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int, check_layer_names
+from workbench.analyses._validation import (
+    as_labels,
+    as_matrix,
+    check_choice,
+    check_float,
+    check_int,
+    check_layer_names,
+    check_seed,
+)
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError
 
@@ -414,7 +422,7 @@ def _probe(
     estimator_prefix: str,
     extra_params: dict[str, Any] | None = None,
 ) -> ProbingResult:
-    seed = check_int(seed, "seed", func=func, low=0, high=2**32 - 1)
+    seed = check_seed(seed, func=func)
     c = check_float(c, "c", func=func, low=0.0, low_inclusive=False)
     if not isinstance(control, (bool, np.bool_)):
         raise ParameterError(f"The 'control' parameter of {func} must be True or False. Got {control!r}.")

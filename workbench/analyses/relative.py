@@ -39,6 +39,7 @@ from workbench.analyses._validation import (
     check_int,
     check_paired,
     check_same_dataset,
+    check_seed,
 )
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
@@ -237,7 +238,7 @@ def select_anchors(
     """
     func = "select_anchors"
     method = check_choice(method, "method", ANCHOR_METHODS, func=func)
-    seed = check_int(seed, "seed", func=func, low=0)
+    seed = check_seed(seed, func=func)
     xt = as_matrix(x, "x", func=func, device=_compute_device(device), min_samples=1)
     n_anchors = check_int(n_anchors, "n_anchors", func=func, low=1, high=int(xt.shape[0]))
     return _select_anchors(xt, n_anchors, method, seed).cpu().numpy().astype(np.int64)
@@ -511,7 +512,7 @@ def relative_comparison(
     start = time.perf_counter()
     method = check_choice(method, "method", ANCHOR_METHODS, func=func)
     center = check_bool(center, "center", func=func)
-    seed = check_int(seed, "seed", func=func, low=0)
+    seed = check_seed(seed, func=func)
     dev = _compute_device(device)
     xa = as_matrix(x_a, "x_a", func=func, device=dev)
     xb = as_matrix(x_b, "x_b", func=func, device=dev)
@@ -615,7 +616,7 @@ def relative_agreement_by_layer(
     start = time.perf_counter()
     method = check_choice(method, "method", ANCHOR_METHODS, func=func)
     center = check_bool(center, "center", func=func)
-    seed = check_int(seed, "seed", func=func, low=0)
+    seed = check_seed(seed, func=func)
     if progress is not None and not callable(progress):
         raise ParameterError(
             f"The 'progress' parameter of {func} must be a callable (done, total) or None. Got {progress!r}."
@@ -765,7 +766,7 @@ def stitch(
     head = check_choice(head, "head", HEADS, func=func)
     center = check_bool(center, "center", func=func)
     epochs = check_int(epochs, "epochs", func=func, low=1, high=10_000)
-    seed = check_int(seed, "seed", func=func, low=0)
+    seed = check_seed(seed, func=func)
     if (logits_a is None) != (logits_b is None):
         raise ParameterError(f"Pass both 'logits_a' and 'logits_b' to {func}, or neither.")
     dev = _compute_device(device)

@@ -50,10 +50,10 @@ from workbench.analyses._validation import (
     check_bool,
     check_choice,
     check_float,
-    check_int,
     check_paired,
     check_progress,
     check_same_dataset,
+    check_seed,
     unit_scale,
 )
 from workbench.device import float64_device, resolve_device
@@ -1267,7 +1267,7 @@ def chance_level(
     ``measure``, ``debiased``, ...).
     """
     func = "chance_level"
-    seed = check_int(seed, "seed", func=func, low=0)
+    seed = check_seed(seed, func=func)
     source = acts_a if acts_b is None else acts_b
     raw_b = _layer_tensors(source, layers_b, "acts_b", func)
     n = int(np.shape(raw_b[0][1])[0])

@@ -50,6 +50,7 @@ from workbench.analyses._validation import (
     check_not_constant,
     check_paired,
     check_same_dataset,
+    check_seed,
     unit_scale,
 )
 from workbench.device import float64_device, resolve_device
@@ -693,7 +694,7 @@ def persistence(
     max_dim = check_int(max_dim, "max_dim", func=func, low=0, high=MAX_DIM)
     max_points = check_int(max_points, "max_points", func=func, low=3)
     metric = check_choice(metric, "metric", METRICS, func=func)
-    seed = check_int(seed, "seed", func=func, low=0)
+    seed = check_seed(seed, func=func)
     grid_size = check_int(grid_size, "grid_size", func=func, low=2, high=100_000)
     if not isinstance(collapse, bool):
         raise ParameterError(f"The 'collapse' parameter of {func} must be True or False. Got {collapse!r}.")
@@ -1085,10 +1086,17 @@ def _probe(x: np.ndarray, y: np.ndarray, cv: int, seed: int) -> tuple[float, flo
 
 
 def _persistence_score(x: torch.Tensor, normalize: bool, func: str, name: str = "x") -> np.ndarray:
-    """Normalised finite H0 persistence times (MST edge lengths / the largest), sorted decreasing."""
+    """Normalised finite H0 persistence times (MST edge lengths / the largest), sorted decreasing; zero-length
+    bars (repeated samples) are dropped as :func:`persistence` drops them, so copies do not lower the score."""
+    if normalize and x.shape[1] == 1:
+        raise ParameterError(
+            f"{func}: '{name}' has one feature, which L2 normalisation maps to -1 or +1 (two points, no H0 structure "
+            "left); pass normalize=False."
+        )
     p = _points(x, normalize, func, name)
     lengths = np.sort(_mst_from_points(p))[::-1]
-    top = float(lengths[0])
+    lengths = lengths[lengths > 0]
+    top = float(lengths[0]) if len(lengths) else 0.0
     if not top > 0:
         raise DataError(
             f"{func}: all samples of '{name}' coincide{' after L2 normalisation' if normalize else ''}, so no H0 "
@@ -1122,7 +1130,8 @@ def class_separability(
     found normalised embeddings give better-defined components), build the Vietoris–Rips
     filtration, keep H0 only: its finite persistence times are the edge lengths of the Euclidean
     minimum spanning tree (the infinite bar is dropped). Divide them by the largest one and take
-    the mean: ``S = mean(p_i / max_j p_j)``, in ``(0, 1]``. **Lower S means more separable**:
+    the mean: ``S = mean(p_i / max_j p_j)`` over the positive times (a repeated sample's zero-length bar is
+    dropped, as in :func:`persistence`), in ``(0, 1]``. **Lower S means more separable**:
     clustered data have only a few large persistence times (the gaps between clusters) and many
     small ones. The paper's exact reduction to S(p) is not public in its abstract; this mean of the
     normalised times is the reduction used here, checked to fall as classes separate (synthetic
@@ -1148,7 +1157,7 @@ def class_separability(
         raise ParameterError(f"The 'normalize' parameter of {func} must be True or False. Got {normalize!r}.")
     if not isinstance(probe, bool):
         raise ParameterError(f"The 'probe' parameter of {func} must be True or False. Got {probe!r}.")
-    seed = check_int(seed, "seed", func=func, low=0)
+    seed = check_seed(seed, func=func)
     cv = check_int(cv, "cv", func=func, low=2, high=50)
     dev = float64_device(resolve_device(device))
     t = as_matrix(x, "x", func=func, device=dev, min_samples=3)
