@@ -123,6 +123,12 @@ def test_knn_graph_errors():
     zero[4] = 0.0
     with pytest.raises(DataError, match="cosine distance is undefined for all-zero rows and 'x' has 1"):
         knn_graph(zero, 2, metric="cosine")
+    with pytest.raises(DataError, match="^embed: the cosine distance is undefined for all-zero rows and 'x' has 1"):
+        embed(zero, method="pca", metric="cosine")  # named by the function the user called
+    with pytest.raises(DataError, match="^trustworthiness: the cosine distance is undefined for all-zero rows"):
+        trustworthiness(zero, zero[:, :2], k=2, metric="cosine")
+    tiny = x * 1e-200  # rows whose squared norms underflow: still their directions
+    assert np.array_equal(knn_graph(tiny, 2, metric="cosine").indices, knn_graph(x, 2, metric="cosine").indices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +389,7 @@ def test_intrinsic_dimension_skips_duplicates_and_per_layer():
         cube = np.random.default_rng(1).random((1000, 4))
         plain = intrinsic_dimension(cube, method=method).dimension
         assert intrinsic_dimension(np.concatenate([cube, cube[:500]]), method=method).dimension == pytest.approx(plain, rel=1e-12)
-    assert intrinsic_dimension(x.astype(np.float32)).dtype == "float32"
+    assert intrinsic_dimension(x.astype(np.float32)).dtype == "float64"  # distances in float64 from float32 inputs
     layers = {"torus": x, "plane": np.random.default_rng(0).normal(size=(400, 2)) @ np.ones((2, 30))}
     calls = []
     profile = layer_intrinsic_dimension(layers, method="mle", progress=lambda d, t: calls.append((d, t)))

@@ -300,6 +300,9 @@ def test_moment_probe_reads_token_variance_that_the_mean_hides():
     assert mean_only.score[0] < 0.7
     assert moment.score[0] > 0.95
     assert moment.n_features[0] == 2 * d + 4 * 5 // 2
+    narrow = moment_probe({"seq": tokens[:, :, :3]}, y, control=False, rank=8)  # the sketch has at most d directions
+    assert narrow.n_features[0] == 2 * 3 + 3 * 4 // 2 and narrow.params["rank_used"] == {"seq": 3}
+    assert "rank-3 token covariance" in narrow.estimator and narrow.params["rank"] == 8
 
 
 def test_moment_probe_ignores_masked_padding():
@@ -370,6 +373,15 @@ def test_bad_activations_and_labels():
         probe_layers({"a": x, "b": x[:20]}, y)
 
 
+def test_labels_of_mixed_types_and_nan_groups_are_refused():
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    with pytest.raises(DataError, match=r"probe_layers: 'labels' mix value types \(int, str\); give every sample a label of one type"):
+        probe_layers({"x": x}, [1] * 20 + ["a"] * 20, cv=2)
+    groups = np.r_[np.nan, np.arange(39.0)]
+    with pytest.raises(DataError, match=r"probe_layers: 'groups' contain 1 NaN or infinite values"):
+        probe_layers({"x": x}, np.arange(40) % 2, cv=2, groups=groups)
+
+
 def test_moment_probe_errors():
     with pytest.raises(DataError, match="samples have no real token in 'mask'"):
         moment_probe({"s": np.ones((10, 3, 2))}, np.arange(10) % 2, mask=np.zeros((10, 3), bool), cv=2)
@@ -377,6 +389,9 @@ def test_moment_probe_errors():
         moment_probe({"s": np.ones((10, 3, 2))}, np.arange(10) % 2, mask=np.ones((10, 4), bool), cv=2)
     with pytest.raises(ParameterError, match="'rank' parameter of moment_probe must be an int in \\[0, 64\\]"):
         moment_probe({"s": np.ones((10, 3, 2))}, np.arange(10) % 2, rank=-1)
+    with pytest.raises(DataError, match=r"moment_probe: 'mask' must be True/False \(or 1/0\) per token, marking real tokens "
+                                        r"and padding; it holds other values\."):
+        moment_probe({"s": np.ones((10, 3, 2))}, np.arange(10) % 2, mask=np.full((10, 3), 0.5), cv=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,6 +213,10 @@ def as_labels(y: ArrayLike, n_samples: int, *, func: str, name: str = "labels", 
     arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     if arr.ndim != 1:
         raise DataError(f"{func}: '{name}' must be 1-D with one label per sample. Got shape {arr.shape}.")
+    if arr.dtype.kind in "US" and isinstance(y, (list, tuple)) and not all(isinstance(v, str) for v in y):
+        kinds = sorted({type(v).__name__ for v in y})  # numpy turned the numbers among them into text
+        raise DataError(f"{func}: '{name}' mix value types ({', '.join(kinds)}); give every sample a label of one type "
+                        "(all int or all str).")
     if arr.shape[0] != n_samples:
         raise DataError(
             f"{func}: '{name}' has {arr.shape[0]} entries but the activations have {n_samples} samples; they must match."

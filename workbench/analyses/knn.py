@@ -105,6 +105,18 @@ def clear_knn_cache() -> None:
         _cache.clear()
 
 
+def check_cosine_rows(t: torch.Tensor, metric: str, *, func: str, name: str = "x") -> None:
+    """Refuse all-zero rows of ``t`` under the cosine metric, whose direction is undefined."""
+    if metric != "cosine":
+        return
+    n_zero = int((t == 0).all(dim=1).sum())
+    if n_zero:
+        raise DataError(
+            f"{func}: the cosine distance is undefined for all-zero rows and '{name}' has {n_zero}; "
+            "use metric='euclidean' or drop those samples."
+        )
+
+
 def knn_graph(
     x: Any,
     k: int = 15,
@@ -138,6 +150,7 @@ def knn_graph(
     t = as_matrix(x, "x", func=func, dtype=torch.float32 if _is_float32(x) else torch.float64, min_samples=2)
     n = t.shape[0]
     k = check_int(k, "k", func=func, low=1, high=n - 1)
+    check_cosine_rows(t, metric, func=func)
     key = (data_hash(t), metric)
     with _cache_lock:
         cached = _cache.get(key)
@@ -191,14 +204,8 @@ def _exact_knn(
     n = t.shape[0]
     x64 = t.to(device=float64_device(dev), dtype=torch.float64)
     if metric == "cosine":
-        norms = x64.norm(dim=1, keepdim=True)
-        n_zero = int((norms == 0).sum())
-        if n_zero:
-            raise DataError(
-                f"knn_graph: the cosine distance is undefined for all-zero rows and 'x' has {n_zero}; "
-                "use metric='euclidean' or drop those samples."
-            )
-        x64 = x64 / norms
+        x64 = x64 / x64.abs().amax(dim=1, keepdim=True)  # no zero rows (knn_graph checked); scaled first, so
+        x64 = x64 / x64.norm(dim=1, keepdim=True)  # that the norms of tiny rows do not underflow to zero
     else:
         # Distances do not change under translation; centring shrinks the norms, and with them
         # the float32 rounding error of the expansion.

@@ -233,7 +233,8 @@ def moment_probe(
     acts : mapping layer name -> (n_samples, n_tokens, n_features) or (n_samples, n_features) array, or one array
     labels, cv, control, seed, c, groups, layers, device, progress : as in :func:`probe_layers`.
     rank : int
-        Directions of the low-rank covariance sketch, in ``[0, 64]``; adds ``rank (rank + 1) / 2`` features.
+        Directions of the low-rank covariance sketch, in ``[0, 64]``; adds ``r (r + 1) / 2`` features with
+        ``r = min(rank, n_features)`` (recorded per layer in ``params["rank_used"]``).
     mask : (n_samples, n_tokens) array of bool or None
         True for real tokens, False for padding; default all tokens. Every sample needs one real token.
     """
@@ -247,17 +248,19 @@ def moment_probe(
     if not raw:
         raise DataError(f"{func}: no layers to probe; pass at least one layer.")
     matrices: dict[str, torch.Tensor] = {}
-    token_layers = 0
+    ranks: dict[str, int] = {}  # the sketch's rank per token layer: at most the layer's width
     for index, (name, value) in enumerate(raw.items()):
         t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
         if t.ndim == 3:
             matrices[name] = _moment_features(t, mask, rank, seed + index, func, name)
-            token_layers += 1
+            ranks[name] = min(rank, int(t.shape[2]))
         else:
             matrices[name] = _centred_float32(as_matrix(t, name, func=func, min_samples=2), name, func)
+    used = sorted(set(ranks.values()))
+    shown = f"rank-{used[0]}" if len(used) == 1 else f"rank-{used[0]} to {used[-1]}" if used else ""
     prefix = (
-        f"moment probe (mean + diagonal + rank-{rank} token covariance), "
-        if token_layers
+        f"moment probe (mean + diagonal + {shown} token covariance), "
+        if ranks
         else "moment probe on pooled activations (first moment only), "
     )
     return _probe(
@@ -274,7 +277,7 @@ def moment_probe(
         progress=progress,
         func=func,
         estimator_prefix=prefix,
-        extra_params={"rank": rank, "token_layers": token_layers},
+        extra_params={"rank": rank, "token_layers": len(ranks), "rank_used": ranks},
     )
 
 
@@ -398,7 +401,7 @@ def _prepare_targets(
         if groups is None:
             types = np.arange(n)
         else:
-            _, types = np.unique(as_labels(groups, n, func=func, name="groups"), return_inverse=True)
+            _, types = np.unique(as_labels(groups, n, func=func, name="groups", classes=True), return_inverse=True)
         rng = np.random.default_rng([seed, 1])
         draw = rng.integers(0, n, size=int(types.max()) + 1)  # each type takes the label of a random sample
         control_y = y[draw][types]
@@ -856,6 +859,9 @@ def _moment_features(t: torch.Tensor, mask: Any, rank: int, seed: int, func: str
             raise DataError(
                 f"{func}: 'mask' must have shape (n_samples, n_tokens) = {(n, n_tokens)}. Got {tuple(m_arr.shape)}."
             )
+        if not (m_arr.dtype == torch.bool or bool(((m_arr == 0) | (m_arr == 1)).all())):
+            raise DataError(f"{func}: 'mask' must be True/False (or 1/0) per token, marking real tokens and padding; "
+                            "it holds other values.")
         m = m_arr.to(torch.float64)
     count = m.sum(1)
     if bool((count <= 0).any()):
