@@ -38,6 +38,20 @@ def test_html_has_sections_and_one_plotlyjs(stats_report, tmp_path):
     assert "digits (test)" in text and "torch" in text
 
 
+def test_names_and_titles_are_text_not_markup(sample_model, digits_test):
+    import dataclasses
+
+    model = dataclasses.replace(sample_model("mlp_seed0"), name="a<i>b")
+    result = activation_stats(extract(model, digits_test, ["fc1"]))
+    evil = 'A & B <script>document.title="PWNED"</script>'
+    text = build_report([Section(evil, result, [layer_histograms(result)], snippet="x = 1 < 2", notes="<u>note</u>",
+                                 models=[model], dataset=digits_test)], title=evil).to_html()
+    assert "<script>document.title" not in text and "<i>b" not in text and "<u>note" not in text
+    assert "<title>A &amp; B &lt;script&gt;document.title=&#34;PWNED&#34;&lt;/script&gt;</title>" in text
+    assert "a&lt;i&gt;b" in text and "x = 1 &lt; 2" in text
+    assert text.count("Plotly.newPlot") == 1  # the figures stay live
+
+
 def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
     from workbench.analyses.mode_connectivity import mode_connectivity
     from workbench.registry import summarize

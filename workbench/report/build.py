@@ -8,7 +8,6 @@ the result's fields; ``arrays.npz`` holds every numeric array, readable with ``a
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
 import platform
 import shutil
@@ -200,10 +199,10 @@ class Report:
     def to_html(self) -> str:
         """The report as one self-contained HTML page: header, and per section its models and data, estimator
         lines, key numbers, interactive figures (one embedded copy of plotly.js) and the code that recreates it."""
-        from jinja2 import Environment, PackageLoader, select_autoescape
+        from jinja2 import Environment, PackageLoader
         from plotly.offline import get_plotlyjs
 
-        env = Environment(loader=PackageLoader("workbench.report", "templates"), autoescape=select_autoescape(["html"]))
+        env = Environment(loader=PackageLoader("workbench.report", "templates"), autoescape=True)  # every name and title is text
         sections = []
         for i, s in enumerate(self.sections):
             figs = [f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{i}-{j}",
@@ -221,7 +220,7 @@ class Report:
                              "summary": summary_tables(record["summary"])})
         return env.get_template("report.html.j2").render(
             title=self.title, header=self.header, sections=sections, plotlyjs=get_plotlyjs(),
-            header_json=html.escape(json.dumps(self.header, indent=2)),
+            header_json=json.dumps(self.header, indent=2),
         )
 
     def save(self, path: str | Path, formats: Sequence[str] = ("html", "json", "npz")) -> dict[str, Path]:
