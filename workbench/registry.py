@@ -12,7 +12,6 @@ property on each measure.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -506,7 +505,7 @@ def model_expression(m: LoadedModel | None) -> str:
     """Python that loads ``m`` again (a comment with its hash when it came from an upload)."""
     if m is None:
         return "None"
-    arch = f", architecture={json.dumps(m.architecture)}" if m.source_format == "state dict" and m.architecture else ""
+    arch = f", architecture={m.architecture!r}" if m.source_format == "state dict" and m.architecture else ""  # a Python literal
     if m.source and not m.source.startswith("upload:"):  # absolute, so the code runs from any folder (a notebook's)
         return f"load_model({str(Path(m.source).resolve())!r}{arch})"
     name = m.source.removeprefix("upload:") or m.name
@@ -521,8 +520,10 @@ def dataset_expression(d: Dataset) -> str:
         return f"load_dataset('blobs', {options})"
     if "split" in info:
         return f"load_dataset({d.name.split(' ')[0]!r}, split={info['split']!r})"
+    if info.get("path"):  # absolute, so the code runs from any folder
+        return f"load_dataset({info['path']!r})  # sha256 {d.sha256[:16]}"
     if info.get("file"):
-        return f"load_dataset({info['file']!r})  # the file, sha256 {d.sha256[:16]}"
+        return f"load_dataset({info['file']!r})  # the uploaded file, sha256 {d.sha256[:16]}"
     return f"load_dataset(...)  # {d.name}, sha256 {d.sha256[:16]}"
 
 

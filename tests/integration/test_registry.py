@@ -96,8 +96,26 @@ def test_recreate_snippet_of_uploaded_files_is_valid_python(sample_model_path, d
     section = registry.run_analysis("similarity", model_a=upload_a, model_b=upload_b, dataset=data)
     ast.parse(section.snippet)  # a comment once swallowed the comma between arguments
     assert "model_a = load_model('model.safetensors')  # the uploaded file, weights sha256" in section.snippet
-    assert f"model_b = load_model('weights.pt', architecture={json.dumps(spec)})" in section.snippet
-    assert "dataset = load_dataset('mine.npz')  # the file, sha256" in section.snippet
+    assert f"model_b = load_model('weights.pt', architecture={spec!r})" in section.snippet
+    assert "dataset = load_dataset('mine.npz')  # the uploaded file, sha256" in section.snippet
+
+
+def test_recreate_snippet_of_files_on_disk_runs_from_another_folder(sample_model, digits_test, tmp_path, monkeypatch):
+    from workbench import load_dataset, load_model
+
+    cnn = sample_model("cnn_seed0")  # its spec holds a boolean: the snippet must write True, not JSON's true
+    torch.save(cnn.module.state_dict(), tmp_path / "cnn.pt")
+    np.savez(tmp_path / "mine.npz", x=digits_test.x.numpy(), y=digits_test.y.numpy())
+    monkeypatch.chdir(tmp_path)
+    model = load_model("cnn.pt", architecture=cnn.architecture)
+    section = registry.run_analysis("activations", model_a=model, dataset=load_dataset("mine.npz"), layers=["fc1"])
+    assert "'batchnorm': True" in section.snippet and str(tmp_path / "mine.npz") in section.snippet
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    namespace: dict = {}
+    exec(section.snippet, namespace)  # noqa: S102 - the snippet the report shows must run as written
+    assert namespace["section"].summary == section.summary
 
 
 def test_similarity_is_reported_with_its_chance_level(sample_model, digits_test):

@@ -355,7 +355,10 @@ def load_dataset(source: str | Path | bytes, *, split: str | None = None, filena
     if not data:
         raise DataError(f"Dataset file '{name}' is empty (0 bytes).")
     try:
-        return _read_file(data, name, max_bytes)
+        made = _read_file(data, name, max_bytes)
+        if not isinstance(source, (bytes, bytearray)):
+            made.info["path"] = str(Path(source).resolve())  # where code that loads it again finds it
+        return made
     except (WorkbenchError, MemoryError):
         raise
     except Exception as exc:  # a crafted file reaches a path no check foresaw: still one sentence, never a traceback
