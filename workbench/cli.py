@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from workbench.errors import ParameterError, UnknownLayerError, WorkbenchError
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-a", required=True, help="checkpoint of model A")
     p.add_argument("--model-b", help="checkpoint of model B (needed by two-model analyses)")
     p.add_argument("--architecture", help="architecture spec of model A as JSON, for a state dict without one")
-    p.add_argument("--architecture-b", help="architecture spec of model B as JSON (default: --architecture)")
+    p.add_argument("--architecture-b", help="architecture spec of model B as JSON (default: the spec in its file, else --architecture)")
     p.add_argument("--data", required=True, help="bundled dataset (digits, digits:train, blobs, sentences) or a .npz/.csv/.pt file")
     p.add_argument("--analysis", required=True, help=f"comma-separated analyses: {names}")
     p.add_argument("--layers", nargs="+", help="layers to analyse (default: every leaf layer, at most 12)")
@@ -179,6 +180,19 @@ def _parse_params(items: list[str], analyses: list[str]) -> dict[str, dict[str, 
     return params
 
 
+def _load_model_b(args: argparse.Namespace) -> Any:
+    """Model B with --architecture-b, else with the spec its file carries, else (weights alone) with --architecture."""
+    from workbench import load_model
+    from workbench.errors import MissingArchitectureError
+
+    if args.architecture_b is not None or args.architecture is None:
+        return load_model(args.model_b, architecture=args.architecture_b)
+    try:
+        return load_model(args.model_b)
+    except MissingArchitectureError:
+        return load_model(args.model_b, architecture=args.architecture)
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     import shlex
 
@@ -197,7 +211,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     params = _parse_params(args.param, names)
     _check_output(args.out, folder=True)
     model_a = load_model(args.model_a, architecture=args.architecture)
-    model_b = load_model(args.model_b, architecture=args.architecture_b or args.architecture) if args.model_b else None
+    model_b = _load_model_b(args) if args.model_b else None
     data = _data_arg(args.data)
     sections = []
     with tqdm(total=len(entries), unit="analysis", disable=None) as bar:

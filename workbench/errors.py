@@ -35,6 +35,10 @@ class ArchitectureError(WorkbenchError):
     """An architecture spec that is invalid or does not match the weights."""
 
 
+class MissingArchitectureError(ArchitectureError):
+    """Weights that come without an architecture spec, where none was given."""
+
+
 class UnknownLayerError(WorkbenchError):
     """A layer name that the model does not have."""
 

@@ -111,6 +111,10 @@ def test_analyze_reads_state_dicts_with_their_architecture(tmp_path):
     assert out.returncode == 0, out.stderr
     doc = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [m["name"] for m in doc["header"]["models"]] == ["sd0", "sd1"]
+    wide = str(ROOT / "sample_models" / "mlp_seed0.safetensors")  # B of another width carries its own spec, which wins
+    out = run("analyze", "--model-a", str(tmp_path / "sd0.pt"), "--model-b", wide, "--architecture", spec,
+              "--data", "digits", "--analysis", "activations", "--out", str(tmp_path / "r2"), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
 
 
 def test_analyze_refuses_a_file_as_its_folder_before_any_work(tmp_path):

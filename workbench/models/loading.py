@@ -42,6 +42,7 @@ from workbench.errors import (
     ArchitectureError,
     CorruptFileError,
     FileTooLargeError,
+    MissingArchitectureError,
     UnsafeFileError,
     UnsupportedFormatError,
     WorkbenchError,
@@ -630,7 +631,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec
     if spec is None:
         guess = infer_architecture(state)
         hint = f"; it looks like {json.dumps(guess)} (check the activation)" if guess else _cnn_hint(state)
-        raise ArchitectureError(
+        raise MissingArchitectureError(
             f"'{label}' holds weights but no architecture spec; pass one (the app's spec box, architecture= in Python, "
             f"--architecture on the command line), e.g. {{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}{hint}."
         )
