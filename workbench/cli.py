@@ -200,7 +200,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from workbench import load_model
     from workbench.registry import get_analysis, run_analysis
-    from workbench.report import build_report
+    from workbench.report import PdfUnavailableError, StaticImageUnavailableError, build_report
 
     names = [n.strip() for n in args.analysis.split(",") if n.strip()]
     if not names:
@@ -223,16 +223,39 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     command = "workbench analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["analyze"] else ""
     report = build_report(sections, title=args.title, models=[model_a, model_b], dataset=data, command=command)
     formats = ("html", "json", "npz") + (("pdf",) if args.pdf else ()) + (("png",) if args.png else ())
-    files = report.save(args.out, formats)
+    try:
+        files = report.save(args.out, formats)
+    except (PdfUnavailableError, StaticImageUnavailableError):  # the other formats are written first: say so
+        for name in ("report.html", "report.json", "arrays.npz"):
+            if (args.out / name).exists():
+                print(f"wrote {args.out / name}")  # noqa: T201
+        raise
     for f in files.values():
         print(f"wrote {f}")  # noqa: T201
     return 0
+
+
+def _check_spec_arguments(args: argparse.Namespace) -> None:
+    """Architecture specs typed on the command line must be JSON: a bad one is a bad argument (exit code 2)."""
+    import json
+
+    for attr in ("architecture", "architecture_b"):
+        text = getattr(args, attr, None)
+        if text is None:
+            continue
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            flag = "--" + attr.replace("_", "-")
+            raise ParameterError(f"{flag} is not valid JSON ({exc.msg} at position {exc.pos}); give the spec as a JSON "
+                                 """object, such as '{"type": "mlp", "sizes": [64, 10]}'.""") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_spec_arguments(args)
         return int(args.func(args) or 0)
     except (ParameterError, UnknownLayerError) as exc:  # a bad argument, like argparse's own
         print(f"workbench {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201

@@ -74,6 +74,8 @@ def test_analyze_writes_report(tmp_path):
         (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "similarity", "--out", "x"], 2,
          "compares two models; pass model_b"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+        (["layers", MLP0, "--architecture", "{bad json"], 2,
+         "--architecture is not valid JSON (Expecting property name enclosed in double quotes at position 1); give the spec"),
         (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "activations", "--param", "probing.cv=3",
           "--out", "x"], 2, "sets a parameter of 'probing', which is not among the analyses run (activations)"),
         (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", " ", "--out", "x"], 2,
@@ -86,6 +88,23 @@ def test_bad_arguments_one_line(args, code, message, tmp_path):
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) <= 2
+
+
+def test_a_pdf_that_cannot_be_printed_still_lists_the_files_written(tmp_path, monkeypatch, capsys):
+    from workbench import cli
+    from workbench.report import PdfUnavailableError
+    from workbench.report import build as report_build
+
+    def no_browser(*_args, **_kwargs):
+        raise PdfUnavailableError("PDF export needs a headless Chromium; install one.")
+
+    monkeypatch.setattr(report_build, "html_to_pdf", no_browser)
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    code = cli.main(["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "activations", "--layers", "fc1",
+                     "--pdf", "--out", str(tmp_path / "r")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "PDF export needs a headless Chromium" in err
+    assert f"wrote {tmp_path / 'r' / 'report.html'}" in out and f"wrote {tmp_path / 'r' / 'arrays.npz'}" in out
 
 
 def test_extract_output_paths(tmp_path):

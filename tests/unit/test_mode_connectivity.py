@@ -385,6 +385,8 @@ def test_different_architectures_name_the_parameter(sample_model):
         interpolate(sample_model("mlp_seed0"), sample_model("mlp_tanh_seed0"), None)
     with pytest.raises(ArchitectureError, match=r"'mlp_seed0' \(models\[0\]\) and 'cnn_seed0' \(models\[1\]\) have different architectures"):
         merge([sample_model("mlp_seed0"), sample_model("cnn_seed0")], None)
+    with pytest.raises(ArchitectureError, match=r"^mode_connectivity: model_a and model_b have different architectures"):
+        mode_connectivity(sample_model("mlp_seed0"), sample_model("cnn_seed0"), None)  # named by the function called
 
 
 def test_attention_is_named_as_unsupported():

@@ -1662,6 +1662,9 @@ def mode_connectivity(
         )
     methods = [check_choice(m, "methods", CONNECTIVITY_METHODS, func=func) for m in methods]
     n_points = check_int(n_points, "n_points", func=func, low=3, high=201)
+    _check_same_architecture(a, b, func)  # named by this function, not by the steps it runs
+    _check_finite_weights(a, "model_a", func)
+    _check_finite_weights(b, "model_b", func)
     match_data = train_dataset if train_dataset is not None else dataset
     _check_runs(a, dataset, "dataset", func)
     if train_dataset is not None:
