@@ -363,6 +363,8 @@ def test_plots_carry_estimator_and_n(sample_model, digits_test):
     assert "above the line" in str(table.data[0].header.values) and "max over λ" in table.layout.annotations[0].text
     rows = plots.barrier_rows(result)
     assert len(rows) == 2  # each barrier next to the λ where it is reached
+    inside = table.layout.height - table.layout.margin.t - table.layout.margin.b
+    assert inside >= 80 + 36 * len(rows)  # room for every row in a static export (a PDF or PNG does not scroll)
     barrier = result.barriers[next(iter(result.barriers))]
     assert rows[0]["at λ (line)"] == barrier.lambda_linear["test"] and rows[0]["at λ (mean)"] == barrier.lambda_mean["test"]
     assert "Ito" in figure_title(plots.layer_alignment_figure(result.layers))

@@ -1337,8 +1337,8 @@ def _lerp(sa: Mapping[str, torch.Tensor], sb: Mapping[str, torch.Tensor], lam: f
 def loss_barrier(curve: InterpolationResult) -> BarrierResult:
     """The loss barrier of an interpolation curve under both common definitions, for every split.
 
-    ``linear``: ``max_λ L(λ) − ((1−λ) L_A + λ L_B)`` (Frankle et al. 2020; Ainsworth et al. 2023);
-    ``mean``: ``max_λ L(λ) − ½(L_A + L_B)`` (Entezari et al. 2022). Both are 0 for a flat curve
+    ``linear``: ``max_λ L(λ) − ((1−λ) L_A + λ L_B)`` (Entezari et al. 2022);
+    ``mean``: ``max_λ L(λ) − ½(L_A + L_B)`` (Frankle et al. 2020, as error; Ainsworth et al. 2023). Both are 0 for a flat curve
     and can be slightly negative for a curve below its endpoints. ``accuracy_drop`` is the analogue
     for accuracy.
     """

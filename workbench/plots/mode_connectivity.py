@@ -112,10 +112,12 @@ def barrier_table(result: ModeConnectivityResult) -> go.Figure:
     rows = barrier_rows(result)
     headers = list(rows[0]) if rows else []
     cells = [[f"{r[h]:.4f}" if isinstance(r[h], float) else r[h] for r in rows] for h in headers]
-    fig = go.Figure(go.Table(header={"values": headers, "align": "left"}, cells={"values": cells, "align": "left"}))
+    widths = [2.2 if h == "method" else 1.4 if h == "dataset" else 0.8 if h == "split" else 1.1 for h in headers]
+    fig = go.Figure(go.Table(columnwidth=widths, header={"values": headers, "align": "left"},
+                             cells={"values": cells, "align": "left"}))
     defs = _definitions(next(iter(result.barriers.values())) if result.barriers else None)
-    fig.update_layout(
-        height=190 + 24 * max(len(rows), 1),
+    fig.update_layout(  # a row per method and split, two lines where a label wraps: every row shows in a static export
+        height=240 + 40 * max(len(rows), 1),
         annotations=[
             {
                 "text": defs,
