@@ -52,6 +52,16 @@ def test_names_and_titles_are_text_not_markup(sample_model, digits_test):
     assert text.count("Plotly.newPlot") == 1  # the figures stay live
 
 
+def test_the_header_names_the_devices_the_results_ran_on(stats_report):
+    import dataclasses
+
+    report, result = stats_report
+    assert report.header["device"].startswith("cpu (")
+    elsewhere = dataclasses.replace(result, device="cuda:1")  # as recorded by a run on another device
+    header = build_report([Section("On a GPU", elsewhere), Section("On the CPU", result)]).header
+    assert header["device"].startswith("cuda:1") and ", cpu (" in header["device"]
+
+
 def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
     from workbench.analyses.mode_connectivity import mode_connectivity
     from workbench.registry import summarize

@@ -170,12 +170,31 @@ def _distinct(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _device_name() -> str:
+def _device_name(device: str | None = None) -> str:
+    """``device`` (default: the best available) with the hardware behind it."""
     import torch
 
-    if torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        try:
+            return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+        except (RuntimeError, AssertionError, ValueError):  # a device this machine does not have (a report made elsewhere)
+            return device
+    if device == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device
+
+
+def _devices_used(sections: Sequence[Section]) -> str:
+    """The devices the sections' results record they ran on, else the best available one."""
+    used: list[str] = []
+    for s in sections:
+        for r in s.result if isinstance(s.result, (list, tuple)) else [s.result]:
+            device = getattr(r, "device", None)
+            if isinstance(device, str) and device and device not in used:
+                used.append(device)
+    return ", ".join(_device_name(d) for d in used) if used else _device_name()
 
 
 @dataclass
@@ -347,7 +366,7 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
         "dataset": data,
         "datasets": used,
         "versions": _versions(),
-        "device": _device_name(),
+        "device": _devices_used(sections),
         "platform": f"{platform.system()} {platform.release()} / Python {sys.version.split()[0]}",
         "command": command,
     }
