@@ -211,6 +211,7 @@ def _mode_connectivity(ctx: Context, n_points: int = 25, top_k: int = 5, seed: i
     from workbench.analyses.mode_connectivity import mode_connectivity
     from workbench.data import digits_train_for
 
+    _require_labels(ctx, "Mode connectivity (loss and accuracy along the path)")
     ctx.train_dataset = digits_train_for(ctx.dataset)
     return mode_connectivity(ctx.model_a, ctx.model_b, ctx.dataset, train_dataset=ctx.train_dataset, n_points=n_points,
                              top_k=top_k, seed=seed, device=ctx.device, progress=ctx.progress)
@@ -304,11 +305,15 @@ def _separability_summary(results: Any) -> dict[str, Any]:
     return {m: dict(zip(r.layers, np.asarray(r.scores).tolist())) for m, r in zip(_model_labels([r.model_name for r in results]), results)}
 
 
+def _require_labels(ctx: Context, what: str) -> None:
+    if ctx.dataset.y is None:
+        raise ParameterError(f"{what} needs labels and dataset '{ctx.dataset.name}' has none; pick a labelled dataset.")
+
+
 def _probing(ctx: Context, probe: str = "linear", cv: int = 5, control: bool = True, c: float = 1.0, seed: int = 0) -> Any:
     from workbench.analyses.probing import probe_layers
 
-    if ctx.dataset.y is None:
-        raise ParameterError(f"Probing needs labels and dataset '{ctx.dataset.name}' has none; pick a labelled dataset.")
+    _require_labels(ctx, "Probing")
     return [probe_layers(ctx.activations(w), ctx.dataset.y, probe=probe, cv=cv, control=control, c=c, seed=seed,
                          device=ctx.device, progress=ctx.progress) for w in ("a", "b")[: len(ctx.models())]]
 

@@ -61,6 +61,12 @@ def test_bad_names_and_parameters(sample_model, digits_test):
         registry.run_analysis("similarity", model_a=a, model_b=a, dataset=digits_test, params={"colour": 1})
     with pytest.raises(ParameterError, match=r"compares two models; pass model_b"):
         registry.run_analysis("relative", model_a=a, dataset=digits_test)
+    from workbench.data import make_dataset
+
+    unlabelled = make_dataset("nolab", digits_test.x)
+    for name, what in (("probing", "Probing"), ("mode_connectivity", r"Mode connectivity \(loss and accuracy along the path\)")):
+        with pytest.raises(ParameterError, match=rf"^{what} needs labels and dataset 'nolab' has none; pick a labelled dataset\.$"):
+            registry.run_analysis(name, model_a=a, model_b=a, dataset=unlabelled)
     with pytest.raises(ParameterError, match=r"The 'params' of run_analysis must be a dict of parameter name -> value; got list"):
         registry.run_analysis("similarity", model_a=a, model_b=a, dataset=digits_test, params=[("measure", "rsa")])
 
