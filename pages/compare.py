@@ -132,11 +132,13 @@ col_a, col_b, col_n = st.columns(3)
 cell_a = col_a.selectbox("Layer of A", result.layers_a, key="cmp_cell_a", persist_state="session")
 cell_b = col_b.selectbox("Layer of B", result.layers_b, key="cmp_cell_b", persist_state="session")
 n = result.n_samples
-n_anchors = col_n.slider("Anchors", 4, min(256, n), min(64, n), key="cmp_anchors", help=HELP["anchors"])
+top = max(5, min(256, n - 2))  # anchors are left out of the scores: at least 2 other samples remain
+n_anchors = col_n.slider("Anchors", 4, top, min(64, top), key="cmp_anchors", help=HELP["anchors"])
 labels = dataset.y if dataset.n_classes else None
 with _state.guard():
     x_a, x_b = acts_a[cell_a], acts_b[cell_b]
-    detail = _state.cached_call(relative_comparison, x_a, x_b, n_anchors=n_anchors, k=min(10, n - 1), labels=labels)
+    detail = _state.cached_call(relative_comparison, x_a, x_b, n_anchors=n_anchors, k=max(1, min(10, n - n_anchors - 1)),
+                                  labels=labels)
 value = float(result.values[result.layers_a.index(cell_a), result.layers_b.index(cell_b)])
 agreement = detail.agreement
 gain = None

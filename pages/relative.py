@@ -54,9 +54,11 @@ if not pairs:
     _state.stop()
 
 cols = st.columns(4)
-n_anchors = cols[0].slider("Anchors", 4, min(512, n), min(64, n), key="rel_anchors", help=HELP["anchors"])
+top = max(5, min(512, n - 2))  # anchors are left out of the scores: at least 2 other samples remain
+n_anchors = cols[0].slider("Anchors", 4, top, min(64, top), key="rel_anchors", help=HELP["anchors"])
 method = cols[1].selectbox("Anchor choice", ANCHOR_METHODS, key="rel_method", help=HELP["method"])
-k = cols[2].slider("k", 1, min(50, n - 1), min(10, n - 1), key="rel_k", help=HELP["k"])
+top_k = max(2, min(50, n - n_anchors - 1))  # each scored sample retrieves k of the others
+k = cols[2].slider("k", 1, top_k, min(10, top_k), key="rel_k", help=HELP["k"])
 seed = int(
     cols[3].number_input("Seed", min_value=0, value=0, step=1, key="rel_seed", help="Seed of the anchor choice.")
 )

@@ -119,8 +119,61 @@ def test_rotated_space_agrees_in_relative_but_not_in_absolute_coordinates():
 def test_absolute_agreement_is_none_when_widths_differ():
     a, b = _rng().normal(size=(30, 4)), _rng(1).normal(size=(30, 6))
     rel_a, rel_b = relative_representation(a, np.arange(5)), relative_representation(b, np.arange(5))
-    result = cross_model_agreement(rel_a, rel_b, k=3, absolute_a=a, absolute_b=b)
+    result = cross_model_agreement(rel_a, rel_b, k=3, anchors=np.arange(5), absolute_a=a, absolute_b=b)
     assert result.absolute_comparable is False and result.absolute_mrr is None
+
+
+def _chance_mrr(m: int) -> float:
+    return sum(1.0 / r for r in range(1, m + 1)) / m  # mean of 1 / rank for a uniformly random rank among m
+
+
+def test_independent_encoders_agree_at_chance_once_anchors_are_left_out():
+    rng = _rng(11)
+    x, w = rng.normal(size=(600, 32)), rng.normal(size=(600, 32))  # two unrelated encoders of the same samples
+    result = relative_comparison(x, w, n_anchors=64, k=10)
+    agreement, m = result.agreement, 600 - 64
+    for mrr in (agreement.mrr, agreement.absolute_mrr):
+        assert mrr < 2 * _chance_mrr(m)
+    for jaccard in (agreement.mean_jaccard, agreement.absolute_mean_jaccard):
+        assert jaccard < 10 / m  # about k / (2m) by chance
+    assert abs(agreement.mrr - agreement.absolute_mrr) < _chance_mrr(m)
+    # with the anchors among the queries, each finds itself through its own column: far above chance
+    inflated = cross_model_agreement(result.relative_a, result.relative_b, k=10)
+    assert inflated.mrr > 4 * _chance_mrr(600)
+    kept = cross_model_agreement(result.relative_a, result.relative_b, k=10, anchors=result.anchors, absolute_a=x,
+                                 absolute_b=w)
+    assert kept.mrr == pytest.approx(agreement.mrr) and kept.absolute_mrr == pytest.approx(agreement.absolute_mrr)
+    np.testing.assert_array_equal(kept.samples, agreement.samples)
+    layers = relative_agreement_by_layer({"l": x}, {"l": w}, n_anchors=64, k=10)
+    assert layers.mrr[0] == pytest.approx(agreement.mrr) and layers.absolute_mrr[0] == pytest.approx(agreement.absolute_mrr)
+    assert layers.jaccard[0] == pytest.approx(agreement.mean_jaccard)
+
+
+def test_a_rotated_and_scaled_copy_still_agrees_perfectly_without_the_anchors():
+    x = _rng().normal(size=(150, 12))
+    result = relative_comparison(x, 3.0 * x @ _orthogonal(12, seed=2), n_anchors=40, method="fps", k=10)
+    assert result.agreement.mrr == pytest.approx(1.0) and result.agreement.mean_jaccard == pytest.approx(1.0)
+    layers = relative_agreement_by_layer({"l": x}, {"l": 3.0 * x @ _orthogonal(12, seed=2)}, n_anchors=40, k=10)
+    assert layers.mrr[0] == pytest.approx(1.0) and layers.jaccard[0] == pytest.approx(1.0)
+
+
+def test_the_anchors_are_left_out_of_the_recorded_samples():
+    x = _rng().normal(size=(80, 6))
+    labels = np.arange(80) % 4
+    result = relative_comparison(x, x @ _orthogonal(6), n_anchors=20, k=5, labels=labels, seed=3)
+    agreement = result.agreement
+    np.testing.assert_array_equal(agreement.samples, np.setdiff1d(np.arange(80), result.anchors))
+    assert agreement.n_samples == result.n_samples == 60 and agreement.jaccard.shape == (60,)
+    assert agreement.absolute_reciprocal_rank.shape == (60,) and result.relative_a.shape == (80, 20)
+    assert result.params["n_anchors"] == 20 and agreement.params["n_anchors"] == 20
+    assert "among the 60 samples that are not anchors (20 left out)" in result.estimator
+    counts = np.bincount(labels[agreement.samples])
+    np.testing.assert_allclose(agreement.class_jaccard * counts, np.bincount(labels[agreement.samples], agreement.jaccard))
+    plain = cross_model_agreement(x, x, k=5)  # no anchors among the samples: every sample is scored
+    assert plain.n_samples == 80 and plain.params == {"k": 5, "n_anchors": 0}
+    layers = relative_agreement_by_layer({"l1": x, "l2": x[:, :3]}, {"l1": x, "l2": x[:, 3:]}, n_anchors=20, k=5)
+    assert layers.n_samples == 60 and layers.n_anchors == 20
+    assert "left out of the scores; among the 60 other samples" in layers.estimator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +196,7 @@ def test_relative_jaccard_beats_absolute_on_mlps_from_different_seeds(mlp_activa
     a, b = mlp_activations[("mlp_seed0", "test")], mlp_activations[("mlp_seed1", "test")]
     result = relative_agreement_by_layer(a, b, layers=HIDDEN, n_anchors=64, k=10, seed=0)
     assert result.layers_a == tuple(HIDDEN) and result.absolute_comparable.all()
-    assert result.model_a == "mlp_seed0" and result.n_samples == 450
+    assert result.model_a == "mlp_seed0" and result.n_samples == 450 - 64 and result.params["n_anchors"] == 64
     assert (result.jaccard > result.absolute_jaccard).all()
     assert (result.jaccard > 0.3).all() and (result.absolute_jaccard < 0.1).all()
     assert (result.mrr > result.absolute_mrr).all()
@@ -288,6 +341,71 @@ def test_error_no_shared_layers_and_unknown_layer():
         relative_agreement_by_layer(a, b)
     with pytest.raises(UnknownLayerError, match=r"Unknown layer 'dens' in 'acts_b'. Did you mean 'dense'\?"):
         relative_agreement_by_layer(a, b, layers=[("fc1", "dens")])
+
+
+def test_error_anchors_of_cross_model_agreement():
+    with pytest.raises(ParameterError, match=r"The 'anchors' indices of cross_model_agreement must lie in \[0, 9\]"):
+        cross_model_agreement(np.eye(10), np.eye(10), k=2, anchors=np.array([0, 10]))
+    with pytest.raises(ParameterError, match=r"'anchors' parameter of cross_model_agreement must be a 1-D array of the"):
+        cross_model_agreement(np.eye(10), np.eye(10), k=2, anchors=np.array([0.5]))
+    with pytest.raises(ParameterError, match=r"The 'anchors' of cross_model_agreement leave 1 of the 10 samples to score"):
+        cross_model_agreement(np.eye(10), np.eye(10), k=1, anchors=np.arange(9))
+    with pytest.raises(
+        ParameterError,
+        match=r"The 'k' parameter of cross_model_agreement must be an int in \[1, 6\], since the 7 samples that are not "
+        r"among the 3 anchors each retrieve k of the others; lower k or n_anchors. Got 7",
+    ):
+        cross_model_agreement(np.eye(10), np.eye(10), k=7, anchors=[0, 1, 2])
+
+
+def test_error_n_anchors_and_k_leave_too_few_samples():
+    x = _rng().normal(size=(40, 4))
+    with pytest.raises(
+        ParameterError,
+        match=r"The 'n_anchors' parameter of relative_comparison must be an int in \[1, 38\] for 40 samples, since anchors "
+        r"are left out of the agreement scores and 2 other samples must remain; choose fewer anchors. Got 40",
+    ):
+        relative_comparison(x, x, n_anchors=40, k=1)
+    with pytest.raises(
+        ParameterError, match=r"The 'k' parameter of relative_comparison must be an int in \[1, 9\], since the 10 samples"
+    ):
+        relative_comparison(x, x, n_anchors=30, k=10)
+    with pytest.raises(DataError, match=r"relative_comparison: the activations have 2 samples, but the agreement scores"):
+        relative_comparison(x[:2], x[:2], n_anchors=1, k=1)
+
+
+def test_error_layers_of_different_lengths_are_refused_before_any_work():
+    rng = _rng(11)
+    a = {"l1": rng.normal(size=(100, 5)), "l2": rng.normal(size=(30, 5))}
+    b = {name: rng.normal(size=v.shape) for name, v in a.items()}
+    done = []
+    message = (r"relative_agreement_by_layer: acts_a\['l2'\] has 30 samples but acts_a\['l1'\] has 100; every compared "
+               r"layer must hold the activations of the same samples")
+    for kwargs in ({"n_anchors": 64}, {"n_anchors": 10, "k": 50}):
+        with pytest.raises(DataError, match=message):
+            relative_agreement_by_layer(a, b, progress=lambda i, total: done.append(i), **kwargs)
+    assert done == []
+    b["l2"] = b["l2"][:20]
+    with pytest.raises(DataError, match=r"acts_b\['l2'\] has 20 samples but acts_a\['l1'\] has 100"):
+        relative_agreement_by_layer({"l1": a["l1"], "l2": a["l1"]}, b)
+
+
+def test_error_n_anchors_and_k_of_relative_agreement_by_layer():
+    rng = _rng()
+    a = {"l1": rng.normal(size=(100, 5)), "l2": rng.normal(size=(100, 3))}
+    done = []
+    with pytest.raises(
+        ParameterError, match=r"The 'n_anchors' parameter of relative_agreement_by_layer must be an int in \[1, 98\] for "
+        r"100 samples.* Got 99",
+    ):
+        relative_agreement_by_layer(a, a, n_anchors=99, progress=lambda i, total: done.append(i))
+    with pytest.raises(
+        ParameterError, match=r"The 'k' parameter of relative_agreement_by_layer must be an int in \[1, 89\], since the 90 "
+        r"samples that are not among the 10 anchors each retrieve k of the others; lower k or n_anchors. Got 90",
+    ):
+        relative_agreement_by_layer(a, a, n_anchors=10, k=90, progress=lambda i, total: done.append(i))
+    assert done == []
+    assert relative_agreement_by_layer(a, a, n_anchors=10, k=89).jaccard.tolist() == pytest.approx([1.0, 1.0])
 
 
 def test_error_stitch_inputs():

@@ -9,7 +9,8 @@ comparable space even when their absolute coordinates do not.
 * :func:`select_anchors` picks anchor samples (random, farthest-point or k-means medoids).
 * :func:`relative_representation` maps ``(n_samples, n_features)`` to ``(n_samples, n_anchors)``.
 * :func:`cross_model_agreement` measures how interchangeable two spaces are (Jaccard@k of retrieved
-  neighbours, MRR of the matching sample, cosine), for relative and absolute coordinates.
+  neighbours, MRR of the matching sample, cosine), for relative and absolute coordinates, over the
+  samples that are not anchors (an anchor's cosine of 1 to itself would retrieve it in any space).
 * :func:`relative_comparison` and :func:`relative_agreement_by_layer` bundle these for one layer pair
   or for every layer of two models.
 * :func:`stitch` trains a classification head on one model's relative space and applies it, unchanged,
@@ -61,15 +62,20 @@ Progress = Callable[[int, int], Any]
 class RelativeAgreementResult(RecordedResult):
     """How well space A can stand in for space B, for relative and (optionally) absolute coordinates.
 
-    Per-sample arrays have shape ``(n_samples,)``: ``jaccard`` (Jaccard@k of the neighbours retrieved in
-    B by ``a_i`` and by ``b_i``), ``reciprocal_rank`` (1 / rank of ``b_i`` among all of B when queried
-    with ``a_i``), ``cosine`` (between ``a_i`` and ``b_i``). ``mean_jaccard``, ``mrr``, ``mean_cosine``
-    average them. The ``absolute_*`` fields hold the same for the absolute representations, or None when
-    they were not given or their widths differ (``absolute_comparable`` False). ``classes`` /
-    ``class_jaccard`` / ``absolute_class_jaccard`` give the mean Jaccard per class when labels were given.
+    ``samples``: the indices of the scored samples, every sample that is not an anchor; they are the
+    queries and the retrieval candidates, for relative and absolute coordinates alike, and
+    ``n_samples`` counts them. Per-sample arrays have shape ``(n_samples,)``, in the order of
+    ``samples``: ``jaccard`` (Jaccard@k of the neighbours retrieved in B by ``a_i`` and by ``b_i``),
+    ``reciprocal_rank`` (1 / rank of ``b_i`` among the scored samples of B when queried with ``a_i``),
+    ``cosine`` (between ``a_i`` and ``b_i``). ``mean_jaccard``, ``mrr``, ``mean_cosine`` average them.
+    The ``absolute_*`` fields hold the same for the absolute representations, or None when they were
+    not given or their widths differ (``absolute_comparable`` False). ``classes`` / ``class_jaccard`` /
+    ``absolute_class_jaccard`` give the mean Jaccard per class of the scored samples when labels were
+    given.
     """
 
     k: int
+    samples: np.ndarray
     jaccard: np.ndarray
     reciprocal_rank: np.ndarray
     cosine: np.ndarray
@@ -93,8 +99,10 @@ class RelativeComparisonResult(RecordedResult):
     """Relative representations of one layer of model A and one of model B, and their agreement.
 
     ``anchors``: ``(n_anchors,)`` sample indices, chosen in A's space and used in both.
-    ``relative_a`` / ``relative_b``: ``(n_samples, n_anchors)`` cosines to the anchors.
-    ``labels``: ``(n_samples,)`` class labels or None. ``agreement``: the :class:`RelativeAgreementResult`.
+    ``relative_a`` / ``relative_b``: ``(n_total, n_anchors)`` cosines of every sample, anchors included,
+    to the anchors. ``labels``: ``(n_total,)`` class labels or None. ``agreement``: the
+    :class:`RelativeAgreementResult` over the ``n_samples = n_total - n_anchors`` samples that are not
+    anchors.
     """
 
     anchors: np.ndarray
@@ -110,7 +118,8 @@ class RelativeLayerAgreementResult(RecordedResult):
 
     Arrays have shape ``(n_pairs,)``. ``jaccard`` / ``mrr`` / ``cosine`` are for relative
     representations; ``absolute_*`` for the raw activations, NaN where the two widths differ (flagged by
-    ``absolute_comparable``), since absolute coordinates of different widths cannot be compared.
+    ``absolute_comparable``), since absolute coordinates of different widths cannot be compared. Both
+    are scored over the same ``n_samples`` samples of each layer pair, those that are not its anchors.
     """
 
     layers_a: tuple[str, ...]
@@ -355,6 +364,60 @@ def _class_means(values: torch.Tensor, labels: np.ndarray, classes: np.ndarray) 
     return np.array([v[labels == c].mean() for c in classes])
 
 
+def _non_anchors(n: int, anchors: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Indices of the samples that are not anchors, in order: the queries and retrieval candidates of the
+    agreement scores (anchor ``j`` has cosine 1 in column ``j`` of the relative representation in every
+    space, so as a query it would retrieve itself whether or not the two spaces agree)."""
+    keep = torch.ones(n, dtype=torch.bool, device=device)
+    keep[anchors] = False
+    return torch.nonzero(keep).flatten()
+
+
+def _check_n_anchors(n_anchors: Any, n: int, func: str) -> int:
+    """``n_anchors`` in [1, n - 2]: the agreement scores need 2 samples that are not anchors."""
+    if n < 3:
+        raise DataError(
+            f"{func}: the activations have {n} samples, but the agreement scores need at least 3 (an anchor and 2 other "
+            "samples, which are scored); use more samples."
+        )
+    ok = isinstance(n_anchors, (int, np.integer)) and not isinstance(n_anchors, bool)
+    if ok and 1 <= n_anchors <= n - 2:
+        return int(n_anchors)
+    raise ParameterError(
+        f"The 'n_anchors' parameter of {func} must be an int in [1, {n - 2}] for {n} samples, since anchors are left out "
+        f"of the agreement scores and 2 other samples must remain; choose fewer anchors. Got {n_anchors!r}."
+    )
+
+
+def _check_k(k: Any, n_scored: int, n_anchors: int, func: str) -> int:
+    """``k`` in [1, n_scored - 1]: each scored sample retrieves k of the other scored samples."""
+    if n_anchors == 0:
+        return check_int(k, "k", func=func, low=1, high=n_scored - 1)
+    ok = isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+    if ok and 1 <= k <= n_scored - 1:
+        return int(k)
+    raise ParameterError(
+        f"The 'k' parameter of {func} must be an int in [1, {n_scored - 1}], since the {n_scored} samples that are not "
+        f"among the {n_anchors} anchors each retrieve k of the others; lower k or n_anchors. Got {k!r}."
+    )
+
+
+def _anchor_indices(anchors: ArrayLike, n: int, func: str, device: torch.device) -> torch.Tensor:
+    """Distinct anchor indices in [0, n - 1] from a 1-D integer array."""
+    arr = anchors.detach().cpu().numpy() if isinstance(anchors, torch.Tensor) else np.asarray(anchors)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise ParameterError(
+            f"The 'anchors' parameter of {func} must be a 1-D array of the integer indices of the samples that are anchors "
+            f"(e.g. from select_anchors). Got an array of shape {arr.shape} and dtype {arr.dtype}."
+        )
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= n):
+        raise ParameterError(
+            f"The 'anchors' indices of {func} must lie in [0, {n - 1}] (rel_a has {n} samples). "
+            f"Got values from {int(arr.min())} to {int(arr.max())}."
+        )
+    return torch.as_tensor(np.unique(arr.astype(np.int64)), dtype=torch.long, device=device)
+
+
 def _agreement(
     ra: torch.Tensor,
     rb: torch.Tensor,
@@ -362,19 +425,25 @@ def _agreement(
     aa: torch.Tensor | None,
     ab: torch.Tensor | None,
     labels: np.ndarray | None,
+    scored: torch.Tensor,
     params: dict[str, Any],
     seed: int | None,
     dev: torch.device,
     start: float,
 ) -> RelativeAgreementResult:
+    """Agreement over the rows ``scored`` (the samples that are not anchors), relative and absolute alike."""
+    n_anchors = int(ra.shape[0]) - int(scored.shape[0])
+    ra, rb = ra[scored], rb[scored]
     jac, rr, cos = _retrieval(ra, rb, k)
     a_jac = a_rr = a_cos = None
     comparable = False
     if aa is not None and ab is not None and aa.shape[1] == ab.shape[1]:
         comparable = True
-        a_jac, a_rr, a_cos = _retrieval(aa, ab, k)
+        a_jac, a_rr, a_cos = _retrieval(aa[scored], ab[scored], k)
+    samples = scored.cpu().numpy().astype(np.int64)
     classes = class_j = abs_class_j = None
     if labels is not None:
+        labels = labels[samples]
         classes = np.unique(labels)
         class_j = _class_means(jac, labels, classes)
         abs_class_j = _class_means(a_jac, labels, classes) if a_jac is not None else None
@@ -385,8 +454,10 @@ def _agreement(
     def mean_or_none(t: torch.Tensor | None) -> float | None:
         return None if t is None else float(t.mean())
 
+    among = f" among the {samples.size} samples that are not anchors ({n_anchors} left out)" if n_anchors else ""
     return RelativeAgreementResult(
         k=k,
+        samples=samples,
         jaccard=jac.cpu().numpy(),
         reciprocal_rank=rr.cpu().numpy(),
         cosine=cos.cpu().numpy(),
@@ -403,8 +474,8 @@ def _agreement(
         classes=classes,
         class_jaccard=class_j,
         absolute_class_jaccard=abs_class_j,
-        estimator=f"cross-space retrieval by cosine (Moschella et al. 2023): Jaccard@{k}, MRR, mean cosine",
-        n_samples=int(ra.shape[0]),
+        estimator=f"cross-space retrieval by cosine (Moschella et al. 2023){among}: Jaccard@{k}, MRR, mean cosine",
+        n_samples=int(samples.size),
         params=params,
         seed=seed,
         device=str(dev),
@@ -418,6 +489,7 @@ def cross_model_agreement(
     rel_b: ArrayLike,
     *,
     k: int = 10,
+    anchors: ArrayLike | None = None,
     absolute_a: ArrayLike | None = None,
     absolute_b: ArrayLike | None = None,
     labels: ArrayLike | None = None,
@@ -426,23 +498,33 @@ def cross_model_agreement(
     """How interchangeable two representations of the same samples are, as retrieval across spaces.
 
     Following Moschella et al. (2023, Table 1), sample ``i`` of space A is used as a query into space B
-    (cosine similarity against every ``b_j``):
+    (cosine similarity against every scored ``b_j``):
 
     * Jaccard@k: overlap (intersection over union) of the top-k samples retrieved by ``a_i`` and the
       top-k retrieved by ``b_i`` itself (both lists include the query's own sample). In [0, 1].
-    * MRR: mean of ``1 / rank`` of ``b_i`` among all of B when queried with ``a_i`` (rank 1 = best;
-      ``1 + #{j: cos(a_i, b_j) > cos(a_i, b_i)}``; not truncated at k). In (0, 1].
+    * MRR: mean of ``1 / rank`` of ``b_i`` among the scored samples of B when queried with ``a_i``
+      (rank 1 = best; ``1 + #{j: cos(a_i, b_j) > cos(a_i, b_i)}``; not truncated at k). In (0, 1].
     * mean cosine between ``a_i`` and ``b_i``. In [-1, 1].
+
+    The samples given in ``anchors`` are left out, as queries and as candidates: anchor ``j`` has cosine
+    1 in column ``j`` of the relative representation in every space, so it would retrieve itself even
+    between unrelated models. The scored samples are the others; with ``m`` of them and unrelated
+    spaces the MRR is about ``H_m / m`` (``H_m`` the m-th harmonic number) and Jaccard@k about
+    ``k / (2m - k)``.
 
     All three need A and B in the same coordinates: relative representations over the same anchors
     are; absolute activations of two independently trained models are not, which is the point of the
-    comparison. Pass ``absolute_a`` / ``absolute_b`` to get the same numbers for the raw activations
-    when their widths match (else the ``absolute_*`` fields are None).
+    comparison. Pass ``absolute_a`` / ``absolute_b`` to get the same numbers for the raw activations,
+    over the same scored samples, when their widths match (else the ``absolute_*`` fields are None).
 
     Args:
         rel_a: ``(n_samples, n_anchors)`` relative representation in model A.
         rel_b: ``(n_samples, n_anchors)`` relative representation in model B over the same anchors.
-        k: neighbourhood size for Jaccard@k, in [1, n_samples - 1]; 10 as in the paper.
+        k: neighbourhood size for Jaccard@k, in [1, m - 1] for the ``m`` samples that are not anchors;
+            10 as in the paper.
+        anchors: indices of the rows that are anchors (e.g. those given to
+            :func:`relative_representation`), left out of the scores; None when the anchors are not
+            among these samples (e.g. training samples while these are test samples).
         absolute_a: optional ``(n_samples, n_features_a)`` activations of A.
         absolute_b: optional ``(n_samples, n_features_b)`` activations of B.
         labels: optional ``(n_samples,)`` class labels, for the mean Jaccard per class.
@@ -463,7 +545,16 @@ def cross_model_agreement(
             "the same anchors (one column per anchor)."
         )
     n = int(ra.shape[0])
-    k = check_int(k, "k", func=func, low=1, high=n - 1)
+    left_out = torch.empty(0, dtype=torch.long, device=dev)
+    if anchors is not None:
+        left_out = _anchor_indices(anchors, n, func, dev)
+    n_anchors = int(left_out.shape[0])
+    if n - n_anchors < 2:
+        raise ParameterError(
+            f"The 'anchors' of {func} leave {n - n_anchors} of the {n} samples to score, but the agreement scores need 2; "
+            "pass fewer anchors or more samples."
+        )
+    k = _check_k(k, n - n_anchors, n_anchors, func)
     if (absolute_a is None) != (absolute_b is None):
         raise ParameterError(f"Pass both 'absolute_a' and 'absolute_b' to {func}, or neither.")
     aa = ab = None
@@ -473,7 +564,8 @@ def cross_model_agreement(
         check_paired(ra, aa, ("rel_a", "absolute_a"), func=func)
         check_paired(ra, ab, ("rel_a", "absolute_b"), func=func)
     lab = None if labels is None else as_labels(labels, n, func=func, classes=True)
-    return _agreement(ra, rb, k, aa, ab, lab, {"k": k}, None, dev, start)
+    scored = _non_anchors(n, left_out, dev)
+    return _agreement(ra, rb, k, aa, ab, lab, scored, {"k": k, "n_anchors": n_anchors}, None, dev, start)
 
 
 def relative_comparison(
@@ -492,15 +584,18 @@ def relative_comparison(
 
     Anchors are chosen among the samples with :func:`select_anchors` on ``x_a`` and the same samples
     serve as anchors in both models; then :func:`relative_representation` in each space and
-    :func:`cross_model_agreement` with the absolute activations as the baseline.
+    :func:`cross_model_agreement` with the absolute activations as the baseline. The anchors are left
+    out of the agreement scores (as queries and as candidates, relative and absolute alike), so they
+    are computed over the ``n_samples - n_anchors`` other samples, which the result's ``n_samples``
+    counts.
 
     Args:
         x_a: ``(n_samples, n_features_a)`` activations of a layer of model A.
         x_b: ``(n_samples, n_features_b)`` activations of a layer of model B on the same samples.
-        n_anchors: number of anchors, in [1, n_samples].
+        n_anchors: number of anchors, in [1, n_samples - 2].
         method: anchor choice, ``"random"``, ``"fps"`` or ``"kmeans"``.
         center: subtract the anchors' mean in each space before taking cosines.
-        k: neighbourhood size for Jaccard@k, in [1, n_samples - 1].
+        k: neighbourhood size for Jaccard@k, in [1, n_samples - n_anchors - 1].
         labels: optional ``(n_samples,)`` class labels (per-class agreement, colours in plots).
         seed: seed of the anchor choice.
         device: where to compute (``None``: cuda > mps > cpu); float64.
@@ -518,14 +613,14 @@ def relative_comparison(
     xb = as_matrix(x_b, "x_b", func=func, device=dev)
     check_paired(xa, xb, ("x_a", "x_b"), func=func)
     n = int(xa.shape[0])
-    n_anchors = check_int(n_anchors, "n_anchors", func=func, low=1, high=n)
-    k = check_int(k, "k", func=func, low=1, high=n - 1)
+    n_anchors = _check_n_anchors(n_anchors, n, func)
+    k = _check_k(k, n - n_anchors, n_anchors, func)
     lab = None if labels is None else as_labels(labels, n, func=func, classes=True)
     anchors = _select_anchors(xa, n_anchors, method, seed)
     ra = _relative(xa, xa[anchors], center, func)
     rb = _relative(xb, xb[anchors], center, func)
     params = {"n_anchors": n_anchors, "method": method, "center": center, "k": k}
-    agreement = _agreement(ra, rb, k, xa, xb, lab, params, seed, dev, start)
+    agreement = _agreement(ra, rb, k, xa, xb, lab, _non_anchors(n, anchors, dev), params, seed, dev, start)
     return RelativeComparisonResult(
         anchors=anchors.cpu().numpy().astype(np.int64),
         relative_a=ra.cpu().numpy(),
@@ -534,7 +629,7 @@ def relative_comparison(
         agreement=agreement,
         estimator=f"relative representation, cosine to {n_anchors} {method} anchors{' (centred)' if center else ''}; "
         + agreement.estimator,
-        n_samples=n,
+        n_samples=agreement.n_samples,
         params=params,
         seed=seed,
         device=str(dev),
@@ -577,6 +672,31 @@ def _layer_pairs(
     return [(str(a), str(b)) for a, b in pairs]
 
 
+def _n_rows(x: ArrayLike, name: str, func: str) -> int:
+    """The number of samples (rows) of a layer's activations, read from its shape without copying it."""
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 2:
+        return int(as_matrix(x, name, func=func, min_samples=0).shape[0])  # raises for what is not a matrix
+    return int(shape[0])
+
+
+def _common_rows(
+    acts_a: Mapping[str, ArrayLike], acts_b: Mapping[str, ArrayLike], pairs: list[tuple[str, str]], func: str
+) -> int:
+    """The number of samples, which every compared layer of both models must have (one dataset's activations)."""
+    first = f"acts_a['{pairs[0][0]}']"
+    n = _n_rows(acts_a[pairs[0][0]], first, func)
+    for la, lb in pairs:
+        for name, x in ((f"acts_a['{la}']", acts_a[la]), (f"acts_b['{lb}']", acts_b[lb])):
+            rows = _n_rows(x, name, func)
+            if rows != n:
+                raise DataError(
+                    f"{func}: {name} has {rows} samples but {first} has {n}; every compared layer must hold the "
+                    "activations of the same samples, so extract all layers of both models on one dataset."
+                )
+    return n
+
+
 def relative_agreement_by_layer(
     acts_a: Activations | Mapping[str, ArrayLike],
     acts_b: Activations | Mapping[str, ArrayLike],
@@ -593,17 +713,20 @@ def relative_agreement_by_layer(
     """Jaccard@k, MRR and cosine between model A and model B, layer by layer, relative vs absolute.
 
     For each layer pair the anchors are chosen in A's layer (``"random"``: the same samples for every
-    layer) and used in both models; see :func:`cross_model_agreement` for the definitions.
+    layer) and used in both models; see :func:`cross_model_agreement` for the definitions. The anchors
+    are left out of the scores (as queries and as candidates, relative and absolute alike), so every
+    layer pair is scored over its ``n_samples - n_anchors`` other samples, which the result's
+    ``n_samples`` counts. Every compared layer must hold the activations of the same samples.
 
     Args:
         acts_a: Activations (or dict of layer -> array) of model A.
         acts_b: Activations of model B on the same samples.
         layers: layer names present in both, or ``(layer_of_a, layer_of_b)`` pairs; default: every
             layer name the two share, in A's order.
-        n_anchors: number of anchors, in [1, n_samples].
+        n_anchors: number of anchors, in [1, n_samples - 2].
         method: anchor choice, ``"random"``, ``"fps"`` or ``"kmeans"``.
         center: subtract the anchors' mean before taking cosines.
-        k: neighbourhood size for Jaccard@k, in [1, n_samples - 1].
+        k: neighbourhood size for Jaccard@k, in [1, n_samples - n_anchors - 1].
         seed: seed of the anchor choice.
         device: where to compute (``None``: cuda > mps > cpu); float64.
         progress: optional callable ``(layer_pairs_done, total)``.
@@ -622,24 +745,23 @@ def relative_agreement_by_layer(
             f"The 'progress' parameter of {func} must be a callable (done, total) or None. Got {progress!r}."
         )
     pairs = _layer_pairs(acts_a, acts_b, layers, func)
+    n = _common_rows(acts_a, acts_b, pairs, func)
+    n_anchors = _check_n_anchors(n_anchors, n, func)
+    k = _check_k(k, n - n_anchors, n_anchors, func)
     dev = _compute_device(device)
     rows = []
-    n = -1
     for i, (la, lb) in enumerate(pairs):
         xa = as_matrix(acts_a[la], f"acts_a['{la}']", func=func, device=dev)
         xb = as_matrix(acts_b[lb], f"acts_b['{lb}']", func=func, device=dev)
         check_paired(xa, xb, (f"acts_a['{la}']", f"acts_b['{lb}']"), func=func)
-        if i == 0:
-            n = int(xa.shape[0])
-            n_anchors = check_int(n_anchors, "n_anchors", func=func, low=1, high=n)
-            k = check_int(k, "k", func=func, low=1, high=n - 1)
         anchors = _select_anchors(xa, n_anchors, method, seed)
-        ra = _relative(xa, xa[anchors], center, func)
-        rb = _relative(xb, xb[anchors], center, func)
+        scored = _non_anchors(n, anchors, dev)
+        ra = _relative(xa, xa[anchors], center, func)[scored]
+        rb = _relative(xb, xb[anchors], center, func)[scored]
         jac, rr, cos = _retrieval(ra, rb, k)
         row = [float(jac.mean()), float(rr.mean()), float(cos.mean())]
         if xa.shape[1] == xb.shape[1]:
-            a_jac, a_rr, a_cos = _retrieval(xa, xb, k)
+            a_jac, a_rr, a_cos = _retrieval(xa[scored], xb[scored], k)
             row += [float(a_jac.mean()), float(a_rr.mean()), float(a_cos.mean()), 1.0]
         else:
             row += [math.nan, math.nan, math.nan, 0.0]
@@ -666,8 +788,9 @@ def relative_agreement_by_layer(
         model_a=name(acts_a, "A"),
         model_b=name(acts_b, "B"),
         estimator=f"cross-space retrieval by cosine (Moschella et al. 2023), relative: {n_anchors} {method} anchors"
-        f"{' (centred)' if center else ''}; Jaccard@{k}, MRR, mean cosine",
-        n_samples=n,
+        f"{' (centred)' if center else ''}, left out of the scores; among the {n - n_anchors} other samples: "
+        f"Jaccard@{k}, MRR, mean cosine",
+        n_samples=n - n_anchors,
         params={"n_anchors": n_anchors, "method": method, "center": center, "k": k},
         seed=seed,
         device=str(dev),

@@ -100,16 +100,18 @@ def relative_scatter(
 
     Points on the diagonal mean the two models place the sample identically relative to the anchors.
     Coloured by the sample's class when labels are known (named by ``class_names``, a dataset's). At
-    most ``max_points`` points are drawn (every k-th pair, in sample order).
+    most ``max_points`` points are drawn (every k-th pair, in sample order). The samples are those the
+    agreement scores (not the anchors, whose cosine of 1 to themselves would sit at the top corner).
     """
-    ra = np.asarray(result.relative_a)
-    rb = np.asarray(result.relative_b)
+    scored = np.asarray(result.agreement.samples)
+    ra = np.asarray(result.relative_a)[scored]
+    rb = np.asarray(result.relative_b)[scored]
     stride = max(1, int(np.ceil(ra.size / max_points)))
     xs = ra.ravel()[::stride]
     ys = rb.ravel()[::stride]
     fig = go.Figure()
     if result.labels is not None:
-        sample_labels = np.repeat(np.asarray(result.labels), ra.shape[1])[::stride]
+        sample_labels = np.repeat(np.asarray(result.labels)[scored], ra.shape[1])[::stride]
         for i, cls in enumerate(np.unique(sample_labels)):
             mask = sample_labels == cls
             fig.add_trace(
