@@ -212,6 +212,10 @@ def _merge_rows(parts: list[Any], groups: list[list[str]], layers_a: list[str], 
     if len(undefined) == n_pairs:
         raise next(p for p in parts if isinstance(p, UndefinedPairError))
     params = {k: v for k, v in first.params.items() if k != "undefined_pairs"}
+    for key in ("ranks_a", "ranks_b"):  # the CCA rank of each layer, recorded by the task that read it
+        ranks = {name: r for part in done for name, r in part.params.get(key, {}).items()}
+        if ranks:
+            params[key] = {name: ranks[name] for name in (layers_a if key == "ranks_a" else layers_b) if name in ranks}
     estimator = first.estimator.split("; n/a (NaN) for ")[0]
     if undefined:
         params["undefined_pairs"] = undefined

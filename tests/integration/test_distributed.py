@@ -103,6 +103,11 @@ def test_sharded_cca_with_undefined_pairs_equals_single_process():
         np.testing.assert_allclose(sharded.values, single.values, atol=1e-12)
         assert sharded.params["undefined_pairs"] == [tuple(p) for p in single.params["undefined_pairs"]]
         assert sharded.estimator.startswith(single.estimator) and f"for {5 if other is None else 8} of" in sharded.estimator
+    small = {name: rng.normal(size=(40, 3 + i)) for i, name in enumerate(("a", "b", "c"))}  # every pair defined
+    single = similarity_matrix(small, **options)
+    sharded = similarity_matrix_sharded(small, n_tasks=3, engine="local", **options)
+    assert sharded.params["ranks_a"] == single.params["ranks_a"] == {"a": 3, "b": 4, "c": 5}  # from every task
+    assert sharded.params["ranks_b"] == single.params["ranks_b"]
     with pytest.raises(DataError, match="span 19 \\+ 19 dimensions but 20 samples leave only 19 after centring"):
         similarity_matrix_sharded({"wide1": acts["wide1"], "wide2": acts["wide2"]}, n_tasks=2, engine="local", **options)
 

@@ -715,3 +715,182 @@ def test_matrix_marks_cca_pairs_wider_than_the_samples_n_a_and_keeps_the_others(
         assert f"n/a (NaN) for 1 of {3 if kind == 'mean' else 4} pairs" in result.estimator  # PWCCA is not symmetric and "use kind='svcca' for them" in result.estimator
     with pytest.raises(DataError, match=r"'acts_a\['wide'\]' and 'acts_a\['wide'\]' span 25 \+ 25 dimensions but 30 samples"):
         similarity_matrix({"wide": wide}, measure="cca_similarity", kind="mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# numerical edge cases: float32 ranks, extreme values, ties, chance level
+
+
+def _small_feature_pair() -> tuple[np.ndarray, np.ndarray]:
+    """x's only link to y is a feature at 1e-4 of the others' scale."""
+    rng = np.random.default_rng(8)
+    s = rng.normal(size=2000)
+    x = np.c_[s * 1e-4, rng.normal(size=(2000, 4))]
+    y = np.c_[s + 0.1 * rng.normal(size=2000), rng.normal(size=(2000, 4))]
+    return x, y
+
+
+def test_cca_keeps_a_small_scale_feature_of_float32_input():
+    # float32 rounding is relative to each value: the rank cut-off on the raw spectrum (2.4e-4 of the largest
+    # singular value) dropped the 1e-4 feature that carries all of the link (mean CCA 0.0397 instead of 0.2233)
+    x, y = _small_feature_pair()
+    expected = ref.canonical_correlations_reference(x, y).mean()
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    assert cca_similarity(x, y, kind="mean") == pytest.approx(expected, abs=1e-9)
+    assert cca_similarity(x32, y32, kind="mean") == pytest.approx(expected, abs=1e-6)
+    assert cca_similarity(x32, y32, kind="pwcca") == pytest.approx(ref.pwcca_reference(x, y), abs=1e-6)
+    result = similarity_matrix({"x": x32}, {"y": y32}, measure="cca_similarity", kind="mean")
+    assert result.values[0, 0] == pytest.approx(expected, abs=1e-6)
+    assert result.params["ranks_a"] == {"x": 5} and result.params["ranks_b"] == {"y": 5}
+    # still invariant to invertible linear maps and translation, small feature included
+    mixed = x @ (np.random.default_rng(1).normal(size=(5, 5)) + 3 * np.eye(5)) + 5.0
+    assert cca_similarity(mixed, y, kind="mean") == pytest.approx(expected, abs=1e-9)
+    # SVCCA keeps the top directions of the centred data: the 1e-4 feature explains none of its variance
+    svcca = similarity_matrix({"x": x32, "y": y32}, measure="cca_similarity", variance=0.99)
+    assert svcca.params["ranks_a"] == {"x": 4, "y": 5}
+    # a feature whose variation is within the float32 rounding of its values (1e4 +- 1e-4) is no direction
+    z = np.c_[1e4 + 1e-4 * np.random.default_rng(2).normal(size=2000), y[:, :3]].astype(np.float32)
+    assert similarity_matrix({"z": z}, measure="cca_similarity", kind="mean").params["ranks_a"] == {"z": 3}
+
+
+def _huge_pair() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = 1e306 * (3 + rng.random((100, 4)))
+    return x, rng.normal(size=(100, 4)) + x / 1e306
+
+
+def test_data_near_the_float64_limit_gives_the_value_of_the_rescaled_data():
+    # the column means were taken before rescaling and overflowed; the clamp then turned NaN into -1.0 or 0.0
+    x, y = _huge_pair()
+    cases = {
+        "linear": lambda a, b: linear_cka(a, b),
+        "debiased": lambda a, b: linear_cka(a, b, debiased=True),
+        "rbf": lambda a, b: rbf_cka(a, b),
+        "rbf debiased": lambda a, b: rbf_cka(a, b, debiased=True),
+        "procrustes": lambda a, b: procrustes_distance(a, b),
+        "svcca": lambda a, b: cca_similarity(a, b),
+        "mean cca": lambda a, b: cca_similarity(a, b, kind="mean"),
+        "rsa euclidean": lambda a, b: rsa(a, b, rdm="euclidean"),
+        "rsa correlation": lambda a, b: rsa(a, b),
+        "streamed": lambda a, b: similarity_matrix({"a": a, "b": b}, memory_limit_mb=0.01).values[0, 1],
+        "streamed debiased": lambda a, b: similarity_matrix({"a": a}, {"b": b}, debiased=True,
+                                                            memory_limit_mb=0.01).values[0, 0],
+        "minibatch": lambda a, b: minibatch_cka([(a[:50], b[:50]), (a[50:], b[50:])]).value,
+    }
+    for name, f in cases.items():
+        assert f(x, y) == pytest.approx(f(x / 1e306, y), rel=1e-9, abs=1e-12), name
+    assert rbf_cka(x / 1e306, y) == pytest.approx(ref.cka_reference(x / 1e306, y, kernel="rbf", sigma=0.8), abs=1e-9)
+    assert linear_cka(x, y, debiased=True) == pytest.approx(ref.cka_reference(x / 1e306, y, debiased=True), abs=1e-9)
+    # opposite signs at the largest float64: differences and the exact streamed sums must not overflow
+    rng = np.random.default_rng(1)
+    edge = np.c_[1.7e308 * np.sign(rng.normal(size=100)), rng.normal(size=100)]
+    for debiased in (False, True):
+        streamed = similarity_matrix({"e": edge, "y": y}, debiased=debiased, memory_limit_mb=0.004)
+        assert streamed.params["exact"]
+        expected = ref.cka_reference(edge / 1e308, y, debiased=debiased)
+        assert streamed.values[0, 1] == pytest.approx(expected, abs=1e-9)
+        assert linear_cka(edge, y, debiased=debiased) == pytest.approx(expected, abs=1e-9)
+
+
+def test_chunks_of_very_different_scales_add_up():
+    # minibatch and streamed sums were kept at the first chunk's scale: a chunk 1e80 larger overflowed (-1.0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 3))
+    x[20:] *= 1e80
+    value = minibatch_cka([(x[:20], y[:20]), (x[20:], y[20:])]).value
+    assert value == pytest.approx(ref.minibatch_cka_reference([(x[:20] / 1e80, y[:20]), (x[20:] / 1e80, y[20:])]),
+                                  abs=1e-12)
+    assert minibatch_cka([(x[20:], y[20:]), (x[:20], y[:20])]).value == pytest.approx(value, abs=1e-12)
+    a = rng.normal(size=(400, 5))
+    b = np.tanh(a @ rng.normal(size=(5, 6))) + 0.3 * rng.normal(size=(400, 6))
+    a[200:] *= 1e150
+    for debiased in (False, True):
+        streamed = similarity_matrix({"a": a, "b": b}, debiased=debiased, memory_limit_mb=0.02)
+        assert streamed.params["exact"] and len(streamed.params["chunk_sizes"]) > 2
+        expected = ref.cka_reference(a / 1e150, b, debiased=debiased)
+        assert streamed.values[0, 1] == pytest.approx(expected, abs=1e-12)
+        assert linear_cka(a, b, debiased=debiased) == pytest.approx(expected, abs=1e-12)
+    estimate = similarity_matrix({"a": a}, {"b": b}, debiased=True, memory_limit_mb=0.001)
+    assert not estimate.params["exact"] and np.isfinite(estimate.values).all()
+
+
+def test_an_undefined_intermediate_raises_instead_of_reading_as_a_value():
+    with pytest.raises(DataError, match=r"linear_cka: an intermediate result came out nan \(it overflowed or is 0/0\), "
+                                        r"so the measure is undefined for this data; check the layers"):
+        sim._bounded(float("nan"), -1.0, 1.0, "linear_cka")
+    with pytest.raises(DataError, match=r"linear_cka: the HSIC of 'x' with itself came out inf .* rescale it\.$"):
+        sim._check_self_hsic(float("inf"), float("inf"), 10, "x", "linear_cka")
+    assert sim._bounded(1.0 + 1e-15, -1.0, 1.0, "f") == 1.0
+
+
+def test_spearman_rsa_keeps_distances_of_very_different_sizes_apart():
+    # ties were values within 1e-9 of the largest distance, chained from neighbour to neighbour: one sample
+    # 1e6 times further out tied distances 1e-3 apart (0.3148 instead of scipy's 0.4868)
+    from scipy.spatial.distance import pdist
+    from scipy.stats import rankdata, spearmanr
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 10))
+    y = x + rng.normal(size=(300, 10))
+    x[0] *= 1e6
+    y[0] *= 1e6
+    assert rsa(x, y, rdm="euclidean") == pytest.approx(spearmanr(pdist(x), pdist(y))[0], abs=1e-6)
+    y[1:5] = y[1]  # exact duplicates still tie, next to the far sample
+    assert rsa(x, y, rdm="euclidean") == pytest.approx(spearmanr(pdist(x), pdist(y))[0], abs=1e-6)
+    from workbench.analyses._distances import average_ranks
+
+    v = np.r_[np.zeros(3), 1.0, 1.0 + 1e-13, 2.0, 2.0, 1e6, 1e6 * (1 + 1e-13), 1e6 + 1e-3, -5.0, -5.0 * (1 + 1e-13)]
+    expected = rankdata(np.r_[np.zeros(3), 1.0, 1.0, 2.0, 2.0, 1e6, 1e6, 1e6 + 1e-3, -5.0, -5.0])
+    np.testing.assert_array_equal(average_ranks(torch.from_numpy(v)).numpy(), expected)
+    # a run of values 4e-10 apart spans 4e-8: groups stay within the tolerance of their first value
+    ranks = average_ranks(torch.from_numpy(1.0 + 4e-10 * np.arange(100))).numpy()
+    assert len(np.unique(ranks)) == 34 and ranks[0] == ranks[2] == 2.0 and ranks[3] == 5.0
+
+
+def test_chance_level_checks_its_inputs_before_shuffling():
+    from workbench.analyses.similarity import chance_level
+
+    rng = np.random.default_rng(0)
+    a = torch.randn(20, 3, requires_grad=True)
+    order = np.random.default_rng(0).permutation(20)
+    expected = similarity_matrix({"a": a}, {"a": a.detach()[order]}).values
+    np.testing.assert_array_equal(chance_level({"a": a}).values, expected)
+    with pytest.raises(DataError, match=r"chance_level: 'acts_a\['a'\]' and 'acts_b\['q'\]' must have the same number "
+                                        r"of samples \(rows\). Got 20 and 15"):
+        chance_level({"a": np.ones((20, 3))}, {"p": rng.normal(size=(20, 3)), "q": rng.normal(size=(15, 3))})
+    with pytest.raises(DataError, match=r"chance_level: 'acts_b\['p'\]' must be 2-D \(n_samples, n_features\)"):
+        chance_level({"a": rng.normal(size=(20, 3))}, {"p": rng.normal(size=20)})
+    with pytest.raises(ParameterError, match=r"The 'measure' parameter of chance_level must be one of"):
+        chance_level({"a": rng.normal(size=(20, 3))}, measure="cka")
+    with pytest.raises(ParameterError, match=r"chance_level: the options are passed on to similarity_matrix, which does "
+                                             r"not take them"):
+        chance_level({"a": rng.normal(size=(20, 3))}, bins=3)
+
+
+def test_streamed_chance_level_reads_the_shuffled_rows_a_chunk_at_a_time(monkeypatch, tmp_path):
+    from workbench.analyses.similarity import chance_level
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3001, 40))
+    path = tmp_path / "y.npy"
+    np.save(path, np.tanh(x @ rng.normal(size=(40, 60))).astype(np.float32))
+    y = torch.from_numpy(np.load(path, mmap_mode="c"))  # as cached Activations hold it
+    in_memory = chance_level({"x": x}, {"y": y}, debiased=True)
+
+    def whole(self):
+        raise AssertionError("the shuffled layer was loaded whole")
+
+    monkeypatch.setattr(sim._ShuffledRows, "whole", whole)
+    streamed = chance_level({"x": x}, {"y": y}, debiased=True, memory_limit_mb=1)
+    assert streamed.params["streamed"] and streamed.params["exact"] and len(streamed.params["chunk_sizes"]) > 1
+    np.testing.assert_allclose(streamed.values, in_memory.values, rtol=0, atol=1e-12)
+
+
+def test_messages_for_one_feature_correlation_rdms_and_small_memory_sizes():
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match=r"rsa: the correlation RDM needs at least 2 features per sample .* but 'x' has 1; "
+                                        r"use rdm='euclidean'\.$"):
+        rsa(rng.normal(size=(10, 1)), rng.normal(size=(10, 3)))
+    result = similarity_matrix({"x": rng.normal(size=(2000, 20)), "y": rng.normal(size=(2000, 30))}, debiased=True,
+                               memory_limit_mb=0.03)
+    assert not result.params["exact"] and "the exact cross products (0.0191 MiB) do not fit" in result.estimator

@@ -84,3 +84,29 @@ def test_histograms_of_two_architectures_are_not_overlaid_by_layer_name():
     twin = activation_stats({"fc1": rng.normal(size=(50, 8)), "relu1": rng.normal(size=(50, 8))}, model="mlp2")
     same = layer_histograms(mlp, twin)
     assert [a.text for a in same.layout.annotations] == ["fc1", "relu1"] and len(same.data) == 4
+
+
+def test_constant_units_are_judged_relative_to_their_own_scale():
+    # an absolute threshold (std <= 1e-12 (1 + max|x|)) called every unit of data at 1e-13 constant
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 5))
+    for scale in (1e-13, 1e-300, 1.0, 1e300):
+        assert layer_stats(x * scale).constant_fraction == 0.0, scale
+    tiny = np.c_[x[:, :2] * 1e-13, np.full(100, 3e-13), np.zeros(100), np.full(100, 1e12)]
+    s = layer_stats(tiny)
+    assert s.constant_fraction == pytest.approx(3 / 5) and s.dead_fraction == pytest.approx(1 / 5)
+    assert s.std == pytest.approx(tiny.std()) and s.mean == pytest.approx(tiny.mean())
+
+
+def test_mean_and_std_near_the_float64_limit_do_not_overflow():
+    # the sum of the values overflowed: mean and std were nan
+    x = np.c_[np.full(10, 1.7e308), np.full(10, -1.7e308)]
+    s = layer_stats(x, bins=10)
+    assert s.mean == 0.0 and s.std == pytest.approx(1.7e308) and (s.min, s.max) == (-1.7e308, 1.7e308)
+    assert s.constant_fraction == 1.0 and s.hist_counts[0] == s.hist_counts[-1] == 10
+    assert s.hist_edges[0] == -1.7e308 and s.hist_edges[-1] == 1.7e308 and np.isfinite(s.hist_edges).all()
+    np.testing.assert_allclose(s.hist_edges / 1e308, np.linspace(-1.7, 1.7, 11), atol=1e-12)
+    big = np.random.default_rng(0).normal(size=(50, 3)) * 1e307
+    s = layer_stats(big)
+    assert s.mean == pytest.approx((big / 1e307).mean() * 1e307) and s.std == pytest.approx((big / 1e307).std() * 1e307)
+    assert layer_stats(np.full((4, 2), 1.7e308)).hist_counts.sum() == 8  # a constant layer at the limit

@@ -9,18 +9,21 @@ distance is small next to their squared norms, where that error is large relativ
 
 Rank-based comparisons (Spearman RSA, the geo-topological transform) must see two equal distances as a
 tie, while distances of the same true value still differ in their last bits when they come from
-different sums. :func:`average_ranks` treats values within a tiny fraction of the largest as ties.
+different sums. :func:`average_ranks` treats values within a tiny fraction of their own size as ties
+(rounding is relative to each value, so distances of very different sizes keep their order).
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 
 # Pairs with |a - b|^2 below this fraction of |a|^2 + |b|^2 are recomputed from their differences; every
 # other squared distance then has a relative rounding error of at most ~1e-10 (float64).
 EXACT_BELOW = 1e-6
-# Values closer than this fraction of the largest |value| are ties for ranking: far above the rounding of
-# the distances above (~1e-13 of the largest) and far below any difference that means something.
+# Values closer than this fraction of their own size are ties for ranking: far above the relative rounding
+# of the distances above (~1e-10) and far below any difference that means something.
 TIE_TOLERANCE = 1e-9
 _BLOCK_BYTES = 1 << 26  # one block of squared distances (float64) stays under 64 MiB
 
@@ -63,17 +66,44 @@ def squared_distances(x: torch.Tensor, start: int = 0, stop: int | None = None) 
     return out
 
 
+def _tie_bound(value: float, tolerance: float) -> float:
+    """The largest value that ties with ``value`` as the smallest of a group: within ``tolerance`` of the
+    larger of the two magnitudes (only an exact 0 ties with 0, and no tie crosses 0)."""
+    return value / (1.0 - tolerance) if value >= 0.0 else value * (1.0 - tolerance)
+
+
 def average_ranks(v: torch.Tensor, tolerance: float = TIE_TOLERANCE) -> torch.Tensor:
     """Ranks 1..m of the 1-D ``v`` (float64), ties given their average rank (scipy.stats.rankdata 'average').
 
-    In sorted order, a value within ``tolerance`` times the largest ``|v|`` of the previous one ties
-    with it, so distances equal up to rounding share one rank.
+    Values equal up to rounding share one rank: in sorted order, a group of ties starts at its smallest
+    value ``a`` and takes every following ``b`` with ``b - a <= tolerance * max(|a|, |b|)``. Ties are
+    measured from the group's first value, not from each neighbour, so a run of close values does not
+    chain into one rank across a wider range.
     """
     order = torch.argsort(v, stable=True)
     ordered = v[order]
-    gap = tolerance * float(ordered.abs().max()) if ordered.numel() else 0.0
+    m = ordered.numel()
     new_group = torch.ones_like(ordered, dtype=torch.bool)
-    new_group[1:] = (ordered[1:] - ordered[:-1]) > gap
+    if m > 1:
+        low, high = ordered[:-1], ordered[1:]
+        new_group[1:] = (high - low) > tolerance * torch.maximum(low.abs(), high.abs())
+        # a run of close neighbours that reaches beyond its first value's tolerance is split greedily
+        run = torch.cumsum(new_group, 0) - 1
+        first = ordered[torch.nonzero(new_group).flatten()][run]
+        reach = torch.where(first >= 0, first / (1.0 - tolerance), first * (1.0 - tolerance))
+        too_far = torch.unique(run[ordered > reach])
+        if too_far.numel():
+            values = ordered.cpu().tolist()
+            starts = torch.nonzero(new_group).flatten().cpu().tolist() + [m]
+            splits = []
+            for r in too_far.cpu().tolist():
+                i, stop = starts[r], starts[r + 1]
+                while True:
+                    i = bisect.bisect_right(values, _tie_bound(values[i], tolerance), i, stop)
+                    if i >= stop:
+                        break
+                    splits.append(i)
+            new_group[torch.tensor(splits, dtype=torch.long, device=v.device)] = True
     group = torch.cumsum(new_group, 0) - 1
     counts = torch.bincount(group)
     starts = torch.cumsum(counts, 0) - counts

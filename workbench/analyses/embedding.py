@@ -45,7 +45,7 @@ from workbench.analyses._validation import (
     check_not_constant,
     check_seed,
 )
-from workbench.analyses.knn import METRICS, _is_float32, check_cosine_rows, data_hash, knn_graph
+from workbench.analyses.knn import METRICS, _check_cosine_rows, _is_float32, data_hash, knn_graph
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError
 
@@ -231,7 +231,7 @@ def embed(
                 f"{func}: 'init' must have shape (n_samples, n_components) = {(n, n_components)}. Got {start_coords.shape}."
             )
     check_not_constant(t, "x", func=func)
-    check_cosine_rows(t, metric, func=func)
+    _check_cosine_rows(t, metric, func=func)
     dev = resolve_device(device)
     start = time.perf_counter()
     report = _Stages(progress)
@@ -430,7 +430,7 @@ def trustworthiness(
         )
     n = t.shape[0]
     k = check_int(k, "k", func=func, low=1, high=(n - 2) // 2)
-    check_cosine_rows(t, metric, func=func)
+    _check_cosine_rows(t, metric, func=func)
     low = knn_graph(e.numpy(), k).indices
     return _trustworthiness(t, low, k, metric, resolve_device(device))
 

@@ -105,7 +105,7 @@ def clear_knn_cache() -> None:
         _cache.clear()
 
 
-def check_cosine_rows(t: torch.Tensor, metric: str, *, func: str, name: str = "x") -> None:
+def _check_cosine_rows(t: torch.Tensor, metric: str, *, func: str, name: str = "x") -> None:
     """Refuse all-zero rows of ``t`` under the cosine metric, whose direction is undefined."""
     if metric != "cosine":
         return
@@ -150,7 +150,7 @@ def knn_graph(
     t = as_matrix(x, "x", func=func, dtype=torch.float32 if _is_float32(x) else torch.float64, min_samples=2)
     n = t.shape[0]
     k = check_int(k, "k", func=func, low=1, high=n - 1)
-    check_cosine_rows(t, metric, func=func)
+    _check_cosine_rows(t, metric, func=func)
     key = (data_hash(t), metric)
     with _cache_lock:
         cached = _cache.get(key)

@@ -32,6 +32,7 @@ Defined values and errors, the same for every measure:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -83,7 +84,9 @@ class SimilarityMatrixResult(RecordedResult):
     ``values[i, j]`` compares ``layers_a[i]`` with ``layers_b[j]``; shape ``(n_layers_a, n_layers_b)``.
     ``higher_is_closer`` is False for distances. ``n_features_a`` / ``n_features_b`` are the layer widths.
     CCA of two layers that together span more dimensions than the samples allow is undefined: those
-    cells are NaN and listed in ``params["undefined_pairs"]`` (the ``estimator`` says why).
+    cells are NaN and listed in ``params["undefined_pairs"]`` (the ``estimator`` says why). For CCA,
+    ``params["ranks_a"]`` and ``params["ranks_b"]`` give the number of directions each layer keeps (layer
+    name -> rank above the rounding level of its precision, or SVCCA's cut).
     """
 
     values: np.ndarray
@@ -129,12 +132,14 @@ def _compute_device(device: str | torch.device | None) -> torch.device:
 
 
 def _centre(x: torch.Tensor, name: str | None = None, func: str = "", scale: float | None = None) -> torch.Tensor:
-    """Column-centred copy of ``x``, times a power of two (``scale``, else :func:`unit_scale` of the centred
-    data) so that every measure built on it is computed in range whatever the data's scale; all of them are
-    scale-free. Columns that are exactly constant become exactly 0 (rounding in the mean would otherwise
-    leave ~1e-17 noise that a normalised measure can blow up). With ``name`` given, raise when every column
-    is constant (an all-zero or dead layer)."""
+    """Column-centred copy of ``x`` times a power of two, so that every measure built on it is computed in range
+    whatever the data's scale; all of them are scale-free. ``x`` is multiplied by ``scale`` before the mean is
+    taken (a sum of values near 1e308 overflows); without ``scale``, by :func:`unit_scale` of ``x``, and the
+    centred data again by its own :func:`unit_scale`. Columns that are exactly constant become exactly 0
+    (rounding in the mean would otherwise leave ~1e-17 noise that a normalised measure can blow up). With
+    ``name`` given, raise when every column is constant (an all-zero or dead layer)."""
     constant = (x == x[:1]).all(0)
+    x = x * (unit_scale(x) if scale is None else scale)
     xc = x - x.mean(0, keepdim=True)
     if bool(constant.any()):
         if name is not None and bool(constant.all()):
@@ -143,7 +148,28 @@ def _centre(x: torch.Tensor, name: str | None = None, func: str = "", scale: flo
                 "pick another layer or check that the model is not dead on this dataset."
             )
         xc[:, constant] = 0.0
-    return xc.mul_(unit_scale(xc) if scale is None else scale)
+    return xc.mul_(unit_scale(xc)) if scale is None else xc
+
+
+def _bounded(value: float, low: float, high: float, func: str) -> float:
+    """``value`` clipped to ``[low, high]`` (rounding can step just outside the range); NaN or infinity raises,
+    as a clipped NaN would read as a valid value."""
+    if not math.isfinite(value):
+        raise DataError(
+            f"{func}: an intermediate result came out {value} (it overflowed or is 0/0), so the measure is undefined "
+            "for this data; check the layers for extreme values or rescale them before comparing."
+        )
+    return min(high, max(low, value))
+
+
+def _rescale_factor(rows: torch.Tensor, scale: float | None) -> tuple[float, float]:
+    """The power of two a streamed chunk ``rows`` is multiplied by, and the factor (<= 1) that brings sums
+    accumulated at the previous ``scale`` to it: chunks are scaled alike, by the largest chunk seen so far,
+    so that they add up and none of them overflows."""
+    own = unit_scale(rows)
+    if scale is None or own >= scale:
+        return (own if scale is None else scale), 1.0
+    return own, own / scale
 
 
 def _unbiased_scale(n: int) -> float:
@@ -192,6 +218,11 @@ def _hsic_from_inner(inner: float, a: _KernelStats, b: _KernelStats, debiased: b
 
 def _check_self_hsic(self_inner: float, self_hsic: float, n: int, name: str, func: str) -> None:
     """Refuse a layer whose HSIC with itself is zero: constant, or (debiased) too few samples for its spread."""
+    if not (math.isfinite(self_inner) and math.isfinite(self_hsic)):
+        raise DataError(
+            f"{func}: the HSIC of '{name}' with itself came out {self_inner if not math.isfinite(self_inner) else self_hsic} "
+            "(it overflowed or is 0/0), so CKA is undefined for this data; check the layer for extreme values or rescale it."
+        )
     if self_inner <= 0.0:
         raise DataError(
             f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
@@ -224,10 +255,10 @@ def _kernel_stats(
     return _KernelStats(features, gram, diag, stats.trace, self_hsic)
 
 
-def _cka_from_stats(a: _KernelStats, b: _KernelStats, debiased: bool, n: int) -> float:
+def _cka_from_stats(a: _KernelStats, b: _KernelStats, debiased: bool, n: int, func: str) -> float:
     hsic = _hsic_from_inner(_inner(a, b), a, b, debiased, n)
     value = hsic / math.sqrt(a.self_hsic * b.self_hsic)
-    return min(1.0, max(-1.0 if debiased else 0.0, value))
+    return _bounded(value, -1.0 if debiased else 0.0, 1.0, func)
 
 
 def _use_gram_form(n: int, widths_a: Sequence[int], widths_b: Sequence[int]) -> bool:
@@ -326,7 +357,7 @@ def linear_cka(
     gram_form = _use_gram_form(n, [xt.shape[1]], [yt.shape[1]])
     a = _linear_stats(xt, "x", func, debiased, gram_form)
     b = _linear_stats(yt, "y", func, debiased, gram_form)
-    return _cka_from_stats(a, b, debiased, n)
+    return _cka_from_stats(a, b, debiased, n, func)
 
 
 def rbf_cka(
@@ -368,7 +399,7 @@ def rbf_cka(
         _check_debiased_n(n, func)
     a = _rbf_stats(xt, "x", func, sigma, debiased)
     b = _rbf_stats(yt, "y", func, sigma, debiased)
-    return _cka_from_stats(a, b, debiased, n)
+    return _cka_from_stats(a, b, debiased, n, func)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +408,7 @@ def rbf_cka(
 
 def _unbiased_hsic_triplet(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, float]) -> tuple[float, float, float]:
     """Song et al.'s unbiased HSIC of (x, y), (x, x), (y, y) for one chunk (linear kernels), with x and y
-    multiplied by ``scales`` (powers of two kept the same for every chunk, so the chunks add up)."""
+    multiplied by ``scales`` (the powers of two the sums over chunks are kept at, so the chunks add up)."""
     n = x.shape[0]
     gram_form = _use_gram_form(n, [x.shape[1]], [y.shape[1]])
     stats = []
@@ -438,12 +469,13 @@ def minibatch_cka(
     sizes: list[int] = []
     widths: tuple[int, int] | None = None
     pending: tuple[torch.Tensor, torch.Tensor] | None = None
-    scales: list[tuple[float, float]] = []  # set by the first chunk, then kept
+    scales: list[float | None] = [None, None]  # the largest chunk's so far: the sums are rescaled when it grows
 
     def flush(xb: torch.Tensor, yb: torch.Tensor) -> None:
-        if not scales:
-            scales.append((unit_scale(xb), unit_scale(yb)))
-        sums[:] += xb.shape[0] * np.asarray(_unbiased_hsic_triplet(xb, yb, scales[0]))
+        scales[0], fx = _rescale_factor(xb, scales[0])
+        scales[1], fy = _rescale_factor(yb, scales[1])
+        sums[:] *= (fx * fx * fy * fy, fx**4, fy**4)  # HSIC is of degree 2 in each kernel's features
+        sums[:] += xb.shape[0] * np.asarray(_unbiased_hsic_triplet(xb, yb, (scales[0], scales[1])))
         sizes.append(int(xb.shape[0]))
 
     n_batches = 0
@@ -494,7 +526,7 @@ def minibatch_cka(
                 f"{func}: the accumulated debiased HSIC of '{name}' with itself is not positive ({s:.3g}), so CKA is "
                 "undefined; the layer may be constant, or the batches too small: use larger batches."
             )
-    value = min(1.0, max(-1.0, s_xy / math.sqrt(s_xx * s_yy)))
+    value = _bounded(s_xy / math.sqrt(s_xx * s_yy), -1.0, 1.0, func)
     return MinibatchCKAResult(
         value=value,
         n_batches=n_batches,
@@ -523,9 +555,8 @@ def _procrustes_prep(x: torch.Tensor, name: str, func: str) -> torch.Tensor:
     return xc
 
 
-def _procrustes_from_prep(a: torch.Tensor, b: torch.Tensor, angular: bool) -> float:
-    nuclear = float(torch.linalg.svdvals(a.T @ b).sum())
-    nuclear = min(1.0, max(0.0, nuclear))
+def _procrustes_from_prep(a: torch.Tensor, b: torch.Tensor, angular: bool, func: str) -> float:
+    nuclear = _bounded(float(torch.linalg.svdvals(a.T @ b).sum()), 0.0, 1.0, func)
     if angular:
         return math.acos(nuclear)
     return math.sqrt(max(0.0, 2.0 - 2.0 * nuclear))
@@ -558,7 +589,7 @@ def procrustes_distance(
     func = "procrustes_distance"
     angular = check_bool(angular, "angular", func=func)
     xt, yt, _ = _pair_inputs(x, y, func, device)
-    return _procrustes_from_prep(_procrustes_prep(xt, "x", func), _procrustes_prep(yt, "y", func), angular)
+    return _procrustes_from_prep(_procrustes_prep(xt, "x", func), _procrustes_prep(yt, "y", func), angular, func)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,19 +614,39 @@ def _input_eps(x: ArrayLike) -> float:
 
 
 def _cca_prep(x: torch.Tensor, name: str, func: str, kind: str, variance: float, eps: float) -> _CCABasis:
-    """The kept subspace of the centred ``x``: directions whose singular value exceeds the rounding level
-    of the input's precision ``eps`` (below it, CCA would weigh rounding noise like signal)."""
-    xc = _centre(x, name, func)
-    u, s, _ = torch.linalg.svd(xc, full_matrices=False)
-    tol = float(s.max()) * max(xc.shape) * eps
-    rank = int((s > tol).sum())
+    """The kept subspace of the centred ``x``: the directions above the rounding level of the input's precision
+    ``eps`` (below it, CCA would weigh rounding noise like signal), then for SVCCA the top singular directions
+    within it that explain ``variance`` of the variance.
+
+    Rounding is relative to each stored value, so the rank is decided with every centred feature scaled to
+    unit norm (the canonical correlations ignore each feature's scale): a feature of small scale keeps its
+    directions however large the others are. A feature whose variation is within the rounding of its own
+    values (``||x_j - mean|| <= eps sqrt(n) max|x_j|``) carries none and is left out of that decision."""
+    scale = unit_scale(x)
+    xc = _centre(x, name, func, scale=scale)
+    n, d = xc.shape
+    peak = xc.abs().amax(0)
+    unit = xc / torch.where(peak > 0, peak, 1.0)  # entries in [-1, 1]: the norms below neither overflow nor underflow
+    norms = torch.linalg.vector_norm(unit, dim=0)
+    signal = peak * norms > eps * math.sqrt(n) * (x.abs().amax(0) * scale)
+    unit = torch.where(signal, unit / torch.where(norms > 0, norms, 1.0), 0.0)
+    if not bool(signal.any()):
+        raise DataError(
+            f"{func}: every feature of '{name}' varies only within the rounding of its values, so CCA is undefined; "
+            "pick another layer or check that the model is not dead on this dataset."
+        )
+    u, s, _ = torch.linalg.svd(unit, full_matrices=False)
+    rank = int((s > float(s.max()) * max(n, d) * eps).sum())
+    basis = u[:, :rank]
     if kind == "svcca":
-        energy = torch.cumsum(s[:rank] ** 2, 0)
+        p, s, _ = torch.linalg.svd(basis.T @ xc, full_matrices=False)  # the centred data's directions within it
+        energy = torch.cumsum(s**2, 0)
         energy = energy / energy[-1]
         rank = min(
             rank, int(torch.searchsorted(energy, torch.tensor(variance, dtype=energy.dtype, device=energy.device))) + 1
         )
-    return _CCABasis(u[:, :rank], xc)
+        basis = basis @ p[:, :rank]
+    return _CCABasis(basis, xc)
 
 
 class UndefinedPairError(DataError):
@@ -620,6 +671,7 @@ def _cca_from_prep(a: _CCABasis, b: _CCABasis, kind: str, names: tuple[str, str]
             + "narrower layers, or more samples."
         )
     p, rho, qh = torch.linalg.svd(a.basis.T @ b.basis, full_matrices=False)
+    _bounded(float(rho.sum()), 0.0, math.inf, func)
     rho = rho.clamp(0.0, 1.0)
     if kind != "pwcca":
         return float(rho.mean())
@@ -692,6 +744,11 @@ def _rsa_prep(x: torch.Tensor, name: str, func: str, rdm: str, compare: str) -> 
     n = x.shape[0]
     xc = _centre(x, name, func)  # scaled into range whatever the data's scale (RSA is scale-free)
     if rdm == "correlation":
+        if x.shape[1] < 2:
+            raise DataError(
+                f"{func}: the correlation RDM needs at least 2 features per sample (a correlation across one feature is "
+                f"0/0), but '{name}' has {x.shape[1]}; use rdm='euclidean'."
+            )
         x = x * unit_scale(x)
         z = x - x.mean(1, keepdim=True)
         norms = torch.linalg.vector_norm(z, dim=1)
@@ -752,7 +809,7 @@ def rsa(
     xt, yt, _ = _pair_inputs(x, y, func, device, min_samples=3)
     a = _rsa_prep(xt, "x", func, rdm, compare)
     b = _rsa_prep(yt, "y", func, rdm, compare)
-    return max(-1.0, min(1.0, float(torch.dot(a, b))))
+    return _bounded(float(torch.dot(a, b)), -1.0, 1.0, func)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -875,17 +932,20 @@ def _streaming_linear_cka(
     cross = np.zeros((n_a, len(idx_b)))
     self_terms = np.zeros(len(layers))
     bounds = _chunk_bounds(n, chunk)
-    scales: list[float] = []  # one power of two per layer, from its first chunk, so the chunks add up
+    scales: list[float | None] = [None] * len(layers)  # one power of two per layer, the same for all its chunks so far
     for step, (lo, hi) in enumerate(bounds, start=1):
         m = hi - lo
         stats = []
+        factors = np.ones(len(layers))
         for i, ((_, t), label) in enumerate(zip(layers, labels)):
             rows = as_matrix(t[lo:hi], label, func=func, device=dev, min_samples=4)
-            if len(scales) == i:
-                scales.append(unit_scale(rows))
+            scales[i], factors[i] = _rescale_factor(rows, scales[i])
             xc = _centre(rows, scale=scales[i])
             diag = (xc * xc).sum(1)
             stats.append(_KernelStats(xc, None, diag, float(diag.sum()), 0.0))
+        squared = factors * factors  # HSIC is of degree 2 in each kernel's features
+        self_terms *= squared * squared
+        cross *= np.outer(squared[:n_a], squared[idx_b])
         for i, st in enumerate(stats):
             self_terms[i] += _chunk_hsic(st, st, m)
         for i in range(n_a):
@@ -900,6 +960,8 @@ def _streaming_linear_cka(
                 "is undefined; the layer may be constant: pick another layer."
             )
     values = cross / np.sqrt(np.outer(self_terms[:n_a], self_terms[idx_b]))
+    if not np.isfinite(values).all():
+        _bounded(float(values[~np.isfinite(values)][0]), -1.0, 1.0, func)
     return np.clip(values, -1.0, 1.0), [hi - lo for lo, hi in bounds]
 
 
@@ -925,7 +987,9 @@ def _exact_streaming_linear_cka(
 
     CKA is unchanged by shifting a layer's features by a constant vector and scaling them by a number,
     so each layer is shifted by its first sample (exactly constant features become exactly 0, and the
-    sums below do not cancel catastrophically) and scaled by a power of two. Per chunk the shifted
+    sums below do not cancel catastrophically) and scaled by a power of two, before the shift (so that
+    it cannot overflow): the :func:`unit_scale` of the largest chunk so far, the sums of earlier chunks
+    being rescaled to it when a later chunk is larger. Per chunk the shifted
     features ``Z`` add ``Z_a^T Z_b``, their column sums ``s``, and with the squared row norms ``q`` of
     each layer ``q^T Z`` and ``q^T q``. At the end, with ``zbar = s / n``, the centred cross product is
     ``Z_a^T Z_b - n zbar_a zbar_b^T`` (its squared Frobenius norm is ``<K_a, K_b>``), and
@@ -934,22 +998,32 @@ def _exact_streaming_linear_cka(
     """
     layers, labels, n, n_a, idx_b = _stream_layout(raw_a, raw_b, symmetric, names_a, names_b)
     shifts: list[torch.Tensor] = []
-    scales: list[float] = []
+    scales: list[float | None] = [None] * len(layers)
     cols: list[slice] = []
     cross = selfs = q_z = q_q = col_sums = None
     bounds = _chunk_bounds(n, chunk)
     for step, (lo, hi) in enumerate(bounds, start=1):
         blocks = []
+        factors = [1.0] * len(layers)
         for i, ((_, t), label) in enumerate(zip(layers, labels)):
             rows = as_matrix(t[lo:hi], label, func=func, device=dev, min_samples=1)
+            scales[i], factors[i] = _rescale_factor(rows, scales[i])
             if len(shifts) == i:
                 shifts.append(rows[:1].clone())
                 start = cols[-1].stop if cols else 0
                 cols.append(slice(start, start + rows.shape[1]))
-            z = rows - shifts[i]
-            if len(scales) == i:
-                scales.append(unit_scale(z))
-            blocks.append(z.mul_(scales[i]))
+            blocks.append(rows.mul(scales[i]).sub_(shifts[i] * scales[i]))
+        if cross is not None and min(factors) < 1.0:  # a larger chunk: bring the earlier sums to its scale
+            per_col = torch.cat([torch.full((c.stop - c.start,), f, dtype=cross.dtype, device=dev)
+                                 for c, f in zip(cols, factors)])
+            per_layer = torch.tensor(factors, dtype=cross.dtype, device=dev).square_()
+            cross *= torch.outer(per_col[: cols[n_a - 1].stop], per_col if symmetric else per_col[cols[n_a].start :])
+            if selfs is not None:
+                for acc, f in zip(selfs, factors):
+                    acc *= f * f
+            q_z *= torch.outer(per_layer, per_col)
+            q_q *= torch.outer(per_layer, per_layer)
+            col_sums *= per_col
         z_all = torch.cat(blocks, 1)
         q = torch.stack([(b * b).sum(1) for b in blocks], 1)
         z_a = z_all[:, : cols[n_a - 1].stop]
@@ -1014,7 +1088,7 @@ def _exact_streaming_linear_cka(
                 continue
             inner, diag_dot = terms(i, j)
             hsic = _debiased_hsic(inner, diag_dot, trace(i), trace(j), n) if debiased else inner
-            values[i, col] = min(1.0, max(-1.0 if debiased else 0.0, hsic / math.sqrt(self_hsic[i] * self_hsic[j])))
+            values[i, col] = _bounded(hsic / math.sqrt(self_hsic[i] * self_hsic[j]), -1.0 if debiased else 0.0, 1.0, func)
     return values, [hi - lo for lo, hi in bounds]
 
 
@@ -1074,7 +1148,46 @@ def similarity_matrix(
     Returns:
         A :class:`SimilarityMatrixResult` with ``values`` of shape ``(n_layers_a, n_layers_b)``.
     """
-    func = "similarity_matrix"
+    return _similarity_matrix(
+        acts_a,
+        acts_b,
+        func="similarity_matrix",
+        measure=measure,
+        layers_a=layers_a,
+        layers_b=layers_b,
+        debiased=debiased,
+        sigma=sigma,
+        angular=angular,
+        kind=kind,
+        variance=variance,
+        rdm=rdm,
+        compare=compare,
+        memory_limit_mb=memory_limit_mb,
+        device=device,
+        progress=progress,
+    )
+
+
+def _similarity_matrix(
+    acts_a: Activations | Mapping[str, ArrayLike],
+    acts_b: Activations | Mapping[str, ArrayLike] | None,
+    *,
+    func: str,
+    measure: str,
+    layers_a: Sequence[str] | None,
+    layers_b: Sequence[str] | None,
+    debiased: bool,
+    sigma: float,
+    angular: bool,
+    kind: str,
+    variance: float,
+    rdm: str,
+    compare: str,
+    memory_limit_mb: float,
+    device: str | torch.device | None,
+    progress: Progress | None,
+) -> SimilarityMatrixResult:
+    """:func:`similarity_matrix`, its messages naming ``func``."""
     if acts_b is not None:
         check_same_dataset(acts_a, acts_b, func=func)
     start = time.perf_counter()
@@ -1107,7 +1220,7 @@ def similarity_matrix(
     for (_, t), label in items:
         shape = tuple(t.shape) if hasattr(t, "shape") else ()
         if len(shape) != 2:
-            as_matrix(t, label, func=func, device=dev, min_samples=spec.min_samples)  # raises the precise error
+            as_matrix(_rows(t), label, func=func, device=dev, min_samples=spec.min_samples)  # raises the precise error
             shape = tuple(np.shape(t))
         shapes.append((int(shape[0]), int(shape[1])))
     n = shapes[0][0]
@@ -1166,7 +1279,7 @@ def similarity_matrix(
             values, sizes = _streaming_linear_cka(raw_a, raw_b, symmetric, dev, chunk, names_a, names_b, func, progress)
             estimator = (f"linear CKA, minibatch unbiased HSIC (Nguyen et al. 2021) streamed in {len(sizes)} chunks of "
                          f"<= {max(sizes)} samples, an estimate of debiased CKA: {why}, and the exact cross products "
-                         f"({accumulated / 2**20:.0f} MiB) do not fit in it")
+                         f"({accumulated / 2**20:.3g} MiB) do not fit in it")
         return SimilarityMatrixResult(
             values=values, layers_a=tuple(name for name, _ in raw_a), layers_b=tuple(name for name, _ in raw_b),
             n_features_a=np.asarray(widths_a, dtype=np.int64), n_features_b=np.asarray(widths_b, dtype=np.int64),
@@ -1193,16 +1306,16 @@ def similarity_matrix(
 
     def pair(a: Any, b: Any, name_a: str, name_b: str) -> float:
         if measure in ("linear_cka", "rbf_cka"):
-            return _cka_from_stats(a, b, debiased, n)
+            return _cka_from_stats(a, b, debiased, n, func)
         if measure == "procrustes_distance":
-            return _procrustes_from_prep(a, b, angular)
+            return _procrustes_from_prep(a, b, angular, func)
         if measure == "cca_similarity":
             return _cca_from_prep(a, b, kind, (name_a, name_b), func)
-        return max(-1.0, min(1.0, float(torch.dot(a, b))))
+        return _bounded(float(torch.dot(a, b)), -1.0, 1.0, func)
 
     prepared = []
     for (_, t), label in items:
-        x = as_matrix(t, label, func=func, device=dev, min_samples=spec.min_samples)
+        x = as_matrix(_rows(t), label, func=func, device=dev, min_samples=spec.min_samples)
         prepared.append(prepare(x, label, _input_eps(t)))
         del x
         step()
@@ -1223,6 +1336,9 @@ def similarity_matrix(
                 undefined.append((i, j, exc))
             step()
     estimator, params = spec.estimator, dict(spec.params)
+    if measure == "cca_similarity":  # the directions each layer keeps (its rank above rounding, or SVCCA's cut)
+        params["ranks_a"] = {name: int(p.basis.shape[1]) for (name, _), p in zip(raw_a, prepared_a)}
+        params["ranks_b"] = {name: int(p.basis.shape[1]) for (name, _), p in zip(raw_b, prepared_b)}
     if undefined:
         if len(undefined) == n_pairs:
             raise undefined[0][2]
@@ -1249,6 +1365,48 @@ def similarity_matrix(
     )
 
 
+class _ShuffledRows:
+    """The rows of a 2-D array or tensor in the order ``order``, gathered only when read: whole for a measure
+    that needs every sample at once, a range at a time when :func:`similarity_matrix` streams (so a
+    memory-mapped layer is never loaded whole)."""
+
+    def __init__(self, source: Any, order: np.ndarray):
+        self.source = source.detach() if isinstance(source, torch.Tensor) else source
+        self.order = order
+        self.shape = tuple(source.shape)
+        self.dtype = source.dtype
+
+    def __getitem__(self, rows: slice) -> Any:
+        wanted = self.order[rows]
+        ascending = np.argsort(wanted, kind="stable")  # read the source in storage order, then reorder
+        if isinstance(self.source, torch.Tensor):
+            picked = self.source[torch.from_numpy(wanted[ascending]).to(self.source.device)]
+            return picked[torch.from_numpy(np.argsort(ascending)).to(picked.device)]
+        return np.asarray(self.source[wanted[ascending]])[np.argsort(ascending)]
+
+    def whole(self) -> Any:
+        return self[:]
+
+
+def _rows(t: Any) -> Any:
+    """A layer as :func:`as_matrix` reads it: the gathered rows of a :class:`_ShuffledRows`, else ``t``."""
+    return t.whole() if isinstance(t, _ShuffledRows) else t
+
+
+def _shuffled(t: Any, order: np.ndarray) -> Any:
+    """``t`` with its rows in the order ``order``; a layer that is not a 2-D array with one row per index is
+    passed on as it is, for :func:`similarity_matrix` to say what is wrong with it."""
+    if not hasattr(t, "shape"):
+        try:
+            t = np.asarray(t)
+        except (TypeError, ValueError):
+            return t
+    shape = tuple(t.shape)
+    if len(shape) != 2 or shape[0] != len(order) or not hasattr(t, "__getitem__"):
+        return t
+    return _ShuffledRows(t, order)
+
+
 def chance_level(
     acts_a: Activations | Mapping[str, ArrayLike],
     acts_b: Activations | Mapping[str, ArrayLike] | None = None,
@@ -1264,16 +1422,33 @@ def chance_level(
     negative control to read a heatmap against (biased CKA of wide layers and SVCCA with many kept
     directions sit far above 0 on unrelated data). ``acts_b=None`` shuffles A against itself.
     ``seed`` fixes the permutation; ``layers_b`` and ``options`` are passed on (``layers_a``,
-    ``measure``, ``debiased``, ...).
+    ``measure``, ``debiased``, ...). The layers are checked as :func:`similarity_matrix` checks them, and
+    B's rows are gathered in the shuffled order only as they are read (a streamed, memory-mapped layer is
+    never loaded whole).
     """
     func = "chance_level"
     seed = check_seed(seed, func=func)
+    if acts_b is not None:
+        check_same_dataset(acts_a, acts_b, func=func)
+    try:
+        call = inspect.signature(similarity_matrix).bind(acts_a, acts_b, layers_b=layers_b, **options)
+    except TypeError as exc:
+        raise ParameterError(
+            f"{func}: the options are passed on to similarity_matrix, which does not take them ({exc}); "
+            "pass only similarity_matrix's keyword arguments (measure, layers_a, debiased, ...)."
+        ) from None
+    call.apply_defaults()
     source = acts_a if acts_b is None else acts_b
+    raw_a = _layer_tensors(acts_a, call.arguments["layers_a"], "acts_a", func)
     raw_b = _layer_tensors(source, layers_b, "acts_b", func)
-    n = int(np.shape(raw_b[0][1])[0])
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    shuffled = {name: torch.as_tensor(np.asarray(t))[perm] for name, t in raw_b}
-    result = similarity_matrix(acts_a, shuffled, **options)
+    try:
+        n = int(np.shape(raw_a[0][1])[0])
+    except (TypeError, ValueError, IndexError):
+        n = 0  # not an array: similarity_matrix says what is wrong with it
+    order = np.random.default_rng(seed).permutation(n)
+    call.arguments["acts_b"] = {name: _shuffled(t, order) for name, t in raw_b}
+    call.arguments["layers_b"] = None
+    result = _similarity_matrix(**call.arguments, func=func)
     return dataclasses.replace(
         result, model_b=f"{_model_name(source, 'A' if acts_b is None else 'B')} (samples shuffled)",
         estimator=f"{result.estimator}; chance level: B's samples in a random order (seed {seed})", seed=seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from workbench.analyses._result import Result
-from workbench.analyses._validation import as_matrix, check_int
+from workbench.analyses._validation import as_matrix, check_int, unit_scale
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError
 
@@ -21,7 +22,9 @@ class LayerStats(Result):
 
     ``dead_fraction``: fraction of units that are exactly zero on every sample (a dead ReLU).
     ``constant_fraction``: fraction of units with zero variance over samples (dead, saturated
-    or always the same value). ``hist_counts``/``hist_edges``: histogram of all values.
+    or always the same value; a std within 1e-12 of the unit's largest ``|value|`` counts as zero, at
+    any scale). ``mean`` and ``std`` are over all values, in float64 (in range up to the largest float64).
+    ``hist_counts``/``hist_edges``: histogram of all values.
     """
 
     layer: str
@@ -69,19 +72,26 @@ def layer_stats(x: torch.Tensor | np.ndarray, layer: str = "layer", *, bins: int
     dev = float64_device(resolve_device(device))
     t = as_matrix(x, layer, func=func, device=dev, min_samples=1)
     n, d = t.shape
+    scale = unit_scale(t)  # a power of two: sums of values near 1e308 stay in range, and the statistics stay exact
+    scaled = t * scale
     col_max = t.abs().amax(0)
-    col_std = t.std(0, correction=0)
+    # each unit scaled to its own magnitude, so "constant" means no variation relative to its values at any scale
+    own = torch.where(col_max > 0, col_max, 1.0)
+    col_std = (t / own).std(0, correction=0)
+    constant = (t == t[:1]).all(0) | (col_std <= 1e-12)
     lo, hi = float(t.min()), float(t.max())
     if hi == lo:
-        hi = lo + 1.0
-    counts = torch.histc(t.cpu(), bins=bins, min=lo, max=hi)  # float64: float32 would overflow past 3.4e38
+        hi = lo + 1.0 if lo + 1.0 != lo else lo + abs(lo) * 2.0**-20
+        if math.isinf(hi):
+            lo, hi = lo - abs(lo) * 2.0**-20, lo
+    counts = torch.histc(scaled.cpu(), bins=bins, min=lo * scale, max=hi * scale)  # float64: float32 would overflow past 3.4e38
     return LayerStats(
-        layer=layer, n_samples=n, n_features=d, mean=float(t.mean()), std=float(t.std(correction=0)),
-        min=float(t.min()), max=float(t.max()),
+        layer=layer, n_samples=n, n_features=d, mean=float(scaled.mean()) / scale,
+        std=float(scaled.std(correction=0)) / scale, min=float(t.min()), max=float(t.max()),
         dead_fraction=float((col_max == 0).double().mean()),
-        constant_fraction=float((col_std <= 1e-12 * (1 + col_max)).double().mean()),
+        constant_fraction=float(constant.double().mean()),
         sparsity=float((t == 0).double().mean()),
-        hist_counts=counts.numpy().astype(np.int64), hist_edges=np.linspace(lo, hi, bins + 1),
+        hist_counts=counts.numpy().astype(np.int64), hist_edges=np.linspace(lo * scale, hi * scale, bins + 1) / scale,
     )
 
 
