@@ -379,6 +379,29 @@ def cached_layer_info(model: wb.LoadedModel) -> list:
     return _layer_info(model.content_sha256, model)
 
 
+def kept_choice(widget: Any, label: str, options: list, key: str, *, index: int = 0, **kwargs: Any) -> Any:
+    """A selectbox or radio (``widget``, such as ``st.selectbox`` or ``column.radio``) whose options can change
+    with the models: the last choice is restored when the user comes back from another page and it is still
+    among the options, else ``index`` is the default."""
+    kept_key = f"_kept_{key}"
+    if key not in st.session_state and st.session_state.get(kept_key) in options:
+        index = options.index(st.session_state[kept_key])
+    value = widget(label, options, index=index, key=key, **kwargs)
+    st.session_state[kept_key] = value
+    return value
+
+
+def kept_slider(widget: Any, label: str, low: int, high: int, value: int, key: str, **kwargs: Any) -> int:
+    """A slider whose range can change with the data: the last value, clamped to the range, is restored when the
+    user comes back from another page."""
+    kept = st.session_state.get(f"_kept_{key}")
+    if key not in st.session_state and isinstance(kept, int):
+        value = min(max(kept, low), high)
+    chosen = widget(label, low, high, value, key=key, **kwargs)
+    st.session_state[f"_kept_{key}"] = chosen
+    return chosen
+
+
 def layer_picker(model: wb.LoadedModel, key: str, *, label: str | None = None, default: list[str] | None = None,
                  multi: bool = True) -> list[str]:
     """Pick layers of ``model`` (names with output shapes); returns the chosen names in forward order."""
@@ -425,10 +448,11 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
                   params: dict[str, Any] | None = None, layers: list[str] | None = None,
                   layers_b: list[str] | None = None, pooling: str = "mean",
                   models: list[wb.LoadedModel] | None = None, dataset: wb.Dataset | None = None,
-                  train_dataset: wb.Dataset | None = None) -> None:
+                  train_dataset: wb.Dataset | None = None, notes: str = "") -> None:
     """An "Add to report" button collecting ``(title, result, figures)`` for the Report page, with the
     models it analysed (``models``, else model A and B), the dataset (``dataset``, else the sidebar's) and
-    the data it trained or matched on where that was another dataset (``train_dataset``).
+    the data it trained or matched on where that was another dataset (``train_dataset``), and ``notes``: a caveat
+    the page showed, which the exported section repeats.
 
     With ``analysis`` (a registry name) and its ``params``, the section also carries the Python
     that recreates it.
@@ -449,6 +473,6 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
 
         sections.append({"title": title, "result": result, "figures": figures, "models": [m.name for m in models],
                          "dataset": dataset.name if dataset is not None else "", "snippet": snippet,
-                         "model_objects": models, "dataset_object": dataset, "train_dataset_object": train_dataset,
+                         "model_objects": models, "dataset_object": dataset, "train_dataset_object": train_dataset, "notes": notes,
                          "summary": summarize(result)})
         st.toast(f"Added '{title}' to the report ({len(sections)} section{'s' if len(sections) != 1 else ''}).")

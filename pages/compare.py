@@ -133,7 +133,7 @@ cell_a = col_a.selectbox("Layer of A", result.layers_a, key="cmp_cell_a", persis
 cell_b = col_b.selectbox("Layer of B", result.layers_b, key="cmp_cell_b", persist_state="session")
 n = result.n_samples
 top = max(5, min(256, n - 2))  # anchors are left out of the scores: at least 2 other samples remain
-n_anchors = col_n.slider("Anchors", 4, top, min(64, top), key="cmp_anchors", help=HELP["anchors"])
+n_anchors = _state.kept_slider(col_n.slider, "Anchors", 4, top, min(64, top), key="cmp_anchors", help=HELP["anchors"])
 labels = dataset.y if dataset.n_classes else None
 with _state.guard():
     x_a, x_b = acts_a[cell_a], acts_b[cell_b]

@@ -149,9 +149,10 @@ if bases:
     st.plotly_chart(figures[-1], width="stretch", key="deg_lambda")
     c1, c2 = st.columns(2)
     labels = [f"{slot}: {b.model}" for slot, b in zip(basis_slots, bases)]
-    which = c1.selectbox("Graph of model", range(len(bases)), format_func=labels.__getitem__, key="deg_graph_model")
+    which = _state.kept_choice(c1.selectbox, "Graph of model", list(range(len(bases))), format_func=labels.__getitem__,
+                               key="deg_graph_model")
     pairs = bases[which].pairs()
-    pair = c2.selectbox("Between layers", pairs, format_func=lambda p: f"{p[0]} → {p[1]}", key="deg_pair")
+    pair = _state.kept_choice(c2.selectbox, "Between layers", list(pairs), format_func=lambda p: f"{p[0]} → {p[1]}", key="deg_pair")
     figures.append(plots.interaction_graph_figure(bases[which], pair))
     st.plotly_chart(figures[-1], width="stretch", key="deg_graph")
 else:

@@ -48,7 +48,7 @@ n_neighbors = int(c3.slider("UMAP neighbours", 5, 50, 15, key="emb_neighbors", p
                             disabled=method != "umap"))
 alone = f"Two layers of model {_state.slots(models)[0].upper()}"  # B when B is analysed alone
 modes = ["Model A vs model B, same layer", alone] if len(models) == 2 else [alone]
-mode = c4.radio("Compare", modes, key="emb_mode")
+mode = _state.kept_choice(c4.radio, "Compare", modes, key="emb_mode")
 pooling = _state.pooling_picker("emb_pooling")
 
 left, right = st.columns(2)
@@ -76,7 +76,7 @@ with _state.guard():
 
 labels = dataset.named_labels()  # class names in legends where the dataset has them
 color_options = (["label"] if labels is not None else []) + ["distance moved between the views", "none"]
-color_by = st.selectbox("Colour by", color_options, key="emb_color", help=HELP["color"])
+color_by = _state.kept_choice(st.selectbox, "Colour by", color_options, key="emb_color", help=HELP["color"])
 color, color_name = {"label": (labels, "label"), "none": (None, "label")}.get(
     color_by, (result.displacement[1], "distance moved")
 )

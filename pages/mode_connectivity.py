@@ -108,10 +108,12 @@ with _state.guard(), _state.progress_bar("Matching and interpolating…") as bar
 
 naive = next(iter(result.curves.values())).accuracy["test"]
 chance = 1 / dataset.n_classes if dataset.n_classes else 0.0
+caveat = ""
 if min(naive[0], naive[-1]) <= 1.5 * chance:
-    st.warning(f"{_state.plain(model_a.name)} and {_state.plain(model_b.name)} score {naive[0]:.0%} and {naive[-1]:.0%} on "
-               f"{_state.plain(dataset.name)}, near or below chance ({chance:.0%}): the dataset's labels are not what the "
-               "models predict, so the barriers below say little. Choose the dataset the models were trained for.")
+    caveat = (f"{model_a.name} and {model_b.name} score {naive[0]:.0%} and {naive[-1]:.0%} on {dataset.name}, near or below "
+              f"chance ({chance:.0%}): the dataset's labels are not what the models predict, so the barriers below say "
+              "little. Choose the dataset the models were trained for.")
+    st.warning(_state.plain(caveat))
 curves = plots.interpolation_curves(result)
 st.plotly_chart(curves, width="stretch", key="mc_curves")
 st.subheader("Loss barriers")
@@ -149,4 +151,4 @@ if model_b.architecture is not None:
         help="The permuted B; it computes the same function as B.",
     )
 _state.report_button("Mode connectivity", result, [curves, layers, spectra], key="mc_report", models=[model_a, model_b],
-                    train_dataset=train)
+                    train_dataset=train, notes=caveat)

@@ -102,7 +102,8 @@ st.caption(
 figures = [profile]
 if results[0].confusion is not None:
     options = [(i, layer) for i, r in enumerate(results) for layer in r.layers]
-    pick = st.selectbox(
+    pick = _state.kept_choice(
+        st.selectbox,
         "Confusion matrix of",
         options,
         index=len(results[0].layers) - 1,

@@ -55,12 +55,13 @@ if not pairs:
 
 cols = st.columns(4)
 top = max(5, min(512, n - 2))  # anchors are left out of the scores: at least 2 other samples remain
-n_anchors = cols[0].slider("Anchors", 4, top, min(64, top), key="rel_anchors", help=HELP["anchors"])
-method = cols[1].selectbox("Anchor choice", ANCHOR_METHODS, key="rel_method", help=HELP["method"])
+n_anchors = _state.kept_slider(cols[0].slider, "Anchors", 4, top, min(64, top), key="rel_anchors", help=HELP["anchors"])
+method = cols[1].selectbox("Anchor choice", ANCHOR_METHODS, key="rel_method", persist_state="session", help=HELP["method"])
 top_k = max(2, min(50, n - n_anchors - 1))  # each scored sample retrieves k of the others
-k = cols[2].slider("k", 1, top_k, min(10, top_k), key="rel_k", help=HELP["k"])
+k = _state.kept_slider(cols[2].slider, "k", 1, top_k, min(10, top_k), key="rel_k", help=HELP["k"])
 seed = int(
-    cols[3].number_input("Seed", min_value=0, value=0, step=1, key="rel_seed", help="Seed of the anchor choice.")
+    cols[3].number_input("Seed", min_value=0, value=0, step=1, key="rel_seed", persist_state="session",
+                         help="Seed of the anchor choice.")
 )
 center = st.checkbox("Centre on the anchors' mean", key="rel_center", persist_state="session", help=HELP["center"])
 
@@ -109,8 +110,8 @@ chosen = cols[0].selectbox(
     "Layer (usually the last hidden one)", pair_names, index=max(0, len(pairs) - 2), key="rel_sl"
 )
 layer_pair = pairs[pair_names.index(chosen)]
-head = cols[1].selectbox("Head", HEADS, key="rel_head", help=HELP["head"])
-epochs = cols[2].slider("Training steps", 20, 500, 100, 10, key="rel_epochs", help=HELP["epochs"])
+head = cols[1].selectbox("Head", HEADS, key="rel_head", persist_state="session", help=HELP["head"])
+epochs = cols[2].slider("Training steps", 20, 500, 100, 10, key="rel_epochs", persist_state="session", help=HELP["epochs"])
 if not st.toggle("Run zero-shot stitching", key="rel_stitch", persist_state="session"):
     _state.stop()
 

@@ -21,7 +21,7 @@ st.caption(f"{len(sections)} section{'s' if len(sections) != 1 else ''}. Reorder
 for i, section in enumerate(list(sections)):
     cols = st.columns([8, 1, 1, 1])
     train = section.get("train_dataset_object")
-    trained = f" (trained on {_state.plain(train.name)})" if train is not None else ""
+    trained = f" (also used: {_state.plain(train.name)})" if train is not None else ""
     cols[0].markdown(f"**{i + 1}. {_state.plain(section['title'])}** · {_state.plain(', '.join(section['models']))} · "
                      f"{_state.plain(section['dataset'])}{trained} · "
                      f"{len(section['figures'])} figure{'s' if len(section['figures']) != 1 else ''}")
@@ -40,7 +40,8 @@ with_pdf = st.checkbox("Include a PDF (needs a headless Chromium on the server)"
 with _state.guard():
     report = build_report(
         [Section(s["title"], s["result"], s["figures"], snippet=s.get("snippet", ""), models=s.get("model_objects", ()),
-                 dataset=s.get("dataset_object"), train_dataset=s.get("train_dataset_object"), summary=s.get("summary", {}))
+                 dataset=s.get("dataset_object"), train_dataset=s.get("train_dataset_object"), summary=s.get("summary", {}),
+                 notes=s.get("notes", ""))
          for s in sections],
         title=title,
     )

@@ -87,7 +87,7 @@ if subsampled:
 st.subheader("Persistence diagrams")
 picked = []
 for col, p, model, slot in zip(st.columns(len(models)), pers, models, _state.slots(models)):
-    picked.append(col.selectbox(f"Layer of {model.name}", list(p), index=len(p) - 1, key=f"topo_layer_{slot}"))
+    picked.append(_state.kept_choice(col.selectbox, f"Layer of {model.name}", list(p), index=len(p) - 1, key=f"topo_layer_{slot}"))
 results = [p[layer] for p, layer in zip(pers, picked)]
 titles = [f"{n} · {layer}" for n, layer in zip(names, picked)]
 figures = [plots.persistence_diagram(*results, titles=titles)]

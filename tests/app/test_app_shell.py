@@ -260,6 +260,21 @@ def test_page_settings_are_kept_while_the_user_visits_another_page(app):
     assert at.selectbox(key="rel_pooling").value == "max"
 
 
+def test_choices_whose_options_follow_the_models_are_kept_too(app):
+    at = app.run()
+    at.switch_page("pages/relative.py").run()
+    at.selectbox(key="rel_method").set_value("fps")
+    at.slider(key="rel_anchors").set_value(32).run()
+    at.switch_page("pages/embedding.py").run()
+    at.selectbox(key="emb_color").set_value("none").run()
+    at.switch_page("pages/home.py").run()
+    at.switch_page("pages/embedding.py").run()
+    assert at.selectbox(key="emb_color").value == "none"
+    at.switch_page("pages/relative.py").run()
+    assert not page_errors(at)
+    assert at.selectbox(key="rel_method").value == "fps" and at.slider(key="rel_anchors").value == 32
+
+
 def test_a_loader_failing_unexpectedly_shows_a_sentence_not_a_traceback(app, monkeypatch):
     import workbench as wb
 

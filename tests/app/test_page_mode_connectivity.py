@@ -118,4 +118,7 @@ def test_models_near_chance_on_the_dataset_are_flagged(page):
     assert not page_errors(at)
     assert any("near or below chance (20%)" in shown(w.value) and "Choose the dataset the models were trained for" in w.value
                for w in at.warning)
+    at.button(key="mc_report").click().run()
+    notes = at.session_state["report_sections"][0]["notes"]  # the exported section repeats the caveat
+    assert "near or below chance (20%)" in notes and "the barriers below say little" in notes
     page.session_state["dataset"] = None

@@ -133,7 +133,8 @@ def test_sections_record_their_models_and_the_header_lists_them_all(sample_model
     assert [d["sha256"] for d in doc["header"]["datasets"]] == [digits_test.sha256, train.sha256]
     text = matched.to_html()
     assert f"<b>Dataset 2</b></td><td>{train.name}</td>" in text
-    assert f"<b>Data:</b> {digits_test.name} (n = 450) · <b>Training data:</b> {train.name} (n = 1347)" in text
+    assert (f"<b>Data:</b> {digits_test.name} (n = 450) · <b>Also used</b> (training, matching or statistics): {train.name} "
+            "(n = 1347)") in text
     assert build_report(sections).to_dict()["sections"][0]["train_dataset"] == {}
     explicit = build_report(sections, models=[a, b]).to_dict()["header"]
     assert [m["label"] for m in explicit["models"]] == ["A", "B"]
