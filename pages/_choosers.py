@@ -171,7 +171,7 @@ def _sidebar_summary(box: Any) -> None:
     for slot, label in ((MODEL_A, "A"), (MODEL_B, "B")):
         m = st.session_state.get(slot)
         if m is not None:
-            box.caption(f"**{label}**: {m.name} · {m.n_parameters:,} parameters · sha256 {m.content_sha256[:12]} (weights and modules)")
+            box.caption(f"**{label}**: {m.name} · {m.n_parameters:,} parameters · weights sha256 {m.sha256[:12]}, as in reports")
     d = st.session_state.get(DATASET)
     if d is not None:
         box.caption(f"**Data**: {d.name} · {d.n_samples} samples")

@@ -35,8 +35,13 @@ st.dataframe(
                    "constant units": st.column_config.NumberColumn(format="percent"),
                    "zeros": st.column_config.NumberColumn(format="percent")},
 )
-st.caption(f"n = {dataset.n_samples} samples of {_state.plain(dataset.name)}; pooling '{pooling}'. A dead unit is zero on every sample; "
-           "a constant unit has zero variance over the dataset.")
+unit = ("each channel at each position (token) is a unit" if pooling == "flatten" else
+        "each channel is a unit, represented by " + {"mean": "its mean over positions", "max": "its maximum over positions",
+                                                   "cls": "its first token", "last": "its last token"}[pooling]
+        + ", so a ReLU channel that is zero at some positions but not all is neither zero nor dead there")
+st.caption(f"n = {dataset.n_samples} samples of {_state.plain(dataset.name)}; pooling '{pooling}'. Statistics are of the pooled "
+           f"values: in a conv map or token sequence {unit} (the Degeneracy page counts each channel at each position). "
+           "A dead unit is zero on every sample; a constant unit has zero variance over the dataset.")
 fig = layer_histograms(*results)
 st.plotly_chart(fig, width="stretch", key="act_hist")
 _state.report_button("Activation statistics", results, [fig], key="act_report")

@@ -39,11 +39,14 @@ if shared:
     layers = st.multiselect("Layers (in both models)", shared, default=shared, key="rel_layers", help=HELP["layers"])
     pairs = [(name, name) for name in layers]
 else:
+    depth = min(len(layers_a), len(layers_b))  # by default the last layers of each, as many in both, paired in order
     col_a, col_b = st.columns(2)
     with col_a:
-        picked_a = _state.layer_picker(model_a, key="rel_layers_a", label=f"Layers of A ({model_a.name})")
+        picked_a = _state.layer_picker(model_a, key="rel_layers_a", label=f"Layers of A ({model_a.name})",
+                                       default=layers_a[-depth:] if depth else None)
     with col_b:
-        picked_b = _state.layer_picker(model_b, key="rel_layers_b", label=f"Layers of B ({model_b.name})")
+        picked_b = _state.layer_picker(model_b, key="rel_layers_b", label=f"Layers of B ({model_b.name})",
+                                       default=layers_b[-depth:] if depth else None)
     if len(picked_a) != len(picked_b):
         st.info("The models have different architectures, so a layer name need not mean the same layer in both: pick "
                 "the same number of layers in each; they are paired in order.")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.app.conftest import page_errors
+from tests.app.conftest import page_errors, shown
 from workbench.models.architectures import build_model
 
 
@@ -45,6 +45,8 @@ def test_activation_statistics_side_by_side(app):
     relu = table[(table["layer"] == "relu1")]
     assert (relu["min"] >= 0).all() and (relu["dead units"] <= 1).all()
     assert len(at.get("plotly_chart")) == 1
+    assert any("Statistics are of the pooled values: in a conv map or token sequence each channel is a unit, represented by "
+               "its mean over positions" in shown(c.value) for c in at.caption)
 
 
 def test_single_model_when_b_is_none(app):
@@ -311,3 +313,11 @@ def test_home_shows_the_spec_a_state_dict_was_loaded_into(app):
     at = _upload(app.run(), "model_a", "w.pt", buf.getvalue())
     at.text_area(key="model_a_arch").set_value(json.dumps(spec)).run()
     assert '"activation": "tanh"' in at.table[0].value.to_string()
+
+
+def test_the_sidebar_names_each_model_by_the_weights_hash_reports_show(app, sample_model):
+    at = app.run()
+    captions = [shown(c.value) for c in at.sidebar.caption]
+    for name in ("mlp_seed0", "mlp_seed1"):
+        sha = sample_model(name).sha256[:12]
+        assert any(f"{name} · " in c and f"weights sha256 {sha}, as in reports" in c for c in captions), captions

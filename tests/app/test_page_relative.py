@@ -85,6 +85,9 @@ def test_layers_of_two_architectures_are_paired_by_the_user_not_by_name(app, sam
     at.switch_page("pages/relative.py").run()
     assert not page_errors(at)
     assert "rel_layers" not in [m.key for m in at.multiselect]
+    default_a, default_b = at.multiselect(key="rel_layers_a").value, at.multiselect(key="rel_layers_b").value
+    assert len(default_a) == len(default_b) == 5 and default_a[-1] == default_b[-1] == "out"  # computed on arrival
+    assert len(at.dataframe[0].value) == 5
     at.multiselect(key="rel_layers_a").set_value(["relu2", "relu_fc1"])
     at.multiselect(key="rel_layers_b").set_value(["relu1", "relu2"]).run()
     assert not page_errors(at)
