@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import streamlit as st
+import torch
 
 from pages import _state
 from workbench.analyses import degeneracy as dg
@@ -55,6 +56,10 @@ with st.expander("Settings", expanded=False):
 chosen, last_layer, usable = {}, {}, []
 for col, model, slot in zip(st.columns(len(models)), models, _state.slots(models)):
     with col:
+        if not isinstance(model.module, torch.nn.Sequential):
+            st.info(f"{_state.plain(model.name)} is not one plain sequence of layers (such as the mlp and cnn architectures), "
+                    "which the degeneracy analyses need to split the network after a layer; choose such a model.")
+            continue
         try:  # a model this page cannot analyse is named in its column; the other one is still analysed
             options = _state.cached_call(dg.sequential_layers, model)
             default = _state.cached_call(dg.default_layers, model, dataset)

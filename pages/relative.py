@@ -147,7 +147,9 @@ absolute_acc = stitched.absolute_accuracy
 cols = st.columns(3)
 cols[0].metric("B → head of A (stitched)", f"{stitched.relative_accuracy[1, 0]:.3f}")
 cols[1].metric("Absolute stitching", "n/a (widths differ)" if absolute_acc is None else f"{absolute_acc[1, 0]:.3f}")
-cols[2].metric("Own head of A", "n/a" if stitched.own_accuracy is None else f"{stitched.own_accuracy[0]:.3f}")
+cols[2].metric("A's own output layer", "n/a" if stitched.own_accuracy is None else f"{stitched.own_accuracy[0]:.3f}",
+               help="The accuracy of model A's own classifier on these samples, for reference; the bars show the heads "
+               "trained on the relative spaces.")
 _state.label_order_caption(test)
 fig = stitching_bars(stitched, name_a=model_a.name, name_b=model_b.name)
 st.plotly_chart(fig, key="rel_stitch_chart", width="stretch")

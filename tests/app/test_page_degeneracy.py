@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.app.conftest import page_errors
+from tests.app.conftest import page_errors, shown
 from workbench import load_dataset, load_model
 from workbench.data.datasets import make_dataset
 from workbench.models.architectures import build_model
@@ -137,3 +137,10 @@ def test_matrices_whose_count_the_samples_do_not_pin_down_are_named(app, narrow)
     # 40 samples: every input rank stops at 39, and fc1's 65 x 64 structural directions exceed 40 x 10 Jacobian rows
     assert caption.startswith("mlp_narrow_seed0: 40 samples do not pin down the count of fc1, fc2, out:")
     assert "more directions are free than counted" in caption
+
+
+def test_a_model_that_is_not_one_sequence_of_layers_gets_a_plain_sentence(app, sample_model):
+    at = _open(app, sample_model("text_transformer_seed0"), dataset=load_dataset("sentences"))
+    assert not at.exception
+    assert any("text_transformer_seed0 is not one plain sequence of layers (such as the mlp and cnn architectures)"
+               in shown(i.value) for i in at.info)

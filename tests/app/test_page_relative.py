@@ -41,7 +41,7 @@ def test_zero_shot_stitching(app):
     metrics = _metrics(at)
     assert float(metrics["B → head of A (stitched)"]) > 0.9
     assert float(metrics["Absolute stitching"]) < 0.3
-    assert metrics["Own head of A"] == "0.973"
+    assert metrics["A's own output layer"] == "0.973"
     charts = at.get("plotly_chart")
     assert len(charts) == 2
     spec = json.loads(charts[1].proto.spec)
