@@ -8,6 +8,8 @@ import streamlit as st
 
 from pages import _choosers, _state
 from workbench.activations import tree_order
+from workbench.activations.extract import check_inputs
+from workbench.errors import WorkbenchError
 
 _state.in_app_shell()
 
@@ -74,4 +76,9 @@ if dataset is not None:
         numbered = ", ".join(f"{i} = {c}" for i, c in enumerate(dataset.class_names[:20]))
         st.caption(_state.plain(f"Classes: {numbered}{', …' if len(dataset.class_names) > 20 else ''}."))
     _state.label_order_caption(dataset)
+    for _slot, model in chosen:  # a dataset the models cannot read is said here, not first on an analysis page
+        try:
+            check_inputs(model, dataset)
+        except WorkbenchError as exc:
+            st.warning(_state.plain(str(exc)))
 st.markdown("Next: **Activation statistics** for a first look, **Similarity (A vs B)** to compare the two models.")

@@ -321,3 +321,14 @@ def test_the_sidebar_names_each_model_by_the_weights_hash_reports_show(app, samp
     for name in ("mlp_seed0", "mlp_seed1"):
         sha = sample_model(name).sha256[:12]
         assert any(f"{name} · " in c and f"weights sha256 {sha}, as in reports" in c for c in captions), captions
+
+
+def test_home_warns_when_the_dataset_does_not_fit_the_models(app):
+    at = app.run()
+    at.selectbox(key="dataset_choice").set_value("Upload a file…").run()
+    rows = "".join(f"{i},{i + 1},{i + 2},{i % 2}\n" for i in range(10))
+    at.file_uploader(key="dataset_upload").upload("narrow.csv", f"a,b,c,label\n{rows}".encode(), "text/csv").run()
+    assert not at.exception
+    warnings = [shown(w.value) for w in at.warning]
+    for name in ("mlp_seed0", "mlp_seed1"):
+        assert any(f"has 3 features per sample but model '{name}' expects 64" in w for w in warnings), warnings
