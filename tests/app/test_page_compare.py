@@ -125,7 +125,7 @@ def test_cca_of_pairs_wider_than_the_samples_is_marked_n_a_and_the_rest_is_shown
     assert np.isnan(z[rows.index("relu1")]).all()  # 512 ReLU units span all 449 dimensions the samples leave
     out = rows.index("out")
     assert np.isfinite(z[out, heatmap["data"][0]["x"].index("out")]) and np.isfinite(z[out]).sum() >= 2
-    assert any("n/a (NaN) for" in c.value and "use kind='svcca' for them" in shown(c.value) for c in at.caption)
+    assert any("n/a (NaN) for" in c.value and "use the SVCCA summary (kind='svcca') for them" in shown(c.value) for c in at.caption)
     at.selectbox(key="cmp_cell_a").set_value("relu1")
     at.selectbox(key="cmp_cell_b").set_value("relu1").run()
     assert _metrics(at)["CCA similarity"] == "n/a"

@@ -712,7 +712,7 @@ def test_matrix_marks_cca_pairs_wider_than_the_samples_n_a_and_keeps_the_others(
         assert np.isnan(result.values[0, 0]) and result.params["undefined_pairs"] == [("wide", "wide")]
         assert result.values[1, 1] == pytest.approx(1.0)
         assert result.values[0, 1] == pytest.approx(cca_similarity(wide, narrow, kind=kind))
-        assert f"n/a (NaN) for 1 of {3 if kind == 'mean' else 4} pairs" in result.estimator  # PWCCA is not symmetric and "use kind='svcca' for them" in result.estimator
+        assert f"n/a (NaN) for 1 of {3 if kind == 'mean' else 4} pairs" in result.estimator  # PWCCA is not symmetric and "use the SVCCA summary (kind='svcca') for them" in result.estimator
     with pytest.raises(DataError, match=r"'acts_a\['wide'\]' and 'acts_a\['wide'\]' span 25 \+ 25 dimensions but 30 samples"):
         similarity_matrix({"wide": wide}, measure="cca_similarity", kind="mean")
 

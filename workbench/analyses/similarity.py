@@ -657,7 +657,7 @@ def _undefined_pairs_note(estimator: str, pairs: Sequence[tuple[str, str]], n_pa
     """``estimator`` with the sentence that names the undefined (NaN) CCA cells of a matrix."""
     return (f"{estimator}; n/a (NaN) for {len(pairs)} of {n_pairs} pairs of layers that together span more dimensions "
             f"than {n} samples leave after centring, where some canonical correlations are 1 whatever the data (first: "
-            f"{pairs[0][0]} and {pairs[0][1]}); " + ("keep less variance for them" if kind == "svcca" else "use kind='svcca' for them"))
+            f"{pairs[0][0]} and {pairs[0][1]}); " + ("keep less variance for them" if kind == "svcca" else "use the SVCCA summary (kind='svcca') for them"))
 
 
 def _cca_from_prep(a: _CCABasis, b: _CCABasis, kind: str, names: tuple[str, str], func: str) -> float:
@@ -667,7 +667,7 @@ def _cca_from_prep(a: _CCABasis, b: _CCABasis, kind: str, names: tuple[str, str]
         raise UndefinedPairError(
             f"{func}: '{names[0]}' and '{names[1]}' span {ra} + {rb} dimensions but {n} samples leave only {n - 1} after "
             "centring, so some canonical correlations are 1 whatever the data; "
-            + ("keep less variance (a lower 'variance'), " if kind == "svcca" else "use kind='svcca', ")
+            + ("keep less variance (a lower 'variance'), " if kind == "svcca" else "use the SVCCA summary (kind='svcca'), ")
             + "narrower layers, or more samples."
         )
     p, rho, qh = torch.linalg.svd(a.basis.T @ b.basis, full_matrices=False)
