@@ -359,7 +359,8 @@ def summary_rows(result: DegeneracyResult) -> list[dict[str, object]]:
 def basis_rows(result: InteractionBasisResult) -> list[dict[str, object]]:
     """One table row per node layer of an :class:`InteractionBasisResult`: its width, basis size, how many
     of its directions are in the interaction graph and how they split over the graph's modules (the Louvain
-    communities span layers, so each layer lists its directions per module, in module order)."""
+    communities span layers, so each layer lists how many of its directions each module holds, as ``module:
+    count`` in module order, leaving out the modules that hold none of them)."""
     n_modules = max((int(c.max()) + 1 for c in result.communities.values() if c.size), default=0)
     rows = []
     for layer in result.layers:
@@ -371,7 +372,7 @@ def basis_rows(result: InteractionBasisResult) -> list[dict[str, object]]:
             "width": result.width[layer],
             "basis size": result.basis_size[layer],
             "in graph": int((labels >= 0).sum()),
-            "directions per module": " · ".join(str(int(c)) for c in counts),
+            "directions per module": " · ".join(f"{k + 1}: {int(c)}" for k, c in enumerate(counts) if c) or "none",
         })
     return rows
 
