@@ -124,8 +124,9 @@ def _activation_stats_summary(results: Any) -> dict[str, Any]:
     from workbench.plots.activations import stats_rows
 
     labels = _model_labels([r.model for r in results])
-    return {m: {row["layer"]: {k: v for k, v in row.items() if k not in ("model", "layer")} for row in stats_rows(r)}
-            for m, r in zip(labels, results)}
+    shares = {"dead units", "constant units", "zeros"}  # fractions in [0, 1], as the key says (the app shows percent)
+    return {m: {row["layer"]: {f"{k} (fraction)" if k in shares else k: v for k, v in row.items() if k not in ("model", "layer")}
+                for row in stats_rows(r)} for m, r in zip(labels, results)}
 
 
 def _similarity(ctx: Context, measure: str = "linear_cka", chance: bool = True, **options: Any) -> Any:

@@ -54,7 +54,7 @@ def test_report_zip_contents(app):
     results = section["result"]
     assert {m: set(layers) for m, layers in summary.items()} == {r.model: set(r.stats) for r in results}
     first = results[0].stats[next(iter(results[0].stats))]
-    assert summary[results[0].model][first.layer]["dead units"] == first.dead_fraction
+    assert summary[results[0].model][first.layer]["dead units (fraction)"] == first.dead_fraction
 
 
 def test_sections_from_pages_carry_the_code_that_recreates_them(app, tmp_path, monkeypatch):
