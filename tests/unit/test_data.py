@@ -272,3 +272,84 @@ def test_train_test_split_is_stratified_seeded_and_named():
         train_test_split(data, test_fraction=1.0)
     with pytest.raises(DataError, match="has 1 samples, too few to hold out 30%"):
         train_test_split(make_dataset("one", torch.randn(1, 2)))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"n_classes": 0}, r"The 'n_classes' parameter of blobs must be an integer from 1 to 100,000\. Got 0\."),
+        ({"n_samples": 10.5}, r"The 'n_samples' parameter of blobs must be an integer from 1 to [\d,]+\. Got 10\.5\."),
+        ({"n_samples": -1}, r"The 'n_samples' parameter of blobs must be an integer from 1 to [\d,]+\. Got -1\."),
+        ({"n_features": True}, r"The 'n_features' parameter of blobs must be an integer from 1 to [\d,]+\. Got True\."),
+        ({"seed": -1}, r"The 'seed' parameter of blobs must be an integer from 0 to 2\*\*32 - 1\. Got -1\."),
+        ({"seed": 2**32}, r"The 'seed' parameter of blobs must be an integer from 0 to 2\*\*32 - 1\. Got 4294967296\."),
+        ({"seed": "a"}, r"The 'seed' parameter of blobs must be an integer from 0 to 2\*\*32 - 1\. Got 'a'\."),
+        ({"separation": float("inf")}, r"The 'separation' parameter of blobs must be a number >= 0 and finite\. Got inf\."),
+        ({"n_samples": 10**6, "n_features": 10**4}, r"blobs with n_samples=1000000 and n_features=10000 would hold 10,000,000,000 values, "
+                                                     r"above the limit of [\d,]+; ask for fewer samples or features\."),
+    ],
+)
+def test_blobs_options_out_of_range_are_refused_with_their_range(options, message):
+    with pytest.raises(ParameterError, match=message):
+        load_dataset("blobs", **options)
+
+
+def test_blobs_accepts_the_ends_of_its_ranges():
+    data = load_dataset("blobs", n_samples=3, n_features=1, n_classes=1, seed=np.int64(2**32 - 1))
+    assert data.x.shape == (3, 1) and data.n_classes == 1
+
+
+@pytest.mark.parametrize("index", [3, np.int64(3), torch.tensor(3), np.array([[1, 2]]), None])
+def test_subset_with_a_single_index_asks_for_a_list(index):
+    data = load_dataset("digits")
+    with pytest.raises(DataError, match=r"Dataset.subset takes a 1-D list, array or slice of sample indices \(such as \[3, 5\] "
+                                        r"or slice\(0, 10\)\) to select from 'digits \(test\)'; got "):
+        data.subset(index)
+
+
+def test_subset_takes_lists_tuples_masks_and_slices():
+    data = load_dataset("digits")
+    assert data.subset([1, 2]).n_samples == data.subset((1, 2)).n_samples == 2
+    torch.testing.assert_close(data.subset((1, 2)).x, data.x[[1, 2]])
+    assert data.subset(np.arange(data.n_samples) < 5).n_samples == data.subset(slice(0, 5)).n_samples == 5
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_one_hot_labels_are_refused_with_the_fix():
+    y = np.eye(2)[[0, 1, 0, 1, 1]]
+    with pytest.raises(DataError, match=r"The labels 'y' of dataset 'onehot' must be 1-D \(one class id or target per sample\) but have "
+                                        r"shape \(5, 2\); for one-hot labels pass y\.argmax\(1\)\."):
+        load_dataset(_npz(x=np.random.rand(5, 3), y=y), filename="onehot.npz")
+    column = load_dataset(_npz(x=np.random.rand(5, 3), y=np.arange(5)[:, None]), filename="column.npz")
+    assert column.y.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_complex_inputs_are_refused_not_truncated_to_token_ids():
+    x = np.random.rand(5, 3).astype(np.complex64)
+    message = (r"The dataset's 'x' holds complex numbers \(complex64\), which would lose their imaginary parts; store the real and "
+               r"imaginary parts as separate features, e\.g\. np\.concatenate\(\[x\.real, x\.imag\], axis=-1\)\.")
+    with pytest.raises(DataError, match=message):
+        load_dataset(_npz(x=x), filename="complex.npz")
+    buf = io.BytesIO()
+    torch.save({"x": torch.from_numpy(x)}, buf)
+    with pytest.raises(DataError, match=message):
+        load_dataset(buf.getvalue(), filename="complex.pt")
+    with pytest.raises(DataError, match=r"The dataset's 'y' holds complex numbers \(complex128\), which would lose their imaginary "
+                                        r"parts; give real class ids or targets\."):
+        make_dataset("c", np.zeros((2, 3)), np.array([1 + 1j, 2]))
+
+
+def test_uint64_values_beyond_int64_are_refused_not_wrapped():
+    x = np.array([[1, 2], [2**63, 2**64 - 1]], dtype=np.uint64)
+    with pytest.raises(DataError, match=r"The 'x' of dataset 'big' has 2 uint64 values at or above 2\*\*63, beyond the int64 range "
+                                        r"used for token ids and labels; renumber them below 2\*\*63\."):
+        load_dataset(_npz(x=x), filename="big.npz")
+    with pytest.raises(DataError, match=r"The 'y' of dataset 'big' has 1 uint64 value at or above 2\*\*63"):
+        make_dataset("big", np.zeros((2, 3)), np.array([0, 2**63], dtype=np.uint64))
+    fits = load_dataset(_npz(x=np.array([[1], [2**63 - 1]], dtype=np.uint64)), filename="fits.npz")
+    assert fits.x.dtype == torch.int64 and fits.x[1, 0] == 2**63 - 1

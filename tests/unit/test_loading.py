@@ -404,3 +404,109 @@ def test_weights_stored_in_another_precision_are_computed_in_float32_and_say_so(
     assert all(p.dtype == torch.float32 for p in loaded.module.parameters())
     assert torch.equal(loaded.module.state_dict()["fc1.weight"], state["fc1.weight"].float())
     assert loaded.metadata.get("stored_dtype") == (None if dtype == torch.float32 else str(dtype).removeprefix("torch."))
+
+
+class _Shift(nn.Module):
+    """Adds a non-persistent buffer: computed state that a state dict does not hold."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.register_buffer("shift", torch.full((4,), float(value)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift
+
+
+def _encoder(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, **kwargs)
+
+
+SETTING_PAIRS = {
+    "count_include_pad": (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=True),
+                          lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), (1, 6, 6)),
+    "divisor_override": (lambda: nn.AvgPool2d(2), lambda: nn.AvgPool2d(2, divisor_override=2), (1, 6, 6)),
+    "norm_first": (lambda: _encoder(norm_first=False), lambda: _encoder(norm_first=True), (3, 8)),
+    "activation function": (lambda: _encoder(activation="relu"), lambda: _encoder(activation="gelu"), (3, 8)),
+    "align_corners": (lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                      lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), (1, 4, 4)),
+    "non-persistent buffer": (lambda: _Shift(0), lambda: _Shift(5), (4,)),
+}
+
+
+@pytest.mark.parametrize(("make_a", "make_b", "shape"), list(SETTING_PAIRS.values()), ids=list(SETTING_PAIRS))
+def test_same_weights_with_other_settings_are_not_served_from_the_cache(make_a, make_b, shape, tmp_path):
+    from workbench import extract
+    from workbench.data import make_dataset
+    from workbench.models import wrap_module
+
+    a = wrap_module(nn.Sequential(make_a(), nn.Flatten()), name="a")
+    b = wrap_module(nn.Sequential(make_b(), nn.Flatten()), name="b")
+    b.module.load_state_dict(a.module.state_dict())
+    assert a.sha256 == b.sha256 and a.content_sha256 != b.content_sha256
+    torch.manual_seed(1)
+    data = make_dataset("inputs", torch.randn(6, *shape))
+    first = extract(a, data, ["1"], pooling="flatten", cache_dir=tmp_path)["1"]
+    second = extract(b, data, ["1"], pooling="flatten", cache_dir=tmp_path)["1"]
+    with torch.inference_mode():
+        want = b.module(data.x)
+    torch.testing.assert_close(second, want)
+    assert (first - second).abs().max() > 1e-3
+
+
+def test_the_structure_hash_ignores_mode_hooks_and_follows_settings_and_scratch_buffers():
+    from workbench.models.loading import structure_sha256
+
+    module = nn.Sequential(_encoder(), _Shift(0))
+    before = structure_sha256(module)
+    module.train()
+    handle = module[0].register_forward_hook(lambda *args: None)
+    module[1].register_full_backward_hook(lambda *args: None)
+    assert structure_sha256(module) == before
+    handle.remove()
+    module[0].norm_first = True
+    assert structure_sha256(module) != before
+    module[0].norm_first = False
+    assert structure_sha256(module) == before
+    with torch.no_grad():
+        module[1].shift += 1  # an in-place edit of a non-persistent buffer
+    assert structure_sha256(module) != before
+
+
+def test_two_loads_of_a_checkpoint_have_the_same_content_hash(sample_model_path):
+    for name in ("mlp_seed0", "cnn_seed0", "text_transformer_seed0"):
+        first, second = load_model(sample_model_path(name)), load_model(sample_model_path(name))
+        assert first.module is not second.module
+        assert first.content_sha256 == second.content_sha256
+
+
+def test_the_content_hash_of_the_sample_models_is_the_same_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    from workbench.models.loading import structure_sha256
+
+    root = Path(__file__).resolve().parents[2] / "sample_models"
+    paths = sorted(str(p) for p in root.glob("*.safetensors"))
+    script = ("import json, sys\nfrom workbench import load_model\n"
+              "print(json.dumps({p: load_model(p).content_sha256 for p in sys.argv[1:]}))")
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, env=env, check=True, timeout=300)
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {p: load_model(p).content_sha256 for p in paths}
+    assert len({structure_sha256(load_model(p).module) for p in paths}) > 1
+
+
+def test_huggingface_copies_in_other_folders_have_the_same_content_hash(tiny_hf_folder, tmp_path):
+    import shutil
+
+    folder, _ = tiny_hf_folder
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(folder, copy)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in folder.iterdir():
+            zf.write(f, f"tiny-bert/{f.name}")
+    hashes = {load_model(folder).content_sha256, load_model(copy).content_sha256,
+              load_model(buf.getvalue(), filename="tiny-bert.zip").content_sha256}
+    assert len(hashes) == 1

@@ -109,7 +109,12 @@ class Dataset:
         return int(self.y.max()) + 1
 
     def subset(self, indices: np.ndarray | torch.Tensor | slice, name: str | None = None) -> Dataset:
-        """The same dataset restricted to ``indices``."""
+        """The same dataset restricted to ``indices`` (a 1-D list, array or tensor of sample indices or a boolean mask, or a slice)."""
+        if isinstance(indices, tuple):
+            indices = list(indices)
+        if not isinstance(indices, slice) and _index_ndim(indices) != 1:
+            raise DataError(f"Dataset.subset takes a 1-D list, array or slice of sample indices (such as [3, 5] or slice(0, 10)) "
+                            f"to select from '{self.name}'; got {_preview(indices)}.")
         try:
             x = self.x[indices]
             y = None if self.y is None else self.y[indices]
@@ -129,6 +134,16 @@ def _versions(*tensors: torch.Tensor | None) -> tuple[int | None, ...]:
         except RuntimeError:  # a tensor made under torch.inference_mode keeps no version counter
             out.append(None)
     return tuple(out)
+
+
+def _index_ndim(indices: object) -> int | None:
+    """How many axes ``indices`` has (0 for a single number), or None where it is not array-like."""
+    if isinstance(indices, (torch.Tensor, np.ndarray)):
+        return indices.ndim
+    try:
+        return np.ndim(indices)
+    except ValueError:  # a ragged list
+        return None
 
 
 def _preview(indices: object) -> str:
@@ -188,11 +203,14 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
     elif xt.dtype == torch.bool:
         xt = xt.to(torch.float32)
     else:
-        xt = xt.to(torch.int64)
+        xt = _as_int64(xt, "x", name)
     xt = own_memory(xt, x_in)
     yt = None
     if y is not None:
         y_in = yt = _to_tensor(y, "y")
+        if yt.ndim > 1 and math.prod(yt.shape[1:]) != 1:
+            raise DataError(f"The labels 'y' of dataset '{name}' must be 1-D (one class id or target per sample) but have shape "
+                            f"{tuple(yt.shape)}; for one-hot labels pass y.argmax(1).")
         yt = yt.reshape(-1)
         if yt.shape[0] != xt.shape[0]:
             raise DataError(
@@ -210,7 +228,7 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
                     raise DataError(f"The float targets of dataset '{name}' reach beyond the float32 range (|y| > 3.4e+38); "
                                     "rescale them, then load the data again.")
         else:
-            yt = yt.to(torch.int64)
+            yt = _as_int64(yt, "y", name)
             if yt.numel() and int(yt.min()) < 0:
                 raise DataError(f"Class labels of dataset '{name}' must be non-negative integers; got a minimum of {int(yt.min())}.")
             if yt.numel() and int(yt.max()) >= MAX_CLASSES:
@@ -226,11 +244,30 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
 
 def _to_tensor(value: Any, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    arr = np.asarray(value)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise DataError(f"The dataset's '{what}' must be numeric; got values of type {arr.dtype}.")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+        t = value.detach().cpu()
+    else:
+        arr = np.asarray(value)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise DataError(f"The dataset's '{what}' must be numeric; got values of type {arr.dtype}.")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dtype.is_complex and what == "x":
+        raise DataError(f"The dataset's 'x' holds complex numbers ({str(t.dtype).removeprefix('torch.')}), which would lose their "
+                        "imaginary parts; store the real and imaginary parts as separate features, e.g. "
+                        "np.concatenate([x.real, x.imag], axis=-1).")
+    if t.dtype.is_complex:
+        raise DataError(f"The dataset's '{what}' holds complex numbers ({str(t.dtype).removeprefix('torch.')}), which would lose their "
+                        "imaginary parts; give real class ids or targets.")
+    return t
+
+
+def _as_int64(t: torch.Tensor, what: str, name: str) -> torch.Tensor:
+    """Integer values as int64, refusing unsigned 64-bit values that int64 cannot hold (they would wrap to negative numbers)."""
+    if t.dtype == torch.uint64:
+        n_big = int((t.view(torch.int64) < 0).sum())  # the values at or above 2**63
+        if n_big:
+            raise DataError(f"The '{what}' of dataset '{name}' has {n_big} uint64 value{'s' if n_big != 1 else ''} at or above 2**63, "
+                            "beyond the int64 range used for token ids and labels; renumber them below 2**63.")
+    return t.to(torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +313,15 @@ def digits_train_for(dataset: Dataset) -> Dataset | None:
 
 
 BLOBS_OPTIONS = ("separation", "n_samples", "n_features", "n_classes", "seed")
+MAX_BLOBS_VALUES = MAX_DATASET_BYTES // 4  # float32 values in one blobs dataset (n_samples * n_features)
+
+
+def _whole_number(option: str, value: Any, low: int, high: int, high_text: str | None = None) -> int:
+    """``value`` as an int, or a ParameterError naming the blobs option and its range ``low .. high``."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and low <= value <= high:
+        return int(value)
+    raise ParameterError(f"The '{option}' parameter of blobs must be an integer from {low} to {high_text or f'{high:,}'}. "
+                         f"Got {value!r}.")
 
 
 def blobs(separation: float = 3.0, *, n_samples: int = 1000, n_features: int = 64, n_classes: int = 5,
@@ -285,8 +331,16 @@ def blobs(separation: float = 3.0, *, n_samples: int = 1000, n_features: int = 6
     Class centres are ``separation`` times random unit vectors; within-class noise is isotropic
     with unit variance. ``separation=0`` gives fully overlapping classes; 3 or more, well separated.
     """
-    if not (isinstance(separation, (int, float)) and separation >= 0):
-        raise ParameterError(f"The 'separation' parameter of blobs must be a number >= 0. Got {separation!r}.")
+    if not (isinstance(separation, (int, float, np.integer, np.floating)) and not isinstance(separation, (bool, np.bool_))
+            and math.isfinite(separation) and separation >= 0):
+        raise ParameterError(f"The 'separation' parameter of blobs must be a number >= 0 and finite. Got {separation!r}.")
+    n_samples = _whole_number("n_samples", n_samples, 1, MAX_BLOBS_VALUES)
+    n_features = _whole_number("n_features", n_features, 1, MAX_BLOBS_VALUES)
+    n_classes = _whole_number("n_classes", n_classes, 1, MAX_CLASSES)
+    seed = _whole_number("seed", seed, 0, 2**32 - 1, "2**32 - 1")
+    if n_samples * n_features > MAX_BLOBS_VALUES:
+        raise ParameterError(f"blobs with n_samples={n_samples} and n_features={n_features} would hold {n_samples * n_features:,} values, "
+                             f"above the limit of {MAX_BLOBS_VALUES:,}; ask for fewer samples or features.")
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_classes, n_features))
     centres *= separation / np.linalg.norm(centres, axis=1, keepdims=True)

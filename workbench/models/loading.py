@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -73,7 +74,7 @@ class LoadedModel:
     state dict) as they are now, so the same weights give the same hash whatever file they came from,
     and weights changed in place (an optimizer step, an edited bias) give a new hash, and new
     activations from :func:`~workbench.extract`. ``loaded_sha256`` is the hash when the model was loaded.
-    :attr:`content_sha256` adds the module tree (each module's path, class and settings): the same
+    :attr:`content_sha256` adds the module tree (each module's path, class, settings and non-persistent buffers): the same
     weights under another architecture (tanh instead of ReLU) compute other activations, so caches
     are keyed by it.
     ``input_shape``/``input_dtype`` describe one sample when known (from the spec).
@@ -127,14 +128,91 @@ def weights_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+_MODULE_BOOKKEEPING = frozenset(nn.Module().__dict__) | {
+    "_compiled_call_impl",  # torch.compile's wrapper
+    "_is_hf_initialized",  # Hugging Face: whether weights were initialised or loaded
+    "name_or_path",  # Hugging Face: the folder the weights were read from
+}
+_SETTING_SCALARS = (bool, int, float, str, type(None))
+
+
+def _setting(value: Any) -> str | None:
+    """A deterministic text for a plain setting (a number, string, None, dtype, function, or a tuple or list of
+    these), or None for anything else (tensors, submodules, configs, dicts, sets)."""
+    if isinstance(value, _SETTING_SCALARS):
+        return repr(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        items = [_setting(v) for v in value]
+        return None if None in items else f"{type(value).__name__}({', '.join(items)})"
+    if isinstance(value, functools.partial):
+        func = _setting(value.func)
+        args = [_setting(v) for v in value.args]
+        kwargs = {k: _setting(v) for k, v in sorted(value.keywords.items())}
+        if func is None or None in args or None in kwargs.values():
+            return None
+        return f"partial({func}, {', '.join(args)}, {', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+    if callable(value) and not isinstance(value, (torch.Tensor, nn.Module)):
+        named = value if hasattr(value, "__qualname__") else type(value)
+        return f"<callable {getattr(named, '__module__', None)}.{named.__qualname__}>"
+    return None
+
+
+def _settings(module: nn.Module) -> str:
+    """``module``'s plain attributes (see :func:`_setting`) by name, without torch's and loaders' bookkeeping
+    (hooks, the train/eval flag, where the weights were read from)."""
+    registered = set(module._parameters) | set(module._buffers) | set(module._modules)
+    parts = []
+    for key in sorted(module.__dict__):
+        if key in _MODULE_BOOKKEEPING or key in registered:
+            continue
+        text = _setting(module.__dict__[key])
+        if text is not None:
+            parts.append(f"{key}={text}")
+    return ";".join(parts)
+
+
+_SCRATCH_HASHES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def _scratch_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The non-persistent buffers of ``module`` and its submodules (computed, not saved: the weights hash leaves them out)."""
+    return [(f"{path}.{name}" if path else name, m._buffers[name])
+            for path, m in module.named_modules()
+            for name in sorted(m._non_persistent_buffers_set) if m._buffers.get(name) is not None]
+
+
+def scratch_buffers_sha256(module: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the non-persistent buffers of ``module``, recomputed
+    only when one of them changed since the last call."""
+    buffers = _scratch_buffers(module)
+    fingerprint = tuple((name, t.data_ptr(), t._version, t.shape, t.dtype) for name, t in buffers)
+    cached = _SCRATCH_HASHES.get(module)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    h = hashlib.sha256()
+    for name, tensor in buffers:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    sha = h.hexdigest()
+    _SCRATCH_HASHES[module] = (fingerprint, sha)
+    return sha
+
+
 def structure_sha256(module: nn.Module) -> str:
-    """sha256 of the module tree: every module's path, class (module and qualified name) and settings
-    (``extra_repr``: sizes, strides, ``inplace``, eps...). Two models with equal weights and equal
-    structure compute the same outputs unless a custom ``forward`` differs in code of the same name."""
+    """sha256 of the module tree and what it computes with besides the saved weights: every module's path, class
+    (module and qualified name), ``extra_repr`` and plain attributes (flags such as ``norm_first`` or
+    ``count_include_pad``, numbers, strings, activation functions by module and qualified name), and the values
+    of non-persistent buffers. The train/eval flag, hooks and where the weights were read from are left out.
+    Two models with equal weights and equal structure compute the same outputs unless a custom ``forward``
+    differs in code of the same name."""
     h = hashlib.sha256()
     for name, m in module.named_modules():
         cls = type(m)
-        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{m.extra_repr()}\n".encode())
+        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{m.extra_repr()}|{_settings(m)}\n".encode())
+    h.update(scratch_buffers_sha256(module).encode())
     return h.hexdigest()
 
 
