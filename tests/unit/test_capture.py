@@ -249,3 +249,42 @@ def test_a_conv_whose_mean_map_would_be_too_large_is_read(monkeypatch):
     pooled, sources = _captured(net, x, ["0"], "mean")
     assert sources == {"0": "map"}
     torch.testing.assert_close(pooled["0"], _direct(net, x, ["0"], "mean")["0"])
+
+
+def test_a_sample_that_is_all_padding_pools_to_zeros():
+    out = torch.randn(3, 4, 2)
+    out[1] = float("inf")  # whatever the model gives for padding is left out
+    mask = torch.tensor([[True, True, True, False], [False, False, False, False], [False, True, True, False]])
+    for rule in ("mean", "max", "last", "cls"):
+        pooled = pool(out, rule, channel_first=False, mask=mask)
+        assert torch.equal(pooled[1], torch.zeros(2)), rule
+        assert torch.isfinite(pooled).all(), rule
+    torch.testing.assert_close(pool(out, "max", channel_first=False, mask=mask)[0], out[0, :3].amax(0))
+    torch.testing.assert_close(pool(out, "last", channel_first=False, mask=mask)[[0, 2]], torch.stack([out[0, 2], out[2, 2]]))
+    torch.testing.assert_close(pool(out, "cls", channel_first=False, mask=mask)[[0, 2]], out[[0, 2], 0])
+
+
+class _Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def test_layout_of_each_layer():
+    from workbench.activations.capture import channel_first_layers, channel_first_model
+
+    text_cnn = nn.Sequential(nn.Embedding(30, 8), nn.Dropout(0.1), _Transpose(), nn.Conv1d(8, 16, 3), nn.ReLU(),
+                             nn.BatchNorm1d(16), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 2))
+    assert channel_first_model(text_cnn)
+    layout = channel_first_layers(text_cnn, [str(i) for i in range(9)])
+    assert layout == {"0": False, "1": False, "2": True, "3": True, "4": True, "5": True, "6": True, "7": True, "8": True}
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1)
+    hybrid = nn.Sequential(nn.Embedding(30, 8), _Transpose(), nn.Conv1d(8, 8, 3, padding=1), _Transpose(), encoder).eval()
+    assert not channel_first_model(hybrid)
+    assert channel_first_layers(hybrid, ["0", "1", "2", "3", "4"]) == {"0": False, "1": False, "2": True, "3": False, "4": False}
+    ids = torch.randint(1, 30, (4, 7))
+    with torch.inference_mode():
+        conv = hybrid[2](hybrid[0](ids).transpose(1, 2))
+        enc = hybrid(ids)
+    pooled, _ = _captured(hybrid, ids, ["2", "4"], "mean", channel_first=channel_first_layers(hybrid, ["2", "4"]))
+    torch.testing.assert_close(pooled["2"], conv.mean(2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled["4"], enc.mean(1))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from torch import nn
 
 from workbench import extract, layer_info, list_layers, load_model
 from workbench.activations import pool
+from workbench.activations.capture import hooks_on
 from workbench.data import make_dataset
 from workbench.errors import DataError, ParameterError, UnknownLayerError
 from workbench.models import wrap_module
@@ -429,3 +433,213 @@ def test_tree_order_puts_containers_above_their_submodules(sample_model):
     assert names.index("layers.0.norm2") < names.index("layers.1") < names.index("layers.1.self_attn") < names.index("norm")
     flat = layer_info(sample_model("mlp_narrow_seed0"))
     assert tree_order(flat) == flat  # a model without containers keeps its forward order
+
+
+class _Slow(nn.Module):
+    """Identity that sleeps, so that the forward passes of two threads interleave."""
+
+    def forward(self, x):
+        time.sleep(0.005)
+        return x
+
+
+def test_two_threads_on_one_model_each_get_the_activations_of_their_own_data(tmp_path):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), _Slow(), nn.ReLU(), nn.Linear(6, 3))
+    inputs = {"a": torch.randn(40, 4), "b": torch.randn(40, 4) + 3}
+    want = {k: extract(module, x, ["0", "3"], batch_size=5, cache_dir=tmp_path / f"alone-{k}") for k, x in inputs.items()}
+    got, failures = {}, []
+    barrier = threading.Barrier(2)
+
+    def run(k: str) -> None:
+        try:
+            barrier.wait()
+            got[k] = extract(module, inputs[k], ["0", "3"], batch_size=5, cache_dir=tmp_path / "shared")
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    for k in inputs:
+        for layer in ("0", "3"):
+            torch.testing.assert_close(got[k][layer], want[k][layer], msg=f"{k} {layer}")
+    assert _hook_count(module) == 0
+
+
+def _hf_tokens_model(tmp_path, kind: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "roberta":
+        config = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=32, max_position_embeddings=40, pad_token_id=1)
+        reference = transformers.RobertaModel(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=40)
+        reference = transformers.GPT2Model(config)
+    folder = tmp_path / kind
+    reference.eval().save_pretrained(folder)
+    return load_model(folder)
+
+
+@pytest.mark.parametrize(("kind", "pad", "layer"), [("roberta", 1, "encoder.layer.0"), ("gpt2", None, "h.0")])
+def test_hugging_face_token_models_pad_with_their_own_pad_token(tmp_path, kind, pad, layer):
+    model = _hf_tokens_model(tmp_path, kind)
+    assert model.module.config.pad_token_id == pad
+    torch.manual_seed(1)
+    tokens = torch.randint(2, 50, (6, 10))
+    tokens[:, 0] = 0  # RoBERTa's <s>, GPT-2's "!": a token like any other
+    if pad is not None:
+        tokens[1, 6:] = pad
+        tokens[3, 2:] = pad
+    mask = tokens != pad if pad is not None else None
+    outs = {}
+    with hooks_on(model.module, [layer], outs.__setitem__), torch.inference_mode():
+        model.module(input_ids=tokens, **({"attention_mask": mask.long()} if mask is not None else {}))
+    for pooling in ("mean", "max", "last"):
+        got = extract(model, tokens, [layer], pooling=pooling, batch_size=4, cache_dir=tmp_path / "cache")[layer]
+        torch.testing.assert_close(got, pool(outs[layer], pooling, channel_first=False, mask=mask), msg=pooling)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_in_another_float_dtype_is_fed_batches_of_its_dtype(dtype, tmp_path):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).to(dtype)
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 2)).to(dtype)
+    for name, net, x, layers in (("mlp", mlp, torch.randn(30, 4), ["0", "1", "2"]),
+                                 ("cnn", cnn, torch.randn(12, 1, 8, 8), ["0", "1", "3"])):
+        got = extract(net, x, layers, batch_size=8, cache_dir=tmp_path / name)
+        outs = {}
+        with hooks_on(net, layers, outs.__setitem__), torch.inference_mode():
+            net(x.to(dtype))
+        tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+        for layer in layers:
+            assert got[layer].dtype == torch.float32
+            torch.testing.assert_close(got[layer], pool(outs[layer], "mean", channel_first=True).float(), msg=f"{name} {layer}", **tol)
+    assert [i.output_shape for i in layer_info(mlp, torch.randn(2, 4))] == [(4,), (4,), (2,)]
+
+
+class _Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def test_text_cnn_conv_outputs_are_pooled_over_their_length(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(30, 8), _Transpose(), nn.Conv1d(8, 16, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveMaxPool1d(1), nn.Flatten(), nn.Linear(16, 2))
+    ids = torch.randint(1, 30, (5, 12))
+    acts = extract(net, ids, ["0", "1", "2", "3"], cache_dir=tmp_path)
+    assert [tuple(acts[k].shape) for k in "0123"] == [(5, 8), (5, 8), (5, 16), (5, 16)]
+    with torch.inference_mode():
+        emb = net[0](ids)
+        conv = net[2](emb.transpose(1, 2))
+    torch.testing.assert_close(acts["0"], emb.mean(1))
+    torch.testing.assert_close(acts["1"], emb.mean(1))
+    torch.testing.assert_close(acts["2"], conv.mean(2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acts["3"], conv.relu().mean(2))
+    assert extract(net, ids, ["3"], pooling="max", cache_dir=tmp_path)["3"].shape == (5, 16)
+
+
+def test_failures_of_the_forward_pass_of_any_kind_are_data_errors(tmp_path):
+    class Fails(nn.Module):
+        def __init__(self, exc):
+            super().__init__()
+            self.exc, self.fc = exc, nn.Linear(3, 3)
+
+        def forward(self, x):
+            raise self.exc
+
+    for exc, text in ((KeyError("hidden"), r"KeyError: 'hidden'"), (AssertionError(), r"AssertionError"),
+                      (AttributeError("no attr"), r"AttributeError: no attr"), (NotImplementedError(), r"NotImplementedError")):
+        model = wrap_module(Fails(exc), name="fails")
+        with pytest.raises(DataError, match=rf"Model 'fails' failed on a batch of dataset 'array' with shape \(4, 3\) \({text}\); "
+                                            r"check that the dataset is made for this model\."):
+            extract(model, torch.zeros(4, 3), ["fc"], cache_dir=tmp_path)
+        with pytest.raises(DataError, match=rf"The probe batch of shape \(2, 3\) could not be run through 'fails' \({text}\)\."):
+            layer_info(model, torch.zeros(2, 3))
+
+
+def test_bad_layers_cache_folders_and_batch_sizes(mlp, digits_test, tmp_path):
+    for layers in (3, None):
+        with pytest.raises(ParameterError, match=rf"Layers are given as a layer name or a list of names, not {type(layers).__name__}; "
+                                                 r"pick from: fc1, relu1, fc2, relu2, out\."):
+            extract(mlp, digits_test, layers)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for bad in (afile, afile / "below"):
+        with pytest.raises(ParameterError, match=rf"The cache folder '{bad}' cannot be created \(.+\); pass a cache_dir that is a writable folder\."):
+            extract(mlp, digits_test, ["fc1"], cache_dir=bad)
+    acts = extract(mlp, digits_test, ["fc1"], batch_size=np.int64(100), cache_dir=tmp_path / "ok")
+    assert acts["fc1"].shape == (450, 32)
+
+
+def test_a_layer_that_outputs_a_scalar_per_batch_is_refused(tmp_path):
+    class Total(nn.Module):
+        def forward(self, x):
+            return x.sum()
+
+    net = nn.Sequential(nn.Linear(3, 2), Total())
+    for pooling in ("mean", "flatten"):
+        with pytest.raises(DataError, match=r"Layer '1' outputs one scalar per batch, so it has no activations per sample; pick another layer\."):
+            extract(net, torch.ones(4, 3), ["0", "1"], pooling=pooling, cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_npz_returns_the_file_it_wrote_and_makes_its_folder(mlp, digits_test, tmp_path):
+    acts = extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path / "cache")
+    out = acts.save_npz(tmp_path / "new" / "deeper" / "out")
+    assert out == tmp_path / "new" / "deeper" / "out.npz" and out.is_file()
+    with np.load(out, allow_pickle=False) as saved:
+        np.testing.assert_array_equal(saved["layer/fc1"], acts["fc1"].numpy())
+    assert acts.save_npz(str(tmp_path / "b.npz")) == tmp_path / "b.npz"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ParameterError, match=r"The activations cannot be written to '.*afile/out\.npz' \(.+\); choose another location\."):
+        acts.save_npz(tmp_path / "afile" / "out")
+
+
+def test_partial_cache_entries_of_killed_runs_are_removed_when_old(mlp, digits_test, tmp_path):
+    import os
+
+    old = tmp_path / ".abc.partial-1234abcd"
+    fresh = tmp_path / ".def.partial-5678abcd"
+    for folder in (old, fresh):
+        folder.mkdir()
+        (folder / "layer000.npy").write_bytes(b"x")
+    day_ago = time.time() - 2 * 24 * 3600
+    for p in (old / "layer000.npy", old):
+        os.utime(p, (day_ago, day_ago))
+    os.utime(fresh, (day_ago, day_ago))  # its file is still being written
+    extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path)
+    assert not old.exists() and fresh.exists()
+
+
+def test_a_model_in_training_mode_takes_the_batchnorm_shortcut(monkeypatch, tmp_path):
+    import importlib
+
+    from workbench.activations.capture import PooledCapture
+
+    extract_module = importlib.import_module("workbench.activations.extract")  # the module, not the function it exports
+
+    seen = []
+
+    class Spy(PooledCapture):
+        def end_batch(self):
+            pooled = super().end_batch()
+            seen.append(dict(self.sources))
+            return pooled
+
+    monkeypatch.setattr(extract_module, "PooledCapture", Spy)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten()).train()
+    x = torch.randn(6, 1, 8, 8)
+    got = extract(net, x, ["0", "1"], cache_dir=tmp_path)
+    assert seen and seen[0]["1"] == "affine"
+    assert net.training
+    with torch.inference_mode():
+        net.eval()
+        want = net[1](net[0](x)).mean((2, 3))
+    torch.testing.assert_close(got["1"], want, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,9 @@ pooled value follows from a smaller tensor, with the same result up to float rou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,7 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from workbench.device import own_memory
-from workbench.errors import ParameterError
+from workbench.errors import DataError, ParameterError
 
 POOLINGS = ("mean", "flatten", "max", "cls", "last")
 _GLOBAL_POOLS: dict[str, tuple[type[nn.Module], ...]] = {
@@ -79,10 +81,61 @@ def hooks_on(module: nn.Module, layers: list[str], fn: Callable[[str, torch.Tens
             h.remove()
 
 
+_MODULE_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODULE_LOCKS_GUARD = threading.Lock()
+
+
+def module_lock(module: nn.Module) -> threading.RLock:
+    """The lock that forward passes observed by hooks on ``module`` hold: hooks registered on a module see
+    every thread's forward passes, so hooked runs of one module take turns (re-entrant within a thread)."""
+    with _MODULE_LOCKS_GUARD:
+        lock = _MODULE_LOCKS.get(module)
+        if lock is None:
+            lock = _MODULE_LOCKS[module] = threading.RLock()
+        return lock
+
+
+_CHANNEL_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d, nn.AvgPool1d,
+                     nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool1d)
+_ATTENTION = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+              nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_SAME_LAYOUT = (nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.Identity, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
+                nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
+                nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink)
+
+
+def _attention(m: nn.Module) -> bool:
+    return isinstance(m, _ATTENTION) or "Attention" in type(m).__name__
+
+
 def channel_first_model(module: nn.Module) -> bool:
-    """Whether 3-D outputs of ``module`` are ``(batch, channels, length)`` maps rather than token sequences."""
-    return any(isinstance(m, (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d)) for m in module.modules()) and not any(
-        isinstance(m, (nn.MultiheadAttention, nn.Embedding)) for m in module.modules())
+    """Whether 3-D outputs of ``module``'s layers are ``(batch, channels, length)`` maps rather than token
+    sequences by default: the model has 1-D convolutions, norms or pools and no attention."""
+    mods = list(module.modules())
+    return any(isinstance(m, _CHANNEL_FIRST_1D) for m in mods) and not any(_attention(m) for m in mods)
+
+
+def channel_first_layers(module: nn.Module, layers: list[str]) -> dict[str, bool]:
+    """For each of ``layers``, whether its 3-D outputs are channel-first maps: an ``nn.Embedding`` gives a
+    token sequence; a 1-D convolution, BatchNorm, InstanceNorm or pool gives a ``(batch, channels, length)``
+    map; an activation, dropout or LayerNorm in a plain ``nn.Sequential`` keeps the layout of the child
+    before it; any other layer follows :func:`channel_first_model`."""
+    default = channel_first_model(module)
+    modules = valid_layers(module)
+
+    def layout(name: str) -> bool:
+        m = modules[name]
+        if isinstance(m, nn.Embedding):
+            return False
+        if isinstance(m, _CHANNEL_FIRST_1D):
+            return True
+        if isinstance(m, _SAME_LAYOUT):
+            prev, _ = _sequential_neighbours(module, name)
+            if prev is not None:
+                return layout(prev)
+        return default
+
+    return {name: layout(name) for name in layers}
 
 
 def _is_spatial(out: torch.Tensor, channel_first: bool) -> bool:
@@ -93,11 +146,13 @@ def pool(out: torch.Tensor, rule: str, *, channel_first: bool, mask: torch.Tenso
     """Pool one layer's batch output to ``(batch, features)``.
 
     2-D outputs are returned as they are. Conv maps ``(B, C, *spatial)`` (4-D and 5-D outputs, and
-    3-D ones in models built from 1-D convolutions) are channel-first: ``mean``/``max`` reduce the
+    3-D ones when ``channel_first``, see :func:`channel_first_layers`) are channel-first: ``mean``/``max`` reduce the
     spatial axes, ``flatten`` keeps everything. Token sequences ``(B, T, D)``: ``mean``/``max``
     over tokens (padding excluded when a mask is given), ``cls`` the first token, ``last`` the last
-    non-padding token.
+    non-padding token; a sample that is all padding gives zeros under every rule.
     """
+    if out.ndim == 0:
+        raise DataError("A layer output of shape () is one scalar per batch, so it has no activations per sample; pick another layer.")
     if out.ndim == 1:
         return out.reshape(-1, 1)
     if out.ndim == 2:
@@ -111,20 +166,23 @@ def pool(out: torch.Tensor, rule: str, *, channel_first: bool, mask: torch.Tenso
         return out.mean(dims) if rule == "mean" else out.amax(dims)
     if out.ndim > 3:
         out = out.reshape(out.shape[0], out.shape[1], -1)
-    use_mask = mask is not None and mask.shape == out.shape[:2]
+    if mask is None or mask.shape != out.shape[:2]:
+        if rule == "cls":
+            return out[:, 0]
+        if rule == "last":
+            return out[:, -1]
+        return out.mean(1) if rule == "mean" else out.amax(1)
+    mask = mask.to(device=out.device, dtype=torch.bool)
+    present = mask.any(1, keepdim=True)  # samples with at least one non-padding token
     if rule == "cls":
-        return out[:, 0]
+        return out[:, 0].masked_fill(~present, 0)
     if rule == "last":
-        if use_mask:
-            idx = (mask.long().sum(1) - 1).clamp(min=0)
-            return out[torch.arange(out.shape[0], device=out.device), idx]
-        return out[:, -1]
-    if use_mask:
-        m = mask.unsqueeze(-1).to(out.dtype)
-        if rule == "mean":
-            return (out * m).sum(1) / m.sum(1).clamp(min=1)
-        return out.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
-    return out.mean(1) if rule == "mean" else out.amax(1)
+        positions = torch.arange(out.shape[1], device=out.device).expand_as(mask)
+        idx = torch.where(mask, positions, -1).amax(1).clamp(min=0)
+        return out[torch.arange(out.shape[0], device=out.device), idx].masked_fill(~present, 0)
+    if rule == "mean":
+        return out.masked_fill(~mask.unsqueeze(-1), 0).sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(out.dtype)
+    return out.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1).masked_fill(~present, 0)
 
 
 def window_counts(n_in: int, n_out: int, kernel: int, stride: int, dilation: int, padding: int,
@@ -232,14 +290,18 @@ class PooledCapture:
 
     Use as a context manager (hooks are removed on exit, also after an error); call
     :meth:`begin_batch` before and :meth:`end_batch` after each forward pass. ``mask`` (set per
-    batch) marks the non-padding tokens of token-sequence models. :attr:`sources` says how each
+    batch) marks the non-padding tokens of token-sequence models. ``channel_first`` says whether 3-D
+    outputs are ``(batch, channels, length)`` maps, for all layers or per layer (a mapping from layer
+    name, as :func:`channel_first_layers` gives). :attr:`sources` says how each
     pooled value of the last batch was obtained: ``"map"`` (the layer's output was read),
     ``"global pool"`` (the following pool's output), ``"input"`` (a convolution's mean from its
     input) or ``"affine"`` (an eval-mode BatchNorm's mean from the mean of its hooked input).
     """
 
-    def __init__(self, module: nn.Module, layers: list[str], rule: str, *, channel_first: bool):
-        self.module, self.layers, self.rule, self.channel_first = module, list(layers), rule, channel_first
+    def __init__(self, module: nn.Module, layers: list[str], rule: str, *, channel_first: bool | Mapping[str, bool]):
+        self.module, self.layers, self.rule = module, list(layers), rule
+        self.channel_first = ({name: bool(channel_first[name]) for name in self.layers} if isinstance(channel_first, Mapping)
+                              else dict.fromkeys(self.layers, bool(channel_first)))
         self.mask: torch.Tensor | None = None
         self.pooled: dict[str, torch.Tensor] = {}
         self.sources: dict[str, str] = {}
@@ -303,8 +365,10 @@ class PooledCapture:
         """``out`` pooled into memory of its own: a 2-D output, a flattened map or a token taken by ``cls``
         or ``last`` would otherwise be a view of the output, and a later in-place operation of the model
         (``nn.ReLU(inplace=True)`` after a linear layer) would change it before it is written."""
+        if out.ndim == 0:
+            raise DataError(f"Layer '{name}' outputs one scalar per batch, so it has no activations per sample; pick another layer.")
         try:
-            pooled = pool(out.detach(), self.rule, channel_first=self.channel_first, mask=self.mask)
+            pooled = pool(out.detach(), self.rule, channel_first=self.channel_first[name], mask=self.mask)
         except ParameterError as exc:  # name the layer and give its shape per sample, not per batch
             raise ParameterError(
                 f"Pooling '{self.rule}' applies to token sequences; layer '{name}' outputs conv maps of shape "
@@ -325,7 +389,7 @@ class PooledCapture:
                 self._outputs[name] = t
             x = inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
             prev_out = self._outputs.pop(prev, None) if route == "affine" else None  # held no longer than needed
-            if route == "map" or x is None or not _is_spatial(t, self.channel_first):
+            if route == "map" or x is None or not _is_spatial(t, self.channel_first[name]):
                 self._set(name, self._pool(t, name), "map")
             elif route == "affine" and x is prev_out and prev in self.pooled and x.shape == t.shape:
                 key = (name, t.dtype)
@@ -362,7 +426,7 @@ class PooledCapture:
         def hook(_module: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
             pending = self._pending.get(name)
             if (pending is not None and inp and inp[0] is pending and isinstance(out, torch.Tensor)
-                    and _is_spatial(pending, self.channel_first) and out.shape[:2] == pending.shape[:2]):
+                    and _is_spatial(pending, self.channel_first[name]) and out.shape[:2] == pending.shape[:2]):
                 self._set(name, out.detach().reshape(out.shape[0], -1).clone(), "global pool")
                 del self._pending[name]
 

@@ -26,15 +26,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.activations.capture import POOLINGS, PooledCapture, channel_first_model, hooks_on, valid_layers
+from workbench.activations.capture import (
+    POOLINGS,
+    PooledCapture,
+    channel_first_layers,
+    hooks_on,
+    module_lock,
+    valid_layers,
+)
 from workbench.activations.types import Activations
 from workbench.data.datasets import Dataset, make_dataset
 from workbench.device import full_float32, module_device, resolve_device, rows_on
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model, eval_mode
 
-CACHE_FORMAT = 3  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and structure
+CACHE_FORMAT = 4  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and
+# structure; 4: the structure includes module attributes and non-persistent buffers, token masks follow the pad id
 Progress = Callable[[int, int], None]
+FORWARD_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError, AssertionError, NotImplementedError)
+STALE_PARTIAL_SECONDS = 24 * 3600  # a partial cache entry untouched this long belongs to a run that was killed
 
 
 def default_cache_dir() -> Path:
@@ -61,7 +71,12 @@ def check_layers(model: LoadedModel | nn.Module, layers: list[str] | str) -> lis
     names = list(valid_layers(module))
     if isinstance(layers, str):
         layers = [layers]
-    layers = list(layers)
+    else:
+        try:
+            layers = list(layers)
+        except TypeError:
+            raise ParameterError(f"Layers are given as a layer name or a list of names, not {type(layers).__name__}; "
+                                 f"pick from: {format_choices(names)}.") from None
     if not layers:
         raise ParameterError(f"Pick at least one layer. Layers: {format_choices(names)}.")
     for layer in layers:
@@ -79,18 +94,49 @@ def example_input(model: LoadedModel, n: int = 2) -> torch.Tensor:
             f"The input shape of '{model.name}' is unknown (no architecture spec); pass an example batch or a dataset."
         )
     if model.takes_tokens:
-        return torch.ones((n, *model.input_shape), dtype=torch.int64)
+        pad = pad_token_id(model)
+        return torch.full((n, *model.input_shape), 2 if pad == 1 else 1, dtype=torch.int64)
     return torch.zeros((n, *model.input_shape), dtype=torch.float32)
 
 
-def _forward(module: nn.Module, batch: torch.Tensor, takes_tokens: bool, source_format: str) -> Any:
-    if source_format == "huggingface":
-        if not takes_tokens:
+def pad_token_id(model: LoadedModel) -> int | None:
+    """The token id that marks padding: a Hugging Face model's ``config.pad_token_id`` (``None`` when it has
+    none, as GPT-2), 0 for the workbench's own token models, ``None`` for models that do not take tokens."""
+    if not model.takes_tokens:
+        return None
+    if model.source_format == "huggingface":
+        pad = getattr(getattr(model.module, "config", None), "pad_token_id", None)
+        return pad if isinstance(pad, int) and not isinstance(pad, bool) else None
+    return 0
+
+
+def float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating parameter (else buffer); ``None`` when it has neither."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _forward(model: LoadedModel, batch: torch.Tensor) -> Any:
+    """Run ``model`` on ``batch``; a Hugging Face token model gets the attention mask of its own padding id."""
+    module = model.module
+    if model.source_format == "huggingface":
+        if not model.takes_tokens:
             return module(pixel_values=batch)
         # an encoder-decoder (T5, BART) reads the same tokens on its decoder side (teacher forcing on the input)
         extra = {"decoder_input_ids": batch} if getattr(getattr(module, "config", None), "is_encoder_decoder", False) else {}
-        return module(input_ids=batch, attention_mask=(batch != 0).long(), **extra)
+        pad = pad_token_id(model)
+        if pad is not None:
+            extra["attention_mask"] = (batch != pad).long()
+        return module(input_ids=batch, **extra)
     return module(batch)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's type and the first line of its message (at most 200 characters)."""
+    text = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def layer_info(model: LoadedModel | nn.Module, example: Any = None) -> list[LayerInfo]:
@@ -109,20 +155,24 @@ def layer_info(model: LoadedModel | nn.Module, example: Any = None) -> list[Laye
             raise ParameterError(
                 f"The example batch for the layers of '{lm.name}' must be a tensor, an array or a Dataset; got {type(example).__name__}."
             ) from exc
-    x = (example if example is not None else example_input(lm)).to(module_device(lm.module))
+    probe = example if example is not None else example_input(lm)
     modules = valid_layers(lm.module)
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str, t: torch.Tensor) -> None:
-        if t.ndim and t.shape[0] == x.shape[0]:  # one row per sample (not a table shared by the batch)
+        if t.ndim and t.shape[0] == probe.shape[0]:  # one row per sample (not a table shared by the batch)
             shapes.setdefault(name, tuple(t.shape[1:]))
 
-    with hooks_on(lm.module, list(modules), record), eval_mode(lm.module), torch.inference_mode():
+    with module_lock(lm.module), eval_mode(lm.module), hooks_on(lm.module, list(modules), record), torch.inference_mode():
+        x = probe.to(module_device(lm.module))  # where the weights are once no other thread's run is moving them
+        dtype = float_dtype(lm.module)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
         try:
-            _forward(lm.module, x, lm.takes_tokens, lm.source_format)
-        except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError) as exc:
+            _forward(lm, x)
+        except FORWARD_ERRORS as exc:
             raise DataError(f"The probe batch of shape {tuple(x.shape)} could not be run through '{lm.name}' "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).") from exc
+                            f"({_first_line(exc)}).") from exc
     order = list(shapes) + [n for n in modules if n not in shapes]
     return [
         LayerInfo(
@@ -192,6 +242,51 @@ def check_inputs(model: LoadedModel, dataset: Dataset) -> None:
         )
 
 
+def _cache_root(root: Path) -> Path:
+    """``root`` created when missing, with partial entries of runs killed long ago removed."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ParameterError(f"The cache folder '{root}' cannot be created ({exc.strerror or type(exc).__name__}); "
+                             "pass a cache_dir that is a writable folder.") from exc
+    remove_stale_partials(root)
+    return root
+
+
+def remove_stale_partials(root: Path, max_age: float = STALE_PARTIAL_SECONDS) -> list[Path]:
+    """Remove the partial entries (``.{key}.partial-*`` folders) in ``root`` whose folder and files were all last
+    changed more than ``max_age`` seconds ago, so none that a live run is writing; returns those removed."""
+    now = time.time()
+    removed = []
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(".") and ".partial-" in p.name and p.is_dir()]
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            newest = max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
+        except OSError:  # removed meanwhile, or unreadable
+            continue
+        if now - newest > max_age:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _cached(folder: Path, dataset: Dataset, model: LoadedModel) -> Activations | None:
+    """The complete cache entry in ``folder``, or ``None`` (a damaged entry is removed)."""
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("complete"):
+            return _read_cache(folder, meta, dataset, model)
+    except (OSError, ValueError, KeyError):
+        shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
 def _read_cache(folder: Path, meta: dict[str, Any], dataset: Dataset, model: LoadedModel) -> Activations:
     tensors = {}
     for layer, fname in meta["files"].items():
@@ -207,7 +302,7 @@ def assemble_cache(model: LoadedModel, dataset: Dataset, layers: list[str], pool
     """Concatenate activations of consecutive row ranges into the cache entry that :func:`extract` would
     write for the whole dataset (streamed part by part, so memory stays bounded by one part's layer)."""
     key = cache_key(model, dataset, layers, pooling)
-    root.mkdir(parents=True, exist_ok=True)
+    _cache_root(root)
     tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     files = {layer: f"layer{i:03d}.npy" for i, layer in enumerate(layers)}
@@ -257,31 +352,31 @@ def extract(
     ``batch_size`` trades speed for memory (64–4096). ``device=None`` picks cuda, mps, then cpu.
     ``cache_dir=None`` uses :func:`default_cache_dir`. ``progress(done, total)`` is called after
     each batch with the number of samples done. The model runs in eval mode (no dropout, BatchNorm on
-    its running statistics); each module's own mode is restored afterwards.
+    its running statistics); each module's own mode is restored afterwards. Floating batches are cast to
+    the dtype of the model's floating weights. Token models mask their padding (``config.pad_token_id``
+    for Hugging Face models, none when it is unset; 0 for the workbench's own). Hooked runs of one module
+    take turns across threads.
     """
     lm = as_loaded_model(model)
     data = _as_dataset(dataset)
     layers = check_layers(lm, layers)
     if pooling not in POOLINGS:
         raise ParameterError(f"The 'pooling' parameter of extract must be one of {', '.join(map(repr, POOLINGS))}. Got {pooling!r}.")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, (bool, np.bool_)) or batch_size < 1:
         raise ParameterError(f"The 'batch_size' parameter of extract must be a positive int. Got {batch_size!r}.")
+    batch_size = int(batch_size)
     check_inputs(lm, data)
     dev = resolve_device(device)
     key = cache_key(lm, data, layers, pooling)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise ParameterError(f"The 'cache_dir' parameter of extract must be a folder path. Got {type(cache_dir).__name__}.")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / key
-    meta_path = folder / "meta.json"
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("complete"):
-                if progress is not None:
-                    progress(data.n_samples, data.n_samples)
-                return _read_cache(folder, meta, data, lm)
-        except (OSError, ValueError, KeyError):
-            shutil.rmtree(folder, ignore_errors=True)
-    return _run_and_cache(lm, data, layers, pooling, batch_size, dev, root, key, progress)
+    cached = _cached(root / key, data, lm)
+    if cached is None:
+        return _run_and_cache(lm, data, layers, pooling, batch_size, dev, root, key, progress)
+    if progress is not None:
+        progress(data.n_samples, data.n_samples)
+    return cached
 
 
 class _LayerFile:
@@ -318,30 +413,47 @@ def _to_host(blocks: list[torch.Tensor]) -> list[np.ndarray]:
 
 def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str, batch_size: int,
                    dev: torch.device, root: Path, key: str, progress: Progress | None) -> Activations:
-    root.mkdir(parents=True, exist_ok=True)
+    _cache_root(root)
+    with module_lock(lm.module):  # hooks see every thread's forward passes: one hooked run of a module at a time
+        cached = _cached(root / key, data, lm)  # finished by another thread while this one waited
+        if cached is not None:
+            if progress is not None:
+                progress(data.n_samples, data.n_samples)
+            return cached
+        return _run_locked(lm, data, layers, pooling, batch_size, dev, root, key, progress)
+
+
+def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str, batch_size: int,
+                dev: torch.device, root: Path, key: str, progress: Progress | None) -> Activations:
     tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise ParameterError(f"The cache folder '{root}' is not writable ({exc.strerror or type(exc).__name__}); "
+                             "pass a cache_dir that is a writable folder.") from exc
     files = {layer: f"layer{i:03d}.npy" for i, layer in enumerate(layers)}
     writers: dict[str, _LayerFile] = {}
     n = data.n_samples
     module = lm.module
     original_device = module_device(module)
     started = time.perf_counter()
+    pad = pad_token_id(lm)
     try:
         module.to(dev)
-        with PooledCapture(module, layers, pooling, channel_first=channel_first_model(module)) as capture, \
-                eval_mode(module), torch.inference_mode(), full_float32():
+        dtype = float_dtype(module)
+        with eval_mode(module), PooledCapture(module, layers, pooling, channel_first=channel_first_layers(module, layers)) as capture, \
+                torch.inference_mode(), full_float32():
             for start in range(0, n, batch_size):
-                batch = rows_on(data.x, start, start + batch_size, dev)
-                capture.begin_batch(mask=(batch != 0) if lm.takes_tokens else None)
+                batch = rows_on(data.x, start, start + batch_size, dev, dtype)
+                capture.begin_batch(mask=(batch != pad) if pad is not None else None)
                 try:
-                    _forward(module, batch, lm.takes_tokens, lm.source_format)
+                    _forward(lm, batch)
                 except WorkbenchError:
                     raise
-                except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                except FORWARD_ERRORS as exc:
                     raise DataError(
-                        f"Model '{lm.name}' failed on a batch of dataset '{data.name}' with shape {tuple(batch.shape)} ({str(exc).splitlines()[0][:200]}); "
-                        "check that the dataset is made for this model."
+                        f"Model '{lm.name}' failed on a batch of dataset '{data.name}' with shape {tuple(batch.shape)} "
+                        f"({_first_line(exc)}); check that the dataset is made for this model."
                     ) from exc
                 captured = capture.end_batch()
                 for layer in layers:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.errors import DataError, UnknownLayerError, did_you_mean, format_choices
+from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
 
 
 class Activations(Mapping[str, torch.Tensor]):
@@ -79,13 +79,23 @@ class Activations(Mapping[str, torch.Tensor]):
 
     def save_npz(self, path: str | Path) -> Path:
         """Write every layer (and labels, when known) to an ``.npz`` readable with ``allow_pickle=False``, with
-        ``meta``: a JSON string naming the model, the dataset (names and sha256) and the pooling rule."""
+        ``meta``: a JSON string naming the model, the dataset (names and sha256) and the pooling rule.
+
+        ``.npz`` is appended to a name without it (as numpy does) and a missing parent folder is created;
+        returns the path written."""
         path = Path(path)
+        if not path.name.endswith(".npz"):
+            path = path.with_name(path.name + ".npz")
         arrays = {f"layer/{k}": v.detach().cpu().numpy() for k, v in self._tensors.items()}
         if self.labels is not None:
             arrays["labels"] = self.labels.detach().cpu().numpy()
         meta = {"model": self.model_name, "model_sha256": self.model_sha256, "dataset": self.dataset_name,
                 "dataset_sha256": self.dataset_sha256, "pooling": self.pooling, "layers": list(self._tensors)}
         arrays["meta"] = np.array(json.dumps(meta))
-        np.savez(path, **arrays)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **arrays)
+        except OSError as exc:
+            raise ParameterError(f"The activations cannot be written to '{path}' ({exc.strerror or type(exc).__name__}); "
+                                 "choose another location.") from exc
         return path
