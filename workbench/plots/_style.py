@@ -68,29 +68,89 @@ def keeps_order(order: Sequence[str], seq: Sequence[str]) -> bool:
     return all(p < q for p, q in zip(positions, positions[1:]))
 
 
-def order_layers(fig: go.Figure, *sequences: Sequence[str], labels: Sequence[str] | None = None) -> go.Figure:
+def order_layers(fig: go.Figure, *sequences: Sequence[str], labels: Sequence[str] | None = None,
+                 merge: bool = True) -> go.Figure:
     """Put every x axis of ``fig`` in the :func:`merged_order` of the models' layers (plotly would otherwise order
     categories by first appearance, so a second model's layer could be drawn after the output).
 
-    When no single order keeps each model's forward order (two architectures that share layer names in another
-    order, such as a CNN's ``fc1`` after its ``relu1`` and an MLP's before), each model gets its own stretch of
-    the axis, its layers named ``"<label> · <layer>"`` (``labels`` default "model 1", "model 2") in its own
-    order: one shared axis would draw a line back and forth between layers."""
+    Models whose layers cannot share one axis each get their own stretch of it, left to right in the order of
+    ``sequences``: each model's categories are named ``"<label> · <layer>"`` (``labels`` default "model 1",
+    "model 2"; a label that two models share gets " (1)", " (2)"), the ticks read the layer name, the model's
+    name stands above its stretch (above the subplot titles, if any) and a dotted line separates the
+    stretches; grouped bars are overlaid, as each category then holds one model's bar. Layers cannot share an
+    axis when no single order keeps each model's forward order (a CNN's ``fc1`` after its ``relu1`` and an
+    MLP's before: one shared axis would draw a line back and forth), and, with ``merge=False``, whenever the
+    models' layer lists differ at all: then a shared axis would put layers of different depth at one position
+    (an MLP's ``relu1`` beside another's ``tanh1``) and draw each line across the other model's layers.
+    Identical lists (two seeds of one architecture) always share the axis."""
     order = merged_order(*sequences)
-    if all(keeps_order(order, seq) for seq in sequences):
+    identical = all(list(seq) == list(sequences[0]) for seq in sequences)
+    if identical or (merge and all(keeps_order(order, seq) for seq in sequences)):
         fig.update_xaxes(categoryorder="array", categoryarray=order)
         return fig
     names = list(labels) if labels is not None else [f"model {k + 1}" for k in range(len(sequences))]
     keys = [tuple(seq) for seq in sequences]
     traces = [t for t in fig.data if getattr(t, "x", None) is not None and len(t.x)]
-    if not all(tuple(t.x) in keys for t in traces):  # a trace that is not one model's layers: keep a shared axis
+    owners = _owners([tuple(t.x) for t in traces], keys)
+    if owners is None:  # a trace that is not one model's layers: keep a shared axis
         fig.update_xaxes(categoryorder="array", categoryarray=order)
         return fig
-    for t in traces:
-        t.x = [f"{names[keys.index(tuple(t.x))]} · {layer}" for layer in t.x]
-    fig.update_xaxes(categoryorder="array",
-                     categoryarray=[f"{name} · {layer}" for name, seq in zip(names, sequences) for layer in seq])
+    shown = [f"{name} ({k + 1})" if names.count(name) > 1 else name for k, name in enumerate(names)]
+    for t, k in zip(traces, owners):
+        t.x = [f"{shown[k]} · {layer}" for layer in t.x]
+        hover = getattr(t, "hovertemplate", None)
+        if isinstance(hover, str):  # the category names the model now: hover shows it once
+            t.hovertemplate = hover.replace(f"{names[k]} · %{{x}}", "%{x}")
+    categories = [f"{name} · {layer}" for name, seq in zip(shown, sequences) for layer in seq]
+    fig.update_xaxes(categoryorder="array", categoryarray=categories, tickmode="array", tickvals=categories,
+                     ticktext=[str(layer) for seq in sequences for layer in seq], automargin=True)
+    if fig.layout.barmode == "group":  # one model's bars per category: no empty slot beside each bar
+        fig.update_layout(barmode="overlay")
+    starts = np.concatenate([[0], np.cumsum([len(seq) for seq in sequences])])
+    lift = LABEL_ROW if any(above_plot(a) for a in fig.layout.annotations) else 0  # above subplot titles
+    axes = list(fig.select_xaxes())
+    tops = [_domain_top(fig, axis) for axis in axes]
+    for axis, top in zip(axes, tops):
+        ref, yref = "x" + axis.plotly_name[len("xaxis"):], f"{axis.anchor or 'y'} domain"
+        for b in starts[1:-1]:
+            fig.add_shape(type="line", xref=ref, x0=b - 0.5, x1=b - 0.5, yref=yref, y0=0, y1=1,
+                          line={"color": "#999", "width": 1, "dash": "dot"}, layer="below")
+        if top < max(tops):  # a lower row of a column of panels: the top row names the models
+            continue
+        for name, lo, hi in zip(shown, starts[:-1], starts[1:]):
+            fig.add_annotation(x=(lo + hi - 1) / 2, xref=ref, y=1, yref=yref, yanchor="bottom", yshift=lift,
+                               text=f"<b>{name}</b>", showarrow=False, font={"size": 12})
     return fig
+
+
+LABEL_ROW = 22  # pixels of a row of labels above the plot area
+
+
+def above_plot(a: Any) -> bool:
+    """Whether annotation ``a`` sits on top of the plot area (a subplot title, a model's name over its layers)."""
+    yref = a.yref or ""
+    return (yref == "paper" or yref.endswith("domain")) and a.y is not None and a.y >= 0.98 and a.yanchor == "bottom"
+
+
+def _domain_top(fig: go.Figure, xaxis: Any) -> float:
+    yaxis = fig.layout["yaxis" + (xaxis.anchor or "y")[1:]]
+    return float(yaxis.domain[1]) if yaxis is not None and yaxis.domain is not None else 1.0
+
+
+def _owners(xs: Sequence[tuple[Any, ...]], keys: Sequence[tuple[str, ...]]) -> list[int] | None:
+    """Which model each trace draws, the traces taken in the order they were added (model by model), so that
+    two models with the same layers are told apart; None when a trace's x is not some model's layers."""
+    owners: list[int] = []
+    k = 0
+    for x in xs:
+        match = next((j for j in range(k, len(keys)) if keys[j] == x), None)
+        if match is None:
+            match = next((j for j in range(len(keys)) if keys[j] == x), None)
+        if match is None:
+            return None
+        owners.append(match)
+        k = match
+    return owners
 
 
 def class_name(label: object, class_names: Sequence[str] | None) -> str:
@@ -119,16 +179,36 @@ def _wrap(text: str, width: int = SUBTITLE_WIDTH) -> list[str]:
     return lines
 
 
+TITLE_PAD = 24  # pixels above the title
+TITLE_BLOCK = 40  # pixels from the title's top to its subtitle's first line, and below the subtitle
+SUBTITLE_LINE = 16  # pixels per subtitle line (plotly's 12 px font)
+SUBPLOT_TITLES = 34  # pixels of subplot titles above the plot area
+
+
+def title_margin(n_lines: int, *, subplot_titles: bool = False) -> int:
+    """The top margin that holds the title (pinned to the top of the figure), ``n_lines`` subtitle lines below it
+    and, when ``subplot_titles``, the subplot titles above the plot area."""
+    return TITLE_PAD + TITLE_BLOCK + SUBTITLE_LINE * n_lines + (SUBPLOT_TITLES if subplot_titles else 0)
+
+
 def titled(fig: go.Figure, title: str, *, estimator: str | None = None, n: int | None = None) -> go.Figure:
     """Set a title with a subtitle that says how the numbers were computed (wrapped, so a narrow chart shows
-    all of it), with room above subplot titles."""
+    all of it), with room above subplot titles.
+
+    The title sits at the top of the figure and the top margin grows with every subtitle line, so a long note
+    never reaches the plot area; a figure with a set height grows by the lines past the second, so its plot
+    area keeps its size."""
     sub = " · ".join(p for p in (estimator, f"n = {n}" if n is not None else None) if p)
-    lines = _wrap(sub) if sub else []
-    subplot_titles = any(a.yref == "paper" and a.y is not None and a.y >= 0.98 and a.yanchor == "bottom"
-                         for a in fig.layout.annotations)
-    top = 56 + 15 * len(lines) + (34 if subplot_titles else 0)
-    fig.update_layout(title={"text": title, "subtitle": {"text": "<br>".join(lines)}}, template=TEMPLATE,
-                      margin={"t": max(top, fig.layout.margin.t or 0)})
+    lines = [line for part in sub.split("<br>") for line in _wrap(part)] if sub else []
+    above = [a for a in fig.layout.annotations if above_plot(a)]
+    top = title_margin(len(lines), subplot_titles=bool(above)) + max((int(a.yshift or 0) for a in above), default=0)
+    fig.update_layout(
+        title={"text": title, "subtitle": {"text": "<br>".join(lines)}, "y": 1, "yanchor": "top",
+               "pad": {"t": TITLE_PAD}},
+        template=TEMPLATE, margin={"t": max(top, fig.layout.margin.t or 0)},
+    )
+    if fig.layout.height is not None and len(lines) > 2:
+        fig.update_layout(height=fig.layout.height + SUBTITLE_LINE * (len(lines) - 2))
     return fig
 
 

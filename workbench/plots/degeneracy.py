@@ -146,7 +146,7 @@ def relu_pattern_figure(*results: ReluPatternResult) -> go.Figure:
     fig.update_yaxes(tickformat=".0%", range=[0, max(0.05, min(1.0, 1.2 * top))])
     fig.update_yaxes(title_text="fraction of units (count on bar)", col=1)
     fig.update_layout(barmode="group", height=340)
-    order_layers(fig, *(r.layers for r in results), labels=[_label(r, i) for i, r in enumerate(results)])
+    order_layers(fig, *(r.layers for r in results), labels=[_label(r, i) for i, r in enumerate(results)], merge=False)
     return titled(fig, "ReLU firing patterns", estimator=results[0].estimator, n=results[0].n_samples)
 
 
@@ -223,7 +223,7 @@ def basis_size_figure(*results: InteractionBasisResult) -> go.Figure:
             )
         )
     fig.update_layout(yaxis_title="directions", yaxis_rangemode="tozero", height=380)
-    order_layers(fig, *(r.layers for r in results), labels=[_label(r, i) for i, r in enumerate(results)])
+    order_layers(fig, *(r.layers for r in results), labels=[_label(r, i) for i, r in enumerate(results)], merge=False)
     return titled(fig, "Interaction basis size vs layer width", estimator=results[0].estimator, n=results[0].n_samples)
 
 

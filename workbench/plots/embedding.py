@@ -109,7 +109,7 @@ def intrinsic_dimension_profile(
         )
     fig.update_layout(xaxis_title="layer", yaxis_title="intrinsic dimension", yaxis_rangemode="tozero")
     labels = [str(names[i]) if names is not None else (r.model_name or f"model {i + 1}") for i, r in enumerate(results)]
-    order_layers(fig, *(r.layers for r in results), labels=labels)
+    order_layers(fig, *(r.layers for r in results), labels=labels, merge=False)
     if not results:
         return titled(fig, "Intrinsic dimension across layers")
     return titled(fig, "Intrinsic dimension across layers", estimator=results[0].estimator, n=results[0].n_samples)

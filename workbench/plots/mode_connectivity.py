@@ -68,9 +68,8 @@ def interpolation_curves(result: ModeConnectivityResult) -> go.Figure:
     a, b = result.params.get("model_a", "A"), result.params.get("model_b", "B")
     n_train = next(iter(result.curves.values())).params.get("n_train", 0) if result.curves else 0
     estimator = "(1−λ)θ_A + λθ_B, mean cross-entropy" + (f"; train curves on {n_train} samples" if n_train else "")
-    return titled(fig, f"Linear interpolation {a} → {b}", estimator=estimator, n=result.n_samples).update_layout(
-        margin={"t": 100}
-    )
+    fig.update_layout(margin={"t": 100})
+    return titled(fig, f"Linear interpolation {a} → {b}", estimator=estimator, n=result.n_samples)
 
 
 BARRIER_COLUMNS = {"linear": "barrier above the line", "mean": "barrier above the endpoint mean",
@@ -133,9 +132,8 @@ def barrier_table(result: ModeConnectivityResult) -> go.Figure:
             }
         ],
     )
-    return titled(
-        fig, "Loss barriers", estimator="barrier of the interpolation curve", n=result.n_samples
-    ).update_layout(margin={"t": 80, "b": 70})
+    fig.update_layout(margin={"t": 80, "b": 70})
+    return titled(fig, "Loss barriers", estimator="barrier of the interpolation curve", n=result.n_samples)
 
 
 def _definitions(barrier: BarrierResult | None) -> str:
@@ -158,9 +156,8 @@ def layer_alignment_figure(result: LayerAlignmentResult) -> go.Figure:
                        ((result.distance_before, result.distance_after), (result.alignment_before, result.alignment_after)))
     fig.update_yaxes(range=[0, 1], row=1, col=2)
     fig.update_layout(height=380)
-    return titled(fig, "Per-layer distance and alignment", estimator=result.estimator, n=None).update_layout(
-        margin={"t": 100}
-    )
+    fig.update_layout(margin={"t": 100})
+    return titled(fig, "Per-layer distance and alignment", estimator=result.estimator, n=None)
 
 
 @takes_results
@@ -198,12 +195,13 @@ def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3) -> g
     fig.update_xaxes(title_text="index i", type="log")
     fig.update_yaxes(title_text="σ_i", type="log", exponentformat="power")
     fig.update_layout(height=300 * rows)
+    fig.update_layout(margin={"t": 100})
     return titled(
         fig,
         "Singular values of each weight matrix (a permutation leaves them unchanged)",
         estimator="SVD of W reshaped to (out, in·k·k), float64; |Δσ|: largest change between B and permuted B",
         n=None,
-    ).update_layout(margin={"t": 100})
+    )
 
 
 @takes_results
@@ -255,6 +253,5 @@ def merge_figure(result: MergeResult) -> go.Figure:
     fig.update_yaxes(tickformat=".0%", range=[0, 1], row=1, col=1)
     fig.update_layout(height=380)
     bn = ", BatchNorm statistics reset" if result.reset_bn else ""
-    return titled(
-        fig, f"Merging {len(result.names)} models", estimator=result.estimator + bn, n=result.n_samples
-    ).update_layout(margin={"t": 100})
+    fig.update_layout(margin={"t": 100})
+    return titled(fig, f"Merging {len(result.names)} models", estimator=result.estimator + bn, n=result.n_samples)

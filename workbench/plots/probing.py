@@ -19,7 +19,8 @@ def probe_profile(*results: ProbingResult, names: Sequence[str] | None = None) -
     """Held-out score per layer (solid, ± std over folds) and control-task score (dashed), one colour per model.
 
     A dotted line marks chance (the majority-class rate; 0 for R²). ``names`` label the models
-    (default: each result's ``model_name``).
+    (default: each result's ``model_name``). Models with different layers each get a stretch of the x axis,
+    its ticks naming the layers and its middle tick the model; the legend sits to the right, clear of them.
     """
     fig = go.Figure()
     labels = _names(results, names)
@@ -57,7 +58,7 @@ def probe_profile(*results: ProbingResult, names: Sequence[str] | None = None) -
                     "<br>control, training rows %{customdata[1]:.3f}<extra></extra>",
                 )
             )
-    order_layers(fig, *(r.layers for r in results), labels=labels)
+    order_layers(fig, *(r.layers for r in results), labels=labels, merge=False)
     if results:
         fig.add_hline(
             y=results[0].chance,
@@ -70,7 +71,6 @@ def probe_profile(*results: ProbingResult, names: Sequence[str] | None = None) -
             xaxis_title="layer",
             yaxis_title=f"held-out {metric}",
             hovermode="closest",
-            legend={"orientation": "h", "y": -0.2},
         )
         if results[0].metric == "accuracy":
             fig.update_yaxes(range=[0, 1.02])

@@ -197,7 +197,9 @@ def layer_agreement_bars(result: RelativeLayerAgreementResult) -> go.Figure:
 
 @takes_results
 def stitching_bars(result: StitchingResult, *, name_a: str = "A", name_b: str = "B") -> go.Figure:
-    """Test accuracy of each encoder -> head combination, relative vs absolute, with own heads and chance."""
+    """Test accuracy of each encoder -> head combination, relative vs absolute, with own heads and chance.
+
+    The own heads' accuracies and chance are horizontal lines across the whole plot, named in the legend."""
     combos = [(0, 0), (1, 0), (1, 1), (0, 1)]
     names = (name_a, name_b)
     labels = [f"{names[e]} → head of {names[h]}" + (" (stitched)" if e != h else "") for e, h in combos]
@@ -225,17 +227,20 @@ def stitching_bars(result: StitchingResult, *, name_a: str = "A", name_b: str = 
         for i, acc in enumerate(result.own_accuracy):  # lines across the bars, named in the legend (text would cover the bars)
             fig.add_trace(
                 go.Scatter(
-                    x=[labels[0], labels[-1]], y=[float(acc)] * 2, mode="lines", name=f"own head of {names[i]}: {acc:.3f}",
+                    x=[0, 1], y=[float(acc)] * 2, xaxis="x2", mode="lines", name=f"own head of {names[i]}: {acc:.3f}",
                     line={"color": MODEL_COLORS[i], "dash": ("dot", "dashdot")[i % 2], "width": 1.5},  # equal lines stay visible
                     hovertemplate=f"own head of {names[i]}: {acc:.3f}<extra></extra>",
                 )
             )
     chance = float(result.chance_accuracy)
     fig.add_trace(go.Scatter(  # in the legend, like the own heads: a label on the plot sat under the first bar
-        x=[labels[0], labels[-1]], y=[chance] * 2, mode="lines", name=f"chance: {chance:.3f}",
+        x=[0, 1], y=[chance] * 2, xaxis="x2", mode="lines", name=f"chance: {chance:.3f}",
         line={"color": "black", "dash": "dash", "width": 1}, hovertemplate=f"chance: {chance:.3f}<extra></extra>",
     ))
     fig.update_yaxes(title_text="test accuracy", range=[0, 1.05])
-    fig.update_layout(barmode="group", height=420)
+    # the reference lines run on a hidden axis over the whole plot width, from the first bar group's left edge
+    # to the last one's right edge
+    fig.update_layout(barmode="group", height=420,
+                      xaxis2={"overlaying": "x", "range": [0, 1], "visible": False, "fixedrange": True})
     return titled(fig, "Zero-shot stitching", estimator=result.estimator, n=result.n_samples)
 

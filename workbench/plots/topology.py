@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
 from workbench.analyses.topology import (
@@ -167,27 +168,36 @@ def betti_curves(
 ) -> go.Figure:
     """Betti-``dim`` curves of every layer, one panel per model (``groups``: layer -> result).
 
-    With ``normalize_scale`` each layer's filtration axis is divided by its largest finite death, so
-    layers of different overall scale share the axis [0, 1].
+    Each curve is coloured by its layer's depth in its model (dark = first layer, light = last). Models with
+    the same layers share one legend entry per layer, which shows or hides that layer in every panel; other
+    models list their own layers in the legend under the model's name, so each panel's curves are named by
+    that model's layers. The figure grows with the legend, so every entry is visible. With
+    ``normalize_scale`` each layer's filtration axis is divided by its largest finite death, so layers of
+    different overall scale share the axis [0, 1].
     """
     names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(groups))]
     fig = make_subplots(rows=1, cols=len(groups), subplot_titles=names, shared_yaxes=True)
-    palette = ("#440154", "#3b528b", "#21918c", "#5ec962", "#b5a000", "#e67e22", "#c0392b", "#7f8c8d")
+    shared = all(list(g) == list(groups[0]) for g in groups)
     first = None
-    for c, group in enumerate(groups, start=1):
+    for c, (group, name) in enumerate(zip(groups, names), start=1):
+        colors = _depth_colors(len(group))
         for i, (layer, r) in enumerate(group.items()):
             first = first or r
             x = r.betti_grid / r.betti_grid[-1] if normalize_scale and r.betti_grid[-1] > 0 else r.betti_grid
+            legend = (
+                {"legendgroup": layer, "showlegend": c == 1}
+                if shared
+                else {"legendgroup": f"model {c}", "legendgrouptitle_text": name if i == 0 else None}
+            )
             fig.add_trace(
                 go.Scatter(
                     x=x,
                     y=r.betti_curves[dim],
                     mode="lines",
                     name=layer,
-                    legendgroup=layer,
-                    showlegend=c == 1,
-                    line={"color": palette[i % len(palette)], "shape": "hv"},
-                    hovertemplate=f"{layer}<br>t %{{x:.3g}}<br>β{dim} %{{y}}<extra></extra>",
+                    line={"color": colors[i], "shape": "hv"},
+                    hovertemplate=f"{name} · {layer}<br>t %{{x:.3g}}<br>β{dim} %{{y}}<extra></extra>",
+                    **legend,
                 ),
                 row=1,
                 col=c,
@@ -195,13 +205,27 @@ def betti_curves(
         label = "filtration value / largest death" if normalize_scale else "filtration value (distance)"
         fig.update_xaxes(title_text=label, row=1, col=c)
     fig.update_yaxes(title_text=f"Betti number β{dim}", row=1, col=1)
-    fig.update_layout(height=380)
-    return titled(
+    fig.update_layout(height=380, legend={"groupclick": "toggleitem", "tracegroupgap": LEGEND_GROUP_GAP})
+    titled(
         fig,
         f"Betti-{dim} curves across layers",
         estimator=first.estimator if first else None,
         n=first.n_samples if first else None,
     )
+    entries = len(groups[0]) if shared and groups else sum(len(g) + 1 for g in groups)  # + 1: the model's name
+    legend_height = LEGEND_ROW * entries + LEGEND_GROUP_GAP * (0 if shared else len(groups) - 1)
+    fig.update_layout(height=max(fig.layout.height, fig.layout.margin.t + PLOT_BOTTOM + legend_height))
+    return fig
+
+
+LEGEND_ROW = 20  # pixels per legend entry
+LEGEND_GROUP_GAP = 12  # pixels between legend groups
+PLOT_BOTTOM = 80  # plotly's bottom margin (the x axis title sits in it)
+
+
+def _depth_colors(n: int) -> list[str]:
+    """``n`` colours from dark to light along Viridis (stopping short of its palest yellow), one per layer."""
+    return sample_colorscale("Viridis", [0.9 * i / max(n - 1, 1) for i in range(n)])
 
 
 @takes_results
@@ -301,7 +325,7 @@ def separability_curves(
         fig.update_yaxes(type="log", minorloglabels="complete", row=3, col=1)
     fig.update_layout(height=720 if labelled else 340, legend={"groupclick": "toggleitem", "tracegroupgap": 12})
     if results and all(isinstance(r, LayerSeparabilityResult) for r in results):
-        order_layers(fig, *(r.layers for r in results), labels=names)
+        order_layers(fig, *(r.layers for r in results), labels=names, merge=False)
     first = results[0] if results else None
     what = "checkpoints" if isinstance(first, SeparabilityTrajectoryResult) else "layers"
     return titled(

@@ -1,0 +1,218 @@
+"""Figure layout: legends that name each panel's own layers, one axis stretch per architecture, tick labels and
+legends clear of each other, subtitles clear of the plot area, reference lines across the whole plot."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+from torch import nn
+
+from workbench.analyses.degeneracy import interaction_basis
+from workbench.analyses.embedding import layer_intrinsic_dimension
+from workbench.analyses.probing import probe_layers
+from workbench.analyses.relative import stitch
+from workbench.analyses.similarity import similarity_matrix
+from workbench.analyses.topology import persistence
+from workbench.data import make_dataset
+from workbench.plots._style import order_layers, title_margin, titled
+from workbench.plots.degeneracy import basis_size_figure
+from workbench.plots.embedding import intrinsic_dimension_profile
+from workbench.plots.probing import probe_profile
+from workbench.plots.similarity import similarity_heatmap, stitching_bars
+from workbench.plots.topology import betti_curves
+
+MLP = ["fc1", "relu1", "fc2", "relu2", "out"]
+TANH = ["fc1", "tanh1", "fc2", "tanh2", "out"]
+CNN = ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool", "fc1", "relu_fc1", "out"]
+TEXT = ["embed", "layers.0.self_attn", "layers.0.norm1", "layers.0.linear1", "layers.0.linear2", "layers.0.norm2",
+        "layers.0", "layers.1.self_attn", "layers.1.norm1", "layers.1", "norm"]
+SUBTITLE_TOP = 48  # measured in Chromium: the subtitle's first line starts 48 px below the figure's top edge
+SUBTITLE_LINE = 15.4  # measured line height of plotly's 12 px subtitle
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(0)
+
+
+def _layers(names, rng, n=60, d=6):
+    y = np.arange(n) % 3
+    return {name: rng.normal(size=(n, d)) + y[:, None] * (k + 1) for k, name in enumerate(names)}, y
+
+
+def _persistence(names, rng):
+    feats, _ = _layers(names, rng, n=30, d=3)
+    return {name: persistence(x, max_dim=1) for name, x in feats.items()}
+
+
+def _legend_entries(fig: go.Figure) -> list[go.Scatter]:
+    return [t for t in fig.data if t.showlegend is not False]
+
+
+def _plot_height(fig: go.Figure) -> float:
+    return fig.layout.height - fig.layout.margin.t - (fig.layout.margin.b if fig.layout.margin.b is not None else 80)
+
+
+# Betti curves
+
+
+def test_betti_legend_names_each_panels_own_layers_under_its_model(rng):
+    mlp, cnn = _persistence(MLP, rng), _persistence(CNN, rng)
+    fig = betti_curves(mlp, cnn, names=["A (mlp_seed0)", "B (cnn_seed0)"])
+    second = [t for t in fig.data if t.xaxis == "x2"]
+    assert [t.name for t in second] == CNN  # the CNN panel's curves carry the CNN's layer names...
+    assert [t.name for t in _legend_entries(fig)] == MLP + CNN  # ...and the legend lists them
+    groups = {t.legendgroup for t in fig.data if t.xaxis == "x"}, {t.legendgroup for t in second}
+    assert len(groups[0]) == len(groups[1]) == 1 and groups[0] != groups[1]  # one legend group per model
+    assert [t.legendgrouptitle.text for t in fig.data if t.legendgrouptitle.text] == ["A (mlp_seed0)", "B (cnn_seed0)"]
+    assert all("B (cnn_seed0) · " in t.hovertemplate for t in second)
+    assert len({t.line.color for t in second}) == len(CNN)  # no colour repeats within a panel
+
+
+@pytest.mark.parametrize("layers", [CNN, TEXT])
+def test_betti_figure_grows_so_the_whole_legend_shows(rng, layers):
+    fig = betti_curves(_persistence(MLP, rng), _persistence(layers, rng), names=["A", "B"])
+    rows = len(MLP) + len(layers) + 2  # entries and the two model names
+    assert _plot_height(fig) >= 19 * rows + 12  # plotly's legend rows are about 19 px, plus the gap between groups
+
+
+def test_betti_models_with_the_same_layers_share_one_legend_entry_per_layer(rng):
+    fig = betti_curves(_persistence(MLP, rng), _persistence(MLP, rng), names=["seed 0", "seed 1"])
+    assert [t.name for t in _legend_entries(fig)] == MLP
+    assert [t.legendgroup for t in fig.data] == MLP + MLP  # one click shows or hides a layer in both panels
+
+
+# profiles of two models on one x axis
+
+
+def _stretches(fig: go.Figure, trace: go.Scatter) -> list[int]:
+    order = list(fig.layout.xaxis.categoryarray)
+    return [order.index(x) for x in trace.x]
+
+
+def test_models_with_other_layer_names_get_an_axis_stretch_each_in_every_profile(rng):
+    a, y = _layers(MLP, rng)
+    b, _ = _layers(TANH, rng)
+    ida, idb = layer_intrinsic_dimension(a), layer_intrinsic_dimension(b)
+    fig = intrinsic_dimension_profile(ida, idb, names=["mlp", "tanh"])
+    assert list(fig.layout.xaxis.categoryarray) == [f"mlp · {n}" for n in MLP] + [f"tanh · {n}" for n in TANH]
+    assert _stretches(fig, fig.data[0]) == [0, 1, 2, 3, 4] and _stretches(fig, fig.data[1]) == [5, 6, 7, 8, 9]
+    assert list(fig.layout.xaxis.ticktext) == MLP + TANH  # the ticks read the layer names
+    assert [a.text for a in fig.layout.annotations if a.yanchor == "bottom"] == ["<b>mlp</b>", "<b>tanh</b>"]
+    assert [s.x0 for s in fig.layout.shapes] == [4.5]  # a dotted line between the stretches
+    assert "%{x}" in fig.data[0].hovertemplate and "mlp · %{x}" not in fig.data[0].hovertemplate
+    probes = probe_profile(probe_layers(a, y, cv=3, control=False), probe_layers(b, y, cv=3, control=False),
+                           names=["mlp", "tanh"])
+    assert list(probes.layout.xaxis.categoryarray) == list(fig.layout.xaxis.categoryarray)
+
+
+def test_identical_layer_lists_share_the_axis(rng):
+    a, _ = _layers(MLP, rng)
+    b, _ = _layers(MLP, rng)
+    fig = intrinsic_dimension_profile(layer_intrinsic_dimension(a), layer_intrinsic_dimension(b), names=["s0", "s1"])
+    assert list(fig.layout.xaxis.categoryarray) == MLP and list(fig.data[1].x) == MLP
+    assert not fig.layout.shapes and not fig.layout.annotations
+
+
+def _relu_net(names: list[str], sizes: list[int], seed: int) -> nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    for k, name in enumerate(names):
+        modules[name] = nn.Linear(sizes[k // 2], sizes[k // 2 + 1]) if k % 2 == 0 else nn.ReLU()
+    model = nn.Sequential(modules)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_basis_size_of_two_architectures_draws_each_line_on_its_own_stretch():
+    data = make_dataset("synthetic", torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 3)
+    deep = _relu_net(["fc1", "relu1", "fc2", "relu2", "out"], [4, 5, 5, 3], 0)
+    shallow = _relu_net(["fc1", "relu_fc1", "out"], [4, 6, 3], 1)
+    results = [interaction_basis(m, data, layers) for m, layers in ((deep, ["input", "relu1", "relu2"]),
+                                                                    (shallow, ["input", "relu_fc1"]))]
+    fig = basis_size_figure(*results)
+    order = list(fig.layout.xaxis.categoryarray)
+    first = {order.index(x) for t in fig.data[:2] for x in t.x}
+    second = {order.index(x) for t in fig.data[2:] for x in t.x}
+    assert max(first) < min(second)  # the second line never crosses the first one's layers
+    assert len(order) == len(results[0].layers) + len(results[1].layers)
+
+
+def test_grouped_bars_on_stretches_are_overlaid():
+    fig = go.Figure([go.Bar(x=["a", "b"], y=[1, 2]), go.Bar(x=["c"], y=[3])]).update_layout(barmode="group")
+    order_layers(fig, ["a", "b"], ["c"], labels=["m1", "m2"], merge=False)
+    assert fig.layout.barmode == "overlay" and list(fig.data[1].x) == ["m2 · c"]
+
+
+# probing: tick labels and legend
+
+
+def test_probe_ticks_of_two_architectures_are_layer_names_and_the_legend_is_clear_of_them(rng):
+    a, y = _layers(MLP, rng)
+    b, _ = _layers(CNN, rng)
+    fig = probe_profile(probe_layers(a, y, cv=3, control=True), probe_layers(b, y, cv=3, control=True),
+                        names=["mlp_seed0", "cnn_seed0"])
+    assert list(fig.layout.xaxis.ticktext) == MLP + CNN  # short: no "mlp_seed0 · " on every tick
+    assert fig.layout.xaxis.automargin is True
+    labels = [a.text for a in fig.layout.annotations if a.yanchor == "bottom" and a.yref == "y domain"]
+    assert labels == ["<b>mlp_seed0</b>", "<b>cnn_seed0</b>"]  # the model named once, above its stretch
+    legend = fig.layout.legend
+    assert legend.orientation != "h" and (legend.y is None or legend.y >= 0)  # not in the tick labels' row
+
+
+# subtitles
+
+
+@pytest.mark.parametrize("n_lines", [1, 2, 4, 6])
+def test_the_top_margin_holds_every_subtitle_line(n_lines):
+    estimator = " ".join(["word"] * (18 * n_lines - 2))  # wraps to n_lines lines of 90 characters
+    fig = titled(go.Figure(go.Heatmap(z=[[1, 2], [3, 4]])), "Title", estimator=estimator)
+    lines = fig.layout.title.subtitle.text.split("<br>")
+    assert len(lines) == n_lines
+    assert fig.layout.title.yanchor == "top" and fig.layout.title.y == 1  # the title does not move down
+    assert fig.layout.margin.t >= SUBTITLE_TOP + SUBTITLE_LINE * n_lines + 8  # 8 px clear of the plot area
+
+
+def test_the_pwcca_note_stays_above_the_heatmap(rng):
+    a = {"a1": rng.normal(size=(30, 20)), "a2": rng.normal(size=(30, 25))}
+    b = {"b1": rng.normal(size=(30, 20)), "b2": rng.normal(size=(30, 4))}
+    result = similarity_matrix(a, b, measure="cca_similarity", kind="pwcca")
+    fig = similarity_heatmap(result)
+    lines = fig.layout.title.subtitle.text.split("<br>")
+    assert len(lines) >= 3  # the note on the undefined cells
+    assert fig.layout.margin.t >= SUBTITLE_TOP + SUBTITLE_LINE * len(lines) + 8
+    # the heatmap keeps the room it has under a two-line subtitle: the figure grows by the extra lines
+    assert _plot_height(fig) >= max(360, 46 * 2 + 180) - title_margin(2) - 80
+
+
+def test_subplot_titles_and_model_names_above_the_plot_get_their_rows():
+    fig = go.Figure(go.Scatter(x=["a", "b", "c"], y=[1, 2, 3]))
+    fig.add_annotation(text="panel", x=0.5, y=1.0, xref="paper", yref="paper", yanchor="bottom", showarrow=False)
+    fig.add_annotation(text="model", x=1, y=1.0, xref="x", yref="y domain", yanchor="bottom", yshift=22,
+                       showarrow=False)
+    titled(fig, "Title", estimator="one line")
+    assert fig.layout.margin.t >= SUBTITLE_TOP + SUBTITLE_LINE + 8 + 20 + 22
+
+
+# stitching
+
+
+def test_stitching_reference_lines_span_the_whole_x_range(rng):
+    x_tr, x_te = rng.normal(size=(120, 5)), rng.normal(size=(40, 5))
+    y_tr, y_te = (x_tr[:, 0] > 0).astype(int), (x_te[:, 0] > 0).astype(int)
+    result = stitch(x_tr, x_tr * 2, x_te, x_te * 2, y_tr, y_te, n_anchors=20, epochs=5,
+                    logits_a=np.stack([-x_te[:, 0], x_te[:, 0]], 1), logits_b=np.stack([-x_te[:, 0], x_te[:, 0]], 1))
+    fig = stitching_bars(result, name_a="s0", name_b="s1")
+    lines = [t for t in fig.data if t.type == "scatter"]
+    assert [t.name.split(":")[0] for t in lines][-1] == "chance" and len(lines) >= 1
+    for t in lines:
+        assert t.xaxis == "x2" and list(t.x) == [0, 1]
+    axis = fig.layout.xaxis2
+    assert axis.overlaying == "x" and list(axis.range) == [0, 1] and axis.visible is False
+    assert all(t.xaxis in (None, "x") for t in fig.data if t.type == "bar")
