@@ -57,7 +57,8 @@ MERGE_METHODS = ("weight_matching", "activation_matching")
 CONNECTIVITY_METHODS = ("naive", "weight_matching", "activation_matching", "repair", "reset_bn")
 BARRIER_DEFINITIONS = {
     "linear": "max over λ of L(λ) − ((1−λ)·L_A + λ·L_B): loss above the straight line between the endpoint losses",
-    "mean": "max over λ of L(λ) − ½(L_A + L_B): loss above the mean endpoint loss",
+    "mean": "max over λ of L(λ) − ½(L_A + L_B): loss above the mean endpoint loss (λ = 0 and 1 included, so at least "
+            "half the gap between the endpoint losses, reached at the worse endpoint on a flat path)",
     "accuracy_drop": "max over λ of ((1−λ)·acc_A + λ·acc_B) − acc(λ): accuracy below the straight line",
 }
 _REPAIR_EPS = 1e-5
