@@ -171,13 +171,13 @@ def check_seed(value: Any, *, func: str) -> int:
     return check_int(value, "seed", func=func, low=0, high=MAX_SEED)
 
 
-def check_int(value: Any, name: str, *, func: str, low: int | None = None, high: int | None = None) -> int:
-    """Check ``value`` is an int in ``[low, high]`` and return it."""
+def check_int(value: Any, name: str, *, func: str, low: int | None = None, high: int | None = None, why: str = "") -> int:
+    """Check ``value`` is an int in ``[low, high]`` and return it; ``why`` (", since ...") explains the bounds."""
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     if ok and (low is None or value >= low) and (high is None or value <= high):
         return int(value)
     rng = f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-    raise ParameterError(f"The '{name}' parameter of {func} must be an int{rng}. Got {value!r}.")
+    raise ParameterError(f"The '{name}' parameter of {func} must be an int{rng}{why}. Got {value!r}.")
 
 
 def check_float(value: Any, name: str, *, func: str, low: float | None = None, high: float | None = None,

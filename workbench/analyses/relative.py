@@ -380,26 +380,16 @@ def _check_n_anchors(n_anchors: Any, n: int, func: str) -> int:
             f"{func}: the activations have {n} samples, but the agreement scores need at least 3 (an anchor and 2 other "
             "samples, which are scored); use more samples."
         )
-    ok = isinstance(n_anchors, (int, np.integer)) and not isinstance(n_anchors, bool)
-    if ok and 1 <= n_anchors <= n - 2:
-        return int(n_anchors)
-    raise ParameterError(
-        f"The 'n_anchors' parameter of {func} must be an int in [1, {n - 2}] for {n} samples, since anchors are left out "
-        f"of the agreement scores and 2 other samples must remain; choose fewer anchors. Got {n_anchors!r}."
-    )
+    return check_int(n_anchors, "n_anchors", func=func, low=1, high=n - 2,
+                     why=f" for {n} samples, since anchors are left out of the agreement scores and 2 other samples must "
+                     "remain; choose fewer anchors")
 
 
 def _check_k(k: Any, n_scored: int, n_anchors: int, func: str) -> int:
     """``k`` in [1, n_scored - 1]: each scored sample retrieves k of the other scored samples."""
-    if n_anchors == 0:
-        return check_int(k, "k", func=func, low=1, high=n_scored - 1)
-    ok = isinstance(k, (int, np.integer)) and not isinstance(k, bool)
-    if ok and 1 <= k <= n_scored - 1:
-        return int(k)
-    raise ParameterError(
-        f"The 'k' parameter of {func} must be an int in [1, {n_scored - 1}], since the {n_scored} samples that are not "
-        f"among the {n_anchors} anchors each retrieve k of the others; lower k or n_anchors. Got {k!r}."
-    )
+    why = (f", since the {n_scored} samples that are not among the {n_anchors} anchors each retrieve k of the others; "
+           "lower k or n_anchors") if n_anchors else ""
+    return check_int(k, "k", func=func, low=1, high=n_scored - 1, why=why)
 
 
 def _anchor_indices(anchors: ArrayLike, n: int, func: str, device: torch.device) -> torch.Tensor:
