@@ -448,11 +448,12 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
                   params: dict[str, Any] | None = None, layers: list[str] | None = None,
                   layers_b: list[str] | None = None, pooling: str = "mean",
                   models: list[wb.LoadedModel] | None = None, dataset: wb.Dataset | None = None,
-                  train_dataset: wb.Dataset | None = None, notes: str = "") -> None:
+                  train_dataset: wb.Dataset | None = None, notes: str = "", summary: dict[str, Any] | None = None) -> None:
     """An "Add to report" button collecting ``(title, result, figures)`` for the Report page, with the
     models it analysed (``models``, else model A and B), the dataset (``dataset``, else the sidebar's) and
     the data it trained or matched on where that was another dataset (``train_dataset``), and ``notes``: a caveat
-    the page showed, which the exported section repeats.
+    the page showed, which the exported section repeats. ``summary``: the key numbers, where the registry's own
+    summary of the result's type is not the one the page shows.
 
     With ``analysis`` (a registry name) and its ``params``, the section also carries the Python
     that recreates it.
@@ -474,5 +475,5 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
         sections.append({"title": title, "result": result, "figures": figures, "models": [m.name for m in models],
                          "dataset": dataset.name if dataset is not None else "", "snippet": snippet,
                          "model_objects": models, "dataset_object": dataset, "train_dataset_object": train_dataset, "notes": notes,
-                         "summary": summarize(result)})
+                         "summary": summarize(result) if summary is None else summary})
         st.toast(f"Added '{title}' to the report ({len(sections)} section{'s' if len(sections) != 1 else ''}).")

@@ -17,6 +17,7 @@ from workbench.analyses.similarity import (
 )
 from workbench.errors import WorkbenchError
 from workbench.plots.similarity import class_agreement_bars, measure_label, relative_scatter, similarity_heatmap
+from workbench.registry import get_analysis
 
 _state.in_app_shell()
 
@@ -114,8 +115,10 @@ if chance is not None:
            if measure in ("linear_cka", "rbf_cka") and not options.get("debiased") and high > 0.1 else "")
     )
 title = f"{measure_label(measure)}: {result.model_a} vs {result.model_b}"
-_state.report_button(title, result, [heatmap], key="cmp_report", analysis="similarity",
-                     params={"measure": measure, **options, "chance": False}, layers=layers_a, layers_b=layers_b, pooling=pooling)
+with_chance = [result, chance] if chance is not None else result  # the section reads each cell against chance too
+_state.report_button(title, with_chance, [heatmap], key="cmp_report", analysis="similarity",
+                     params={"measure": measure, **options, "chance": chance is not None}, layers=layers_a, layers_b=layers_b,
+                     pooling=pooling, summary=get_analysis("similarity").summary(with_chance))
 
 # the detail panel follows a click on the heatmap, or the two selectors below
 points = list(event.selection.points) if event and event.selection else []

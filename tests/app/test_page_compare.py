@@ -80,6 +80,11 @@ def test_every_cell_is_read_against_the_chance_level_of_shuffled_samples(compare
     assert f"{expected.values.min():.2f} to {expected.values.max():.2f}" in caption
     delta = at.metric[0].proto.delta
     assert delta.endswith(f"vs chance ({expected.values[-1, -1]:.3f})")
+    at.button(key="cmp_report").click().run()
+    section = at.session_state["report_sections"][0]  # the exported section reads the cells against chance too
+    assert section["result"][1].values.max() == pytest.approx(expected.values.max())
+    assert section["summary"]["chance level (B's samples shuffled)"]["max"] == pytest.approx(float(expected.values.max()))
+    assert "'chance': True" in section["snippet"]
     at.checkbox(key="cmp_debiased").check().run()
     assert not page_errors(at)
     caption = next(c.value for c in at.caption if c.value.startswith("Chance level"))

@@ -72,7 +72,9 @@ def test_sections_from_pages_carry_the_code_that_recreates_them(app, tmp_path, m
     section = namespace["section"]
     import numpy as np
 
-    np.testing.assert_allclose(section.result.values, at.session_state["report_sections"][0]["result"].values, atol=1e-12)
+    page_matrix, page_chance = at.session_state["report_sections"][0]["result"]  # the matrix and its chance level
+    np.testing.assert_allclose(section.result[0].values, page_matrix.values, atol=1e-12)
+    np.testing.assert_allclose(section.result[1].values, page_chance.values, atol=1e-12)  # the same shuffle
 
 
 def _run_snippet(snippet: str) -> dict:
