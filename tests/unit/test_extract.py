@@ -345,6 +345,12 @@ def test_a_layer_without_a_row_per_sample_is_refused_and_leaves_no_cache(tmp_pat
     info = {i.name: i.output_shape for i in layer_info(model, torch.zeros(2, 3))}
     assert info == {"fc": (2,), "pos": None}
     assert default_layers(model, layer_info(model, torch.zeros(2, 3))) == ["fc"]
+    with pytest.raises(DataError, match=r"Layer 'pos' of 'table' outputs 5 row\(s\) for a batch of 2 samples"):
+        extract(model, data, ["pos"], batch_size=1, cache_dir=tmp_path)  # one sample per batch would hide it
+    calls = []
+    one = extract(model, data, ["fc"], batch_size=1, cache_dir=tmp_path / "one", progress=lambda d, t: calls.append(d))
+    assert torch.allclose(one["fc"], extract(model, data, ["fc"], batch_size=8, cache_dir=tmp_path)["fc"])
+    assert calls == list(range(2, 17))  # the first batch holds two samples, then one at a time
 
 
 def test_weights_changed_in_place_give_new_activations(sample_model_path, digits_test, tmp_path):

@@ -443,8 +443,11 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
         dtype = float_dtype(module)
         with eval_mode(module), PooledCapture(module, layers, pooling, channel_first=channel_first_layers(module, layers)) as capture, \
                 torch.inference_mode(), full_float32():
-            for start in range(0, n, batch_size):
-                batch = rows_on(data.x, start, start + batch_size, dev, dtype)
+            # the first batch holds at least 2 samples, so that a layer giving one row per batch (a table the batch
+            # shares, such as position embeddings) is told from one giving a row per sample even with batch_size 1
+            bounds = [0, *range(max(batch_size, 2), n, batch_size), n] if n > 1 else [0, n]
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                batch = rows_on(data.x, start, stop, dev, dtype)
                 capture.begin_batch(mask=(batch != pad) if pad is not None else None)
                 try:
                     _forward(lm, batch)
@@ -476,7 +479,7 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
                 for layer, block in zip(layers, _to_host([captured[layer] for layer in layers]), strict=True):
                     writers[layer].append(block)
                 if progress is not None:
-                    progress(min(start + batch_size, n), n)
+                    progress(stop, n)
         for writer in writers.values():  # no fsync: the page cache holds the data for readers, and a crash loses only this entry
             writer.close()
         meta = {"complete": True, "key": key, "pooling": pooling, "files": files, "model": lm.name,
