@@ -114,7 +114,9 @@ if chance is not None:
         + (" Biased CKA of unrelated layers stays above 0: tick 'Debiased' for a chance level near 0."
            if measure in ("linear_cka", "rbf_cka") and not options.get("debiased") and high > 0.1 else "")
     )
-title = f"{measure_label(measure)}: {result.model_a} vs {result.model_b}"
+variant = (f" ({ {'svcca': 'SVCCA', 'pwcca': 'PWCCA', 'mean': 'mean CCA'}[options['kind']] })"  # which CCA summary
+           if measure == "cca_similarity" else "")
+title = f"{measure_label(measure)}{variant}: {result.model_a} vs {result.model_b}"
 with_chance = [result, chance] if chance is not None else result  # the section reads each cell against chance too
 _state.report_button(title, with_chance, [heatmap], key="cmp_report", analysis="similarity",
                      params={"measure": measure, **options, "chance": chance is not None}, layers=layers_a, layers_b=layers_b,

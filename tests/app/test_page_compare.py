@@ -147,6 +147,8 @@ def test_pwcca_when_no_pair_is_defined_points_to_svcca(compare):
     assert any("choose 'svcca' under CCA summary" in i.value for i in at.info) and not at.exception
     at.selectbox(key="cmp_cca_kind").set_value("svcca").run()
     assert not page_errors(at) and at.get("plotly_chart")
+    at.button(key="cmp_report").click().run()
+    assert at.session_state["report_sections"][0]["title"].startswith("CCA similarity (SVCCA): ")  # names its summary
 
 
 def test_layers_and_the_detail_cell_are_kept_while_the_user_visits_another_page(compare):
