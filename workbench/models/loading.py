@@ -118,14 +118,19 @@ class LoadedModel:
                 f"source_format={self.source_format!r}, sha256={self.sha256[:12]!r}...)")
 
 
-def weights_sha256(module: nn.Module) -> str:
-    """sha256 over the sorted state dict: names, dtypes, shapes and raw bytes."""
+def _tensors_sha256(named: Any) -> str:
+    """sha256 over ``(name, tensor)`` pairs in the given order: names, dtypes, shapes and raw bytes."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in named:
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over the sorted state dict: names, dtypes, shapes and raw bytes."""
+    return _tensors_sha256(sorted(module.state_dict().items()))
 
 
 _MODULE_BOOKKEEPING = frozenset(nn.Module().__dict__) | {
@@ -191,12 +196,7 @@ def scratch_buffers_sha256(module: nn.Module) -> str:
     cached = _SCRATCH_HASHES.get(module)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
-    h = hashlib.sha256()
-    for name, tensor in buffers:
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    sha = h.hexdigest()
+    sha = _tensors_sha256(buffers)
     _SCRATCH_HASHES[module] = (fingerprint, sha)
     return sha
 
