@@ -614,7 +614,7 @@ def _csv_table(rows: Iterator[list[str]], name: str) -> tuple[np.ndarray, np.nda
         return x, values.astype(np.int64)  # class numbers
     distinct = sorted(set(numbers.values()))
     if distinct[0] < 0 and all(v.is_integer() for v in distinct) and len(distinct) <= MAX_SIGNED_CLASSES:  # such as -1 / 1
-        return x, [f"{v + 0.0:.0f}" for v in values]  # (+ 0.0: no "-0")  # classes, numbered below in numeric order
+        return x, [f"{v + 0.0:.0f}" for v in values]  # classes, numbered below in numeric order (+ 0.0: no "-0")
     return x, values  # regression targets: make_dataset checks their range
 
 
