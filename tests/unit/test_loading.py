@@ -473,6 +473,36 @@ def test_the_structure_hash_ignores_mode_hooks_and_follows_settings_and_scratch_
     assert structure_sha256(module) != before
 
 
+class _Masked(nn.Module):
+    """Keeps its mask as a plain attribute, not a buffer: the weights hash never sees it."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.mask = (torch.arange(4) < keep).float()
+
+    def forward(self, x):
+        return self.linear(x) * self.mask
+
+
+def test_tensors_kept_as_plain_attributes_key_the_cache(tmp_path):
+    from workbench import extract
+    from workbench.data import make_dataset
+    from workbench.models.loading import structure_sha256
+
+    torch.manual_seed(0)
+    module = nn.Sequential(_Masked(keep=2))
+    before = structure_sha256(module)
+    data = make_dataset("four", torch.randn(16, 4))
+    first = extract(module, data, ["0"], cache_dir=tmp_path)["0"]
+    module[0].mask[2] = 1.0  # an in-place edit: same object, new values
+    assert structure_sha256(module) != before
+    second = extract(module, data, ["0"], cache_dir=tmp_path)["0"]
+    with torch.inference_mode():
+        torch.testing.assert_close(second, module(data.x))
+    assert (first[:, 2] == 0).all() and (second[:, 2] != 0).all()
+
+
 def test_two_loads_of_a_checkpoint_have_the_same_content_hash(sample_model_path):
     for name in ("mlp_seed0", "cnn_seed0", "text_transformer_seed0"):
         first, second = load_model(sample_model_path(name)), load_model(sample_model_path(name))

@@ -40,8 +40,9 @@ from workbench.device import full_float32, module_device, resolve_device, rows_o
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model, eval_mode
 
-CACHE_FORMAT = 4  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and
-# structure; 4: the structure includes module attributes and non-persistent buffers, token masks follow the pad id
+CACHE_FORMAT = 5  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and
+# structure; 4: the structure includes module attributes and non-persistent buffers, token masks follow the pad id;
+# 5: and tensors kept as plain module attributes
 Progress = Callable[[int, int], None]
 FORWARD_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError, AssertionError, NotImplementedError)
 STALE_PARTIAL_SECONDS = 24 * 3600  # a partial cache entry untouched this long belongs to a run that was killed

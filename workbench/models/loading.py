@@ -182,15 +182,21 @@ _SCRATCH_HASHES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakr
 
 
 def _scratch_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The non-persistent buffers of ``module`` and its submodules (computed, not saved: the weights hash leaves them out)."""
-    return [(f"{path}.{name}" if path else name, m._buffers[name])
-            for path, m in module.named_modules()
-            for name in sorted(m._non_persistent_buffers_set) if m._buffers.get(name) is not None]
+    """The tensors ``module`` and its submodules compute with that are not saved, so the weights hash leaves them
+    out: non-persistent buffers, and tensors kept as plain attributes (a causal mask set with ``self.mask = ...``)."""
+    found = []
+    for path, m in module.named_modules():
+        prefix = f"{path}." if path else ""
+        found += [(prefix + name, m._buffers[name]) for name in sorted(m._non_persistent_buffers_set)
+                  if m._buffers.get(name) is not None]
+        found += [(f"{prefix}{name} (attribute)", value) for name, value in sorted(m.__dict__.items())
+                  if isinstance(value, torch.Tensor) and name not in m._parameters and name not in m._buffers]
+    return found
 
 
 def scratch_buffers_sha256(module: nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of the non-persistent buffers of ``module``, recomputed
-    only when one of them changed since the last call."""
+    """sha256 over the names, dtypes, shapes and bytes of the tensors :func:`_scratch_buffers` finds in ``module``,
+    recomputed only when one of them changed since the last call."""
     buffers = _scratch_buffers(module)
     fingerprint = tuple((name, t.data_ptr(), t._version, t.shape, t.dtype) for name, t in buffers)
     cached = _SCRATCH_HASHES.get(module)
@@ -205,7 +211,7 @@ def structure_sha256(module: nn.Module) -> str:
     """sha256 of the module tree and what it computes with besides the saved weights: every module's path, class
     (module and qualified name), ``extra_repr`` and plain attributes (flags such as ``norm_first`` or
     ``count_include_pad``, numbers, strings, activation functions by module and qualified name), and the values
-    of non-persistent buffers. The train/eval flag, hooks and where the weights were read from are left out.
+    of non-persistent buffers and of tensors kept as plain attributes. The train/eval flag, hooks and where the weights were read from are left out.
     Two models with equal weights and equal structure compute the same outputs unless a custom ``forward``
     differs in code of the same name."""
     h = hashlib.sha256()
