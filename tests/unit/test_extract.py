@@ -476,6 +476,49 @@ def test_two_threads_on_one_model_each_get_the_activations_of_their_own_data(tmp
     assert _hook_count(module) == 0
 
 
+def test_a_thread_extracting_from_a_part_of_a_model_waits_for_one_extracting_from_the_whole(tmp_path):
+    torch.manual_seed(0)
+    part = nn.Sequential(nn.Linear(6, 5), _Slow(), nn.Linear(5, 3))
+    whole = nn.Sequential(nn.Linear(4, 6), _Slow(), part)
+    jobs = {"whole": (whole, torch.randn(30, 4), ["0", "2.0"]), "part": (part, torch.randn(30, 6) + 2, ["0", "2"])}
+    want = {k: extract(m, x, layers, batch_size=5, cache_dir=tmp_path / f"alone-{k}") for k, (m, x, layers) in jobs.items()}
+    got, failures = {}, []
+    barrier = threading.Barrier(2)
+
+    def run(k: str) -> None:
+        m, x, layers = jobs[k]
+        try:
+            barrier.wait()
+            got[k] = extract(m, x, layers, batch_size=5, cache_dir=tmp_path / "shared")
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    for k, (_m, _x, layers) in jobs.items():
+        for layer in layers:
+            torch.testing.assert_close(got[k][layer], want[k][layer], msg=f"{k} {layer}")
+    assert _hook_count(whole) == 0
+
+
+def test_a_copy_taken_during_another_threads_extraction_has_none_of_its_hooks(tmp_path):
+    from workbench.activations.capture import private_copy
+
+    module = nn.Sequential(nn.Linear(4, 6), _Slow(), nn.ReLU(), nn.Linear(6, 3))
+    running = threading.Event()
+    worker = threading.Thread(target=extract, args=(module, torch.randn(60, 4), ["0", "3"]),
+                              kwargs={"batch_size": 5, "cache_dir": tmp_path, "progress": lambda done, total: running.set()})
+    worker.start()
+    assert running.wait(10)
+    copy = private_copy(module)  # waits for the extraction to finish
+    worker.join()
+    assert _hook_count(copy) == 0
+
+
 def _hf_tokens_model(tmp_path, kind: str):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

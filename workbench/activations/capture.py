@@ -18,11 +18,12 @@ pooled value follows from a smaller tensor, with the same result up to float rou
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -93,6 +94,25 @@ def module_lock(module: nn.Module) -> threading.RLock:
         if lock is None:
             lock = _MODULE_LOCKS[module] = threading.RLock()
         return lock
+
+
+@contextmanager
+def exclusive(module: nn.Module) -> Iterator[nn.Module]:
+    """Hold the :func:`module_lock` of ``module`` and of each of its submodules for the duration: for a hooked run,
+    or for a forward pass or copy that must not meet another thread's hooks (a copy would take them along). A
+    thread hooking the whole model and one hooking a part of it take turns. The locks are taken in one global
+    order, so threads holding overlapping trees wait for each other instead of deadlocking."""
+    with ExitStack() as stack:
+        for m in sorted(module.modules(), key=id):
+            stack.enter_context(module_lock(m))
+        yield module
+
+
+def private_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module``, taken while no other thread's extraction hooks are on it (a copy keeps the
+    hooks it finds, which would then record the copy's forward passes into the other thread's results)."""
+    with exclusive(module):
+        return copy.deepcopy(module)
 
 
 _CHANNEL_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d, nn.AvgPool1d,

@@ -30,8 +30,8 @@ from workbench.activations.capture import (
     POOLINGS,
     PooledCapture,
     channel_first_layers,
+    exclusive,
     hooks_on,
-    module_lock,
     valid_layers,
 )
 from workbench.activations.types import Activations
@@ -164,7 +164,7 @@ def layer_info(model: LoadedModel | nn.Module, example: Any = None) -> list[Laye
         if t.ndim and t.shape[0] == probe.shape[0]:  # one row per sample (not a table shared by the batch)
             shapes.setdefault(name, tuple(t.shape[1:]))
 
-    with module_lock(lm.module), eval_mode(lm.module), hooks_on(lm.module, list(modules), record), torch.inference_mode():
+    with exclusive(lm.module), eval_mode(lm.module), hooks_on(lm.module, list(modules), record), torch.inference_mode():
         x = probe.to(module_device(lm.module))  # where the weights are once no other thread's run is moving them
         dtype = float_dtype(lm.module)
         if dtype is not None and x.is_floating_point():
@@ -415,7 +415,7 @@ def _to_host(blocks: list[torch.Tensor]) -> list[np.ndarray]:
 def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str, batch_size: int,
                    dev: torch.device, root: Path, key: str, progress: Progress | None) -> Activations:
     _cache_root(root)
-    with module_lock(lm.module):  # hooks see every thread's forward passes: one hooked run of a module at a time
+    with exclusive(lm.module):  # hooks see every thread's forward passes: one hooked run of a model or its parts at a time
         cached = _cached(root / key, data, lm)  # finished by another thread while this one waited
         if cached is not None:
             if progress is not None:

@@ -38,7 +38,6 @@ size bounds the memory they take.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import time
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from workbench.activations.capture import private_copy
 from workbench.activations.types import Activations
 from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int, check_seed
@@ -363,7 +363,7 @@ def _without_inplace(module: nn.Module) -> None:
 def _network(model: Any, func: str, device: torch.device) -> _Net:
     module = model.module if hasattr(model, "module") else model
     _network_check(module, func)
-    work = copy.deepcopy(module).eval()
+    work = private_copy(module).eval()
     _without_inplace(work)
     _replace_batchnorm(work)
     work = work.to(device=device, dtype=torch.float64)
@@ -1431,7 +1431,7 @@ def llc_estimate(
     if n_beta is None:
         n_beta = n / math.log(n)
     n_beta = check_float(n_beta, "n_beta", func=func, low=0.0, low_inclusive=False)
-    work = copy.deepcopy(module).eval()
+    work = private_copy(module).eval()
     _without_inplace(work)
     work = work.to(device=dev, dtype=torch.float64)
     _labels(dataset, n, func, dev, work, x, has_output=False)  # the labels must be classes of the model

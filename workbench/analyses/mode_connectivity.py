@@ -20,7 +20,6 @@ alignment of the top singular vectors. :func:`merge` aligns three or more models
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ import torch.fx as fx
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from workbench.activations.capture import exclusive, private_copy
 from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import (
     check_choice,
@@ -351,7 +351,7 @@ def _check_runs(module: nn.Module, dataset: Any, name: str, func: str) -> None:
     param = next(module.parameters(), None)
     xb = rows_on(x, 0, 1, param.device, param.dtype) if param is not None else rows_on(x, 0, 1, torch.device("cpu"))
     try:
-        with torch.no_grad(), eval_mode(module):
+        with exclusive(module), torch.no_grad(), eval_mode(module):
             module(xb)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise DataError(
@@ -864,7 +864,7 @@ def apply_permutation(model: Any, permutations: Any, *, spec: PermutationSpec | 
     spec = _trace(module, func).spec if spec is None else spec
     sizes = _check_spec(spec, state, func)
     perms = _check_permutations(permutations, sizes, func)
-    out = copy.deepcopy(module)
+    out = private_copy(module)
     out.load_state_dict(_permute_state(state, spec, perms))
     return out
 
@@ -1029,7 +1029,7 @@ def _working_copy(
     module: nn.Module, device: torch.device, state: Mapping[str, torch.Tensor] | None = None
 ) -> nn.Module:
     """A copy in eval mode on ``device`` in the module's own precision, optionally loaded with ``state`` (cast)."""
-    work = copy.deepcopy(module).to(device=device).eval()
+    work = private_copy(module).to(device=device).eval()
     if state is not None:
         work.load_state_dict(state)
     return work
@@ -1778,7 +1778,7 @@ def merged_model(
 def _merged_module(
     template: nn.Module, state: Mapping[str, torch.Tensor], stats_dataset: Any, batch_size: int, func: str
 ) -> nn.Module:
-    out = copy.deepcopy(template).to(torch.device("cpu")).eval()
+    out = private_copy(template).to(torch.device("cpu")).eval()
     dtype = next((t.dtype for t in template.state_dict().values() if t.is_floating_point()), torch.float32)
     out.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     if stats_dataset is not None and _has_bn(out):
