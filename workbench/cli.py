@@ -52,11 +52,35 @@ def _data_arg(value: str):
     return load_dataset(name, split=split) if split else load_dataset(value)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; give a number from 1 to 65535")
+    return port
+
+
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     app = ROOT / "app.py"
     if not app.exists():
         print(f"workbench app: the app needs a source checkout; {app} was not found.", file=sys.stderr)  # noqa: T201
         return 1
+    if _port_in_use(args.port):
+        raise ParameterError(f"Port {args.port} is in use (another app or server listens on it); pick a free one with --port.")
     env = dict(os.environ, TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
     if args.no_trust:
         env["WORKBENCH_NO_TRUST"] = "1"
@@ -109,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("app", help="start the web app", description="Start the Streamlit app on the bundled sample models.")
-    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--port", type=_port, default=8501, help="port to serve on (default 8501)")
     p.add_argument("--no-trust", action="store_true",
                    help="never offer the 'I trust this file' switch: full pickles are refused outright")
     p.set_defaults(func=cmd_app)
@@ -199,7 +223,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from workbench import load_model
-    from workbench.registry import get_analysis, run_analysis
+    from workbench.registry import check_analysis, get_analysis, run_analysis
     from workbench.report import PdfUnavailableError, StaticImageUnavailableError, build_report
 
     names = [n.strip() for n in args.analysis.split(",") if n.strip()]
@@ -213,6 +237,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model_a = load_model(args.model_a, architecture=args.architecture)
     model_b = _load_model_b(args) if args.model_b else None
     data = _data_arg(args.data)
+    for entry in entries:  # models or data that do not suit an analysis are a bad argument, found before any work
+        try:
+            check_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data)
+        except WorkbenchError as exc:
+            raise ParameterError(str(exc)) from None
     sections = []
     with tqdm(total=len(entries), unit="analysis", disable=None) as bar:
         for entry in entries:
@@ -245,6 +274,10 @@ def _check_spec_arguments(args: argparse.Namespace) -> None:
             continue
         try:
             json.loads(text)
+        except RecursionError:
+            flag = "--" + attr.replace("_", "-")
+            raise ParameterError(f"{flag} is nested too deeply to be an architecture spec; give a spec such as "
+                                 """'{"type": "mlp", "sizes": [64, 10]}'.""") from None
         except json.JSONDecodeError as exc:
             flag = "--" + attr.replace("_", "-")
             raise ParameterError(f"{flag} is not valid JSON ({exc.msg} at position {exc.pos}); give the spec as a JSON "

@@ -93,6 +93,7 @@ class Analysis:
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     page: str = ""
+    requires: Callable[[Context], None] | None = None  # raises when the models or data do not suit the analysis
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUT_KINDS:
@@ -212,7 +213,6 @@ def _mode_connectivity(ctx: Context, n_points: int = 25, top_k: int = 5, seed: i
     from workbench.analyses.mode_connectivity import mode_connectivity
     from workbench.data import digits_train_for
 
-    _require_labels(ctx, "Mode connectivity (loss and accuracy along the path)")
     ctx.train_dataset = digits_train_for(ctx.dataset)
     return mode_connectivity(ctx.model_a, ctx.model_b, ctx.dataset, train_dataset=ctx.train_dataset, n_points=n_points,
                              top_k=top_k, seed=seed, device=ctx.device, progress=ctx.progress)
@@ -311,10 +311,28 @@ def _require_labels(ctx: Context, what: str) -> None:
         raise ParameterError(f"{what} needs labels and dataset '{ctx.dataset.name}' has none; pick a labelled dataset.")
 
 
+def _probing_requires(ctx: Context) -> None:
+    _require_labels(ctx, "Probing")
+
+
+def _mode_connectivity_requires(ctx: Context) -> None:
+    from workbench.analyses.mode_connectivity import _check_same_architecture
+
+    _require_labels(ctx, "Mode connectivity (loss and accuracy along the path)")
+    a, b = ctx.models()
+    _check_same_architecture(a.module, b.module, "mode_connectivity", (a.name, b.name))
+
+
+def _sequential_requires(ctx: Context) -> None:
+    from workbench.analyses.degeneracy import _network_check
+
+    for m in ctx.models():
+        _network_check(m.module, f"Degeneracy of '{m.name}'")
+
+
 def _probing(ctx: Context, probe: str = "linear", cv: int = 5, control: bool = True, c: float = 1.0, seed: int = 0) -> Any:
     from workbench.analyses.probing import probe_layers
 
-    _require_labels(ctx, "Probing")
     return [probe_layers(ctx.activations(w), ctx.dataset.y, probe=probe, cv=cv, control=control, c=c, seed=seed,
                          device=ctx.device, progress=ctx.progress) for w in ("a", "b")[: len(ctx.models())]]
 
@@ -467,7 +485,7 @@ ANALYSES: list[Analysis] = [
     Analysis("probing", "Linear probes per layer, with control task", "one_model", _probing, _probing_plot,
              _probing_summary, {"probe": "linear", "cv": 5, "control": True, "c": 1.0, "seed": 0},
              "cross-validated probe accuracy, macro-F1, control accuracy and selectivity per layer (Hewitt & Liang)",
-             "pages/probing.py"),
+             "pages/probing.py", _probing_requires),
     Analysis("embedding", "Embedding of one layer per model in a shared frame", "one_model", _embedding,
              _embedding_plot, _embedding_summary, {"method": "umap", "layer": None, "seed": 0},
              "UMAP / t-SNE / PCA of one layer per model, aligned by orthogonal Procrustes, with trustworthiness",
@@ -478,15 +496,15 @@ ANALYSES: list[Analysis] = [
     Analysis("mode_connectivity", "Linear mode connectivity (permutation alignment)", "weights", _mode_connectivity,
              _mode_connectivity_plot, _mode_connectivity_summary, {"n_points": 25, "top_k": 5, "seed": 0},
              "loss and accuracy along (1-λ)θA + λθB, naive vs weight/activation matching and REPAIR; per-layer alignment",
-             "pages/mode_connectivity.py"),
+             "pages/mode_connectivity.py", _mode_connectivity_requires),
     Analysis("degeneracy", "Degeneracy: free parameters per weight matrix", "one_model", _degeneracy, _degeneracy_plot,
              _degeneracy_summary, {"output": "logits"},
              "input-activation rank, Jacobian rank, dead/always-on/synchronised ReLUs -> free parameters (Bushnaq et al.)",
-             "pages/degeneracy.py"),
+             "pages/degeneracy.py", _sequential_requires),
     Analysis("interaction_basis", "Interaction basis and modularity", "one_model", _interaction_basis,
              _interaction_basis_plot, _interaction_basis_summary, {"graph_directions": 64, "seed": 0},
              "basis size per layer, interaction spectra and Louvain modularity of the interaction graph",
-             "pages/degeneracy.py"),
+             "pages/degeneracy.py", _sequential_requires),
     Analysis("topology", "Persistent homology: diagram distances between layers", "two_models", _topology,
              _topology_plot, _topology_summary, {"metric": "bottleneck", "dim": 1, "max_points": 500, "seed": 0},
              "Vietoris-Rips persistence per layer (exact H0 by MST) and bottleneck/Wasserstein distances",
@@ -547,6 +565,17 @@ def recreate_snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> s
     )
 
 
+def check_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None) -> None:
+    """Raise the error :func:`run_analysis` would raise, before any work, when the models or the dataset do not
+    suit analysis ``name`` (a second model missing, labels missing, a model that is not one sequence of layers,
+    architectures that differ where weights are matched)."""
+    entry = get_analysis(name)
+    if entry.inputs in ("two_models", "weights") and model_b is None:
+        raise ParameterError(f"The '{name}' analysis compares two models; pass model_b (or --model-b).")
+    if entry.requires is not None:
+        entry.requires(Context(model_a=model_a, model_b=model_b, dataset=dataset))
+
+
 def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None,
                  layers: list[str] | None = None, layers_b: list[str] | None = None, pooling: str = "mean",
                  params: dict[str, Any] | None = None, device: str | None = None, progress: Progress | None = None):
@@ -567,8 +596,7 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     entry = get_analysis(name)
     if params is not None and not isinstance(params, Mapping):
         raise ParameterError(f"The 'params' of run_analysis must be a dict of parameter name -> value; got {type(params).__name__}.")
-    if entry.inputs in ("two_models", "weights") and model_b is None:
-        raise ParameterError(f"The '{name}' analysis compares two models; pass model_b (or --model-b).")
+    check_analysis(name, model_a=model_a, model_b=model_b, dataset=dataset)
     merged = {**entry.params, **(params or {})}
     unknown = sorted(set(merged) - set(entry.params))
     if unknown:

@@ -188,6 +188,34 @@ def test_app_command_serves_the_app(tmp_path):
         proc.wait(timeout=20)
 
 
+def test_app_refuses_a_port_out_of_range_or_in_use(tmp_path):
+    import socket
+
+    out = run("app", "--port", "99999", cache=tmp_path)
+    assert out.returncode == 2 and "'99999' is not a port; give a number from 1 to 65535" in out.stderr
+    assert "Traceback" not in out.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = run("app", "--port", str(port), cache=tmp_path)
+    assert out.returncode == 2 and f"Port {port} is in use" in out.stderr and "pick a free one with --port" in out.stderr
+
+
+def test_analyze_refuses_an_analysis_the_model_does_not_suit_before_any_work(tmp_path):
+    text = str(ROOT / "sample_models" / "text_transformer_seed0.safetensors")
+    out = run("analyze", "--model-a", text, "--data", "sentences", "--analysis", "activations,degeneracy",
+              "--out", str(tmp_path / "report"), cache=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "error: Degeneracy of 'text_transformer_seed0' needs a model built as torch.nn.Sequential" in out.stderr
+    assert not (tmp_path / "report").exists() and not any(tmp_path.glob("*/meta.json"))  # nothing extracted or written
+
+
+def test_a_spec_nested_too_deeply_is_a_bad_argument(tmp_path):
+    out = run("layers", MLP0, "--architecture", "[" * 3000 + "]" * 3000, cache=tmp_path)
+    assert out.returncode == 2 and "--architecture is nested too deeply to be an architecture spec" in out.stderr
+
+
 def test_extract_overwrites_its_own_output(tmp_path):
     target = tmp_path / "acts.npz"
     for layer in ("fc1", "relu2"):  # the same command twice, then another layer into the same file

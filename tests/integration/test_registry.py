@@ -71,6 +71,19 @@ def test_bad_names_and_parameters(sample_model, digits_test):
         registry.run_analysis("similarity", model_a=a, model_b=a, dataset=digits_test, params=[("measure", "rsa")])
 
 
+def test_check_analysis_refuses_unsuited_models_before_any_work(sample_model, digits_test):
+    from workbench.errors import ArchitectureError
+
+    text, mlp, cnn = sample_model("text_transformer_seed0"), sample_model("mlp_narrow_seed0"), sample_model("cnn_seed0")
+    for name in ("degeneracy", "interaction_basis"):
+        with pytest.raises(ArchitectureError, match=r"^Degeneracy of 'text_transformer_seed0' needs a model built as torch\.nn\.Sequential"):
+            registry.check_analysis(name, model_a=mlp, model_b=text, dataset=digits_test)
+    with pytest.raises(ArchitectureError, match=r"^mode_connectivity: mlp_narrow_seed0 and cnn_seed0 have different architectures"):
+        registry.check_analysis("mode_connectivity", model_a=mlp, model_b=cnn, dataset=digits_test)
+    registry.check_analysis("degeneracy", model_a=mlp, model_b=cnn, dataset=digits_test)  # both are sequences of layers
+    registry.check_analysis("mode_connectivity", model_a=mlp, model_b=sample_model("mlp_narrow_seed1"), dataset=digits_test)
+
+
 @pytest.mark.parametrize("name", [e.name for e in registry.ANALYSES if e.inputs == "one_model"])
 def test_one_model_entries_run_on_one_model(name, sample_model, digits_test):
     section = registry.run_analysis(name, model_a=sample_model("mlp_narrow_seed0"), dataset=digits_test,
