@@ -650,6 +650,40 @@ def test_save_npz_returns_the_file_it_wrote_and_makes_its_folder(mlp, digits_tes
         acts.save_npz(tmp_path / "afile" / "out")
 
 
+def test_load_npz_restores_what_save_npz_wrote_and_the_same_data_check(mlp, digits_test, tmp_path):
+    import zipfile
+
+    from workbench import Activations
+    from workbench.analyses.similarity import similarity_matrix
+    from workbench.data import make_dataset
+
+    acts = extract(mlp, digits_test, ["fc1", "out"], cache_dir=tmp_path / "cache")
+    back = Activations.load_npz(acts.save_npz(tmp_path / "a.npz"))
+    assert back.layers == ["fc1", "out"] and repr(back).endswith("{'fc1': (450, 32), 'out': (450, 10)})")
+    for attr in ("model_name", "model_sha256", "dataset_name", "dataset_sha256", "inputs_sha256", "pooling", "key"):
+        assert getattr(back, attr) == getattr(acts, attr), attr
+    torch.testing.assert_close(back["fc1"], acts["fc1"])
+    torch.testing.assert_close(back.labels, acts.labels)
+    shuffled = make_dataset("shuffled", digits_test.x.flip(0), digits_test.y.flip(0))
+    other = Activations.load_npz(extract(mlp, shuffled, ["fc1"], cache_dir=tmp_path / "cache").save_npz(tmp_path / "b.npz"))
+    with pytest.raises(DataError, match=r"the two activations come from different datasets"):
+        similarity_matrix(back, other)
+    np.savez(tmp_path / "plain.npz", x=np.ones((3, 2)))
+    with pytest.raises(DataError, match=r"^'plain\.npz' holds no 'meta' entry, so it was not written by save_npz or 'workbench extract'; extract the activations again\.$"):
+        Activations.load_npz(tmp_path / "plain.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(DataError, match=r"^'text\.npz' is not a readable \.npz of activations \(\w+\); extract the activations again\.$"):
+        Activations.load_npz(tmp_path / "text.npz")
+    with pytest.raises(DataError, match=r"^No activations file at '.*missing\.npz'; check the path\.$"):
+        Activations.load_npz(tmp_path / "missing.npz")
+    with zipfile.ZipFile(tmp_path / "a.npz") as zf, zipfile.ZipFile(tmp_path / "c.npz", "w") as out:
+        for name in zf.namelist():
+            if name != "layer/out.npy":
+                out.writestr(name, zf.read(name))
+    with pytest.raises(DataError, match=r"^The meta entry of 'c\.npz' does not list the layers the file holds"):
+        Activations.load_npz(tmp_path / "c.npz")
+
+
 def test_partial_cache_entries_of_killed_runs_are_removed_when_old(mlp, digits_test, tmp_path):
     import os
 

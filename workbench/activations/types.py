@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
+from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 
 
 class Activations(Mapping[str, torch.Tensor]):
@@ -66,7 +67,7 @@ class Activations(Mapping[str, torch.Tensor]):
         return len(self._tensors)
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._tensors.items())
+        shapes = ", ".join(f"{k!r}: {tuple(v.shape)}" for k, v in self._tensors.items())
         return f"Activations(model={self.model_name!r}, dataset={self.dataset_name!r}, pooling={self.pooling!r}, {{{shapes}}})"
 
     @property
@@ -79,7 +80,8 @@ class Activations(Mapping[str, torch.Tensor]):
 
     def save_npz(self, path: str | Path) -> Path:
         """Write every layer (and labels, when known) to an ``.npz`` readable with ``allow_pickle=False``, with
-        ``meta``: a JSON string naming the model, the dataset (names and sha256) and the pooling rule.
+        ``meta``: a JSON string naming the model, the dataset (names and sha256, and the sha256 of the inputs alone
+        that the same-data checks compare) and the pooling rule. :meth:`load_npz` reads it back.
 
         ``.npz`` is appended to a name without it (as numpy does) and a missing parent folder is created;
         returns the path written."""
@@ -90,7 +92,8 @@ class Activations(Mapping[str, torch.Tensor]):
         if self.labels is not None:
             arrays["labels"] = self.labels.detach().cpu().numpy()
         meta = {"model": self.model_name, "model_sha256": self.model_sha256, "dataset": self.dataset_name,
-                "dataset_sha256": self.dataset_sha256, "pooling": self.pooling, "layers": list(self._tensors)}
+                "dataset_sha256": self.dataset_sha256, "inputs_sha256": self.inputs_sha256, "pooling": self.pooling,
+                "layers": list(self._tensors), "key": self.key}
         arrays["meta"] = np.array(json.dumps(meta))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,3 +102,35 @@ class Activations(Mapping[str, torch.Tensor]):
             raise ParameterError(f"The activations cannot be written to '{path}' ({exc.strerror or type(exc).__name__}); "
                                  "choose another location.") from exc
         return path
+
+    @classmethod
+    def load_npz(cls, path: str | Path) -> Activations:
+        """Activations written by :meth:`save_npz` (or ``workbench extract``), with the model, dataset and hashes
+        they record, so that analyses can again refuse activations of different datasets."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                files = set(f.files)
+                if "meta" not in files:
+                    raise DataError(f"'{path.name}' holds no 'meta' entry, so it was not written by save_npz or "
+                                    "'workbench extract'; extract the activations again.")
+                meta = json.loads(str(f["meta"]))
+                layers = meta.get("layers") if isinstance(meta, dict) else None
+                if not isinstance(layers, list) or not layers or any(f"layer/{k}" not in files for k in layers):
+                    raise DataError(f"The meta entry of '{path.name}' does not list the layers the file holds; "
+                                    "extract the activations again.")
+                tensors = {k: torch.from_numpy(np.asarray(f[f"layer/{k}"], dtype=np.float32)) for k in layers}
+                labels = torch.from_numpy(f["labels"]) if "labels" in files else None
+        except WorkbenchError:
+            raise
+        except FileNotFoundError:
+            raise DataError(f"No activations file at '{path}'; check the path.") from None
+        except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, a damaged member, pickled objects, bad JSON
+            raise DataError(f"'{path.name}' is not a readable .npz of activations ({type(exc).__name__}); "
+                            "extract the activations again.") from None
+        if any(t.ndim != 2 for t in tensors.values()):
+            raise DataError(f"The layers in '{path.name}' must be 2-D (samples, features); extract the activations again.")
+        return cls(tensors, model_name=str(meta.get("model", "")), model_sha256=str(meta.get("model_sha256", "")),
+                   dataset_name=str(meta.get("dataset", "")), dataset_sha256=str(meta.get("dataset_sha256", "")),
+                   inputs_sha256=str(meta.get("inputs_sha256", "")), pooling=str(meta.get("pooling", "mean")),
+                   labels=labels, key=str(meta.get("key", "")))
