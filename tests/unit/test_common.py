@@ -228,6 +228,24 @@ def test_every_figure_helper_taking_a_result_checks_its_type():
             helper({"values": [[1.0]]})
 
 
+def test_a_figure_given_another_result_names_the_functions_that_make_each(sample_model, digits_test):
+    from workbench.analyses.embedding import intrinsic_dimension
+    from workbench.analyses.mode_connectivity import interpolate
+    from workbench.plots.embedding import intrinsic_dimension_profile
+    from workbench.plots.mode_connectivity import interpolation_curves
+    from workbench.plots.topology import separability_curves
+
+    one_layer = intrinsic_dimension(torch.randn(200, 5, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ParameterError, match=r"^intrinsic_dimension_profile draws results of type LayerIntrinsicDimensionResult; "
+                       r"got \w+ \(from intrinsic_dimension\(\)\)\. Pass what layer_intrinsic_dimension\(\) returns\.$"):
+        intrinsic_dimension_profile(one_layer)
+    with pytest.raises(ParameterError, match=r"Pass what layer_separability\(\) or separability_trajectory\(\) returns\.$"):
+        separability_curves(one_layer)
+    curve = interpolate(sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1"), digits_test, n_points=3)
+    fig = interpolation_curves(curve)  # one method: the plain interpolation
+    assert [t.name for t in fig.data][:1] == ["interpolation · test: digits (test)"] and list(fig.data[0].x) == [0.0, 0.5, 1.0]
+
+
 def test_figure_helpers_still_draw_their_own_results(sample_model, digits_test):
     from workbench import extract
     from workbench.analyses.similarity import similarity_matrix

@@ -39,14 +39,42 @@ def takes_results(fn: F) -> F:
         given = args if many else (args[:1] if args else (kwargs[first.name],) if first.name in kwargs else ())
         for value in given:
             if not isinstance(value, allowed):
+                made_by = _producers(allowed)
+                got = _producers((type(value),))
                 raise ParameterError(
-                    f"{fn.__name__} draws {'results' if many else 'a result'} of type {wanted}; got {type(value).__name__}. "
-                    "Pass what the matching analysis returns."
+                    f"{fn.__name__} draws {'results' if many else 'a result'} of type {wanted}; got {type(value).__name__}"
+                    f"{f' (from {got})' if got else ''}. Pass what {made_by or 'the matching analysis'} returns."
                 )
         return fn(*args, **kwargs)
 
     checked.result_types = allowed  # type: ignore[attr-defined]
     return typing.cast(F, checked)
+
+
+def _producers(types: tuple[type, ...]) -> str:
+    """The public analysis functions whose return annotation is one of ``types`` (or a list or tuple of one), as
+    "a, b or c", so that a figure given the wrong result can say which function makes the right one."""
+    import importlib
+    import pkgutil
+
+    import workbench.analyses as package
+
+    names = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, func in inspect.getmembers(module, inspect.isfunction):
+            if name.startswith("_") or func.__module__ != module.__name__:
+                continue
+            try:
+                returned = typing.get_type_hints(func).get("return")
+            except Exception:  # noqa: BLE001 (an annotation that cannot be resolved names nothing)
+                continue
+            if returned in types or any(arg in types for arg in typing.get_args(returned)):
+                names.append(f"{name}()")
+    names = sorted(set(names))
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def merged_order(*sequences: Sequence[str]) -> list[str]:

@@ -8,6 +8,7 @@ from plotly.subplots import make_subplots
 
 from workbench.analyses.mode_connectivity import (
     BarrierResult,
+    InterpolationResult,
     LayerAlignmentResult,
     MergeResult,
     ModeConnectivityResult,
@@ -38,10 +39,15 @@ def split_label(params: dict, split: str) -> str:
 
 
 @takes_results
-def interpolation_curves(result: ModeConnectivityResult) -> go.Figure:
-    """Loss (left) and accuracy (right) along ``(1−λ)θ_A + λθ_B``: one colour per method, test solid, train dashed."""
+def interpolation_curves(result: ModeConnectivityResult | InterpolationResult) -> go.Figure:
+    """Loss (left) and accuracy (right) along ``(1−λ)θ_A + λθ_B``: one colour per method, test solid, train dashed
+    (one method for the result of :func:`~workbench.analyses.mode_connectivity.interpolate`)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("cross-entropy loss", "accuracy"), horizontal_spacing=0.1)
-    for i, (method, curve) in enumerate(result.curves.items()):
+    if isinstance(result, InterpolationResult):
+        curves, (a, b) = {"interpolation": result}, ("A", "B")
+    else:
+        curves, a, b = result.curves, result.params.get("model_a", "A"), result.params.get("model_b", "B")
+    for i, (method, curve) in enumerate(curves.items()):
         color = MODEL_COLORS[i % len(MODEL_COLORS)]
         for split in curve.loss:
             name = f"{method_label(method)} · {split_label(curve.params, split)}"
@@ -65,8 +71,7 @@ def interpolation_curves(result: ModeConnectivityResult) -> go.Figure:
     fig.update_yaxes(title_text="loss (nats)", row=1, col=1)
     fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=2)
     fig.update_layout(height=430, legend={"orientation": "h", "y": -0.25})
-    a, b = result.params.get("model_a", "A"), result.params.get("model_b", "B")
-    n_train = next(iter(result.curves.values())).params.get("n_train", 0) if result.curves else 0
+    n_train = next(iter(curves.values())).params.get("n_train", 0) if curves else 0
     estimator = "(1−λ)θ_A + λθ_B, mean cross-entropy" + (f"; train curves on {n_train} samples" if n_train else "")
     fig.update_layout(margin={"t": 100})
     return titled(fig, f"Linear interpolation {a} → {b}", estimator=estimator, n=result.n_samples)
