@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--architecture-b", help="architecture spec of model B as JSON (default: the spec in its file, else --architecture)")
     p.add_argument("--data", required=True, help="bundled dataset (digits, digits:train, blobs, sentences) or a .npz/.csv/.pt file")
     p.add_argument("--analysis", required=True, help=f"comma-separated analyses: {names}")
-    p.add_argument("--layers", nargs="+", help="layers to analyse (default: every leaf layer, at most 12)")
+    p.add_argument("--layers", nargs="+", help="layers to analyse (default: every leaf layer that runs, reshapes and dropout left out, at most 12)")
     p.add_argument("--layers-b", nargs="+", help="layers of model B, when its layer names differ (default: --layers)")
     p.add_argument("--pooling", default="mean", choices=["mean", "flatten", "max", "cls", "last"], help="pooling rule (default mean)")
     p.add_argument("--param", action="append", default=[], metavar="ANALYSIS.KEY=VALUE",
@@ -226,7 +226,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from workbench.registry import check_analysis, get_analysis, run_analysis
     from workbench.report import PdfUnavailableError, StaticImageUnavailableError, build_report
 
-    names = [n.strip() for n in args.analysis.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in args.analysis.split(",") if n.strip()))  # each analysis once
     if not names:
         from workbench.registry import ANALYSES
 

@@ -267,3 +267,22 @@ def test_layers_of_two_models_share_an_axis_in_both_forward_orders():
     assert merged_order(["a", "b"], ["c", "d"]) == ["a", "b", "c", "d"]
     fig = order_layers(go.Figure([go.Scatter(x=mlp, y=[1, 2, 3, 4]), go.Scatter(x=cnn, y=[1, 2, 3])]), mlp, cnn)
     assert list(fig.layout.xaxis.categoryarray) == merged_order(mlp, cnn) and fig.layout.xaxis.categoryorder == "array"
+
+
+def test_a_result_repr_rounds_numbers_and_names_nested_results_only():
+    import dataclasses
+
+    from workbench.analyses._result import Result
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner(Result):
+        values: np.ndarray
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer(Result):
+        seconds: float
+        parts: dict
+
+    outer = Outer(seconds=0.024978700006613508, parts={"a": Inner(np.array([1 / 3, 2.0])), "b": Inner(np.zeros(3))})
+    assert repr(outer) == "Outer(seconds=0.0249787, parts={'a': Inner(...), 'b': Inner(...)})"
+    assert repr(outer.parts["a"]) == "Inner(values=[0.333333, 2])"

@@ -48,10 +48,12 @@ def _short(value: Any) -> str:
     if isinstance(value, np.ndarray) or (hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "tolist")):
         shape = tuple(value.shape)
         if int(np.prod(shape)) <= _REPR_ARRAY:
-            return repr(np.asarray(value).tolist())
+            return _short(np.asarray(value).tolist())
         return f"<array {shape} {str(value.dtype).removeprefix('torch.')}>"
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return repr(value) if isinstance(value, Result) else f"{type(value).__name__}(...)"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # nested results: their own repr shows them
+        return f"{type(value).__name__}(...)"
+    if isinstance(value, float):
+        return f"{value:.6g}"
     if isinstance(value, dict):
         items = [f"{k!r}: {_short(v)}" for k, v in list(value.items())[:_REPR_ITEMS]]
         more = f", ... ({len(value)} entries)" if len(value) > _REPR_ITEMS else ""
