@@ -47,11 +47,11 @@ def test_extract_writes_npz(tmp_path):
 
 def test_analyze_writes_report(tmp_path):
     out_dir = tmp_path / "report"
-    out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "activations,similarity",
+    out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "activations,similarity,activations",
               "--param", "similarity.measure=procrustes_distance", "--layers", "fc1", "relu1", "out", "--out", str(out_dir), cache=tmp_path)
     assert out.returncode == 0, out.stderr
     doc = json.loads((out_dir / "report.json").read_text())
-    assert [s["title"] for s in doc["sections"]][1] == "Representational similarity (layer x layer)"
+    assert [s["title"] for s in doc["sections"]] == ["Activation statistics", "Representational similarity (layer x layer)"]
     assert doc["sections"][1]["results"][0]["measure"] == "procrustes_distance"
     assert [m["name"] for m in doc["sections"][1]["models"]] == ["mlp_seed0", "mlp_seed1"]
     assert doc["sections"][1]["dataset"]["name"] == "digits (test)"
