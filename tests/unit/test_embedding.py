@@ -83,6 +83,31 @@ def test_knn_graph_is_exact_where_distances_concentrate():
     assert (np.diff(graph.indices[:, :3], axis=1) > 0).all()
 
 
+@pytest.mark.parametrize(("n", "d", "offset", "noise"), [(2000, 32, 100.0, 0.1), (500, 8, 1000.0, 0.01)])
+def test_cosine_knn_graph_is_exact_for_nearly_parallel_float32_rows(n, d, offset, noise):
+    # Every row points almost the same way, so the cosine distances (1e-6 and 1e-10) sit far below
+    # float32 resolution of the unit rows; the float32 values themselves are taken exactly.
+    clear_knn_cache()
+    z = (np.random.default_rng(1).standard_normal((n, d)) * noise + offset).astype(np.float32)
+    graph = knn_graph(z, 10, metric="cosine")
+    zz = z.astype(np.float64)
+    zz /= np.abs(zz).max(axis=1, keepdims=True)
+    unit = zz / np.linalg.norm(zz, axis=1, keepdims=True)
+    full = np.empty((n, n))
+    for lo in range(0, n, 250):
+        diff = unit[lo : lo + 250, None, :] - unit[None, :, :]
+        full[lo : lo + 250] = (diff * diff).sum(-1) / 2.0  # 1 - cos, without the cancellation of 1 - a.b
+    np.fill_diagonal(full, np.inf)
+    expected_idx = np.argsort(full, axis=1, kind="stable")[:, :10]
+    expected = np.take_along_axis(full, expected_idx, axis=1)
+    assert np.array_equal(graph.indices, expected_idx)
+    assert np.allclose(graph.distances, expected, rtol=1e-12, atol=0.0)
+    gram = 1.0 - unit @ unit.T
+    np.fill_diagonal(gram, np.inf)
+    gram_idx = np.argsort(gram, axis=1, kind="stable")[:, :10]
+    assert all(set(a) == set(b) for a, b in zip(graph.indices, gram_idx, strict=True))
+
+
 def test_knn_graph_cache_reuses_and_truncates():
     clear_knn_cache()
     x = np.random.default_rng(2).normal(size=(200, 5))

@@ -7,7 +7,8 @@ smaller ``k`` is answered by slicing the cached graph.
 
 The graph is exact. Candidates come from one float32 matrix product per block of rows
 (``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``), ``k + margin`` per row; their distances are then
-recomputed from the differences (in the input's precision, summed in float64) and re-sorted. A row
+recomputed from the differences (of the input's values in its precision, summed in float64; for
+``metric="cosine"`` of the float64 unit rows) and re-sorted. A row
 whose float32 candidate list might have missed a true neighbour (its rounding-error bound overlaps
 the margin) is recomputed against every sample, so the result equals a brute-force search at the
 input's precision, up to ties (broken by the lower index).
@@ -210,9 +211,11 @@ def _exact_knn(
         # Distances do not change under translation; centring shrinks the norms, and with them
         # the float32 rounding error of the expansion.
         x64 = x64 - x64.mean(0, keepdim=True)
-    # Exact distances are taken in the input's precision (float32 or float64), accumulated in float64,
-    # on a device with float64 support; the matrix products run on ``dev`` in float32.
-    work = x64.to(dtype=t.dtype)
+    # Exact distances are taken from the input's values (float32 or float64), accumulated in float64,
+    # on a device with float64 support; the matrix products run on ``dev`` in float32. Euclidean
+    # differences of centred rows are taken in the input's precision. Cosine rows stay in float64:
+    # rounding the unit rows to float32 would move nearly parallel rows by about their own distance.
+    work = x64 if metric == "cosine" else x64.to(dtype=t.dtype)
     x32 = work.to(device=dev, dtype=torch.float32)
     sq32 = (x32 * x32).sum(1)
     n_cand = min(n - 1, k + max(4, k // 4))
@@ -223,6 +226,10 @@ def _exact_knn(
     # Rounding bound of the float32 expansion |a|^2 + |b|^2 - 2 a.b (a few ulps of its largest term,
     # grown with the square root of the dot product's length).
     bound_all = (8.0 * _FLOAT32_EPS * (x32.shape[1] ** 0.5)) * (sq32.max() + sq32).to(work.device, torch.float64)
+    if metric == "cosine":
+        # The float32 copies of the unit rows are each within eps/2 of the float64 rows, which moves a
+        # squared distance (at most 4) by at most 2 * 2 * eps + eps^2.
+        bound_all = bound_all + 5.0 * _FLOAT32_EPS
     x64g: torch.Tensor | None = None
     for b, lo in enumerate(range(0, n, block)):
         hi = min(n, lo + block)
