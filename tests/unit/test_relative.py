@@ -252,6 +252,24 @@ def test_stitching_is_reproducible_with_a_seed():
     assert first.relative_accuracy[1, 0] == pytest.approx(first.relative_accuracy[0, 0])
 
 
+@pytest.mark.parametrize(("width_b", "n_heads"), [(5, 4), (3, 2)])
+def test_stitching_reports_progress_per_training_step(width_b, n_heads):
+    rng = _rng()
+    x_tr, x_te = rng.normal(size=(120, 5)), rng.normal(size=(40, 5))
+    y_tr, y_te = (x_tr[:, 0] > 0).astype(int), (x_te[:, 0] > 0).astype(int)
+    b_tr, b_te = x_tr[:, :width_b] * 2.0, x_te[:, :width_b] * 2.0  # no absolute heads when the widths differ
+    calls = []
+    result = stitch(
+        x_tr, b_tr, x_te, b_te, y_tr, y_te, n_anchors=20, epochs=7, seed=1, progress=lambda d, t: calls.append((d, t))
+    )
+    total = n_heads * 7
+    assert calls == [(done, total) for done in range(1, total + 1)]
+    plain = stitch(x_tr, b_tr, x_te, b_te, y_tr, y_te, n_anchors=20, epochs=7, seed=1)
+    np.testing.assert_array_equal(result.relative_accuracy, plain.relative_accuracy)
+    with pytest.raises(ParameterError, match=r"The 'progress' parameter of stitch must be a callable \(done, total\)"):
+        stitch(x_tr, b_tr, x_te, b_te, y_tr, y_te, progress=3)
+
+
 def test_stitching_with_sparse_labels_equals_stitching_with_class_indices():
     rng = _rng()
     x_tr, x_te = rng.normal(size=(120, 5)), rng.normal(size=(40, 5))

@@ -333,6 +333,17 @@ def test_persistence_distance_of_a_representation_with_itself_is_zero():
     assert persistence_distance(x, np.random.default_rng(0).standard_normal((60, 3))).distance > 0.1
 
 
+@pytest.mark.parametrize(("dim", "stages"), [(0, 2), (1, 3)])
+def test_persistence_distance_reports_progress(dim, stages):
+    x = circle(60, noise=0.1, dim=3, seed=12)
+    calls = []
+    res = persistence_distance(x, x * 2.0, dim=dim, progress=lambda done, total: calls.append((done, total)))
+    total = 2 * stages + 1  # the stages of both persistence computations, then the comparison
+    assert [done for done, _ in calls] == list(range(1, total + 1))
+    assert {t for _, t in calls} == {total}
+    assert res.distance == persistence_distance(x, x * 2.0, dim=dim).distance
+
+
 def test_distance_matrix_over_layers():
     acts_a = {"l1": circle(60, noise=0.05, seed=13), "l2": circle(60, noise=0.4, seed=14)}
     acts_b = {"m1": circle(60, noise=0.05, seed=13) * 2, "m2": np.random.default_rng(1).standard_normal((60, 2))}
@@ -364,6 +375,22 @@ def test_score_tracks_fisher_and_thornton_on_blobs():
     assert spearmanr(score, fisher)[0] <= -0.8
     assert spearmanr(score, thornton)[0] <= -0.8
     assert score[:3].mean() > score[-3:].mean() + 0.2
+
+
+@pytest.mark.parametrize(
+    ("labelled", "probe", "expected"),
+    [(False, True, [(1, 1)]), (True, False, [(1, 2), (2, 2)]), (True, True, [(i, 5) for i in range(1, 6)])],
+)
+def test_class_separability_reports_progress(labelled, probe, expected):
+    data = blobs(8.0, n_samples=120, n_features=16, n_classes=4, seed=0)
+    labels = data.y if labelled else None
+    calls = []
+    res = class_separability(
+        data.x, labels, probe=probe, cv=3, progress=lambda done, total: calls.append((done, total))
+    )
+    assert calls == expected  # score, labelled references, then each fold of the probe
+    plain = class_separability(data.x, labels, probe=probe, cv=3)
+    assert res.references() == plain.references() and res.score == plain.score
 
 
 def test_separability_result_fields_and_references():

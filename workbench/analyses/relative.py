@@ -793,8 +793,18 @@ def relative_agreement_by_layer(
 # zero-shot stitching
 
 
-def _train_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, head: str, epochs: int, seed: int) -> nn.Module:
-    """A LayerNorm + linear (or one-hidden-layer MLP) classifier, full-batch Adam, seeded init."""
+def _train_head(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    head: str,
+    epochs: int,
+    seed: int,
+    epoch_done: Callable[[int], Any] | None = None,
+) -> nn.Module:
+    """A LayerNorm + linear (or one-hidden-layer MLP) classifier, full-batch Adam, seeded init.
+
+    ``epoch_done(i)`` is called after the i-th training step (1-based)."""
     width = x.shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -807,11 +817,13 @@ def _train_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, head: str, epo
     optimiser = torch.optim.Adam(model.parameters(), lr=_HEAD_LR, weight_decay=1e-4)
     xf = x.to(torch.float32)
     with torch.enable_grad():
-        for _ in range(epochs):
+        for epoch in range(epochs):
             optimiser.zero_grad()
             loss = nn.functional.cross_entropy(model(xf), y)
             loss.backward()
             optimiser.step()
+            if epoch_done is not None:
+                epoch_done(epoch + 1)
     return model.eval()
 
 
@@ -837,6 +849,7 @@ def stitch(
     logits_b: ArrayLike | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    progress: Progress | None = None,
 ) -> StitchingResult:
     """Zero-shot stitching through relative representations (Moschella et al. 2023, Sec. 5).
 
@@ -869,6 +882,9 @@ def stitch(
         logits_b: optional ``(n_test, n_classes)`` outputs of model B's own head (pass both or neither).
         seed: seed of the anchor choice and the heads' initialisation.
         device: where to compute (``None``: cuda > mps > cpu).
+        progress: optional callable ``(epochs_done, total)``, called after every training step of
+            every head; ``total`` is ``epochs`` times the number of heads (4, or 2 without absolute
+            stitching).
 
     Returns:
         A :class:`StitchingResult`.
@@ -882,6 +898,10 @@ def stitch(
     seed = check_seed(seed, func=func)
     if (logits_a is None) != (logits_b is None):
         raise ParameterError(f"Pass both 'logits_a' and 'logits_b' to {func}, or neither.")
+    if progress is not None and not callable(progress):
+        raise ParameterError(
+            f"The 'progress' parameter of {func} must be a callable (done, total) or None. Got {progress!r}."
+        )
     dev = _compute_device(device)
     tr_a = as_matrix(train_a, "train_a", func=func, device=dev)
     tr_b = as_matrix(train_b, "train_b", func=func, device=dev)
@@ -919,8 +939,17 @@ def stitch(
     rel_train = [_relative(tr_a[fit], tr_a[anchors], center, func), _relative(tr_b[fit], tr_b[anchors], center, func)]
     rel_test = [_relative(te_a, tr_a[anchors], center, func), _relative(te_b, tr_b[anchors], center, func)]
 
+    total = (4 if tr_a.shape[1] == tr_b.shape[1] else 2) * epochs
+    trained: list[nn.Module] = []
+
+    def epoch_done(offset: int) -> Callable[[int], Any] | None:
+        return None if progress is None else lambda epoch: progress(offset + epoch, total)
+
     def cross(train: list[torch.Tensor], test: list[torch.Tensor]) -> np.ndarray:
-        heads = [_train_head(t, y_tr[fit], n_classes, head, epochs, seed) for t in train]
+        heads = []
+        for t in train:
+            heads.append(_train_head(t, y_tr[fit], n_classes, head, epochs, seed, epoch_done(len(trained) * epochs)))
+            trained.append(heads[-1])
         return np.array([[_accuracy(h, test[e], y_te) for h in heads] for e in range(2)])
 
     relative_acc = cross(rel_train, rel_test)

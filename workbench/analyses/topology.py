@@ -879,6 +879,7 @@ def persistence_distance(
     point_metric: str = "euclidean",
     seed: int = 0,
     device: str | torch.device | None = None,
+    progress: Progress | None = None,
 ) -> DiagramDistanceResult:
     """Diagram distance between the persistence of two representations of the same samples.
 
@@ -886,15 +887,21 @@ def persistence_distance(
     :func:`persistence` of each (up to dimension ``dim``, same ``max_points``, ``point_metric`` and
     ``seed``) and then :func:`diagram_distance`. 0 for identical representations; invariant to
     rotations, translations and feature permutations of either (and to scale with ``normalize``).
+    ``progress(done, total)``: counts the stages of both persistence computations, then the comparison.
     """
     func = "persistence_distance"
     metric, dim, order = _check_diagram_params(metric, dim, order, normalize, func)
     tx = as_matrix(x, "x", func=func, device=torch.device("cpu"))
     ty = as_matrix(y, "y", func=func, device=torch.device("cpu"))
     check_paired(tx, ty, func=func)
-    pa = persistence(tx, max_dim=max(dim, 0), max_points=max_points, metric=point_metric, seed=seed, device=device)
-    pb = persistence(ty, max_dim=max(dim, 0), max_points=max_points, metric=point_metric, seed=seed, device=device)
+    report = progress or (lambda done, total: None)
+    stages = 2 if dim == 0 else 3  # as counted by persistence
+    total = 2 * stages + 1
+    kw = {"max_dim": max(dim, 0), "max_points": max_points, "metric": point_metric, "seed": seed, "device": device}
+    pa = persistence(tx, **kw, progress=lambda done, _: report(done, total))
+    pb = persistence(ty, **kw, progress=lambda done, _: report(stages + done, total))
     res = diagram_distance(pa, pb, metric=metric, dim=dim, order=order, normalize=normalize)
+    report(total, total)
     return DiagramDistanceResult(
         distance=res.distance,
         metric=metric,
@@ -1059,23 +1066,33 @@ def _thornton_index(x: torch.Tensor, y: torch.Tensor, block: int = 2048) -> floa
     return hits / n
 
 
-def _probe(x: np.ndarray, y: np.ndarray, cv: int, seed: int) -> tuple[float, float]:
-    """Cross-validated linear probe: pooled accuracy and one-vs-rest macro ROC-AUC."""
+def _probe(
+    x: np.ndarray, y: np.ndarray, cv: int, seed: int, fold_done: Callable[[int], None] | None = None
+) -> tuple[float, float]:
+    """Cross-validated linear probe: pooled accuracy and one-vs-rest macro ROC-AUC.
+
+    Out-of-fold class probabilities as ``cross_val_predict`` gives them (every training fold holds
+    every class, as ``_check_cv`` ensures), one fold at a time so that ``fold_done(i)`` can follow."""
     import warnings
 
+    from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
+    classes = np.unique(y)
+    proba = np.empty((len(y), len(classes)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        proba = cross_val_predict(model, x, y, cv=folds, method="predict_proba")
-    classes = np.unique(y)
+        for i, (train, test) in enumerate(folds.split(x, y)):
+            proba[test] = clone(model).fit(x[train], y[train]).predict_proba(x[test])
+            if fold_done is not None:
+                fold_done(i + 1)
     accuracy = float((classes[proba.argmax(1)] == y).mean())
     auc = (
         roc_auc_score(y, proba[:, 1])
@@ -1123,6 +1140,7 @@ def class_separability(
     cv: int = 5,
     seed: int = 0,
     device: str | torch.device | None = None,
+    progress: Progress | None = None,
 ) -> SeparabilityResult:
     """Unsupervised topological class separability (arXiv 2305.15016) with labelled references.
 
@@ -1150,6 +1168,8 @@ def class_separability(
 
     ``x``: ``(n_samples, n_features)``. ``labels``: ``(n_samples,)`` integer classes, or None for
     the score alone. ``seed``: fold assignment of the probe. ``device``: where distances run.
+    ``progress(done, total)``: called after the score, after the labelled references and after each
+    fold of the probe.
     """
     func = "class_separability"
     t0 = time.perf_counter()
@@ -1166,7 +1186,9 @@ def class_separability(
     if y_idx is not None and probe:
         _check_cv(cv, y_idx, func)
     with _single_threaded(dev):
-        return _class_separability_core(t, y_idx, normalize, probe, cv, seed, dev, func, t0)
+        return _class_separability_core(
+            t, y_idx, normalize, probe, cv, seed, dev, func, t0, progress or (lambda done, total: None)
+        )
 
 
 def _class_indices(labels: ArrayLike, n: int, func: str) -> np.ndarray:
@@ -1197,9 +1219,12 @@ def _class_separability_core(
     dev: torch.device,
     func: str,
     t0: float,
+    report: Progress,
 ) -> SeparabilityResult:
+    total = 1 if y_idx is None else 2 + (cv if probe else 0)
     t = t * unit_scale(t)  # every measure below is scale-free; a power of two keeps their squares in range
     times = _persistence_score(t, normalize, func)
+    report(1, total)
     refs: dict[str, float | None] = dict.fromkeys(
         ("fisher_ratio", "thornton_index", "probe_accuracy", "probe_roc_auc", "calinski_harabasz")
     )
@@ -1213,8 +1238,11 @@ def _class_separability_core(
         refs["thornton_index"] = _thornton_index(t, yt)
         xn = t.cpu().numpy()
         refs["calinski_harabasz"] = float(calinski_harabasz_score(xn, y_idx))
+        report(2, total)
         if probe:
-            refs["probe_accuracy"], refs["probe_roc_auc"] = _probe(xn, y_idx, cv, seed)
+            refs["probe_accuracy"], refs["probe_roc_auc"] = _probe(
+                xn, y_idx, cv, seed, lambda fold: report(2 + fold, total)
+            )
     label = "H0 persistence score S = mean of MST edge lengths / the largest (arXiv 2305.15016)"
     label += ", L2-normalised samples" if normalize else ", raw samples"
     return SeparabilityResult(
