@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import nn
 
 from workbench import load_model
 from workbench.analyses.mode_connectivity import (
+    BarrierResult,
     InterpolationResult,
     MergeResult,
     ModeConnectivityResult,
@@ -180,6 +182,50 @@ def test_matching_a_permuted_copy_recovers_the_permutation_and_no_barrier(name, 
         assert found.correlation_before[p] < 0.5
 
 
+class StreamNet(nn.Module):
+    """A residual stream read and written by one layer: ``fc.weight`` carries the stream permutation on both axes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = h + self.fc(torch.relu(h))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_weight_matching_of_a_stream_to_stream_weight_never_decreases_and_converges(seed):
+    torch.manual_seed(seed)
+    a, b = StreamNet(), StreamNet()
+    assert permutation_spec(a).axes["fc.weight"] == ("P_inp", "P_inp")  # the objective is quadratic in P_inp
+    result = weight_matching(a, b, seed=seed, max_iter=50)
+    assert np.all(np.diff(result.objective) >= -1e-12), result.objective
+    assert result.converged and result.n_iterations < 50
+    assert result.objective[-1] == pytest.approx(result.objective.max(), abs=1e-12)  # the best one visited is kept
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(seed)).numpy()
+    found = weight_matching(a, apply_permutation(a, {"P_inp": perm}), seed=seed)
+    np.testing.assert_array_equal(found.permutations["P_inp"], np.argsort(perm))
+    assert found.converged
+
+
+def test_progress_of_each_step_ends_at_its_total(sample_model, digits_test):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    calls: list[tuple[int, int]] = []
+    result = weight_matching(a, b, max_iter=100, progress=lambda d, t: calls.append((d, t)))
+    assert result.converged and result.n_iterations < 100
+    assert calls[-1] == (100, 100) and len(calls) == result.n_iterations
+    assert all(d <= t for d, t in calls) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    others: dict[str, list[tuple[int, int]]] = {"interpolate": [], "activation_matching": []}
+    interpolate(a, b, digits_test, n_points=3, progress=lambda d, t: others["interpolate"].append((d, t)))
+    activation_matching(
+        a, b, digits_test, batch_size=200, progress=lambda d, t: others["activation_matching"].append((d, t))
+    )
+    for seen in others.values():
+        assert seen[-1][0] == seen[-1][1] and all(d <= t for d, t in seen)
+
+
 # ---------------------------------------------------------------------------------------------
 # the bundled digits MLPs
 
@@ -204,6 +250,27 @@ def test_singular_values_unchanged_while_top_singular_vectors_align(wide_pair):
     assert np.all(result.alignment_after > result.alignment_before)
     assert np.all(result.distance_after < result.distance_before)
     assert np.all((result.alignment_after >= 0) & (result.alignment_after <= 1))
+
+
+def test_layer_alignment_records_the_components_each_layer_used(sample_model):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    wm = weight_matching(a, b)
+    many = layer_alignment(a, b, wm, top_k=1000)  # fc1, fc2: 64 × 64; out: 10 × 64
+    assert many.top_k == 1000 and many.n_components == {"fc1": 64, "fc2": 64, "out": 10}
+    assert many.params["n_components"] == many.n_components
+    for layer, k in many.n_components.items():
+        assert many.component_alignment_after[layer].shape == (k,)
+    assert "top-1000 singular" not in many.estimator and "clipped to each layer's rank" in many.estimator
+    assert "10-64 components" in many.estimator
+    few = layer_alignment(a, b, wm, top_k=3)
+    assert few.n_components == {"fc1": 3, "fc2": 3, "out": 3}
+    assert "top-3 singular-vector alignment" in few.estimator and "clipped" not in few.estimator
+    json.dumps(many.to_dict())
+    from workbench.plots.mode_connectivity import layer_alignment_figure
+
+    titles = [a.text for a in layer_alignment_figure(many).layout.annotations]
+    assert "top-k (k = 10–64: at most each layer's rank) singular-vector alignment (higher = closer)" in titles
+    assert "top-3 singular-vector alignment (higher = closer)" in [a.text for a in layer_alignment_figure(few).layout.annotations]
 
 
 def test_wider_pair_has_a_lower_matched_barrier_than_the_narrow_pair(sample_model, wide_curves, digits_test):
@@ -265,6 +332,18 @@ def test_barrier_definitions_on_known_curves():
     assert set(bump.definitions) == {"linear", "mean", "accuracy_drop"}
 
 
+def test_a_curve_below_its_chord_has_no_negative_barrier():
+    lambdas = np.linspace(0, 1, 5)
+    chord = 1.0 + 0.032 * lambdas
+    below = dataclasses.replace(curve([0.0] * 5), loss={"test": chord - 0.2 * np.sin(np.pi * lambdas)})
+    barrier = loss_barrier(below)
+    assert barrier.linear["test"] == 0.0 and barrier.lambda_linear["test"] in (0.0, 1.0)  # reached at an endpoint
+    assert barrier.mean["test"] == pytest.approx(0.016, abs=1e-12)  # half the gap, at the worse endpoint
+    assert barrier.lambda_mean["test"] == 1.0
+    for doc in (loss_barrier.__doc__, BarrierResult.__doc__):  # the documented range is the computed one
+        assert "½|L_A − L_B|" in doc and "negative" not in doc
+
+
 # ---------------------------------------------------------------------------------------------
 # merging and export
 
@@ -321,6 +400,22 @@ def test_exported_merged_model_round_trips(sample_model, digits_test):
     assert loaded.architecture["type"] == "torch.nn"
     with torch.no_grad():
         assert torch.equal(loaded.module(digits_test.x), merged(digits_test.x))
+
+
+def test_merged_model_reports_progress_over_the_statistics_batches(sample_model, digits_test):
+    cnn = sample_model("cnn_seed0")
+    models = [cnn, apply_permutation(cnn, random_permutations(cnn.module, seed=6))]
+    calls: list[tuple[int, int]] = []
+    merged = merged_model(models, stats_dataset=digits_test, batch_size=100, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(i, 6) for i in range(1, 7)]  # the average, then 5 batches of 450 samples
+    quiet = merged_model(models, stats_dataset=digits_test, batch_size=100)
+    for k, v in quiet.state_dict().items():
+        assert torch.equal(merged.state_dict()[k], v)
+    calls = []
+    merged_model(models, progress=lambda d, t: calls.append((d, t)))  # no statistics to recompute
+    assert calls == [(1, 1)]
+    with pytest.raises(ParameterError, match=r"'progress' parameter of merged_model must be a callable"):
+        merged_model(models, progress=5)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -155,8 +155,10 @@ class InterpolationResult(RecordedResult):
 class BarrierResult(RecordedResult):
     """Loss barriers of an interpolation curve, per split, under both common definitions.
 
-    ``linear[split]``: ``max_λ L(λ) − ((1−λ) L_A + λ L_B)``; ``mean[split]``:
-    ``max_λ L(λ) − ½(L_A + L_B)`` (nats, ≥ 0 up to rounding; 0 means linearly connected).
+    ``linear[split]``: ``max_λ L(λ) − ((1−λ) L_A + λ L_B)`` (nats, ≥ 0 since the endpoints are on
+    the curve; 0 when the curve nowhere rises above the straight line between the endpoint losses);
+    ``mean[split]``: ``max_λ L(λ) − ½(L_A + L_B)`` (nats, ≥ ½|L_A − L_B|, since the worse endpoint is on
+    the curve; 0 only when both endpoint losses are equal and nothing in between is higher).
     ``accuracy_drop[split]``: ``max_λ ((1−λ) acc_A + λ acc_B) − acc(λ)``. ``lambda_linear`` and
     ``lambda_mean``: where each maximum is reached. ``definitions`` spells out each definition.
     """
@@ -182,6 +184,8 @@ class LayerAlignmentResult(RecordedResult):
     the top ``k`` components of ``|⟨u_i^A, u_i^B⟩ · ⟨v_i^A, v_i^B⟩|`` (the cosine between the
     rank-one components ``u_i v_iᵀ``; in [0, 1], 1 = identical directions);
     ``component_alignment_before[layer]`` / ``..._after[layer]``: the ``(k,)`` per-component values.
+    ``top_k``: the number of components asked for; ``n_components[layer]``: the ``k`` compared in
+    that layer, ``min(top_k, min(rows, columns))`` of its weight matrix.
     """
 
     layers: tuple[str, ...]
@@ -195,6 +199,7 @@ class LayerAlignmentResult(RecordedResult):
     component_alignment_before: dict[str, np.ndarray]
     component_alignment_after: dict[str, np.ndarray]
     top_k: int
+    n_components: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -894,20 +899,25 @@ def _weight_matching_core(
 ) -> tuple[dict[str, torch.Tensor], list[float], int, bool]:
     """Coordinate descent: each step solves one linear assignment with the other permutations fixed.
 
-    The assignment is solved on a float32 cost matrix (the costly ``n × n`` products); whether it
-    improves is decided on the exact float64 objective, so the descent is monotone and stops.
-    Starts from ``init`` (default: identity); a permutation changes only when it strictly improves.
+    The assignment is solved on a float32 cost matrix (the costly ``n × n`` products). When a
+    permutation acts on both axes of a weight (a residual stream read and written by one layer) the
+    objective is quadratic in it and the assignment maximises only its linearisation, which can
+    overshoot; so every candidate is kept only when the exact float64 objective, with the candidate
+    on every axis it acts on, rises by a positive amount. The descent is therefore monotone, ends
+    at the best permutations it visited and stops. Starts from ``init`` (default: identity).
     ``track``: record the objective after each pass (costs one pass over the weights)."""
     device = next(iter(sa.values())).device
     touching = {p: [(k, ax) for k, ax in pairs if k in weight_keys] for p, pairs in spec.perms.items()}
     names = [p for p in spec.perm_names if touching[p]]
+    touched_keys = {p: list(dict.fromkeys(k for k, _ in touching[p])) for p in names}
     perms = {p: torch.arange(sizes[p], device=device) for p in spec.perm_names}
     if init is not None:
         perms.update({p: t.to(device) for p, t in init.items()})
-    a_rows = {
-        (k, ax): sa[k].movedim(ax, 0).reshape(sa[k].shape[ax], -1).contiguous() for p in names for k, ax in touching[p]
+    a_rows32 = {
+        (k, ax): sa[k].movedim(ax, 0).reshape(sa[k].shape[ax], -1).float().contiguous()
+        for p in names
+        for k, ax in touching[p]
     }
-    a_rows32 = {key: rows.float() for key, rows in a_rows.items()}
     sb32 = {k: sb[k].float() for k in weight_keys}
 
     def b_rows(state: Mapping[str, torch.Tensor], p: str, k: str, ax: int) -> torch.Tensor:
@@ -918,6 +928,17 @@ def _weight_matching_core(
     def objective() -> float:
         pb = _permute_state(sb, spec, perms)
         return float(sum((sa[k] * pb[k]).sum() for k in weight_keys))
+
+    def exact_gain(p: str, candidate: torch.Tensor) -> float:
+        """Change of the float64 objective when ``p`` becomes ``candidate`` on every axis it acts on."""
+        moved = {**perms, p: candidate}
+        gain = 0.0
+        for k in touched_keys[p]:
+            one = PermutationSpec({k: spec.axes[k]})
+            new = _permute_state({k: sb[k]}, one, moved)[k]
+            old = _permute_state({k: sb[k]}, one, perms)[k]
+            gain += float((sa[k] * (new - old)).sum())
+        return gain
 
     history = [objective()] if track else []
     converged = False
@@ -932,30 +953,17 @@ def _weight_matching_core(
             cost_np = cost.cpu().numpy()
             _, col = linear_sum_assignment(cost_np, maximize=True)
             new_perm = torch.as_tensor(col, device=device)
-            moved = (new_perm != perms[p]).nonzero().flatten()
-            if len(moved) == 0:
+            if torch.equal(new_perm, perms[p]):
                 continue
-            # accept on the float32 costs when the gain is far above their rounding error, else on the
-            # exact float64 gain over the rows whose partner changed
-            rows_np = np.arange(len(col))
-            scale = float(np.abs(cost_np[rows_np, col]).sum())
-            was, now = perms[p][moved], new_perm[moved]
-            gain = float(
-                cost_np[rows_np, col].sum(dtype=np.float64)
-                - cost_np[rows_np, perms[p].cpu().numpy()].sum(dtype=np.float64)
-            )
-            if gain <= 1e-4 * scale:
-                gain = 0.0
-                for k, ax in touching[p]:
-                    rows = b_rows(sb, p, k, ax)
-                    gain += float((a_rows[(k, ax)][moved] * (rows[now] - rows[was])).sum())
-            if gain > 1e-12 * max(1.0, scale):
+            # kept only when the exact objective rises by more than its float64 rounding
+            scale = float(np.abs(cost_np[np.arange(len(col)), col]).sum())
+            if exact_gain(p, new_perm) > 1e-12 * max(1.0, scale):
                 perms[p] = new_perm
                 improved = True
         if track:
             history.append(objective())
         if progress is not None:
-            progress(n_iter, max_iter)
+            progress(n_iter if improved else max_iter, max_iter)  # a pass that changes nothing ends the work
         if not improved:
             converged = True
             break
@@ -981,12 +989,15 @@ def weight_matching(
     touches; stops when a full pass improves nothing (a local optimum) or after ``max_iter`` passes.
     Uses the weights only (no data); BatchNorm running statistics are not matched but are permuted by
     :func:`apply_permutation`. The assignment costs are float32 products; a step is kept only when
-    its gain is positive in float64, so the objective never decreases.
+    the exact float64 objective, with the new permutation on every axis it acts on (both axes of a
+    weight that reads and writes one residual stream), rises, so the objective never decreases and the
+    result is the best permutation visited.
 
     ``model_a``, ``model_b``: loaded models or ``nn.Module`` of the same architecture; B is the one
     permuted. ``spec``: a :class:`PermutationSpec` (default: :func:`permutation_spec` of A).
     ``max_iter``: passes at most (1-10000; usually converges in under 10). ``seed``: order of the
-    permutations in each pass. ``progress``: callable ``(pass, max_iter)``.
+    permutations in each pass. ``progress``: callable ``(pass, max_iter)``, called after each pass; a pass that
+    changes nothing (convergence) reports ``(max_iter, max_iter)``.
     """
     func = "weight_matching"
     start = time.perf_counter()
@@ -1069,8 +1080,16 @@ def _has_bn(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _reset_bn(module: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> None:
-    """Recompute BatchNorm running statistics as the average over ``x`` (other modules stay in eval mode)."""
+def _reset_bn(
+    module: nn.Module,
+    x: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Recompute BatchNorm running statistics as the average over ``x`` (other modules stay in eval mode).
+
+    ``on_batch(i)`` is called after batch ``i`` (from 1)."""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -1081,8 +1100,10 @@ def _reset_bn(module: nn.Module, x: torch.Tensor, batch_size: int, device: torch
         m.train()
     try:
         with torch.no_grad():
-            for xb in _batches(x, batch_size, device, _module_dtype(module)):
+            for i, xb in enumerate(_batches(x, batch_size, device, _module_dtype(module)), start=1):
                 module(xb)
+                if on_batch is not None:
+                    on_batch(i)
     finally:
         for m, momentum in zip(bns, saved):
             m.momentum = momentum
@@ -1339,9 +1360,10 @@ def loss_barrier(curve: InterpolationResult) -> BarrierResult:
     """The loss barrier of an interpolation curve under both common definitions, for every split.
 
     ``linear``: ``max_λ L(λ) − ((1−λ) L_A + λ L_B)`` (Entezari et al. 2022);
-    ``mean``: ``max_λ L(λ) − ½(L_A + L_B)`` (Frankle et al. 2020, as error; Ainsworth et al. 2023). Both are 0 for a flat curve
-    and can be slightly negative for a curve below its endpoints. ``accuracy_drop`` is the analogue
-    for accuracy.
+    ``mean``: ``max_λ L(λ) − ½(L_A + L_B)`` (Frankle et al. 2020, as error; Ainsworth et al. 2023). λ = 0 and
+    1 are on the curve, so ``linear`` ≥ 0 (0 when the curve never rises above the chord, also for a curve
+    below it) and ``mean`` ≥ ½|L_A − L_B| (reached at the worse endpoint when nothing in between is
+    higher); both are 0 for a flat curve. ``accuracy_drop`` is the analogue for accuracy (≥ 0 likewise).
     """
     func = "loss_barrier"
     if not isinstance(curve, InterpolationResult):
@@ -1543,7 +1565,8 @@ def layer_alignment(
     ``|⟨u_i^A, u_i^B⟩ · ⟨v_i^A, v_i^B⟩|`` of the top ``top_k`` components (in [0, 1]).
 
     ``permutations``: a matching result or ``{name: index array}`` applied to B. ``top_k``: number of
-    leading singular directions compared (1-1000; clipped to each matrix's rank).
+    leading singular directions compared (1-1000; clipped to each matrix's rank, ``min(rows, columns)``;
+    ``n_components`` records the number used per layer).
     """
     func = "layer_alignment"
     start = time.perf_counter()
@@ -1564,7 +1587,7 @@ def layer_alignment(
         if getattr(m, "weight", None) is not None and isinstance(m.weight, torch.Tensor) and m.weight.ndim >= 2
     ]
     dist_before, dist_after, sv_change, al_before, al_after = [], [], [], [], []
-    sv_a, sv_b, comp_before, comp_after = {}, {}, {}, {}
+    sv_a, sv_b, comp_before, comp_after, used = {}, {}, {}, {}, {}
     params = dict(a.named_parameters())
     for layer in layers:
         prefix = f"{layer}." if layer else ""
@@ -1584,7 +1607,7 @@ def layer_alignment(
             perms,
         )
         up, vhp = moved["u"], moved["vh"].reshape(vhb.shape)
-        k = min(top_k, sva.shape[0])
+        k = used[layer] = min(top_k, sva.shape[0])
         before = ((ua[:, :k] * ub[:, :k]).sum(0) * (vha[:k] * vhb[:k]).sum(1)).abs()
         after = ((ua[:, :k] * up[:, :k]).sum(0) * (vha[:k] * vhp[:k]).sum(1)).abs()
         sv_a[layer], sv_b[layer] = sva.cpu().numpy(), svb.cpu().numpy()
@@ -1604,14 +1627,25 @@ def layer_alignment(
         component_alignment_before=comp_before,
         component_alignment_after=comp_after,
         top_k=top_k,
-        estimator=f"Frobenius distance and top-{top_k} singular-vector alignment (Ito et al. 2024)",
+        n_components=used,
+        estimator=f"Frobenius distance and {_top_k_label(top_k, used)} singular-vector alignment (Ito et al. 2024)",
         n_samples=0,
-        params={"top_k": top_k},
+        params={"top_k": top_k, "n_components": dict(used)},
         seed=0,
         device=str(dev),
         dtype="float64",
         seconds=time.perf_counter() - start,
     )
+
+
+def _top_k_label(top_k: int, used: Mapping[str, int]) -> str:
+    """``top-5``, or ``top-1000 (clipped to each layer's rank, min(rows, columns): 10-64 components)`` when a
+    layer has fewer."""
+    if all(k == top_k for k in used.values()):
+        return f"top-{top_k}"
+    low, high = min(used.values()), max(used.values())
+    span = f"{low}" if low == high else f"{low}-{high}"
+    return f"top-{top_k} (clipped to each layer's rank, min(rows, columns): {span} components)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1746,14 +1780,21 @@ def merged_model(
     stats_dataset: Any = None,
     spec: PermutationSpec | None = None,
     batch_size: int = 512,
+    progress: Progress = None,
 ) -> nn.Module:
     """The average of ``models`` after applying the permutations of ``merge_result`` (plain average when ``None``).
 
     When the models have BatchNorm and ``stats_dataset`` is given, its running statistics are
     recomputed on that data (averaged statistics do not describe an averaged network). Returns a
     float32 module in eval mode on the CPU, like the members.
+
+    ``batch_size``: samples per forward pass of the statistics reset. ``progress``: callable
+    ``(steps done, total steps)``: one step for the average, then one per batch of ``stats_dataset``
+    when BatchNorm statistics are recomputed; the last call has ``done == total``.
     """
     func = "merged_model"
+    batch_size = check_int(batch_size, "batch_size", func=func, low=1)
+    check_progress(progress, func=func)
     modules = _check_models(models, func)
     if merge_result is not None and not isinstance(merge_result, MergeResult):
         raise ParameterError(
@@ -1772,23 +1813,38 @@ def merged_model(
             _permute_state(s, spec, _check_permutations(p, sizes, func))
             for s, p in zip(states, merge_result.permutations)
         ]
-    return _merged_module(modules[0], _average_states(states), stats_dataset, batch_size, func)
+    return _merged_module(modules[0], _average_states(states), stats_dataset, batch_size, func, progress)
 
 
 def _merged_module(
-    template: nn.Module, state: Mapping[str, torch.Tensor], stats_dataset: Any, batch_size: int, func: str
+    template: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    stats_dataset: Any,
+    batch_size: int,
+    func: str,
+    progress: Progress = None,
 ) -> nn.Module:
     out = private_copy(template).to(torch.device("cpu")).eval()
     dtype = next((t.dtype for t in template.state_dict().values() if t.is_floating_point()), torch.float32)
     out.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    x = None
     if stats_dataset is not None and _has_bn(out):
         x = getattr(stats_dataset, "x", None)
         if not isinstance(x, torch.Tensor):
             raise ParameterError(
                 f"{func}: 'stats_dataset' must be a Dataset or None. Got {type(stats_dataset).__name__}."
             )
+    total = 1 + (math.ceil(x.shape[0] / batch_size) if x is not None else 0)
+    if progress is not None:
+        progress(1, total)
+    if x is not None:
+
+        def on_batch(i: int) -> None:
+            if progress is not None:
+                progress(1 + i, total)
+
         work = _working_copy(out, torch.device("cpu"))
-        _reset_bn(work, x, batch_size, torch.device("cpu"))
+        _reset_bn(work, x, batch_size, torch.device("cpu"), on_batch)
         out.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in work.state_dict().items()})
     return out
 

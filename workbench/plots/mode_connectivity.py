@@ -148,14 +148,14 @@ def _definitions(barrier: BarrierResult | None) -> str:
 @takes_results
 def layer_alignment_figure(result: LayerAlignmentResult) -> go.Figure:
     """Per layer: distance ‖θ_A − θ_B‖ (left) and top-k singular-vector alignment (right), before and after matching."""
+    used = sorted(set(result.n_components.values())) or [result.top_k]
+    k = (f"top-{result.top_k}" if used == [result.top_k]
+         else f"top-k (k = {used[0]}{f'–{used[-1]}' if len(used) > 1 else ''}: at most each layer's rank)")
     fig = make_subplots(
         rows=1,
         cols=2,
         horizontal_spacing=0.12,
-        subplot_titles=(
-            "distance ‖θ_A − θ_B‖ (lower = closer)",
-            f"top-{result.top_k} singular-vector alignment (higher = closer)",
-        ),
+        subplot_titles=("distance ‖θ_A − θ_B‖ (lower = closer)", f"{k} singular-vector alignment (higher = closer)"),
     )
     grouped_bar_panels(fig, list(result.layers), (("before matching", _BEFORE), ("after matching", _AFTER)),
                        ((result.distance_before, result.distance_after), (result.alignment_before, result.alignment_after)))
