@@ -142,7 +142,9 @@ with _state.guard():
     logits = logits if all(lg is not None for lg in logits) else [None, None]
     options = {"n_anchors": min(n_anchors, train.n_samples), "method": method, "center": center, "head": head}
     options.update({"epochs": epochs, "logits_a": logits[0], "logits_b": logits[1], "seed": seed})
-    stitched = _state.cached_call(stitch, tr_a[la], tr_b[lb], te_a[la], te_b[lb], train.y, test.y, **options)
+    with _state.progress_bar("Training the stitching heads…") as progress:
+        stitched = _state.cached_call(stitch, tr_a[la], tr_b[lb], te_a[la], te_b[lb], train.y, test.y, progress=progress,
+                                      **options)
 absolute_acc = stitched.absolute_accuracy
 cols = st.columns(3)
 cols[0].metric("B → head of A (stitched)", f"{stitched.relative_accuracy[1, 0]:.3f}")
