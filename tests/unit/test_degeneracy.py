@@ -63,12 +63,20 @@ def _data(n: int, d: int, seed: int = 0, constant: dict[int, float] | None = Non
     return make_dataset("synthetic", x, torch.arange(n) % classes)
 
 
-def _param_null_dim(model: nn.Module, x: torch.Tensor, rtol: float = 1e-8) -> int:
-    """Dimension of the null space of d(all logits on all samples)/d(all parameters), computed directly."""
+def _param_null_dim(model: nn.Module, x: torch.Tensor, rtol: float = 1e-8, only: type | None = None) -> int:
+    """Dimension of the null space of d(all logits on all samples)/d(all parameters), computed directly;
+    with ``only``, of the parameters of the modules of that type (the others held fixed)."""
     m = copy.deepcopy(model).double()
     params = {k: v.detach() for k, v in m.named_parameters()}
-    jac = torch.func.jacrev(lambda p: torch.func.functional_call(m, p, (x.double(),)).reshape(-1))(params)
-    j = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in params], dim=1)
+    kept = {
+        f"{name}.{k}"
+        for name, mod in m.named_modules()
+        if only is None or isinstance(mod, only)
+        for k, _ in mod.named_parameters(recurse=False)
+    }
+    own = {k: v for k, v in params.items() if k in kept}
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(m, {**params, **p}, (x.double(),)).reshape(-1))(own)
+    j = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in own], dim=1)
     s = torch.linalg.svdvals(j)
     return j.shape[1] - int((s**2 > rtol * s[0] ** 2).sum())
 
@@ -401,6 +409,75 @@ def test_free_count_never_exceeds_the_parameters():
     assert s.total_free == _param_null_dim(model, _data(40, 4).x)
 
 
+def _homogeneous_and_linear_models() -> dict[str, nn.Sequential]:
+    torch.manual_seed(0)
+    bias_free = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Linear(6, 5), nn.Linear(5, 3, bias=False))
+    return {
+        "relu": nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)),
+        "leaky-relu": nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(0.1), nn.Linear(6, 3)),
+        "leaky-relu-negative-slope": nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(-0.5), nn.Linear(6, 3)),
+        "prelu": nn.Sequential(nn.Linear(4, 6), nn.PReLU(6, init=0.3), nn.Linear(6, 3)),
+        "identity": nn.Sequential(nn.Linear(4, 6), nn.Identity(), nn.Linear(6, 3)),
+        "linear-linear-relu": nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)),
+        "relu-linear-linear": nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.Linear(5, 3)),
+        "dropout-chain": nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.3), nn.Linear(6, 5), nn.Linear(5, 3)),
+        "narrow-middle": nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2), nn.Tanh(), nn.Linear(2, 3)),
+        "bias-free-ends": bias_free,
+    }
+
+
+@pytest.mark.parametrize("name", list(_homogeneous_and_linear_models()))
+def test_homogeneous_activations_and_linear_compositions_count_the_whole_null_space(name):
+    """Positively homogeneous units rescale (and mix when synchronised) and a Linear read unchanged by the next
+    one has the invertible maps of its output space; the count equals the null dimension of the full Jacobian."""
+    model = _homogeneous_and_linear_models()[name].eval()
+    x = torch.randn(600, 4, generator=torch.Generator().manual_seed(0))
+    s = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(600) % 3))
+    assert s.total_free == _param_null_dim(model, x, only=nn.Linear) and s.lower_bound == ()
+
+
+def test_composition_count_comes_from_the_ranks():
+    """Linear(4, 6) then Linear(6, 3): of the 36 maps G of the 6-dim hidden space, only gradient rank 3 times
+    (input rank 4 + 1) = 15 change the first matrix outside its own null space."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Identity(), nn.Linear(6, 3)).eval()
+    x = torch.randn(600, 4)
+    s = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(600) % 3))
+    assert s.gradient_rank == {"0": 3, "2": 3} and s.input_rank == {"0": 4, "2": 4}
+    assert s.free_from_composition == {"0": 15, "2": 0} and s.free_total == {"0": 15 + 15, "2": 6}
+    assert s.total_free == _param_null_dim(model, x) == 36
+
+
+def test_leaky_relu_units_that_never_fire_act_linearly_and_are_not_dead():
+    """Two units always above 0 and two always below: one linear group of four with their bias shifts. Next to
+    units whose slope changes, they leave two more directions free than counted: the module is named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 6)).eval()
+    with torch.no_grad():
+        model[0].bias[:2] = 20.0
+        model[0].bias[2:4] = -20.0
+    x = torch.randn(800, 4)
+    s = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(800) % 6))
+    assert s.dead_units["0"] == 0 and s.always_on_units["0"] == 4
+    assert s.free_from_synchronised["0"] == 4 * 3 and s.free_from_bias_shift["0"] == 4
+    assert s.total_free == 8 + 12 + 4 < _param_null_dim(model, x) and s.lower_bound == ("0",)
+    with torch.no_grad():
+        model[0].bias[4:] = 20.0  # every unit linear on the data
+    s = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(800) % 6))
+    assert s.always_on_units["0"] == 8 and s.lower_bound == ()
+
+
+def test_activations_with_symmetries_the_count_misses_are_named():
+    """ReLU6 units below 6 on every sample can be rescaled, but ReLU6 is not homogeneous: the count is a lower bound."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU6(), nn.Linear(6, 3)).eval()
+    x = torch.randn(600, 4)
+    s = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(600) % 3))
+    assert s.lower_bound == ("0",) and s.total_free == 0 < _param_null_dim(model, x) == 6
+    twice = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.ReLU(), nn.Linear(6, 3)).eval()
+    assert degeneracy_summary(twice, make_dataset("synthetic", x, torch.arange(600) % 3)).lower_bound == ("0",)
+
+
 # ---------------------------------------------------------------------------------------------
 # the interaction basis
 
@@ -713,6 +790,18 @@ def test_inputs_are_unchanged_and_results_export(constant_and_dead):
         json.dumps(result.to_dict())
         assert result.arrays()
     assert s.device == "cpu" and ib.seed == 0 and ib.n_samples == 60
+
+
+@pytest.mark.parametrize("func", ["relu_patterns", "layer_activations"])
+def test_forward_passes_report_progress_per_batch(constant_and_dead, func):
+    model, data = constant_and_dead  # 60 samples: batches of 25, 25 and 10
+    calls: list[tuple[int, int]] = []
+    record = lambda done, total: calls.append((done, total))  # noqa: E731
+    if func == "relu_patterns":
+        relu_patterns(model, data, batch_size=25, progress=record)
+    else:
+        layer_activations(model, data, ["input", "relu1"], batch_size=25, progress=record)
+    assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
 def test_same_seed_same_communities(narrow, digits_test):

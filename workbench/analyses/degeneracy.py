@@ -164,8 +164,12 @@ class DegeneracyResult(RecordedResult):
       directly after this matrix, with the always-on units counted as one more group: ``k`` units
       that fire on the same samples can be mixed by any invertible ``k x k`` matrix near the identity
       (applied to their fan-in and undone on their fan-out) without changing the function on the
-      data; the ``k`` diagonal ones are counted in the next term;
-    - ``free_from_rescaling``: one per unit of that ReLU that fires at least once and whose output
+      data; the ``k`` diagonal ones are counted in the next term. The same holds for any positively
+      homogeneous activation (``σ(a z) = a σ(z)`` for ``a > 0``: ``nn.ReLU``, ``nn.LeakyReLU``,
+      ``nn.PReLU``), directly after the matrix or past flattening, dropout and identity layers, whose
+      units are grouped by the sign of their input and their negative slope; for a LeakyReLU or PReLU
+      the units whose input never exceeds 0 act linearly too and join the always-on group;
+    - ``free_from_rescaling``: one per unit of that activation whose slope is not 0 on every sample and whose output
       gradient is not zero on the data (scale its fan-in by ``a > 0`` and its fan-out by ``1/a``), a
       symmetry of every ReLU network; a unit the rest of the network ignores (its diagonal entry of
       the Jacobian Gram at most the rank threshold, such as a unit with zero fan-out) is left out,
@@ -173,10 +177,19 @@ class DegeneracyResult(RecordedResult):
       rescaling are undone on the fan-out, so both count only when an ``nn.Linear`` reads the ReLU's
       output (a ReLU after the last layer frees neither);
     - ``free_from_bias_shift``: for the always-on units of that ReLU, which act linearly on the data,
-      when this matrix has a bias and the next ``nn.Linear`` after the ReLU has one: a unit's bias can
+      when this matrix has a bias and the next ``nn.Linear`` after the activation has one: a unit's bias can
       be raised and the change undone in the next layer's bias. It counts one per always-on unit,
       less the combinations of them the rest of the network ignores (the rank of the Jacobian Gram
       restricted to the always-on units), which are already among the ``free_from_gradients``;
+    - ``free_from_composition``: when the next ``nn.Linear`` reads this matrix's output unchanged
+      (directly, or past flattening, dropout and identity layers), the invertible maps ``G`` of the
+      hidden space (``W -> G W``, ``b -> G b``, ``W_next -> W_next G⁻¹``) and the bias moves between the
+      two. Counted from the ranks, not from the width: of the directions of the chain of such
+      matrices, those outside each matrix's ``span(inputs) ⊗ span(output gradients)`` number
+      ``sum_a (gradient_rank_a - gradient_rank_{a-1}) * D_a`` with ``D_a`` the dimension of the span of
+      the input functions of matrix ``a`` and of those after it; ``free_from_composition`` of a matrix
+      is this chain's count less the rank terms, ``gradient_rank * (D_next + r_x - D)``, which is
+      ``gradient_rank * r_x(next)`` when every matrix of the chain has a bias;
     - ``free_total``: their sum, at most ``n_parameters``; ``free_fraction = free_total / n_parameters``.
 
     The first two terms are the structural count ``n_parameters - r_x * gradient_rank`` split in two:
@@ -192,6 +205,14 @@ class DegeneracyResult(RecordedResult):
     parameters that are not ``nn.Linear`` (convolutions, BatchNorm) are listed in ``not_counted``, and
     so are ``nn.Linear`` layers applied along an axis of a larger input (their weights are shared
     over the other axes, which this count does not cover).
+    ``lower_bound``: the modules whose count can miss continuous symmetries of the activations after
+    them: a piecewise-linear activation that is not positively homogeneous (``nn.ReLU6``,
+    ``nn.Hardtanh``, ``nn.Hardswish``, ...; units that stay on one linear piece over the data have
+    rescalings and mixings of their own), a homogeneous one followed by another piecewise-linear
+    activation, or a LeakyReLU or PReLU with units that act linearly on the data next to units whose
+    slope changes (their combinations leave a few more directions free than counted). Other activations (tanh, sigmoid, GELU, SiLU, ELU) have none.
+    ``dead_units`` counts the units of the activation whose slope is 0 on every sample (never firing
+    ReLUs); ``always_on_units`` those with one slope on every sample (they act linearly on the data).
     ``sample_limited``: the modules whose count these samples do not pin down, for either reason:
     the input rank reached the most the samples allow (``n - 1`` centred, ``n`` without bias) below
     the fan-in, so that ``free_from_activations`` also counts directions the samples did not
@@ -216,6 +237,7 @@ class DegeneracyResult(RecordedResult):
     free_from_synchronised: dict[str, int]
     free_from_rescaling: dict[str, int]
     free_from_bias_shift: dict[str, int]
+    free_from_composition: dict[str, int]
     free_total: dict[str, int]
     free_fraction: dict[str, float]
     input_spectrum: dict[str, np.ndarray]
@@ -227,8 +249,10 @@ class DegeneracyResult(RecordedResult):
     output: str
     model: str
     sample_limited: tuple[str, ...] = ()
+    lower_bound: tuple[str, ...] = ()
     estimator: str = (
-        "structural free parameters per weight matrix from activation rank, gradient rank and ReLU firing patterns"
+        "structural free parameters per weight matrix from activation rank, gradient rank, the firing patterns of "
+        "positively homogeneous activations (ReLU, LeakyReLU, PReLU) and compositions of linear layers"
     )
     seed: int | None = None
     dtype: str = "float64"
@@ -314,10 +338,26 @@ class _ChannelAffine(nn.Module):
         return x * self.weight.view(shape) + self.bias.view(shape)
 
 
+class _ChannelPReLU(nn.Module):
+    """``nn.PReLU`` written with ``torch.where``, whose per-sample Jacobians ``vmap`` can take (the slope is
+    shared, or one per channel along dimension 1)."""
+
+    def __init__(self, prelu: nn.PReLU):
+        super().__init__()
+        self.weight = nn.Parameter(prelu.weight.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2) if self.weight.numel() > 1 else (1,) * x.ndim
+        return torch.where(x > 0, x, x * self.weight.view(shape))
+
+
 def _replace_batchnorm(module: nn.Module) -> None:
+    """Replace BatchNorm layers by their evaluation-mode affine maps and ``nn.PReLU`` by :class:`_ChannelPReLU`."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             setattr(module, name, _ChannelAffine(child))
+        elif isinstance(child, nn.PReLU):
+            setattr(module, name, _ChannelPReLU(child))
         else:
             _replace_batchnorm(child)
 
@@ -404,10 +444,14 @@ def _layers(net: _Net, layers: Sequence[str] | str | None, func: str, *, allow_i
     return sorted(set(layers), key=net.position)
 
 
-def _collect(net: _Net, x: torch.Tensor, positions: set[int], batch_size: int, func: str) -> dict[int, torch.Tensor]:
-    """Outputs of the children at ``positions`` (-1 is the input), unflattened, for every sample."""
+def _collect(
+    net: _Net, x: torch.Tensor, positions: set[int], batch_size: int, func: str, progress: Progress = None
+) -> dict[int, torch.Tensor]:
+    """Outputs of the children at ``positions`` (-1 is the input), unflattened, for every sample; ``progress``
+    is called after each batch."""
     chunks: dict[int, list[torch.Tensor]] = {p: [] for p in positions}
     last = max(positions)
+    ticker = _Ticker(progress, math.ceil(x.shape[0] / batch_size))
     with torch.inference_mode():
         for start in range(0, x.shape[0], batch_size):
             h = x[start : start + batch_size]
@@ -425,6 +469,7 @@ def _collect(net: _Net, x: torch.Tensor, positions: set[int], batch_size: int, f
                     ) from exc
                 if i in chunks:
                     chunks[i].append(h)
+            ticker.tick()
     return {p: torch.cat(c) for p, c in chunks.items()}
 
 
@@ -603,6 +648,7 @@ def layer_activations(
     *,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    progress: Progress = None,
 ) -> Activations:
     """The flattened activations of the given layers (``"input"`` and top-level children) on the dataset.
 
@@ -610,6 +656,10 @@ def layer_activations(
     features, the space the Jacobians of :func:`gradient_rank` live in. Returns an
     :class:`~workbench.Activations` (float32, on the CPU, pooling ``"flatten"``) keyed by the model's
     weights, the dataset and the layers.
+
+    batch_size: samples per forward batch.
+    device: where to compute (None: cuda > mps > cpu).
+    progress: optional callable ``(done, total)`` called after each forward batch.
     """
     func = "layer_activations"
     batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
@@ -617,7 +667,7 @@ def layer_activations(
     net = _network(model, func, dev)
     x = _inputs(dataset, func, dev)
     names = _layers(net, layers, func)
-    acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func)
+    acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func, progress)
     tensors = {layer: acts[net.position(layer)].reshape(x.shape[0], -1).float().cpu() for layer in names}
     model_sha = str(getattr(model, "sha256", ""))
     data_sha = str(getattr(dataset, "sha256", ""))
@@ -784,8 +834,12 @@ def _relu_layers(net: _Net) -> list[str]:
     return [name for name, child in zip(net.names, net.seq) if isinstance(child, nn.ReLU)]
 
 
-def _patterns(out: torch.Tensor) -> dict[str, Any]:
-    """Dead / always-on masks, firing rates and synchronised groups of one ReLU output ``(n, ...)``."""
+def _patterns(out: torch.Tensor, negative_slope: torch.Tensor | None = None) -> dict[str, Any]:
+    """Dead / always-on masks, firing rates and synchronised groups of one ReLU output ``(n, ...)``.
+
+    With ``negative_slope`` (one per unit) ``out`` is the input of a positively homogeneous activation and
+    a group's units also share their negative slope, so that they have the same slope on every sample.
+    """
     fires = out.reshape(out.shape[0], -1) > 0  # (n, units)
     count = fires.sum(0)
     n, width = fires.shape
@@ -795,7 +849,10 @@ def _patterns(out: torch.Tensor) -> dict[str, Any]:
     sizes = np.zeros(0, dtype=np.int64)
     middle = torch.nonzero(~dead & ~on).flatten()
     if middle.numel() > 1:
-        uniq, inverse, counts = torch.unique(fires[:, middle].T.cpu(), dim=0, return_inverse=True, return_counts=True)
+        key = fires[:, middle].T.cpu().double()
+        if negative_slope is not None:
+            key = torch.cat([key, negative_slope[middle].cpu().double()[:, None]], dim=1)
+        uniq, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
         big = torch.nonzero(counts > 1).flatten()
         if big.numel():
             # number groups by decreasing size, ties by first unit index
@@ -823,6 +880,7 @@ def relu_patterns(
     *,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    progress: Progress = None,
 ) -> ReluPatternResult:
     """Dead, always-on and synchronised ReLU units of a network on a dataset.
 
@@ -838,6 +896,7 @@ def relu_patterns(
     layers: names of ``nn.ReLU`` children; None for all of them.
     batch_size: samples per forward batch.
     device: where to compute (None: cuda > mps > cpu).
+    progress: optional callable ``(done, total)`` called after each forward batch.
     """
     func = "relu_patterns"
     batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
@@ -855,7 +914,7 @@ def relu_patterns(
                 f"{func}: layer '{layer}' is a {type(net.seq[net.position(layer)]).__name__}, not a ReLU; pick ReLU layers: "
                 f"{format_choices(relus)}."
             )
-    acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func)
+    acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func, progress)
     per = {layer: _patterns(acts[net.position(layer)]) for layer in names}
     pick = lambda key: {layer: per[layer][key] for layer in names}  # noqa: E731
     return ReluPatternResult(
@@ -882,26 +941,57 @@ def relu_patterns(
 # public: degeneracy summary
 
 
-def _relu_after(net: _Net, position: int) -> int | None:
-    """Position of the ReLU directly after the child at ``position``, or None."""
-    nxt = position + 1
-    if nxt < len(net.names) and isinstance(net.seq[nxt], nn.ReLU):
-        return nxt
+_PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)  # identity maps on a flat input in evaluation mode
+# positively homogeneous, σ(a z) = a σ(z) for a > 0, with slope 1 above 0 and a fixed slope below
+_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, _ChannelPReLU)
+# piecewise linear but not homogeneous (ReLU6 is a Hardtanh): units that stay on one piece over the data have
+# symmetries of their own that the count does not look for
+_PIECEWISE = (nn.Hardtanh, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.Hardswish, nn.Hardsigmoid)
+
+
+def _after_pass_through(net: _Net, position: int) -> int | None:
+    """Position of the first child after ``position`` that is not a flattening, dropout or identity layer, or None."""
+    for p in range(position + 1, len(net.names)):
+        if not isinstance(net.seq[p], _PASS_THROUGH):
+            return p
     return None
 
 
-_PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)  # identity maps on a flat input in evaluation mode
+def _activation_after(net: _Net, position: int) -> int | None:
+    """Position of the positively homogeneous activation (ReLU, LeakyReLU, PReLU) that reads the output of
+    the child at ``position`` unchanged, or None."""
+    p = _after_pass_through(net, position)
+    return p if p is not None and isinstance(net.seq[p], _HOMOGENEOUS) else None
 
 
 def _next_linear(net: _Net, position: int) -> int | None:
     """Position of the ``nn.Linear`` that reads the output of the child at ``position`` unchanged (past
     flattening, dropout and identity layers), or None."""
-    for p in range(position + 1, len(net.names)):
-        if isinstance(net.seq[p], nn.Linear):
-            return p
-        if not isinstance(net.seq[p], _PASS_THROUGH):
-            return None
-    return None
+    p = _after_pass_through(net, position)
+    return p if p is not None and isinstance(net.seq[p], nn.Linear) else None
+
+
+def _negative_slope(act: nn.Module, width: int, device: torch.device) -> torch.Tensor:
+    """The slope below 0 of each of the ``width`` units of a positively homogeneous activation."""
+    if isinstance(act, _ChannelPReLU):
+        return act.weight.detach().to(device=device, dtype=torch.float64).expand(width).clone()
+    slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
+    return torch.full((width,), slope, dtype=torch.float64, device=device)
+
+
+def _count_is_lower_bound(net: _Net, position: int) -> bool:
+    """Whether the activations after the matrix at ``position`` can have continuous symmetries that are not
+    counted: a piecewise-linear activation that is not homogeneous (ReLU6, Hardtanh, ...), or a homogeneous one
+    followed by another piecewise-linear activation."""
+    p = _after_pass_through(net, position)
+    if p is None:
+        return False
+    if isinstance(net.seq[p], _PIECEWISE):
+        return True
+    if isinstance(net.seq[p], _HOMOGENEOUS):
+        q = _after_pass_through(net, p)
+        return q is not None and isinstance(net.seq[q], _HOMOGENEOUS + _PIECEWISE)
+    return False
 
 
 def degeneracy_summary(
@@ -919,19 +1009,23 @@ def degeneracy_summary(
     For each weight matrix ``W`` (``fan_out x fan_in``) with bias: the rank ``input_rank`` of the
     centred covariance of its inputs (:func:`activation_rank`), the rank ``gradient_rank`` of the
     Jacobian Gram of the output with respect to its outputs (:func:`gradient_rank`) and the ReLU
-    firing patterns right after it (:func:`relu_patterns`) give
+    firing patterns of the positively homogeneous activation (ReLU, LeakyReLU, PReLU) right after it
+    (:func:`relu_patterns`) give
 
     ``free_total = min(n_parameters, (fan_in - input_rank) * fan_out + (input_rank + 1) * (fan_out - gradient_rank)
-    + sum_groups (k**2 - k) + rescalings + bias shifts)``,
+    + sum_groups (k**2 - k) + rescalings + bias shifts + compositions)``,
 
     see :class:`DegeneracyResult` for each term. The first two terms are the structural count for the
     matrix varied alone, ``n_parameters - (input_rank + 1) * gradient_rank``: the directions outside
     ``span(inputs) ⊗ span(output gradients)`` (the population-level quantity of Bushnaq et al.), not
     the null space of the Jacobian of the outputs on these samples, which is larger where the samples
     give fewer Jacobian rows (``n_samples x n_outputs``, or ``n_samples`` for the loss) than
-    ``(input_rank + 1) * gradient_rank``; such matrices are listed in ``sample_limited``. The ReLU
-    terms (synchronised groups, rescalings, bias shifts of always-on units) are an estimate that can
-    overlap the rank terms when units are exact copies.
+    ``(input_rank + 1) * gradient_rank``; such matrices are listed in ``sample_limited``. The
+    activation terms (synchronised groups, rescalings, bias shifts of always-on units) are an estimate
+    that can overlap the rank terms when units are copies of each other or a group is larger than the
+    ranks around it. ``compositions`` counts the invertible maps between an ``nn.Linear`` and the next
+    one reading its output unchanged, from the ranks. Matrices followed by activations with symmetries
+    the count does not look for (ReLU6, Hardtanh, ...) are listed in ``lower_bound``.
     For a matrix without bias, ``input_rank`` is the rank of the uncentred Gram and no ``+ 1`` is
     added. ``nn.Linear`` layers applied along an axis of a larger input are not counted (they are
     listed in ``not_counted``).
@@ -959,8 +1053,8 @@ def degeneracy_summary(
         raise ArchitectureError(
             f"{func}: the model has no nn.Linear layers to count; its layers are {format_choices(net.names)}."
         )
-    relus = {i: r for i in linear if (r := _relu_after(net, i)) is not None}
-    wanted = {i - 1 for i in linear} | set(linear) | set(relus.values())
+    activation = {i: a for i in linear if (a := _activation_after(net, i)) is not None}
+    wanted = {i - 1 for i in linear} | set(linear)
     acts = _collect(net, x, wanted, batch_size, func)
     flat = [i for i in linear if acts[i - 1].ndim == 2]
     if not flat:
@@ -981,35 +1075,44 @@ def degeneracy_summary(
     total_batches = sum(_n_batches(net, acts, i, output, batch_size) for i in flat)
     ticker = _Ticker(progress, total_batches)
 
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[int, dict[str, Any]] = {}
+    centred_rank: dict[int, int] = {}
     for i in flat:
         layer = cast(nn.Linear, net.seq[i])
         fan_in, fan_out, has_bias = layer.in_features, layer.out_features, layer.bias is not None
         xin = acts[i - 1]
-        spec, r_in, _, _ = _spectrum(_centred_gram(xin) if has_bias else xin.T @ xin / n, rtol)
+        centred = _centred_gram(xin)
+        spec, r_in, _, _ = _spectrum(centred if has_bias else xin.T @ xin / n, rtol)
+        centred_rank[i] = r_in if has_bias else _spectrum(centred, rtol)[1]
         r_x = r_in + int(has_bias)
         gram = _jacobian_gram(net.tail(i, last), acts[i], output, labels, batch_size, ticker)
         gspec, r_g, _, g_threshold = _spectrum(gram, rtol)
         reaches = gram.diagonal() > g_threshold  # units whose output gradient is not zero on the data
         n_params = fan_out * (fan_in + int(has_bias))
         sizes, n_dead, n_on, n_rescaled, n_shifted, n_mixed = np.zeros(0, dtype=np.int64), 0, 0, 0, 0, 0
-        if i in relus:
-            pat = _patterns(acts[relus[i]])
-            n_dead, n_on = int(pat["dead"].sum()), int(pat["always_on"].sum())
+        partly_linear = False
+        if i in activation:
+            slope = _negative_slope(net.seq[activation[i]], fan_out, gram.device)
+            pat = _patterns(acts[i], slope)  # the sign of the activation's input sets each unit's slope
+            linear_unit = slope.cpu().numpy() != 0
+            dead = pat["dead"] & ~linear_unit  # slope 0 on every sample
+            on = pat["always_on"] | (pat["dead"] & linear_unit)  # one slope on every sample: linear on the data
+            n_dead, n_on = int(dead.sum()), int(on.sum())
+            # units linear on the data next to units whose slope changes but is never 0 leave directions uncounted
+            partly_linear = bool(n_on and (linear_unit & ~on).any())
             sizes = pat["group_sizes"]
-            nxt = _next_linear(net, relus[i])
-            if nxt is not None:  # mixing and rescaling are undone on the fan-out: no Linear after the ReLU, no symmetry
-                fires = torch.as_tensor(~pat["dead"], device=gram.device)
-                n_rescaled = int((fires & reaches).sum())
+            nxt = _next_linear(net, activation[i])
+            if nxt is not None:  # mixing and rescaling are undone on the fan-out: no Linear after it, no symmetry
+                n_rescaled = int((torch.as_tensor(~dead, device=gram.device) & reaches).sum())
                 # a group of k units: k - 1 mixing directions per unit that reaches the output (the rows of a unit
                 # the network ignores are already among the free_from_gradients directions)
                 reach = reaches.cpu().numpy()
-                members = [pat["group_id"] == g for g in range(len(sizes))] + ([pat["always_on"]] if n_on else [])
+                members = [pat["group_id"] == g for g in range(len(sizes))] + ([on] if n_on else [])
                 n_mixed = sum(int((m & reach).sum()) * (int(m.sum()) - 1) for m in members)
             if n_on and has_bias and nxt in flat and cast(nn.Linear, net.seq[nxt]).bias is not None:
-                on = torch.as_tensor(np.flatnonzero(pat["always_on"]), device=gram.device)
-                n_shifted = int((torch.linalg.eigvalsh(gram[on][:, on]) > g_threshold).sum())
-        row: dict[str, Any] = {
+                idx = torch.as_tensor(np.flatnonzero(on), device=gram.device)
+                n_shifted = int((torch.linalg.eigvalsh(gram[idx][:, idx]) > g_threshold).sum())
+        rows[i] = {
             "fan_in": fan_in,
             "fan_out": fan_out,
             "n_parameters": n_params,
@@ -1026,20 +1129,41 @@ def degeneracy_summary(
             "free_from_bias_shift": n_shifted,
             "input_spectrum": spec,
             "gradient_spectrum": gspec,
+            "sample_limited": (r_in >= n - int(has_bias) and r_in < fan_in) or r_x * r_g > n_rows,
+            "lower_bound": partly_linear or _count_is_lower_bound(net, i),
         }
+
+    # chains of nn.Linear layers that read each other's outputs unchanged: the directions of the whole chain
+    # outside span(inputs) ⊗ span(output gradients) of each matrix, less those of the matrices alone
+    following = {i: j for i in flat if (j := _next_linear(net, i)) is not None and j in flat}
+    biased = {i: cast(nn.Linear, net.seq[i]).bias is not None for i in flat}
+    spanned: dict[int, int] = {}  # dimension of the span of the input functions of this matrix and those after it
+    for i in reversed(flat):
+        j, later_bias = following.get(i), False
+        while j is not None:
+            later_bias, j = later_bias or biased[j], following.get(j)
+        r_x = rows[i]["input_rank"] + int(biased[i])
+        spanned[i] = centred_rank[i] + 1 if later_bias and not biased[i] else r_x
+    for i in flat:
+        row = rows[i]
+        r_x = row["input_rank"] + int(biased[i])
+        row["free_from_composition"] = (
+            row["gradient_rank"] * (spanned[following[i]] + r_x - spanned[i]) if i in following else 0
+        )
         terms = (
             "free_from_activations",
             "free_from_gradients",
             "free_from_synchronised",
             "free_from_rescaling",
             "free_from_bias_shift",
+            "free_from_composition",
         )
-        row["free_total"] = min(n_params, sum(row[k] for k in terms))
-        row["free_fraction"] = row["free_total"] / n_params
-        row["sample_limited"] = (r_in >= n - int(has_bias) and r_in < fan_in) or r_x * r_g > n_rows
-        rows[net.names[i]] = row
-    limited = tuple(name for name, row in rows.items() if row.pop("sample_limited"))
-    out: dict[str, Any] = {key: {name: row[key] for name, row in rows.items()} for key in next(iter(rows.values()))}
+        row["free_total"] = min(row["n_parameters"], sum(row[k] for k in terms))
+        row["free_fraction"] = row["free_total"] / row["n_parameters"]
+    named = {net.names[i]: rows[i] for i in flat}
+    limited = tuple(name for name, row in named.items() if row.pop("sample_limited"))
+    lower = tuple(name for name, row in named.items() if row.pop("lower_bound"))
+    out: dict[str, Any] = {key: {name: row[key] for name, row in named.items()} for key in next(iter(named.values()))}
     names = tuple(net.names[i] for i in flat)
     return DegeneracyResult(
         modules=names,
@@ -1051,6 +1175,7 @@ def degeneracy_summary(
         output=output,
         model=net.name,
         sample_limited=limited,
+        lower_bound=lower,
         n_samples=n,
         params={"rtol": rtol, "output": output, "batch_size": batch_size},
         device=str(dev),
