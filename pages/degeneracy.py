@@ -131,6 +131,12 @@ for s, model in zip(summaries, models):
             "layers applied along an axis) are not analysed."
         )
 for s in summaries:
+    if s.lower_bound:
+        st.caption(
+            f"{s.model}: the count of {', '.join(s.lower_bound)} is a lower bound: the activation after it (such as ReLU6 or "
+            "Hardtanh, or two piecewise-linear activations in a row) may have continuous symmetries the count does not "
+            "look for."
+        )
     if s.sample_limited:
         st.caption(
             f"{s.model}: {s.n_samples} samples do not pin down the count of {', '.join(s.sample_limited)}: its input rank "

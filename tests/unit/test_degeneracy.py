@@ -476,6 +476,13 @@ def test_activations_with_symmetries_the_count_misses_are_named():
     assert s.lower_bound == ("0",) and s.total_free == 0 < _param_null_dim(model, x) == 6
     twice = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.ReLU(), nn.Linear(6, 3)).eval()
     assert degeneracy_summary(twice, make_dataset("synthetic", x, torch.arange(600) % 3)).lower_bound == ("0",)
+    from workbench.plots.degeneracy import degeneracy_figure, summary_rows
+
+    assert [row["count"] for row in summary_rows(s)] == ["lower bound", "exact"]
+    chained = nn.Sequential(nn.Linear(4, 6), nn.Identity(), nn.Linear(6, 3)).eval()
+    fig = degeneracy_figure(degeneracy_summary(chained, make_dataset("synthetic", x, torch.arange(600) % 3)))
+    composed = next(t for t in fig.data if t.name == "linear maps in a row")
+    assert composed.customdata[0][0] == 15  # gradient rank 3 x (input rank 4 of the next matrix + 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,8 +159,9 @@ def degeneracy_figure(*results: DegeneracyResult) -> go.Figure:
         ("zero-variance inputs", "free_from_activations", "#4c78a8"),
         ("ignored outputs", "free_from_gradients", "#f58518"),
         ("synchronised ReLUs", "free_from_synchronised", "#54a24b"),
-        ("ReLU rescaling", "free_from_rescaling", "#b279a2"),
+        ("unit rescaling", "free_from_rescaling", "#b279a2"),
         ("always-on bias shifts", "free_from_bias_shift", "#e45756"),
+        ("linear maps in a row", "free_from_composition", "#72b7b2"),
     )
     fig = make_subplots(
         rows=1, cols=len(results), subplot_titles=[_label(r, i) for i, r in enumerate(results)], shared_yaxes=True
@@ -350,6 +351,7 @@ def summary_rows(result: DegeneracyResult) -> list[dict[str, object]]:
             "synchronised groups": len(result.synchronised_group_sizes[m]),
             "free": result.free_total[m],
             "free fraction": result.free_fraction[m],
+            "count": "lower bound" if m in result.lower_bound else "exact",
         }
         for m in result.modules
     ]
