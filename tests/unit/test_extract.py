@@ -273,8 +273,19 @@ def test_text_model_token_pooling(sample_model):
 
 
 def test_text_model_rejects_float_features(sample_model, digits_test):
-    with pytest.raises(DataError, match=r"takes token ids \(integers\) but dataset 'digits \(test\)' holds torch\.float32"):
+    with pytest.raises(DataError, match=r"^Model 'text_transformer_seed0' takes token ids \(integers\) but dataset 'digits \(test\)' "
+                       r"holds float32 values; pick a matching dataset\.$"):
         extract(sample_model("text_transformer_seed0"), digits_test, ["norm"])
+
+
+def test_a_float_model_given_integer_pixels_says_to_save_them_as_floats(sample_model, digits_test):
+    from workbench.data import make_dataset
+
+    pixels = make_dataset("img", (digits_test.x.abs() * 40).to(torch.uint8))
+    with pytest.raises(DataError, match=r"^Model 'mlp_seed0' takes float features but dataset 'img' holds \w+ values; pick a "
+                       r"matching dataset, or save integer pixel or count values as floats \(such as x\.astype\('float32'\) / 255 "
+                       r"for 8-bit images\)\.$"):
+        extract(sample_model("mlp_seed0"), pixels, ["fc1"])
 
 
 def test_layer_whose_width_changes_between_batches_is_refused(tmp_path):

@@ -235,7 +235,10 @@ def check_inputs(model: LoadedModel, dataset: Dataset) -> None:
     sample_shape = tuple(dataset.x.shape[1:])
     if model.takes_tokens != (not dataset.x.dtype.is_floating_point):
         kind = "token ids (integers)" if model.takes_tokens else "float features"
-        raise DataError(f"Model '{model.name}' takes {kind} but dataset '{dataset.name}' holds {dataset.x.dtype}; pick a matching dataset.")
+        hint = ("; pick a matching dataset, or save integer pixel or count values as floats "
+                "(such as x.astype('float32') / 255 for 8-bit images)" if not model.takes_tokens else "; pick a matching dataset")
+        raise DataError(f"Model '{model.name}' takes {kind} but dataset '{dataset.name}' holds "
+                        f"{str(dataset.x.dtype).removeprefix('torch.')} values{hint}.")
     if not model.takes_tokens and int(np.prod(sample_shape)) != int(np.prod(model.input_shape)):
         raise DataError(
             f"Dataset '{dataset.name}' has {int(np.prod(sample_shape))} features per sample but model '{model.name}' expects "
