@@ -85,7 +85,7 @@ def test_modules_with_their_own_code_are_not_described():
     [
         ({"class": "Module"}, r"Layer class 'Module' at '' is not one a 'torch\.nn' spec may name; allowed: Sequential, "),
         ({"class": "Sequential", "children": [["a", {"class": "Linear", "args": {"in_features": 2}}]]},
-         r"The 'torch\.nn' architecture spec could not be built: Linear.__init__\(\) missing 1 required positional argument: 'out_features'"),
+         r"^The 'torch\.nn' architecture spec could not be built \(Linear.__init__\(\) missing 1 required positional argument: 'out_features'\); check its sizes and layer arguments\.$"),
         ({"class": "Sequential", "children": {"a": 1}}, r"needs 'children': a list of \[name, node\] pairs"),
         ({"class": "Sequential", "children": [["a", {"class": "ReLU", "args": [1]}]]}, r"The 'args' of 'a' in the 'torch\.nn' spec must be an object"),
     ],

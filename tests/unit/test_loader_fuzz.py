@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 
 from hypothesis import HealthCheck, given, settings
@@ -61,3 +62,26 @@ def test_random_safetensors_headers(prefix, body):
 @given(data=st.one_of(st.binary(max_size=512), ARCHIVES, st.text(max_size=300).map(str.encode)), name=DATA_NAMES)
 def test_random_bytes_dataset(data, name):
     _expect_clean(load_dataset, data, filename=name)
+
+
+SIZES = st.one_of(st.integers(min_value=-10, max_value=10**40), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3), st.none())
+
+
+@SETTINGS
+@given(shape=st.one_of(st.lists(SIZES, max_size=4), SIZES), width=SIZES, pool=st.lists(SIZES, min_size=1, max_size=2))
+def test_random_spec_sizes_are_refused_with_one_short_sentence(shape, width, pool):
+    from safetensors.torch import save
+
+    specs = [
+        {"type": "torch.nn", "input_shape": shape, "root": {"class": "Sequential", "children": [
+            ["fc", {"class": "Linear", "args": {"in_features": width, "out_features": 2}}],
+            ["pool", {"class": "AdaptiveAvgPool1d", "args": {"output_size": pool}}]]}},
+        {"type": "mlp", "sizes": [width, 2]},
+        {"type": "resmlp", "in_features": width, "width": 2, "n_blocks": 1, "n_classes": 2},
+        {"type": "cnn", "input_shape": shape, "channels": [2], "n_classes": 2},
+    ]
+    for spec in specs:
+        try:
+            load_model(save({}, metadata={"architecture": json.dumps(spec)}), filename="m.safetensors")
+        except WorkbenchError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < 400, str(exc)

@@ -33,13 +33,18 @@ Supported types:
 A spec may come from an uploaded file, so its size is bounded before anything is allocated: at most
 ``MAX_SPEC_LAYERS`` repeated layers (entries of ``sizes`` or ``channels``, blocks, encoder layers,
 ``torch.nn`` nodes), containers nested at most ``MAX_SPEC_DEPTH`` deep, and at most ``MAX_PARAMETERS``
-weights (parameters and buffers), counted by :func:`count_weights` on the meta device.
+weights (parameters and buffers), counted by :func:`count_weights` on the meta device. Every size in a spec (a
+width, a channel count, a layer argument) is at most ``MAX_SIZE``; one input sample holds at most ``MAX_INPUT_VALUES``
+values, and where the input shape is known, every layer's output for one sample is counted on the meta device and
+held to ``MAX_ACTIVATION_VALUES`` values (a pooling ``output_size`` is bounded by it too).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +57,9 @@ from workbench.errors import ArchitectureError, format_choices
 MAX_PARAMETERS = 1 << 30  # the 16-bit weights a 2 GiB file holds; 4 GiB once built in float32
 MAX_SPEC_LAYERS = 1_000
 MAX_SPEC_DEPTH = 100
+MAX_SIZE = 1 << 24  # any one width, channel count, vocabulary or layer argument (real models stay below 2**20)
+MAX_INPUT_VALUES = 1 << 24  # values in one input sample (64 MiB in float32; a 3x224x224 image has 150,528)
+MAX_ACTIVATION_VALUES = 1 << 24  # values one layer outputs for one sample (64 MiB in float32)
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -76,6 +84,20 @@ def _get(spec: dict[str, Any], key: str, kind: type | tuple[type, ...], default:
     return value
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _size(spec: dict[str, Any], key: str, default: Any = ..., minimum: int = 1) -> int:
+    """An int entry of the spec in ``[minimum, MAX_SIZE]``."""
+    value = _get(spec, key, int, default)
+    if not minimum <= value <= MAX_SIZE:
+        raise ArchitectureError(
+            f"The '{key}' entry of the '{spec.get('type')}' spec must be an int in [{minimum}, {MAX_SIZE:,}]. Got {value}; check the spec."
+        )
+    return value
+
+
 def _positive_ints(spec: dict[str, Any], key: str, min_len: int) -> list[int]:
     values = _get(spec, key, list)
     if len(values) > MAX_SPEC_LAYERS:
@@ -83,11 +105,34 @@ def _positive_ints(spec: dict[str, Any], key: str, min_len: int) -> list[int]:
             f"The '{key}' entry of the '{spec.get('type')}' spec lists {len(values)} layers, more than the {MAX_SPEC_LAYERS} "
             "a spec may build; check the spec."
         )
-    if len(values) < min_len or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+    if len(values) < min_len or not all(_is_int(v) and 0 < v <= MAX_SIZE for v in values):
         raise ArchitectureError(
-            f"The '{key}' entry of the '{spec.get('type')}' spec must be a list of at least {min_len} positive ints. Got {values!r}."
+            f"The '{key}' entry of the '{spec.get('type')}' spec must be a list of at least {min_len} ints in [1, {MAX_SIZE:,}]. "
+            f"Got {_short(values)}."
         )
     return values
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _input_shape(spec: dict[str, Any]) -> list[int]:
+    """The spec's ``input_shape``: a non-empty list of positive ints whose product (one sample) is at most ``MAX_INPUT_VALUES``."""
+    shape = spec.get("input_shape")
+    if not isinstance(shape, list) or not shape or len(shape) > MAX_SPEC_DEPTH or not all(_is_int(v) and v > 0 for v in shape):
+        raise ArchitectureError(
+            f"The 'input_shape' entry of the '{spec.get('type')}' spec must be a non-empty list of positive ints (one sample's "
+            f"shape, e.g. [3, 32, 32]). Got {_short(shape)}."
+        )
+    n_values = math.prod(shape)
+    if n_values > MAX_INPUT_VALUES:
+        raise ArchitectureError(
+            f"The 'input_shape' entry of the '{spec.get('type')}' spec, {_short(shape)}, makes one sample of {n_values:,} values, "
+            f"more than the {MAX_INPUT_VALUES:,} an input may have here; check the spec."
+        )
+    return shape
 
 
 def _layer_count(spec: dict[str, Any], key: str) -> int:
@@ -123,14 +168,14 @@ def build_mlp(spec: dict[str, Any]) -> nn.Module:
 
 
 def build_cnn(spec: dict[str, Any]) -> nn.Module:
-    shape = _positive_ints(spec, "input_shape", 3)
+    shape = _input_shape(spec)
     if len(shape) != 3:
         raise ArchitectureError(f"The 'input_shape' of a cnn spec must be [channels, height, width]. Got {shape!r}.")
     channels = _positive_ints(spec, "channels", 1)
-    kernel = _get(spec, "kernel_size", int, 3)
+    kernel = _size(spec, "kernel_size", 3)
     batchnorm = _get(spec, "batchnorm", bool, True)
-    hidden = _get(spec, "hidden", int, 64)
-    n_classes = _get(spec, "n_classes", int)
+    hidden = _size(spec, "hidden", 64, minimum=0)
+    n_classes = _size(spec, "n_classes")
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     layers["unflatten"] = nn.Unflatten(1, tuple(shape))
     c_in = shape[0]
@@ -179,8 +224,8 @@ class ResMLP(nn.Module):
 def build_resmlp(spec: dict[str, Any]) -> nn.Module:
     _, act = _activation(spec)
     return ResMLP(
-        _get(spec, "in_features", int), _get(spec, "width", int), _layer_count(spec, "n_blocks"),
-        _get(spec, "n_classes", int), act,
+        _size(spec, "in_features"), _size(spec, "width"), _layer_count(spec, "n_blocks"),
+        _size(spec, "n_classes"), act,
     )
 
 
@@ -209,8 +254,8 @@ class TextEncoder(nn.Module):
 
 def build_transformer(spec: dict[str, Any]) -> nn.Module:
     return TextEncoder(
-        _get(spec, "vocab_size", int), _get(spec, "max_len", int), _get(spec, "d_model", int),
-        _get(spec, "n_heads", int), _layer_count(spec, "n_layers"), _get(spec, "n_classes", int),
+        _size(spec, "vocab_size"), _size(spec, "max_len"), _size(spec, "d_model"),
+        _size(spec, "n_heads"), _layer_count(spec, "n_layers"), _size(spec, "n_classes"),
     )
 
 
@@ -283,6 +328,15 @@ def _build_node(node: Any, path: str) -> nn.Module:
         children = node.get("children")
         if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) for c in children):
             raise ArchitectureError(f"The 'torch.nn' spec node at '{path or 'root'}' needs 'children': a list of [name, node] pairs.")
+        seen: set[str] = set()
+        for child, _ in children:
+            if not child or "." in child:
+                raise ArchitectureError(f"The 'torch.nn' spec node at '{path or 'root'}' has a child named {child[:80]!r}; a layer name "
+                                        "must be non-empty and contain no '.': rename it.")
+            if child in seen:
+                raise ArchitectureError(f"The 'torch.nn' spec node at '{path or 'root'}' has two children named {child[:80]!r}, "
+                                        "so one layer would replace the other; give each child its own name.")
+            seen.add(child)
         return nn.Sequential(OrderedDict((k, _build_node(v, f"{path}.{k}" if path else k)) for k, v in children))
     if name not in TORCH_NN_LAYERS:
         raise ArchitectureError(f"Layer class {name!r} at '{path}' is not one a 'torch.nn' spec may name; allowed: Sequential, {format_choices(sorted(TORCH_NN_LAYERS))}.")
@@ -291,6 +345,17 @@ def _build_node(node: Any, path: str) -> nn.Module:
         raise ArchitectureError(f"The 'args' of '{path}' in the 'torch.nn' spec must be an object.")
     if set(args) & _NOT_ARGS:
         raise ArchitectureError(f"The 'args' of '{path}' in the 'torch.nn' spec set {sorted(set(args) & _NOT_ARGS)}, which a spec may not set; remove them.")
+    for key, value in args.items():
+        ints = [value] if _is_int(value) else [v for v in value if _is_int(v)] if isinstance(value, list) else []
+        if any(abs(v) > MAX_SIZE for v in ints):
+            raise ArchitectureError(f"The '{key}' argument of '{path}' in the 'torch.nn' spec is {_short(value)}, beyond the "
+                                    f"{MAX_SIZE:,} any size in a spec may have; check the spec.")
+        if key == "output_size" and name.startswith("Adaptive"):
+            sizes = value if isinstance(value, list) else [value]
+            n_out = math.prod(v for v in sizes if _is_int(v) and v > 0)
+            if n_out > MAX_ACTIVATION_VALUES:
+                raise ArchitectureError(f"The 'output_size' of '{path}' in the 'torch.nn' spec, {_short(value)}, makes {n_out:,} values "
+                                        f"per channel, more than the {MAX_ACTIVATION_VALUES:,} a layer may output here; check the spec.")
     return getattr(nn, name)(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
 
 
@@ -311,6 +376,8 @@ def _check_tree(root: dict[str, Any]) -> None:
 def build_torch_nn(spec: dict[str, Any]) -> nn.Module:
     root = _get(spec, "root", dict)
     _check_tree(root)
+    if spec.get("input_shape") is not None:
+        _input_shape(spec)
     return _build_node(root, "")
 
 
@@ -345,10 +412,12 @@ def parse_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
 def _construct(spec: dict[str, Any]) -> nn.Module:
     try:
         return ARCHITECTURES[spec["type"]](spec)
-    except (TypeError, ValueError, RuntimeError, AssertionError, OverflowError) as exc:
+    except (TypeError, ValueError, RuntimeError, AssertionError, OverflowError, IndexError, KeyError) as exc:
         if isinstance(exc, ArchitectureError):
             raise
-        raise ArchitectureError(f"The '{spec['type']}' architecture spec could not be built: {exc}.") from exc
+        lines = str(exc).strip().splitlines()  # a torch error may carry a C++ stack trace after its first line
+        reason = lines[0][:200].rstrip(".") if lines else type(exc).__name__
+        raise ArchitectureError(f"The '{spec['type']}' architecture spec could not be built ({reason}); check its sizes and layer arguments.") from exc
 
 
 class _MetaInitSkipped(torch.overrides.TorchFunctionMode):
@@ -378,9 +447,43 @@ def count_weights(spec: dict[str, Any] | str) -> int:
     return _n_weights(_on_meta(parse_spec(spec)))
 
 
+def _check_activations(spec: dict[str, Any], module: nn.Module) -> None:
+    """Run one sample of the spec's input shape through ``module`` on the meta device (nothing is allocated) and refuse
+    a layer that would output more than ``MAX_ACTIVATION_VALUES`` values for it. Only ``cnn`` and ``torch.nn`` specs are
+    run: the other types output at most a width. A spec whose layers do not fit its input stops at the first such
+    layer, here as when it runs, so the layers before it are the ones that would allocate."""
+    if spec["type"] == "cnn":
+        shape: tuple[int, ...] = (math.prod(spec["input_shape"]),)
+    elif spec["type"] == "torch.nn" and spec.get("input_shape") is not None:
+        shape = tuple(spec["input_shape"])
+    else:
+        return
+
+    def check(name: str, m: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.numel() > MAX_ACTIVATION_VALUES:
+            raise ArchitectureError(
+                f"Layer '{name}' of the '{spec['type']}' architecture spec would output {out.numel():,} values "
+                f"({'x'.join(map(str, out.shape[1:]))}) for one input of shape {spec['input_shape']}, more than the "
+                f"{MAX_ACTIVATION_VALUES:,} a layer may output here; use a smaller input_shape or layer sizes."
+            )
+
+    handles = [m.register_forward_hook(functools.partial(check, name)) for name, m in module.named_modules() if name]
+    try:
+        with torch.no_grad():
+            module(torch.empty((1, *shape), device="meta"))
+    except ArchitectureError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def meta_model(spec: dict[str, Any] | str) -> nn.Module:
     """The module a spec describes on the meta device (shapes and dtypes, no values), in eval mode; refused with
-    :class:`ArchitectureError` when it would hold more than ``MAX_PARAMETERS`` weights."""
+    :class:`ArchitectureError` when it would hold more than ``MAX_PARAMETERS`` weights, or (where the input shape is
+    known) when a layer would output more than ``MAX_ACTIVATION_VALUES`` values for one sample."""
     spec = parse_spec(spec)
     module = _on_meta(spec)
     n_weights = _n_weights(module)
@@ -389,7 +492,8 @@ def meta_model(spec: dict[str, Any] | str) -> nn.Module:
             f"The '{spec['type']}' architecture spec describes {n_weights:,} weights, more than the {MAX_PARAMETERS:,} "
             "a model may have here; check the spec's sizes."
         )
-    return module.eval()
+    _check_activations(spec, module.eval())
+    return module
 
 
 def build_model(spec: dict[str, Any] | str) -> nn.Module:
@@ -416,6 +520,6 @@ def input_spec(spec: dict[str, Any] | None) -> tuple[tuple[int, ...], torch.dtyp
         return (spec["in_features"],), torch.float32
     if kind == "transformer":
         return (spec["max_len"],), torch.int64
-    if kind == "torch.nn" and isinstance(spec.get("input_shape"), list):
-        return tuple(int(v) for v in spec["input_shape"]), torch.float32
+    if kind == "torch.nn" and spec.get("input_shape") is not None:
+        return tuple(_input_shape(spec)), torch.float32
     return None

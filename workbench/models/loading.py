@@ -8,8 +8,11 @@ and with ``isolate=True`` as well (the app) a trusted full pickle is opened in a
 that hands back only weights and stock layers (:mod:`workbench.models.isolated`).
 Zip archives are checked for path traversal, odd member names and decompression bombs before anything
 is extracted. Declared sizes are never trusted: a state dict's tensors must store every value they declare,
-a spec is counted on the meta device before it is built, and a Hugging Face config must fit the tensors
-its .safetensors headers list. Any other failure to read a file is a :class:`CorruptFileError` naming it.
+a spec is counted on the meta device before it is built, and a Hugging Face config must fit the bytes of the
+weight files transformers reads (model.safetensors or the shards its index names), read from their headers. Loaded
+weights are checked too: a float model takes only finite floating-point weights, and a Hugging Face model whose
+weights do not fill it (or are left over, or of another shape) is refused rather than completed at random.
+Any other failure to read a file is a :class:`CorruptFileError` naming it.
 """
 
 from __future__ import annotations
@@ -710,6 +713,35 @@ def _cnn_hint(state: dict[str, torch.Tensor]) -> str:
             f"with the height and width of the input images, which the weights do not record")
 
 
+def _checked_values(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+    """``state`` in the dtypes of ``expected``; refused where a floating weight is stored as integers or booleans (which
+    are no weights of a float model), holds NaN or infinity, or holds values too large for the dtype it is computed in."""
+    converted = {}
+    for key, value in state.items():
+        target = expected[key].dtype
+        if target.is_floating_point:
+            if not value.is_floating_point():
+                raise ArchitectureError(
+                    f"'{label}' stores '{key}' as {str(value.dtype).removeprefix('torch.')}, but the spec's layer takes "
+                    "floating-point weights there; save the model's own float weights (model.state_dict())."
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise CorruptFileError(
+                    f"'{label}' holds NaN or infinite values in '{key}', so the model would compute nothing meaningful; "
+                    "save weights from a model that trained without diverging."
+                )
+            cast = value.to(target)
+            if not bool(torch.isfinite(cast).all()):
+                raise CorruptFileError(
+                    f"'{label}' holds values in '{key}' too large for {str(target).removeprefix('torch.')} (they would become "
+                    f"infinite); check the weights, or save them in {str(target).removeprefix('torch.')}'s range."
+                )
+            converted[key] = cast
+        else:
+            converted[key] = value.to(target)
+    return converted
+
+
 def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec: dict[str, Any] | None,
                      source_format: str, metadata: dict[str, str]) -> LoadedModel:
     if spec is None:
@@ -726,9 +758,10 @@ def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec
         raise ArchitectureError(
             f"The weights in '{label}' do not match the '{spec['type']}' architecture spec: {'; '.join(parts)}. Check the spec's sizes."
         )
-    module = build_model(spec)  # as large as the weights in the file, whose shapes it matches
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     stored = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
+    state = _checked_values(state, expected, label)
+    module = build_model(spec)  # as large as the weights in the file, whose shapes it matches
+    module.load_state_dict(state)
     if stored and stored != ["float32"]:  # computed in float32 like the rest: say so where the file held other precisions
         metadata = {**metadata, "stored_dtype": ", ".join(stored)}
     return wrap_module(module, name=name, architecture=spec, source_format=source_format, metadata=metadata)
@@ -784,6 +817,10 @@ def _safe_extract(data: bytes, label: str, dest: Path, max_bytes: int) -> Path:
     """Extract after checking members; return the folder holding config.json."""
     files = [(i, PurePosixPath(i.filename.replace("\\", "/"))) for i in _zip_members(data, label, max_bytes) if not i.is_dir()]
     names = sorted(str(p) for _, p in files)
+    twice = next((a for a, b in zip(names, names[1:]) if a == b), None)
+    if twice is not None:
+        raise UnsafeFileError(f"'{label}' holds two members named {twice[:80]!r}, so which one is the model is ambiguous; "
+                              "it was not unpacked: zip the model folder again.")
     for info, p in files:
         below = names[min(bisect.bisect_left(names, f"{p}/"), len(names) - 1)]  # the first name that may lie inside p
         odd = ("it contains a NUL character" if "\0" in info.orig_filename else "it has no file name" if not p.parts
@@ -807,9 +844,14 @@ def _safe_extract(data: bytes, label: str, dest: Path, max_bytes: int) -> Path:
                         out.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as exc:
         raise CorruptFileError(f"'{label}' could not be unpacked ({type(exc).__name__}: {_first_line(exc)}); re-create the zip.") from exc
-    configs = sorted(dest.rglob("config.json"), key=lambda p: len(p.parts))
+    configs = sorted(dest.rglob("config.json"), key=lambda p: (len(p.parts), str(p)))
     if not configs:
         raise UnsupportedFormatError(f"'{label}' has no config.json, so it is not a Hugging Face model folder.")
+    if len(configs) > 1:
+        first, second = (str(c.parent.relative_to(dest)) if c.parent != dest else "(top level)"
+                         for c in configs[:2])
+        raise UnsupportedFormatError(f"'{label}' holds more than one model folder with a config.json ('{first}' and '{second}'), "
+                                     "so which to load is ambiguous; zip one model folder at a time.")
     return configs[0].parent
 
 
@@ -877,20 +919,71 @@ def _read_config(folder: Path, label: str) -> dict[str, Any]:
     return config
 
 
-def _safetensors_extent(folder: Path, label: str) -> tuple[int, int]:
-    """How many tensors, and values in them, the folder's .safetensors files hold, read from their headers alone."""
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def _weight_files(folder: Path) -> list[Path] | None:
+    """The .safetensors files transformers reads the weights from: ``model.safetensors``, else the shards that
+    ``model.safetensors.index.json`` names (checked by :func:`_check_weight_indexes`); None when there are neither.
+    Other .safetensors files in the folder are never read, so they are not counted as weights."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        shards = sorted({str(v) for v in weight_map.values()})
+    except (ValueError, AttributeError, RecursionError) as exc:
+        raise CorruptFileError(f"'{index.name}' in folder '{folder.name}' is not a readable weight index ({exc}).") from exc
+    return [folder / shard for shard in shards]
+
+
+def _safetensors_extent(files: list[Path], label: str) -> tuple[int, int, int]:
+    """How many tensors, values and bytes the given .safetensors files hold, read from their headers alone."""
     from safetensors import SafetensorError, safe_open
 
-    n_tensors = n_values = 0
-    for path in sorted(folder.glob("*.safetensors")):
+    n_tensors = n_values = n_bytes = 0
+    for path in files:
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
+                    piece = f.get_slice(key)
+                    values = math.prod(piece.get_shape())
                     n_tensors += 1
-                    n_values += math.prod(f.get_slice(key).get_shape())
+                    n_values += values
+                    n_bytes += values * _DTYPE_BYTES.get(str(piece.get_dtype()).upper(), 1)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CorruptFileError(f"'{path.name}' in '{label}' is a damaged safetensors file ({_first_line(exc)}); save the model again.") from exc
-    return n_tensors, n_values
+    return n_tensors, n_values, n_bytes
+
+
+_SIZE_KEYS = re.compile(r"vocab_size|hidden_size|intermediate_size|embedding_size|image_size|patch_size|num_channels|"
+                        r"(?:num_|n_)(?:attention_|key_value_)?heads?|(?:encoder_|decoder_)attention_heads|num_key_value_heads|"
+                        r"n_embd|n_positions|n_ctx|d_model|d_ff|d_kv|dim|hidden_dim|max_position_embeddings|"
+                        r"(?:encoder_|decoder_)ffn_dim")  # a model of none of these is not built
+_COUNT_KEYS = re.compile(r"num_\w+|n_\w+|\w+_size|\w+_dim")  # counts and sizes: never negative
+
+
+def _check_config_values(config: dict[str, Any], label: str) -> None:
+    """Before the config is parsed by transformers: a size that is not a whole number, a size of 0 or less (a width,
+    a vocabulary, a head count), or a negative count (of layers: ``-1`` builds none, silently) is refused."""
+    stack = [config]
+    while stack:
+        for key, value in stack.pop().items():
+            if isinstance(value, dict):
+                stack.append(value)
+                continue
+            size, count = _SIZE_KEYS.fullmatch(key), _COUNT_KEYS.fullmatch(key) or _LAYER_KEYS.fullmatch(key)
+            if size and value is not None and not (isinstance(value, int) and not isinstance(value, bool)) and not (
+                    key in ("image_size", "patch_size") and isinstance(value, list)):
+                raise ArchitectureError(f"The config.json of '{label}' sets '{key}' to {str(json.dumps(value))[:40]}, but it must be "
+                                        "a whole number; fix the config.")
+            if isinstance(value, int) and not isinstance(value, bool) and (value <= 0 if size else value < 0 if count else False):
+                raise ArchitectureError(f"The config.json of '{label}' sets '{key}' to {value:,}, but it must be "
+                                        f"{'positive' if size else 'zero or more'}; fix the config.")
 
 
 def _check_config_sizes(config: dict[str, Any], label: str, n_tensors: int, n_values: int) -> None:
@@ -912,6 +1005,66 @@ def _check_config_sizes(config: dict[str, Any], label: str, n_tensors: int, n_va
                     )
 
 
+def _check_model_type(transformers: Any, config: dict[str, Any], label: str, trust_remote_code: bool) -> None:
+    """A config whose ``model_type`` transformers does not know: remote code (``auto_map``) is refused as code unless
+    trusted; anything else is named in one sentence."""
+    model_type = config.get("model_type")
+    known = isinstance(model_type, str) and model_type in transformers.CONFIG_MAPPING
+    if known or trust_remote_code:
+        return
+    if model_type is None and not config.get("auto_map"):
+        raise UnsupportedFormatError(
+            f"The config.json of '{label}' has no 'model_type', so transformers cannot tell which model it describes; "
+            "add the type that saved the model (e.g. \"model_type\": \"bert\"), or save it again with model.save_pretrained(path)."
+        )
+    if config.get("auto_map"):
+        raise UnsafeFileError(
+            f"'{label}' needs its own Python code to be built (its config.json has 'auto_map' and model_type "
+            f"{str(model_type)[:40]!r}, which transformers does not ship), and that code would run when loaded; it was not loaded. "
+            "Load it only if you trust it, from Python with load_model(path, trust_remote_code=True), "
+            "or save its weights with safetensors under an architecture transformers ships."
+        )
+    raise UnsupportedFormatError(
+        f"The config.json of '{label}' sets 'model_type' to {str(model_type)[:40]!r}, which the installed transformers "
+        f"{transformers.__version__} does not know; set it to the type that saved the model (e.g. \"bert\"), or upgrade transformers."
+    )
+
+
+def _amount(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB" if n_bytes >= 1 << 20 else f"{n_bytes / 2**10:,.1f} KiB"
+
+
+def _folder_listing(folder: Path) -> str:
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return ", ".join(names[:12]) + (f", … ({len(names) - 12} more)" if len(names) > 12 else "") if names else "nothing else"
+
+
+def _check_loading_info(info: dict[str, Any], label: str) -> None:
+    """Refuse a load in which transformers left weights of the model unfilled (initialised at random), stored weights
+    unused, or a weight of another shape; what transformers itself expects to be absent (tied weights, keys its model
+    classes ignore) is not in ``info``."""
+    def few(keys: Any) -> str:
+        keys = sorted(str(k) for k in keys)
+        return ", ".join(keys[:4]) + (f" … ({len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, stored, wanted = mismatched[0][:3]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise ArchitectureError(
+            f"The weights in '{label}' do not fit its config.json: '{key}' is stored with shape {tuple(stored)} but the config "
+            f"makes {tuple(wanted)}{more}; fix the sizes in the config (e.g. vocab_size, hidden_size) to those of the weights."
+        )
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    if missing or unexpected:
+        parts = ([f"{len(missing)} weights of the model are not in the files ({few(missing)})"] if missing else []) + (
+            [f"{len(unexpected)} stored weights have no place in it ({few(unexpected)})"] if unexpected else [])
+        raise ArchitectureError(
+            f"The weights in '{label}' do not match the model its config.json describes: {'; '.join(parts)}; "
+            "fix the config (architectures, layer counts) or save the model again with model.save_pretrained(path)."
+        )
+
+
 def _model_class(transformers: Any, config: Any, label: str) -> Any:
     """The transformers model class the config's ``architectures`` names (AutoModel when it names none that transformers has)."""
     arch_names = getattr(config, "architectures", None) or []
@@ -921,6 +1074,13 @@ def _model_class(transformers: Any, config: Any, label: str) -> Any:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and cls is not transformers.PreTrainedModel):
         raise ArchitectureError(f"The config.json of '{label}' names {str(arch_names[0])[:80]!r} in 'architectures', which is not a "
                                 "transformers model class; set it to the class that saved the model, e.g. [\"BertModel\"].")
+    config_class = getattr(cls, "config_class", None)
+    if isinstance(config_class, type) and not isinstance(config, config_class):
+        raise ArchitectureError(
+            f"The config.json of '{label}' names {cls.__name__!r} in 'architectures', which is built from a {config_class.__name__}, "
+            f"but its model_type {getattr(config, 'model_type', '')!r} makes a {type(config).__name__}; set 'architectures' to the "
+            "class that saved the model, or 'model_type' to its type."
+        )
     return cls
 
 
@@ -928,15 +1088,21 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
     label = label or folder.name
     if not (folder / "config.json").exists():
         raise UnsupportedFormatError(f"Folder '{label}' has no config.json, so it is not a Hugging Face model folder.")
-    has_safetensors = any(folder.glob("*.safetensors"))
+    if not (trust_remote_code and not isolate):
+        _check_weight_indexes(folder)
+    weight_files = _weight_files(folder)
+    has_safetensors = weight_files is not None
+    if not has_safetensors and not any((folder / n).is_file() for n in _PICKLED_WEIGHTS):
+        raise CorruptFileError(
+            f"'{label}' has no weights file: transformers reads model.safetensors (or model.safetensors.index.json and "
+            f"its shards), and the folder holds {_folder_listing(folder)}; save the model with model.save_pretrained(path)."
+        )
     if isolate and trust_remote_code and not has_safetensors:
         raise UnsafeFileError(
             f"Folder '{label}' has only pickled weights, which would be unpickled in this process; save the model with "
             "model.save_pretrained(path, safe_serialization=True), or load it from Python with trust_remote_code=True."
         )
     trust_remote_code = trust_remote_code and not isolate  # no repository code in this process
-    if not trust_remote_code:
-        _check_weight_indexes(folder)
     if not has_safetensors and not trust_remote_code:
         raise UnsafeFileError(
             f"Folder '{label}' has no .safetensors weights, and pickled weights can run code; "
@@ -944,9 +1110,10 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
             "trust_remote_code=True."
         )
     config_dict = _read_config(folder, label)
-    n_values = None
-    if has_safetensors:
-        n_tensors, n_values = _safetensors_extent(folder, label)
+    _check_config_values(config_dict, label)
+    stored_bytes = None
+    if weight_files is not None:
+        n_tensors, n_values, stored_bytes = _safetensors_extent(weight_files, label)
         _check_config_sizes(config_dict, label, n_tensors, n_values)
     try:
         import transformers
@@ -954,37 +1121,46 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
         raise UnsupportedFormatError(
             "Hugging Face model folders need the optional 'transformers' package: pip install 'representation-workbench[hf]'."
         ) from exc
+    _check_model_type(transformers, config_dict, label, trust_remote_code)
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
         cls = _model_class(transformers, config, label)
-        if n_values is not None:  # count what the config builds on the meta device: nothing is allocated
+        if stored_bytes is not None:  # count what the config builds on the meta device: nothing is allocated
             with torch.device("meta"):
                 skeleton = (transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
                             if cls is transformers.AutoModel else cls(config))
             saved = skeleton.state_dict(keep_vars=True)  # parameters and persistent buffers: what a save holds
-            n_weights = sum(t.numel() for t in {id(t): t for t in saved.values()}.values())
+            unique = {id(t): t for t in saved.values()}.values()
+            n_weights = sum(t.numel() for t in unique)
+            model_bytes = sum(t.numel() * t.element_size() for t in unique)
             scratch = sum(b.numel() * b.element_size() for n, b in skeleton.named_buffers() if n not in saved)
             if scratch > MAX_MODEL_BYTES:
                 raise ArchitectureError(f"The config.json of '{label}' describes {scratch / 2**20:,.0f} MiB of buffers that are "
                                         "computed, not stored, above what a model may have here; check the config.")
-            if n_weights > 2 * n_values + (1 << 20):  # room for a task head the checkpoint lacks (initialised fresh)
+            if model_bytes > 2 * stored_bytes + (1 << 20):  # float32 here; weights stored in 16 bits take half
                 raise ArchitectureError(
-                    f"The config.json of '{label}' describes a model of {n_weights:,} weights, but its .safetensors files hold only "
-                    f"{n_values:,}; the config does not fit the weights: save the model again with model.save_pretrained(path)."
+                    f"The config.json of '{label}' describes a model of {n_weights:,} weights ({_amount(model_bytes)}), but "
+                    f"the weights transformers reads ({', '.join(p.name for p in weight_files[:3])}"
+                    f"{' …' if len(weight_files) > 3 else ''}) hold only {_amount(stored_bytes)}; the config does not fit the "
+                    "weights: save the model again with model.save_pretrained(path)."
                 )
         hf_logging = transformers.utils.logging
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a loading bar for a small local folder is noise in the CLI and the server log
         try:
-            module = cls.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
-                                         use_safetensors=has_safetensors)
+            module, info = cls.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
+                                               use_safetensors=has_safetensors, output_loading_info=True,
+                                               ignore_mismatched_sizes=True)
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
+        _check_loading_info(info, label)
     except WorkbenchError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise CorruptFileError(f"The Hugging Face model in '{label}' could not be loaded ({_first_line(exc)}).") from exc
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ZeroDivisionError) as exc:
+        reason = _first_line(exc).replace(str(folder), f"'{label}'")
+        raise CorruptFileError(f"The Hugging Face model in '{label}' could not be loaded ({reason}); check its config.json "
+                               "and save the model again with model.save_pretrained(path).") from exc
     loaded = wrap_module(module, name=name, architecture=None, source_format="huggingface",
                          metadata={"model_type": str(getattr(config, "model_type", ""))})
     channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None) or 224
