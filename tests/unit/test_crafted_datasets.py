@@ -83,8 +83,10 @@ def test_npz_with_a_negative_shape_or_empty_items_is_refused():
 
 def test_npz_with_deeply_nested_json_text_loads_it_as_text_without_parsing():
     nested = "[" * 100_000 + "]" * 100_000
-    data = _npz(x=np.ones((2, 2)), y=np.array([0, 1]), class_names=np.array([nested, "b"]), meta=np.array(nested))
+    data = _npz(x=np.ones((2, 2)), y=np.array([0, 1]), class_names=np.array([nested, "b"]))
     assert load_dataset(data, filename="deep.npz").class_names == (nested, "b")
+    with pytest.raises(DataError, match=r"^'deep\.npz' holds the arrays 'meta', which load_dataset does not read"):  # named, not parsed
+        load_dataset(_npz(x=np.ones((2, 2)), meta=np.array(nested)), filename="deep.npz")
 
 
 def test_npz_labels_with_a_huge_class_number_are_refused():
@@ -135,6 +137,8 @@ def test_csv_field_beyond_the_csv_module_limit_gives_a_sentence():
     with pytest.raises(CorruptFileError, match=r"Line 2 of 'long\.csv' cannot be read as CSV \(field larger than field limit \(131072\)\); "
                                                r"save the table as plain comma-separated numbers"):
         load_dataset(data, filename="long.csv")
+    with pytest.raises(CorruptFileError, match=r"^Line 3 of 'long\.csv' cannot be read as CSV"):  # Excel's sep= line counts
+        load_dataset(b"sep=,\n" + data, filename="long.csv")
 
 
 @pytest.mark.parametrize("data", [b"label\n1\n2\n", b"label\ncat\ndog\n"])
@@ -238,3 +242,71 @@ def test_a_directory_path_gives_a_sentence(tmp_path):
     folder.mkdir()
     with pytest.raises(DataError, match=r"Cannot read dataset file '.*d\.csv' \(Is a directory\); pass a readable"):
         load_dataset(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# values torch or numpy cannot hold as they are: read where they mean the same numbers, else one sentence
+
+
+def test_big_endian_npz_arrays_are_read_in_native_byte_order():
+    x = np.arange(6, dtype=">f4").reshape(3, 2)
+    data = load_dataset(_npz(x=x, y=np.array([2, 0, 1], dtype=">i8")), filename="be.npz")
+    assert data.x.tolist() == [[0, 1], [2, 3], [4, 5]] and data.y.tolist() == [2, 0, 1]
+    assert data.sha256 == load_dataset(_npz(x=x.astype("<f4"), y=np.array([2, 0, 1])), filename="be.npz").sha256
+
+
+@pytest.mark.parametrize("x, message", [
+    (np.ones((2, 2)).astype("timedelta64[s]"), r"^The dataset's 'x' holds time spans \(timedelta64\[s\]\), not numbers; convert them "
+                                               r"first, e\.g\. x / np\.timedelta64\(1, 's'\) for seconds\.$"),
+    pytest.param(np.ones((2, 2), dtype=np.longdouble), r"^The dataset's 'x' holds float\d+ values \(extended precision\), which torch "
+                                                       r"cannot hold; save it as float64: x\.astype\('float64'\)\.$",
+                 marks=pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="longdouble is float64 on this platform")),
+])
+def test_npz_arrays_torch_cannot_hold_get_a_sentence(x, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset(_npz(x=x), filename="odd.npz")
+
+
+def test_pt_meta_tensor_is_refused_before_anything_is_allocated():
+    data = _pt({"x": torch.empty(10**6, 10**6, device="meta")})  # 4 TB if copied out
+    with pytest.raises(DataError, match=r"^'x' in 'm\.pt' is a tensor on the meta device, which has a shape \(1000000, 1000000\) but no "
+                                        r"values; use a tensor that holds its values \(made on the CPU, not with device='meta'\)\.$"):
+        load_dataset(data, filename="m.pt")
+    with pytest.raises(DataError, match=r"^The dataset's 'x' is a tensor on the meta device"):
+        make_dataset("m", torch.empty(10**6, 10**6, device="meta"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: torch.ones(2, 2).to(torch.float8_e4m3fn),
+     r"^'x' in 'o\.pt' holds float8_e4m3fn values, which the workbench does not read; save it as float32 \(or int64 token ids\): x\.float\(\)\.$"),
+    (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+     r"^'x' in 'o\.pt' is a nested tensor \(samples of different shapes\); pad the samples to one shape and save a regular tensor, "
+     r"e\.g\. torch\.nested\.to_padded_tensor\(x, 0\.0\)\.$"),
+    (lambda: torch.quantize_per_tensor(torch.ones(2, 2), 0.1, 0, torch.quint8),
+     r"^'x' in 'o\.pt' is a quantized tensor \(quint8\); save its values as floats: x\.dequantize\(\)\.$"),
+    (lambda: torch.ones(2, 2).to_sparse(), r"^'x' in 'o\.pt' is a torch\.sparse_coo tensor; save a dense one: x\.to_dense\(\)\.$"),
+])
+def test_pt_tensors_that_are_not_plain_numbers_are_refused_by_kind(make, message):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors are a prototype
+        data = _pt({"x": make(), "y": torch.tensor([0, 1])})
+    with pytest.raises(DataError, match=message):
+        load_dataset(data, filename="o.pt")
+
+
+def test_damaged_pt_says_so_with_torch_s_reason():
+    data = bytearray(_pt({"x": torch.ones(2, 2)}))
+    member = data.rindex(b"PK\x03\x04", 0, data.index(b".format_version"))
+    data[member:member + 4] = bytes(4)  # a member's local header, which the zip's directory still lists
+    with pytest.raises(CorruptFileError, match=r"^'bad\.pt' is damaged or not a file written by torch\.save \(RuntimeError: "
+                                               r"PytorchStreamReader failed reading file \.format_version: .+\); re-save the data with "
+                                               r"torch\.save\(\{'x': x, 'y': y\}, path\)\.$"):
+        load_dataset(bytes(data), filename="bad.pt")
+    with pytest.raises(CorruptFileError, match=r"^'text\.pt' is damaged or not a file written by torch\.save"):
+        load_dataset(b"hello, these are not tensors", filename="text.pt")
+    data = bytearray(_pt({"x": torch.ones(2, 2)}))
+    data[-300:-200] = bytes(100)  # the zip's central directory
+    with pytest.raises(CorruptFileError, match=r"^'bad\.pt' is damaged or not a file written by torch\.save \(Bad magic number"):
+        load_dataset(bytes(data), filename="bad.pt")

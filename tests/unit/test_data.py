@@ -353,3 +353,121 @@ def test_uint64_values_beyond_int64_are_refused_not_wrapped():
         make_dataset("big", np.zeros((2, 3)), np.array([0, 2**63], dtype=np.uint64))
     fits = load_dataset(_npz(x=np.array([[1], [2**63 - 1]], dtype=np.uint64)), filename="fits.npz")
     assert fits.x.dtype == torch.int64 and fits.x[1, 0] == 2**63 - 1
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _pt(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("text", [b",a,b\n0,1,2\n1,3,4\n2,5,6\n", b"Unnamed: 0,a,b\n2,1,2\n0,3,4\n1,5,6\n", b'"",a,b\n"1",1,2\n"2",3,4\n"3",5,6\n'])
+def test_csv_unnamed_index_column_is_dropped_with_a_note(text):
+    data = load_dataset(text, filename="d.csv")  # pandas' to_csv with its index, read back and saved again, or R's write.csv
+    assert data.x.tolist() == [[1, 2], [3, 4], [5, 6]]
+    assert "unnamed first column" in data.info["dropped"] and "row numbers" in data.info["dropped"]
+    kept = load_dataset(b",a\n0.5,1\n2,3\n", filename="d.csv")  # an unnamed column of measurements stays a feature
+    assert kept.x.tolist() == [[0.5, 1], [2, 3]] and "dropped" not in kept.info
+    with pytest.raises(DataError, match=r"The only feature column of 'd\.csv' is an unnamed column of row numbers, an index such as "
+                                        r"pandas writes; save the table with its feature columns, e\.g\. df\.to_csv\(path, index=False\)\."):
+        load_dataset(b",label\n0,1\n1,0\n", filename="d.csv")
+
+
+@pytest.mark.parametrize("header, found", [("y,Label,a", "'y', 'Label'"), ("label,label,a", "'label', 'label'"),
+                                           ("a,class,target", "'class', 'target'")])
+def test_csv_with_several_label_columns_is_refused_not_read_as_features(header, found):
+    with pytest.raises(DataError, match=rf"^'d\.csv' has 2 columns that could be the labels \({found}\); keep one label column and "
+                                        r"rename or remove the others, which would otherwise be read as features\.$"):
+        load_dataset(f"{header}\n0,1,2\n1,0,3\n".encode(), filename="d.csv")
+
+
+@pytest.mark.parametrize("text", [b"a;b;label\n1;2;0\n3;4;1\n", b"a\tb\tlabel\n1\t2\t0\n3\t4\t1\n", b"sep=;\na;b;label\n1;2;0\n3;4;1\n",
+                                  b"sep=,\na,b,label\n1,2,0\n3,4,1\n", b"a,b,label,\n1,2,0,\n3,4,1,\n", b"a;b;label;\r\n1;2;0;\r\n3;4;1;\r\n"])
+def test_csv_separated_by_semicolons_or_tabs_or_saved_by_excel_is_read(text):
+    data = load_dataset(text, filename="d.csv")
+    assert data.x.tolist() == [[1, 2], [3, 4]] and data.y.tolist() == [0, 1]
+    assert load_dataset(b"1,2,\n3,4,\n", filename="d.csv").x.tolist() == [[1, 2], [3, 4]]  # no header, a comma after each row
+
+
+def test_csv_dialect_mistakes_get_a_sentence():
+    with pytest.raises(DataError, match=r"^Row 2 of 'd\.csv' writes the number '1,5' in column 'a' with a comma in it; save the table with "
+                                        r"plain numbers \(decimal points such as 1\.5, no thousands separators\) and commas between the columns\.$"):
+        load_dataset(b"a;b\n1,5;2,5\n3,5;4,5\n", filename="d.csv")
+    with pytest.raises(DataError, match=r"^Row 1 of 'd\.csv' writes the number '1,5' in column 'column 1' with a comma in it"):
+        load_dataset(b"1,5;2,5\n3,5;4,5\n", filename="d.csv")
+    with pytest.raises(DataError, match=r"^Row 3 of 'd\.csv' writes the number '0,5' in column 'label' with a comma in it"):
+        load_dataset(b"a;label\n1;1\n2;0,5\n", filename="d.csv")  # not the text label '0,5'
+    with pytest.raises(DataError, match=r"^Column 'b' of 'd\.csv' holds '2;3', which has semicolons in it, but the file is read as "
+                                        r"separated by commas; save the table with one separator"):
+        load_dataset(b"a,b\n1,2;3\n", filename="d.csv")
+    with pytest.raises(CorruptFileError, match=r"^Row 3 of 'd\.csv' has 3 columns; expected 2 like the first row\.$"):
+        load_dataset(b"a,b,\n1,2,\n3,4,5\n", filename="d.csv")  # a value after what looked like Excel's trailing separator
+
+
+@pytest.mark.parametrize("arrays", [{"x": np.ones((2, 2)), "Y": np.array([0, 1])}, {"X": np.ones((2, 2)), "target": np.array([0, 1])},
+                                    {"x": np.ones((2, 2)), "Labels": np.array([0, 1])}, {"x": np.ones((2, 2)), "targets": np.array([0, 1])},
+                                    {"x": np.ones((2, 2)), "label": np.array([0, 1]), "Class_Names": np.array(["a", "b"])}])
+def test_npz_and_pt_take_the_same_names_for_features_labels_and_class_names(arrays):
+    for data, filename in [(_npz(**arrays), "d.npz"), (_pt({k: torch.as_tensor(v) if v.dtype.kind != "U" else v.tolist()
+                                                              for k, v in arrays.items()}), "d.pt")]:
+        loaded = load_dataset(data, filename=filename)
+        assert loaded.x.shape == (2, 2) and loaded.y.tolist() == [0, 1], filename
+        assert loaded.class_names == (("a", "b") if "Class_Names" in arrays else None), filename
+
+
+@pytest.mark.parametrize("filename", ["d.npz", "d.pt"])
+def test_upload_arrays_that_would_be_dropped_are_refused(filename):
+    def save(**arrays):
+        return _npz(**arrays) if filename == "d.npz" else _pt({k: torch.as_tensor(v) for k, v in arrays.items()})
+
+    kind = "arrays" if filename == "d.npz" else "keys"
+    with pytest.raises(DataError, match=rf"^'d\.(npz|pt)' holds the {kind} 'classes', 'weights', which load_dataset does not read; save only "
+                                        r"the features as 'x', the labels as 'y' \(or labels, label, target, targets, in any case\) and "
+                                        r"'class_names', so that no labels are dropped unseen\.$"):
+        load_dataset(save(x=np.ones((2, 2)), classes=np.array([0, 1]), weights=np.ones(2)), filename=filename)
+    with pytest.raises(DataError, match=rf"holds 2 {kind} that could be the labels \('y', 'labels'\); keep one of them\.$"):
+        load_dataset(save(x=np.ones((2, 2)), y=np.array([0, 1]), labels=np.array([0, 1])), filename=filename)
+    with pytest.raises(DataError, match=rf"holds 2 {kind} that could be the features \('x', 'X'\); keep one of them\.$"):
+        load_dataset(save(x=np.ones((2, 2)), X=np.ones((2, 2))), filename=filename)
+    with pytest.raises(DataError, match=rf"holds the {kind} y but none named 'x'; save the features as 'x'"):
+        load_dataset(save(y=np.array([0, 1])), filename=filename)  # labels alone are not features
+
+
+def test_pt_class_names_are_read_and_must_be_strings():
+    data = load_dataset(_pt({"x": torch.ones(3, 2), "y": torch.tensor([2, 0, 1]), "class_names": ("a", "b", "c")}), filename="n.pt")
+    assert data.class_names == ("a", "b", "c") and data.named_labels().tolist() == ["c", "a", "b"]
+    with pytest.raises(DataError, match=r"^'class_names' in 'n\.pt' must be a list of strings \(one name per class\); got Tensor\.$"):
+        load_dataset(_pt({"x": torch.ones(3, 2), "y": torch.tensor([2, 0, 1]), "class_names": torch.arange(3)}), filename="n.pt")
+
+
+@pytest.mark.parametrize("y, names, message", [
+    (np.array([0.0, 1.0, 5.0]), ["a", "b", "c"], r"^'n\.(npz|pt)' has labels up to 5 but 3 class_names; give one name per class "
+                                                 r"\(labels 0 to 2\)\.$"),
+    (np.array([0, 1, 0]), ["a", "a"], r"^'class_names' in 'n\.(npz|pt)' holds 'a' more than once; give each class its own name\.$"),
+    (np.array([0.5, 1.25, 0.0]), ["a", "b"], r"^'n\.(npz|pt)' has 'class_names' but its labels are regression targets \(such as 0\.5\), "
+                                             r"not class numbers 0 to 1; give integer class labels with 'class_names', or drop"),
+    (None, ["a", "b"], r"^'n\.(npz|pt)' has 'class_names' but no labels; save the labels beside them as 'y', or drop 'class_names'\.$"),
+])
+def test_class_names_are_checked_against_the_labels_as_read(y, names, message):
+    arrays = {"x": np.ones((3, 2))} | ({} if y is None else {"y": y})
+    with pytest.raises(DataError, match=message):
+        load_dataset(_npz(**arrays, class_names=np.array(names)), filename="n.npz")
+    with pytest.raises(DataError, match=message):
+        load_dataset(_pt({k: torch.as_tensor(v) for k, v in arrays.items()} | {"class_names": names}), filename="n.pt")
+    ok = load_dataset(_npz(x=np.ones((3, 2)), y=np.array([0.0, 1.0, 1.0]), class_names=np.array(["a", "b", "unused"])), filename="n.npz")
+    assert ok.y.tolist() == [0, 1, 1] and ok.class_names == ("a", "b", "unused")  # names for classes a sample lacks are fine
+
+
+def test_integer_inputs_are_token_ids_with_a_note_saying_how_to_get_floats():
+    data = load_dataset(_npz(x=np.full((2, 4), 255, dtype=np.uint8)), filename="img.npz")
+    assert data.x.dtype == torch.int64 and data.x.tolist() == [[255] * 4] * 2  # the documented rule: integers are token ids
+    assert data.info["inputs"] == ("the uint8 values of x are kept as int64 token ids, for models that take tokens; for a model of float "
+                                   "features (such as an MLP) save x as floats, e.g. x.astype('float32') / 255 for 8-bit image pixels")
+    assert "x.astype('float32')" in load_dataset(_pt(torch.ones(2, 3, dtype=torch.int32)), filename="t.pt").info["inputs"]
+    assert "inputs" not in load_dataset(_npz(x=np.ones((2, 2), dtype=np.float32)), filename="f.npz").info

@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import math
+import re
 import zipfile
 from array import array
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from workbench.errors import (
 BUILTIN_DATASETS = ("digits", "blobs", "sentences")
 UPLOAD_FORMATS = (".npz", ".csv", ".pt")
 LABEL_COLUMNS = ("label", "labels", "y", "target", "class")
+LABEL_KEYS = ("y", "labels", "label", "target", "targets")  # names of the labels in an .npz or .pt file, in any case
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
 MAX_DATASET_BYTES = 1 << 30
@@ -242,13 +244,47 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
     return made
 
 
+TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool, torch.int8, torch.int16, torch.int32,
+                 torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)  # inputs and labels make_dataset reads
+
+
+def _check_tensor_kind(t: torch.Tensor, what: str, key: str) -> None:
+    """Refuse a tensor whose values cannot be read as plain numbers, before anything touches its data: ``what``
+    names it in the message (``"'x' in 'd.pt'"``), ``key`` is its name in the suggested fix."""
+    if t.is_meta:  # a shape without values: copying one out would first allocate all it declares
+        raise DataError(f"{what} is a tensor on the meta device, which has a shape {tuple(t.shape)} but no values; "
+                        "use a tensor that holds its values (made on the CPU, not with device='meta').")
+    if t.is_nested:
+        raise DataError(f"{what} is a nested tensor (samples of different shapes); pad the samples to one shape and save "
+                        f"a regular tensor, e.g. torch.nested.to_padded_tensor({key}, 0.0).")
+    if t.is_quantized:
+        raise DataError(f"{what} is a quantized tensor ({str(t.dtype).removeprefix('torch.')}); save its values as floats: "
+                        f"{key}.dequantize().")
+    if t.layout != torch.strided:
+        raise DataError(f"{what} is a {t.layout} tensor; save a dense one: {key}.to_dense().")
+    if t.dtype not in TENSOR_DTYPES and not t.dtype.is_complex:
+        raise DataError(f"{what} holds {str(t.dtype).removeprefix('torch.')} values, which the workbench does not read; "
+                        f"save it as float32 (or int64 token ids): {key}.float().")
+
+
 def _to_tensor(value: Any, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        _check_tensor_kind(value, f"The dataset's '{what}'", what)
         t = value.detach().cpu()
     else:
         arr = np.asarray(value)
+        if arr.dtype.kind == "m":
+            raise DataError(f"The dataset's '{what}' holds time spans ({arr.dtype}), not numbers; convert them first, "
+                            f"e.g. {what} / np.timedelta64(1, 's') for seconds.")
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise DataError(f"The dataset's '{what}' must be numeric; got values of type {arr.dtype}.")
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+            raise DataError(f"The dataset's '{what}' holds {arr.dtype} values (extended precision), which torch cannot hold; "
+                            f"save it as float64: {what}.astype('float64').")
+        if arr.dtype.kind == "c" and arr.dtype.itemsize > 16:
+            arr = arr.astype(np.complex128)  # refused below as complex, like any complex values
+        if not arr.dtype.isnative:  # big-endian data from another machine: the same values in this machine's byte order
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.dtype.is_complex and what == "x":
         raise DataError(f"The dataset's 'x' holds complex numbers ({str(t.dtype).removeprefix('torch.')}), which would lose their "
@@ -359,11 +395,20 @@ def load_dataset(source: str | Path | bytes, *, split: str | None = None, filena
     ``source``: ``"digits"``, ``"blobs"`` (options: ``separation``, ``n_samples``, ``n_features``,
     ``n_classes``, ``seed``), ``"sentences"``, a path to ``.npz`` / ``.csv`` / ``.pt``, or the bytes
     of such a file (then ``filename`` gives its type). ``.npz`` is read with ``allow_pickle=False``
-    (arrays ``x`` and optional ``y``); ``.csv`` must be numeric with an optional label column named
-    one of ``label, labels, y, target, class`` holding text, class numbers ``0 .. MAX_CLASSES - 1``, whole
-    numbers some of which are below zero (such as -1 / 1: classes numbered in increasing order, named by
-    their numbers) or other finite numbers (regression targets);
-    ``.pt`` is read with ``weights_only=True`` (a tensor, or a dict with ``x`` and optional ``y``).
+    and ``.pt`` with ``weights_only=True`` (a tensor, or a dict of tensors); both take the same names, in
+    any case: features ``x``, optional labels ``y`` (or ``labels``, ``label``, ``target``, ``targets``) and
+    optional ``class_names`` (strings naming the integer labels ``0 .. len(class_names) - 1``, each once). A
+    file of one array (not labels) is its features; any other array is refused, not dropped. Integer
+    features are kept as int64 token ids, with a note in ``info["inputs"]`` (models of float features
+    need ``x.astype('float32')``). ``.csv`` must be numeric with an optional label column named
+    one of ``label, labels, y, target, class`` (in any case; more than one such column is refused) holding
+    text, class numbers ``0 .. MAX_CLASSES - 1``, whole numbers some of which are below zero (such as
+    -1 / 1: classes numbered in increasing order, named by their numbers) or other finite numbers
+    (regression targets). Columns are separated by commas, or by semicolons or tabs where the first line
+    has those and no commas (Excel's ``sep=`` first line is honoured; a separator that ends every line is
+    ignored); numbers with decimal commas are refused. An unnamed first column (empty header, or pandas'
+    ``Unnamed: 0``) of distinct whole numbers is a saved row index: it is dropped and noted in
+    ``info["dropped"]``.
     ``split`` (``"train"``, ``"test"`` the default, ``"all"``) applies to digits and sentences; an option
     a source does not take is refused, not ignored.
 
@@ -425,17 +470,19 @@ def _read_file(data: bytes, name: str, max_bytes: int) -> Dataset:
     suffix = Path(name).suffix.lower()
     y: Any
     class_names = None
+    info: dict[str, Any] = {"file": name}
     if suffix == ".npz":
         x, y, class_names = _read_npz(data, name, max_bytes)
     elif suffix == ".csv":
-        x, y = _read_csv(data, name)
+        x, y, notes = _read_csv(data, name)
+        info.update(notes)
     elif suffix == ".pt":
-        x, y = _read_pt(data, name, max_bytes)
+        x, y, class_names = _read_pt(data, name, max_bytes)
     else:
         raise UnsupportedFormatError(
             f"Cannot read dataset file '{name}': supported types are {', '.join(UPLOAD_FORMATS)} (or a bundled name: {', '.join(BUILTIN_DATASETS)})."
         )
-    info: dict[str, Any] = {"file": name}
+    given_names = class_names is not None
     if isinstance(y, list) or (isinstance(y, np.ndarray) and y.dtype.kind in "US"):
         if class_names is not None:
             raise DataError(f"'{name}' has text labels and 'class_names'; give integer labels with 'class_names', or text labels alone.")
@@ -449,7 +496,20 @@ def _read_file(data: bytes, name: str, max_bytes: int) -> Dataset:
         index = {c: i for i, c in enumerate(class_names)}
         y = np.fromiter((index[stripped[c]] for c in labels), dtype=np.int64, count=len(labels))
         info["labels"] = SIGNED_LABELS_NOTE if numeric else TEXT_LABELS_NOTE
-    return make_dataset(Path(name).stem, x, y, class_names=class_names, description=f"uploaded {suffix} file", info=info)
+    made = make_dataset(Path(name).stem, x, y, class_names=class_names, description=f"uploaded {suffix} file", info=info)
+    if given_names:
+        _check_class_names(made, name)
+    if not made.x.dtype.is_floating_point:
+        made.info["inputs"] = _token_ids_note(x)
+    return made
+
+
+def _token_ids_note(x: Any) -> str:
+    """What became of integer inputs, for the dataset's info: they are token ids, which a model of float features refuses."""
+    dtype = str(x.dtype).removeprefix("torch.")
+    pixels = " / 255 for 8-bit image pixels" if dtype == "uint8" else ""
+    return (f"the {dtype} values of x are kept as int64 token ids, for models that take tokens; for a model of float features "
+            f"(such as an MLP) save x as floats, e.g. x.astype('float32'){pixels}")
 
 
 TEXT_LABELS_NOTE = "text, numbered in sorted order"
@@ -515,13 +575,10 @@ def _read_npz(data: bytes, name: str, max_bytes: int) -> tuple[np.ndarray, np.nd
             keys = list(f.keys())
             if not keys:
                 raise DataError(f"'{name}' holds no arrays; save features as 'x' (and labels as 'y').")
-            xkey = "x" if "x" in keys else ("X" if "X" in keys else (keys[0] if len(keys) == 1 else None))
-            if xkey is None:
-                raise DataError(f"'{name}' holds the arrays {', '.join(keys)} but none named 'x'; save the features as 'x' "
-                                "(and labels as 'y'): np.savez(path, x=x, y=y).")
+            xkey, ykey, nkey = _pick_keys(keys, name, "arrays", "np.savez(path, x=x, y=y)")
             x = read(xkey)
-            y = read("y") if "y" in keys else (read("labels") if "labels" in keys else None)
-            names = read("class_names") if "class_names" in keys else None
+            y = None if ykey is None else read(ykey)
+            names = None if nkey is None else read(nkey)
     except WorkbenchError:
         raise
     except ValueError as exc:
@@ -537,9 +594,53 @@ def _read_npz(data: bytes, name: str, max_bytes: int) -> tuple[np.ndarray, np.nd
         if names.ndim != 1 or names.dtype.kind not in "US":
             raise DataError(f"'class_names' in '{name}' must be a 1-D array of strings; got shape {names.shape} of {names.dtype}.")
         class_names = tuple(str(c) for c in names)
-        if y is not None and np.asarray(y).dtype.kind in "iu" and np.asarray(y).size and int(np.max(y)) >= len(class_names):
-            raise DataError(f"'{name}' has labels up to {int(np.max(y))} but {len(class_names)} class_names; give one name per class.")
     return x, y, class_names
+
+
+def _pick_keys(keys: list[Any], name: str, kind: str, how: str) -> tuple[Any, Any, Any]:
+    """The keys of the features, labels and class names among the ``keys`` of an .npz or .pt file: ``x``, one of
+    :data:`LABEL_KEYS` and ``class_names``, in any case; a file of one array (not labels) is its features. A key that
+    is none of these is refused, not dropped: it may hold the labels under a name the workbench does not know."""
+    roles: dict[str, list[Any]] = {"features": [], "labels": [], "class names": []}
+    unused: list[Any] = []
+    for key in keys:
+        low = key.lower() if isinstance(key, str) else None
+        role = ("features" if low == "x" else "labels" if low in LABEL_KEYS else "class names" if low == "class_names" else None)
+        (roles[role] if role else unused).append(key)
+    for role, found in roles.items():
+        if len(found) > 1:
+            raise DataError(f"'{name}' holds {len(found)} {kind} that could be the {role} ({', '.join(repr(k) for k in found)}); "
+                            "keep one of them.")
+    if len(keys) == 1 and unused:
+        return unused[0], None, None
+    if not roles["features"]:
+        raise DataError(f"'{name}' holds the {kind} {', '.join(str(k) for k in keys)} but none named 'x'; save the features as 'x' "
+                        f"(and labels as 'y'): {how}.")
+    if unused:
+        raise DataError(f"'{name}' holds the {kind} {', '.join(repr(k) for k in unused)}, which load_dataset does not read; save only "
+                        f"the features as 'x', the labels as 'y' (or {', '.join(LABEL_KEYS[1:])}, in any case) and 'class_names', "
+                        "so that no labels are dropped unseen.")
+    return roles["features"][0], next(iter(roles["labels"]), None), next(iter(roles["class names"]), None)
+
+
+def _check_class_names(dataset: Dataset, name: str) -> None:
+    """Refuse class names that do not name the labels one to one, once make_dataset has read them as classes or targets."""
+    names = dataset.class_names or ()
+    duplicate = next((c for c in names if names.count(c) > 1), None)
+    if duplicate is not None:
+        raise DataError(f"'class_names' in '{name}' holds {duplicate!r} more than once; give each class its own name.")
+    y = dataset.y
+    if y is None:
+        raise DataError(f"'{name}' has 'class_names' but no labels; save the labels beside them as 'y', or drop 'class_names'.")
+    if y.dtype.is_floating_point:
+        odd = y[(y != y.round()) | (y < 0) | (y >= MAX_CLASSES)]
+        example = float(odd[0] if odd.numel() else y[0])
+        raise DataError(f"'{name}' has 'class_names' but its labels are regression targets (such as {example:g}), not class "
+                        f"numbers 0 to {len(names) - 1}; give integer class labels with 'class_names', or drop 'class_names'.")
+    top = int(y.max()) if y.numel() else -1
+    if top >= len(names):
+        raise DataError(f"'{name}' has labels up to {top} but {len(names)} class_names; give one name per class "
+                        f"(labels 0 to {len(names) - 1}).")
 
 
 def _is_number(cell: str) -> bool:
@@ -550,24 +651,66 @@ def _is_number(cell: str) -> bool:
         return False
 
 
-def _read_csv(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | list[str] | None]:
-    """Features (float64) and labels (class numbers, text as a list, or None), parsed row by row into one flat buffer:
-    rows kept as Python lists would take some 40 times the file's size."""
-    reader = csv.reader(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline=""))
+CSV_SEPARATORS = {",": "commas", ";": "semicolons", "\t": "tabs"}
+_DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")  # a number written with a decimal comma (1,5) or thousands separator
+_INDEX_HEADER = re.compile(r"|Unnamed: 0")  # the name pandas gives the index it writes (none), or reads back
+INDEX_COLUMN_NOTE = "the unnamed first column, whose values {} are row numbers (an index such as pandas writes), not features"
+
+
+def _read_csv(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray | list[str] | None, dict[str, str]]:
+    """Features (float64), labels (class numbers, text as a list, or None) and notes for the dataset's info, parsed row by
+    row into one flat buffer: rows kept as Python lists would take some 40 times the file's size.
+
+    The separator is Excel's ``sep=`` first line where there is one, else semicolons or tabs where the first line has
+    them and no commas (or only decimal commas), else commas."""
+    lines = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
     try:
-        return _csv_table((r for r in reader if r), name)
+        skipped, first = 0, ""
+        for line in lines:  # blank lines before the first row
+            if line.strip():
+                first = line
+                break
+            skipped += 1
+        hint = re.fullmatch(r'"?sep=(.)"?,?\s*', first)
+        if hint:
+            separator, head, skipped = hint.group(1), [], skipped + 1
+        else:
+            separator, head = _csv_separator(first.rstrip("\r\n")), [first]
+        reader = csv.reader(itertools.chain(head, lines), delimiter=separator)
+        return _csv_table((r for r in reader if r), name, separator)
     except UnicodeDecodeError as exc:
         raise CorruptFileError(f"'{name}' is not UTF-8 text, so it cannot be read as CSV.") from exc
     except csv.Error as exc:
-        raise CorruptFileError(f"Line {reader.line_num} of '{name}' cannot be read as CSV ({exc}); save the table as plain "
+        raise CorruptFileError(f"Line {reader.line_num + skipped} of '{name}' cannot be read as CSV ({exc}); save the table as plain "
                                "comma-separated numbers, one sample per row.") from exc
 
 
-def _csv_table(rows: Iterator[list[str]], name: str) -> tuple[np.ndarray, np.ndarray | list[str] | None]:
+def _csv_separator(line: str) -> str:
+    """The separator of a CSV file, from its first line: semicolons or tabs where it has no commas but for decimal ones."""
+    for sep in (";", "\t"):
+        cells = line.split(sep)
+        if len(cells) > 1 and ("," not in line or all(_DECIMAL_COMMA.fullmatch(c.strip()) or _is_number(c) for c in cells)):
+            return sep
+    return ","
+
+
+def _without_trailing_separator(rows: Iterator[list[str]]) -> Iterator[list[str]]:
+    """The rows without the empty last cell that a separator at the end of every line (as Excel writes) leaves; a row with a
+    value there is passed on whole, so that the column count check names it."""
+    start = list(itertools.islice(rows, 2))
+    if not (len(start) == 2 and all(len(r) > 1 and not r[-1].strip() for r in start)):
+        yield from itertools.chain(start, rows)
+        return
+    for row in itertools.chain(start, rows):
+        yield row[:-1] if len(row) > 1 and not row[-1].strip() else row
+
+
+def _csv_table(rows: Iterator[list[str]], name: str, separator: str = ",") -> tuple[np.ndarray, np.ndarray | list[str] | None, dict[str, str]]:
+    rows = _without_trailing_separator(rows)
     header = next(rows, None)
     if header is None:
         raise DataError(f"'{name}' has no rows.")
-    has_header = not all(_is_number(c) for c in header)
+    has_header = not all(_is_number(c) or _DECIMAL_COMMA.fullmatch(c.strip()) for c in header)  # decimal commas are refused below
     first = next(rows, None) if has_header else header
     if first is None:
         raise DataError(f"'{name}' has a header but no data rows.")
@@ -575,7 +718,11 @@ def _csv_table(rows: Iterator[list[str]], name: str) -> tuple[np.ndarray, np.nda
     if has_header and len(header) != width:
         raise CorruptFileError(f"The header of '{name}' has {len(header)} columns but row 2 has {width}; give the header one name per column.")
     lowered = [h.strip().lower() for h in header] if has_header else []
-    label_idx = next((lowered.index(c) for c in LABEL_COLUMNS if c in lowered), None)
+    candidates = [j for j, h in enumerate(lowered) if h in LABEL_COLUMNS]
+    if len(candidates) > 1:
+        raise DataError(f"'{name}' has {len(candidates)} columns that could be the labels ({', '.join(repr(header[j]) for j in candidates)}); "
+                        "keep one label column and rename or remove the others, which would otherwise be read as features.")
+    label_idx = candidates[0] if candidates else None
     features = [j for j in range(width) if j != label_idx]
     if label_idx is not None and not features:
         raise DataError(f"'{name}' has the label column '{header[label_idx]}' but no feature columns; add at least one numeric feature column.")
@@ -589,21 +736,28 @@ def _csv_table(rows: Iterator[list[str]], name: str) -> tuple[np.ndarray, np.nda
             try:
                 values.append(float(row[j]))
             except ValueError:
-                col_name = header[j] if has_header else f"column {j + 1}"
-                if not row[j].strip():
-                    raise DataError(f"Row {i} of '{name}' has no value in column '{col_name}'; fill in or drop the rows "
-                                    "with missing values.") from None
-                raise DataError(f"Column '{col_name}' of '{name}' holds text ({row[j]!r}); CSV features must be numbers. "
-                                f"Remove or encode the column, or name the label column one of: {', '.join(LABEL_COLUMNS)}.") from None
+                raise _csv_cell_error(row[j], i, header[j] if has_header else f"column {j + 1}", name, separator) from None
         if label_idx is not None:
             cell = row[label_idx]
             if not cell.strip():
                 raise DataError(f"Row {i} of '{name}' has no label in column '{header[label_idx]}'; fill in or drop the rows "
                                 "without a label.")
+            if _DECIMAL_COMMA.fullmatch(cell.strip()):
+                raise _csv_cell_error(cell, i, header[label_idx], name, separator)
             labels.append(seen.setdefault(cell, cell))
     x = np.frombuffer(values, dtype=np.float64).reshape(-1, len(features))
+    notes: dict[str, str] = {}
+    if has_header and features and features[0] == 0 and _INDEX_HEADER.fullmatch(header[0].strip()):
+        index = x[:, 0]
+        if len(np.unique(index)) == len(index) and bool((index == np.round(index)).all()):
+            if len(features) == 1:
+                raise DataError(f"The only feature column of '{name}' is an unnamed column of row numbers, an index such as pandas "
+                                "writes; save the table with its feature columns, e.g. df.to_csv(path, index=False).")
+            x = np.ascontiguousarray(x[:, 1:])
+            shown = ", ".join(f"{v:.0f}" for v in index[:3]) + (", …" if len(index) > 3 else "")
+            notes["dropped"] = INDEX_COLUMN_NOTE.format(shown)
     if label_idx is None or not all(_is_number(c) for c in seen):
-        return x, (labels or None)
+        return x, (labels or None), notes
     numbers = {cell: float(cell) for cell in seen}
     bad = next((c for c, v in numbers.items() if not math.isfinite(v)), None)
     if bad is not None:
@@ -611,14 +765,31 @@ def _csv_table(rows: Iterator[list[str]], name: str) -> tuple[np.ndarray, np.nda
                         "labels must be finite numbers (class numbers, or targets for regression) or text.")
     values = np.fromiter((numbers[c] for c in labels), dtype=np.float64, count=len(labels))
     if all(v.is_integer() and 0 <= v < MAX_CLASSES for v in numbers.values()):
-        return x, values.astype(np.int64)  # class numbers
+        return x, values.astype(np.int64), notes  # class numbers
     distinct = sorted(set(numbers.values()))
     if distinct[0] < 0 and all(v.is_integer() for v in distinct) and len(distinct) <= MAX_SIGNED_CLASSES:  # such as -1 / 1
-        return x, [f"{v + 0.0:.0f}" for v in values]  # classes, numbered below in numeric order (+ 0.0: no "-0")
-    return x, values  # regression targets: make_dataset checks their range
+        return x, [f"{v + 0.0:.0f}" for v in values], notes  # classes, numbered below in numeric order (+ 0.0: no "-0")
+    return x, values, notes  # regression targets: make_dataset checks their range
 
 
-def _read_pt(data: bytes, name: str, max_bytes: int) -> tuple[Any, Any]:
+def _csv_cell_error(cell: str, row: int, column: str, name: str, separator: str) -> DataError:
+    """The sentence for a CSV cell that is not a number."""
+    text = cell.strip()
+    if not text:
+        return DataError(f"Row {row} of '{name}' has no value in column '{column}'; fill in or drop the rows with missing values.")
+    if _DECIMAL_COMMA.fullmatch(text):
+        return DataError(f"Row {row} of '{name}' writes the number {text!r} in column '{column}' with a comma in it; save the table "
+                         "with plain numbers (decimal points such as 1.5, no thousands separators) and commas between the columns.")
+    other = next((s for s in CSV_SEPARATORS if s != separator and s in text), None)
+    if other is not None:
+        return DataError(f"Column '{column}' of '{name}' holds {text[:40]!r}, which has {CSV_SEPARATORS[other]} in it, but the file is "
+                         f"read as separated by {CSV_SEPARATORS[separator]}; save the table with one separator, commas between "
+                         "the columns and decimal points in numbers.")
+    return DataError(f"Column '{column}' of '{name}' holds text ({cell!r}); CSV features must be numbers. "
+                     f"Remove or encode the column, or name the label column one of: {', '.join(LABEL_COLUMNS)}.")
+
+
+def _read_pt(data: bytes, name: str, max_bytes: int) -> tuple[Any, Any, tuple[str, ...] | None]:
     import pickle
 
     if data.startswith(b"PK"):
@@ -626,7 +797,8 @@ def _read_pt(data: bytes, name: str, max_bytes: int) -> tuple[Any, Any]:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 _check_unpacked_size(zf, name, max_bytes)
         except zipfile.BadZipFile as exc:
-            raise CorruptFileError(f"'{name}' is not a readable torch file ({exc}); re-save it with torch.save.") from exc
+            raise CorruptFileError(f"'{name}' is damaged or not a file written by torch.save ({exc}); re-save the data with "
+                                   "torch.save({'x': x, 'y': y}, path).") from exc
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -634,20 +806,31 @@ def _read_pt(data: bytes, name: str, max_bytes: int) -> tuple[Any, Any]:
             f"'{name}' needs full unpickling, which can run code; save plain tensors with torch.save({{'x': x, 'y': y}}, path)."
         ) from exc
     except Exception as exc:  # torch raises many types for damaged archives
-        raise CorruptFileError(f"'{name}' is not a readable torch file ({type(exc).__name__}); re-save it with torch.save.") from exc
+        detail = next(iter(str(exc).strip().splitlines()), "").split(". ")[0][:160]
+        raise CorruptFileError(f"'{name}' is damaged or not a file written by torch.save ({type(exc).__name__}"
+                               f"{': ' + detail if detail else ''}); re-save the data with torch.save({{'x': x, 'y': y}}, path).") from exc
     if isinstance(obj, torch.Tensor):
-        return _pt_value(obj, "x", name), None
-    if isinstance(obj, dict) and "x" in obj:
-        return _pt_value(obj["x"], "x", name), None if obj.get("y") is None else _pt_value(obj["y"], "y", name)
-    raise DataError(f"'{name}' must hold a tensor or a dict with 'x' (and optional 'y'); got {type(obj).__name__}.")
+        return _pt_value(obj, "x", name), None, None
+    if not isinstance(obj, dict):
+        raise DataError(f"'{name}' must hold a tensor or a dict with 'x' (and optional 'y'); got {type(obj).__name__}.")
+    if not obj:
+        raise DataError(f"'{name}' holds an empty dict; save the features as 'x' (and labels as 'y'): torch.save({{'x': x, 'y': y}}, path).")
+    xkey, ykey, nkey = _pick_keys(list(obj), name, "keys", "torch.save({'x': x, 'y': y}, path)")
+    x = _pt_value(obj[xkey], "x", name, xkey)
+    y = None if ykey is None or obj[ykey] is None else _pt_value(obj[ykey], "y", name, ykey)
+    names = None if nkey is None else obj[nkey]
+    if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(c, str) for c in names)):
+        raise DataError(f"'{nkey}' in '{name}' must be a list of strings (one name per class); got {type(names).__name__}.")
+    return x, y, None if names is None else tuple(names)
 
 
-def _pt_value(value: Any, key: str, name: str) -> Any:
+def _pt_value(value: Any, role: str, name: str, key: str | None = None) -> Any:
     """``value`` checked before anything materialises it: an expanded tensor (stride 0) or a list that repeats one
-    pickled object costs little in the file and up to any size in memory."""
+    pickled object costs little in the file and up to any size in memory; a meta tensor declares any size and
+    stores nothing. ``role`` is "x" or "y"; ``key`` the name the file gives it (``role`` where not given)."""
+    key = key or role
     if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided:
-            raise DataError(f"'{key}' in '{name}' is a {value.layout} tensor; save a dense one: {key}.to_dense().")
+        _check_tensor_kind(value, f"'{key}' in '{name}'", key)
         stored = value.untyped_storage().nbytes()
         if value.numel() * value.element_size() > stored:
             raise DataError(f"'{key}' in '{name}' is an expanded view: shape {tuple(value.shape)} with strides {value.stride()} over "
@@ -656,7 +839,7 @@ def _pt_value(value: Any, key: str, name: str) -> Any:
     items = list(value) if isinstance(value, (list, tuple)) else None
     if items is not None and all(isinstance(v, (int, float)) for v in items):
         return np.asarray(items)
-    if items is not None and key == "y" and all(isinstance(v, str) for v in items):
+    if items is not None and role == "y" and all(isinstance(v, str) for v in items):
         return items
-    what = "a tensor or a flat list of labels" if key == "y" else "a tensor"
+    what = "a tensor or a flat list of labels" if role == "y" else "a tensor"
     raise DataError(f"'{key}' in '{name}' must be {what}; got {type(value).__name__}. Save it with torch.as_tensor({key}).")
