@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +71,57 @@ def test_second_call_reads_cache(mlp, digits_test, tmp_path):
     assert len(list(tmp_path.iterdir())) == 1
     other_pooling = extract(mlp, digits_test, ["fc1"], pooling="max", cache_dir=tmp_path)
     assert other_pooling.key != first.key
+
+
+def _damage(entry: Path, how: str) -> None:
+    meta_path = entry / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    files = meta["files"]
+    if how == "swapped files":
+        meta["files"] = dict(zip(files, reversed(list(files.values()))))
+    elif how == "a layer dropped":
+        meta["files"] = dict(list(files.items())[:1])
+    elif how == "fewer rows":
+        for name in files.values():
+            np.save(entry / name, np.zeros((100, 5), np.float32))
+    elif how == "other pooling":
+        meta["pooling"] = "max"
+    elif how == "an empty file":
+        os.truncate(entry / next(iter(files.values())), 0)
+    elif how == "meta.json deleted":
+        meta_path.unlink()
+        return
+    elif how == "meta.json a list":
+        meta = []
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("how", ["swapped files", "a layer dropped", "fewer rows", "other pooling", "an empty file",
+                                 "meta.json deleted", "meta.json a list"])
+def test_a_damaged_cache_entry_is_extracted_again(mlp, digits_test, tmp_path, how):
+    first = extract(mlp, digits_test, ["fc1", "out"], cache_dir=tmp_path)
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    want = {k: v.clone() for k, v in first.items()}
+    del first
+    _damage(entry, how)
+    for _ in range(2):  # the entry is rebuilt, then read
+        again = extract(mlp, digits_test, ["fc1", "out"], cache_dir=tmp_path)
+        assert again.layers == ["fc1", "out"] and again.pooling == "mean"
+        for layer, values in want.items():
+            torch.testing.assert_close(again[layer], values)
+
+
+def test_activations_are_keyed_by_the_inputs_so_new_labels_reuse_them(mlp, digits_test, tmp_path):
+    from workbench.data import make_dataset
+
+    relabelled = make_dataset("relabelled", digits_test.x, (digits_test.y + 1) % 10)
+    first = extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path)
+    calls = []
+    second = extract(mlp, relabelled, ["fc1"], cache_dir=tmp_path, progress=lambda d, t: calls.append(d))
+    assert calls == [digits_test.n_samples]  # read from the cache: one call, at the end
+    torch.testing.assert_close(second["fc1"], first["fc1"])
+    assert torch.equal(second.labels, relabelled.y) and second.dataset_name == "relabelled"
+    assert second.dataset_sha256 == relabelled.sha256 != first.dataset_sha256
 
 
 def test_cached_arrays_are_read_only_on_disk(mlp, digits_test, tmp_path):

@@ -40,9 +40,9 @@ from workbench.device import full_float32, module_device, resolve_device, rows_o
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model, eval_mode
 
-CACHE_FORMAT = 5  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and
+CACHE_FORMAT = 6  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and
 # structure; 4: the structure includes module attributes and non-persistent buffers, token masks follow the pad id;
-# 5: and tensors kept as plain module attributes
+# 5: and tensors kept as plain module attributes; 6: keyed by the inputs alone, entries record each layer's width
 Progress = Callable[[int, int], None]
 FORWARD_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError, AssertionError, NotImplementedError)
 STALE_PARTIAL_SECONDS = 24 * 3600  # a partial cache entry untouched this long belongs to a run that was killed
@@ -212,8 +212,8 @@ def list_layers(model: LoadedModel | nn.Module, example: Any = None) -> list[str
 
 def cache_key(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: str) -> str:
     dataset.check_unchanged()
-    payload = json.dumps({"format": CACHE_FORMAT, "model": model.content_sha256, "data": dataset.sha256,
-                          "layers": layers, "pooling": pooling})
+    payload = json.dumps({"format": CACHE_FORMAT, "model": model.content_sha256, "data": dataset.inputs_sha256,
+                          "layers": layers, "pooling": pooling})  # the inputs alone: labels do not change activations
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -277,28 +277,41 @@ def remove_stale_partials(root: Path, max_age: float = STALE_PARTIAL_SECONDS) ->
     return removed
 
 
-def _cached(folder: Path, dataset: Dataset, model: LoadedModel) -> Activations | None:
-    """The complete cache entry in ``folder``, or ``None`` (a damaged entry is removed)."""
-    meta_path = folder / "meta.json"
-    if not meta_path.exists():
+def _cached(folder: Path, dataset: Dataset, model: LoadedModel, layers: list[str], pooling: str) -> Activations | None:
+    """The complete cache entry in ``folder`` for ``layers`` of ``dataset`` pooled by ``pooling``, or ``None``: an
+    entry that is damaged, or that does not hold what its key stands for, is removed (and extracted again)."""
+    if not folder.is_dir():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("complete"):
-            return _read_cache(folder, meta, dataset, model)
-    except (OSError, ValueError, KeyError):
+        return _read_cache(folder, json.loads((folder / "meta.json").read_text()), dataset, model, layers, pooling)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError):
         shutil.rmtree(folder, ignore_errors=True)
     return None
 
 
-def _read_cache(folder: Path, meta: dict[str, Any], dataset: Dataset, model: LoadedModel) -> Activations:
+def _read_cache(folder: Path, meta: dict[str, Any], dataset: Dataset, model: LoadedModel, layers: list[str],
+                pooling: str) -> Activations:
+    """The entry's layers, memory-mapped; ValueError where the entry is not complete or does not hold ``layers``
+    of every sample of ``dataset`` pooled by ``pooling`` (a damaged or hand-edited entry)."""
+    n = dataset.n_samples
+    widths = meta.get("widths")
+    if (not meta.get("complete") or meta.get("pooling") != pooling or meta.get("n_samples") != n
+            or meta["files"] != _layer_files(layers) or not isinstance(widths, dict) or list(widths) != list(layers)):
+        raise ValueError("the cache entry does not match its key")
     tensors = {}
     for layer, fname in meta["files"].items():
         arr = np.load(folder / fname, mmap_mode="c")
+        if arr.ndim != 2 or arr.shape != (n, widths[layer]) or arr.dtype != np.float32:
+            raise ValueError(f"layer '{layer}' of the cache entry has shape {arr.shape}")
         tensors[layer] = torch.from_numpy(arr)
     return Activations(tensors, model_name=model.name, model_sha256=model.sha256, dataset_name=dataset.name,
-                       dataset_sha256=dataset.sha256, inputs_sha256=dataset.inputs_sha256, pooling=meta["pooling"],
+                       dataset_sha256=dataset.sha256, inputs_sha256=dataset.inputs_sha256, pooling=pooling,
                        labels=dataset.y, key=meta["key"])
+
+
+def _layer_files(layers: list[str]) -> dict[str, str]:
+    """The file of each layer in a cache entry."""
+    return {layer: f"layer{i:03d}.npy" for i, layer in enumerate(layers)}
 
 
 def assemble_cache(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: str,
@@ -309,7 +322,7 @@ def assemble_cache(model: LoadedModel, dataset: Dataset, layers: list[str], pool
     _cache_root(root)
     tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    files = {layer: f"layer{i:03d}.npy" for i, layer in enumerate(layers)}
+    files = _layer_files(layers)
     try:
         for layer in layers:
             width = int(parts[0][layer].shape[1])
@@ -322,7 +335,8 @@ def assemble_cache(model: LoadedModel, dataset: Dataset, layers: list[str], pool
             if start != dataset.n_samples:
                 raise DataError(f"The parts hold {start} samples but dataset '{dataset.name}' has {dataset.n_samples}.")
             del out
-        meta = {"complete": True, "key": key, "pooling": pooling, "files": files, "model": model.name,
+        meta = {"complete": True, "key": key, "pooling": pooling, "files": files,
+                "widths": {layer: int(parts[0][layer].shape[1]) for layer in layers}, "model": model.name,
                 "model_sha256": model.sha256, "dataset": dataset.name, "dataset_sha256": dataset.sha256,
                 "n_samples": dataset.n_samples, "seconds": 0.0, "device": "sharded"}
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -375,7 +389,7 @@ def extract(
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise ParameterError(f"The 'cache_dir' parameter of extract must be a folder path. Got {type(cache_dir).__name__}.")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cached = _cached(root / key, data, lm)
+    cached = _cached(root / key, data, lm, layers, pooling)
     if cached is None:
         return _run_and_cache(lm, data, layers, pooling, batch_size, dev, root, key, progress)
     if progress is not None:
@@ -419,7 +433,7 @@ def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: s
                    dev: torch.device, root: Path, key: str, progress: Progress | None) -> Activations:
     _cache_root(root)
     with exclusive(lm.module):  # hooks see every thread's forward passes: one hooked run of a model or its parts at a time
-        cached = _cached(root / key, data, lm)  # finished by another thread while this one waited
+        cached = _cached(root / key, data, lm, layers, pooling)  # finished by another thread while this one waited
         if cached is not None:
             if progress is not None:
                 progress(data.n_samples, data.n_samples)
@@ -435,7 +449,7 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
     except OSError as exc:
         raise ParameterError(f"The cache folder '{root}' is not writable ({exc.strerror or type(exc).__name__}); "
                              "pass a cache_dir that is a writable folder.") from exc
-    files = {layer: f"layer{i:03d}.npy" for i, layer in enumerate(layers)}
+    files = _layer_files(layers)
     writers: dict[str, _LayerFile] = {}
     n = data.n_samples
     module = lm.module
@@ -486,16 +500,21 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
                     progress(stop, n)
         for writer in writers.values():  # no fsync: the page cache holds the data for readers, and a crash loses only this entry
             writer.close()
-        meta = {"complete": True, "key": key, "pooling": pooling, "files": files, "model": lm.name,
+        meta = {"complete": True, "key": key, "pooling": pooling, "files": files,
+                "widths": {layer: writers[layer].width for layer in layers}, "model": lm.name,
                 "model_sha256": lm.sha256, "dataset": data.name, "dataset_sha256": data.sha256, "n_samples": n,
                 "seconds": time.perf_counter() - started, "device": str(dev)}
         (tmp / "meta.json").write_text(json.dumps(meta))
         final = root / key
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same key first
-            shutil.rmtree(tmp, ignore_errors=True)
-        return _read_cache(final, json.loads((final / "meta.json").read_text()), data, lm)
+        for _ in range(2):
+            try:
+                tmp.rename(final)
+                break
+            except OSError:
+                if _cached(final, data, lm, layers, pooling) is not None:  # another process finished the same key first
+                    break
+                # a damaged entry was in the way: it is removed now, so the rename is tried once more
+        return _read_cache(final, json.loads((final / "meta.json").read_text()), data, lm, layers, pooling)
     finally:
         for writer in writers.values():
             writer.close()
