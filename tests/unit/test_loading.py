@@ -454,16 +454,18 @@ def test_same_weights_with_other_settings_are_not_served_from_the_cache(make_a, 
     assert (first - second).abs().max() > 1e-3
 
 
-def test_the_structure_hash_ignores_mode_hooks_and_follows_settings_and_scratch_buffers():
+def test_the_structure_hash_ignores_mode_and_backward_hooks_and_follows_settings_and_scratch_buffers():
     from workbench.models.loading import structure_sha256
 
     module = nn.Sequential(_encoder(), _Shift(0))
     before = structure_sha256(module)
     module.train()
-    handle = module[0].register_forward_hook(lambda *args: None)
     module[1].register_full_backward_hook(lambda *args: None)
     assert structure_sha256(module) == before
+    handle = module[0].register_forward_hook(lambda *args: None)  # a forward hook may change the output
+    assert structure_sha256(module) != before
     handle.remove()
+    assert structure_sha256(module) == before
     module[0].norm_first = True
     assert structure_sha256(module) != before
     module[0].norm_first = False
@@ -501,6 +503,54 @@ def test_tensors_kept_as_plain_attributes_key_the_cache(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(second, module(data.x))
     assert (first[:, 2] == 0).all() and (second[:, 2] != 0).all()
+
+
+def test_hooks_and_replaced_forwards_key_the_cache_by_their_code(tmp_path):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from workbench import extract
+    from workbench.activations.capture import PooledCapture
+    from workbench.data import make_dataset
+    from workbench.models.loading import structure_sha256
+
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    data = make_dataset("x", torch.randn(32, 4))
+    plain = extract(model(), data, ["2"], cache_dir=tmp_path)["2"]
+    hooked = model()
+    hooked[0].register_forward_hook(lambda _m, _i, out: out * 10)
+    pre = model()
+    pre[0].register_forward_pre_hook(lambda _m, inp: (inp[0] * 0,))
+    clamped, absolute = model(), model()
+    clamped[1].forward = lambda t: t.clamp(min=0)
+    absolute[1].forward = lambda t: t.abs()
+    for m in (hooked, pre, clamped, absolute):
+        got = extract(m, data, ["2"], cache_dir=tmp_path)["2"]
+        with torch.inference_mode():
+            torch.testing.assert_close(got, m(data.x))
+    assert not torch.allclose(extract(absolute, data, ["2"], cache_dir=tmp_path)["2"], plain)
+
+    def scaled(factor: float):
+        return lambda _m, _i, out: out * factor
+
+    one, two = model(), model()
+    one[0].register_forward_hook(scaled(1.0))
+    two[0].register_forward_hook(scaled(2.0))
+    assert structure_sha256(one) != structure_sha256(two)  # one factory, other settings
+    again = model()
+    again[0].register_forward_hook(scaled(1.0))
+    assert structure_sha256(again) == structure_sha256(one)
+    base = model()
+    before = structure_sha256(base)
+    with PooledCapture(base, ["0", "2"], "mean", channel_first=False):  # extraction's own hooks change nothing
+        assert structure_sha256(base) == before
+    handle = register_module_forward_hook(lambda _m, _i, out: out)
+    try:
+        assert structure_sha256(base) != before
+    finally:
+        handle.remove()
 
 
 def test_two_loads_of_a_checkpoint_have_the_same_content_hash(sample_model_path):

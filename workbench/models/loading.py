@@ -162,9 +162,52 @@ def _setting(value: Any) -> str | None:
             return None
         return f"partial({func}, {', '.join(args)}, {', '.join(f'{k}={v}' for k, v in kwargs.items())})"
     if callable(value) and not isinstance(value, (torch.Tensor, nn.Module)):
-        named = value if hasattr(value, "__qualname__") else type(value)
-        return f"<callable {getattr(named, '__module__', None)}.{named.__qualname__}>"
+        return f"<callable {_callable_text(value)}>"
     return None
+
+
+def _callable_text(fn: Any) -> str:
+    """A function by module and qualified name and, for Python code, a digest of its code and of the values it
+    closes over (two lambdas, or two closures of one factory with other settings, differ); a closed-over value
+    without a plain text (a tensor, an object) counts by its identity, so such a model is keyed per process."""
+    func = getattr(fn, "__func__", fn)  # a bound method: its function
+    named = func if hasattr(func, "__qualname__") else type(func)
+    text = f"{getattr(named, '__module__', None)}.{named.__qualname__}"
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return text
+    parts = [_code_digest(code)]
+    cells = [c for c in (getattr(func, "__closure__", None) or ()) if c is not None]
+    values = [*(getattr(func, "__defaults__", None) or ()), *(getattr(func, "__kwdefaults__", None) or {}).values()]
+    for cell in cells:
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a cell not yet filled
+            values.append(None)
+    for value in values:
+        plain = None if callable(value) else _setting(value)
+        if plain is None and callable(value) and not isinstance(value, (torch.Tensor, nn.Module)):
+            inner = getattr(value, "__func__", value)
+            plain = f"{getattr(inner, '__module__', None)}.{getattr(inner, '__qualname__', type(inner).__qualname__)}"
+        parts.append(plain if plain is not None else f"<{type(value).__qualname__} at {id(value):#x}>")
+    return f"{text}#{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}"
+
+
+def _code_digest(code: Any) -> str:
+    """sha256 of a code object's bytecode, names and constants (nested code objects by their own digest)."""
+    consts = [_code_digest(c) if hasattr(c, "co_code") else repr(c) for c in code.co_consts]
+    payload = code.co_code.hex() + "|" + repr(code.co_names) + "|" + repr(consts)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+_OWN_HOOKS = "workbench.activations.capture"  # extraction's hooks record outputs and change none
+
+
+def _hooks_text(hooks: Any) -> str:
+    """The forward hooks in ``hooks`` (an ordered dict of a module's, or torch's global ones) that could change outputs."""
+    texts = [_callable_text(h) for h in hooks.values()
+             if getattr(getattr(h, "__func__", h), "__module__", None) != _OWN_HOOKS]
+    return ",".join(texts)
 
 
 def _settings(module: nn.Module) -> str:
@@ -214,13 +257,20 @@ def structure_sha256(module: nn.Module) -> str:
     """sha256 of the module tree and what it computes with besides the saved weights: every module's path, class
     (module and qualified name), ``extra_repr`` and plain attributes (flags such as ``norm_first`` or
     ``count_include_pad``, numbers, strings, activation functions by module and qualified name), and the values
-    of non-persistent buffers and of tensors kept as plain attributes. The train/eval flag, hooks and where the weights were read from are left out.
-    Two models with equal weights and equal structure compute the same outputs unless a custom ``forward``
-    differs in code of the same name."""
+    of non-persistent buffers and of tensors kept as plain attributes, and the forward hooks and pre-hooks that could
+    change outputs (of each module, and torch's global ones; Python functions by their code and closed-over values,
+    see :func:`_callable_text`). The train/eval flag, backward hooks, extraction's own recording hooks and where the
+    weights were read from are left out. Two models with equal weights and equal structure compute the same outputs
+    unless a custom ``forward`` method differs in code of the same class name."""
+    from torch.nn.modules import module as module_impl
+
     h = hashlib.sha256()
     for name, m in module.named_modules():
         cls = type(m)
-        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{m.extra_repr()}|{_settings(m)}\n".encode())
+        hooks = f"{_hooks_text(m._forward_pre_hooks)}|{_hooks_text(m._forward_hooks)}"
+        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{m.extra_repr()}|{_settings(m)}|{hooks}\n".encode())
+    for attr in ("_global_forward_pre_hooks", "_global_forward_hooks"):
+        h.update(f"{attr}|{_hooks_text(getattr(module_impl, attr, {}))}\n".encode())
     h.update(scratch_buffers_sha256(module).encode())
     return h.hexdigest()
 
