@@ -770,6 +770,24 @@ def test_partial_cache_entries_of_killed_runs_are_removed_when_old(mlp, digits_t
     assert not old.exists() and fresh.exists()
 
 
+def test_the_partial_entry_of_a_killed_run_is_removed_at_once(mlp, digits_test, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    killed, live, elsewhere = (tmp_path / f".{k}.partial-1234abcd" for k in ("a", "b", "c"))
+    owners = {killed: (socket.gethostname(), int(dead.stdout)), live: (socket.gethostname(), os.getpid()),
+              elsewhere: ("another-host", int(dead.stdout))}
+    for folder, (host, pid) in owners.items():
+        folder.mkdir()
+        (folder / "owner.json").write_text(json.dumps({"host": host, "pid": pid}))
+    acts = extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path)
+    assert not killed.exists() and live.exists() and elsewhere.exists()
+    entry = tmp_path / acts.key
+    assert sorted(f.name for f in entry.iterdir()) == ["layer000.npy", "meta.json"]  # the owner record is not kept
+
+
 def test_a_model_in_training_mode_takes_the_batchnorm_shortcut(monkeypatch, tmp_path):
     import importlib
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -257,9 +258,32 @@ def _cache_root(root: Path) -> Path:
     return root
 
 
+_OWNER = "owner.json"  # in a partial entry: the host and process writing it
+
+
+def _claim(partial: Path) -> None:
+    """Record in ``partial`` which process on which host writes it, so that others can tell when it was killed."""
+    (partial / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def _writer_gone(partial: Path) -> bool:
+    """Whether the process that wrote ``partial`` ran on this host and has exited (killed before it finished)."""
+    try:
+        owner = json.loads((partial / _OWNER).read_text())
+        if owner.get("host") != socket.gethostname():
+            return False
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no owner file, another user's process, ...
+        return False
+    return False
+
+
 def remove_stale_partials(root: Path, max_age: float = STALE_PARTIAL_SECONDS) -> list[Path]:
-    """Remove the partial entries (``.{key}.partial-*`` folders) in ``root`` whose folder and files were all last
-    changed more than ``max_age`` seconds ago, so none that a live run is writing; returns those removed."""
+    """Remove the partial entries (``.{key}.partial-*`` folders) in ``root`` that no live run is writing: those
+    whose writing process ran on this host and has exited, and those whose folder and files were all last changed
+    more than ``max_age`` seconds ago; returns those removed."""
     now = time.time()
     removed = []
     try:
@@ -271,7 +295,7 @@ def remove_stale_partials(root: Path, max_age: float = STALE_PARTIAL_SECONDS) ->
             newest = max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
         except OSError:  # removed meanwhile, or unreadable
             continue
-        if now - newest > max_age:
+        if now - newest > max_age or _writer_gone(folder):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
@@ -322,6 +346,7 @@ def assemble_cache(model: LoadedModel, dataset: Dataset, layers: list[str], pool
     _cache_root(root)
     tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    _claim(tmp)
     files = _layer_files(layers)
     try:
         for layer in layers:
@@ -340,6 +365,7 @@ def assemble_cache(model: LoadedModel, dataset: Dataset, layers: list[str], pool
                 "model_sha256": model.sha256, "dataset": dataset.name, "dataset_sha256": dataset.sha256,
                 "n_samples": dataset.n_samples, "seconds": 0.0, "device": "sharded"}
         (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / _OWNER).unlink(missing_ok=True)
         final = root / key
         try:
             tmp.rename(final)
@@ -446,6 +472,7 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
     tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
+        _claim(tmp)
     except OSError as exc:
         raise ParameterError(f"The cache folder '{root}' is not writable ({exc.strerror or type(exc).__name__}); "
                              "pass a cache_dir that is a writable folder.") from exc
@@ -505,6 +532,7 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
                 "model_sha256": lm.sha256, "dataset": data.name, "dataset_sha256": data.sha256, "n_samples": n,
                 "seconds": time.perf_counter() - started, "device": str(dev)}
         (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / _OWNER).unlink(missing_ok=True)
         final = root / key
         for _ in range(2):
             try:
