@@ -894,3 +894,146 @@ def test_messages_for_one_feature_correlation_rdms_and_small_memory_sizes():
     result = similarity_matrix({"x": rng.normal(size=(2000, 20)), "y": rng.normal(size=(2000, 30))}, debiased=True,
                                memory_limit_mb=0.03)
     assert not result.params["exact"] and "the exact cross products (0.0191 MiB) do not fit" in result.estimator
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: what is kept per layer, and the estimates that choose the path or refuse
+
+_PEAK_SCRIPT = """
+import ctypes, json, sys
+import numpy as np, torch
+from workbench.analyses import similarity as sim
+torch.set_num_threads(1)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+measure, n, d, layers, options = json.loads(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+latent = torch.randn(n, 16, generator=g)
+acts = {f"l{i}": torch.relu(latent @ torch.randn(16, d, generator=g) + 0.5 * torch.randn(n, d, generator=g))
+        for i in range(layers)}
+sim.similarity_matrix({k: v[:300] for k, v in acts.items()}, measure=measure, **options)  # thread pools, BLAS buffers
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+base = status("VmRSS")
+result = sim.similarity_matrix(acts, measure=measure, **options)
+print(json.dumps({"peak": status("VmHWM") - base, "streamed": bool(result.params.get("streamed", False))}))
+"""
+
+
+def _peak_bytes(measure: str, n: int, d: int, layers: int, **options) -> dict:
+    """Peak resident memory of one similarity_matrix call above the process's memory before it (fresh process)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident memory")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, json.dumps([measure, n, d, layers, options])],
+                          cwd=root, capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("compare", ["spearman", "pearson"])
+def test_rsa_peak_memory_stays_within_its_estimate(compare):
+    # the RDMs were built through an n x n matrix and a boolean mask, and ranked with ~10 temporaries of
+    # n (n - 1) / 2 values: 873 MiB at n = 3000 for 4 layers, where the estimate (n (n - 1) / 2 * 8 B per layer)
+    # was 137 MiB
+    n, d, layers = 3000, 64, 3
+    estimate = sim._gram_only_bytes("rsa", compare, n, [d] * layers, torch.device("cpu"))
+    kept = layers * 8 * (n * (n - 1) // 2)
+    assert kept < estimate < 3 * kept
+    assert _peak_bytes("rsa", n, d, layers, compare=compare)["peak"] <= 1.5 * estimate
+
+
+def test_rsa_and_rbf_guards_count_what_they_hold(monkeypatch):
+    acts = _random_layers()
+    needed = sim._gram_only_bytes("rsa", "spearman", 60, [w.shape[1] for w in acts.values()], torch.device("cpu"))
+    monkeypatch.setattr(sim, "_GRAM_ONLY_BYTES_LIMIT", needed)
+    similarity_matrix(acts, measure="rsa")
+    monkeypatch.setattr(sim, "_GRAM_ONLY_BYTES_LIMIT", needed - 1)
+    with pytest.raises(DataError, match=r"similarity_matrix: rsa on 60 samples and 3 layers needs .* GiB .* above the"):
+        similarity_matrix(acts, measure="rsa")
+    # 12 layers of 10,000 samples: 12 ranked vectors of 381 MiB each, and the work space of one ranking
+    big = sim._gram_only_bytes("rsa", "spearman", 10_000, [2048] * 12, torch.device("cpu"))
+    assert 12 * 8 * 49_995_000 < big < 16 * 8 * 49_995_000
+    assert sim._gram_only_bytes("rbf_cka", "spearman", 100, [5] * 2, torch.device("cpu")) >= 4 * 8 * 100 * 100
+
+
+def test_condensed_distances_are_the_triangle_of_the_matrix_bit_for_bit(monkeypatch):
+    from workbench.analyses import _distances
+
+    rng = _rng(0)
+    x = torch.from_numpy(np.vstack([rng.normal(size=(37, 5)), np.repeat(rng.normal(size=(1, 5)), 3, 0)]) + 100.0)
+    full = _distances.squared_distances(x)
+    triangle = full[torch.ones_like(full, dtype=torch.bool).triu(1)]
+    monkeypatch.setattr(_distances, "_BLOCK_BYTES", 8 * 40 * 7)  # blocks of 7 rows
+    assert torch.equal(_distances.condensed_distances(x), triangle)
+    assert torch.equal(_distances.condensed_distances(x, squared=False), triangle.sqrt())
+
+
+def test_average_ranks_across_chunks_keeps_ties_and_splits(monkeypatch):
+    from scipy.stats import rankdata
+
+    from workbench.analyses import _distances
+
+    rng = _rng(5)
+    run = 1.0 + 4e-10 * np.arange(100)  # one chained run, split into groups within tolerance of their first value
+    v = np.r_[rng.integers(0, 20, size=300).astype(float), run, -run, rng.normal(size=50), 0.0, 0.0]
+    v = v[rng.permutation(v.size)]
+    expected = _distances.average_ranks(torch.from_numpy(v.copy())).numpy()
+    exact = rankdata(np.where(np.abs(np.abs(v) - 1.0) < 1e-6, np.round(v, 7), v))  # stand-in check of integer ties
+    np.testing.assert_array_equal(expected[np.abs(np.abs(v) - 1.0) > 1e-6], exact[np.abs(np.abs(v) - 1.0) > 1e-6])
+    for chunk in (1, 7, 64):  # groups, and runs to split, that cross chunk boundaries
+        monkeypatch.setattr(_distances, "_CHUNK", chunk)
+        buffer = torch.from_numpy(v.copy())
+        assert _distances.average_ranks(buffer, out=buffer) is buffer
+        np.testing.assert_array_equal(buffer.numpy(), expected)
+    ranks_of_run = _distances.average_ranks(torch.from_numpy(run)).numpy()
+    assert len(np.unique(ranks_of_run)) == 34 and ranks_of_run[0] == 2.0
+
+
+def test_linear_cka_in_memory_peak_stays_within_its_estimate_and_the_limit():
+    # every layer's centred float64 copy was kept next to the transient copies of centring, uncounted: 12 layers of
+    # 2048 x 10,000 needed 4,193 MiB for an estimate of 1,875 MiB, and the in-memory path went past memory_limit_mb
+    n, d, layers = 5000, 1024, 3  # layers above glibc's largest mmap threshold (32 MiB): freed memory is returned
+    estimate = sim._linear_cka_bytes(n, [d] * layers, [d] * layers, True, False, True)
+    assert layers * 8 * n * d < estimate < 1.5 * layers * 8 * n * d
+    in_memory = _peak_bytes("linear_cka", n, d, layers, memory_limit_mb=estimate / 2**20)
+    assert not in_memory["streamed"] and in_memory["peak"] <= 1.3 * estimate
+    streamed = _peak_bytes("linear_cka", n, d, layers, memory_limit_mb=estimate / 2**20 - 1, debiased=True)
+    assert streamed["streamed"]
+
+
+def test_linear_cka_centres_its_own_copies_in_place_and_leaves_inputs_unchanged():
+    n = 500
+    assert sim._linear_cka_bytes(n, [500], [500], True, True, False) == sim._linear_cka_bytes(
+        n, [500], [500], True, True, True) + 8 * n * 500  # Gram form: a float64 input is centred into a new array
+    rng = _rng(1)
+    x64 = rng.normal(size=(n, 40)) + 3.0
+    inputs = {"a": x64, "b": torch.from_numpy(x64 @ rng.normal(size=(40, 60))), "c": x64.astype(np.float32),
+              "d": torch.from_numpy(x64[:, :7].copy()).float()}
+    copies = {k: np.array(np.asarray(v), copy=True) for k, v in inputs.items()}
+    values = similarity_matrix(inputs, measure="linear_cka").values
+    for k, v in inputs.items():
+        np.testing.assert_array_equal(np.asarray(v), copies[k])
+    np.testing.assert_allclose(values[0], [linear_cka(x64, np.asarray(v)) for v in inputs.values()], atol=1e-12)
+    assert sim._converted(x64.astype(np.float32), torch.device("cpu")) and not sim._converted(x64, torch.device("cpu"))
+
+
+def test_cca_keeps_the_centred_data_only_for_pwcca_and_no_view_of_a_larger_basis():
+    rng = _rng(2)
+    x = (rng.normal(size=(200, 10)) @ rng.normal(size=(10, 50))).astype(np.float32)  # rank 10 of 50
+    xt = torch.from_numpy(x).double()
+    for kind in ("svcca", "mean", "pwcca"):
+        prep = sim._cca_prep(xt, "x", "cca_similarity", kind, 0.99, sim._input_eps(x))
+        assert (prep.centred is not None) == (kind == "pwcca"), kind
+        assert prep.basis.untyped_storage().nbytes() == 8 * prep.basis.numel(), kind  # not all 50 columns of u
+    y = rng.normal(size=(200, 6))
+    for kind in ("svcca", "mean", "pwcca"):
+        matrix = similarity_matrix({"x": x}, {"y": y}, measure="cca_similarity", kind=kind).values
+        assert matrix[0, 0] == pytest.approx(cca_similarity(x, y, kind=kind), abs=1e-12), kind

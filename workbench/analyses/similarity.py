@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from workbench.activations.types import Activations
-from workbench.analyses._distances import average_ranks, squared_distances
+from workbench.analyses._distances import _BLOCK_BYTES, average_ranks, condensed_distances, squared_distances
 from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import (
     ArrayLike,
@@ -131,16 +131,23 @@ def _compute_device(device: str | torch.device | None) -> torch.device:
 
 
 
-def _centre(x: torch.Tensor, name: str | None = None, func: str = "", scale: float | None = None) -> torch.Tensor:
+def _centre(
+    x: torch.Tensor, name: str | None = None, func: str = "", scale: float | None = None, in_place: bool = False
+) -> torch.Tensor:
     """Column-centred copy of ``x`` times a power of two, so that every measure built on it is computed in range
     whatever the data's scale; all of them are scale-free. ``x`` is multiplied by ``scale`` before the mean is
     taken (a sum of values near 1e308 overflows); without ``scale``, by :func:`unit_scale` of ``x``, and the
     centred data again by its own :func:`unit_scale`. Columns that are exactly constant become exactly 0
     (rounding in the mean would otherwise leave ~1e-17 noise that a normalised measure can blow up). With
-    ``name`` given, raise when every column is constant (an all-zero or dead layer)."""
+    ``name`` given, raise when every column is constant (an all-zero or dead layer). ``in_place``: centre ``x``
+    itself (a copy the caller owns), the same numbers without a second ``(n, d)`` array."""
     constant = (x == x[:1]).all(0)
-    x = x * (unit_scale(x) if scale is None else scale)
-    xc = x - x.mean(0, keepdim=True)
+    if in_place:
+        x.mul_(unit_scale(x) if scale is None else scale)
+        xc = x.sub_(x.mean(0, keepdim=True))
+    else:
+        x = x * (unit_scale(x) if scale is None else scale)
+        xc = x - x.mean(0, keepdim=True)
     if bool(constant.any()):
         if name is not None and bool(constant.all()):
             raise DataError(
@@ -270,8 +277,54 @@ def _use_gram_form(n: int, widths_a: Sequence[int], widths_b: Sequence[int]) -> 
     return gram_cost < feature_cost
 
 
-def _linear_stats(x: torch.Tensor, name: str, func: str, debiased: bool, gram_form: bool) -> _KernelStats:
-    xc = _centre(x, name, func)
+def _converted(rows: Any, dev: torch.device) -> bool:
+    """Whether :func:`as_matrix` returns a new float64 copy of ``rows`` on ``dev`` (one the caller may overwrite)
+    rather than ``rows``' own memory: it converts whatever is not already float64 on that device."""
+    if isinstance(rows, torch.Tensor):
+        return rows.dtype != torch.float64 or rows.device != dev
+    return isinstance(rows, np.ndarray) and rows.dtype != np.float64
+
+
+def _linear_cka_bytes(
+    n: int, widths_a: Sequence[int], widths_b: Sequence[int], symmetric: bool, gram_form: bool, copied: bool
+) -> int:
+    """Peak memory of in-memory linear CKA over the layer pairs: each layer's kept statistics (its centred
+    features, or its n x n Gram), and on top of them the largest transient: preparing one layer (a flag per
+    value; a second (n, d) array unless ``copied``, i.e. every layer's float64 copy is new and centred in
+    place; in the feature form the squared values for the Gram's diagonal and the d x d product; in the Gram
+    form the centred features next to their Gram) or one pair's d_a x d_b cross product."""
+    widths = list(widths_a) + ([] if symmetric else list(widths_b))
+    kept = sum(8 * n * (n if gram_form else w) + 8 * n for w in widths)
+    extra = 0 if copied else 1
+    if gram_form:
+        prep = max(n * w * (8 * (1 + extra) + 1) for w in widths)
+        return kept + prep
+    prep = max(max(n * w * (8 * extra + 1), 8 * n * w + 8 * min(n, w) ** 2) for w in widths)
+    return kept + max(prep, 8 * max(widths_a) * max(widths_b))
+
+
+def _gram_only_bytes(measure: str, compare: str, n: int, widths: Sequence[int], dev: torch.device) -> int:
+    """Peak memory of RBF CKA or RSA over ``len(widths)`` layers: what every layer keeps (its centred n x n Gram,
+    or its n (n - 1) / 2 dissimilarities), and on top of it the transient peak of preparing one layer."""
+    features = 8 * n * max(widths)  # the float64 copy of one layer
+    if measure == "rbf_cka":
+        kept = 8 * n * n
+        # the squared distances (turned into the Gram in place), the selection of their median, the centring
+        transient = features + 3 * kept
+    else:
+        kept = 8 * (n * (n - 1) // 2)
+        distances = features + 2 * _BLOCK_BYTES + kept  # the centred copy, one block of rows, the result
+        sort = 1.5 * kept if dev.type == "cpu" else 3.0 * kept  # sorted values, int32 (CPU) order, the sort's space
+        ranking = kept + sort + kept / 8 + 2**26 if compare == "spearman" else kept
+        transient = features + max(distances, ranking)
+    return int((len(widths) - 1) * kept + transient)
+
+
+def _linear_stats(
+    x: torch.Tensor, name: str, func: str, debiased: bool, gram_form: bool, owned: bool = False
+) -> _KernelStats:
+    """Kernel statistics of the linear kernel of ``x``; ``owned``: ``x`` is a copy that may be centred in place."""
+    xc = _centre(x, name, func, in_place=owned)
     if gram_form:
         return _kernel_stats(None, xc @ xc.T, debiased, name, func)
     return _kernel_stats(xc, None, debiased, name, func)
@@ -599,7 +652,7 @@ def procrustes_distance(
 @dataclass(frozen=True)
 class _CCABasis:
     basis: torch.Tensor  # (n, r) orthonormal basis of the kept subspace of the centred data
-    centred: torch.Tensor  # (n, d) centred data (neurons as columns), for PWCCA weights
+    centred: torch.Tensor | None  # (n, d) centred data (neurons as columns), for PWCCA weights; None otherwise
 
 
 def _input_eps(x: ArrayLike) -> float:
@@ -646,7 +699,9 @@ def _cca_prep(x: torch.Tensor, name: str, func: str, kind: str, variance: float,
             rank, int(torch.searchsorted(energy, torch.tensor(variance, dtype=energy.dtype, device=energy.device))) + 1
         )
         basis = basis @ p[:, :rank]
-    return _CCABasis(basis, xc)
+    elif rank < u.shape[1]:
+        basis = basis.clone()  # not a view that keeps all of u
+    return _CCABasis(basis, xc if kind == "pwcca" else None)
 
 
 class UndefinedPairError(DataError):
@@ -681,6 +736,8 @@ def _cca_from_prep(a: _CCABasis, b: _CCABasis, kind: str, names: tuple[str, str]
         variates, neurons = a.basis @ p, a.centred
     else:
         variates, neurons = b.basis @ qh.T, b.centred
+    if neurons is None:
+        raise RuntimeError("PWCCA needs the centred data")  # internal invariant, not user input
     weights = (variates.T @ neurons).abs().sum(1)
     weights = weights / weights.sum()
     return float((weights * rho).sum())
@@ -741,16 +798,16 @@ def _rsa_prep(x: torch.Tensor, name: str, func: str, rdm: str, compare: str) -> 
     patterns is half their squared Euclidean distance), so identical samples are exactly 0 apart, and
     the ranking treats distances equal up to rounding as ties: Spearman RSA is then exactly invariant to
     the changes listed in the module docstring, also when distances tie (binary or quantised data)."""
-    n = x.shape[0]
-    xc = _centre(x, name, func)  # scaled into range whatever the data's scale (RSA is scale-free)
     if rdm == "correlation":
+        if bool((x == x[:1]).all()):
+            _centre(x[:2], name, func)  # raises: every feature is constant over samples
         if x.shape[1] < 2:
             raise DataError(
                 f"{func}: the correlation RDM needs at least 2 features per sample (a correlation across one feature is "
                 f"0/0), but '{name}' has {x.shape[1]}; use rdm='euclidean'."
             )
-        x = x * unit_scale(x)
-        z = x - x.mean(1, keepdim=True)
+        z = x * unit_scale(x)
+        z.sub_(z.mean(1, keepdim=True))
         norms = torch.linalg.vector_norm(z, dim=1)
         flat = int((norms == 0).sum())
         if flat:
@@ -758,22 +815,21 @@ def _rsa_prep(x: torch.Tensor, name: str, func: str, rdm: str, compare: str) -> 
                 f"{func}: '{name}' has {flat} samples whose features are all equal (e.g. an all-zero activation vector), "
                 "so their correlation distance is undefined; use rdm='euclidean'."
             )
-        z = z / norms[:, None]
-        dist = squared_distances(z).mul_(0.5)
+        v = condensed_distances(z.div_(norms[:, None])).mul_(0.5)
     else:
-        dist = squared_distances(xc).sqrt_()  # centred: small norms, so few pairs need recomputing
-    v = dist[torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)]
-    del dist
+        z = _centre(x, name, func)  # scaled into range whatever the data's scale (RSA is scale-free)
+        v = condensed_distances(z, squared=False)  # centred: small norms, so few pairs need recomputing
+    del z
     if compare == "spearman":
-        v = average_ranks(v)
-    v = v - v.mean()
+        v = average_ranks(v, out=v)
+    v.sub_(v.mean())
     norm = float(torch.linalg.vector_norm(v))
     if norm == 0.0:
         raise DataError(
             f"{func}: every pairwise dissimilarity of '{name}' is the same, so its correlation with another RDM is "
             "undefined; use rdm='euclidean' or another layer."
         )
-    return v / norm
+    return v.div_(norm)
 
 
 def rsa(
@@ -1246,8 +1302,7 @@ def _similarity_matrix(
             progress(done, total)
 
     if measure in ("rbf_cka", "rsa"):
-        per_layer = n * n * 8 if measure == "rbf_cka" else n * (n - 1) // 2 * 8
-        needed = n_prep * per_layer
+        needed = _gram_only_bytes(measure, compare, n, [w for _, w in shapes], dev)
         if needed > _GRAM_ONLY_BYTES_LIMIT:
             raise DataError(
                 f"{func}: {measure} on {n} samples and {n_prep} layers needs {needed / 2**30:.1f} GiB of n x n matrices, "
@@ -1255,18 +1310,22 @@ def _similarity_matrix(
             )
 
     memory_limit_mb = check_float(memory_limit_mb, "memory_limit_mb", func=func, low=0.0, low_inclusive=False)
-    needed_mb = n * sum(w for _, w in shapes) * 8 / 2**20
+    gram_form = measure == "linear_cka" and _use_gram_form(n, widths_a, widths_b)
+    copied = all(_converted(t, dev) for _, t in raw_a + raw_b)
+    needed_mb = _linear_cka_bytes(n, widths_a, widths_b, symmetric, gram_form, copied) / 2**20
     if measure == "linear_cka" and needed_mb > memory_limit_mb:
         limit = memory_limit_mb * 2**20
         accumulated = _streamed_matrix_bytes(widths_a, widths_b, symmetric)
         row_bytes = 8 * max(sum(w for _, w in shapes), 1) * 3
         exact = accumulated + 16 * row_bytes <= limit
         if not exact and not debiased:
+            streamed_mb = (accumulated + 16 * row_bytes) / 2**20
+            raise_to = "that" if streamed_mb <= needed_mb else f"{needed_mb:.3g} (in memory)"
             raise DataError(
                 f"{func}: the layers need {needed_mb:.3g} MiB in float64, above memory_limit_mb={memory_limit_mb:g}, and "
-                f"streaming biased linear CKA exactly needs {(accumulated + 16 * row_bytes) / 2**20:.3g} MiB of feature "
-                "cross products; raise memory_limit_mb to that, compare fewer layers at a time, or pass debiased=True for "
-                "the minibatch estimate of debiased CKA."
+                f"streaming biased linear CKA exactly needs {streamed_mb:.3g} MiB of feature "
+                f"cross products; raise memory_limit_mb to {raise_to}, compare fewer layers at a time, or pass debiased=True "
+                "for the minibatch estimate of debiased CKA."
             )
         chunk = max(16, min(n, int((limit - accumulated) / row_bytes))) if exact else max(64, min(n, int(limit / row_bytes)))
         why = f"the layers need {needed_mb:.3g} MiB in float64, above the {memory_limit_mb:g} MiB limit"
@@ -1291,11 +1350,9 @@ def _similarity_matrix(
             seed=None, device=str(dev), dtype="float64", seconds=time.perf_counter() - start,
         )
 
-    gram_form = measure == "linear_cka" and _use_gram_form(n, widths_a, widths_b)
-
-    def prepare(x: torch.Tensor, name: str, eps: float) -> Any:
+    def prepare(x: torch.Tensor, name: str, eps: float, owned: bool) -> Any:
         if measure == "linear_cka":
-            return _linear_stats(x, name, func, debiased, gram_form)
+            return _linear_stats(x, name, func, debiased, gram_form, owned)
         if measure == "rbf_cka":
             return _rbf_stats(x, name, func, sigma, debiased)
         if measure == "procrustes_distance":
@@ -1315,8 +1372,11 @@ def _similarity_matrix(
 
     prepared = []
     for (_, t), label in items:
-        x = as_matrix(_rows(t), label, func=func, device=dev, min_samples=spec.min_samples)
-        prepared.append(prepare(x, label, _input_eps(t)))
+        rows = _rows(t)
+        x = as_matrix(rows, label, func=func, device=dev, min_samples=spec.min_samples)
+        owned = _converted(rows, dev)
+        del rows
+        prepared.append(prepare(x, label, _input_eps(t), owned))
         del x
         step()
     prepared_a = prepared[: len(raw_a)]
