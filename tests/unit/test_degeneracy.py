@@ -943,3 +943,14 @@ def test_basis_rows_split_each_layer_over_the_modules(narrow):
         assert "0" not in listed.values() and sum(counts) == row["in graph"] <= row["basis size"]
         labels = result.communities[row["layer"]]
         assert counts == np.bincount(labels[labels >= 0], minlength=n_modules).tolist()
+
+
+@pytest.mark.parametrize("name", ["default_layers", "degeneracy_summary", "gradient_rank", "layer_activations"])
+def test_a_dataset_made_for_another_model_gets_the_extraction_sentence(sample_model, name):
+    import workbench.analyses.degeneracy as dg
+
+    data = make_dataset("wrongfeat", torch.randn(20, 50), torch.arange(20) % 3)
+    args = {"default_layers": (), "degeneracy_summary": (), "gradient_rank": (["relu1"],), "layer_activations": (["relu1"],)}[name]
+    with pytest.raises(DataError, match=r"^Dataset 'wrongfeat' has 50 features per sample but model 'mlp_seed0' expects 64; "
+                       r"pick a dataset made for this model\.$"):
+        getattr(dg, name)(sample_model("mlp_seed0"), data, *args)

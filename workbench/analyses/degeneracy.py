@@ -52,9 +52,11 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from workbench.activations.capture import private_copy
+from workbench.activations.extract import check_inputs
 from workbench.activations.types import Activations
 from workbench.analyses._result import RecordedResult
 from workbench.analyses._validation import as_labels, as_matrix, check_choice, check_float, check_int, check_seed
+from workbench.data.datasets import Dataset
 from workbench.device import float64_device, resolve_device
 from workbench.errors import (
     ArchitectureError,
@@ -64,6 +66,7 @@ from workbench.errors import (
     did_you_mean,
     format_choices,
 )
+from workbench.models.loading import LoadedModel
 
 INPUT_LAYER = "input"
 OUTPUTS = ("logits", "loss")
@@ -414,10 +417,14 @@ def _network(model: Any, func: str, device: torch.device) -> _Net:
     return _Net(seq=work, names=names, name=str(name), device=device)
 
 
-def _inputs(dataset: Any, func: str, device: torch.device) -> torch.Tensor:
+def _inputs(dataset: Any, func: str, device: torch.device, model: Any = None) -> torch.Tensor:
+    """The dataset's inputs in float64 on ``device``; a loaded model's declared input is checked first, so that
+    a dataset made for another model gets the same sentence as in :func:`~workbench.extract`."""
     x = getattr(dataset, "x", None)
     if not isinstance(x, torch.Tensor):
         raise DataError(f"{func} needs a Dataset (from load_dataset or make_dataset). Got {type(dataset).__name__}.")
+    if isinstance(model, LoadedModel) and isinstance(dataset, Dataset):
+        check_inputs(model, dataset)
     if not x.dtype.is_floating_point:
         raise DataError(
             f"{func} needs real-valued inputs to differentiate through; dataset '{getattr(dataset, 'name', '?')}' holds "
@@ -635,7 +642,7 @@ def default_layers(model: Any, dataset: Any, *, max_width: int = 1024) -> list[s
     max_width = check_int(max_width, "max_width", func=func, low=1)
     dev = torch.device("cpu")
     net = _network(model, func, dev)
-    x = _inputs(dataset, func, dev)[:2]
+    x = _inputs(dataset, func, dev, model)[:2]
     acts = [i for i, child in enumerate(net.seq) if isinstance(child, _ACTIVATION_TYPES)]
     widths = {p: t[0].numel() for p, t in _collect(net, x, set(acts), 2, func).items()} if acts else {}
     return [INPUT_LAYER] + [net.names[p] for p in acts if widths[p] <= max_width]
@@ -665,7 +672,7 @@ def layer_activations(
     batch_size = check_int(batch_size, "batch_size", func=func, low=1, high=1 << 16)
     dev = float64_device(resolve_device(device))
     net = _network(model, func, dev)
-    x = _inputs(dataset, func, dev)
+    x = _inputs(dataset, func, dev, model)
     names = _layers(net, layers, func)
     acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func, progress)
     tensors = {layer: acts[net.position(layer)].reshape(x.shape[0], -1).float().cpu() for layer in names}
@@ -783,7 +790,7 @@ def gradient_rank(
     start = time.perf_counter()
     dev = float64_device(resolve_device(device))
     net = _network(model, func, dev)
-    x = _inputs(dataset, func, dev)
+    x = _inputs(dataset, func, dev, model)
     names = _layers(net, layers, func)
     labels = _labels(dataset, x.shape[0], func, dev, net.seq, x) if output == "loss" else None
     acts = _collect(net, x, {net.position(layer) for layer in names}, batch_size, func)
@@ -903,7 +910,7 @@ def relu_patterns(
     start = time.perf_counter()
     dev = float64_device(resolve_device(device))
     net = _network(model, func, dev)
-    x = _inputs(dataset, func, dev)
+    x = _inputs(dataset, func, dev, model)
     relus = _relu_layers(net)
     if not relus:
         raise ArchitectureError(f"{func}: the model has no nn.ReLU layers; its layers are {format_choices(net.names)}.")
@@ -1045,7 +1052,7 @@ def degeneracy_summary(
     start = time.perf_counter()
     dev = float64_device(resolve_device(device))
     net = _network(model, func, dev)
-    x = _inputs(dataset, func, dev)
+    x = _inputs(dataset, func, dev, model)
     n = int(x.shape[0])
     labels = _labels(dataset, n, func, dev, net.seq, x) if output == "loss" else None
     linear = [i for i, child in enumerate(net.seq) if isinstance(child, nn.Linear)]
@@ -1329,7 +1336,7 @@ def interaction_basis(
     start_time = time.perf_counter()
     dev = float64_device(resolve_device(device))
     net = _network(model, func, dev)
-    x = _inputs(dataset, func, dev)
+    x = _inputs(dataset, func, dev, model)
     n = int(x.shape[0])
     last = len(net.names) - 1
     names = [layer for layer in _layers(net, layers, func) if net.position(layer) != last]
@@ -1550,7 +1557,7 @@ def llc_estimate(
         raise ParameterError(
             f"{func} needs a model (a LoadedModel from load_model, or a torch.nn.Module). Got {type(model).__name__}."
         )
-    x = _inputs(dataset, func, dev)
+    x = _inputs(dataset, func, dev, model)
     n = int(x.shape[0])
     y = _labels(dataset, n, func, dev, has_output=False)
     if n_beta is None:
