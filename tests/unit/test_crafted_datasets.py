@@ -304,9 +304,18 @@ def test_damaged_pt_says_so_with_torch_s_reason():
                                                r"PytorchStreamReader failed reading file \.format_version: .+\); re-save the data with "
                                                r"torch\.save\(\{'x': x, 'y': y\}, path\)\.$"):
         load_dataset(bytes(data), filename="bad.pt")
-    with pytest.raises(CorruptFileError, match=r"^'text\.pt' is damaged or not a file written by torch\.save"):
+    with pytest.raises(CorruptFileError, match=r"^'text\.pt' is not a file written by torch\.save: it looks like a text file"):
         load_dataset(b"hello, these are not tensors", filename="text.pt")
     data = bytearray(_pt({"x": torch.ones(2, 2)}))
     data[-300:-200] = bytes(100)  # the zip's central directory
     with pytest.raises(CorruptFileError, match=r"^'bad\.pt' is damaged or not a file written by torch\.save \(Bad magic number"):
         load_dataset(bytes(data), filename="bad.pt")
+
+
+def test_a_text_file_named_pt_is_called_a_text_file():
+    from workbench import load_dataset
+    from workbench.errors import CorruptFileError
+
+    with pytest.raises(CorruptFileError, match=r"^'notmodel\.pt' is not a file written by torch\.save: it looks like a text file; "
+                       r"give a CSV table a \.csv name, or save the data with torch\.save"):
+        load_dataset(b"a,b\n1,2\n", filename="notmodel.pt")

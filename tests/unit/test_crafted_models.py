@@ -424,3 +424,16 @@ def test_weights_that_are_not_finite_in_float32_are_refused(weight, message):
     data = save({"out.weight": weight, "out.bias": torch.zeros(2)})
     with pytest.raises(CorruptFileError, match=rf"^'w\.safetensors' {message}"):
         load_model(data, filename="w.safetensors", architecture={"type": "mlp", "sizes": [4, 2]})
+
+
+def test_a_truncated_safetensors_file_is_described_in_plain_words():
+    import torch
+    from safetensors.torch import save
+
+    from workbench import load_model
+    from workbench.errors import CorruptFileError
+
+    data = save({"w": torch.zeros(100)})
+    with pytest.raises(CorruptFileError, match=r"^'m\.safetensors' is a damaged safetensors file \(its tensors do not cover the "
+                       r"file exactly: it was cut short or has bytes no tensor uses\); upload an intact copy\.$"):
+        load_model(data[:-40], filename="m.safetensors")

@@ -806,6 +806,10 @@ def _read_pt(data: bytes, name: str, max_bytes: int) -> tuple[Any, Any, tuple[st
             f"'{name}' needs full unpickling, which can run code; save plain tensors with torch.save({{'x': x, 'y': y}}, path)."
         ) from exc
     except Exception as exc:  # torch raises many types for damaged archives
+        sample = data[:512]
+        if sample and all(32 <= b < 127 or b in (9, 10, 13) for b in sample):
+            raise CorruptFileError(f"'{name}' is not a file written by torch.save: it looks like a text file; give a CSV "
+                                   "table a .csv name, or save the data with torch.save({'x': x, 'y': y}, path).") from exc
         detail = next(iter(str(exc).strip().splitlines()), "").split(". ")[0][:160]
         raise CorruptFileError(f"'{name}' is damaged or not a file written by torch.save ({type(exc).__name__}"
                                f"{': ' + detail if detail else ''}); re-save the data with torch.save({{'x': x, 'y': y}}, path).") from exc

@@ -453,6 +453,18 @@ def _looks_like(data: bytes) -> str | None:
     return None
 
 
+def _safetensors_reason(exc: BaseException) -> str:
+    """What the safetensors reader found wrong, in plain words."""
+    text = str(exc)
+    if "not fully covered" in text or "incomplete metadata" in text:
+        return "its tensors do not cover the file exactly: it was cut short or has bytes no tensor uses"
+    if "InvalidOffset" in text or "out of bounds" in text.lower():
+        return "a tensor points outside the file"
+    if "TensorInvalidInfo" in text or "shape" in text.lower():
+        return "a tensor's shape does not match its bytes"
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
 def safetensors_metadata(data: bytes, label: str) -> dict[str, str]:
     """Parse and check the safetensors header without trusting its declared sizes."""
     if len(data) < 8:
@@ -485,7 +497,7 @@ def _load_safetensors(data: bytes, label: str, name: str, spec: dict[str, Any] |
     try:
         state = st_load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        raise CorruptFileError(f"'{label}' is a damaged safetensors file ({exc}); upload an intact copy.") from exc
+        raise CorruptFileError(f"'{label}' is a damaged safetensors file ({_safetensors_reason(exc)}); upload an intact copy.") from exc
     if spec is None and "architecture" in metadata:
         spec = parse_spec(metadata["architecture"])
     # safetensors.torch.save_model keeps one name of tied tensors and records each dropped name -> the kept one
