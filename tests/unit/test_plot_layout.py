@@ -12,15 +12,17 @@ import torch
 from torch import nn
 
 from workbench.analyses.degeneracy import interaction_basis
-from workbench.analyses.embedding import layer_intrinsic_dimension
+from workbench.analyses.embedding import aligned_embedding, layer_intrinsic_dimension
 from workbench.analyses.probing import probe_layers
 from workbench.analyses.relative import stitch
 from workbench.analyses.similarity import similarity_matrix
+from workbench.analyses.stats import activation_stats
 from workbench.analyses.topology import persistence
 from workbench.data import make_dataset
 from workbench.plots._style import order_layers, title_margin, titled
+from workbench.plots.activations import layer_histograms
 from workbench.plots.degeneracy import basis_size_figure
-from workbench.plots.embedding import intrinsic_dimension_profile
+from workbench.plots.embedding import embedding_scatter, intrinsic_dimension_profile
 from workbench.plots.probing import probe_profile
 from workbench.plots.similarity import similarity_heatmap, stitching_bars
 from workbench.plots.topology import betti_curves
@@ -216,3 +218,111 @@ def test_stitching_reference_lines_span_the_whole_x_range(rng):
     axis = fig.layout.xaxis2
     assert axis.overlaying == "x" and list(axis.range) == [0, 1] and axis.visible is False
     assert all(t.xaxis in (None, "x") for t in fig.data if t.type == "bar")
+
+
+# similarity heatmap colour scale
+
+
+def _heatmap(fig: go.Figure) -> go.Heatmap:
+    return next(t for t in fig.data if t.type == "heatmap")
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_heatmaps_share_a_fixed_colour_scale_whatever_the_variant(rng, debiased):
+    y = np.arange(40) % 4
+    a = {f"a{k}": rng.normal(size=(40, 30)) + y[:, None] * k / 3 for k in range(3)}
+    b = {f"b{k}": rng.normal(size=(40, 30)) + y[:, None] * k / 3 for k in range(3)}
+    result = similarity_matrix(a, b, measure="linear_cka", debiased=debiased)
+    values = np.asarray(result.values)
+    assert values.max() < 0.95  # no cell reaches 1: a data-range scale would stretch to the largest cell
+    heatmap = _heatmap(similarity_heatmap(result))
+    assert heatmap.zmax == 1.0
+    assert heatmap.zmin == min(0.0, float(values.min()))  # 0, or below it where debiased CKA is negative
+    assert "higher is closer" in heatmap.colorbar.title.text
+
+
+def test_debiased_cka_below_zero_stays_on_the_scale():
+    rng = np.random.default_rng(0)
+    a = {"a1": rng.normal(size=(12, 40)), "a2": rng.normal(size=(12, 40))}
+    b = {"b": rng.normal(size=(12, 40))}
+    result = similarity_matrix(a, b, measure="linear_cka", debiased=True)
+    assert float(np.asarray(result.values).min()) < 0  # independent features: debiased CKA about 0, here below
+    heatmap = _heatmap(similarity_heatmap(result))
+    assert heatmap.zmin == float(np.asarray(result.values).min()) and heatmap.zmax == 1.0
+
+
+def test_rsa_heatmap_uses_the_fixed_scale_and_distances_their_data_range(rng):
+    a = {f"a{k}": rng.normal(size=(30, 6)) for k in range(2)}
+    b = {f"b{k}": rng.normal(size=(30, 6)) for k in range(2)}
+    rsa = _heatmap(similarity_heatmap(similarity_matrix(a, b, measure="rsa")))
+    assert rsa.zmax == 1.0 and rsa.zmin <= 0.0
+    distance = _heatmap(similarity_heatmap(similarity_matrix(a, b, measure="procrustes_distance")))
+    assert distance.zmin is None and distance.zmax is None  # the data range
+    assert "lower is closer" in distance.colorbar.title.text
+    assert distance.colorscale[0][1] != rsa.colorscale[0][1]  # reversed: the closest pairs bright in both
+
+
+# embedding panels in one frame
+
+
+def test_the_views_of_an_aligned_embedding_share_their_axis_ranges(rng):
+    x = rng.normal(size=(80, 6))
+    wide = x + (np.arange(80) == 0)[:, None] * 25  # one far sample in view B
+    result = aligned_embedding({"A": x, "B": wide}, method="pca")
+    coords = np.asarray(result.coordinates)
+    spans = [np.ptp(coords[v, :, :2]) for v in range(2)]
+    assert max(spans) > 1.5 * min(spans)  # the views' own extents differ
+    figs = [embedding_scatter(result, view=v) for v in range(2)]
+    ranges = [(list(f.layout.xaxis.range), list(f.layout.yaxis.range)) for f in figs]
+    assert ranges[0] == ranges[1]  # the same frame in both panels
+    x_range, y_range = ranges[0]
+    assert x_range == y_range  # and the same scale on both axes...
+    assert figs[0].layout.yaxis.scaleanchor == "x" and figs[0].layout.yaxis.scaleratio == 1  # ...at equal aspect
+    assert x_range[0] < coords[:, :, :2].min() and coords[:, :, :2].max() < x_range[1]  # every sample shows
+
+
+def test_three_dimensional_views_share_a_cube(rng):
+    x = rng.normal(size=(50, 5))
+    result = aligned_embedding({"A": x, "B": x * 3 + rng.normal(size=(50, 5))}, method="pca", n_components=3)
+    scenes = [embedding_scatter(result, view=v).layout.scene for v in range(2)]
+    for scene in scenes:
+        assert list(scene.xaxis.range) == list(scene.yaxis.range) == list(scene.zaxis.range)
+        assert scene.aspectmode == "cube"
+    assert list(scenes[0].xaxis.range) == list(scenes[1].xaxis.range)
+
+
+# activation histograms
+
+TICK_LABELS = 18  # pixels of a row of 12 px tick labels below a panel
+AXIS_TITLE = 20  # pixels of a 14 px x axis title below the tick labels
+PANEL_TITLE = 22  # pixels of a 16 px subplot title above a panel
+
+
+def _histograms(n_layers: int) -> go.Figure:
+    g = torch.Generator().manual_seed(0)
+    acts = {f"layers.{k}.linear": torch.randn(40, 4, generator=g) for k in range(n_layers)}
+    return layer_histograms(activation_stats(acts, model="m"))
+
+
+@pytest.mark.parametrize("n_layers", [6, 7, 12, 20])
+def test_histogram_rows_sit_close_and_their_titles_fit_between_them(n_layers):
+    fig = _histograms(n_layers)
+    rows = (n_layers + 2) // 3
+    plot = _plot_height(fig)
+    tops = sorted({fig.layout[k].domain[1] for k in fig.layout if k.startswith("yaxis")}, reverse=True)
+    bottoms = sorted({fig.layout[k].domain[0] for k in fig.layout if k.startswith("yaxis")}, reverse=True)
+    assert len(tops) == rows
+    axis_title_between = n_layers % 3 != 0  # the lowest panel of a column above an empty slot has its x title
+    for r in range(rows - 1):
+        gap = (bottoms[r] - tops[r + 1]) * plot
+        needed = TICK_LABELS + PANEL_TITLE + (AXIS_TITLE if axis_title_between else 0)
+        assert needed + 8 <= gap <= needed + 40  # the title fits, and no wide empty band
+    titles = [a for a in fig.layout.annotations if a.text.startswith("layers.")]
+    for a in titles:  # each subplot title sits on its panel's top edge, below the tick labels of the row above
+        assert a.yanchor == "bottom" and any(abs(a.y - t) < 1e-9 for t in tops)
+        above = [b for b in bottoms if b > a.y + 1e-9]
+        if above:
+            assert (min(above) - a.y) * plot >= TICK_LABELS + PANEL_TITLE
+    assert (fig.layout.margin.b if fig.layout.margin.b is not None else 80) >= TICK_LABELS + AXIS_TITLE + 20
+    for top, bottom in zip(tops, bottoms):  # every panel keeps its height, however many rows
+        assert 160 <= (top - bottom) * plot <= 240

@@ -41,7 +41,10 @@ def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.F
     layers = [title for title, _ in panels]
     cols = min(max_cols, len(layers))
     rows = (len(layers) + cols - 1) // cols
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=layers, vertical_spacing=0.16 if rows > 1 else 0.1)
+    # an x axis title between two rows: a panel is the lowest of its column above an empty slot of the last row
+    titled_gap = rows > 1 and len(layers) % cols != 0
+    spacing, plot_height = row_spacing(rows, axis_title_between=titled_gap)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=layers, vertical_spacing=spacing)
     in_legend: set[int] = set()
     for j, (_, members) in enumerate(panels):
         for i, layer in members:
@@ -67,6 +70,24 @@ def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.F
             fig.update_xaxes(title_text="activation value", row=row, col=col)
         if col == 1:
             fig.update_yaxes(title_text="density", row=row, col=col)
-    fig.update_layout(height=280 * rows)
     n = results[0].n_samples if results else None
-    return titled(fig, "Activation values per layer", estimator="density of all units × samples, each model on its own bins", n=n)
+    fig.update_layout(margin={"b": BOTTOM_MARGIN})
+    titled(fig, "Activation values per layer", estimator="density of all units × samples, each model on its own bins", n=n)
+    # the height is set once the top margin is known, so the gaps between rows come out at their size in pixels
+    fig.update_layout(height=plot_height + fig.layout.margin.t + BOTTOM_MARGIN)
+    return fig
+
+
+PANEL_HEIGHT = 200  # pixels of one histogram panel
+ROW_GAP = 56  # pixels between rows: the upper panel's tick labels, then the lower panel's title
+AXIS_TITLE_GAP = 22  # pixels more where an x axis title sits between two rows
+BOTTOM_MARGIN = 70  # pixels below the plot area: the lowest tick labels and the x axis title
+
+
+def row_spacing(rows: int, *, axis_title_between: bool = False) -> tuple[float, int]:
+    """``make_subplots``' ``vertical_spacing`` (a fraction of the plot area's height) and the plot area's height
+    in pixels for ``rows`` rows of :data:`PANEL_HEIGHT` pixels: the gap stays :data:`ROW_GAP` pixels (plus
+    :data:`AXIS_TITLE_GAP` with ``axis_title_between``) however many rows there are."""
+    gap = ROW_GAP + (AXIS_TITLE_GAP if axis_title_between else 0)
+    height = rows * PANEL_HEIGHT + (rows - 1) * gap
+    return (gap / height if rows > 1 else 0.0), height

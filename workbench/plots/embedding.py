@@ -35,9 +35,12 @@ def embedding_scatter(
     others are faded (plotly's ``selectedpoints``). ``labels``: ``(n_samples,)`` shown on hover next to
     the colour value (default: the colour value only). Every point carries
     ``customdata = [index, value, label]``, so a box or lasso selection returns sample indices.
-    3-D views are drawn with ``Scatter3d``.
+    3-D views are drawn with ``Scatter3d``. Every axis spans :func:`shared_range`, the same for all views of
+    an aligned result and for x and y, so the panels of two views read as one frame (a sample's position in
+    one panel is comparable with its position in the other) at equal aspect.
     """
     coords, name, trust, k = _view(result, view)
+    frame = shared_range(result)
     n = coords.shape[0]
     for what, given in (("color", color), ("labels", labels)):
         if given is not None and np.shape(given) != (n,):
@@ -75,7 +78,11 @@ def embedding_scatter(
             dragmode="lasso",
             legend={"itemsizing": "constant"},
         )
-        fig.update_yaxes(scaleanchor="x", scaleratio=1)
+        fig.update_xaxes(range=frame)
+        fig.update_yaxes(range=frame, scaleanchor="x", scaleratio=1)
+    else:
+        fig.update_layout(scene={"xaxis": {"range": frame}, "yaxis": {"range": frame}, "zaxis": {"range": frame},
+                                 "aspectmode": "cube"})
     heading = title or name or f"{result.method.upper()} view"
     return titled(fig, heading, estimator=f"{result.estimator}; trustworthiness@{k} {trust:.3f}", n=n)
 
@@ -113,6 +120,18 @@ def intrinsic_dimension_profile(
     if not results:
         return titled(fig, "Intrinsic dimension across layers")
     return titled(fig, "Intrinsic dimension across layers", estimator=results[0].estimator, n=results[0].n_samples)
+
+
+def shared_range(result: EmbeddingResult | AlignedEmbeddingResult, pad: float = 0.05) -> list[float]:
+    """One axis range covering every coordinate of every view (all components), widened by ``pad`` of its span
+    on each side: the range of each axis of each view's scatter."""
+    coords = np.asarray(result.coordinates, dtype=np.float64)
+    finite = coords[np.isfinite(coords)]
+    if not finite.size:
+        return [-1.0, 1.0]
+    low, high = float(finite.min()), float(finite.max())
+    margin = pad * (high - low) if high > low else 1.0
+    return [low - margin, high + margin]
 
 
 def _view(result: EmbeddingResult | AlignedEmbeddingResult, view: int) -> tuple[np.ndarray, str, float, int]:

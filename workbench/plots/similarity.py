@@ -37,6 +37,22 @@ def measure_label(measure: str) -> str:
     return _MEASURE_LABELS.get(measure, measure)
 
 
+def colour_range(result: SimilarityMatrixResult) -> tuple[float | None, float | None]:
+    """The colour scale of a similarity heatmap.
+
+    Similarities (CKA biased or debiased, CCA, RSA) are bounded above by 1, so they share the fixed scale
+    ``[min(0, smallest value), 1]``: a cell's colour means the same value in every heatmap, whatever the
+    variant (debiased CKA can be slightly negative, RSA down to -1). Distances have no common upper bound
+    that the data come near, so they span the data range (``(None, None)``: plotly's own).
+    """
+    if not result.higher_is_closer:
+        return None, None
+    values = np.asarray(result.values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low = float(finite.min()) if finite.size else 0.0
+    return min(0.0, low), 1.0
+
+
 @takes_results
 def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None = None) -> go.Figure:
     """Layer x layer heatmap of ``result.values``: rows are model A's layers (top to bottom), columns B's.
@@ -49,8 +65,8 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
     values = np.asarray(result.values)
     label = measure_label(result.measure)
     annotate = values.size <= 144 if annotate is None else annotate
-    is_cka = result.measure in ("linear_cka", "rbf_cka", "cca_similarity") and not result.params.get("debiased", False)
-    zmin, zmax = (0.0, 1.0) if is_cka else (None, None)
+    zmin, zmax = colour_range(result)
+    direction = "higher is closer" if result.higher_is_closer else "lower is closer"
     fig = go.Figure()
     fig.add_trace(
         go.Heatmap(
@@ -60,7 +76,7 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
             zmin=zmin,
             zmax=zmax,
             colorscale="Viridis" if result.higher_is_closer else "Viridis_r",
-            colorbar={"title": {"text": label}},
+            colorbar={"title": {"text": f"{label}<br>({direction})"}},
             texttemplate="%{z:.2f}" if annotate else None,
             hoverinfo="skip",
         )
@@ -82,7 +98,6 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
     fig.update_xaxes(title_text=f"layers of B ({result.model_b})", type="category", tickangle=-45)
     fig.update_yaxes(title_text=f"layers of A ({result.model_a})", type="category", autorange="reversed")
     fig.update_layout(height=max(360, 46 * values.shape[0] + 180), clickmode="event+select")
-    direction = "higher is closer" if result.higher_is_closer else "lower is closer"
     return titled(
         fig,
         f"{label}: {result.model_a} vs {result.model_b} ({direction})",
