@@ -5,14 +5,43 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _state
-from workbench.report import PdfUnavailableError, Section, build_report
+from workbench.report import SCHEMA_VERSION, PdfUnavailableError, Section, build_report
 from workbench.report.build import find_chromium
 
 _state.in_app_shell()
 
+PAYLOAD = "_report_payload"  # the last zip built, with the sections, title and formats it was built from
+
+
+def download_payload(sections: list[dict], title: str, formats: tuple[str, ...]) -> dict:
+    """The zip of ``sections`` under ``title`` in ``formats``, built again only when one of them changed (sections
+    are compared by identity: the kept ones stay referenced, and a collected section is never edited in place)."""
+    kept = st.session_state.get(PAYLOAD)
+    if (kept is not None and kept["title"] == title and kept["formats"] == formats
+            and len(kept["sections"]) == len(sections) and all(a is b for a, b in zip(kept["sections"], sections))):
+        return kept
+    report = build_report(
+        [Section(s["title"], s["result"], s["figures"], snippet=s.get("snippet", ""), models=s.get("model_objects", ()),
+                 dataset=s.get("dataset_object"), train_dataset=s.get("train_dataset_object"), summary=s.get("summary", {}),
+                 notes=s.get("notes", ""))
+         for s in sections],
+        title=title,
+    )
+    warning = ""
+    try:
+        data = report.zip_bytes(formats)
+    except PdfUnavailableError as exc:
+        warning = str(exc)
+        data = report.zip_bytes(("html", "json", "npz"))
+    kept = {"sections": list(sections), "title": title, "formats": formats, "data": data, "warning": warning}
+    st.session_state[PAYLOAD] = kept
+    return kept
+
+
 st.title("Report")
 sections: list[dict] = st.session_state.setdefault(_state.REPORT, [])
 if not sections:
+    st.session_state.pop(PAYLOAD, None)
     st.info("No sections yet: open an analysis page and press **Add to report** under its figures.")
     _state.stop()
 
@@ -38,20 +67,10 @@ for i, section in enumerate(list(sections)):
 with_pdf = st.checkbox("Include a PDF (needs a headless Chromium on the server)", value=False, key="report_pdf", persist_state="session",
                        disabled=find_chromium() is None)
 with _state.guard():
-    report = build_report(
-        [Section(s["title"], s["result"], s["figures"], snippet=s.get("snippet", ""), models=s.get("model_objects", ()),
-                 dataset=s.get("dataset_object"), train_dataset=s.get("train_dataset_object"), summary=s.get("summary", {}),
-                 notes=s.get("notes", ""))
-         for s in sections],
-        title=title,
-    )
-    formats = ("html", "json", "npz", "pdf") if with_pdf else ("html", "json", "npz")
-    try:
-        data = report.zip_bytes(formats)
-    except PdfUnavailableError as exc:
-        st.warning(_state.plain(str(exc)))
-        data = report.zip_bytes(("html", "json", "npz"))
-st.download_button("Download report (.zip)", data=data, file_name="workbench-report.zip", mime="application/zip",
+    payload = download_payload(sections, title, ("html", "json", "npz", "pdf") if with_pdf else ("html", "json", "npz"))
+if payload["warning"]:
+    st.warning(_state.plain(payload["warning"]))
+st.download_button("Download report (.zip)", data=payload["data"], file_name="workbench-report.zip", mime="application/zip",
                    key="report_download", type="primary")
 st.caption("The zip holds report.html (interactive figures, works offline), report.json (numbers, schema "
-           f"{report.to_dict()['schema_version']}), arrays.npz" + (" and report.pdf." if with_pdf else "."))
+           f"{SCHEMA_VERSION}), arrays.npz" + (" and report.pdf." if with_pdf else "."))

@@ -26,6 +26,23 @@ HELP = {
     "per 512-wide layer).",
 }
 
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _stored_distances(key: tuple, _a: dict, _b: dict | None, metric: str, dim: int, normalize: bool) -> tp.DiagramDistanceMatrixResult:
+    return tp.diagram_distance_matrix(_a, _b, metric=metric, dim=dim, normalize=normalize)
+
+
+def layer_distances(pers: list[dict], sources: list, settings: dict, **params: object) -> tp.DiagramDistanceMatrixResult:
+    """Diagram distances between the layers of the diagrams ``pers`` (one dict per model), computed once per content
+    of the activations they came from (``sources``), their persistence ``settings`` and ``params``, and recorded for
+    the report's recreate snippet like the other library calls."""
+    args = (pers[0], pers[-1] if len(pers) > 1 else None)
+    key = (_state.content_key(sources), _state.content_key(settings), _state.content_key(params))
+    matrix = _stored_distances(key, *args, **params)
+    _state._log_call(tp.diagram_distance_matrix, args, params, matrix, "result")
+    return matrix
+
+
 st.title("Topology")
 st.caption(
     "Persistent homology of each layer's point cloud (one point per sample): when connected components merge (H0) and "
@@ -63,10 +80,11 @@ chosen = _state.layer_pickers(models, "topo_layers")
 
 kw = {"max_dim": dim, "max_points": max_points, "metric": metric}
 labels = dataset.y if dataset.n_classes is not None else None
-pers, seps = [], []
+pers, seps, sources = [], [], []
 with _state.guard():
     for model, slot in zip(models, _state.slots(models)):
         acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
+        sources.append(acts)
         with _state.progress_bar(f"Persistence of {model.name}") as bar:
             layers = chosen[slot]
             per_layer = {}
@@ -109,9 +127,7 @@ st.plotly_chart(figures[-1], width="stretch", key="topo_betti")
 
 st.subheader("Diagram distance between layers")
 with _state.guard():
-    matrix = _state.logged_call(  # from the diagrams above (dicts of results: no content key to cache by)
-        tp.diagram_distance_matrix, pers[0], pers[-1] if len(pers) > 1 else None, metric=distance, dim=dim, normalize=normalize
-    )
+    matrix = layer_distances(pers, sources, kw, metric=distance, dim=dim, normalize=normalize)
 figures.append(plots.diagram_distance_heatmap(matrix, name_a=names[0], name_b=names[-1]))
 st.plotly_chart(figures[-1], width="stretch", key="topo_distance_matrix")
 if distance == "bottleneck":
@@ -127,9 +143,12 @@ if labels is None:
 figures.append(plots.separability_curves(*seps, names=names))
 st.plotly_chart(figures[-1], width="stretch", key="topo_separability")
 st.dataframe(plots.separability_rows(*seps, names=names), hide_index=True, width="stretch", key="topo_separability_table")
+references = ["Thornton = share of samples whose nearest neighbour has their class"]
+if probe:
+    references.append("probe = 5-fold cross-validated logistic regression")
+references.append("Fisher = largest per-feature Fisher discriminant ratio")
 st.caption(
-    f"n = {dataset.n_samples} samples of {dataset.name}. S: lower = more separable. References (higher = more "
-    "separable): Thornton = share of samples whose nearest neighbour has their class; probe = 5-fold "
-    "cross-validated logistic regression; Fisher = largest per-feature Fisher discriminant ratio."
+    f"n = {dataset.n_samples} samples of {dataset.name}. S: lower = more separable."
+    + (f" References (higher = more separable): {'; '.join(references)}." if labels is not None else "")
 )
 _state.report_button("Topology", [*results, matrix, *seps], figures, key="topo_report")

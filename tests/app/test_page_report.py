@@ -104,3 +104,46 @@ def test_page_sections_recreate_their_library_calls(app):
     namespace = _run_snippet(section["snippet"])
     first = section["snippet"].rsplit("# this section: ", 1)[1].split(", ")[0].strip()
     assert namespace[first].stats["fc1"].mean == section["result"][0].stats["fc1"].mean
+
+
+def test_the_zip_is_built_again_only_when_its_inputs_change(app, monkeypatch):
+    import workbench.report as report_module
+
+    built = []
+    original = report_module.build_report
+
+    def counted(*args, **kwargs):
+        report = original(*args, **kwargs)
+        built.append(report)
+        return report
+
+    monkeypatch.setattr(report_module, "build_report", counted)
+    at = app.run()
+    at.switch_page("pages/activations.py").run()
+    at.button(key="act_report").click().run()
+    at.multiselect(key="act_layers_a").set_value(["fc1"]).run()
+    at.button(key="act_report").click().run()
+    at.switch_page("pages/report.py").run()
+    assert not page_errors(at)
+    assert len(built) == 1
+    at.run()  # a rerun that changes none of the inputs
+    at.switch_page("pages/activations.py").run()
+    at.switch_page("pages/report.py").run()  # back from another page
+    assert not page_errors(at)
+    assert len(built) == 1
+    assert at.get("download_button")[0].proto.label == "Download report (.zip)"
+
+    at.text_input(key="report_title").input("Seeds compared").run()
+    assert len(built) == 2 and built[-1].title == "Seeds compared"
+    first = at.session_state["report_sections"][0]
+    at.button(key="report_down_0").click().run()
+    assert len(built) == 3 and built[-1].sections[1].title == first["title"]
+    with zipfile.ZipFile(io.BytesIO(at.session_state["_report_payload"]["data"])) as zf:
+        doc = json.loads(zf.read("report.json"))
+        assert sorted(zf.namelist()) == ["arrays.npz", "report.html", "report.json"]
+    assert doc["header"]["title"] == "Seeds compared" and len(doc["sections"]) == 2
+    at.button(key="report_remove_1").click().run()
+    assert len(built) == 4 and len(built[-1].sections) == 1
+    at.run()
+    assert len(built) == 4
+    assert not page_errors(at)

@@ -101,3 +101,46 @@ def test_model_b_analysed_alone_is_called_b(app):
     assert not page_errors(at)
     texts = [m.label for m in at.metric] + [json.dumps(json.loads(c.proto.spec)["layout"]) for c in at.get("plotly_chart")]
     assert any("B (mlp_seed1)" in t for t in texts) and not any("A (mlp_seed1)" in t for t in texts)
+
+
+def test_changing_the_displayed_layer_reuses_the_layer_distances(app, narrow, digits, monkeypatch):
+    import functools
+
+    from workbench.analyses import topology as tp
+
+    calls = []
+    original = tp.diagram_distance_matrix
+
+    @functools.wraps(original)
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tp, "diagram_distance_matrix", counted)
+    at = _open(app, narrow[0], dataset=digits)
+    at.selectbox(key="topo_distance").set_value("wasserstein").run()
+    assert not page_errors(at)
+    assert calls and calls[-1]["metric"] == "wasserstein"
+    heatmap = at.get("plotly_chart")[3].proto.spec
+    done = len(calls)
+    layers = at.selectbox(key="topo_layer_a").options
+    at.selectbox(key="topo_layer_a").set_value(layers[0]).run()
+    assert not page_errors(at)
+    assert len(calls) == done  # only the diagrams shown changed
+    assert at.get("plotly_chart")[3].proto.spec == heatmap
+    at.button(key="topo_report").click().run()
+    snippet = at.session_state["report_sections"][-1]["snippet"]
+    assert "= diagram_distance_matrix({" in snippet and "metric='wasserstein'" in snippet  # still recreated
+    assert len(calls) == done
+
+
+def test_caption_names_the_probe_reference_only_while_it_is_computed(app, narrow, digits):
+    at = _open(app, narrow[0], dataset=digits)
+    caption = next(c.value for c in at.caption if c.value.startswith("n = 450"))
+    assert "probe = 5-fold cross-validated logistic regression" in caption and "Thornton" in caption
+    at.checkbox(key="topo_probe").uncheck().run()
+    assert not page_errors(at)
+    assert not any(c.startswith("probe") for c in at.dataframe[0].value.columns)
+    caption = next(c.value for c in at.caption if c.value.startswith("n = 450"))
+    assert "probe" not in caption
+    assert "Thornton = share of samples whose nearest neighbour has their class" in caption and "Fisher" in caption
