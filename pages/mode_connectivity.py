@@ -43,10 +43,10 @@ with col_a, _state.guard():
                    "A model chosen on the Models & data page, or a bundled sample model.")
 with col_b, _state.guard():
     matching = [n for n in options if mc.same_architecture(model_a, load(n))]  # only these can be matched to A
-    others = [n for n in matching if n != model_a.name]
+    others = [n for n in matching if n != model_a.name]  # never A itself: A against A says nothing
     if others:
-        model_b = pick("Model B (permuted to match A)", _state.MODEL_B, others[0], "mc_model_b", matching,
-                       "Models of A's architecture: the same modules and parameter shapes.")
+        model_b = pick("Model B (permuted to match A)", _state.MODEL_B, others[0], "mc_model_b", others,
+                       "Other models of A's architecture: the same modules and parameter shapes.")
     else:  # not A itself: there is nothing to match A to
         st.selectbox("Model B (permuted to match A)", [f"no other model of {model_a.name}'s architecture"], disabled=True,
                      key="mc_model_b_none")
@@ -54,7 +54,10 @@ if not others:
     st.info(f"No other model has the architecture of {_state.plain(model_a.name)}: choose or upload one on the Models & data page.")
     _state.stop()
 chosen_b = st.session_state.get(_state.MODEL_B)
-if chosen_b is not None and chosen_b.name not in matching:
+if chosen_b is not None and chosen_b.name == model_a.name:
+    st.caption(f"The sidebar's model B ({_state.plain(chosen_b.name)}) is the model chosen as A here, so "
+               f"{_state.plain(model_b.name)} is used instead.")
+elif chosen_b is not None and chosen_b.name not in matching:
     st.caption(f"The sidebar's model B ({_state.plain(chosen_b.name)}) has another architecture than {_state.plain(model_a.name)}, so it cannot be "
                f"matched to it; {_state.plain(model_b.name)} is used instead.")
 train_split = digits_train_for(dataset)

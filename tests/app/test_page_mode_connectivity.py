@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +61,108 @@ def test_model_b_offers_only_models_of_a_s_architecture(page, sample_model):
     assert none.disabled and none.options == ["no other model of cnn_seed0's architecture"]
     assert any("No other model has the architecture of cnn_seed0" in shown(i.value) for i in at.info)
     assert not at.dataframe and not at.get("plotly_chart")  # A against itself is not computed
+
+
+def _chart(at, key: str):
+    import plotly.io
+
+    return plotly.io.from_json(next(c for c in at.get("plotly_chart") if key in c.proto.id).proto.spec)
+
+
+def test_choosing_the_sidebar_s_b_as_a_never_compares_a_model_with_itself(app, sample_model, digits_test):
+    from workbench.models.loading import wrap_module
+
+    cnn = sample_model("cnn_seed0")
+    copy_ = copy.deepcopy(cnn.module)
+    with torch.no_grad():
+        for p in copy_.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    app.session_state["model_a"] = wrap_module(torch.nn.Sequential(torch.nn.Linear(64, 7), torch.nn.ReLU(),
+                                                                   torch.nn.Linear(7, 10)), name="my_mlp")
+    app.session_state["model_b"] = wrap_module(copy_, name="cnn_copy", architecture=cnn.architecture)
+    app.session_state["dataset"] = digits_test
+    app.session_state["mc_points"] = 5
+    app.session_state["mc_train"] = False
+    app.session_state["mc_methods"] = ["naive"]
+    at = app.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    assert any("No other model has the architecture of my_mlp" in shown(i.value) for i in at.info)
+    at.selectbox(key="mc_model_a").set_value("cnn_copy").run()
+    assert not page_errors(at)
+    b = at.selectbox(key="mc_model_b")
+    assert b.value == "cnn_seed0" and "cnn_copy" not in b.options  # the sidebar's B is A here: not offered
+    assert any("The sidebar's model B (cnn_copy) is the model chosen as A here" in shown(c.value)
+               and "cnn_seed0 is used instead" in shown(c.value) for c in at.caption)
+    layers = _chart(at, "mc_layers")
+    before = next(t for t in layers.data if t.name == "before matching" and t.xaxis in (None, "x"))
+    distances = np.frombuffer(base64.b64decode(before.y["bdata"]), dtype=before.y["dtype"]) if isinstance(before.y, dict) \
+        else np.asarray(before.y, dtype=float)
+    assert distances.min() > 0.1  # distances between two different models, not an empty chart
+    assert at.dataframe[0].value["barrier above the endpoint mean"].iloc[0] > 1e-6  # two endpoint losses, not one
+
+
+def test_identical_models_show_zero_barriers_on_an_axis_that_does_not_magnify_rounding(app, sample_model, digits_test):
+    from workbench.models.loading import wrap_module
+
+    a = sample_model("mlp_narrow_seed0")
+    app.session_state["model_a"] = a
+    app.session_state["model_b"] = wrap_module(copy.deepcopy(a.module), name="mlp_twin", architecture=a.architecture)
+    app.session_state["dataset"] = digits_test
+    app.session_state["mc_points"] = 5
+    app.session_state["mc_train"] = False
+    app.session_state["mc_methods"] = ["naive", "weight_matching"]
+    at = app.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    assert at.selectbox(key="mc_model_b").value == "mlp_twin"
+    table = at.dataframe[0].value
+    for column in ("barrier above the line", "barrier above the endpoint mean", "accuracy drop"):
+        assert (table[column] == 0).all(), (column, list(table[column]))
+    low, high = _chart(at, "mc_curves").layout.yaxis.range
+    assert high - low >= 1e-3  # not 4e-8: float noise between identical curves stays invisible
+
+
+def test_rounding_noise_reads_as_zero_and_barriers_show_four_significant_digits(sample_model, digits_test):
+    from dataclasses import replace
+
+    from workbench.analyses.mode_connectivity import mode_connectivity
+    from workbench.plots.mode_connectivity import barrier_rows, barrier_table, interpolation_curves
+
+    a = sample_model("mlp_narrow_seed0")
+    result = mode_connectivity(a, a, digits_test, n_points=5, methods=["naive"])
+    noisy = replace(result.barriers["naive"], linear={"test": 1.7e-17}, mean={"test": 0.123456789},
+                    accuracy_drop={"test": -2e-17})
+    curve = replace(result.curves["naive"], loss={"test": 0.15289014 + np.array([0, 4e-8, 2e-8, 1e-8, 0])})
+    result = replace(result, barriers={"naive": noisy}, curves={"naive": curve})
+    row = barrier_rows(result)[0]
+    assert row["barrier above the line"] == 0 and row["accuracy drop"] == 0  # not 0.000000000000000017
+    assert row["barrier above the endpoint mean"] == 0.1235
+    assert "-0.0000" not in str(barrier_table(result).data[0].cells.values)
+    low, high = interpolation_curves(result).layout.yaxis.range
+    assert high - low >= 1e-3 and low < 0.15289014 < high  # ticks not 0.15289014–0.15289018
+
+
+def _labels(axis: dict) -> list[str]:
+    low, high = axis["range"]
+    ticks = np.arange(np.ceil((low - axis["tick0"]) / axis["dtick"]), np.floor((high - axis["tick0"]) / axis["dtick"]) + 1)
+    return [format(axis["tick0"] + k * axis["dtick"], axis["tickformat"]) for k in ticks]
+
+
+@pytest.mark.parametrize("low, high", [(0.96, 0.98), (0.978, 0.979), (0.1, 0.95), (0.97, 0.97)])
+def test_accuracy_axis_labels_are_distinct(low, high):
+    from workbench.analyses.mode_connectivity import InterpolationResult
+    from workbench.plots.mode_connectivity import interpolation_curves
+
+    lambdas = np.linspace(0, 1, 5)
+    curve = InterpolationResult(lambdas=lambdas, loss={"test": np.full(5, 0.15)},
+                                accuracy={"test": np.array([high, (low + high) / 2, low, low, high])}, repair="none",
+                                estimator="interpolation", n_samples=450, params={}, seed=None, device="cpu",
+                                dtype="float32", seconds=0.0)
+    axis = interpolation_curves(curve).layout.yaxis2.to_plotly_json()
+    labels = _labels(axis)
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels  # not "98%, 98%, 97%, 97%, 96%, 96%"
+    assert axis["range"][0] <= low and axis["range"][1] >= high
 
 
 

@@ -68,13 +68,73 @@ def interpolation_curves(result: ModeConnectivityResult | InterpolationResult) -
                     col=col,
                 )
     fig.update_xaxes(title_text="λ (0 = model A, 1 = model B)")
-    fig.update_yaxes(title_text="loss (nats)", row=1, col=1)
-    fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=2)
+    losses = [v for c in curves.values() for v in c.loss.values()]
+    accuracies = [v for c in curves.values() for v in c.accuracy.values()]
+    fig.update_yaxes(title_text="loss (nats)", row=1, col=1, **_loss_axis(losses))
+    fig.update_yaxes(title_text="accuracy", row=1, col=2, **_accuracy_axis(accuracies))
     fig.update_layout(height=430, legend={"orientation": "h", "y": -0.25})
     n_train = next(iter(curves.values())).params.get("n_train", 0) if curves else 0
     estimator = "(1−λ)θ_A + λθ_B, mean cross-entropy" + (f"; train curves on {n_train} samples" if n_train else "")
     fig.update_layout(margin={"t": 100})
     return titled(fig, f"Linear interpolation {a} → {b}", estimator=estimator, n=result.n_samples)
+
+
+LOSS_MIN_SPAN = 1e-3  # nats; also at least 1% of the loss: a flatter loss axis would magnify float rounding
+ACCURACY_MIN_SPAN = 0.01
+
+
+def _finite_range(arrays: list) -> tuple[float, float] | None:
+    values = np.concatenate([np.ravel(np.asarray(a, dtype=float)) for a in arrays]) if arrays else np.array([])
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else None
+
+
+def _loss_axis(arrays: list) -> dict:
+    """A fixed range of at least :data:`LOSS_MIN_SPAN` (and 1% of the loss) where the curves are flatter than that,
+    so that rounding noise between identical models does not fill the axis; autorange otherwise."""
+    bounds = _finite_range(arrays)
+    if bounds is None:
+        return {}
+    lo, hi = bounds
+    span = max(LOSS_MIN_SPAN, 0.01 * max(abs(lo), abs(hi)))
+    if hi - lo >= span:
+        return {}
+    mid = (lo + hi) / 2
+    return {"range": [mid - span / 2, mid + span / 2], "autorange": False}
+
+
+def _nice_step(span: float, n_ticks: int = 5) -> float:
+    raw = span / n_ticks
+    magnitude = 10 ** np.floor(np.log10(raw))
+    return float(next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw * (1 - 1e-9)))
+
+
+def _accuracy_axis(arrays: list) -> dict:
+    """Range, tick spacing and a percent format with as many decimals as the spacing needs, so that no two
+    tick labels read the same (``.0%`` would label ticks 0.5% apart "98%, 98%, 97%, …")."""
+    bounds = _finite_range(arrays)
+    if bounds is None:
+        return {"tickformat": ".0%"}
+    lo, hi = bounds
+    pad = max(hi - lo, ACCURACY_MIN_SPAN) * 0.05
+    lo, hi = max(0.0, lo - pad), min(1.0, hi + pad)
+    if hi - lo < ACCURACY_MIN_SPAN:  # flat curves: widen to the minimum span inside [0, 1]
+        mid = min(max((lo + hi) / 2, ACCURACY_MIN_SPAN / 2), 1 - ACCURACY_MIN_SPAN / 2)
+        lo, hi = mid - ACCURACY_MIN_SPAN / 2, mid + ACCURACY_MIN_SPAN / 2
+    step = _nice_step(hi - lo)
+    decimals = max(0, int(-np.floor(np.log10(step * 100) + 1e-9)))
+    return {"range": [lo, hi], "autorange": False, "tick0": 0, "dtick": step, "tickformat": f".{decimals}%"}
+
+
+def display_value(value: float, scale: float = 1.0) -> float:
+    """``value`` to 4 significant digits, and 0 where it is below 1e-9 of ``scale`` (rounding noise: the barrier
+    of identical models comes out as ±1e-17, not 0)."""
+    value = float(value)
+    if not np.isfinite(value):
+        return value
+    if abs(value) <= 1e-9 * max(abs(float(scale)), 1e-12):
+        return 0.0
+    return float(f"{value:.4g}") + 0.0
 
 
 BARRIER_COLUMNS = {"linear": "barrier above the line", "mean": "barrier above the endpoint mean",
@@ -94,17 +154,21 @@ def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
     """One table row per method and split with both barrier definitions."""
     rows = []
     for method, barrier in result.barriers.items():
+        curve = result.curves.get(method)
         for split in barrier.linear:
+            losses = np.asarray(curve.loss[split], dtype=float) if curve is not None and split in curve.loss else []
+            finite = np.abs(losses[np.isfinite(losses)]) if len(losses) else []
+            scale = float(np.max(finite)) if len(finite) else 1.0  # the loss scale of the curve
             rows.append(
                 {
                     "method": method_label(method),
                     "split": split,
                     "dataset": barrier.params.get("datasets", {}).get(split, ""),
-                    BARRIER_COLUMNS["linear"]: barrier.linear[split],
+                    BARRIER_COLUMNS["linear"]: display_value(barrier.linear[split], scale),
                     "at λ (line)": barrier.lambda_linear[split],
-                    BARRIER_COLUMNS["mean"]: barrier.mean[split],
+                    BARRIER_COLUMNS["mean"]: display_value(barrier.mean[split], scale),
                     "at λ (mean)": barrier.lambda_mean[split],
-                    BARRIER_COLUMNS["accuracy_drop"]: barrier.accuracy_drop[split],
+                    BARRIER_COLUMNS["accuracy_drop"]: display_value(barrier.accuracy_drop[split]),
                 }
             )
     return rows
