@@ -772,7 +772,8 @@ def test_llc_error_paths_say_what_to_do(constant_and_dead, sample_model, digits_
         match="the SGLD chains diverged \\(a chain's estimate .* exceeds the 8970 parameters.*\\) with step_size=1 "
         "and localization=0; use a smaller step_size or a larger localization.",
     ):
-        llc_estimate(sample_model("mlp_narrow_seed0"), digits_test, step_size=1.0, localization=0.0, **short)
+        llc_estimate(copy.deepcopy(sample_model("mlp_narrow_seed0").module).double(), digits_test, step_size=1.0,
+                     localization=0.0, **short)  # float64 chains: the loss stays finite while the estimate runs away
 
 
 # ---------------------------------------------------------------------------------------------
@@ -954,3 +955,12 @@ def test_a_dataset_made_for_another_model_gets_the_extraction_sentence(sample_mo
     with pytest.raises(DataError, match=r"^Dataset 'wrongfeat' has 50 features per sample but model 'mlp_seed0' expects 64; "
                        r"pick a dataset made for this model\.$"):
         getattr(dg, name)(sample_model("mlp_seed0"), data, *args)
+
+
+def test_llc_chains_run_in_the_models_precision_and_agree_with_float64(sample_model, digits_test):
+    """float32 chains are several times faster for convolutions on a CPU; the Langevin noise dwarfs their rounding."""
+    settings = {"n_chains": 2, "n_steps": 40, "n_burnin": 10}
+    single = llc_estimate(sample_model("mlp_narrow_seed0"), digits_test, **settings)
+    double = llc_estimate(copy.deepcopy(sample_model("mlp_narrow_seed0").module).double(), digits_test, **settings)
+    assert single.params["dtype"] == single.dtype == "float32" and double.dtype == "float64"
+    assert single.llc == pytest.approx(double.llc, rel=1e-4)

@@ -31,7 +31,7 @@ layer that is invariant to the degeneracies of types 1 and 2:
 The network functions (a layer -> the output) are taken from models built as ``torch.nn.Sequential``
 (the ``mlp`` and ``cnn`` architectures): "the rest of the network after layer L" is the sub-sequence
 of children after L. The pseudo-layer ``"input"`` names the model's input. All work runs in float64
-on a private copy of the model; BatchNorm layers use their running statistics (evaluation mode).
+(except the SGLD chains of :func:`llc_estimate`, in the model's own precision) on a private copy of the model; BatchNorm layers use their running statistics (evaluation mode).
 Jacobians are computed per sample with ``torch.func.vmap(torch.func.jacrev(...))`` over batches whose
 size bounds the memory they take.
 """
@@ -1565,8 +1565,14 @@ def llc_estimate(
     n_beta = check_float(n_beta, "n_beta", func=func, low=0.0, low_inclusive=False)
     work = private_copy(module).eval()
     _without_inplace(work)
+    # The chains run in the model's own precision (float64 convolutions on a CPU are several times slower, and
+    # the Langevin noise is far larger than float32 rounding); L(w*) is taken the same way, so that the
+    # difference nβ (E[L] - L(w*)) compares like with like, and the trace is accumulated in float64.
+    dtype = torch.float64 if next((p.dtype for p in work.parameters()), torch.float32) == torch.float64 else torch.float32
     work = work.to(device=dev, dtype=torch.float64)
     _labels(dataset, n, func, dev, work, x, has_output=False)  # the labels must be classes of the model
+    work = work.to(dtype=dtype)
+    x = x.to(dtype)
     w_star = {k: v.detach() for k, v in work.named_parameters()}
     buffers = {k: v.detach() for k, v in work.named_buffers()}
     n_params = int(sum(v.numel() for v in w_star.values()))
@@ -1593,7 +1599,7 @@ def llc_estimate(
         grads, values = step(chains, x[idx], y[idx])
         trace[:, t] = values.detach().cpu()
         for k, w in chains.items():
-            noise = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(dev)
+            noise = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(device=dev, dtype=dtype)
             drift = n_beta * grads[k] + localization * (w - w_star[k])
             chains[k] = w - 0.5 * step_size * drift + math.sqrt(step_size) * noise
         ticker.tick()
@@ -1633,8 +1639,10 @@ def llc_estimate(
             "n_steps": n_steps,
             "n_burnin": n_burnin,
             "batch_size": batch,
+            "dtype": str(dtype).removeprefix("torch."),
         },
         seed=seed,
         device=str(dev),
+        dtype=str(dtype).removeprefix("torch."),
         seconds=time.perf_counter() - start_time,
     )
