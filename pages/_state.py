@@ -117,6 +117,13 @@ def _bind(log: dict[str, Any], obj: Any, prefix: str, line: str) -> str:
     log["lines"].append(f"{var} = {line}")
     log["names"][id(obj)] = var
     log["keep"].append(obj)
+    _name_parts(log, obj, var)
+    return var
+
+
+def _name_parts(log: dict[str, Any], obj: Any, var: str) -> None:
+    """Name what later calls may take out of ``obj``: an activations' layers, a dataset's ``x`` and ``y``, and the
+    datasets, activations and arrays of a tuple (such as the parts of ``train_test_split``)."""
     if isinstance(obj, wb.Activations):
         for layer in obj.layers:
             log["names"][id(obj[layer])] = f"{var}[{layer!r}]"
@@ -124,7 +131,11 @@ def _bind(log: dict[str, Any], obj: Any, prefix: str, line: str) -> str:
         log["names"][id(obj.x)] = f"{var}.x"
         if obj.y is not None:
             log["names"][id(obj.y)] = f"{var}.y"
-    return var
+    if isinstance(obj, tuple):  # only objects of their own: small numbers, strings and None are shared by everyone
+        for i, item in enumerate(obj):
+            if isinstance(item, (wb.Dataset, wb.Activations, np.ndarray, torch.Tensor)):
+                log["names"][id(item)] = f"{var}[{i}]"
+                _name_parts(log, item, f"{var}[{i}]")
 
 
 def _expression(log: dict[str, Any], value: Any) -> str:

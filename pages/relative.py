@@ -84,15 +84,18 @@ cols[2].metric("Relative MRR there", f"{result.mrr[best]:.3f}")
 fig = layer_agreement_bars(result)
 st.plotly_chart(fig, key="rel_layers_chart", width="stretch")
 
-def numbers(values) -> np.ndarray:
-    return np.asarray([np.nan if v is None else v for v in values], dtype=float)  # undefined values read n/a
+def column(values) -> list:
+    """Numbers, or text reading "n/a" where some are undefined: the table shows an empty value as "None"."""
+    numbers = [None if v is None or np.isnan(v) else float(v) for v in values]
+    return numbers if None not in numbers else ["n/a" if v is None else f"{v:.3f}" for v in numbers]
 
 
-table = {"layer of A": list(result.layers_a), "layer of B": list(result.layers_b), "Jaccard relative": numbers(result.jaccard)}
-table.update({"Jaccard absolute": numbers(result.absolute_jaccard), "MRR relative": numbers(result.mrr)})
-table.update({"MRR absolute": numbers(result.absolute_mrr), "cosine relative": numbers(result.cosine)})
-st.dataframe(pd.DataFrame(table).style.format(precision=3, na_rep="n/a"), hide_index=True, width="stretch",
-             key="rel_table")
+table = {"layer of A": list(result.layers_a), "layer of B": list(result.layers_b), "Jaccard relative": column(result.jaccard)}
+table.update({"Jaccard absolute": column(result.absolute_jaccard), "MRR relative": column(result.mrr)})
+table.update({"MRR absolute": column(result.absolute_mrr), "cosine relative": column(result.cosine)})
+frame = pd.DataFrame(table)
+number_format = {name: st.column_config.NumberColumn(format="%.3f") for name in frame.columns[2:] if frame[name].dtype.kind == "f"}
+st.dataframe(frame, hide_index=True, width="stretch", column_config=number_format, key="rel_table")
 st.caption(
     f"{result.estimator}; n = {result.n_samples} samples of {dataset.name}. "
     "Absolute values are n/a where the two layers have different widths."
@@ -123,7 +126,7 @@ def splits(data):
     """The digits train split for training when the digits test split is shown, else a seeded 70/30 split,
     stratified by class where the labels allow."""
     train = digits_train_for(data)
-    return (train, data) if train is not None else train_test_split(data, test_fraction=0.3, seed=0)
+    return (train, data) if train is not None else _state.logged_call(train_test_split, data, test_fraction=0.3, seed=0)
 
 
 def output_layer(model):

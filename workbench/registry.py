@@ -390,8 +390,12 @@ def _intrinsic_dimension_plot(results: Any) -> list[go.Figure]:
 
 
 def _intrinsic_dimension_summary(results: Any) -> dict[str, Any]:
+    """Model -> layer -> numbers, each model's layers in its own order: a row per model and layer, so that two
+    architectures with layers of the same name keep them apart."""
     labels = _model_labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
-    return {m: dict(zip(r.layers, np.asarray(r.dimension).tolist())) for m, r in zip(labels, results)}
+    return {m: {layer: {"dimension": float(r.dimension[j]), "95% interval low": float(r.ci_low[j]),
+                        "95% interval high": float(r.ci_high[j]), "width": int(r.n_features[j])}
+                for j, layer in enumerate(r.layers)} for m, r in zip(labels, results)}
 
 
 def _separability_table(results: Any) -> dict[str, Any]:

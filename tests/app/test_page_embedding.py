@@ -60,3 +60,17 @@ def test_two_layers_of_one_model_coloured_by_distance(app):
     assert "label %{customdata[2]}" in spec["data"][0]["hovertemplate"]
     at.radio(key="emb_id_method").set_value("mle").run()
     assert "MLE" in at.get("plotly_chart")[2].proto.spec
+
+
+def test_report_keeps_each_models_intrinsic_dimensions_in_its_own_layer_order(app, sample_model):
+    from workbench.report.build import summary_tables
+
+    app.session_state["model_b"] = sample_model("cnn_seed0")  # shares layer names (fc1, relu1, out) with the MLP
+    at = _open(app)
+    assert not page_errors(at)
+    at.button(key="emb_report").click().run()
+    section = at.session_state["report_sections"][0]
+    profiles = section["result"][1:]
+    assert [list(section["summary"]["intrinsic dimension"][p.model_name]) for p in profiles] == [list(p.layers) for p in profiles]
+    table = next(t for t in summary_tables(section["summary"]) if t[0] == "intrinsic dimension")
+    assert [row[0] for row in table[2]] == [f"{p.model_name} / {layer}" for p in profiles for layer in p.layers]

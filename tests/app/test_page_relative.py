@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
+
+import numpy as np
+import pandas as pd
 
 from tests.app.conftest import page_errors, shown
 from tests.app.test_page_compare import _array
@@ -74,8 +79,8 @@ def test_models_of_different_widths_have_no_absolute_values(app, sample_model_pa
     assert not page_errors(at)
     table = at.dataframe[0].value
     hidden = table[table["layer of A"] != "out"]
-    assert hidden["Jaccard absolute"].isna().all() and (hidden["Jaccard relative"] > 0).all()
-    assert not table[table["layer of A"] == "out"]["Jaccard absolute"].isna().any()  # both heads have 10 outputs
+    assert (hidden["Jaccard absolute"] == "n/a").all() and (hidden["Jaccard relative"] > 0).all()
+    assert float(table[table["layer of A"] == "out"]["Jaccard absolute"].iloc[0]) >= 0  # both heads have 10 outputs
     assert any("n/a where the two layers have different widths" in c.value for c in at.caption)
 
 
@@ -109,3 +114,48 @@ def test_stitching_on_a_dataset_without_a_train_split_trains_on_a_stratified_70_
     section = at.session_state["report_sections"][0]  # tested on the 30 %, trained on the 70 %
     assert (section["dataset_object"].n_samples, section["train_dataset_object"].n_samples) == (300, 700)
     assert section["dataset"] == section["dataset_object"].name
+
+
+def test_undefined_absolute_values_read_n_a_not_none(app, sample_model):
+    app.session_state["model_b"] = sample_model("cnn_seed0")  # other widths than the MLP's, but for the outputs
+    at = app.run()
+    at.switch_page("pages/relative.py").run()
+    assert not page_errors(at)
+    table = at.dataframe[0].value
+    assert not table.isna().any().any()  # the table would show an empty cell as "None"
+    assert "None" not in table.astype(str).to_numpy() and "nan" not in table.astype(str).to_numpy()
+    hidden = table[table["layer of A"] != "out"]
+    assert len(hidden) == 4 and (hidden[["Jaccard absolute", "MRR absolute"]] == "n/a").all().all()
+    out = table[table["layer of A"] == "out"]
+    assert re.fullmatch(r"\d\.\d{3}", out["Jaccard absolute"].iloc[0]) and re.fullmatch(r"\d\.\d{3}", out["MRR absolute"].iloc[0])
+    assert table["Jaccard relative"].dtype.kind == "f"  # defined everywhere: still numbers
+
+
+def test_stitching_snippet_recreates_the_split_of_an_uploaded_dataset(app, sample_model, tmp_path, monkeypatch):
+    from workbench import load_dataset
+
+    whole = load_dataset("digits", split="all")
+    frame = pd.DataFrame(whole.x[:300].numpy(), columns=[f"p{i}" for i in range(64)]).assign(label=whole.y[:300].numpy())
+    (tmp_path / "mydigits.csv").write_text(frame.to_csv(index=False))
+    app.session_state["dataset"] = load_dataset((tmp_path / "mydigits.csv").read_bytes(), filename="mydigits.csv")
+    app.session_state["model_b"] = sample_model("cnn_seed0")
+    at = app.run()
+    at.switch_page("pages/relative.py").run()
+    at.slider(key="rel_epochs").set_value(20)
+    at.toggle(key="rel_stitch").set_value(True).run()
+    assert not page_errors(at)
+    at.button(key="rel_stitch_report").click().run()
+    section = at.session_state["report_sections"][0]
+    snippet = section["snippet"]
+    ast.parse(snippet)
+    assert "(...)" not in snippet and "..." not in snippet
+    assert "dataset = load_dataset('mydigits.csv')" in snippet
+    assert "= train_test_split(dataset, test_fraction=0.3, seed=0)" in snippet
+    assert "from workbench.data.splits import train_test_split" in snippet
+    name = re.search(r"# this section: (\w+)", snippet).group(1)
+    monkeypatch.chdir(tmp_path)  # where the uploaded file is
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 - the snippet the report shows must run as written
+    again, shown_result = namespace[name], section["result"]
+    assert again.n_train == shown_result.n_train
+    np.testing.assert_allclose(again.relative_accuracy, shown_result.relative_accuracy, atol=1e-6)

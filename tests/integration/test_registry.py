@@ -163,3 +163,22 @@ def test_recreate_snippet_asks_each_model_for_its_own_default_layers_and_keeps_b
     expression = registry.dataset_expression(blobs)
     assert expression == "load_dataset('blobs', separation=2.0, n_samples=300, n_features=64, n_classes=3, seed=4)"
     assert eval(expression, {"load_dataset": load_dataset}).sha256 == blobs.sha256  # noqa: S307
+
+
+def test_intrinsic_dimension_summary_keeps_each_models_layers_in_its_own_order(sample_model, digits_test):
+    from workbench.report.build import summary_tables
+
+    mlp, cnn = sample_model("mlp_narrow_seed0"), sample_model("cnn_seed0")  # both have fc1, relu1 and out, at other depths
+    section = registry.run_analysis("intrinsic_dimension", model_a=mlp, model_b=cnn, dataset=digits_test)
+    result_a, result_b = section.result
+    assert {"fc1", "out"} <= set(result_a.layers) & set(result_b.layers) and result_a.layers != result_b.layers
+    assert [list(section.summary[m.name]) for m in (mlp, cnn)] == [list(result_a.layers), list(result_b.layers)]
+    tables = summary_tables(section.summary)  # the command line's report: a table per model
+    assert [(caption, [row[0] for row in rows]) for caption, _, rows in tables] == [
+        (r.model_name, list(r.layers)) for r in section.result]
+    (caption, columns, rows), = summary_tables(registry.summarize(section.result))  # the app's: a row per model and layer
+    assert caption == "intrinsic dimension" and columns[0] == "dimension"
+    expected = [(f"{r.model_name} / {layer}", r.dimension[j]) for r in section.result for j, layer in enumerate(r.layers)]
+    assert [row[0] for row in rows] == [name for name, _ in expected]
+    for row, (_, dimension) in zip(rows, expected):
+        assert float(row[1]) == pytest.approx(float(dimension), rel=1e-3)
