@@ -163,7 +163,9 @@ def _expression(log: dict[str, Any], value: Any) -> str:
     return _bind(log, value, "value", f"...  # a {type(value).__name__} built by the page")
 
 
-def _log_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], result: Any, prefix: str) -> None:
+def record_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], result: Any, prefix: str) -> None:
+    """Add ``result = fn(*args, **kwargs)`` to this run's log of library calls (the report's recreating snippet),
+    for a result the page computed or cached in its own way."""
     log = st.session_state.get(CALL_LOG)
     if log is None:
         return
@@ -196,7 +198,7 @@ def cached_activations(model: wb.LoadedModel, dataset: wb.Dataset, layers: list[
         acts = wb.extract(model, dataset, list(layers), pooling=pooling, progress=progress)
     finally:
         bar.empty()
-    _log_call(wb.extract, (model, dataset, list(layers)), {"pooling": pooling}, acts, "acts")
+    record_call(wb.extract, (model, dataset, list(layers)), {"pooling": pooling}, acts, "acts")
     return acts
 
 
@@ -251,7 +253,7 @@ def cached_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             store[key] = value
             while len(store) > RESULT_CACHE_SIZE:
                 store.popitem(last=False)
-    _log_call(fn, args, kwargs, value, "result")
+    record_call(fn, args, kwargs, value, "result")
     return value
 
 
@@ -259,7 +261,7 @@ def logged_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call a library function without caching (its inputs have no content key) and record it for the report's
     recreate snippet, as :func:`cached_call` does."""
     value = fn(*args, **kwargs)
-    _log_call(fn, args, kwargs, value, "result")
+    record_call(fn, args, kwargs, value, "result")
     return value
 
 

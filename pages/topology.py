@@ -39,7 +39,7 @@ def layer_distances(pers: list[dict], sources: list, settings: dict, **params: o
     args = (pers[0], pers[-1] if len(pers) > 1 else None)
     key = (_state.content_key(sources), _state.content_key(settings), _state.content_key(params))
     matrix = _stored_distances(key, *args, **params)
-    _state._log_call(tp.diagram_distance_matrix, args, params, matrix, "result")
+    _state.record_call(tp.diagram_distance_matrix, args, params, matrix, "result")
     return matrix
 
 
