@@ -590,3 +590,16 @@ def test_huggingface_copies_in_other_folders_have_the_same_content_hash(tiny_hf_
     hashes = {load_model(folder).content_sha256, load_model(copy).content_sha256,
               load_model(buf.getvalue(), filename="tiny-bert.zip").content_sha256}
     assert len(hashes) == 1
+
+
+def test_loading_the_sample_cnn_runs_nothing_on_the_meta_device(sample_model_path):
+    """A forward pass on the meta device imports sympy (about a second and 75 MB): the cnn spec's sizes are checked
+    from the spec instead."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom workbench import load_model\nload_model(sys.argv[1])\n"
+              "print('sympy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, str(sample_model_path("cnn_seed0"))], capture_output=True,
+                          text=True, check=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -452,20 +452,28 @@ def _check_activations(spec: dict[str, Any], module: nn.Module) -> None:
     a layer that would output more than ``MAX_ACTIVATION_VALUES`` values for it. Only ``cnn`` and ``torch.nn`` specs are
     run: the other types output at most a width. A spec whose layers do not fit its input stops at the first such
     layer, here as when it runs, so the layers before it are the ones that would allocate."""
-    if spec["type"] == "cnn":
-        shape: tuple[int, ...] = (math.prod(spec["input_shape"]),)
-    elif spec["type"] == "torch.nn" and spec.get("input_shape") is not None:
-        shape = tuple(spec["input_shape"])
-    else:
+    def refuse(name: str, out_shape: tuple[int, ...]) -> None:
+        raise ArchitectureError(
+            f"Layer '{name}' of the '{spec['type']}' architecture spec would output {math.prod(out_shape):,} values "
+            f"({'x'.join(map(str, out_shape))}) for one input of shape {spec['input_shape']}, more than the "
+            f"{MAX_ACTIVATION_VALUES:,} a layer may output here; use a smaller input_shape or layer sizes."
+        )
+
+    if spec["type"] == "cnn":  # the shapes follow from the spec (a meta run would import sympy: ~1 s and ~75 MB)
+        h, w = spec["input_shape"][1:]
+        for name, m in module.named_children():
+            if isinstance(m, nn.Conv2d):  # stride 1: each side grows by 2 * padding - kernel + 1
+                h, w = (n + 2 * pad - k + 1 for n, pad, k in zip((h, w), m.padding, m.kernel_size))
+                if m.out_channels * h * w > MAX_ACTIVATION_VALUES:
+                    refuse(name, (m.out_channels, h, w))
         return
+    if spec["type"] != "torch.nn" or spec.get("input_shape") is None:
+        return
+    shape = tuple(spec["input_shape"])
 
     def check(name: str, m: nn.Module, args: Any, out: Any) -> None:
         if isinstance(out, torch.Tensor) and out.numel() > MAX_ACTIVATION_VALUES:
-            raise ArchitectureError(
-                f"Layer '{name}' of the '{spec['type']}' architecture spec would output {out.numel():,} values "
-                f"({'x'.join(map(str, out.shape[1:]))}) for one input of shape {spec['input_shape']}, more than the "
-                f"{MAX_ACTIVATION_VALUES:,} a layer may output here; use a smaller input_shape or layer sizes."
-            )
+            refuse(name, tuple(out.shape[1:]))
 
     handles = [m.register_forward_hook(functools.partial(check, name)) for name, m in module.named_modules() if name]
     try:
