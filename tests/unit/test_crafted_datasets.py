@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.payloads import npz_bytes, pt_bytes
 from workbench import load_dataset
 from workbench.data import datasets, make_dataset
 from workbench.errors import CorruptFileError, DataError, FileTooLargeError
@@ -34,16 +35,6 @@ def _npz_member(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _pt(obj: object) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,16 +74,16 @@ def test_npz_with_a_negative_shape_or_empty_items_is_refused():
 
 def test_npz_with_deeply_nested_json_text_loads_it_as_text_without_parsing():
     nested = "[" * 100_000 + "]" * 100_000
-    data = _npz(x=np.ones((2, 2)), y=np.array([0, 1]), class_names=np.array([nested, "b"]))
+    data = npz_bytes(x=np.ones((2, 2)), y=np.array([0, 1]), class_names=np.array([nested, "b"]))
     assert load_dataset(data, filename="deep.npz").class_names == (nested, "b")
     with pytest.raises(DataError, match=r"^'deep\.npz' holds the arrays 'meta', which load_dataset does not read"):  # named, not parsed
-        load_dataset(_npz(x=np.ones((2, 2)), meta=np.array(nested)), filename="deep.npz")
+        load_dataset(npz_bytes(x=np.ones((2, 2)), meta=np.array(nested)), filename="deep.npz")
 
 
 def test_npz_labels_with_a_huge_class_number_are_refused():
     with pytest.raises(DataError, match=r"Class labels of dataset 'big' must be below 100000 \(classes are numbered 0, 1, 2, …\); "
                                         r"got a maximum of 1000000000\. Renumber the classes from 0\."):
-        load_dataset(_npz(x=np.ones((2, 2)), y=np.array([0, 10**9])), filename="big.npz")
+        load_dataset(npz_bytes(x=np.ones((2, 2)), y=np.array([0, 10**9])), filename="big.npz")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,7 +91,7 @@ def test_npz_labels_with_a_huge_class_number_are_refused():
 
 
 def test_deflated_pt_that_unpacks_beyond_the_limit_is_refused():
-    src = zipfile.ZipFile(io.BytesIO(_pt({"x": torch.zeros(1000, 1000)})))
+    src = zipfile.ZipFile(io.BytesIO(pt_bytes({"x": torch.zeros(1000, 1000)})))
     data = _zip({info.filename: src.read(info) for info in src.infolist()}, zipfile.ZIP_DEFLATED)
     assert len(data) < 1 << 20
     with pytest.raises(FileTooLargeError, match=r"'zeros\.pt' unpacks to 4 MiB, above the 1 MiB limit"):
@@ -109,7 +100,7 @@ def test_deflated_pt_that_unpacks_beyond_the_limit_is_refused():
 
 @pytest.mark.parametrize("shape", [(100_000, 10_000), (3, 5)])
 def test_expanded_pt_tensor_is_refused_before_it_is_materialised(shape):
-    data = _pt({"x": torch.zeros(1, shape[1]).expand(*shape)})
+    data = pt_bytes({"x": torch.zeros(1, shape[1]).expand(*shape)})
     with pytest.raises(DataError, match=rf"'x' in 'wide\.pt' is an expanded view: shape \({shape[0]}, {shape[1]}\) with strides "
                                         r"\(0, 1\) over \d+ stored bytes; save a copy that holds its values: x\.contiguous\(\)\."):
         load_dataset(data, filename="wide.pt")
@@ -118,14 +109,14 @@ def test_expanded_pt_tensor_is_refused_before_it_is_materialised(shape):
 def test_pt_lists_must_be_flat_so_repeated_objects_cannot_expand():
     row = [0.0] * 1000
     with pytest.raises(DataError, match=r"'x' in 'rep\.pt' must be a tensor; got list\. Save it with torch\.as_tensor\(x\)\."):
-        load_dataset(_pt({"x": [row] * 1000}), filename="rep.pt")
+        load_dataset(pt_bytes({"x": [row] * 1000}), filename="rep.pt")
     with pytest.raises(DataError, match=r"'y' in 'rep\.pt' must be a tensor or a flat list of labels; got list"):
-        load_dataset(_pt({"x": torch.ones(2, 2), "y": [["a" * 10**6]] * 2}), filename="rep.pt")
+        load_dataset(pt_bytes({"x": torch.ones(2, 2), "y": [["a" * 10**6]] * 2}), filename="rep.pt")
     with pytest.raises(DataError, match=r"'x' in 'sp\.pt' is a torch\.sparse_coo tensor; save a dense one: x\.to_dense\(\)\."):
-        load_dataset(_pt({"x": torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), [], (10**9, 10**9), check_invariants=True)}), filename="sp.pt")
-    data = load_dataset(_pt({"x": torch.ones(3, 2), "y": ["b", "a", "b"]}), filename="ok.pt")
+        load_dataset(pt_bytes({"x": torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), [], (10**9, 10**9), check_invariants=True)}), filename="sp.pt")
+    data = load_dataset(pt_bytes({"x": torch.ones(3, 2), "y": ["b", "a", "b"]}), filename="ok.pt")
     assert data.class_names == ("a", "b") and data.y.tolist() == [1, 0, 1]
-    assert load_dataset(_pt({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]}), filename="ok.pt").n_classes == 2
+    assert load_dataset(pt_bytes({"x": [1.0, 2.0, 3.0], "y": [0, 1, 0]}), filename="ok.pt").n_classes == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,9 +241,9 @@ def test_a_directory_path_gives_a_sentence(tmp_path):
 
 def test_big_endian_npz_arrays_are_read_in_native_byte_order():
     x = np.arange(6, dtype=">f4").reshape(3, 2)
-    data = load_dataset(_npz(x=x, y=np.array([2, 0, 1], dtype=">i8")), filename="be.npz")
+    data = load_dataset(npz_bytes(x=x, y=np.array([2, 0, 1], dtype=">i8")), filename="be.npz")
     assert data.x.tolist() == [[0, 1], [2, 3], [4, 5]] and data.y.tolist() == [2, 0, 1]
-    assert data.sha256 == load_dataset(_npz(x=x.astype("<f4"), y=np.array([2, 0, 1])), filename="be.npz").sha256
+    assert data.sha256 == load_dataset(npz_bytes(x=x.astype("<f4"), y=np.array([2, 0, 1])), filename="be.npz").sha256
 
 
 @pytest.mark.parametrize("x, message", [
@@ -264,11 +255,11 @@ def test_big_endian_npz_arrays_are_read_in_native_byte_order():
 ])
 def test_npz_arrays_torch_cannot_hold_get_a_sentence(x, message):
     with pytest.raises(DataError, match=message):
-        load_dataset(_npz(x=x), filename="odd.npz")
+        load_dataset(npz_bytes(x=x), filename="odd.npz")
 
 
 def test_pt_meta_tensor_is_refused_before_anything_is_allocated():
-    data = _pt({"x": torch.empty(10**6, 10**6, device="meta")})  # 4 TB if copied out
+    data = pt_bytes({"x": torch.empty(10**6, 10**6, device="meta")})  # 4 TB if copied out
     with pytest.raises(DataError, match=r"^'x' in 'm\.pt' is a tensor on the meta device, which has a shape \(1000000, 1000000\) but no "
                                         r"values; use a tensor that holds its values \(made on the CPU, not with device='meta'\)\.$"):
         load_dataset(data, filename="m.pt")
@@ -291,13 +282,13 @@ def test_pt_tensors_that_are_not_plain_numbers_are_refused_by_kind(make, message
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nested tensors are a prototype
-        data = _pt({"x": make(), "y": torch.tensor([0, 1])})
+        data = pt_bytes({"x": make(), "y": torch.tensor([0, 1])})
     with pytest.raises(DataError, match=message):
         load_dataset(data, filename="o.pt")
 
 
 def test_damaged_pt_says_so_with_torch_s_reason():
-    data = bytearray(_pt({"x": torch.ones(2, 2)}))
+    data = bytearray(pt_bytes({"x": torch.ones(2, 2)}))
     member = data.rindex(b"PK\x03\x04", 0, data.index(b".format_version"))
     data[member:member + 4] = bytes(4)  # a member's local header, which the zip's directory still lists
     with pytest.raises(CorruptFileError, match=r"^'bad\.pt' is damaged or not a file written by torch\.save \(RuntimeError: "
@@ -306,7 +297,7 @@ def test_damaged_pt_says_so_with_torch_s_reason():
         load_dataset(bytes(data), filename="bad.pt")
     with pytest.raises(CorruptFileError, match=r"^'text\.pt' is not a file written by torch\.save: it looks like a text file"):
         load_dataset(b"hello, these are not tensors", filename="text.pt")
-    data = bytearray(_pt({"x": torch.ones(2, 2)}))
+    data = bytearray(pt_bytes({"x": torch.ones(2, 2)}))
     data[-300:-200] = bytes(100)  # the zip's central directory
     with pytest.raises(CorruptFileError, match=r"^'bad\.pt' is damaged or not a file written by torch\.save \(Bad magic number"):
         load_dataset(bytes(data), filename="bad.pt")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.payloads import npz_bytes, pt_bytes
 from workbench import load_dataset
 from workbench.data import make_dataset
 from workbench.errors import (
@@ -314,18 +315,12 @@ def test_subset_takes_lists_tuples_masks_and_slices():
     assert data.subset(np.arange(data.n_samples) < 5).n_samples == data.subset(slice(0, 5)).n_samples == 5
 
 
-def _npz(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
 def test_one_hot_labels_are_refused_with_the_fix():
     y = np.eye(2)[[0, 1, 0, 1, 1]]
     with pytest.raises(DataError, match=r"The labels 'y' of dataset 'onehot' must be 1-D \(one class id or target per sample\) but have "
                                         r"shape \(5, 2\); for one-hot labels pass y\.argmax\(1\)\."):
-        load_dataset(_npz(x=np.random.rand(5, 3), y=y), filename="onehot.npz")
-    column = load_dataset(_npz(x=np.random.rand(5, 3), y=np.arange(5)[:, None]), filename="column.npz")
+        load_dataset(npz_bytes(x=np.random.rand(5, 3), y=y), filename="onehot.npz")
+    column = load_dataset(npz_bytes(x=np.random.rand(5, 3), y=np.arange(5)[:, None]), filename="column.npz")
     assert column.y.tolist() == [0, 1, 2, 3, 4]
 
 
@@ -334,7 +329,7 @@ def test_complex_inputs_are_refused_not_truncated_to_token_ids():
     message = (r"The dataset's 'x' holds complex numbers \(complex64\), which would lose their imaginary parts; store the real and "
                r"imaginary parts as separate features, e\.g\. np\.concatenate\(\[x\.real, x\.imag\], axis=-1\)\.")
     with pytest.raises(DataError, match=message):
-        load_dataset(_npz(x=x), filename="complex.npz")
+        load_dataset(npz_bytes(x=x), filename="complex.npz")
     buf = io.BytesIO()
     torch.save({"x": torch.from_numpy(x)}, buf)
     with pytest.raises(DataError, match=message):
@@ -348,23 +343,13 @@ def test_uint64_values_beyond_int64_are_refused_not_wrapped():
     x = np.array([[1, 2], [2**63, 2**64 - 1]], dtype=np.uint64)
     with pytest.raises(DataError, match=r"The 'x' of dataset 'big' has 2 uint64 values at or above 2\*\*63, beyond the int64 range "
                                         r"used for token ids and labels; renumber them below 2\*\*63\."):
-        load_dataset(_npz(x=x), filename="big.npz")
+        load_dataset(npz_bytes(x=x), filename="big.npz")
     with pytest.raises(DataError, match=r"The 'y' of dataset 'big' has 1 uint64 value at or above 2\*\*63"):
         make_dataset("big", np.zeros((2, 3)), np.array([0, 2**63], dtype=np.uint64))
-    fits = load_dataset(_npz(x=np.array([[1], [2**63 - 1]], dtype=np.uint64)), filename="fits.npz")
+    fits = load_dataset(npz_bytes(x=np.array([[1], [2**63 - 1]], dtype=np.uint64)), filename="fits.npz")
     assert fits.x.dtype == torch.int64 and fits.x[1, 0] == 2**63 - 1
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _pt(obj: object) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("text", [b",a,b\n0,1,2\n1,3,4\n2,5,6\n", b"Unnamed: 0,a,b\n2,1,2\n0,3,4\n1,5,6\n", b'"",a,b\n"1",1,2\n"2",3,4\n"3",5,6\n'])
@@ -414,7 +399,7 @@ def test_csv_dialect_mistakes_get_a_sentence():
                                     {"x": np.ones((2, 2)), "Labels": np.array([0, 1])}, {"x": np.ones((2, 2)), "targets": np.array([0, 1])},
                                     {"x": np.ones((2, 2)), "label": np.array([0, 1]), "Class_Names": np.array(["a", "b"])}])
 def test_npz_and_pt_take_the_same_names_for_features_labels_and_class_names(arrays):
-    for data, filename in [(_npz(**arrays), "d.npz"), (_pt({k: torch.as_tensor(v) if v.dtype.kind != "U" else v.tolist()
+    for data, filename in [(npz_bytes(**arrays), "d.npz"), (pt_bytes({k: torch.as_tensor(v) if v.dtype.kind != "U" else v.tolist()
                                                               for k, v in arrays.items()}), "d.pt")]:
         loaded = load_dataset(data, filename=filename)
         assert loaded.x.shape == (2, 2) and loaded.y.tolist() == [0, 1], filename
@@ -424,7 +409,7 @@ def test_npz_and_pt_take_the_same_names_for_features_labels_and_class_names(arra
 @pytest.mark.parametrize("filename", ["d.npz", "d.pt"])
 def test_upload_arrays_that_would_be_dropped_are_refused(filename):
     def save(**arrays):
-        return _npz(**arrays) if filename == "d.npz" else _pt({k: torch.as_tensor(v) for k, v in arrays.items()})
+        return npz_bytes(**arrays) if filename == "d.npz" else pt_bytes({k: torch.as_tensor(v) for k, v in arrays.items()})
 
     kind = "arrays" if filename == "d.npz" else "keys"
     with pytest.raises(DataError, match=rf"^'d\.(npz|pt)' holds the {kind} 'classes', 'weights', which load_dataset does not read; save only "
@@ -440,10 +425,10 @@ def test_upload_arrays_that_would_be_dropped_are_refused(filename):
 
 
 def test_pt_class_names_are_read_and_must_be_strings():
-    data = load_dataset(_pt({"x": torch.ones(3, 2), "y": torch.tensor([2, 0, 1]), "class_names": ("a", "b", "c")}), filename="n.pt")
+    data = load_dataset(pt_bytes({"x": torch.ones(3, 2), "y": torch.tensor([2, 0, 1]), "class_names": ("a", "b", "c")}), filename="n.pt")
     assert data.class_names == ("a", "b", "c") and data.named_labels().tolist() == ["c", "a", "b"]
     with pytest.raises(DataError, match=r"^'class_names' in 'n\.pt' must be a list of strings \(one name per class\); got Tensor\.$"):
-        load_dataset(_pt({"x": torch.ones(3, 2), "y": torch.tensor([2, 0, 1]), "class_names": torch.arange(3)}), filename="n.pt")
+        load_dataset(pt_bytes({"x": torch.ones(3, 2), "y": torch.tensor([2, 0, 1]), "class_names": torch.arange(3)}), filename="n.pt")
 
 
 @pytest.mark.parametrize("y, names, message", [
@@ -457,17 +442,17 @@ def test_pt_class_names_are_read_and_must_be_strings():
 def test_class_names_are_checked_against_the_labels_as_read(y, names, message):
     arrays = {"x": np.ones((3, 2))} | ({} if y is None else {"y": y})
     with pytest.raises(DataError, match=message):
-        load_dataset(_npz(**arrays, class_names=np.array(names)), filename="n.npz")
+        load_dataset(npz_bytes(**arrays, class_names=np.array(names)), filename="n.npz")
     with pytest.raises(DataError, match=message):
-        load_dataset(_pt({k: torch.as_tensor(v) for k, v in arrays.items()} | {"class_names": names}), filename="n.pt")
-    ok = load_dataset(_npz(x=np.ones((3, 2)), y=np.array([0.0, 1.0, 1.0]), class_names=np.array(["a", "b", "unused"])), filename="n.npz")
+        load_dataset(pt_bytes({k: torch.as_tensor(v) for k, v in arrays.items()} | {"class_names": names}), filename="n.pt")
+    ok = load_dataset(npz_bytes(x=np.ones((3, 2)), y=np.array([0.0, 1.0, 1.0]), class_names=np.array(["a", "b", "unused"])), filename="n.npz")
     assert ok.y.tolist() == [0, 1, 1] and ok.class_names == ("a", "b", "unused")  # names for classes a sample lacks are fine
 
 
 def test_integer_inputs_are_token_ids_with_a_note_saying_how_to_get_floats():
-    data = load_dataset(_npz(x=np.full((2, 4), 255, dtype=np.uint8)), filename="img.npz")
+    data = load_dataset(npz_bytes(x=np.full((2, 4), 255, dtype=np.uint8)), filename="img.npz")
     assert data.x.dtype == torch.int64 and data.x.tolist() == [[255] * 4] * 2  # the documented rule: integers are token ids
     assert data.info["inputs"] == ("the uint8 values of x are kept as int64 token ids, for models that take tokens; for a model of float "
                                    "features (such as an MLP) save x as floats, e.g. x.astype('float32') / 255 for 8-bit image pixels")
-    assert "x.astype('float32')" in load_dataset(_pt(torch.ones(2, 3, dtype=torch.int32)), filename="t.pt").info["inputs"]
-    assert "inputs" not in load_dataset(_npz(x=np.ones((2, 2), dtype=np.float32)), filename="f.npz").info
+    assert "x.astype('float32')" in load_dataset(pt_bytes(torch.ones(2, 3, dtype=torch.int32)), filename="t.pt").info["inputs"]
+    assert "inputs" not in load_dataset(npz_bytes(x=np.ones((2, 2), dtype=np.float32)), filename="f.npz").info

@@ -519,41 +519,12 @@ class _Slow(nn.Module):
         return x
 
 
-def test_two_threads_on_one_model_each_get_the_activations_of_their_own_data(tmp_path):
-    torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(4, 6), _Slow(), nn.ReLU(), nn.Linear(6, 3))
-    inputs = {"a": torch.randn(40, 4), "b": torch.randn(40, 4) + 3}
-    want = {k: extract(module, x, ["0", "3"], batch_size=5, cache_dir=tmp_path / f"alone-{k}") for k, x in inputs.items()}
-    got, failures = {}, []
-    barrier = threading.Barrier(2)
-
-    def run(k: str) -> None:
-        try:
-            barrier.wait()
-            got[k] = extract(module, inputs[k], ["0", "3"], batch_size=5, cache_dir=tmp_path / "shared")
-        except BaseException as exc:  # reported by the main thread
-            failures.append(exc)
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in inputs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures
-    for k in inputs:
-        for layer in ("0", "3"):
-            torch.testing.assert_close(got[k][layer], want[k][layer], msg=f"{k} {layer}")
-    assert _hook_count(module) == 0
-
-
-def test_a_thread_extracting_from_a_part_of_a_model_waits_for_one_extracting_from_the_whole(tmp_path):
-    torch.manual_seed(0)
-    part = nn.Sequential(nn.Linear(6, 5), _Slow(), nn.Linear(5, 3))
-    whole = nn.Sequential(nn.Linear(4, 6), _Slow(), part)
-    jobs = {"whole": (whole, torch.randn(30, 4), ["0", "2.0"]), "part": (part, torch.randn(30, 6) + 2, ["0", "2"])}
+def _extract_at_once(jobs: dict, tmp_path: Path) -> None:
+    """Run ``extract(model, x, layers)`` for every job in its own thread, all starting together on one cache
+    folder, and check each against the same job run alone."""
     want = {k: extract(m, x, layers, batch_size=5, cache_dir=tmp_path / f"alone-{k}") for k, (m, x, layers) in jobs.items()}
     got, failures = {}, []
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(len(jobs))
 
     def run(k: str) -> None:
         m, x, layers = jobs[k]
@@ -569,10 +540,24 @@ def test_a_thread_extracting_from_a_part_of_a_model_waits_for_one_extracting_fro
     for t in threads:
         t.join()
     assert not failures, failures
-    for k, (_m, _x, layers) in jobs.items():
+    for k, (m, _x, layers) in jobs.items():
         for layer in layers:
             torch.testing.assert_close(got[k][layer], want[k][layer], msg=f"{k} {layer}")
-    assert _hook_count(whole) == 0
+        assert _hook_count(m) == 0
+
+
+def test_two_threads_on_one_model_each_get_the_activations_of_their_own_data(tmp_path):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), _Slow(), nn.ReLU(), nn.Linear(6, 3))
+    _extract_at_once({"a": (module, torch.randn(40, 4), ["0", "3"]), "b": (module, torch.randn(40, 4) + 3, ["0", "3"])}, tmp_path)
+
+
+def test_a_thread_extracting_from_a_part_of_a_model_waits_for_one_extracting_from_the_whole(tmp_path):
+    torch.manual_seed(0)
+    part = nn.Sequential(nn.Linear(6, 5), _Slow(), nn.Linear(5, 3))
+    whole = nn.Sequential(nn.Linear(4, 6), _Slow(), part)
+    _extract_at_once({"whole": (whole, torch.randn(30, 4), ["0", "2.0"]), "part": (part, torch.randn(30, 6) + 2, ["0", "2"])},
+                     tmp_path)
 
 
 def test_a_copy_taken_during_another_threads_extraction_has_none_of_its_hooks(tmp_path):

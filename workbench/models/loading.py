@@ -33,7 +33,7 @@ import threading
 import weakref
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -245,11 +245,17 @@ def scratch_buffers_sha256(module: nn.Module) -> str:
     recomputed only when one of them changed since the last call."""
     buffers = _scratch_buffers(module)
     fingerprint = tuple((name, t.data_ptr(), t._version, t.shape, t.dtype) for name, t in buffers)
-    cached = _SCRATCH_HASHES.get(module)
+    return _remembered(_SCRATCH_HASHES, module, fingerprint, lambda: _tensors_sha256(buffers))
+
+
+def _remembered(memo: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]], module: nn.Module, fingerprint: tuple,
+                compute: Callable[[], str]) -> str:
+    """The hash ``memo`` holds for ``module`` when its ``fingerprint`` is unchanged, else ``compute()``, remembered."""
+    cached = memo.get(module)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
-    sha = _tensors_sha256(buffers)
-    _SCRATCH_HASHES[module] = (fingerprint, sha)
+    sha = compute()
+    memo[module] = (fingerprint, sha)
     return sha
 
 
@@ -299,13 +305,7 @@ def _weights_fingerprint(module: nn.Module) -> tuple:
 
 def current_weights_sha256(module: nn.Module) -> str:
     """:func:`weights_sha256` of ``module`` now, recomputed only when its fingerprint changed since the last call."""
-    fingerprint = _weights_fingerprint(module)
-    cached = _WEIGHT_HASHES.get(module)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
-    sha = weights_sha256(module)
-    _WEIGHT_HASHES[module] = (fingerprint, sha)
-    return sha
+    return _remembered(_WEIGHT_HASHES, module, _weights_fingerprint(module), lambda: weights_sha256(module))
 
 
 def wrap_module(module: nn.Module, *, name: str = "model", architecture: dict[str, Any] | None = None,
