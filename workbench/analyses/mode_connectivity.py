@@ -910,6 +910,9 @@ def _weight_matching_core(
     touching = {p: [(k, ax) for k, ax in pairs if k in weight_keys] for p, pairs in spec.perms.items()}
     names = [p for p in spec.perm_names if touching[p]]
     touched_keys = {p: list(dict.fromkeys(k for k, _ in touching[p])) for p in names}
+    # a permutation on both axes of one weight makes the objective quadratic in it; for the others the
+    # assignment's cost matrix gives the exact gain of a step
+    quadratic = {p for p in names if len(touched_keys[p]) < len(touching[p])}
     perms = {p: torch.arange(sizes[p], device=device) for p in spec.perm_names}
     if init is not None:
         perms.update({p: t.to(device) for p, t in init.items()})
@@ -955,9 +958,12 @@ def _weight_matching_core(
             new_perm = torch.as_tensor(col, device=device)
             if torch.equal(new_perm, perms[p]):
                 continue
-            # kept only when the exact objective rises by more than its float64 rounding
-            scale = float(np.abs(cost_np[np.arange(len(col)), col]).sum())
-            if exact_gain(p, new_perm) > 1e-12 * max(1.0, scale):
+            # kept only when the objective rises: on the float32 costs when their gain is far above their
+            # rounding (a permutation the objective is linear in), else by the exact float64 gain
+            rows = np.arange(len(col))
+            scale = float(np.abs(cost_np[rows, col]).sum())
+            gain32 = float(cost_np[rows, col].sum(dtype=np.float64) - cost_np[rows, perms[p].cpu().numpy()].sum(dtype=np.float64))
+            if (p not in quadratic and gain32 > 1e-4 * scale) or exact_gain(p, new_perm) > 1e-12 * max(1.0, scale):
                 perms[p] = new_perm
                 improved = True
         if track:
