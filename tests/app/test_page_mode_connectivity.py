@@ -25,6 +25,19 @@ def page(app, sample_model, digits_test):
     return app
 
 
+def _open(app, model_a, model_b, dataset, methods: list[str]):
+    """The page on ``model_a`` and ``model_b`` with 5 points per curve, the test split only and ``methods``."""
+    app.session_state["model_a"] = model_a
+    app.session_state["model_b"] = model_b
+    app.session_state["dataset"] = dataset
+    app.session_state["mc_points"] = 5
+    app.session_state["mc_train"] = False
+    app.session_state["mc_methods"] = methods
+    at = app.run()
+    at.switch_page(PAGE).run()
+    return at
+
+
 def test_defaults_pick_two_seeds_and_show_curves_barriers_and_layers(app):
     app.session_state["mc_points"] = 5
     at = app.run()
@@ -77,15 +90,8 @@ def test_choosing_the_sidebar_s_b_as_a_never_compares_a_model_with_itself(app, s
     with torch.no_grad():
         for p in copy_.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-    app.session_state["model_a"] = wrap_module(torch.nn.Sequential(torch.nn.Linear(64, 7), torch.nn.ReLU(),
-                                                                   torch.nn.Linear(7, 10)), name="my_mlp")
-    app.session_state["model_b"] = wrap_module(copy_, name="cnn_copy", architecture=cnn.architecture)
-    app.session_state["dataset"] = digits_test
-    app.session_state["mc_points"] = 5
-    app.session_state["mc_train"] = False
-    app.session_state["mc_methods"] = ["naive"]
-    at = app.run()
-    at.switch_page(PAGE).run()
+    mine = wrap_module(torch.nn.Sequential(torch.nn.Linear(64, 7), torch.nn.ReLU(), torch.nn.Linear(7, 10)), name="my_mlp")
+    at = _open(app, mine, wrap_module(copy_, name="cnn_copy", architecture=cnn.architecture), digits_test, ["naive"])
     assert not page_errors(at)
     assert any("No other model has the architecture of my_mlp" in shown(i.value) for i in at.info)
     at.selectbox(key="mc_model_a").set_value("cnn_copy").run()
@@ -106,14 +112,8 @@ def test_identical_models_show_zero_barriers_on_an_axis_that_does_not_magnify_ro
     from workbench.models.loading import wrap_module
 
     a = sample_model("mlp_narrow_seed0")
-    app.session_state["model_a"] = a
-    app.session_state["model_b"] = wrap_module(copy.deepcopy(a.module), name="mlp_twin", architecture=a.architecture)
-    app.session_state["dataset"] = digits_test
-    app.session_state["mc_points"] = 5
-    app.session_state["mc_train"] = False
-    app.session_state["mc_methods"] = ["naive", "weight_matching"]
-    at = app.run()
-    at.switch_page(PAGE).run()
+    twin = wrap_module(copy.deepcopy(a.module), name="mlp_twin", architecture=a.architecture)
+    at = _open(app, a, twin, digits_test, ["naive", "weight_matching"])
     assert not page_errors(at)
     assert at.selectbox(key="mc_model_b").value == "mlp_twin"
     table = at.dataframe[0].value
@@ -187,14 +187,7 @@ def test_batchnorm_reset_is_offered_only_for_a_model_a_with_batchnorm(app, sampl
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(1.01)
-    app.session_state["model_a"] = cnn
-    app.session_state["model_b"] = wrap_module(other, name="cnn_other", architecture=cnn.architecture)
-    app.session_state["dataset"] = digits_test
-    app.session_state["mc_points"] = 5
-    app.session_state["mc_train"] = False
-    app.session_state["mc_methods"] = ["naive", "reset_bn"]
-    at = app.run()
-    at.switch_page(PAGE).run()
+    at = _open(app, cnn, wrap_module(other, name="cnn_other", architecture=cnn.architecture), digits_test, ["naive", "reset_bn"])
     assert not page_errors(at)
     assert RESET_BN in at.multiselect(key="mc_methods").options
     assert set(at.dataframe[0].value["method"]) == {"naive (as trained)", RESET_BN}
