@@ -270,13 +270,20 @@ def test_huggingface_weights_that_do_not_fill_the_model_are_refused(tiny_bert, t
         load_model(copy)
 
 
-def test_huggingface_weights_the_model_has_no_place_for_are_refused(tiny_bert, tmp_path):
+def test_huggingface_weights_the_model_has_no_place_for_are_refused(tiny_bert, tmp_path, capfd, caplog):
+    from transformers.utils import logging as hf_logging
+
     copy = _edited(tiny_bert, tmp_path)
     state = load_file(copy / "model.safetensors")
     save_file({**state, "extra.weight": torch.zeros(3)}, copy / "model.safetensors")
+    verbosity = hf_logging.get_verbosity()
+    capfd.readouterr()
     with pytest.raises(ArchitectureError, match=r"do not match the model its config\.json describes: 1 stored weights have no place in it "
                                                 r"\(extra\.weight\)"):
         load_model(copy)
+    printed = capfd.readouterr()
+    assert "LOAD REPORT" not in printed.out + printed.err + caplog.text  # the one sentence above is all the user sees
+    assert hf_logging.get_verbosity() == verbosity  # the caller's setting is back
 
 
 @pytest.mark.parametrize(("changes", "error", "message"), [

@@ -1207,13 +1207,15 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
                     "weights: save the model again with model.save_pretrained(path)."
                 )
         hf_logging = transformers.utils.logging
-        bar_was_on = hf_logging.is_progress_bar_enabled()
+        bar_was_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
         hf_logging.disable_progress_bar()  # a loading bar for a small local folder is noise in the CLI and the server log
+        hf_logging.set_verbosity_error()  # so is transformers' own load report: _check_loading_info says what matters
         try:
             module, info = cls.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code,
                                                use_safetensors=has_safetensors, output_loading_info=True,
                                                ignore_mismatched_sizes=True)
         finally:
+            hf_logging.set_verbosity(verbosity)
             if bar_was_on:
                 hf_logging.enable_progress_bar()
         _check_loading_info(info, label)
