@@ -489,6 +489,26 @@ def test_trajectory_over_snapshots_tracks_probe_accuracy_and_stops_at_its_platea
     assert res.checkpoints[0] == "mlp_narrow_seed0_epoch00"
 
 
+def test_trajectory_with_an_infinite_fisher_ratio_has_no_plateau_for_it():
+    from workbench.data import make_dataset
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 30)
+    x = np.c_[rng.standard_normal((90, 4)), y].astype(np.float32)  # the last feature is constant within each class
+    data = make_dataset("with labels as a feature", torch.from_numpy(x), torch.from_numpy(y))
+    checkpoints = []
+    for scale in (0.2, 0.6, 1.0, 1.0, 1.0, 1.0):
+        layer = torch.nn.Linear(5, 5)
+        with torch.no_grad():
+            layer.weight.copy_(torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0, scale])))
+            layer.bias.zero_()
+        checkpoints.append(torch.nn.Sequential(layer))
+    res = separability_trajectory(checkpoints, data, "0", probe=False)
+    assert np.isinf(res.references["fisher_ratio"]).all()
+    assert res.reference_plateaus["fisher_ratio"] is None
+    assert np.isfinite(res.references["thornton_index"]).all() and "thornton_index" in res.reference_plateaus
+
+
 def test_plateau_rule_on_known_curves():
     t = np.arange(30)
     saturating = 1 - np.exp(-t / 3)

@@ -239,7 +239,9 @@ class SeparabilityTrajectoryResult(RecordedResult):
     ``stop_index = plateau_index + patience``: the checkpoint at which a run monitoring the score
     would have stopped (the first moment the plateau is visible without labels). Both None when the
     score had not plateaued by the last checkpoint. ``reference_plateaus``: the same rule applied to
-    each labelled reference (name -> checkpoint index or None), for comparison.
+    each labelled reference (name -> checkpoint index or None), for comparison; None also for a
+    reference that is infinite at some checkpoint (the Fisher ratio once a feature is constant within
+    every class).
     """
 
     checkpoints: list[str]
@@ -1422,7 +1424,10 @@ def separability_trajectory(
     scores = np.array([r.score for r in results])
     refs = _stack_references(results)
     start = plateau_index(scores, patience=patience, tolerance=tolerance, higher_is_better=False)
-    ref_plateaus = {k: plateau_index(v, patience=patience, tolerance=tolerance) for k, v in refs.items()}
+    # a reference that is infinite at some checkpoint (the Fisher ratio of a feature constant within each class)
+    # has no gain to measure a plateau against
+    ref_plateaus = {k: plateau_index(v, patience=patience, tolerance=tolerance) if np.isfinite(v).all() else None
+                    for k, v in refs.items()}
     return SeparabilityTrajectoryResult(
         checkpoints=names,
         layer=layer,
