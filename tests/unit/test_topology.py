@@ -377,6 +377,23 @@ def test_score_tracks_fisher_and_thornton_on_blobs():
     assert score[:3].mean() > score[-3:].mean() + 0.2
 
 
+def test_normalised_score_falls_with_separation_and_ignores_a_far_outlier():
+    rng = np.random.default_rng(0)
+    directions = np.linalg.qr(rng.standard_normal((8, 3)))[0].T
+    y = np.repeat(np.arange(3), 100)
+
+    def score(separation: float, seed: int, outlier: bool = False, normalize: bool = True) -> float:
+        x = np.random.default_rng(seed).standard_normal((300, 8)) + separation * directions[y]
+        if outlier:
+            x[0] = 30 * np.eye(8)[0]
+        return class_separability(x, y, normalize=normalize, probe=False).score
+
+    means = [np.mean([score(s, seed) for seed in range(3)]) for s in (0, 1, 3, 6, 20)]
+    assert np.all(np.diff(means) < 0)  # the raw score rises from 0 to 3 here: one long edge sets its scale
+    assert score(0, 0, outlier=True) == pytest.approx(score(0, 0), abs=0.01)
+    assert score(0, 0, outlier=True, normalize=False) < 0.2 * score(0, 0, normalize=False)  # as the docstring warns
+
+
 @pytest.mark.parametrize(
     ("labelled", "probe", "expected"),
     [(False, True, [(1, 1)]), (True, False, [(1, 2), (2, 2)]), (True, True, [(i, 5) for i in range(1, 6)])],

@@ -1156,6 +1156,9 @@ def class_separability(
     small ones. The paper's exact reduction to S(p) is not public in its abstract; this mean of the
     normalised times is the reduction used here, checked to fall as classes separate (synthetic
     blobs), from input to last hidden layer of the digits MLP, and over training epochs.
+    Keep ``normalize=True`` unless the norms carry the structure: without it the single longest edge
+    sets the scale, so one far outlier drives S towards 0, and S need not fall as classes separate
+    (three overlapping Gaussian classes in 8-D: 0.51 at no separation, 0.57 at some, before it falls).
 
     Labelled references (with ``labels``), all on the raw (not normalised) representation and all
     **higher = more separable**: ``fisher_ratio``, the maximum over features of the multi-class
