@@ -133,9 +133,10 @@ for s, model in zip(summaries, models):
 for s in summaries:
     if s.lower_bound:
         st.caption(
-            f"{s.model}: the count of {', '.join(s.lower_bound)} is a lower bound: the activation after it (such as ReLU6 or "
-            "Hardtanh, or two piecewise-linear activations in a row) may have continuous symmetries the count does not "
-            "look for."
+            f"{s.model}: the count of {', '.join(s.lower_bound)} is a lower bound: the activation after it has symmetries "
+            "the count does not look for (ReLU6 or Hardtanh, two piecewise-linear activations in a row, or units whose "
+            "firing patterns over these samples add up to one another's, as for units firing on complementary sets or "
+            "more groups of units than samples)."
         )
     if s.sample_limited:
         st.caption(

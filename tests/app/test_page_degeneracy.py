@@ -58,6 +58,10 @@ def test_two_models_side_by_side(app, narrow):
     assert list(basis["basis size"][2:4]) == [10, 10]  # the last hidden layer only feeds 10 logits
     summary = at.dataframe[0].value
     assert set(summary["model"]) == {"mlp_narrow_seed0", "mlp_narrow_seed1"} and len(summary) == 6
+    bounds = set(summary.loc[summary["count"] == "lower bound", "model"])
+    captions = " ".join(shown(c.value) for c in at.caption)
+    for model in ("mlp_narrow_seed0", "mlp_narrow_seed1"):
+        assert (f"{model}: the count of " in captions) == (model in bounds)
 
 
 def test_single_model_graph_pair_and_loss_gradients(app, narrow):
@@ -137,6 +141,10 @@ def test_matrices_whose_count_the_samples_do_not_pin_down_are_named(app, narrow)
     # 40 samples: every input rank stops at 39, and fc1's 65 x 64 structural directions exceed 40 x 10 Jacobian rows
     assert caption.startswith("mlp_narrow_seed0: 40 samples do not pin down the count of fc1, fc2, out:")
     assert "more directions are free than counted" in caption
+    # 64 units with more firing patterns than 40 samples can tell apart: their slopes over the samples are dependent
+    bound = next(c.value for c in at.caption if "lower bound" in c.value)
+    assert bound.startswith("mlp_narrow_seed0: the count of fc1, fc2 is a lower bound:")
+    assert "more groups of units than samples" in bound
 
 
 def test_a_model_that_is_not_one_sequence_of_layers_gets_a_plain_sentence(app, sample_model):

@@ -63,9 +63,12 @@ def _data(n: int, d: int, seed: int = 0, constant: dict[int, float] | None = Non
     return make_dataset("synthetic", x, torch.arange(n) % classes)
 
 
-def _param_null_dim(model: nn.Module, x: torch.Tensor, rtol: float = 1e-8, only: type | None = None) -> int:
+def _param_null_dim(
+    model: nn.Module, x: torch.Tensor, rtol: float = 1e-8, only: type | None = None, labels: torch.Tensor | None = None
+) -> int:
     """Dimension of the null space of d(all logits on all samples)/d(all parameters), computed directly;
-    with ``only``, of the parameters of the modules of that type (the others held fixed)."""
+    with ``only``, of the parameters of the modules of that type (the others held fixed); with ``labels``, of
+    d(per-sample cross-entropy)/d(parameters)."""
     m = copy.deepcopy(model).double()
     params = {k: v.detach() for k, v in m.named_parameters()}
     kept = {
@@ -75,7 +78,12 @@ def _param_null_dim(model: nn.Module, x: torch.Tensor, rtol: float = 1e-8, only:
         for k, _ in mod.named_parameters(recurse=False)
     }
     own = {k: v for k, v in params.items() if k in kept}
-    jac = torch.func.jacrev(lambda p: torch.func.functional_call(m, {**params, **p}, (x.double(),)).reshape(-1))(own)
+
+    def outputs(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = torch.func.functional_call(m, {**params, **p}, (x.double(),))
+        return logits.reshape(-1) if labels is None else nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    jac = torch.func.jacrev(outputs)(own)
     j = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in own], dim=1)
     s = torch.linalg.svdvals(j)
     return j.shape[1] - int((s**2 > rtol * s[0] ** 2).sum())
@@ -290,8 +298,10 @@ def test_duplicated_neurons_form_one_synchronised_group():
     assert (p.group_id["relu1"][[1, 3, 5]] == -1).all()
     s = degeneracy_summary(model, data)
     np.testing.assert_array_equal(s.synchronised_group_sizes["fc1"], [3])
-    assert s.free_from_synchronised["fc1"] == 3 * 3 - 3
+    # the copies compute one function: mixing them only moves each row along it, which the three rescalings do
+    assert s.free_from_synchronised["fc1"] == 0 and s.free_from_rescaling["fc1"] == 6
     assert s.zero_variance_inputs["out"] == 2  # two copies are linearly dependent on the first
+    assert s.total_free == _param_null_dim(model, data.x) == 12  # 18 when each copy counted k - 1 mixings
 
 
 def test_always_on_and_dead_units_are_counted():
@@ -483,6 +493,131 @@ def test_activations_with_symmetries_the_count_misses_are_named():
     fig = degeneracy_figure(degeneracy_summary(chained, make_dataset("synthetic", x, torch.arange(600) % 3)))
     composed = next(t for t in fig.data if t.name == "linear maps in a row")
     assert composed.customdata[0][0] == 15  # gradient rank 3 x (input rank 4 of the next matrix + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# groups of units larger than the ranks around them
+
+
+def test_four_always_on_units_after_a_narrow_layer_are_counted_once():
+    """Four always-on units of Linear(4, 6) read by 3 logits: their gradients span 3 directions and their inputs with
+    the constant 4 + 1, so their moves add 3 x 5 = 15 directions (4 rescalings, 3 bias shifts, 8 mixings), not
+    4 x 3 mixings + 4 rescalings + 3 shifts = 19. With the 5 directions the logits ignore and the two other units'
+    rescalings: 22, the null space (26 when the groups' moves overlapped the rank terms)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        model[0].bias[:4] = 5.0
+    x = torch.randn(1500, 4)
+    s = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(1500) % 3))
+    assert s.always_on_units["0"] == 4 and s.gradient_rank["0"] == 5 and s.free_from_gradients["0"] == 5
+    assert s.free_from_rescaling["0"] == 6 and s.free_from_bias_shift["0"] == 3 and s.free_from_synchronised["0"] == 8
+    assert s.free_total == {"0": 22, "2": 0} and s.total_free == _param_null_dim(model, x) and s.lower_bound == ()
+
+
+@pytest.mark.parametrize(("biased", "expected"), [(False, {"fc1": 18, "out": 8}), (True, {"fc1": 20, "out": 6})])
+def test_a_synchronised_group_larger_than_the_ranks_around_it(biased, expected):
+    """Five units fire where x0 > 0 on two inputs, next to a dead unit, read by 2 logits: the group's gradients span 2
+    directions and its inputs 2 (3 with biases), so mixing and rescaling it add 2 x 2 (2 x 3) directions, not 5 x 5."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 2, generator=g)
+    x[:, 0] = torch.sign(x[:, 0]) * (1 + x[:, 0].abs())  # no sample near x0 = 0
+    model = _mlp([2, 8, 2], seed=1)
+    with torch.no_grad():
+        model.fc1.weight[:5] = torch.tensor([[1.0, 0.1], [1.5, -0.1], [2.0, 0.05], [0.5, 0.2], [1.2, -0.2]])
+        model.fc1.bias[:5] = torch.tensor([0.1, -0.2, 0.3, 0.0, 0.05]) if biased else 0.0
+        model.fc1.bias[5] = -100.0
+    data = make_dataset("synchronised", x, torch.arange(300) % 2)
+    s = degeneracy_summary(model, data)
+    assert s.synchronised_group_sizes["fc1"].tolist() == [5] and s.dead_units["fc1"] == 1
+    assert s.input_rank["fc1"] == 2 and s.gradient_rank["fc1"] == 4 and s.free_from_gradients["fc1"] == 12
+    # the group's 2 x 2 (2 x 3) directions and the two other units' rescalings
+    moved = s.free_from_synchronised["fc1"] + s.free_from_rescaling["fc1"] + s.free_from_bias_shift["fc1"]
+    assert moved == (8 if biased else 6) and s.free_from_bias_shift["fc1"] == 0
+    assert s.free_total == expected and s.total_free == _param_null_dim(model, x) == 26 and s.lower_bound == ()
+
+
+def test_units_that_fire_on_complementary_sets_make_the_count_a_lower_bound():
+    """Two units fire where x0 > 0, one where x0 < 0, next to three always-on units: the firing sets add up to all
+    samples, so units of different groups can stand in for each other. The count stays below the null space."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, generator=g)
+    x[:, 0] = torch.sign(x[:, 0]) * (1 + x[:, 0].abs())
+    model = _mlp([3, 8, 2], seed=2)
+    with torch.no_grad():
+        model.fc1.weight[:3] = torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.0, 0.1], [-1.0, 0.1, 0.1]])
+        model.fc1.bias[:3] = 0.0
+        model.fc1.bias[3:6] = 20.0
+    s = degeneracy_summary(model, make_dataset("complementary", x, torch.arange(300) % 2))
+    assert s.synchronised_group_sizes["fc1"].tolist() == [2] and s.always_on_units["fc1"] == 3
+    assert s.lower_bound == ("fc1",) and s.total_free == 23 < _param_null_dim(model, x) == 24
+
+
+def _structured_mlp(seed: int) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """Linear(2-4, 3-8), ReLU or LeakyReLU, Linear(., 1-3), on 240 samples whose first two inputs have no value near
+    0. Each hidden unit is at random free, always on, dead, or firing exactly where x0 > 0 or where x1 > 0
+    (synchronised groups, often larger than the ranks around them); either layer may lack a bias. Float64."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda low, high: int(torch.randint(low, high + 1, (1,), generator=g))  # noqa: E731
+    d, c, n, m = pick(2, 4), pick(1, 3), 240, pick(3, 8)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[:, :2] = torch.sign(x[:, :2]) * (1 + x[:, :2].abs())
+    kind = torch.randint(0, 5, (m,), generator=g)  # 0 free, 1 always on, 2 dead, 3 fires where x0 > 0, 4 where x1 > 0
+    first = nn.Linear(d, m, bias=pick(0, 4) > 0).double()
+    if first.bias is None:
+        kind[(kind == 1) | (kind == 2)] = 3
+    w = torch.randn(m, d, generator=g, dtype=torch.float64)
+    b = torch.randn(m, generator=g, dtype=torch.float64) * 0.5
+    b[kind == 1], b[kind == 2] = 30.0, -30.0
+    for axis, cut in enumerate((kind == 3, kind == 4)):
+        w[cut] *= 0.1 / d
+        w[cut, axis] = 1 + torch.rand(int(cut.sum()), generator=g, dtype=torch.float64)
+        b[cut] = 0.0
+    last = nn.Linear(m, c, bias=pick(0, 3) > 0).double()
+    with torch.no_grad():
+        first.weight.copy_(w)
+        if first.bias is not None:
+            first.bias.copy_(b)
+        last.weight.copy_(torch.randn(c, m, generator=g, dtype=torch.float64))
+    act = nn.LeakyReLU(0.2) if pick(0, 3) == 0 else nn.ReLU()
+    labels = torch.arange(n) % c if c > 1 else torch.zeros(n, dtype=torch.int64)
+    return nn.Sequential(first, act, last).eval(), x, labels
+
+
+def _every_pattern_spans_the_inputs(model: nn.Sequential, x: torch.Tensor) -> bool:
+    """Whether the samples of each firing pattern of the hidden layer span the inputs (with the constant): the count
+    is structural and misses the directions that patterns seen on too few samples leave free."""
+    with torch.no_grad():
+        z = model[0](x)
+    xt = torch.cat([x, torch.ones_like(x[:, :1])], 1) if model[0].bias is not None else x
+    _, pattern = torch.unique(z > 0, dim=0, return_inverse=True)
+    full = int(torch.linalg.matrix_rank(xt))
+    return all(int(torch.linalg.matrix_rank(xt[pattern == p])) == full for p in range(int(pattern.max()) + 1))
+
+
+# seeds whose every firing pattern is seen on samples spanning the inputs (0, 10, 12 and 16 have a pattern on a few
+# samples, which frees directions on these samples that the structural count does not claim)
+SWEEP_SEEDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 14, 15, 17, 18, 19)
+
+
+def test_the_count_matches_the_null_space_on_random_structured_networks():
+    """Random always-on, dead and synchronised groups (often larger than the ranks around them), ReLU or LeakyReLU,
+    with and without biases: the count equals the null space of the Jacobian of the logits (and of the per-sample
+    losses) unless the module is named in ``lower_bound``, and never exceeds it."""
+    exact = 0
+    for seed in SWEEP_SEEDS:
+        model, x, y = _structured_mlp(seed)
+        assert _every_pattern_spans_the_inputs(model, x), seed
+        data = make_dataset("structured", x, y)
+        for labels in (None, y) if model[-1].out_features > 1 else (None,):
+            s = degeneracy_summary(model, data, output="logits" if labels is None else "loss")
+            # float64: the null directions' singular values lie near 1e-16 of the largest; a few small nonzero ones
+            # lie between 1e-6 and 1e-4, so the default rtol (1e-8 on their squares) would count them as null too
+            true = _param_null_dim(model, x, rtol=1e-12, labels=labels)
+            assert s.total_free <= true, (seed, labels is None)
+            assert s.total_free == true or s.lower_bound, (seed, labels is None, s.total_free, true)
+            exact += s.total_free == true and not s.lower_bound
+    assert exact >= len(SWEEP_SEEDS)  # most of the comparisons are exact, not lower bounds
 
 
 # ---------------------------------------------------------------------------------------------

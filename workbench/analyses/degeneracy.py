@@ -43,6 +43,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import networkx as nx
@@ -162,28 +163,36 @@ class DegeneracyResult(RecordedResult):
     - ``free_from_gradients = r_x * (fan_out - gradient_rank)``: every output direction the rest of the
       network ignores on the data can be changed freely (a dead unit contributes its fan-in + 1 here
       and its fan-out in the next matrix's ``free_from_activations``);
-    - ``free_from_synchronised = sum_groups r (k - 1)`` (``k**2 - k`` when all ``k`` units of a group
-      reach the output; ``r`` is the number that do) over the synchronised groups of the ReLU
-      directly after this matrix, with the always-on units counted as one more group: ``k`` units
-      that fire on the same samples can be mixed by any invertible ``k x k`` matrix near the identity
-      (applied to their fan-in and undone on their fan-out) without changing the function on the
-      data; the ``k`` diagonal ones are counted in the next term. The same holds for any positively
-      homogeneous activation (``σ(a z) = a σ(z)`` for ``a > 0``: ``nn.ReLU``, ``nn.LeakyReLU``,
-      ``nn.PReLU``), directly after the matrix or past flattening, dropout and identity layers, whose
-      units are grouped by the sign of their input and their negative slope; for a LeakyReLU or PReLU
-      the units whose input never exceeds 0 act linearly too and join the always-on group;
-    - ``free_from_rescaling``: one per unit of that activation whose slope is not 0 on every sample and whose output
-      gradient is not zero on the data (scale its fan-in by ``a > 0`` and its fan-out by ``1/a``), a
-      symmetry of every ReLU network; a unit the rest of the network ignores (its diagonal entry of
-      the Jacobian Gram at most the rank threshold, such as a unit with zero fan-out) is left out,
-      because its rescaling already lies among the ``free_from_gradients`` directions. Mixing and
-      rescaling are undone on the fan-out, so both count only when an ``nn.Linear`` reads the ReLU's
-      output (a ReLU after the last layer frees neither);
-    - ``free_from_bias_shift``: for the always-on units of that ReLU, which act linearly on the data,
-      when this matrix has a bias and the next ``nn.Linear`` after the activation has one: a unit's bias can
-      be raised and the change undone in the next layer's bias. It counts one per always-on unit,
-      less the combinations of them the rest of the network ignores (the rank of the Jacobian Gram
-      restricted to the always-on units), which are already among the ``free_from_gradients``;
+    - the activation terms, from the positively homogeneous activation (``σ(a z) = a σ(z)`` for ``a > 0``:
+      ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.PReLU``) that reads this matrix's output, directly or past flattening,
+      dropout and identity layers, when an ``nn.Linear`` reads the activation's output (the moves are undone on
+      the fan-out: a ReLU after the last layer frees none). Its units fall into groups with the same slope on
+      every sample: each synchronised group (units that fire on the same samples, with the same negative slope),
+      the units that act linearly on the data (always-on ReLUs; for a LeakyReLU or PReLU also the units whose
+      input never exceeds 0), and each other unit whose slope is not 0 on every sample, on its own. The rows of
+      a group of ``k`` units can move by ``δ[W|b]_g = A [W|b]_g`` for any ``k x k`` matrix ``A`` (mixing the
+      units; the diagonal rescales them), and the linear units' biases by any ``e`` when this matrix and the next
+      ``nn.Linear`` after the activation have a bias, each undone in that ``nn.Linear`` (``W_next -> W_next - W_next
+      A``, ``b_next -> b_next - W_next e``) without changing the function on the data. The moves already among the
+      rank terms (those that leave the output unchanged on their own) are not counted again: a group adds
+      ``ρ_g * u_g`` directions, with ``ρ_g`` the rank of the output gradients restricted to the group (of the
+      ``k x k`` block of the Jacobian Gram) and ``u_g`` the dimension of the span of the group's inputs
+      ``z_j(s) = w_j · x_s + b_j`` on the data (with the constant function for the bias shifts), at most
+      ``min(k, r_x)``. An always-on group of ``k`` units whose inputs have rank ``r`` and whose gradients have
+      rank ``c`` (at most the number of outputs) adds ``min(k, c) * (min(k, r) + 1)``: ``k**2 + k`` only when
+      ``k <= c`` and ``k <= r``. When combinations of units of several groups are ignored together by the rest
+      of the network (the null space of the Jacobian Gram does not split over the groups) those groups' moves are
+      counted together, exactly (beyond 2048 unknowns, from below). The count is reported in three parts:
+    - ``free_from_rescaling``: the rescalings (scale a unit's fan-in by ``a > 0`` and its fan-out by ``1/a``), a
+      symmetry of every ReLU network: one per unit that reaches the output (its diagonal entry of the Jacobian
+      Gram above the rank threshold), fewer when units are copies of each other or their gradients are
+      dependent (a unit the rest of the network ignores is already among the ``free_from_gradients`` directions);
+    - ``free_from_bias_shift``: the bias shifts of the linear units that the rescalings do not already give (a
+      unit's bias raised and the change undone in the next layer's bias): the rank of the Jacobian Gram
+      restricted to the linear units when their inputs vary;
+    - ``free_from_synchronised``: the rest, the mixing of units within a group (the linear units are one group):
+      ``k**2 - k`` for a group of ``k`` units with ``k`` independent inputs and gradients, fewer when the group
+      is larger than the ranks around it;
     - ``free_from_composition``: when the next ``nn.Linear`` reads this matrix's output unchanged
       (directly, or past flattening, dropout and identity layers), the invertible maps ``G`` of the
       hidden space (``W -> G W``, ``b -> G b``, ``W_next -> W_next G⁻¹``) and the bias moves between the
@@ -197,13 +206,16 @@ class DegeneracyResult(RecordedResult):
 
     The first two terms are the structural count ``n_parameters - r_x * gradient_rank`` split in two:
     the directions of this matrix alone outside ``span(inputs) ⊗ span(output gradients)``, the
-    population-level quantity of Bushnaq et al. It is not the null space of the Jacobian of the
-    outputs on these samples: that Jacobian has ``n_samples x n_outputs`` rows (``n_samples`` for
-    the loss), and where ``r_x * gradient_rank`` exceeds that number the samples leave more
-    directions free than counted (such modules are listed in ``sample_limited``). Units that fire
-    on few samples also add directions the count misses. The last three terms move this matrix and
-    the next one together; they can overlap the rank terms when units are exact copies of each
-    other, so ``free_total`` is an estimate of the structural count.
+    population-level quantity of Bushnaq et al. The activation terms add the moves of the units after the
+    matrix that are not among them, so no direction is counted twice: ``total_free`` is the dimension of the
+    null space of the Jacobian of the outputs with respect to all ``nn.Linear`` parameters when the samples
+    pin the count down, the groups' slopes are linearly independent over the samples and the activations have
+    no other symmetries (``lower_bound`` names the matrices where they can), and never more than it. It is not
+    the null space on these samples where they give fewer Jacobian rows (``n_samples x n_outputs``, or
+    ``n_samples`` for the loss) than ``r_x * gradient_rank``: then the samples leave more directions free than
+    counted (such modules are listed in ``sample_limited``). Units whose firing pattern leaves few samples in
+    some region of the input (firing on few samples, or differing from another unit on few), or whose patterns
+    at different layers restrict one another, also free directions on these samples that the count misses.
     ``input_spectrum`` / ``gradient_spectrum`` hold the eigenvalues behind the ranks. Modules with
     parameters that are not ``nn.Linear`` (convolutions, BatchNorm) are listed in ``not_counted``, and
     so are ``nn.Linear`` layers applied along an axis of a larger input (their weights are shared
@@ -213,7 +225,13 @@ class DegeneracyResult(RecordedResult):
     ``nn.Hardtanh``, ``nn.Hardswish``, ...; units that stay on one linear piece over the data have
     rescalings and mixings of their own), a homogeneous one followed by another piecewise-linear
     activation, or a LeakyReLU or PReLU with units that act linearly on the data next to units whose
-    slope changes (their combinations leave a few more directions free than counted). Other activations (tanh, sigmoid, GELU, SiLU, ELU) have none.
+    slope changes (their combinations leave a few more directions free than counted); and a homogeneous
+    activation whose groups' slopes are linearly dependent over the samples, with the constant function when
+    there are linear units or the next ``nn.Linear`` has a bias (firing sets that add up to another group's,
+    or to every sample: units that fire on complementary sets, as on data with a gap; always when the groups
+    outnumber the samples), or whose groups the rest of the network ignores in combination: units of
+    different groups can then stand in for one another, which frees directions not looked for. Other
+    activations (tanh, sigmoid, GELU, SiLU, ELU) have none.
     ``dead_units`` counts the units of the activation whose slope is 0 on every sample (never firing
     ReLUs); ``always_on_units`` those with one slope on every sample (they act linearly on the data).
     ``sample_limited``: the modules whose count these samples do not pin down, for either reason:
@@ -1001,6 +1019,163 @@ def _count_is_lower_bound(net: _Net, position: int) -> bool:
     return False
 
 
+# the exact count of the mixing directions of groups whose ignored directions overlap solves for this many unknowns at
+# most (overlapping directions x the dimension of the span of the groups' input functions); above it a lower bound
+_OVERLAP_UNKNOWNS = 2048
+
+
+def _input_coordinates(layer: nn.Linear, xin: torch.Tensor, rank: int) -> torch.Tensor:
+    """The functions ``z_j(s) = w_j · x_s + b_j`` computed by the matrix's units on the data, ``(fan_out, r_x)``:
+    coordinates in an orthonormal basis (mean over the samples) of the functions the inputs span: the constant
+    function first (with a bias), then the ``rank`` leading principal directions of the inputs (centred with a bias)."""
+    if layer.bias is None:
+        ev, vec = _eigh_desc(xin.T @ xin / xin.shape[0])
+        return layer.weight @ (vec[:, :rank] * ev[:rank].sqrt())
+    ev, vec = _eigh_desc(_centred_gram(xin))
+    constant = layer.weight @ xin.mean(0) + layer.bias
+    return torch.cat([constant[:, None], layer.weight @ (vec[:, :rank] * ev[:rank].sqrt())], dim=1)
+
+
+def _row_span(rows: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Orthonormal basis (columns) of the span of unit-length ``rows``; singular values count above ``sqrt(rtol)`` of
+    the largest."""
+    if rows.shape[0] == 0:
+        return rows.new_zeros(rows.shape[1], 0)
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    return vh[s**2 > rtol * s[0] ** 2].T
+
+
+def _generator_ranks(
+    gram: torch.Tensor, threshold: float, unit: torch.Tensor, units: torch.Tensor, shifted: torch.Tensor
+) -> tuple[int, int]:
+    """How many independent output changes the rescalings of ``units`` make, alone and with the bias shifts of
+    ``shifted``. A rescaling moves row ``j`` of the matrix by its own function ``unit[j]``, a shift by the constant
+    function (coordinate 0); two such moves reach the output with Gram ``G_ij <f, f'>``."""
+    idx = torch.cat([units, shifted])
+    functions = unit[idx].clone()
+    functions[units.numel() :] = 0.0
+    functions[units.numel() :, 0] = 1.0
+    gamma = gram[idx][:, idx] * (functions @ functions.T)
+    k = units.numel()
+    alone = int((torch.linalg.eigvalsh(gamma[:k, :k]) > threshold).sum()) if k else 0
+    both = int((torch.linalg.eigvalsh(gamma) > threshold).sum()) if idx.numel() else 0
+    return alone, both
+
+
+def _symmetry_directions(
+    gram: torch.Tensor,
+    threshold: float,
+    gradient_rank: int,
+    coordinates: Callable[[], torch.Tensor],
+    singles: torch.Tensor,
+    groups: list[torch.Tensor],
+    shifted: int | None,
+    rtol: float,
+) -> tuple[int, int, int, bool]:
+    """Directions of one weight matrix freed by the activation after it, beyond ``span(inputs) ⊗ span(gradients)``.
+
+    Unit ``j`` alone (``singles``) or a group of units with the same slope on every sample (``groups``: synchronised
+    groups, and the linear units) can have its rows moved by any combination ``δ[W|b]_g = A [W|b]_g`` (plus ``e ⊗ 1``
+    for the bias shifts of the group ``groups[shifted]``), undone in the next matrix. Such a move is already a free
+    direction of this matrix when it leaves the output unchanged on its own, so the new directions are the rank of
+    ``A ↦ P_R A Z``: the sum over groups of ``V_g ⊗ U_g``, with ``V_g`` the output gradients restricted to the group
+    (dimension ``ρ_g``, the rank of ``G_gg``) and ``U_g`` the span of the group's functions ``z_j`` on the data (with
+    the constant function for the shifted group; dimension ``u_g``). When the ignored directions of ``gram`` split
+    over the groups (``sum ρ_g`` equals ``gradient_rank``) the sum is direct and the count is ``sum ρ_g u_g``;
+    otherwise the ``δ = sum ρ_g - gradient_rank`` combinations of groups the output ignores remove the ``F`` with
+    ``Ŷ_g F (I - P_{U_g}) = 0`` for every group, solved on the groups they touch.
+
+    gram: ``(m, m)`` Jacobian Gram of the output w.r.t. the matrix's outputs; threshold: its rank threshold.
+    coordinates: ``() -> (m, r)`` the units' functions (:func:`_input_coordinates`), asked for only when needed.
+    Returns ``(rescaling, bias shifts, mixing, overlapping)``: the count in three parts (rescalings first, then
+    shifts), and whether combinations of groups are ignored together (units of different groups may then stand in
+    for one another, which these moves do not cover; beyond ``_OVERLAP_UNKNOWNS`` unknowns the touched groups are
+    counted from below).
+    """
+    reach = gram.diagonal()[singles] > threshold
+    ranks, gradient_bases = [], []
+    for idx in groups:
+        ev, vec = torch.linalg.eigh(gram[idx][:, idx])
+        ranks.append(int((ev > threshold).sum()))
+        gradient_bases.append(vec[:, ev > threshold])
+    overlap = int(reach.sum()) + sum(ranks) - gradient_rank
+    if not groups and overlap <= 0:
+        return int(reach.sum()), 0, 0, False
+    z = coordinates()
+    norms = z.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > 0, z / norms.clamp_min(torch.finfo(z.dtype).tiny), 0.0)
+    const = unit.new_zeros(1, unit.shape[1])
+    const[0, 0] = 1.0
+    empty = singles[:0]
+    with_constant = [torch.cat([unit[idx], const]) if g == shifted else unit[idx] for g, idx in enumerate(groups)]
+    spans = [_row_span(rows, rtol) for rows in with_constant]
+    # (total, rescalings, rescalings and shifts) of each part counted on its own: the singles, then each group
+    parts = [(int(reach.sum()), int(reach.sum()), int(reach.sum()))]
+    for g, idx in enumerate(groups):
+        alone, both = _generator_ranks(gram, threshold, unit, idx, idx if g == shifted else empty)
+        parts.append((ranks[g] * spans[g].shape[1], alone, both))
+    if overlap > 0:
+        # combinations of units of different groups the output ignores: one basis Ŷ of them, each group's block
+        # projected onto the directions of the group the output sees
+        ev, vec = torch.linalg.eigh(gram)
+        ignored = vec[:, ev <= threshold]
+        y = torch.zeros_like(ignored)
+        y[singles] = ignored[singles] * reach[:, None]
+        for idx, basis in zip(groups, gradient_bases):
+            y[idx] = basis @ (basis.T @ ignored[idx])
+        left, sv, _ = torch.linalg.svd(y, full_matrices=False)
+        overlap = min(overlap, int((sv**2 > rtol).sum()))  # within rounding of the two ranks
+    if overlap > 0:
+        y_hat = left[:, :overlap]
+        weight = (y_hat**2).sum(1)
+        touched = singles[weight[singles] > rtol]
+        linked = [g for g, idx in enumerate(groups) if float(weight[idx].sum()) > rtol]
+        parts = [parts[0]] + [p for g, p in enumerate(parts[1:]) if g not in linked]
+        # the touched parts, counted together: rank = sum ρ_g u_g - dim{F : Ŷ_g F (I - P_{U_g}) = 0 for every g}, with
+        # F's rows in the span of the touched groups' functions
+        omega = _row_span(torch.cat([unit[touched]] + [spans[g].T for g in linked]), rtol)
+        width = omega.shape[1]
+        sizes = int(touched.numel()) + sum(ranks[g] * spans[g].shape[1] for g in linked)
+        alone, both = _generator_ranks(
+            gram,
+            threshold,
+            unit,
+            torch.cat([touched] + [groups[g] for g in linked]),
+            groups[shifted] if shifted in linked else empty,
+        )
+        if width * overlap <= _OVERLAP_UNKNOWNS:
+            a, b = unit[touched] @ omega, y_hat[touched]
+            v = (a[:, :, None] * b[:, None, :]).reshape(-1, width * overlap)
+            h = torch.kron(torch.eye(width, dtype=z.dtype, device=z.device), b.T @ b) - v.T @ v
+            for g in linked:
+                a, b = omega.T @ spans[g], y_hat[groups[g]]
+                h += torch.kron(torch.eye(width, dtype=z.dtype, device=z.device) - a @ a.T, b.T @ b)
+            total = sizes - int((torch.linalg.eigvalsh(h) <= rtol).sum())
+        else:
+            total = max(both, sizes - width * overlap)  # a lower bound: too many unknowns to solve for
+        parts[0] = (parts[0][0] - int(touched.numel()),) * 3
+        parts.append((total, alone, both))
+    rescaled = shifts = mixed = 0
+    for total, alone, both in parts:
+        both = min(both, total)  # within rounding the rescalings and shifts are among the directions counted
+        alone = min(alone, both)
+        rescaled, shifts, mixed = rescaled + alone, shifts + both - alone, mixed + total - both
+    return rescaled, shifts, mixed, overlap > 0
+
+
+def _indices(mask: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.flatnonzero(mask), device=device)
+
+
+def _slopes_dependent(z: torch.Tensor, slope: torch.Tensor, units: torch.Tensor, constant: bool) -> bool:
+    """Whether the slopes of ``units`` over the samples (``z``: the activation's inputs ``(n, m)``; ``slope``: each
+    unit's slope below 0), with the constant function when ``constant``, are linearly dependent."""
+    columns = torch.where(z[:, units] > 0, 1.0, slope[units])
+    if constant:
+        columns = torch.cat([columns, torch.ones_like(z[:, :1])], dim=1)
+    return columns.shape[1] > 0 and int(torch.linalg.matrix_rank(columns)) < columns.shape[1]
+
+
 def degeneracy_summary(
     model: Any,
     dataset: Any,
@@ -1020,7 +1195,7 @@ def degeneracy_summary(
     (:func:`relu_patterns`) give
 
     ``free_total = min(n_parameters, (fan_in - input_rank) * fan_out + (input_rank + 1) * (fan_out - gradient_rank)
-    + sum_groups (k**2 - k) + rescalings + bias shifts + compositions)``,
+    + sum_groups ρ_g u_g + compositions)``,
 
     see :class:`DegeneracyResult` for each term. The first two terms are the structural count for the
     matrix varied alone, ``n_parameters - (input_rank + 1) * gradient_rank``: the directions outside
@@ -1028,11 +1203,18 @@ def degeneracy_summary(
     the null space of the Jacobian of the outputs on these samples, which is larger where the samples
     give fewer Jacobian rows (``n_samples x n_outputs``, or ``n_samples`` for the loss) than
     ``(input_rank + 1) * gradient_rank``; such matrices are listed in ``sample_limited``. The
-    activation terms (synchronised groups, rescalings, bias shifts of always-on units) are an estimate
-    that can overlap the rank terms when units are copies of each other or a group is larger than the
-    ranks around it. ``compositions`` counts the invertible maps between an ``nn.Linear`` and the next
-    one reading its output unchanged, from the ranks. Matrices followed by activations with symmetries
-    the count does not look for (ReLU6, Hardtanh, ...) are listed in ``lower_bound``.
+    activation terms count the moves of the units after the matrix (rescalings, bias shifts of the linear
+    units, mixings of units that have the same slope on every sample, undone in the next ``nn.Linear``)
+    that are not among the rank terms: a group of ``k`` units adds ``ρ_g u_g``, the rank ``ρ_g`` of its
+    output gradients times the dimension ``u_g`` of the span of its inputs (with the constant for the bias
+    shifts), which is less than ``k**2`` (plus ``k``) when the group is larger than the ranks around it.
+    Summed over the matrices, the count equals the dimension of the null space of the Jacobian of the
+    outputs with respect to all ``nn.Linear`` parameters when the samples pin it down and the activations
+    have no symmetries it does not look for, and never exceeds it (at the same ``rtol``). ``compositions``
+    counts the invertible maps between an ``nn.Linear`` and the next one reading its output unchanged, from
+    the ranks. Matrices followed by activations with symmetries the count does not look for (ReLU6,
+    Hardtanh, ...; groups of units whose slopes over the samples are linearly dependent, as for units that
+    fire on complementary sets) are listed in ``lower_bound``.
     For a matrix without bias, ``input_rank`` is the rank of the uncentred Gram and no ``+ 1`` is
     added. ``nn.Linear`` layers applied along an axis of a larger input are not counted (they are
     listed in ``not_counted``).
@@ -1094,10 +1276,9 @@ def degeneracy_summary(
         r_x = r_in + int(has_bias)
         gram = _jacobian_gram(net.tail(i, last), acts[i], output, labels, batch_size, ticker)
         gspec, r_g, _, g_threshold = _spectrum(gram, rtol)
-        reaches = gram.diagonal() > g_threshold  # units whose output gradient is not zero on the data
         n_params = fan_out * (fan_in + int(has_bias))
         sizes, n_dead, n_on, n_rescaled, n_shifted, n_mixed = np.zeros(0, dtype=np.int64), 0, 0, 0, 0, 0
-        partly_linear = False
+        partly_linear, tangled = False, False
         if i in activation:
             slope = _negative_slope(net.seq[activation[i]], fan_out, gram.device)
             pat = _patterns(acts[i], slope)  # the sign of the activation's input sets each unit's slope
@@ -1110,15 +1291,27 @@ def degeneracy_summary(
             sizes = pat["group_sizes"]
             nxt = _next_linear(net, activation[i])
             if nxt is not None:  # mixing and rescaling are undone on the fan-out: no Linear after it, no symmetry
-                n_rescaled = int((torch.as_tensor(~dead, device=gram.device) & reaches).sum())
-                # a group of k units: k - 1 mixing directions per unit that reaches the output (the rows of a unit
-                # the network ignores are already among the free_from_gradients directions)
-                reach = reaches.cpu().numpy()
-                members = [pat["group_id"] == g for g in range(len(sizes))] + ([on] if n_on else [])
-                n_mixed = sum(int((m & reach).sum()) * (int(m.sum()) - 1) for m in members)
-            if n_on and has_bias and nxt in flat and cast(nn.Linear, net.seq[nxt]).bias is not None:
-                idx = torch.as_tensor(np.flatnonzero(on), device=gram.device)
-                n_shifted = int((torch.linalg.eigvalsh(gram[idx][:, idx]) > g_threshold).sum())
+                groups = [_indices(pat["group_id"] == g, dev) for g in range(len(sizes))] + (
+                    [_indices(on, dev)] if n_on else []
+                )
+                # the biases of the linear units move into the next layer's bias when both layers have one
+                bias_next = cast(nn.Linear, net.seq[nxt]).bias is not None
+                shift = n_on and has_bias and nxt in flat and bias_next
+                singles = _indices(~dead & ~on & (pat["group_id"] < 0), dev)
+                n_rescaled, n_shifted, n_mixed, overlapping = _symmetry_directions(
+                    gram,
+                    g_threshold,
+                    r_g,
+                    partial(_input_coordinates, layer, xin, r_in),
+                    singles,
+                    groups,
+                    len(groups) - 1 if shift else None,
+                    rtol,
+                )
+                # slopes of groups that add up to another group's (or to the constant the next layer adds) let
+                # units of different groups stand in for each other: directions of their own, not counted
+                firing = torch.cat([singles] + [idx[:1] for idx in groups[: len(sizes)]])
+                tangled = overlapping or _slopes_dependent(acts[i], slope, firing, n_on > 0 or bias_next)
         rows[i] = {
             "fan_in": fan_in,
             "fan_out": fan_out,
@@ -1137,7 +1330,7 @@ def degeneracy_summary(
             "input_spectrum": spec,
             "gradient_spectrum": gspec,
             "sample_limited": (r_in >= n - int(has_bias) and r_in < fan_in) or r_x * r_g > n_rows,
-            "lower_bound": partly_linear or _count_is_lower_bound(net, i),
+            "lower_bound": partly_linear or tangled or _count_is_lower_bound(net, i),
         }
 
     # chains of nn.Linear layers that read each other's outputs unchanged: the directions of the whole chain
