@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -371,6 +372,52 @@ def test_bad_activations_and_labels():
         probe_layers({"x": x}, np.full(40, 2.5))
     with pytest.raises(DataError, match="layer 'b' has 20 samples but the first layer has 40"):
         probe_layers({"a": x, "b": x[:20]}, y)
+
+
+def test_every_layer_is_checked_before_any_is_probed():
+    x, y = _blobs(n=40)
+    calls = []
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(DataError, match="probe_layers: 'c' contains 1 NaN or infinite values"):
+        probe_layers({"a": x, "b": x, "c": bad}, y, progress=lambda done, total: calls.append(done))
+    big = x.astype(np.float64)
+    big[3, 2] = 1e300
+    with pytest.raises(DataError, match=r"probe_layers: 1 value of 'c' lies beyond the float32 range \(\|x\| > 3.4e\+38\)"):
+        probe_layers({"a": x, "c": big}, y, progress=lambda done, total: calls.append(done))
+    tokens = np.repeat(x[:, None, :], 3, axis=1)
+    tokens[5, 1, 0] = np.inf
+    with pytest.raises(DataError, match="moment_probe: layer 's' contains NaN or infinite values"):
+        moment_probe({"a": x, "s": tokens}, y, progress=lambda done, total: calls.append(done))
+    with pytest.raises(DataError, match="moment_probe: 'mask' must have shape"):
+        moment_probe({"a": x, "s": np.repeat(x[:, None, :], 2, axis=1)}, y, mask=np.ones((40, 3), bool),
+                     progress=lambda done, total: calls.append(done))
+    assert calls == []  # no probe was trained
+
+
+def test_layers_are_centred_one_at_a_time_as_they_are_probed(monkeypatch):
+    # every layer's centred float32 copy was made before the first probe: 1 GB next to 12 layers of 2048 x 10,000
+    x, y = _blobs(n=120)
+    made, held = [], []
+    centred = probing._centred_float32
+
+    def tracked(*args, **kwargs):
+        held.append(sum(ref() is not None for ref in made))  # earlier layers' copies still alive
+        out = centred(*args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    layers = {"a": x, "b": torch.from_numpy(x.astype(np.float64) + 1e4), "c": x[:, :3].tolist()}
+    expected = probe_layers(layers, y, cv=3)
+    monkeypatch.setattr(probing, "_centred_float32", tracked)
+    result = probe_layers(layers, y, cv=3)
+    assert held == [0, 0, 0]
+    np.testing.assert_array_equal(result.fold_scores, expected.fold_scores)
+    assert list(result.n_features) == [16, 16, 3]
+    tokens = np.repeat(x[:, None, :], 4, axis=1) + np.random.default_rng(0).normal(size=(120, 4, 16))
+    made.clear(), held.clear()
+    moment = moment_probe({"a": x, "s": tokens, "t": tokens[:, :, :5]}, y, rank=3, cv=3, control=False)
+    assert held == [0, 0, 0] and list(moment.n_features) == [16, 2 * 16 + 6, 2 * 5 + 6]
 
 
 def test_labels_of_mixed_types_and_nan_groups_are_refused():

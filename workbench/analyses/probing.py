@@ -11,6 +11,8 @@ matrix product ``x @ W`` of shape ``(n_samples, n_folds * n_classes)``, and one 
 minimises the sum of the folds' (independent) objectives. Features are standardised with the
 mean and standard deviation of each fold's training rows only, so nothing leaks from held-out rows.
 Each layer is centred in float64 before the probes' float32 work, so a large offset costs no digits.
+Every layer is checked before any probe trains, but copied and centred only when its turn comes,
+so the copies take one layer's memory on top of the activations, not all layers'.
 
 :func:`moment_probe` is the moment probe of Tao et al. (ICCV 2023, "Tuning Pre-trained Model via
 Moment Probing") for activations with a token axis: a linear probe on the first moment (mean
@@ -178,9 +180,8 @@ def probe_layers(
     """
     func = "probe_layers"
     probe = check_choice(probe, "probe", PROBES, func=func)
-    matrices = _layer_matrices(acts, layers, func)
     return _probe(
-        matrices,
+        _pooled_layers(acts, layers, func),
         acts,
         labels,
         probe=probe,
@@ -247,15 +248,15 @@ def moment_probe(
         raw = {"x": acts}
     if not raw:
         raise DataError(f"{func}: no layers to probe; pass at least one layer.")
-    matrices: dict[str, torch.Tensor] = {}
+    prepared: list[_Layer] = []
     ranks: dict[str, int] = {}  # the sketch's rank per token layer: at most the layer's width
     for index, (name, value) in enumerate(raw.items()):
         t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
         if t.ndim == 3:
-            matrices[name] = _moment_features(t, mask, rank, seed + index, func, name)
+            prepared.append(_token_layer(t, mask, rank, seed + index, func, name))
             ranks[name] = min(rank, int(t.shape[2]))
         else:
-            matrices[name] = _centred_float32(as_matrix(t, name, func=func, min_samples=2), name, func)
+            prepared.append(_pooled_layer(t, name, name, func))
     used = sorted(set(ranks.values()))
     shown = f"rank-{used[0]}" if len(used) == 1 else f"rank-{used[0]} to {used[-1]}" if used else ""
     prefix = (
@@ -264,7 +265,7 @@ def moment_probe(
         else "moment probe on pooled activations (first moment only), "
     )
     return _probe(
-        matrices,
+        prepared,
         acts,
         labels,
         probe="linear",
@@ -285,31 +286,62 @@ def moment_probe(
 # shared driver
 
 
-def _layer_matrices(acts: Any, layers: Sequence[str] | None, func: str) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class _Layer:
+    """A layer to probe, checked but not yet converted: ``prepare()`` makes its centred float32 matrix
+    ``(n_samples, n_features)`` when the layer's turn comes, so that one layer's copy is held at a time
+    (12 layers of 2048 features and 10,000 samples would otherwise hold 1 GB of copies next to the
+    activations)."""
+
+    name: str
+    n_samples: int
+    n_features: int
+    prepare: Callable[[], torch.Tensor]
+
+
+def _pooled_layers(acts: Any, layers: Sequence[str] | None, func: str) -> list[_Layer]:
     if isinstance(acts, Mapping):
         names = list(acts) if layers is None else check_layer_names(acts, layers, func=func)
         if not names:
             raise DataError(f"{func}: no layers to probe; pass at least one layer name.")
-        return {name: _centred_float32(as_matrix(acts[name], name, func=func, min_samples=2), name, func) for name in names}
-    return {"x": _centred_float32(as_matrix(acts, "acts", func=func, min_samples=2), "acts", func)}
+        return [_pooled_layer(acts[name], name, name, func) for name in names]
+    return [_pooled_layer(acts, "x", "acts", func)]
 
 
-def _centred_float32(x: torch.Tensor, name: str, func: str) -> torch.Tensor:
+def _pooled_layer(value: Any, name: str, label: str, func: str) -> _Layer:
+    """``value`` checked now (a finite 2-D array within the float32 range: in float32, which copies nothing
+    for float32 activations) and centred by :func:`_centred_float32` when it is probed."""
+    n, d = as_matrix(value, label, func=func, dtype=torch.float32, min_samples=2).shape
+
+    # as_matrix converts (copies) whatever is not float64 already; a copy is centred in place
+    copied = isinstance(value, (torch.Tensor, np.ndarray)) and value.dtype not in (torch.float64, np.float64)
+
+    def prepare() -> torch.Tensor:
+        return _centred_float32(as_matrix(value, label, func=func, min_samples=2), label, func, in_place=copied)
+
+    return _Layer(name, int(n), int(d), prepare)
+
+
+def _centred_float32(x: torch.Tensor, name: str, func: str, in_place: bool = False) -> torch.Tensor:
     """``x`` minus its column means, computed in float64 and only then rounded to the probes' float32.
 
     Every probe standardises its features, so the centring changes no result; done after the rounding,
     it would keep only the few float32 digits left below a large offset (features near 1e4 that vary
-    by 1e-3 would be quantised to steps of 1e-3). Exactly constant columns become exactly 0."""
+    by 1e-3 would be quantised to steps of 1e-3). Exactly constant columns become exactly 0.
+    ``in_place``: centre ``x`` itself (a float64 copy the caller owns), the same numbers without a second array."""
     limit = torch.finfo(torch.float32).max
-    n_big = int((x.abs() > limit).sum())
+    # the largest |value| is read without an |x| temporary; values are counted only when one is out of range
+    n_big = int((x.abs() > limit).sum()) if float(torch.linalg.vector_norm(x, math.inf)) > limit else 0
     out = x
     if not n_big:
         constant = (x == x[:1]).all(0)
         x64 = x.to(torch.float64)
-        xc = x64 - x64.mean(0, keepdim=True)
+        mean = x64.mean(0, keepdim=True)
+        xc = x64.sub_(mean) if in_place else x64 - mean
         xc[:, constant] = 0.0
         out = xc.to(torch.float32)
-        n_big = int((~torch.isfinite(out)).sum())  # a spread beyond the range (values near it of both signs)
+        if not math.isfinite(float(torch.linalg.vector_norm(out, math.inf))):
+            n_big = int((~torch.isfinite(out)).sum())  # a spread beyond the range (values near it of both signs)
     if n_big:
         raise DataError(
             f"{func}: {n_big} value{'s' if n_big != 1 else ''} of '{name}' {'lie' if n_big != 1 else 'lies'} beyond the "
@@ -409,7 +441,7 @@ def _prepare_targets(
 
 
 def _probe(
-    matrices: dict[str, torch.Tensor],
+    layers: list[_Layer],
     acts: Any,
     labels: Any,
     *,
@@ -429,22 +461,22 @@ def _probe(
     c = check_float(c, "c", func=func, low=0.0, low_inclusive=False)
     if not isinstance(control, (bool, np.bool_)):
         raise ParameterError(f"The 'control' parameter of {func} must be True or False. Got {control!r}.")
-    n = next(iter(matrices.values())).shape[0]
-    for name, t in matrices.items():
-        if t.shape[0] != n:
+    n = layers[0].n_samples
+    for layer in layers:
+        if layer.n_samples != n:
             raise DataError(
-                f"{func}: layer '{name}' has {t.shape[0]} samples but the first layer has {n}; extract all layers on the same dataset."
+                f"{func}: layer '{layer.name}' has {layer.n_samples} samples but the first layer has {n}; extract all layers "
+                "on the same dataset."
             )
     targets = _prepare_targets(acts, labels, n, cv=cv, control=bool(control), seed=seed, groups=groups, func=func)
     cv = int(targets.folds.max()) + 1
     dev = resolve_device(device)
     start = time.perf_counter()
-    names = list(matrices)
     per_layer = []
-    for i, name in enumerate(names):
-        per_layer.append(_probe_one(matrices[name], targets, probe, c, seed, dev))
+    for i, layer in enumerate(layers):
+        per_layer.append(_probe_one(layer.prepare(), targets, probe, c, seed, dev))  # the matrix is dropped on return
         if progress is not None:
-            progress(i + 1, len(names))
+            progress(i + 1, len(layers))
 
     def stack(key: str) -> np.ndarray | None:
         values = [layer[key] for layer in per_layer]
@@ -475,7 +507,7 @@ def _probe(
         **(extra_params or {}),
     }
     return ProbingResult(
-        layers=tuple(names),
+        layers=tuple(layer.name for layer in layers),
         probe=probe if not estimator_prefix else "moment",
         metric=metric,
         score=score,
@@ -490,7 +522,7 @@ def _probe(
         classes=None if targets.classes is None else np.asarray(targets.classes),
         chance=targets.chance,
         folds=targets.folds,
-        n_features=np.array([matrices[k].shape[1] for k in names]),
+        n_features=np.array([layer.n_features for layer in layers]),
         model_name=str(getattr(acts, "model_name", "")),
         estimator=estimator,
         n_samples=n,
@@ -839,35 +871,55 @@ def _macro_f1(confusion: torch.Tensor) -> np.ndarray:
     return ((f1 * present).sum(1) / present.sum(1).clamp_min(1)).numpy()
 
 
-def _moment_features(t: torch.Tensor, mask: Any, rank: int, seed: int, func: str, name: str) -> torch.Tensor:
-    """Per-sample [mean token, per-feature token variance, rank x rank projected token covariance]."""
+def _token_layer(t: torch.Tensor, mask: Any, rank: int, seed: int, func: str, name: str) -> _Layer:
+    """Token activations ``t`` ``(n_samples, n_tokens, n_features)`` checked now (with ``mask``) and reduced to
+    their moment features by :func:`_moment_features` when they are probed."""
+    _token_mask(t, mask, func, name)
+    n, _, d = t.shape
+    r = min(rank, d)
+
+    def prepare() -> torch.Tensor:
+        return _moment_features(t, mask, rank, seed, func, name)
+
+    return _Layer(name, int(n), 2 * int(d) + r * (r + 1) // 2, prepare)
+
+
+def _token_mask(t: torch.Tensor, mask: Any, func: str, name: str) -> torch.Tensor:
+    """The float64 ``(n_samples, n_tokens)`` mask of real tokens, after checking the layer ``t`` and ``mask``."""
     if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.int16, torch.uint8)):
         raise DataError(f"{func}: layer '{name}' must hold real numbers. Got dtype {t.dtype}.")
-    x = t.to(torch.float64)
-    n, n_tokens, d = x.shape
+    n, n_tokens, d = t.shape
     if n < 2 or n_tokens < 1 or d < 1:
         raise DataError(
-            f"{func}: layer '{name}' must have shape (n_samples >= 2, n_tokens >= 1, n_features >= 1). Got {tuple(x.shape)}."
+            f"{func}: layer '{name}' must have shape (n_samples >= 2, n_tokens >= 1, n_features >= 1). Got {tuple(t.shape)}."
         )
-    if not bool(torch.isfinite(x).all()):
+    if not bool(torch.isfinite(t).all()):
         raise DataError(f"{func}: layer '{name}' contains NaN or infinite values; remove or impute them first.")
     if mask is None:
-        m = torch.ones((n, n_tokens), dtype=torch.float64)
-    else:
-        m_arr = mask.detach().cpu() if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
-        if tuple(m_arr.shape) != (n, n_tokens):
-            raise DataError(
-                f"{func}: 'mask' must have shape (n_samples, n_tokens) = {(n, n_tokens)}. Got {tuple(m_arr.shape)}."
-            )
-        if not (m_arr.dtype == torch.bool or bool(((m_arr == 0) | (m_arr == 1)).all())):
-            raise DataError(f"{func}: 'mask' must be True/False (or 1/0) per token, marking real tokens and padding; "
-                            "it holds other values.")
-        m = m_arr.to(torch.float64)
+        return torch.ones((n, n_tokens), dtype=torch.float64)
+    m_arr = mask.detach().cpu() if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
+    if tuple(m_arr.shape) != (n, n_tokens):
+        raise DataError(
+            f"{func}: 'mask' must have shape (n_samples, n_tokens) = {(n, n_tokens)}. Got {tuple(m_arr.shape)}."
+        )
+    if not (m_arr.dtype == torch.bool or bool(((m_arr == 0) | (m_arr == 1)).all())):
+        raise DataError(f"{func}: 'mask' must be True/False (or 1/0) per token, marking real tokens and padding; "
+                        "it holds other values.")
+    m = m_arr.to(torch.float64)
     count = m.sum(1)
     if bool((count <= 0).any()):
         raise DataError(
             f"{func}: {int((count <= 0).sum())} samples have no real token in 'mask'; each needs at least one."
         )
+    return m
+
+
+def _moment_features(t: torch.Tensor, mask: Any, rank: int, seed: int, func: str, name: str) -> torch.Tensor:
+    """Per-sample [mean token, per-feature token variance, rank x rank projected token covariance]."""
+    m = _token_mask(t, mask, func, name)
+    x = t.to(torch.float64)
+    d = x.shape[2]
+    count = m.sum(1)
     mu = (m[:, :, None] * x).sum(1) / count[:, None]
     centred = (x - mu[:, None, :]) * m[:, :, None]
     var = (centred * centred).sum(1) / count[:, None]
@@ -879,4 +931,4 @@ def _moment_features(t: torch.Tensor, mask: Any, rank: int, seed: int, func: str
         cov = torch.einsum("ntr,nts->nrs", z, z) / count[:, None, None]
         rows, cols = torch.triu_indices(cov.shape[1], cov.shape[1])
         parts.append(cov[:, rows, cols])
-    return _centred_float32(torch.cat(parts, dim=1), name, func)
+    return _centred_float32(torch.cat(parts, dim=1), name, func, in_place=True)
