@@ -639,7 +639,8 @@ def test_similarity_matrix_falls_back_to_the_minibatch_estimate_when_cross_produ
     assert not streamed.params["exact"] and streamed.params["debiased"]
     assert "minibatch unbiased HSIC" in streamed.estimator and "above the 5 MiB limit" in streamed.estimator
     assert "do not fit" in streamed.estimator
-    with pytest.raises(DataError, match=r"streaming biased linear CKA exactly needs 5.18 MiB of feature cross products; "
+    # the accumulated cross products (4.88 MiB) and, after the stream, the centred product of the 700-wide layer with itself
+    with pytest.raises(DataError, match=r"streaming biased linear CKA exactly needs 8.62 MiB of feature cross products; "
                                         r"raise memory_limit_mb to that, .* or pass debiased=True"):
         similarity_matrix(acts, measure="linear_cka", memory_limit_mb=5)
     assert streamed.params["streamed"] and sum(streamed.params["chunk_sizes"]) == 3001  # every sample is used
@@ -919,7 +920,8 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
 base = status("VmRSS")
 result = sim.similarity_matrix(acts, measure=measure, **options)
-print(json.dumps({"peak": status("VmHWM") - base, "streamed": bool(result.params.get("streamed", False))}))
+print(json.dumps({"peak": status("VmHWM") - base, "streamed": bool(result.params.get("streamed", False)),
+                  "exact": bool(result.params.get("exact", False))}))
 """
 
 
@@ -1007,6 +1009,35 @@ def test_linear_cka_in_memory_peak_stays_within_its_estimate_and_the_limit():
     assert not in_memory["streamed"] and in_memory["peak"] <= 1.3 * estimate
     streamed = _peak_bytes("linear_cka", n, d, layers, memory_limit_mb=estimate / 2**20 - 1, debiased=True)
     assert streamed["streamed"]
+
+
+def test_exact_streamed_linear_cka_peak_stays_within_the_limit():
+    # every chunk was converted, scaled and concatenated into new arrays; the allocator keeps freed blocks under
+    # 32 MiB, and these piled up: 4 layers of 256 x 20,000 peaked at 147-170 MiB under a 100 MiB limit (~52 MiB now)
+    n, d, layers, limit_mb = 20_000, 256, 4, 100
+    assert sim._linear_cka_bytes(n, [d] * layers, [d] * layers, True, False, True) > limit_mb * 2**20
+    streamed = _peak_bytes("linear_cka", n, d, layers, memory_limit_mb=limit_mb)
+    assert streamed["streamed"] and streamed["exact"]
+    assert streamed["peak"] <= limit_mb * 2**20, f"{streamed['peak'] / 2**20:.0f} MiB"
+
+
+def test_exact_stream_reads_chunks_into_one_workspace_and_checks_each_chunk(monkeypatch):
+    rng = _rng(3)
+    x = rng.normal(size=(600, 30)).astype(np.float32)
+    acts = {"x": x, "y": torch.from_numpy(np.tanh(x @ rng.normal(size=(30, 50)))), "i": rng.integers(0, 4, (600, 3))}
+    made = []
+    workspace = sim._workspace
+    monkeypatch.setattr(sim, "_workspace", lambda *args: made.append(args) or workspace(*args))
+    streamed = similarity_matrix(acts, debiased=True, memory_limit_mb=0.2)
+    assert streamed.params["exact"] and len(streamed.params["chunk_sizes"]) > 2 and len(made) == 1
+    np.testing.assert_allclose(streamed.values, similarity_matrix(acts, debiased=True).values, rtol=0, atol=1e-12)
+    flat, views = sim._workspace([(3, 5), (7,), (2, 2)], 100, torch.device("cpu"))
+    assert flat.numel() == 100 and [v.shape for v in views] == [(3, 5), (7,), (2, 2)]
+    assert [v.data_ptr() - flat.data_ptr() for v in views] == [0, 128, 192]  # 64-byte steps, as torch aligns
+    bad = x.copy()
+    bad[450, 3] = np.nan  # in a later chunk
+    with pytest.raises(DataError, match=r"similarity_matrix: 'acts_a\['x'\]' contains 1 NaN or infinite values"):
+        similarity_matrix({"x": bad, "y": acts["y"]}, memory_limit_mb=0.2)
 
 
 def test_linear_cka_centres_its_own_copies_in_place_and_leaves_inputs_unchanged():

@@ -173,10 +173,34 @@ def _rescale_factor(rows: torch.Tensor, scale: float | None) -> tuple[float, flo
     """The power of two a streamed chunk ``rows`` is multiplied by, and the factor (<= 1) that brings sums
     accumulated at the previous ``scale`` to it: chunks are scaled alike, by the largest chunk seen so far,
     so that they add up and none of them overflows."""
-    own = unit_scale(rows)
+    own = unit_scale(torch.linalg.vector_norm(rows, math.inf))  # the largest |value|, without an |rows| temporary
     if scale is None or own >= scale:
         return (own if scale is None else scale), 1.0
     return own, own / scale
+
+
+def _read_chunk(rows: Any, out: torch.Tensor, label: str, func: str) -> None:
+    """Copy the rows ``rows`` of a layer into ``out`` (float64, their shape), with the checks of :func:`as_matrix` but
+    without its float64 copy and temporaries: the dtype is checked on the first row, and rows that hold NaN or an
+    infinity are passed to :func:`as_matrix` for its message."""
+    as_matrix(rows[:1], label, func=func, min_samples=1)
+    out.copy_(rows.detach() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows)))
+    if not math.isfinite(float(torch.linalg.vector_norm(out, math.inf))):  # NaN propagates through the maximum
+        as_matrix(rows, label, func=func, min_samples=1)
+        raise RuntimeError(f"as_matrix accepted the non-finite rows of '{label}'")  # internal invariant, not user input
+
+
+def _workspace(
+    shapes: Sequence[tuple[int, ...]], at_least: int, dev: torch.device
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One float64 allocation of at least ``at_least`` elements, and float64 tensors of the given ``shapes`` that are
+    views of it, side by side. Each starts on a multiple of 64 bytes, as torch aligns its own allocations."""
+    starts, end = [], 0
+    for shape in shapes:
+        starts.append(end)
+        end += -(-math.prod(shape) // 8) * 8
+    flat = torch.empty(max(end, at_least), dtype=torch.float64, device=dev)
+    return flat, [flat[start : start + math.prod(shape)].view(shape) for start, shape in zip(starts, shapes)]
 
 
 def _unbiased_scale(n: int) -> float:
@@ -1053,53 +1077,64 @@ def _exact_streaming_linear_cka(
     the unbiased estimator needs into the same sums.
     """
     layers, labels, n, n_a, idx_b = _stream_layout(raw_a, raw_b, symmetric, names_a, names_b)
+    edges = np.cumsum([0] + [int(np.shape(t)[1]) for _, t in layers])
+    cols = [slice(int(start), int(stop)) for start, stop in zip(edges[:-1], edges[1:])]
     shifts: list[torch.Tensor] = []
     scales: list[float | None] = [None] * len(layers)
-    cols: list[slice] = []
     cross = selfs = q_z = q_q = col_sums = None
     bounds = _chunk_bounds(n, chunk)
+    # One workspace, made once, holds the chunk being added (the shifted features of all layers side by side, one
+    # layer's squares, the squared row norms) and after the stream one pair's centred cross product: nothing of a
+    # chunk's or a pair's size is allocated after it, so blocks that the allocator keeps back once they are freed
+    # (those under 32 MiB) cannot pile up on top of the memory limit.
+    most = max(hi - lo for lo, hi in bounds)
+    widest = max(c.stop - c.start for c in cols)
+    workspace, (z_buffer, squares, q_buffer) = _workspace(
+        [(most, int(edges[-1])), (most * widest,), (most, len(layers))], widest * widest, dev
+    )
     for step, (lo, hi) in enumerate(bounds, start=1):
-        blocks = []
+        z_all, q = z_buffer[: hi - lo], q_buffer[: hi - lo]
         factors = [1.0] * len(layers)
         for i, ((_, t), label) in enumerate(zip(layers, labels)):
-            rows = as_matrix(t[lo:hi], label, func=func, device=dev, min_samples=1)
-            scales[i], factors[i] = _rescale_factor(rows, scales[i])
+            block = z_all[:, cols[i]]
+            _read_chunk(t[lo:hi], block, label, func)
+            scales[i], factors[i] = _rescale_factor(block, scales[i])
             if len(shifts) == i:
-                shifts.append(rows[:1].clone())
-                start = cols[-1].stop if cols else 0
-                cols.append(slice(start, start + rows.shape[1]))
-            blocks.append(rows.mul(scales[i]).sub_(shifts[i] * scales[i]))
+                shifts.append(block[:1].clone())
+            block.mul_(scales[i]).sub_(shifts[i] * scales[i])
+            q[:, i] = torch.mul(block, block, out=squares[: block.numel()].view(block.shape)).sum(1)
         if cross is not None and min(factors) < 1.0:  # a larger chunk: bring the earlier sums to its scale
             per_col = torch.cat([torch.full((c.stop - c.start,), f, dtype=cross.dtype, device=dev)
                                  for c, f in zip(cols, factors)])
             per_layer = torch.tensor(factors, dtype=cross.dtype, device=dev).square_()
-            cross *= torch.outer(per_col[: cols[n_a - 1].stop], per_col if symmetric else per_col[cols[n_a].start :])
+            # in place, row factors then column factors: no d_a x d_b temporary (powers of two, so exact)
+            cross.mul_(per_col[: cols[n_a - 1].stop, None]).mul_(per_col if symmetric else per_col[cols[n_a].start :])
             if selfs is not None:
                 for acc, f in zip(selfs, factors):
                     acc *= f * f
             q_z *= torch.outer(per_layer, per_col)
             q_q *= torch.outer(per_layer, per_layer)
             col_sums *= per_col
-        z_all = torch.cat(blocks, 1)
-        q = torch.stack([(b * b).sum(1) for b in blocks], 1)
         z_a = z_all[:, : cols[n_a - 1].stop]
         z_b = z_a if symmetric else z_all[:, cols[n_a].start :]
         if cross is None:
             cross = torch.zeros(z_a.shape[1], z_b.shape[1], dtype=z_all.dtype, device=dev)
-            selfs = None if symmetric else [torch.zeros(b.shape[1], b.shape[1], dtype=z_all.dtype, device=dev) for b in blocks]
-            q_z = torch.zeros(len(blocks), z_all.shape[1], dtype=z_all.dtype, device=dev)
-            q_q = torch.zeros(len(blocks), len(blocks), dtype=z_all.dtype, device=dev)
+            selfs = None if symmetric else [torch.zeros(c.stop - c.start, c.stop - c.start, dtype=z_all.dtype, device=dev)
+                                            for c in cols]
+            q_z = torch.zeros(len(layers), z_all.shape[1], dtype=z_all.dtype, device=dev)
+            q_q = torch.zeros(len(layers), len(layers), dtype=z_all.dtype, device=dev)
             col_sums = torch.zeros(z_all.shape[1], dtype=z_all.dtype, device=dev)
         cross.addmm_(z_a.T, z_b)
         if selfs is not None:
-            for acc, b in zip(selfs, blocks):
-                acc.addmm_(b.T, b)
+            for acc, c in zip(selfs, cols):
+                acc.addmm_(z_all[:, c].T, z_all[:, c])
         q_z.addmm_(q.T, z_all)
         q_q.addmm_(q.T, q)
         col_sums += z_all.sum(0)
-        del blocks, z_all, z_a, z_b
+        del z_all, z_a, z_b, q
         if progress is not None:
             progress(step, len(bounds))
+    del z_buffer, squares, q_buffer
 
     zbar = [col_sums[c] / n for c in cols]
     offset_b = 0 if symmetric else cols[n_a].start
@@ -1114,7 +1149,8 @@ def _exact_streaming_linear_cka(
     def terms(i: int, j: int) -> tuple[float, float]:
         """<K_i, K_j> and diag(K_i).diag(K_j) of the centred linear kernels."""
         s_ij = product(i, j)
-        inner = float(torch.linalg.matrix_norm(s_ij - n * torch.outer(zbar[i], zbar[j])) ** 2)
+        centred = torch.outer(zbar[i], zbar[j], out=workspace[: s_ij.numel()].view(s_ij.shape)).mul_(n)
+        inner = float(torch.linalg.matrix_norm(torch.sub(s_ij, centred, out=centred)) ** 2)
         if not debiased:
             return inner, 0.0
         r_i, r_j = float(zbar[i] @ zbar[i]), float(zbar[j] @ zbar[j])
@@ -1316,10 +1352,13 @@ def _similarity_matrix(
     if measure == "linear_cka" and needed_mb > memory_limit_mb:
         limit = memory_limit_mb * 2**20
         accumulated = _streamed_matrix_bytes(widths_a, widths_b, symmetric)
+        # 3 float64 copies of a chunk's row: the exact stream's workspace takes two at most (the row, one layer's
+        # squares), which leaves room for the buffers of the matrix products
         row_bytes = 8 * max(sum(w for _, w in shapes), 1) * 3
-        exact = accumulated + 16 * row_bytes <= limit
+        pair_bytes = 8 * max(w for _, w in shapes) ** 2  # a pair's centred cross product, formed after the stream
+        exact = accumulated + max(16 * row_bytes, pair_bytes) <= limit
         if not exact and not debiased:
-            streamed_mb = (accumulated + 16 * row_bytes) / 2**20
+            streamed_mb = (accumulated + max(16 * row_bytes, pair_bytes)) / 2**20
             raise_to = "that" if streamed_mb <= needed_mb else f"{needed_mb:.3g} (in memory)"
             raise DataError(
                 f"{func}: the layers need {needed_mb:.3g} MiB in float64, above memory_limit_mb={memory_limit_mb:g}, and "
