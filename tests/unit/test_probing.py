@@ -77,6 +77,27 @@ def test_linear_probe_matches_sklearn_logistic_regression_on_the_same_folds(digi
     assert np.bincount(result.folds).min() >= 89  # stratified, 450 / 5
 
 
+@pytest.mark.parametrize("c", [1.0, 0.01])
+def test_binary_linear_probe_has_sklearns_penalty(c):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(240, 6))
+    y = (x[:, 0] + 0.5 * rng.normal(size=240) > 0.8).astype(int)
+    result = probe_layers({"a": x}, y, cv=3, c=c, control=False)
+    held_out, train = [], []
+    for fold in range(3):
+        test = result.folds == fold
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, tol=1e-12, max_iter=10_000)).fit(x[~test], y[~test])
+        held_out.append(np.mean(model.predict(x[test]) == y[test]))
+        train.append(np.mean(model.predict(x[~test]) == y[~test]))
+    # a softmax over two classes penalised with c is scikit-learn's binomial problem with 2c: 0.9375 on fold 0 at c = 1
+    assert result.fold_scores[0].tolist() == held_out
+    assert result.train_score[0] == pytest.approx(np.mean(train), abs=1e-12)
+
+
 def test_macro_f1_and_confusion_agree_with_sklearn_definitions():
     from sklearn.metrics import f1_score
 
@@ -210,7 +231,7 @@ def test_a_large_offset_does_not_quantise_the_features():
     plain = probe_layers({"l": x * 1e-3}, y, cv=4, control=False)
     offset = probe_layers({"l": x * 1e-3 + 1e4}, y, cv=4, control=False)
     np.testing.assert_array_equal(offset.fold_scores, plain.fold_scores)
-    assert offset.score[0] == pytest.approx(103 / 120)
+    assert offset.score[0] == pytest.approx(104 / 120)  # scikit-learn on the same folds
     tokens = rng.standard_normal((120, 3, 6))
     plain = moment_probe({"s": tokens * 1e-3}, y, rank=2, cv=4, control=False)
     offset = moment_probe({"s": tokens * 1e-3 + 1e4}, y, rank=2, cv=4, control=False)

@@ -656,9 +656,14 @@ def _fit_logistic(
     ``(x - mean_p) * scale_p``; the objectives are independent, so minimising their sum with one
     L-BFGS reaches every problem's optimum. Runs in float32; if the line search stalls before every
     gradient entry is below the tolerance, the fit continues in float64 from where it stopped.
+    With two classes only ``w_1 - w_0`` reaches the logits and the optimum splits it evenly, so the
+    penalty is taken with ``c / 2``: ``|w_1 - w_0|^2 / (2 c n_train)``, scikit-learn's binomial
+    problem, whose one weight vector is ``w_1 - w_0``.
     """
     n, d = x.shape
     n_problems = train.shape[0]
+    if n_classes == 2:
+        c = c / 2
     weight = torch.zeros((n_problems, d, n_classes), device=x.device)
     bias = torch.zeros((n_problems, n_classes), device=x.device)
     for dtype in (torch.float32, torch.float64):
