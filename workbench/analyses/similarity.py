@@ -786,7 +786,9 @@ def cca_similarity(
     * ``"pwcca"`` (Morcos et al. 2018): weighted mean of the canonical correlations, each weighted by how
       much of the neurons of the representation with fewer dimensions its canonical variate accounts for
       (``sum_j |<h_i, x_j>|``). Not symmetric when both sides have the same rank (``x`` gives the weights).
-    * ``"mean"``: plain mean of all canonical correlations (Yanai's generalised coefficient).
+    * ``"mean"``: plain mean of all canonical correlations, ``rho_bar`` (Raghu et al.'s mean CCA; not Yanai's
+      generalised coefficient ``sum rho_i^2 / sqrt(r_x r_y)``, Kornblith et al.'s ``R^2_CCA``, which weighs large
+      correlations more).
 
     Range [0, 1]. CCA needs more samples than dimensions: when the kept dimensions of ``x`` and ``y``
     together exceed ``n_samples - 1``, some correlations are 1 for any data and a DataError is raised.
