@@ -288,3 +288,195 @@ def test_layout_of_each_layer():
     pooled, _ = _captured(hybrid, ids, ["2", "4"], "mean", channel_first=channel_first_layers(hybrid, ["2", "4"]))
     torch.testing.assert_close(pooled["2"], conv.mean(2), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pooled["4"], enc.mean(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the routes that rely on an nn.Sequential handing one child's output to the next
+
+
+def _extracted(model: nn.Module, x: torch.Tensor, layers: list[str], tmp_path, **kwargs) -> dict[str, torch.Tensor]:
+    acts = extract(model, x, layers, cache_dir=tmp_path, **kwargs)
+    return {k: acts[k].double() for k in layers}
+
+
+def _own_mean(model: nn.Module, x: torch.Tensor, layer: str, batch_size: int | None = None) -> torch.Tensor:
+    """The float64 spatial mean of what ``layer`` outputs, batch by batch as extract runs them."""
+    got: list[torch.Tensor] = []
+    target = dict(model.named_modules())[layer]
+    handle = target.register_forward_hook(lambda _m, _i, o: got.append(o.double().mean(tuple(range(2, o.ndim)))))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size or len(x)):
+                model.eval()(x[start:start + (batch_size or len(x))])
+    finally:
+        handle.remove()
+    return torch.cat(got)
+
+
+class _OwnLoop(nn.Module):
+    """Calls the children of a plain nn.Sequential itself, with an in-place ReLU after the conv."""
+
+    def __init__(self, second: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), second)
+
+    def forward(self, x):
+        for m in self.body:
+            x = m(x)
+            if isinstance(m, nn.Conv2d):
+                torch.relu_(x)
+        return x
+
+
+class _PoolsACopy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        h = self.body[0](x)
+        out = self.body[1](h.clone())
+        h.relu_()  # after the pool: the conv's output as the layer gave it is the one before this
+        return out
+
+
+def _shifted_batchnorm(channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.running_mean.fill_(0.3)
+    return bn
+
+
+@pytest.mark.parametrize(("model", "layers", "checked"), [
+    (lambda: _OwnLoop(nn.AdaptiveAvgPool2d(1)), ["body.0"], "body.0"),
+    (lambda: _OwnLoop(_shifted_batchnorm(8)), ["body.0", "body.1"], "body.1"),
+    (_PoolsACopy, ["body.0"], "body.0"),
+])
+def test_a_model_that_calls_the_children_itself_gets_the_maps_it_computed(model, layers, checked, tmp_path):
+    torch.manual_seed(0)
+    net, x = model(), torch.randn(6, 3, 10, 10)
+    torch.testing.assert_close(_extracted(net, x, layers, tmp_path)[checked], _own_mean(net, x, checked), rtol=0, atol=1e-6)
+
+
+def _relu_in_place(_module, args):
+    args[0].clamp_(min=0)
+
+
+@pytest.mark.parametrize(("second", "layers", "checked"), [
+    (lambda: _shifted_batchnorm(8), ["0", "1"], "1"),
+    (lambda: nn.AdaptiveAvgPool2d(1), ["0"], "0"),
+])
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_a_pre_hook_that_changes_the_input_in_place_turns_the_shortcut_off(second, layers, checked, where, tmp_path):
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Conv2d(3, 8, 3), second()), torch.randn(6, 3, 10, 10)
+    handle = (net[1].register_forward_pre_hook(_relu_in_place) if where == "module"
+              else torch.nn.modules.module.register_module_forward_pre_hook(
+                  lambda m, args: _relu_in_place(m, args) if m is net[1] else None))
+    try:
+        expected = _own_mean(net, x, checked)
+        torch.testing.assert_close(_extracted(net, x, layers, tmp_path)[checked], expected, rtol=0, atol=1e-6)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("width", [6, 5])
+def test_a_batchnorm_over_the_tokens_of_an_embedding_is_read_not_derived(width, tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(20, width), nn.BatchNorm1d(6))  # BatchNorm1d's channels are the 6 tokens
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].weight.uniform_(0.5, 2)
+    tokens = torch.randint(1, 20, (8, 6))
+    got = _extracted(net, tokens, ["0", "1"], tmp_path)["1"]
+    torch.testing.assert_close(got, _own_mean(net, tokens, "1"), rtol=0, atol=1e-6)
+
+
+def test_a_conv_run_under_autocast_is_pooled_from_what_it_output(tmp_path):
+    class Autocast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 64, 3, padding=1)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.c(x)
+
+    torch.manual_seed(0)
+    net, x = Autocast(), torch.randn(6, 3, 10, 10)
+    with PooledCapture(net, ["c"], "mean", channel_first=False) as capture, torch.inference_mode():
+        capture.begin_batch()
+        net(x)
+        capture.end_batch()
+        assert capture.sources == {"c": "map"}  # the bfloat16 output, not the float32 mean of the input
+    torch.testing.assert_close(_extracted(net, x, ["c"], tmp_path)["c"], _own_mean(net, x, "c"), rtol=0, atol=1e-6)
+
+
+def test_conv_weights_that_change_between_batches_are_used_as_they_are(tmp_path):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 64, 3, padding=1)
+    base = conv.weight.detach().clone()
+
+    def doubled_for_odd_batches(module, args):
+        with torch.no_grad():
+            module.weight.copy_(base * (1 + args[0].shape[0] % 2))
+
+    conv.register_forward_pre_hook(doubled_for_odd_batches)
+    net, x = nn.Sequential(conv), torch.randn(5, 3, 10, 10)
+    got = _extracted(net, x, ["0"], tmp_path, batch_size=2)["0"]  # batches of 2, 2 and 1
+    torch.testing.assert_close(got, _own_mean(net, x, "0", batch_size=2), rtol=0, atol=1e-6)
+    # without the pre-hook the weights are the module's own: the input route, rebuilt when they change in place
+    plain = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1))
+    with PooledCapture(plain, ["0"], "mean", channel_first=False) as capture, torch.inference_mode():
+        for scale in (1.0, 3.0):
+            plain[0].weight.mul_(scale)
+            capture.begin_batch()
+            plain(x)
+            pooled = capture.end_batch()["0"].double()
+            assert capture.sources == {"0": "input"}
+            torch.testing.assert_close(pooled, _own_mean(plain, x, "0"), rtol=0, atol=1e-5)
+
+
+def test_the_input_route_keeps_float64_accuracy_for_inputs_far_from_zero():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 32, 3).double()
+    with torch.no_grad():
+        conv.weight.sub_(conv.weight.mean((1, 2, 3), keepdim=True))  # weights that cancel a constant offset
+    x = 1e4 + torch.randn(64, 3, 12, 12, dtype=torch.float64)
+    exact = conv(x).mean((2, 3))
+    net = nn.Sequential(conv).float()
+    pooled, sources = _captured(net, x.float(), ["0"], "mean")
+    direct = _direct(net, x.float(), ["0"], "mean")["0"].double()
+    assert sources == {"0": "input"}
+    # as close to the float64 mean as pooling the float32 output is (8e-3 when the input route ran in float32)
+    assert (pooled["0"].double() - exact).abs().max() <= 2 * (direct - exact).abs().max() + 1e-6
+
+
+def test_a_float64_batchnorm_mean_keeps_float64_accuracy():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.fill_(50.0)
+        bn.running_var.fill_(1e-4)
+    conv = nn.Conv2d(3, 8, 3)
+    with torch.no_grad():
+        conv.bias.fill_(50.0)  # conv means near the running mean: the BatchNorm magnifies their last digits 100 times
+    net = nn.Sequential(conv, bn).double().eval()
+    x = torch.randn(16, 3, 10, 10, dtype=torch.float64)
+    pooled, sources = _captured(net, x, ["0", "1"], "mean")
+    assert sources["1"] == "affine"
+    exact = _direct(net, x, ["1"], "mean")["1"]
+    assert (pooled["1"].double() - exact).abs().max() <= 1e-6 * exact.abs().max()  # 1e-4 through float32 means
+
+
+def test_a_weight_normalised_conv_can_be_extracted_again(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old weight_norm is deprecated, but models still use it
+        net = nn.Sequential(torch.nn.utils.weight_norm(nn.Conv2d(3, 8, 3)))
+    x = torch.randn(4, 3, 6, 6)
+    first = extract(net, x, ["0"], cache_dir=tmp_path)["0"]
+    again = extract(net, x, ["0"], cache_dir=tmp_path)["0"]  # its weight was recomputed under inference mode
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(first.double(), _own_mean(net, x, "0"), rtol=0, atol=1e-6)

@@ -14,6 +14,11 @@ pooled value follows from a smaller tensor, with the same result up to float rou
   input is much smaller than the output (a first layer), it is one matrix product of the input;
 - the spatial mean of an eval-mode BatchNorm is its per-channel affine map of the mean of its
   input, when that input is a hooked layer's output (a conv followed by BatchNorm).
+
+The first and last rely on the ``nn.Sequential`` handing one child's output to the next: they are taken
+only while the container's own ``forward`` runs (not when a model calls its children itself, where it
+could change the map in between) and where no hook or pre-hook but ours sits on the modules involved.
+The convolution's mean is computed in float64 from the weights as they are at that batch.
 """
 
 from __future__ import annotations
@@ -150,7 +155,7 @@ def channel_first_layers(module: nn.Module, layers: list[str]) -> dict[str, bool
         if isinstance(m, _CHANNEL_FIRST_1D):
             return True
         if isinstance(m, _SAME_LAYOUT):
-            prev, _ = _sequential_neighbours(module, name)
+            _, prev, _ = _sequential_neighbours(module, name)
             if prev is not None:
                 return layout(prev)
         return default
@@ -183,7 +188,7 @@ def pool(out: torch.Tensor, rule: str, *, channel_first: bool, mask: torch.Tenso
         if rule in ("cls", "last"):
             raise ParameterError(f"Pooling '{rule}' applies to token sequences; this layer outputs a conv map of shape {tuple(out.shape)}. Use 'mean', 'max' or 'flatten'.")
         dims = tuple(range(2, out.ndim))  # reduced in place, whatever the memory format (no reshape copy)
-        return out.mean(dims) if rule == "mean" else out.amax(dims)
+        return out.mean(dims, dtype=_mean_dtype(out)) if rule == "mean" else out.amax(dims)
     if out.ndim > 3:
         out = out.reshape(out.shape[0], out.shape[1], -1)
     if mask is None or mask.shape != out.shape[:2]:
@@ -191,7 +196,7 @@ def pool(out: torch.Tensor, rule: str, *, channel_first: bool, mask: torch.Tenso
             return out[:, 0]
         if rule == "last":
             return out[:, -1]
-        return out.mean(1) if rule == "mean" else out.amax(1)
+        return out.mean(1, dtype=_mean_dtype(out)) if rule == "mean" else out.amax(1)
     mask = mask.to(device=out.device, dtype=torch.bool)
     present = mask.any(1, keepdim=True)  # samples with at least one non-padding token
     if rule == "cls":
@@ -201,8 +206,14 @@ def pool(out: torch.Tensor, rule: str, *, channel_first: bool, mask: torch.Tenso
         idx = torch.where(mask, positions, -1).amax(1).clamp(min=0)
         return out[torch.arange(out.shape[0], device=out.device), idx].masked_fill(~present, 0)
     if rule == "mean":
-        return out.masked_fill(~mask.unsqueeze(-1), 0).sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(out.dtype)
+        dtype = _mean_dtype(out) or out.dtype
+        return out.masked_fill(~mask.unsqueeze(-1), 0).sum(1, dtype=dtype) / mask.sum(1, keepdim=True).clamp(min=1).to(dtype)
     return out.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1).masked_fill(~present, 0)
+
+
+def _mean_dtype(out: torch.Tensor) -> torch.dtype | None:
+    """float32 for the mean of a half-precision output (its own precision would round the mean to 3 digits)."""
+    return torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else None
 
 
 def window_counts(n_in: int, n_out: int, kernel: int, stride: int, dilation: int, padding: int,
@@ -259,10 +270,31 @@ def _plain_conv(module: nn.Module) -> bool:
 
 
 def _global_forward_hooks() -> bool:
-    """Whether hooks registered for every module (``register_module_forward_hook``) could change outputs."""
+    """Whether hooks or pre-hooks registered for every module (``register_module_forward_hook``,
+    ``register_module_forward_pre_hook``) could change inputs or outputs."""
     from torch.nn.modules import module as module_impl
 
-    return bool(getattr(module_impl, "_global_forward_hooks", None))
+    return any(getattr(module_impl, attr, None) for attr in ("_global_forward_hooks", "_global_forward_pre_hooks"))
+
+
+def _own_weights(conv: nn.Module) -> bool:
+    """A convolution whose weight and bias are its own parameters (not recomputed on each access, as a
+    parametrisation does), so that a plan built from them stays valid while they are unchanged."""
+    return isinstance(conv._parameters.get("weight"), torch.Tensor) and (
+        conv.bias is None or isinstance(conv._parameters.get("bias"), torch.Tensor))
+
+
+def _state(*tensors: torch.Tensor | None) -> tuple | None:
+    """The tensors (kept, so that their ids are not reused) with their in-place version counts: equal states mean
+    unchanged values. None when a tensor was made under ``torch.inference_mode`` and counts no changes."""
+    try:
+        return tuple((t, t._version) if t is not None else (None, 0) for t in tensors)
+    except RuntimeError:
+        return None
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
 
 
 def _global_pool(module: nn.Module, rule: str) -> bool:
@@ -273,18 +305,19 @@ def _global_pool(module: nn.Module, rule: str) -> bool:
     return all(s == 1 for s in sizes)
 
 
-def _sequential_neighbours(root: nn.Module, name: str) -> tuple[str | None, nn.Module | None]:
-    """The path of the module a plain ``nn.Sequential`` calls right before ``name`` and the module it calls
-    right after (its previous and next children); ``(None, None)`` outside such a container."""
+def _sequential_neighbours(root: nn.Module, name: str) -> tuple[nn.Module | None, str | None, nn.Module | None]:
+    """The plain ``nn.Sequential`` that holds ``name``, the path of the module it calls right before ``name`` and
+    the module it calls right after (its previous and next children); ``(None, None, None)`` outside such a
+    container."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
-        return None, None
+        return None, None, None
     names = [k for k, v in parent._modules.items() if v is not None]
     i = names.index(child)
     prefix = f"{parent_name}." if parent_name else ""
     prev = prefix + names[i - 1] if i > 0 else None
-    return prev, parent._modules[names[i + 1]] if i + 1 < len(names) else None
+    return parent, prev, parent._modules[names[i + 1]] if i + 1 < len(names) else None
 
 
 def _eval_batchnorm(module: nn.Module) -> bool:
@@ -325,24 +358,29 @@ class PooledCapture:
         self.mask: torch.Tensor | None = None
         self.pooled: dict[str, torch.Tensor] = {}
         self.sources: dict[str, str] = {}
+        self._exact: dict[str, torch.Tensor] = {}  # pooled values before the float32 cast, for a BatchNorm after them
         self._pending: dict[str, torch.Tensor] = {}  # maps waiting for the global pool that follows them
         self._outputs: dict[str, torch.Tensor] = {}  # outputs a following BatchNorm's hook checks its input against
         self._keep_output: set[str] = set()
-        self._plans: dict[tuple, Any] = {}
+        self._parents: dict[str, nn.Module] = {}  # the nn.Sequential whose own forward a route relies on
+        self._running: dict[int, int] = {}  # how deep each such container's forward is running now
+        self._plans: dict[str, tuple[tuple, Any]] = {}
         self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> PooledCapture:
         try:
             modules = valid_layers(self.module)
-            hooked = {id(m) for m in self.module.modules() if m._forward_hooks} if not _global_forward_hooks() else None
+            hooked = ({id(m) for m in self.module.modules() if m._forward_hooks or m._forward_pre_hooks}
+                      if not _global_forward_hooks() else None)
 
-            def untouched(m: nn.Module) -> bool:  # no hook but ours could change its output
+            def untouched(m: nn.Module) -> bool:  # no hook or pre-hook but ours could change its input or output
                 return hooked is not None and id(m) not in hooked
 
             for name in self.layers:
                 target = modules[name]
-                prev, nxt = _sequential_neighbours(self.module, name)
+                parent, prev, nxt = _sequential_neighbours(self.module, name)
                 if nxt is not None and _global_pool(nxt, self.rule) and untouched(nxt):
+                    self._watch(name, parent)
                     self._handles.append(target.register_forward_hook(self._deferring_hook(name)))
                     self._handles.append(nxt.register_forward_hook(self._global_pool_hook(name)))
                     continue
@@ -351,7 +389,8 @@ class PooledCapture:
                     if _eval_batchnorm(target) and prev in self.layers:
                         route = "affine"
                         self._keep_output.add(prev)
-                    elif _plain_conv(target):
+                        self._watch(name, parent)
+                    elif _plain_conv(target) and _own_weights(target):
                         route = "input"
                 self._handles.append(target.register_forward_hook(self._hook(name, route, prev)))
         except BaseException:
@@ -365,13 +404,41 @@ class PooledCapture:
         self._handles.clear()
         self._pending.clear()
         self._outputs.clear()
+        self._exact.clear()
+
+    def _watch(self, name: str, parent: nn.Module | None) -> None:
+        """Count the runs of ``parent``'s own forward, during which it hands each child's output to the next."""
+        if parent is None:
+            return
+        self._parents[name] = parent
+        key = id(parent)
+        if key in self._running:
+            return
+        self._running[key] = 0
+
+        def enter(_m: nn.Module, _inp: Any) -> None:
+            self._running[key] += 1
+
+        def leave(_m: nn.Module, _inp: Any, _out: Any) -> None:
+            self._running[key] = max(self._running[key] - 1, 0)
+
+        self._handles.append(parent.register_forward_pre_hook(enter))
+        self._handles.append(parent.register_forward_hook(leave, always_call=True))
+
+    def _wired(self, name: str) -> bool:
+        """Whether the container a route of ``name`` relies on is running its own forward now."""
+        parent = self._parents.get(name)
+        return parent is not None and self._running.get(id(parent), 0) > 0
 
     def begin_batch(self, mask: torch.Tensor | None = None) -> None:
         self.mask = mask
         self.pooled.clear()
         self.sources.clear()
+        self._exact.clear()
         self._pending.clear()
         self._outputs.clear()
+        for key in self._running:
+            self._running[key] = 0
 
     def end_batch(self) -> dict[str, torch.Tensor]:
         """The pooled outputs of this batch; a map whose global pool did not run is pooled here."""
@@ -397,6 +464,7 @@ class PooledCapture:
         return own_memory(pooled, out)
 
     def _set(self, name: str, value: torch.Tensor, source: str) -> None:
+        self._exact[name] = value
         self.pooled[name] = value.float()
         self.sources[name] = source
 
@@ -409,14 +477,13 @@ class PooledCapture:
                 self._outputs[name] = t
             x = inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
             prev_out = self._outputs.pop(prev, None) if route == "affine" else None  # held no longer than needed
-            if route == "map" or x is None or not _is_spatial(t, self.channel_first[name]):
+            if route == "map" or x is None or not _is_spatial(t, self.channel_first[name]) or x.dtype != t.dtype:
                 self._set(name, self._pool(t, name), "map")
-            elif route == "affine" and x is prev_out and prev in self.pooled and x.shape == t.shape:
-                key = (name, t.dtype)
-                if key not in self._plans:
-                    self._plans[key] = _batchnorm_affine(module, self.pooled[prev].dtype)
-                scale, shift = self._plans[key]
-                self._set(name, torch.addcmul(shift, self.pooled[prev], scale), "affine")
+            elif (route == "affine" and x is prev_out and prev in self._exact and x.shape == t.shape and self._wired(name)
+                    and self.channel_first[prev] == self.channel_first[name] and _is_spatial(x, self.channel_first[prev])
+                    and (plan := self._affine_plan(name, module, self._exact[prev].dtype)) is not None):
+                scale, shift = plan
+                self._set(name, torch.addcmul(shift, self._exact[prev], scale), "affine")
             elif (route == "input" and x.is_floating_point() and x.ndim == t.ndim == len(module.kernel_size) + 2
                     and x.numel() <= INPUT_SIDE_MAX_RATIO * t.numel()
                     and (plan := self._conv_plan(name, module, x, t)) is not None):
@@ -426,28 +493,48 @@ class PooledCapture:
 
         return hook
 
+    def _plan(self, name: str, key: tuple, state: tuple | None, build: Callable[[], Any]) -> Any:
+        """The plan of ``name`` for ``key``, rebuilt when the tensors it was built from (``state``) changed; None
+        (read the map) when their changes are not counted."""
+        if state is None:
+            return None
+        held = self._plans.get(name)
+        if held is None or held[0][0] != key or not _same_state(held[0][1], state):
+            held = self._plans[name] = ((key, state), build())
+        return held[1]
+
     def _conv_plan(self, name: str, conv: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Any:
-        key = (name, tuple(x.shape[2:]), tuple(out.shape[2:]), x.device, x.dtype)
-        if key not in self._plans:
-            self._plans[key] = conv_mean_plan(conv, key[1], key[2], x.device, torch.promote_types(x.dtype, torch.float32))
-        return self._plans[key]
+        key = (tuple(x.shape[2:]), tuple(out.shape[2:]), x.device)
+        return self._plan(name, key, _state(conv.weight, conv.bias),
+                          lambda: conv_mean_plan(conv, key[0], key[1], x.device, torch.float64))
+
+    def _affine_plan(self, name: str, bn: nn.Module, dtype: torch.dtype) -> Any:
+        return self._plan(name, (dtype,), _state(bn.running_mean, bn.running_var, bn.weight, bn.bias),
+                          lambda: _batchnorm_affine(bn, dtype))
 
     def _deferring_hook(self, name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inp: tuple[Any, ...], out: Any) -> None:
             t = first_tensor(out)
-            if t is not None:
-                self._pending[name] = t
-                if name in self._keep_output:
-                    self._outputs[name] = t
+            if t is None:
+                return
+            if name in self._keep_output:
+                self._outputs[name] = t
+            if self._wired(name):
+                self._pending[name] = t  # the container hands it to the pool next, unchanged
+            else:  # called by a model's own code, which could change the map before or after the pool reads it
+                self._set(name, self._pool(t, name), "map")
 
         return hook
 
     def _global_pool_hook(self, name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
-            pending = self._pending.get(name)
-            if (pending is not None and inp and inp[0] is pending and isinstance(out, torch.Tensor)
+            pending = self._pending.pop(name, None)
+            if pending is None:
+                return
+            if (inp and inp[0] is pending and isinstance(out, torch.Tensor) and self._wired(name)
                     and _is_spatial(pending, self.channel_first[name]) and out.shape[:2] == pending.shape[:2]):
                 self._set(name, out.detach().reshape(out.shape[0], -1).clone(), "global pool")
-                del self._pending[name]
+            else:  # pooled now, before later modules could change it
+                self._set(name, self._pool(pending, name), "map")
 
         return hook

@@ -244,13 +244,20 @@ def scratch_buffers_sha256(module: nn.Module) -> str:
     """sha256 over the names, dtypes, shapes and bytes of the tensors :func:`_scratch_buffers` finds in ``module``,
     recomputed only when one of them changed since the last call."""
     buffers = _scratch_buffers(module)
-    fingerprint = tuple((name, t.data_ptr(), t._version, t.shape, t.dtype) for name, t in buffers)
+    try:
+        fingerprint: tuple | None = tuple((name, t.data_ptr(), t._version, t.shape, t.dtype) for name, t in buffers)
+    except RuntimeError:  # a tensor made under torch.inference_mode (recomputed in a forward pass) counts no changes
+        fingerprint = None
     return _remembered(_SCRATCH_HASHES, module, fingerprint, lambda: _tensors_sha256(buffers))
 
 
-def _remembered(memo: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]], module: nn.Module, fingerprint: tuple,
-                compute: Callable[[], str]) -> str:
-    """The hash ``memo`` holds for ``module`` when its ``fingerprint`` is unchanged, else ``compute()``, remembered."""
+def _remembered(memo: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]], module: nn.Module,
+                fingerprint: tuple | None, compute: Callable[[], str]) -> str:
+    """The hash ``memo`` holds for ``module`` when its ``fingerprint`` is unchanged, else ``compute()``, remembered;
+    always ``compute()`` when there is no fingerprint (tensors whose changes are not counted)."""
+    if fingerprint is None:
+        memo.pop(module, None)
+        return compute()
     cached = memo.get(module)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
@@ -297,10 +304,14 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 _WEIGHT_HASHES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
-def _weights_fingerprint(module: nn.Module) -> tuple:
+def _weights_fingerprint(module: nn.Module) -> tuple | None:
     """Where each parameter and buffer lives and how often it was modified in place: equal fingerprints mean
-    unchanged weights (torch bumps a tensor's version on every in-place update)."""
-    return tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in (*module.parameters(), *module.buffers()))
+    unchanged weights (torch bumps a tensor's version on every in-place update). None when a tensor was made
+    under ``torch.inference_mode``, which counts no changes."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in (*module.parameters(), *module.buffers()))
+    except RuntimeError:
+        return None
 
 
 def current_weights_sha256(module: nn.Module) -> str:
