@@ -626,7 +626,7 @@ def test_similarity_matrix_streams_exactly_when_layers_exceed_the_memory_limit()
         similarity_matrix({"x": x, "dead": np.ones((n, 600))}, measure="linear_cka", memory_limit_mb=10)
 
 
-def test_similarity_matrix_falls_back_to_the_minibatch_estimate_when_cross_products_do_not_fit():
+def test_similarity_matrix_falls_back_to_the_minibatch_estimate_when_cross_products_do_not_fit(monkeypatch):
     from workbench.analyses.similarity import _chunk_bounds
 
     rng = np.random.default_rng(0)
@@ -635,7 +635,11 @@ def test_similarity_matrix_falls_back_to_the_minibatch_estimate_when_cross_produ
     z = rng.standard_normal((3001, 700))
     acts = {"x": x, "y": y, "z": z}
     full = similarity_matrix(acts, measure="linear_cka", debiased=True)
+    made = []
+    workspace = sim._workspace
+    monkeypatch.setattr(sim, "_workspace", lambda *args: made.append(args) or workspace(*args))
     streamed = similarity_matrix(acts, measure="linear_cka", debiased=True, memory_limit_mb=5)
+    assert len(made) == 1  # the chunks and the pairs' cross products reuse one workspace
     assert not streamed.params["exact"] and streamed.params["debiased"]
     assert "minibatch unbiased HSIC" in streamed.estimator and "above the 5 MiB limit" in streamed.estimator
     assert "do not fit" in streamed.estimator
@@ -912,8 +916,9 @@ def status(key):
 measure, n, d, layers, options = json.loads(sys.argv[1])
 g = torch.Generator().manual_seed(0)
 latent = torch.randn(n, 16, generator=g)
-acts = {f"l{i}": torch.relu(latent @ torch.randn(16, d, generator=g) + 0.5 * torch.randn(n, d, generator=g))
-        for i in range(layers)}
+widths = d if isinstance(d, list) else [d] * layers  # one width, or each layer's
+acts = {f"l{i}": torch.relu(latent @ torch.randn(16, w, generator=g) + 0.5 * torch.randn(n, w, generator=g))
+        for i, w in enumerate(widths)}
 sim.similarity_matrix({k: v[:300] for k, v in acts.items()}, measure=measure, **options)  # thread pools, BLAS buffers
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 with open("/proc/self/clear_refs", "w") as f:
@@ -925,8 +930,9 @@ print(json.dumps({"peak": status("VmHWM") - base, "streamed": bool(result.params
 """
 
 
-def _peak_bytes(measure: str, n: int, d: int, layers: int, **options) -> dict:
-    """Peak resident memory of one similarity_matrix call above the process's memory before it (fresh process)."""
+def _peak_bytes(measure: str, n: int, d: int | list[int], layers: int, **options) -> dict:
+    """Peak resident memory of one similarity_matrix call above the process's memory before it (fresh process);
+    ``d``: the width of every layer, or a list of the layers' widths."""
     import json
     import subprocess
     import sys
@@ -1018,6 +1024,17 @@ def test_exact_streamed_linear_cka_peak_stays_within_the_limit():
     assert sim._linear_cka_bytes(n, [d] * layers, [d] * layers, True, False, True) > limit_mb * 2**20
     streamed = _peak_bytes("linear_cka", n, d, layers, memory_limit_mb=limit_mb)
     assert streamed["streamed"] and streamed["exact"]
+    assert streamed["peak"] <= limit_mb * 2**20, f"{streamed['peak'] / 2**20:.0f} MiB"
+
+
+def test_minibatch_streamed_linear_cka_peak_stays_within_the_limit():
+    # the minibatch fallback sized its chunks by their rows alone, and made each layer's centred chunk (twice) and each
+    # pair's d_a x d_b cross product (30 MiB for the 2000-wide layer with itself) anew: widths 300/40/700/1500/2000 of
+    # 2000 samples peaked at 126 MiB under a 60 MiB limit (52 MiB now)
+    widths, limit_mb = [300, 40, 700, 1500, 2000], 60
+    assert sim._streamed_matrix_bytes(widths, widths, True) > limit_mb * 2**20  # the exact stream does not fit
+    streamed = _peak_bytes("linear_cka", 2000, widths, len(widths), memory_limit_mb=limit_mb, debiased=True)
+    assert streamed["streamed"] and not streamed["exact"]
     assert streamed["peak"] <= limit_mb * 2**20, f"{streamed['peak'] / 2**20:.0f} MiB"
 
 

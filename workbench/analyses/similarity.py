@@ -141,7 +141,8 @@ def _centre(
     (rounding in the mean would otherwise leave ~1e-17 noise that a normalised measure can blow up). With
     ``name`` given, raise when every column is constant (an all-zero or dead layer). ``in_place``: centre ``x``
     itself (a copy the caller owns), the same numbers without a second ``(n, d)`` array."""
-    constant = (x == x[:1]).all(0)
+    low, high = torch.aminmax(x, dim=0)
+    constant = low == high  # every value equal to the first (x is finite), without an (n, d) flag per value
     if in_place:
         x.mul_(unit_scale(x) if scale is None else scale)
         xc = x.sub_(x.mean(0, keepdim=True))
@@ -977,11 +978,6 @@ def _chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _chunk_hsic(a: _KernelStats, b: _KernelStats, m: int) -> float:
-    """Song et al.'s unbiased HSIC of one chunk of ``m`` samples, times ``m`` (the chunk's weight)."""
-    return m * _unbiased_scale(m) * _hsic_from_inner(_inner(a, b), a, b, True, m)
-
-
 def _stream_layout(
     raw_a: list[tuple[str, ArrayLike]], raw_b: list[tuple[str, ArrayLike]], symmetric: bool, names_a: list[str],
     names_b: list[str],
@@ -992,6 +988,15 @@ def _stream_layout(
     labels = names_a if symmetric else names_a + names_b
     idx_b = list(range(len(raw_a))) if symmetric else list(range(len(raw_a), len(layers)))
     return layers, labels, int(np.shape(layers[0][1])[0]), len(raw_a), idx_b
+
+
+def _minibatch_stream_bytes(widths: Sequence[int]) -> tuple[int, int]:
+    """Memory of :func:`_streaming_linear_cka` over layers of these widths: what it holds whatever the chunk size (one
+    pair's cross product, at most the widest layer's with itself, and the alignment of the workspace), and what each
+    row of a chunk adds (every layer's centred features, one layer's squares, and two copies of one layer's rows as
+    they are read: a layer read in a shuffled order is gathered, then put back in order)."""
+    widest = max(widths)
+    return 8 * widest * widest + 64 * (len(widths) + 2), 8 * (sum(widths) + 3 * widest)
 
 
 def _streaming_linear_cka(
@@ -1008,31 +1013,52 @@ def _streaming_linear_cka(
     """Minibatch linear CKA of every layer pair in one pass over row chunks (Nguyen et al. 2021).
 
     Per chunk, each layer is centred once; every pair's unbiased HSIC is accumulated weighted by the
-    chunk size, as in :func:`minibatch_cka`.
+    chunk size, as in :func:`minibatch_cka`. Its memory is :func:`_minibatch_stream_bytes`.
     """
     layers, labels, n, n_a, idx_b = _stream_layout(raw_a, raw_b, symmetric, names_a, names_b)
+    widths = [int(np.shape(t)[1]) for _, t in layers]
     cross = np.zeros((n_a, len(idx_b)))
     self_terms = np.zeros(len(layers))
     bounds = _chunk_bounds(n, chunk)
     scales: list[float | None] = [None] * len(layers)  # one power of two per layer, the same for all its chunks so far
+    # One workspace, made once (as in _exact_streaming_linear_cka): every layer's centred chunk, each contiguous and
+    # 64-byte aligned as a tensor of its own would be (the products below are those of separate tensors, bit for bit),
+    # one layer's squares, and one pair's d_a x d_b cross product. Nothing of a chunk's or a pair's size is allocated
+    # per chunk or per pair.
+    most = max(hi - lo for lo, hi in bounds)
+    widest = max(widths)
+    _, views = _workspace([(most * w,) for w in widths] + [(most * widest,), (widest * widest,)], 0, dev)
+    features, squares, product = views[: len(layers)], views[-2], views[-1]
+
+    def chunk_hsic(a: _KernelStats, b: _KernelStats, m: int) -> float:
+        """Song et al.'s unbiased HSIC of one chunk of ``m`` samples, times ``m`` (the chunk's weight); the cross
+        product ``a^T b`` whose squared norm is ``<K_a, K_b>`` is written into the workspace."""
+        if a.features is None or b.features is None:
+            raise RuntimeError("streamed kernel statistics without features")  # internal invariant, not user input
+        cross_product = product[: a.features.shape[1] * b.features.shape[1]].view(a.features.shape[1], -1)
+        inner = float(torch.linalg.matrix_norm(torch.mm(a.features.T, b.features, out=cross_product)) ** 2)
+        return m * _unbiased_scale(m) * _hsic_from_inner(inner, a, b, True, m)
+
     for step, (lo, hi) in enumerate(bounds, start=1):
         m = hi - lo
         stats = []
         factors = np.ones(len(layers))
         for i, ((_, t), label) in enumerate(zip(layers, labels)):
-            rows = as_matrix(t[lo:hi], label, func=func, device=dev, min_samples=4)
-            scales[i], factors[i] = _rescale_factor(rows, scales[i])
-            xc = _centre(rows, scale=scales[i])
-            diag = (xc * xc).sum(1)
+            xc = features[i][: m * widths[i]].view(m, widths[i])
+            _read_chunk(t[lo:hi], xc, label, func)
+            scales[i], factors[i] = _rescale_factor(xc, scales[i])
+            _centre(xc, scale=scales[i], in_place=True)
+            diag = torch.mul(xc, xc, out=squares[: xc.numel()].view(xc.shape)).sum(1)
             stats.append(_KernelStats(xc, None, diag, float(diag.sum()), 0.0))
         squared = factors * factors  # HSIC is of degree 2 in each kernel's features
         self_terms *= squared * squared
         cross *= np.outer(squared[:n_a], squared[idx_b])
         for i, st in enumerate(stats):
-            self_terms[i] += _chunk_hsic(st, st, m)
+            self_terms[i] += chunk_hsic(st, st, m)
         for i in range(n_a):
             for j, jb in enumerate(idx_b):
-                cross[i, j] += _chunk_hsic(stats[i], stats[jb], m)
+                cross[i, j] += chunk_hsic(stats[i], stats[jb], m)
+        del stats
         if progress is not None:
             progress(step, len(bounds))
     for i, total in enumerate(self_terms):
@@ -1368,7 +1394,11 @@ def _similarity_matrix(
                 f"cross products; raise memory_limit_mb to {raise_to}, compare fewer layers at a time, or pass debiased=True "
                 "for the minibatch estimate of debiased CKA."
             )
-        chunk = max(16, min(n, int((limit - accumulated) / row_bytes))) if exact else max(64, min(n, int(limit / row_bytes)))
+        if exact:
+            chunk = max(16, min(n, int((limit - accumulated) / row_bytes)))
+        else:  # the minibatch stream's chunk fits next to its pair product, counting what each of its rows holds
+            fixed, per_row = _minibatch_stream_bytes([w for _, w in shapes])
+            chunk = max(64, min(n, int((limit - fixed) / per_row)))
         why = f"the layers need {needed_mb:.3g} MiB in float64, above the {memory_limit_mb:g} MiB limit"
         if exact:
             values, sizes = _exact_streaming_linear_cka(raw_a, raw_b, symmetric, debiased, dev, chunk, names_a, names_b,
