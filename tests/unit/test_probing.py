@@ -441,6 +441,29 @@ def test_layers_are_centred_one_at_a_time_as_they_are_probed(monkeypatch):
     assert held == [0, 0, 0] and list(moment.n_features) == [16, 2 * 16 + 6, 2 * 5 + 6]
 
 
+def test_layer_statistics_are_the_same_bits_in_blocks_and_in_place(monkeypatch):
+    # the moments are taken a block of samples at a time, a float64 layer is centred a block of rows at a time, and the
+    # folds' statistics overwrite the layer's float32 copy with its centred values: the same numbers as whole arrays
+    rng = np.random.default_rng(0)
+    tokens = torch.from_numpy((rng.standard_normal((37, 6, 5)) * 3 + 50).astype(np.float32))
+    mask = rng.random((37, 6)) > 0.3
+    mask[:, 0] = True
+    whole = probing._moment_features(tokens, mask, 4, 3, "moment_probe", "t")
+    for values in (1, 6 * 5 * 4):  # one sample at a time, four
+        monkeypatch.setattr(probing, "_MOMENT_BLOCK_VALUES", values)
+        assert torch.equal(probing._moment_features(tokens, mask, 4, 3, "moment_probe", "t"), whole)
+    x = torch.from_numpy(rng.standard_normal((50, 7)) + 1e4)
+    x[:, 2] = 3.0
+    in_place = probing._centred_float32(x.clone(), "x", "probe_layers", in_place=True)
+    monkeypatch.setattr(probing, "_BLOCK_VALUES", 7 * 3)  # three rows at a time
+    assert torch.equal(probing._centred_float32(x, "x", "probe_layers"), in_place) and not in_place[:, 2].any()
+    train = torch.from_numpy(np.arange(50)[None, :] % 5 != np.arange(5)[:, None])
+    copy = in_place.clone()
+    centred, _, _ = probing._fold_standardisation(copy, train, torch.device("cpu"))
+    expected = (in_place.double() - in_place.double().mean(0, keepdim=True)).float()
+    assert centred is copy and torch.equal(centred, expected)
+
+
 def test_labels_of_mixed_types_and_nan_groups_are_refused():
     x = np.random.default_rng(0).normal(size=(40, 3))
     with pytest.raises(DataError, match=r"probe_layers: 'labels' mix value types \(int, str\); give every sample a label of one type"):

@@ -42,6 +42,7 @@ from workbench.analyses._validation import (
     check_int,
     check_layer_names,
     check_seed,
+    is_finite,
 )
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError, ParameterError
@@ -57,6 +58,8 @@ MLP_BATCH = 200
 MLP_LEARNING_RATE = 1e-3
 MLP_WEIGHT_DECAY = 1e-4
 MOMENT_RANK = 8
+_BLOCK_VALUES = 2**17  # float64 values in a block of rows worked on at a time (1 MiB)
+_MOMENT_BLOCK_VALUES = 2**19  # token values of the block of samples whose moments are taken at a time (4 MiB in float64)
 
 Progress = Callable[[int, int], None]
 
@@ -334,12 +337,18 @@ def _centred_float32(x: torch.Tensor, name: str, func: str, in_place: bool = Fal
     n_big = int((x.abs() > limit).sum()) if float(torch.linalg.vector_norm(x, math.inf)) > limit else 0
     out = x
     if not n_big:
-        constant = (x == x[:1]).all(0)
+        low, high = torch.aminmax(x, dim=0)
+        constant = low == high  # every value equal to the first (x is finite), without an |x|-sized flag per value
         x64 = x.to(torch.float64)
         mean = x64.mean(0, keepdim=True)
-        xc = x64.sub_(mean) if in_place else x64 - mean
-        xc[:, constant] = 0.0
-        out = xc.to(torch.float32)
+        if in_place:
+            out = x64.sub_(mean).to(torch.float32)
+        else:  # a block of rows at a time: no centred float64 copy of the whole layer
+            out = torch.empty_like(x64, dtype=torch.float32)  # laid out as x64 - mean would be
+            step = max(1, _BLOCK_VALUES // x.shape[1])
+            for lo in range(0, x.shape[0], step):
+                out[lo : lo + step] = x64[lo : lo + step] - mean
+        out[:, constant] = 0.0
         if not math.isfinite(float(torch.linalg.vector_norm(out, math.inf))):
             n_big = int((~torch.isfinite(out)).sum())  # a spread beyond the range (values near it of both signs)
     if n_big:
@@ -537,7 +546,8 @@ def _probe(
 def _probe_one(
     x: torch.Tensor, targets: _Targets, probe: str, c: float, seed: int, dev: torch.device
 ) -> dict[str, Any]:
-    """Train every fold (and control fold) of one layer together and score them."""
+    """Train every fold (and control fold) of one layer together and score them. ``x`` is the layer's prepared float32
+    copy (:attr:`_Layer.prepare`), which this centres in place."""
     folds = torch.from_numpy(targets.folds)
     n_folds = int(folds.max()) + 1
     test = folds[None, :] == torch.arange(n_folds)[:, None]  # (F, n)
@@ -614,14 +624,16 @@ def _fold_standardisation(
     centred ``x`` ``(F, d)`` and the inverse training standard deviation (0 for features constant in the fold).
 
     Centring first keeps the folded standardisation ``x @ (s * W) - (mean * s) @ W`` free of
-    cancellation in float32: the fold means of centred features are small.
+    cancellation in float32: the fold means of centred features are small. ``x`` is the caller's own float32 copy
+    (see :func:`_centred_float32`): when it is on ``dev`` it is overwritten with the centred values and returned, so
+    that one layer's float32 copy and one float64 work array are held at a time.
     """
     dev64 = float64_device(dev)
-    magnitude = x.abs().amax(0).to(dev64, torch.float64)  # rounding noise of the variance is relative to these
+    low, high = torch.aminmax(x, dim=0)  # no |x| temporary
+    magnitude = torch.maximum(high, low.neg()).to(dev64, torch.float64)  # rounding noise of the variance is relative to these
     xc = x.to(dev64, torch.float64, copy=True)
     centre = xc.mean(0, keepdim=True)
     xc -= centre
-    centred = xc.to(dev, torch.float32)
     w = train.to(dev64, torch.float64)
     count = w.sum(1, keepdim=True)
     mean = (w @ xc) / count
@@ -638,6 +650,11 @@ def _fold_standardisation(
     # weight is fixed at zero (scikit-learn's StandardScaler leaves it unscaled, with the same effect
     # on training rows).
     scale = torch.where(std > 1e-10 * magnitude, 1.0 / std.clamp_min(1e-300), torch.zeros_like(std))
+    # The centred values once more, now that the squares are done with: x - centre in float64 (in the squares' array),
+    # rounded to float32.
+    xc = xc.copy_(x).sub_(centre)  # not torch.sub(x, centre, out=xc): with mixed dtypes it makes two |x|-sized arrays
+    centred = x.copy_(xc) if x.device == dev and x.dtype == torch.float32 else xc.to(dev, torch.float32)
+    del xc
     return centred, mean.to(dev), scale.to(dev)
 
 
@@ -898,7 +915,7 @@ def _token_mask(t: torch.Tensor, mask: Any, func: str, name: str) -> torch.Tenso
         raise DataError(
             f"{func}: layer '{name}' must have shape (n_samples >= 2, n_tokens >= 1, n_features >= 1). Got {tuple(t.shape)}."
         )
-    if not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not is_finite(t):
         raise DataError(f"{func}: layer '{name}' contains NaN or infinite values; remove or impute them first.")
     if mask is None:
         return torch.ones((n, n_tokens), dtype=torch.float64)
@@ -920,20 +937,32 @@ def _token_mask(t: torch.Tensor, mask: Any, func: str, name: str) -> torch.Tenso
 
 
 def _moment_features(t: torch.Tensor, mask: Any, rank: int, seed: int, func: str, name: str) -> torch.Tensor:
-    """Per-sample [mean token, per-feature token variance, rank x rank projected token covariance]."""
+    """Per-sample [mean token, per-feature token variance, rank x rank projected token covariance], computed for a block
+    of samples at a time (each sample's features are its own), so that float64 work arrays of a block, not of the whole
+    ``(n_samples, n_tokens, n_features)`` layer, are held next to it."""
     m = _token_mask(t, mask, func, name)
-    x = t.to(torch.float64)
-    d = x.shape[2]
+    n, n_tokens, d = t.shape
     count = m.sum(1)
-    mu = (m[:, :, None] * x).sum(1) / count[:, None]
-    centred = (x - mu[:, None, :]) * m[:, :, None]
-    var = (centred * centred).sum(1) / count[:, None]
-    parts = [mu, var]
-    if rank > 0:
+    r = min(rank, d)
+    directions = None
+    if r > 0:
         gen = torch.Generator().manual_seed(seed)
-        directions, _ = torch.linalg.qr(torch.randn((d, min(rank, d)), generator=gen, dtype=torch.float64))
-        z = centred @ directions  # (n, T, r)
-        cov = torch.einsum("ntr,nts->nrs", z, z) / count[:, None, None]
-        rows, cols = torch.triu_indices(cov.shape[1], cov.shape[1])
-        parts.append(cov[:, rows, cols])
-    return _centred_float32(torch.cat(parts, dim=1), name, func, in_place=True)
+        directions, _ = torch.linalg.qr(torch.randn((d, r), generator=gen, dtype=torch.float64))
+    rows, cols = torch.triu_indices(r, r)
+    features = torch.empty((n, 2 * d + len(rows)), dtype=torch.float64)
+    step = max(1, _MOMENT_BLOCK_VALUES // (n_tokens * d))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        x = t[lo:hi].to(torch.float64)
+        weights = m[lo:hi, :, None]
+        count_b = count[lo:hi, None]
+        mu = (weights * x).sum(1) / count_b
+        centred = (x - mu[:, None, :]) * weights
+        del x
+        features[lo:hi, :d] = mu
+        features[lo:hi, d : 2 * d] = (centred * centred).sum(1) / count_b
+        if directions is not None:
+            z = centred @ directions  # (samples, T, r)
+            cov = torch.einsum("ntr,nts->nrs", z, z) / count_b[:, :, None]
+            features[lo:hi, 2 * d :] = cov[:, rows, cols]
+    return _centred_float32(features, name, func, in_place=True)
