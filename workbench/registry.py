@@ -44,6 +44,7 @@ class Context:
     device: str | None = None
     progress: Progress | None = None
     train_dataset: Dataset | None = None  # set by an analysis that trains or matches on other data than ``dataset``
+    compared: tuple[list[str], list[str]] | None = None  # layer pairs an analysis compared, when it picked a subset
     _acts: dict[str, Activations] = field(default_factory=dict, repr=False)
 
     def models(self) -> list[LoadedModel]:
@@ -159,11 +160,17 @@ def _similarity_summary(result: Any) -> dict[str, Any]:
                                                       "max": float(values.max())}
         return out
     values = np.asarray(result.values)
-    out: dict[str, Any] = {"measure": result.measure, "estimator": result.estimator}
+    higher = next((m.higher_is_closer for m in MEASURES if m.name == result.measure), True)
+    out: dict[str, Any] = {"measure": result.measure, "estimator": result.estimator,
+                           "closer pairs score": "higher" if higher else "lower"}
     defined = values[np.isfinite(values)]
-    if values.shape[0] == values.shape[1] and np.isfinite(np.diag(values)).any():
-        out["diagonal_mean"] = float(np.nanmean(np.diag(values)))
-    out["max"] = float(defined.max())
+    diagonal = np.diag(values) if values.shape[0] == values.shape[1] else np.zeros(0)
+    if np.isfinite(diagonal).any():
+        out["diagonal_mean"] = float(np.nanmean(diagonal))
+        if not np.isfinite(diagonal).all():
+            out["diagonal pairs n/a"] = int((~np.isfinite(diagonal)).sum())
+    if defined.size:
+        out["max" if higher else "min"] = float(defined.max() if higher else defined.min())
     if defined.size < values.size:
         out["pairs n/a"] = int(values.size - defined.size)
     return out
@@ -180,8 +187,10 @@ def _relative(ctx: Context, n_anchors: int = 64, method: str = "random", k: int 
                 f"Relative representations pair model A's layers with model B's by position; got {len(acts_a.layers)} "
                 f"layer(s) of A and {len(ctx.layers_b)} of B (layers_b, --layers-b): name as many of each.")
         pairs = list(zip(acts_a.layers, ctx.layers_b, strict=True))
-    return relative_agreement_by_layer(ctx.activations("a"), ctx.activations("b"), layers=pairs, n_anchors=n_anchors,
-                                       method=method, k=k, seed=seed, device=ctx.device, progress=ctx.progress)
+    result = relative_agreement_by_layer(ctx.activations("a"), ctx.activations("b"), layers=pairs, n_anchors=n_anchors,
+                                         method=method, k=k, seed=seed, device=ctx.device, progress=ctx.progress)
+    ctx.compared = (list(result.layers_a), list(result.layers_b))  # so that the snippet pairs the same layers
+    return result
 
 
 def _relative_plot(result: Any) -> list[go.Figure]:
@@ -226,8 +235,7 @@ def _mode_connectivity_plot(result: Any) -> list[go.Figure]:
 
 
 def _mode_connectivity_summary(result: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {f"{method}/{split}/barrier_linear": value for method, b in result.barriers.items()
-                           for split, value in b.linear.items()}
+    out: dict[str, Any] = _mode_connectivity_table(result)
     datasets = next(iter(result.curves.values())).params.get("datasets", {}) if result.curves else {}
     out.update({f"{split} split": name for split, name in datasets.items()})  # what each split was evaluated on
     return out
@@ -302,10 +310,6 @@ def _separability_plot(results: Any) -> list[go.Figure]:
     return [separability_curves(*results, names=[r.model_name for r in results])]
 
 
-def _separability_summary(results: Any) -> dict[str, Any]:
-    return {m: dict(zip(r.layers, np.asarray(r.scores).tolist())) for m, r in zip(_model_labels([r.model_name for r in results]), results)}
-
-
 def _require_labels(ctx: Context, what: str) -> None:
     if ctx.dataset.y is None:
         raise ParameterError(f"{what} needs labels and dataset '{ctx.dataset.name}' has none; pick a labelled dataset.")
@@ -360,7 +364,12 @@ def _embedding(ctx: Context, method: str = "umap", layer: str | None = None, see
     views = {f"{names[0]} · {layer_a}": acts_a[layer_a]}
     if ctx.model_b is not None:
         acts_b = ctx.activations("b")
-        layer_b = layer if layer in acts_b else acts_b.layers[-1]
+        if layer is not None and layer not in acts_b:
+            raise UnknownLayerError(
+                f"Model B ('{ctx.model_b.name}') has no layer '{layer}' among its extracted layers "
+                f"({', '.join(acts_b.layers)}); name a layer both models have, or leave the layer unset to embed "
+                "each model's last layer.")
+        layer_b = layer if layer is not None else acts_b.layers[-1]
         views[f"{names[1]} · {layer_b}"] = acts_b[layer_b]
     return aligned_embedding(views, method=method, seed=seed, device=ctx.device, progress=ctx.progress)
 
@@ -400,12 +409,12 @@ def _intrinsic_dimension_summary(results: Any) -> dict[str, Any]:
 
 def _separability_table(results: Any) -> dict[str, Any]:
     labels = _model_labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
-    return {m: {layer: {"score S": float(r.scores[j]), **{k: float(v[j]) for k, v in r.references.items()}}
+    return {m: {layer: {"score S (lower = more separable)": float(r.scores[j]), **{k: float(v[j]) for k, v in r.references.items()}}
                 for j, layer in enumerate(r.layers)} for m, r in zip(labels, results)}
 
 
 def _mode_connectivity_table(result: Any) -> dict[str, Any]:
-    return {method: {split: {"barrier (linear)": b.linear[split], "barrier (mean)": b.mean[split],
+    return {method: {split: {"loss barrier (linear)": b.linear[split], "loss barrier (mean)": b.mean[split],
                              "accuracy drop": b.accuracy_drop[split]} for split in b.linear}
             for method, b in result.barriers.items()}
 
@@ -514,7 +523,7 @@ ANALYSES: list[Analysis] = [
              "Vietoris-Rips persistence per layer (exact H0 by MST) and bottleneck/Wasserstein distances",
              "pages/topology.py"),
     Analysis("separability", "Topological class separability across layers", "one_model", _separability,
-             _separability_plot, _separability_summary, {"normalize": True, "probe": True, "cv": 5, "seed": 0},
+             _separability_plot, _separability_table, {"normalize": True, "probe": True, "cv": 5, "seed": 0},
              "label-free H0 persistence score (lower = more separable) next to Fisher, Thornton, probe and CH",
              "pages/topology.py"),
 ]
@@ -609,10 +618,13 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
                   pooling=pooling, device=device, progress=progress)
     result = entry.compute(ctx, **merged)
     figures = entry.plot(result)
-    if "a" in ctx._acts:  # the layers the defaults gave, so that the snippet asks each model for its own
-        ctx.layers_a = ctx._acts["a"].layers
-    if "b" in ctx._acts and ctx._acts["b"].layers != ctx.layers_a:
-        ctx.layers_b = ctx._acts["b"].layers
+    if ctx.compared is not None:  # the pairs compared, named apart: the snippet pairs them by position
+        ctx.layers_a, ctx.layers_b = ctx.compared
+    else:
+        if "a" in ctx._acts:  # the layers the defaults gave, so that the snippet asks each model for its own
+            ctx.layers_a = ctx._acts["a"].layers
+        if "b" in ctx._acts and ctx._acts["b"].layers != ctx.layers_a:
+            ctx.layers_b = ctx._acts["b"].layers
     return Section(entry.title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result),
                    models=ctx.models(), dataset=dataset, train_dataset=ctx.train_dataset)
 

@@ -182,3 +182,45 @@ def test_intrinsic_dimension_summary_keeps_each_models_layers_in_its_own_order(s
     assert [row[0] for row in rows] == [name for name, _ in expected]
     for row, (_, dimension) in zip(rows, expected):
         assert float(row[1]) == pytest.approx(float(dimension), rel=1e-3)
+
+
+@pytest.mark.parametrize("model_b", ["mlp_tanh_seed0", "cnn_seed0"])
+def test_relative_snippet_compares_the_same_layer_pairs(model_b, sample_model, digits_test):
+    section = registry.run_analysis("relative", model_a=sample_model("mlp_seed0"), model_b=sample_model(model_b),
+                                    dataset=digits_test, params={"n_anchors": 32})
+    namespace: dict = {}
+    exec(section.snippet, namespace)  # noqa: S102 - the snippet the report shows must run as written
+    again = namespace["section"].result
+    assert (again.layers_a, again.layers_b) == (section.result.layers_a, section.result.layers_b)
+    np.testing.assert_allclose(again.jaccard, section.result.jaccard)
+    assert namespace["section"].summary == section.summary
+
+
+def test_separability_and_mode_connectivity_key_numbers_are_the_reports_tables(sample_model, digits_test):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    sep = registry.run_analysis("separability", model_a=a, dataset=digits_test, layers=["fc1"], params={"cv": 3})
+    assert sep.summary == registry.summarize(sep.result)["separability"]  # what the app's report shows
+    row = sep.summary["mlp_narrow_seed0"]["fc1"]
+    assert "score S (lower = more separable)" in row and "thornton_index" in row and "probe_accuracy" in row
+    mc = registry.run_analysis("mode_connectivity", model_a=a, model_b=b, dataset=digits_test, params={"n_points": 5})
+    naive = mc.summary["naive"]["test"]
+    assert set(naive) == {"loss barrier (linear)", "loss barrier (mean)", "accuracy drop"}
+    assert naive["loss barrier (linear)"] == mc.result.barriers["naive"].linear["test"]
+
+
+def test_a_distance_measure_reports_its_closest_pair(sample_model, digits_test):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    section = registry.run_analysis("similarity", model_a=a, model_b=b, dataset=digits_test, layers=["fc1", "out"],
+                                    params={"measure": "procrustes_distance", "chance": False})
+    values = np.asarray(section.result.values)
+    assert section.summary["closer pairs score"] == "lower" and "max" not in section.summary
+    assert section.summary["min"] == pytest.approx(float(values.min()))
+
+
+def test_an_embedding_layer_model_b_lacks_is_refused(sample_model, digits_test):
+    from workbench.errors import UnknownLayerError
+
+    with pytest.raises(UnknownLayerError, match=r"^Model B \('mlp_tanh_seed0'\) has no layer 'relu1' among its extracted layers "
+                                                r"\(.*tanh1.*\); name a layer both models have"):
+        registry.run_analysis("embedding", model_a=sample_model("mlp_seed0"), model_b=sample_model("mlp_tanh_seed0"),
+                              dataset=digits_test, params={"layer": "relu1", "method": "pca"})
