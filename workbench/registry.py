@@ -578,11 +578,56 @@ def recreate_snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> s
     )
 
 
-def check_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None) -> None:
+def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
+    """The values a parameter of an entry may take, where it names one of a few options."""
+    from workbench.analyses import degeneracy, embedding, probing, relative, similarity, topology
+
+    return {("similarity", "measure"): similarity.MEASURES, ("similarity", "kind"): similarity.CCA_KINDS,
+            ("similarity", "rdm"): similarity.RDM_KINDS, ("similarity", "compare"): similarity.RDM_COMPARISONS,
+            ("relative", "method"): relative.ANCHOR_METHODS, ("probing", "probe"): probing.PROBES,
+            ("embedding", "method"): embedding.METHODS, ("intrinsic_dimension", "method"): embedding.ID_METHODS,
+            ("degeneracy", "output"): degeneracy.OUTPUTS, ("topology", "metric"): topology.DIAGRAM_METRICS}
+
+
+def check_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The parameters of analysis ``name`` with ``params`` applied, checked before any work: each name is the
+    entry's, a value that picks an option is one of them, and the others have the type of the default (a whole
+    number, a number, true/false, a layer name). Ranges are checked by the analysis itself."""
+    entry = get_analysis(name)
+    if params is not None and not isinstance(params, Mapping):
+        raise ParameterError(f"The 'params' of the '{name}' analysis must be a dict of parameter name -> value; got {type(params).__name__}.")
+    merged = {**entry.params, **(params or {})}
+    unknown = sorted(set(merged) - set(entry.params))
+    if unknown:
+        raise ParameterError(f"Unknown parameter(s) {unknown} for the '{name}' analysis; it takes {sorted(entry.params)}.")
+    choices = _choices()
+    for key, value in (params or {}).items():
+        default, allowed = entry.params[key], choices.get((name, key))
+        if allowed is not None:
+            wanted, ok = f"one of {format_choices(list(allowed))}", isinstance(value, str) and value in allowed
+        elif isinstance(default, bool):
+            wanted, ok = "true or false", isinstance(value, bool)
+        elif isinstance(default, int):
+            wanted, ok = "a whole number", isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            wanted, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif default is None:
+            wanted, ok = "a layer name or null", value is None or isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise ParameterError(f"The '{key}' parameter of the '{name}' analysis must be {wanted}. Got {value!r}.")
+    return merged
+
+
+def check_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None,
+                   params: Mapping[str, Any] | None = None) -> None:
     """Raise the error :func:`run_analysis` would raise, before any work, when the models or the dataset do not
     suit analysis ``name`` (a second model missing, labels missing, a model that is not one sequence of layers,
-    architectures that differ where weights are matched)."""
+    architectures that differ where weights are matched) or a parameter is unknown or of the wrong kind
+    (:func:`check_params`)."""
     entry = get_analysis(name)
+    check_params(name, params)
     if entry.inputs in ("two_models", "weights") and model_b is None:
         raise ParameterError(f"The '{name}' analysis compares two models; pass model_b (or --model-b).")
     if entry.requires is not None:
@@ -607,13 +652,8 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     from workbench.report import Section
 
     entry = get_analysis(name)
-    if params is not None and not isinstance(params, Mapping):
-        raise ParameterError(f"The 'params' of run_analysis must be a dict of parameter name -> value; got {type(params).__name__}.")
-    check_analysis(name, model_a=model_a, model_b=model_b, dataset=dataset)
-    merged = {**entry.params, **(params or {})}
-    unknown = sorted(set(merged) - set(entry.params))
-    if unknown:
-        raise ParameterError(f"Unknown parameter(s) {unknown} for the '{name}' analysis; it takes {sorted(entry.params)}.")
+    check_analysis(name, model_a=model_a, model_b=model_b, dataset=dataset, params=params)
+    merged = check_params(name, params)
     ctx = Context(model_a=model_a, model_b=model_b, dataset=dataset, layers_a=layers, layers_b=layers_b,
                   pooling=pooling, device=device, progress=progress)
     result = entry.compute(ctx, **merged)

@@ -67,8 +67,23 @@ def test_bad_names_and_parameters(sample_model, digits_test):
     for name, what in (("probing", "Probing"), ("mode_connectivity", r"Mode connectivity \(loss and accuracy along the path\)")):
         with pytest.raises(ParameterError, match=rf"^{what} needs labels and dataset 'nolab' has none; pick a labelled dataset\.$"):
             registry.run_analysis(name, model_a=a, model_b=a, dataset=unlabelled)
-    with pytest.raises(ParameterError, match=r"The 'params' of run_analysis must be a dict of parameter name -> value; got list"):
+    with pytest.raises(ParameterError, match=r"The 'params' of the 'similarity' analysis must be a dict of parameter name -> value; got list"):
         registry.run_analysis("similarity", model_a=a, model_b=a, dataset=digits_test, params=[("measure", "rsa")])
+
+
+@pytest.mark.parametrize(("name", "params", "message"), [
+    ("similarity", {"measure": "bogus"}, r"The 'measure' parameter of the 'similarity' analysis must be one of .*linear_cka.*\. Got 'bogus'\.$"),
+    ("probing", {"cv": "3"}, r"The 'cv' parameter of the 'probing' analysis must be a whole number\. Got '3'\.$"),
+    ("probing", {"control": 1}, r"The 'control' parameter of the 'probing' analysis must be true or false\. Got 1\.$"),
+    ("probing", {"c": "big"}, r"The 'c' parameter of the 'probing' analysis must be a number\. Got 'big'\.$"),
+    ("embedding", {"layer": 3}, r"The 'layer' parameter of the 'embedding' analysis must be a layer name or null\. Got 3\.$"),
+    ("degeneracy", {"output": "logit"}, r"The 'output' parameter of the 'degeneracy' analysis must be one of .*logits.*\. Got 'logit'\.$"),
+])
+def test_parameter_values_are_checked_before_any_work(name, params, message, sample_model, digits_test):
+    a = sample_model("mlp_narrow_seed0")
+    with pytest.raises(ParameterError, match=message):
+        registry.check_analysis(name, model_a=a, model_b=a, dataset=digits_test, params=params)
+    assert registry.check_params(name, {}) == dict(registry.get_analysis(name).params)
 
 
 def test_check_analysis_refuses_unsuited_models_before_any_work(sample_model, digits_test):
