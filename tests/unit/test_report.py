@@ -249,3 +249,79 @@ def test_saving_into_a_folder_removes_the_files_of_an_earlier_report(tmp_path):
     assert not (tmp_path / "report.pdf").exists() and not (tmp_path / "arrays.npz").exists()
     assert not (tmp_path / "figures" / "section00-fig0.png").exists()
     assert (tmp_path / "notes.txt").read_text() == "from before"  # not a report file
+
+
+def test_the_printed_page_opens_the_code_and_wraps_long_lines(stats_report, tmp_path, monkeypatch):
+    from workbench.report import build
+
+    report, _ = stats_report
+    screen = report.to_html()
+    assert screen.count("<details>") == 2 and "<details open" not in screen  # the interactive page stays collapsed
+    printed = report.to_html(for_print=True)
+    assert printed.count("<details") == printed.count("<details open>") == 2
+    assert "@media print" in printed and "white-space: pre-wrap; overflow-wrap: anywhere" in printed
+    given = []  # what save() hands the printer: the page with its details open, not report.html
+
+    def fake_printer(html_path, pdf_path):
+        given.append(html_path.read_text(encoding="utf-8"))
+        pdf_path.write_bytes(b"%PDF")
+        return pdf_path
+
+    monkeypatch.setattr(build, "html_to_pdf", fake_printer)
+    files = report.save(tmp_path, formats=("html", "pdf"))
+    assert given and given[0].count("<details open>") == 2 and "activation_stats(acts)" in given[0]
+    assert "<details open" not in files["html"].read_text()
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no Chromium on this machine")
+def test_printed_code_and_command_fit_the_page_in_chromium(stats_report, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    report, _ = stats_report
+    command = "workbench analyze --model-a " + "/very/long/folder" * 20 + "/mlp_seed0.safetensors --data digits --pdf"
+    page_html = tmp_path / "print.html"
+    page_html.write_text(build_report(report.sections, title="t", command=command).to_html(for_print=True), encoding="utf-8")
+
+    def measure() -> list[dict]:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=find_chromium(),
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 700, "height": 900})  # about an A4 page's printable width
+            page.emulate_media(media="print")
+            page.goto(page_html.resolve().as_uri())
+            found = page.evaluate("""() => [...document.querySelectorAll('pre')].map(e => ({
+                text: e.innerText, visible: e.offsetHeight > 0, overflow: e.scrollWidth - e.clientWidth}))""")
+            browser.close()
+            return found
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # a thread without an asyncio loop, as playwright's sync API needs
+        blocks = pool.submit(measure).result()
+    assert blocks[0]["text"].replace("\n", "") == command  # the command in full, wrapped rather than cut off
+    assert any("activation_stats(acts)" in b["text"] for b in blocks)  # a section's code
+    assert any('"schema' in b["text"] or '"command"' in b["text"] for b in blocks)  # the header as JSON
+    assert all(b["visible"] and b["overflow"] <= 1 for b in blocks), blocks
+
+
+def test_the_header_states_the_pooling_and_layers(stats_report):
+    report, _ = stats_report
+    assert report.header["extraction"] == {}  # not given, and no section records one
+    sections = report.sections
+    setting = {"pooling": "max", "layers": {"A": ["fc1", "relu1"]}}
+    made = build_report(sections, title="t", extraction=setting)
+    assert made.to_dict()["header"]["extraction"] == setting
+    text = made.to_html()
+    assert "<td><b>Activations</b></td><td colspan=\"3\">pooling &#39;max&#39; · layers of A: fc1, relu1</td>" in text
+    import dataclasses
+
+    cls = dataclasses.replace(sections[0], extraction={"pooling": "cls"})
+    last = dataclasses.replace(sections[1], extraction={"pooling": "last"})
+    shared = build_report([cls, dataclasses.replace(sections[1], extraction={"pooling": "cls"})], title="t")
+    assert shared.header["extraction"] == {"pooling": "cls"}  # the one setting every section records
+    mixed = build_report([cls, last], title="t")
+    assert mixed.header["extraction"] == {}  # each section says its own
+    assert [s["extraction"] for s in mixed.to_dict()["sections"]] == [{"pooling": "cls"}, {"pooling": "last"}]
+    text = mixed.to_html()
+    assert "<b>Activations:</b> pooling &#39;cls&#39;" in text and "<b>Activations:</b> pooling &#39;last&#39;" in text
+    with pytest.raises(ParameterError, match=r"The 'extraction' of build_report is a dict such as \{'pooling': 'mean'\}; got str"):
+        build_report(sections, extraction="mean")

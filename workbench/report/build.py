@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 
 from workbench.errors import ParameterError, WorkbenchError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: header and sections record "extraction" (pooling, layers)
 FORMATS = ("html", "json", "npz", "pdf", "png")
 PACKAGES = ("representation-workbench", "torch", "numpy", "scipy", "scikit-learn", "umap-learn", "gudhi", "plotly",
             "safetensors", "streamlit")
@@ -102,6 +102,7 @@ class Section:
     models: Sequence[Any] = ()  # the models this section analysed (LoadedModel or anything with name/sha256)
     dataset: Any = None  # the dataset it ran on
     train_dataset: Any = None  # the data it trained, matched or fitted statistics on, where that was another dataset
+    extraction: dict[str, Any] = field(default_factory=dict)  # pooling and layers of the activations it read, when known
 
     def record(self) -> dict[str, Any]:
         from workbench.analyses._result import _jsonable
@@ -112,6 +113,7 @@ class Section:
             "models": [_describe(m) for m in self.models if m is not None],
             "dataset": _describe_dataset(self.dataset),
             "train_dataset": _describe_dataset(self.train_dataset),
+            "extraction": _jsonable(dict(self.extraction)),
             "summary": _jsonable(self.summary),
             "results": [r.to_dict() if hasattr(r, "to_dict") else _jsonable(r) for r in results],
             "snippet": self.snippet,
@@ -170,6 +172,18 @@ def _distinct(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _extraction_text(extraction: Mapping[str, Any]) -> str:
+    """``{"pooling": "mean", "layers": {"A": ["fc1"]}}`` as "pooling 'mean' · layers of A: fc1", for the page."""
+    parts = [f"pooling '{extraction['pooling']}'"] if extraction.get("pooling") else []
+    layers = extraction.get("layers")
+    if isinstance(layers, Mapping):
+        parts += [f"layers of {k}: {_format_value(v)}" for k, v in layers.items() if v]
+    elif layers:
+        parts.append(f"layers: {_format_value(layers)}")
+    parts += [f"{k}: {_format_value(v)}" for k, v in extraction.items() if k not in ("pooling", "layers")]
+    return " · ".join(parts)
+
+
 def _device_name(device: str | None = None) -> str:
     """``device`` (default: the best available) with the hardware behind it."""
     import torch
@@ -215,9 +229,12 @@ class Report:
                 out[f"section{i:02d}/{key}"] = np.asarray(arr)
         return out
 
-    def to_html(self) -> str:
+    def to_html(self, *, for_print: bool = False) -> str:
         """The report as one self-contained HTML page: header, and per section its models and data, estimator
-        lines, key numbers, interactive figures (one embedded copy of plotly.js) and the code that recreates it."""
+        lines, key numbers, interactive figures (one embedded copy of plotly.js) and the code that recreates it.
+
+        ``for_print``: the page to print (the PDF): every ``<details>`` block (each section's code, the header as JSON)
+        is open, where the interactive page keeps them collapsed."""
         from jinja2 import Environment, PackageLoader
         from plotly.offline import get_plotlyjs
 
@@ -235,11 +252,12 @@ class Report:
                     params.append(line)
             sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet,
                              "notes": s.notes, "models": record["models"], "dataset": record["dataset"],
-                             "train_dataset": record["train_dataset"],
+                             "train_dataset": record["train_dataset"], "extraction": _extraction_text(record["extraction"]),
                              "summary": summary_tables(record["summary"])})
         return env.get_template("report.html.j2").render(
             title=self.title, header=self.header, sections=sections, plotlyjs=get_plotlyjs(),
-            header_json=json.dumps(self.header, indent=2),
+            header_json=json.dumps(self.header, indent=2), extraction=_extraction_text(self.header.get("extraction") or {}),
+            for_print=for_print,
         )
 
     def save(self, path: str | Path, formats: Sequence[str] = ("html", "json", "npz")) -> dict[str, Path]:
@@ -275,7 +293,10 @@ class Report:
         if "png" in formats:
             written.update(self.save_png(folder / "figures"))
         if "pdf" in formats:
-            written["pdf"] = html_to_pdf(written["html"], folder / "report.pdf")
+            with tempfile.TemporaryDirectory() as tmp:  # the page to print: code and header JSON shown, not collapsed
+                printed = Path(tmp) / "report.html"
+                printed.write_text(self.to_html(for_print=True), encoding="utf-8")
+                written["pdf"] = html_to_pdf(printed, folder / "report.pdf")
         return written
 
     def save_png(self, folder: Path, *, scale: float = 2.0) -> dict[str, Path]:
@@ -313,7 +334,8 @@ class Report:
 
 
 def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], *, title: str = "Representation analysis",
-                 models: Sequence[Any] = (), dataset: Any = None, command: str = "") -> Report:
+                 models: Sequence[Any] = (), dataset: Any = None, command: str = "",
+                 extraction: Mapping[str, Any] | None = None) -> Report:
     """Assemble a report from sections (``Section`` or ``(title, result, figures)`` tuples). A section
     without a ``summary`` gets the key numbers of its result (:func:`workbench.registry.summarize`).
 
@@ -322,6 +344,11 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
     ``models`` are labelled A and B in the header; without them, the header lists every model the
     sections name (numbered). ``header["dataset"]`` is ``dataset`` or the one all sections ran on;
     ``header["datasets"]`` lists every dataset the report used, the sections' training data included.
+
+    ``extraction``: how the layer activations were extracted, ``{"pooling": "mean", "layers": {"A": [...], "B":
+    [...]}}`` (pooling: how conv maps and token sequences become one vector per sample, see
+    :func:`~workbench.extract`); ``header["extraction"]`` is ``extraction``, else the one setting that every section
+    recording one (``Section.extraction``) shares, else ``{}`` (each section says its own).
     """
     if isinstance(results, Section) or (isinstance(results, tuple) and results and isinstance(results[0], str)) \
             or not isinstance(results, Sequence):
@@ -348,6 +375,8 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
             from workbench.registry import summarize
 
             s.summary = summarize(s.result)
+    from workbench.analyses._result import _jsonable
+
     described = [_describe(m) for m in models if m is not None]
     if described:
         labels = ["A", "B"] if len(described) <= 2 else [str(i + 1) for i in range(len(described))]
@@ -359,6 +388,11 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
     if not data:
         shared = _distinct([d for s in sections if (d := _describe_dataset(s.dataset))])
         data = shared[0] if len(shared) == 1 else {}
+    if extraction is not None and not isinstance(extraction, Mapping):
+        raise ParameterError(f"The 'extraction' of build_report is a dict such as {{'pooling': 'mean'}}; got {type(extraction).__name__}.")
+    if extraction is None:
+        settings = [s.extraction for s in sections if s.extraction]
+        extraction = settings[0] if settings and all(x == settings[0] for x in settings) else {}
     header = {
         "title": title,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -368,6 +402,7 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
         "versions": _versions(),
         "device": _devices_used(sections),
         "platform": f"{platform.system()} {platform.release()} / Python {sys.version.split()[0]}",
+        "extraction": _jsonable(dict(extraction)),
         "command": command,
     }
     return Report(title=title, sections=sections, header=header)
@@ -383,7 +418,8 @@ def find_chromium() -> str | None:
 
 
 def html_to_pdf(html_path: Path, pdf_path: Path) -> Path:
-    """Print an HTML file to PDF with headless Chromium (through playwright when installed)."""
+    """Print an HTML file to PDF with headless Chromium (through playwright when installed). A report prints
+    :meth:`Report.to_html` ``(for_print=True)``, whose ``<details>`` are open; through playwright any page's are."""
     chromium = find_chromium()
     if chromium is None:
         raise PdfUnavailableError(
@@ -405,6 +441,7 @@ def html_to_pdf(html_path: Path, pdf_path: Path) -> Path:
             try:
                 page = browser.new_page()
                 page.goto(html_path.resolve().as_uri(), wait_until="load")
+                page.evaluate("document.querySelectorAll('details').forEach(d => { d.open = true; })")  # print what they hide
                 page.wait_for_timeout(500)
                 page.pdf(path=str(pdf_path), format="A4", print_background=True)
             finally:
