@@ -1,8 +1,9 @@
 """Command line: ``workbench app | layers | extract | analyze``.
 
-Bad arguments (options argparse refuses, a ``ParameterError`` or an unknown layer) print one line
-to stderr and exit with code 2; errors in the input files (any other ``WorkbenchError``) and
-outputs that cannot be written print their message and exit with code 1.
+Bad arguments print one line to stderr and exit with code 2: options argparse refuses, a
+``ParameterError``, an unknown layer, a ``--data`` that names neither a bundled dataset nor an existing
+file, and models or data that do not suit each other or an analysis (found before any work). Files
+that cannot be read (any other ``WorkbenchError``) or written print their message and exit with code 1.
 """
 
 from __future__ import annotations
@@ -46,10 +47,32 @@ def _check_output(path: Path, *, folder: bool) -> None:
 
 
 def _data_arg(value: str):
+    """The dataset ``--data`` names; a name that is neither a bundled dataset nor an existing file is a bad argument."""
     from workbench import load_dataset
+    from workbench.data import BUILTIN_DATASETS
+    from workbench.errors import DataError
 
     name, _, split = value.partition(":")
-    return load_dataset(name, split=split) if split else load_dataset(value)
+    try:
+        return load_dataset(name, split=split) if split else load_dataset(value)
+    except DataError as exc:
+        if name not in BUILTIN_DATASETS and not os.path.lexists(value):
+            raise ParameterError(str(exc)) from None
+        raise
+
+
+def _check_fits(models: Sequence[Any], data: Any) -> None:
+    """Refuse, before any work, a dataset whose samples a model cannot take (tokens for a model of float features,
+    another number of features): a bad argument, like an analysis that does not suit the models."""
+    from workbench.activations.extract import check_inputs
+
+    for model in models:
+        if model is None:
+            continue
+        try:
+            check_inputs(model, data)
+        except WorkbenchError as exc:
+            raise ParameterError(str(exc)) from None
 
 
 def _port(text: str) -> int:
@@ -113,6 +136,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     _check_output(out, folder=False)
     model = load_model(args.model, architecture=args.architecture)
     data = _data_arg(args.data)
+    _check_fits([model], data)
     with tqdm(total=data.n_samples, unit="sample", disable=None) as bar:
         def progress(done: int, total: int) -> None:
             bar.update(done - bar.n)
@@ -237,9 +261,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model_a = load_model(args.model_a, architecture=args.architecture)
     model_b = _load_model_b(args) if args.model_b else None
     data = _data_arg(args.data)
+    _check_fits([model_a, model_b], data)
     for entry in entries:  # models or data that do not suit an analysis are a bad argument, found before any work
         try:
-            check_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data)
+            check_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data, params=params[entry.name])
         except WorkbenchError as exc:
             raise ParameterError(str(exc)) from None
     sections = []
@@ -250,6 +275,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                                          layers_b=args.layers_b, pooling=args.pooling, params=params[entry.name], device=args.device))
             bar.update(1)
     command = "workbench analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["analyze"] else ""
+    # each section records the pooling and layers it read; the header states them when the sections share them
     report = build_report(sections, title=args.title, models=[model_a, model_b], dataset=data, command=command)
     formats = ("html", "json", "npz") + (("pdf",) if args.pdf else ()) + (("png",) if args.png else ())
     try:

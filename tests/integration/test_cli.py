@@ -48,7 +48,8 @@ def test_extract_writes_npz(tmp_path):
 def test_analyze_writes_report(tmp_path):
     out_dir = tmp_path / "report"
     out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "activations,similarity,activations",
-              "--param", "similarity.measure=procrustes_distance", "--layers", "fc1", "relu1", "out", "--out", str(out_dir), cache=tmp_path)
+              "--param", "similarity.measure=procrustes_distance", "--layers", "fc1", "relu1", "out", "--pooling", "max",
+              "--out", str(out_dir), cache=tmp_path)
     assert out.returncode == 0, out.stderr
     doc = json.loads((out_dir / "report.json").read_text())
     assert [s["title"] for s in doc["sections"]] == ["Activation statistics", "Representational similarity (layer x layer)"]
@@ -56,8 +57,22 @@ def test_analyze_writes_report(tmp_path):
     assert [m["name"] for m in doc["sections"][1]["models"]] == ["mlp_seed0", "mlp_seed1"]
     assert doc["sections"][1]["dataset"]["name"] == "digits (test)"
     assert "workbench analyze --model-a" in doc["header"]["command"]
+    assert doc["header"]["extraction"] == {"pooling": "max", "layers": {"A": ["fc1", "relu1", "out"], "B": ["fc1", "relu1", "out"]}}
     html = (out_dir / "report.html").read_text()
     assert "Plotly.newPlot" in html and "run_analysis(" in html
+    assert "pooling &#39;max&#39; · layers of A: fc1, relu1, out · layers of B: fc1, relu1, out" in html
+
+
+def test_the_header_names_the_default_layers_each_model_gave(tmp_path):
+    cnn = str(ROOT / "sample_models" / "cnn_seed0.safetensors")
+    out = run("analyze", "--model-a", MLP0, "--model-b", cnn, "--data", "digits", "--analysis", "activations",
+              "--out", str(tmp_path / "r"), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    layers = doc["header"]["extraction"]["layers"]
+    assert doc["header"]["extraction"]["pooling"] == "mean" and layers["A"] == ["fc1", "relu1", "fc2", "relu2", "out"]
+    results = doc["sections"][0]["results"]  # the layers each model's statistics were computed on
+    assert layers["B"][0] == "conv1" and [list(r["stats"]) for r in results] == [layers["A"], layers["B"]]
 
 
 @pytest.mark.parametrize(
@@ -69,7 +84,19 @@ def test_analyze_writes_report(tmp_path):
          "must look like ANALYSIS.KEY=VALUE"),
         (["extract", MLP0, "--data", "digits"], 2, "the following arguments are required: --layers, --out"),
         (["extract", MLP0, "--data", "digits", "--layers", "fc9", "--out", "x.npz"], 2, "Unknown layer 'fc9'"),
-        (["extract", MLP0, "--data", "mnist", "--layers", "fc1", "--out", "x.npz"], 1, "No dataset named 'mnist'"),
+        (["extract", MLP0, "--data", "mnist", "--layers", "fc1", "--out", "x.npz"], 2,
+         "error: No dataset named 'mnist': it is neither a bundled dataset (digits, blobs, sentences) nor an existing file."),
+        (["analyze", "--model-a", MLP0, "--data", "nodata", "--analysis", "activations", "--out", "x"], 2,
+         "error: No dataset named 'nodata': it is neither a bundled dataset"),
+        (["analyze", "--model-a", MLP0, "--data", "sentences", "--analysis", "activations,probing", "--out", "x"], 2,
+         "error: Model 'mlp_seed0' takes float features but dataset 'sentences (test)' holds int64 values; pick a matching dataset"),
+        (["analyze", "--model-a", MLP0, "--model-b", str(ROOT / "sample_models" / "text_transformer_seed0.safetensors"),
+          "--data", "digits", "--analysis", "activations", "--out", "x"], 2,
+         "error: Model 'text_transformer_seed0' takes token ids (integers) but dataset 'digits (test)' holds float32 values"),
+        (["extract", MLP0, "--data", "sentences", "--layers", "fc1", "--out", "x.npz"], 2,
+         "error: Model 'mlp_seed0' takes float features but dataset 'sentences (test)' holds int64 values"),
+        (["extract", MLP0, "--data", "README.md", "--layers", "fc1", "--out", "x.npz"], 1,
+         "Cannot read dataset file 'README.md'"),
         (["layers", "README.md"], 1, "Cannot load 'README.md' as a model"),
         (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "similarity", "--out", "x"], 2,
          "compares two models; pass model_b"),
@@ -249,3 +276,13 @@ def test_relative_pairs_the_layers_of_a_and_b_by_position(tmp_path):
     assert result["layers_a"] == ["fc1", "relu2"] and result["layers_b"] == ["relu2", "fc1"]
     out = run(*args, "--layers", "fc1", "relu2", "--layers-b", "fc1", "--out", str(tmp_path / "r2"), cache=tmp_path)
     assert out.returncode == 2 and "pair model A's layers with model B's by position; got 2 layer(s) of A and 1 of B" in out.stderr
+
+
+def test_a_bad_parameter_value_stops_analyze_before_any_work(tmp_path):
+    out = run("analyze", "--model-a", "sample_models/mlp_narrow_seed0.safetensors", "--model-b",
+              "sample_models/mlp_narrow_seed1.safetensors", "--data", "digits:test", "--analysis", "probing,similarity",
+              "--param", "similarity.measure=bogus", "--out", str(tmp_path / "r"), cache=tmp_path / "cache")
+    assert out.returncode == 2
+    assert "The 'measure' parameter of the 'similarity' analysis must be one of" in out.stderr and "Got 'bogus'." in out.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("meta.json"))  # nothing was extracted
+    assert not (tmp_path / "r").exists()
