@@ -457,9 +457,17 @@ def pooling_picker(key: str) -> str:
                              "positions, flatten everything, the first (cls) or last token.")
 
 
+def _extraction(pooling: str | None, layers: list[str] | None, layers_b: list[str] | None) -> dict[str, Any]:
+    """How a section's activations were extracted, for the report: the pooling rule and, where known, the layers."""
+    if pooling is None:
+        return {}
+    named = {"A": layers, "B": layers_b} if layers_b else {"A": layers}
+    return {"pooling": pooling, **({"layers": named} if layers else {})}
+
+
 def report_button(title: str, result: Any, figures: list, key: str, *, analysis: str | None = None,
                   params: dict[str, Any] | None = None, layers: list[str] | None = None,
-                  layers_b: list[str] | None = None, pooling: str = "mean",
+                  layers_b: list[str] | None = None, pooling: str | None = None,
                   models: list[wb.LoadedModel] | None = None, dataset: wb.Dataset | None = None,
                   train_dataset: wb.Dataset | None = None, notes: str = "", summary: dict[str, Any] | None = None) -> None:
     """An "Add to report" button collecting ``(title, result, figures)`` for the Report page, with the
@@ -469,7 +477,8 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
     summary of the result's type is not the one the page shows.
 
     With ``analysis`` (a registry name) and its ``params``, the section also carries the Python
-    that recreates it.
+    that recreates it. ``pooling`` (and ``layers``, ``layers_b``): how the activations the result read were
+    extracted, which the exported section states; None for results of weights or gradients alone.
     """
     if st.button("Add to report", key=key, help="Collect this result and its figures for the exported report."):
         sections = st.session_state.setdefault(REPORT, [])
@@ -481,12 +490,13 @@ def report_button(title: str, result: Any, figures: list, key: str, *, analysis:
 
             entry = get_analysis(analysis)
             ctx = Context(model_a=models[0], model_b=models[1] if len(models) > 1 else None, dataset=dataset,
-                          layers_a=layers, layers_b=layers_b, pooling=pooling)
+                          layers_a=layers, layers_b=layers_b, pooling=pooling or "mean")
             snippet = recreate_snippet(entry, ctx, {**entry.params, **(params or {})})
         from workbench.registry import summarize
 
         sections.append({"title": title, "result": result, "figures": figures, "models": [m.name for m in models],
                          "dataset": dataset.name if dataset is not None else "", "snippet": snippet,
                          "model_objects": models, "dataset_object": dataset, "train_dataset_object": train_dataset, "notes": notes,
-                         "summary": summarize(result) if summary is None else summary})
+                         "summary": summarize(result) if summary is None else summary,
+                         "extraction": _extraction(pooling, layers, layers_b)})
         st.toast(f"Added '{title}' to the report ({len(sections)} section{'s' if len(sections) != 1 else ''}).")

@@ -44,4 +44,4 @@ st.caption(f"n = {dataset.n_samples} samples of {_state.plain(dataset.name)}; po
            "A dead unit is zero on every sample; a constant unit has zero variance over the dataset.")
 fig = layer_histograms(*results)
 st.plotly_chart(fig, width="stretch", key="act_hist")
-_state.report_button("Activation statistics", results, [fig], key="act_report")
+_state.report_button("Activation statistics", results, [fig], key="act_report", pooling=pooling)

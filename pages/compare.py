@@ -164,4 +164,4 @@ bars = class_agreement_bars(agreement, class_names=dataset.class_names)
 left.plotly_chart(scatter, key="cmp_scatter", width="stretch")
 right.plotly_chart(bars, key="cmp_classes", width="stretch")
 title = f"Relative representations: {model_a.name}.{cell_a} vs {model_b.name}.{cell_b}"
-_state.report_button(title, detail, [scatter, bars], key="cmp_detail_report")
+_state.report_button(title, detail, [scatter, bars], key="cmp_detail_report", pooling=pooling)

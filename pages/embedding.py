@@ -133,4 +133,4 @@ with _state.guard():
 dims = intrinsic_dimension_profile(*profiles, names=[m.name for m in models])
 st.plotly_chart(dims, width="stretch", key="emb_id_chart")
 views_fig = [embedding_scatter(result, view=i, color=labels) for i in range(2)]
-_state.report_button("Embedding", [result, *profiles], [*views_fig, dims], key="emb_report")
+_state.report_button("Embedding", [result, *profiles], [*views_fig, dims], key="emb_report", pooling=pooling)

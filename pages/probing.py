@@ -113,4 +113,4 @@ if results[0].confusion is not None:
     confusion = probe_confusion(results[pick[0]], pick[1], class_names=dataset.class_names)
     st.plotly_chart(confusion, width="stretch", key="probe_confusion")
     figures.append(confusion)
-_state.report_button("Probing", results, figures, key="probe_report")
+_state.report_button("Probing", results, figures, key="probe_report", pooling=pooling)

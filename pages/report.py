@@ -23,7 +23,7 @@ def download_payload(sections: list[dict], title: str, formats: tuple[str, ...])
     report = build_report(
         [Section(s["title"], s["result"], s["figures"], snippet=s.get("snippet", ""), models=s.get("model_objects", ()),
                  dataset=s.get("dataset_object"), train_dataset=s.get("train_dataset_object"), summary=s.get("summary", {}),
-                 notes=s.get("notes", ""))
+                 notes=s.get("notes", ""), extraction=s.get("extraction", {}))
          for s in sections],
         title=title,
     )

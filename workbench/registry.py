@@ -665,8 +665,10 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
             ctx.layers_a = ctx._acts["a"].layers
         if "b" in ctx._acts and ctx._acts["b"].layers != ctx.layers_a:
             ctx.layers_b = ctx._acts["b"].layers
+    # how the activations it read were extracted (nothing for analyses of weights or gradients alone)
+    extraction = {"pooling": ctx.pooling, "layers": {k.upper(): acts.layers for k, acts in sorted(ctx._acts.items())}} if ctx._acts else {}
     return Section(entry.title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result),
-                   models=ctx.models(), dataset=dataset, train_dataset=ctx.train_dataset)
+                   models=ctx.models(), dataset=dataset, train_dataset=ctx.train_dataset, extraction=extraction)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,6 +142,8 @@ def test_the_zip_is_built_again_only_when_its_inputs_change(app, monkeypatch):
         doc = json.loads(zf.read("report.json"))
         assert sorted(zf.namelist()) == ["arrays.npz", "report.html", "report.json"]
     assert doc["header"]["title"] == "Seeds compared" and len(doc["sections"]) == 2
+    assert doc["header"]["extraction"] == {"pooling": "mean"}  # the activations page's pooling, shared by both sections
+    assert all(section["extraction"] == {"pooling": "mean"} for section in doc["sections"])
     at.button(key="report_remove_1").click().run()
     assert len(built) == 4 and len(built[-1].sections) == 1
     at.run()

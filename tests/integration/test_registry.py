@@ -221,6 +221,7 @@ def test_separability_and_mode_connectivity_key_numbers_are_the_reports_tables(s
     naive = mc.summary["naive"]["test"]
     assert set(naive) == {"loss barrier (linear)", "loss barrier (mean)", "accuracy drop"}
     assert naive["loss barrier (linear)"] == mc.result.barriers["naive"].linear["test"]
+    assert sep.extraction == {"pooling": "mean", "layers": {"A": ["fc1"]}} and mc.extraction == {}  # weights alone
 
 
 def test_a_distance_measure_reports_its_closest_pair(sample_model, digits_test):
