@@ -325,3 +325,10 @@ def test_the_header_states_the_pooling_and_layers(stats_report):
     assert "<b>Activations:</b> pooling &#39;cls&#39;" in text and "<b>Activations:</b> pooling &#39;last&#39;" in text
     with pytest.raises(ParameterError, match=r"The 'extraction' of build_report is a dict such as \{'pooling': 'mean'\}; got str"):
         build_report(sections, extraction="mean")
+
+
+def test_large_numbers_read_as_whole_digits():
+    from workbench.report.build import summary_rows
+
+    rows = dict(summary_rows({"a": 12345.678, "b": 0.123456, "c": 1e20, "d": -25000.0, "e": 9999.5}))
+    assert rows == {"a": "12,346", "b": "0.1235", "c": "1e+20", "d": "-25,000", "e": "10,000"}

@@ -45,6 +45,8 @@ def _format_value(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, float):
+        if 9999.5 <= abs(value) < 1e15:  # whole digits rather than 1.235e+04 (from what .4g would round up to 1e+04)
+            return f"{value:,.0f}"
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(_format_value(v) for v in value)
@@ -52,7 +54,8 @@ def _format_value(value: Any) -> str:
 
 
 def summary_rows(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """A section's headline numbers as (name, value) rows: nested names joined by " / ", floats to 4 significant digits."""
+    """A section's headline numbers as (name, value) rows: nested names joined by " / ", floats to 4 significant digits
+    (whole digits with thousands separators from 10,000)."""
     rows: list[tuple[str, str]] = []
     for key, value in summary.items():
         name = f"{prefix} / {key}" if prefix else str(key)
