@@ -676,3 +676,20 @@ def test_every_figure_records_the_estimator_and_n():
     assert [r["layer"] for r in rows] == ["raw", "squared"] and rows[0]["score S"] == layers.per_layer["raw"].score
     assert rows[0]["Fisher ratio (max feature)"] == layers.per_layer["raw"].references()["fisher_ratio"]
     assert "fisher_ratio" not in rows[0]
+
+
+def test_the_distance_heatmap_names_the_models_the_activations_came_from():
+    from workbench.activations.types import Activations
+    from workbench.plots import topology as plots
+
+    rng = np.random.default_rng(0)
+    a = Activations({"l1": torch.from_numpy(rng.standard_normal((40, 3)))}, model_name="seed0")
+    b = Activations({"l1": torch.from_numpy(rng.standard_normal((40, 3)))}, model_name="seed1")
+    result = diagram_distance_matrix(a, b, dim=0)
+    assert (result.model_a, result.model_b) == ("seed0", "seed1")
+    fig = plots.diagram_distance_heatmap(result)
+    assert (fig.layout.yaxis.title.text, fig.layout.xaxis.title.text) == ("layer of seed0", "layer of seed1")
+    named = plots.diagram_distance_heatmap(result, name_a="first", name_b="second")
+    assert named.layout.yaxis.title.text == "layer of first"
+    plain = plots.diagram_distance_heatmap(diagram_distance_matrix({"l1": persistence(rng.standard_normal((30, 2)))}, dim=0))
+    assert plain.layout.yaxis.title.text == "layer of A"  # persistence results name no model

@@ -171,6 +171,7 @@ class DiagramDistanceMatrixResult(RecordedResult):
 
     ``distances``: ``(len(layers_a), len(layers_b))``, lower is closer. ``subsampled``: names of the
     layers whose dimensions >= 1 were computed on a farthest-point subsample, in layer order (A, then B).
+    ``model_a``, ``model_b``: the models the activations came from, where they say ("" otherwise).
     """
 
     distances: np.ndarray
@@ -181,6 +182,8 @@ class DiagramDistanceMatrixResult(RecordedResult):
     order: float
     normalize: bool
     subsampled: list[str]
+    model_a: str = ""
+    model_b: str = ""
 
 
 @dataclass(frozen=True)
@@ -1014,6 +1017,8 @@ def diagram_distance_matrix(
         order=order,
         normalize=normalize,
         subsampled=subsampled,
+        model_a=str(getattr(a, "model_name", "") or ""),
+        model_b=str(getattr(source_b, "model_name", "") or ""),
         estimator=f"{label}; {first.estimator}",
         n_samples=first.n_samples,
         params={

@@ -229,8 +229,12 @@ def _depth_colors(n: int) -> list[str]:
 
 
 @takes_results
-def diagram_distance_heatmap(result: DiagramDistanceMatrixResult, *, name_a: str = "A", name_b: str = "B") -> go.Figure:
-    """Heatmap of diagram distances: rows are layers of A, columns layers of B (lower = closer)."""
+def diagram_distance_heatmap(result: DiagramDistanceMatrixResult, *, name_a: str | None = None,
+                             name_b: str | None = None) -> go.Figure:
+    """Heatmap of diagram distances: rows are layers of A, columns layers of B (lower = closer). ``name_a``,
+    ``name_b``: the models' names on the axes (default: the result's, else "A" and "B")."""
+    name_a = name_a or result.model_a or "A"
+    name_b = name_b or result.model_b or "B"
     fig = go.Figure(
         go.Heatmap(
             z=result.distances,
