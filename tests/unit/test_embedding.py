@@ -500,3 +500,29 @@ def test_a_view_equal_to_an_earlier_one_gets_the_same_layout(method):
     result = aligned_embedding({"A": x, "B": x.copy(), "C": x[:, ::-1].copy()}, method=method, seed=0)
     np.testing.assert_array_equal(result.coordinates[1], result.coordinates[0])
     assert result.disparity[1] == 0.0 and result.trustworthiness[1] == result.trustworthiness[0]
+
+
+def test_disparity_is_twice_one_minus_the_procrustes_fit_and_at_most_two():
+    from scipy.spatial import procrustes
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 6))
+    for noisy in (x + 0.5 * rng.standard_normal(x.shape), rng.standard_normal(x.shape)):
+        result = aligned_embedding({"a": x, "b": noisy}, method="pca")
+        _, _, scipy_disparity = procrustes(result.coordinates[0], result.coordinates[1])
+        fit = np.sqrt(1 - scipy_disparity)  # sum of the singular values / n of the unit-RMS views
+        assert result.disparity[1] == pytest.approx(2 * (1 - fit), rel=1e-9)
+        assert 0 <= result.disparity[1] <= 2
+
+
+def test_trustworthiness_gives_tied_neighbours_their_best_rank():
+    from sklearn.manifold import trustworthiness as sklearn_trustworthiness
+
+    rng = np.random.default_rng(7)
+    continuous = rng.standard_normal((200, 8))
+    view = continuous[:, :2]
+    assert trustworthiness(continuous, view, k=10) == pytest.approx(sklearn_trustworthiness(continuous, view, n_neighbors=10), abs=1e-12)
+    binary = (rng.random((300, 12)) < 0.3).astype(float)  # many tied distances
+    view = binary[:, :2] + 0.1 * rng.standard_normal((300, 2))
+    ours, theirs = trustworthiness(binary, view, k=10), sklearn_trustworthiness(binary, view, n_neighbors=10)
+    assert ours > theirs + 0.03  # scikit-learn ranks the members of a tie in index order

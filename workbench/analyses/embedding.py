@@ -97,7 +97,11 @@ class AlignedEmbeddingResult(RecordedResult):
     ``names``: one label per view. ``trustworthiness`` and ``knn_preservation``: ``(n_views,)``
     quality of each view (alignment does not change them). ``displacement``: ``(n_views, n_samples)``
     distance of each sample from its place in view 0, in units of the RMS radius (0 for view 0).
-    ``disparity``: ``(n_views,)`` mean squared displacement, in ``[0, 4]`` (0 = identical views).
+    ``disparity``: ``(n_views,)`` mean squared displacement, in ``[0, 2]`` (0 = identical views; the best
+    rotation keeps it at most 2): ``2 (1 - sum(s) / n)`` with ``s`` the singular values of the two unit-RMS views'
+    cross product, not ``scipy.spatial.procrustes``'s ``1 - (sum(s) / n)**2``, which agrees with it to first order
+    for alike views and reaches 1 where this reaches 2. Views after the first that UMAP or t-SNE embeds start from
+    view 0's layout, so their disparities run lower than for views embedded independently.
     """
 
     coordinates: np.ndarray
@@ -404,7 +408,10 @@ def trustworthiness(
     ``T(k) = 1 - 2 / (n k (2n - 3k - 1)) * sum_i sum_{j in U_k(i)} (r(i, j) - k)``, where ``U_k(i)`` are
     the ``k`` nearest neighbours of ``i`` in the view that are not among its ``k`` nearest in ``x``,
     and ``r(i, j)`` is the rank of ``j`` by distance from ``i`` in ``x`` (Venna & Kaski 2001). Equals
-    ``sklearn.manifold.trustworthiness`` (Euclidean view) without its ``(n, n)`` memory.
+    ``sklearn.manifold.trustworthiness`` (Euclidean view) without its ``(n, n)`` memory where no two distances
+    from a sample tie. A tie gives each of its members the best rank (one more than the samples strictly closer),
+    where scikit-learn ranks them in index order, so with tied distances (binary features, repeated or all-zero
+    samples) this score is the higher of the two (0.715 against 0.649 on 300 binary samples).
     In ``[0, 1]``; 1 for a perfect view.
 
     Parameters
