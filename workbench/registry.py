@@ -621,17 +621,18 @@ def check_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str
 
 
 def check_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None,
-                   params: Mapping[str, Any] | None = None) -> None:
+                   params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Raise the error :func:`run_analysis` would raise, before any work, when the models or the dataset do not
     suit analysis ``name`` (a second model missing, labels missing, a model that is not one sequence of layers,
     architectures that differ where weights are matched) or a parameter is unknown or of the wrong kind
-    (:func:`check_params`)."""
+    (:func:`check_params`); return the parameters with ``params`` applied."""
     entry = get_analysis(name)
-    check_params(name, params)
+    merged = check_params(name, params)
     if entry.inputs in ("two_models", "weights") and model_b is None:
         raise ParameterError(f"The '{name}' analysis compares two models; pass model_b (or --model-b).")
     if entry.requires is not None:
         entry.requires(Context(model_a=model_a, model_b=model_b, dataset=dataset))
+    return merged
 
 
 def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None,
@@ -652,8 +653,7 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     from workbench.report import Section
 
     entry = get_analysis(name)
-    check_analysis(name, model_a=model_a, model_b=model_b, dataset=dataset, params=params)
-    merged = check_params(name, params)
+    merged = check_analysis(name, model_a=model_a, model_b=model_b, dataset=dataset, params=params)
     ctx = Context(model_a=model_a, model_b=model_b, dataset=dataset, layers_a=layers, layers_b=layers_b,
                   pooling=pooling, device=device, progress=progress)
     result = entry.compute(ctx, **merged)
