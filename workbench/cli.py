@@ -52,9 +52,11 @@ def _data_arg(value: str):
     from workbench.data import BUILTIN_DATASETS
     from workbench.errors import DataError
 
-    name, _, split = value.partition(":")
+    name, _, split = value.partition(":")  # a bundled dataset's split (digits:train); a file path keeps its colons
     try:
-        return load_dataset(name, split=split) if split else load_dataset(value)
+        if split and name in BUILTIN_DATASETS and not os.path.lexists(value):
+            return load_dataset(name, split=split)
+        return load_dataset(value)
     except DataError as exc:
         if name not in BUILTIN_DATASETS and not os.path.lexists(value):
             raise ParameterError(str(exc)) from None

@@ -286,3 +286,18 @@ def test_a_bad_parameter_value_stops_analyze_before_any_work(tmp_path):
     assert "The 'measure' parameter of the 'similarity' analysis must be one of" in out.stderr and "Got 'bogus'." in out.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("meta.json"))  # nothing was extracted
     assert not (tmp_path / "r").exists()
+
+
+def test_data_files_whose_path_holds_a_colon_are_read_as_files(tmp_path):
+    from workbench.cli import _data_arg
+    from workbench.errors import ParameterError
+
+    folder = tmp_path / "run:2"  # a timestamped or drive-letter path: not a bundled dataset's split
+    folder.mkdir()
+    x = np.random.default_rng(0).normal(size=(20, 64)).astype(np.float32)
+    np.savez(folder / "data:v1.npz", x=x, y=np.arange(20) % 3)
+    data = _data_arg(str(folder / "data:v1.npz"))
+    assert data.n_samples == 20 and np.allclose(data.x.numpy(), x)
+    assert _data_arg("digits:train").n_samples > _data_arg("digits").n_samples  # the split of a bundled dataset
+    with pytest.raises(ParameterError, match="neither a bundled dataset"):
+        _data_arg(str(folder / "missing:v1.npz"))
