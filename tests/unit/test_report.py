@@ -106,6 +106,41 @@ def test_json_and_npz_round_trip(stats_report, tmp_path):
         np.testing.assert_allclose(arrays["section01/relu1/hist_edges"], result.stats["relu1"].hist_edges)
 
 
+def test_large_arrays_are_in_the_npz_and_the_json_names_them(stats_report, digits_test, tmp_path):
+    from workbench.analyses.embedding import embed
+    from workbench.report.build import INLINE_MAX
+
+    _, stats = stats_report
+    pca = embed(digits_test.x.numpy(), method="pca", n_components=3)  # 450 x 3 coordinates: in the npz only
+    big = {k: v for k, v in pca.arrays().items() if v.size > INLINE_MAX}
+    small = {k: v for k, v in pca.arrays().items() if v.size <= INLINE_MAX}
+    assert big and small
+    report = build_report([Section("Stats", stats), Section("Both", [stats, pca])], title="t")
+    files = report.save(tmp_path, formats=("json", "npz"))
+    doc = json.loads(files["json"].read_text())
+    refs = []
+
+    def find(value):
+        if isinstance(value, dict) and set(value) == {"npz", "shape", "dtype"}:
+            refs.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                find(v)
+        elif isinstance(value, list):
+            for v in value:
+                find(v)
+
+    find(doc)
+    assert sorted(r["npz"] for r in refs) == sorted(f"section01/1/{k}" for k in big)
+    with np.load(files["npz"], allow_pickle=False) as arrays:
+        for ref in refs:
+            assert list(arrays[ref["npz"]].shape) == ref["shape"] and str(arrays[ref["npz"]].dtype) == ref["dtype"]
+    field, array = next(iter(small.items()))
+    assert np.allclose(doc["sections"][1]["results"][1][field], array)  # small arrays stay in the JSON
+    assert not any(isinstance(v, dict) and "npz" in v for v in pca.to_dict().values())  # a result alone writes all out
+    assert len(files["json"].read_text()) < 200_000
+
+
 def test_sections_record_their_models_and_the_header_lists_them_all(sample_model, digits_test, tmp_path):
     from workbench import load_dataset
 

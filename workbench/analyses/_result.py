@@ -16,9 +16,13 @@ from typing import Any
 import numpy as np
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, refs: dict[int, str] | None = None) -> Any:
+    """``value`` as JSON-safe data. ``refs`` maps ``id(array)`` to a name: each of those arrays becomes a reference
+    ``{"npz": name, "shape": [...], "dtype": ...}`` instead of being written out."""
+    if refs and isinstance(value, np.ndarray) and id(value) in refs:
+        return {"npz": refs[id(value)], "shape": list(value.shape), "dtype": str(value.dtype)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _jsonable(getattr(value, f.name), refs) for f in dataclasses.fields(value)}
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "fc":
             return [_jsonable(v) for v in value.tolist()] if value.ndim else _jsonable(value.item())
@@ -31,9 +35,9 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, refs) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, refs) for v in value]
     if hasattr(value, "tolist"):  # torch tensors
         return _jsonable(np.asarray(value.tolist()))
     return value
@@ -81,9 +85,16 @@ class Result:
         body = ", ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in fields if f.repr)
         return f"{type(self).__name__}({body})"
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict of every field (arrays as nested lists, non-finite floats as strings)."""
-        out = _jsonable(self)
+    def to_dict(self, *, inline_max: int | None = None, npz_prefix: str = "") -> dict[str, Any]:
+        """A JSON-safe dict of every field (arrays as nested lists, non-finite floats as strings).
+
+        ``inline_max``: numeric arrays of more entries than this are not written out but referred to as
+        ``{"npz": key, "shape": [...], "dtype": ...}``, with ``key`` the name :meth:`arrays` gives them after
+        ``npz_prefix`` (how a report's ``report.json`` points into its ``arrays.npz``)."""
+        refs = None
+        if inline_max is not None:
+            refs = {id(arr): key for key, arr in self.arrays(prefix=npz_prefix).items() if arr.size > inline_max}
+        out = _jsonable(self, refs)
         out["result_type"] = type(self).__name__
         return out
 

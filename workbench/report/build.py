@@ -2,7 +2,9 @@
 
 The HTML embeds plotly.js once and every figure as a ``div``, so it opens offline with interactive
 figures. ``report.json`` (schema version ``SCHEMA_VERSION``) holds the header and, per section,
-the result's fields; ``arrays.npz`` holds every numeric array, readable with ``allow_pickle=False``.
+the result's fields; ``arrays.npz`` holds every numeric array, readable with ``allow_pickle=False``. An array
+of more than ``INLINE_MAX`` entries appears in ``report.json`` as ``{"npz": key, "shape": [...], "dtype": ...}``,
+with ``key`` its name in ``arrays.npz``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import plotly.graph_objects as go
 
 from workbench.errors import ParameterError, WorkbenchError
 
-SCHEMA_VERSION = "1.1"  # 1.1: header and sections record "extraction" (pooling, layers)
+SCHEMA_VERSION = "1.2"  # 1.1: header and sections record "extraction" (pooling, layers); 1.2: large arrays by their npz key
+INLINE_MAX = 1024  # report.json writes out numeric arrays up to this many entries; larger ones are in arrays.npz only
 FORMATS = ("html", "json", "npz", "pdf", "png")
 PACKAGES = ("representation-workbench", "torch", "numpy", "scipy", "scikit-learn", "umap-learn", "gudhi", "plotly",
             "safetensors", "streamlit")
@@ -107,10 +110,19 @@ class Section:
     train_dataset: Any = None  # the data it trained, matched or fitted statistics on, where that was another dataset
     extraction: dict[str, Any] = field(default_factory=dict)  # pooling and layers of the activations it read, when known
 
-    def record(self) -> dict[str, Any]:
+    def record(self, *, inline_max: int | None = None, npz_prefix: str = "") -> dict[str, Any]:
+        """The section as JSON-safe data. ``inline_max``: numeric arrays of more entries than this are referred to by
+        their key in :meth:`arrays` after ``npz_prefix`` (see :meth:`Result.to_dict`) instead of written out."""
         from workbench.analyses._result import _jsonable
 
         results = self.result if isinstance(self.result, (list, tuple)) else [self.result]
+
+        def result_dict(i: int, r: Any) -> Any:
+            if not hasattr(r, "to_dict"):
+                return _jsonable(r)
+            prefix = npz_prefix + (f"{i}/" if len(results) > 1 else "")  # as arrays() names them
+            return r.to_dict(inline_max=inline_max, npz_prefix=prefix) if hasattr(r, "arrays") else r.to_dict()
+
         return {
             "title": self.title,
             "models": [_describe(m) for m in self.models if m is not None],
@@ -118,7 +130,7 @@ class Section:
             "train_dataset": _describe_dataset(self.train_dataset),
             "extraction": _jsonable(dict(self.extraction)),
             "summary": _jsonable(self.summary),
-            "results": [r.to_dict() if hasattr(r, "to_dict") else _jsonable(r) for r in results],
+            "results": [result_dict(i, r) for i, r in enumerate(results)],
             "snippet": self.snippet,
             "notes": self.notes,
         }
@@ -223,7 +235,10 @@ class Report:
     header: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "header": self.header, "sections": [s.record() for s in self.sections]}
+        """The report as JSON-safe data (``report.json``): arrays of more than ``INLINE_MAX`` entries are referred to by
+        their key in :meth:`arrays` (``arrays.npz``)."""
+        return {"schema_version": SCHEMA_VERSION, "header": self.header,
+                "sections": [s.record(inline_max=INLINE_MAX, npz_prefix=f"section{i:02d}/") for i, s in enumerate(self.sections)]}
 
     def arrays(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -246,7 +261,7 @@ class Report:
         for i, s in enumerate(self.sections):
             figs = [f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{i}-{j}",
                               config={"displaylogo": False, "responsive": True}) for j, f in enumerate(s.figures)]
-            record = s.record()
+            record = s.record(inline_max=0)  # the page shows no arrays: none is written out
             params: list[dict[str, Any]] = []
             for r in record["results"]:  # one line per distinct estimator (two models' results usually share one)
                 line = {k: r.get(k) for k in ("estimator", "n_samples", "params", "seed", "device", "dtype")
@@ -384,7 +399,7 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
     if described:
         labels = ["A", "B"] if len(described) <= 2 else [str(i + 1) for i in range(len(described))]
     else:
-        described = _distinct([d for s in sections for d in s.record()["models"]])
+        described = _distinct([_describe(m) for s in sections for m in s.models if m is not None])
         labels = [str(i + 1) for i in range(len(described))]
     data = _describe_dataset(dataset)
     used = _distinct([d for d in [data] + [_describe_dataset(x) for s in sections for x in (s.dataset, s.train_dataset)] if d])
