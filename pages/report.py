@@ -13,11 +13,24 @@ _state.in_app_shell()
 PAYLOAD = "_report_payload"  # the last zip built, with the sections, title and formats it was built from
 
 
+def header_models(sections: list[dict]) -> list:
+    """Model A, and B where a section analysed it, when the sections analysed no other model: the report's header
+    then calls them A and B, as the sidebar does; otherwise none (the header numbers the models the sections name)."""
+    a, b = st.session_state.get(_state.MODEL_A), st.session_state.get(_state.MODEL_B)
+    used = {m.sha256 for s in sections for m in s.get("model_objects", ()) if m is not None}
+    if a is None or a.sha256 not in used or not used <= {a.sha256, getattr(b, "sha256", None)}:
+        return []
+    return [a, b] if b is not None and b.sha256 in used else [a]
+
+
 def download_payload(sections: list[dict], title: str, formats: tuple[str, ...]) -> dict:
-    """The zip of ``sections`` under ``title`` in ``formats``, built again only when one of them changed (sections
-    are compared by identity: the kept ones stay referenced, and a collected section is never edited in place)."""
+    """The zip of ``sections`` under ``title`` in ``formats``, built again only when one of them or the models the
+    header labels changed (sections are compared by identity: the kept ones stay referenced, and a collected section
+    is never edited in place)."""
     kept = st.session_state.get(PAYLOAD)
-    if (kept is not None and kept["title"] == title and kept["formats"] == formats
+    models = header_models(sections)
+    if (kept is not None and kept["title"] == title and kept["formats"] == formats and len(kept["models"]) == len(models)
+            and all(a is b for a, b in zip(kept["models"], models))
             and len(kept["sections"]) == len(sections) and all(a is b for a, b in zip(kept["sections"], sections))):
         return kept
     report = build_report(
@@ -25,7 +38,7 @@ def download_payload(sections: list[dict], title: str, formats: tuple[str, ...])
                  dataset=s.get("dataset_object"), train_dataset=s.get("train_dataset_object"), summary=s.get("summary", {}),
                  notes=s.get("notes", ""), extraction=s.get("extraction", {}))
          for s in sections],
-        title=title,
+        title=title, models=models,
     )
     warning = ""
     try:
@@ -33,7 +46,7 @@ def download_payload(sections: list[dict], title: str, formats: tuple[str, ...])
     except PdfUnavailableError as exc:
         warning = str(exc)
         data = report.zip_bytes(("html", "json", "npz"))
-    kept = {"sections": list(sections), "title": title, "formats": formats, "data": data, "warning": warning}
+    kept = {"sections": list(sections), "title": title, "formats": formats, "models": models, "data": data, "warning": warning}
     st.session_state[PAYLOAD] = kept
     return kept
 

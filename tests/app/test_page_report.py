@@ -142,6 +142,7 @@ def test_the_zip_is_built_again_only_when_its_inputs_change(app, monkeypatch):
         doc = json.loads(zf.read("report.json"))
         assert sorted(zf.namelist()) == ["arrays.npz", "report.html", "report.json"]
     assert doc["header"]["title"] == "Seeds compared" and len(doc["sections"]) == 2
+    assert [(m["label"], m["name"]) for m in doc["header"]["models"]] == [("A", "mlp_seed0"), ("B", "mlp_seed1")]  # as the sidebar
     assert doc["header"]["extraction"] == {"pooling": "mean"}  # the activations page's pooling, shared by both sections
     assert all(section["extraction"] == {"pooling": "mean"} for section in doc["sections"])
     at.button(key="report_remove_1").click().run()
