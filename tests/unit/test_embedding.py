@@ -437,8 +437,10 @@ def test_intrinsic_dimension_errors():
     with pytest.raises(ParameterError, match="'method' parameter of intrinsic_dimension must be one of 'twonn', 'mle'"):
         intrinsic_dimension(_torus_in_50d(100), method="pca")
     grid = np.stack(np.meshgrid(np.arange(15), np.arange(15)), -1).reshape(-1, 2).astype(float)  # every r2 == r1
-    with pytest.raises(DataError, match="225 of 225 samples have their two nearest neighbours at exactly the same distance"):
+    with pytest.raises(DataError, match="225 of 225 samples have their two nearest neighbours at the same distance"):
         intrinsic_dimension(grid)  # the fit gave dimension 0 with a 95% interval [0, 0]
+    with pytest.raises(DataError, match="198 of 200 samples have their two nearest neighbours at the same distance"):
+        intrinsic_dimension(np.linspace(0, 1, 200)[:, None])  # equal spacings up to rounding (the ends have one neighbour): the fit gave 9e13
     assert intrinsic_dimension(grid, method="mle").dimension == pytest.approx(2, abs=0.6)
 
 

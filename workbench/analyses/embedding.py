@@ -58,6 +58,7 @@ UMAP_REFINE_FRACTION = 0.25  # of the learning rate, when UMAP starts from given
 UMAP_SMALL_DATA = 10_000  # umap-learn optimises 500 epochs up to this many samples, 200 above
 TWONN_DISCARD_FRACTION = 0.1
 TWONN_MAX_TIED_FRACTION = 0.5  # above this share of r2 == r1 the fit is degenerate (a 2-D grid gave dimension 0)
+TWONN_TIE_RTOL = 1e-9  # r2 / r1 - 1 below this is a tie: evenly spaced points differ only by rounding (about 1e-15)
 N_BOOTSTRAP = 200
 TSNE_SINGLE_THREAD_BELOW = 5000
 
@@ -537,10 +538,10 @@ def intrinsic_dimension(
     boot = rng.integers(0, dist.shape[0], size=(N_BOOTSTRAP, dist.shape[0]))
     if method == "twonn":
         local = dist[:, 1] / dist[:, 0]
-        n_tied = int((local == 1.0).sum())
+        n_tied = int((local <= 1.0 + TWONN_TIE_RTOL).sum())
         if n_tied > TWONN_MAX_TIED_FRACTION * len(local):
             raise DataError(
-                f"{func}: {n_tied} of {len(local)} samples have their two nearest neighbours at exactly the same distance "
+                f"{func}: {n_tied} of {len(local)} samples have their two nearest neighbours at the same distance "
                 "(quantised or lattice data), where TwoNN's ratio r2/r1 carries no information; add noise below the "
                 "data's resolution, then estimate again."
             )
