@@ -678,6 +678,15 @@ def procrustes_distance(
 class _CCABasis:
     basis: torch.Tensor  # (n, r) orthonormal basis of the kept subspace of the centred data
     centred: torch.Tensor | None  # (n, d) centred data (neurons as columns), for PWCCA weights; None otherwise
+    copies: torch.Tensor | None = None  # (n,) which distinct row each sample is; None when every row is distinct
+
+
+def _distinct_samples(a: _CCABasis, b: _CCABasis) -> int:
+    """How many samples differ in one of the two layers: repeated samples span no dimension of their own."""
+    n = a.basis.shape[0]
+    if a.copies is None or b.copies is None:
+        return n
+    return int(torch.unique(a.copies * (int(b.copies.max()) + 1) + b.copies).numel())
 
 
 def _input_eps(x: ArrayLike) -> float:
@@ -726,7 +735,8 @@ def _cca_prep(x: torch.Tensor, name: str, func: str, kind: str, variance: float,
         basis = basis @ p[:, :rank]
     elif rank < u.shape[1]:
         basis = basis.clone()  # not a view that keeps all of u
-    return _CCABasis(basis, xc if kind == "pwcca" else None)
+    _, copies = torch.unique(x, dim=0, return_inverse=True)
+    return _CCABasis(basis, xc if kind == "pwcca" else None, copies if int(copies.max()) + 1 < n else None)
 
 
 class UndefinedPairError(DataError):
@@ -736,16 +746,18 @@ class UndefinedPairError(DataError):
 def _undefined_pairs_note(estimator: str, pairs: Sequence[tuple[str, str]], n_pairs: int, n: int, kind: str) -> str:
     """``estimator`` with the sentence that names the undefined (NaN) CCA cells of a matrix."""
     return (f"{estimator}; n/a (NaN) for {len(pairs)} of {n_pairs} pairs of layers that together span more dimensions "
-            f"than {n} samples leave after centring, where some canonical correlations are 1 whatever the data (first: "
+            f"than the {n} samples leave after centring (n - 1 for n distinct samples), where some canonical correlations are 1 "
+            f"whatever the data (first: "
             f"{pairs[0][0]} and {pairs[0][1]}); " + ("keep less variance for them" if kind == "svcca" else "use the SVCCA summary (kind='svcca') for them"))
 
 
 def _cca_from_prep(a: _CCABasis, b: _CCABasis, kind: str, names: tuple[str, str], func: str) -> float:
-    n = a.basis.shape[0]
+    n = _distinct_samples(a, b)
     ra, rb = a.basis.shape[1], b.basis.shape[1]
     if ra + rb > n - 1:
+        what = f"{n} samples" if n == a.basis.shape[0] else f"{n} distinct samples (of {a.basis.shape[0]}; the rest repeat them)"
         raise UndefinedPairError(
-            f"{func}: '{names[0]}' and '{names[1]}' span {ra} + {rb} dimensions but {n} samples leave only {n - 1} after "
+            f"{func}: '{names[0]}' and '{names[1]}' span {ra} + {rb} dimensions but {what} leave only {n - 1} after "
             "centring, so some canonical correlations are 1 whatever the data; "
             + ("keep less variance (a lower 'variance'), " if kind == "svcca" else "use the SVCCA summary (kind='svcca'), ")
             + "narrower layers, or more samples."
