@@ -348,6 +348,8 @@ def test_embedding_errors():
         embed(x, method="pca", n_components=6)
     with pytest.raises(DataError, match="embed: 'x' is constant over samples"):
         embed(np.ones((30, 4)), method="pca")
+    with pytest.raises(DataError, match="aligned_embedding: view 'view 0': embed: 'x' is constant over samples"):
+        aligned_embedding([np.full((60, 10), 0.3)] * 2, method="pca")  # its mean differs from 0.3 by rounding: scored 1
     with pytest.raises(DataError, match="embed: 'x' must be 2-D"):
         embed(np.ones(30), method="pca")
     with pytest.raises(DataError, match="'xs' needs at least one view"):

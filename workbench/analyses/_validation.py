@@ -161,8 +161,9 @@ def check_same_dataset(a: Any, b: Any, *, func: str) -> None:
 
 
 def check_not_constant(x: torch.Tensor, name: str, *, func: str) -> None:
-    """Raise when every feature of ``x`` is constant over samples (zero total variance)."""
-    if float((x - x.mean(0, keepdim=True)).abs().max()) == 0.0:
+    """Raise when every feature of ``x`` is constant over samples (every row equals the first: compared exactly, since
+    the mean of equal values can differ from them by rounding)."""
+    if bool((x == x[:1]).all()):
         raise DataError(
             f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
             "pick another layer or check that the model is not dead on this dataset."
