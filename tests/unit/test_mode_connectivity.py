@@ -628,6 +628,17 @@ def test_a_dataset_of_the_wrong_width_is_named(sample_model):
         activation_matching(a, b, wrong)
 
 
+def test_activation_matching_refuses_data_on_which_no_unit_varies(sample_model):
+    from workbench.analyses.mode_connectivity import activation_matching
+    from workbench.data import make_dataset
+
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    zeros = make_dataset("zeros", torch.zeros(60, 64), torch.arange(60) % 10)  # every unit outputs its bias
+    with pytest.raises(DataError, match=r"activation_matching: no unit of model A and unit of model B both vary on these "
+                                        r"samples where permutation 'P_\w+' acts, so their correlations are undefined"):
+        activation_matching(a, b, zeros)  # it matched the units in an arbitrary order
+
+
 def test_a_model_in_training_mode_is_checked_without_changing_it(sample_model, digits_test):
     model = copy.deepcopy(sample_model("cnn_seed0").module).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

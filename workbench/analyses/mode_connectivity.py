@@ -1499,6 +1499,7 @@ def _activation_matching_core(
     batch_size: int,
     device: torch.device,
     progress: Progress,
+    func: str = "activation_matching",
 ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
     gm_a = fx.GraphModule(_working_copy(a, device), graph.graph_module.graph)
     gm_b = fx.GraphModule(_working_copy(b, device), graph.graph_module.graph)
@@ -1538,10 +1539,16 @@ def _activation_matching_core(
         if p not in corr:
             perms[p] = np.arange(sizes[p])
             continue
+        total, n_defined = defined[p].cpu().numpy()
+        if not n_defined.any():
+            raise DataError(
+                f"{func}: no unit of model A and unit of model B both vary on these samples where permutation '{p}' acts, "
+                "so their correlations are undefined and any matching would be arbitrary; use data the models respond to "
+                "(such as the data they were trained on), or weight matching."
+            )
         c = (corr[p] / counts[p]).cpu().numpy()
         _, col = linear_sum_assignment(c, maximize=True)
         perms[p] = col.astype(np.int64)
-        total, n_defined = defined[p].cpu().numpy()
         rows = np.arange(len(col))
         before[p] = _mean_defined(np.diag(total), np.diag(n_defined))
         after[p] = _mean_defined(total[rows, col], n_defined[rows, col])
@@ -1965,7 +1972,7 @@ def merge(
         traced = graph if graph is not None else _trace(modules[0], func)
         for i in range(1, n):
             found, _, _ = _activation_matching_core(
-                modules[0], modules[i], traced, sizes, stats_data.x, batch_size, dev, None
+                modules[0], modules[i], traced, sizes, stats_data.x, batch_size, dev, None, func
             )
             perms[i] = {p: torch.as_tensor(v, device=dev) for p, v in found.items()}
             tick()
