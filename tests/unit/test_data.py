@@ -176,6 +176,10 @@ def test_unknown_name_and_wrong_type(tmp_path):
         load_dataset(b"1,2\n" * 1000, filename="data.csv", max_bytes=100)
     with pytest.raises(CorruptFileError, match=r"not a readable \.npz file"):
         load_dataset(b"garbage", filename="data.npz")
+    for wrong in (5, None, np.zeros((3, 2))):  # not a name, path or bytes (arrays go through make_dataset)
+        with pytest.raises(ParameterError, match=r"load_dataset reads a bundled dataset's name, a path or the bytes of an "
+                                                 r"upload; got (int|NoneType|ndarray)\. .*use make_dataset\(name, x, y\)"):
+            load_dataset(wrong)
 
 
 def test_repr_is_a_summary_not_the_tensors():

@@ -21,6 +21,7 @@ from workbench.errors import (
     ArchitectureError,
     CorruptFileError,
     FileTooLargeError,
+    ParameterError,
     UnsafeFileError,
     UnsupportedFormatError,
     WorkbenchError,
@@ -132,6 +133,13 @@ def test_unknown_architecture_type():
 def test_wrong_extension_lists_supported_types(name):
     with pytest.raises(UnsupportedFormatError, match=r"supported types are \.safetensors, \.pt, \.pth, \.bin"):
         load_model(b"some bytes", filename=name)
+
+
+@pytest.mark.parametrize("source", [5, None, [1, 2]])
+def test_a_source_that_is_not_a_path_or_bytes_is_named(source):
+    with pytest.raises(ParameterError, match=r"load_model reads a path \(str or Path\) or the bytes of an upload; got "
+                                             r"(int|NoneType|list)\. Pass the checkpoint's path"):
+        load_model(source)
 
 
 def test_empty_file():

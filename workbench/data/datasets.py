@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import math
+import os
 import re
 import zipfile
 from array import array
@@ -415,6 +416,10 @@ def load_dataset(source: str | Path | bytes, *, split: str | None = None, filena
     A file is untrusted input: ``max_bytes`` bounds the file, what its archive members unpack to and
     what each array declares; anything it cannot read raises a :class:`~workbench.errors.WorkbenchError`.
     """
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        raise ParameterError(f"load_dataset reads a bundled dataset's name, a path or the bytes of an upload; got "
+                             f"{type(source).__name__}. Pass one of {', '.join(BUILTIN_DATASETS)} or a file path; "
+                             "for arrays in memory use make_dataset(name, x, y).")
     builtin = isinstance(source, str) and source in BUILTIN_DATASETS
     label = repr(source) if builtin else "a dataset file"
     if split is not None and (not builtin or source == "blobs"):

@@ -47,6 +47,7 @@ from workbench.errors import (
     CorruptFileError,
     FileTooLargeError,
     MissingArchitectureError,
+    ParameterError,
     UnsafeFileError,
     UnsupportedFormatError,
     WorkbenchError,
@@ -383,6 +384,9 @@ def load_model(
     Every failure caused by the file is a :class:`~workbench.WorkbenchError`: an unexpected exception
     while reading it becomes a :class:`CorruptFileError` naming the file (the original is chained).
     """
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        raise ParameterError(f"load_model reads a path (str or Path) or the bytes of an upload; got {type(source).__name__}. "
+                             "Pass the checkpoint's path, such as load_model('model.safetensors').")
     try:
         loaded = _load(source, architecture, trust_remote_code, isolate, name, filename, max_bytes)
     except (WorkbenchError, MemoryError):
