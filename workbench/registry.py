@@ -94,7 +94,7 @@ class Analysis:
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     page: str = ""
-    requires: Callable[[Context], None] | None = None  # raises when the models or data do not suit the analysis
+    requires: Callable[[Context, dict[str, Any]], None] | None = None  # raises when the models, data or parameters do not suit it
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUT_KINDS:
@@ -315,11 +315,16 @@ def _require_labels(ctx: Context, what: str) -> None:
         raise ParameterError(f"{what} needs labels and dataset '{ctx.dataset.name}' has none; pick a labelled dataset.")
 
 
-def _probing_requires(ctx: Context) -> None:
+def _probing_requires(ctx: Context, params: dict[str, Any]) -> None:
+    from workbench.analyses.probing import _prepare_targets
+
     _require_labels(ctx, "Probing")
+    # labels the probes cannot use (one class, a class rarer than the folds), refused before any activation is extracted
+    _prepare_targets(None, ctx.dataset.y, ctx.dataset.n_samples, cv=params["cv"], control=False, seed=params["seed"],
+                     groups=None, func="probe_layers")
 
 
-def _mode_connectivity_requires(ctx: Context) -> None:
+def _mode_connectivity_requires(ctx: Context, _params: dict[str, Any]) -> None:
     from workbench.analyses.mode_connectivity import _check_same_architecture
 
     _require_labels(ctx, "Mode connectivity (loss and accuracy along the path)")
@@ -327,7 +332,7 @@ def _mode_connectivity_requires(ctx: Context) -> None:
     _check_same_architecture(a.module, b.module, "mode_connectivity", (a.name, b.name))
 
 
-def _sequential_requires(ctx: Context) -> None:
+def _sequential_requires(ctx: Context, _params: dict[str, Any]) -> None:
     from workbench.analyses.degeneracy import _network_check
 
     for m in ctx.models():
@@ -623,7 +628,7 @@ def check_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str
 def check_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None,
                    params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Raise the error :func:`run_analysis` would raise, before any work, when the models or the dataset do not
-    suit analysis ``name`` (a second model missing, labels missing, a model that is not one sequence of layers,
+    suit analysis ``name`` (a second model missing, labels missing or of one class, a model that is not one sequence of layers,
     architectures that differ where weights are matched) or a parameter is unknown or of the wrong kind
     (:func:`check_params`); return the parameters with ``params`` applied."""
     entry = get_analysis(name)
@@ -631,7 +636,7 @@ def check_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b
     if entry.inputs in ("two_models", "weights") and model_b is None:
         raise ParameterError(f"The '{name}' analysis compares two models; pass model_b (or --model-b).")
     if entry.requires is not None:
-        entry.requires(Context(model_a=model_a, model_b=model_b, dataset=dataset))
+        entry.requires(Context(model_a=model_a, model_b=model_b, dataset=dataset), merged)
     return merged
 
 

@@ -98,6 +98,17 @@ def test_check_analysis_refuses_unsuited_models_before_any_work(sample_model, di
     registry.check_analysis("degeneracy", model_a=mlp, model_b=cnn, dataset=digits_test)  # both are sequences of layers
     registry.check_analysis("mode_connectivity", model_a=mlp, model_b=sample_model("mlp_narrow_seed1"), dataset=digits_test)
 
+    from workbench.data import make_dataset
+    from workbench.errors import DataError
+
+    one_class = make_dataset("one class", digits_test.x, torch.zeros(digits_test.n_samples, dtype=torch.int64))
+    with pytest.raises(DataError, match=r"probe_layers: 'labels' hold one class only \(0\); a probe needs at least two"):
+        registry.check_analysis("probing", model_a=mlp, dataset=one_class)
+    rare = make_dataset("rare", digits_test.x, (torch.arange(digits_test.n_samples) < 3).long())
+    with pytest.raises(DataError, match=r"class 1 has 3 samples but cv=5 folds need at least 5 per class; lower cv to 3"):
+        registry.check_analysis("probing", model_a=mlp, dataset=rare)
+    registry.check_analysis("probing", model_a=mlp, dataset=rare, params={"cv": 3})
+
 
 @pytest.mark.parametrize("name", [e.name for e in registry.ANALYSES if e.inputs == "one_model"])
 def test_one_model_entries_run_on_one_model(name, sample_model, digits_test):
