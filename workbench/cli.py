@@ -134,6 +134,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from workbench import extract, load_model
 
     _check_output(args.out, folder=False)
+    if args.out.suffix not in ("", ".npz"):
+        raise ParameterError(f"--out {args.out} is not an .npz file name; give a file name ending in .npz.")
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")  # numpy's own rule
     _check_output(out, folder=False)
     model = load_model(args.model, architecture=args.architecture)

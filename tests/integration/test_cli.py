@@ -95,6 +95,8 @@ def test_the_header_names_the_default_layers_each_model_gave(tmp_path):
          "error: Model 'text_transformer_seed0' takes token ids (integers) but dataset 'digits (test)' holds float32 values"),
         (["extract", MLP0, "--data", "sentences", "--layers", "fc1", "--out", "x.npz"], 2,
          "error: Model 'mlp_seed0' takes float features but dataset 'sentences (test)' holds int64 values"),
+        (["extract", MLP0, "--data", "digits", "--layers", "fc1", "--out", "acts.txt"], 2,
+         "error: --out acts.txt is not an .npz file name; give a file name ending in .npz."),
         (["extract", MLP0, "--data", "README.md", "--layers", "fc1", "--out", "x.npz"], 1,
          "Cannot read dataset file 'README.md'"),
         (["layers", "README.md"], 1, "Cannot load 'README.md' as a model"),
