@@ -46,6 +46,8 @@ def test_bad_input_gets_a_clear_message():
     with pytest.raises(DataError, match=r"activation_stats takes Activations or a dict of layer name -> \(n_samples, n_features\) "
                                         r"array; got Tensor. Extract activations first"):
         activation_stats(torch.zeros(3, 2))
+    with pytest.raises(DataError, match=r"activation_stats got no layers; pass activations of at least one layer"):
+        activation_stats({})
 
 
 def test_histograms_are_densities_so_models_on_different_bins_compare():

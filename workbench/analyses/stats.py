@@ -106,9 +106,12 @@ def activation_stats(acts: Mapping[str, torch.Tensor], *, bins: int = 50, device
             f"{type(acts).__name__}. Extract activations first (extract(model, dataset, layers)), or wrap one array: "
             "{'layer': x}."
         )
+    if not acts:
+        raise DataError("activation_stats got no layers; pass activations of at least one layer, such as "
+                        "extract(model, dataset, ['fc1']).")
     started = time.perf_counter()
     stats = {layer: layer_stats(acts[layer], layer, bins=bins, device=device) for layer in acts}
-    n = next(iter(stats.values())).n_samples if stats else 0
+    n = next(iter(stats.values())).n_samples
     return ActivationStatsResult(
         layers=list(stats), stats=stats, model=model if model is not None else getattr(acts, "model_name", ""),
         dataset=dataset if dataset is not None else getattr(acts, "dataset_name", ""), n_samples=n,
