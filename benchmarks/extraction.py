@@ -193,7 +193,9 @@ def main() -> None:
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, torch threads {torch.get_num_threads()}"
     print(f"CNN, {args.n} samples, batch {args.batch_size}, {where}, best of {args.repeats}")
     print("how each layer is pooled: " + ", ".join(f"{k} ({v})" for k, v in sources.items()))
-    print(f"bare forward:                {min(times['bare']):8.2f} s")
+    spread = 100 * (statistics.median(times["bare"]) / min(times["bare"]) - 1)
+    print(f"bare forward:                {min(times['bare']):8.2f} s   (median run {spread:+.1f} % slower: the noise of this "
+          "machine, against which the overheads below are read)")
     print(f"hooks + pooling only:        {overhead('pooled')} (no cache)")
     print(f"extract (6 hooks):           {overhead('extract')} (goal <= 10 %)")
     print(f"extract ({len(all_layers)} default layers): {overhead('all')}")
