@@ -131,20 +131,9 @@ for s, model in zip(summaries, models):
             "layers applied along an axis) are not analysed."
         )
 for s in summaries:
-    if s.lower_bound:
-        st.caption(
-            f"{s.model}: the count of {', '.join(s.lower_bound)} is a lower bound: the activation after it has symmetries "
-            "the count does not look for (ReLU6 or Hardtanh, two piecewise-linear activations in a row, or units whose "
-            "firing patterns over these samples add up to one another's, as for units firing on complementary sets or "
-            "more groups of units than samples)."
-        )
-    if s.sample_limited:
-        st.caption(
-            f"{s.model}: {s.n_samples} samples do not pin down the count of {', '.join(s.sample_limited)}: its input rank "
-            "reached the most they allow, below the fan-in (the count includes directions they never explored), or they "
-            "give fewer Jacobian rows than the directions counted as used (on these samples more directions are free "
-            "than counted); more samples (such as the train split) settle it."
-        )
+    for module, why in s.caveats.items():
+        settle = "; more samples (such as the train split) settle it" if module in s.sample_limited else ""
+        st.caption(f"{s.model}: the count of {module} is {why}{settle}.")
 rows = [row for s in summaries for row in plots.summary_rows(s)]
 percent = {"free fraction": st.column_config.NumberColumn(format="percent")}
 st.dataframe(rows, hide_index=True, width="stretch", key="deg_summary", column_config=percent)

@@ -137,14 +137,18 @@ def test_matrices_whose_count_the_samples_do_not_pin_down_are_named(app, narrow)
     digits = load_dataset("digits", split="test")
     at = _open(app, narrow[0], dataset=make_dataset("digits, 40 samples", digits.x[:40], digits.y[:40]))
     assert not page_errors(at)
-    caption = next(c.value for c in at.caption if "do not pin down" in c.value)
-    # 40 samples: every input rank stops at 39, and fc1's 65 x 64 structural directions exceed 40 x 10 Jacobian rows
-    assert caption.startswith("mlp_narrow_seed0: 40 samples do not pin down the count of fc1, fc2, out:")
-    assert "more directions are free than counted" in caption
+    captions = {c.value.split(" is ", 1)[0]: c.value for c in at.caption if "the count of" in c.value}
+    assert list(captions) == [f"mlp_narrow_seed0: the count of {m}" for m in ("fc1", "fc2", "out")]  # each says its own reasons
+    # 40 samples: every input rank stops at 39, and fc1's (39 + 1) x 64 used directions exceed 40 x 10 Jacobian rows
+    assert "the samples give 400 Jacobian rows, fewer than the 2,560 directions counted as used" in captions[
+        "mlp_narrow_seed0: the count of fc1"]
+    assert "its input rank 39 reached the most 40 samples allow, below its fan-in 64" in captions[
+        "mlp_narrow_seed0: the count of out"]
+    assert all(c.endswith("; more samples (such as the train split) settle it.") for c in captions.values())
     # 64 units with more firing patterns than 40 samples can tell apart: their slopes over the samples are dependent
-    bound = next(c.value for c in at.caption if "lower bound" in c.value)
-    assert bound.startswith("mlp_narrow_seed0: the count of fc1, fc2 is a lower bound:")
-    assert "more groups of units than samples" in bound
+    assert "is a lower bound: the firing patterns of its groups of units over these samples add up to one another's" in captions[
+        "mlp_narrow_seed0: the count of fc2"]
+    assert "lower bound" not in captions["mlp_narrow_seed0: the count of out"]
 
 
 def test_a_model_that_is_not_one_sequence_of_layers_gets_a_plain_sentence(app, sample_model):

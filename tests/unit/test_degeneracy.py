@@ -250,6 +250,10 @@ def test_layers_whose_input_rank_is_capped_by_the_sample_count_are_named():
     # fc1: (4 + 1) x 20 directions reach the logits structurally, but 8 samples x 3 logits give 24 Jacobian rows
     assert few.gradient_rank["fc1"] == 20 and few.sample_limited == ("fc1", "out")
     assert many.sample_limited == () and many.total_free < few.total_free
+    assert few.caveats["out"] == ("not pinned down by the samples: its input rank 7 reached the most 8 samples allow, below "
+                                  "its fan-in 20, so the count includes directions the samples never explored")
+    assert few.caveats["fc1"].endswith("not pinned down by the samples: the samples give 24 Jacobian rows, fewer than the 100 "
+                                       "directions counted as used, so more directions are free on them than counted")
 
 
 def test_the_count_is_structural_and_matrices_with_too_few_jacobian_rows_are_named():
@@ -485,7 +489,11 @@ def test_activations_with_symmetries_the_count_misses_are_named():
     s = degeneracy_summary(model, make_dataset("synthetic", x, torch.arange(600) % 3))
     assert s.lower_bound == ("0",) and s.total_free == 0 < _param_null_dim(model, x) == 6
     twice = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.ReLU(), nn.Linear(6, 3)).eval()
-    assert degeneracy_summary(twice, make_dataset("synthetic", x, torch.arange(600) % 3)).lower_bound == ("0",)
+    assert s.caveats == {"0": "a lower bound: its activation ReLU6 is piecewise linear but not positively homogeneous: "
+                               "units that stay on one linear piece have rescalings and mixings of their own"}
+    both = degeneracy_summary(twice, make_dataset("synthetic", x, torch.arange(600) % 3))
+    assert both.lower_bound == ("0",)
+    assert both.caveats == {"0": "a lower bound: its activation ReLU is followed by another piecewise-linear one, ReLU"}
     from workbench.plots.degeneracy import degeneracy_figure, summary_rows
 
     assert [row["count"] for row in summary_rows(s)] == ["lower bound", "exact"]

@@ -42,7 +42,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
@@ -241,6 +241,8 @@ class DegeneracyResult(RecordedResult):
     with respect to the matrix (``n_samples x n_outputs`` for ``output="logits"``, ``n_samples`` for
     ``"loss"``), so that on these samples more directions leave the outputs unchanged than counted.
     More samples resolve both.
+    ``caveats``: for each module in ``lower_bound`` or ``sample_limited``, which of the reasons above applies to it,
+    in words.
     """
 
     modules: tuple[str, ...]
@@ -271,6 +273,7 @@ class DegeneracyResult(RecordedResult):
     model: str
     sample_limited: tuple[str, ...] = ()
     lower_bound: tuple[str, ...] = ()
+    caveats: dict[str, str] = field(default_factory=dict)
     estimator: str = (
         "structural free parameters per weight matrix from activation rank, gradient rank, the firing patterns of "
         "positively homogeneous activations (ReLU, LeakyReLU, PReLU) and compositions of linear layers"
@@ -1004,19 +1007,22 @@ def _negative_slope(act: nn.Module, width: int, device: torch.device) -> torch.T
     return torch.full((width,), slope, dtype=torch.float64, device=device)
 
 
-def _count_is_lower_bound(net: _Net, position: int) -> bool:
-    """Whether the activations after the matrix at ``position`` can have continuous symmetries that are not
-    counted: a piecewise-linear activation that is not homogeneous (ReLU6, Hardtanh, ...), or a homogeneous one
-    followed by another piecewise-linear activation."""
+def _count_is_lower_bound(net: _Net, position: int) -> str:
+    """Why the activations after the matrix at ``position`` can have continuous symmetries that are not counted,
+    "" when they have none: a piecewise-linear activation that is not homogeneous (ReLU6, Hardtanh, ...), or a
+    homogeneous one followed by another piecewise-linear activation."""
     p = _after_pass_through(net, position)
     if p is None:
-        return False
+        return ""
     if isinstance(net.seq[p], _PIECEWISE):
-        return True
+        return (f"its activation {type(net.seq[p]).__name__} is piecewise linear but not positively homogeneous: units "
+                "that stay on one linear piece have rescalings and mixings of their own")
     if isinstance(net.seq[p], _HOMOGENEOUS):
         q = _after_pass_through(net, p)
-        return q is not None and isinstance(net.seq[q], _HOMOGENEOUS + _PIECEWISE)
-    return False
+        if q is not None and isinstance(net.seq[q], _HOMOGENEOUS + _PIECEWISE):
+            return (f"its activation {type(net.seq[p]).__name__} is followed by another piecewise-linear one, "
+                    f"{type(net.seq[q]).__name__}")
+    return ""
 
 
 # the exact count of the mixing directions of groups whose ignored directions overlap solves for this many unknowns at
@@ -1329,8 +1335,16 @@ def degeneracy_summary(
             "free_from_bias_shift": n_shifted,
             "input_spectrum": spec,
             "gradient_spectrum": gspec,
-            "sample_limited": (r_in >= n - int(has_bias) and r_in < fan_in) or r_x * r_g > n_rows,
-            "lower_bound": partly_linear or tangled or _count_is_lower_bound(net, i),
+            "sample_limited": "; ".join(
+                ([f"its input rank {r_in} reached the most {n} samples allow, below its fan-in {fan_in}, so the count "
+                  "includes directions the samples never explored"] if r_in >= n - int(has_bias) and r_in < fan_in else [])
+                + ([f"the samples give {n_rows:,} Jacobian rows, fewer than the {r_x * r_g:,} directions counted as used, "
+                    "so more directions are free on them than counted"] if r_x * r_g > n_rows else [])),
+            "lower_bound": "; ".join(
+                [reason for reason in [_count_is_lower_bound(net, i)] if reason]
+                + (["some of its units act linearly on these samples next to units whose slope changes"] if partly_linear else [])
+                + (["the firing patterns of its groups of units over these samples add up to one another's (or to every "
+                    "sample), so units of different groups can stand in for one another"] if tangled else [])),
         }
 
     # chains of nn.Linear layers that read each other's outputs unchanged: the directions of the whole chain
@@ -1361,6 +1375,12 @@ def degeneracy_summary(
         row["free_total"] = min(row["n_parameters"], sum(row[k] for k in terms))
         row["free_fraction"] = row["free_total"] / row["n_parameters"]
     named = {net.names[i]: rows[i] for i in flat}
+    caveats = {}
+    for name, row in named.items():
+        why = [f"a lower bound: {reason}" for reason in [row["lower_bound"]] if reason]
+        why += [f"not pinned down by the samples: {reason}" for reason in [row["sample_limited"]] if reason]
+        if why:
+            caveats[name] = "; ".join(why)
     limited = tuple(name for name, row in named.items() if row.pop("sample_limited"))
     lower = tuple(name for name, row in named.items() if row.pop("lower_bound"))
     out: dict[str, Any] = {key: {name: row[key] for name, row in named.items()} for key in next(iter(named.values()))}
@@ -1376,6 +1396,7 @@ def degeneracy_summary(
         model=net.name,
         sample_limited=limited,
         lower_bound=lower,
+        caveats=caveats,
         n_samples=n,
         params={"rtol": rtol, "output": output, "batch_size": batch_size},
         device=str(dev),
