@@ -70,7 +70,7 @@ def test_single_model_graph_pair_and_loss_gradients(app, narrow):
     assert [m.label for m in at.metric if m.label.startswith("Free")] == ["Free parameters (mlp_narrow_seed0)"]
     at.selectbox(key="deg_pair").set_value(("relu1", "relu2")).run()
     assert not page_errors(at)
-    assert _title(at.get("plotly_chart")[-1]).startswith("Interaction graph relu1 → relu2")
+    assert _title(at.get("plotly_chart")[-1]).startswith("Interaction graph of mlp_narrow_seed0, relu1 → relu2")
     at.radio(key="deg_output").set_value("loss").run()
     assert not page_errors(at)
     assert _title(at.get("plotly_chart")[1]).startswith("Jacobian Gram spectra (∂loss)")

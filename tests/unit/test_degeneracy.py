@@ -985,6 +985,17 @@ def test_figures_carry_estimator_and_n(narrow, digits_test, constant_and_dead):
     assert sum(len([x for x in tr.x if x is not None]) // 2 for tr in graph.data if tr.mode == "lines") <= 50
 
 
+def test_spectrum_panels_are_tall_enough_and_a_second_model_never_hides_the_first(constant_and_dead):
+    _, data = constant_and_dead
+    acts = {name: data.x * (k + 1) for k, name in enumerate(["a", "b", "c", "d"])}
+    fig = plots.spectrum_figure(activation_rank(acts), activation_rank(acts))  # equal spectra: the lines coincide
+    plot = fig.layout.height - fig.layout.margin.t - (fig.layout.margin.b if fig.layout.margin.b is not None else 80)
+    domain = fig.layout.yaxis.domain
+    assert plot * (domain[1] - domain[0]) >= 170  # pixels per panel for 16 decades of ticks
+    first, second = ([t for t in fig.data if t.name == name] for name in dict.fromkeys(t.name for t in fig.data))
+    assert first[0].line.width > second[0].line.width and second[0].line.dash == "dot"
+
+
 def test_layer_names_defaults_and_flattened_activations(sample_model, digits_test):
     mlp, cnn = sample_model("mlp_narrow_seed0"), sample_model("cnn_seed0")
     assert sequential_layers(mlp) == ["input", "fc1", "relu1", "fc2", "relu2", "out"]

@@ -71,7 +71,9 @@ def _spectrum_grid(
                     name=name,
                     legendgroup=name,
                     showlegend=j == 0,
-                    line={"color": MODEL_COLORS[i % len(MODEL_COLORS)]},
+                    # later models thinner and dotted: equal spectra (two seeds of one model) would hide the first
+                    line={"color": MODEL_COLORS[i % len(MODEL_COLORS)], "width": 3.5 if i == 0 else 2,
+                          "dash": "solid" if i == 0 else "dot"},
                     hovertemplate=f"{name} · {layer}<br>{symbol}#%{{x}}: %{{y:.3g}} of the largest<br>"
                     f"{detail(r, layer)}<extra></extra>",
                 ),
@@ -80,9 +82,9 @@ def _spectrum_grid(
             )
     for j in range(len(layers)):
         fig.add_hline(y=results[0].rtol, line_dash="dash", line_color="grey", row=j // cols + 1, col=j % cols + 1)
-    fig.update_yaxes(type="log", exponentformat="power")
+    fig.update_yaxes(type="log", exponentformat="power", nticks=6)  # 16 decades: every decade labelled would crowd
     fig.update_yaxes(title_text=f"{symbol.strip() or 'eigenvalue'} / largest", col=1)
-    fig.update_layout(height=280 * rows)
+    fig.update_layout(height=120 + 300 * rows)
     return fig
 
 
@@ -318,7 +320,7 @@ def interaction_graph_figure(
     q = result.pair_modularity[f"{a}->{b}"]
     return titled(
         fig,
-        f"Interaction graph {a} → {b} (modularity of the pair {q:.3f}, of all layers {result.modularity:.3f})",
+        f"Interaction graph of {result.model}, {a} → {b} (modularity of the pair {q:.3f}, of all layers {result.modularity:.3f})",
         estimator=result.estimator,
         n=result.n_samples,
     )
