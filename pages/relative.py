@@ -151,10 +151,17 @@ with _state.guard():
 absolute_acc = stitched.absolute_accuracy
 cols = st.columns(3)
 cols[0].metric("B → head of A (stitched)", f"{stitched.relative_accuracy[1, 0]:.3f}")
-cols[1].metric("Absolute stitching", "n/a (widths differ)" if absolute_acc is None else f"{absolute_acc[1, 0]:.3f}")
+cols[1].metric("Absolute stitching", "n/a (widths differ)" if absolute_acc is None else f"{absolute_acc[1, 0]:.3f}",
+               help="A's head reading B's raw activations, unit i of B as unit i of A: the baseline the relative space "
+               "is compared with.")
 cols[2].metric("A's own output layer", "n/a" if stitched.own_accuracy is None else f"{stitched.own_accuracy[0]:.3f}",
                help="The accuracy of model A's own classifier on these samples, for reference; the bars show the heads "
                "trained on the relative spaces.")
+if absolute_acc is not None and absolute_acc[1, 0] < stitched.chance_accuracy:
+    st.caption(f"Absolute stitching scores below chance ({absolute_acc[1, 0]:.3f} < {stitched.chance_accuracy:.3f}): B's units "
+               "come in another order and scale than A's, so A's head maps B's classes consistently onto other classes, "
+               "not at random. The relative space, which compares each sample with the same anchors in both models, removes "
+               "that mismatch.")
 _state.label_order_caption(test)
 fig = stitching_bars(stitched, name_a=model_a.name, name_b=model_b.name)
 st.plotly_chart(fig, key="rel_stitch_chart", width="stretch")

@@ -46,6 +46,8 @@ def test_zero_shot_stitching(app):
     metrics = _metrics(at)
     assert float(metrics["B → head of A (stitched)"]) > 0.9
     assert float(metrics["Absolute stitching"]) < 0.3
+    below = [c.value for c in at.caption if c.value.startswith("Absolute stitching scores below chance")]
+    assert float(metrics["Absolute stitching"]) < 0.102 and len(below) == 1  # digits (test): the largest class is 46 of 450
     assert metrics["A's own output layer"] == "0.973"
     charts = at.get("plotly_chart")
     assert len(charts) == 2
