@@ -77,6 +77,18 @@ cols[0].metric(
 )
 cols[1].metric("Naive average accuracy", f"{merged.naive_accuracy:.1%}")
 cols[2].metric("Best member accuracy", f"{merged.member_accuracy.max():.1%}")
+fitted = [what for what, used in (("activation matching", merged.method == "activation_matching"),
+                                  ("BatchNorm statistics", merged.reset_bn)) if used]
+in_sample = ""
+if train is None and fitted:
+    remedy = ("tick “Match activations and recompute BatchNorm statistics on the digits train split” in Settings"
+              if digits else "evaluate on held-out data: pass training data as train_dataset= to merge in Python, "
+              "or use the bundled digits test split, whose train split this page fits on")
+    subject = "The merged and naive-average accuracies are" if merged.reset_bn else "The merged accuracy is"
+    were = "were" if len(fitted) > 1 else "was"
+    in_sample = (f"{subject} in-sample: the {' and '.join(fitted)} of the merge {were} fitted on the same "
+                 f"{merged.n_samples} samples they are evaluated on, so they are optimistic. To avoid it, {remedy}.")
+    st.caption(_state.plain(in_sample))
 _state.label_order_caption(dataset)
 merge_fig = plots.merge_figure(merged)
 st.plotly_chart(merge_fig, width="stretch", key="mc_merge_fig")
@@ -90,4 +102,5 @@ if models[0].architecture is not None:
     st.download_button(
         "Download the merged model (safetensors)", blob, file_name="merged.safetensors", key="mc_download_merged"
     )
-_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report", models=models, train_dataset=train)
+_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report", models=models, train_dataset=train,
+                     notes=in_sample)

@@ -130,15 +130,26 @@ st.dataframe(
 definitions = plots.barrier_definitions(next(iter(result.barriers.values()), None))
 samples = f"n = {result.n_samples} test samples" + (f" and {train.n_samples} train samples" if train is not None else "")
 st.caption(" · ".join(f"**{k}**: {v}" for k, v in definitions.items()) + f". {samples}.")
+fitted = [plots.method_label(m) for m in plots.in_sample_methods(result)]
+in_sample = ""
+if fitted:
+    remedy = ("tick “Also evaluate on the digits train split” in Settings to fit them on the train split" if digits else
+              "evaluate on held-out data: pass training data as train_dataset= to mode_connectivity in Python, or use "
+              "the bundled digits test split, whose train split this page fits on")
+    in_sample = (f"The barriers of {', '.join(fitted)} are in-sample: the matching and statistics they use were "
+                 f"fitted on the same {result.n_samples} samples they are evaluated on, so they are optimistic. "
+                 f"To avoid it, {remedy}.")
+    st.caption(_state.plain(in_sample))
 _state.label_order_caption(dataset)
 
 st.subheader("Per layer: distance and singular-vector alignment")
 layers = plots.layer_alignment_figure(result.layers)
 st.plotly_chart(layers, width="stretch", key="mc_layers")
 with st.expander("Singular values (unchanged by the permutation) and the matching objective"):
-    spectra = plots.singular_values_figure(result.layers)
+    spectra = plots.singular_values_figure(result.layers, name_a=model_a.name, name_b=model_b.name)
     st.plotly_chart(spectra, width="stretch", key="mc_spectra")
-    st.plotly_chart(plots.matching_objective(result.weight_matching), width="stretch", key="mc_objective")
+    objective = plots.matching_objective(result.weight_matching)
+    st.plotly_chart(objective, width="stretch", key="mc_objective")
 
 if model_b.architecture is not None:
     with _state.guard():
@@ -153,5 +164,6 @@ if model_b.architecture is not None:
         key="mc_download_b",
         help="The permuted B; it computes the same function as B.",
     )
-_state.report_button("Mode connectivity", result, [curves, layers, spectra], key="mc_report", models=[model_a, model_b],
-                    train_dataset=train, notes=caveat)
+notes = " ".join(n for n in (caveat, in_sample) if n)
+_state.report_button("Mode connectivity", result, [curves, layers, spectra, objective], key="mc_report",
+                     models=[model_a, model_b], train_dataset=train, notes=notes)

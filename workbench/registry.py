@@ -230,8 +230,9 @@ def _mode_connectivity(ctx: Context, n_points: int = 25, top_k: int = 5, seed: i
 def _mode_connectivity_plot(result: Any) -> list[go.Figure]:
     from workbench.plots import mode_connectivity as p
 
+    names = {"name_a": result.params.get("model_a", "model A"), "name_b": result.params.get("model_b", "model B")}
     return [p.interpolation_curves(result), p.barrier_table(result), p.layer_alignment_figure(result.layers),
-            p.singular_values_figure(result.layers)]
+            p.singular_values_figure(result.layers, **names), p.matching_objective(result.weight_matching)]
 
 
 def _mode_connectivity_summary(result: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.app.conftest import page_errors
+from tests.app.conftest import page_errors, shown
 
 PAGE = "pages/merge.py"
 
@@ -34,6 +34,22 @@ def test_merge_panel_beats_the_naive_average(app, digits_test):
     section = at.session_state["report_sections"][0]
     assert section["models"] == ["mlp_seed0", "mlp_seed1", "mlp_seed2"]  # the members, not models A and B
     assert section["train_dataset_object"].name == "digits (train)"  # matched on the training split
+    assert not any("in-sample" in c.value for c in at.caption) and not section["notes"]
+
+
+def test_activation_matching_on_the_evaluation_samples_is_called_in_sample(app, digits_test):
+    app.session_state["dataset"] = digits_test
+    app.session_state["merge_train"] = False
+    at = app.run()
+    at.switch_page(PAGE).run()
+    at.radio(key="mc_merge_method").set_value("activation_matching")
+    at.toggle(key="mc_merge_run").set_value(True).run()
+    assert not page_errors(at)
+    note = next(shown(c.value) for c in at.caption if "in-sample" in c.value)
+    assert "The merged accuracy is in-sample: the activation matching of the merge was fitted on the same 450 samples" in note
+    assert "“Match activations and recompute BatchNorm statistics on the digits train split” in Settings" in note
+    at.button(key="mc_merge_report").click().run()
+    assert note in at.session_state["report_sections"][0]["notes"]
 
 
 def test_too_few_members_asks_for_three(app, digits_test):

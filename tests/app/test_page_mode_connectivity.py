@@ -6,6 +6,7 @@ import base64
 import copy
 
 import numpy as np
+import plotly.io
 import pytest
 import torch
 
@@ -77,9 +78,37 @@ def test_model_b_offers_only_models_of_a_s_architecture(page, sample_model):
 
 
 def _chart(at, key: str):
-    import plotly.io
-
     return plotly.io.from_json(next(c for c in at.get("plotly_chart") if key in c.proto.id).proto.spec)
+
+
+def test_the_report_section_has_every_figure_the_page_shows_in_order(page):
+    from workbench.plots._style import figure_title
+
+    at = page.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    spectra = _chart(at, "mc_spectra")  # the models' names, as in the other figures
+    assert {t.name for t in spectra.data} == {"mlp_narrow_seed0", "mlp_narrow_seed1 (= permuted mlp_narrow_seed1)"}
+    at.button(key="mc_report").click().run()
+    shown_titles = [figure_title(plotly.io.from_json(c.proto.spec)) for c in at.get("plotly_chart")]
+    assert len(shown_titles) == 4 and any(t.startswith("Weight matching objective") for t in shown_titles)
+    assert [figure_title(f) for f in at.session_state["report_sections"][0]["figures"]] == shown_titles
+
+
+def test_barriers_fitted_on_the_evaluation_samples_are_called_in_sample(page):
+    page.session_state["mc_train"] = False
+    at = page.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    note = next(shown(c.value) for c in at.caption if "in-sample" in c.value)
+    assert "The barriers of activation matching, weight matching + REPAIR are in-sample" in note
+    assert "fitted on the same 450 samples they are evaluated on, so they are optimistic" in note
+    assert "tick “Also evaluate on the digits train split” in Settings" in note
+    at.button(key="mc_report").click().run()
+    assert note in at.session_state["report_sections"][0]["notes"]
+    at.checkbox(key="mc_train").check().run()  # fitted on the train split: out of sample
+    assert not page_errors(at)
+    assert not any("in-sample" in c.value for c in at.caption)
 
 
 def test_choosing_the_sidebar_s_b_as_a_never_compares_a_model_with_itself(app, sample_model, digits_test):
@@ -116,6 +145,7 @@ def test_identical_models_show_zero_barriers_on_an_axis_that_does_not_magnify_ro
     at = _open(app, a, twin, digits_test, ["naive", "weight_matching"])
     assert not page_errors(at)
     assert at.selectbox(key="mc_model_b").value == "mlp_twin"
+    assert not any("in-sample" in c.value for c in at.caption)  # weights alone: nothing fitted on the samples
     table = at.dataframe[0].value
     for column in ("barrier above the line", "barrier above the endpoint mean", "accuracy drop"):
         assert (table[column] == 0).all(), (column, list(table[column]))
@@ -177,6 +207,8 @@ def test_an_upload_named_digits_gets_no_bundled_train_split(page, digits_test):
     assert not page_errors(at)
     assert at.checkbox(key="mc_train").disabled and not at.checkbox(key="mc_train").value
     assert set(at.dataframe[0].value["split"]) == {"test"}  # no rows computed on data that is not the user's
+    note = next(shown(c.value) for c in at.caption if "in-sample" in c.value)
+    assert "fitted on the same 300 samples they are evaluated on" in note and "evaluate on held-out data" in note
 
 
 def test_batchnorm_reset_is_offered_only_for_a_model_a_with_batchnorm(app, sample_model, digits_test):

@@ -233,6 +233,9 @@ def test_separability_and_mode_connectivity_key_numbers_are_the_reports_tables(s
     assert set(naive) == {"loss barrier (linear)", "loss barrier (mean)", "accuracy drop"}
     assert naive["loss barrier (linear)"] == mc.result.barriers["naive"].linear["test"]
     assert sep.extraction == {"pooling": "mean", "layers": {"A": ["fc1"]}} and mc.extraction == {}  # weights alone
+    spectra = next(f for f in mc.figures if any("permuted" in (t.name or "") for t in f.data))
+    assert {t.name for t in spectra.data} == {"mlp_narrow_seed0", "mlp_narrow_seed1 (= permuted mlp_narrow_seed1)"}
+    assert len(mc.figures) == 5  # the page's figures, the matching objective included, and the barrier table
 
 
 def test_a_distance_measure_reports_its_closest_pair(sample_model, digits_test):

@@ -469,6 +469,30 @@ def test_plots_carry_estimator_and_n(sample_model, digits_test):
     assert f"n = {digits_test.n_samples}" in figure_title(plots.merge_figure(merged))
 
 
+def test_singular_values_name_the_models_and_title_the_left_axes_only(sample_model):
+    from workbench.plots.mode_connectivity import singular_values_figure
+
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    layers = layer_alignment(a, b, weight_matching(a, b))
+    fig = singular_values_figure(layers, max_cols=2, name_a="mlp_narrow_seed0", name_b="mlp_narrow_seed1")
+    assert {t.name for t in fig.data} == {"mlp_narrow_seed0", "mlp_narrow_seed1 (= permuted mlp_narrow_seed1)"}
+    assert len(layers.layers) > 2  # two rows of panels
+    assert [axis.title.text for axis in fig.select_yaxes(col=1)] == ["σ_i", "σ_i"]
+    assert not [axis.title.text for axis in fig.select_yaxes(col=2) if axis.title.text]  # none between panels
+    assert {t.name for t in singular_values_figure(layers).data} == {"model A", "model B (= permuted model B)"}
+
+
+def test_in_sample_methods_are_those_fitted_on_the_evaluation_samples(sample_model, digits_test, digits_train):
+    from workbench.plots.mode_connectivity import in_sample_methods
+
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    methods = ["naive", "weight_matching", "activation_matching", "repair"]
+    alone = mode_connectivity(a, b, digits_test, methods=methods, n_points=3)
+    assert in_sample_methods(alone) == ["activation_matching", "repair"]  # weights alone: never in-sample
+    held_out = mode_connectivity(a, b, digits_test, train_dataset=digits_train, methods=methods, n_points=3)
+    assert in_sample_methods(held_out) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # clear errors
 

@@ -149,6 +149,17 @@ def barrier_definitions(barrier: BarrierResult | None) -> dict[str, str]:
     return {BARRIER_COLUMNS.get(k, k): v for k, v in barrier.definitions.items()}
 
 
+FITTED_METHODS = ("activation_matching", "repair", "reset_bn")  # alignments fitted on data, not on weights alone
+
+
+@takes_results
+def in_sample_methods(result: ModeConnectivityResult) -> list[str]:
+    """The methods of ``result`` whose matching or statistics (activation matching, REPAIR, BatchNorm reset) were
+    fitted on the samples their curves are evaluated on (no train split was given), so their barriers are in-sample."""
+    return [m for m, curve in result.curves.items()
+            if m in FITTED_METHODS and "train" not in curve.params.get("datasets", {})]
+
+
 @takes_results
 def barrier_rows(result: ModeConnectivityResult) -> list[dict[str, object]]:
     """One table row per method and split with both barrier definitions."""
@@ -230,8 +241,10 @@ def layer_alignment_figure(result: LayerAlignmentResult) -> go.Figure:
 
 
 @takes_results
-def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3) -> go.Figure:
-    """Singular values of each weight matrix of A and B (and the change under B's permutation, in the hover)."""
+def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3, *, name_a: str = "model A",
+                           name_b: str = "model B") -> go.Figure:
+    """Singular values of each weight matrix of A and B (and the change under B's permutation, in the hover),
+    one panel per layer; ``name_a`` and ``name_b`` name the models in the legend."""
     layers = list(result.layers)
     cols = max(1, min(max_cols, len(layers)))
     rows = max(1, (len(layers) + cols - 1) // cols)
@@ -244,8 +257,8 @@ def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3) -> g
     )
     for j, layer in enumerate(layers):
         for name, values, color in (
-            ("model A", result.singular_values_a[layer], MODEL_COLORS[0]),
-            ("model B (= permuted B)", result.singular_values_b[layer], MODEL_COLORS[1]),
+            (name_a, result.singular_values_a[layer], MODEL_COLORS[0]),
+            (f"{name_b} (= permuted {name_b})", result.singular_values_b[layer], MODEL_COLORS[1]),
         ):
             fig.add_trace(
                 go.Scatter(
@@ -262,7 +275,8 @@ def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3) -> g
                 col=j % cols + 1,
             )
     fig.update_xaxes(title_text="index i", type="log")
-    fig.update_yaxes(title_text="σ_i", type="log", exponentformat="power")
+    fig.update_yaxes(type="log", exponentformat="power")
+    fig.update_yaxes(title_text="σ_i", col=1)  # one title per row: a title between panels runs into the one on its left
     fig.update_layout(height=300 * rows)
     fig.update_layout(margin={"t": 100})
     return titled(
