@@ -77,7 +77,8 @@ with _state.guard():
 labels = dataset.named_labels()  # class names in legends where the dataset has them
 color_options = (["label"] if labels is not None else []) + ["distance moved between the views", "none"]
 color_by = _state.kept_choice(st.selectbox, "Colour by", color_options, key="emb_color", help=HELP["color"])
-color, color_name = {"label": (labels, "label"), "none": (None, "label")}.get(
+kind = "class" if dataset.n_classes is not None else "target"  # as the other pages name a sample's label
+color, color_name = {"label": (labels, kind), "none": (None, kind)}.get(
     color_by, (result.displacement[1], "distance moved")
 )
 with st.expander("Select samples by index"):

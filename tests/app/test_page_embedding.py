@@ -26,7 +26,7 @@ def test_embedding_page_umap_two_models(app):
     assert figure_title(spec_a).startswith("mlp_seed0 · ")
     assert "UMAP" in figure_title(spec_a) and "n = 450" in figure_title(spec_a)
     assert figure_title(json.loads(charts[1].proto.spec)).startswith("mlp_seed1 · ")
-    assert len(spec_a["data"]) == 10  # one trace per digit class
+    assert [t["name"] for t in spec_a["data"]] == [f"class {k}" for k in range(10)]  # one trace per digit class
     assert "sample %{customdata[0]}" in spec_a["data"][0]["hovertemplate"]
     trust = [float(m.value) for m in at.metric]
     assert len(trust) == 2 and min(trust) > 0.85
