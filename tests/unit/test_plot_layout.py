@@ -17,7 +17,7 @@ from workbench.analyses.probing import probe_layers
 from workbench.analyses.relative import stitch
 from workbench.analyses.similarity import similarity_matrix
 from workbench.analyses.stats import activation_stats
-from workbench.analyses.topology import persistence
+from workbench.analyses.topology import layer_separability, persistence
 from workbench.data import make_dataset
 from workbench.plots._style import order_layers, title_margin, titled
 from workbench.plots.activations import layer_histograms
@@ -25,7 +25,7 @@ from workbench.plots.degeneracy import basis_size_figure
 from workbench.plots.embedding import embedding_scatter, intrinsic_dimension_profile
 from workbench.plots.probing import probe_profile
 from workbench.plots.similarity import similarity_heatmap, stitching_bars
-from workbench.plots.topology import betti_curves
+from workbench.plots.topology import betti_curves, persistence_diagram, separability_curves
 
 MLP = ["fc1", "relu1", "fc2", "relu2", "out"]
 TANH = ["fc1", "tanh1", "fc2", "tanh2", "out"]
@@ -326,3 +326,35 @@ def test_histogram_rows_sit_close_and_their_titles_fit_between_them(n_layers):
     assert (fig.layout.margin.b if fig.layout.margin.b is not None else 80) >= TICK_LABELS + AXIS_TITLE + 20
     for top, bottom in zip(tops, bottoms):  # every panel keeps its height, however many rows
         assert 160 <= (top - bottom) * plot <= 240
+
+
+# topology: separability panels, the persistence diagram's infinity
+
+
+def test_every_separability_panel_names_its_axis_and_the_reversed_one_says_so(rng):
+    feats, y = _layers(["l1", "l2", "l3"], rng)
+    fig = separability_curves(layer_separability(feats, labels=y, probe=False), names=["A"])
+    axes = [fig.layout[k] for k in ("yaxis", "yaxis2", "yaxis3")]
+    assert all(axis.title.text for axis in axes)
+    assert axes[0].autorange == "reversed" and "axis reversed" in axes[0].title.text
+    plot = _plot_height(fig)
+    for upper, lower in zip(axes, axes[1:]):  # the upper panel's lowest tick label (half below), then the title
+        assert (upper.domain[0] - lower.domain[1]) * plot >= TICK_LABELS / 2 + PANEL_TITLE + 8
+    unlabelled = separability_curves(layer_separability(feats))
+    assert "axis reversed" in unlabelled.layout.yaxis.title.text
+
+
+def test_the_persistence_diagram_labels_infinity_once_per_panel_clear_of_the_numbers(rng):
+    a = persistence(rng.normal(size=(40, 3)), max_dim=1)
+    b = persistence(rng.normal(size=(40, 3)) * 3.5, max_dim=1)
+    fig = persistence_diagram(a, b)
+    assert not [x for x in fig.layout.annotations if "∞" in x.text]  # it was drawn over the axis's own tick label
+    plot = _plot_height(fig)
+    never_dies = {t.yaxis: max(t.y) for t in fig.data if t.name == "H0"}
+    for key in ("yaxis", "yaxis2"):
+        axis = fig.layout[key]
+        assert axis.tickmode == "array" and list(axis.ticktext or ()).count("∞") == 1
+        infinite = axis.tickvals[list(axis.ticktext).index("∞")]
+        assert infinite == pytest.approx(never_dies["y" + key[len("yaxis"):]])
+        below = max(v for v in axis.tickvals if v < infinite)
+        assert (infinite - below) / (axis.range[1] - axis.range[0]) * plot >= TICK_LABELS

@@ -88,6 +88,31 @@ def test_histograms_of_two_architectures_are_not_overlaid_by_layer_name():
     assert [a.text for a in same.layout.annotations] == ["fc1", "relu1"] and len(same.data) == 4
 
 
+def test_histograms_share_a_panel_only_between_models_of_one_architecture():
+    rng = np.random.default_rng(0)
+
+    def stats(model, widths):
+        return activation_stats({layer: rng.normal(size=(30, d)) for layer, d in widths.items()}, model=model)
+
+    # a CNN's fc1 (64 units) and a tanh MLP's fc1 (512) come in the same order, yet are not the same layer
+    cnn = stats("cnn", {"conv1": 32, "fc1": 64, "relu_fc1": 64, "out": 10})
+    tanh = stats("tanh", {"fc1": 512, "tanh1": 512, "out": 10})
+    fig = layer_histograms(cnn, tanh)
+    assert [a.text for a in fig.layout.annotations] == ["cnn · conv1", "cnn · fc1", "cnn · relu_fc1", "cnn · out",
+                                                        "tanh · fc1", "tanh · tanh1", "tanh · out"]
+    assert len({t.xaxis for t in fig.data}) == len(fig.data) == 7  # one model per panel
+    narrow = stats("narrow", {"fc1": 64, "tanh1": 64, "out": 10})  # the same names, other widths
+    assert len(layer_histograms(tanh, narrow).layout.annotations) == 6
+    fewer = stats("fewer", {"fc1": 512, "out": 10})  # fewer layers of the same architecture picked: shared ones overlaid
+    picked = layer_histograms(tanh, fewer)
+    assert [a.text for a in picked.layout.annotations] == ["fc1", "tanh1", "out"] and len(picked.data) == 5
+    twin = stats("tanh seed 1", {"fc1": 512, "tanh1": 512, "out": 10})
+    same = layer_histograms(tanh, twin)
+    assert [a.text for a in same.layout.annotations] == ["fc1", "tanh1", "out"]
+    assert [(t.name, t.xaxis) for t in same.data] == [("tanh", "x"), ("tanh seed 1", "x"), ("tanh", "x2"),
+                                                      ("tanh seed 1", "x2"), ("tanh", "x3"), ("tanh seed 1", "x3")]
+
+
 def test_constant_units_are_judged_relative_to_their_own_scale():
     # an absolute threshold (std <= 1e-12 (1 + max|x|)) called every unit of data at 1e-13 constant
     rng = np.random.default_rng(0)

@@ -188,6 +188,13 @@ def class_name(label: object, class_names: Sequence[str] | None) -> str:
     return str(label)
 
 
+def nice_step(span: float, n_ticks: int = 5) -> float:
+    """A tick spacing of 1, 2 or 5 times a power of ten giving about ``n_ticks`` ticks over ``span``."""
+    raw = span / n_ticks
+    magnitude = 10 ** np.floor(np.log10(raw))
+    return float(next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw * (1 - 1e-9)))
+
+
 def category_color(i: int) -> str:
     """The ``i``-th categorical colour (cycling)."""
     return CATEGORY_COLORS[i % len(CATEGORY_COLORS)]

@@ -29,12 +29,19 @@ def _translucent(hex_colour: str, alpha: float) -> str:
 @takes_results
 def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.Figure:
     """A histogram of activation values per layer, drawn as an outlined step curve with a light fill, one
-    colour per model, overlaid where layer names match (so a second model never hides the first). Heights
+    colour per model, overlaid where the layers correspond (so a second model never hides the first). Heights
     are densities (count / (total x bin width)): each model has its own bins, and densities stay comparable.
-    Models whose shared layer names run in another order (two architectures) get a panel per model and layer,
-    titled "<model> · <layer>": the same name there is not the same layer."""
+
+    Layers correspond when the models list the layers they share in the same order and each shared name has
+    one width (``n_features``) in every model: two seeds of one architecture, also with different layers picked.
+    Otherwise each model's layer gets its own panel, titled "<model> · <layer>": a CNN's ``fc1`` (64 units)
+    and an MLP's ``fc1`` (512) share a name, not a place in the network."""
     union = merged_order(*(r.layers for r in results))
-    if all(keeps_order(union, r.layers) for r in results):
+    widths: dict[str, set[int]] = {}
+    for r in results:
+        for layer in r.layers:
+            widths.setdefault(layer, set()).add(r.stats[layer].n_features)
+    if all(keeps_order(union, r.layers) for r in results) and all(len(w) == 1 for w in widths.values()):
         panels = [(layer, [(i, layer) for i, r in enumerate(results) if layer in r.stats]) for layer in union]
     else:
         panels = [(f"{r.model} · {layer}", [(i, layer)]) for i, r in enumerate(results) for layer in r.layers]

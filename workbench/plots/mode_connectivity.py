@@ -14,7 +14,7 @@ from workbench.analyses.mode_connectivity import (
     ModeConnectivityResult,
     WeightMatchingResult,
 )
-from workbench.plots._style import MODEL_COLORS, grouped_bar_panels, takes_results, titled
+from workbench.plots._style import MODEL_COLORS, grouped_bar_panels, nice_step, takes_results, titled
 
 METHOD_LABELS = {
     "naive": "naive (as trained)",
@@ -103,12 +103,6 @@ def _loss_axis(arrays: list) -> dict:
     return {"range": [mid - span / 2, mid + span / 2], "autorange": False}
 
 
-def _nice_step(span: float, n_ticks: int = 5) -> float:
-    raw = span / n_ticks
-    magnitude = 10 ** np.floor(np.log10(raw))
-    return float(next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw * (1 - 1e-9)))
-
-
 def _accuracy_axis(arrays: list) -> dict:
     """Range, tick spacing and a percent format with as many decimals as the spacing needs, so that no two
     tick labels read the same (``.0%`` would label ticks 0.5% apart "98%, 98%, 97%, …")."""
@@ -121,7 +115,7 @@ def _accuracy_axis(arrays: list) -> dict:
     if hi - lo < ACCURACY_MIN_SPAN:  # flat curves: widen to the minimum span inside [0, 1]
         mid = min(max((lo + hi) / 2, ACCURACY_MIN_SPAN / 2), 1 - ACCURACY_MIN_SPAN / 2)
         lo, hi = mid - ACCURACY_MIN_SPAN / 2, mid + ACCURACY_MIN_SPAN / 2
-    step = _nice_step(hi - lo)
+    step = nice_step(hi - lo)
     decimals = max(0, int(-np.floor(np.log10(step * 100) + 1e-9)))
     return {"range": [lo, hi], "autorange": False, "tick0": 0, "dtick": step, "tickformat": f".{decimals}%"}
 

@@ -16,7 +16,7 @@ from workbench.analyses.topology import (
     SeparabilityTrajectoryResult,
     TopologicalRSAResult,
 )
-from workbench.plots._style import MODEL_COLORS, order_layers, takes_results, titled
+from workbench.plots._style import MODEL_COLORS, nice_step, order_layers, takes_results, titled
 
 DIM_COLORS = ("#1f77b4", "#d62728", "#2ca02c")
 REFERENCE_NAMES = {
@@ -52,7 +52,8 @@ def _subsample_note(r: PersistenceResult) -> str:
 def persistence_diagram(*results: PersistenceResult, titles: Sequence[str] | None = None) -> go.Figure:
     """Persistence diagrams side by side: (birth, death) per bar, one colour per dimension.
 
-    Bars that never die are drawn on a dashed line labelled ∞ above the largest finite death.
+    Bars that never die are drawn on a dashed line above the largest finite death, which the death axis labels
+    ∞ in place of a number (so no automatic tick label lands on the ∞).
     """
     titles = list(titles) if titles is not None else [f"result {i + 1}" for i in range(len(results))]
     fig = make_subplots(
@@ -60,6 +61,8 @@ def persistence_diagram(*results: PersistenceResult, titles: Sequence[str] | Non
     )
     top = _top(results)
     inf_y = top * 1.08
+    step = nice_step(top)
+    finite_ticks = [float(t) for t in np.arange(0.0, inf_y - step / 2, step)]  # half a step clear of the ∞ label
     for c, (r, name) in enumerate(zip(results, titles), start=1):
         fig.add_trace(
             go.Scatter(
@@ -104,8 +107,9 @@ def persistence_diagram(*results: PersistenceResult, titles: Sequence[str] | Non
                 col=c,
             )
         fig.update_xaxes(title_text="birth", range=[-0.02 * inf_y, inf_y * 1.02], row=1, col=c)
-        fig.update_yaxes(title_text="death", range=[-0.02 * inf_y, inf_y * 1.05], row=1, col=c)
-        fig.add_annotation(x=0, y=inf_y, text="∞", showarrow=False, xanchor="right", row=1, col=c)
+        fig.update_yaxes(title_text="death", range=[-0.02 * inf_y, inf_y * 1.05], tickmode="array",
+                         tickvals=[*finite_ticks, inf_y], ticktext=[f"{t:.6g}" for t in finite_ticks] + ["∞"],
+                         row=1, col=c)
     fig.update_layout(height=420)
     return titled(
         fig,
@@ -261,10 +265,12 @@ def separability_curves(
 ) -> go.Figure:
     """The persistence score and the labelled references along layers (or checkpoints), on one figure.
 
-    Three aligned panels: the score S (axis reversed, so up is more separable), the references in
-    [0, 1] (Thornton, probe accuracy, ROC-AUC), and the unbounded ones (Fisher, Calinski–Harabasz,
-    log axis). One colour per measure, one line style per model. For trajectories, dotted vertical
-    lines mark where the score plateaued and where a run monitoring it would have stopped.
+    Three aligned panels: the score S (axis reversed, so up is more separable, as its axis title says), the
+    references in [0, 1] (Thornton, probe accuracy, ROC-AUC), and the unbounded ones (Fisher,
+    Calinski–Harabasz, log axis), :data:`SEPARABILITY_GAP` pixels apart so that a panel's lowest tick label
+    stays clear of the next panel's title. One colour per measure, one line style per model. For
+    trajectories, dotted vertical lines mark where the score plateaued and where a run monitoring it would
+    have stopped.
     """
     names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(results))]
     labelled = any(r.references for r in results)  # without labels there are no reference panels to draw
@@ -272,7 +278,7 @@ def separability_curves(
         rows=3 if labelled else 1,
         cols=1,
         shared_xaxes=True,
-        vertical_spacing=0.06,
+        vertical_spacing=SEPARABILITY_GAP / SEPARABILITY_PLOT,
         row_heights=[0.4, 0.3, 0.3] if labelled else None,
         subplot_titles=[
             "unsupervised H0 persistence score S (lower = more separable)",
@@ -323,21 +329,29 @@ def separability_curves(
                         annotation_position="top left",
                     )
     fig.for_each_annotation(lambda a: a.update(x=0, xanchor="left"), selector={"xref": "paper", "yanchor": "bottom"})
-    fig.update_yaxes(autorange="reversed", title_text="S", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", title_text="S, axis reversed<br>(up = more separable)", row=1, col=1)
     if labelled:
-        fig.update_yaxes(range=[0, 1.02], row=2, col=1)
-        fig.update_yaxes(type="log", minorloglabels="complete", row=3, col=1)
-    fig.update_layout(height=720 if labelled else 340, legend={"groupclick": "toggleitem", "tracegroupgap": 12})
+        fig.update_yaxes(range=[0, 1.02], title_text="reference<br>(up = more separable)", row=2, col=1)
+        fig.update_yaxes(type="log", minorloglabels="complete", title_text="reference, log<br>(up = more separable)",
+                         row=3, col=1)
+    fig.update_layout(height=380, legend={"groupclick": "toggleitem", "tracegroupgap": 12})
     if results and all(isinstance(r, LayerSeparabilityResult) for r in results):
         order_layers(fig, *(r.layers for r in results), labels=names, merge=False)
     first = results[0] if results else None
     what = "checkpoints" if isinstance(first, SeparabilityTrajectoryResult) else "layers"
-    return titled(
+    titled(
         fig,
         f"Class separability across {what}",
         estimator=first.estimator if first else None,
         n=first.n_samples if first else None,
     )
+    if labelled:  # the height is set once the top margin is known, so the gaps come out at their size in pixels
+        fig.update_layout(height=SEPARABILITY_PLOT + fig.layout.margin.t + PLOT_BOTTOM)
+    return fig
+
+
+SEPARABILITY_PLOT = 560  # pixels of the three separability panels and the gaps between them
+SEPARABILITY_GAP = 60  # pixels between two panels: the upper panel's lowest tick label, then the lower panel's title
 
 
 @takes_results
