@@ -12,6 +12,7 @@ from workbench.analyses.similarity import (
     MEASURES,
     RDM_COMPARISONS,
     RDM_KINDS,
+    UndefinedPairError,
     chance_level,
     similarity_matrix,
 )
@@ -86,7 +87,7 @@ with _state.guard():
             result = _state.cached_call(similarity_matrix, acts_a, other, measure=measure, progress=progress, **options)
     except WorkbenchError as exc:
         _state.show_error(exc)
-        if measure == "cca_similarity" and options.get("kind") != "svcca":
+        if isinstance(exc, UndefinedPairError) and options.get("kind") != "svcca":
             st.info("PWCCA and mean CCA need a pair of layers to span fewer dimensions than there are samples, and no pair "
                     "does: choose 'svcca' under CCA summary (it keeps the leading directions only), or narrower layers.")
         _state.stop()

@@ -47,6 +47,11 @@ class DataError(WorkbenchError):
     """A dataset or activation array that cannot be analysed as given."""
 
 
+class ConstantDataError(DataError):
+    """A representation whose every feature is constant over samples (a dead layer, or a token every sample shares),
+    on which a measure of how samples differ is undefined."""
+
+
 class ParameterError(WorkbenchError):
     """A parameter value outside its valid range."""
 

@@ -161,3 +161,20 @@ def test_layers_and_the_detail_cell_are_kept_while_the_user_visits_another_page(
     assert list(at.multiselect(key="cmp_layers_a").value) == ["relu1", "relu2"]
     assert (at.selectbox(key="cmp_cell_a").value, at.selectbox(key="cmp_cell_b").value) == ("relu2", "relu1")
     assert not at.exception
+
+
+def test_a_layer_constant_over_samples_is_n_a_and_the_others_are_compared(app, sample_model):
+    from workbench import load_dataset
+
+    app.session_state["model_a"] = sample_model("text_transformer_seed0")
+    app.session_state["model_b"] = None
+    app.session_state["dataset"] = load_dataset("sentences")
+    at = app.run()
+    at.switch_page("pages/compare.py").run()
+    at.selectbox(key="cmp_pooling").set_value("cls").run()  # every sentence starts with the same token: 'embed' is constant
+    assert not page_errors(at) and not at.exception
+    heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)
+    z, rows = _array(heatmap["data"][0]["z"]), heatmap["data"][0]["y"]
+    assert np.isnan(z[rows.index("embed")]).all() and np.isfinite(np.delete(z, rows.index("embed"), 0)).any()
+    assert any("n/a (NaN) for the layers constant over samples" in shown(c.value) and "embed of text_transformer_seed0"
+               in shown(c.value) for c in at.caption)

@@ -546,10 +546,24 @@ def test_error_matrix_layers_of_different_sample_counts():
         similarity_matrix(_random_layers(), {"x": np.ones((5, 2))})
 
 
-def test_error_matrix_names_the_dead_layer():
-    acts = {**_random_layers(), "dead": np.zeros((60, 4), dtype=np.float32)}
-    with pytest.raises(DataError, match=r"similarity_matrix: 'acts_a\['dead'\]' is constant over samples"):
-        similarity_matrix(acts)
+@pytest.mark.parametrize("measure", list(sim.MEASURES))
+def test_a_constant_layer_is_n_a_in_the_matrix_and_the_others_are_computed(measure):
+    from workbench.errors import ConstantDataError
+
+    layers = _random_layers()
+    acts = {**layers, "dead": np.zeros((60, 4), dtype=np.float32)}
+    other = {"first token": np.ones((60, 3)), **{f"{k}2": v[::-1].copy() for k, v in layers.items()}}
+    result = similarity_matrix(acts, other, measure=measure)
+    alive = similarity_matrix(layers, {f"{k}2": v[::-1].copy() for k, v in layers.items()}, measure=measure)
+    assert np.isnan(result.values[-1]).all() and np.isnan(result.values[:, 0]).all()
+    np.testing.assert_allclose(result.values[:-1, 1:], alive.values, rtol=1e-12, atol=1e-12)
+    assert result.params["constant_layers"] == {"A": ["dead"], "B": ["first token"]}
+    assert result.estimator.endswith("n/a (NaN) for the layers constant over samples, where the measure is undefined: "
+                                     "dead of A; first token of B")
+    itself = similarity_matrix(acts, measure=measure)  # A with itself: one side
+    assert itself.params["constant_layers"] == {"A": ["dead"]} and np.isfinite(itself.values[:-1, :-1]).all()
+    with pytest.raises(ConstantDataError, match=r"similarity_matrix: 'acts_a\['dead'\]' is constant over samples"):
+        similarity_matrix({"dead": acts["dead"]}, other, measure=measure)  # nothing of A left to compare
 
 
 def test_error_matrix_gram_memory_limit(monkeypatch):

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
+from workbench.errors import (
+    ConstantDataError,
+    DataError,
+    ParameterError,
+    UnknownLayerError,
+    did_you_mean,
+    format_choices,
+)
 
 ArrayLike = Any  # numpy array, torch tensor, or nested sequence of numbers
 
@@ -164,7 +171,7 @@ def check_not_constant(x: torch.Tensor, name: str, *, func: str) -> None:
     """Raise when every feature of ``x`` is constant over samples (every row equals the first: compared exactly, since
     the mean of equal values can differ from them by rounding)."""
     if bool((x == x[:1]).all()):
-        raise DataError(
+        raise ConstantDataError(
             f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
             "pick another layer or check that the model is not dead on this dataset."
         )

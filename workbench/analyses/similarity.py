@@ -21,12 +21,15 @@ Defined values and errors, the same for every measure:
 
 * A feature that is constant over samples is allowed. Centring removes it, so it contributes nothing
   (CKA, Procrustes, Euclidean RSA), or it is dropped as a rank-deficient direction (CCA).
-* A representation whose every feature is constant over samples (an all-zero or dead layer) raises
-  :class:`~workbench.errors.DataError`: every measure here is 0/0 on it.
+* A representation whose every feature is constant over samples (an all-zero or dead layer, or the first
+  token of sequences that all start with the same one) raises :class:`~workbench.errors.ConstantDataError`:
+  every measure here is 0/0 on it. In :func:`similarity_matrix` its row or column is NaN instead, the
+  others computed (``params["constant_layers"]`` names them), unless no layer of one side is left, or
+  linear CKA is streamed because the layers exceed its memory limit.
 * NaN or infinite values, a different number of samples in ``x`` and ``y``, and fewer samples than a
   measure needs raise :class:`~workbench.errors.DataError`. No function returns NaN, except for the
-  cells of :func:`similarity_matrix` where CCA of a pair of layers is undefined (listed in
-  ``params["undefined_pairs"]``; a single pair raises :class:`UndefinedPairError`).
+  cells of :func:`similarity_matrix` named above and those where CCA of a pair of layers is undefined
+  (listed in ``params["undefined_pairs"]``; a single pair raises :class:`UndefinedPairError`).
 """
 
 from __future__ import annotations
@@ -58,7 +61,14 @@ from workbench.analyses._validation import (
     unit_scale,
 )
 from workbench.device import float64_device, resolve_device
-from workbench.errors import DataError, ParameterError, UnknownLayerError, did_you_mean, format_choices
+from workbench.errors import (
+    ConstantDataError,
+    DataError,
+    ParameterError,
+    UnknownLayerError,
+    did_you_mean,
+    format_choices,
+)
 
 MEASURES = ("linear_cka", "rbf_cka", "procrustes_distance", "cca_similarity", "rsa")
 CCA_KINDS = ("svcca", "pwcca", "mean")
@@ -151,7 +161,7 @@ def _centre(
         xc = x - x.mean(0, keepdim=True)
     if bool(constant.any()):
         if name is not None and bool(constant.all()):
-            raise DataError(
+            raise ConstantDataError(
                 f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
                 "pick another layer or check that the model is not dead on this dataset."
             )
@@ -256,7 +266,7 @@ def _check_self_hsic(self_inner: float, self_hsic: float, n: int, name: str, fun
             "(it overflowed or is 0/0), so CKA is undefined for this data; check the layer for extreme values or rescale it."
         )
     if self_inner <= 0.0:
-        raise DataError(
+        raise ConstantDataError(
             f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
             "pick another layer or check that the model is not dead on this dataset."
         )
@@ -1453,17 +1463,24 @@ def _similarity_matrix(
             return _cca_from_prep(a, b, kind, (name_a, name_b), func)
         return _bounded(float(torch.dot(a, b)), -1.0, 1.0, func)
 
-    prepared = []
+    prepared: list[Any] = []
+    constant: list[ConstantDataError] = []  # layers with no variation: their rows or columns are n/a, not the matrix
     for (_, t), label in items:
         rows = _rows(t)
         x = as_matrix(rows, label, func=func, device=dev, min_samples=spec.min_samples)
         owned = _converted(rows, dev)
         del rows
-        prepared.append(prepare(x, label, _input_eps(t), owned))
+        try:
+            prepared.append(prepare(x, label, _input_eps(t), owned))
+        except ConstantDataError as exc:
+            prepared.append(None)
+            constant.append(exc)
         del x
         step()
     prepared_a = prepared[: len(raw_a)]
     prepared_b = prepared_a if symmetric else prepared[len(raw_a) :]
+    if all(p is None for p in prepared_a) or all(p is None for p in prepared_b):
+        raise constant[0]  # nothing left to compare on one side
 
     values = np.empty((len(prepared_a), len(prepared_b)))
     undefined: list[tuple[int, int, UndefinedPairError]] = []  # CCA pairs spanning more dimensions than the samples allow
@@ -1471,6 +1488,10 @@ def _similarity_matrix(
         for j, b in enumerate(prepared_b):
             if symmetric and j < i:
                 values[i, j] = values[j, i]
+                continue
+            if a is None or b is None:
+                values[i, j] = np.nan
+                step()
                 continue
             try:
                 values[i, j] = pair(a, b, names_a[i], names_b[j])
@@ -1480,8 +1501,16 @@ def _similarity_matrix(
             step()
     estimator, params = spec.estimator, dict(spec.params)
     if measure == "cca_similarity":  # the directions each layer keeps (its rank above rounding, or SVCCA's cut)
-        params["ranks_a"] = {name: int(p.basis.shape[1]) for (name, _), p in zip(raw_a, prepared_a)}
-        params["ranks_b"] = {name: int(p.basis.shape[1]) for (name, _), p in zip(raw_b, prepared_b)}
+        params["ranks_a"] = {name: int(p.basis.shape[1]) for (name, _), p in zip(raw_a, prepared_a) if p is not None}
+        params["ranks_b"] = {name: int(p.basis.shape[1]) for (name, _), p in zip(raw_b, prepared_b) if p is not None}
+    if constant:
+        dead = {"A": [name for (name, _), p in zip(raw_a, prepared_a) if p is None],
+                "B": [] if symmetric else [name for (name, _), p in zip(raw_b, prepared_b) if p is None]}
+        params["constant_layers"] = {side: names for side, names in dead.items() if names}
+        listed = "; ".join(f"{', '.join(names)} of {_model_name(acts_a if side == 'A' or acts_b is None else acts_b, side)}"
+                           for side, names in params["constant_layers"].items())
+        estimator = (f"{estimator}; n/a (NaN) for the layers constant over samples, where the measure is undefined: "
+                     f"{listed}")
     if undefined:
         if len(undefined) == n_pairs:
             raise undefined[0][2]
