@@ -176,5 +176,5 @@ def test_a_layer_constant_over_samples_is_n_a_and_the_others_are_compared(app, s
     heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)
     z, rows = _array(heatmap["data"][0]["z"]), heatmap["data"][0]["y"]
     assert np.isnan(z[rows.index("embed")]).all() and np.isfinite(np.delete(z, rows.index("embed"), 0)).any()
-    assert any("n/a (NaN) for the layers constant over samples" in shown(c.value) and "embed of text_transformer_seed0"
+    assert any("n/a (NaN) for the layers constant over samples" in shown(c.value) and "embed of model A (text_transformer_seed0)"
                in shown(c.value) for c in at.caption)

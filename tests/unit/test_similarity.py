@@ -559,7 +559,7 @@ def test_a_constant_layer_is_n_a_in_the_matrix_and_the_others_are_computed(measu
     np.testing.assert_allclose(result.values[:-1, 1:], alive.values, rtol=1e-12, atol=1e-12)
     assert result.params["constant_layers"] == {"A": ["dead"], "B": ["first token"]}
     assert result.estimator.endswith("n/a (NaN) for the layers constant over samples, where the measure is undefined: "
-                                     "dead of A; first token of B")
+                                     "dead of model A; first token of model B")
     itself = similarity_matrix(acts, measure=measure)  # A with itself: one side
     assert itself.params["constant_layers"] == {"A": ["dead"]} and np.isfinite(itself.values[:-1, :-1]).all()
     with pytest.raises(ConstantDataError, match=r"similarity_matrix: 'acts_a\['dead'\]' is constant over samples"):

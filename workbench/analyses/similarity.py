@@ -1507,8 +1507,11 @@ def _similarity_matrix(
         dead = {"A": [name for (name, _), p in zip(raw_a, prepared_a) if p is None],
                 "B": [] if symmetric else [name for (name, _), p in zip(raw_b, prepared_b) if p is None]}
         params["constant_layers"] = {side: names for side, names in dead.items() if names}
-        listed = "; ".join(f"{', '.join(names)} of {_model_name(acts_a if side == 'A' or acts_b is None else acts_b, side)}"
-                           for side, names in params["constant_layers"].items())
+        def owner(side: str) -> str:
+            name = _model_name(acts_a if side == "A" or acts_b is None else acts_b, "")
+            return f"model {side}" + (f" ({name})" if name else "")
+
+        listed = "; ".join(f"{', '.join(names)} of {owner(side)}" for side, names in params["constant_layers"].items())
         estimator = (f"{estimator}; n/a (NaN) for the layers constant over samples, where the measure is undefined: "
                      f"{listed}")
     if undefined:
