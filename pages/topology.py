@@ -85,15 +85,20 @@ with _state.guard():
     for model, slot in zip(models, _state.slots(models)):
         acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
         sources.append(acts)
+        with _state.progress_bar(f"Separability of {model.name}") as bar:
+            seps.append(_state.cached_call(tp.layer_separability, acts, labels=labels, probe=probe, progress=bar))
         with _state.progress_bar(f"Persistence of {model.name}") as bar:
-            layers = chosen[slot]
+            layers = seps[-1].layers  # without the layers constant over samples
             per_layer = {}
             for i, layer in enumerate(layers):
                 per_layer[layer] = _state.cached_call(tp.persistence, acts[layer], **kw)
                 bar(i + 1, len(layers))
         pers.append(per_layer)
-        with _state.progress_bar(f"Separability of {model.name}") as bar:
-            seps.append(_state.cached_call(tp.layer_separability, acts, labels=labels, probe=probe, progress=bar))
+
+for model, sep in zip(models, seps):
+    for layer in sep.skipped:
+        st.caption(_state.plain(f"Layer {layer} of model {model.name} is constant over samples: no topology to "
+                                "compute."))
 
 subsampled = {r.n_points_used for p in pers for r in p.values() if r.subsampled}
 if subsampled:

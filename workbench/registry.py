@@ -294,7 +294,12 @@ def _topology_plot(result: Any) -> list[go.Figure]:
 
 def _topology_summary(result: Any) -> dict[str, Any]:
     d = np.asarray(result.distances)
-    return {"min_distance": float(d.min()), "max_distance": float(d.max()), "subsampled": bool(np.any(result.subsampled))}
+    out: dict[str, Any] = {"min_distance": float(d.min()), "max_distance": float(d.max()),
+                           "subsampled": bool(np.any(result.subsampled))}
+    for side, skipped in (("A", result.skipped_a), ("B", result.skipped_b)):
+        if skipped:
+            out[f"left out of {side}, constant over samples"] = ", ".join(skipped)
+    return out
 
 
 def _separability(ctx: Context, normalize: bool = True, probe: bool = True, cv: int = 5, seed: int = 0) -> Any:
@@ -415,8 +420,13 @@ def _intrinsic_dimension_summary(results: Any) -> dict[str, Any]:
 
 def _separability_table(results: Any) -> dict[str, Any]:
     labels = _model_labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
-    return {m: {layer: {"score S (lower = more separable)": float(r.scores[j]), **{k: float(v[j]) for k, v in r.references.items()}}
-                for j, layer in enumerate(r.layers)} for m, r in zip(labels, results)}
+    table: dict[str, Any] = {
+        m: {layer: {"score S (lower = more separable)": float(r.scores[j]), **{k: float(v[j]) for k, v in r.references.items()}}
+            for j, layer in enumerate(r.layers)} for m, r in zip(labels, results)}
+    for m, r in zip(labels, results):
+        for layer in getattr(r, "skipped", ()):
+            table[m][layer] = {"score S (lower = more separable)": "n/a: constant over samples"}
+    return table
 
 
 def _mode_connectivity_table(result: Any) -> dict[str, Any]:

@@ -144,3 +144,23 @@ def test_caption_names_the_probe_reference_only_while_it_is_computed(app, narrow
     caption = next(c.value for c in at.caption if c.value.startswith("n = 450"))
     assert "probe" not in caption
     assert "Thornton = share of samples whose nearest neighbour has their class" in caption and "Fisher" in caption
+
+
+def test_a_layer_constant_over_samples_is_left_out_with_a_caption_that_names_it(app, sample_model):
+    from tests.app.conftest import shown
+
+    at = _open(app, sample_model("text_transformer_seed0"), dataset=load_dataset("sentences"))
+    at.selectbox(key="topo_pooling").set_value("cls").run()  # every sentence starts with one token: 'embed' is constant
+    assert not page_errors(at)
+    assert "Layer embed of model text_transformer_seed0 is constant over samples: no topology to compute." in [
+        shown(c.value) for c in at.caption
+    ]
+    assert len(at.get("plotly_chart")) == 5
+    layers = at.selectbox(key="topo_layer_a").options
+    assert len(layers) == 10 and "embed" not in layers
+    assert "embed" not in set(at.dataframe[0].value["layer"])
+    at.selectbox(key="topo_metric").set_value("cosine").run()
+    assert not page_errors(at)
+    barcode = json.loads(at.get("plotly_chart")[1].proto.spec)
+    assert "cosine distance" in figure_title(barcode)
+    assert barcode["layout"]["xaxis"]["title"]["text"] == "filtration value (cosine distance)"

@@ -254,3 +254,18 @@ def test_an_embedding_layer_model_b_lacks_is_refused(sample_model, digits_test):
                                                 r"\(.*tanh1.*\); name a layer both models have"):
         registry.run_analysis("embedding", model_a=sample_model("mlp_seed0"), model_b=sample_model("mlp_tanh_seed0"),
                               dataset=digits_test, params={"layer": "relu1", "method": "pca"})
+
+
+def test_topology_sections_name_the_layers_left_out_as_constant(sample_model):
+    from workbench import load_dataset
+
+    text, sentences = sample_model("text_transformer_seed0"), load_dataset("sentences")
+    layers = ["embed", "layers.0", "norm"]  # 'embed' at the first token is the same for every sentence
+    sep = registry.run_analysis("separability", model_a=text, dataset=sentences, layers=layers, pooling="cls",
+                                params={"cv": 3})
+    table = sep.summary["text_transformer_seed0"]
+    assert table["embed"] == {"score S (lower = more separable)": "n/a: constant over samples"}
+    assert set(table) == set(layers) and isinstance(table["norm"]["score S (lower = more separable)"], float)
+    top = registry.run_analysis("topology", model_a=text, model_b=text, dataset=sentences, layers=layers, pooling="cls",
+                                params={"max_points": 60})
+    assert top.summary["left out of A, constant over samples"] == "embed"

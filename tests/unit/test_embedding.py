@@ -427,6 +427,17 @@ def test_intrinsic_dimension_skips_duplicates_and_per_layer():
     assert list(fig.data[0].x) == ["torus", "plane"] and "n = 400" in figure_title(fig)
 
 
+def test_intrinsic_dimension_profile_slants_long_layer_names_so_they_stay_apart():
+    names = ["embed", "layers.0.norm1", "layers.0.linear1", "layers.0.linear2", "layers.0.norm2", "layers.1.norm1",
+             "layers.1.linear1", "layers.1.linear2", "layers.1.norm2", "norm", "out"]
+    rng = np.random.default_rng(0)
+    text = layer_intrinsic_dimension({name: rng.normal(size=(60, 6)) for name in names})
+    mlp = layer_intrinsic_dimension({name: rng.normal(size=(60, 6)) for name in ["fc1", "relu1", "out"]})
+    for fig in (intrinsic_dimension_profile(text, names=["text"]), intrinsic_dimension_profile(mlp, text)):
+        assert fig.layout.xaxis.tickangle not in (None, 0) and fig.layout.xaxis.automargin  # level, they run together
+        assert list(fig.layout.xaxis.ticktext or fig.layout.xaxis.categoryarray)[-len(names):] == names
+
+
 def test_intrinsic_dimension_errors():
     with pytest.raises(ParameterError, match="'k' parameter of intrinsic_dimension applies to method='mle' only"):
         intrinsic_dimension(_torus_in_50d(100), k=5)

@@ -32,7 +32,7 @@ from workbench.analyses.topology import (
     topological_rsa,
 )
 from workbench.data.datasets import blobs
-from workbench.errors import DataError, ParameterError, UnknownLayerError
+from workbench.errors import ConstantDataError, DataError, ParameterError, UnknownLayerError
 from workbench.plots._style import figure_title
 
 
@@ -357,6 +357,50 @@ def test_distance_matrix_over_layers():
     assert self_res.distances[0, 1] == self_res.distances[1, 0] > 0
     given = {k: persistence(v) for k, v in acts_a.items()}
     np.testing.assert_allclose(diagram_distance_matrix(given).distances, self_res.distances)
+
+
+def _with_a_constant_layer(model_name: str = "text_seed0"):
+    from workbench.activations.types import Activations
+
+    rng = np.random.default_rng(3)
+    layers = {"embed": np.ones((60, 4)), "l1": circle(60, noise=0.05, seed=18), "l2": rng.standard_normal((60, 3))}
+    return Activations({k: torch.from_numpy(v) for k, v in layers.items()}, model_name=model_name)
+
+
+def test_layer_functions_leave_out_a_layer_constant_over_samples_and_record_it():
+    acts = _with_a_constant_layer()
+    sep = layer_separability(acts, labels=np.arange(60) % 3, cv=3)
+    assert sep.layers == ["l1", "l2"] and sep.skipped == ["embed"] and list(sep.per_layer) == ["l1", "l2"]
+    assert len(sep.scores) == 2 and json.loads(json.dumps(sep.to_dict()))["skipped"] == ["embed"]
+    own = diagram_distance_matrix(acts, dim=0)
+    assert own.layers_a == own.layers_b == ["l1", "l2"] and own.skipped_a == own.skipped_b == ["embed"]
+    assert own.distances.shape == (2, 2) and own.distances[0, 1] > 0
+    calls = []
+    pair = diagram_distance_matrix(acts, _with_a_constant_layer("other"), dim=0, layers_a=["l1", "l2"],
+                                   progress=lambda d, t: calls.append((d, t)))
+    assert pair.layers_b == ["l1", "l2"] and pair.skipped_a == [] and pair.skipped_b == ["embed"]
+    assert calls[-1] == (2 + 3 + 4, 2 + 3 + 4)  # persistence of 2 + 3 layers, then 2 x 2 pairs
+
+
+@pytest.mark.parametrize("call", [
+    lambda acts: layer_separability(acts, layers=["embed"]),
+    lambda acts: diagram_distance_matrix(acts, layers_a=["embed"]),
+    lambda acts: diagram_distance_matrix(acts, layers_a=["l1"], layers_b=["embed"]),
+])
+def test_a_call_on_only_constant_layers_names_the_layer_and_the_model(call):
+    with pytest.raises(ConstantDataError, match="layer embed of model text_seed0 is constant over samples .* no topology"):
+        call(_with_a_constant_layer())
+
+
+def test_a_data_error_of_one_layer_names_the_layer_and_the_model():
+    from workbench.activations.types import Activations
+
+    half_zero = np.zeros((60, 3))
+    half_zero[:30] = np.random.default_rng(4).random((30, 3)) + 0.1
+    acts = Activations({"l1": torch.from_numpy(circle(60, seed=19)), "relu": torch.from_numpy(half_zero)},
+                       model_name="text_seed0")
+    with pytest.raises(DataError, match="layer_separability: layer relu of model text_seed0: .* 30 all-zero rows"):
+        layer_separability(acts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,3 +737,41 @@ def test_the_distance_heatmap_names_the_models_the_activations_came_from():
     assert named.layout.yaxis.title.text == "layer of first"
     plain = plots.diagram_distance_heatmap(diagram_distance_matrix({"l1": persistence(rng.standard_normal((30, 2)))}, dim=0))
     assert plain.layout.yaxis.title.text == "layer of A"  # persistence results name no model
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_persistence_and_its_figures_name_the_point_metric(metric):
+    from workbench.plots import topology as plots
+
+    a = persistence(circle(60, noise=0.05, seed=20) + 3.0, metric=metric)
+    h0 = persistence(circle(60, noise=0.05, seed=20) + 3.0, metric=metric, max_dim=0)
+    assert f"{metric} distance" in a.estimator and f"{metric} distance" in h0.estimator
+    assert f"{metric} distance" in diagram_distance_matrix({"l1": a, "l2": h0}, dim=0).estimator
+    diagram = plots.persistence_diagram(a)
+    bars = plots.barcode(a, dim=0)
+    betti = plots.betti_curves({"l1": a, "l2": h0}, dim=0)
+    raw = plots.betti_curves({"l1": a, "l2": h0}, dim=0, normalize_scale=False)
+    assert all(f"{metric} distance" in figure_title(fig) for fig in (diagram, bars, betti))
+    assert (diagram.layout.xaxis.title.text, diagram.layout.yaxis.title.text) == (f"birth ({metric} distance)",
+                                                                                  f"death ({metric} distance)")
+    assert bars.layout.xaxis.title.text == f"filtration value ({metric} distance)"
+    assert betti.layout.xaxis.title.text == f"filtration value ({metric} distance) / largest death"
+    assert raw.layout.xaxis.title.text == f"filtration value ({metric} distance)"
+
+
+TEXT_LAYERS = ["embed", "layers.0.norm1", "layers.0.linear1", "layers.0.linear2", "layers.0.norm2", "layers.1.norm1",
+               "layers.1.linear1", "layers.1.linear2", "layers.1.norm2", "norm", "out"]
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_betti_legend_of_one_model_with_eleven_long_layer_names_shows_every_entry(dim):
+    from workbench.plots import topology as plots
+
+    group = {name: persistence(circle(30, noise=0.1, seed=i)) for i, name in enumerate(TEXT_LAYERS)}
+    fig = plots.betti_curves(group, names=["A (text_transformer_seed0)"], dim=dim)
+    entries = [t for t in fig.data if t.showlegend is not False]
+    groups = len({t.legendgroup for t in entries})
+    gap = fig.layout.legend.tracegroupgap if fig.layout.legend.tracegroupgap is not None else 10  # plotly's default
+    plot = fig.layout.height - fig.layout.margin.t - 80  # plotly's bottom margin
+    assert [t.name for t in entries] == TEXT_LAYERS
+    assert plot >= 19 * len(entries) + gap * (groups - 1)  # in Chromium: 19 px a row, and the gap between groups

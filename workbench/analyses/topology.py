@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from workbench.analyses._validation import (
     unit_scale,
 )
 from workbench.device import float64_device, resolve_device
-from workbench.errors import DataError, ParameterError
+from workbench.errors import ConstantDataError, DataError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class PersistenceResult(RecordedResult):
     ``diagrams[k]``: ``(n_bars, 2)`` float64 array of (birth, death) for homology dimension ``k``
     (0 … ``max_dim``), sorted by decreasing lifetime; a bar that never dies has death ``inf``
     (H0 always has exactly one); bars of zero length (from duplicate samples) are left out, as in
-    Ripser. Filtration values are distances (the Rips edge-length scale). All H0 bars are born at 0
+    Ripser. Filtration values are ``metric`` distances (the Rips edge-length scale). All H0 bars are born at 0
     and die at the edge lengths of a minimum spanning tree of the samples.
     ``betti_grid``: ``(grid_size,)`` filtration values from 0 to the largest finite death;
     ``betti_curves``: ``(max_dim + 1, grid_size)`` number of bars alive (birth <= t < death) at each.
@@ -172,6 +172,8 @@ class DiagramDistanceMatrixResult(RecordedResult):
     ``distances``: ``(len(layers_a), len(layers_b))``, lower is closer. ``subsampled``: names of the
     layers whose dimensions >= 1 were computed on a farthest-point subsample, in layer order (A, then B).
     ``model_a``, ``model_b``: the models the activations came from, where they say ("" otherwise).
+    ``skipped_a``, ``skipped_b``: layers left out of the rows / columns because they are constant over samples
+    (no topology to compute), in layer order.
     """
 
     distances: np.ndarray
@@ -184,6 +186,8 @@ class DiagramDistanceMatrixResult(RecordedResult):
     subsampled: list[str]
     model_a: str = ""
     model_b: str = ""
+    skipped_a: list[str] = field(default_factory=list)
+    skipped_b: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,8 @@ class LayerSeparabilityResult(RecordedResult):
     ``scores``: ``(n_layers,)`` persistence score per layer (lower = more separable).
     ``references``: name -> ``(n_layers,)`` labelled reference per layer (higher = more separable);
     empty without labels. ``per_layer``: the full :class:`SeparabilityResult` of each layer.
+    ``skipped``: layers left out because they are constant over samples (no topology to compute), in
+    layer order; ``layers`` are the others.
     """
 
     layers: list[str]
@@ -230,6 +236,7 @@ class LayerSeparabilityResult(RecordedResult):
     references: dict[str, np.ndarray]
     per_layer: dict[str, SeparabilityResult]
     model_name: str
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -733,7 +740,7 @@ def persistence(
         "ripser": "Vietoris-Rips persistence, gudhi Ripser (dense)",
         "ripser-truncated": "Vietoris-Rips persistence, gudhi Ripser up to a certified bound on H1 births (exact)",
         "collapse+ripser": "Vietoris-Rips persistence, edge collapse + gudhi Ripser (sparse)",
-    }[engine]
+    }[engine] + f", {metric} distance"
     if subsample is not None:
         label += f"; H0 of all {n} points (minimum spanning tree), H>=1 on {len(subsample)} of {n} points (farthest-point sampling)"
     return PersistenceResult(
@@ -924,20 +931,52 @@ def persistence_distance(
     )
 
 
+def _of_model(acts: Any) -> str:
+    """`` of model <name>`` for Activations that name their model, else ``""``."""
+    model = str(getattr(acts, "model_name", "") or "")
+    return f" of model {model}" if model else ""
+
+
+def _constant_layers_error(layers: Sequence[str], acts: Any, func: str) -> ConstantDataError:
+    """The error for ``layers`` of ``acts`` that are constant over samples, naming them and the model."""
+    what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(layers)}"
+    return ConstantDataError(
+        f"{func}: {what}{_of_model(acts)} {'is' if len(layers) == 1 else 'are'} constant over samples (zero variance "
+        "in every feature), so there is no topology to compute; pick another layer or another pooling, or check that "
+        "the model is not dead on this dataset."
+    )
+
+
+@contextmanager
+def _naming_layer(layer: str, acts: Any, func: str) -> Iterator[None]:
+    """Re-raise a data error from the block with the layer and the model it came from named."""
+    try:
+        yield
+    except ConstantDataError as exc:
+        raise _constant_layers_error([layer], acts, func) from exc
+    except DataError as exc:
+        raise type(exc)(f"{func}: layer {layer}{_of_model(acts)}: {exc}") from exc
+
+
 def _layer_persistence(
     acts: Any, layers: Sequence[str], name: str, func: str, **kwargs: Any
-) -> dict[str, PersistenceResult]:
-    """Persistence per layer of Activations, or the given layer name -> PersistenceResult entries."""
+) -> tuple[dict[str, PersistenceResult], list[str]]:
+    """Persistence per layer of Activations, or the given layer name -> PersistenceResult entries, and the layers
+    left out because they are constant over samples."""
     if not isinstance(acts, Mapping) or not acts:
         raise DataError(
             f"{func}: '{name}' must be Activations (layer name -> (n_samples, n_features)) or a dict of layer name -> "
             f"PersistenceResult. Got {type(acts).__name__}."
         )
-    out = {}
+    out, skipped = {}, []
     for layer in check_layer_names(acts, layers, func=func, arg=name):
         value = acts[layer]
-        out[layer] = value if isinstance(value, PersistenceResult) else persistence(value, **kwargs)
-    return out
+        try:
+            with _naming_layer(layer, acts, func):
+                out[layer] = value if isinstance(value, PersistenceResult) else persistence(value, **kwargs)
+        except ConstantDataError:
+            skipped.append(layer)
+    return out, skipped
 
 
 def diagram_distance_matrix(
@@ -963,7 +1002,9 @@ def diagram_distance_matrix(
     each other (a symmetric matrix with a zero diagonal). ``layers_a``/``layers_b``: subsets, in
     order (default: all). Persistence of each layer is computed once (up to dimension ``dim``, with
     ``max_points``, ``point_metric`` and ``seed`` as in :func:`persistence`), then every pair is
-    compared as in :func:`diagram_distance`. ``progress(done, total)`` counts layers and pairs.
+    compared as in :func:`diagram_distance`. A layer constant over samples has no topology: it is left
+    out and recorded in ``skipped_a`` / ``skipped_b`` (an error when every layer of a model is).
+    ``progress(done, total)`` counts layers and pairs.
     """
     func = "diagram_distance_matrix"
     if b is not None:
@@ -984,13 +1025,19 @@ def diagram_distance_matrix(
     kw = {"max_dim": dim, "max_points": max_points, "metric": point_metric, "seed": seed, "device": device}
     todo_b = [n for n in names_b if b is not None or n not in names_a]
     total = len(names_a) + len(todo_b) + len(names_a) * len(names_b)
-    pa = _layer_persistence(a, names_a, "a", func, **kw)
-    report(len(pa), total)
-    pb = {
-        **({} if b is not None else pa),
-        **_layer_persistence(source_b, todo_b, "b" if b is not None else "a", func, **kw),
-    }
-    done = len(pa) + len(todo_b)
+    pa, skipped_a = _layer_persistence(a, names_a, "a", func, **kw)
+    if not pa:
+        raise _constant_layers_error(skipped_a, a, func)
+    report(len(names_a), total)
+    new_b, skipped_b = _layer_persistence(source_b, todo_b, "b" if b is not None else "a", func, **kw)
+    pb = {**({} if b is not None else pa), **new_b}
+    if b is None:
+        skipped_b = [n for n in names_b if n in skipped_a or n in skipped_b]
+    done = len(names_a) + len(todo_b)
+    names_a, names_b = [n for n in names_a if n in pa], [n for n in names_b if n in pb]
+    if not names_b:
+        raise _constant_layers_error(skipped_b, source_b, func)
+    total = done + len(names_a) * len(names_b)
     report(done, total)
     diag = {k: (_scaled(v.diagram(dim)) if normalize else v.diagram(dim)) for k, v in pa.items()}
     diag_b = {k: (_scaled(v.diagram(dim)) if normalize else v.diagram(dim)) for k, v in pb.items()}
@@ -1019,6 +1066,8 @@ def diagram_distance_matrix(
         subsampled=subsampled,
         model_a=str(getattr(a, "model_name", "") or ""),
         model_b=str(getattr(source_b, "model_name", "") or ""),
+        skipped_a=skipped_a,
+        skipped_b=skipped_b,
         estimator=f"{label}; {first.estimator}",
         n_samples=first.n_samples,
         params={
@@ -1292,7 +1341,8 @@ def layer_separability(
 
     ``acts``: :class:`~workbench.Activations` (or a dict layer name -> ``(n_samples, n_features)``).
     ``labels``: per-sample classes; default: ``acts.labels`` when the activations carry them.
-    ``layers``: which layers, in order (default: all). Other parameters as in
+    ``layers``: which layers, in order (default: all). A layer constant over samples has no topology:
+    it is left out and recorded in ``skipped`` (an error when every layer is). Other parameters as in
     :func:`class_separability`. ``progress(done, total)`` counts layers.
     """
     func = "layer_separability"
@@ -1308,19 +1358,27 @@ def layer_separability(
         labels = getattr(acts, "labels", None)
     report = progress or (lambda done, total: None)
     per_layer: dict[str, SeparabilityResult] = {}
+    skipped = []
     for i, layer in enumerate(names):
-        per_layer[layer] = class_separability(
-            acts[layer], labels, normalize=normalize, probe=probe, cv=cv, seed=seed, device=device
-        )
+        try:
+            with _naming_layer(layer, acts, func):
+                per_layer[layer] = class_separability(
+                    acts[layer], labels, normalize=normalize, probe=probe, cv=cv, seed=seed, device=device
+                )
+        except ConstantDataError:
+            skipped.append(layer)
         report(i + 1, len(names))
+    if not per_layer:
+        raise _constant_layers_error(skipped, acts, func)
     results = list(per_layer.values())
     first = results[0]
     return LayerSeparabilityResult(
-        layers=names,
+        layers=list(per_layer),
         scores=np.array([r.score for r in results]),
         references=_stack_references(results),
         per_layer=per_layer,
         model_name=str(getattr(acts, "model_name", "")),
+        skipped=skipped,
         estimator=first.estimator,
         n_samples=first.n_samples,
         params=dict(first.params),
@@ -1424,9 +1482,12 @@ def separability_trajectory(
                 f"{func}: checkpoint {i} must be a LoadedModel, an nn.Module or a path. Got {type(item).__name__}."
             )
         acts = extract(model, dataset, [layer], pooling=pooling, batch_size=batch_size, device=device)
-        results.append(
-            class_separability(acts[layer], labels, normalize=normalize, probe=probe, cv=cv, seed=seed, device=device)
-        )
+        with _naming_layer(layer, acts, func):
+            results.append(
+                class_separability(
+                    acts[layer], labels, normalize=normalize, probe=probe, cv=cv, seed=seed, device=device
+                )
+            )
         names.append(_checkpoint_name(model if not isinstance(item, (str, Path)) else item, i))
         report(i + 1, len(checkpoints))
     scores = np.array([r.score for r in results])

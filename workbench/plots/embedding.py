@@ -91,7 +91,8 @@ def embedding_scatter(
 def intrinsic_dimension_profile(
     *results: LayerIntrinsicDimensionResult, names: Sequence[str] | None = None
 ) -> go.Figure:
-    """Intrinsic dimension per layer with its 95% interval, one line per model."""
+    """Intrinsic dimension per layer with its 95% interval, one line per model; the layer names are slanted, so
+    long ones stay apart."""
     fig = go.Figure()
     for i, result in enumerate(results):
         name = names[i] if names is not None else (result.model_name or f"model {i + 1}")
@@ -115,6 +116,7 @@ def intrinsic_dimension_profile(
             )
         )
     fig.update_layout(xaxis_title="layer", yaxis_title="intrinsic dimension", yaxis_rangemode="tozero")
+    fig.update_xaxes(tickangle=-45, automargin=True)  # long layer names side by side would run together
     labels = [str(names[i]) if names is not None else (r.model_name or f"model {i + 1}") for i, r in enumerate(results)]
     order_layers(fig, *(r.layers for r in results), labels=labels, merge=False)
     if not results:

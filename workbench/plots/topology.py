@@ -106,10 +106,10 @@ def persistence_diagram(*results: PersistenceResult, titles: Sequence[str] | Non
                 row=1,
                 col=c,
             )
-        fig.update_xaxes(title_text="birth", range=[-0.02 * inf_y, inf_y * 1.02], row=1, col=c)
-        fig.update_yaxes(title_text="death", range=[-0.02 * inf_y, inf_y * 1.05], tickmode="array",
-                         tickvals=[*finite_ticks, inf_y], ticktext=[f"{t:.6g}" for t in finite_ticks] + ["∞"],
-                         row=1, col=c)
+        fig.update_xaxes(title_text=f"birth ({r.metric} distance)", range=[-0.02 * inf_y, inf_y * 1.02], row=1, col=c)
+        fig.update_yaxes(title_text=f"death ({r.metric} distance)", range=[-0.02 * inf_y, inf_y * 1.05],
+                         tickmode="array", tickvals=[*finite_ticks, inf_y],
+                         ticktext=[f"{t:.6g}" for t in finite_ticks] + ["∞"], row=1, col=c)
     fig.update_layout(height=420)
     return titled(
         fig,
@@ -153,7 +153,7 @@ def barcode(
             row=1,
             col=c,
         )
-        fig.update_xaxes(title_text="filtration value (distance)", row=1, col=c)
+        fig.update_xaxes(title_text=f"filtration value ({r.metric} distance)", row=1, col=c)
         fig.update_yaxes(showticklabels=False, row=1, col=c)
     fig.update_layout(height=380)
     return titled(
@@ -206,10 +206,12 @@ def betti_curves(
                 row=1,
                 col=c,
             )
-        label = "filtration value / largest death" if normalize_scale else "filtration value (distance)"
+        metric = " / ".join(dict.fromkeys(r.metric for r in group.values()))
+        label = f"filtration value ({metric} distance)" + (" / largest death" if normalize_scale else "")
         fig.update_xaxes(title_text=label, row=1, col=c)
     fig.update_yaxes(title_text=f"Betti number β{dim}", row=1, col=1)
-    fig.update_layout(height=380, legend={"groupclick": "toggleitem", "tracegroupgap": LEGEND_GROUP_GAP})
+    gap = 0 if shared else LEGEND_GROUP_GAP  # shared: one legend group per layer, listed without gaps
+    fig.update_layout(height=380, legend={"groupclick": "toggleitem", "tracegroupgap": gap})
     titled(
         fig,
         f"Betti-{dim} curves across layers",
@@ -217,7 +219,7 @@ def betti_curves(
         n=first.n_samples if first else None,
     )
     entries = len(groups[0]) if shared and groups else sum(len(g) + 1 for g in groups)  # + 1: the model's name
-    legend_height = LEGEND_ROW * entries + LEGEND_GROUP_GAP * (0 if shared else len(groups) - 1)
+    legend_height = LEGEND_ROW * entries + gap * (len(groups) - 1)
     fig.update_layout(height=max(fig.layout.height, fig.layout.margin.t + PLOT_BOTTOM + legend_height))
     return fig
 
