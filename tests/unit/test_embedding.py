@@ -349,7 +349,7 @@ def test_embedding_errors():
     with pytest.raises(DataError, match="embed: 'x' is constant over samples"):
         embed(np.ones((30, 4)), method="pca")
     with pytest.raises(DataError, match="aligned_embedding: view 'view 0': embed: 'x' is constant over samples"):
-        aligned_embedding([np.full((60, 10), 0.3)] * 2, method="pca")  # its mean differs from 0.3 by rounding: scored 1
+        aligned_embedding([np.full((60, 10), 0.3)] * 2, method="pca")  # its mean differs from 0.3 by rounding
     with pytest.raises(DataError, match="embed: 'x' must be 2-D"):
         embed(np.ones(30), method="pca")
     with pytest.raises(DataError, match="'xs' needs at least one view"):
@@ -453,7 +453,7 @@ def test_intrinsic_dimension_errors():
     with pytest.raises(DataError, match="225 of 225 samples have their two nearest neighbours at the same distance"):
         intrinsic_dimension(grid)  # the fit gave dimension 0 with a 95% interval [0, 0]
     with pytest.raises(DataError, match="198 of 200 samples have their two nearest neighbours at the same distance"):
-        intrinsic_dimension(np.linspace(0, 1, 200)[:, None])  # equal spacings up to rounding (the ends have one neighbour): the fit gave 9e13
+        intrinsic_dimension(np.linspace(0, 1, 200)[:, None])  # equal spacings up to rounding (the ends have one neighbour): a fit would give 9e13
     assert intrinsic_dimension(grid, method="mle").dimension == pytest.approx(2, abs=0.6)
 
 

@@ -660,7 +660,7 @@ def test_activation_matching_refuses_data_on_which_no_unit_varies(sample_model):
     zeros = make_dataset("zeros", torch.zeros(60, 64), torch.arange(60) % 10)  # every unit outputs its bias
     with pytest.raises(DataError, match=r"activation_matching: no unit of model A and unit of model B both vary on these "
                                         r"samples where permutation 'P_\w+' acts, so their correlations are undefined"):
-        activation_matching(a, b, zeros)  # it matched the units in an arbitrary order
+        activation_matching(a, b, zeros)  # any matching of the units would be arbitrary
 
 
 def test_a_model_in_training_mode_is_checked_without_changing_it(sample_model, digits_test):

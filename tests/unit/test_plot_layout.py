@@ -348,7 +348,7 @@ def test_the_persistence_diagram_labels_infinity_once_per_panel_clear_of_the_num
     a = persistence(rng.normal(size=(40, 3)), max_dim=1)
     b = persistence(rng.normal(size=(40, 3)) * 3.5, max_dim=1)
     fig = persistence_diagram(a, b)
-    assert not [x for x in fig.layout.annotations if "∞" in x.text]  # it was drawn over the axis's own tick label
+    assert not [x for x in fig.layout.annotations if "∞" in x.text]  # an annotation there is drawn over the axis's own tick label
     plot = _plot_height(fig)
     never_dies = {t.yaxis: max(t.y) for t in fig.data if t.name == "H0"}
     for key in ("yaxis", "yaxis2"):

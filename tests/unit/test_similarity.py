@@ -470,7 +470,7 @@ def test_cca_counts_repeated_samples_once():
     x, y = np.repeat(_rng().normal(size=(10, 6)), 5, 0), np.repeat(_rng(1).normal(size=(10, 6)), 5, 0)  # unrelated
     with pytest.raises(DataError, match=r"span 6 \+ 6 dimensions but 10 distinct samples \(of 50; the rest repeat them\) "
                                         r"leave only 9"):
-        cca_similarity(x, y, kind="mean")  # three canonical correlations are 1 whatever the data: it gave 0.70
+        cca_similarity(x, y, kind="mean")  # three canonical correlations are 1 whatever the data (mean 0.70)
     x5, y5 = np.repeat(_rng().normal(size=(20, 3)), 3, 0), np.repeat(_rng(1).normal(size=(20, 3)), 3, 0)
     assert cca_similarity(x5, y5, kind="mean") == pytest.approx(cca_similarity(x5[::3], y5[::3], kind="mean"), abs=1e-10)
     shuffled = np.random.default_rng(2).permutation(60)  # repeats in x alone make distinct (x, y) pairs: defined
