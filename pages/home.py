@@ -7,6 +7,7 @@ import json
 import streamlit as st
 
 from pages import _choosers, _state
+from workbench import LoadedModel
 from workbench.activations import tree_order
 from workbench.activations.extract import check_inputs
 from workbench.errors import WorkbenchError
@@ -38,6 +39,13 @@ def _architecture(model) -> str:
     return "config.json (transformers)" if model.source_format == "huggingface" else f"the file itself ({model.source_format})"
 
 
+def _input(model: LoadedModel) -> str:
+    if model.source_format == "huggingface" and model.takes_tokens:  # its input_shape is only the probe's length
+        most = model.metadata.get("max_positions")
+        return "token ids (int64)" + (f", up to {most} per sequence" if most else "")
+    return f"{model.input_shape} {str(model.input_dtype).replace('torch.', '')}" if model.input_shape else "unknown"
+
+
 cols = st.columns(len(chosen))
 for col, (slot, model) in zip(cols, chosen):
     with col:
@@ -45,7 +53,7 @@ for col, (slot, model) in zip(cols, chosen):
         st.metric("Parameters", f"{model.n_parameters:,}")
         meta = {"format": model.source_format, "weights sha256": model.sha256[:16] + "…",
                 "architecture": _architecture(model),
-                "input": f"{model.input_shape} {str(model.input_dtype).replace('torch.', '')}" if model.input_shape else "unknown"}
+                "input": _input(model)}
         if "test_accuracy" in model.metadata:
             trained_on = model.metadata.get("dataset")
             meta[f"test accuracy ({trained_on})" if trained_on else "test accuracy"] = model.metadata["test_accuracy"]

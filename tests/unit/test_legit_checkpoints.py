@@ -427,6 +427,8 @@ def test_huggingface_models_load_from_folders_and_zips(tmp_path, cls, config_cls
     _assert_same_outputs(loaded.module, reference, inputs())
     vision = "pixel_values" in inputs()
     assert loaded.takes_tokens != vision and (not vision or loaded.input_shape[0] == 3)
+    positions = getattr(reference.config, "max_position_embeddings", None)
+    assert loaded.metadata.get("max_positions") == (positions if not vision and isinstance(positions, int) else None)
     assert [i for i in layer_info(loaded) if i.output_shape is not None]  # the workbench's own probe batch runs
 
 

@@ -1246,5 +1246,7 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
     if isinstance(channels, int) and not getattr(config, "vocab_size", None):  # a vision model: images, not tokens
         size = int(size[0] if isinstance(size, (list, tuple)) else size)
         return dataclasses.replace(loaded, input_shape=(channels, size, size), input_dtype=torch.float32)
-    seq = int(min(getattr(config, "max_position_embeddings", 16) or 16, 16))
-    return dataclasses.replace(loaded, input_shape=(seq,), input_dtype=torch.int64)
+    positions = getattr(config, "max_position_embeddings", None)
+    seq = int(min(positions or 16, 16))  # a probe batch's length, not a limit: the model takes any length up to positions
+    metadata = {**loaded.metadata, "max_positions": int(positions)} if isinstance(positions, int) else loaded.metadata
+    return dataclasses.replace(loaded, input_shape=(seq,), input_dtype=torch.int64, metadata=metadata)
