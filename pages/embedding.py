@@ -42,7 +42,8 @@ HELP = {
     "id": "twonn: Facco et al. 2017, from the two nearest neighbours; mle: Levina & Bickel 2005, 20 neighbours.",
 }
 c1, c2, c3, c4 = st.columns(4)
-method = c1.selectbox("Method", METHODS, key="emb_method", persist_state="session", help=HELP["method"])
+method = c1.selectbox("Method", METHODS, key="emb_method", persist_state="session", help=HELP["method"],
+                      format_func=lambda m: {"umap": "UMAP", "pca": "PCA", "tsne": "t-SNE"}.get(m, m))
 seed = int(c2.number_input("Seed", min_value=0, value=0, step=1, key="emb_seed", persist_state="session", help=HELP["seed"]))
 n_neighbors = int(c3.slider("UMAP neighbours", 5, 50, 15, key="emb_neighbors", persist_state="session", help=HELP["neighbors"],
                             disabled=method != "umap"))
@@ -112,7 +113,8 @@ for i, event in enumerate(events):
         st.rerun()
 st.caption(
     f"n = {result.n_samples} samples of {dataset.name}; {result.estimator}; "
-    f"disparity between the views {result.disparity[1]:.3f} (0 = identical, after rotation)."
+    f"disparity between the views {result.disparity[1]:.3f} (mean squared distance between a sample's two places, "
+    "each view scaled to unit radius and rotated onto the first: 0 = identical, at most 2)."
 )
 
 if selection:

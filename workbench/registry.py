@@ -430,8 +430,10 @@ def _separability_table(results: Any) -> dict[str, Any]:
 
 
 def _mode_connectivity_table(result: Any) -> dict[str, Any]:
-    return {method: {split: {"loss barrier (linear)": b.linear[split], "loss barrier (mean)": b.mean[split],
-                             "accuracy drop": b.accuracy_drop[split]} for split in b.linear}
+    from workbench.plots.mode_connectivity import method_label
+
+    return {method_label(method): {split: {"loss barrier (linear)": b.linear[split], "loss barrier (mean)": b.mean[split],
+                                           "accuracy drop": b.accuracy_drop[split]} for split in b.linear}
             for method, b in result.barriers.items()}
 
 

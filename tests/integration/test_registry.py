@@ -229,12 +229,12 @@ def test_separability_and_mode_connectivity_key_numbers_are_the_reports_tables(s
     row = sep.summary["mlp_narrow_seed0"]["fc1"]
     assert "score S (lower = more separable)" in row and "thornton_index" in row and "probe_accuracy" in row
     mc = registry.run_analysis("mode_connectivity", model_a=a, model_b=b, dataset=digits_test, params={"n_points": 5})
-    naive = mc.summary["naive"]["test"]
+    naive = mc.summary["naive (as trained)"]["test"]
     assert set(naive) == {"loss barrier (linear)", "loss barrier (mean)", "accuracy drop"}
     assert naive["loss barrier (linear)"] == mc.result.barriers["naive"].linear["test"]
     assert sep.extraction == {"pooling": "mean", "layers": {"A": ["fc1"]}} and mc.extraction == {}  # weights alone
-    spectra = next(f for f in mc.figures if any("permuted" in (t.name or "") for t in f.data))
-    assert {t.name for t in spectra.data} == {"mlp_narrow_seed0", "mlp_narrow_seed1 (= permuted mlp_narrow_seed1)"}
+    spectra = next(f for f in mc.figures if any("permutation" in (t.name or "") for t in f.data))
+    assert {t.name for t in spectra.data} == {"mlp_narrow_seed0", "mlp_narrow_seed1 (the same after its permutation)"}
     assert len(mc.figures) == 5  # the page's figures, the matching objective included, and the barrier table
 
 

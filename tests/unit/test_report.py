@@ -73,12 +73,12 @@ def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
     summary = summarize([result, activation_stats(extract(a, digits_test, ["fc1"]))])
     assert list(summary) == ["barriers", "activation statistics"]
     naive = result.barriers["naive"]
-    assert summary["barriers"]["naive"]["test"]["loss barrier (linear)"] == naive.linear["test"]
+    assert summary["barriers"]["naive (as trained)"]["test"]["loss barrier (linear)"] == naive.linear["test"]
     rows = dict(summary_rows(summary))
-    assert rows["barriers / naive / test / loss barrier (linear)"] == f"{naive.linear['test']:.4g}"
+    assert rows["barriers / naive (as trained) / test / loss barrier (linear)"] == f"{naive.linear['test']:.4g}"
     text = build_report([Section("Mode connectivity", result, summary=summary)], title="t").save(tmp_path, ("html",))["html"].read_text()
     assert "Key numbers: barriers" in text and "<th>accuracy drop</th>" in text  # method / split rows, a column per number
-    assert "<td>weight_matching / test</td>" in text and f"<td>{naive.linear['test']:.4g}</td>" in text
+    assert "<td>weight matching / test</td>" in text and f"<td>{naive.linear['test']:.4g}</td>" in text
     by_hand = build_report([("Mode connectivity", result, [])], title="t")  # a bare tuple gets the same key numbers
     assert by_hand.sections[0].summary == summarize(result) and "Key numbers: barriers" in by_hand.to_html()
     from workbench.report.build import summary_tables

@@ -1379,14 +1379,17 @@ def loss_barrier(curve: InterpolationResult) -> BarrierResult:
     start = time.perf_counter()
     lam = curve.lambdas
     linear, mean, drop, at_linear, at_mean = {}, {}, {}, {}, {}
+    def chord(v: np.ndarray) -> np.ndarray:  # the straight line between the endpoints, exactly flat when they are equal
+        return np.full_like(v, v[0]) if v[0] == v[-1] else (1 - lam) * v[0] + lam * v[-1]
+
     for split, values in curve.loss.items():
-        line = (1 - lam) * values[0] + lam * values[-1]
+        line = chord(values)
         excess = values - line
         above_mean = values - 0.5 * (values[0] + values[-1])
         linear[split], at_linear[split] = float(excess.max()), float(lam[int(excess.argmax())])
         mean[split], at_mean[split] = float(above_mean.max()), float(lam[int(above_mean.argmax())])
         accuracy = curve.accuracy[split]
-        drop[split] = float(((1 - lam) * accuracy[0] + lam * accuracy[-1] - accuracy).max())
+        drop[split] = float((chord(accuracy) - accuracy).max())
     return BarrierResult(
         linear=linear,
         mean=mean,

@@ -252,7 +252,7 @@ def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3, *, n
     for j, layer in enumerate(layers):
         for name, values, color in (
             (name_a, result.singular_values_a[layer], MODEL_COLORS[0]),
-            (f"{name_b} (= permuted {name_b})", result.singular_values_b[layer], MODEL_COLORS[1]),
+            (f"{name_b} (the same after its permutation)", result.singular_values_b[layer], MODEL_COLORS[1]),
         ):
             fig.add_trace(
                 go.Scatter(
@@ -269,7 +269,7 @@ def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3, *, n
                 col=j % cols + 1,
             )
     fig.update_xaxes(title_text="index i", type="log")
-    fig.update_yaxes(type="log", exponentformat="power")
+    fig.update_yaxes(type="log", exponentformat="power", minorloglabels="none")  # digits 2..9 of each decade would crowd
     fig.update_yaxes(title_text="σ_i", col=1)  # one title per row: a title between panels runs into the one on its left
     fig.update_layout(height=300 * rows)
     fig.update_layout(margin={"t": 100})
@@ -292,7 +292,7 @@ def matching_objective(result: WeightMatchingResult) -> go.Figure:
             hovertemplate="pass %{x}<br>objective %{y:.6g}<extra></extra>",
         )
     )
-    fig.update_xaxes(title_text="pass (0 = identity)")
+    fig.update_xaxes(title_text="pass (0 = identity)", dtick=1)  # whole passes
     fig.update_yaxes(title_text="Σ ⟨θ_A, π(θ_B)⟩")
     fig.update_layout(height=320)
     state = "converged" if result.converged else "stopped at max_iter"
