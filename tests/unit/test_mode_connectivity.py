@@ -470,7 +470,9 @@ def test_plots_carry_estimator_and_n(sample_model, digits_test):
     objective = plots.matching_objective(result.weight_matching)
     assert "passes" in figure_title(objective) and objective.layout.xaxis.dtick == 1  # whole passes, no 0.5 ticks
     merged = merge([a, b], digits_test, max_rounds=1)
-    assert f"n = {digits_test.n_samples}" in figure_title(plots.merge_figure(merged))
+    merged_fig = plots.merge_figure(merged)
+    assert f"n = {digits_test.n_samples}" in figure_title(merged_fig)
+    assert [a.title.text for a in merged_fig.select_yaxes()] == ["accuracy", "cross-entropy loss"]
 
 
 def test_singular_values_name_the_models_and_title_the_left_axes_only(sample_model):

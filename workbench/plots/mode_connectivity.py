@@ -327,7 +327,8 @@ def merge_figure(result: MergeResult) -> go.Figure:
         row=1,
         col=2,
     )
-    fig.update_yaxes(tickformat=".0%", range=[0, 1], row=1, col=1)
+    fig.update_yaxes(tickformat=".0%", range=[0, 1], title_text="accuracy", row=1, col=1)
+    fig.update_yaxes(title_text="cross-entropy loss", row=1, col=2)
     fig.update_layout(height=380)
     bn = ", BatchNorm statistics reset" if result.reset_bn else ""
     fig.update_layout(margin={"t": 100})
