@@ -115,13 +115,10 @@ class Section:
         their key in :meth:`arrays` after ``npz_prefix`` (see :meth:`Result.to_dict`) instead of written out."""
         from workbench.analyses._result import _jsonable
 
-        results = self.result if isinstance(self.result, (list, tuple)) else [self.result]
-
-        def result_dict(i: int, r: Any) -> Any:
+        def result_dict(prefix: str, r: Any) -> Any:
             if not hasattr(r, "to_dict"):
                 return _jsonable(r)
-            prefix = npz_prefix + (f"{i}/" if len(results) > 1 else "")  # as arrays() names them
-            return r.to_dict(inline_max=inline_max, npz_prefix=prefix) if hasattr(r, "arrays") else r.to_dict()
+            return r.to_dict(inline_max=inline_max, npz_prefix=npz_prefix + prefix) if hasattr(r, "arrays") else r.to_dict()
 
         return {
             "title": self.title,
@@ -130,19 +127,27 @@ class Section:
             "train_dataset": _describe_dataset(self.train_dataset),
             "extraction": _jsonable(dict(self.extraction)),
             "summary": _jsonable(self.summary),
-            "results": [result_dict(i, r) for i, r in enumerate(results)],
+            "results": [result_dict(prefix, r) for prefix, r in self._results()],
             "snippet": self.snippet,
             "notes": self.notes,
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
-        results = self.result if isinstance(self.result, (list, tuple)) else [self.result]
         out: dict[str, np.ndarray] = {}
-        for i, r in enumerate(results):
+        for prefix, r in self._results():
             if hasattr(r, "arrays"):
-                prefix = f"{i}/" if len(results) > 1 else ""
                 out.update(r.arrays(prefix=prefix))
         return out
+
+    def _results(self) -> list[tuple[str, Any]]:
+        """Each result with the prefix of its arrays' keys: ``"i/"`` when the section holds several, else none."""
+        results = self.result if isinstance(self.result, (list, tuple)) else [self.result]
+        return [(f"{i}/" if len(results) > 1 else "", r) for i, r in enumerate(results)]
+
+
+def _section_prefix(i: int) -> str:
+    """The prefix of section ``i``'s keys in ``arrays.npz``."""
+    return f"section{i:02d}/"
 
 
 def _versions() -> dict[str, str]:
@@ -238,13 +243,13 @@ class Report:
         """The report as JSON-safe data (``report.json``): arrays of more than ``INLINE_MAX`` entries are referred to by
         their key in :meth:`arrays` (``arrays.npz``)."""
         return {"schema_version": SCHEMA_VERSION, "header": self.header,
-                "sections": [s.record(inline_max=INLINE_MAX, npz_prefix=f"section{i:02d}/") for i, s in enumerate(self.sections)]}
+                "sections": [s.record(inline_max=INLINE_MAX, npz_prefix=_section_prefix(i)) for i, s in enumerate(self.sections)]}
 
     def arrays(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for i, section in enumerate(self.sections):
             for key, arr in section.arrays().items():
-                out[f"section{i:02d}/{key}"] = np.asarray(arr)
+                out[_section_prefix(i) + key] = np.asarray(arr)
         return out
 
     def to_html(self, *, for_print: bool = False) -> str:
