@@ -10,12 +10,14 @@ the app picks by default. Each overhead is given from the best times and as the 
 repeats of each run against the bare run next to it. Peak memory is measured in a fresh subprocess
 (``VmHWM``) so it counts only the extraction. Goal: overhead <= 10 %, peak RSS < 2 GiB.
 On an accelerator (``--device cuda``) every side moves each batch to the device and waits for the
-device at the end; ``extract`` also brings the pooled outputs back to the host for the cache.
+device at the end; ``extract`` also brings the pooled outputs back to the host for the cache, in
+chunks of ``--transfer-bytes`` (0: a copy after every batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import statistics
@@ -74,8 +76,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu", help="cpu (default) or an accelerator such as cuda")
+    parser.add_argument("--transfer-bytes", type=int, default=None,
+                        help="on an accelerator, pooled outputs gathered on the device before each copy to the host "
+                             "(default: the library's; 0 copies every batch)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.transfer_bytes is not None:
+        importlib.import_module("workbench.activations.extract").TRANSFER_BYTES = args.transfer_bytes
     if args.child:
         child(args.n, args.batch_size, args.device)
         return
@@ -162,7 +169,7 @@ def main() -> None:
     def overhead(k: str) -> str:
         best = 100 * (min(times[k]) / min(times["bare"]) - 1)
         paired = 100 * (statistics.median(t / b for t, b in zip(times[k], times["bare"], strict=True)) - 1)
-        return f"{min(times[k]):8.2f} s   overhead {best:+.1f} % (median of paired runs {paired:+.1f} %)"
+        return f"{min(times[k]):8.3f} s   overhead {best:+.1f} % (median of paired runs {paired:+.1f} %)"
 
     with tempfile.TemporaryDirectory() as tmp:
         acts = extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp, device=dev)
@@ -187,14 +194,14 @@ def main() -> None:
     t_write = min(write_floor() for _ in range(args.repeats))
     sources = routes(all_layers)
     out = subprocess.run([sys.executable, __file__, "--child", "--n", str(args.n), "--batch-size", str(args.batch_size),
-                          "--device", args.device],
+                          "--device", args.device, *(["--transfer-bytes", str(args.transfer_bytes)] if args.transfer_bytes is not None else [])],
                          capture_output=True, text=True, check=True)
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, torch threads {torch.get_num_threads()}"
     print(f"CNN, {args.n} samples, batch {args.batch_size}, {where}, best of {args.repeats}")
     print("how each layer is pooled: " + ", ".join(f"{k} ({v})" for k, v in sources.items()))
     spread = 100 * (statistics.median(times["bare"]) / min(times["bare"]) - 1)
-    print(f"bare forward:                {min(times['bare']):8.2f} s   (median run {spread:+.1f} % slower: the noise of this "
+    print(f"bare forward:                {min(times['bare']):8.3f} s   (median run {spread:+.1f} % slower: the noise of this "
           "machine, against which the overheads below are read)")
     print(f"hooks + pooling only:        {overhead('pooled')} (no cache)")
     print(f"extract (6 hooks):           {overhead('extract')} (goal <= 10 %)")

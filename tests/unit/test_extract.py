@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import threading
@@ -374,6 +375,38 @@ def test_cuda_extraction_agrees_with_cpu(sample_model, sample_model_path, digits
     again = extract(moved, digits_test, layers, cache_dir=tmp_path / "moved")
     torch.testing.assert_close(again["conv2"], on_gpu["conv2"], atol=1e-5, rtol=1e-5)
     assert next(moved.module.parameters()).device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_gathers_batches_on_the_device_in_order(sample_model, digits_test, tmp_path, monkeypatch):
+    extract_module = importlib.import_module("workbench.activations.extract")  # the package's attribute is the function
+
+    cnn = sample_model("cnn_seed0")
+    layers = ["conv1", "relu2", "fc1", "out"]
+    on_cpu = extract(cnn, digits_test, layers, batch_size=32, device="cpu", cache_dir=tmp_path / "cpu")
+    monkeypatch.setattr(extract_module, "TRANSFER_BYTES", 3 * 32 * 4 * 100)  # a copy to the host every few batches
+    on_gpu = extract(cnn, digits_test, layers, batch_size=32, device="cuda", cache_dir=tmp_path / "gpu")
+    for layer in layers:
+        torch.testing.assert_close(on_gpu[layer], on_cpu[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_gathered_blocks_reach_each_layer_file_in_order(tmp_path):
+    from workbench.activations.extract import _HostStream, _LayerFile
+
+    gen = torch.Generator().manual_seed(0)
+    full = {"a": torch.randn(23, 3, generator=gen), "b": torch.randn(23, 5, generator=gen)}
+    writers = {k: _LayerFile(tmp_path / f"{k}.npy", 23, v.shape[1]) for k, v in full.items()}
+    stream = _HostStream(writers, ["a", "b"], gather=True, chunk_bytes=4 * 8 * 10)  # a flush every third batch or so
+    for start in range(0, 23, 4):
+        stream.add([full["a"][start:start + 4], full["b"][start:start + 4]])
+    written_before_the_end = writers["a"].rows
+    stream.finish()
+    for writer in writers.values():
+        writer.close()
+    assert 0 < written_before_the_end < 23  # chunks go out before the end, so device memory stays bounded
+    for k, v in full.items():
+        assert writers[k].rows == 23
+        np.testing.assert_array_equal(np.load(tmp_path / f"{k}.npy"), v.numpy())
 
 
 def test_full_float32_turns_tf32_off_and_restores_it_after_nested_use():

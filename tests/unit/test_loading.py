@@ -20,6 +20,7 @@ from workbench import load_model
 from workbench.errors import (
     ArchitectureError,
     CorruptFileError,
+    DataError,
     FileTooLargeError,
     ParameterError,
     UnsafeFileError,
@@ -454,8 +455,8 @@ def test_same_weights_with_other_settings_are_not_served_from_the_cache(make_a, 
     assert a.sha256 == b.sha256 and a.content_sha256 != b.content_sha256
     torch.manual_seed(1)
     data = make_dataset("inputs", torch.randn(6, *shape))
-    first = extract(a, data, ["1"], pooling="flatten", cache_dir=tmp_path)["1"]
-    second = extract(b, data, ["1"], pooling="flatten", cache_dir=tmp_path)["1"]
+    first = extract(a, data, ["1"], pooling="flatten", cache_dir=tmp_path, device="cpu")["1"]
+    second = extract(b, data, ["1"], pooling="flatten", cache_dir=tmp_path, device="cpu")["1"]  # as ``want`` is computed
     with torch.inference_mode():
         want = b.module(data.x)
     torch.testing.assert_close(second, want)
@@ -504,13 +505,51 @@ def test_tensors_kept_as_plain_attributes_key_the_cache(tmp_path):
     module = nn.Sequential(_Masked(keep=2))
     before = structure_sha256(module)
     data = make_dataset("four", torch.randn(16, 4))
-    first = extract(module, data, ["0"], cache_dir=tmp_path)["0"]
+    first = extract(module, data, ["0"], cache_dir=tmp_path, device="cpu")["0"]  # where the mask is
     module[0].mask[2] = 1.0  # an in-place edit: same object, new values
     assert structure_sha256(module) != before
-    second = extract(module, data, ["0"], cache_dir=tmp_path)["0"]
+    second = extract(module, data, ["0"], cache_dir=tmp_path, device="cpu")["0"]
     with torch.inference_mode():
         torch.testing.assert_close(second, module(data.x))
     assert (first[:, 2] == 0).all() and (second[:, 2] != 0).all()
+
+
+class _Stranded(nn.Module):
+    """Keeps a tensor on a device of its own as a plain attribute: moving the module leaves it behind."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.scale = torch.ones(4, device=device)
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+def test_tensors_the_model_leaves_on_another_device_are_named_with_the_fix(tmp_path):
+    from workbench import extract
+
+    x = torch.randn(8, 4)
+    with pytest.raises(DataError, match=r"^Model 'Sequential' holds tensors that are not on cpu with its parameters and "
+                                        r"buffers \(RuntimeError: .*meta.*\); register them as buffers so that they move "
+                                        r"with the model, or extract on the device they are on\.$"):
+        extract(nn.Sequential(_Stranded("meta")), x, ["0"], cache_dir=tmp_path, device="cpu")
+    if torch.cuda.is_available():  # the common case: a CPU tensor left behind when the model moves to the GPU
+        with pytest.raises(DataError, match=r"holds tensors that are not on cuda"):
+            extract(nn.Sequential(_Stranded("cpu")), x, ["0"], cache_dir=tmp_path, device="cuda")
+
+
+def test_a_module_whose_weights_are_on_the_meta_device_is_refused():
+    from workbench import extract
+    from workbench.models import wrap_module
+
+    module = nn.Sequential(nn.Linear(4, 4, device="meta"))
+    message = (r"^Model '(model|Sequential)' has weights on the meta device, which hold shapes but no values \('0\.weight'\); "
+               r"give them values first \(module\.to_empty\(device='cpu'\), then load_state_dict\)\.$")
+    with pytest.raises(ParameterError, match=message):
+        wrap_module(module)
+    with pytest.raises(ParameterError, match=message):
+        extract(module, torch.randn(3, 4), ["0"])
 
 
 def test_hooks_and_replaced_forwards_key_the_cache_by_their_code(tmp_path):

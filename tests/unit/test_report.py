@@ -8,6 +8,7 @@ from io import BytesIO
 
 import numpy as np
 import pytest
+import torch
 
 from workbench import extract
 from workbench.analyses.stats import activation_stats
@@ -56,9 +57,10 @@ def test_the_header_names_the_devices_the_results_ran_on(stats_report):
     import dataclasses
 
     report, result = stats_report
-    assert report.header["device"].startswith("cpu (")
+    assert report.header["device"].startswith("cuda (" if torch.cuda.is_available() else "cpu (")  # the default device
     elsewhere = dataclasses.replace(result, device="cuda:1")  # as recorded by a run on another device
-    header = build_report([Section("On a GPU", elsewhere), Section("On the CPU", result)]).header
+    on_cpu = dataclasses.replace(result, device="cpu")
+    header = build_report([Section("On a GPU", elsewhere), Section("On the CPU", on_cpu)]).header
     assert header["device"].startswith("cuda:1") and ", cpu (" in header["device"]
 
 

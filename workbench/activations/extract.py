@@ -46,7 +46,9 @@ CACHE_FORMAT = 7  # 2: conv-map means may come from a smaller tensor (equal up t
 # 5: and tensors kept as plain module attributes; 6: keyed by the inputs alone, entries record each layer's width;
 # 7: shortcut routes only where the container hands maps on unchanged, conv means from the input in float64
 Progress = Callable[[int, int], None]
+DEVICE_MISMATCH = ("same device", "not on the expected device")  # how torch reports tensors on two devices in one op
 FORWARD_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError, AssertionError, NotImplementedError)
+TRANSFER_BYTES = 32 * 2**20  # pooled outputs gathered on an accelerator before one copy to the host
 STALE_PARTIAL_SECONDS = 24 * 3600  # a partial cache entry untouched this long belongs to a run that was killed
 
 
@@ -447,13 +449,63 @@ class _LayerFile:
             self.handle.close()
 
 
-def _to_host(blocks: list[torch.Tensor]) -> list[np.ndarray]:
-    """The pooled blocks of one batch as host arrays; from an accelerator in one copy (one synchronisation per batch, not per layer)."""
-    if not blocks or blocks[0].device.type == "cpu":
-        return [b.numpy() for b in blocks]
-    host = torch.cat(blocks, dim=1).cpu().numpy()
-    bounds = np.cumsum([0] + [b.shape[1] for b in blocks])
-    return [host[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+class _HostStream:
+    """The pooled blocks of each batch, on their way to the layer files. On the CPU each batch is written at once.
+    From an accelerator, batches are gathered on the device up to ``chunk_bytes`` and brought to the host in one copy
+    per chunk (not one per batch or layer), each layer's rows contiguous so that they are written without another
+    copy; on CUDA the copy goes to pinned memory without waiting, and the previous chunk is written meanwhile."""
+
+    def __init__(self, writers: dict[str, _LayerFile], layers: list[str], gather: bool, chunk_bytes: int | None = None):
+        self.writers, self.layers, self.gather = writers, layers, gather
+        self.chunk_bytes = TRANSFER_BYTES if chunk_bytes is None else chunk_bytes
+        self.pending: list[list[torch.Tensor]] = []
+        self.bytes = 0
+        self.in_flight: tuple[torch.Tensor, Any, list[tuple[int, int]]] | None = None  # host copy, its event, (rows, width)
+
+    def add(self, blocks: list[torch.Tensor]) -> None:
+        if not self.gather:
+            for layer, block in zip(self.layers, blocks, strict=True):
+                self.writers[layer].append(block.numpy())
+            return
+        self.pending.append(blocks)
+        self.bytes += sum(b.numel() * b.element_size() for b in blocks)
+        if self.bytes >= self.chunk_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Start bringing the gathered batches to the host, and write the chunk brought before."""
+        if not self.pending:
+            return
+        per_layer = [torch.cat([blocks[i] for blocks in self.pending]) for i in range(len(self.layers))]
+        self.pending, self.bytes = [], 0
+        flat = torch.cat([t.reshape(-1) for t in per_layer])
+        event = None
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flat.cpu()
+        previous, self.in_flight = self.in_flight, (host, event, [tuple(t.shape) for t in per_layer])
+        self._write(previous)
+
+    def finish(self) -> None:
+        """Write everything gathered so far."""
+        self.flush()
+        previous, self.in_flight = self.in_flight, None
+        self._write(previous)
+
+    def _write(self, chunk: tuple[torch.Tensor, Any, list[tuple[int, int]]] | None) -> None:
+        if chunk is None:
+            return
+        host, event, shapes = chunk
+        if event is not None:
+            event.synchronize()
+        values, start = host.numpy(), 0
+        for layer, (rows, width) in zip(self.layers, shapes, strict=True):
+            self.writers[layer].append(values[start:start + rows * width].reshape(rows, width))
+            start += rows * width
 
 
 def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str, batch_size: int,
@@ -479,6 +531,7 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
                              "pass a cache_dir that is a writable folder.") from exc
     files = _layer_files(layers)
     writers: dict[str, _LayerFile] = {}
+    stream = _HostStream(writers, layers, gather=dev.type != "cpu")
     n = data.n_samples
     module = lm.module
     original_device = module_device(module)
@@ -500,6 +553,12 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
                 except WorkbenchError:
                     raise
                 except FORWARD_ERRORS as exc:
+                    if any(sign in str(exc) for sign in DEVICE_MISMATCH):
+                        raise DataError(
+                            f"Model '{lm.name}' holds tensors that are not on {dev} with its parameters and buffers "
+                            f"({_first_line(exc)}); register them as buffers so that they move with the model, or "
+                            "extract on the device they are on."
+                        ) from exc
                     raise DataError(
                         f"Model '{lm.name}' failed on a batch of dataset '{data.name}' with shape {tuple(batch.shape)} "
                         f"({_first_line(exc)}); check that the dataset is made for this model."
@@ -522,10 +581,10 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
                             f"Layer '{layer}' gave {out.shape[1]} features on the batch at sample {start} but {writers[layer].width} "
                             f"before (with pooling '{pooling}'); use a pooling that gives a fixed width, such as 'mean'."
                         )
-                for layer, block in zip(layers, _to_host([captured[layer] for layer in layers]), strict=True):
-                    writers[layer].append(block)
+                stream.add([captured[layer] for layer in layers])
                 if progress is not None:
                     progress(stop, n)
+            stream.finish()
         for writer in writers.values():  # no fsync: the page cache holds the data for readers, and a crash loses only this entry
             writer.close()
         meta = {"complete": True, "key": key, "pooling": pooling, "files": files,

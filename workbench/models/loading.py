@@ -126,6 +126,9 @@ def _tensors_sha256(named: Any) -> str:
     """sha256 over ``(name, tensor)`` pairs in the given order: names, dtypes, shapes and raw bytes."""
     h = hashlib.sha256()
     for name, tensor in named:
+        if tensor.is_meta:  # shape and dtype without values: nothing to read
+            h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|meta".encode())
+            continue
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -329,6 +332,10 @@ def wrap_module(module: nn.Module, *, name: str = "model", architecture: dict[st
 
 def _describe(module: nn.Module, *, name: str, architecture: dict[str, Any] | None = None, source_format: str = "module",
               metadata: dict[str, str] | None = None) -> LoadedModel:
+    empty = next((k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta), None)
+    if empty is not None:
+        raise ParameterError(f"Model '{name}' has weights on the meta device, which hold shapes but no values ('{empty}'); "
+                             "give them values first (module.to_empty(device='cpu'), then load_state_dict).")
     spec = input_spec(architecture)
     return LoadedModel(
         module=module,
