@@ -125,7 +125,9 @@ st.dataframe(
     hide_index=True,
     width="stretch",
     key="mc_barriers",
-    column_config={"accuracy drop": st.column_config.NumberColumn(format="percent")},
+    column_config={"method": st.column_config.TextColumn(width="medium"),  # the labels name the alignment in full
+                   "dataset": st.column_config.TextColumn(width="medium"),
+                   "accuracy drop": st.column_config.NumberColumn(format="percent")},
 )
 definitions = plots.barrier_definitions(next(iter(result.barriers.values()), None))
 samples = f"n = {result.n_samples} test samples" + (f" and {train.n_samples} train samples" if train is not None else "")
