@@ -647,8 +647,27 @@ def test_similarity_matrix_streams_exactly_when_layers_exceed_the_memory_limit()
                                      memory_limit_mb=15)
         assert streamed.params["exact"] and streamed.values.shape == (2, 2)
         np.testing.assert_allclose(streamed.values, a_vs_b.values, rtol=0, atol=1e-12)
-    with pytest.raises(DataError, match=r"'acts_a\['dead'\]' is constant over samples .* pick another layer"):
-        similarity_matrix({"x": x, "dead": np.ones((n, 600))}, measure="linear_cka", memory_limit_mb=10)
+
+
+@pytest.mark.parametrize("limit_mb", [10, 0.3], ids=["exact stream", "minibatch stream"])
+def test_streamed_similarity_marks_constant_layers_as_in_memory(limit_mb):
+    rng = np.random.default_rng(0)
+    n = 3001
+    x = rng.standard_normal((n, 40))
+    y = np.tanh(x @ rng.standard_normal((40, 60))) + 0.1 * rng.standard_normal((n, 60))
+    acts = {"x": x, "dead": np.ones((n, 600)), "y": y}
+    full = similarity_matrix(acts, measure="linear_cka", debiased=True)
+    streamed = similarity_matrix(acts, measure="linear_cka", debiased=True, memory_limit_mb=limit_mb)
+    assert streamed.params["streamed"] and streamed.params["exact"] == (limit_mb == 10)
+    assert streamed.params["constant_layers"] == full.params["constant_layers"] == {"A": ["dead"]}
+    assert "n/a (NaN) for the layers constant over samples, where the measure is undefined: dead of model A" in streamed.estimator
+    assert np.isnan(streamed.values[1]).all() and np.isnan(streamed.values[:, 1]).all()
+    np.testing.assert_allclose(streamed.values[np.ix_([0, 2], [0, 2])], full.values[np.ix_([0, 2], [0, 2])],
+                               rtol=0, atol=1e-12 if limit_mb == 10 else 0.05)
+    two_sided = similarity_matrix({"x": x}, {"y": y, "dead": np.ones((n, 600))}, debiased=True, memory_limit_mb=limit_mb)
+    assert two_sided.params["constant_layers"] == {"B": ["dead"]} and np.isnan(two_sided.values[0, 1])
+    with pytest.raises(DataError, match=r"^similarity_matrix: 'acts_b\['dead'\]' is constant over samples .* pick another layer"):
+        similarity_matrix({"x": x}, {"dead": np.ones((n, 600))}, debiased=True, memory_limit_mb=limit_mb)
 
 
 def test_similarity_matrix_falls_back_to_the_minibatch_estimate_when_cross_products_do_not_fit(monkeypatch):

@@ -24,8 +24,8 @@ Defined values and errors, the same for every measure:
 * A representation whose every feature is constant over samples (an all-zero or dead layer, or the first
   token of sequences that all start with the same one) raises :class:`~workbench.errors.ConstantDataError`:
   every measure here is 0/0 on it. In :func:`similarity_matrix` its row or column is NaN instead, the
-  others computed (``params["constant_layers"]`` names them), unless no layer of one side is left, or
-  linear CKA is streamed because the layers exceed its memory limit.
+  others computed (``params["constant_layers"]`` names them, also when linear CKA is streamed because the
+  layers exceed its memory limit), unless no layer of one side is left.
 * NaN or infinite values, a different number of samples in ``x`` and ``y``, and fewer samples than a
   measure needs raise :class:`~workbench.errors.DataError`. No function returns NaN, except for the
   cells of :func:`similarity_matrix` named above and those where CCA of a pair of layers is undefined
@@ -161,12 +161,27 @@ def _centre(
         xc = x - x.mean(0, keepdim=True)
     if bool(constant.any()):
         if name is not None and bool(constant.all()):
-            raise ConstantDataError(
-                f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
-                "pick another layer or check that the model is not dead on this dataset."
-            )
+            raise ConstantDataError(_constant_message(func, name))
         xc[:, constant] = 0.0
     return xc.mul_(unit_scale(xc)) if scale is None else xc
+
+
+def _constant_message(func: str, name: str) -> str:
+    return (f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
+            "pick another layer or check that the model is not dead on this dataset.")
+
+
+def _constant_layers_note(estimator: str, params: dict[str, Any], dead: dict[str, list[str]], acts_a: Any, acts_b: Any) -> str:
+    """Record in ``params["constant_layers"]`` the layers of each side (``dead``: "A"/"B" -> names) that are constant
+    over samples, and return ``estimator`` with a note that their rows or columns are n/a."""
+    params["constant_layers"] = {side: names for side, names in dead.items() if names}
+
+    def owner(side: str) -> str:
+        name = _model_name(acts_a if side == "A" or acts_b is None else acts_b, "")
+        return f"model {side}" + (f" ({name})" if name else "")
+
+    listed = "; ".join(f"{', '.join(names)} of {owner(side)}" for side, names in params["constant_layers"].items())
+    return f"{estimator}; n/a (NaN) for the layers constant over samples, where the measure is undefined: {listed}"
 
 
 def _bounded(value: float, low: float, high: float, func: str) -> float:
@@ -266,10 +281,7 @@ def _check_self_hsic(self_inner: float, self_hsic: float, n: int, name: str, fun
             "(it overflowed or is 0/0), so CKA is undefined for this data; check the layer for extreme values or rescale it."
         )
     if self_inner <= 0.0:
-        raise ConstantDataError(
-            f"{func}: '{name}' is constant over samples (zero variance in every feature), so the measure is undefined; "
-            "pick another layer or check that the model is not dead on this dataset."
-        )
+        raise ConstantDataError(_constant_message(func, name))
     if self_hsic <= 1e-12 * self_inner:  # zero up to rounding: the ratio below would amplify noise
         raise DataError(
             f"{func}: the debiased HSIC of '{name}' with itself is not positive ({self_hsic * _unbiased_scale(n):.3g}) "
@@ -1031,8 +1043,9 @@ def _streaming_linear_cka(
     names_b: list[str],
     func: str,
     progress: Progress | None,
-) -> tuple[np.ndarray, list[int]]:
-    """Minibatch linear CKA of every layer pair in one pass over row chunks (Nguyen et al. 2021).
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """Minibatch linear CKA of every layer pair in one pass over row chunks (Nguyen et al. 2021), the chunk sizes, and
+    the layers (indices into A's layers, then B's) that are constant over all samples, whose pairs are NaN.
 
     Per chunk, each layer is centred once; every pair's unbiased HSIC is accumulated weighted by the
     chunk size, as in :func:`minibatch_cka`. Its memory is :func:`_minibatch_stream_bytes`.
@@ -1043,6 +1056,8 @@ def _streaming_linear_cka(
     self_terms = np.zeros(len(layers))
     bounds = _chunk_bounds(n, chunk)
     scales: list[float | None] = [None] * len(layers)  # one power of two per layer, the same for all its chunks so far
+    first_rows: list[torch.Tensor | None] = [None] * len(layers)  # each layer's first sample, as read
+    varies = [False] * len(layers)  # whether a sample so far differs from it (chunks are centred on their own)
     # One workspace, made once (as in _exact_streaming_linear_cka): every layer's centred chunk, each contiguous and
     # 64-byte aligned as a tensor of its own would be (the products below are those of separate tensors, bit for bit),
     # one layer's squares, and one pair's d_a x d_b cross product. Nothing of a chunk's or a pair's size is allocated
@@ -1068,6 +1083,9 @@ def _streaming_linear_cka(
         for i, ((_, t), label) in enumerate(zip(layers, labels)):
             xc = features[i][: m * widths[i]].view(m, widths[i])
             _read_chunk(t[lo:hi], xc, label, func)
+            if first_rows[i] is None:
+                first_rows[i] = xc[:1].clone()
+            varies[i] = varies[i] or bool((xc != first_rows[i]).any())
             scales[i], factors[i] = _rescale_factor(xc, scales[i])
             _centre(xc, scale=scales[i], in_place=True)
             diag = torch.mul(xc, xc, out=squares[: xc.numel()].view(xc.shape)).sum(1)
@@ -1083,16 +1101,21 @@ def _streaming_linear_cka(
         del stats
         if progress is not None:
             progress(step, len(bounds))
+    constant = [i for i, v in enumerate(varies) if not v]
     for i, total in enumerate(self_terms):
-        if total <= 0.0:
+        if total <= 0.0 and varies[i]:
             raise DataError(
                 f"{func}: the accumulated debiased HSIC of '{labels[i]}' with itself is not positive ({total:.3g}), so CKA "
-                "is undefined; the layer may be constant: pick another layer."
+                "is undefined; use larger batches (a higher memory_limit_mb) or more samples."
             )
-    values = cross / np.sqrt(np.outer(self_terms[:n_a], self_terms[idx_b]))
-    if not np.isfinite(values).all():
-        _bounded(float(values[~np.isfinite(values)][0]), -1.0, 1.0, func)
-    return np.clip(values, -1.0, 1.0), [hi - lo for lo, hi in bounds]
+    self_terms[constant] = np.nan
+    with np.errstate(invalid="ignore"):
+        values = cross / np.sqrt(np.outer(self_terms[:n_a], self_terms[idx_b]))
+    rows, cols = np.isnan(self_terms[:n_a]), np.isnan(self_terms[idx_b])
+    defined = values[~rows][:, ~cols]
+    if not np.isfinite(defined).all():
+        _bounded(float(defined[~np.isfinite(defined)][0]), -1.0, 1.0, func)
+    return np.clip(values, -1.0, 1.0), [hi - lo for lo, hi in bounds], constant
 
 
 def _streamed_matrix_bytes(widths_a: Sequence[int], widths_b: Sequence[int], symmetric: bool) -> int:
@@ -1112,8 +1135,9 @@ def _exact_streaming_linear_cka(
     names_b: list[str],
     func: str,
     progress: Progress | None,
-) -> tuple[np.ndarray, list[int]]:
-    """Linear CKA (biased or debiased) of every layer pair from sums over row chunks: the same value as in memory.
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """Linear CKA (biased or debiased) of every layer pair from sums over row chunks: the same value as in memory; the
+    chunk sizes; and the layers (indices into A's layers, then B's) constant over samples, whose pairs are NaN.
 
     CKA is unchanged by shifting a layer's features by a constant vector and scaling them by a number,
     so each layer is shifted by its first sample (exactly constant features become exactly 0, and the
@@ -1216,11 +1240,16 @@ def _exact_streaming_linear_cka(
     def trace(i: int) -> float:
         return float(product(i, i).trace()) - n * float(zbar[i] @ zbar[i])
 
-    self_hsic = []
+    self_hsic: list[float] = []
+    constant = []
     for i, label in enumerate(labels):
         inner, diag_dot = terms(i, i)
         value = _debiased_hsic(inner, diag_dot, trace(i), trace(i), n) if debiased else inner
-        _check_self_hsic(inner, value, n, label, func)
+        try:
+            _check_self_hsic(inner, value, n, label, func)
+        except ConstantDataError:  # shifted by its first sample, a constant layer is exactly 0
+            constant.append(i)
+            value = math.nan
         self_hsic.append(value)
     values = np.empty((n_a, len(idx_b)))
     for i in range(n_a):
@@ -1228,10 +1257,13 @@ def _exact_streaming_linear_cka(
             if symmetric and col < i:
                 values[i, col] = values[col, i]
                 continue
+            if math.isnan(self_hsic[i]) or math.isnan(self_hsic[j]):
+                values[i, col] = np.nan
+                continue
             inner, diag_dot = terms(i, j)
             hsic = _debiased_hsic(inner, diag_dot, trace(i), trace(j), n) if debiased else inner
             values[i, col] = _bounded(hsic / math.sqrt(self_hsic[i] * self_hsic[j]), -1.0 if debiased else 0.0, 1.0, func)
-    return values, [hi - lo for lo, hi in bounds]
+    return values, [hi - lo for lo, hi in bounds], constant
 
 
 def similarity_matrix(
@@ -1423,23 +1455,32 @@ def _similarity_matrix(
             chunk = max(64, min(n, int((limit - fixed) / per_row)))
         why = f"the layers need {needed_mb:.3g} MiB in float64, above the {memory_limit_mb:g} MiB limit"
         if exact:
-            values, sizes = _exact_streaming_linear_cka(raw_a, raw_b, symmetric, debiased, dev, chunk, names_a, names_b,
-                                                        func, progress)
+            values, sizes, constant_idx = _exact_streaming_linear_cka(raw_a, raw_b, symmetric, debiased, dev, chunk,
+                                                                      names_a, names_b, func, progress)
             estimator = (f"{spec.estimator}, exact, from cross products accumulated over {len(sizes)} chunks of "
                          f"<= {max(sizes)} samples: {why}")
         else:
-            values, sizes = _streaming_linear_cka(raw_a, raw_b, symmetric, dev, chunk, names_a, names_b, func, progress)
+            values, sizes, constant_idx = _streaming_linear_cka(raw_a, raw_b, symmetric, dev, chunk, names_a, names_b, func,
+                                                                progress)
             estimator = (f"linear CKA, minibatch unbiased HSIC (Nguyen et al. 2021) streamed in {len(sizes)} chunks of "
                          f"<= {max(sizes)} samples, an estimate of debiased CKA: {why}, and the exact cross products "
                          f"({accumulated / 2**20:.3g} MiB) do not fit in it")
+        params = {"debiased": debiased if exact else True, "streamed": True, "exact": exact,
+                  "chunk_sizes": [int(c) for c in sizes], "memory_limit_mb": memory_limit_mb}
+        names = [name for name, _ in raw_a] + ([] if symmetric else [name for name, _ in raw_b])
+        dead_a = [names[i] for i in constant_idx if i < len(raw_a)]
+        dead_b = [] if symmetric else [names[i] for i in constant_idx if i >= len(raw_a)]
+        if len(dead_a) == len(raw_a) or (not symmetric and len(dead_b) == len(raw_b)):
+            labels = names_a + ([] if symmetric else names_b)
+            raise ConstantDataError(_constant_message(func, labels[constant_idx[0 if len(dead_a) == len(raw_a) else len(dead_a)]]))
+        if dead_a or dead_b:
+            estimator = _constant_layers_note(estimator, params, {"A": dead_a, "B": dead_b}, acts_a, acts_b)
         return SimilarityMatrixResult(
             values=values, layers_a=tuple(name for name, _ in raw_a), layers_b=tuple(name for name, _ in raw_b),
             n_features_a=np.asarray(widths_a, dtype=np.int64), n_features_b=np.asarray(widths_b, dtype=np.int64),
             measure=measure, higher_is_closer=True, model_a=_model_name(acts_a, "A"),
             model_b=_model_name(acts_a, "A") if acts_b is None else _model_name(acts_b, "B"),
-            estimator=estimator, n_samples=n,
-            params={"debiased": debiased if exact else True, "streamed": True, "exact": exact,
-                    "chunk_sizes": [int(c) for c in sizes], "memory_limit_mb": memory_limit_mb},
+            estimator=estimator, n_samples=n, params=params,
             seed=None, device=str(dev), dtype="float64", seconds=time.perf_counter() - start,
         )
 
@@ -1506,14 +1547,7 @@ def _similarity_matrix(
     if constant:
         dead = {"A": [name for (name, _), p in zip(raw_a, prepared_a) if p is None],
                 "B": [] if symmetric else [name for (name, _), p in zip(raw_b, prepared_b) if p is None]}
-        params["constant_layers"] = {side: names for side, names in dead.items() if names}
-        def owner(side: str) -> str:
-            name = _model_name(acts_a if side == "A" or acts_b is None else acts_b, "")
-            return f"model {side}" + (f" ({name})" if name else "")
-
-        listed = "; ".join(f"{', '.join(names)} of {owner(side)}" for side, names in params["constant_layers"].items())
-        estimator = (f"{estimator}; n/a (NaN) for the layers constant over samples, where the measure is undefined: "
-                     f"{listed}")
+        estimator = _constant_layers_note(estimator, params, dead, acts_a, acts_b)
     if undefined:
         if len(undefined) == n_pairs:
             raise undefined[0][2]
