@@ -188,6 +188,16 @@ def test_text_labels_show_their_numbering(app):
     assert not page_errors(at)
 
 
+def test_home_counts_the_classes_present_when_labels_do_not_start_at_0(app):
+    buf = io.BytesIO()
+    np.savez(buf, x=np.random.rand(30, 64).astype(np.float32), y=np.arange(30) % 3 + 1)  # labels 1, 2, 3
+    at = app.run()
+    at.selectbox(key="dataset_choice").set_value("Upload a file…").run()
+    at.file_uploader(key="dataset_upload").upload("onebased.npz", buf.getvalue(), "application/octet-stream").run()
+    assert any("3 classes (labels 1 to 3)" in m.value for m in at.markdown)
+    assert not page_errors(at)
+
+
 def test_uploaded_dataset_with_wrong_features(app):
     buf = io.BytesIO()
     np.savez(buf, x=np.random.rand(30, 5).astype(np.float32), y=np.arange(30) % 3)
