@@ -1,9 +1,11 @@
 """Command line: ``workbench app | layers | extract | analyze``.
 
 Bad arguments print one line to stderr and exit with code 2: options argparse refuses, a
-``ParameterError``, an unknown layer, a ``--data`` that names neither a bundled dataset nor an existing
-file, and models or data that do not suit each other or an analysis (found before any work). Files
-that cannot be read (any other ``WorkbenchError``) or written print their message and exit with code 1.
+``ParameterError``, an unknown layer, a model path or ``--data`` that names nothing that exists, an
+architecture spec that does not fit its checkpoint, an output that cannot be created, and models or data
+that do not suit each other or an analysis (found before any work). Files that cannot be read or written,
+and data on which a measure turns out undefined while it runs (any other ``WorkbenchError``), print their
+message and exit with code 1.
 """
 
 from __future__ import annotations
@@ -42,8 +44,36 @@ def _check_output(path: Path, *, folder: bool) -> None:
     existing = path.absolute()
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir() or not _can_create_in(existing):
         raise ParameterError(f"--out {path} cannot be created: {existing} is not a writable folder; choose another location.")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried: permission bits do not tell for /proc or a read-only mount)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _model_arg(path: str, flag: str, architecture: str | None = None, architecture_flag: str = "--architecture") -> Any:
+    """The model at ``path``: a path that does not exist, or a spec typed on the command line that does not fit the
+    checkpoint, is a bad argument."""
+    from workbench import load_model
+    from workbench.errors import ArchitectureError
+
+    if not os.path.lexists(path):
+        raise ParameterError(f"{flag} {path}: no such file or folder; give the path of a checkpoint (.safetensors, .pt, "
+                             "a Hugging Face folder or .zip).")
+    try:
+        return load_model(path, architecture=architecture)
+    except ArchitectureError as exc:
+        if architecture is None:
+            raise
+        raise ParameterError(f"{architecture_flag}: {exc}") from None
 
 
 def _data_arg(value: str):
@@ -115,9 +145,9 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from workbench import layer_info, load_model
+    from workbench import layer_info
 
-    model = load_model(args.model, architecture=args.architecture)
+    model = _model_arg(args.model, "--model", args.architecture)
     print(f"{model.name}: {model.n_parameters:,} parameters, sha256 {model.sha256[:16]}")  # noqa: T201
     infos = layer_info(model)
     name_width = max([2 * i.depth + len(i.name) for i in infos] + [38]) + 2  # columns line up for long paths too
@@ -131,14 +161,14 @@ def cmd_layers(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from workbench import extract, load_model
+    from workbench import extract
 
     _check_output(args.out, folder=False)
     if args.out.suffix not in ("", ".npz"):
         raise ParameterError(f"--out {args.out} is not an .npz file name; give a file name ending in .npz.")
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")  # numpy's own rule
     _check_output(out, folder=False)
-    model = load_model(args.model, architecture=args.architecture)
+    model = _model_arg(args.model, "--model", args.architecture)
     data = _data_arg(args.data)
     _check_fits([model], data)
     with tqdm(total=data.n_samples, unit="sample", disable=None) as bar:
@@ -234,15 +264,14 @@ def _parse_params(items: list[str], analyses: list[str]) -> dict[str, dict[str, 
 
 def _load_model_b(args: argparse.Namespace) -> Any:
     """Model B with --architecture-b, else with the spec its file carries, else (weights alone) with --architecture."""
-    from workbench import load_model
     from workbench.errors import MissingArchitectureError
 
     if args.architecture_b is not None or args.architecture is None:
-        return load_model(args.model_b, architecture=args.architecture_b)
+        return _model_arg(args.model_b, "--model-b", args.architecture_b, "--architecture-b")
     try:
-        return load_model(args.model_b)
+        return _model_arg(args.model_b, "--model-b")
     except MissingArchitectureError:
-        return load_model(args.model_b, architecture=args.architecture)
+        return _model_arg(args.model_b, "--model-b", args.architecture)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -250,7 +279,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from workbench import load_model
     from workbench.registry import check_analysis, get_analysis, run_analysis
     from workbench.report import PdfUnavailableError, StaticImageUnavailableError, build_report
 
@@ -262,7 +290,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     entries = [get_analysis(n) for n in names]  # bad arguments (exit code 2) before any work
     params = _parse_params(args.param, names)
     _check_output(args.out, folder=True)
-    model_a = load_model(args.model_a, architecture=args.architecture)
+    model_a = _model_arg(args.model_a, "--model-a", args.architecture)
     model_b = _load_model_b(args) if args.model_b else None
     data = _data_arg(args.data)
     _check_fits([model_a, model_b], data)

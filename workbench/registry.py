@@ -331,11 +331,20 @@ def _probing_requires(ctx: Context, params: dict[str, Any]) -> None:
 
 
 def _mode_connectivity_requires(ctx: Context, _params: dict[str, Any]) -> None:
-    from workbench.analyses.mode_connectivity import _check_same_architecture
+    from workbench.analyses.mode_connectivity import _check_dataset, _check_runs, _check_same_architecture
 
     _require_labels(ctx, "Mode connectivity (loss and accuracy along the path)")
     a, b = ctx.models()
     _check_same_architecture(a.module, b.module, "mode_connectivity", (a.name, b.name))
+    _check_dataset(ctx.dataset, "dataset", "mode_connectivity")  # class labels, not continuous targets
+    _check_runs(a.module, ctx.dataset, "dataset", "mode_connectivity")
+
+
+def _separability_requires(ctx: Context, _params: dict[str, Any]) -> None:
+    y = ctx.dataset.y
+    if y is not None and y.dtype.is_floating_point and not bool((y == y.round()).all()):
+        raise ParameterError(f"Separability compares classes, and dataset '{ctx.dataset.name}' has continuous targets; "
+                             "pick a dataset with class labels.")
 
 
 def _sequential_requires(ctx: Context, _params: dict[str, Any]) -> None:
@@ -501,6 +510,8 @@ def summarize(result: Any) -> dict[str, Any]:
     return out
 
 
+MIN_SAMPLES = 3  # the fewest samples any analysis but the activation statistics is defined on (CKA's centring)
+
 ANALYSES: list[Analysis] = [
     Analysis("activations", "Activation statistics", "one_model", _activation_stats, _activation_stats_plot,
              _activation_stats_summary, {"bins": 50}, "shape, mean/std, dead units and value histograms per layer",
@@ -543,7 +554,7 @@ ANALYSES: list[Analysis] = [
     Analysis("separability", "Topological class separability across layers", "one_model", _separability,
              _separability_plot, _separability_table, {"normalize": True, "probe": True, "cv": 5, "seed": 0},
              "label-free H0 persistence score (lower = more separable) next to Fisher, Thornton, probe and CH",
-             "pages/topology.py"),
+             "pages/topology.py", _separability_requires),
 ]
 
 
@@ -641,13 +652,17 @@ def check_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str
 def check_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: LoadedModel | None = None,
                    params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Raise the error :func:`run_analysis` would raise, before any work, when the models or the dataset do not
-    suit analysis ``name`` (a second model missing, labels missing or of one class, a model that is not one sequence of layers,
-    architectures that differ where weights are matched) or a parameter is unknown or of the wrong kind
+    suit analysis ``name`` (a second model missing, fewer than 3 samples, labels missing, of one class or continuous where
+    classes are compared, a model that is not one sequence of layers or cannot run on the data, architectures that differ
+    where weights are matched) or a parameter is unknown or of the wrong kind
     (:func:`check_params`); return the parameters with ``params`` applied."""
     entry = get_analysis(name)
     merged = check_params(name, params)
     if entry.inputs in ("two_models", "weights") and model_b is None:
         raise ParameterError(f"The '{name}' analysis compares two models; pass model_b (or --model-b).")
+    if name != "activations" and dataset.n_samples < MIN_SAMPLES:
+        raise ParameterError(f"The '{name}' analysis compares samples, and dataset '{dataset.name}' has "
+                             f"{dataset.n_samples}; use a dataset of at least {MIN_SAMPLES} samples.")
     if entry.requires is not None:
         entry.requires(Context(model_a=model_a, model_b=model_b, dataset=dataset), merged)
     return merged

@@ -109,6 +109,19 @@ def test_the_header_names_the_default_layers_each_model_gave(tmp_path):
           "--out", "x"], 2, "sets a parameter of 'probing', which is not among the analyses run (activations)"),
         (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", " ", "--out", "x"], 2,
          "--analysis names no analysis; give one or more of activations, similarity"),
+        (["layers", "nofile.safetensors"], 2,
+         "error: --model nofile.safetensors: no such file or folder; give the path of a checkpoint"),
+        (["analyze", "--model-a", MLP0, "--model-b", "nofile.pt", "--data", "digits", "--analysis", "similarity", "--out", "x"],
+         2, "error: --model-b nofile.pt: no such file or folder"),
+        (["layers", MLP0, "--architecture", '{"type": "foo"}'], 2,
+         "error: --architecture: Unknown architecture type 'foo'; supported types: mlp, cnn"),
+        (["layers", MLP0, "--architecture", '{"type": "mlp", "sizes": [64, -3, 10]}'], 2,
+         "error: --architecture: The 'sizes' entry of the 'mlp' spec must be a list of at least 2 ints"),
+        (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "activations", "--out", "/proc/report"], 2,
+         "error: --out /proc/report cannot be created: /proc is not a writable folder; choose another location."),
+        (["analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "similarity", "--param",
+          "similarity.measure=rbf_cka", "--param", "similarity.sigma=1e-300", "--out", "x"], 2,
+         "error: The 'sigma' parameter of similarity_matrix must be a number in [0.01, 100.0]"),
     ],
 )
 def test_bad_arguments_one_line(args, code, message, tmp_path):
@@ -303,3 +316,23 @@ def test_data_files_whose_path_holds_a_colon_are_read_as_files(tmp_path):
     assert _data_arg("digits:train").n_samples > _data_arg("digits").n_samples  # the split of a bundled dataset
     with pytest.raises(ParameterError, match="neither a bundled dataset"):
         _data_arg(str(folder / "missing:v1.npz"))
+
+
+@pytest.mark.parametrize(
+    ("analysis", "y", "message"),
+    [
+        ("similarity", None, "The 'similarity' analysis compares samples, and dataset 'few' has 2; use a dataset of at least 3"),
+        ("mode_connectivity", "float", "mode_connectivity: dataset 'few' (dataset) has continuous targets, but loss and accuracy "
+                                       "need integer class labels."),
+        ("separability", "float", "Separability compares classes, and dataset 'few' has continuous targets; pick a dataset"),
+    ],
+)
+def test_data_that_does_not_suit_an_analysis_is_a_bad_argument_before_any_work(analysis, y, message, tmp_path):
+    rng = np.random.default_rng(0)
+    n = 2 if y is None else 30
+    np.savez(tmp_path / "few.npz", x=rng.random((n, 64), dtype=np.float32), y=rng.random(n) if y else np.arange(n) % 2)
+    out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", str(tmp_path / "few.npz"), "--analysis",
+              f"activations,{analysis}", "--out", str(tmp_path / "report"), cache=tmp_path)
+    assert out.returncode == 2 and f"workbench analyze: error: {message}" in out.stderr, out.stderr
+    assert not (tmp_path / "report").exists()  # refused before the activation statistics ran
+

@@ -645,7 +645,7 @@ def test_same_architecture(sample_model):
 
 def test_a_dataset_of_the_wrong_width_is_named(sample_model):
     from workbench import load_dataset
-    from workbench.analyses.mode_connectivity import activation_matching, mode_connectivity
+    from workbench.analyses.mode_connectivity import activation_matching, interpolate, mode_connectivity
     from workbench.data import make_dataset
 
     a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
@@ -657,6 +657,12 @@ def test_a_dataset_of_the_wrong_width_is_named(sample_model):
         mode_connectivity(a, b, digits, train_dataset=wrong, n_points=3)
     with pytest.raises(DataError, match=r"activation_matching: the model could not run on dataset 'w' \(dataset, "):
         activation_matching(a, b, wrong)
+    with pytest.raises(DataError, match=r"^interpolate: the model could not run on dataset 'w' \(dataset, inputs of shape \(10,\)"):
+        interpolate(a, b, wrong, n_points=3)
+    with pytest.raises(DataError, match=r"^interpolate: the model could not run on dataset 'w' \(train_dataset, "):
+        interpolate(a, b, digits, train_dataset=wrong, n_points=3)
+    with pytest.raises(DataError, match=r"^interpolate: the model could not run on dataset 'sentences \(test\)' \(dataset, .*dtype"):
+        interpolate(a, b, load_dataset("sentences"), n_points=3)
 
 
 def test_activation_matching_refuses_data_on_which_no_unit_varies(sample_model):

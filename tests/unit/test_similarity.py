@@ -441,9 +441,12 @@ def test_error_too_few_samples():
 
 def test_error_bad_sigma():
     with pytest.raises(
-        ParameterError, match=r"The 'sigma' parameter of rbf_cka must be a number in \(0.0, inf\]. Got 0"
+        ParameterError, match=r"The 'sigma' parameter of rbf_cka must be a number in \[0.01, 100.0\]. Got 0"
     ):
         rbf_cka(np.eye(5), np.eye(5), sigma=0)
+    for extreme in (1e-300, 1e300):  # the kernel would be the identity or all ones, whatever the data
+        with pytest.raises(ParameterError, match=r"The 'sigma' parameter of rbf_cka must be a number in \[0.01, 100.0\]"):
+            rbf_cka(np.eye(5), np.eye(5), sigma=extreme)
 
 
 def test_error_bad_bool_flag():

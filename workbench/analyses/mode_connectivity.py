@@ -1277,8 +1277,10 @@ def interpolate(
     _check_finite_weights(a, "model_a", func)
     _check_finite_weights(b, "model_b", func)
     splits = {"test": _check_dataset(dataset, "dataset", func)}
+    _check_runs(a, dataset, "dataset", func)
     if train_dataset is not None:
         splits["train"] = _check_dataset(train_dataset, "train_dataset", func)
+        _check_runs(a, train_dataset, "train_dataset", func)
     stats_x = splits["train" if "train" in splits else "test"][0]
     dev = float64_device(resolve_device(device))
     sites = _trace(a, func).repair_sites if repair_mode == "repair" else []

@@ -392,6 +392,10 @@ def _median(values: torch.Tensor) -> float:
     return 0.5 * (upper + float(torch.kthvalue(flat, m // 2).values))
 
 
+SIGMA_RANGE = (0.01, 100.0)  # the RBF bandwidth, a fraction of the median distance: outside it the kernel is the identity
+# (every sample far from every other) or all ones to within rounding, whatever the data
+
+
 def _rbf_stats(x: torch.Tensor, name: str, func: str, sigma: float, debiased: bool) -> _KernelStats:
     xc = _centre(x, name, func)
     sq = squared_distances(xc)  # exact within tight clusters and for duplicates, where the expansion loses digits
@@ -482,7 +486,7 @@ def rbf_cka(
     Args:
         x: ``(n_samples, n_features_x)`` activations.
         y: ``(n_samples, n_features_y)`` activations of the same samples.
-        sigma: bandwidth as a fraction of the median distance, > 0. Small values (0.2) compare local
+        sigma: bandwidth as a fraction of the median distance, in [0.01, 100]. Small values (0.2) compare local
             neighbourhoods; large values (>= 2) approach linear CKA. Kornblith et al. report 0.2-0.8.
         debiased: use the unbiased HSIC estimator of Song et al. (2012); needs at least 4 samples.
         device: where to compute (``None``: cuda > mps > cpu); float64 throughout.
@@ -491,7 +495,7 @@ def rbf_cka(
         The RBF CKA value as a Python float.
     """
     func = "rbf_cka"
-    sigma = check_float(sigma, "sigma", func=func, low=0.0, low_inclusive=False)
+    sigma = check_float(sigma, "sigma", func=func, low=SIGMA_RANGE[0], high=SIGMA_RANGE[1])
     debiased = check_bool(debiased, "debiased", func=func)
     xt, yt, _ = _pair_inputs(x, y, func, device)
     n = xt.shape[0]
@@ -1368,7 +1372,7 @@ def _similarity_matrix(
     measure = check_choice(measure, "measure", MEASURES, func=func)
     debiased = check_bool(debiased, "debiased", func=func)
     angular = check_bool(angular, "angular", func=func)
-    sigma = check_float(sigma, "sigma", func=func, low=0.0, low_inclusive=False)
+    sigma = check_float(sigma, "sigma", func=func, low=SIGMA_RANGE[0], high=SIGMA_RANGE[1])
     kind = check_choice(kind, "kind", CCA_KINDS, func=func)
     variance = check_float(variance, "variance", func=func, low=0.0, high=1.0, low_inclusive=False)
     rdm = check_choice(rdm, "rdm", RDM_KINDS, func=func)
