@@ -292,6 +292,8 @@ def test_train_test_split_is_stratified_seeded_and_named():
         ({"separation": float("inf")}, r"The 'separation' parameter of blobs must be a number >= 0 and finite\. Got inf\."),
         ({"n_samples": 10**6, "n_features": 10**4}, r"blobs with n_samples=1000000 and n_features=10000 would hold 10,000,000,000 values, "
                                                      r"above the limit of [\d,]+; ask for fewer samples or features\."),
+        ({"n_samples": 3, "n_classes": 5}, r"^blobs with n_samples=3 and n_classes=5 would leave classes without samples; "
+                                           r"ask for at least as many samples as classes\.$"),
     ],
 )
 def test_blobs_options_out_of_range_are_refused_with_their_range(options, message):

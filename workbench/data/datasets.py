@@ -375,6 +375,9 @@ def blobs(separation: float = 3.0, *, n_samples: int = 1000, n_features: int = 6
     n_features = _whole_number("n_features", n_features, 1, MAX_BLOBS_VALUES)
     n_classes = _whole_number("n_classes", n_classes, 1, MAX_CLASSES)
     seed = _whole_number("seed", seed, 0, 2**32 - 1, "2**32 - 1")
+    if n_samples < n_classes:
+        raise ParameterError(f"blobs with n_samples={n_samples} and n_classes={n_classes} would leave classes without "
+                             "samples; ask for at least as many samples as classes.")
     if n_samples * n_features > MAX_BLOBS_VALUES:
         raise ParameterError(f"blobs with n_samples={n_samples} and n_features={n_features} would hold {n_samples * n_features:,} values, "
                              f"above the limit of {MAX_BLOBS_VALUES:,}; ask for fewer samples or features.")
