@@ -78,6 +78,7 @@ if not all(chosen.values()):
 models = [model for model, _ in usable]
 
 act_ranks, grad_ranks, relus, summaries, bases, basis_slots = [], [], [], [], [], []
+no_relus: list[str] = []
 with _state.guard():
     for model, slot in usable:
         layers = chosen[slot]
@@ -99,7 +100,7 @@ with _state.guard():
         try:
             relus.append(_state.cached_call(dg.relu_patterns, model, dataset))
         except ArchitectureError:
-            st.info(f"{_state.plain(name)} has no ReLU layers, so it has no dead, always-on or synchronised ReLUs.")
+            no_relus.append(name)
 
 st.subheader("Spectra")
 figures = [plots.spectrum_figure(*act_ranks), plots.spectrum_figure(*grad_ranks)]
@@ -111,8 +112,11 @@ st.caption(
     "rank is at most n − 1."
 )
 
-if relus:
+if relus or no_relus:
     st.subheader("ReLU firing patterns")
+for name in no_relus:
+    st.info(f"{_state.plain(name)} has no ReLU layers, so it has no dead, always-on or synchronised ReLUs.")
+if relus:
     for col, r in zip(st.columns(len(relus)), relus):
         counts = f"{sum(r.n_dead.values())} / {sum(r.n_always_on.values())} / {sum(r.n_synchronised.values())}"
         col.metric(f"Dead / always-on / synchronised units ({r.model})", counts)

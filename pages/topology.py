@@ -67,7 +67,8 @@ with st.expander("Settings", expanded=False):
         help=HELP["dim"],
     )
     max_points = int(
-        c2.number_input("Max points for H1", 100, 5000, 1000, 100, key="topo_max_points", persist_state="session", help=HELP["max_points"])
+        c2.number_input("Max points for H1", 100, 5000, 1000, 100, key="topo_max_points", persist_state="session", help=HELP["max_points"],
+                        disabled=dim == 0)  # H0 always uses every sample
     )
     metric = c3.selectbox("Point metric", ["euclidean", "cosine"], key="topo_metric", persist_state="session", help=HELP["metric"])
     c4, c5, c6 = st.columns(3)
@@ -150,8 +151,9 @@ st.plotly_chart(figures[-1], width="stretch", key="topo_separability")
 st.dataframe(plots.separability_rows(*seps, names=names), hide_index=True, width="stretch", key="topo_separability_table")
 references = ["Thornton = share of samples whose nearest neighbour has their class"]
 if probe:
-    references.append("probe = 5-fold cross-validated logistic regression")
-references.append("Fisher = largest per-feature Fisher discriminant ratio")
+    references.append("probe = 5-fold cross-validated logistic regression on the L2-normalised samples S uses")
+references += ["Fisher = largest per-feature Fisher discriminant ratio",
+               "Calinski–Harabasz = between- to within-class dispersion, scaled by the counts"]
 st.caption(
     f"n = {dataset.n_samples} samples of {dataset.name}. S: lower = more separable."
     + (f" References (higher = more separable): {'; '.join(references)}." if labels is not None else "")

@@ -166,7 +166,7 @@ def _similarity_summary(result: Any) -> dict[str, Any]:
     defined = values[np.isfinite(values)]
     diagonal = np.diag(values) if values.shape[0] == values.shape[1] else np.zeros(0)
     if np.isfinite(diagonal).any():
-        out["diagonal_mean"] = float(np.nanmean(diagonal))
+        out["mean over the diagonal (layer i of A vs layer i of B)"] = float(np.nanmean(diagonal))
         if not np.isfinite(diagonal).all():
             out["diagonal pairs n/a"] = int((~np.isfinite(diagonal)).sum())
     if defined.size:
@@ -428,9 +428,12 @@ def _intrinsic_dimension_summary(results: Any) -> dict[str, Any]:
 
 
 def _separability_table(results: Any) -> dict[str, Any]:
+    from workbench.plots.topology import REFERENCE_NAMES  # as the page's table names them
+
     labels = _model_labels([r.model_name or f"model {i}" for i, r in enumerate(results)])
     table: dict[str, Any] = {
-        m: {layer: {"score S (lower = more separable)": float(r.scores[j]), **{k: float(v[j]) for k, v in r.references.items()}}
+        m: {layer: {"score S (lower = more separable)": float(r.scores[j]),
+                    **{REFERENCE_NAMES.get(k, k): float(v[j]) for k, v in r.references.items()}}
             for j, layer in enumerate(r.layers)} for m, r in zip(labels, results)}
     for m, r in zip(labels, results):
         for layer in getattr(r, "skipped", ()):
@@ -439,10 +442,11 @@ def _separability_table(results: Any) -> dict[str, Any]:
 
 
 def _mode_connectivity_table(result: Any) -> dict[str, Any]:
+    from workbench.plots.mode_connectivity import BARRIER_COLUMNS as COLUMNS  # as the page's table names them
     from workbench.plots.mode_connectivity import method_label
 
-    return {method_label(method): {split: {"loss barrier (linear)": b.linear[split], "loss barrier (mean)": b.mean[split],
-                                           "accuracy drop": b.accuracy_drop[split]} for split in b.linear}
+    return {method_label(method): {split: {COLUMNS["linear"]: b.linear[split], COLUMNS["mean"]: b.mean[split],
+                                           COLUMNS["accuracy_drop"]: b.accuracy_drop[split]} for split in b.linear}
             for method, b in result.barriers.items()}
 
 

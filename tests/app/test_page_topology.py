@@ -58,7 +58,9 @@ def test_two_models_side_by_side(app, narrow, digits):
     table = at.dataframe[0].value
     assert len(table) == 10 and set(table["model"]) == {"A (mlp_narrow_seed0)", "B (mlp_narrow_seed1)"}
     relu2 = table[(table["model"] == "A (mlp_narrow_seed0)") & (table["layer"] == "relu2")]
-    assert float(relu2["probe accuracy (CV, on the samples S uses: L2-normalised unless raw)"].iloc[0]) > 0.9
+    assert float(relu2["probe accuracy (CV)"].iloc[0]) > 0.9
+    references = next(c.value for c in at.caption if "References (higher = more separable)" in c.value)
+    assert "L2-normalised samples S uses" in references and "Calinski–Harabasz = between- to within-class" in references
     # no subsampling at 450 samples, so no note
     assert not [i.value for i in at.info if "farthest-point" in i.value]
     at.button(key="topo_report").click().run()
@@ -81,6 +83,7 @@ def test_subsampling_note_and_h0_only(app, narrow, digits):
     assert _title(at.get("plotly_chart")[1]).startswith("H0 barcodes")
     assert at.metric[0].label == "Longest finite H0 bar (A (mlp_narrow_seed0))"
     assert float(at.metric[0].value) > 0  # the one bar that never dies is left out
+    assert at.number_input(key="topo_max_points").disabled  # H0 uses every sample: the H1 subsample size does nothing
 
 
 def test_unlabelled_data_shows_only_the_score(app, narrow):

@@ -227,11 +227,12 @@ def test_separability_and_mode_connectivity_key_numbers_are_the_reports_tables(s
     sep = registry.run_analysis("separability", model_a=a, dataset=digits_test, layers=["fc1"], params={"cv": 3})
     assert sep.summary == registry.summarize(sep.result)["separability"]  # what the app's report shows
     row = sep.summary["mlp_narrow_seed0"]["fc1"]
-    assert "score S (lower = more separable)" in row and "thornton_index" in row and "probe_accuracy" in row
+    # named as the page's table names them
+    assert "score S (lower = more separable)" in row and "Thornton index" in row and "probe accuracy (CV)" in row
     mc = registry.run_analysis("mode_connectivity", model_a=a, model_b=b, dataset=digits_test, params={"n_points": 5})
     naive = mc.summary["naive (as trained)"]["test"]
-    assert set(naive) == {"loss barrier (linear)", "loss barrier (mean)", "accuracy drop"}
-    assert naive["loss barrier (linear)"] == mc.result.barriers["naive"].linear["test"]
+    assert set(naive) == {"barrier above the line", "barrier above the endpoint mean", "accuracy drop"}
+    assert naive["barrier above the line"] == mc.result.barriers["naive"].linear["test"]
     assert sep.extraction == {"pooling": "mean", "layers": {"A": ["fc1"]}} and mc.extraction == {}  # weights alone
     spectra = next(f for f in mc.figures if any("permutation" in (t.name or "") for t in f.data))
     assert {t.name for t in spectra.data} == {"mlp_narrow_seed0", "mlp_narrow_seed1 (the same after its permutation)"}

@@ -191,6 +191,10 @@ def test_the_pwcca_note_stays_above_the_heatmap(rng):
     assert fig.layout.margin.t >= SUBTITLE_TOP + SUBTITLE_LINE * len(lines) + 8
     # the heatmap keeps the room it has under a two-line subtitle: the figure grows by the extra lines
     assert _plot_height(fig) >= max(360, 46 * 2 + 180) - title_margin(2) - 80
+    undefined = [t for t in fig.data if t.name == "undefined"]  # the blank cells say why they are blank
+    nan_cells = {(result.layers_a[i], result.layers_b[j]) for i, j in zip(*np.nonzero(np.isnan(result.values)))}
+    assert nan_cells and len(undefined) == 1 and set(undefined[0].text) == {"n/a"}
+    assert set(zip(undefined[0].y, undefined[0].x)) == nan_cells
 
 
 def test_subplot_titles_and_model_names_above_the_plot_get_their_rows():

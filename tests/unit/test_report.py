@@ -75,9 +75,9 @@ def test_sections_show_their_key_numbers(sample_model, digits_test, tmp_path):
     summary = summarize([result, activation_stats(extract(a, digits_test, ["fc1"]))])
     assert list(summary) == ["barriers", "activation statistics"]
     naive = result.barriers["naive"]
-    assert summary["barriers"]["naive (as trained)"]["test"]["loss barrier (linear)"] == naive.linear["test"]
+    assert summary["barriers"]["naive (as trained)"]["test"]["barrier above the line"] == naive.linear["test"]
     rows = dict(summary_rows(summary))
-    assert rows["barriers / naive (as trained) / test / loss barrier (linear)"] == f"{naive.linear['test']:.4g}"
+    assert rows["barriers / naive (as trained) / test / barrier above the line"] == f"{naive.linear['test']:.4g}"
     text = build_report([Section("Mode connectivity", result, summary=summary)], title="t").save(tmp_path, ("html",))["html"].read_text()
     assert "Key numbers: barriers" in text and "<th>accuracy drop</th>" in text  # method / split rows, a column per number
     assert "<td>weight matching / test</td>" in text and f"<td>{naive.linear['test']:.4g}</td>" in text

@@ -60,7 +60,7 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
     Hovering a cell shows the exact value. Every cell also carries an invisible marker, so that a click
     selects it (``st.plotly_chart(..., on_select="rerun")`` reports the point's ``x``/``y`` layer names).
     ``annotate`` writes the values into the cells (default: when the grid has at most 12 x 12 cells); an
-    undefined cell (NaN) is left blank and reads "n/a" on hover.
+    undefined cell (NaN) has no colour and reads "n/a", in the cell and on hover.
     """
     values = np.asarray(result.values)
     label = measure_label(result.measure)
@@ -82,6 +82,20 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
         )
     )
     rows, cols = np.meshgrid(np.arange(values.shape[0]), np.arange(values.shape[1]), indexing="ij")
+    undefined = ~np.isfinite(values)
+    if undefined.any():  # written in the cell, so that a blank does not read as a figure that failed to draw
+        fig.add_trace(
+            go.Scatter(
+                x=[result.layers_b[j] for j in cols[undefined]],
+                y=[result.layers_a[i] for i in rows[undefined]],
+                text=["n/a"] * int(undefined.sum()),
+                mode="text",
+                textfont={"color": "#888888", "size": 11 if annotate else 9},
+                hoverinfo="skip",
+                showlegend=False,
+                name="undefined",
+            )
+        )
     fig.add_trace(
         go.Scatter(
             x=[result.layers_b[j] for j in cols.ravel()],

@@ -21,12 +21,12 @@ from workbench.plots._style import MODEL_COLORS, nice_step, order_layers, takes_
 DIM_COLORS = ("#1f77b4", "#d62728", "#2ca02c")
 REFERENCE_NAMES = {
     "thornton_index": "Thornton index",
-    "probe_accuracy": "probe accuracy (CV, on the samples S uses: L2-normalised unless raw)",
+    "probe_accuracy": "probe accuracy (CV)",
     "probe_roc_auc": "probe ROC-AUC (CV)",
     "fisher_ratio": "Fisher ratio (max feature)",
     "calinski_harabasz": "Calinski–Harabasz",
 }
-LEGEND_NAMES = {**REFERENCE_NAMES, "probe_accuracy": "probe accuracy (CV)"}  # the table's column says which samples
+
 BOUNDED = ("thornton_index", "probe_accuracy", "probe_roc_auc")
 UNBOUNDED = ("fisher_ratio", "calinski_harabasz")
 REFERENCE_COLORS = {
@@ -313,7 +313,7 @@ def separability_curves(
                     x=xs,
                     y=values,
                     mode="lines+markers",
-                    name=LEGEND_NAMES.get(key, key),
+                    name=REFERENCE_NAMES.get(key, key),
                     legendgroup=f"model {i}",
                     line={"color": REFERENCE_COLORS.get(key, MODEL_COLORS[0]), "dash": dash},
                     hovertemplate=f"{name} · %{{x}}<br>{REFERENCE_NAMES.get(key, key)} %{{y:.4g}}<extra></extra>",
