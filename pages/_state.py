@@ -147,7 +147,10 @@ def _expression(log: dict[str, Any], value: Any) -> str:
     if isinstance(value, wb.LoadedModel):
         prefix = "model_a" if value is st.session_state.get(MODEL_A) else "model_b" if value is st.session_state.get(MODEL_B) else "model"
         log["imports"]["workbench"] = log["imports"].get("workbench", set()) | {"load_model"}
-        return _bind(log, value, prefix, model_expression(value))
+        expression = model_expression(value)
+        if "SAMPLE_MODELS" in expression:  # a bundled model, found wherever workbench is checked out
+            log["imports"]["workbench.models"] = log["imports"].get("workbench.models", set()) | {"SAMPLE_MODELS"}
+        return _bind(log, value, prefix, expression)
     if isinstance(value, wb.Dataset):
         log["imports"]["workbench"] = log["imports"].get("workbench", set()) | {"load_dataset"}
         return _bind(log, value, "dataset", dataset_expression(value))

@@ -22,7 +22,7 @@ import numpy as np
 from workbench.activations import Activations, extract
 from workbench.data import Dataset
 from workbench.errors import ParameterError, UnknownLayerError, did_you_mean, format_choices
-from workbench.models import LoadedModel
+from workbench.models import SAMPLE_MODELS, LoadedModel
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -576,8 +576,11 @@ def model_expression(m: LoadedModel | None) -> str:
     if m is None:
         return "None"
     arch = f", architecture={m.architecture!r}" if m.source_format == "state dict" and m.architecture else ""  # a Python literal
-    if m.source and not m.source.startswith("upload:"):  # absolute, so the code runs from any folder (a notebook's)
-        return f"load_model({str(Path(m.source).resolve())!r}{arch})"
+    if m.source and not m.source.startswith("upload:"):
+        path = Path(m.source).resolve()
+        if path.parent == SAMPLE_MODELS.resolve():  # bundled: found wherever workbench is checked out
+            return f"load_model(SAMPLE_MODELS / {path.name!r}{arch})"
+        return f"load_model({str(path)!r}{arch})"  # absolute, so the code runs from any folder (a notebook's)
     name = m.source.removeprefix("upload:") or m.name
     return f"load_model({name!r}{arch})  # the uploaded file, weights sha256 {m.sha256[:16]}"
 
@@ -599,12 +602,13 @@ def dataset_expression(d: Dataset) -> str:
 
 def recreate_snippet(entry: Analysis, ctx: Context, params: dict[str, Any]) -> str:
     """Python that reruns ``entry`` on the same models, dataset, layers and parameters."""
+    models = f"model_a = {model_expression(ctx.model_a)}\nmodel_b = {model_expression(ctx.model_b)}\n"
     return (
         "from workbench import load_dataset, load_model\n"
-        "from workbench.registry import run_analysis\n\n"
-        f"model_a = {model_expression(ctx.model_a)}\n"
-        f"model_b = {model_expression(ctx.model_b)}\n"
-        f"dataset = {dataset_expression(ctx.dataset)}\n"
+        + ("from workbench.models import SAMPLE_MODELS\n" if "SAMPLE_MODELS" in models else "")
+        + "from workbench.registry import run_analysis\n\n"
+        + models
+        + f"dataset = {dataset_expression(ctx.dataset)}\n"
         f"section = run_analysis(\n    {entry.name!r},\n    model_a=model_a,\n    model_b=model_b,\n    dataset=dataset,\n"
         f"    layers={ctx.layers_a!r},{f' layers_b={ctx.layers_b!r},' if ctx.layers_b else ''} pooling={ctx.pooling!r},\n"
         f"    params={params!r},\n)\n"
