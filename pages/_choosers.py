@@ -72,10 +72,11 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
     trust = False
     if trust_allowed():
         trust = st.checkbox(
-            "I trust this file (opening a pickle runs its code)", key=f"{slot}_trust", value=False,
+            "I trust this file", key=f"{slot}_trust", value=False,
             help="Only for a full pickle (a whole nn.Module saved with torch.save): opening it runs the code inside it on "
                  "this server, in a separate process, and only its weights and stock torch.nn layers come back.",
         )
+        st.caption("Opening a pickle runs the code inside it.")  # the risk in full, not cut off as a long label is
     if upload is None:
         st.session_state[slot] = None
         return
