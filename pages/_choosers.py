@@ -23,6 +23,7 @@ from pages._state import (
     load_uploaded_dataset,
     load_uploaded_model,
     max_upload_mb,
+    plain,
     sample_model_names,
     show_error,
     trust_allowed,
@@ -142,6 +143,8 @@ def choosers() -> None:
     if a is not None and b is not None and a.name == b.name and a is not b:
         # pages label and key results by model name: two files called model.safetensors must not merge into one
         st.session_state[MODEL_B] = dataclasses.replace(b, name=f"{b.name} (B)")
+    if a is not None and a is b:  # the same file, or the same bundled model, chosen twice
+        st.caption(plain(f"Model B is the same checkpoint as model A ({a.name}): comparisons show a model with itself."))
     with col_d:
         _dataset_chooser()
 

@@ -44,10 +44,14 @@ HELP = {
 
 st.title("Similarity (A vs B)")
 (model_a,) = _state.require_models(1)
-model_b = st.session_state.get(_state.MODEL_B) or model_a
+chosen_b = st.session_state.get(_state.MODEL_B)
+model_b = chosen_b or model_a
 dataset = _state.require_dataset()
-if model_b is model_a:
+if chosen_b is None:
     st.caption("No model B is chosen: model A is compared with itself.")
+elif chosen_b is model_a:
+    st.caption(_state.plain(f"Model B is the same checkpoint as model A ({model_a.name}, the same weights): "
+                            "it is compared with itself."))
 
 pooling = _state.pooling_picker("cmp_pooling")
 col_a, col_b = st.columns(2)

@@ -105,6 +105,18 @@ def test_measure_options_change_the_heatmap(compare):
     assert title.startswith("Procrustes distance") and "lower is closer" in title and "angular" in title
 
 
+def test_the_same_model_chosen_as_a_and_b_is_said_to_be_b(app):
+    at = app.run()
+    at.selectbox(key="model_b_choice").set_value("mlp_seed0").run()
+    assert "Model B is the same checkpoint as model A (mlp\\_seed0): comparisons show a model with itself." in [
+        c.value for c in at.caption]
+    at.switch_page("pages/compare.py").run()
+    assert not page_errors(at)
+    captions = [c.value for c in at.caption]
+    assert "Model B is the same checkpoint as model A (mlp\\_seed0, the same weights): it is compared with itself." in captions
+    assert not any("No model B is chosen" in c for c in captions)
+
+
 def test_model_with_itself_has_unit_diagonal(app):
     app.session_state["model_b"] = None
     at = app.run()
