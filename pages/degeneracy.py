@@ -176,6 +176,13 @@ if st.toggle("Estimate the LLC by SGLD (hyper-parameter sensitive)", key="deg_ll
     for col, r in zip(st.columns(len(llcs)), llcs):
         col.metric(f"LLC ({r.model})", f"{r.llc:.2f} ± {r.llc_std:.2f}", help=HELP["llc"])
     st.caption(f"Hyper-parameters: {llcs[0].hyperparameters()}. ± is the spread over chains, not the bias.")
+    for r in llcs:
+        if not r.settled:
+            st.warning(_state.plain(
+                f"The loss of {r.model}'s chains still moved after burn-in (the second half of the kept steps differs "
+                f"from the first by {r.drift:+.0%} ± {r.drift_se:.0%} of the excess loss the estimate is made of), so its LLC has not "
+                "settled: try more steps, a larger localization γ or a smaller step size, and compare settled "
+                "estimates only."))
     figures.append(plots.llc_trace_figure(*llcs))
     st.plotly_chart(figures[-1], width="stretch", key="deg_llc_trace")
 

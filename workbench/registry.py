@@ -470,7 +470,9 @@ def _stitching_summary(result: Any) -> dict[str, Any]:
 
 
 def _llc_summary(results: Any) -> dict[str, Any]:
-    return {m: {"LLC": r.llc, "spread over chains": r.llc_std} for m, r in zip(_model_labels([r.model for r in results]), results)}
+    return {m: {"LLC": r.llc, "spread over chains": r.llc_std,
+                "drift after burn-in (share of the excess loss)": r.drift, "settled": r.settled}
+            for m, r in zip(_model_labels([r.model for r in results]), results)}
 
 
 def _by_type() -> dict[str, tuple[str, Callable[[Any], dict[str, Any]], bool]]:

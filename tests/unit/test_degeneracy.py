@@ -872,6 +872,9 @@ def test_llc_of_softmax_regression_is_half_its_identifiable_parameters(one_threa
     assert "step size 0.001, localization γ 1" in regular.hyperparameters()
     again = llc_estimate(_fit_softmax(data.x, data.y, 3), data, **settings)
     assert again.llc == regular.llc  # same seed, same chains
+    assert regular.settled and degenerate.settled  # flat after burn-in, within the chains' noise
+    early = llc_estimate(_fit_softmax(data.x, data.y, 3), data, **{**settings, "n_steps": 40, "n_burnin": 0})
+    assert early.drift > 0.3 and early.drift > 2 * early.drift_se and not early.settled  # still climbing from L(w*)
     fig = plots.llc_trace_figure(regular, degenerate)
     assert "hyper-parameter sensitive" in figure_title(fig) and "nβ" in figure_title(fig)
 

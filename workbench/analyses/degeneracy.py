@@ -1673,6 +1673,9 @@ def interaction_basis(
 # public: local learning coefficient (optional, hyper-parameter sensitive)
 
 
+LLC_DRIFT_TOLERANCE = 0.1  # a trace whose second half after burn-in moved more than this share of the excess loss
+
+
 @dataclass(frozen=True, kw_only=True)
 class LLCResult(RecordedResult):
     """A local learning coefficient estimate by SGLD. **Sensitive to its hyper-parameters**: report them with it.
@@ -1685,6 +1688,11 @@ class LLCResult(RecordedResult):
     ``loss_trace``: ``(n_chains, n_steps)`` minibatch losses; ``loss_init``: ``L(w*)``.
     ``step_size``, ``localization`` (γ), ``n_beta`` (the inverse temperature times n),
     ``n_steps``, ``n_burnin``, ``batch_size`` are the hyper-parameters the number depends on.
+    ``drift``: how far the chains still moved after burn-in: the mean loss of the second half of the kept steps
+    minus that of the first half, as a fraction of the mean excess loss ``mean_t L_t - L(w*)`` the estimate is
+    made of, averaged over chains; ``drift_se``: its standard error over the chains (0 for one chain).
+    :attr:`settled` unless the drift is both above ``LLC_DRIFT_TOLERANCE`` and more than twice its standard error
+    (a trace that still drifts has not reached its stationary mean, and the estimate would move with more steps).
     """
 
     llc: float
@@ -1701,9 +1709,17 @@ class LLCResult(RecordedResult):
     batch_size: int
     n_parameters: int
     model: str
+    drift: float = 0.0
+    drift_se: float = 0.0
     estimator: str = "local learning coefficient by SGLD (Lau et al. 2023); hyper-parameter sensitive"
     seed: int | None = 0
     dtype: str = "float64"
+
+    @property
+    def settled(self) -> bool:
+        """Whether the loss trace is flat after burn-in: its drift within ``LLC_DRIFT_TOLERANCE`` of the excess loss,
+        or within twice its standard error over the chains (the chains' own noise)."""
+        return abs(self.drift) <= max(LLC_DRIFT_TOLERANCE, 2.0 * self.drift_se)
 
     def hyperparameters(self) -> str:
         """The hyper-parameters in one line, to show next to the number."""
@@ -1829,8 +1845,16 @@ def llc_estimate(
             f"{n_params} parameters, while the coefficient is at most half of them) with step_size={step_size:g} "
             f"and localization={localization:g}; use a smaller step_size or a larger localization."
         )
+    kept = trace[:, n_burnin:]
+    half = kept.shape[1] // 2
+    excess = float(kept.mean()) - loss_init
+    trends = kept[:, half:].mean(1) - kept[:, :half].mean(1) if half else torch.zeros(n_chains, dtype=torch.float64)
+    spread = float(trends.std()) / math.sqrt(n_chains) if n_chains > 1 else 0.0
+    drift, drift_se = (float(trends.mean()) / excess, spread / excess) if excess > 0 else (0.0, 0.0)
     return LLCResult(
         llc=float(per_chain.mean()),
+        drift=drift,
+        drift_se=drift_se,
         llc_std=float(per_chain.std(correction=0)),
         llc_per_chain=per_chain.numpy(),
         loss_init=loss_init,
