@@ -541,3 +541,97 @@ def test_trustworthiness_gives_tied_neighbours_their_best_rank():
     view = binary[:, :2] + 0.1 * rng.standard_normal((300, 2))
     ours, theirs = trustworthiness(binary, view, k=10), sklearn_trustworthiness(binary, view, n_neighbors=10)
     assert ours > theirs + 0.03  # scikit-learn ranks the members of a tie in index order
+
+
+# ---------------------------------------------------------------------------------------------
+# scale invariance at the ends of the float ranges
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_knn_graph_is_exact_at_any_scale(dtype):
+    # the float32 candidate products overflowed beyond ~1e18 (float64 input) and underflowed below ~1e-19
+    x = np.random.default_rng(0).standard_normal((200, 30))
+    reference = knn_graph(x.astype(dtype), 5)
+    for scale in (1e20, 1e-25, 1e-30) + ((1e300, 1e-300) if dtype == np.float64 else ()):
+        graph = knn_graph((x * scale).astype(dtype), 5)
+        assert np.array_equal(graph.indices, reference.indices), scale
+        np.testing.assert_allclose(graph.distances / scale, reference.distances, rtol=1e-6 if dtype == np.float32 else 1e-13)
+    with pytest.raises(DataError, match="knn_graph: some nearest-neighbour distances exceed the float64 range"):
+        knn_graph(np.array([[1.7e308], [-1.7e308]]), 1)
+
+
+@pytest.mark.parametrize("method", ["twonn", "mle"])
+def test_intrinsic_dimension_is_scale_invariant(method):
+    # float64 x 1e20 (and float32 x 1e-30, 1e-25, 1e19) gave NaN with a NaN interval; float64 x 1e19 gave 7.31 (TwoNN)
+    x = np.random.default_rng(0).standard_normal((120, 8))
+    reference = intrinsic_dimension(x, method=method)
+    cases = [(s, np.float64, 1e-12) for s in (1e20, 1e19, 1e300, 1e-300, 1e-310)]
+    cases += [(s, np.float32, 1e-5) for s in (1e-30, 1e-25, 1e19)]
+    for scale, dtype, rel in cases:
+        result = intrinsic_dimension((x * scale).astype(dtype), method=method)
+        assert result.dimension == pytest.approx(reference.dimension, rel=rel), (scale, dtype)
+        assert result.ci_low == pytest.approx(reference.ci_low, rel=rel) and result.ci_high == pytest.approx(
+            reference.ci_high, rel=rel)
+        assert np.isfinite(result.local).all()
+
+
+def test_intrinsic_dimension_refuses_distances_that_round_to_zero():
+    # two distinct rows 1e-170 apart next to values of 1: their squared distance underflows to 0 (r2 / r1 = inf)
+    x = np.random.default_rng(0).standard_normal((60, 4))
+    x[0, 3] = 0.0
+    x[1] = x[0]
+    x[1, 3] = 1e-170
+    with pytest.raises(DataError, match="2 samples differ from their nearest neighbour by less than float64 can resolve"):
+        intrinsic_dimension(x)
+
+
+def test_trustworthiness_is_scale_invariant():
+    # the view x 1e20 gave 0.55 (float32 candidate products overflowed); x x 1e160 and x 1e-310 gave 1.0
+    x = np.random.default_rng(0).standard_normal((200, 30))
+    view = x[:, :2]
+    reference = trustworthiness(x, view)
+    assert 0.55 < reference < 0.7
+    for sx, sv in ((1.0, 1e20), (1e160, 1.0), (1e-310, 1.0), (1.0, 1e-310), (1e300, 1e-300)):
+        assert trustworthiness(x * sx, view * sv) == reference, (sx, sv)
+    assert trustworthiness(x * 1e160, view, metric="cosine") == trustworthiness(x, view, metric="cosine")
+
+
+def test_pca_of_huge_and_tiny_data_gives_the_scaled_coordinates():
+    # x 1e300: the covariance overflowed and eigh raised torch's _LinAlgError (LAPACK printed a DLASCL error)
+    x = np.random.default_rng(0).standard_normal((120, 8))
+    reference = embed(x, method="pca")
+    for scale in (1e300, 1e-300, 1e-310):
+        result = embed(x * scale, method="pca")
+        np.testing.assert_allclose(result.coordinates / scale, reference.coordinates, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(result.explained_variance_ratio, reference.explained_variance_ratio, rtol=1e-12)
+        assert result.trustworthiness == reference.trustworthiness
+        assert result.knn_preservation == reference.knn_preservation
+    with pytest.raises(DataError, match="embed: the PCA coordinates of 'x' exceed the float64 range"):
+        embed(np.array([[1.0, 1.0], [-1.0, -1.0], [0.1, -0.1], [-0.1, 0.1]]) * 1.7e308, method="pca")  # scores of 2.4e308
+
+
+@pytest.mark.parametrize("method", ["umap", "tsne"])
+def test_umap_and_tsne_of_huge_and_tiny_data(method, umap_ready):
+    # x 1e300: t-SNE raised _LinAlgError; UMAP scored its view 1.0 from overflowed distances (and x 1e-300 too)
+    x = np.random.default_rng(0).standard_normal((120, 8))
+    kw = {"n_epochs": 100} if method == "umap" else {}
+    reference = embed(x, method=method, **kw)
+    exact = embed(x * 2.0**900, method=method, **kw)  # a power of two: the same computation, bit for bit
+    assert np.array_equal(exact.coordinates, reference.coordinates)
+    assert exact.trustworthiness == reference.trustworthiness
+    for scale in (1e300, 1e-300):
+        result = embed(x * scale, method=method, **kw)
+        assert np.isfinite(result.coordinates).all()
+        assert result.trustworthiness == pytest.approx(reference.trustworthiness, abs=0.05), scale
+
+
+def test_aligned_pca_views_of_huge_and_tiny_data_align_as_at_ordinary_scale():
+    # the unit-RMS scaling squared the coordinates: inf at 1e300 (the view became all zeros), 0 at 1e-300 (left as is)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 8))
+    y = x[:, :4] @ rng.standard_normal((4, 6)) + rng.standard_normal((120, 6))
+    reference = aligned_embedding([x, y], method="pca")
+    for scale in (1e300, 1e-300, 1e-310):
+        result = aligned_embedding([x * scale, y], method="pca")
+        np.testing.assert_allclose(result.coordinates, reference.coordinates, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(result.disparity, reference.disparity, rtol=1e-12, atol=1e-15)

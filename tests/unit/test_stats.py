@@ -137,3 +137,25 @@ def test_mean_and_std_near_the_float64_limit_do_not_overflow():
     s = layer_stats(big)
     assert s.mean == pytest.approx((big / 1e307).mean() * 1e307) and s.std == pytest.approx((big / 1e307).std() * 1e307)
     assert layer_stats(np.full((4, 2), 1.7e308)).hist_counts.sum() == 8  # a constant layer at the limit
+
+
+def test_subnormal_layers_give_the_statistics_of_the_layer_at_ordinary_scale():
+    # unit_scale asked for 2**1029 to bring 1e-310 near 1: math.ldexp raised OverflowError (math range error)
+    from workbench.analyses._validation import unit_scale
+
+    x = np.random.default_rng(0).standard_normal((200, 30))
+    tiny = x * 1e-310
+    assert unit_scale(torch.from_numpy(tiny)) == 2.0**1022  # capped: 2**1029 is beyond float64
+    def scale_of(value: float) -> float:
+        return unit_scale(torch.tensor([value], dtype=torch.float64))
+
+    assert scale_of(2.0**-1022) == 2.0**1021 and scale_of(2.0**-1023) == 2.0**1022  # largest into [0.5, 1)
+    assert scale_of(2.0**-1024) == scale_of(5e-324) == 2.0**1022
+    assert scale_of(3.0) == 0.25 and scale_of(1.7e308) == 2.0**-1024 and scale_of(0.0) == 1.0
+    reference, s = layer_stats(x), layer_stats(tiny)
+    assert s.mean / 1e-310 == pytest.approx(reference.mean, abs=1e-12)
+    assert s.std / 1e-310 == pytest.approx(reference.std, rel=1e-12)
+    assert (s.min, s.max) == (tiny.min(), tiny.max())
+    assert np.array_equal(s.hist_counts, reference.hist_counts)
+    np.testing.assert_allclose(s.hist_edges / 1e-310, reference.hist_edges, rtol=0, atol=1e-12)
+    assert s.constant_fraction == 0.0 and s.dead_fraction == 0.0

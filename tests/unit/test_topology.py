@@ -775,3 +775,36 @@ def test_betti_legend_of_one_model_with_eleven_long_layer_names_shows_every_entr
     plot = fig.layout.height - fig.layout.margin.t - 80  # plotly's bottom margin
     assert [t.name for t in entries] == TEXT_LAYERS
     assert plot >= 19 * len(entries) + gap * (groups - 1)  # in Chromium: 19 px a row, and the gap between groups
+
+
+# ---------------------------------------------------------------------------------------------
+# data at the ends of the float64 range
+
+
+def test_subnormal_data_give_the_diagrams_and_scores_of_the_data_at_ordinary_scale():
+    # unit_scale asked for 2**1029 to bring 1e-310 near 1: every call raised OverflowError (math range error)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((200, 30)), rng.standard_normal((200, 30))
+    labels = np.arange(200) % 3
+    tiny = 1e-310
+    a, b = persistence(x), persistence(x * tiny)
+    for dim in (0, 1):
+        assert b.diagram(dim).shape == a.diagram(dim).shape
+        np.testing.assert_allclose(b.diagram(dim) / tiny, a.diagram(dim), rtol=1e-12, atol=1e-12)
+    for metric, order in (("bottleneck", 1.0), ("wasserstein", 1.0), ("wasserstein", 2.0)):
+        expected = persistence_distance(x, y, metric=metric, order=order).distance
+        got = persistence_distance(x * tiny, y * tiny, metric=metric, order=order).distance  # bottleneck: 0
+        assert got / tiny == pytest.approx(expected, rel=1e-10), (metric, order)
+    assert class_separability(x * tiny, labels).score == pytest.approx(class_separability(x, labels).score, rel=1e-12)
+    assert topological_rsa(x * tiny, y).similarity == pytest.approx(topological_rsa(x, y).similarity, abs=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-200, 1e-310])
+def test_diagram_distances_scale_with_the_diagrams(scale):
+    # gudhi's bottleneck gave 0 for subnormal diagrams; its order-2 Wasserstein never returned at 1e300 or 1e-200
+    a = np.array([[0.1, 0.5], [0.2, 0.9], [0.0, np.inf]])
+    b = np.array([[0.15, 0.55], [0.3, 0.6], [0.0, np.inf]])
+    for metric, order in (("bottleneck", 1.0), ("wasserstein", 1.0), ("wasserstein", 2.0)):
+        expected = diagram_distance(a, b, metric=metric, order=order).distance
+        got = diagram_distance(a * scale, b * scale, metric=metric, order=order).distance
+        assert got / scale == pytest.approx(expected, rel=1e-12), (metric, order)

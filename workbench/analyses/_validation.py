@@ -115,15 +115,21 @@ def not_an_array(x: Any, name: str, *, func: str) -> None:
 
 
 def unit_scale(t: torch.Tensor) -> float:
-    """The power of two that brings the largest ``|value|`` of ``t`` into [0.5, 1) (1.0 for an all-zero ``t``).
+    """The power of two that brings the largest ``|value|`` of ``t`` into [0.5, 1) (1.0 for an all-zero ``t``),
+    at most ``2**1022``.
 
     Multiplying by a power of two is exact, so scale-free measures give the same bits on data of ordinary
     scale, while products of several values (kernel statistics, squared distances) stay inside the float64
-    range for data as large as 1e300 or as small as 1e-300."""
+    range for data as large as 1e300 or as small as 1e-300. For subnormal data (largest ``|value|`` below
+    ``2**-1022``, about 2.2e-308), whose factor into [0.5, 1) would itself overflow, the factor is capped at
+    ``2**1022``: the largest value then lands in [2**-52, 0.5), still far inside the range where squares and
+    products of four values are normal, and results divided by it come back at the data's scale, rounded only to
+    the resolution of subnormal numbers that the data themselves have."""
     largest = float(t.abs().max()) if t.numel() else 0.0
     if largest == 0.0 or not math.isfinite(largest):
         return 1.0
-    return math.ldexp(1.0, -math.frexp(largest)[1])
+    # 2**1022 and its inverse 2**-1022 (the smallest normal float64) are both normal, so either can be applied exactly
+    return math.ldexp(1.0, min(-math.frexp(largest)[1], 1022))
 
 
 def check_paired(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y"), *, func: str) -> None:

@@ -44,6 +44,7 @@ from workbench.analyses._validation import (
     check_layer_names,
     check_not_constant,
     check_seed,
+    unit_scale,
 )
 from workbench.analyses.knn import METRICS, _check_cosine_rows, _is_float32, data_hash, knn_graph
 from workbench.device import float64_device, resolve_device
@@ -215,7 +216,9 @@ def embed(
     Returns
     -------
     EmbeddingResult with ``coordinates`` ``(n_samples, n_components)``, ``trustworthiness`` and
-    ``knn_preservation`` at ``k = 10`` (fewer when there are at most 21 samples).
+    ``knn_preservation`` at ``k = 10`` (fewer when there are at most 21 samples). The data are multiplied by a
+    power of two that brings them near 1 first (exact), so data of any scale in the float64 range embed as at
+    ordinary scale; PCA's coordinates are divided by it again, so they are the scores of ``x`` as given.
     """
     func = "embed"
     method = check_choice(method, "method", METHODS, func=func)
@@ -237,6 +240,12 @@ def embed(
             )
     check_not_constant(t, "x", func=func)
     _check_cosine_rows(t, metric, func=func)
+    # Every method and score below depends only on the data's shape, not its scale (PCA's scores scale with it and
+    # are divided back below): multiplying by a power of two, exactly, brings the largest |value| near 1, so that
+    # squared distances and the covariance stay inside the float64 range for data as large as 1e300 or as small
+    # as 1e-300, and UMAP's and t-SNE's bandwidth searches (which start at 1) find their neighbourhoods.
+    scale = unit_scale(t)
+    t = _times(t, scale)
     dev = resolve_device(device)
     start = time.perf_counter()
     report = _Stages(progress)
@@ -269,6 +278,14 @@ def embed(
     report.stage("quality", 0.9)
     k = min(QUALITY_K, (n - 2) // 2)
     trust, preserved = _quality(t, coords, k, metric, dev)
+    if method == "pca":
+        with np.errstate(over="ignore"):  # refused below
+            coords = coords / scale  # the scores of the data as given (exact: a power of two)
+        if not np.isfinite(coords).all():
+            raise DataError(
+                f"{func}: the PCA coordinates of 'x' exceed the float64 range (about 1.8e308); rescale the data first "
+                "(for example divide it by its largest absolute value)."
+            )
     report.done()
     return EmbeddingResult(
         coordinates=coords,
@@ -413,7 +430,8 @@ def trustworthiness(
     from a sample tie. A tie gives each of its members the best rank (one more than the samples strictly closer),
     where scikit-learn ranks them in index order, so with tied distances (binary features, repeated or all-zero
     samples) this score is the higher of the two (0.715 against 0.649 on 300 binary samples).
-    In ``[0, 1]``; 1 for a perfect view.
+    In ``[0, 1]``; 1 for a perfect view. It depends only on neighbour ranks, so multiplying ``x`` or ``embedding``
+    by any factor leaves it unchanged, anywhere in the float64 range.
 
     Parameters
     ----------
@@ -439,7 +457,9 @@ def trustworthiness(
     n = t.shape[0]
     k = check_int(k, "k", func=func, low=1, high=(n - 2) // 2)
     _check_cosine_rows(t, metric, func=func)
-    low = knn_graph(e.numpy(), k).indices
+    # Only neighbour ranks matter: both inputs are multiplied by a power of two (exact, in float64) that brings
+    # their largest |value| near 1, so that squared distances neither overflow nor underflow at any scale.
+    low = knn_graph(e * unit_scale(e), k).indices
     return _trustworthiness(t, low, k, metric, resolve_device(device))
 
 
@@ -490,6 +510,11 @@ def intrinsic_dimension(
     distinct sample next to a duplicated pair would see its two nearest neighbours at one distance
     (``r2 / r1 = 1``), both of which bias the estimate; ``n_discarded`` counts the copies left out.
 
+    Both estimators depend only on ratios of distances, so the estimate does not change when ``x`` is multiplied by
+    a factor, from subnormal values to values near the float64 limit (float32 data likewise). Where a ratio is
+    undefined (distinct samples whose distance rounds to 0 next to the data's largest values) a
+    :class:`~workbench.errors.DataError` says so; the result is never NaN.
+
     Parameters
     ----------
     x : (n_samples, n_features) array
@@ -533,7 +558,18 @@ def intrinsic_dimension(
             f"{func}: only {distinct.shape[0]} of the {n} samples are distinct; at least {max(10, k + 1)} distinct samples "
             "are needed (the rest are copies)."
         )
-    dist = knn_graph(distinct, k, device=dev).distances
+    # TwoNN and the MLE depend only on ratios of distances: the float64 data are multiplied by a power of two
+    # (exact) that brings their largest |value| near 1, so that the kNN graph's squared distances neither overflow
+    # nor underflow however large or small the data are.
+    scaled = distinct.to(torch.float64)
+    dist = knn_graph(scaled * unit_scale(scaled), k, device=dev).distances
+    n_zero = int((dist[:, 0] == 0).sum())
+    if n_zero:
+        raise DataError(
+            f"{func}: {n_zero} samples differ from their nearest neighbour by less than float64 can resolve next to the "
+            "data's largest values (their distance rounds to 0), so the distance ratios are undefined; drop the "
+            "near-duplicate samples, or rescale features of very different magnitudes."
+        )
     rng = np.random.default_rng(seed)
     boot = rng.integers(0, dist.shape[0], size=(N_BOOTSTRAP, dist.shape[0]))
     if method == "twonn":
@@ -556,6 +592,11 @@ def intrinsic_dimension(
         spread = 1.0 / inverse[boot].mean(axis=1)
         estimator = f"MLE (Levina & Bickel 2005, k={k}), MacKay-Ghahramani pooling"
     low, high = np.percentile(spread, [2.5, 97.5])
+    if not np.isfinite([dimension, low, high]).all():
+        raise DataError(
+            f"{func}: the {method} estimate came out {dimension} (interval {low} to {high}), which is undefined; check "
+            "the data for near-duplicate samples or features of very different magnitudes."
+        )
     return IntrinsicDimensionResult(
         dimension=dimension,
         ci_low=float(low),
@@ -656,6 +697,19 @@ class _Stages:
 
     def done(self) -> None:
         self.report(1.0)
+
+
+def _times(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t`` multiplied by the power of two ``scale``, exactly: computed in float64, where every such factor (up to
+    2**1022) is representable, and returned in ``t``'s dtype, or in float64 where a float32 value far below the
+    largest would fall out of float32's normal range (a row ``2**149`` times smaller than the largest would become 0)."""
+    if scale == 1.0:
+        return t
+    wide = t.to(torch.float64) * scale
+    if t.dtype == torch.float64:
+        return wide
+    narrow = wide.to(t.dtype)
+    return narrow if torch.equal(narrow.to(torch.float64), wide) else wide
 
 
 def _umap(
@@ -791,6 +845,7 @@ def _trustworthiness(t: torch.Tensor, low: np.ndarray, k: int, metric: str, dev:
     n = t.shape[0]
     dev = float64_device(dev)
     x = t.to(device=dev, dtype=torch.float64)
+    x = x * unit_scale(x)  # exact, and ranks alike: squared distances stay in range at any scale of the data
     if metric == "cosine":
         x = x / x.norm(dim=1, keepdim=True)
     else:
@@ -820,6 +875,10 @@ def _twonn_fit(mu: np.ndarray) -> np.ndarray:
 
 
 def _normalise(coords: np.ndarray) -> np.ndarray:
+    """``coords`` centred and scaled to unit root-mean-square radius (0 if every row is the same). The coordinates
+    are first brought near 1 by a power of two (exact), so that the squared radii of PCA coordinates of data as
+    large as 1e300 or as small as 1e-300 neither overflow nor underflow."""
+    coords = coords * unit_scale(torch.from_numpy(np.ascontiguousarray(coords)))
     centred = coords - coords.mean(axis=0, keepdims=True)
     rms = float(np.sqrt((centred**2).sum(axis=1).mean()))
     return centred / rms if rms > 0 else centred

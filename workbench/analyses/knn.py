@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from workbench.analyses._result import RecordedResult
-from workbench.analyses._validation import as_matrix, check_choice, check_int
+from workbench.analyses._validation import as_matrix, check_choice, check_int, unit_scale
 from workbench.device import float64_device, resolve_device
 from workbench.errors import DataError
 
@@ -144,7 +144,9 @@ def knn_graph(
 
     Returns
     -------
-    KnnGraph with ``indices`` and ``distances`` of shape ``(n_samples, k)``.
+    KnnGraph with ``indices`` and ``distances`` of shape ``(n_samples, k)``. The data are multiplied by a power of
+    two that brings them near 1 before the search (exact), so the neighbours are the same at any scale and the
+    distances scale with the data; a distance beyond the float64 range raises a DataError.
     """
     func = "knn_graph"
     metric = check_choice(metric, "metric", METRICS, func=func)
@@ -163,6 +165,11 @@ def knn_graph(
     dev = resolve_device(device)
     start = time.perf_counter()
     indices, distances = _exact_knn(t, k, metric, dev, progress)
+    if not np.isfinite(distances).all():
+        raise DataError(
+            f"{func}: some nearest-neighbour distances exceed the float64 range (about 1.8e308), so they cannot be "
+            "returned; rescale the data first (for example divide it by its largest absolute value)."
+        )
     graph = KnnGraph(
         indices=_read_only(indices),
         distances=_read_only(distances),
@@ -204,12 +211,19 @@ def _exact_knn(
     """Core of :func:`knn_graph`; ``t`` is a validated CPU matrix (float32 or float64)."""
     n = t.shape[0]
     x64 = t.to(device=float64_device(dev), dtype=torch.float64)
+    scale = 1.0
     if metric == "cosine":
         x64 = x64 / x64.abs().amax(dim=1, keepdim=True)  # no zero rows (knn_graph checked); scaled first, so
         x64 = x64 / x64.norm(dim=1, keepdim=True)  # that the norms of tiny rows do not underflow to zero
     else:
-        # Distances do not change under translation; centring shrinks the norms, and with them
-        # the float32 rounding error of the expansion.
+        # Multiplying by a power of two is exact (float32 values stay float32 values) and ranks neighbours
+        # alike; it brings the largest |value| near 1, so the float32 squares and products below neither
+        # overflow (data beyond about 1e18) nor underflow (below about 1e-19), and the distances are
+        # divided by it at the end. Distances do not change under translation; centring (after scaling,
+        # so that the sum cannot overflow) shrinks the norms, and with them the float32 rounding error
+        # of the expansion.
+        scale = unit_scale(x64)
+        x64 = x64 * scale
         x64 = x64 - x64.mean(0, keepdim=True)
     # Exact distances are taken from the input's values (float32 or float64), accumulated in float64,
     # on a device with float64 support; the matrix products run on ``dev`` in float32. Euclidean
@@ -253,7 +267,7 @@ def _exact_knn(
         if progress is not None:
             progress(b + 1, n_blocks)
     if metric == "euclidean":
-        out_dist = out_dist.sqrt()
+        out_dist = out_dist.sqrt_().div_(scale)
     else:
         out_dist = out_dist / 2.0  # |a - b|^2 = 2 - 2 cos for unit rows
     return out_idx.numpy(), out_dist.numpy()

@@ -809,15 +809,24 @@ def _scaled(dgm: np.ndarray) -> np.ndarray:
 
 
 def _diagram_distance_core(a: np.ndarray, b: np.ndarray, metric: str, order: float) -> float:
+    """Bottleneck or Wasserstein distance of the diagrams ``a`` and ``b`` (gudhi), in their units.
+
+    Both distances scale with the diagrams, so both are multiplied by one power of two (exact) that brings their
+    largest finite value near 1 and the distance is divided by it: gudhi's bottleneck returns 0 for diagrams of
+    subnormal values (below about 2.2e-308), and its Wasserstein search never ends when the ``order``-th powers of
+    the shifts overflow or underflow (order 2 on values near 1e300 or 1e-200)."""
     if a.shape == b.shape and np.array_equal(a[np.lexsort(a.T[::-1])], b[np.lexsort(b.T[::-1])]):
         return 0.0  # identical multisets of bars (gudhi's near-exact bottleneck returns ~1e-308 here)
+    finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
+    scale = unit_scale(torch.from_numpy(finite))
+    a, b = a * scale, b * scale
     if metric == "bottleneck":
         from gudhi import bottleneck_distance
 
-        return float(bottleneck_distance(a, b))
+        return float(bottleneck_distance(a, b)) / scale
     from gudhi.hera import wasserstein_distance
 
-    return float(wasserstein_distance(a, b, order=order, internal_p=float("inf"), delta=1e-6))
+    return float(wasserstein_distance(a, b, order=order, internal_p=float("inf"), delta=1e-6)) / scale
 
 
 def _check_diagram_params(metric: str, dim: int, order: float, normalize: bool, func: str) -> tuple[str, int, float]:
