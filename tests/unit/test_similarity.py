@@ -449,6 +449,19 @@ def test_error_bad_sigma():
             rbf_cka(np.eye(5), np.eye(5), sigma=extreme)
 
 
+def test_ranges_with_an_open_end_are_written_as_open():
+    from workbench.analyses._validation import check_float, check_int
+
+    with pytest.raises(ParameterError, match=r"^The 'order' parameter of f must be a number in \[1\.0, inf\)\. Got inf\.$"):
+        check_float(float("inf"), "order", func="f", low=1.0)  # infinity is refused, so the range does not include it
+    with pytest.raises(ParameterError, match=r"must be a number in \(0\.0, inf\)\. Got -1\.$"):
+        check_float(-1, "c", func="f", low=0.0, low_inclusive=False)
+    with pytest.raises(ParameterError, match=r"must be a number in \(-inf, 2\]\. Got 3\.$"):
+        check_float(3, "x", func="f", high=2)
+    with pytest.raises(ParameterError, match=r"must be an int in \[1, inf\)\. Got 0\.$"):
+        check_int(0, "k", func="f", low=1)
+
+
 def test_error_bad_bool_flag():
     with pytest.raises(
         ParameterError, match=r"The 'debiased' parameter of linear_cka must be True or False. Got 'yes'"

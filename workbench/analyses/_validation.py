@@ -196,7 +196,8 @@ def check_int(value: Any, name: str, *, func: str, low: int | None = None, high:
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     if ok and (low is None or value >= low) and (high is None or value <= high):
         return int(value)
-    rng = f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    rng = f" in {'[' if low is not None else '('}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}" \
+          f"{']' if high is not None else ')'}"
     raise ParameterError(f"The '{name}' parameter of {func} must be an int{rng}{why}. Got {value!r}.")
 
 
@@ -210,8 +211,9 @@ def check_float(value: Any, name: str, *, func: str, low: float | None = None, h
         below = high is None or v <= high
         if above and below:
             return v
-    bracket = "[" if low_inclusive else "("
-    rng = f" in {bracket}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    # infinities are refused, so an open end is written with a parenthesis: (0.0, inf), not (0.0, inf]
+    bracket = "[" if low_inclusive and low is not None else "("
+    rng = f" in {bracket}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
     raise ParameterError(f"The '{name}' parameter of {func} must be a number{rng}. Got {value!r}.")
 
 
