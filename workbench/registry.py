@@ -322,9 +322,10 @@ def _require_labels(ctx: Context, what: str) -> None:
 
 
 def _probing_requires(ctx: Context, params: dict[str, Any]) -> None:
-    from workbench.analyses.probing import _prepare_targets
+    from workbench.analyses.probing import _check_c, _prepare_targets
 
     _require_labels(ctx, "Probing")
+    _check_c(params["c"], "probe_layers")  # a strength the probes cannot honour, refused before any extraction
     # labels the probes cannot use (one class, a class rarer than the folds), refused before any activation is extracted
     _prepare_targets(None, ctx.dataset.y, ctx.dataset.n_samples, cv=params["cv"], control=False, seed=params["seed"],
                      groups=None, func="probe_layers")

@@ -122,6 +122,8 @@ def test_the_header_names_the_default_layers_each_model_gave(tmp_path):
         (["analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "similarity", "--param",
           "similarity.measure=rbf_cka", "--param", "similarity.sigma=1e-300", "--out", "x"], 2,
          "error: The 'sigma' parameter of similarity_matrix must be a number in [0.01, 100.0]"),
+        (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "probing", "--param", "probing.c=1e-300",
+          "--out", "x"], 2, "error: The 'c' parameter of probe_layers must be a number in [1e-06, 1e+08]"),
     ],
 )
 def test_bad_arguments_one_line(args, code, message, tmp_path):

@@ -238,6 +238,111 @@ def test_a_large_offset_does_not_quantise_the_features():
     np.testing.assert_array_equal(offset.fold_scores, plain.fold_scores)
 
 
+def test_tiny_activations_are_probed_as_at_normal_scale():
+    # values near or below float32's smallest numbers (1.2e-38 normal, 1.4e-45 subnormal) made L-BFGS overflow or
+    # underflowed to 0 (majority-class accuracy); each feature is scaled by a power of two in float64 first
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 8))
+    y = rng.integers(0, 3, 120)
+    separable = np.c_[y, x]
+    for layer in (separable, x):
+        plain = probe_layers({"a": layer}, y)
+        for factor in (1e-38, 1e-40, 1e-46, 1e-300, 1e-320):  # the last below float64's normal numbers too
+            tiny = probe_layers({"a": layer * factor}, y)
+            np.testing.assert_array_equal(tiny.fold_scores, plain.fold_scores)
+            np.testing.assert_array_equal(tiny.control_score, plain.control_score)
+    assert probe_layers({"a": separable * 1e-46}, y).score[0] == 1.0
+    assert probe_layers({"a": (separable * 1e-40).astype(np.float32)}, y).score[0] == 1.0  # float32 subnormals
+    mixed = separable.copy()
+    mixed[:, 0] *= 1e-60  # one feature far below the others: standardised like them
+    assert probe_layers({"a": mixed}, y).score[0] == 1.0
+    tokens = rng.standard_normal((120, 3, 6))
+    plain = moment_probe({"s": tokens}, y, rank=2, cv=4, control=False)
+    tiny = moment_probe({"s": tokens * 1e-40}, y, rank=2, cv=4, control=False)  # token variances near 1e-80
+    np.testing.assert_array_equal(tiny.fold_scores, plain.fold_scores)
+    # the scaling is by powers of two: exact, so a layer scaled by one gives the same bits
+    centred = probing._centred_float32(torch.from_numpy(x), "x", "probe_layers")
+    assert torch.equal(probing._centred_float32(torch.from_numpy(x * 2.0**-140), "x", "probe_layers"), centred)
+    largest = centred.abs().amax(0)
+    assert bool(((largest >= 0.5) & (largest <= 1.0)).all())
+
+
+def test_copies_of_a_sample_are_held_out_in_one_fold():
+    # 40 distinct samples, 3 copies each, random labels: a probe tested on copies of its training samples read the
+    # labels it memorised (accuracy near 1); with the copies held out together it sits at chance
+    rng = np.random.default_rng(0)
+    distinct = rng.standard_normal((40, 60))
+    sample = np.repeat(np.arange(40), 3)
+    x, y = distinct[sample], (np.arange(40) % 2)[sample]
+    result = probe_layers({"a": x, "b": torch.from_numpy(x * 2)}, y, seed=1)
+    for s in range(40):
+        assert len(set(result.folds[sample == s])) == 1  # every copy in its original's fold
+    assert result.score.max() < 0.75
+    assert result.params["copies"] == 80
+    assert "5-fold stratified group CV (the 80 of the 120 samples that copy another are held out in its fold)" in result.estimator
+    # rows equal in one layer but not in another come from different inputs: no copies
+    other = x.copy()
+    other[::3] += 1.0
+    distinct_inputs = probe_layers({"a": x, "b": other}, y, control=False)
+    assert distinct_inputs.params["copies"] == 40 and "group CV" in distinct_inputs.estimator
+    none = probe_layers({"a": x[::3]}, y[::3], control=False)
+    assert none.params["copies"] == 0 and "group" not in none.estimator
+    # the regression folds keep copies together too
+    target = distinct[:, 0][sample] + 0.1 * distinct[:, 1][sample]
+    regression = probe_layers({"a": x}, target, control=False)
+    assert regression.params["copies"] == 80 and "5-fold group CV" in regression.estimator
+    for s in range(40):
+        assert len(set(regression.folds[sample == s])) == 1
+    with pytest.raises(ParameterError, match=r"probe_layers: cv=25 folds of 40 distinct samples \(the 80 copies among the 120 "
+                                             r"are held out with their original\) leave test folds of one distinct sample, "
+                                             r"where R\^2 is undefined; use cv <= 20\."):
+        probe_layers({"a": x}, target, cv=25, control=False)
+
+
+def test_copies_share_their_control_label():
+    y = np.arange(30) % 3
+    group = np.repeat(np.arange(10), 3)
+    targets = probing._prepare_targets(None, y, 30, cv=3, control=True, seed=0, groups=None, func="probe_layers",
+                                       copies=lambda: group)
+    for g in range(10):
+        assert len(set(targets.control[group == g])) == 1
+    assert targets.copies == 20
+    plain = probing._prepare_targets(None, y, 30, cv=3, control=True, seed=0, groups=None, func="probe_layers")
+    without = probing._prepare_targets(None, y, 30, cv=3, control=True, seed=0, groups=None, func="probe_layers",
+                                       copies=lambda: np.arange(30))
+    np.testing.assert_array_equal(without.control, plain.control)  # distinct samples: the control task as before
+    np.testing.assert_array_equal(without.folds, plain.folds)
+
+
+def test_moment_probe_finds_copies_of_token_sequences_up_to_padding():
+    rng = np.random.default_rng(0)
+    tokens = np.repeat(rng.standard_normal((20, 4, 3)), 2, axis=0)
+    mask = np.ones((40, 4), bool)
+    mask[::2, 3] = False
+    tokens[::2, 3] = 7.0  # padding of one copy differs from the other's real token: not a copy
+    y = np.repeat(np.arange(20) % 2, 2)
+    assert moment_probe({"s": tokens}, y, mask=mask, rank=2, cv=4, control=False).params["copies"] == 0
+    mask[1::2, 3] = False  # now both copies pad the last token, whatever it holds
+    result = moment_probe({"s": tokens}, y, mask=mask, rank=2, cv=4, control=False)
+    assert result.params["copies"] == 20
+    assert all(result.folds[2 * s] == result.folds[2 * s + 1] for s in range(20))
+
+
+def test_copies_that_leave_a_class_rarer_than_the_folds_are_refused():
+    # the QA case: 5 distinct samples, 20 copies each, scored 1.0 with no spread
+    rng = np.random.default_rng(0)
+    sample = np.repeat(np.arange(5), 20)
+    x, y = rng.standard_normal((5, 10))[sample], np.array([0, 1, 0, 1, 0])[sample]
+    with pytest.raises(DataError, match=r"probe_layers: class 1 has 2 distinct samples \(40 with their copies\) but cv=5 folds "
+                                        r"need at least 5 per class, since the copies of a sample are held out in one fold "
+                                        r"so that no probe is tested on a copy of a training sample; lower cv to 2"):
+        probe_layers({"a": x, "b": x}, y)
+    y = np.array([0, 1, 0, 0, 0])[sample]
+    with pytest.raises(DataError, match=r"class 1 has 1 distinct sample \(20 with their copies\) but cv=2 folds need at least "
+                                        r"2 per class.*drop the samples of classes with a single distinct sample"):
+        probe_layers({"a": x}, y, cv=2)
+
+
 def test_same_seed_same_result_and_seed_recorded():
     x, y = _blobs(n=120)
     a = probe_layers({"x": x}, y, seed=11)
@@ -367,7 +472,8 @@ def test_fewer_samples_per_class_than_folds():
     [
         ({"probe": "svm"}, "'probe' parameter of probe_layers must be one of 'linear', 'mlp'"),
         ({"cv": 1}, "'cv' parameter of probe_layers must be an int in \\[2, 40\\]"),
-        ({"c": 0.0}, "'c' parameter of probe_layers must be a number in \\(0.0"),
+        ({"c": 0.0}, r"'c' parameter of probe_layers must be a number in \[1e-06, 1e\+08\], the range the float32 "
+                     r"probes can honour"),
         ({"control": "yes"}, "'control' parameter of probe_layers must be True or False"),
     ],
 )
@@ -375,6 +481,23 @@ def test_bad_parameters(kwargs, message):
     x, y = _blobs(n=40)
     with pytest.raises(ParameterError, match=message):
         probe_layers({"x": x}, y, **kwargs)
+
+
+def test_c_is_limited_to_what_the_float32_probes_can_honour():
+    # c=1e-45 overflowed float32 inside L-BFGS (RuntimeError) while 1e-30 returned a result
+    x, y = _blobs(n=40)
+    for c in (1e-45, 1e-300, 1e-30, 1e-7, 1e9, 1e300):
+        with pytest.raises(ParameterError, match=r"The 'c' parameter of probe_layers must be a number in \[1e-06, 1e\+08\], the "
+                                                 r"range the float32 probes can honour \(below it .* above it .*\)\. Got "):
+            probe_layers({"x": x}, y, c=c)
+    with pytest.raises(ParameterError, match=r"The 'c' parameter of moment_probe must be a number in \[1e-06, 1e\+08\]"):
+        moment_probe({"x": x}, y, c=1e-45)
+    for c in probing.C_RANGE:
+        assert probe_layers({"x": x}, y, c=c, control=False).params["c"] == c
+    from workbench.registry import get_analysis
+
+    low, high = probing.C_RANGE
+    assert low <= get_analysis("probing").params["c"] <= high  # the app's and the CLI's default (its widget: 1e-4 to 1e4)
 
 
 def test_bad_activations_and_labels():

@@ -445,6 +445,27 @@ def test_error_stitch_inputs():
         stitch(x, x, x, x, y, y, epochs=0)
 
 
+def test_stitch_refuses_training_labels_of_one_class():
+    # the QA case returned a relative accuracy of 0.38 from heads that had only ever seen class 0
+    rng = _rng()
+    x_tr, x_te = rng.normal(size=(100, 6)), rng.normal(size=(40, 6))
+    y_te = rng.integers(0, 3, 40)
+    q = _orthogonal(6)
+    with pytest.raises(DataError, match=r"stitch: 'train_labels' hold one class only \(0\); a head needs at least two "
+                                        r"classes to tell apart\."):
+        stitch(x_tr, x_tr @ q, x_te, x_te @ q, np.zeros(100, int), y_te, n_anchors=20, epochs=5)
+    # two classes, but every sample of the second is an anchor: the heads would learn from one class
+    anchors = select_anchors(x_tr, 20, seed=0)
+    y_tr = np.zeros(100, int)
+    y_tr[anchors[:3]] = 2
+    with pytest.raises(DataError, match=r"stitch: the 80 training samples that are not anchors, which the heads learn from, "
+                                        r"hold one class only \(0\); a head needs at least two classes to tell apart, so "
+                                        r"choose fewer anchors \(n_anchors\) or give more training samples\."):
+        stitch(x_tr, x_tr @ q, x_te, x_te @ q, y_tr, y_te, n_anchors=20, epochs=5)
+    y_tr[np.setdiff1d(np.arange(100), anchors)[0]] = 2  # one sample of class 2 to learn from is enough
+    assert stitch(x_tr, x_tr @ q, x_te, x_te @ q, y_tr, y_te, n_anchors=20, epochs=5).n_train == 80
+
+
 def test_inputs_not_modified_and_tensors_accepted():
     x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
     before = x.clone()

@@ -9,8 +9,10 @@ All folds of a layer (and their control tasks) are trained together: for the lin
 standardisation of each fold is folded into its weights, so every fold's logits come from one
 matrix product ``x @ W`` of shape ``(n_samples, n_folds * n_classes)``, and one full-batch L-BFGS
 minimises the sum of the folds' (independent) objectives. Features are standardised with the
-mean and standard deviation of each fold's training rows only, so nothing leaks from held-out rows.
-Each layer is centred in float64 before the probes' float32 work, so a large offset costs no digits.
+mean and standard deviation of each fold's training rows only, so nothing leaks from held-out rows, and samples
+whose activations are exactly equal in every probed layer (copies of one input) are held out in one fold.
+Each layer is centred in float64 before the probes' float32 work, so a large offset costs no digits, and each feature
+is scaled by a power of two, so that features far below (or near) the float32 range keep their digits too.
 Every layer is checked before any probe trains, but copied and centred only when its turn comes,
 so the copies take one layer's memory on top of the activations, not all layers'.
 
@@ -22,11 +24,12 @@ pooled activations (no token axis) it is exactly the linear probe.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +41,6 @@ from workbench.analyses._validation import (
     as_labels,
     as_matrix,
     check_choice,
-    check_float,
     check_int,
     check_layer_names,
     check_seed,
@@ -58,6 +60,7 @@ MLP_BATCH = 200
 MLP_LEARNING_RATE = 1e-3
 MLP_WEIGHT_DECAY = 1e-4
 MOMENT_RANK = 8
+C_RANGE = (1e-6, 1e8)  # the inverse L2 strengths the float32 probes can honour (see _check_c)
 _BLOCK_VALUES = 2**17  # float64 values in a block of rows worked on at a time (1 MiB)
 _MOMENT_BLOCK_VALUES = 2**19  # token values of the block of samples whose moments are taken at a time (4 MiB in float64)
 
@@ -135,6 +138,11 @@ def probe_layers(
     accuracy and macro-F1 over stratified folds. Regression (float targets): ridge regression or the
     same network with squared loss, scored by held-out R^2 over plain folds.
 
+    Samples whose activations are exactly equal in every probed layer (copies of one input, as far as the
+    probes can tell) are held out together, in one fold (scikit-learn's ``StratifiedGroupKFold``), so that no
+    probe is tested on a copy of a sample it trained on; ``params["copies"]`` counts the samples that copy an
+    earlier one (0 when all are distinct, and the folds are then plain stratified ones).
+
     The linear probe minimises, per fold, ``mean cross-entropy + |W|^2 / (2 c n_train)`` over features
     standardised with the fold's training rows: scikit-learn's ``LogisticRegression(C=c)`` on
     ``StandardScaler`` output (intercept not penalised). The ridge probe minimises
@@ -145,8 +153,8 @@ def probe_layers(
     augmented copies), drawn from the empirical label distribution with ``seed``. A probe that scores
     high on the task but not on the control reads the label from the representation rather than
     memorising; ``selectivity = score - control_score``. Without ``groups`` every sample is its own
-    type, so the held-out control score sits at chance and ``control_train_score`` shows how much
-    the probe can memorise.
+    type (copies of a sample share their original's), so the held-out control score sits at chance and
+    ``control_train_score`` shows how much the probe can memorise.
 
     Parameters
     ----------
@@ -158,15 +166,18 @@ def probe_layers(
         The linear probe measures linearly decodable information; the MLP (128 hidden units, Adam,
         100 epochs) also finds non-linear codes but memorises more.
     cv : int
-        Number of folds, in ``[2, n_samples]``; every class needs at least ``cv`` samples (for float targets
-        at most ``n_samples // 2``, so that every test fold has two samples to take R^2 over).
+        Number of folds, in ``[2, n_samples]``; every class needs at least ``cv`` distinct samples (for float
+        targets at most half the distinct samples, so that every test fold has two to take R^2 over).
     control : bool
         Also train on the control task and report the selectivity.
     seed : int
         Seeds the fold assignment, the control labels and the MLP's initialisation and batches.
     c : float
-        Inverse L2 strength of the linear probe, ``> 0`` (scikit-learn's ``C``); larger fits harder.
-        The default 1.0 is scikit-learn's. For ``probe="mlp"`` the weight decay is fixed at 1e-4.
+        Inverse L2 strength of the linear probe, in ``[1e-6, 1e8]`` (scikit-learn's ``C``); larger fits harder.
+        The default 1.0 is scikit-learn's. The probes compute in float32 (about 7 significant digits): below the
+        range the penalty so outweighs the data that the fits stop converging and the weights vanish below the
+        rounding of the logits, above it the penalty vanishes below the rounding of the loss. For ``probe="mlp"``
+        the weight decay is fixed at 1e-4.
     groups : (n_samples,) array or None
         Sample types for the control task (see above).
     layers : sequence of str or None
@@ -300,6 +311,8 @@ class _Layer:
     n_samples: int
     n_features: int
     prepare: Callable[[], torch.Tensor]
+    # the float64 rows at these sample indices, as the probe sees them, a block at a time (see _copy_groups)
+    rows: Callable[[np.ndarray], Iterator[np.ndarray]]
 
 
 def _pooled_layers(acts: Any, layers: Sequence[str] | None, func: str) -> list[_Layer]:
@@ -322,41 +335,115 @@ def _pooled_layer(value: Any, name: str, label: str, func: str) -> _Layer:
     def prepare() -> torch.Tensor:
         return _centred_float32(as_matrix(value, label, func=func, min_samples=2), label, func, in_place=copied)
 
-    return _Layer(name, int(n), int(d), prepare)
+    def rows(index: np.ndarray) -> Iterator[np.ndarray]:
+        source = value.detach() if isinstance(value, torch.Tensor) else np.asarray(value)
+        return _row_blocks(source, index, int(d))
+
+    return _Layer(name, int(n), int(d), prepare, rows)
+
+
+def _row_blocks(source: torch.Tensor | np.ndarray, index: np.ndarray, width: int,
+                mask: torch.Tensor | None = None) -> Iterator[np.ndarray]:
+    """The rows ``source[index]`` in float64, flattened to ``(rows, values)``, a block of rows at a time (no copy of the
+    whole layer), with -0.0 made 0.0 so that rows compare by value. ``mask`` ``(n_samples, n_tokens)``: token rows
+    ``(n_samples, n_tokens, n_features)`` with their padding zeroed and the mask appended, as the moment probe sees them."""
+    step = max(1, _BLOCK_VALUES // max(1, width))
+    for lo in range(0, len(index), step):
+        part = index[lo : lo + step]
+        if isinstance(source, torch.Tensor):
+            block = source[torch.from_numpy(part).to(source.device)].to("cpu", torch.float64)
+        else:
+            block = torch.from_numpy(np.asarray(source[part], dtype=np.float64))
+        if mask is not None:
+            block = torch.cat([(block * mask[part][:, :, None]).reshape(len(part), -1), mask[part]], dim=1)
+        yield block.reshape(len(part), -1).add_(0.0).numpy()
+
+
+def _copy_groups(layers: Sequence[_Layer]) -> np.ndarray:
+    """The copy group of each sample ``(n_samples,)``: samples whose rows are exactly equal in every probed layer (copies
+    of one input, as far as the probes can tell) share a group. Groups are numbered in the order of their first sample,
+    so without copies the groups are ``arange(n_samples)``.
+
+    Rows are compared by a 128-bit BLAKE2 digest of their float64 values, a block of rows at a time; a layer after the
+    first looks only at the samples that still have a copy."""
+    n = layers[0].n_samples
+    first = np.zeros(n, dtype=np.int64)  # the first sample of each sample's group so far: before any layer, one group
+    candidates = np.arange(n)
+    for layer in layers:
+        seen: dict[tuple[int, bytes], int] = {}
+        found = np.empty(len(candidates), dtype=np.int64)
+        i = 0
+        for block in layer.rows(candidates):
+            for row in block:
+                key = (int(first[candidates[i]]), hashlib.blake2b(row.tobytes(), digest_size=16).digest())
+                found[i] = seen.setdefault(key, int(candidates[i]))
+                i += 1
+        first[candidates] = found
+        candidates = candidates[np.bincount(first, minlength=n)[first[candidates]] > 1]
+        if not candidates.size:
+            break
+    return np.unique(first, return_inverse=True)[1].astype(np.int64)
 
 
 def _centred_float32(x: torch.Tensor, name: str, func: str, in_place: bool = False) -> torch.Tensor:
-    """``x`` minus its column means, computed in float64 and only then rounded to the probes' float32.
+    """``x`` minus its column means, each column then multiplied by the power of two that brings its largest ``|value|``
+    into [0.5, 1), computed in float64 and only then rounded to the probes' float32.
 
-    Every probe standardises its features, so the centring changes no result; done after the rounding,
-    it would keep only the few float32 digits left below a large offset (features near 1e4 that vary
-    by 1e-3 would be quantised to steps of 1e-3). Exactly constant columns become exactly 0.
+    Every probe standardises its features, so neither step changes a result; done after the rounding, the centring
+    would keep only the few float32 digits left below a large offset (features near 1e4 that vary by 1e-3 would be
+    quantised to steps of 1e-3), and without the scaling features below float32's smallest numbers (1e-38, 1e-45)
+    would lose their digits or become 0, and tiny spreads would make the standardised weights overflow. Multiplying by
+    a power of two is exact, so features of ordinary scale are probed as they would be unscaled. Exactly constant
+    columns become exactly 0.
     ``in_place``: centre ``x`` itself (a float64 copy the caller owns), the same numbers without a second array."""
     limit = torch.finfo(torch.float32).max
     # the largest |value| is read without an |x| temporary; values are counted only when one is out of range
     n_big = int((x.abs() > limit).sum()) if float(torch.linalg.vector_norm(x, math.inf)) > limit else 0
-    out = x
-    if not n_big:
-        low, high = torch.aminmax(x, dim=0)
-        constant = low == high  # every value equal to the first (x is finite), without an |x|-sized flag per value
-        x64 = x.to(torch.float64)
-        mean = x64.mean(0, keepdim=True)
-        if in_place:
-            out = x64.sub_(mean).to(torch.float32)
-        else:  # a block of rows at a time: no centred float64 copy of the whole layer
-            out = torch.empty_like(x64, dtype=torch.float32)  # laid out as x64 - mean would be
-            step = max(1, _BLOCK_VALUES // x.shape[1])
-            for lo in range(0, x.shape[0], step):
-                out[lo : lo + step] = x64[lo : lo + step] - mean
-        out[:, constant] = 0.0
-        if not math.isfinite(float(torch.linalg.vector_norm(out, math.inf))):
-            n_big = int((~torch.isfinite(out)).sum())  # a spread beyond the range (values near it of both signs)
     if n_big:
         raise DataError(
             f"{func}: {n_big} value{'s' if n_big != 1 else ''} of '{name}' {'lie' if n_big != 1 else 'lies'} beyond the "
             f"float32 range (|x| > {limit:.3g}) that the probes compute in; rescale the data first."
         )
+    low, high = torch.aminmax(x, dim=0)
+    constant = low == high  # every value equal to the first (x is finite), without an |x|-sized flag per value
+    x64 = x.to(torch.float64)
+    mean = x64.mean(0, keepdim=True)
+    # rounding is monotonic, so the largest |x - mean| of a column is that of its largest or smallest value
+    spread = torch.maximum(high.to(torch.float64) - mean[0], mean[0] - low.to(torch.float64))
+    first, second = _power_of_two_scales(spread)
+    if in_place:
+        out = x64.sub_(mean).mul_(first).mul_(second).to(torch.float32)
+    else:  # a block of rows at a time: no centred float64 copy of the whole layer
+        out = torch.empty_like(x64, dtype=torch.float32)  # laid out as x64 - mean would be
+        step = max(1, _BLOCK_VALUES // x.shape[1])
+        for lo in range(0, x.shape[0], step):
+            out[lo : lo + step] = (x64[lo : lo + step] - mean).mul_(first).mul_(second)
+    out[:, constant] = 0.0
     return out
+
+
+def _power_of_two_scales(largest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float64 powers of two per entry of ``largest`` (``>= 0``) whose product brings it into [0.5, 1) (1 and 1 for
+    0): what :func:`~workbench.analyses._validation.unit_scale` gives a whole tensor, per column, and split in two factors
+    (applied one after the other) so that columns below float64's normal range (2**-1022), which need more than
+    2**1023, are scaled too."""
+    _, exponent = torch.frexp(largest)  # largest = mantissa * 2**exponent, mantissa in [0.5, 1); 0 for 0
+    wanted = -exponent.to(torch.float64)
+    half = torch.floor(wanted / 2)
+    return torch.pow(2.0, half), torch.pow(2.0, wanted - half)
+
+
+def _check_c(c: Any, func: str) -> float:
+    """Check the inverse L2 strength ``c`` lies in :data:`C_RANGE` and return it as float."""
+    low, high = C_RANGE
+    if isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, (bool, np.bool_)) and low <= c <= high:
+        return float(c)
+    raise ParameterError(
+        f"The 'c' parameter of {func} must be a number in [{low:g}, {high:g}], the range the float32 probes can honour "
+        f"(below it the L2 penalty so outweighs the data that the fits stop converging and the weights vanish below the "
+        f"rounding of the float32 logits; above it the penalty itself vanishes below float32 rounding). "
+        f"Got {c!r}."
+    )
 
 
 @dataclass(frozen=True)
@@ -367,12 +454,17 @@ class _Targets:
     classes: np.ndarray | None
     folds: np.ndarray
     chance: float
+    copies: int = 0  # samples that repeat an earlier sample, held out in its fold
 
 
 def _prepare_targets(
-    acts: Any, labels: Any, n: int, *, cv: int, control: bool, seed: int, groups: Any, func: str
+    acts: Any, labels: Any, n: int, *, cv: int, control: bool, seed: int, groups: Any, func: str,
+    copies: Callable[[], np.ndarray] | None = None,
 ) -> _Targets:
-    from sklearn.model_selection import KFold, StratifiedKFold
+    """The checked targets, folds and control task. ``copies``: called once the labels are checked, the copy group of
+    each sample (:func:`_copy_groups`); the copies of a sample are held out in one fold and share one control label.
+    Without it every sample is distinct."""
+    from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
     if labels is None:
         labels = getattr(acts, "labels", None)
@@ -410,9 +502,18 @@ def _prepare_targets(
                 f"{func}: cv={cv} folds of {n} samples leave test folds of one sample, where R^2 is undefined; "
                 f"use cv <= {n // 2}."
             )
-        folds = np.empty(n, dtype=np.int64)
-        for f, (_, test) in enumerate(KFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(n))):
-            folds[test] = f
+        group, n_distinct = _distinct(copies, n)
+        if cv > n_distinct // 2:
+            fix = f"use cv <= {n_distinct // 2}" if n_distinct >= 4 else "probe at least 4 distinct samples"
+            raise ParameterError(
+                f"{func}: cv={cv} folds of {n_distinct} distinct samples (the {n - n_distinct} copies among the {n} are "
+                f"held out with their original) leave test folds of one distinct sample, where R^2 is undefined; {fix}."
+            )
+        # the distinct samples are split into folds (as KFold splits samples), and copies follow their original
+        fold_of = np.empty(n_distinct, dtype=np.int64)
+        for f, (_, test) in enumerate(KFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(n_distinct))):
+            fold_of[test] = f
+        folds = fold_of[group]
         chance = 0.0
     else:
         classes, inverse = np.unique(arr, return_inverse=True)
@@ -432,21 +533,46 @@ def _prepare_targets(
                 f"{func}: class {rare!r} has {fewest} sample{'s' if fewest != 1 else ''} but cv={cv} folds need at least "
                 f"{cv} per class; {fix}."
             )
+        group, n_distinct = _distinct(copies, n)
         folds = np.empty(n, dtype=np.int64)
-        splitter = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
-        for f, (_, test) in enumerate(splitter.split(np.zeros(n), y)):
+        if n_distinct == n:
+            splits = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(n), y)
+        else:
+            # a class's distinct samples (copy groups that hold it) must fill every fold, as its samples must without copies
+            distinct = np.bincount(np.unique(np.stack([group, y]), axis=1)[1], minlength=len(classes))
+            if distinct.min() < cv:
+                rare = classes[int(distinct.argmin())].item()
+                fewest = int(distinct.min())
+                fix = (f"lower cv to {fewest} or drop classes that rare" if fewest >= 2 else
+                       "drop the samples of classes with a single distinct sample (a class needs at least 2: one to "
+                       "train, one to test)")
+                raise DataError(
+                    f"{func}: class {rare!r} has {fewest} distinct sample{'s' if fewest != 1 else ''} "
+                    f"({int(counts[int(distinct.argmin())])} with their copies) but cv={cv} folds need at least {cv} per "
+                    f"class, since the copies of a sample are held out in one fold so that no probe is tested on a copy "
+                    f"of a training sample; {fix}."
+                )
+            splits = StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(n), y, group)
+        for f, (_, test) in enumerate(splits):
             folds[test] = f
         chance = float(counts.max() / n)
     control_y = None
     if control:
         if groups is None:
-            types = np.arange(n)
+            types = group  # every distinct sample is its own type, and its copies share it
         else:
             _, types = np.unique(as_labels(groups, n, func=func, name="groups", classes=True), return_inverse=True)
         rng = np.random.default_rng([seed, 1])
         draw = rng.integers(0, n, size=int(types.max()) + 1)  # each type takes the label of a random sample
         control_y = y[draw][types]
-    return _Targets(regression=regression, y=y, control=control_y, classes=classes, folds=folds, chance=chance)
+    return _Targets(regression=regression, y=y, control=control_y, classes=classes, folds=folds, chance=chance,
+                    copies=n - n_distinct)
+
+
+def _distinct(copies: Callable[[], np.ndarray] | None, n: int) -> tuple[np.ndarray, int]:
+    """The copy group of each sample and the number of groups (distinct samples)."""
+    group = np.arange(n) if copies is None else copies()
+    return group, int(group.max()) + 1
 
 
 def _probe(
@@ -467,7 +593,7 @@ def _probe(
     extra_params: dict[str, Any] | None = None,
 ) -> ProbingResult:
     seed = check_seed(seed, func=func)
-    c = check_float(c, "c", func=func, low=0.0, low_inclusive=False)
+    c = _check_c(c, func)
     if not isinstance(control, (bool, np.bool_)):
         raise ParameterError(f"The 'control' parameter of {func} must be True or False. Got {control!r}.")
     n = layers[0].n_samples
@@ -477,7 +603,8 @@ def _probe(
                 f"{func}: layer '{layer.name}' has {layer.n_samples} samples but the first layer has {n}; extract all layers "
                 "on the same dataset."
             )
-    targets = _prepare_targets(acts, labels, n, cv=cv, control=bool(control), seed=seed, groups=groups, func=func)
+    targets = _prepare_targets(acts, labels, n, cv=cv, control=bool(control), seed=seed, groups=groups, func=func,
+                               copies=lambda: _copy_groups(layers))
     cv = int(targets.folds.max()) + 1
     dev = resolve_device(device)
     start = time.perf_counter()
@@ -504,8 +631,12 @@ def _probe(
         )
     else:
         model = f"MLP probe ({MLP_HIDDEN} ReLU units, Adam, {MLP_EPOCHS} epochs)"
+    copies = (
+        f" (the {targets.copies} of the {n} samples that copy another are held out in its fold)" if targets.copies else ""
+    )
     estimator = (
-        f"{estimator_prefix}{model}, {cv}-fold {'stratified ' if not targets.regression else ''}CV, held-out {metric}"
+        f"{estimator_prefix}{model}, {cv}-fold {'stratified ' if not targets.regression else ''}"
+        f"{'group ' if targets.copies else ''}CV{copies}, held-out {metric}"
     )
     params: dict[str, Any] = {
         "probe": probe,
@@ -513,6 +644,7 @@ def _probe(
         "control": bool(control),
         **({"c": c} if probe == "linear" else {"weight_decay": MLP_WEIGHT_DECAY}),  # what the probe was fitted with
         "control_types": "groups" if groups is not None else "samples",
+        "copies": targets.copies,  # samples equal in every probed layer to an earlier one: held out together with it
         **(extra_params or {}),
     }
     return ProbingResult(
@@ -897,13 +1029,16 @@ def _token_layer(t: torch.Tensor, mask: Any, rank: int, seed: int, func: str, na
     """Token activations ``t`` ``(n_samples, n_tokens, n_features)`` checked now (with ``mask``) and reduced to
     their moment features by :func:`_moment_features` when they are probed."""
     _token_mask(t, mask, func, name)
-    n, _, d = t.shape
+    n, n_tokens, d = t.shape
     r = min(rank, d)
 
     def prepare() -> torch.Tensor:
         return _moment_features(t, mask, rank, seed, func, name)
 
-    return _Layer(name, int(n), 2 * int(d) + r * (r + 1) // 2, prepare)
+    def rows(index: np.ndarray) -> Iterator[np.ndarray]:
+        return _row_blocks(t, index, int(n_tokens * d), None if mask is None else _token_mask(t, mask, func, name))
+
+    return _Layer(name, int(n), 2 * int(d) + r * (r + 1) // 2, prepare, rows)
 
 
 def _token_mask(t: torch.Tensor, mask: Any, func: str, name: str) -> torch.Tensor:

@@ -920,6 +920,12 @@ def stitch(
     for arr, name in ((y_tr_np, "train_labels"), (y_te_np, "test_labels")):
         if not np.issubdtype(arr.dtype, np.integer) or (arr.size and int(arr.min()) < 0):
             raise DataError(f"{func}: '{name}' must be non-negative integer class labels. Got dtype {arr.dtype}.")
+    trained_on = np.unique(y_tr_np)
+    if trained_on.size < 2:
+        raise DataError(
+            f"{func}: 'train_labels' hold one class only ({trained_on[0].item()!r}); a head needs at least two classes "
+            "to tell apart."
+        )
     # the heads learn class indices 0..k-1 of the labels present (labels such as 3 and 7, or 1e8, cost nothing);
     # the models' own heads are scored against the labels as given
     classes = np.unique(np.concatenate([y_tr_np, y_te_np]))
@@ -936,6 +942,13 @@ def stitch(
     fit = torch.ones(tr_a.shape[0], dtype=torch.bool, device=dev)
     fit[anchors] = False
     fit = fit if bool(fit.any()) else ~fit
+    fit_classes = torch.unique(y_tr[fit])
+    if fit_classes.numel() < 2:  # every other class is among the anchors
+        raise DataError(
+            f"{func}: the {int(fit.sum())} training samples that are not anchors, which the heads learn from, hold one "
+            f"class only ({classes[int(fit_classes[0])].item()!r}); a head needs at least two classes to tell apart, so "
+            "choose fewer anchors (n_anchors) or give more training samples."
+        )
     rel_train = [_relative(tr_a[fit], tr_a[anchors], center, func), _relative(tr_b[fit], tr_b[anchors], center, func)]
     rel_test = [_relative(te_a, tr_a[anchors], center, func), _relative(te_b, tr_b[anchors], center, func)]
 
