@@ -364,11 +364,24 @@ def _copy_groups(layers: Sequence[_Layer]) -> np.ndarray:
     of one input, as far as the probes can tell) share a group. Groups are numbered in the order of their first sample,
     so without copies the groups are ``arange(n_samples)``.
 
-    Rows are compared by a 128-bit BLAKE2 digest of their float64 values, a block of rows at a time; a layer after the
-    first looks only at the samples that still have a copy."""
+    A 64-bit hash of every row's float64 bits, taken with array operations over all layers, finds the samples that may
+    have a copy (equal rows hash alike, so none is missed); only those are compared by a 128-bit BLAKE2 digest of their
+    values, a block of rows at a time, and a layer after the first looks only at the samples that still have a copy."""
     n = layers[0].n_samples
-    first = np.zeros(n, dtype=np.int64)  # the first sample of each sample's group so far: before any layer, one group
-    candidates = np.arange(n)
+    hashes = np.zeros(n, dtype=np.uint64)
+    for layer in layers:
+        done = 0
+        for block in layer.rows(np.arange(n)):
+            rows = slice(done, done + len(block))
+            with np.errstate(over="ignore"):  # modulo 2**64
+                hashes[rows] = hashes[rows] * _HASH_MIX[0] + _row_hashes(block)
+            done += len(block)
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    candidates = np.flatnonzero(counts[inverse] > 1)
+    if not candidates.size:
+        return np.arange(n, dtype=np.int64)
+    first = np.arange(n, dtype=np.int64)  # the first sample of each sample's group so far: a sample alone is its own
+    first[candidates] = candidates[0]  # the samples that may have a copy start in one group, split layer by layer
     for layer in layers:
         seen: dict[tuple[int, bytes], int] = {}
         found = np.empty(len(candidates), dtype=np.int64)
@@ -383,6 +396,22 @@ def _copy_groups(layers: Sequence[_Layer]) -> np.ndarray:
         if not candidates.size:
             break
     return np.unique(first, return_inverse=True)[1].astype(np.int64)
+
+
+_HASH_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def _row_hashes(block: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row of the float64 ``block`` ``(rows, values)``: every value's bits mixed (a splitmix64
+    finaliser, so that values differing in a few high bits do not cancel), weighted by its position and summed,
+    modulo 2**64. Equal rows give equal hashes."""
+    with np.errstate(over="ignore"):
+        z = block.view(np.uint64) * _HASH_MIX[1]
+        z ^= z >> np.uint64(31)
+        z *= _HASH_MIX[2]
+        z ^= z >> np.uint64(29)
+        weights = np.arange(1, 2 * block.shape[1], 2, dtype=np.uint64) * _HASH_MIX[0]  # odd: no position drops out
+        return (z * weights).sum(axis=1, dtype=np.uint64)
 
 
 def _centred_float32(x: torch.Tensor, name: str, func: str, in_place: bool = False) -> torch.Tensor:
