@@ -28,7 +28,7 @@ from pages._state import (
     show_error,
     trust_allowed,
 )
-from workbench.errors import FileTooLargeError
+from workbench.errors import FileTooLargeError, MissingArchitectureError
 
 
 def _check_size(name: str, data: bytes) -> None:
@@ -88,6 +88,14 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
     except Exception as exc:  # noqa: BLE001 - a page never shows a traceback
         st.session_state[slot] = None
         show_error(exc)
+        suggested = getattr(exc, "suggested", None)  # the spec the weights' shapes suggest
+        if isinstance(exc, MissingArchitectureError) and suggested:
+            st.button("Use the suggested spec", key=f"{slot}_use_spec", on_click=_fill_spec, args=(slot, suggested),
+                      help="Puts the spec the weights' shapes suggest in the box above; check its activation.")
+
+
+def _fill_spec(slot: str, spec: dict) -> None:
+    st.session_state[f"{slot}_arch"] = json.dumps(spec)
 
 
 def _dataset_chooser() -> None:

@@ -36,7 +36,12 @@ class ArchitectureError(WorkbenchError):
 
 
 class MissingArchitectureError(ArchitectureError):
-    """Weights that come without an architecture spec, where none was given."""
+    """Weights that come without an architecture spec, where none was given. ``suggested``: the spec the weights'
+    shapes suggest (a dict), or None."""
+
+    def __init__(self, message: str, suggested: dict | None = None):
+        super().__init__(message)
+        self.suggested = suggested
 
 
 class UnknownLayerError(WorkbenchError):

@@ -96,6 +96,18 @@ def test_upload_state_dict_needs_spec_then_loads(app):
     assert "Model A: weights" in [s.value for s in at.subheader]
 
 
+def test_the_spec_the_weights_suggest_is_one_click_away(app):
+    module = build_model({"type": "mlp", "sizes": [64, 20, 10], "activation": "relu"})
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    at = _upload(app.run(), "model_a", "weights.pt", buf.getvalue())
+    assert any('it looks like {"type": "mlp", "sizes": [64, 20, 10]' in e for e in page_errors(at))
+    at.button(key="model_a_use_spec").click().run()
+    assert '"sizes": [64, 20, 10]' in at.text_area(key="model_a_arch").value
+    assert not page_errors(at)
+    assert "Model A: weights" in [s.value for s in at.subheader]
+
+
 def test_cnn_state_dict_upload_suggests_the_cnn_spec_not_an_mlp(app, sample_model):
     buf = io.BytesIO()
     torch.save(sample_model("cnn_seed0").module.state_dict(), buf)

@@ -830,11 +830,11 @@ def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec
                      source_format: str, metadata: dict[str, str]) -> LoadedModel:
     if spec is None:
         guess = infer_architecture(state)
-        hint = f"; it looks like {json.dumps(guess)} (check the activation)" if guess else _cnn_hint(state)
+        where = "(the app's spec box, architecture= in Python, --architecture on the command line)"
+        example = (f"it looks like {json.dumps(guess)} (check the activation)" if guess else
+                   f"such as {{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}{_cnn_hint(state)}")
         raise MissingArchitectureError(
-            f"'{label}' holds weights but no architecture spec; pass one (the app's spec box, architecture= in Python, "
-            f"--architecture on the command line), e.g. {{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}{hint}."
-        )
+            f"'{label}' holds weights but no architecture spec; pass one {where}: {example}.", suggested=guess)
     expected = _meta_state(spec)
     state = _strip_prefix(state, set(expected))
     parts = _mismatches(expected, state)
