@@ -175,6 +175,31 @@ def _describe_dataset(dataset: Any) -> dict[str, Any]:
             "sha256": getattr(dataset, "sha256", "")}
 
 
+def _roles(model: dict[str, Any], sections: list[Section]) -> str:
+    """Which sections call ``model`` A and which B ("A in sections 1-3; B in section 4"): a report's sections may each
+    compare another pair, and name the models by their place in the pair."""
+    key = str(model.get("content_sha256") or model.get("sha256") or model.get("name"))
+    places: dict[str, list[int]] = {}
+    for number, section in enumerate(sections, start=1):
+        for i, m in enumerate(section.models):
+            d = _describe(m)
+            if m is not None and str(d.get("content_sha256") or d.get("sha256") or d.get("name")) == key:
+                places.setdefault("AB"[i] + " " if i < 2 else "", []).append(number)  # a third model has no letter
+    return "; ".join(f"{role}in section{'s' if len(numbers) > 1 else ''} {_ranges(sorted(set(numbers)))}"
+                     for role, numbers in places.items())
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 5]`` as "1–3, 5"."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+
+
 def _distinct(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Descriptions in first-seen order, one per model (weights and structure) or dataset hash; the same model
     under several names keeps every name ("upload (also mlp_seed0)"), so that each name a section shows is in the
@@ -406,6 +431,7 @@ def build_report(results: Sequence[Section | tuple[str, Any, list[go.Figure]]], 
     else:
         described = _distinct([_describe(m) for s in sections for m in s.models if m is not None])
         labels = [str(i + 1) for i in range(len(described))]
+        described = [{**d, "roles": _roles(d, sections)} for d in described]  # the A or B each section calls it
     data = _describe_dataset(dataset)
     used = _distinct([d for d in [data] + [_describe_dataset(x) for s in sections for x in (s.dataset, s.train_dataset)] if d])
     if not data:
