@@ -175,6 +175,7 @@ def sidebar() -> Callable[[], None]:
     summary: call it after the page has run, so a model chosen on this run is already in it."""
     st.sidebar.header("Models and data")
     slot = st.sidebar.empty()
+    _sidebar_summary(slot.container())  # what was loaded before this run, shown while the page computes
     st.sidebar.page_link("pages/home.py", label="Change models or data", icon=":material/swap_horiz:")
     return lambda: _sidebar_summary(slot.container())
 

@@ -345,6 +345,7 @@ def test_the_sidebar_names_each_model_by_the_weights_hash_reports_show(app, samp
     for name in ("mlp_seed0", "mlp_seed1"):
         sha = sample_model(name).sha256[:12]
         assert any(f"{name} · " in c and f"weights sha256 {sha}, as in reports" in c for c in captions), captions
+    assert sum("**A**" in c.value for c in at.sidebar.caption) == 1  # written before the page runs and replaced after
 
 
 def test_home_warns_when_the_dataset_does_not_fit_the_models(app):
