@@ -755,8 +755,23 @@ def test_persistence_and_its_figures_name_the_point_metric(metric):
     assert (diagram.layout.xaxis.title.text, diagram.layout.yaxis.title.text) == (f"birth ({metric} distance)",
                                                                                   f"death ({metric} distance)")
     assert bars.layout.xaxis.title.text == f"filtration value ({metric} distance)"
-    assert betti.layout.xaxis.title.text == f"filtration value ({metric} distance) / largest death"
+    assert betti.layout.xaxis.title.text == f"filtration value ({metric} distance) / largest H0 death"
     assert raw.layout.xaxis.title.text == f"filtration value ({metric} distance)"
+
+
+def test_betti_curves_are_scaled_by_the_largest_death_of_the_dimension_shown():
+    from workbench.plots import topology as plots
+
+    cloud = circle(80, noise=0.05, seed=3)
+    outlier = np.vstack([cloud, [[40.0, 40.0]]])  # one far point: a long H0 bar, the same loop
+    plain, far = persistence(cloud), persistence(outlier)
+    fig = plots.betti_curves({"c": plain}, {"c": far}, names=["plain", "outlier"], dim=1)
+    ends = [float(np.max(np.asarray(t.x)[np.asarray(t.y) > 0])) for t in fig.data]  # where each H1 curve last is > 0
+    # the loop's curve spans most of the axis in both panels (to within the step of the outlier's coarser grid); scaled
+    # by the largest death of any dimension, the outlier's H0 bar squeezed it below 0.1
+    assert all(0.6 < e <= 1.0 for e in ends), ends
+    assert float(np.max(np.asarray(far.betti_grid)[np.asarray(far.betti_curves[1]) > 0])) / far.betti_grid[-1] < 0.1
+    assert fig.layout.xaxis.title.text.endswith("/ largest H1 death")
 
 
 TEXT_LAYERS = ["embed", "layers.0.norm1", "layers.0.linear1", "layers.0.linear2", "layers.0.norm2", "layers.1.norm1",

@@ -164,6 +164,13 @@ def barcode(
     )
 
 
+def _largest_death(r: PersistenceResult, dim: int) -> float:
+    """The largest finite death of dimension ``dim`` in ``r`` (the end of its Betti grid when it has none)."""
+    deaths = np.asarray(r.diagram(dim), dtype=float)[:, 1] if dim in r.diagrams else np.zeros(0)
+    finite = deaths[np.isfinite(deaths)]
+    return float(finite.max()) if finite.size else float(r.betti_grid[-1])
+
+
 def betti_curves(
     *groups: Mapping[str, PersistenceResult],
     names: Sequence[str] | None = None,
@@ -176,8 +183,9 @@ def betti_curves(
     the same layers share one legend entry per layer, which shows or hides that layer in every panel; other
     models list their own layers in the legend under the model's name, so each panel's curves are named by
     that model's layers. The figure grows with the legend, so every entry is visible. With
-    ``normalize_scale`` each layer's filtration axis is divided by its largest finite death, so layers of
-    different overall scale share the axis [0, 1].
+    ``normalize_scale`` each layer's filtration axis is divided by its largest finite death in dimension ``dim``, so
+    layers of different overall scale share the axis [0, 1] (one long bar of another dimension, such as an outlier's
+    H0 bar, does not squeeze the curves shown).
     """
     names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(groups))]
     fig = make_subplots(rows=1, cols=len(groups), subplot_titles=names, shared_yaxes=True)
@@ -187,7 +195,7 @@ def betti_curves(
         colors = _depth_colors(len(group))
         for i, (layer, r) in enumerate(group.items()):
             first = first or r
-            x = r.betti_grid / r.betti_grid[-1] if normalize_scale and r.betti_grid[-1] > 0 else r.betti_grid
+            x = r.betti_grid / scale if normalize_scale and (scale := _largest_death(r, dim)) > 0 else r.betti_grid
             legend = (
                 {"legendgroup": layer, "showlegend": c == 1}
                 if shared
@@ -207,8 +215,8 @@ def betti_curves(
                 col=c,
             )
         metric = " / ".join(dict.fromkeys(r.metric for r in group.values()))
-        label = f"filtration value ({metric} distance)" + (" / largest death" if normalize_scale else "")
-        fig.update_xaxes(title_text=label, row=1, col=c)
+        label = f"filtration value ({metric} distance)" + (f" / largest H{dim} death" if normalize_scale else "")
+        fig.update_xaxes(title_text=label, row=1, col=c, **({"range": [0, 1.02]} if normalize_scale else {}))
     fig.update_yaxes(title_text=f"Betti number β{dim}", row=1, col=1)
     gap = 0 if shared else LEGEND_GROUP_GAP  # shared: one legend group per layer, listed without gaps
     fig.update_layout(height=380, legend={"groupclick": "toggleitem", "tracegroupgap": gap})
