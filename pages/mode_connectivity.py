@@ -60,6 +60,9 @@ if chosen_b is not None and chosen_b.name == model_a.name:
 elif chosen_b is not None and chosen_b.name not in matching:
     st.caption(f"The sidebar's model B ({_state.plain(chosen_b.name)}) has another architecture than {_state.plain(model_a.name)}, so it cannot be "
                f"matched to it; {_state.plain(model_b.name)} is used instead.")
+elif chosen_b is not None and model_b.name != chosen_b.name:
+    st.caption(f"This page matches {_state.plain(model_b.name)}, chosen above, to A, not the sidebar's model B "
+               f"({_state.plain(chosen_b.name)}).")
 train_split = digits_train_for(dataset)
 digits = train_split is not None
 has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model_a.module.modules())
@@ -127,6 +130,8 @@ st.dataframe(
     key="mc_barriers",
     column_config={"method": st.column_config.TextColumn(width="medium"),  # the labels name the alignment in full
                    "dataset": st.column_config.TextColumn(width="medium"),
+                   "at λ (line)": st.column_config.NumberColumn(format="%.3f"),
+                   "at λ (mean)": st.column_config.NumberColumn(format="%.3f"),
                    "accuracy drop": st.column_config.NumberColumn(format="percent")},
 )
 definitions = plots.barrier_definitions(next(iter(result.barriers.values()), None))

@@ -161,7 +161,9 @@ def _similarity_summary(result: Any) -> dict[str, Any]:
         return out
     values = np.asarray(result.values)
     higher = next((m.higher_is_closer for m in MEASURES if m.name == result.measure), True)
-    out: dict[str, Any] = {"measure": result.measure, "estimator": result.estimator,
+    from workbench.plots.similarity import measure_label  # as the page names it
+
+    out: dict[str, Any] = {"measure": measure_label(result.measure), "estimator": result.estimator,
                            "closer pairs score": "higher" if higher else "lower"}
     defined = values[np.isfinite(values)]
     diagonal = np.diag(values) if values.shape[0] == values.shape[1] else np.zeros(0)

@@ -58,6 +58,10 @@ def test_defaults_pick_two_seeds_and_show_curves_barriers_and_layers(app):
     assert "n = 450 test samples and 1347 train samples" in caption
     assert len(at.get("plotly_chart")) == 4  # curves, layers, spectra, objective
     assert any(b.label.startswith("Download B aligned to A") for b in at.get("download_button"))
+    assert not any("not the sidebar's model B" in c.value for c in at.caption)
+    at.selectbox(key="mc_model_b").set_value("mlp_seed2").run()  # another B than the sidebar's
+    assert "This page matches mlp\\_seed2, chosen above, to A, not the sidebar's model B (mlp\\_seed1)." in [
+        c.value for c in at.caption]
 
 
 def test_model_b_offers_only_models_of_a_s_architecture(page, sample_model):
