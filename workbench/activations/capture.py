@@ -8,23 +8,23 @@ pooled value follows from a smaller tensor, with the same result up to float rou
 - a map that a plain ``nn.Sequential`` hands straight to a global pool of the same rule
   (``AdaptiveAvgPool2d(1)`` for ``mean``, ``AdaptiveMaxPool2d(1)`` for ``max``) is pooled by the
   model itself: its output is taken;
-- the spatial mean of a zero-padded convolution is linear in its input,
-  ``mean_p y[:, o, p] = b_o + sum_{c, k} w[o, c, k] S[:, c, k] / P`` with ``S[:, c, k]`` the sum of
-  the input over the positions that kernel offset ``k`` reads (``P`` output positions); where the
-  input is much smaller than the output (a first layer), it is one matrix product of the input;
 - the spatial mean of an eval-mode BatchNorm is its per-channel affine map of the mean of its
   input, when that input is a hooked layer's output (a conv followed by BatchNorm).
 
-The first and last rely on the ``nn.Sequential`` handing one child's output to the next: they are taken
-only while the container's own ``forward`` runs (not when a model calls its children itself, where it
-could change the map in between) and where no hook or pre-hook but ours sits on the modules involved.
-The convolution's mean is computed in float64 from the weights as they are at that batch.
+Both rely on the ``nn.Sequential`` handing one child's output to the next: they are taken only while
+the container's own ``forward`` runs (not when a model calls its children itself, where it could change
+the map in between) and where no hook or pre-hook but ours sits on the modules involved.
+
+A convolution's spatial mean is also linear in its input, but taking it from the input costs
+``in_channels x input positions`` multiply-adds per output channel, which is no fewer than the output's
+own numbers for any usual layer (a first 3x3 convolution of a one-channel image is as many), and it needs
+float64 to be as accurate as reading the float32 output: on the sample CNN it cost twice as much as
+reading the map. So convolutions are pooled from their output.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -43,8 +43,6 @@ _GLOBAL_POOLS: dict[str, tuple[type[nn.Module], ...]] = {
     "mean": (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
     "max": (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
 }
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-INPUT_SIDE_MAX_RATIO = 0.25  # take a conv's mean from its input when the input has at most this share of the output's numbers
 
 
 def valid_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -216,72 +214,12 @@ def _mean_dtype(out: torch.Tensor) -> torch.dtype | None:
     return torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else None
 
 
-def window_counts(n_in: int, n_out: int, kernel: int, stride: int, dilation: int, padding: int,
-                  dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> torch.Tensor:
-    """``A[k, i]``: how many of the ``n_out`` output positions read input position ``i`` at kernel offset ``k``
-    (0 or 1) along one axis of a zero-padded convolution."""
-    offsets = torch.arange(kernel, device=device).view(-1, 1) * dilation - padding
-    idx = torch.arange(n_out, device=device).view(1, -1) * stride + offsets  # (kernel, n_out) input positions
-    inside = (idx >= 0) & (idx < n_in)
-    counts = torch.zeros(kernel, n_in, dtype=dtype, device=device)
-    return counts.scatter_add_(1, idx.clamp(0, n_in - 1), inside.to(dtype))
-
-
-MAX_MEAN_MAP = 1 << 22  # entries of the (in_channels * input positions, out_channels) matrix of the input-side conv mean
-
-
-def conv_mean_plan(conv: nn.Module, in_spatial: tuple[int, ...], out_spatial: tuple[int, ...], device: torch.device,
-                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The spatial mean of a zero-padded convolution as one linear map of its flattened input:
-    ``G[(c, i), o] = sum_k M[i, k] w[o, c, k] / P``, with ``M`` (input positions x kernel offsets) the
-    Kronecker product of :func:`window_counts` over the axes, and the bias. Built in float64, stored in
-    ``dtype``; ``None`` when ``G`` would be too large (then the output is read instead)."""
-    in_channels, out_channels, groups = conv.in_channels, conv.out_channels, conv.groups
-    if in_channels * math.prod(in_spatial) * out_channels > MAX_MEAN_MAP:
-        return None
-    m = torch.ones(1, 1, dtype=torch.float64, device=device)
-    for d in range(len(in_spatial)):
-        a = window_counts(in_spatial[d], out_spatial[d], conv.kernel_size[d], conv.stride[d], conv.dilation[d],
-                          conv.padding[d], device=device)
-        m = torch.kron(m, a.T)
-    weight = conv.weight.detach().to(device=device, dtype=torch.float64).reshape(out_channels, in_channels // groups, -1)
-    dense = torch.zeros(out_channels, in_channels, weight.shape[2], dtype=torch.float64, device=device)
-    per_in, per_out = in_channels // groups, out_channels // groups
-    for g in range(groups):  # each output channel reads only its group's input channels
-        dense[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = weight[g * per_out:(g + 1) * per_out]
-    g_map = torch.einsum("pk,ock->cpo", m, dense).reshape(-1, out_channels) / math.prod(out_spatial)
-    bias = conv.bias.detach().to(device=device, dtype=dtype) if conv.bias is not None else None
-    return g_map.to(dtype).contiguous(), bias
-
-
-def conv_mean_from_input(x: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """Spatial mean of a zero-padded convolution of ``x``, ``(batch, out_channels)``, as one matrix product
-    of the flattened input (``plan`` from :func:`conv_mean_plan`; computed in the plan's dtype)."""
-    g_map, bias = plan
-    flat = x.reshape(x.shape[0], -1).to(g_map.dtype)
-    return torch.addmm(bias, flat, g_map) if bias is not None else flat @ g_map
-
-
-def _plain_conv(module: nn.Module) -> bool:
-    """A convolution whose forward is the stock zero-padded one with numeric padding."""
-    base = next((c for c in _CONVS if isinstance(module, c)), None)
-    return (base is not None and type(module).forward is base.forward and type(module)._conv_forward is base._conv_forward
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
-
-
 def _global_forward_hooks() -> bool:
     """Whether hooks or pre-hooks registered for every module (``register_module_forward_hook``,
     ``register_module_forward_pre_hook``) could change inputs or outputs."""
     from torch.nn.modules import module as module_impl
 
     return any(getattr(module_impl, attr, None) for attr in ("_global_forward_hooks", "_global_forward_pre_hooks"))
-
-
-def _own_weights(conv: nn.Module) -> bool:
-    """A convolution whose weight and bias are its own parameters (not recomputed on each access, as a
-    parametrisation does), so that a plan built from them stays valid while they are unchanged."""
-    return isinstance(conv._parameters.get("weight"), torch.Tensor) and (
-        conv.bias is None or isinstance(conv._parameters.get("bias"), torch.Tensor))
 
 
 def _state(*tensors: torch.Tensor | None) -> tuple | None:
@@ -347,8 +285,8 @@ class PooledCapture:
     outputs are ``(batch, channels, length)`` maps, for all layers or per layer (a mapping from layer
     name, as :func:`channel_first_layers` gives). :attr:`sources` says how each
     pooled value of the last batch was obtained: ``"map"`` (the layer's output was read),
-    ``"global pool"`` (the following pool's output), ``"input"`` (a convolution's mean from its
-    input) or ``"affine"`` (an eval-mode BatchNorm's mean from the mean of its hooked input).
+    ``"global pool"`` (the following pool's output) or ``"affine"`` (an eval-mode BatchNorm's mean
+    from the mean of its hooked input).
     """
 
     def __init__(self, module: nn.Module, layers: list[str], rule: str, *, channel_first: bool | Mapping[str, bool]):
@@ -390,8 +328,6 @@ class PooledCapture:
                         route = "affine"
                         self._keep_output.add(prev)
                         self._watch(name, parent)
-                    elif _plain_conv(target) and _own_weights(target):
-                        route = "input"
                 self._handles.append(target.register_forward_hook(self._hook(name, route, prev)))
         except BaseException:
             self.__exit__(None, None, None)
@@ -484,10 +420,6 @@ class PooledCapture:
                     and (plan := self._affine_plan(name, module, self._exact[prev].dtype)) is not None):
                 scale, shift = plan
                 self._set(name, torch.addcmul(shift, self._exact[prev], scale), "affine")
-            elif (route == "input" and x.is_floating_point() and x.ndim == t.ndim == len(module.kernel_size) + 2
-                    and x.numel() <= INPUT_SIDE_MAX_RATIO * t.numel()
-                    and (plan := self._conv_plan(name, module, x, t)) is not None):
-                self._set(name, conv_mean_from_input(x.detach(), plan), "input")
             else:
                 self._set(name, self._pool(t, name), "map")
 
@@ -502,11 +434,6 @@ class PooledCapture:
         if held is None or held[0][0] != key or not _same_state(held[0][1], state):
             held = self._plans[name] = ((key, state), build())
         return held[1]
-
-    def _conv_plan(self, name: str, conv: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Any:
-        key = (tuple(x.shape[2:]), tuple(out.shape[2:]), x.device)
-        return self._plan(name, key, _state(conv.weight, conv.bias),
-                          lambda: conv_mean_plan(conv, key[0], key[1], x.device, torch.float64))
 
     def _affine_plan(self, name: str, bn: nn.Module, dtype: torch.dtype) -> Any:
         return self._plan(name, (dtype,), _state(bn.running_mean, bn.running_var, bn.weight, bn.bias),

@@ -41,10 +41,11 @@ from workbench.device import full_float32, module_device, resolve_device, rows_o
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model, eval_mode
 
-CACHE_FORMAT = 7  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and
+CACHE_FORMAT = 8  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and
 # structure; 4: the structure includes module attributes and non-persistent buffers, token masks follow the pad id;
 # 5: and tensors kept as plain module attributes; 6: keyed by the inputs alone, entries record each layer's width;
-# 7: shortcut routes only where the container hands maps on unchanged, conv means from the input in float64
+# 7: shortcut routes only where the container hands maps on unchanged, conv means from the input in float64;
+# 8: conv means from the output map
 Progress = Callable[[int, int], None]
 DEVICE_MISMATCH = ("same device", "not on the expected device")  # how torch reports tensors on two devices in one op
 FORWARD_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError, AssertionError, NotImplementedError)
