@@ -6,8 +6,9 @@ All sides run in this process on the same data and batches, taking turns: the ba
 the model on each batch and drops the output; ``extract`` adds hooks on six layers, pooling, and
 streaming to the disk cache; a third side runs the same hooks and pooling and keeps nothing, which
 separates the cost of reading the hooked maps from that of the cache; a fourth extracts the layers
-the app picks by default. Each overhead is given from the best times and as the median over
-repeats of each run against the bare run next to it. Peak memory is measured in a fresh subprocess
+the app picks by default. The sides run in a new random order in each round, and each overhead is
+given from the best times and as the median over rounds of each run against the bare run of its round
+(this machine's speed drifts by tens of percent over seconds, so the paired median is the steadier figure). Peak memory is measured in a fresh subprocess
 (``VmHWM``) so it counts only the extraction. Goal: overhead <= 10 %, peak RSS < 2 GiB.
 On an accelerator (``--device cuda``) every side moves each batch to the device and waits for the
 device at the end; ``extract`` also brings the pooled outputs back to the host for the cache, in
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -74,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15, help="rounds of all sides")
     parser.add_argument("--device", default="cpu", help="cpu (default) or an accelerator such as cuda")
     parser.add_argument("--transfer-bytes", type=int, default=None,
                         help="on an accelerator, pooled outputs gathered on the device before each copy to the host "
@@ -162,9 +164,10 @@ def main() -> None:
     for side in sides.values():  # warm-up
         side()
     times: dict[str, list[float]] = {k: [] for k in sides}
-    for _ in range(args.repeats):  # interleaved, so load changes hit all sides
-        for k, side in sides.items():
-            times[k].append(side())
+    order = random.Random(0)
+    for _ in range(args.repeats):  # interleaved in a new order each round, so load changes hit all sides alike
+        for k in order.sample(list(sides), len(sides)):
+            times[k].append(sides[k]())
 
     def overhead(k: str) -> str:
         best = 100 * (min(times[k]) / min(times["bare"]) - 1)
