@@ -113,7 +113,7 @@ def start_call_log() -> None:
 
 def _bind(log: dict[str, Any], obj: Any, prefix: str, line: str) -> str:
     n = log["count"][prefix] = log["count"].get(prefix, 0) + 1
-    var = prefix if prefix in ("model_a", "model_b", "dataset") and n == 1 else f"{prefix}_{n}"
+    var = prefix if prefix in ("model_a", "model_b", "model", "dataset") and n == 1 else f"{prefix}_{n}"
     log["lines"].append(f"{var} = {line}")
     log["names"][id(obj)] = var
     log["keep"].append(obj)

@@ -62,6 +62,9 @@ def test_defaults_pick_two_seeds_and_show_curves_barriers_and_layers(app):
     at.selectbox(key="mc_model_b").set_value("mlp_seed2").run()  # another B than the sidebar's
     assert "This page matches mlp\\_seed2, chosen above, to A, not the sidebar's model B (mlp\\_seed1)." in [
         c.value for c in at.caption]
+    at.button(key="mc_report").click().run()
+    snippet = at.session_state["report_sections"][0]["snippet"]  # the page's B under a name of its own
+    assert "model = load_model(SAMPLE_MODELS / 'mlp_seed2.safetensors')" in snippet and "model_1" not in snippet
 
 
 def test_model_b_offers_only_models_of_a_s_architecture(page, sample_model):
