@@ -766,12 +766,31 @@ def test_betti_curves_are_scaled_by_the_largest_death_of_the_dimension_shown():
     outlier = np.vstack([cloud, [[40.0, 40.0]]])  # one far point: a long H0 bar, the same loop
     plain, far = persistence(cloud), persistence(outlier)
     fig = plots.betti_curves({"c": plain}, {"c": far}, names=["plain", "outlier"], dim=1)
-    ends = [float(np.max(np.asarray(t.x)[np.asarray(t.y) > 0])) for t in fig.data]  # where each H1 curve last is > 0
-    # the loop's curve spans most of the axis in both panels (to within the step of the outlier's coarser grid); scaled
+    # where each H1 curve drops to 0 for the last time: the last death, which is the largest H1 death (1 on the axis)
+    ends = [float(np.asarray(t.x)[np.flatnonzero(np.asarray(t.y) > 0)[-1] + 1]) for t in fig.data]
+    # the loop's curve spans the whole axis in both panels, exactly (steps, not samples of the result's grid); scaled
     # by the largest death of any dimension, the outlier's H0 bar squeezed it below 0.1
-    assert all(0.6 < e <= 1.0 for e in ends), ends
+    np.testing.assert_allclose(ends, [1.0, 1.0], rtol=1e-12)
     assert float(np.max(np.asarray(far.betti_grid)[np.asarray(far.betti_curves[1]) > 0])) / far.betti_grid[-1] < 0.1
     assert fig.layout.xaxis.title.text.endswith("/ largest H1 death")
+
+
+def test_betti_steps_are_the_exact_betti_curve():
+    cloud = circle(60, noise=0.05, seed=4)
+    res = persistence(cloud)
+    for dim in (0, 1):
+        t, beta = res.betti_steps(dim)
+        assert t[0] == 0.0 and t[-1] == res.betti_grid[-1] and np.all(np.diff(t) > 0)
+        dgm = res.diagram(dim)
+        # at every grid value the steps give what the grid-sampled curve counts
+        at = beta[np.searchsorted(t, res.betti_grid, side="right") - 1]
+        np.testing.assert_array_equal(at, res.betti_curves[dim])
+        # and just before and at each finite death, the count drops by the bars dying there
+        for death in np.unique(dgm[np.isfinite(dgm[:, 1]), 1])[:5]:
+            i = np.searchsorted(t, death)
+            assert beta[i - 1] - beta[i] >= (dgm[:, 1] == death).sum() - (dgm[:, 0] == death).sum()
+    t0, beta0 = res.betti_steps(0)
+    assert beta0[0] == 60 and beta0[-1] == 1  # every point at 0, one component at the end
 
 
 TEXT_LAYERS = ["embed", "layers.0.norm1", "layers.0.linear1", "layers.0.linear2", "layers.0.norm2", "layers.1.norm1",

@@ -146,6 +146,19 @@ class PersistenceResult(RecordedResult):
             )
         return self.diagrams[dim]
 
+    def betti_steps(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """The Betti-``dim`` curve exactly, as a step function: ``(t, beta)`` with ``beta[i]`` bars alive
+        (birth <= t < death) from ``t[i]`` up to ``t[i + 1]``. ``t`` holds 0, every birth and finite death of the
+        dimension, and the end of :attr:`betti_grid` (the largest death of any dimension), so curves of all
+        dimensions span the same range; unlike :attr:`betti_curves` it does not depend on the grid's step."""
+        dgm = self.diagram(dim)
+        births, deaths = np.sort(dgm[:, 0]), np.sort(dgm[:, 1])
+        finite = deaths[np.isfinite(deaths)]
+        end = max(float(self.betti_grid[-1]), float(finite[-1]) if finite.size else 0.0)
+        t = np.unique(np.concatenate([[0.0], births, finite, [end]]))
+        beta = np.searchsorted(births, t, side="right") - np.searchsorted(deaths, t, side="right")
+        return t, beta
+
 
 @dataclass(frozen=True)
 class DiagramDistanceResult(RecordedResult):

@@ -195,7 +195,8 @@ def betti_curves(
         colors = _depth_colors(len(group))
         for i, (layer, r) in enumerate(group.items()):
             first = first or r
-            x = r.betti_grid / scale if normalize_scale and (scale := _largest_death(r, dim)) > 0 else r.betti_grid
+            t, beta = r.betti_steps(dim)
+            x = t / scale if normalize_scale and (scale := _largest_death(r, dim)) > 0 else t
             legend = (
                 {"legendgroup": layer, "showlegend": c == 1}
                 if shared
@@ -204,7 +205,7 @@ def betti_curves(
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=r.betti_curves[dim],
+                    y=beta,
                     mode="lines",
                     name=layer,
                     line={"color": colors[i], "shape": "hv"},
