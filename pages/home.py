@@ -77,10 +77,13 @@ for col, (slot, model) in zip(cols, chosen):
 if dataset is not None:
     st.subheader(f"Dataset: {dataset.name}")
     classes = dataset.n_classes
-    present = len(dataset.y.unique()) if classes else 0
-    counted = f"{present} classes" + (f" (labels {int(dataset.y.min())} to {classes - 1})" if present != classes else "")
+    if classes:
+        present = len(dataset.y.unique())
+        labels = f"{present} classes" + (f" (labels {int(dataset.y.min())} to {classes - 1})" if present != classes else "")
+    else:
+        labels = "no class labels" if dataset.y is None else "continuous targets"
     st.write(f"{dataset.n_samples} sample{'s' if dataset.n_samples != 1 else ''} · input shape {tuple(dataset.x.shape[1:])} · "
-             + (counted if classes else "no class labels" if dataset.y is None else "continuous targets")
+             + labels
              + f" · sha256 {dataset.sha256[:12]}")
     if dataset.class_names and classes and list(dataset.class_names) != [str(i) for i in range(len(dataset.class_names))]:
         numbered = ", ".join(f"{i} = {c}" for i, c in enumerate(dataset.class_names[:20]))

@@ -212,6 +212,20 @@ def test_home_counts_the_classes_present_when_labels_do_not_start_at_0(app):
     assert not page_errors(at)
 
 
+@pytest.mark.parametrize(("arrays", "said"), [
+    ({"x": np.random.rand(40, 64).astype(np.float32)}, "no class labels"),
+    ({"x": np.random.rand(40, 64).astype(np.float32), "y": np.random.rand(40)}, "continuous targets"),
+])
+def test_home_describes_a_dataset_without_class_labels(app, arrays, said):
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    at = app.run()
+    at.selectbox(key="dataset_choice").set_value("Upload a file…").run()
+    at.file_uploader(key="dataset_upload").upload("unlabelled.npz", buf.getvalue(), "application/octet-stream").run()
+    assert not page_errors(at) and not at.exception
+    assert any(f"40 samples · input shape (64,) · {said}" in m.value for m in at.markdown)
+
+
 def test_uploaded_dataset_with_wrong_features(app):
     buf = io.BytesIO()
     np.savez(buf, x=np.random.rand(30, 5).astype(np.float32), y=np.arange(30) % 3)
