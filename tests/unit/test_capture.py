@@ -128,6 +128,35 @@ def test_shortcuts_fall_back_when_the_computation_is_not_the_stock_one():
         torch.testing.assert_close(pooled[layer], direct[layer])
 
 
+class _DoubledPool(nn.AdaptiveAvgPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def _replace_forward(module: nn.Module, change) -> nn.Module:
+    stock = module.forward
+    module.forward = lambda x: change(stock(x))
+    return module
+
+
+@pytest.mark.parametrize("net", [
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _DoubledPool(1), nn.Flatten()),
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _replace_forward(nn.AdaptiveAvgPool2d(1), lambda y: y - 3)),
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _replace_forward(nn.BatchNorm2d(4).eval(), lambda y: y * 0 + 5)),
+    lambda: _replace_forward(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1)), lambda y: y),
+], ids=["pool-subclass-forward", "pool-instance-forward", "batchnorm-instance-forward", "sequential-instance-forward"])
+def test_a_module_whose_forward_is_replaced_takes_no_shortcut(net):
+    torch.manual_seed(0)
+    net = net().eval()
+    x = torch.randn(6, 3, 7, 7)
+    layers = ["1", "2"] if isinstance(net[2], nn.BatchNorm2d) else ["1"]
+    direct = _direct(net, x, layers, "mean")
+    pooled, sources = _captured(net, x, layers, "mean")
+    assert set(sources.values()) == {"map"}
+    for layer in layers:
+        torch.testing.assert_close(pooled[layer], direct[layer])
+
+
 def test_hooks_of_others_disable_the_shortcuts_they_could_break():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1)).eval()

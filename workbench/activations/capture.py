@@ -235,8 +235,15 @@ def _same_state(a: tuple, b: tuple) -> bool:
     return all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
 
 
+def _stock_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module`` (an instance of ``base``) runs ``base``'s own forward: neither a subclass nor the instance
+    itself replaces it."""
+    return type(module).forward is base.forward and "forward" not in vars(module)
+
+
 def _global_pool(module: nn.Module, rule: str) -> bool:
-    if not isinstance(module, _GLOBAL_POOLS.get(rule, ())) or getattr(module, "return_indices", False):
+    base = next((c for c in _GLOBAL_POOLS.get(rule, ()) if isinstance(module, c)), None)
+    if base is None or not _stock_forward(module, base) or getattr(module, "return_indices", False):
         return False
     size = module.output_size
     sizes = size if isinstance(size, tuple) else (size,)
@@ -249,7 +256,7 @@ def _sequential_neighbours(root: nn.Module, name: str) -> tuple[nn.Module | None
     container."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
+    if not isinstance(parent, nn.Sequential) or not _stock_forward(parent, nn.Sequential):
         return None, None, None
     names = [k for k, v in parent._modules.items() if v is not None]
     i = names.index(child)
@@ -261,7 +268,7 @@ def _sequential_neighbours(root: nn.Module, name: str) -> tuple[nn.Module | None
 def _eval_batchnorm(module: nn.Module) -> bool:
     """A stock BatchNorm in eval mode with running statistics: a fixed affine map per channel."""
     bn = nn.modules.batchnorm._BatchNorm
-    return (isinstance(module, bn) and type(module).forward is bn.forward and not module.training
+    return (isinstance(module, bn) and _stock_forward(module, bn) and not module.training
             and module.track_running_stats and module.running_mean is not None and module.running_var is not None)
 
 
