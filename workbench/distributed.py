@@ -23,6 +23,7 @@ from workbench.activations.capture import POOLINGS
 from workbench.activations.extract import (
     _as_dataset,
     assemble_cache,
+    batch_dependent,
     cache_key,
     check_layers,
     default_cache_dir,
@@ -104,7 +105,9 @@ def extract_sharded(
 
     Each task extracts one shard into the disk cache; the shards are then concatenated (streamed)
     into the cache entry of the whole dataset, so the result, and every later ``extract`` call with
-    the same arguments, equals the single-process extraction. ``progress(done, total)`` counts shards.
+    the same arguments, equals the single-process extraction. A model whose activations depend on the other samples
+    of a batch (a BatchNorm without running statistics) is extracted in one run instead, since shards would batch it
+    differently. ``progress(done, total)`` counts shards.
     """
     func = "extract_sharded"
     engine = check_choice(engine, "engine", ENGINES, func=func)
@@ -116,7 +119,8 @@ def extract_sharded(
     data = _as_dataset(dataset)
     layers = check_layers(lm, layers)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if (root / cache_key(lm, data, layers, pooling) / "meta.json").exists():
+    if batch_dependent(lm.module) or (root / cache_key(lm, data, layers, pooling, batch_size) / "meta.json").exists():
+        # a model whose activations depend on the batch is extracted in one run, batched as extract batches it
         return extract(lm, data, layers, pooling=pooling, batch_size=batch_size, device=device, cache_dir=root)
     shards = [data.subset(slice(lo, hi), name=f"{data.name}[{lo}:{hi}]") for lo, hi in _shards(data.n_samples, n_shards)]
     calls = [(lm, shard, layers, pooling, batch_size, device, str(root)) for shard in shards]

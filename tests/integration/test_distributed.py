@@ -7,6 +7,7 @@ import builtins
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from workbench import extract
 from workbench.analyses.similarity import similarity_matrix
@@ -22,6 +23,17 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def test_a_model_normalised_by_each_batch_is_extracted_in_one_run(tmp_path):
+    from workbench.models import wrap_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8, track_running_stats=False))
+    model, x = wrap_module(net, name="batch-normed"), torch.randn(30, 5)
+    sharded = extract_sharded(model, x, ["1"], n_shards=3, engine="local", batch_size=8, cache_dir=tmp_path / "a")
+    single = extract(model, x, ["1"], batch_size=8, cache_dir=tmp_path / "b")
+    assert torch.equal(sharded["1"], single["1"])  # shards of 10 would have been normalised as batches 8 + 2
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -80,6 +81,10 @@ def test_second_call_reads_cache(mlp, digits_test, tmp_path, monkeypatch):
 
 
 def _damage(entry: Path, how: str) -> None:
+    if how == "a file in its place":
+        shutil.rmtree(entry)
+        entry.write_text("x")
+        return
     meta_path = entry / "meta.json"
     meta = json.loads(meta_path.read_text())
     files = meta["files"]
@@ -103,7 +108,7 @@ def _damage(entry: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["swapped files", "a layer dropped", "fewer rows", "other pooling", "an empty file",
-                                 "meta.json deleted", "meta.json a list"])
+                                 "meta.json deleted", "meta.json a list", "a file in its place"])
 def test_a_damaged_cache_entry_is_extracted_again(mlp, digits_test, tmp_path, how):
     first = extract(mlp, digits_test, ["fc1", "out"], cache_dir=tmp_path)
     (entry,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
@@ -115,6 +120,22 @@ def test_a_damaged_cache_entry_is_extracted_again(mlp, digits_test, tmp_path, ho
         assert again.layers == ["fc1", "out"] and again.pooling == "mean"
         for layer, values in want.items():
             torch.testing.assert_close(again[layer], values)
+
+
+def test_a_model_normalised_by_each_batch_is_cached_per_batch_size(tmp_path):
+    from workbench.activations.extract import batch_dependent
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())
+    x = torch.randn(16, 3, 6, 6)
+    assert batch_dependent(net) and not batch_dependent(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    by_4 = extract(net, x, ["1"], batch_size=4, cache_dir=tmp_path)["1"].clone()
+    by_16 = extract(net, x, ["1"], batch_size=16, cache_dir=tmp_path)["1"]
+    with torch.inference_mode():
+        expected = {b: torch.cat([net[:2](x[i:i + b]).mean((2, 3)) for i in range(0, 16, b)]) for b in (4, 16)}
+    torch.testing.assert_close(by_4, expected[4])
+    torch.testing.assert_close(by_16, expected[16])  # not the batch-4 entry
+    assert (by_4 - by_16).abs().max() > 0.05
 
 
 def test_activations_are_keyed_by_the_inputs_so_new_labels_reuse_them(mlp, digits_test, tmp_path):

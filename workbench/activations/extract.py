@@ -41,11 +41,11 @@ from workbench.device import full_float32, module_device, resolve_device, rows_o
 from workbench.errors import DataError, ParameterError, UnknownLayerError, WorkbenchError, did_you_mean, format_choices
 from workbench.models.loading import LoadedModel, as_loaded_model, eval_mode
 
-CACHE_FORMAT = 8  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and
+CACHE_FORMAT = 9  # 2: conv-map means may come from a smaller tensor (equal up to float rounding); 3: keyed by weights and
 # structure; 4: the structure includes module attributes and non-persistent buffers, token masks follow the pad id;
 # 5: and tensors kept as plain module attributes; 6: keyed by the inputs alone, entries record each layer's width;
 # 7: shortcut routes only where the container hands maps on unchanged, conv means from the input in float64;
-# 8: conv means from the output map
+# 8: conv means from the output map; 9: shortcut routes only through modules that run their class's own forward
 Progress = Callable[[int, int], None]
 DEVICE_MISMATCH = ("same device", "not on the expected device")  # how torch reports tensors on two devices in one op
 FORWARD_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError, AssertionError, NotImplementedError)
@@ -215,11 +215,22 @@ def list_layers(model: LoadedModel | nn.Module, example: Any = None) -> list[str
     return [info.name for info in layer_info(model, example)]
 
 
-def cache_key(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: str) -> str:
+def batch_dependent(module: nn.Module) -> bool:
+    """Whether a sample's activations depend on the other samples of its batch even in eval mode: a BatchNorm that
+    keeps no running statistics normalises each batch by its own."""
+    bn = nn.modules.batchnorm._BatchNorm
+    return any(isinstance(m, bn) and (not m.track_running_stats or m.running_mean is None) for m in module.modules())
+
+
+def cache_key(model: LoadedModel, dataset: Dataset, layers: list[str], pooling: str, batch_size: int | None = None) -> str:
+    """The cache entry's name: the sha256 of the weights and structure, the inputs (labels do not change activations),
+    the layers and the pooling rule, and the batch size for a model whose activations depend on the batch."""
     dataset.check_unchanged()
-    payload = json.dumps({"format": CACHE_FORMAT, "model": model.content_sha256, "data": dataset.inputs_sha256,
-                          "layers": layers, "pooling": pooling})  # the inputs alone: labels do not change activations
-    return hashlib.sha256(payload.encode()).hexdigest()
+    fields = {"format": CACHE_FORMAT, "model": model.content_sha256, "data": dataset.inputs_sha256, "layers": layers,
+              "pooling": pooling}
+    if batch_dependent(model.module):
+        fields["batch_size"] = batch_size
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
 def _as_dataset(data: Dataset | torch.Tensor | np.ndarray) -> Dataset:
@@ -307,8 +318,12 @@ def remove_stale_partials(root: Path, max_age: float = STALE_PARTIAL_SECONDS) ->
 
 def _cached(folder: Path, dataset: Dataset, model: LoadedModel, layers: list[str], pooling: str) -> Activations | None:
     """The complete cache entry in ``folder`` for ``layers`` of ``dataset`` pooled by ``pooling``, or ``None``: an
-    entry that is damaged, or that does not hold what its key stands for, is removed (and extracted again)."""
+    entry whose files are missing, truncated or unreadable, or that does not hold what its key stands for, is removed
+    (and extracted again), as is a file in the entry's place. The values themselves are not checked: the cache is this
+    user's own files."""
     if not folder.is_dir():
+        if folder.is_file() or folder.is_symlink():
+            folder.unlink(missing_ok=True)
         return None
     try:
         return _read_cache(folder, json.loads((folder / "meta.json").read_text()), dataset, model, layers, pooling)
@@ -415,7 +430,7 @@ def extract(
     batch_size = int(batch_size)
     check_inputs(lm, data)
     dev = resolve_device(device)
-    key = cache_key(lm, data, layers, pooling)
+    key = cache_key(lm, data, layers, pooling, batch_size)
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise ParameterError(f"The 'cache_dir' parameter of extract must be a folder path. Got {type(cache_dir).__name__}.")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
