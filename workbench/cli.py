@@ -66,7 +66,8 @@ def _model_arg(path: str, flag: str, architecture: str | None = None, architectu
     from workbench.errors import ArchitectureError
 
     if not os.path.lexists(path):
-        raise ParameterError(f"{flag} {path}: no such file or folder; give the path of a checkpoint (.safetensors, .pt, "
+        where = f"{flag} {path}" if flag.startswith("-") else f"The {flag} path {path}"  # a positional argument has no flag
+        raise ParameterError(f"{where}: no such file or folder; give the path of a checkpoint (.safetensors, .pt, "
                              "a Hugging Face folder or .zip).")
     try:
         return load_model(path, architecture=architecture)
@@ -147,7 +148,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 def cmd_layers(args: argparse.Namespace) -> int:
     from workbench import layer_info
 
-    model = _model_arg(args.model, "--model", args.architecture)
+    model = _model_arg(args.model, "model", args.architecture)
     print(f"{model.name}: {model.n_parameters:,} parameters, sha256 {model.sha256[:16]}")  # noqa: T201
     infos = layer_info(model)
     name_width = max([2 * i.depth + len(i.name) for i in infos] + [38]) + 2  # columns line up for long paths too
@@ -168,7 +169,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise ParameterError(f"--out {args.out} is not an .npz file name; give a file name ending in .npz.")
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")  # numpy's own rule
     _check_output(out, folder=False)
-    model = _model_arg(args.model, "--model", args.architecture)
+    model = _model_arg(args.model, "model", args.architecture)
     data = _data_arg(args.data)
     _check_fits([model], data)
     with tqdm(total=data.n_samples, unit="sample", disable=None) as bar:
