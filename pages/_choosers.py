@@ -75,9 +75,10 @@ def _model_chooser(slot: str, label: str, default: str, *, optional: bool) -> No
         trust = st.checkbox(
             "I trust this file", key=f"{slot}_trust", value=False,
             help="Only for a full pickle (a whole nn.Module saved with torch.save): opening it runs the code inside it on "
-                 "this server, in a separate process, and only its weights and stock torch.nn layers come back.",
+                 "this server with the server's rights. The separate process it is opened in keeps it out of the app, not "
+                 "off the machine; only its weights and stock torch.nn layers come back.",
         )
-        st.caption("Opening a pickle runs the code inside it.")  # the risk in full, not cut off as a long label is
+        st.caption("Opening a pickle runs the code inside it, with this server's rights.")  # the risk in full, not cut off as a long label is
     if upload is None:
         st.session_state[slot] = None
         return

@@ -158,4 +158,4 @@ st.caption(
     f"n = {dataset.n_samples} samples of {dataset.name}. S: lower = more separable."
     + (f" References (higher = more separable): {'; '.join(references)}." if labels is not None else "")
 )
-_state.report_button("Topology", [*results, matrix, *seps], figures, key="topo_report", pooling=pooling)
+_state.report_button(f"Topology (H{dim})", [*results, matrix, *seps], figures, key="topo_report", pooling=pooling)

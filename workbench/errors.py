@@ -72,3 +72,8 @@ def format_choices(options: Iterable[str], limit: int = 30) -> str:
     items = list(options)
     shown = ", ".join(items[:limit])
     return shown + (f", … ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def non_finite(n: int) -> str:
+    """``"1 NaN or infinite value"``, ``"3 NaN or infinite values"``: a count of bad values for a message."""
+    return f"{n} NaN or infinite value{'s' if n != 1 else ''}"

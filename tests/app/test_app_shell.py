@@ -170,11 +170,11 @@ def test_trust_switch_hidden_with_no_trust(app, monkeypatch):
     at = app.run()
     at.selectbox(key="model_a_choice").set_value("Upload a file…").run()
     assert not [c for c in at.checkbox if c.key == "model_a_trust"]
-    assert "Opening a pickle runs the code inside it." not in [c.value for c in at.caption]
+    assert "Opening a pickle runs the code inside it, with this server's rights." not in [c.value for c in at.caption]
     monkeypatch.delenv("WORKBENCH_NO_TRUST")
     at.run()
     assert [c for c in at.checkbox if c.key == "model_a_trust"]
-    assert "Opening a pickle runs the code inside it." in [c.value for c in at.caption]  # the risk, under the switch
+    assert "Opening a pickle runs the code inside it, with this server's rights." in [c.value for c in at.caption]  # the risk, under the switch
 
 
 def test_trusted_whole_module_pickle_loads_through_a_separate_process(app):

@@ -152,8 +152,9 @@ def test_pt_upload_with_code_refused(tmp_path):
 @pytest.mark.parametrize(
     ("x", "y", "message"),
     [
-        (np.array([[1.0, np.nan], [0.0, 1.0]]), None, r"contains 1 NaN or infinite values"),
-        (np.array([[1.0, np.inf]]), None, r"contains 1 NaN or infinite values"),
+        (np.array([[1.0, np.nan], [0.0, 1.0]]), None, r"contains 1 NaN or infinite value; remove"),
+        (np.array([[np.nan, np.nan], [0.0, -np.inf]]), None, r"contains 3 NaN or infinite values; remove"),
+        (np.array([[1.0, np.inf]]), None, r"contains 1 NaN or infinite value"),
         (np.array([[1.0, 1e300], [-1e39, 0.0]]), None, r"has 2 values beyond the float32 range \(\|x\| > 3.4e\+38\) that models compute in"),
         (np.zeros((0, 3)), None, r"is empty \(0 samples\)"),
         (np.zeros((4, 3)), np.arange(3), r"has 4 samples but 3 labels; they must match"),
@@ -170,7 +171,7 @@ def test_unknown_name_and_wrong_type(tmp_path):
         load_dataset("mnist")
     with pytest.raises(UnsupportedFormatError, match=r"supported types are \.npz, \.csv, \.pt"):
         load_dataset(b"hello", filename="data.xlsx")
-    with pytest.raises(DataError, match=r"is empty \(0 bytes\)"):
+    with pytest.raises(DataError, match=r"is empty \(0 bytes\); choose the file that holds the data, or save it again\."):
         load_dataset(b"", filename="data.csv")
     with pytest.raises(FileTooLargeError, match=r"above the 0 MiB limit"):
         load_dataset(b"1,2\n" * 1000, filename="data.csv", max_bytes=100)

@@ -504,7 +504,7 @@ def test_bad_activations_and_labels():
     x, y = _blobs(n=40)
     bad = x.copy()
     bad[3, 2] = np.nan
-    with pytest.raises(DataError, match="probe_layers: 'x' contains 1 NaN or infinite values"):
+    with pytest.raises(DataError, match="probe_layers: 'x' contains 1 NaN or infinite value"):
         probe_layers({"x": bad}, y)
     big = x.astype(np.float64)
     big[3, 2] = 1e300  # finite, but not in float32, which the probes compute in
@@ -523,7 +523,7 @@ def test_every_layer_is_checked_before_any_is_probed():
     calls = []
     bad = x.copy()
     bad[3, 2] = np.nan
-    with pytest.raises(DataError, match="probe_layers: 'c' contains 1 NaN or infinite values"):
+    with pytest.raises(DataError, match="probe_layers: 'c' contains 1 NaN or infinite value"):
         probe_layers({"a": x, "b": x, "c": bad}, y, progress=lambda done, total: calls.append(done))
     big = x.astype(np.float64)
     big[3, 2] = 1e300
@@ -592,7 +592,7 @@ def test_labels_of_mixed_types_and_nan_groups_are_refused():
     with pytest.raises(DataError, match=r"probe_layers: 'labels' mix value types \(int, str\); give every sample a label of one type"):
         probe_layers({"x": x}, [1] * 20 + ["a"] * 20, cv=2)
     groups = np.r_[np.nan, np.arange(39.0)]
-    with pytest.raises(DataError, match=r"probe_layers: 'groups' contain 1 NaN or infinite values"):
+    with pytest.raises(DataError, match=r"probe_layers: 'groups' contain 1 NaN or infinite value"):
         probe_layers({"x": x}, np.arange(40) % 2, cv=2, groups=groups)
 
 

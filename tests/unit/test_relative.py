@@ -284,7 +284,7 @@ def test_stitching_with_sparse_labels_equals_stitching_with_class_indices():
 def test_nan_labels_are_no_class():
     x = _rng().normal(size=(40, 6))
     labels = np.r_[np.nan, np.zeros(39)]
-    with pytest.raises(DataError, match=r"relative_comparison: 'labels' contain 1 NaN or infinite values, which are no class"):
+    with pytest.raises(DataError, match=r"relative_comparison: 'labels' contain 1 NaN or infinite value, which are no class"):
         relative_comparison(x, x, n_anchors=10, labels=labels)
 
 

@@ -403,7 +403,7 @@ def test_sample_models_from_different_seeds_are_similar_but_not_identical(sample
 def test_error_nan_input():
     x = _rng().normal(size=(10, 3))
     x[2, 1] = np.nan
-    with pytest.raises(DataError, match=r"linear_cka: 'x' contains 1 NaN or infinite values"):
+    with pytest.raises(DataError, match=r"linear_cka: 'x' contains 1 NaN or infinite value"):
         linear_cka(x, x)
 
 
@@ -1116,7 +1116,7 @@ def test_exact_stream_reads_chunks_into_one_workspace_and_checks_each_chunk(monk
     assert [v.data_ptr() - flat.data_ptr() for v in views] == [0, 128, 192]  # 64-byte steps, as torch aligns
     bad = x.copy()
     bad[450, 3] = np.nan  # in a later chunk
-    with pytest.raises(DataError, match=r"similarity_matrix: 'acts_a\['x'\]' contains 1 NaN or infinite values"):
+    with pytest.raises(DataError, match=r"similarity_matrix: 'acts_a\['x'\]' contains 1 NaN or infinite value"):
         similarity_matrix({"x": bad, "y": acts["y"]}, memory_limit_mb=0.2)
 
 

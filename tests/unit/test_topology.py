@@ -791,6 +791,11 @@ def test_betti_steps_are_the_exact_betti_curve():
             assert beta[i - 1] - beta[i] >= (dgm[:, 1] == death).sum() - (dgm[:, 0] == death).sum()
     t0, beta0 = res.betti_steps(0)
     assert beta0[0] == 60 and beta0[-1] == 1  # every point at 0, one component at the end
+    for bad in (-1, "0", 0.0, True):
+        with pytest.raises(ParameterError, match=r"A homology dimension is an int in 0\.\.1; got "):
+            res.betti_steps(bad)
+    with pytest.raises(ParameterError, match=r"dimension 2 was not computed\. Recompute with max_dim=2"):
+        res.diagram(2)
 
 
 TEXT_LAYERS = ["embed", "layers.0.norm1", "layers.0.linear1", "layers.0.linear2", "layers.0.norm2", "layers.1.norm1",

@@ -22,6 +22,7 @@ from workbench.errors import (
     UnknownLayerError,
     did_you_mean,
     format_choices,
+    non_finite,
 )
 
 ArrayLike = Any  # numpy array, torch tensor, or nested sequence of numbers
@@ -72,7 +73,7 @@ def as_matrix(
         n_bad = int((~torch.isfinite(source)).sum()) if source.is_floating_point() else 0
         if n_bad:
             raise DataError(
-                f"{func}: '{name}' contains {n_bad} NaN or infinite values; remove or impute them before the analysis."
+                f"{func}: '{name}' contains {non_finite(n_bad)}; remove or impute them before the analysis."
             )
         n_big = int((~torch.isfinite(t)).sum())
         raise DataError(
@@ -253,7 +254,7 @@ def as_labels(y: ArrayLike, n_samples: int, *, func: str, name: str = "labels", 
         arr = arr.astype(str if kinds == {"str"} else np.int64)
     if classes and arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError(
-            f"{func}: '{name}' contain {int((~np.isfinite(arr)).sum())} NaN or infinite values, which are no class; "
+            f"{func}: '{name}' contain {non_finite(int((~np.isfinite(arr)).sum()))}, which are no class; "
             "drop those samples or give them a label."
         )
     return arr

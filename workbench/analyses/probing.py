@@ -47,7 +47,7 @@ from workbench.analyses._validation import (
     is_finite,
 )
 from workbench.device import float64_device, resolve_device
-from workbench.errors import DataError, ParameterError
+from workbench.errors import DataError, ParameterError, non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -510,7 +510,7 @@ def _prepare_targets(
     if regression:
         if not np.isfinite(arr).all():
             raise DataError(
-                f"{func}: 'labels' contain {int((~np.isfinite(arr)).sum())} NaN or infinite values; remove those samples."
+                f"{func}: 'labels' contain {non_finite(int((~np.isfinite(arr)).sum()))}; remove those samples."
             )
         if float(arr.max() - arr.min()) == 0.0:
             raise DataError(

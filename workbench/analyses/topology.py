@@ -139,6 +139,8 @@ class PersistenceResult(RecordedResult):
 
     def diagram(self, dim: int) -> np.ndarray:
         """The ``(n_bars, 2)`` diagram of homology dimension ``dim``."""
+        if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 0:
+            raise ParameterError(f"A homology dimension is an int in 0..{self.max_dim}; got {dim!r}.")
         if dim not in self.diagrams:
             raise ParameterError(
                 f"This persistence result has dimensions 0..{self.max_dim}; dimension {dim!r} was not computed. "
@@ -755,7 +757,7 @@ def persistence(
         "collapse+ripser": "Vietoris-Rips persistence, edge collapse + gudhi Ripser (sparse)",
     }[engine] + f", {metric} distance"
     if subsample is not None:
-        label += f"; H0 of all {n} points (minimum spanning tree), H>=1 on {len(subsample)} of {n} points (farthest-point sampling)"
+        label += f"; H0 of all {n} points (minimum spanning tree), H≥1 on {len(subsample)} of {n} points (farthest-point sampling)"
     return PersistenceResult(
         diagrams=diagrams,
         betti_grid=grid,

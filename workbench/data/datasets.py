@@ -34,6 +34,7 @@ from workbench.errors import (
     UnsupportedFormatError,
     WorkbenchError,
     format_choices,
+    non_finite,
 )
 
 BUILTIN_DATASETS = ("digits", "blobs", "sentences")
@@ -197,7 +198,7 @@ def make_dataset(name: str, x: Any, y: Any = None, *, class_names: tuple[str, ..
     if xt.dtype.is_floating_point:
         n_bad = int((~torch.isfinite(xt)).sum())
         if n_bad:
-            raise DataError(f"Dataset '{name}' contains {n_bad} NaN or infinite values; remove or impute them, then load the data again.")
+            raise DataError(f"Dataset '{name}' contains {non_finite(n_bad)}; remove or impute them, then load the data again.")
         xt = xt.to(torch.float32)
         n_big = int((~torch.isfinite(xt)).sum())
         if n_big:
@@ -460,7 +461,7 @@ def load_dataset(source: str | Path | bytes, *, split: str | None = None, filena
     if len(data) > max_bytes:
         raise FileTooLargeError(f"Dataset file '{name}' is {len(data) / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit.")
     if not data:
-        raise DataError(f"Dataset file '{name}' is empty (0 bytes).")
+        raise DataError(f"Dataset file '{name}' is empty (0 bytes); choose the file that holds the data, or save it again.")
     try:
         made = _read_file(data, name, max_bytes)
         if not isinstance(source, (bytes, bytearray)):
