@@ -119,8 +119,16 @@ def test_wrong_shapes_and_keys_are_named():
     state = dict(build_model(MLP).state_dict())
     state["extra.weight"] = torch.zeros(1)
     del state["out.bias"]
-    with pytest.raises(ArchitectureError, match=r"missing out\.bias; unexpected extra\.weight"):
+    with pytest.raises(ArchitectureError, match=r"missing out\.bias; unexpected extra\.weight\. Check the spec's sizes\."):
         load_model(_state_bytes(state), filename="w.pt", architecture=MLP)
+
+
+def test_a_bare_linear_layer_is_told_that_only_its_key_names_differ():
+    state = nn.Linear(64, 10).state_dict()  # keys 'weight' and 'bias', the shapes of a one-layer mlp's 'out'
+    with pytest.raises(ArchitectureError, match=r"missing out\.weight, out\.bias; unexpected weight, bias\. The file holds "
+                                                r"tensors of the spec's shapes under other names: save them under the spec's "
+                                                r"names \(its layers are out\) and load the file again\."):
+        load_model(_state_bytes(state), filename="x.pt", architecture={"type": "mlp", "sizes": [64, 10]})
 
 
 def test_unknown_architecture_type():

@@ -745,6 +745,13 @@ def _mismatches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     return parts
 
 
+def _renamed(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds the tensors ``expected`` names, by shape, only under other names."""
+    missing = sorted(tuple(v.shape) for k, v in expected.items() if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(tuple(v.shape) for k, v in state.items() if k not in expected)
+    return bool(missing) and missing == unexpected
+
+
 def _loads_exactly(spec: dict[str, Any], state: dict[str, torch.Tensor]) -> bool:
     """Whether the module ``spec`` builds takes ``state`` with no key missing, extra or of another shape."""
     try:
@@ -839,8 +846,13 @@ def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec
     state = _strip_prefix(state, set(expected))
     parts = _mismatches(expected, state)
     if parts:
+        advice = "Check the spec's sizes."
+        if _renamed(expected, state):
+            layers = list(dict.fromkeys(k.rpartition(".")[0] for k in expected if "." in k))
+            advice = (f"The file holds tensors of the spec's shapes under other names: save them under the spec's names "
+                      f"(its layers are {', '.join(layers[:8])}{' …' if len(layers) > 8 else ''}) and load the file again.")
         raise ArchitectureError(
-            f"The weights in '{label}' do not match the '{spec['type']}' architecture spec: {'; '.join(parts)}. Check the spec's sizes."
+            f"The weights in '{label}' do not match the '{spec['type']}' architecture spec: {'; '.join(parts)}. {advice}"
         )
     stored = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
     state = _checked_values(state, expected, label)
