@@ -775,6 +775,25 @@ def test_betti_curves_are_scaled_by_the_largest_death_of_the_dimension_shown():
     assert fig.layout.xaxis.title.text.endswith("/ largest H1 death")
 
 
+def test_a_bar_that_never_dies_ends_at_the_infinity_tick_of_the_barcode():
+    from workbench.plots import topology as plots
+
+    a, b = persistence(circle(40, noise=0.05, seed=1)), persistence(3 * circle(40, noise=0.05, seed=2))
+    h0 = plots.barcode(a, b, dim=0)
+    for axis in (h0.layout.xaxis, h0.layout.xaxis2):
+        assert axis.ticktext[-1] == "∞" and axis.tickvals[-1] > max(_finite_deaths(a) + _finite_deaths(b))
+        assert "∞" not in axis.ticktext[:-1]
+    longest = np.asarray(h0.data[0].x, dtype=float)[:2]  # the first bar drawn is the never-dying one
+    assert longest[1] == h0.layout.xaxis.tickvals[-1]
+    h1 = plots.barcode(a, b, dim=1)  # no H1 bar is endless: plain numbers
+    assert h1.layout.xaxis.ticktext is None
+
+
+def _finite_deaths(r):
+    deaths = np.concatenate([dg[:, 1] for dg in r.diagrams.values()])
+    return list(deaths[np.isfinite(deaths)])
+
+
 def test_betti_steps_are_the_exact_betti_curve():
     cloud = circle(60, noise=0.05, seed=4)
     res = persistence(cloud)

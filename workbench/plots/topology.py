@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -44,6 +45,15 @@ def _top(results: Sequence[PersistenceResult]) -> float:
     return top if top > 0 else 1.0
 
 
+def _infinity_ticks(top: float) -> tuple[float, dict[str, Any]]:
+    """Where a never-dying bar ends on an axis whose largest finite value is ``top``, and that axis's ticks: round
+    numbers up to ``top`` and ∞ at the end, half a step clear of the last number."""
+    inf_at = top * 1.08
+    step = nice_step(top)
+    finite = [float(t) for t in np.arange(0.0, inf_at - step / 2, step)]
+    return inf_at, {"tickmode": "array", "tickvals": [*finite, inf_at], "ticktext": [f"{t:.6g}" for t in finite] + ["∞"]}
+
+
 def _subsample_note(r: PersistenceResult) -> str:
     return f" (H≥1 on {r.n_points_used} of {r.n_points})" if r.subsampled else ""
 
@@ -60,9 +70,7 @@ def persistence_diagram(*results: PersistenceResult, titles: Sequence[str] | Non
         rows=1, cols=len(results), subplot_titles=[t + _subsample_note(r) for t, r in zip(titles, results)]
     )
     top = _top(results)
-    inf_y = top * 1.08
-    step = nice_step(top)
-    finite_ticks = [float(t) for t in np.arange(0.0, inf_y - step / 2, step)]  # half a step clear of the ∞ label
+    inf_y, ticks = _infinity_ticks(top)
     for c, (r, name) in enumerate(zip(results, titles), start=1):
         fig.add_trace(
             go.Scatter(
@@ -108,8 +116,7 @@ def persistence_diagram(*results: PersistenceResult, titles: Sequence[str] | Non
             )
         fig.update_xaxes(title_text=f"birth ({r.metric} distance)", range=[-0.02 * inf_y, inf_y * 1.02], row=1, col=c)
         fig.update_yaxes(title_text=f"death ({r.metric} distance)", range=[-0.02 * inf_y, inf_y * 1.05],
-                         tickmode="array", tickvals=[*finite_ticks, inf_y],
-                         ticktext=[f"{t:.6g}" for t in finite_ticks] + ["∞"], row=1, col=c)
+                         **ticks, row=1, col=c)
     fig.update_layout(height=420)
     return titled(
         fig,
@@ -133,10 +140,11 @@ def barcode(
         n_bars = len(r.diagram(dim))
         sub.append(t + _subsample_note(r) + (f", {max_bars} longest of {n_bars}" if n_bars > max_bars else ""))
     fig = make_subplots(rows=1, cols=len(results), subplot_titles=sub)
-    top = _top(results)
+    inf_x, ticks = _infinity_ticks(_top(results))
+    endless = any(np.isinf(r.diagram(dim)[:max_bars, 1]).any() for r in results)  # bars that never die end at ∞
     for c, r in enumerate(results, start=1):
         dg = r.diagram(dim)[:max_bars]
-        death = np.where(np.isfinite(dg[:, 1]), dg[:, 1], top * 1.08)
+        death = np.where(np.isfinite(dg[:, 1]), dg[:, 1], inf_x)
         y = np.arange(len(dg))[::-1]
         xs = np.stack([dg[:, 0], death, np.full(len(dg), np.nan)], 1).ravel()
         ys = np.stack([y, y, np.full(len(dg), np.nan)], 1).ravel()
@@ -153,7 +161,8 @@ def barcode(
             row=1,
             col=c,
         )
-        fig.update_xaxes(title_text=f"filtration value ({r.metric} distance)", row=1, col=c)
+        fig.update_xaxes(title_text=f"filtration value ({r.metric} distance)", row=1, col=c,
+                         **({"range": [-0.02 * inf_x, inf_x * 1.02], **ticks} if endless else {}))
         fig.update_yaxes(showticklabels=False, row=1, col=c)
     fig.update_layout(height=380)
     return titled(
