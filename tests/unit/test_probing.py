@@ -689,3 +689,12 @@ def test_each_probe_records_the_regularisation_it_was_fitted_with():
     assert probe_layers({"l": x}, y, cv=3, control=False, c=0.5).params["c"] == 0.5
     mlp = probe_layers({"l": x}, y, cv=3, control=False, probe="mlp")
     assert "c" not in mlp.params and mlp.params["weight_decay"] == probing.MLP_WEIGHT_DECAY
+
+
+@pytest.mark.parametrize("labels", [np.arange(300) % 2, np.linspace(0.0, 1.0, 300)], ids=["classes", "float target"])
+def test_a_dead_layer_is_refused_as_constant_not_as_copies(labels):
+    from workbench.errors import ConstantDataError
+
+    with pytest.raises(ConstantDataError, match=r"probe_layers: every probed layer is constant over samples \(all 300 "
+                                                 r"samples give the same activations\), so a probe can only guess"):
+        probe_layers({"dead": np.ones((300, 4))}, labels)

@@ -47,7 +47,7 @@ from workbench.analyses._validation import (
     is_finite,
 )
 from workbench.device import float64_device, resolve_device
-from workbench.errors import DataError, ParameterError, non_finite
+from workbench.errors import ConstantDataError, DataError, ParameterError, non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -531,7 +531,7 @@ def _prepare_targets(
                 f"{func}: cv={cv} folds of {n} samples leave test folds of one sample, where R^2 is undefined; "
                 f"use cv <= {n // 2}."
             )
-        group, n_distinct = _distinct(copies, n)
+        group, n_distinct = _distinct(copies, n, func)
         if cv > n_distinct // 2:
             fix = f"use cv <= {n_distinct // 2}" if n_distinct >= 4 else "probe at least 4 distinct samples"
             raise ParameterError(
@@ -562,7 +562,7 @@ def _prepare_targets(
                 f"{func}: class {rare!r} has {fewest} sample{'s' if fewest != 1 else ''} but cv={cv} folds need at least "
                 f"{cv} per class; {fix}."
             )
-        group, n_distinct = _distinct(copies, n)
+        group, n_distinct = _distinct(copies, n, func)
         folds = np.empty(n, dtype=np.int64)
         if n_distinct == n:
             splits = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(np.zeros(n), y)
@@ -598,10 +598,17 @@ def _prepare_targets(
                     copies=n - n_distinct)
 
 
-def _distinct(copies: Callable[[], np.ndarray] | None, n: int) -> tuple[np.ndarray, int]:
-    """The copy group of each sample and the number of groups (distinct samples)."""
+def _distinct(copies: Callable[[], np.ndarray] | None, n: int, func: str) -> tuple[np.ndarray, int]:
+    """The copy group of each sample and the number of groups (distinct samples); every sample one copy of one (every
+    probed layer constant) is refused as a dead representation."""
     group = np.arange(n) if copies is None else copies()
-    return group, int(group.max()) + 1
+    n_distinct = int(group.max()) + 1
+    if n_distinct == 1 and n > 1:
+        raise ConstantDataError(
+            f"{func}: every probed layer is constant over samples (all {n} samples give the same activations), so a probe "
+            "can only guess; pick a layer that varies, or check that the model is not dead on this dataset."
+        )
+    return group, n_distinct
 
 
 def _probe(

@@ -493,7 +493,7 @@ def cross_model_agreement(
     * Jaccard@k: overlap (intersection over union) of the top-k samples retrieved by ``a_i`` and the
       top-k retrieved by ``b_i`` itself (both lists include the query's own sample). In [0, 1].
     * MRR: mean of ``1 / rank`` of ``b_i`` among the scored samples of B when queried with ``a_i``
-      (rank 1 = best; ``1 + #{j: cos(a_i, b_j) > cos(a_i, b_i)}``; not truncated at k). In (0, 1].
+      (rank 1 = best; ``1 + #{j: cos(a_i, b_j) > cos(a_i, b_i)} + #{j != i: cos(a_i, b_j) = cos(a_i, b_i)} / 2``, exact ties counted half; not truncated at k). In (0, 1].
     * mean cosine between ``a_i`` and ``b_i``. In [-1, 1].
 
     The samples given in ``anchors`` are left out, as queries and as candidates: anchor ``j`` has cosine
