@@ -39,7 +39,7 @@ def test_a_constant_layer_has_one_occupied_bin_and_no_dead_units():
 
 
 def test_bad_input_gets_a_clear_message():
-    with pytest.raises(DataError, match=r"'fc1' contains 1 NaN or infinite values; remove or impute them"):
+    with pytest.raises(DataError, match=r"'fc1' contains 1 NaN or infinite value; remove or impute them"):
         layer_stats(torch.tensor([[1.0, float("nan")], [2.0, 3.0]]), "fc1")
     with pytest.raises(ParameterError, match=r"The 'bins' parameter of layer_stats must be an int in \[5, 500\]. Got 2."):
         layer_stats(torch.zeros(3, 2), "fc1", bins=2)
