@@ -9,6 +9,7 @@ from workbench.analyses.embedding import ID_METHODS, METHODS, aligned_embedding,
 from workbench.plots.embedding import embedding_scatter, intrinsic_dimension_profile
 
 _state.in_app_shell()
+METHOD_NAMES = {"umap": "UMAP", "pca": "PCA", "tsne": "t-SNE"}
 
 SELECTION = "emb_selection"
 
@@ -43,12 +44,12 @@ HELP = {
 }
 c1, c2, c3, c4 = st.columns(4)
 method = c1.selectbox("Method", METHODS, key="emb_method", persist_state="session", help=HELP["method"],
-                      format_func=lambda m: {"umap": "UMAP", "pca": "PCA", "tsne": "t-SNE"}.get(m, m))
+                      format_func=lambda m: METHOD_NAMES.get(m, m))
 seed = int(c2.number_input("Seed", min_value=0, value=0, step=1, key="emb_seed", persist_state="session", help=HELP["seed"]))
 n_neighbors = int(c3.slider("UMAP neighbours", 5, 50, 15, key="emb_neighbors", persist_state="session", help=HELP["neighbors"],
                             disabled=method != "umap"))
 alone = f"Two layers of model {_state.slots(models)[0].upper()}"  # B when B is analysed alone
-modes = ["Model A vs model B, same layer", alone] if len(models) == 2 else [alone]
+modes = ["Model A vs model B", alone] if len(models) == 2 else [alone]
 mode = _state.kept_choice(c4.radio, "Compare", modes, key="emb_mode")
 pooling = _state.pooling_picker("emb_pooling")
 
@@ -56,8 +57,13 @@ left, right = st.columns(2)
 if mode == modes[0] and len(models) == 2:
     with left:
         layer_a = _state.layer_picker(models[0], key="emb_layer_a", multi=False)[0]
+    if st.session_state.get("_emb_followed") not in (None, layer_a):  # A's layer changed: B takes it where it has one
+        if any(i.name == layer_a and i.output_shape is not None for i in _state.cached_layer_info(models[1])):
+            st.session_state["emb_layer_b"] = layer_a
+    st.session_state["_emb_followed"] = layer_a
     with right:
-        layer_b = _state.layer_picker(models[1], key="emb_layer_b", multi=False, default=[layer_a])[0]
+        layer_b = _state.layer_picker(models[1], key="emb_layer_b", multi=False, default=[layer_a],
+                                      label=f"Layer of {models[1].name} (follows A's)")[0]
     sources = [(models[0], layer_a), (models[1], layer_b)]
 else:
     first = _state.default_layers(models[0])[:1]
@@ -135,5 +141,7 @@ with _state.guard():
         profiles.append(_state.cached_call(layer_intrinsic_dimension, acts, method=id_method))
 dims = intrinsic_dimension_profile(*profiles, names=[m.name for m in models])
 st.plotly_chart(dims, width="stretch", key="emb_id_chart")
-views_fig = [embedding_scatter(result, view=i, color=labels) for i in range(2)]
-_state.report_button("Embedding", [result, *profiles], [*views_fig, dims], key="emb_report", pooling=pooling)
+views_fig = [embedding_scatter(result, view=i, color=color, color_name=color_name, labels=labels, selected=selection)
+             for i in range(2)]  # as the page shows them
+_state.report_button(f"Embedding ({METHOD_NAMES.get(method, method)})", [result, *profiles], [*views_fig, dims],
+                     key="emb_report", pooling=pooling)

@@ -33,6 +33,26 @@ def test_embedding_page_umap_two_models(app):
     assert "Intrinsic dimension" in charts[2].proto.spec
 
 
+def test_b_follows_the_layer_chosen_for_a_and_the_report_shows_the_page_s_views(app):
+    at = _open(app)
+    assert at.selectbox(key="emb_layer_a").label == "Layer of mlp_seed0"
+    at.selectbox(key="emb_layer_a").set_value("relu1").run()
+    assert at.selectbox(key="emb_layer_b").value == "relu1"  # the same layer of both models, not A's relu1 vs B's out
+    titles = [figure_title(json.loads(c.proto.spec)) for c in at.get("plotly_chart")[:2]]
+    assert titles[0].startswith("mlp_seed0 · relu1") and titles[1].startswith("mlp_seed1 · relu1")
+    at.selectbox(key="emb_layer_b").set_value("fc2").run()  # B may still be set apart on purpose
+    assert at.selectbox(key="emb_layer_a").value == "relu1" and at.selectbox(key="emb_layer_b").value == "fc2"
+    at.selectbox(key="emb_color").set_value("distance moved between the views").run()
+    at.button(key="emb_report").click().run()
+    shown = [json.loads(c.proto.spec) for c in at.get("plotly_chart")[:2]]
+    reported = at.session_state["report_sections"][-1]["figures"][:2]
+    for page_fig, report_fig in zip(shown, reported):
+        assert figure_title(page_fig) == figure_title(report_fig.to_plotly_json())
+        assert [t.get("name") for t in page_fig["data"]] == [t.name for t in report_fig.data]
+        assert page_fig["data"][0]["marker"]["colorbar"]["title"]["text"] == "distance moved"
+        assert report_fig.data[0].marker.colorbar.title.text == "distance moved"  # coloured as on the page
+
+
 def test_selection_by_index_highlights_both_views_and_downloads(app):
     at = _open(app)
     assert not page_errors(at)
