@@ -17,7 +17,13 @@ from workbench.analyses.similarity import (
     similarity_matrix,
 )
 from workbench.errors import WorkbenchError
-from workbench.plots.similarity import class_agreement_bars, measure_label, relative_scatter, similarity_heatmap
+from workbench.plots.similarity import (
+    class_agreement_bars,
+    measure_label,
+    relative_scatter,
+    result_label,
+    similarity_heatmap,
+)
 from workbench.registry import get_analysis
 
 _state.in_app_shell()
@@ -119,9 +125,7 @@ if chance is not None:
         + (" Biased CKA of unrelated layers stays above 0: tick 'Debiased' for a chance level near 0."
            if measure in ("linear_cka", "rbf_cka") and not options.get("debiased") and high > 0.1 else "")
     )
-variant = (f" ({ {'svcca': 'SVCCA', 'pwcca': 'PWCCA', 'mean': 'mean CCA'}[options['kind']] })"  # which CCA summary
-           if measure == "cca_similarity" else "")
-title = f"{measure_label(measure)}{variant}: {result.model_a} vs {result.model_b}"
+title = f"{result_label(result)}: {result.model_a} vs {result.model_b}"  # with the variant: debiased, angular, ...
 with_chance = [result, chance] if chance is not None else result  # the section reads each cell against chance too
 _state.report_button(title, with_chance, [heatmap], key="cmp_report", analysis="similarity",
                      params={"measure": measure, **options, "chance": chance is not None}, layers=layers_a, layers_b=layers_b,
@@ -157,7 +161,7 @@ if agreement.absolute_mean_jaccard is not None:
 cols = st.columns(3)
 cell_chance = None if chance is None else float(chance.values[chance.layers_a.index(cell_a), chance.layers_b.index(cell_b)])
 defined = bool(np.isfinite(value))
-cols[0].metric(measure_label(measure), f"{value:.4f}" if defined else "n/a", help=result.estimator,
+cols[0].metric(result_label(result), f"{value:.4f}" if defined else "n/a", help=result.estimator,
                delta=None if cell_chance is None or not defined else f"{value - cell_chance:+.3f} vs chance ({cell_chance:.3f})",
                delta_color="normal" if result.higher_is_closer else "inverse")
 cols[1].metric(f"Jaccard@{agreement.k} (relative)", f"{agreement.mean_jaccard:.3f}", delta=gain, help=HELP["jaccard"])

@@ -102,7 +102,7 @@ def test_measure_options_change_the_heatmap(compare):
     at.selectbox(key="cmp_measure").set_value("procrustes_distance").run()
     at.checkbox(key="cmp_angular").check().run()
     title = _titles(at)[0]
-    assert title.startswith("Procrustes distance") and "lower is closer" in title and "angular" in title
+    assert title.startswith("angular Procrustes distance") and "lower is closer" in title
 
 
 def test_the_same_model_chosen_as_a_and_b_is_said_to_be_b(app):
@@ -145,7 +145,7 @@ def test_cca_of_pairs_wider_than_the_samples_is_marked_n_a_and_the_rest_is_shown
     assert any("n/a (NaN) for" in c.value and "use the SVCCA summary (kind='svcca') for them" in shown(c.value) for c in at.caption)
     at.selectbox(key="cmp_cell_a").set_value("relu1")
     at.selectbox(key="cmp_cell_b").set_value("relu1").run()
-    assert _metrics(at)["CCA similarity"] == "n/a"
+    assert _metrics(at)["CCA similarity (mean CCA)"] == "n/a"
 
 
 def test_pwcca_when_no_pair_is_defined_points_to_svcca(compare):
@@ -161,6 +161,22 @@ def test_pwcca_when_no_pair_is_defined_points_to_svcca(compare):
     assert not page_errors(at) and at.get("plotly_chart")
     at.button(key="cmp_report").click().run()
     assert at.session_state["report_sections"][0]["title"].startswith("CCA similarity (SVCCA): ")  # names its summary
+
+
+def test_the_heatmap_and_report_section_name_the_variant_of_the_measure(compare):
+    import plotly.io
+
+    at = compare
+    at.selectbox(key="cmp_measure").set_value("procrustes_distance").run()
+    at.checkbox(key="cmp_angular").check().run()
+    heatmap = plotly.io.from_json(at.get("plotly_chart")[0].proto.spec)
+    assert heatmap.data[0].colorbar.title.text.startswith("angular Procrustes distance<br>")
+    at.button(key="cmp_report").click().run()
+    assert at.session_state["report_sections"][-1]["title"].startswith("angular Procrustes distance: ")
+    at.selectbox(key="cmp_measure").set_value("linear_cka").run()
+    at.checkbox(key="cmp_debiased").check().run()
+    at.button(key="cmp_report").click().run()
+    assert at.session_state["report_sections"][-1]["title"].startswith("debiased linear CKA: ")
 
 
 def test_layers_and_the_detail_cell_are_kept_while_the_user_visits_another_page(compare):

@@ -615,6 +615,23 @@ def test_error_minibatch_inputs():
 # plots and device
 
 
+@pytest.mark.parametrize(("measure", "options", "label"), [
+    ("linear_cka", {}, "linear CKA"),
+    ("linear_cka", {"debiased": True}, "debiased linear CKA"),
+    ("rbf_cka", {"debiased": True}, "debiased RBF CKA"),
+    ("procrustes_distance", {"angular": True}, "angular Procrustes distance"),
+    ("cca_similarity", {"kind": "mean"}, "CCA similarity (mean CCA)"),
+    ("rsa", {"rdm": "euclidean", "compare": "pearson"}, "RSA (euclidean RDM, Pearson)"),
+])
+def test_figures_name_the_variant_of_the_measure(measure, options, label):
+    from workbench.plots.similarity import result_label, similarity_heatmap
+
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    result = similarity_matrix({"a": x, "b": x[:, ::-1] + 1}, None, measure=measure, **options)
+    assert result_label(result) == label
+    assert similarity_heatmap(result).data[0].colorbar.title.text.startswith(f"{label}<br>")
+
+
 def test_heatmap_records_estimator_and_n_and_hover_values():
     from workbench.plots.similarity import similarity_heatmap
 

@@ -37,6 +37,25 @@ def measure_label(measure: str) -> str:
     return _MEASURE_LABELS.get(measure, measure)
 
 
+def result_label(result: SimilarityMatrixResult) -> str:
+    """The measure of ``result`` with the variant it was computed with, as figures and report sections name it:
+    "debiased linear CKA", "angular Procrustes distance", "CCA similarity (PWCCA)", "RSA (correlation RDM, Spearman)"."""
+    params, label = result.params, measure_label(result.measure)
+    if result.measure in ("linear_cka", "rbf_cka") and params.get("debiased"):
+        return f"debiased {label}"
+    if result.measure == "procrustes_distance" and params.get("angular"):
+        return f"angular {label}"
+    if result.measure == "cca_similarity" and params.get("kind"):
+        return f"{label} ({_CCA_KINDS.get(params['kind'], params['kind'])})"
+    if result.measure == "rsa" and params.get("rdm"):
+        compare = f", {str(params['compare']).capitalize()}" if params.get("compare") else ""
+        return f"{label} ({params['rdm']} RDM{compare})"
+    return label
+
+
+_CCA_KINDS = {"svcca": "SVCCA", "pwcca": "PWCCA", "mean": "mean CCA"}
+
+
 def colour_range(result: SimilarityMatrixResult) -> tuple[float | None, float | None]:
     """The colour scale of a similarity heatmap.
 
@@ -63,7 +82,7 @@ def similarity_heatmap(result: SimilarityMatrixResult, *, annotate: bool | None 
     undefined cell (NaN) has no colour and reads "n/a", in the cell and on hover.
     """
     values = np.asarray(result.values)
-    label = measure_label(result.measure)
+    label = result_label(result)
     annotate = values.size <= 144 if annotate is None else annotate
     zmin, zmax = colour_range(result)
     direction = "higher is closer" if result.higher_is_closer else "lower is closer"
