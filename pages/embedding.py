@@ -6,10 +6,9 @@ import streamlit as st
 
 from pages import _state
 from workbench.analyses.embedding import ID_METHODS, METHODS, aligned_embedding, layer_intrinsic_dimension
-from workbench.plots.embedding import embedding_scatter, intrinsic_dimension_profile
+from workbench.plots.embedding import METHOD_NAMES, embedding_scatter, intrinsic_dimension_profile
 
 _state.in_app_shell()
-METHOD_NAMES = {"umap": "UMAP", "pca": "PCA", "tsne": "t-SNE"}
 
 SELECTION = "emb_selection"
 

@@ -461,6 +461,15 @@ def test_intrinsic_dimension_errors():
 # plots
 
 
+def test_a_rotated_view_names_its_axes_by_the_frame_it_was_rotated_into():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    result = aligned_embedding({"A · out": x, "B · out": x + 0.1 * rng.normal(size=x.shape)}, method="pca")
+    first, second = (embedding_scatter(result, view=v).layout for v in (0, 1))
+    assert (first.xaxis.title.text, first.yaxis.title.text) == ("PCA 1", "PCA 2")
+    assert (second.xaxis.title.text, second.yaxis.title.text) == ("PCA 1 (frame of A · out)", "PCA 2 (frame of A · out)")
+
+
 def test_embedding_scatter_carries_indices_labels_and_selection():
     x, y = _blobs(n=60, d=5, n_classes=3)
     result = embed(x, method="pca")

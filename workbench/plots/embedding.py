@@ -71,10 +71,13 @@ def embedding_scatter(
         fig.add_trace(
             _trace(coords, index, values.astype(float), names, None, color_name, color_name, chosen, show_legend=False)
         )
+    method = METHOD_NAMES.get(result.method, result.method)
+    # a later view of an aligned result is rotated onto the first: its axes are the first view's, not its own components
+    frame_of = f" (frame of {result.names[0]})" if isinstance(result, AlignedEmbeddingResult) and view > 0 else ""
     if coords.shape[1] < 3:
         fig.update_layout(
-            xaxis_title=f"{result.method} 1",
-            yaxis_title=f"{result.method} 2" if coords.shape[1] > 1 else "",
+            xaxis_title=f"{method} 1{frame_of}",
+            yaxis_title=f"{method} 2{frame_of}" if coords.shape[1] > 1 else "",
             dragmode="lasso",
             legend={"itemsizing": "constant"},
         )
@@ -134,6 +137,9 @@ def shared_range(result: EmbeddingResult | AlignedEmbeddingResult, pad: float = 
     low, high = float(finite.min()), float(finite.max())
     margin = pad * (high - low) if high > low else 1.0
     return [low - margin, high + margin]
+
+
+METHOD_NAMES = {"umap": "UMAP", "pca": "PCA", "tsne": "t-SNE"}
 
 
 def _view(result: EmbeddingResult | AlignedEmbeddingResult, view: int) -> tuple[np.ndarray, str, float, int]:
