@@ -108,6 +108,10 @@ st.caption(
     f"{_state.plain(result.estimator)}; n = {result.n_samples} samples of {_state.plain(dataset.name)}, pooling '{pooling}'. "
     "Hover a cell for its exact value; click it to open its detail below."
 )
+if measure == "cca_similarity":
+    st.caption("CCA finds the directions of each layer that correlate best, so a layer that keeps many directions (a "
+               "wide layer) fits a narrow layer's few closely on a finite sample, and their cell reads near 1 whatever "
+               "the two compute; the chance level below shows how high such cells go by construction.")
 chance = None
 if st.checkbox("Chance level (B's samples shuffled)", value=True, key="cmp_chance", persist_state="session", help=HELP["chance"]):
     try:

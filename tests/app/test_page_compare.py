@@ -159,6 +159,7 @@ def test_pwcca_when_no_pair_is_defined_points_to_svcca(compare):
     assert any("choose 'svcca' under CCA summary" in i.value for i in at.info) and not at.exception
     at.selectbox(key="cmp_cca_kind").set_value("svcca").run()
     assert not page_errors(at) and at.get("plotly_chart")
+    assert any("a wide layer) fits a narrow layer's few closely" in c.value for c in at.caption)  # why such cells read 1
     at.button(key="cmp_report").click().run()
     assert at.session_state["report_sections"][0]["title"].startswith("CCA similarity (SVCCA): ")  # names its summary
 
