@@ -296,8 +296,8 @@ def _topology_plot(result: Any) -> list[go.Figure]:
 
 def _topology_summary(result: Any) -> dict[str, Any]:
     d = np.asarray(result.distances)
-    out: dict[str, Any] = {"min_distance": float(d.min()), "max_distance": float(d.max()),
-                           "subsampled": bool(np.any(result.subsampled))}
+    out: dict[str, Any] = {"diagrams": f"H{result.dim}, {result.metric} distance", "min_distance": float(d.min()),
+                           "max_distance": float(d.max()), "subsampled": bool(np.any(result.subsampled))}
     for side, skipped in (("A", result.skipped_a), ("B", result.skipped_b)):
         if skipped:
             out[f"left out of {side}, constant over samples"] = ", ".join(skipped)

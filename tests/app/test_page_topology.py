@@ -67,6 +67,8 @@ def test_two_models_side_by_side(app, narrow, digits):
     snippet = at.session_state["report_sections"][-1]["snippet"]
     assert "= diagram_distance_matrix({" in snippet and "metric='bottleneck'" in snippet  # the heatmap is recreated too
     assert at.session_state["report_sections"][-1]["title"] == "Topology (H1)"  # sections of H0 and H1 told apart
+    distances = at.session_state["report_sections"][-1]["summary"]["diagram distances"]
+    assert distances["diagrams"] == "H1, bottleneck distance"  # the key numbers say what they measure
 
 
 def test_subsampling_note_and_h0_only(app, narrow, digits):
