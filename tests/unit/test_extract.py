@@ -430,6 +430,55 @@ def test_gathered_blocks_reach_each_layer_file_in_order(tmp_path):
         np.testing.assert_array_equal(np.load(tmp_path / f"{k}.npy"), v.numpy())
 
 
+@pytest.mark.parametrize("widths", [(3, 5), (70_000,)])
+def test_layer_files_gather_small_blocks_and_write_large_ones_in_order(tmp_path, monkeypatch, widths):
+    extract_module = importlib.import_module("workbench.activations.extract")
+    from workbench.activations.extract import _LayerFile
+
+    monkeypatch.setattr(extract_module, "WRITE_BUFFER_BYTES", 4 * 5 * 10)  # ten rows of width 5, a few of width 3
+    gen = torch.Generator().manual_seed(0)
+    for width in widths:
+        full = torch.randn(60, width, generator=gen).numpy()
+        writer = _LayerFile(tmp_path / f"w{width}.npy", 60, width)
+        writes = []
+        monkeypatch.setattr(writer, "_write", lambda block, w=writer, log=writes: (log.append(len(block)), _LayerFile._write(w, block)))
+        start = 0
+        for rows in (1, 2, 4, 1, 17, 3, 3, 9, 20):  # small blocks gathered, blocks larger than the buffer written straight
+            writer.append(full[start:start + rows])
+            start += rows
+        writer.close()
+        np.testing.assert_array_equal(np.load(tmp_path / f"w{width}.npy"), full)
+        assert writer.rows == 60
+        if writer.buffer is not None:
+            assert len(writes) < 9 and sum(writes) == 60  # fewer writes than blocks
+        else:
+            assert writes == [1, 2, 4, 1, 17, 3, 3, 9, 20]  # a row wider than the buffer: each block as it comes
+
+
+def test_a_full_disk_says_how_much_the_entry_needs(mlp, digits_test, tmp_path, monkeypatch):
+    import errno
+
+    from workbench.activations.extract import _LayerFile
+
+    def full(self, block):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_LayerFile, "_write", full)
+    with pytest.raises(ParameterError, match=rf"^The cache folder '{tmp_path}' ran out of space \(No space left on device\) "
+                       r"while writing these activations \(about 0.0864 MB\); free space there or pass a cache_dir on a disk "
+                       r"with room\.$"):
+        extract(mlp, digits_test, ["fc1", "fc2"], cache_dir=tmp_path)  # 450 samples x (32 + 16) float32
+    assert not any(tmp_path.iterdir()), "a partial cache entry was left behind"
+
+    def broken(self, block):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(_LayerFile, "_write", broken)
+    with pytest.raises(ParameterError, match=rf"^The activations could not be written to the cache folder '{tmp_path}' "
+                       r"\(Input/output error\); pass a cache_dir that is a writable folder\.$"):
+        extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path)
+
+
 def test_full_float32_turns_tf32_off_and_restores_it_after_nested_use():
     from workbench.device import full_float32
 

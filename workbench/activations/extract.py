@@ -10,6 +10,7 @@ second identical call reads the cache.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -18,7 +19,8 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ Progress = Callable[[int, int], None]
 DEVICE_MISMATCH = ("same device", "not on the expected device")  # how torch reports tensors on two devices in one op
 FORWARD_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError, AssertionError, NotImplementedError)
 TRANSFER_BYTES = 32 * 2**20  # pooled outputs gathered on an accelerator before one copy to the host
+WRITE_BUFFER_BYTES = 2**20  # each layer's rows gathered on the host before one write to its cache file
 STALE_PARTIAL_SECONDS = 24 * 3600  # a partial cache entry untouched this long belongs to a run that was killed
 
 
@@ -443,26 +446,57 @@ def extract(
 
 
 class _LayerFile:
-    """One layer's ``.npy`` file written front to back, one block per batch, straight from the block
-    (no user-space buffer: sequential writes cost a fraction of first-touch page faults on a fresh
-    memory map, and a copy into a buffer would cost as much again)."""
+    """One layer's ``.npy`` file written front to back. Blocks smaller than the write buffer (about
+    ``WRITE_BUFFER_BYTES``, reused) are gathered in it and written when it fills, so a run of small batches
+    costs a few large writes instead of one system call per batch and layer; a block at least that large goes
+    out straight from its own memory. A memory map is not used: first-touch page faults on a fresh map cost
+    several times what sequential writes do."""
 
     def __init__(self, path: Path, n_samples: int, width: int):
         self.path, self.n_samples, self.width, self.rows = path, n_samples, width, 0
+        capacity = WRITE_BUFFER_BYTES // (4 * max(width, 1))
+        self.buffer = np.empty((capacity, width), dtype=np.float32) if capacity >= 2 else None
+        self.filled = 0
         self.handle = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in close())
         np.lib.format.write_array_header_1_0(
             self.handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                           "shape": (n_samples, width)})
 
     def append(self, block: np.ndarray) -> None:
+        """Add ``block`` (rows of this layer, in order)."""
+        rows = len(block)
+        if self.buffer is not None and self.filled + rows > len(self.buffer):
+            self.flush()
+        if self.buffer is None or rows > len(self.buffer):
+            self._write(block)
+        else:
+            self.buffer[self.filled:self.filled + rows] = block
+            self.filled += rows
+        self.rows += rows
+
+    def flush(self) -> None:
+        """Write the gathered rows."""
+        if self.filled:
+            self._write(self.buffer[:self.filled])
+            self.filled = 0
+
+    def _write(self, block: np.ndarray) -> None:
         view = memoryview(np.ascontiguousarray(block, dtype=np.float32)).cast("B")
         while view:
             view = view[self.handle.write(view):]
-        self.rows += len(block)
 
     def close(self) -> None:
+        """Write what is gathered and close the file."""
         if not self.handle.closed:
-            self.handle.close()
+            try:
+                self.flush()
+            finally:
+                self.handle.close()
+
+    def discard(self) -> None:
+        """Close the file without writing what is gathered (the entry is abandoned)."""
+        self.filled = 0
+        self.handle.close()
 
 
 class _HostStream:
@@ -522,6 +556,22 @@ class _HostStream:
         for layer, (rows, width) in zip(self.layers, shapes, strict=True):
             self.writers[layer].append(values[start:start + rows * width].reshape(rows, width))
             start += rows * width
+
+
+@contextmanager
+def _writing(root: Path, n_samples: int, writers: dict[str, _LayerFile]) -> Iterator[None]:
+    """Turn a failed write into the cache into one sentence; a full disk says how much the entry needs."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            size = 4 * n_samples * sum(w.width for w in writers.values())
+            raise ParameterError(
+                f"The cache folder '{root}' ran out of space ({reason}) while writing these activations (about "
+                f"{size / 1e6:.3g} MB); free space there or pass a cache_dir on a disk with room.") from exc
+        raise ParameterError(f"The activations could not be written to the cache folder '{root}' ({reason}); "
+                             "pass a cache_dir that is a writable folder.") from exc
 
 
 def _run_and_cache(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str, batch_size: int,
@@ -591,23 +641,27 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
                             "pick another layer."
                         )
                     if layer not in writers:
-                        writers[layer] = _LayerFile(tmp / files[layer], n, out.shape[1])
+                        with _writing(root, n, writers):
+                            writers[layer] = _LayerFile(tmp / files[layer], n, out.shape[1])
                     elif out.shape[1] != writers[layer].width:
                         raise DataError(
                             f"Layer '{layer}' gave {out.shape[1]} features on the batch at sample {start} but {writers[layer].width} "
                             f"before (with pooling '{pooling}'); use a pooling that gives a fixed width, such as 'mean'."
                         )
-                stream.add([captured[layer] for layer in layers])
+                with _writing(root, n, writers):
+                    stream.add([captured[layer] for layer in layers])
                 if progress is not None:
                     progress(stop, n)
-            stream.finish()
-        for writer in writers.values():  # no fsync: the page cache holds the data for readers, and a crash loses only this entry
-            writer.close()
+            with _writing(root, n, writers):
+                stream.finish()
         meta = {"complete": True, "key": key, "pooling": pooling, "files": files,
                 "widths": {layer: writers[layer].width for layer in layers}, "model": lm.name,
                 "model_sha256": lm.sha256, "dataset": data.name, "dataset_sha256": data.sha256, "n_samples": n,
                 "seconds": time.perf_counter() - started, "device": str(dev)}
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        with _writing(root, n, writers):
+            for writer in writers.values():  # no fsync: the page cache holds the data for readers, a crash loses only this entry
+                writer.close()
+            (tmp / "meta.json").write_text(json.dumps(meta))
         (tmp / _OWNER).unlink(missing_ok=True)
         final = root / key
         for _ in range(2):
@@ -621,7 +675,7 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
         return _read_cache(final, json.loads((final / "meta.json").read_text()), data, lm, layers, pooling)
     finally:
         for writer in writers.values():
-            writer.close()
+            writer.discard()
         module.to(original_device)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
