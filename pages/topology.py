@@ -130,6 +130,9 @@ for col, r, n in zip(cols, results, names):
 st.subheader("Betti curves across layers")
 figures.append(plots.betti_curves(*pers, names=names, dim=dim))
 st.plotly_chart(figures[-1], width="stretch", key="topo_betti")
+if figures[-1].layout.xaxis.type == "log":
+    st.caption("The filtration axis is logarithmic: one point (or a few) joins the rest at many times the distance at "
+               "which the others merge, so on a linear axis their fall would crowd against 0.")
 
 st.subheader("Diagram distance between layers")
 with _state.guard():

@@ -87,6 +87,10 @@ def test_subsampling_note_and_h0_only(app, narrow, digits):
     assert at.metric[0].label == "Longest finite H0 bar (A (mlp_narrow_seed0))"
     assert float(at.metric[0].value) > 0  # the one bar that never dies is left out
     assert at.number_input(key="topo_max_points").disabled  # H0 uses every sample: the H1 subsample size does nothing
+    betti = json.loads(at.get("plotly_chart")[2].proto.spec)
+    assert figure_title(betti).startswith("Betti-0 curves")
+    assert betti["layout"]["xaxis"]["type"] == "log"  # digits' last merges are ~10x the median one in every layer
+    assert any(c.value.startswith("The filtration axis is logarithmic") for c in at.caption)
 
 
 def test_unlabelled_data_shows_only_the_score(app, narrow):

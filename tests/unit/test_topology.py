@@ -775,6 +775,24 @@ def test_betti_curves_are_scaled_by_the_largest_death_of_the_dimension_shown():
     assert fig.layout.xaxis.title.text.endswith("/ largest H1 death")
 
 
+def test_betti_0_curves_with_an_outlier_are_drawn_on_a_log_axis_so_the_fall_is_not_crowded_against_0():
+    from workbench.plots import topology as plots
+
+    cloud = circle(80, noise=0.05, seed=3)
+    far = persistence(np.vstack([cloud, [[40.0, 40.0]]]))  # the last merge is ~40 times the others
+    fig = plots.betti_curves({"c": far}, names=["outlier"], dim=0)
+    axis = fig.layout.xaxis
+    assert axis.type == "log" and axis.title.text.endswith("/ largest H0 death (log scale)")
+    x, beta, t = (np.asarray(v, dtype=float) for v in (fig.data[0].x, fig.data[0].y, fig.data[0].customdata))
+    assert beta[0] == 81 and t[0] == 0.0 and 10 ** axis.range[0] < x[0] < x[1]  # starts left of the first step
+    halved = np.log10(x[np.argmax(beta <= 40)])  # where half the components have merged
+    assert (halved - axis.range[0]) / (axis.range[1] - axis.range[0]) > 0.25  # on a linear axis it was below 0.05
+    assert x[np.argmax(beta <= 40)] < 0.05
+    np.testing.assert_array_equal(x[1:], t[1:])  # only the start at 0 is moved; hover gives the true values
+    plain = plots.betti_curves({"c": persistence(cloud)}, names=["plain"], dim=1)  # no outlier: a linear axis
+    assert plain.layout.xaxis.type is None and list(plain.layout.xaxis.range) == [0, 1.02]
+
+
 def test_a_bar_that_never_dies_ends_at_the_infinity_tick_of_the_barcode():
     from workbench.plots import topology as plots
 

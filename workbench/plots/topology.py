@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -173,11 +174,25 @@ def barcode(
     )
 
 
+def _finite_deaths(r: PersistenceResult, dim: int) -> np.ndarray:
+    deaths = np.asarray(r.diagram(dim), dtype=float)[:, 1] if dim in r.diagrams else np.zeros(0)
+    return deaths[np.isfinite(deaths)]
+
+
 def _largest_death(r: PersistenceResult, dim: int) -> float:
     """The largest finite death of dimension ``dim`` in ``r`` (the end of its Betti grid when it has none)."""
-    deaths = np.asarray(r.diagram(dim), dtype=float)[:, 1] if dim in r.diagrams else np.zeros(0)
-    finite = deaths[np.isfinite(deaths)]
+    finite = _finite_deaths(r, dim)
     return float(finite.max()) if finite.size else float(r.betti_grid[-1])
+
+
+LOG_SPREAD = 5.0  # a largest H0 death this many times the median one puts the Betti-0 axis on a log scale
+
+
+def _spread(r: PersistenceResult, dim: int) -> float:
+    """The largest finite death of dimension ``dim`` over the median one (1 when there are none)."""
+    finite = _finite_deaths(r, dim)
+    positive = finite[finite > 0]
+    return float(positive.max() / np.median(positive)) if positive.size else 1.0
 
 
 def betti_curves(
@@ -194,18 +209,32 @@ def betti_curves(
     that model's layers. The figure grows with the legend, so every entry is visible. With
     ``normalize_scale`` each layer's filtration axis is divided by its largest finite death in dimension ``dim``, so
     layers of different overall scale share the axis [0, 1] (one long bar of another dimension, such as an outlier's
-    H0 bar, does not squeeze the curves shown).
+    H0 bar, does not squeeze the curves shown). Betti-0 curves go on a logarithmic axis where a layer's largest H0
+    death is more than ``LOG_SPREAD`` times its median one (an outlier that joins the rest last), so that the merging
+    of the other points is not crowded against 0; each curve then starts just left of the first step.
     """
     names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(groups))]
     fig = make_subplots(rows=1, cols=len(groups), subplot_titles=names, shared_yaxes=True)
     shared = all(list(g) == list(groups[0]) for g in groups)
+    curves = []
+    for group in groups:
+        for r in group.values():
+            t, beta = r.betti_steps(dim)
+            scale = _largest_death(r, dim) if normalize_scale else 0.0
+            t = t / scale if scale > 0 else t
+            curves.append((t, t, beta))  # drawn at, hover value, Betti number
+    log = normalize_scale and dim == 0 and any(_spread(r, dim) > LOG_SPREAD for g in groups for r in g.values())
+    if log:  # t = 0 has no place on a log axis: curves start a little left of the first step of any of them
+        low = min((float(t[t > 0].min()) for t, _, _ in curves if (t > 0).any()), default=1e-3) / 1.5
+        curves = [(np.where(t > 0, t, low), t, beta) for t, _, beta in curves]
     first = None
+    k = 0
     for c, (group, name) in enumerate(zip(groups, names), start=1):
         colors = _depth_colors(len(group))
         for i, (layer, r) in enumerate(group.items()):
             first = first or r
-            t, beta = r.betti_steps(dim)
-            x = t / scale if normalize_scale and (scale := _largest_death(r, dim)) > 0 else t
+            x, t, beta = curves[k]
+            k += 1
             legend = (
                 {"legendgroup": layer, "showlegend": c == 1}
                 if shared
@@ -215,10 +244,11 @@ def betti_curves(
                 go.Scatter(
                     x=x,
                     y=beta,
+                    customdata=t,
                     mode="lines",
                     name=layer,
                     line={"color": colors[i], "shape": "hv"},
-                    hovertemplate=f"{name} · {layer}<br>t %{{x:.3g}}<br>β{dim} %{{y}}<extra></extra>",
+                    hovertemplate=f"{name} · {layer}<br>t %{{customdata:.3g}}<br>β{dim} %{{y}}<extra></extra>",
                     **legend,
                 ),
                 row=1,
@@ -226,7 +256,12 @@ def betti_curves(
             )
         metric = " / ".join(dict.fromkeys(r.metric for r in group.values()))
         label = f"filtration value ({metric} distance)" + (f" / largest H{dim} death" if normalize_scale else "")
-        fig.update_xaxes(title_text=label, row=1, col=c, **({"range": [0, 1.02]} if normalize_scale else {}))
+        if log:
+            axis = {"type": "log", "range": [math.log10(low) - 0.05, math.log10(1.05)]}
+            label += " (log scale)"
+        else:
+            axis = {"range": [0, 1.02]} if normalize_scale else {}
+        fig.update_xaxes(title_text=label, row=1, col=c, **axis)
     fig.update_yaxes(title_text=f"Betti number β{dim}", row=1, col=1)
     gap = 0 if shared else LEGEND_GROUP_GAP  # shared: one legend group per layer, listed without gaps
     fig.update_layout(height=380, legend={"groupclick": "toggleitem", "tracegroupgap": gap})
