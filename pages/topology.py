@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
 from pages import _state
 from workbench.analyses import topology as tp
 from workbench.plots import topology as plots
+from workbench.registry import summarize
 
 _state.in_app_shell()
 
@@ -118,12 +118,9 @@ figures = [plots.persistence_diagram(*results, titles=titles)]
 st.plotly_chart(figures[-1], width="stretch", key="topo_diagrams")
 figures.append(plots.barcode(*results, dim=dim, titles=titles))
 st.plotly_chart(figures[-1], width="stretch", key="topo_barcodes")
-cols = st.columns(len(results))
-for col, r, n in zip(cols, results, names):
-    bars = r.diagram(dim)
-    lives = (bars[:, 1] - bars[:, 0])[np.isfinite(bars[:, 1])] if len(bars) else np.zeros(0)
-    life = f"{lives.max():.3g}" if len(lives) else "none"
-    col.metric(f"Longest finite H{dim} bar ({n})", life,
+longest = {title: plots.longest_finite_bar(r, dim) for title, r in zip(titles, results)}
+for col, life, n in zip(st.columns(len(results)), longest.values(), names):
+    col.metric(f"Longest finite H{dim} bar ({n})", f"{life:.3g}" if life is not None else "none",
                help="Lifetime (death - birth) of the most persistent feature that dies"
                + (" (the one H0 bar of the whole cloud never dies and is left out)." if dim == 0 else "."))
 
@@ -161,4 +158,7 @@ st.caption(
     f"n = {dataset.n_samples} samples of {dataset.name}. S: lower = more separable."
     + (f" References (higher = more separable): {'; '.join(references)}." if labels is not None else "")
 )
-_state.report_button(f"Topology (H{dim})", [*results, matrix, *seps], figures, key="topo_report", pooling=pooling)
+summary = {f"longest finite H{dim} bar": {k: v if v is not None else "none" for k, v in longest.items()},
+           **summarize([matrix, *seps])}
+_state.report_button(f"Topology (H{dim})", [*results, matrix, *seps], figures, key="topo_report", pooling=pooling,
+                     summary=summary)

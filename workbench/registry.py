@@ -295,9 +295,24 @@ def _topology_plot(result: Any) -> list[go.Figure]:
 
 
 def _topology_summary(result: Any) -> dict[str, Any]:
-    d = np.asarray(result.distances)
-    out: dict[str, Any] = {"diagrams": f"H{result.dim}, {result.metric} distance", "min_distance": float(d.min()),
-                           "max_distance": float(d.max()), "subsampled": bool(np.any(result.subsampled))}
+    """The diagram distances' range and the layer pairs at its ends; one model's layers against each other are
+    compared in distinct pairs (a layer's distance to itself is 0 by definition)."""
+    d = np.asarray(result.distances, dtype=float)
+    a, b = list(result.layers_a), list(result.layers_b)
+    # one model's layers against each other: the same rows and columns, and a layer's distance to itself 0
+    one = a == b and result.model_a == result.model_b and np.array_equal(d, d.T) and not np.diagonal(d).any()
+    pairs = [(i, j) for i in range(len(a)) for j in range(len(b)) if not (one and j <= i)]
+    out: dict[str, Any] = {"diagrams": f"H{result.dim}, {result.metric} distance"}
+    if pairs:
+        values = np.array([d[i, j] for i, j in pairs])
+
+        def pair(k: int) -> str:
+            i, j = pairs[k]
+            return f"{a[i]} – {b[j]}: {values[k]:.3g}" if one else f"{a[i]} (A) – {b[j]} (B): {values[k]:.3g}"
+
+        out.update({"min_distance": float(values.min()), "max_distance": float(values.max()),
+                    "closest layers": pair(int(np.argmin(values))), "farthest layers": pair(int(np.argmax(values)))})
+    out["subsampled"] = bool(np.any(result.subsampled))
     for side, skipped in (("A", result.skipped_a), ("B", result.skipped_b)):
         if skipped:
             out[f"left out of {side}, constant over samples"] = ", ".join(skipped)

@@ -69,6 +69,11 @@ def test_two_models_side_by_side(app, narrow, digits):
     assert at.session_state["report_sections"][-1]["title"] == "Topology (H1)"  # sections of H0 and H1 told apart
     distances = at.session_state["report_sections"][-1]["summary"]["diagram distances"]
     assert distances["diagrams"] == "H1, bottleneck distance"  # the key numbers say what they measure
+    assert distances["farthest layers"].endswith(f": {distances['max_distance']:.3g}") and " (B)" in distances["farthest layers"]
+    summary = at.session_state["report_sections"][-1]["summary"]
+    longest = summary["longest finite H1 bar"]  # the numbers the page shows above the Betti curves, by model and layer
+    assert list(longest) == ["A (mlp_narrow_seed0) · out", "B (mlp_narrow_seed1) · out"]
+    assert f"{longest['A (mlp_narrow_seed0) · out']:.3g}" == metrics["Longest finite H1 bar (A (mlp_narrow_seed0))"]
 
 
 def test_subsampling_note_and_h0_only(app, narrow, digits):

@@ -359,6 +359,27 @@ def test_distance_matrix_over_layers():
     np.testing.assert_allclose(diagram_distance_matrix(given).distances, self_res.distances)
 
 
+def test_distance_key_numbers_name_the_closest_and_farthest_layer_pairs():
+    from workbench.registry import summarize
+
+    acts_a = {"l1": circle(60, noise=0.05, seed=13), "l2": circle(60, noise=0.4, seed=14), "l3": 3 * circle(60, seed=15)}
+    own = diagram_distance_matrix(acts_a)
+    d = own.distances
+    numbers = summarize(own)["diagram distances"]
+    # one model against itself: distinct pairs only (each layer's 0 to itself would always be the minimum)
+    off = {("l1", "l2"): d[0, 1], ("l1", "l3"): d[0, 2], ("l2", "l3"): d[1, 2]}
+    closest, farthest = min(off, key=off.get), max(off, key=off.get)
+    assert numbers["min_distance"] == off[closest] > 0 and numbers["max_distance"] == off[farthest]
+    assert numbers["closest layers"] == f"{closest[0]} – {closest[1]}: {off[closest]:.3g}"
+    assert numbers["farthest layers"] == f"{farthest[0]} – {farthest[1]}: {off[farthest]:.3g}"
+    acts_b = {"m1": circle(60, noise=0.05, seed=13) * 2, "m2": np.random.default_rng(1).standard_normal((60, 2))}
+    two = diagram_distance_matrix(acts_a, acts_b)
+    i, j = np.unravel_index(np.argmin(two.distances), two.distances.shape)
+    numbers = summarize(two)["diagram distances"]
+    assert numbers["min_distance"] == two.distances.min()
+    assert numbers["closest layers"] == f"{two.layers_a[i]} (A) – {two.layers_b[j]} (B): {two.distances[i, j]:.3g}"
+
+
 def _with_a_constant_layer(model_name: str = "text_seed0"):
     from workbench.activations.types import Activations
 

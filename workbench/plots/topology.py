@@ -174,6 +174,14 @@ def barcode(
     )
 
 
+def longest_finite_bar(r: PersistenceResult, dim: int) -> float | None:
+    """The lifetime (death - birth) of the most persistent bar of dimension ``dim`` that dies; None when no bar dies
+    (H0's one bar of the whole cloud never dies and is not counted)."""
+    bars = np.asarray(r.diagram(dim), dtype=float)
+    lives = (bars[:, 1] - bars[:, 0])[np.isfinite(bars[:, 1])] if len(bars) else np.zeros(0)
+    return float(lives.max()) if lives.size else None
+
+
 def _finite_deaths(r: PersistenceResult, dim: int) -> np.ndarray:
     deaths = np.asarray(r.diagram(dim), dtype=float)[:, 1] if dim in r.diagrams else np.zeros(0)
     return deaths[np.isfinite(deaths)]
