@@ -135,6 +135,10 @@ for s, model in zip(summaries, models):
             "layers applied along an axis) are not analysed."
         )
 for s in summaries:
+    if (limited := plots.sample_limited_share(s)) and s.sample_limited:
+        st.caption(f"{s.model}: {limited:,} of its {s.total_free:,} free parameters come from "
+                   f"{', '.join(s.sample_limited)}, whose counts these {s.n_samples} samples do not pin down: read the "
+                   "total as an upper bound here, and take more samples (such as the train split) to settle it.")
     for module, why in s.caveats.items():
         settle = "; more samples (such as the train split) settle it" if module in s.sample_limited else ""
         st.caption(f"{s.model}: the count of {module} is {why}{settle}.")

@@ -53,15 +53,16 @@ with col_b, _state.guard():
 if not others:
     st.info(f"No other model has the architecture of {_state.plain(model_a.name)}: choose or upload one on the Models & data page.")
     _state.stop()
+notes = st.container()  # always there, so the Settings expander below keeps its place (and stays open) across reruns
 chosen_b = st.session_state.get(_state.MODEL_B)
 if chosen_b is not None and chosen_b.name == model_a.name:
-    st.caption(f"The sidebar's model B ({_state.plain(chosen_b.name)}) is the model chosen as A here, so "
+    notes.caption(f"The sidebar's model B ({_state.plain(chosen_b.name)}) is the model chosen as A here, so "
                f"{_state.plain(model_b.name)} is used instead.")
 elif chosen_b is not None and chosen_b.name not in matching:
-    st.caption(f"The sidebar's model B ({_state.plain(chosen_b.name)}) has another architecture than {_state.plain(model_a.name)}, so it cannot be "
+    notes.caption(f"The sidebar's model B ({_state.plain(chosen_b.name)}) has another architecture than {_state.plain(model_a.name)}, so it cannot be "
                f"matched to it; {_state.plain(model_b.name)} is used instead.")
 elif chosen_b is not None and model_b.name != chosen_b.name:
-    st.caption(f"This page matches {_state.plain(model_b.name)}, chosen above, to A, not the sidebar's model B "
+    notes.caption(f"This page matches {_state.plain(model_b.name)}, chosen above, to A, not the sidebar's model B "
                f"({_state.plain(chosen_b.name)}).")
 train_split = digits_train_for(dataset)
 digits = train_split is not None
@@ -85,7 +86,7 @@ with st.expander("Settings", expanded=False):
         "Also evaluate on the digits train split (and take REPAIR/BatchNorm statistics from it)",
         value=digits,
         disabled=not digits,
-        key="mc_train",
+        key="mc_train", persist_state="session",
         help="Offered when the dataset is the bundled digits test split.",
     )
     top_k = st.slider("Top-k singular directions compared", 1, 20, 5, key="mc_topk", persist_state="session")
@@ -129,11 +130,16 @@ st.dataframe(
     width="stretch",
     key="mc_barriers",
     column_config={"method": st.column_config.TextColumn(width="medium"),  # the labels name the alignment in full
+                   "split": st.column_config.TextColumn(width="small"),
                    "dataset": st.column_config.TextColumn(width="medium"),
-                   "at λ (line)": st.column_config.NumberColumn(format="%.3f"),
-                   "at λ (mean)": st.column_config.NumberColumn(format="%.3f"),
-                   "accuracy drop": st.column_config.NumberColumn(format="percent")},
+                   **{c: st.column_config.NumberColumn(format="%.4f") for c in plots.BARRIER_COLUMNS.values()},
+                   "at λ (line)": st.column_config.NumberColumn(format="%.3f", width="small"),
+                   "at λ (mean)": st.column_config.NumberColumn(format="%.3f", width="small"),
+                   plots.BARRIER_COLUMNS["accuracy_drop"]: st.column_config.NumberColumn(format="%.4f")},
 )
+if any(r["at λ (mean)"] in (0.0, 1.0) for r in plots.barrier_rows(result)):
+    st.caption("Where a barrier above the endpoint mean sits at λ = 0 or 1, the path is highest at an endpoint: that "
+               "value is half the gap between the endpoint losses, not a bump between them.")
 definitions = plots.barrier_definitions(next(iter(result.barriers.values()), None))
 samples = f"n = {result.n_samples} test samples" + (f" and {train.n_samples} train samples" if train is not None else "")
 st.caption(" · ".join(f"**{k}**: {v}" for k, v in definitions.items()) + f". {samples}.")

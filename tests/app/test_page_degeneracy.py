@@ -58,7 +58,7 @@ def test_two_models_side_by_side(app, narrow):
     assert list(basis["basis size"][2:4]) == [10, 10]  # the last hidden layer only feeds 10 logits
     summary = at.dataframe[0].value
     assert set(summary["model"]) == {"mlp_narrow_seed0", "mlp_narrow_seed1"} and len(summary) == 6
-    bounds = set(summary.loc[summary["count"] == "lower bound", "model"])
+    bounds = set(summary.loc[summary["count"] != "exact", "model"])
     captions = " ".join(shown(c.value) for c in at.caption)
     for model in ("mlp_narrow_seed0", "mlp_narrow_seed1"):
         assert (f"{model}: the count of " in captions) == (model in bounds)
@@ -149,6 +149,13 @@ def test_matrices_whose_count_the_samples_do_not_pin_down_are_named(app, narrow)
     assert "is a lower bound: the firing patterns of its groups of units over these samples add up to one another's" in captions[
         "mlp_narrow_seed0: the count of fc2"]
     assert "lower bound" not in captions["mlp_narrow_seed0: the count of out"]
+    counts = dict(zip(at.dataframe[0].value["matrix"], at.dataframe[0].value["count"]))  # the table agrees: none is exact
+    assert counts == {"fc1": "lower bound; limited by the samples", "fc2": "lower bound; limited by the samples",
+                      "out": "limited by the samples"}
+    total = next(shown(c.value) for c in at.caption if "free parameters come from" in c.value)
+    free = next(m.value for m in at.metric if m.label.startswith("Free parameters")).split(" of ")[0]
+    assert total.startswith(f"mlp_narrow_seed0: {free} of its {free} free parameters come from fc1, fc2, out, whose counts "
+                            "these 40 samples do not pin down: read the total as an upper bound here")
 
 
 def test_a_model_that_is_not_one_sequence_of_layers_gets_a_plain_sentence(app, sample_model):

@@ -84,6 +84,41 @@ def test_model_b_offers_only_models_of_a_s_architecture(page, sample_model):
     assert not at.dataframe and not at.get("plotly_chart")  # A against itself is not computed
 
 
+def test_settings_keep_their_state_across_a_model_a_that_stops_the_page(page):
+    at = page.run()
+    at.switch_page(PAGE).run()
+    at.checkbox(key="mc_train").uncheck().run()
+    assert set(at.dataframe[0].value["split"]) == {"test"}
+    at.selectbox(key="mc_model_a").set_value("cnn_seed0").run()  # no other CNN: the page stops before its settings
+    at.selectbox(key="mc_model_a").set_value("mlp_narrow_seed0").run()
+    assert not page_errors(at)
+    assert not at.checkbox(key="mc_train").value  # as the user left it, and as the results below were computed
+    assert set(at.dataframe[0].value["split"]) == {"test"}
+    at.button(key="mc_report").click().run()
+    assert at.session_state["report_sections"][0]["train_dataset_object"] is None
+
+
+def test_each_alignment_keeps_its_colour_whichever_are_shown(page):
+    from workbench.plots.mode_connectivity import method_color
+
+    at = page.run()
+    at.switch_page(PAGE).run()
+    colours = {t.name.split(" · ")[0]: t.line.color for t in _chart(at, "mc_curves").data}
+    at.multiselect(key="mc_methods").unselect("naive").run()
+    fewer = {t.name.split(" · ")[0]: t.line.color for t in _chart(at, "mc_curves").data}
+    assert "naive (as trained)" not in fewer and fewer == {k: v for k, v in colours.items() if k in fewer}
+    assert len(set(colours.values())) == len(colours) == 4
+    assert colours["weight matching"] == method_color("weight_matching")
+
+
+def test_singular_value_axes_label_each_tick_by_its_value(page):
+    at = page.run()
+    at.switch_page(PAGE).run()
+    spectra = _chart(at, "mc_spectra")  # the narrow MLP's matrices have at most 64 singular values
+    assert list(spectra.layout.xaxis.tickvals) == [1, 2, 5, 10, 20, 50]
+    assert list(spectra.layout.xaxis.ticktext) == ["1", "2", "5", "10", "20", "50"]  # not "2" and "5" again for 20, 50
+
+
 def _chart(at, key: str):
     return plotly.io.from_json(next(c for c in at.get("plotly_chart") if key in c.proto.id).proto.spec)
 

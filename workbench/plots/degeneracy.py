@@ -337,6 +337,19 @@ def _positions(communities: np.ndarray) -> np.ndarray:
     return pos
 
 
+def _count_kind(result: DegeneracyResult, module: str) -> str:
+    """How far a module's count holds: exact, a lower bound (symmetries it can miss), or not pinned down by the samples
+    (more directions free on these samples than the population has, see ``sample_limited``)."""
+    kinds = [kind for kind, names in (("lower bound", result.lower_bound), ("limited by the samples", result.sample_limited))
+             if module in names]
+    return "; ".join(kinds) or "exact"
+
+
+def sample_limited_share(result: DegeneracyResult) -> int:
+    """The free parameters of ``result.total_free`` that come from modules whose count the samples do not pin down."""
+    return int(sum(result.free_total[m] for m in result.sample_limited))
+
+
 @takes_results
 def summary_rows(result: DegeneracyResult) -> list[dict[str, object]]:
     """One table row per weight matrix of a :class:`DegeneracyResult`."""
@@ -353,7 +366,7 @@ def summary_rows(result: DegeneracyResult) -> list[dict[str, object]]:
             "synchronised groups": len(result.synchronised_group_sizes[m]),
             "free": result.free_total[m],
             "free fraction": result.free_fraction[m],
-            "count": "lower bound" if m in result.lower_bound else "exact",
+            "count": _count_kind(result, m),
         }
         for m in result.modules
     ]

@@ -27,6 +27,14 @@ _SPLIT_DASH = {"test": "solid", "train": "dash"}
 _BEFORE, _AFTER = "#9e9e9e", "#1f77b4"
 
 
+def method_color(method: str, i: int = 0) -> str:
+    """The colour of an alignment method: fixed per method, so figures with different selections read alike; a method
+    outside :data:`METHOD_LABELS` takes the ``i``-th of the remaining colours."""
+    if method in METHOD_LABELS:
+        return MODEL_COLORS[list(METHOD_LABELS).index(method) % len(MODEL_COLORS)]
+    return MODEL_COLORS[(len(METHOD_LABELS) + i) % len(MODEL_COLORS)]
+
+
 def method_label(method: str) -> str:
     """Readable name of an alignment method."""
     return METHOD_LABELS.get(method, method)
@@ -48,7 +56,7 @@ def interpolation_curves(result: ModeConnectivityResult | InterpolationResult) -
     else:
         curves, a, b = result.curves, result.params.get("model_a", "A"), result.params.get("model_b", "B")
     for i, (method, curve) in enumerate(curves.items()):
-        color = MODEL_COLORS[i % len(MODEL_COLORS)]
+        color = method_color(method, i)
         for split in curve.loss:
             name = f"{method_label(method)} · {split_label(curve.params, split)}"
             for col, values, fmt in ((1, curve.loss[split], ".4f"), (2, curve.accuracy[split], ".2%")):
@@ -268,7 +276,9 @@ def singular_values_figure(result: LayerAlignmentResult, max_cols: int = 3, *, n
                 row=j // cols + 1,
                 col=j % cols + 1,
             )
-    fig.update_xaxes(title_text="index i", type="log")
+    longest = max((len(v) for v in result.singular_values_a.values()), default=1)
+    ticks = [m * 10**e for e in range(len(str(longest))) for m in (1, 2, 5) if m * 10**e <= longest]
+    fig.update_xaxes(title_text="index i", type="log", tickvals=ticks, ticktext=[str(t) for t in ticks])  # 20, not "2"
     fig.update_yaxes(type="log", exponentformat="power", minorloglabels="none")  # digits 2..9 of each decade would crowd
     fig.update_yaxes(title_text="σ_i", col=1)  # one title per row: a title between panels runs into the one on its left
     fig.update_layout(height=300 * rows)
