@@ -69,8 +69,10 @@ def max_upload_mb() -> int:
 
 
 def trust_allowed() -> bool:
-    """False when the server was started with ``--no-trust`` (``WORKBENCH_NO_TRUST=1``)."""
-    return os.environ.get("WORKBENCH_NO_TRUST", "") not in ("1", "true", "yes")
+    """Whether the app offers the "I trust this file" switch: only when the server was started with
+    ``workbench app --trust-uploads`` (``WORKBENCH_TRUST_UPLOADS=1``). A visitor ticking it would run a file's code
+    with the server's rights, so whoever starts the server decides, not whoever can reach it."""
+    return os.environ.get("WORKBENCH_TRUST_UPLOADS", "").lower() in ("1", "true", "yes")
 
 
 def sample_model_names() -> list[str]:

@@ -138,10 +138,11 @@ def cmd_app(args: argparse.Namespace) -> int:
     if _port_in_use(args.port):
         raise ParameterError(f"Port {args.port} is in use (another app or server listens on it); pick a free one with --port.")
     env = dict(os.environ, TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
-    if args.no_trust:
-        env["WORKBENCH_NO_TRUST"] = "1"
+    env.pop("WORKBENCH_TRUST_UPLOADS", None)
+    if args.trust_uploads:
+        env["WORKBENCH_TRUST_UPLOADS"] = "1"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+           "--server.address", args.address, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     return subprocess.call(cmd, env=env, cwd=ROOT)
 
 
@@ -193,8 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("app", help="start the web app", description="Start the Streamlit app on the bundled sample models.")
     p.add_argument("--port", type=_port, default=8501, help="port to serve on (default 8501)")
-    p.add_argument("--no-trust", action="store_true",
-                   help="never offer the 'I trust this file' switch: full pickles are refused outright")
+    p.add_argument("--address", default="localhost",
+                   help="address to serve on (default localhost: this machine only; 0.0.0.0 serves every network "
+                        "interface, for anyone who can reach the machine)")
+    p.add_argument("--trust-uploads", action="store_true",
+                   help="offer the 'I trust this file' switch, which opens an uploaded full pickle and so runs its code "
+                        "with this server's rights: only on a server no one else can reach (default: full pickles are "
+                        "refused)")
     p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("layers", help="print the layer tree of a model with output shapes",

@@ -165,19 +165,20 @@ def test_too_large_upload(app, monkeypatch, sample_model_path):
     assert any("above this server's 0 MiB upload limit" in e for e in page_errors(at))
 
 
-def test_trust_switch_hidden_with_no_trust(app, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_NO_TRUST", "1")
+def test_trust_switch_offered_only_when_the_server_was_started_to_trust_uploads(app, monkeypatch):
+    monkeypatch.delenv("WORKBENCH_TRUST_UPLOADS", raising=False)
     at = app.run()
     at.selectbox(key="model_a_choice").set_value("Upload a file…").run()
-    assert not [c for c in at.checkbox if c.key == "model_a_trust"]
+    assert not [c for c in at.checkbox if c.key == "model_a_trust"]  # a visitor cannot run a file's code on the server
     assert "Opening a pickle runs the code inside it, with this server's rights." not in [c.value for c in at.caption]
-    monkeypatch.delenv("WORKBENCH_NO_TRUST")
+    monkeypatch.setenv("WORKBENCH_TRUST_UPLOADS", "1")  # workbench app --trust-uploads
     at.run()
     assert [c for c in at.checkbox if c.key == "model_a_trust"]
     assert "Opening a pickle runs the code inside it, with this server's rights." in [c.value for c in at.caption]  # the risk, under the switch
 
 
-def test_trusted_whole_module_pickle_loads_through_a_separate_process(app):
+def test_trusted_whole_module_pickle_loads_through_a_separate_process(app, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_TRUST_UPLOADS", "1")
     module = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
     buf = io.BytesIO()
     torch.save(module, buf)

@@ -38,7 +38,8 @@ def _app_server(tmp_path_factory) -> Iterator[str]:
         pytest.skip("no Chromium on this machine (apt-get install chromium)")
     pytest.importorskip("playwright.sync_api")
     port = _free_port()
-    env = dict(os.environ, WORKBENCH_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
+    env = dict(os.environ, WORKBENCH_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), TORCH_FORCE_WEIGHTS_ONLY_LOAD="1",
+               WORKBENCH_TRUST_UPLOADS="1")  # as 'workbench app --trust-uploads': the trusted-pickle test ticks the switch
     log = open(tmp_path_factory.mktemp("server") / "streamlit.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",

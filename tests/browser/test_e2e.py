@@ -71,7 +71,7 @@ def test_trusted_full_pickle_opens_in_a_separate_process(page, tmp_path):
     _upload_model(page, path)
     alert = page.locator("[data-testid='stAlertContentError']").first
     alert.wait_for(timeout=30000)
-    assert "in the app tick 'I trust this file'" in alert.inner_text()
+    assert "the app offers 'I trust this file' when it is started with 'workbench app --trust-uploads'" in alert.inner_text()
     page.get_by_text("I trust this file", exact=False).first.click()
     wait_idle(page)
     page.wait_for_selector("h3:has-text('Model A: whole_model')", timeout=60000)

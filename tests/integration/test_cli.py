@@ -217,7 +217,7 @@ def test_app_command_serves_the_app(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"PATH": "/usr/bin:/bin", "WORKBENCH_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path), "WORKBENCH_WARM_UP": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "app", "--port", str(port), "--no-trust"],
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "app", "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 90
@@ -232,6 +232,22 @@ def test_app_command_serves_the_app(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("extra, address, trusted", [([], "localhost", False),
+                                                    (["--address", "0.0.0.0", "--trust-uploads"], "0.0.0.0", True)])
+def test_app_serves_this_machine_and_refuses_pickles_unless_told_otherwise(monkeypatch, extra, address, trusted):
+    from workbench import cli
+
+    calls = []
+    monkeypatch.setenv("WORKBENCH_TRUST_UPLOADS", "1")  # left over in the shell: only the flag turns the switch on
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env, cwd: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(cli, "_port_in_use", lambda port: False)
+    assert cli.main(["app", "--port", "8765", *extra]) == 0
+    cmd, env = calls[0]
+    assert cmd[cmd.index("--server.address") + 1] == address
+    assert (env.get("WORKBENCH_TRUST_UPLOADS") == "1") == trusted
+    assert env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
 
 
 def test_app_refuses_a_port_out_of_range_or_in_use(tmp_path):

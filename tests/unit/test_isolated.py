@@ -99,7 +99,7 @@ def test_bad_torch_nn_specs_are_refused(root, message):
 def test_isolated_trusted_pickle_loads_stock_module():
     module, x = _zoo()["cnn"]
     data = _saved(module)
-    with pytest.raises(UnsafeFileError, match=r"I trust this file"):
+    with pytest.raises(UnsafeFileError, match=r"the app offers 'I trust this file' when it is started with 'workbench app --trust-uploads'"):
         load_model(data, filename="cnn.pt", isolate=True)
     loaded = load_model(data, filename="cnn.pt", trust_remote_code=True, isolate=True)
     in_process = load_model(data, filename="cnn.pt", trust_remote_code=True)

@@ -233,7 +233,8 @@ def test_malicious_pickle_never_runs(tmp_path, gadget, container):
 def test_trusted_full_pickle_loads_module():
     module = build_model(MLP)
     data = _state_bytes(module)  # a whole nn.Module, which needs full unpickling
-    with pytest.raises(UnsafeFileError, match=r"I trust this file"):
+    with pytest.raises(UnsafeFileError, match=r"in Python pass trust_remote_code=True; the app offers 'I trust this file' when "
+                                              r"it is started with 'workbench app --trust-uploads'\), or convert"):
         load_model(data, filename="model.pt")
     loaded = load_model(data, filename="model.pt", trust_remote_code=True)
     assert loaded.source_format == "pickle (trusted)"

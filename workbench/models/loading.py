@@ -542,8 +542,8 @@ def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] 
         if not trust:
             raise UnsafeFileError(
                 f"'{label}' is a full pickle whose loading can run arbitrary code (it references {reason}); it was not loaded. "
-                f"Load it only if you made it yourself (in the app tick 'I trust this file', in Python pass trust_remote_code=True), "
-                f"or {CONVERT_HINT}."
+                f"Load it only if you made it yourself (in Python pass trust_remote_code=True; the app offers 'I trust this "
+                f"file' when it is started with 'workbench app --trust-uploads'), or {CONVERT_HINT}."
             ) from exc
         if isolate:
             return _open_isolated(data, label, name, spec)
@@ -956,8 +956,8 @@ def _load_code_archive(data: bytes, label: str, name: str, kind: str, spec: dict
     if not trust:
         raise UnsafeFileError(
             f"'{label}' is a {kind} archive, which runs code from the file when loaded; it was not loaded. "
-            f"Load it only if you made it yourself (in the app tick 'I trust this file', in Python pass trust_remote_code=True), "
-                f"or {CONVERT_HINT}."
+            f"Load it only if you made it yourself, from Python with load_model(path, trust_remote_code=True) (the app does "
+            f"not open such archives), or {CONVERT_HINT}."
         )
     if isolate:
         raise UnsafeFileError(
