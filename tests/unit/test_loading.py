@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save, save_file
 from torch import nn
 
-from workbench import load_model
+from workbench import extract, load_model
 from workbench.errors import (
     ArchitectureError,
     CorruptFileError,
@@ -98,12 +98,43 @@ def test_cnn_state_dict_is_never_offered_an_mlp_spec(sample_model):
     with pytest.raises(ArchitectureError) as info:
         load_model(data, filename="cnn.pt")
     text = str(info.value)
-    assert '"sizes": [32, 64, 10]' not in text
-    assert ('it looks like {"type": "cnn", "channels": [32, 32], "kernel_size": 3, "batchnorm": true, "hidden": 64, '
+    assert '"sizes": [32, 64, 10]' not in text and '"type": "mlp"' not in text  # no MLP example beside the CNN it names
+    assert ('pass one (the app\'s spec box, architecture= in Python, --architecture on the command line): it looks like {"type": "cnn", "channels": [32, 32], "kernel_size": 3, "batchnorm": true, "hidden": 64, '
             '"n_classes": 10} plus "input_shape": [1, height, width]') in text
     spec = {"type": "cnn", "channels": [32, 32], "kernel_size": 3, "batchnorm": True, "hidden": 64, "n_classes": 10,
             "input_shape": [1, 8, 8]}
     assert load_model(data, filename="cnn.pt", architecture=spec).sha256 == sample_model("cnn_seed0").sha256
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"type": "mlp", "sizes": [64, 512, 512, 10], "activaton": "tanh"},
+     r"^The 'mlp' architecture spec has an unknown entry 'activaton', which would be ignored\. Did you mean 'activation'\? "
+     r"Its entries are: activation, batchnorm, sizes, type\.$"),
+    ({"type": "mlp", "sizes": [64, 512, 512, 10], "extra": {"a": 1}},
+     r"^The 'mlp' architecture spec has an unknown entry 'extra', which would be ignored\. Its entries are: "),
+    ({"type": "torch.nn", "root": {"class": "Sequential", "children": [["0", {"class": "Linear", "arg": {"in_features": 4}}]]}},
+     r"^The 'torch.nn' spec node at '0' has an unknown entry 'arg', which would be ignored\. Did you mean 'args'\? A layer node "
+     r"has 'args' and 'class'\.$"),
+    ({"type": "torch.nn", "root": {"class": "Sequential", "children": [
+        ["0", {"class": "Embedding", "args": {"num_embeddings": 4, "embedding_dim": 4, "max_norm": 0.001}}]]}},
+     r"^The Embedding at '0' in the 'torch.nn' spec sets 'max_norm', which rescales its weights in place on every forward "
+     r"pass, so analysing the model would change it; remove 'max_norm'"),
+])
+def test_a_spec_entry_that_would_be_ignored_or_change_the_weights_is_refused(sample_model_path, spec, message):
+    # a misspelled entry was ignored: the tanh model's weights loaded into ReLU layers without a word
+    with pytest.raises(ArchitectureError, match=message):
+        load_model(sample_model_path("mlp_tanh_seed0"), architecture=spec)
+
+
+def test_a_torch_nn_spec_that_starts_with_an_embedding_takes_token_ids(tmp_path):
+    spec = {"type": "torch.nn", "input_shape": [3], "root": {"class": "Sequential", "children": [
+        ["0", {"class": "Embedding", "args": {"num_embeddings": 4, "embedding_dim": 2}}], ["1", {"class": "Flatten"}]]}}
+    weights = {"0.weight": torch.randn(4, 2)}
+    model = load_model(save(weights, metadata={"architecture": json.dumps(spec)}), filename="emb.safetensors")
+    assert model.takes_tokens and model.input_shape == (3,)
+    acts = extract(model, torch.tensor([[0, 1, 2], [3, 2, 1]]), ["1"], cache_dir=tmp_path)
+    torch.testing.assert_close(acts["1"], torch.cat([weights["0.weight"][[0, 1, 2]].reshape(1, -1),
+                                                     weights["0.weight"][[3, 2, 1]].reshape(1, -1)]))
 
 
 def test_weights_no_spec_loads_get_no_suggestion():

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.errors import ArchitectureError, format_choices
+from workbench.errors import ArchitectureError, did_you_mean, format_choices
 
 MAX_PARAMETERS = 1 << 30  # the 16-bit weights a 2 GiB file holds; 4 GiB once built in float32
 MAX_SPEC_LAYERS = 1_000
@@ -324,6 +324,14 @@ def _build_node(node: Any, path: str) -> nn.Module:
     if not isinstance(node, dict) or not isinstance(node.get("class"), str):
         raise ArchitectureError(f"The 'torch.nn' spec node at '{path or 'root'}' must be an object with a 'class' entry.")
     name = node["class"]
+    allowed = {"class", "children"} if name == "Sequential" else {"class", "args"}
+    for key in node:
+        if key not in allowed:
+            raise ArchitectureError(
+                f"The 'torch.nn' spec node at '{path or 'root'}' has an unknown entry {str(key)[:80]!r}, which would be "
+                f"ignored.{did_you_mean(key, allowed)} A {'Sequential' if name == 'Sequential' else 'layer'} node has "
+                f"{' and '.join(repr(k) for k in sorted(allowed))}."
+            )
     if name == "Sequential":
         children = node.get("children")
         if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) for c in children):
@@ -345,6 +353,10 @@ def _build_node(node: Any, path: str) -> nn.Module:
         raise ArchitectureError(f"The 'args' of '{path}' in the 'torch.nn' spec must be an object.")
     if set(args) & _NOT_ARGS:
         raise ArchitectureError(f"The 'args' of '{path}' in the 'torch.nn' spec set {sorted(set(args) & _NOT_ARGS)}, which a spec may not set; remove them.")
+    if name == "Embedding" and args.get("max_norm") is not None:
+        raise ArchitectureError(f"The Embedding at '{path}' in the 'torch.nn' spec sets 'max_norm', which rescales its weights "
+                                "in place on every forward pass, so analysing the model would change it; remove 'max_norm' "
+                                "(renormalise the weights once before saving them).")
     for key, value in args.items():
         ints = [value] if _is_int(value) else [v for v in value if _is_int(v)] if isinstance(value, list) else []
         if any(abs(v) > MAX_SIZE for v in ints):
@@ -381,6 +393,14 @@ def build_torch_nn(spec: dict[str, Any]) -> nn.Module:
     return _build_node(root, "")
 
 
+SPEC_ENTRIES: dict[str, frozenset[str]] = {  # what each type reads; any other entry is a typo that would be ignored
+    "mlp": frozenset({"sizes", "activation", "batchnorm"}),
+    "cnn": frozenset({"input_shape", "channels", "kernel_size", "batchnorm", "hidden", "n_classes"}),
+    "resmlp": frozenset({"in_features", "width", "n_blocks", "n_classes", "activation"}),
+    "transformer": frozenset({"vocab_size", "max_len", "d_model", "n_heads", "n_layers", "n_classes"}),
+    "torch.nn": frozenset({"root", "input_shape"}),
+}
+
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
@@ -406,6 +426,13 @@ def parse_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
         raise ArchitectureError(
             f"Unknown architecture type {kind!r}; supported types: {format_choices(ARCHITECTURES)}."
         )
+    entries = SPEC_ENTRIES[kind] | {"type"}
+    for key in spec:
+        if key not in entries:
+            raise ArchitectureError(
+                f"The '{kind}' architecture spec has an unknown entry {str(key)[:80]!r}, which would be ignored.{did_you_mean(key, entries)} "
+                f"Its entries are: {format_choices(sorted(entries))}."
+            )
     return spec
 
 
@@ -504,6 +531,18 @@ def meta_model(spec: dict[str, Any] | str) -> nn.Module:
     return module
 
 
+def _first_layer(node: Any) -> str | None:
+    """The class of the first layer a 'torch.nn' spec runs (through leading Sequential containers)."""
+    for _ in range(MAX_SPEC_DEPTH + 1):
+        if not isinstance(node, dict) or node.get("class") != "Sequential":
+            return node.get("class") if isinstance(node, dict) else None
+        children = node.get("children")
+        if not isinstance(children, list) or not children or not isinstance(children[0], list) or len(children[0]) != 2:
+            return None
+        node = children[0][1]
+    return None
+
+
 def build_model(spec: dict[str, Any] | str) -> nn.Module:
     """Build the (untrained) module a spec describes, in eval mode.
 
@@ -529,5 +568,5 @@ def input_spec(spec: dict[str, Any] | None) -> tuple[tuple[int, ...], torch.dtyp
     if kind == "transformer":
         return (spec["max_len"],), torch.int64
     if kind == "torch.nn" and spec.get("input_shape") is not None:
-        return tuple(_input_shape(spec)), torch.float32
+        return tuple(_input_shape(spec)), torch.int64 if _first_layer(spec.get("root")) == "Embedding" else torch.float32
     return None

@@ -800,7 +800,7 @@ def _cnn_hint(state: dict[str, torch.Tensor]) -> str:
     in_channels = int(convs[0].shape[1])
     if not _loads_exactly({**known, "input_shape": [in_channels, 1, 1]}, state):
         return ""
-    return (f"; it looks like {json.dumps(known)} plus \"input_shape\": [{in_channels}, height, width], "
+    return (f"it looks like {json.dumps(known)} plus \"input_shape\": [{in_channels}, height, width], "
             f"with the height and width of the input images, which the weights do not record")
 
 
@@ -839,7 +839,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], label: str, name: str, spec
         guess = infer_architecture(state)
         where = "(the app's spec box, architecture= in Python, --architecture on the command line)"
         example = (f"it looks like {json.dumps(guess)} (check the activation)" if guess else
-                   f"such as {{\"type\": \"mlp\", \"sizes\": [...], \"activation\": \"relu\"}}{_cnn_hint(state)}")
+                   _cnn_hint(state) or 'such as {"type": "mlp", "sizes": [...], "activation": "relu"}')
         raise MissingArchitectureError(
             f"'{label}' holds weights but no architecture spec; pass one {where}: {example}.", suggested=guess)
     expected = _meta_state(spec)
