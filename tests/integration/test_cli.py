@@ -234,6 +234,18 @@ def test_app_command_serves_the_app(tmp_path):
         proc.wait(timeout=20)
 
 
+def test_data_of_the_right_size_but_another_shape_is_refused_before_any_work(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "x3d.npz"
+    np.savez(data, x=rng.random((50, 8, 8)).astype("float32"), y=np.arange(50) % 10)  # 64 values per sample, as 8 x 8
+    out = run("extract", "sample_models/mlp_seed0.safetensors", "--data", str(data), "--layers", "fc1",
+              "--out", str(tmp_path / "acts.npz"), cache=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert ("Dataset 'x3d' holds samples of shape (8, 8) but model 'mlp_seed0' takes samples of shape (64,); flatten them "
+            "(x.reshape(len(x), -1)) and load the dataset again.") in out.stderr
+    assert not (tmp_path / "acts.npz").exists()
+
+
 @pytest.mark.parametrize("extra, address, trusted", [([], "localhost", False),
                                                     (["--address", "0.0.0.0", "--trust-uploads"], "0.0.0.0", True)])
 def test_app_serves_this_machine_and_refuses_pickles_unless_told_otherwise(monkeypatch, extra, address, trusted):

@@ -126,6 +126,14 @@ def test_a_spec_entry_that_would_be_ignored_or_change_the_weights_is_refused(sam
         load_model(sample_model_path("mlp_tanh_seed0"), architecture=spec)
 
 
+def test_a_torch_nn_spec_whose_layers_do_not_fit_its_input_shape_is_refused_when_loaded():
+    spec = {"type": "torch.nn", "input_shape": [5], "root": {"class": "Sequential", "children": [
+        ["0", {"class": "Linear", "args": {"in_features": 4, "out_features": 4}}]]}}
+    with pytest.raises(ArchitectureError, match=r"^The layers of the 'torch\.nn' spec do not fit its input_shape \[5\] \(.+\); "
+                                              r"check the input_shape or the layer sizes\.$"):
+        build_model(spec)
+
+
 def test_a_torch_nn_spec_that_starts_with_an_embedding_takes_token_ids(tmp_path):
     spec = {"type": "torch.nn", "input_shape": [3], "root": {"class": "Sequential", "children": [
         ["0", {"class": "Embedding", "args": {"num_embeddings": 4, "embedding_dim": 2}}], ["1", {"class": "Flatten"}]]}}

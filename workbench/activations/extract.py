@@ -263,6 +263,13 @@ def check_inputs(model: LoadedModel, dataset: Dataset) -> None:
             f"Dataset '{dataset.name}' has {int(np.prod(sample_shape))} features per sample but model '{model.name}' expects "
             f"{int(np.prod(model.input_shape))}; pick a dataset made for this model."
         )
+    if not model.takes_tokens and sample_shape != tuple(model.input_shape):
+        how = ("flatten them (x.reshape(len(x), -1))" if len(model.input_shape) == 1 else
+               f"reshape them (x.reshape(len(x), {', '.join(map(str, model.input_shape))}))")
+        raise DataError(
+            f"Dataset '{dataset.name}' holds samples of shape {sample_shape} but model '{model.name}' takes samples of shape "
+            f"{tuple(model.input_shape)}; {how} and load the dataset again."
+        )
 
 
 def _cache_root(root: Path) -> Path:

@@ -477,8 +477,8 @@ def count_weights(spec: dict[str, Any] | str) -> int:
 def _check_activations(spec: dict[str, Any], module: nn.Module) -> None:
     """Run one sample of the spec's input shape through ``module`` on the meta device (nothing is allocated) and refuse
     a layer that would output more than ``MAX_ACTIVATION_VALUES`` values for it. Only ``cnn`` and ``torch.nn`` specs are
-    run: the other types output at most a width. A spec whose layers do not fit its input stops at the first such
-    layer, here as when it runs, so the layers before it are the ones that would allocate."""
+    run: the other types output at most a width. A spec whose layers do not fit its input is refused, naming torch's
+    reason (an operation the meta device does not support leaves the shapes to be checked when the model runs)."""
     def refuse(name: str, out_shape: tuple[int, ...]) -> None:
         raise ArchitectureError(
             f"Layer '{name}' of the '{spec['type']}' architecture spec would output {math.prod(out_shape):,} values "
@@ -503,13 +503,19 @@ def _check_activations(spec: dict[str, Any], module: nn.Module) -> None:
             refuse(name, tuple(out.shape[1:]))
 
     handles = [m.register_forward_hook(functools.partial(check, name)) for name, m in module.named_modules() if name]
+    dtype = torch.int64 if _first_layer(spec.get("root")) == "Embedding" else torch.float32
     try:
         with torch.no_grad():
-            module(torch.empty((1, *shape), device="meta"))
+            module(torch.zeros((1, *shape), dtype=dtype, device="meta"))
     except ArchitectureError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+    except NotImplementedError:  # an operation the meta device lacks: the shapes are checked when the model runs
         pass
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        lines = str(exc).strip().splitlines()
+        reason = lines[0][:200].rstrip(".") if lines else type(exc).__name__
+        raise ArchitectureError(f"The layers of the 'torch.nn' spec do not fit its input_shape {spec['input_shape']} ({reason}); "
+                                "check the input_shape or the layer sizes.") from exc
     finally:
         for handle in handles:
             handle.remove()
