@@ -234,6 +234,17 @@ def test_app_command_serves_the_app(tmp_path):
         proc.wait(timeout=20)
 
 
+def test_a_refused_pickle_prints_one_line_without_torch_s_warning(tmp_path):
+    import pickle
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"w": complex(1, 2)}, protocol=4))  # not torch.load's protocol 2: torch would warn
+    out = run("layers", str(path), cache=tmp_path)
+    assert out.returncode != 0
+    assert out.stderr.count("\n") == 1 and "UserWarning" not in out.stderr, out.stderr
+    assert out.stderr.startswith("workbench layers: 'evil.pt' is a full pickle whose loading can run arbitrary code")
+
+
 def test_data_of_the_right_size_but_another_shape_is_refused_before_any_work(tmp_path):
     rng = np.random.default_rng(0)
     data = tmp_path / "x3d.npz"

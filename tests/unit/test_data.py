@@ -53,11 +53,20 @@ def test_npz_upload_roundtrip():
     assert data.name == "mine" and data.x.shape == (20, 4) and data.n_classes == 2
 
 
-def test_npz_with_pickled_objects_refused():
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+@pytest.mark.parametrize("arrays", [{"x": np.array([{"a": 1}, None], dtype=object)},
+                                    {"x": np.zeros((50, 4), np.float32), "y": np.array([_Evil()] * 50, dtype=object)}])
+def test_npz_with_pickled_objects_refused(arrays, capsys):
     buf = io.BytesIO()
-    np.savez(buf, x=np.array([{"a": 1}, None], dtype=object))
-    with pytest.raises(UnsafeFileError, match=r"stores Python objects that need unpickling, which can run code"):
+    np.savez(buf, **arrays)
+    # labels as objects were called truncated (their pickle is smaller than 50 object pointers)
+    with pytest.raises(UnsafeFileError, match=r"stores Python objects (in array '[xy]' )?that need unpickling, which can run code"):
         load_dataset(buf.getvalue(), filename="evil.npz")
+    assert "unpickled" not in capsys.readouterr().out
 
 
 def test_csv_upload_with_label_column():

@@ -143,9 +143,10 @@ def test_isolated_module_with_its_own_code_is_refused_and_its_code_ran_elsewhere
     module, marker = own_code_module
     data = _saved(module)
     with pytest.raises(UnsafeFileError, match=(
-            r"'own\.pt' was opened in a separate process, but the model \(own_code_net\.OwnNet\) is not a stock torch\.nn layer, "
-            r"so its code would be needed to run it; only weights and stock torch\.nn layers come back from it\. "
-            r"Load it from Python with load_model\(path, trust_remote_code=True\)")):
+            r"^'own\.pt' was unpickled in a separate process, so its code has run, but nothing came back: the model "
+            r"\(own_code_net\.OwnNet\) is not a stock torch\.nn layer, so its code would be needed to run it\. Only weights and "
+            r"stock torch\.nn layers come back from that process; load it from Python with "
+            r"load_model\(path, trust_remote_code=True\)")):
         load_model(data, filename="own.pt", trust_remote_code=True, isolate=True)
     assert marker.exists() and marker.read_text() != str(os.getpid()), "the pickle's code ran in this process"
     loaded = load_model(data, filename="own.pt", trust_remote_code=True)  # from Python, trusted, in this process
@@ -164,7 +165,8 @@ class _Gadget:
 def test_isolated_malicious_pickle_runs_only_in_the_child(tmp_path):
     marker = tmp_path / "pwned"
     data = pickle.dumps({"fc1.weight": torch.zeros(1), "evil": _Gadget(marker)})
-    with pytest.raises(UnsafeFileError, match=r"'evil\.pt' was opened in a separate process, but 'evil\.pt' holds a dict, not a state dict of tensors"):
+    with pytest.raises(UnsafeFileError, match=r"^'evil\.pt' was unpickled in a separate process, so its code has run, but nothing "
+                                              r"came back: it holds a dict, not a state dict of tensors\. Only weights"):
         load_model(data, filename="evil.pt", trust_remote_code=True, isolate=True)
     assert marker.exists() and marker.read_text() != str(os.getpid())
 
@@ -202,6 +204,6 @@ def test_the_app_opens_trusted_uploads_in_a_separate_process(own_code_module):
     stock, _ = _zoo()["nested mlp"]
     loaded = _state.load_uploaded_model(_saved(stock), "stock.pt", None, True)
     assert loaded.source_format == "pickle (trusted, opened in a separate process)"
-    with pytest.raises(UnsafeFileError, match=r"was opened in a separate process"):
+    with pytest.raises(UnsafeFileError, match=r"was unpickled in a separate process, so its code has run"):
         _state.load_uploaded_model(_saved(module), "own.pt", None, True)
     assert marker.read_text() != str(os.getpid())

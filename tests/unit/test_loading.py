@@ -413,9 +413,15 @@ def test_a_weight_index_that_reads_outside_the_folder_or_pickles_is_refused(tiny
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     (copy / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"w": shard}}))
-    with pytest.raises(UnsafeFileError, match=rf"'model\.safetensors\.index\.json' in folder 'copy' reads weights from "
-                                              rf"'{re.escape(shard)}', which is not a \.safetensors file in the folder"):
+    with pytest.raises(UnsafeFileError, match=rf"'model\.safetensors\.index\.json' in 'copy' reads weights from "
+                                              rf"'{re.escape(shard)}', which is not a \.safetensors file in the model folder"):
         load_model(copy)
+    zipped = io.BytesIO()  # an upload: named as uploaded, not by the temporary folder it is unpacked in
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for f in copy.iterdir():
+            zf.write(f, f.name)
+    with pytest.raises(UnsafeFileError, match=r"'model\.safetensors\.index\.json' in 'hf_index\.zip' reads weights from "):
+        load_model(zipped.getvalue(), filename="hf_index.zip")
 
 
 def test_every_error_is_a_value_error():

@@ -558,6 +558,9 @@ def _check_npy_member(zf: zipfile.ZipFile, member: str, name: str, max_bytes: in
         shape, _, dtype = read_header(fp)
         stored = info.file_size - fp.tell()
     key = member.removesuffix(".npy")
+    if dtype.hasobject:  # its bytes are a pickle, not values: the size says nothing, and reading it would unpickle
+        raise UnsafeFileError(f"'{name}' stores Python objects in array '{key}' that need unpickling, which can run code; "
+                              "save plain numeric arrays with np.savez(path, x=x, y=y).")
     if any(d < 0 for d in shape):
         raise CorruptFileError(f"Array '{key}' in '{name}' declares the negative shape {shape}; re-save it with np.savez.")
     declared = math.prod(shape) * max(dtype.itemsize, 1)
@@ -809,7 +812,9 @@ def _read_pt(data: bytes, name: str, max_bytes: int) -> tuple[Any, Any, tuple[st
             raise CorruptFileError(f"'{name}' is damaged or not a file written by torch.save ({exc}); re-save the data with "
                                    "torch.save({'x': x, 'y': y}, path).") from exc
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        from workbench.models.loading import weights_only_load
+
+        obj = weights_only_load(data)
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(
             f"'{name}' needs full unpickling, which can run code; save plain tensors with torch.save({{'x': x, 'y': y}}, path)."

@@ -30,6 +30,7 @@ import re
 import struct
 import tempfile
 import threading
+import warnings
 import weakref
 import zipfile
 import zlib
@@ -531,10 +532,18 @@ def _load_safetensors(data: bytes, label: str, name: str, spec: dict[str, Any] |
 # state dicts and pickles
 
 
+def weights_only_load(data: bytes) -> Any:
+    """``torch.load(..., weights_only=True)`` of ``data`` on the CPU, without torch's warning about the pickle protocol
+    (the file either loads or is refused with one sentence; the warning would print before it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def _load_torch_pickle(data: bytes, label: str, name: str, spec: dict[str, Any] | None, trust: bool,
                        isolate: bool) -> LoadedModel:
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = weights_only_load(data)
     except pickle.UnpicklingError as exc:
         reason = _weights_only_reason(exc) or _scan_globals(data)
         if reason is None:
@@ -566,9 +575,14 @@ def _open_isolated(data: bytes, label: str, name: str, spec: dict[str, Any] | No
     try:
         weights = open_in_subprocess(data, label)
     except ChildRefused as exc:
+        reason = str(exc)
+        if reason.startswith(f"'{label}' "):  # the file named once, at the start
+            reason = "it " + reason.removeprefix(f"'{label}' ")
+        reason = reason.split(";")[0].rstrip(".")  # what the file held, without the advice for state dicts
         raise UnsafeFileError(
-            f"'{label}' was opened in a separate process, but {str(exc).rstrip('.')}; only weights and stock torch.nn layers come back from it. "
-            f"Load it from Python with load_model(path, trust_remote_code=True), or {CONVERT_HINT}."
+            f"'{label}' was unpickled in a separate process, so its code has run, but nothing came back: {reason}. Only "
+            f"weights and stock torch.nn layers come back from that process; load it from Python with "
+            f"load_model(path, trust_remote_code=True), or {CONVERT_HINT}."
         ) from None
     except ChildFailed as exc:
         raise CorruptFileError(f"'{label}' could not be unpickled even with trust enabled ({exc}){_missing_code_hint(str(exc))}.") from None
@@ -683,7 +697,8 @@ def find_state_dict(obj: Any, label: str) -> dict[str, torch.Tensor]:
             if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
                 return inner
     raise CorruptFileError(
-        f"'{label}' holds a {type(obj).__name__}, not a state dict of tensors; save model.state_dict() (or a dict with a 'state_dict' entry)."
+        f"'{label}' holds {'an' if type(obj).__name__[:1].lower() in 'aeiou' else 'a'} {type(obj).__name__}, not a state dict "
+        "of tensors; save model.state_dict() (or a dict with a 'state_dict' entry)."
     )
 
 
@@ -974,7 +989,7 @@ def _load_code_archive(data: bytes, label: str, name: str, kind: str, spec: dict
     return wrap_module(module, name=name, architecture=spec, source_format=f"{kind} (trusted)")
 
 
-def _check_weight_indexes(folder: Path) -> None:
+def _check_weight_indexes(folder: Path, label: str) -> None:
     """A sharded checkpoint's index (``*.index.json``) names the files its weights are read from: each must be a
     ``.safetensors`` file inside the folder, or the index would read files elsewhere on the machine, or pickles."""
     for index in folder.glob("*.safetensors.index.json"):
@@ -982,13 +997,13 @@ def _check_weight_indexes(folder: Path) -> None:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
             shards = {str(v) for v in weight_map.values()}
         except (ValueError, AttributeError, RecursionError) as exc:
-            raise CorruptFileError(f"'{index.name}' in folder '{folder.name}' is not a readable weight index ({exc}).") from exc
+            raise CorruptFileError(f"'{index.name}' in '{label}' is not a readable weight index ({exc}).") from exc
         for shard in sorted(shards):
             inside = PurePosixPath(shard).name == shard and "\\" not in shard and shard not in ("", ".", "..")
             if not (inside and shard.endswith(".safetensors") and (folder / shard).is_file()):
                 raise UnsafeFileError(
-                    f"'{index.name}' in folder '{folder.name}' reads weights from '{shard}', which is not a .safetensors "
-                    "file in the folder; save the model with model.save_pretrained(path, safe_serialization=True)."
+                    f"'{index.name}' in '{label}' reads weights from '{shard}', which is not a .safetensors "
+                    "file in the model folder; save the model with model.save_pretrained(path, safe_serialization=True)."
                 )
 
 
@@ -1020,7 +1035,7 @@ _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 
 _PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 
-def _weight_files(folder: Path) -> list[Path] | None:
+def _weight_files(folder: Path, label: str) -> list[Path] | None:
     """The .safetensors files transformers reads the weights from: ``model.safetensors``, else the shards that
     ``model.safetensors.index.json`` names (checked by :func:`_check_weight_indexes`); None when there are neither.
     Other .safetensors files in the folder are never read, so they are not counted as weights."""
@@ -1033,7 +1048,7 @@ def _weight_files(folder: Path) -> list[Path] | None:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
         shards = sorted({str(v) for v in weight_map.values()})
     except (ValueError, AttributeError, RecursionError) as exc:
-        raise CorruptFileError(f"'{index.name}' in folder '{folder.name}' is not a readable weight index ({exc}).") from exc
+        raise CorruptFileError(f"'{index.name}' in '{label}' is not a readable weight index ({exc}).") from exc
     return [folder / shard for shard in shards]
 
 
@@ -1185,8 +1200,8 @@ def _load_hf_folder(folder: Path, *, name: str, trust_remote_code: bool, isolate
     if not (folder / "config.json").exists():
         raise UnsupportedFormatError(f"Folder '{label}' has no config.json, so it is not a Hugging Face model folder.")
     if not (trust_remote_code and not isolate):
-        _check_weight_indexes(folder)
-    weight_files = _weight_files(folder)
+        _check_weight_indexes(folder, label)
+    weight_files = _weight_files(folder, label)
     has_safetensors = weight_files is not None
     if not has_safetensors and not any((folder / n).is_file() for n in _PICKLED_WEIGHTS):
         raise CorruptFileError(
