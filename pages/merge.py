@@ -25,7 +25,7 @@ with st.expander("Settings", expanded=False):
         "Match activations and recompute BatchNorm statistics on the digits train split",
         value=digits,
         disabled=not digits,
-        key="merge_train",
+        key="merge_train", persist_state="session",
         help="Offered when the dataset is the bundled digits test split.",
     )
     seed = int(st.number_input("Seed (order of members and permutations)", 0, 10_000, 0, key="merge_seed", persist_state="session"))
@@ -34,12 +34,37 @@ loaded = {  # the sidebar's models that are not bundled ones (uploads, models se
     f"{m.name} (loaded)": m for m in _state.current_models()
     if m.name not in names or m.sha256 != _state.load_sample_model(m.name).sha256
 }
+
+
+def model_of(label: str):
+    return loaded[label] if label in loaded else _state.load_sample_model(label)
+
+
+groups: list[list[str]] = []  # the candidates by architecture: only models of one architecture can be merged
+for label in [*loaded, *names]:
+    group = next((g for g in groups if mc.same_architecture(model_of(g[0]), model_of(label))), None)
+    if group is None:
+        groups.append([label])
+    else:
+        group.append(label)
+groups = [g for g in groups if len(g) >= 3]
+if not groups:
+    st.info("Merging needs at least 3 models of one architecture; load more on the Models & data page.")
+    _state.stop()
+first = next((i for i, g in enumerate(groups) if "mlp_seed0" in g), 0)
+which = st.selectbox("Architecture", range(len(groups)), index=first, key="mc_merge_arch",
+                     format_func=lambda i: f"that of {', '.join(groups[i][:4])}{' …' if len(groups[i]) > 4 else ''}",
+                     help="Groups of at least 3 models with the same modules and parameter shapes.")
+options = groups[which]
+kept = [m for m in st.session_state.get("mc_merge_models") or [] if m in options]
+if "mc_merge_models" in st.session_state and kept != st.session_state["mc_merge_models"]:
+    st.session_state["mc_merge_models"] = kept or options[:3]  # another architecture was chosen: its own members
 members = st.multiselect(
-    "Members (one architecture)",
-    list(loaded) + names,
-    default=[n for n in ("mlp_seed0", "mlp_seed1", "mlp_seed2") if n in names],
+    "Members",
+    options,
+    default=[n for n in ("mlp_seed0", "mlp_seed1", "mlp_seed2") if n in options] or options[:3],
     key="mc_merge_models",
-    help="At least 3 models of one architecture: the bundled ones, and models loaded in the sidebar.",
+    help="At least 3 models of the chosen architecture: the bundled ones, and models loaded in the sidebar.",
 )
 merge_method = st.radio(
     "Alignment",

@@ -15,6 +15,29 @@ def test_merge_waits_for_its_toggle(app):
     assert not at.get("metric")
 
 
+def test_members_are_offered_by_architecture(app, digits_test, sample_model_path):
+    import dataclasses
+
+    from workbench import load_model
+
+    app.session_state["dataset"] = digits_test
+    for slot, name in (("model_a", "cnn_seed0"), ("model_b", "mlp_narrow_seed0")):  # two CNNs, three narrow MLPs
+        app.session_state[slot] = dataclasses.replace(load_model(sample_model_path(name)), name=f"my_{name}")
+    at = app.run()
+    at.switch_page(PAGE).run()
+    assert not page_errors(at)
+    arch = at.selectbox(key="mc_merge_arch")
+    # the narrow MLPs with the upload, and the MLPs, chosen first (a CNN on its own is too few)
+    assert arch.options == ["that of my_mlp_narrow_seed0 (loaded), mlp_narrow_seed0, mlp_narrow_seed1",
+                            "that of mlp_seed0, mlp_seed1, mlp_seed2"] and arch.value == 1
+    assert at.multiselect(key="mc_merge_models").options == ["mlp_seed0", "mlp_seed1", "mlp_seed2"]  # no CNN, no text model
+    arch.set_value(0).run()
+    members = at.multiselect(key="mc_merge_models")
+    assert members.options == ["my_mlp_narrow_seed0 (loaded)", "mlp_narrow_seed0", "mlp_narrow_seed1"]
+    assert members.value == members.options  # the chosen architecture's own members, not the other's
+    assert not page_errors(at)
+
+
 def test_merge_panel_beats_the_naive_average(app, digits_test):
     app.session_state["dataset"] = digits_test
     at = app.run()
