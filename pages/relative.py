@@ -100,7 +100,7 @@ st.caption(
     f"{result.estimator}; n = {result.n_samples} samples of {dataset.name}. "
     "Absolute values are n/a where the two layers have different widths."
 )
-_state.report_button(f"Relative representations: {model_a.name} vs {model_b.name}", result, [fig], key="rel_report", pooling=pooling)
+_state.report_button("Relative representations per layer", result, [fig], key="rel_report", pooling=pooling)
 
 st.subheader("Zero-shot stitching")
 st.caption(
@@ -169,5 +169,5 @@ held = train.n_samples - stitched.n_train
 st.caption(f"Heads trained on {stitched.n_train} samples of {_state.plain(train.name)}"
            + (f" (its {train.n_samples} samples less the {held} anchors, whose own columns would give their class away)" if held else "")
            + f", tested on {test.n_samples} of {_state.plain(test.name)}.")
-_state.report_button(f"Zero-shot stitching: {model_a.name}, {model_b.name}", stitched, [fig], key="rel_stitch_report",
+_state.report_button("Zero-shot stitching", stitched, [fig], key="rel_stitch_report",
                     dataset=test, train_dataset=train, pooling=pooling)

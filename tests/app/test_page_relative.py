@@ -62,6 +62,7 @@ def test_zero_shot_stitching(app):
     at.button(key="rel_stitch_report").click().run()
     section = at.session_state["report_sections"][0]  # the report names the data the heads were trained on
     assert section["dataset_object"].name == "digits (test)" and section["train_dataset_object"].name == "digits (train)"
+    assert section["title"] == "Zero-shot stitching" and section["models"] == ["mlp_seed0", "mlp_seed1"]  # models named once
 
 
 def test_needs_two_models(app):

@@ -19,7 +19,7 @@ from workbench.analyses.similarity import similarity_matrix
 from workbench.analyses.stats import activation_stats
 from workbench.analyses.topology import layer_separability, persistence
 from workbench.data import make_dataset
-from workbench.plots._style import order_layers, title_margin, titled
+from workbench.plots._style import figure_title, order_layers, title_margin, titled
 from workbench.plots.activations import layer_histograms
 from workbench.plots.degeneracy import basis_size_figure
 from workbench.plots.embedding import embedding_scatter, intrinsic_dimension_profile
@@ -177,6 +177,8 @@ def test_the_top_margin_holds_every_subtitle_line(n_lines):
     fig = titled(go.Figure(go.Heatmap(z=[[1, 2], [3, 4]])), "Title", estimator=estimator)
     lines = fig.layout.title.subtitle.text.split("<br>")
     assert len(lines) == n_lines
+    assert all(line.endswith(" ") for line in lines[:-1])  # text read from the figure keeps the words apart
+    assert figure_title(fig) == f"Title · {estimator}"
     assert fig.layout.title.yanchor == "top" and fig.layout.title.y == 1  # the title does not move down
     assert fig.layout.margin.t >= SUBTITLE_TOP + SUBTITLE_LINE * n_lines + 8  # 8 px clear of the plot area
 

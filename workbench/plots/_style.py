@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -238,7 +239,8 @@ def titled(fig: go.Figure, title: str, *, estimator: str | None = None, n: int |
     above = [a for a in fig.layout.annotations if above_plot(a)]
     top = title_margin(len(lines), subplot_titles=bool(above)) + max((int(a.yshift or 0) for a in above), default=0)
     fig.update_layout(
-        title={"text": title, "subtitle": {"text": "<br>".join(lines)}, "y": 1, "yanchor": "top",
+        # each line ends in a space, so that text read from the figure (copied, or by a screen reader) keeps its words apart
+        title={"text": title, "subtitle": {"text": " <br>".join(lines)}, "y": 1, "yanchor": "top",
                "pad": {"t": TITLE_PAD}},
         template=TEMPLATE, margin={"t": max(top, fig.layout.margin.t or 0)},
     )
@@ -252,7 +254,7 @@ def figure_title(fig: go.Figure | dict[str, Any]) -> str:
     layout = fig.to_plotly_json()["layout"] if isinstance(fig, go.Figure) else fig.get("layout", {})
     title = layout.get("title", {})
     sub = title.get("subtitle", {}).get("text") or ""
-    return " · ".join(p for p in (title.get("text") or "", sub.replace("<br>", " ")) if p)
+    return " · ".join(p for p in (title.get("text") or "", re.sub(r"\s*<br>\s*", " ", sub)) if p)
 
 
 def grouped_bar_panels(fig: go.Figure, x: Sequence[str], series: Sequence[tuple[str, str]],
