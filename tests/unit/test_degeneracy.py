@@ -983,8 +983,19 @@ def test_figures_carry_estimator_and_n(narrow, digits_test, constant_and_dead):
         assert "n = " in title and len(fig.data) > 0
     assert "n = 60" in figure_title(figs[0]) and "covariance" in figure_title(figs[0])
     graph = figs[-1]
-    colours = {c for tr in graph.data if tr.mode == "markers" for c in tr.marker.color}
+    nodes = [tr for tr in graph.data if tr.mode == "markers" and tr.name in ("relu1", "relu2")]
+    colours = {c for tr in nodes for c in tr.marker.color}
     assert len(colours) >= 2  # the module split is coloured
+    # the legend says what the colours and widths mean: one entry per module drawn, in its nodes' colour, numbered as the
+    # basis table numbers them (and as the hover says), and the edge strengths
+    legend = {tr.name: tr.marker.color for tr in graph.data if tr.legendgroup == "modules"}
+    modules = {int(c) for layer in ("relu1", "relu2") for c in ib.communities[layer][:ib.graph_directions] if c >= 0}
+    assert list(legend) == [f"module {c + 1}" for c in sorted(modules)]
+    for tr in nodes:
+        for colour, label in zip(tr.marker.color, tr.text):
+            assert legend[label] == colour
+    edges = [tr.name for tr in graph.data if tr.legendgroup == "edges"]
+    assert edges and all(name.startswith("edge E_ij ") and name.endswith(" of the strongest") for name in edges)
     assert sum(len([x for x in tr.x if x is not None]) // 2 for tr in graph.data if tr.mode == "lines") <= 50
 
 

@@ -274,8 +274,8 @@ def interaction_graph_figure(
     if sub.size and sub.max() > 0:
         flat = np.argsort(sub, axis=None)[::-1][:max_edges]
         weights = sub.flat[flat] / sub.max()
-        bins = ((0.0, 0.1, 0.5), (0.1, 0.4, 1.5), (0.4, 1.01, 3.0))
-        for lo, hi, width in bins:
+        bins = ((0.4, 1.01, 3.0, "40–100 %"), (0.1, 0.4, 1.5, "10–40 %"), (0.0, 0.1, 0.5, "under 10 %"))
+        for lo, hi, width, share in bins:
             sel = flat[(weights >= lo) & (weights < hi)]
             xs: list[float | None] = []
             ys: list[float | None] = []
@@ -291,9 +291,12 @@ def interaction_graph_figure(
                         mode="lines",
                         line={"width": width, "color": "rgba(90,90,90,0.45)"},
                         hoverinfo="skip",
-                        showlegend=False,
+                        name=f"edge E_ij {share} of the strongest",
+                        legendgroup="edges",
+                        legendgrouptitle_text=None if fig.data else f"edges (the {len(flat)} strongest)",
                     )
                 )
+    shown: set[int] = set()
     for x, layer, ys_, n_ in ((0.0, a, ya, na), (1.0, b, yb, nb)):
         comm = result.communities[layer][:n_]
         lam = result.interaction_eigenvalues[layer][:n_]
@@ -309,11 +312,19 @@ def interaction_graph_figure(
                     "color": [COMMUNITY_COLORS[c % len(COMMUNITY_COLORS)] if c >= 0 else "#cccccc" for c in comm],
                     "line": {"width": 0.5, "color": "#333"},
                 },
-                customdata=np.stack([np.arange(n_), comm, lam], axis=1) if n_ else None,
-                hovertemplate=f"{layer} direction %{{customdata[0]:.0f}}<br>module %{{customdata[1]:.0f}}"
-                "<br>Λ %{customdata[2]:.3g}<extra></extra>",
+                text=[f"module {c + 1}" if c >= 0 else "in no module" for c in comm],  # numbered as the basis table does
+                customdata=np.stack([np.arange(n_), lam], axis=1) if n_ else None,
+                hovertemplate=f"{layer} direction %{{customdata[0]:.0f}}<br>%{{text}}<br>Λ %{{customdata[1]:.3g}}<extra></extra>",
             )
         )
+        shown.update(int(c) for c in comm)
+    for c in sorted(shown):  # a legend entry per module drawn, in the colour of its nodes
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", name=f"module {c + 1}" if c >= 0 else "in no module",
+            marker={"size": 9, "color": COMMUNITY_COLORS[c % len(COMMUNITY_COLORS)] if c >= 0 else "#cccccc",
+                    "line": {"width": 0.5, "color": "#333"}},
+            legendgroup="modules", legendgrouptitle_text="node colour: Louvain module" if c == min(shown) else None,
+        ))
     fig.update_xaxes(tickvals=[0, 1], ticktext=[a, b], range=[-0.3, 1.3], showgrid=False, zeroline=False)
     fig.update_yaxes(visible=False)
     fig.update_layout(height=max(400, 9 * max(na, nb, 1)))
