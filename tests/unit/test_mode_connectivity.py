@@ -645,7 +645,7 @@ def test_same_architecture(sample_model):
 
 def test_a_dataset_of_the_wrong_width_is_named(sample_model):
     from workbench import load_dataset
-    from workbench.analyses.mode_connectivity import activation_matching, interpolate, mode_connectivity
+    from workbench.analyses.mode_connectivity import activation_matching, interpolate, merge, mode_connectivity
     from workbench.data import make_dataset
 
     a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
@@ -661,8 +661,13 @@ def test_a_dataset_of_the_wrong_width_is_named(sample_model):
         interpolate(a, b, wrong, n_points=3)
     with pytest.raises(DataError, match=r"^interpolate: the model could not run on dataset 'w' \(train_dataset, "):
         interpolate(a, b, digits, train_dataset=wrong, n_points=3)
-    with pytest.raises(DataError, match=r"^interpolate: the model could not run on dataset 'sentences \(test\)' \(dataset, .*dtype"):
+    tokens = r"dataset 'sentences \(test\)' \(dataset\) holds integer token ids, but the model takes float features; use a dataset"
+    with pytest.raises(DataError, match=rf"^interpolate: {tokens}"):
         interpolate(a, b, load_dataset("sentences"), n_points=3)
+    with pytest.raises(DataError, match=r"^merge: the model could not run on dataset 'w' \(dataset, inputs of shape \(10,\)"):
+        merge([a, b, sample_model("mlp_narrow_seed0")], wrong)  # was torch's own RuntimeError
+    with pytest.raises(DataError, match=rf"^merge: {tokens}"):
+        merge([a, b, sample_model("mlp_narrow_seed0")], load_dataset("sentences"))
 
 
 def test_activation_matching_refuses_data_on_which_no_unit_varies(sample_model):

@@ -359,6 +359,11 @@ def _check_runs(module: nn.Module, dataset: Any, name: str, func: str) -> None:
         with exclusive(module), torch.no_grad(), eval_mode(module):
             module(xb)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        if not x.is_floating_point():
+            raise DataError(
+                f"{func}: dataset '{getattr(dataset, 'name', '?')}' ({name}) holds integer token ids, but the model takes "
+                "float features; use a dataset made for this model."
+            ) from exc
         raise DataError(
             f"{func}: the model could not run on dataset '{getattr(dataset, 'name', '?')}' ({name}, inputs of shape "
             f"{tuple(x.shape[1:])}: {str(exc).splitlines()[0][:160]}); use a dataset made for this model (its features must "
@@ -1931,8 +1936,10 @@ def merge(
     batch_size = check_int(batch_size, "batch_size", func=func, low=1)
     check_progress(progress, func=func)
     x, y = _check_dataset(dataset, "dataset", func)
+    _check_runs(modules[0], dataset, "dataset", func)
     if train_dataset is not None:
         _check_dataset(train_dataset, "train_dataset", func)
+        _check_runs(modules[0], train_dataset, "train_dataset", func)
     stats_data = train_dataset if train_dataset is not None else dataset
     dev = float64_device(resolve_device(device))
     graph = None
