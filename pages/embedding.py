@@ -89,7 +89,7 @@ color, color_name = {"label": (labels, kind), "none": (None, kind)}.get(
 )
 with st.expander("Select samples by index"):
     typed = st.text_input(
-        "Indices, e.g. 0-9, 42", key="emb_select_text", help="Ranges and single indices, comma-separated."
+        "Indices, e.g. 0-9, 42", key="emb_select_text", persist_state="session", help="Ranges and single indices, comma-separated."
     )
     if typed and st.session_state.get("emb_typed_last") != typed:
         st.session_state["emb_typed_last"] = typed

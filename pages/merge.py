@@ -51,19 +51,21 @@ groups = [g for g in groups if len(g) >= 3]
 if not groups:
     st.info("Merging needs at least 3 models of one architecture; load more on the Models & data page.")
     _state.stop()
-first = next((i for i, g in enumerate(groups) if "mlp_seed0" in g), 0)
-which = st.selectbox("Architecture", range(len(groups)), index=first, key="mc_merge_arch",
+arch = st.session_state.get("mc_merge_arch")
+if not isinstance(arch, int) or not 0 <= arch < len(groups):  # first visit, or fewer groups than before: the bundled MLPs
+    st.session_state["mc_merge_arch"] = next((i for i, g in enumerate(groups) if "mlp_seed0" in g), 0)
+which = st.selectbox("Architecture", range(len(groups)), key="mc_merge_arch", persist_state="session",
                      format_func=lambda i: f"that of {', '.join(groups[i][:4])}{' …' if len(groups[i]) > 4 else ''}",
                      help="Groups of at least 3 models with the same modules and parameter shapes.")
 options = groups[which]
 kept = [m for m in st.session_state.get("mc_merge_models") or [] if m in options]
-if "mc_merge_models" in st.session_state and kept != st.session_state["mc_merge_models"]:
-    st.session_state["mc_merge_models"] = kept or options[:3]  # another architecture was chosen: its own members
+if "mc_merge_models" not in st.session_state or kept != st.session_state["mc_merge_models"]:
+    # first visit, or another architecture: its own members (set here, not as a default, so that the two never disagree)
+    st.session_state["mc_merge_models"] = kept or [n for n in ("mlp_seed0", "mlp_seed1", "mlp_seed2") if n in options] or options[:3]
 members = st.multiselect(
     "Members",
     options,
-    default=[n for n in ("mlp_seed0", "mlp_seed1", "mlp_seed2") if n in options] or options[:3],
-    key="mc_merge_models",
+    key="mc_merge_models", persist_state="session",
     help="At least 3 models of the chosen architecture: the bundled ones, and models loaded in the sidebar.",
 )
 merge_method = st.radio(

@@ -35,7 +35,10 @@ def test_members_are_offered_by_architecture(app, digits_test, sample_model_path
     members = at.multiselect(key="mc_merge_models")
     assert members.options == ["my_mlp_narrow_seed0 (loaded)", "mlp_narrow_seed0", "mlp_narrow_seed1"]
     assert members.value == members.options  # the chosen architecture's own members, not the other's
-    assert not page_errors(at)
+    assert not page_errors(at) and not at.warning  # (no warning about a default set beside the session state either)
+    at.switch_page("pages/home.py").run()
+    at.switch_page(PAGE).run()  # back from another page: the choices are as the user left them
+    assert at.selectbox(key="mc_merge_arch").value == 0 and at.multiselect(key="mc_merge_models").value == members.options
 
 
 def test_merge_panel_beats_the_naive_average(app, digits_test):
