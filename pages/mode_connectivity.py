@@ -124,20 +124,21 @@ if min(naive[0], naive[-1]) <= 1.5 * chance:
 curves = plots.interpolation_curves(result)
 st.plotly_chart(curves, width="stretch", key="mc_curves")
 st.subheader("Loss barriers")
+rows = plots.barrier_rows(result)
 st.dataframe(
-    plots.barrier_rows(result),
+    rows,
     hide_index=True,
     width="stretch",
     key="mc_barriers",
+    column_order=[c for c in rows[0] if c != "dataset"],  # the split names it, as the curves' legend and the caption do
     column_config={"method": st.column_config.TextColumn(width="medium"),  # the labels name the alignment in full
                    "split": st.column_config.TextColumn(width="small"),
-                   "dataset": st.column_config.TextColumn(width="medium"),
                    **{c: st.column_config.NumberColumn(format="%.4f") for c in plots.BARRIER_COLUMNS.values()},
                    "at λ (line)": st.column_config.NumberColumn(format="%.3f", width="small"),
                    "at λ (mean)": st.column_config.NumberColumn(format="%.3f", width="small"),
                    plots.BARRIER_COLUMNS["accuracy_drop"]: st.column_config.NumberColumn(format="%.4f")},
 )
-if any(r["at λ (mean)"] in (0.0, 1.0) for r in plots.barrier_rows(result)):
+if any(r["at λ (mean)"] in (0.0, 1.0) for r in rows):
     st.caption("Where a barrier above the endpoint mean sits at λ = 0 or 1, the path is highest at an endpoint: that "
                "value is half the gap between the endpoint losses, not a bump between them.")
 definitions = plots.barrier_definitions(next(iter(result.barriers.values()), None))
