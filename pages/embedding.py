@@ -17,7 +17,8 @@ def clear_selection() -> None:
     """Forget the selected samples and the typed indices (before the widgets are drawn again)."""
     st.session_state[SELECTION] = []
     st.session_state["emb_select_text"] = ""
-    st.session_state.pop("emb_typed_last", None)
+    for key in ("emb_typed_last", "emb_typed_ignored", "emb_last_0", "emb_last_1"):  # the same box drawn again selects again
+        st.session_state.pop(key, None)
 
 
 SELECT_MODES = ("points", "box", "lasso")
@@ -44,7 +45,8 @@ HELP = {
 c1, c2, c3, c4 = st.columns(4)
 method = c1.selectbox("Method", METHODS, key="emb_method", persist_state="session", help=HELP["method"],
                       format_func=lambda m: METHOD_NAMES.get(m, m))
-seed = int(c2.number_input("Seed", min_value=0, value=0, step=1, key="emb_seed", persist_state="session", help=HELP["seed"]))
+seed = int(c2.number_input("Seed", min_value=0, max_value=2**32 - 1, value=0, step=1, key="emb_seed", persist_state="session",
+                           help=HELP["seed"], disabled=method == "pca"))  # PCA is deterministic
 n_neighbors = int(c3.slider("UMAP neighbours", 5, 50, 15, key="emb_neighbors", persist_state="session", help=HELP["neighbors"],
                             disabled=method != "umap"))
 alone = f"Two layers of model {_state.slots(models)[0].upper()}"  # B when B is analysed alone
@@ -91,14 +93,21 @@ with st.expander("Select samples by index"):
     typed = st.text_input(
         "Indices, e.g. 0-9, 42", key="emb_select_text", persist_state="session", help="Ranges and single indices, comma-separated."
     )
-    if typed and st.session_state.get("emb_typed_last") != typed:
+    if typed != st.session_state.get("emb_typed_last", ""):  # emptied: the typed selection is cleared too
         st.session_state["emb_typed_last"] = typed
         picked: set[int] = set()
-        for part in typed.replace(" ", "").split(","):
+        ignored = []
+        for part in filter(None, typed.replace(" ", "").split(",")):
             low, _, high = part.partition("-")
-            if low.isdigit() and (not high or high.isdigit()):
+            if low.isdigit() and (not high or high.isdigit()) and int(low) <= int(high or low) < result.n_samples:
                 picked.update(range(int(low), int(high or low) + 1))
-        st.session_state[SELECTION] = sorted(i for i in picked if i < result.n_samples)
+            else:
+                ignored.append(part)
+        st.session_state[SELECTION] = sorted(picked)
+        st.session_state["emb_typed_ignored"] = ignored
+    if ignored := st.session_state.get("emb_typed_ignored"):
+        st.caption(_state.plain(f"Left out: {', '.join(ignored)}. Give indices from 0 to {result.n_samples - 1}, single or "
+                                "as ranges from low to high such as 0-9."))
 
 selection = st.session_state.get(SELECTION) or None
 events = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.app.conftest import page_errors
+from tests.app.conftest import page_errors, shown
 from workbench.plots._style import figure_title
 
 
@@ -68,6 +68,21 @@ def test_selection_by_index_highlights_both_views_and_downloads(app):
     assert not at.get("download_button") and at.text_input(key="emb_select_text").value == ""
     at.text_input(key="emb_select_text").input("0-9, 42").run()  # the same text again selects again
     assert at.session_state["emb_selection"] == [*range(10), 42]
+    at.text_input(key="emb_select_text").input("3, 5-2, abc, 449, 450, 7-9").run()  # 450 samples: 0 to 449
+    assert at.session_state["emb_selection"] == [3, 7, 8, 9, 449]
+    assert ("Left out: 5-2, abc, 450. Give indices from 0 to 449, single or as ranges from low to high such as 0-9."
+            in [shown(c.value) for c in at.caption])
+    at.text_input(key="emb_select_text").input("").run()  # emptied: nothing stays selected, and nothing is left out
+    assert not at.session_state["emb_selection"] and not any("Left out" in c.value for c in at.caption)
+
+
+def test_a_box_drawn_again_after_clearing_selects_again(app):
+    at = _open(app)
+    at.session_state["emb_last_0"] = [1, 2, 3]  # as after a box over samples 1-3 in the first view
+    at.session_state["emb_selection"] = [1, 2, 3]
+    at.run()
+    at.button(key="emb_clear").click().run()
+    assert "emb_last_0" not in at.session_state  # so the same box, drawn again, counts as a new selection
 
 
 def test_two_layers_of_one_model_coloured_by_distance(app):

@@ -15,6 +15,7 @@ from workbench.analyses import similarity as sim
 from workbench.analyses.similarity import (
     MEASURES,
     cca_similarity,
+    chance_level,
     linear_cka,
     minibatch_cka,
     procrustes_distance,
@@ -129,7 +130,12 @@ def test_cca_ignores_float32_rounding_directions():
         assert cca_similarity(torch.from_numpy(a), torch.from_numpy(b), kind=kind) == pytest.approx(1.0, abs=1e-9), kind
         matrix = similarity_matrix({"a": a}, {"b": b}, measure="cca_similarity", kind=kind).values
         assert matrix[0, 0] == pytest.approx(1.0, abs=1e-9), kind
-    assert sim._input_eps(a.astype(np.float64)) == np.finfo(np.float64).eps  # float64 input keeps its own precision
+    # float32 activations cast to float64 (a common step) still carry float32's noise: the same answer, not 449 dimensions
+    for kind in ("mean", "pwcca"):
+        assert cca_similarity(a.astype(np.float64), b.astype(np.float64), kind=kind) == pytest.approx(1.0, abs=1e-9), kind
+        assert cca_similarity(torch.from_numpy(a).double(), torch.from_numpy(b).double(), kind=kind) == pytest.approx(1.0, abs=1e-9)
+    assert sim._input_eps(a.astype(np.float64)) == np.finfo(np.float32).eps
+    assert sim._input_eps(x @ rng.normal(size=(10, 50))) == np.finfo(np.float64).eps  # float64 values keep their precision
 
 
 def test_rsa_invariances():
@@ -1165,3 +1171,19 @@ def test_cca_keeps_the_centred_data_only_for_pwcca_and_no_view_of_a_larger_basis
     for kind in ("svcca", "mean", "pwcca"):
         matrix = similarity_matrix({"x": x}, {"y": y}, measure="cca_similarity", kind=kind).values
         assert matrix[0, 0] == pytest.approx(cca_similarity(x, y, kind=kind), abs=1e-12), kind
+
+
+@pytest.mark.parametrize("measure, option, value, uses", [
+    ("linear_cka", "sigma", 0.2, "'rbf_cka'"),
+    ("procrustes_distance", "debiased", True, "'linear_cka' or 'rbf_cka'"),
+    ("rsa", "kind", "pwcca", "'cca_similarity'"),
+    ("cca_similarity", "rdm", "euclidean", "'rsa'"),
+])
+def test_an_option_the_measure_does_not_use_is_refused(measure, option, value, uses):
+    x = {"a": _rng().normal(size=(30, 4))}
+    # it was ignored: a "debiased" Procrustes distance looked computed as asked
+    with pytest.raises(ParameterError, match=rf"^similarity_matrix: '{option}' applies to measure {uses} only, so measure "
+                                             rf"'{measure}' would ignore {option}={value!r}; leave it out"):
+        similarity_matrix(x, x, measure=measure, **{option: value})
+    with pytest.raises(ParameterError, match=rf"^chance_level: '{option}' applies to measure"):
+        chance_level(x, x, measure=measure, **{option: value})

@@ -48,6 +48,10 @@ def test_bad_input_gets_a_clear_message():
         activation_stats(torch.zeros(3, 2))
     with pytest.raises(DataError, match=r"activation_stats got no layers; pass activations of at least one layer"):
         activation_stats({})
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match=r"^activation_stats: layer 'b' has 40 samples but the first layer has 50; extract all "
+                                        r"layers on the same dataset\.$"):
+        activation_stats({"a": rng.standard_normal((50, 10)), "b": rng.standard_normal((40, 10))})
 
 
 def test_histograms_are_densities_so_models_on_different_bins_compare():

@@ -716,13 +716,26 @@ def _distinct_samples(a: _CCABasis, b: _CCABasis) -> int:
 
 
 def _input_eps(x: ArrayLike) -> float:
-    """Machine epsilon of the precision ``x`` was stored in (float32 activations carry float32 rounding
-    noise even after the float64 copy); float64's for float64, integer and other input."""
+    """Machine epsilon of the precision ``x`` was computed in (float32 activations carry float32 rounding
+    noise even after the float64 copy); float64's for float64, integer and other input. A float64 array whose every
+    value is a float32 number (float32 activations cast to float64, a common step) counts as float32: its rounding
+    noise is float32's, and float64's epsilon would count that noise as directions of its own."""
     dtype = getattr(x, "dtype", None)
     if isinstance(dtype, torch.dtype):
-        return torch.finfo(dtype).eps if dtype.is_floating_point and dtype.itemsize < 8 else torch.finfo(torch.float64).eps
+        if dtype.is_floating_point and dtype.itemsize < 8:
+            return torch.finfo(dtype).eps
+        if dtype == torch.float64 and x.numel() and bool((x.float().double() == x).all()):
+            return torch.finfo(torch.float32).eps
+        return torch.finfo(torch.float64).eps
     if dtype is not None and np.issubdtype(dtype, np.floating) and np.dtype(dtype).itemsize < 8:
         return float(np.finfo(dtype).eps)
+    if dtype == np.float64:
+        try:
+            values = np.asarray(x, dtype=np.float64)
+            if values.size and np.array_equal(values.astype(np.float32), values):
+                return float(np.finfo(np.float32).eps)
+        except (ValueError, TypeError):  # not an array of numbers: its own checks name the problem
+            pass
     return float(np.finfo(np.float64).eps)
 
 
@@ -1346,6 +1359,22 @@ def similarity_matrix(
     )
 
 
+_OPTION_MEASURES = {"debiased": ("linear_cka", "rbf_cka"), "sigma": ("rbf_cka",), "angular": ("procrustes_distance",),
+                    "kind": ("cca_similarity",), "variance": ("cca_similarity",), "rdm": ("rsa",), "compare": ("rsa",)}
+_OPTION_DEFAULTS = {"debiased": False, "sigma": 0.8, "angular": False, "kind": "svcca", "variance": 0.99,
+                    "rdm": "correlation", "compare": "spearman"}
+
+
+def _check_options_apply(measure: str, func: str, **options: Any) -> None:
+    """Refuse an option set away from its default for a measure that does not use it (it would be silently ignored,
+    and the result would look as if it had been computed with it)."""
+    for name, value in options.items():
+        if measure not in _OPTION_MEASURES[name] and value != _OPTION_DEFAULTS[name]:
+            uses = " or ".join(repr(m) for m in _OPTION_MEASURES[name])
+            raise ParameterError(f"{func}: '{name}' applies to measure {uses} only, so measure {measure!r} would ignore "
+                                 f"{name}={value!r}; leave it out, or choose measure={_OPTION_MEASURES[name][0]!r}.")
+
+
 def _similarity_matrix(
     acts_a: Activations | Mapping[str, ArrayLike],
     acts_b: Activations | Mapping[str, ArrayLike] | None,
@@ -1378,6 +1407,8 @@ def _similarity_matrix(
     rdm = check_choice(rdm, "rdm", RDM_KINDS, func=func)
     compare = check_choice(compare, "compare", RDM_COMPARISONS, func=func)
     check_progress(progress, func=func)
+    _check_options_apply(measure, func, debiased=debiased, sigma=sigma, angular=angular, kind=kind, variance=variance,
+                         rdm=rdm, compare=compare)
     spec = _measure_spec(measure, debiased, sigma, angular, kind, variance, rdm, compare)
 
     same_model = acts_b is None or acts_b is acts_a

@@ -112,6 +112,10 @@ def activation_stats(acts: Mapping[str, torch.Tensor], *, bins: int = 50, device
     started = time.perf_counter()
     stats = {layer: layer_stats(acts[layer], layer, bins=bins, device=device) for layer in acts}
     n = next(iter(stats.values())).n_samples
+    for layer, st in stats.items():
+        if st.n_samples != n:
+            raise DataError(f"activation_stats: layer '{layer}' has {st.n_samples} samples but the first layer has {n}; "
+                            "extract all layers on the same dataset.")
     return ActivationStatsResult(
         layers=list(stats), stats=stats, model=model if model is not None else getattr(acts, "model_name", ""),
         dataset=dataset if dataset is not None else getattr(acts, "dataset_name", ""), n_samples=n,
