@@ -124,8 +124,8 @@ if st.checkbox("Chance level (B's samples shuffled)", value=True, key="cmp_chanc
 if chance is not None:
     low, high, mid = (float(f(chance.values)) for f in (np.nanmin, np.nanmax, np.nanmedian))  # n/a cells are NaN
     st.caption(
-        f"Chance level, the same measure on unrelated samples (B's samples in a random order): {low:.2f} to {high:.2f} "
-        f"over the cells (median {mid:.2f}); read each cell against it."
+        f"Chance level, the same measure on unrelated samples (B's samples in a random order): {low:.2g} to {high:.2g} "
+        f"over the cells (median {mid:.2g}); read each cell against it."
         + (" Biased CKA of unrelated layers stays above 0: tick 'Debiased' for a chance level near 0."
            if measure in ("linear_cka", "rbf_cka") and not options.get("debiased") and high > 0.1 else "")
     )

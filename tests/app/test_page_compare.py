@@ -77,7 +77,7 @@ def test_every_cell_is_read_against_the_chance_level_of_shuffled_samples(compare
     a = extract(acts["model_a"], acts["dataset"], list(at.multiselect(key="cmp_layers_a").value))
     b = extract(acts["model_b"], acts["dataset"], list(at.multiselect(key="cmp_layers_b").value))
     expected = chance_level(a, b)
-    assert f"{expected.values.min():.2f} to {expected.values.max():.2f}" in caption
+    assert f"{expected.values.min():.2g} to {expected.values.max():.2g}" in caption
     delta = at.metric[0].proto.delta
     assert delta.endswith(f"vs chance ({expected.values[-1, -1]:.3f})")
     at.button(key="cmp_report").click().run()

@@ -513,7 +513,7 @@ def test_error_cca_bad_kind_and_variance():
 def test_error_rsa_sample_without_direction():
     x = _rng().normal(size=(10, 4))
     x[3] = 0.0
-    with pytest.raises(DataError, match=r"rsa: 'x' has 1 samples whose features are all equal .* use rdm='euclidean'"):
+    with pytest.raises(DataError, match=r"rsa: 'x' has 1 sample whose features are all equal .* use rdm='euclidean'"):
         rsa(x, _rng(1).normal(size=(10, 4)))
 
 

@@ -61,7 +61,7 @@ def as_matrix(
         )
     if t.shape[0] < min_samples:
         raise DataError(
-            f"{func}: '{name}' needs at least {min_samples} samples. Got {t.shape[0]}."
+            f"{func}: '{name}' needs at least {min_samples} sample{'s' if min_samples != 1 else ''}. Got {t.shape[0]}."
         )
     if t.shape[1] < 1:
         raise DataError(f"{func}: '{name}' has no features (shape {tuple(t.shape)}).")

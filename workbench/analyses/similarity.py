@@ -890,7 +890,7 @@ def _rsa_prep(x: torch.Tensor, name: str, func: str, rdm: str, compare: str) -> 
         flat = int((norms == 0).sum())
         if flat:
             raise DataError(
-                f"{func}: '{name}' has {flat} samples whose features are all equal (e.g. an all-zero activation vector), "
+                f"{func}: '{name}' has {flat} sample{'s' if flat != 1 else ''} whose features are all equal (e.g. an all-zero activation vector), "
                 "so their correlation distance is undefined; use rdm='euclidean'."
             )
         v = condensed_distances(z.div_(norms[:, None])).mul_(0.5)

@@ -1554,7 +1554,7 @@ def _rdm_vector(t: torch.Tensor, metric: str, func: str, name: str) -> torch.Ten
         norms = torch.linalg.vector_norm(c, dim=1)
         if bool((norms == 0).any()):
             raise DataError(
-                f"{func}: '{name}' has {int((norms == 0).sum())} samples whose features are all equal, so their correlation "
+                f"{func}: '{name}' has {int((norms == 0).sum())} sample{'s' if int((norms == 0).sum()) != 1 else ''} whose features are all equal, so their correlation "
                 "distance is undefined; use metric='euclidean'."
             )
         c = c / norms[:, None]
