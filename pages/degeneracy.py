@@ -134,14 +134,17 @@ for s, model in zip(summaries, models):
             f"{model.n_parameters:,} parameters); {', '.join(s.not_counted)} (convolutions, normalisation, linear "
             "layers applied along an axis) are not analysed."
         )
+caveats = []  # shown under the counts, and repeated in the report section
 for s in summaries:
     if (limited := plots.sample_limited_share(s)) and s.sample_limited:
-        st.caption(f"{s.model}: {limited:,} of its {s.total_free:,} free parameters come from "
-                   f"{', '.join(s.sample_limited)}, whose counts these {s.n_samples} samples do not pin down: read the "
-                   "total as an upper bound here, and take more samples (such as the train split) to settle it.")
+        caveats.append(f"{s.model}: {limited:,} of its {s.total_free:,} free parameters come from "
+                       f"{', '.join(s.sample_limited)}, whose counts these {s.n_samples} samples do not pin down: read the "
+                       "total as an upper bound here, and take more samples (such as the train split) to settle it.")
     for module, why in s.caveats.items():
         settle = "; more samples (such as the train split) settle it" if module in s.sample_limited else ""
-        st.caption(f"{s.model}: the count of {module} is {why}{settle}.")
+        caveats.append(f"{s.model}: the count of {module} is {why}{settle}.")
+for caveat in caveats:
+    st.caption(caveat)
 rows = [row for s in summaries for row in plots.summary_rows(s)]
 percent = {"free fraction": st.column_config.NumberColumn(format="percent")}
 st.dataframe(rows, hide_index=True, width="stretch", key="deg_summary", column_config=percent)
@@ -190,4 +193,5 @@ if st.toggle("Estimate the LLC by SGLD (hyper-parameter sensitive)", key="deg_ll
     figures.append(plots.llc_trace_figure(*llcs))
     st.plotly_chart(figures[-1], width="stretch", key="deg_llc_trace")
 
-_state.report_button("Degeneracy", act_ranks + grad_ranks + relus + summaries + bases + llcs, figures, key="deg_report")
+_state.report_button("Degeneracy", act_ranks + grad_ranks + relus + summaries + bases + llcs, figures, key="deg_report",
+                     notes=" ".join(caveats))

@@ -257,7 +257,16 @@ def _degeneracy_plot(results: Any) -> list[go.Figure]:
 
 
 def _degeneracy_summary(results: Any) -> dict[str, Any]:
-    return {m: {"free": r.total_free, "parameters": r.total_parameters} for m, r in zip(_model_labels([r.model for r in results]), results)}
+    """Free parameters per model, with the part whose count the samples do not pin down (an upper bound there)."""
+    from workbench.plots.degeneracy import sample_limited_share
+
+    out = {}
+    for m, r in zip(_model_labels([r.model for r in results]), results):
+        out[m] = {"free": r.total_free, "parameters": r.total_parameters}
+        if r.sample_limited:
+            out[m]["of which from counts the samples do not pin down (upper bounds)"] = sample_limited_share(r)
+            out[m]["matrices whose count the samples do not pin down"] = ", ".join(r.sample_limited)
+    return out
 
 
 def _interaction_basis(ctx: Context, graph_directions: int = 64, seed: int = 0) -> Any:

@@ -156,6 +156,12 @@ def test_matrices_whose_count_the_samples_do_not_pin_down_are_named(app, narrow)
     free = next(m.value for m in at.metric if m.label.startswith("Free parameters")).split(" of ")[0]
     assert total.startswith(f"mlp_narrow_seed0: {free} of its {free} free parameters come from fc1, fc2, out, whose counts "
                             "these 40 samples do not pin down: read the total as an upper bound here")
+    at.button(key="deg_report").click().run()
+    section = at.session_state["report_sections"][-1]  # the exported section repeats the caveats the page shows
+    assert total in section["notes"] and all(c in section["notes"] for c in captions.values())
+    numbers = section["summary"]["free parameters"]["mlp_narrow_seed0"]
+    assert numbers["matrices whose count the samples do not pin down"] == "fc1, fc2, out"
+    assert f"{numbers['of which from counts the samples do not pin down (upper bounds)']:,}" == free
 
 
 def test_a_model_that_is_not_one_sequence_of_layers_gets_a_plain_sentence(app, sample_model):
