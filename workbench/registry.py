@@ -12,6 +12,7 @@ property on each measure.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,10 +422,13 @@ def _embedding(ctx: Context, method: str = "umap", layer: str | None = None, see
     return aligned_embedding(views, method=method, seed=seed, device=ctx.device, progress=ctx.progress)
 
 
-def _embedding_plot(result: Any) -> list[go.Figure]:
+def _embedding_plot(result: Any, dataset: Dataset | None = None) -> list[go.Figure]:
+    """Each view coloured by the dataset's labels (class names where it has them), as the Embedding page colours it."""
     from workbench.plots.embedding import embedding_scatter
 
-    return [embedding_scatter(result, view=v) for v in range(len(result.names))]
+    labels = dataset.named_labels() if dataset is not None else None
+    kind = "class" if dataset is not None and dataset.n_classes is not None else "target"
+    return [embedding_scatter(result, view=v, color=labels, color_name=kind, labels=labels) for v in range(len(result.names))]
 
 
 def _embedding_summary(result: Any) -> dict[str, Any]:
@@ -727,7 +731,8 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     ctx = Context(model_a=model_a, model_b=model_b, dataset=dataset, layers_a=layers, layers_b=layers_b,
                   pooling=pooling, device=device, progress=progress)
     result = entry.compute(ctx, **merged)
-    figures = entry.plot(result)
+    # a plot that colours by the samples' labels takes the dataset too
+    figures = entry.plot(result, dataset=ctx.dataset) if "dataset" in inspect.signature(entry.plot).parameters else entry.plot(result)
     if ctx.compared is not None:  # the pairs compared, named apart: the snippet pairs them by position
         ctx.layers_a, ctx.layers_b = ctx.compared
     else:

@@ -40,6 +40,8 @@ def test_entry_runs_and_exports(entry, sample_model, digits_test, tmp_path):
     if entry.name == "embedding":  # numbers per view, not an array's printout
         disparity = section.summary["disparity"]
         assert list(disparity) == list(section.result.names) and all(type(v) is float for v in disparity.values())
+        for fig in section.figures:  # coloured by class, as the page colours them: one legend entry per digit
+            assert sorted(t.name for t in fig.data if t.showlegend is not False) == [f"class {k}" for k in range(10)]
     files = build_report([section], models=[a, b], dataset=digits_test).save(tmp_path)
     with np.load(files["npz"], allow_pickle=False) as arrays:
         assert len(arrays.files) > 0
