@@ -289,12 +289,14 @@ def _interaction_basis_summary(results: Any) -> dict[str, Any]:
             for m, r in zip(_model_labels([r.model for r in results]), results)}
 
 
-def _topology(ctx: Context, metric: str = "bottleneck", dim: int = 1, max_points: int = 500, seed: int = 0) -> Any:
+def _topology(ctx: Context, metric: str = "bottleneck", dim: int = 1, max_points: int = 1000, normalize: bool = True,
+              seed: int = 0) -> Any:
+    """The Topology page's diagram distances, with its defaults (scale-normalised diagrams, H1 on up to 1000 points)."""
     from workbench.analyses.topology import diagram_distance_matrix
 
     acts_a = ctx.activations("a")
     acts_b = ctx.activations("b") if ctx.model_b is not None else None
-    return diagram_distance_matrix(acts_a, acts_b, metric=metric, dim=dim, max_points=max_points,
+    return diagram_distance_matrix(acts_a, acts_b, metric=metric, dim=dim, max_points=max_points, normalize=normalize,
                                    seed=seed, device=ctx.device, progress=ctx.progress)
 
 
@@ -585,7 +587,7 @@ ANALYSES: list[Analysis] = [
              "basis size per layer, interaction spectra and Louvain modularity of the interaction graph",
              "pages/degeneracy.py", _sequential_requires),
     Analysis("topology", "Persistent homology: diagram distances between layers", "two_models", _topology,
-             _topology_plot, _topology_summary, {"metric": "bottleneck", "dim": 1, "max_points": 500, "seed": 0},
+             _topology_plot, _topology_summary, {"metric": "bottleneck", "dim": 1, "max_points": 1000, "normalize": True, "seed": 0},
              "Vietoris-Rips persistence per layer (exact H0 by MST) and bottleneck/Wasserstein distances",
              "pages/topology.py"),
     Analysis("separability", "Topological class separability across layers", "one_model", _separability,

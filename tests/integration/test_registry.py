@@ -272,3 +272,12 @@ def test_topology_sections_name_the_layers_left_out_as_constant(sample_model):
     top = registry.run_analysis("topology", model_a=text, model_b=text, dataset=sentences, layers=layers, pooling="cls",
                                 params={"max_points": 60})
     assert top.summary["left out of A, constant over samples"] == "embed"
+
+
+def test_topology_runs_with_the_page_s_defaults_and_takes_normalize(sample_model, digits_test):
+    a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
+    section = registry.run_analysis("topology", model_a=a, model_b=b, dataset=digits_test, layers=["relu1", "out"])
+    assert section.result.normalize and section.result.params["max_points"] == 1000  # as the Topology page computes it
+    raw = registry.run_analysis("topology", model_a=a, model_b=b, dataset=digits_test, layers=["relu1", "out"],
+                                params={"normalize": False})
+    assert not raw.result.normalize and raw.result.distances.max() > section.result.distances.max()
