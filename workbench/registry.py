@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workbench.activations import Activations, extract
+from workbench.activations import Activations, extract, list_layers
 from workbench.data import Dataset
 from workbench.errors import ParameterError, UnknownLayerError, did_you_mean, format_choices
 from workbench.models import SAMPLE_MODELS, LoadedModel
@@ -410,6 +410,9 @@ def _embedding(ctx: Context, method: str = "umap", layer: str | None = None, see
 
     acts_a = ctx.activations("a")
     layer_a = layer or acts_a.layers[-1]
+    if layer_a not in acts_a.layers and layer_a in list_layers(ctx.model_a):
+        raise UnknownLayerError(f"Layer '{layer_a}' of model A ('{ctx.model_a.name}') is not among the extracted layers "
+                                f"({', '.join(acts_a.layers)}); add it to the layers to extract (--layers, or layers=).")
     names = _model_labels([m.name for m in ctx.models()])
     views = {f"{names[0]} · {layer_a}": acts_a[layer_a]}
     if ctx.model_b is not None:

@@ -257,6 +257,11 @@ def test_an_embedding_layer_model_b_lacks_is_refused(sample_model, digits_test):
                                                 r"\(.*tanh1.*\); name a layer both models have"):
         registry.run_analysis("embedding", model_a=sample_model("mlp_seed0"), model_b=sample_model("mlp_tanh_seed0"),
                               dataset=digits_test, params={"layer": "relu1", "method": "pca"})
+    # a layer of the model that was not extracted is not called unknown
+    with pytest.raises(UnknownLayerError, match=r"^Layer 'relu1' of model A \('mlp_seed0'\) is not among the extracted layers "
+                                                r"\(fc1, fc2\); add it to the layers to extract \(--layers, or layers=\)\.$"):
+        registry.run_analysis("embedding", model_a=sample_model("mlp_seed0"), dataset=digits_test, layers=["fc1", "fc2"],
+                              params={"layer": "relu1", "method": "pca"})
 
 
 def test_topology_sections_name_the_layers_left_out_as_constant(sample_model):
