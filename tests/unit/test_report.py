@@ -265,6 +265,8 @@ def test_figures_as_static_png(stats_report, tmp_path):
     pngs = sorted(p for k, p in files.items() if k.startswith("png/"))
     assert [p.name for p in pngs] == ["section00-fig0.png", "section01-fig0.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    width = int.from_bytes(pngs[0].read_bytes()[16:20], "big")  # the IHDR chunk: as wide as the report shows it, at scale 2
+    assert width == 2 * 1200
 
 
 def test_png_without_kaleido_says_what_to_install(stats_report, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ import plotly.graph_objects as go
 
 from workbench.errors import ParameterError, WorkbenchError
 
+PNG_WIDTH = 1200  # pixels of a static figure without a width of its own: the width the HTML report gives it
 SCHEMA_VERSION = "1.2"  # 1.1: header and sections record "extraction" (pooling, layers); 1.2: large arrays by their npz key
 INLINE_MAX = 1024  # report.json writes out numeric arrays up to this many entries; larger ones are in arrays.npz only
 FORMATS = ("html", "json", "npz", "pdf", "png")
@@ -365,7 +366,8 @@ class Report:
         for i, section in enumerate(self.sections):
             for j, fig in enumerate(section.figures):
                 path = folder / f"section{i:02d}-fig{j}.png"
-                path.write_bytes(fig.to_image(format="png", scale=scale))
+                # as wide as the report shows it (kaleido's default 700 px cut long titles and wrapped table rows out of view)
+                path.write_bytes(fig.to_image(format="png", width=fig.layout.width or PNG_WIDTH, scale=scale))
                 written[f"png/{path.name}"] = path
         return written
 
