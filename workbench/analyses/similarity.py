@@ -732,7 +732,9 @@ def _input_eps(x: ArrayLike) -> float:
     if dtype == np.float64:
         try:
             values = np.asarray(x, dtype=np.float64)
-            if values.size and np.array_equal(values.astype(np.float32), values):
+            with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf there, and is not a float32 number
+                as_float32 = values.astype(np.float32)
+            if values.size and np.array_equal(as_float32, values):
                 return float(np.finfo(np.float32).eps)
         except (ValueError, TypeError):  # not an array of numbers: its own checks name the problem
             pass
