@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,7 +142,10 @@ def cmd_app(args: argparse.Namespace) -> int:
         env["WORKBENCH_TRUST_UPLOADS"] = "1"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
            "--server.address", args.address, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    return subprocess.call(cmd, env=env, cwd=ROOT)
+    os.chdir(ROOT)
+    # the server replaces this process (no child left behind when it is stopped with a signal)
+    os.execve(sys.executable, cmd, env)
+    return 0
 
 
 def cmd_layers(args: argparse.Namespace) -> int:

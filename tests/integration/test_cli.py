@@ -232,6 +232,15 @@ def test_app_command_serves_the_app(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    deadline = time.time() + 20  # stopping the command stops the server: none is left serving the port
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+        except OSError:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the server outlived the 'workbench app' process that started it")
 
 
 def test_a_refused_pickle_prints_one_line_without_torch_s_warning(tmp_path):
@@ -264,10 +273,12 @@ def test_app_serves_this_machine_and_refuses_pickles_unless_told_otherwise(monke
 
     calls = []
     monkeypatch.setenv("WORKBENCH_TRUST_UPLOADS", "1")  # left over in the shell: only the flag turns the switch on
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env, cwd: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(cli.os, "execve", lambda path, cmd, env: calls.append((path, cmd, env)))
+    monkeypatch.setattr(cli.os, "chdir", lambda path: None)
     monkeypatch.setattr(cli, "_port_in_use", lambda port: False)
     assert cli.main(["app", "--port", "8765", *extra]) == 0
-    cmd, env = calls[0]
+    path, cmd, env = calls[0]
+    assert path == sys.executable and cmd[:4] == [sys.executable, "-m", "streamlit", "run"]  # the server replaces the process
     assert cmd[cmd.index("--server.address") + 1] == address
     assert (env.get("WORKBENCH_TRUST_UPLOADS") == "1") == trusted
     assert env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
