@@ -1363,15 +1363,14 @@ def similarity_matrix(
 
 _OPTION_MEASURES = {"debiased": ("linear_cka", "rbf_cka"), "sigma": ("rbf_cka",), "angular": ("procrustes_distance",),
                     "kind": ("cca_similarity",), "variance": ("cca_similarity",), "rdm": ("rsa",), "compare": ("rsa",)}
-_OPTION_DEFAULTS = {"debiased": False, "sigma": 0.8, "angular": False, "kind": "svcca", "variance": 0.99,
-                    "rdm": "correlation", "compare": "spearman"}
 
 
 def _check_options_apply(measure: str, func: str, **options: Any) -> None:
     """Refuse an option set away from its default for a measure that does not use it (it would be silently ignored,
     and the result would look as if it had been computed with it)."""
+    defaults = inspect.signature(similarity_matrix).parameters
     for name, value in options.items():
-        if measure not in _OPTION_MEASURES[name] and value != _OPTION_DEFAULTS[name]:
+        if measure not in _OPTION_MEASURES[name] and value != defaults[name].default:
             uses = " or ".join(repr(m) for m in _OPTION_MEASURES[name])
             raise ParameterError(f"{func}: '{name}' applies to measure {uses} only, so measure {measure!r} would ignore "
                                  f"{name}={value!r}; leave it out, or choose measure={_OPTION_MEASURES[name][0]!r}.")
