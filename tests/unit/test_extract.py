@@ -479,6 +479,56 @@ def test_a_full_disk_says_how_much_the_entry_needs(mlp, digits_test, tmp_path, m
         extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path)
 
 
+def _fake_fallocate(code):
+    import ctypes
+
+    def fallocate(fd, mode, offset, length):
+        ctypes.set_errno(code)
+        return -1
+
+    return fallocate
+
+
+def test_a_disk_without_room_for_the_entry_fails_before_the_run_goes_on(mlp, digits_test, tmp_path, monkeypatch):
+    import errno
+
+    extract_module = importlib.import_module("workbench.activations.extract")
+    monkeypatch.setattr(extract_module, "_fallocate", _fake_fallocate(errno.ENOSPC))
+    batches = []
+    with pytest.raises(ParameterError, match=rf"^The cache folder '{tmp_path}' ran out of space \(No space left on device\) "
+                       r"while writing these activations \(about 0.0864 MB\); free space there or pass a cache_dir on a disk "
+                       r"with room\.$"):
+        extract(mlp, digits_test, ["fc1", "fc2"], batch_size=64, cache_dir=tmp_path, progress=lambda d, t: batches.append(d))
+    assert batches == [], "the run went on past the first batch"
+    assert not any(tmp_path.iterdir()), "a partial cache entry was left behind"
+
+
+def test_a_file_system_that_cannot_reserve_space_is_written_as_it_goes(mlp, digits_test, tmp_path, monkeypatch):
+    import errno
+
+    extract_module = importlib.import_module("workbench.activations.extract")
+    expected = extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path / "a")["fc1"]
+    monkeypatch.setattr(extract_module, "_fallocate", _fake_fallocate(errno.EOPNOTSUPP))
+    got = extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path / "b")["fc1"]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(importlib.import_module("workbench.activations.extract")._fallocate is None,
+                    reason="space is reserved on Linux only")
+def test_layer_files_reserve_their_full_size_before_the_rows_come(tmp_path):
+    from workbench.activations.extract import _LayerFile
+
+    rows = np.arange(40 * 7, dtype=np.float32).reshape(40, 7)
+    writer = _LayerFile(tmp_path / "w.npy", 40, 7)
+    header = writer.handle.tell()
+    assert (tmp_path / "w.npy").stat().st_size == header + rows.nbytes  # reserved, not yet written
+    for start in range(0, 40, 16):
+        writer.append(rows[start:start + 16])
+    writer.close()
+    assert (tmp_path / "w.npy").stat().st_size == header + rows.nbytes
+    np.testing.assert_array_equal(np.load(tmp_path / "w.npy"), rows)
+
+
 def test_full_float32_turns_tf32_off_and_restores_it_after_nested_use():
     from workbench.device import full_float32
 

@@ -10,6 +10,7 @@ second identical call reads the cache.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -17,6 +18,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -452,12 +454,43 @@ def extract(
     return cached
 
 
+def _libc_fallocate() -> Callable[..., int] | None:
+    """Linux's ``fallocate(fd, mode, offset, len)``, or None elsewhere. Not ``os.posix_fallocate``: where the file
+    system cannot reserve space (NFS before 4.2), glibc emulates that by writing into every block of the file."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _libc_fallocate()
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the first ``size`` bytes of the open file ``fd`` on disk (the file grows to that size). Writes into
+    reserved space skip the file system's block allocation per page (a third of the cost of writing to ext4), and a
+    disk without room for the whole entry fails here, before the model runs, instead of part way through. Where the
+    file system or platform cannot reserve space, nothing is done and the writes allocate as they go."""
+    if _fallocate is None or size <= 0:
+        return
+    if _fallocate(fd, 0, 0, size) != 0:
+        code = ctypes.get_errno()
+        if code in (*_NO_ROOM, errno.EFBIG):
+            raise OSError(code, os.strerror(code))
+
+
 class _LayerFile:
     """One layer's ``.npy`` file written front to back. Blocks smaller than the write buffer (about
     ``WRITE_BUFFER_BYTES``, reused) are gathered in it and written when it fills, so a run of small batches
     costs a few large writes instead of one system call per batch and layer; a block at least that large goes
-    out straight from its own memory. A memory map is not used: first-touch page faults on a fresh map cost
-    several times what sequential writes do."""
+    out straight from its own memory. The file's full size is reserved on disk first (:func:`_preallocate`). A memory
+    map is not used: first-touch page faults on a fresh map cost several times what sequential writes do."""
 
     def __init__(self, path: Path, n_samples: int, width: int):
         self.path, self.n_samples, self.width, self.rows = path, n_samples, width, 0
@@ -468,6 +501,11 @@ class _LayerFile:
         np.lib.format.write_array_header_1_0(
             self.handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                           "shape": (n_samples, width)})
+        try:
+            _preallocate(self.handle.fileno(), self.handle.tell() + 4 * n_samples * width)
+        except BaseException:
+            self.handle.close()
+            raise
 
     def append(self, block: np.ndarray) -> None:
         """Add ``block`` (rows of this layer, in order)."""
@@ -566,17 +604,16 @@ class _HostStream:
 
 
 @contextmanager
-def _writing(root: Path, n_samples: int, writers: dict[str, _LayerFile]) -> Iterator[None]:
+def _writing(root: Path, entry_bytes: int) -> Iterator[None]:
     """Turn a failed write into the cache into one sentence; a full disk says how much the entry needs."""
     try:
         yield
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            size = 4 * n_samples * sum(w.width for w in writers.values())
+        if exc.errno in _NO_ROOM:
             raise ParameterError(
                 f"The cache folder '{root}' ran out of space ({reason}) while writing these activations (about "
-                f"{size / 1e6:.3g} MB); free space there or pass a cache_dir on a disk with room.") from exc
+                f"{entry_bytes / 1e6:.3g} MB); free space there or pass a cache_dir on a disk with room.") from exc
         raise ParameterError(f"The activations could not be written to the cache folder '{root}' ({reason}); "
                              "pass a cache_dir that is a writable folder.") from exc
 
@@ -604,6 +641,7 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
                              "pass a cache_dir that is a writable folder.") from exc
     files = _layer_files(layers)
     writers: dict[str, _LayerFile] = {}
+    entry_bytes = 0  # the size of the entry's layer files, once the first batch gives each layer's width
     stream = _HostStream(writers, layers, gather=dev.type != "cpu")
     n = data.n_samples
     module = lm.module
@@ -647,25 +685,27 @@ def _run_locked(lm: LoadedModel, data: Dataset, layers: list[str], pooling: str,
                             "(a table shared by all samples, such as position embeddings), so it has no activations per sample; "
                             "pick another layer."
                         )
-                    if layer not in writers:
-                        with _writing(root, n, writers):
-                            writers[layer] = _LayerFile(tmp / files[layer], n, out.shape[1])
-                    elif out.shape[1] != writers[layer].width:
+                    if writers and out.shape[1] != writers[layer].width:
                         raise DataError(
                             f"Layer '{layer}' gave {out.shape[1]} features on the batch at sample {start} but {writers[layer].width} "
                             f"before (with pooling '{pooling}'); use a pooling that gives a fixed width, such as 'mean'."
                         )
-                with _writing(root, n, writers):
+                if not writers:  # the widths are known from the first batch: each file is made, and reserved, at full size
+                    entry_bytes = 4 * n * sum(int(captured[layer].shape[1]) for layer in layers)
+                    with _writing(root, entry_bytes):
+                        for layer in layers:
+                            writers[layer] = _LayerFile(tmp / files[layer], n, int(captured[layer].shape[1]))
+                with _writing(root, entry_bytes):
                     stream.add([captured[layer] for layer in layers])
                 if progress is not None:
                     progress(stop, n)
-            with _writing(root, n, writers):
+            with _writing(root, entry_bytes):
                 stream.finish()
         meta = {"complete": True, "key": key, "pooling": pooling, "files": files,
                 "widths": {layer: writers[layer].width for layer in layers}, "model": lm.name,
                 "model_sha256": lm.sha256, "dataset": data.name, "dataset_sha256": data.sha256, "n_samples": n,
                 "seconds": time.perf_counter() - started, "device": str(dev)}
-        with _writing(root, n, writers):
+        with _writing(root, entry_bytes):
             for writer in writers.values():  # no fsync: the page cache holds the data for readers, a crash loses only this entry
                 writer.close()
             (tmp / "meta.json").write_text(json.dumps(meta))
