@@ -1187,3 +1187,15 @@ def test_an_option_the_measure_does_not_use_is_refused(measure, option, value, u
         similarity_matrix(x, x, measure=measure, **{option: value})
     with pytest.raises(ParameterError, match=rf"^chance_level: '{option}' applies to measure"):
         chance_level(x, x, measure=measure, **{option: value})
+
+
+def test_variance_with_a_cca_summary_that_keeps_every_direction_is_refused():
+    rng = _rng()
+    x, y = rng.normal(size=(60, 5)), rng.normal(size=(60, 4))
+    for call in (lambda: cca_similarity(x, y, kind="pwcca", variance=0.9),
+                 lambda: similarity_matrix({"a": x}, {"b": y}, measure="cca_similarity", kind="mean", variance=0.9)):
+        with pytest.raises(ParameterError, match=r"'variance' applies to kind 'svcca' only \(the other summaries keep every "
+                                                 r"direction\), so kind '(pwcca|mean)' would ignore variance=0.9; leave it out, "
+                                                 r"or choose kind='svcca'\.$"):
+            call()
+    assert cca_similarity(x, y, kind="pwcca") == cca_similarity(x, y, kind="pwcca", variance=0.99)

@@ -861,6 +861,7 @@ def cca_similarity(
     func = "cca_similarity"
     kind = check_choice(kind, "kind", CCA_KINDS, func=func)
     variance = check_float(variance, "variance", func=func, low=0.0, high=1.0, low_inclusive=False)
+    _check_variance_applies(kind, variance, func)
     xt, yt, _ = _pair_inputs(x, y, func, device, min_samples=3)
     a = _cca_prep(xt, "x", func, kind, variance, _input_eps(x))
     b = _cca_prep(yt, "y", func, kind, variance, _input_eps(y))
@@ -1365,6 +1366,14 @@ _OPTION_MEASURES = {"debiased": ("linear_cka", "rbf_cka"), "sigma": ("rbf_cka",)
                     "kind": ("cca_similarity",), "variance": ("cca_similarity",), "rdm": ("rsa",), "compare": ("rsa",)}
 
 
+def _check_variance_applies(kind: str, variance: float, func: str) -> None:
+    """Refuse a ``variance`` away from its default with a CCA summary other than SVCCA, which keeps every direction."""
+    default = inspect.signature(cca_similarity).parameters["variance"].default
+    if kind != "svcca" and variance != default:
+        raise ParameterError(f"{func}: 'variance' applies to kind 'svcca' only (the other summaries keep every direction), so "
+                             f"kind {kind!r} would ignore variance={variance!r}; leave it out, or choose kind='svcca'.")
+
+
 def _check_options_apply(measure: str, func: str, **options: Any) -> None:
     """Refuse an option set away from its default for a measure that does not use it (it would be silently ignored,
     and the result would look as if it had been computed with it)."""
@@ -1410,6 +1419,8 @@ def _similarity_matrix(
     check_progress(progress, func=func)
     _check_options_apply(measure, func, debiased=debiased, sigma=sigma, angular=angular, kind=kind, variance=variance,
                          rdm=rdm, compare=compare)
+    if measure == "cca_similarity":
+        _check_variance_applies(kind, variance, func)
     spec = _measure_spec(measure, debiased, sigma, angular, kind, variance, rdm, compare)
 
     same_model = acts_b is None or acts_b is acts_a
