@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _state
-from workbench.analyses.stats import activation_stats
+from workbench.analyses.stats import activation_stats, shared_value_ranges
 from workbench.plots.activations import layer_histograms, stats_rows
 
 _state.in_app_shell()
@@ -20,13 +20,20 @@ pooling = _state.pooling_picker("act_pooling")
 chosen = _state.layer_pickers(models, "act_layers")
 
 
-
-def statistics(model, slot):
-    acts = _state.cached_activations(model, dataset, chosen[slot], pooling)
-    return _state.cached_call(activation_stats, acts, model=model.name, dataset=dataset.name)
+def activations(model, slot):
+    return _state.cached_activations(model, dataset, chosen[slot], pooling)
 
 
-results = [r for _, r in _state.for_each_model(models, statistics)]
+extracted = _state.for_each_model(models, activations)
+ranges = shared_value_ranges(*(acts for _, acts in extracted))  # two models' histograms of a layer on the same bins
+
+
+def statistics(model, _slot):
+    acts = next(a for m, a in extracted if m is model)
+    return _state.cached_call(activation_stats, acts, value_ranges=ranges, model=model.name, dataset=dataset.name)
+
+
+results = [r for _, r in _state.for_each_model([m for m, _ in extracted], statistics)]
 
 rows = [row for r in results for row in stats_rows(r)]
 st.dataframe(

@@ -112,9 +112,11 @@ def _model_labels(names: list[str]) -> list[str]:
 
 
 def _activation_stats(ctx: Context, bins: int = 50) -> Any:
-    from workbench.analyses.stats import activation_stats
+    from workbench.analyses.stats import activation_stats, shared_value_ranges
 
-    return [activation_stats(ctx.activations(w), bins=bins) for w in ("a", "b")[: len(ctx.models())]]
+    acts = [ctx.activations(w) for w in ("a", "b")[: len(ctx.models())]]
+    ranges = shared_value_ranges(*acts)  # two models' layers on the same bins, as the app shows them
+    return [activation_stats(a, bins=bins, value_ranges=ranges) for a in acts]
 
 
 def _activation_stats_plot(results: Any) -> list[go.Figure]:

@@ -45,6 +45,10 @@ def test_activation_statistics_side_by_side(app):
     relu = table[(table["layer"] == "relu1")]
     assert (relu["min"] >= 0).all() and (relu["dead units"] <= 1).all()
     assert len(at.get("plotly_chart")) == 1
+    hist = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert "models on shared bins" in hist["layout"]["title"]["subtitle"]["text"]  # the two seeds' zero spikes compare
+    relu1 = [t for t in hist["data"] if t["xaxis"] == "x2"]  # relu1's panel: both models on the same bin centres
+    assert len(relu1) == 2 and relu1[0]["x"] == relu1[1]["x"]
     assert any("Statistics are of the pooled values: in a conv map or token sequence each channel is a unit, represented by "
                "its mean over positions" in shown(c.value) for c in at.caption)
 

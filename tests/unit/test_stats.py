@@ -163,3 +163,60 @@ def test_subnormal_layers_give_the_statistics_of_the_layer_at_ordinary_scale():
     assert np.array_equal(s.hist_counts, reference.hist_counts)
     np.testing.assert_allclose(s.hist_edges / 1e-310, reference.hist_edges, rtol=0, atol=1e-12)
     assert s.constant_fraction == 0.0 and s.dead_fraction == 0.0
+
+
+def test_shared_bins_give_equal_zero_spikes_for_equal_shares_of_zeros():
+    # two ReLU layers with the same share of zeros (40 %) but different largest values: on their own bins the zero spike
+    # of the narrow one is drawn about five times taller; on shared bins the spikes are equally tall
+    rng = np.random.default_rng(0)
+
+    def relu(scale):
+        x = 1 + np.abs(rng.normal(0, scale, (500, 10)))  # above the first bin, which holds the zeros alone
+        x[:200] = 0
+        return {"relu1": x, "out": rng.normal(size=(500, 3))}
+
+    a, b = relu(1.0), relu(5.0)
+    own = layer_histograms(activation_stats(a, model="A"), activation_stats(b, model="B"))
+    assert own.data[0].y[0] / own.data[1].y[0] > 4
+    assert "each model on its own bins" in own.layout.title.subtitle.text
+
+    from workbench.analyses.stats import shared_value_ranges
+
+    ranges = shared_value_ranges(a, b)
+    assert ranges["relu1"] == (0.0, max(a["relu1"].max(), b["relu1"].max()))
+    sa, sb = activation_stats(a, value_ranges=ranges, model="A"), activation_stats(b, value_ranges=ranges, model="B")
+    np.testing.assert_array_equal(sa.stats["relu1"].hist_edges, sb.stats["relu1"].hist_edges)
+    shared = layer_histograms(sa, sb)
+    assert shared.data[0].y[0] == pytest.approx(shared.data[1].y[0], rel=1e-12)  # 2,000 zeros of 5,000 values in each
+    assert "models on shared bins" in shared.layout.title.subtitle.text
+    assert sa.params["value_ranges"] == ranges
+    assert (sa.stats["relu1"].min, sa.stats["relu1"].max) == (a["relu1"].min(), a["relu1"].max())  # its own extremes
+
+
+def test_shared_ranges_cover_only_layers_all_models_have_at_one_width():
+    from workbench.analyses.stats import shared_value_ranges
+
+    rng = np.random.default_rng(0)
+    a = {"fc1": rng.normal(size=(20, 4)), "only_a": rng.normal(size=(20, 2)), "out": np.ones((20, 3))}
+    b = {"fc1": rng.normal(size=(20, 8)), "out": np.ones((20, 3))}
+    assert shared_value_ranges(a, b) == {}  # fc1 of another width; out has one value everywhere
+    assert shared_value_ranges(a) == {}
+    c = {"fc1": 3 * rng.normal(size=(20, 4))}
+    lo, hi = shared_value_ranges(a, c)["fc1"]
+    assert (lo, hi) == (min(a["fc1"].min(), c["fc1"].min()), max(a["fc1"].max(), c["fc1"].max()))
+
+
+def test_a_histogram_range_that_would_leave_values_out_is_refused():
+    x = np.array([[0.0, 1.0], [2.0, 3.0]])
+    with pytest.raises(ParameterError, match=r"^layer_stats: layer 'fc1' has values from 0 to 3, outside the histogram range "
+                                             r"\(0, 2\), which would leave them out; widen the range to hold them\.$"):
+        activation_stats({"fc1": x}, value_ranges={"fc1": (0.0, 2.0)})
+    with pytest.raises(ParameterError, match=r"^layer_stats: the histogram range of layer 'fc1' must be two finite numbers "
+                                             r"\(low, high\) with low < high; got \(3, 1\)\.$"):
+        activation_stats({"fc1": x}, value_ranges={"fc1": (3, 1)})
+    with pytest.raises(ParameterError, match=r"^activation_stats: 'value_ranges' names layer\(s\) \['fc2'\] that the "
+                                             r"activations do not hold; they hold \['fc1'\]\.$"):
+        activation_stats({"fc1": x}, value_ranges={"fc2": (0, 3)})
+    s = layer_stats(x, "fc1", bins=6, value_range=(-3, 3))
+    np.testing.assert_allclose(s.hist_edges, np.linspace(-3, 3, 7))
+    assert s.hist_counts.tolist() == [0, 0, 0, 1, 1, 2]

@@ -30,7 +30,9 @@ def _translucent(hex_colour: str, alpha: float) -> str:
 def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.Figure:
     """A histogram of activation values per layer, drawn as an outlined step curve with a light fill, one
     colour per model, overlaid where the layers correspond (so a second model never hides the first). Heights
-    are densities (count / (total x bin width)): each model has its own bins, and densities stay comparable.
+    are densities (count / (total x bin width)), comparable across models on their own bins; on shared bins
+    (:func:`~workbench.analyses.stats.shared_value_ranges`) a spike such as a ReLU's zeros also has the same height for
+    the same share of values, which on bins of different widths it has not.
 
     Layers correspond when the models list the layers they share in the same order and each shared name has
     one width (``n_features``) in every model: two seeds of one architecture, also with different layers picked.
@@ -79,7 +81,11 @@ def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.F
             fig.update_yaxes(title_text="density", row=row, col=col)
     n = results[0].n_samples if results else None
     fig.update_layout(margin={"b": BOTTOM_MARGIN})
-    titled(fig, "Activation values per layer", estimator="density of all units × samples, each model on its own bins", n=n)
+    overlaid = [[results[i].stats[layer].hist_edges for i, layer in members] for _, members in panels if len(members) > 1]
+    shared = [all(np.array_equal(e, edges[0]) for e in edges) for edges in overlaid]
+    bins = ("" if not overlaid else ", models on shared bins" if all(shared) else
+            ", each model on its own bins" if not any(shared) else ", models on shared bins where the ranges were shared")
+    titled(fig, "Activation values per layer", estimator=f"density of all units × samples{bins}", n=n)
     # the height is set once the top margin is known, so the gaps between rows come out at their size in pixels
     fig.update_layout(height=plot_height + fig.layout.margin.t + BOTTOM_MARGIN)
     return fig
