@@ -27,7 +27,8 @@ if dataset.y is None:
     st.info("Probing needs labels: choose a dataset with labels on the Models & data page (an uploaded file with 'y').")
     _state.stop()
 
-c1, c2, c3, c4 = st.columns(4)
+settings = st.form("probe_settings", border=False)  # edits apply together: each change would train every probe again
+c1, c2, c3, c4 = settings.columns(4)
 probe = c1.selectbox(
     "Probe",
     PROBES,
@@ -57,7 +58,7 @@ c = float(
         key="probe_c", persist_state="session",
         disabled=probe == "mlp",
         help="scikit-learn's C, for the linear probe only: larger fits the training folds harder. "
-        "The MLP probe's weight decay is fixed at 1e-4.",
+        "The MLP probe's weight decay is fixed at 1e-4 (pick the linear probe and train to set C).",
     )
 )
 linear_only = {"c": c} if probe == "linear" else {}
@@ -67,6 +68,8 @@ control = c4.checkbox(
     key="probe_control", persist_state="session",
     help="Also train on random labels (a fixed random function of the sample) and report selectivity.",
 )
+settings.form_submit_button("Train probes", key="probe_train", type="primary",
+                            help="Apply the probe settings above; the probes train again only where a setting changed.")
 pooling = _state.pooling_picker("probe_pooling")
 chosen = _state.layer_pickers(models, "probe_layers")
 

@@ -11,6 +11,11 @@ from tests.app.conftest import page_errors
 from workbench.plots._style import figure_title
 
 
+def _train(at):
+    """Submit the probe settings form (its edits apply together)."""
+    at.button(key="probe_train").click().run()
+
+
 def _open(app):
     at = app.run()
     at.switch_page("pages/probing.py").run()
@@ -44,7 +49,8 @@ def test_confusion_layer_choice_and_single_model(app):
     assert list(at.dataframe[0].value["layer"]) == ["fc1", "relu2"]
     at.selectbox(key="probe_confusion_layer").set_value((0, "fc1")).run()
     assert figure_title(json.loads(at.get("plotly_chart")[1].proto.spec)).startswith("Held-out confusion, mlp_seed0 · fc1")
-    at.checkbox(key="probe_control").uncheck().run()
+    at.checkbox(key="probe_control").uncheck()
+    _train(at)
     table = at.dataframe[0].value
     assert "selectivity" not in table.columns and len(at.get("plotly_chart")) == 2
 
@@ -69,7 +75,8 @@ def test_probing_page_shows_a_clear_error_for_too_many_folds(app):
     at = app.run()
     at.session_state["dataset"] = small
     at.switch_page("pages/probing.py").run()
-    at.number_input(key="probe_cv").set_value(10).run()
+    at.number_input(key="probe_cv").set_value(10)
+    _train(at)
     errors = page_errors(at)
     assert any("folds need at least 10 per class; lower cv" in e for e in errors)
     assert not at.exception
@@ -92,17 +99,49 @@ def test_c_is_disabled_for_the_mlp_probe_and_changing_it_recomputes_nothing(app,
     at.selectbox(key="model_b_choice").set_value("(none)").run()
     at.switch_page("pages/probing.py").run()
     at.multiselect(key="probe_layers_a").set_value(["out"]).run()
-    at.checkbox(key="probe_control").uncheck().run()
+    at.checkbox(key="probe_control").uncheck()
+    _train(at)
     assert not at.number_input(key="probe_c").proto.disabled
-    at.selectbox(key="probe_kind").set_value("mlp").run()
+    at.selectbox(key="probe_kind").set_value("mlp")
+    _train(at)
     assert not page_errors(at)
     c_input = at.number_input(key="probe_c")
     assert c_input.proto.disabled and "linear probe only" in c_input.proto.help
     table = at.dataframe[0].value
     fits = len(mlp_fits)
-    at.selectbox(key="probe_kind").set_value("linear").run()
-    at.number_input(key="probe_c").set_value(100.0).run()
-    at.selectbox(key="probe_kind").set_value("mlp").run()
+    at.selectbox(key="probe_kind").set_value("linear")
+    _train(at)
+    at.number_input(key="probe_c").set_value(100.0)
+    _train(at)
+    at.selectbox(key="probe_kind").set_value("mlp")
+    _train(at)
     assert not page_errors(at)
     assert len(mlp_fits) == fits  # the stored MLP result is reused: C does not enter it
     assert at.dataframe[0].value.equals(table)
+
+
+def test_probe_settings_apply_together_when_submitted(app, monkeypatch):
+    import workbench.analyses.probing as probing
+
+    calls = []
+    original = probing.probe_layers
+
+    @functools.wraps(original)
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probing, "probe_layers", counted)
+    at = app.run()
+    at.selectbox(key="model_b_choice").set_value("(none)").run()
+    at.switch_page("pages/probing.py").run()
+    at.multiselect(key="probe_layers_a").set_value(["out"]).run()
+    trained = len(calls)
+    at.number_input(key="probe_cv").set_value(3).run()
+    assert len(calls) == trained and "selectivity" in at.dataframe[0].value.columns  # an edit alone trains nothing
+    at.number_input(key="probe_cv").set_value(3)
+    at.checkbox(key="probe_control").uncheck()
+    _train(at)
+    assert not page_errors(at)
+    assert len(calls) == trained + 1 and calls[-1]["cv"] == 3 and calls[-1]["control"] is False  # both edits, one training
+    assert "selectivity" not in at.dataframe[0].value.columns
