@@ -24,7 +24,7 @@ from workbench.plots.similarity import (
     result_label,
     similarity_heatmap,
 )
-from workbench.registry import get_analysis
+from workbench.registry import get_analysis, summarize
 
 _state.in_app_shell()
 
@@ -177,4 +177,7 @@ bars = class_agreement_bars(agreement, class_names=dataset.class_names)
 left.plotly_chart(scatter, key="cmp_scatter", width="stretch")
 right.plotly_chart(bars, key="cmp_classes", width="stretch")
 title = f"Relative representations: {model_a.name}.{cell_a} vs {model_b.name}.{cell_b}"
-_state.report_button(title, detail, [scatter, bars], key="cmp_detail_report", pooling=pooling)
+headline = {result_label(result): value if defined else "n/a",
+            **({"chance level": cell_chance} if cell_chance is not None else {})}  # the cell's own value, as shown above
+_state.report_button(title, detail, [scatter, bars], key="cmp_detail_report", pooling=pooling,
+                     summary={**headline, **summarize(detail)})

@@ -85,6 +85,11 @@ def test_every_cell_is_read_against_the_chance_level_of_shuffled_samples(compare
     assert section["result"][1].values.max() == pytest.approx(expected.values.max())
     assert section["summary"]["chance level (B's samples shuffled)"]["max"] == pytest.approx(float(expected.values.max()))
     assert "'chance': True" in section["snippet"]
+    at.button(key="cmp_detail_report").click().run()  # the cell detail's section carries the cell's own value and chance
+    detail = at.session_state["report_sections"][-1]["summary"]
+    assert detail["linear CKA"] == pytest.approx(float(section["result"][0].values[-1, -1]))
+    assert detail["chance level"] == pytest.approx(float(expected.values[-1, -1]))
+    assert any(k != "linear CKA" and k != "chance level" for k in detail)  # and the relative-representation numbers
     at.checkbox(key="cmp_debiased").check().run()
     assert not page_errors(at)
     caption = next(c.value for c in at.caption if c.value.startswith("Chance level"))
