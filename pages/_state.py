@@ -420,27 +420,42 @@ def kept_slider(widget: Any, label: str, low: int, high: int, value: int, key: s
     return chosen
 
 
+def _restored(key: str, owner: str, options: list, default: list) -> list:
+    """The last choice of the widget ``key`` made for the same ``owner`` (such as a model's content hash), less the
+    options gone, when the widget is new on this visit of the page (back from another page); else ``default``."""
+    kept = st.session_state.get(f"_kept_{key}")
+    if kept is not None and kept[0] == owner and key not in st.session_state:
+        return [o for o in kept[1] if o in options] or default
+    return default
+
+
+def kept_multiselect(label: str, options: list, default: list, key: str, *, owner: str, **kwargs: Any) -> list:
+    """A multiselect whose options change with the model: the last choice for the same ``owner``, less the options
+    gone, is restored when the user comes back from another page."""
+    default = _restored(key, owner, options, default)
+    chosen = st.multiselect(label, options, default=[d for d in default if d in options], key=key, **kwargs)
+    st.session_state[f"_kept_{key}"] = (owner, chosen)
+    return chosen
+
+
 def layer_picker(model: wb.LoadedModel, key: str, *, label: str | None = None, default: list[str] | None = None,
                  multi: bool = True) -> list[str]:
-    """Pick layers of ``model`` (names with output shapes); returns the chosen names in forward order."""
+    """Pick layers of ``model`` (names with output shapes); returns the chosen names in forward order. The last choice
+    for this model is restored when the user comes back from another page."""
     with guard():
         infos = cached_layer_info(model)
     shapes = {i.name: i.output_shape for i in infos if i.output_shape is not None}
     names = list(shapes)
     label = label or f"Layer{'s' if multi else ''} of {model.name}"
     fmt = lambda n: f"{n}  {tuple(shapes[n])}"  # noqa: E731
-    kept_key = f"_kept_{key}"  # the last choice for this model, restored when the user comes back from another page
-    kept = st.session_state.get(kept_key)
-    if kept is not None and kept[0] == model.content_sha256 and key not in st.session_state:
-        default = [n for n in kept[1] if n in names] or default
     if multi:
-        chosen = st.multiselect(label, names, default=[d for d in (default or default_layers(model)) if d in names],
-                                format_func=fmt, key=key, help="Modules from named_modules(), in forward order, with output shapes.")
-        picked = [n for n in names if n in chosen]
-    else:
-        pick = default[0] if default else (default_layers(model) or names)[-1]
-        picked = [st.selectbox(label, names, index=names.index(pick) if pick in names else 0, format_func=fmt, key=key)]
-    st.session_state[kept_key] = (model.content_sha256, picked)
+        chosen = kept_multiselect(label, names, default or default_layers(model), key, owner=model.content_sha256,
+                                  format_func=fmt, help="Modules from named_modules(), in forward order, with output shapes.")
+        return [n for n in names if n in chosen]
+    default = _restored(key, model.content_sha256, names, default or [])
+    pick = default[0] if default else (default_layers(model) or names)[-1]
+    picked = [st.selectbox(label, names, index=names.index(pick) if pick in names else 0, format_func=fmt, key=key)]
+    st.session_state[f"_kept_{key}"] = (model.content_sha256, picked)
     return picked
 
 

@@ -69,7 +69,8 @@ for col, model, slot in zip(st.columns(len(models)), models, _state.slots(models
         usable.append((model, slot))
         last_layer[slot] = options[-1]
         label = f"Layers of {model.name}"
-        chosen[slot] = st.multiselect(label, options, default, key=f"deg_layers_{slot}", help=HELP["layers"])
+        chosen[slot] = _state.kept_multiselect(label, options, default, f"deg_layers_{slot}", owner=model.content_sha256,
+                                               help=HELP["layers"])
 if not usable:
     _state.stop()
 if not all(chosen.values()):

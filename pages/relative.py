@@ -36,7 +36,8 @@ pooling = _state.pooling_picker("rel_pooling")
 layers_a, layers_b = _state.default_layers(model_a), _state.default_layers(model_b)
 shared = layers_a if layers_a == layers_b else []  # one architecture: a name is the same layer in both
 if shared:
-    layers = st.multiselect("Layers (in both models)", shared, default=shared, key="rel_layers", help=HELP["layers"])
+    layers = _state.kept_multiselect("Layers (in both models)", shared, shared, "rel_layers", owner=repr(shared),
+                                     help=HELP["layers"])
     pairs = [(name, name) for name in layers]
 else:
     depth = min(len(layers_a), len(layers_b))  # by default the last layers of each, as many in both, paired in order

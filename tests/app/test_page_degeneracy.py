@@ -82,6 +82,9 @@ def test_only_the_output_layer_skips_the_interaction_basis(app, narrow):
     assert not page_errors(at)
     assert "Pick a layer before the output to build the interaction basis." in [i.value for i in at.info]
     assert "Interaction basis" not in [s.value for s in at.subheader]
+    at.switch_page("pages/activations.py").run()
+    at.switch_page("pages/degeneracy.py").run()  # the choice is kept across pages, as the other pages' layer pickers
+    assert at.multiselect(key="deg_layers_a").value == ["out"]
 
 
 def test_a_model_that_is_not_sequential_shows_the_reason(app):

@@ -40,6 +40,9 @@ def test_zero_shot_stitching(app):
     at = app.run()
     at.switch_page("pages/relative.py").run()
     at.multiselect(key="rel_layers").set_value(["relu2", "out"]).run()
+    at.switch_page("pages/activations.py").run()
+    at.switch_page("pages/relative.py").run()  # the choice is kept across pages
+    assert at.multiselect(key="rel_layers").value == ["relu2", "out"]
     at.slider(key="rel_epochs").set_value(40)
     at.toggle(key="rel_stitch").set_value(True).run()
     assert not page_errors(at)
