@@ -10,8 +10,6 @@ os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 import streamlit as st  # noqa: E402
 
-from pages import _choosers, _state  # noqa: E402
-
 # (file, title, icon, section)
 PAGES = [
     ("pages/home.py", "Models & data", ":material/home:", "Start"),
@@ -45,6 +43,10 @@ sections: dict[str, list] = {}
 for file, title, icon, section in PAGES:
     sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon, default=file == "pages/home.py"))
 navigation = st.navigation(sections)
+# the library (torch and the rest) is imported once the navigation is sent: until then a first visit lists the pages/
+# folder's files, helper modules included
+from pages import _choosers, _state  # noqa: E402
+
 st.session_state[_state.SHELL] = True
 _choosers.ensure_defaults()
 _state.start_call_log()

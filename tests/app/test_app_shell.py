@@ -376,3 +376,17 @@ def test_home_warns_when_the_dataset_does_not_fit_the_models(app):
     warnings = [shown(w.value) for w in at.warning]
     for name in ("mlp_seed0", "mlp_seed1"):
         assert any(f"has 3 features per sample but model '{name}' expects 64" in w for w in warnings), warnings
+
+
+def test_the_navigation_is_sent_before_the_library_is_imported():
+    # until st.navigation runs, a first visit lists the pages/ folder's files (helper modules included); importing
+    # torch and the rest first kept that list up for seconds
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "app.py").read_text())
+    navigation = min(n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "navigation")
+    library = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+               and any(name.split(".")[0] in ("pages", "workbench", "torch") for name in
+                       ([n.module or ""] if isinstance(n, ast.ImportFrom) else [a.name for a in n.names]))]
+    assert library and navigation < min(library)
