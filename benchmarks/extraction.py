@@ -8,7 +8,8 @@ streaming to the disk cache; a third side runs the same hooks and pooling and ke
 separates the cost of reading the hooked maps from that of the cache; a fourth extracts the layers
 the app picks by default. The sides run in a new random order in each round, and each overhead is
 given from the best times and as the median over rounds of each run against the bare run of its round
-(this machine's speed drifts by tens of percent over seconds, so the paired median is the steadier figure). Peak memory is measured in a fresh subprocess
+(this machine's speed drifts by tens of percent over seconds, so the paired median is the steadier figure),
+with a bootstrap 95 % interval of that median over the rounds. Peak memory is measured in a fresh subprocess
 (``VmHWM``) so it counts only the extraction. Goal: overhead <= 10 %, peak RSS < 2 GiB.
 On an accelerator (``--device cuda``) every side moves each batch to the device and waits for the
 device at the end; ``extract`` also brings the pooled outputs back to the host for the cache, in
@@ -29,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,8 +173,13 @@ def main() -> None:
 
     def overhead(k: str) -> str:
         best = 100 * (min(times[k]) / min(times["bare"]) - 1)
-        paired = 100 * (statistics.median(t / b for t, b in zip(times[k], times["bare"], strict=True)) - 1)
-        return f"{min(times[k]):8.3f} s   overhead {best:+.1f} % (median of paired runs {paired:+.1f} %)"
+        ratios = np.array([t / b for t, b in zip(times[k], times["bare"], strict=True)])
+        paired = 100 * (np.median(ratios) - 1)
+        # how far the paired median could be off: a bootstrap over the rounds (each round's pair resampled as a whole)
+        resampled = np.median(np.random.default_rng(0).choice(ratios, size=(2000, len(ratios))), axis=1)
+        low, high = 100 * (np.percentile(resampled, [2.5, 97.5]) - 1)
+        interval = f", 95 % interval {low:+.1f} to {high:+.1f} %" if len(ratios) >= 5 else ""
+        return f"{min(times[k]):8.3f} s   overhead {best:+.1f} % (median of paired runs {paired:+.1f} %{interval})"
 
     with tempfile.TemporaryDirectory() as tmp:
         acts = extract(model, data, LAYERS, batch_size=args.batch_size, cache_dir=tmp, device=dev)
