@@ -459,16 +459,23 @@ def layer_picker(model: wb.LoadedModel, key: str, *, label: str | None = None, d
     return picked
 
 
-def layer_pickers(models: list[wb.LoadedModel], key: str) -> dict[str, list[str]]:
-    """One layer picker per model, side by side, keyed ``"a"``/``"b"``; stops the page until each has a layer."""
+def layer_pickers(models: list[wb.LoadedModel], key: str, *, require: bool = True) -> dict[str, list[str]]:
+    """One layer picker per model, side by side, keyed ``"a"``/``"b"``; stops the page until each has a layer
+    (``require=False``: the caller does, with :func:`require_layers`, such as after the submit button of a form)."""
     chosen = {}
     for col, model, slot in zip(st.columns(len(models)), models, slots(models)):
         with col:
             chosen[slot] = layer_picker(model, key=f"{key}_{slot}", label=f"Layers of {model.name}")
+    if require:
+        require_layers(chosen)
+    return chosen
+
+
+def require_layers(chosen: dict[str, list[str]]) -> None:
+    """An info box and a stop until each model has a layer picked."""
     if not all(chosen.values()):
         st.info("Pick at least one layer for each model.")
         stop()
-    return chosen
 
 
 def pooling_picker(key: str) -> str:

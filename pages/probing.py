@@ -28,6 +28,7 @@ if dataset.y is None:
     _state.stop()
 
 settings = st.form("probe_settings", border=False)  # edits apply together: each change would train every probe again
+settings.caption("Changes apply when you press **Train probes**.")
 c1, c2, c3, c4 = settings.columns(4)
 probe = c1.selectbox(
     "Probe",
@@ -50,15 +51,14 @@ cv = int(
 )
 c = float(
     c3.number_input(
-        "C (inverse L2 strength)",
+        "C (linear probe)",
         min_value=1e-4,
         max_value=1e4,
         value=1.0,
         format="%g",
         key="probe_c", persist_state="session",
-        disabled=probe == "mlp",
-        help="scikit-learn's C, for the linear probe only: larger fits the training folds harder. "
-        "The MLP probe's weight decay is fixed at 1e-4 (pick the linear probe and train to set C).",
+        help="The inverse L2 strength (scikit-learn's C) of the linear probe: larger fits the training folds harder. "
+        "The MLP probe ignores it; its weight decay is fixed at 1e-4.",
     )
 )
 linear_only = {"c": c} if probe == "linear" else {}
@@ -68,10 +68,12 @@ control = c4.checkbox(
     key="probe_control", persist_state="session",
     help="Also train on random labels (a fixed random function of the sample) and report selectivity.",
 )
+with settings:
+    pooling = _state.pooling_picker("probe_pooling")
+    chosen = _state.layer_pickers(models, "probe_layers", require=False)
 settings.form_submit_button("Train probes", key="probe_train", type="primary",
-                            help="Apply the probe settings above; the probes train again only where a setting changed.")
-pooling = _state.pooling_picker("probe_pooling")
-chosen = _state.layer_pickers(models, "probe_layers")
+                            help="Apply the settings above; the probes train again only where a setting changed.")
+_state.require_layers(chosen)
 
 
 

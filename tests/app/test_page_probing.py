@@ -44,7 +44,8 @@ def test_confusion_layer_choice_and_single_model(app):
     at = app.run()
     at.selectbox(key="model_b_choice").set_value("(none)").run()
     at.switch_page("pages/probing.py").run()
-    at.multiselect(key="probe_layers_a").set_value(["fc1", "relu2"]).run()
+    at.multiselect(key="probe_layers_a").set_value(["fc1", "relu2"])
+    _train(at)
     assert not page_errors(at)
     assert list(at.dataframe[0].value["layer"]) == ["fc1", "relu2"]
     at.selectbox(key="probe_confusion_layer").set_value((0, "fc1")).run()
@@ -82,7 +83,7 @@ def test_probing_page_shows_a_clear_error_for_too_many_folds(app):
     assert not at.exception
 
 
-def test_c_is_disabled_for_the_mlp_probe_and_changing_it_recomputes_nothing(app, monkeypatch):
+def test_c_is_for_the_linear_probe_and_changing_it_with_the_mlp_probe_recomputes_nothing(app, monkeypatch):
     import workbench.analyses.probing as probing
 
     mlp_fits = []
@@ -98,22 +99,18 @@ def test_c_is_disabled_for_the_mlp_probe_and_changing_it_recomputes_nothing(app,
     at = app.run()
     at.selectbox(key="model_b_choice").set_value("(none)").run()
     at.switch_page("pages/probing.py").run()
-    at.multiselect(key="probe_layers_a").set_value(["out"]).run()
+    at.multiselect(key="probe_layers_a").set_value(["out"])
+    _train(at)
     at.checkbox(key="probe_control").uncheck()
     _train(at)
-    assert not at.number_input(key="probe_c").proto.disabled
     at.selectbox(key="probe_kind").set_value("mlp")
     _train(at)
     assert not page_errors(at)
-    c_input = at.number_input(key="probe_c")
-    assert c_input.proto.disabled and "linear probe only" in c_input.proto.help
+    c_input = at.number_input(key="probe_c")  # editable with either probe: a form applies edits only when submitted
+    assert not c_input.proto.disabled and c_input.label == "C (linear probe)" and "The MLP probe ignores it" in c_input.proto.help
     table = at.dataframe[0].value
     fits = len(mlp_fits)
-    at.selectbox(key="probe_kind").set_value("linear")
-    _train(at)
     at.number_input(key="probe_c").set_value(100.0)
-    _train(at)
-    at.selectbox(key="probe_kind").set_value("mlp")
     _train(at)
     assert not page_errors(at)
     assert len(mlp_fits) == fits  # the stored MLP result is reused: C does not enter it
@@ -135,9 +132,11 @@ def test_probe_settings_apply_together_when_submitted(app, monkeypatch):
     at = app.run()
     at.selectbox(key="model_b_choice").set_value("(none)").run()
     at.switch_page("pages/probing.py").run()
-    at.multiselect(key="probe_layers_a").set_value(["out"]).run()
+    at.multiselect(key="probe_layers_a").set_value(["out"])
+    _train(at)
     trained = len(calls)
     at.number_input(key="probe_cv").set_value(3).run()
+    at.selectbox(key="probe_pooling").set_value("max").run()  # the pooling and layers are settings of the form too
     assert len(calls) == trained and "selectivity" in at.dataframe[0].value.columns  # an edit alone trains nothing
     at.number_input(key="probe_cv").set_value(3)
     at.checkbox(key="probe_control").uncheck()
