@@ -38,7 +38,8 @@ results = [r for _, r in _state.for_each_model([m for m, _ in extracted], statis
 rows = [row for r in results for row in stats_rows(r)]
 st.dataframe(
     rows, hide_index=True, width="stretch", key="act_table",
-    column_config={"dead units": st.column_config.ProgressColumn("dead units", min_value=0.0, max_value=1.0, format="percent"),
+    column_config={**{col: st.column_config.NumberColumn(format="%.4g") for col in ("mean", "std (all values)", "min", "max")},
+                   "dead units": st.column_config.ProgressColumn("dead units", min_value=0.0, max_value=1.0, format="percent"),
                    "constant units": st.column_config.NumberColumn(format="percent"),
                    "zeros": st.column_config.NumberColumn(format="percent")},
 )

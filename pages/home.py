@@ -72,6 +72,7 @@ for col, (slot, model) in zip(cols, chosen):
               "output shape": str(tuple(i.output_shape)) if i.output_shape is not None else "not run",
               "parameters": i.n_parameters} for i in tree_order(infos)],
             hide_index=True, width="stretch", key=f"layer_tree_{slot}",
+            column_config={"parameters": st.column_config.NumberColumn(format="localized")},  # 262,656 as in the total
         )
 
 if dataset is not None:

@@ -63,11 +63,15 @@ def test_histograms_are_densities_so_models_on_different_bins_compare():
     assert [t.name for t in fig.data] == ["A", "B"]
     for trace, result in zip(fig.data, (a, b), strict=True):
         widths = np.diff(result.stats["fc1"].hist_edges)
-        assert float(np.sum(np.asarray(trace.y) * widths)) == pytest.approx(1.0)  # area 1 whatever the bin width
-        np.testing.assert_array_equal(trace.customdata, result.stats["fc1"].hist_counts)  # counts on hover
+        assert float(np.sum(np.asarray(trace.y)[:-1] * widths)) == pytest.approx(1.0)  # area 1 whatever the bin width
+        np.testing.assert_array_equal(trace.x, result.stats["fc1"].hist_edges)  # steps from edge to edge: bins drawn whole
+        data = np.asarray(trace.customdata)  # each bin's range and count on hover; the last point closes the last bin
+        np.testing.assert_array_equal(data[:-1, 2], result.stats["fc1"].hist_counts)
+        np.testing.assert_array_equal(data[:-1, :2], np.column_stack([trace.x[:-1], trace.x[1:]]))
     # the wide model's peak density is about ten times lower, as its spread is ten times larger
     assert max(fig.data[0].y) / max(fig.data[1].y) == pytest.approx(10, rel=0.3)
     assert fig.layout.xaxis.title.text == "activation value" and fig.layout.yaxis.title.text == "density"
+    assert fig.layout.yaxis.range[1] == pytest.approx(1.08 * max(fig.data[0].y))  # room above the highest bin
 
 
 def test_values_beyond_float32_are_counted():

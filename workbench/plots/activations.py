@@ -55,6 +55,7 @@ def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.F
     spacing, plot_height = row_spacing(rows, axis_title_between=titled_gap)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=layers, vertical_spacing=spacing)
     in_legend: set[int] = set()
+    top: dict[int, float] = {}  # the highest density of each panel
     for j, (_, members) in enumerate(panels):
         for i, layer in members:
             r = results[i]
@@ -62,16 +63,21 @@ def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.F
             s = r.stats[layer]
             edges = np.asarray(s.hist_edges, dtype=np.float64)
             counts = np.asarray(s.hist_counts, dtype=np.float64)
-            centres = (edges[:-1] + edges[1:]) / 2
             density = counts / max(counts.sum(), 1.0) / np.maximum(np.diff(edges), np.finfo(np.float64).tiny)
+            # steps from each bin's left edge to its right one, so the first and last bins (a ReLU's zeros) are drawn
+            # whole; the last point closes the last bin
+            per_bin = np.column_stack([edges[:-1], edges[1:], counts])
             fig.add_trace(
-                go.Scatter(x=centres, y=density, customdata=counts, name=r.model, legendgroup=r.model,
+                go.Scatter(x=edges, y=np.append(density, density[-1]), customdata=np.vstack([per_bin, per_bin[-1:]]),
+                           name=r.model, legendgroup=r.model,
                            showlegend=i not in in_legend,  # each model once, at its first panel
-                           mode="lines", line={"color": colour, "width": 1.5, "shape": "hvh"}, fill="tozeroy",
+                           mode="lines", line={"color": colour, "width": 1.5, "shape": "hv"}, fill="tozeroy",
                            fillcolor=_translucent(colour, 0.25),
-                           hovertemplate=f"{r.model} · {layer}<br>value %{{x:.3g}}<br>density %{{y:.3g}} (count %{{customdata:d}})<extra></extra>"),
+                           hovertemplate=f"{r.model} · {layer}<br>values %{{customdata[0]:.3g}} to %{{customdata[1]:.3g}}<br>"
+                                         "density %{y:.3g} (count %{customdata[2]:,d})<extra></extra>"),
                 row=j // cols + 1, col=j % cols + 1,
             )
+            top[j] = max(top.get(j, 0.0), float(density.max(initial=0.0)))
             in_legend.add(i)
     for j in range(len(layers)):
         row, col = j // cols + 1, j % cols + 1
@@ -79,6 +85,8 @@ def layer_histograms(*results: ActivationStatsResult, max_cols: int = 3) -> go.F
             fig.update_xaxes(title_text="activation value", row=row, col=col)
         if col == 1:
             fig.update_yaxes(title_text="density", row=row, col=col)
+        if top.get(j, 0.0) > 0:  # room above the highest bin, so a spike does not touch the panel's top
+            fig.update_yaxes(range=[0, 1.08 * top[j]], row=row, col=col)
     n = results[0].n_samples if results else None
     fig.update_layout(margin={"b": BOTTOM_MARGIN})
     overlaid = [[results[i].stats[layer].hist_edges for i, layer in members] for _, members in panels if len(members) > 1]
