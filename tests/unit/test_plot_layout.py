@@ -364,3 +364,14 @@ def test_the_persistence_diagram_labels_infinity_once_per_panel_clear_of_the_num
         assert infinite == pytest.approx(never_dies["y" + key[len("yaxis"):]])
         below = max(v for v in axis.tickvals if v < infinite)
         assert (infinite - below) / (axis.range[1] - axis.range[0]) * plot >= TICK_LABELS
+
+
+def test_a_wrapped_subtitle_keeps_an_equation_on_one_line():
+    from workbench.plots._style import SUBTITLE_WIDTH, _wrap
+
+    words = "held-out accuracy of a probe per layer, with a control task of random labels ·"
+    filler = "x" * (SUBTITLE_WIDTH - len(words) - 3)  # "n" ends the first line's room: "= 450" would have gone below
+    lines = _wrap(f"{filler} {words} n = 450 and λ = 0.5")
+    assert any(line.endswith("n = 450 and λ = 0.5") or "n = 450" in line for line in lines)
+    assert not any(line.rstrip().endswith(" n") or line.startswith("= ") for line in lines)
+    assert " ".join(lines) == f"{filler} {words} n = 450 and λ = 0.5"

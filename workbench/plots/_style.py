@@ -205,9 +205,10 @@ SUBTITLE_WIDTH = 90  # characters per subtitle line: fits a chart that shares th
 
 
 def _wrap(text: str, width: int = SUBTITLE_WIDTH) -> list[str]:
-    """Break ``text`` into lines of at most ``width`` characters at spaces (a longer word stays whole)."""
+    """Break ``text`` into lines of at most ``width`` characters at spaces (a longer word stays whole); an equation such
+    as ``n = 450`` stays on one line."""
     lines: list[str] = []
-    for word in text.split(" "):
+    for word in re.split(r"(?<!=) (?!=)", text):
         if lines and len(lines[-1]) + 1 + len(word) <= width:
             lines[-1] += " " + word
         else:
