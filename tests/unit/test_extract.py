@@ -479,6 +479,11 @@ def test_a_full_disk_says_how_much_the_entry_needs(mlp, digits_test, tmp_path, m
         extract(mlp, digits_test, ["fc1"], cache_dir=tmp_path)
 
 
+def test_a_dataset_of_one_feature_per_sample_is_named_in_the_singular(mlp):
+    with pytest.raises(DataError, match=r"Dataset 'one' has 1 feature per sample but model 'tiny' expects 64"):
+        extract(mlp, make_dataset("one", torch.zeros(10, 1)), ["fc1"])
+
+
 def _fake_fallocate(code):
     import ctypes
 

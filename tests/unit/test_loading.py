@@ -211,6 +211,10 @@ def test_truncated_safetensors(sample_model_path):
         load_model(data[: len(data) // 2], filename="m.safetensors")
     with pytest.raises(CorruptFileError, match=r"is truncated: a safetensors file starts with an 8-byte header length"):
         load_model(data[:5], filename="m.safetensors")
+    header_end = 8 + int.from_bytes(data[:8], "little")  # both counts include the 8-byte length before the header
+    with pytest.raises(CorruptFileError, match=rf"^'m.safetensors' is truncated: its safetensors header ends at byte {header_end} "
+                                               r"but the file has 50 bytes; upload the whole file\.$"):
+        load_model(data[:50], filename="m.safetensors")
 
 
 def test_bit_flipped_safetensors_header(sample_model_path):

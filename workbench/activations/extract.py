@@ -262,7 +262,8 @@ def check_inputs(model: LoadedModel, dataset: Dataset) -> None:
                         f"{str(dataset.x.dtype).removeprefix('torch.')} values{hint}.")
     if not model.takes_tokens and int(np.prod(sample_shape)) != int(np.prod(model.input_shape)):
         raise DataError(
-            f"Dataset '{dataset.name}' has {int(np.prod(sample_shape))} features per sample but model '{model.name}' expects "
+            f"Dataset '{dataset.name}' has {int(np.prod(sample_shape))} feature{'s' if int(np.prod(sample_shape)) != 1 else ''} "
+            f"per sample but model '{model.name}' expects "
             f"{int(np.prod(model.input_shape))}; pick a dataset made for this model."
         )
     if not model.takes_tokens and sample_shape != tuple(model.input_shape):

@@ -501,7 +501,8 @@ def safetensors_metadata(data: bytes, label: str) -> dict[str, str]:
         raise CorruptFileError(f"'{label}' is not a readable safetensors file: its first 8 bytes declare a header larger than "
                                f"{MAX_SAFETENSORS_HEADER >> 20} MiB, which no model has; upload an intact copy.")
     if 8 + header_len > len(data):
-        raise CorruptFileError(f"'{label}' is truncated: its safetensors header needs {header_len} bytes but the file has {len(data) - 8}.")
+        raise CorruptFileError(f"'{label}' is truncated: its safetensors header ends at byte {8 + header_len} but the file has "
+                               f"{len(data)} bytes; upload the whole file.")
     try:
         header = json.loads(data[8:8 + header_len])
         if not isinstance(header, dict):
