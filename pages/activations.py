@@ -25,7 +25,10 @@ def activations(model, slot):
 
 
 extracted = _state.for_each_model(models, activations)
-ranges = shared_value_ranges(*(acts for _, acts in extracted))  # two models' histograms of a layer on the same bins
+ranges = None
+if len(extracted) > 1:  # two models' histograms of a layer on the same bins
+    ranges = shared_value_ranges(*(acts for _, acts in extracted))
+    _state.record_call(shared_value_ranges, tuple(acts for _, acts in extracted), {}, ranges, "ranges")
 
 
 def statistics(model, _slot):

@@ -104,6 +104,12 @@ def test_page_sections_recreate_their_library_calls(app):
     namespace = _run_snippet(section["snippet"])
     first = section["snippet"].rsplit("# this section: ", 1)[1].split(", ")[0].strip()
     assert namespace[first].stats["fc1"].mean == section["result"][0].stats["fc1"].mean
+    # the shared histogram ranges come from the call that made them, not from a copy of their digits
+    import re
+
+    made = re.search(r"\n(ranges_\d+) = shared_value_ranges\(acts_\d+, acts_\d+\)\n", section["snippet"])
+    assert made and f"value_ranges={made.group(1)}," in section["snippet"]
+    np.testing.assert_array_equal(namespace[first].stats["fc1"].hist_edges, section["result"][0].stats["fc1"].hist_edges)
 
 
 def test_the_zip_is_built_again_only_when_its_inputs_change(app, monkeypatch):

@@ -380,3 +380,15 @@ def test_large_numbers_read_as_whole_digits():
 
     rows = dict(summary_rows({"a": 12345.678, "b": 0.123456, "c": 1e20, "d": -25000.0, "e": 9999.5}))
     assert rows == {"a": "12,346", "b": "0.1235", "c": "1e+20", "d": "-25,000", "e": "10,000"}
+
+
+def test_a_section_gives_its_parameters_as_name_value_pairs(tmp_path):
+    from workbench.report.build import params_text
+
+    assert params_text({"bins": 50, "value_ranges": {"fc1": [-13.450837135314941, 15.166512489318848]}}) == \
+        "bins = 50, value_ranges = {fc1: [-13.45, 15.17]}"
+    rng = np.random.default_rng(0)
+    acts = {"fc1": rng.normal(size=(30, 4))}
+    result = activation_stats(acts, value_ranges={"fc1": (-10.0, 10.0)})
+    files = build_report([("Statistics", result, [layer_histograms(result)])]).save(tmp_path, formats=("html",))
+    assert "<b>parameters:</b> bins = 50, value_ranges = {fc1: [-10, 10]}" in files["html"].read_text()

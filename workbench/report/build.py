@@ -57,6 +57,22 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def params_text(params: Any) -> str:
+    """A result's parameters as one line: ``name = value`` pairs, floats to 4 significant digits, nested mappings
+    (such as a range per layer) in braces."""
+    if not isinstance(params, Mapping):
+        return _format_value(params)
+
+    def value(v: Any) -> str:
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{k}: {value(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return _format_value(v)
+
+    return ", ".join(f"{k} = {value(v)}" for k, v in params.items())
+
+
 def summary_rows(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     """A section's headline numbers as (name, value) rows: nested names joined by " / ", floats to 4 significant digits
     (whole digits with thousands separators from 10,000)."""
@@ -297,6 +313,8 @@ class Report:
             for r in record["results"]:  # one line per distinct estimator (two models' results usually share one)
                 line = {k: r.get(k) for k in ("estimator", "n_samples", "params", "seed", "device", "dtype")
                         if isinstance(r, dict) and k in r}
+                if line.get("params"):
+                    line["params"] = params_text(line["params"])
                 if line not in params:
                     params.append(line)
             sections.append({"index": i, "title": s.title, "figures": figs, "params": params, "snippet": s.snippet,
