@@ -34,6 +34,14 @@ def _check_output(path: Path, *, folder: bool) -> None:
 
     if folder and path.exists() and not path.is_dir():
         raise ParameterError(f"--out {path} is a file; the report is written into a folder: give a folder path.")
+    if folder and path.is_dir():
+        from workbench.report.build import REPORT_FILES
+
+        taken = [name for name in REPORT_FILES if (path / name).is_dir()] + (
+            ["figures"] if (path / "figures").exists() and not (path / "figures").is_dir() else [])
+        if taken:
+            raise ParameterError(f"--out {path} holds {'a folder' if taken[0] != 'figures' else 'a file'} named {taken[0]} "
+                                 "where the report writes its own; choose another folder.")
     if not folder and path.is_dir():
         raise ParameterError(f"--out {path} is a folder; give a file name ending in .npz.")
     if not folder and path.is_file():  # overwritten

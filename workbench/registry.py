@@ -96,6 +96,7 @@ class Analysis:
     description: str = ""
     page: str = ""
     requires: Callable[[Context, dict[str, Any]], None] | None = None  # raises when the models, data or parameters do not suit it
+    title_for: Callable[[dict[str, Any]], str] | None = None  # a section's title for its parameters, where they change it
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUT_KINDS:
@@ -352,6 +353,11 @@ def _require_labels(ctx: Context, what: str) -> None:
         raise ParameterError(f"{what} needs labels and dataset '{ctx.dataset.name}' has none; pick a labelled dataset.")
 
 
+def _probing_title(params: dict[str, Any]) -> str:
+    kind = "Linear" if params["probe"] == "linear" else "MLP"
+    return f"{kind} probes per layer" + (", with control task" if params["control"] else "")
+
+
 def _probing_requires(ctx: Context, params: dict[str, Any]) -> None:
     from workbench.analyses.probing import _check_c, _prepare_targets
 
@@ -568,10 +574,10 @@ ANALYSES: list[Analysis] = [
     Analysis("relative", "Relative representations: cross-model agreement", "two_models", _relative, _relative_plot,
              _relative_summary, {"n_anchors": 64, "method": "random", "k": 10, "seed": 0},
              "Jaccard@k and MRR of relative vs absolute representations per layer", "pages/relative.py"),
-    Analysis("probing", "Linear probes per layer, with control task", "one_model", _probing, _probing_plot,
+    Analysis("probing", "Probes per layer (linear or MLP), with a control task", "one_model", _probing, _probing_plot,
              _probing_summary, {"probe": "linear", "cv": 5, "control": True, "c": 1.0, "seed": 0},
              "cross-validated probe accuracy, macro-F1, control accuracy and selectivity per layer (Hewitt & Liang)",
-             "pages/probing.py", _probing_requires),
+             "pages/probing.py", _probing_requires, _probing_title),
     Analysis("embedding", "Embedding of one layer per model in a shared frame", "one_model", _embedding,
              _embedding_plot, _embedding_summary, {"method": "umap", "layer": None, "seed": 0},
              "UMAP / t-SNE / PCA of one layer per model, aligned by orthogonal Procrustes, with trustworthiness",
@@ -749,7 +755,8 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
             ctx.layers_b = ctx._acts["b"].layers
     # how the activations it read were extracted (nothing for analyses of weights or gradients alone)
     extraction = {"pooling": ctx.pooling, "layers": {k.upper(): acts.layers for k, acts in sorted(ctx._acts.items())}} if ctx._acts else {}
-    return Section(entry.title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result),
+    title = entry.title_for(merged) if entry.title_for is not None else entry.title
+    return Section(title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result),
                    models=ctx.models(), dataset=dataset, train_dataset=ctx.train_dataset, extraction=extraction)
 
 

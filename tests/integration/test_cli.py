@@ -188,6 +188,11 @@ def test_analyze_refuses_a_file_as_its_folder_before_any_work(tmp_path):
     out = run("analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "activations", "--out", str(afile), cache=tmp_path)
     assert out.returncode == 2 and "is a file; the report is written into a folder" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "activations").exists()
+    taken = tmp_path / "taken"
+    (taken / "report.json").mkdir(parents=True)  # a folder where the report writes a file: refused before the analyses run
+    out = run("analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "activations", "--out", str(taken), cache=tmp_path)
+    assert out.returncode == 2 and f"--out {taken} holds a folder named report.json where the report writes its own; " \
+                                   "choose another folder." in out.stderr
 
 
 def test_analyze_names_the_model_that_lacks_a_layer_and_takes_layers_of_b(tmp_path):

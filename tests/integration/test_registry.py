@@ -24,7 +24,8 @@ def test_entry_runs_and_exports(entry, sample_model, digits_test, tmp_path):
     a, b = sample_model("mlp_narrow_seed0"), sample_model("mlp_narrow_seed1")
     section = registry.run_analysis(entry.name, model_a=a, model_b=b, dataset=digits_test,
                                     params=SMALL_PARAMS.get(entry.name))
-    assert section.title == entry.title
+    merged = {**entry.params, **(SMALL_PARAMS.get(entry.name) or {})}
+    assert section.title == (entry.title_for(merged) if entry.title_for else entry.title)
     assert section.figures and all(figure_title(f) for f in section.figures)
     assert "run_analysis(" in section.snippet and "mlp_narrow_seed0.safetensors" in section.snippet
     json.dumps(section.record(), allow_nan=False)
@@ -286,3 +287,11 @@ def test_topology_runs_with_the_page_s_defaults_and_takes_normalize(sample_model
     raw = registry.run_analysis("topology", model_a=a, model_b=b, dataset=digits_test, layers=["relu1", "out"],
                                 params={"normalize": False})
     assert not raw.result.normalize and raw.result.distances.max() > section.result.distances.max()
+
+
+def test_a_probing_section_is_titled_by_its_probe_and_control_task(sample_model, digits_test):
+    a = sample_model("mlp_narrow_seed0")
+    section = registry.run_analysis("probing", model_a=a, dataset=digits_test, layers=["out"],
+                                    params={"probe": "linear", "control": False, "cv": 2})
+    assert section.title == "Linear probes per layer"
+    assert registry.get_analysis("probing").title_for({"probe": "mlp", "control": True}) == "MLP probes per layer, with control task"

@@ -392,3 +392,13 @@ def test_a_section_gives_its_parameters_as_name_value_pairs(tmp_path):
     result = activation_stats(acts, value_ranges={"fc1": (-10.0, 10.0)})
     files = build_report([("Statistics", result, [layer_histograms(result)])]).save(tmp_path, formats=("html",))
     assert "<b>parameters:</b> bins = 50, value_ranges = {fc1: [-10, 10]}" in files["html"].read_text()
+
+
+def test_a_report_folder_that_cannot_be_written_gets_one_sentence(stats_report, tmp_path):
+    report, _ = stats_report
+    (tmp_path / "report.json").mkdir()
+    with pytest.raises(ParameterError, match=rf"^The report could not be written into '{tmp_path}' \(Is a directory: "
+                                             rf"{tmp_path}/report.json\); give a folder you can write to\.$"):
+        report.save(tmp_path, formats=("json",))
+    with pytest.raises(ParameterError, match=r"^The report could not be written into '/proc/qa' \("):
+        report.save("/proc/qa", formats=("json",))

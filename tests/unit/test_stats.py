@@ -204,6 +204,10 @@ def test_shared_ranges_cover_only_layers_all_models_have_at_one_width():
     a = {"fc1": rng.normal(size=(20, 4)), "only_a": rng.normal(size=(20, 2)), "out": np.ones((20, 3))}
     b = {"fc1": rng.normal(size=(20, 8)), "out": np.ones((20, 3))}
     assert shared_value_ranges(a, b) == {}  # fc1 of another width; out has one value everywhere
+    for bad in (a["fc1"], None):
+        with pytest.raises(DataError, match=r"^shared_value_ranges takes one Activations \(or dict of layer name -> "
+                                            r"\(n_samples, n_features\) array\) per model; argument 2 is a (ndarray|NoneType)\."):
+            shared_value_ranges(a, bad)
     assert shared_value_ranges(a) == {}
     c = {"fc1": 3 * rng.normal(size=(20, 4))}
     lo, hi = shared_value_ranges(a, c)["fc1"]

@@ -121,6 +121,10 @@ def shared_value_ranges(*acts: Mapping[str, torch.Tensor]) -> dict[str, tuple[fl
     (two seeds of one architecture): histograms of those layers on these ranges share their bins, so that a
     spike (a ReLU's zeros) has the same height for the same share of values in each model. Layers with
     non-finite or all-equal values are left out (each keeps its own bins)."""
+    for i, a in enumerate(acts):
+        if not isinstance(a, Mapping):
+            raise DataError(f"shared_value_ranges takes one Activations (or dict of layer name -> (n_samples, n_features) "
+                            f"array) per model; argument {i + 1} is a {type(a).__name__}. Pass extract(...) results.")
     if len(acts) < 2:
         return {}
     ranges: dict[str, tuple[float, float]] = {}

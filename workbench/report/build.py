@@ -37,6 +37,9 @@ PACKAGES = ("representation-workbench", "torch", "numpy", "scipy", "scikit-learn
             "safetensors", "streamlit")
 
 
+REPORT_FILES = ("report.html", "report.json", "arrays.npz", "report.pdf")  # what Report.save writes into its folder, with figures/
+
+
 class PdfUnavailableError(WorkbenchError):
     """No headless browser to print the PDF with."""
 
@@ -343,9 +346,15 @@ class Report:
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
             raise ParameterError(f"'{folder}' is a file; a report is saved into a folder: give a folder path.")
+        try:
+            return self._save(folder, formats)
+        except OSError as exc:
+            raise ParameterError(f"The report could not be written into '{folder}' ({exc.strerror or type(exc).__name__}"
+                                 f"{f': {exc.filename}' if exc.filename else ''}); give a folder you can write to.") from exc
+
+    def _save(self, folder: Path, formats: tuple[str, ...]) -> dict[str, Path]:
         folder.mkdir(parents=True, exist_ok=True)
-        for old in [folder / f for f in ("report.html", "report.json", "arrays.npz", "report.pdf")] + sorted(
-                (folder / "figures").glob("section*-fig*.png")):
+        for old in [folder / f for f in REPORT_FILES] + sorted((folder / "figures").glob("section*-fig*.png")):
             old.unlink(missing_ok=True)
         written: dict[str, Path] = {}
         if "html" in formats or "pdf" in formats:
