@@ -29,6 +29,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+PATH_OPTIONS = ("--model-a", "--model-b", "--data", "--out")
+
+
+def _absolute_paths(argv: list[str]) -> list[str]:
+    """``argv`` with the files and folders it names made absolute, so that the report's command runs from any folder
+    (a built-in dataset name, such as ``digits``, stays as it is)."""
+    out, previous = [], ""
+    for arg in argv:
+        option, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if eq and option in PATH_OPTIONS:
+            arg = f"{option}={_absolute(option, value)}"
+        elif previous in PATH_OPTIONS:
+            arg = _absolute(previous, arg)
+        out.append(arg)
+        previous = arg if arg.startswith("--") and "=" not in arg else ""
+    return out
+
+
+def _absolute(option: str, value: str) -> str:
+    path = Path(value)
+    return str(path.absolute()) if option == "--out" or path.exists() else value
+
+
 def _check_output(path: Path, *, folder: bool) -> None:
     """Refuse, before any work, an output path that cannot be written (missing folders are created on saving)."""
 
@@ -323,7 +346,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             sections.append(run_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data, layers=args.layers,
                                          layers_b=args.layers_b, pooling=args.pooling, params=params[entry.name], device=args.device))
             bar.update(1)
-    command = "workbench analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["analyze"] else ""
+    command = "workbench analyze " + " ".join(shlex.quote(a) for a in _absolute_paths(sys.argv[2:])) if sys.argv[1:2] == ["analyze"] else ""
     # each section records the pooling and layers it read; the header states them when the sections share them
     report = build_report(sections, title=args.title, models=[model_a, model_b], dataset=data, command=command)
     formats = ("html", "json", "npz") + (("pdf",) if args.pdf else ()) + (("png",) if args.png else ())

@@ -395,3 +395,14 @@ def test_data_that_does_not_suit_an_analysis_is_a_bad_argument_before_any_work(a
     assert out.returncode == 2 and f"workbench analyze: error: {message}" in out.stderr, out.stderr
     assert not (tmp_path / "report").exists()  # refused before the activation statistics ran
 
+
+
+def test_the_report_command_names_files_by_absolute_paths(tmp_path, monkeypatch):
+    from workbench.cli import _absolute_paths
+
+    monkeypatch.chdir(ROOT)
+    argv = ["--model-a", "sample_models/mlp_seed0.safetensors", "--model-b=sample_models/mlp_seed1.safetensors",
+            "--data", "digits", "--analysis", "activations", "--out", "rel/out"]
+    assert _absolute_paths(argv) == ["--model-a", str(ROOT / "sample_models" / "mlp_seed0.safetensors"),
+                                     f"--model-b={ROOT / 'sample_models' / 'mlp_seed1.safetensors'}", "--data", "digits",
+                                     "--analysis", "activations", "--out", str(ROOT / "rel" / "out")]
