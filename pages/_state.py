@@ -447,7 +447,7 @@ def layer_picker(model: wb.LoadedModel, key: str, *, label: str | None = None, d
     shapes = {i.name: i.output_shape for i in infos if i.output_shape is not None}
     names = list(shapes)
     label = label or f"Layer{'s' if multi else ''} of {model.name}"
-    fmt = lambda n: f"{n}  {tuple(shapes[n])}"  # noqa: E731
+    fmt = lambda n: f"{n} · {'×'.join(map(str, shapes[n]))}"  # noqa: E731  (short: the chosen layers show as chips)
     if multi:
         chosen = kept_multiselect(label, names, default or default_layers(model), key, owner=model.content_sha256,
                                   format_func=fmt, help="Modules from named_modules(), in forward order, with output shapes.")

@@ -45,6 +45,7 @@ def test_activation_statistics_side_by_side(app):
     relu = table[(table["layer"] == "relu1")]
     assert (relu["min"] >= 0).all() and (relu["dead units"] <= 1).all()
     assert len(at.get("plotly_chart")) == 1
+    assert "relu1 · 512" in at.multiselect(key="act_layers_a").options  # short chips: five fit the picker's width
     hist = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert "models on shared bins" in hist["layout"]["title"]["subtitle"]["text"]  # the two seeds' zero spikes compare
     relu1 = [t for t in hist["data"] if t["xaxis"] == "x2"]  # relu1's panel: both models on the same bin centres
