@@ -338,13 +338,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         try:
             check_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data, params=params[entry.name])
         except WorkbenchError as exc:
-            raise ParameterError(str(exc)) from None
+            raise ParameterError(_as_param_option(str(exc), entry, params[entry.name])) from None
     sections = []
     with tqdm(total=len(entries), unit="analysis", disable=None) as bar:
         for entry in entries:
             bar.set_description(entry.name)
-            sections.append(run_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data, layers=args.layers,
-                                         layers_b=args.layers_b, pooling=args.pooling, params=params[entry.name], device=args.device))
+            try:
+                sections.append(run_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data, layers=args.layers,
+                                             layers_b=args.layers_b, pooling=args.pooling, params=params[entry.name],
+                                             device=args.device))
+            except WorkbenchError as exc:
+                raise type(exc)(_as_param_option(str(exc), entry, params[entry.name])) from exc
             bar.update(1)
     command = "workbench analyze " + " ".join(shlex.quote(a) for a in _absolute_paths(sys.argv[2:])) if sys.argv[1:2] == ["analyze"] else ""
     # each section records the pooling and layers it read; the header states them when the sections share them
@@ -360,6 +364,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for f in files.values():
         print(f"wrote {f}")  # noqa: T201
     return 0
+
+
+def _as_param_option(message: str, entry: Any, given: dict[str, Any]) -> str:
+    """``message`` with a library function's parameter named as the option that sets it: "The 'sigma' parameter of
+    similarity_matrix" becomes "The 'sigma' parameter (--param similarity.sigma)", with its default where it was not given."""
+    import re
+
+    found = re.match(r"The '(\w+)' parameter of [\w.]+", message)
+    if found is None or found.group(1) not in entry.params:
+        return message
+    key = found.group(1)
+    default = "" if key in given else f", left at its default {entry.params[key]!r}"
+    return f"The '{key}' parameter (--param {entry.name}.{key}{default})" + message[found.end():]
 
 
 def _check_spec_arguments(args: argparse.Namespace) -> None:

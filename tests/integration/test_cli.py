@@ -123,9 +123,9 @@ def test_the_header_names_the_default_layers_each_model_gave(tmp_path):
          "error: --out /proc/report cannot be created: /proc is not a writable folder; choose another location."),
         (["analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "similarity", "--param",
           "similarity.measure=rbf_cka", "--param", "similarity.sigma=1e-300", "--out", "x"], 2,
-         "error: The 'sigma' parameter of similarity_matrix must be a number in [0.01, 100.0]"),
+         "error: The 'sigma' parameter (--param similarity.sigma) must be a number in [0.01, 100.0]"),
         (["analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "probing", "--param", "probing.c=1e-300",
-          "--out", "x"], 2, "error: The 'c' parameter of probe_layers must be a number in [1e-06, 1e+08]"),
+          "--out", "x"], 2, "error: The 'c' parameter (--param probing.c) must be a number in [1e-06, 1e+08]"),
     ],
 )
 def test_bad_arguments_one_line(args, code, message, tmp_path):
@@ -406,3 +406,12 @@ def test_the_report_command_names_files_by_absolute_paths(tmp_path, monkeypatch)
     assert _absolute_paths(argv) == ["--model-a", str(ROOT / "sample_models" / "mlp_seed0.safetensors"),
                                      f"--model-b={ROOT / 'sample_models' / 'mlp_seed1.safetensors'}", "--data", "digits",
                                      "--analysis", "activations", "--out", str(ROOT / "rel" / "out")]
+
+
+def test_a_parameter_left_at_its_default_is_named_as_its_option(tmp_path):
+    data = tmp_path / "few.npz"  # 3 samples: at most 3 folds, where probing asks for 5 by default
+    np.savez(data, x=np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32), y=np.array([0, 1, 2]))
+    out = run("analyze", "--model-a", MLP0, "--data", str(data), "--analysis", "probing", "--out", str(tmp_path / "r"),
+              cache=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "The 'cv' parameter (--param probing.cv, left at its default 5)" in out.stderr, out.stderr
