@@ -906,3 +906,13 @@ def test_diagram_distances_scale_with_the_diagrams(scale):
         expected = diagram_distance(a, b, metric=metric, order=order).distance
         got = diagram_distance(a * scale, b * scale, metric=metric, order=order).distance
         assert got / scale == pytest.approx(expected, rel=1e-12), (metric, order)
+
+
+def test_a_matrix_of_given_diagrams_records_the_settings_they_were_computed_with():
+    from workbench.analyses.topology import persistence
+
+    rng = np.random.default_rng(0)
+    diagrams = {name: persistence(rng.normal(size=(40, 3)), metric="cosine", max_points=30, seed=3) for name in ("a", "b")}
+    result = diagram_distance_matrix(diagrams, dim=0)
+    # not this call's defaults (euclidean, 1000 points, seed 0): rerunning from the recorded settings gives the same matrix
+    assert result.params["point_metric"] == "cosine" and result.params["max_points"] == 30 and result.seed == 3

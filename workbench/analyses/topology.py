@@ -1003,6 +1003,13 @@ def _layer_persistence(
     return out, skipped
 
 
+def _shared_setting(pa: Mapping[str, Any], pb: Mapping[str, Any], key: str, default: Any) -> Any:
+    """The value of persistence setting ``key`` that every diagram compared was computed with (a list of the values
+    when they differ; ``default`` for results that do not record it)."""
+    values = list(dict.fromkeys(v.params.get(key, default) for v in (*pa.values(), *pb.values())))
+    return values[0] if len(values) == 1 else values
+
+
 def diagram_distance_matrix(
     a: Any,
     b: Any = None,
@@ -1099,10 +1106,11 @@ def diagram_distance_matrix(
             "dim": dim,
             "order": order,
             "normalize": normalize,
-            "max_points": max_points,
-            "point_metric": point_metric,
+            # as the diagrams were computed (given diagrams carry their own settings, not this call's defaults)
+            "max_points": _shared_setting(pa, pb, "max_points", max_points),
+            "point_metric": _shared_setting(pa, pb, "metric", point_metric),
         },
-        seed=seed,
+        seed=first.seed if all(v.seed == first.seed for v in (*pa.values(), *pb.values())) else None,
         device=first.device,
         dtype="float64",
         seconds=time.perf_counter() - t0,
