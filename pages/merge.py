@@ -129,5 +129,8 @@ if models[0].architecture is not None:
     st.download_button(
         "Download the merged model (safetensors)", blob, file_name="merged.safetensors", key="mc_download_merged"
     )
-_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report", models=models, train_dataset=train,
+# the train split is used where it matched activations or set BatchNorm statistics; weight matching of models without
+# BatchNorm reads the weights alone
+used_train = train if merge_method != "weight_matching" or merged.reset_bn else None
+_state.report_button("Model merging", merged, [merge_fig], key="mc_merge_report", models=models, train_dataset=used_train,
                      notes=in_sample)

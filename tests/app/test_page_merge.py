@@ -59,8 +59,11 @@ def test_merge_panel_beats_the_naive_average(app, digits_test):
     at.button(key="mc_merge_report").click().run()
     section = at.session_state["report_sections"][0]
     assert section["models"] == ["mlp_seed0", "mlp_seed1", "mlp_seed2"]  # the members, not models A and B
-    assert section["train_dataset_object"].name == "digits (train)"  # matched on the training split
+    assert section["train_dataset_object"] is None  # weight matching of models without BatchNorm reads no data
     assert not any("in-sample" in c.value for c in at.caption) and not section["notes"]
+    at.radio(key="mc_merge_method").set_value("activation_matching").run()
+    at.button(key="mc_merge_report").click().run()
+    assert at.session_state["report_sections"][-1]["train_dataset_object"].name == "digits (train)"  # matched on it
 
 
 def test_activation_matching_on_the_evaluation_samples_is_called_in_sample(app, digits_test):
