@@ -201,7 +201,7 @@ def category_color(i: int) -> str:
     return CATEGORY_COLORS[i % len(CATEGORY_COLORS)]
 
 
-SUBTITLE_WIDTH = 90  # characters per subtitle line: fits a chart that shares the page width with another
+SUBTITLE_WIDTH = 68  # characters per subtitle line: fits a chart that shares the page width with another at 1280 px
 
 
 def _wrap(text: str, width: int = SUBTITLE_WIDTH) -> list[str]:
