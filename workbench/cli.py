@@ -371,7 +371,7 @@ def _as_param_option(message: str, entry: Any, given: dict[str, Any]) -> str:
     similarity_matrix" becomes "The 'sigma' parameter (--param similarity.sigma)", with its default where it was not given."""
     import re
 
-    found = re.match(r"The '(\w+)' parameter of [\w.]+", message)
+    found = re.match(r"The '(\w+)' parameter of (?!the )[\w.]+", message)  # not "of the 'x' analysis": named already
     if found is None or found.group(1) not in entry.params:
         return message
     key = found.group(1)
