@@ -16,6 +16,30 @@ def _train(at):
     at.button(key="probe_train").click().run()
 
 
+def _count_trainings(probing, monkeypatch) -> list[dict]:
+    """The keyword arguments of every probe_layers call the page makes from now on."""
+    calls = []
+    original = probing.probe_layers
+
+    @functools.wraps(original)
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probing, "probe_layers", counted)
+    return calls
+
+
+def _open_on_out(app):
+    """The probing page on model A alone, probing its output layer."""
+    at = app.run()
+    at.selectbox(key="model_b_choice").set_value("(none)").run()
+    at.switch_page("pages/probing.py").run()
+    at.multiselect(key="probe_layers_a").set_value(["out"])
+    _train(at)
+    return at
+
+
 def _open(app):
     at = app.run()
     at.switch_page("pages/probing.py").run()
@@ -86,21 +110,8 @@ def test_probing_page_shows_a_clear_error_for_too_many_folds(app):
 def test_c_is_for_the_linear_probe_and_changing_it_with_the_mlp_probe_recomputes_nothing(app, monkeypatch):
     import workbench.analyses.probing as probing
 
-    mlp_fits = []
-    original = probing.probe_layers
-
-    @functools.wraps(original)
-    def counted(*args, **kwargs):
-        if kwargs.get("probe") == "mlp":
-            mlp_fits.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(probing, "probe_layers", counted)
-    at = app.run()
-    at.selectbox(key="model_b_choice").set_value("(none)").run()
-    at.switch_page("pages/probing.py").run()
-    at.multiselect(key="probe_layers_a").set_value(["out"])
-    _train(at)
+    calls = _count_trainings(probing, monkeypatch)
+    at = _open_on_out(app)
     at.checkbox(key="probe_control").uncheck()
     _train(at)
     at.selectbox(key="probe_kind").set_value("mlp")
@@ -109,31 +120,19 @@ def test_c_is_for_the_linear_probe_and_changing_it_with_the_mlp_probe_recomputes
     c_input = at.number_input(key="probe_c")  # editable with either probe: a form applies edits only when submitted
     assert not c_input.proto.disabled and c_input.label == "C (linear probe)" and "The MLP probe ignores it" in c_input.proto.help
     table = at.dataframe[0].value
-    fits = len(mlp_fits)
+    fits = len([c for c in calls if c["probe"] == "mlp"])
     at.number_input(key="probe_c").set_value(100.0)
     _train(at)
     assert not page_errors(at)
-    assert len(mlp_fits) == fits  # the stored MLP result is reused: C does not enter it
+    assert len([c for c in calls if c["probe"] == "mlp"]) == fits  # the stored MLP result is reused: C does not enter it
     assert at.dataframe[0].value.equals(table)
 
 
 def test_probe_settings_apply_together_when_submitted(app, monkeypatch):
     import workbench.analyses.probing as probing
 
-    calls = []
-    original = probing.probe_layers
-
-    @functools.wraps(original)
-    def counted(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(probing, "probe_layers", counted)
-    at = app.run()
-    at.selectbox(key="model_b_choice").set_value("(none)").run()
-    at.switch_page("pages/probing.py").run()
-    at.multiselect(key="probe_layers_a").set_value(["out"])
-    _train(at)
+    calls = _count_trainings(probing, monkeypatch)
+    at = _open_on_out(app)
     trained = len(calls)
     at.number_input(key="probe_cv").set_value(3).run()
     at.selectbox(key="probe_pooling").set_value("max").run()  # the pooling and layers are settings of the form too
