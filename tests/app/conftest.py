@@ -36,3 +36,19 @@ def page_errors(at) -> list[str]:
 
 
 os.environ.setdefault("WORKBENCH_WARM_UP", "0")
+
+
+def count_calls(module, name: str, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The keyword arguments of every call of ``module.name`` from now on (the function still runs)."""
+    import functools
+
+    calls: list[dict] = []
+    original = getattr(module, name)
+
+    @functools.wraps(original)
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls

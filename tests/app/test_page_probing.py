@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
 
-from tests.app.conftest import page_errors
+from tests.app.conftest import count_calls, page_errors
 from workbench.plots._style import figure_title
 
 
 def _train(at):
     """Submit the probe settings form (its edits apply together)."""
     at.button(key="probe_train").click().run()
-
-
-def _count_trainings(probing, monkeypatch) -> list[dict]:
-    """The keyword arguments of every probe_layers call the page makes from now on."""
-    calls = []
-    original = probing.probe_layers
-
-    @functools.wraps(original)
-    def counted(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(probing, "probe_layers", counted)
-    return calls
 
 
 def _open_on_out(app):
@@ -110,7 +95,7 @@ def test_probing_page_shows_a_clear_error_for_too_many_folds(app):
 def test_c_is_for_the_linear_probe_and_changing_it_with_the_mlp_probe_recomputes_nothing(app, monkeypatch):
     import workbench.analyses.probing as probing
 
-    calls = _count_trainings(probing, monkeypatch)
+    calls = count_calls(probing, "probe_layers", monkeypatch)
     at = _open_on_out(app)
     at.checkbox(key="probe_control").uncheck()
     _train(at)
@@ -131,7 +116,7 @@ def test_c_is_for_the_linear_probe_and_changing_it_with_the_mlp_probe_recomputes
 def test_probe_settings_apply_together_when_submitted(app, monkeypatch):
     import workbench.analyses.probing as probing
 
-    calls = _count_trainings(probing, monkeypatch)
+    calls = count_calls(probing, "probe_layers", monkeypatch)
     at = _open_on_out(app)
     trained = len(calls)
     at.number_input(key="probe_cv").set_value(3).run()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.app.conftest import page_errors
+from tests.app.conftest import count_calls, page_errors
 from workbench import load_dataset, load_model
 from workbench.data.datasets import make_dataset
 from workbench.plots._style import figure_title
@@ -119,19 +119,9 @@ def test_model_b_analysed_alone_is_called_b(app):
 
 
 def test_changing_the_displayed_layer_reuses_the_layer_distances(app, narrow, digits, monkeypatch):
-    import functools
-
     from workbench.analyses import topology as tp
 
-    calls = []
-    original = tp.diagram_distance_matrix
-
-    @functools.wraps(original)
-    def counted(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tp, "diagram_distance_matrix", counted)
+    calls = count_calls(tp, "diagram_distance_matrix", monkeypatch)
     at = _open(app, narrow[0], dataset=digits)
     at.selectbox(key="topo_distance").set_value("wasserstein").run()
     assert not page_errors(at)
