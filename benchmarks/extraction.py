@@ -6,10 +6,11 @@ All sides run in this process on the same data and batches, taking turns: the ba
 the model on each batch and drops the output; ``extract`` adds hooks on six layers, pooling, and
 streaming to the disk cache; a third side runs the same hooks and pooling and keeps nothing, which
 separates the cost of reading the hooked maps from that of the cache; a fourth extracts the layers
-the app picks by default. The sides run in a new random order in each round, and each overhead is
-given from the best times and as the median over rounds of each run against the bare run of its round
-(this machine's speed drifts by tens of percent over seconds, so the paired median is the steadier figure),
-with a bootstrap 95 % interval of that median over the rounds. Peak memory is measured in a fresh subprocess
+the app picks by default. In each round every side runs twice between two bare runs (bare, side, side,
+bare), the sides in a new random order; each overhead is given from the best times and as the median over
+rounds of the side's two runs against the two bare runs around them (this machine's speed drifts by tens of
+percent over seconds, so the paired median is the steadier figure), with a bootstrap 95 % interval of that
+median over the rounds. Peak memory is measured in a fresh subprocess
 (``VmHWM``) so it counts only the extraction. Goal: overhead <= 10 %, peak RSS < 2 GiB.
 On an accelerator (``--device cuda``) every side moves each batch to the device and waits for the
 device at the end; ``extract`` also brings the pooled outputs back to the host for the cache, in
@@ -78,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=15, help="rounds of all sides")
+    parser.add_argument("--repeats", type=int, default=12, help="rounds of all sides")
     parser.add_argument("--device", default="cpu", help="cpu (default) or an accelerator such as cuda")
     parser.add_argument("--transfer-bytes", type=int, default=None,
                         help="on an accelerator, pooled outputs gathered on the device before each copy to the host "
@@ -166,14 +167,25 @@ def main() -> None:
     for side in sides.values():  # warm-up
         side()
     times: dict[str, list[float]] = {k: [] for k in sides}
+    ratio_runs: dict[str, list[float]] = {k: [] for k in sides if k != "bare"}
     order = random.Random(0)
-    for _ in range(args.repeats):  # interleaved in a new order each round, so load changes hit all sides alike
-        for k in order.sample(list(sides), len(sides)):
-            times[k].append(sides[k]())
+    for _ in range(args.repeats):
+        # each side runs twice between two bare runs (bare, side, side, bare), the sides in a new order each round and
+        # each sharing its bare runs with its neighbours: a drift of the machine's speed over those four runs, steady or
+        # not, then weighs on both halves of the pair alike
+        before = sides["bare"]()
+        times["bare"].append(before)
+        for k in order.sample(list(ratio_runs), len(ratio_runs)):
+            pair = (sides[k](), sides[k]())
+            after = sides["bare"]()
+            times[k].extend(pair)
+            times["bare"].append(after)
+            ratio_runs[k].append(sum(pair) / (before + after))
+            before = after
 
     def overhead(k: str) -> str:
         best = 100 * (min(times[k]) / min(times["bare"]) - 1)
-        ratios = np.array([t / b for t, b in zip(times[k], times["bare"], strict=True)])
+        ratios = np.array(ratio_runs[k])
         paired = 100 * (np.median(ratios) - 1)
         # how far the paired median could be off: a bootstrap over the rounds (each round's pair resampled as a whole)
         resampled = np.median(np.random.default_rng(0).choice(ratios, size=(2000, len(ratios))), axis=1)
@@ -208,7 +220,7 @@ def main() -> None:
                          capture_output=True, text=True, check=True)
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, torch threads {torch.get_num_threads()}"
-    print(f"CNN, {args.n} samples, batch {args.batch_size}, {where}, best of {args.repeats}")
+    print(f"CNN, {args.n} samples, batch {args.batch_size}, {where}, {args.repeats} rounds (bare, side, side, bare)")
     print("how each layer is pooled: " + ", ".join(f"{k} ({v})" for k, v in sources.items()))
     spread = 100 * (statistics.median(times["bare"]) / min(times["bare"]) - 1)
     print(f"bare forward:                {min(times['bare']):8.3f} s   (median run {spread:+.1f} % slower: the noise of this "
