@@ -125,6 +125,10 @@ curves = plots.interpolation_curves(result)
 st.plotly_chart(curves, width="stretch", key="mc_curves")
 st.subheader("Loss barriers")
 rows = plots.barrier_rows(result)
+definitions = plots.barrier_definitions(next(iter(result.barriers.values()), None))
+# short headers under the heading "Loss barriers" (the full names were wider than the page at 1280 px and pushed the
+# last column out of sight); each header's tooltip gives the definition
+short = {"linear": "above the line", "mean": "above the endpoint mean", "accuracy_drop": "accuracy drop"}
 st.dataframe(
     rows,
     hide_index=True,
@@ -133,15 +137,16 @@ st.dataframe(
     column_order=[c for c in rows[0] if c != "dataset"],  # the split names it, as the curves' legend and the caption do
     column_config={"method": st.column_config.TextColumn(width="medium"),  # the labels name the alignment in full
                    "split": st.column_config.TextColumn(width="small"),
-                   **{c: st.column_config.NumberColumn(format="%.4f") for c in plots.BARRIER_COLUMNS.values()},
-                   "at λ (line)": st.column_config.NumberColumn(format="%.3f", width="small"),
-                   "at λ (mean)": st.column_config.NumberColumn(format="%.3f", width="small"),
-                   plots.BARRIER_COLUMNS["accuracy_drop"]: st.column_config.NumberColumn(format="%.4f")},
+                   **{column: st.column_config.NumberColumn(short[key], format="%.4f", help=definitions.get(column))
+                      for key, column in plots.BARRIER_COLUMNS.items()},
+                   "at λ (line)": st.column_config.NumberColumn("at λ", format="%.3f", width="small",
+                                                                help="λ where the barrier above the line is reached"),
+                   "at λ (mean)": st.column_config.NumberColumn("at λ", format="%.3f", width="small",
+                                                                help="λ where the barrier above the endpoint mean is reached")},
 )
 if any(r["at λ (mean)"] in (0.0, 1.0) for r in rows):
     st.caption("Where a barrier above the endpoint mean sits at λ = 0 or 1, the path is highest at an endpoint: that "
                "value is half the gap between the endpoint losses, not a bump between them.")
-definitions = plots.barrier_definitions(next(iter(result.barriers.values()), None))
 samples = f"n = {result.n_samples} test samples" + (f" and {train.n_samples} train samples" if train is not None else "")
 st.caption(" · ".join(f"**{k}**: {v}" for k, v in definitions.items()) + f". {samples}.")
 fitted = [plots.method_label(m) for m in plots.in_sample_methods(result)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 
 import numpy as np
 import plotly.io
@@ -56,6 +57,11 @@ def test_defaults_pick_two_seeds_and_show_curves_barriers_and_layers(app):
     caption = next(c.value for c in at.caption if "max over λ" in c.value)
     assert "**barrier above the line**" in caption and "**accuracy drop**" in caption  # the table's column names
     assert "n = 450 test samples and 1347 train samples" in caption
+    # short headers, so that all seven columns fit at 1280 px; each header's tooltip holds the definition
+    config = json.loads(at.dataframe[0].proto.columns)
+    assert config["barrier above the line"]["label"] == "above the line"
+    assert config["barrier above the line"]["help"].startswith("max over λ of L(λ) − ((1−λ)·L_A + λ·L_B)")
+    assert config["at λ (mean)"]["label"] == "at λ" and "endpoint mean" in config["at λ (mean)"]["help"]
     assert len(at.get("plotly_chart")) == 4  # curves, layers, spectra, objective
     assert any(b.label.startswith("Download B aligned to A") for b in at.get("download_button"))
     assert not any("not the sidebar's model B" in c.value for c in at.caption)

@@ -777,7 +777,7 @@ def test_persistence_and_its_figures_name_the_point_metric(metric):
                                                                                   f"death ({metric} distance)")
     assert bars.layout.xaxis.title.text == f"filtration value ({metric} distance)"
     # (on a log axis, " (log scale)" follows, where the last merge is far beyond the others: with cosine distances here)
-    assert betti.layout.xaxis.title.text.startswith(f"filtration value ({metric} distance) / largest H0 death")
+    assert betti.layout.xaxis.title.text.startswith(f"{metric} distance / largest H0 death")
     assert raw.layout.xaxis.title.text == f"filtration value ({metric} distance)"
 
 

@@ -263,7 +263,8 @@ def betti_curves(
                 col=c,
             )
         metric = " / ".join(dict.fromkeys(r.metric for r in group.values()))
-        label = f"filtration value ({metric} distance)" + (f" / largest H{dim} death" if normalize_scale else "")
+        # kept short: two panels' titles at 1280 px would otherwise run into each other
+        label = f"{metric} distance / largest H{dim} death" if normalize_scale else f"filtration value ({metric} distance)"
         if log:
             axis = {"type": "log", "range": [math.log10(low) - 0.05, math.log10(1.05)]}
             label += " (log scale)"
