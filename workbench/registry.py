@@ -378,11 +378,32 @@ def _mode_connectivity_requires(ctx: Context, _params: dict[str, Any]) -> None:
     _check_runs(a.module, ctx.dataset, "dataset", "mode_connectivity")
 
 
-def _separability_requires(ctx: Context, _params: dict[str, Any]) -> None:
+def _separability_requires(ctx: Context, params: dict[str, Any]) -> None:
+    from workbench.analyses.topology import _class_indices
+
     y = ctx.dataset.y
     if y is not None and y.dtype.is_floating_point and not bool((y == y.round()).all()):
         raise ParameterError(f"Separability compares classes, and dataset '{ctx.dataset.name}' has continuous targets; "
                              "pick a dataset with class labels.")
+    if y is not None and params["probe"]:  # folds the probe cannot make, refused before any activation is extracted
+        smallest = int(np.bincount(_class_indices(y.numpy(), ctx.dataset.n_samples, "separability")).min())
+        if smallest < params["cv"]:
+            lower = f"lower cv to {smallest} (--param separability.cv={smallest}), " if smallest >= 2 else ""
+            raise ParameterError(
+                f"The 'separability' analysis's linear probe splits each class into cv={params['cv']} folds, and the "
+                f"smallest class of dataset '{ctx.dataset.name}' has {smallest} sample{'s' if smallest != 1 else ''}; "
+                f"{lower}turn the probe off (--param separability.probe=false), or use more samples of each class."
+            )
+
+
+def _intrinsic_dimension_requires(ctx: Context, _params: dict[str, Any]) -> None:
+    from workbench.analyses.embedding import ID_MIN_SAMPLES
+
+    if ctx.dataset.n_samples < ID_MIN_SAMPLES:
+        raise ParameterError(
+            f"The 'intrinsic_dimension' analysis estimates dimension from each sample's nearest neighbours, and dataset "
+            f"'{ctx.dataset.name}' has {ctx.dataset.n_samples} samples; use a dataset of at least {ID_MIN_SAMPLES} samples."
+        )
 
 
 def _sequential_requires(ctx: Context, _params: dict[str, Any]) -> None:
@@ -584,7 +605,8 @@ ANALYSES: list[Analysis] = [
              "pages/embedding.py"),
     Analysis("intrinsic_dimension", "Intrinsic dimension per layer", "one_model", _intrinsic_dimension,
              _intrinsic_dimension_plot, _intrinsic_dimension_summary, {"method": "twonn", "seed": 0},
-             "TwoNN (Facco et al.) or Levina-Bickel MLE per layer, with a bootstrap interval", "pages/embedding.py"),
+             "TwoNN (Facco et al.) or Levina-Bickel MLE per layer, with a bootstrap interval", "pages/embedding.py",
+             _intrinsic_dimension_requires),
     Analysis("mode_connectivity", "Linear mode connectivity (permutation alignment)", "weights", _mode_connectivity,
              _mode_connectivity_plot, _mode_connectivity_summary, {"n_points": 25, "top_k": 5, "seed": 0},
              "loss and accuracy along (1-λ)θA + λθB, naive vs weight/activation matching and REPAIR; per-layer alignment",

@@ -378,18 +378,25 @@ def test_data_files_whose_path_holds_a_colon_are_read_as_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("analysis", "y", "message"),
+    ("analysis", "n", "y", "message"),
     [
-        ("similarity", None, "The 'similarity' analysis compares samples, and dataset 'few' has 2; use a dataset of at least 3"),
-        ("mode_connectivity", "float", "mode_connectivity: dataset 'few' (dataset) has continuous targets, but loss and accuracy "
-                                       "need integer class labels."),
-        ("separability", "float", "Separability compares classes, and dataset 'few' has continuous targets; pick a dataset"),
+        ("similarity", 2, "classes", "The 'similarity' analysis compares samples, and dataset 'few' has 2; use a dataset of at least 3"),
+        ("mode_connectivity", 30, "float", "mode_connectivity: dataset 'few' (dataset) has continuous targets, but loss and "
+                                           "accuracy need integer class labels."),
+        ("separability", 30, "float", "Separability compares classes, and dataset 'few' has continuous targets; pick a dataset"),
+        ("separability", 30, "rare", "The 'separability' analysis's linear probe splits each class into cv=5 folds, and the "
+                                     "smallest class of dataset 'few' has 3 samples; lower cv to 3 (--param separability.cv=3), "
+                                     "turn the probe off (--param separability.probe=false), or use more samples of each class."),
+        ("intrinsic_dimension", 12, "classes", "The 'intrinsic_dimension' analysis estimates dimension from each sample's "
+                                               "nearest neighbours, and dataset 'few' has 12 samples; use a dataset of at least 20"),
     ],
+    ids=["too-few-samples", "continuous-targets-for-losses", "continuous-targets-for-classes", "a-class-rarer-than-the-folds",
+         "too-few-samples-for-intrinsic-dimension"],
 )
-def test_data_that_does_not_suit_an_analysis_is_a_bad_argument_before_any_work(analysis, y, message, tmp_path):
+def test_data_that_does_not_suit_an_analysis_is_a_bad_argument_before_any_work(analysis, n, y, message, tmp_path):
     rng = np.random.default_rng(0)
-    n = 2 if y is None else 30
-    np.savez(tmp_path / "few.npz", x=rng.random((n, 64), dtype=np.float32), y=rng.random(n) if y else np.arange(n) % 2)
+    labels = {"float": rng.random(n), "classes": np.arange(n) % 2, "rare": (np.arange(n) < 3).astype(int)}[y]
+    np.savez(tmp_path / "few.npz", x=rng.random((n, 64), dtype=np.float32), y=labels)
     out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", str(tmp_path / "few.npz"), "--analysis",
               f"activations,{analysis}", "--out", str(tmp_path / "report"), cache=tmp_path)
     assert out.returncode == 2 and f"workbench analyze: error: {message}" in out.stderr, out.stderr

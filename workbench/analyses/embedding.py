@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("umap", "pca", "tsne")
 ID_METHODS = ("twonn", "mle")
+ID_MIN_SAMPLES = 20  # fewer nearest-neighbour distance ratios than this give no usable estimate
 QUALITY_K = 10
 UMAP_REFINE_FRACTION = 0.25  # of the learning rate, when UMAP starts from given coordinates
 UMAP_SMALL_DATA = 10_000  # umap-learn optimises 500 epochs up to this many samples, 200 above
@@ -535,7 +536,7 @@ def intrinsic_dimension(
     func = "intrinsic_dimension"
     method = check_choice(method, "method", ID_METHODS, func=func)
     seed = check_seed(seed, func=func)
-    t = as_matrix(x, "x", func=func, dtype=torch.float32 if _is_float32(x) else torch.float64, min_samples=20)
+    t = as_matrix(x, "x", func=func, dtype=torch.float32 if _is_float32(x) else torch.float64, min_samples=ID_MIN_SAMPLES)
     n = t.shape[0]
     if method == "twonn":
         if k is not None:
