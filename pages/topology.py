@@ -135,6 +135,8 @@ st.subheader("Diagram distance between layers")
 with _state.guard():
     matrix = layer_distances(pers, sources, kw, metric=distance, dim=dim, normalize=normalize)
 figures.append(plots.diagram_distance_heatmap(matrix, name_a=names[0], name_b=names[-1]))
+if len(matrix.empty) == len(set(matrix.layers_a) | set(matrix.layers_b)):  # all zeros: say why before the picture
+    st.warning(tp.empty_diagrams_note(matrix))
 st.plotly_chart(figures[-1], width="stretch", key="topo_distance_matrix")
 if distance == "bottleneck":
     st.caption(

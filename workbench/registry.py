@@ -312,6 +312,8 @@ def _topology_plot(result: Any) -> list[go.Figure]:
 def _topology_summary(result: Any) -> dict[str, Any]:
     """The diagram distances' range and the layer pairs at its ends; one model's layers against each other are
     compared in distinct pairs (a layer's distance to itself is 0 by definition)."""
+    from workbench.analyses.topology import empty_diagrams_note
+
     d = np.asarray(result.distances, dtype=float)
     a, b = list(result.layers_a), list(result.layers_b)
     # one model's layers against each other: the same rows and columns, and a layer's distance to itself 0
@@ -328,6 +330,8 @@ def _topology_summary(result: Any) -> dict[str, Any]:
         out.update({"min_distance": float(values.min()), "max_distance": float(values.max()),
                     "closest layers": pair(int(np.argmin(values))), "farthest layers": pair(int(np.argmax(values)))})
     out["subsampled"] = bool(np.any(result.subsampled))
+    if result.empty:
+        out[f"empty H{result.dim} diagrams"] = empty_diagrams_note(result)
     for side, skipped in (("A", result.skipped_a), ("B", result.skipped_b)):
         if skipped:
             out[f"left out of {side}, constant over samples"] = ", ".join(skipped)

@@ -107,6 +107,16 @@ def test_unlabelled_data_shows_only_the_score(app, narrow):
     assert list(at.dataframe[0].value.columns) == ["model", "layer", "score S"]
 
 
+def test_diagrams_without_a_bar_are_named_and_an_all_zero_matrix_is_explained(app, narrow):
+    data = make_dataset("three", np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32))
+    at = _open(app, narrow[0], dataset=data)  # three points form no loop: every H1 diagram is empty
+    assert not page_errors(at)
+    note = "No layer has an H1 bar on these 3 samples, so every distance is 0 and says nothing; use more samples or H0."
+    assert note in [w.value for w in at.warning]
+    matrix = next(c for c in at.get("plotly_chart") if _title(c).startswith("H1 bottleneck distance between layers"))
+    assert note in _title(matrix)
+
+
 def test_model_b_analysed_alone_is_called_b(app):
     app.session_state["model_a"] = None  # model A could not be loaded
     at = app.switch_page("pages/embedding.py").run()

@@ -24,6 +24,7 @@ from workbench.analyses.topology import (
     class_separability,
     diagram_distance,
     diagram_distance_matrix,
+    empty_diagrams_note,
     layer_separability,
     persistence,
     persistence_distance,
@@ -916,3 +917,21 @@ def test_a_matrix_of_given_diagrams_records_the_settings_they_were_computed_with
     result = diagram_distance_matrix(diagrams, dim=0)
     # not this call's defaults (euclidean, 1000 points, seed 0): rerunning from the recorded settings gives the same matrix
     assert result.params["point_metric"] == "cosine" and result.params["max_points"] == 30 and result.seed == 3
+
+
+def test_empty_diagrams_are_listed_and_explained():
+    t = torch.linspace(0, 2 * math.pi, 61)[:-1]
+    circle, line = torch.stack([t.cos(), t.sin()], 1), torch.stack([t, 0 * t], 1)
+    r = diagram_distance_matrix({"circle": circle, "line": line}, None, dim=1)
+    assert r.empty == ["line"]  # a line has no loop; the circle has one
+    # the distance to an empty diagram is half the other's longest (scale-normalised) bar
+    bar = r.distances[0, 1]
+    assert bar > 0.4 and r.distances[1, 0] == bar
+    assert empty_diagrams_note(r) == "line has no H1 bar: a distance to an empty diagram is half the other diagram's longest bar."
+    few = diagram_distance_matrix({"a": circle[::20], "b": line[::20]}, None, dim=1)  # 3 points each: no loops at all
+    assert few.empty == ["a", "b"] and not few.distances.any()
+    assert empty_diagrams_note(few).startswith("No layer has an H1 bar on these 3 samples, so every distance is 0")
+    assert empty_diagrams_note(diagram_distance_matrix({"a": circle, "b": circle * 2}, None, dim=1)) == ""
+    from workbench.registry import summarize
+
+    assert summarize(few)["diagram distances"]["empty H1 diagrams"] == empty_diagrams_note(few)

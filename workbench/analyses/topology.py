@@ -188,7 +188,9 @@ class DiagramDistanceMatrixResult(RecordedResult):
     layers whose dimensions >= 1 were computed on a farthest-point subsample, in layer order (A, then B).
     ``model_a``, ``model_b``: the models the activations came from, where they say ("" otherwise).
     ``skipped_a``, ``skipped_b``: layers left out of the rows / columns because they are constant over samples
-    (no topology to compute), in layer order.
+    (no topology to compute), in layer order. ``empty``: the layers whose dimension-``dim`` diagram has no bar (A's,
+    then B's; a layer of both models named once): a distance to such a diagram is half the other diagram's longest
+    bar, and between two of them 0, which says nothing about their likeness (few samples rarely form 1-cycles).
     """
 
     distances: np.ndarray
@@ -203,6 +205,7 @@ class DiagramDistanceMatrixResult(RecordedResult):
     model_b: str = ""
     skipped_a: list[str] = field(default_factory=list)
     skipped_b: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -817,6 +820,19 @@ def _as_diagram(value: Any, dim: int, name: str, func: str) -> np.ndarray:
     return arr
 
 
+def empty_diagrams_note(result: DiagramDistanceMatrixResult) -> str:
+    """One sentence on the layers of ``result`` whose diagrams have no bar ("" when every diagram has one)."""
+    if not result.empty:
+        return ""
+    layers = list(dict.fromkeys([*result.layers_a, *result.layers_b]))
+    if len(result.empty) == len(layers):
+        return (f"No layer has an H{result.dim} bar on these {result.n_samples} samples, so every distance is 0 and says "
+                f"nothing; use more samples{' or H0' if result.dim > 0 else ''}.")
+    verb = "has" if len(result.empty) == 1 else "have"
+    return (f"{', '.join(result.empty)} {verb} no H{result.dim} bar: a distance to an empty diagram is half the other "
+            "diagram's longest bar.")
+
+
 def _scaled(dgm: np.ndarray) -> np.ndarray:
     finite = dgm[np.isfinite(dgm[:, 1]), 1]
     top = float(finite.max()) if len(finite) else 0.0
@@ -1080,6 +1096,7 @@ def diagram_distance_matrix(
             done += 1
             report(done, total)
     subsampled = list(dict.fromkeys([k for k, v in pa.items() if v.subsampled] + [k for k, v in pb.items() if v.subsampled]))
+    empty = list(dict.fromkeys([k for k in names_a if not len(diag[k])] + [k for k in names_b if not len(diag_b[k])]))
     first = next(iter(pa.values()))
     label = f"{metric} distance between H{dim} diagrams (gudhi)" + (
         f", order {order:g}" if metric == "wasserstein" else ""
@@ -1099,6 +1116,7 @@ def diagram_distance_matrix(
         model_b=str(getattr(source_b, "model_name", "") or ""),
         skipped_a=skipped_a,
         skipped_b=skipped_b,
+        empty=empty,
         estimator=f"{label}; {first.estimator}",
         n_samples=first.n_samples,
         params={

@@ -17,6 +17,7 @@ from workbench.analyses.topology import (
     PersistenceResult,
     SeparabilityTrajectoryResult,
     TopologicalRSAResult,
+    empty_diagrams_note,
 )
 from workbench.plots._style import MODEL_COLORS, nice_step, order_layers, takes_results, titled
 
@@ -318,9 +319,9 @@ def diagram_distance_heatmap(result: DiagramDistanceMatrixResult, *, name_a: str
     fig.update_xaxes(title_text=f"layer of {name_b}")
     fig.update_yaxes(title_text=f"layer of {name_a}", autorange="reversed")
     fig.update_layout(height=max(300, 60 * len(result.layers_a) + 120))
-    return titled(
-        fig, f"H{result.dim} {result.metric} distance between layers", estimator=result.estimator, n=result.n_samples
-    )
+    note = empty_diagrams_note(result)
+    return titled(fig, f"H{result.dim} {result.metric} distance between layers",
+                  estimator=result.estimator + (f"<br>{note}" if note else ""), n=result.n_samples)
 
 
 @takes_results
