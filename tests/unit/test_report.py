@@ -158,12 +158,15 @@ def test_sections_record_their_models_and_the_header_lists_them_all(sample_model
     assert header["dataset"]["name"] == digits_test.name  # shared by all sections
     text = build_report(sections).save(tmp_path, formats=("html",))["html"].read_text()
     assert "<b>Models:</b> mlp_seed0 (sha256 " in text and "Model 3" in text
-    # the sections each call their pair A and B: the header says which model that was where
-    assert [m["roles"] for m in header["models"]] == ["A in sections 1, 2", "B in sections 1, 2", "in section 2"]
-    assert "<td>mlp_seed2 (in section 2)</td>" in text
+    # the sections each call their pair A and B: the header says which model that was where; the three models of a
+    # merge are its members, none of them A or B
+    assert [m["roles"] for m in header["models"]] == ["A in section 1; member in section 2",
+                                                      "B in section 1; member in section 2", "member in section 2"]
+    assert "<td>mlp_seed2 (member in section 2)</td>" in text
     four = build_report([*sections, Section("Other pair", result, models=[c, a]), Section("Again", result, models=[c, a])])
-    assert [m["roles"] for m in four.header["models"]] == ["A in sections 1, 2; B in sections 3, 4", "B in sections 1, 2",
-                                                           "in section 2; A in sections 3, 4"]
+    assert [m["roles"] for m in four.header["models"]] == ["A in section 1; member in section 2; B in sections 3, 4",
+                                                           "B in section 1; member in section 2",
+                                                           "member in section 2; A in sections 3, 4"]
     from workbench.report.build import _ranges
 
     assert _ranges([1, 2, 3, 5, 7, 8]) == "1–3, 5, 7, 8"

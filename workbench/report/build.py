@@ -196,15 +196,17 @@ def _describe_dataset(dataset: Any) -> dict[str, Any]:
 
 
 def _roles(model: dict[str, Any], sections: list[Section]) -> str:
-    """Which sections call ``model`` A and which B ("A in sections 1-3; B in section 4"): a report's sections may each
-    compare another pair, and name the models by their place in the pair."""
+    """Which sections call ``model`` A and which B ("A in sections 1-3; B in section 4; member in section 5"): a report's
+    sections may each compare another pair, and name the models by their place in the pair."""
     key = str(model.get("content_sha256") or model.get("sha256") or model.get("name"))
     places: dict[str, list[int]] = {}
     for number, section in enumerate(sections, start=1):
         for i, m in enumerate(section.models):
             d = _describe(m)
             if m is not None and str(d.get("content_sha256") or d.get("sha256") or d.get("name")) == key:
-                places.setdefault("AB"[i] + " " if i < 2 else "", []).append(number)  # a third model has no letter
+                # A and B name the two places of a compared pair; the models of a section of more (a merge's
+                # members) are members, none of them B
+                places.setdefault("AB"[i] + " " if len(section.models) <= 2 else "member ", []).append(number)
     return "; ".join(f"{role}in section{'s' if len(numbers) > 1 else ''} {_ranges(sorted(set(numbers)))}"
                      for role, numbers in places.items())
 
