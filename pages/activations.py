@@ -38,13 +38,14 @@ def statistics(model, _slot):
 
 results = [r for _, r in _state.for_each_model([m for m, _ in extracted], statistics)]
 
-rows = [row for r in results for row in stats_rows(r)]
+SHARES = ("dead units", "constant units", "zeros")  # fractions, shown as percentages with one decimal in every row
+rows = [{**row, **{k: 100 * row[k] for k in SHARES}} for r in results for row in stats_rows(r)]
 st.dataframe(
     rows, hide_index=True, width="stretch", key="act_table",
     column_config={**{col: st.column_config.NumberColumn(format="%.4g") for col in ("mean", "std (all values)", "min", "max")},
-                   "dead units": st.column_config.ProgressColumn("dead units", min_value=0.0, max_value=1.0, format="percent"),
-                   "constant units": st.column_config.NumberColumn(format="percent"),
-                   "zeros": st.column_config.NumberColumn(format="percent")},
+                   "dead units": st.column_config.ProgressColumn("dead units", min_value=0.0, max_value=100.0, format="%.1f %%"),
+                   "constant units": st.column_config.NumberColumn(format="%.1f %%"),
+                   "zeros": st.column_config.NumberColumn(format="%.1f %%")},
 )
 unit = ("each channel at each position (token) is a unit" if pooling == "flatten" else
         "each channel is a unit, represented by " + {"mean": "its mean over positions", "max": "its maximum over positions",

@@ -43,7 +43,12 @@ def test_activation_statistics_side_by_side(app):
     assert len(table) == 10  # 5 layers x 2 models
     assert set(table["model"]) == {"mlp_seed0", "mlp_seed1"}
     relu = table[(table["layer"] == "relu1")]
-    assert (relu["min"] >= 0).all() and (relu["dead units"] <= 1).all()
+    assert (relu["min"] >= 0).all() and (relu["dead units"] <= 100).all()
+    # shares as percentages with one decimal in every row (Streamlit's "percent" gave 0 %, 0.2 % and 50.35 % in one column)
+    config = json.loads(at.dataframe[0].proto.columns)
+    assert {config[k]["type_config"]["format"] for k in ("dead units", "constant units", "zeros")} == {"%.1f %%"}
+    assert config["dead units"]["type_config"]["max_value"] == 100
+    assert 20 < relu["zeros"].mean() < 90  # a ReLU layer's zeros in percent, not as a fraction
     assert len(at.get("plotly_chart")) == 1
     assert "relu1 · 512" in at.multiselect(key="act_layers_a").options  # short chips: five fit the picker's width
     hist = json.loads(at.get("plotly_chart")[0].proto.spec)
