@@ -422,3 +422,18 @@ def test_a_parameter_left_at_its_default_is_named_as_its_option(tmp_path):
               cache=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "The 'cv' parameter (--param probing.cv, left at its default 5)" in out.stderr, out.stderr
+
+
+def test_named_layers_that_give_no_activations_are_refused_before_any_work(tmp_path):
+    text = str(ROOT / "sample_models" / "text_transformer_seed0.safetensors")
+    # MultiheadAttention applies its out_proj's weights itself: the module is never called
+    out = run("analyze", "--model-a", text, "--data", "sentences", "--analysis", "activations", "--layers", "norm",
+              "layers.0.self_attn.out_proj", "--out", str(tmp_path / "report"), cache=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert ("workbench analyze: error: Model A ('text_transformer_seed0'): layer 'layers.0.self_attn.out_proj' gives no "
+            "activations per sample (not run by the forward pass, or one row for the whole batch); pick layers that "
+            "'workbench layers' shows with an output shape.") in out.stderr
+    out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "activations,similarity",
+              "--layers", "fc1", "--layers-b", "fc9", "--out", str(tmp_path / "report"), cache=tmp_path)
+    assert out.returncode == 2 and "error: Model B ('mlp_seed1'): Unknown layer 'fc9'. Did you mean 'fc2'?" in out.stderr, out.stderr
+    assert not (tmp_path / "report").exists()
