@@ -113,13 +113,8 @@ with _state.guard(), _state.progress_bar("Matching and interpolating…") as bar
         progress=bar,
     )
 
-naive = next(iter(result.curves.values())).accuracy["test"]
-chance = 1 / dataset.n_classes if dataset.n_classes else 0.0
-caveat = ""
-if min(naive[0], naive[-1]) <= 1.5 * chance:
-    caveat = (f"{model_a.name} and {model_b.name} score {naive[0]:.0%} and {naive[-1]:.0%} on {dataset.name}, near or below "
-              f"chance ({chance:.0%}): the dataset's labels are not what the models predict, so the barriers below say "
-              "little. Choose the dataset the models were trained for.")
+caveat = plots.chance_note(result, dataset)
+if caveat:
     st.warning(_state.plain(caveat))
 curves = plots.interpolation_curves(result)
 st.plotly_chart(curves, width="stretch", key="mc_curves")
@@ -149,15 +144,10 @@ if any(r["at λ (mean)"] in (0.0, 1.0) for r in rows):
                "value is half the gap between the endpoint losses, not a bump between them.")
 samples = f"n = {result.n_samples} test samples" + (f" and {train.n_samples} train samples" if train is not None else "")
 st.caption(" · ".join(f"**{k}**: {v}" for k, v in definitions.items()) + f". {samples}.")
-fitted = [plots.method_label(m) for m in plots.in_sample_methods(result)]
-in_sample = ""
-if fitted:
-    remedy = ("tick “Also evaluate on the digits train split” in Settings to fit them on the train split" if digits else
-              "evaluate on held-out data: pass training data as train_dataset= to mode_connectivity in Python, or use "
-              "the bundled digits test split, whose train split this page fits on")
-    in_sample = (f"The barriers of {', '.join(fitted)} are in-sample: the matching and statistics they use were "
-                 f"fitted on the same {result.n_samples} samples they are evaluated on, so they are optimistic. "
-                 f"To avoid it, {remedy}.")
+remedy = ("tick “Also evaluate on the digits train split” in Settings to fit them on the train split" if digits else
+          f"{plots.IN_SAMPLE_REMEDY} in Python, or use the bundled digits test split, whose train split this page fits on")
+in_sample = plots.in_sample_note(result, remedy)
+if in_sample:
     st.caption(_state.plain(in_sample))
 _state.label_order_caption(dataset)
 

@@ -97,6 +97,7 @@ class Analysis:
     page: str = ""
     requires: Callable[[Context, dict[str, Any]], None] | None = None  # raises when the models, data or parameters do not suit it
     title_for: Callable[[dict[str, Any]], str] | None = None  # a section's title for its parameters, where they change it
+    notes_for: Callable[[Any, Context], str] | None = None  # caveats on a result, for its report section
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUT_KINDS:
@@ -239,6 +240,13 @@ def _mode_connectivity_plot(result: Any) -> list[go.Figure]:
     names = {"name_a": result.params.get("model_a", "model A"), "name_b": result.params.get("model_b", "model B")}
     return [p.interpolation_curves(result), p.barrier_table(result), p.layer_alignment_figure(result.layers),
             p.singular_values_figure(result.layers, **names), p.matching_objective(result.weight_matching)]
+
+
+def _mode_connectivity_notes(result: Any, ctx: Context) -> str:
+    """The caveats the Mode connectivity page shows: models near chance on the data, barriers fitted in-sample."""
+    from workbench.plots import mode_connectivity as p
+
+    return " ".join(n for n in (p.chance_note(result, ctx.dataset), p.in_sample_note(result)) if n)
 
 
 def _mode_connectivity_summary(result: Any) -> dict[str, Any]:
@@ -614,7 +622,7 @@ ANALYSES: list[Analysis] = [
     Analysis("mode_connectivity", "Linear mode connectivity (permutation alignment)", "weights", _mode_connectivity,
              _mode_connectivity_plot, _mode_connectivity_summary, {"n_points": 25, "top_k": 5, "seed": 0},
              "loss and accuracy along (1-λ)θA + λθB, naive vs weight/activation matching and REPAIR; per-layer alignment",
-             "pages/mode_connectivity.py", _mode_connectivity_requires),
+             "pages/mode_connectivity.py", _mode_connectivity_requires, notes_for=_mode_connectivity_notes),
     Analysis("degeneracy", "Degeneracy: free parameters per weight matrix", "one_model", _degeneracy, _degeneracy_plot,
              _degeneracy_summary, {"output": "logits"},
              "input-activation rank, Jacobian rank, dead/always-on/synchronised ReLUs -> free parameters (Bushnaq et al.)",
@@ -782,8 +790,9 @@ def run_analysis(name: str, *, model_a: LoadedModel, dataset: Dataset, model_b: 
     # how the activations it read were extracted (nothing for analyses of weights or gradients alone)
     extraction = {"pooling": ctx.pooling, "layers": {k.upper(): acts.layers for k, acts in sorted(ctx._acts.items())}} if ctx._acts else {}
     title = entry.title_for(merged) if entry.title_for is not None else entry.title
+    notes = entry.notes_for(result, ctx) if entry.notes_for is not None else ""
     return Section(title, result, figures, snippet=recreate_snippet(entry, ctx, merged), summary=entry.summary(result),
-                   models=ctx.models(), dataset=dataset, train_dataset=ctx.train_dataset, extraction=extraction)
+                   models=ctx.models(), dataset=dataset, train_dataset=ctx.train_dataset, extraction=extraction, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------

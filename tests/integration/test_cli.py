@@ -437,3 +437,21 @@ def test_named_layers_that_give_no_activations_are_refused_before_any_work(tmp_p
               "--layers", "fc1", "--layers-b", "fc9", "--out", str(tmp_path / "report"), cache=tmp_path)
     assert out.returncode == 2 and "error: Model B ('mlp_seed1'): Unknown layer 'fc9'. Did you mean 'fc2'?" in out.stderr, out.stderr
     assert not (tmp_path / "report").exists()
+
+
+def test_a_mode_connectivity_report_carries_the_caveats_the_page_shows(tmp_path):
+    from workbench import load_dataset
+
+    digits = load_dataset("digits")
+    np.savez(tmp_path / "mine.npz", x=digits.x[:60].numpy(), y=digits.y[:60].numpy())  # no train split to fit on
+    out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", str(tmp_path / "mine.npz"), "--analysis",
+              "mode_connectivity", "--param", "mode_connectivity.n_points=5", "--out", str(tmp_path / "r"), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    notes = json.loads((tmp_path / "r" / "report.json").read_text())["sections"][0]["notes"]
+    assert notes.startswith("The barriers of activation matching, weight matching + REPAIR are in-sample: the matching and "
+                            "statistics they use were fitted on the same 60 samples they are evaluated on, so they are "
+                            "optimistic. To avoid it, evaluate on held-out data: pass training data as train_dataset=")
+    assert "in-sample" in (tmp_path / "r" / "report.html").read_text()
+    out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "mode_connectivity",
+              "--param", "mode_connectivity.n_points=5", "--out", str(tmp_path / "d"), cache=tmp_path)
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["sections"][0]["notes"] == ""  # fitted on the train split

@@ -14,6 +14,7 @@ from workbench.analyses.mode_connectivity import (
     ModeConnectivityResult,
     WeightMatchingResult,
 )
+from workbench.data.datasets import Dataset
 from workbench.plots._style import MODEL_COLORS, grouped_bar_panels, nice_step, takes_results, titled
 
 METHOD_LABELS = {
@@ -160,6 +161,34 @@ def in_sample_methods(result: ModeConnectivityResult) -> list[str]:
     fitted on the samples their curves are evaluated on (no train split was given), so their barriers are in-sample."""
     return [m for m, curve in result.curves.items()
             if m in FITTED_METHODS and "train" not in curve.params.get("datasets", {})]
+
+
+IN_SAMPLE_REMEDY = "evaluate on held-out data: pass training data as train_dataset= to mode_connectivity"
+
+
+@takes_results
+def in_sample_note(result: ModeConnectivityResult, remedy: str = IN_SAMPLE_REMEDY) -> str:
+    """A sentence on the barriers of ``result`` that are in-sample (:func:`in_sample_methods`), ending in ``remedy``;
+    "" when there are none."""
+    fitted = [method_label(m) for m in in_sample_methods(result)]
+    if not fitted:
+        return ""
+    return (f"The barriers of {', '.join(fitted)} are in-sample: the matching and statistics they use were fitted on "
+            f"the same {result.n_samples} samples they are evaluated on, so they are optimistic. To avoid it, {remedy}.")
+
+
+@takes_results
+def chance_note(result: ModeConnectivityResult, dataset: Dataset) -> str:
+    """A sentence when either model scores near or below chance on ``dataset`` (its labels are not what the models
+    predict, so the barriers say little); "" otherwise."""
+    naive = next(iter(result.curves.values())).accuracy["test"]
+    chance = 1 / dataset.n_classes if dataset.n_classes else 0.0
+    if min(naive[0], naive[-1]) > 1.5 * chance:
+        return ""
+    name_a, name_b = result.params.get("model_a", "model A"), result.params.get("model_b", "model B")
+    return (f"{name_a} and {name_b} score {naive[0]:.0%} and {naive[-1]:.0%} on {dataset.name}, near or below chance "
+            f"({chance:.0%}): the dataset's labels are not what the models predict, so the barriers below say little. "
+            "Choose the dataset the models were trained for.")
 
 
 @takes_results
