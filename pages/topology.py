@@ -150,12 +150,24 @@ if labels is None:
     st.info(f"{_state.plain(dataset.name)} has no class labels: only the unsupervised score S is shown.")
 figures.append(plots.separability_curves(*seps, names=names))
 st.plotly_chart(figures[-1], width="stretch", key="topo_separability")
-st.dataframe(plots.separability_rows(*seps, names=names), hide_index=True, width="stretch", key="topo_separability_table")
-references = ["Thornton = share of samples whose nearest neighbour has their class"]
+meaning = {"thornton_index": "share of samples whose nearest neighbour has their class",
+           "probe_accuracy": "5-fold cross-validated logistic regression on the L2-normalised samples S uses",
+           "probe_roc_auc": "ROC-AUC of that cross-validated probe",
+           "fisher_ratio": "largest per-feature Fisher discriminant ratio",
+           "calinski_harabasz": "between- to within-class dispersion, scaled by the counts"}
+short = {"thornton_index": "Thornton", "probe_accuracy": "probe acc.", "probe_roc_auc": "probe AUC", "fisher_ratio": "Fisher",
+         "calinski_harabasz": "Calinski–H."}  # eight columns fit at 1280 px; each header's tooltip names it in full
+st.dataframe(
+    plots.separability_rows(*seps, names=names), hide_index=True, width="stretch", key="topo_separability_table",
+    column_config={"score S": st.column_config.NumberColumn(format="%.4f", help="H0 persistence score: lower = more separable"),
+                   **{plots.REFERENCE_NAMES[k]: st.column_config.NumberColumn(
+                       short[k], format="%.4f" if k in plots.BOUNDED else "%.4g",
+                       help=f"{plots.REFERENCE_NAMES[k]}: {meaning[k]}") for k in meaning}},
+)
+references = [f"Thornton = {meaning['thornton_index']}"]
 if probe:
-    references.append("probe = 5-fold cross-validated logistic regression on the L2-normalised samples S uses")
-references += ["Fisher = largest per-feature Fisher discriminant ratio",
-               "Calinski–Harabasz = between- to within-class dispersion, scaled by the counts"]
+    references.append(f"probe = {meaning['probe_accuracy']}")
+references += [f"Fisher = {meaning['fisher_ratio']}", f"Calinski–Harabasz = {meaning['calinski_harabasz']}"]
 st.caption(
     f"n = {dataset.n_samples} samples of {dataset.name}. S: lower = more separable."
     + (f" References (higher = more separable): {'; '.join(references)}." if labels is not None else "")

@@ -59,6 +59,10 @@ def test_two_models_side_by_side(app, narrow, digits):
     assert len(table) == 10 and set(table["model"]) == {"A (mlp_narrow_seed0)", "B (mlp_narrow_seed1)"}
     relu2 = table[(table["model"] == "A (mlp_narrow_seed0)") & (table["layer"] == "relu2")]
     assert float(relu2["probe accuracy (CV)"].iloc[0]) > 0.9
+    config = json.loads(at.dataframe[0].proto.columns)  # short headers (eight columns at 1280 px), full names as tooltips
+    assert config["Calinski–Harabasz"]["label"] == "Calinski–H." and config["Calinski–Harabasz"]["help"].startswith(
+        "Calinski–Harabasz: between- to within-class dispersion")
+    assert config["Thornton index"]["type_config"]["format"] == "%.4f" and config["Fisher ratio (max feature)"]["type_config"]["format"] == "%.4g"
     references = next(c.value for c in at.caption if "References (higher = more separable)" in c.value)
     assert "L2-normalised samples S uses" in references and "Calinski–Harabasz = between- to within-class" in references
     # no subsampling at 450 samples, so no note
