@@ -631,9 +631,10 @@ ANALYSES: list[Analysis] = [
              _interaction_basis_plot, _interaction_basis_summary, {"graph_directions": 64, "seed": 0},
              "basis size per layer, interaction spectra and Louvain modularity of the interaction graph",
              "pages/degeneracy.py", _sequential_requires),
-    Analysis("topology", "Persistent homology: diagram distances between layers", "two_models", _topology,
+    Analysis("topology", "Persistent homology: diagram distances between layers", "one_model", _topology,
              _topology_plot, _topology_summary, {"metric": "bottleneck", "dim": 1, "max_points": 1000, "normalize": True, "seed": 0},
-             "Vietoris-Rips persistence per layer (exact H0 by MST) and bottleneck/Wasserstein distances",
+             "Vietoris-Rips persistence per layer (exact H0 by MST) and bottleneck/Wasserstein distances between one model's "
+             "layers, or between A's and B's",
              "pages/topology.py"),
     Analysis("separability", "Topological class separability across layers", "one_model", _separability,
              _separability_plot, _separability_table, {"normalize": True, "probe": True, "cv": 5, "seed": 0},

@@ -455,3 +455,13 @@ def test_a_mode_connectivity_report_carries_the_caveats_the_page_shows(tmp_path)
     out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "mode_connectivity",
               "--param", "mode_connectivity.n_points=5", "--out", str(tmp_path / "d"), cache=tmp_path)
     assert json.loads((tmp_path / "d" / "report.json").read_text())["sections"][0]["notes"] == ""  # fitted on the train split
+
+
+def test_topology_of_one_model_compares_its_layers_with_each_other(tmp_path):
+    out = run("analyze", "--model-a", MLP0, "--data", "digits", "--analysis", "topology", "--layers", "relu1", "relu2", "out",
+              "--out", str(tmp_path / "r"), cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    section = json.loads((tmp_path / "r" / "report.json").read_text())["sections"][0]
+    distances = section["summary"]
+    assert distances["closest layers"].count(" – ") == 1 and "(A)" not in distances["closest layers"]  # distinct pairs of A
+    assert "model_b = None" in section["snippet"]
