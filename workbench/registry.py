@@ -385,6 +385,11 @@ def _mode_connectivity_requires(ctx: Context, _params: dict[str, Any]) -> None:
 
     _require_labels(ctx, "Mode connectivity (loss and accuracy along the path)")
     a, b = ctx.models()
+    if a.content_sha256 == b.content_sha256:
+        raise ParameterError(
+            f"Model A ('{a.name}') and model B ('{b.name}') are the same network (weights sha256 {a.sha256[:12]}), so the "
+            "path between them is one point and every barrier is 0; pick two trained models, such as two seeds."
+        )
     _check_same_architecture(a.module, b.module, "mode_connectivity", (a.name, b.name))
     _check_dataset(ctx.dataset, "dataset", "mode_connectivity")  # class labels, not continuous targets
     _check_runs(a.module, ctx.dataset, "dataset", "mode_connectivity")
@@ -406,6 +411,16 @@ def _separability_requires(ctx: Context, params: dict[str, Any]) -> None:
                 f"smallest class of dataset '{ctx.dataset.name}' has {smallest} sample{'s' if smallest != 1 else ''}; "
                 f"{lower}turn the probe off (--param separability.probe=false), or use more samples of each class."
             )
+
+
+def _embedding_requires(ctx: Context, _params: dict[str, Any]) -> None:
+    from workbench.analyses.embedding import EMBED_MIN_SAMPLES
+
+    if ctx.dataset.n_samples < EMBED_MIN_SAMPLES:
+        raise ParameterError(
+            f"The 'embedding' analysis places samples among their neighbours, and dataset '{ctx.dataset.name}' has "
+            f"{ctx.dataset.n_samples} samples; use a dataset of at least {EMBED_MIN_SAMPLES} samples."
+        )
 
 
 def _intrinsic_dimension_requires(ctx: Context, _params: dict[str, Any]) -> None:
@@ -614,7 +629,7 @@ ANALYSES: list[Analysis] = [
     Analysis("embedding", "Embedding of one layer per model in a shared frame", "one_model", _embedding,
              _embedding_plot, _embedding_summary, {"method": "umap", "layer": None, "seed": 0},
              "UMAP / t-SNE / PCA of one layer per model, aligned by orthogonal Procrustes, with trustworthiness",
-             "pages/embedding.py"),
+             "pages/embedding.py", _embedding_requires),
     Analysis("intrinsic_dimension", "Intrinsic dimension per layer", "one_model", _intrinsic_dimension,
              _intrinsic_dimension_plot, _intrinsic_dimension_summary, {"method": "twonn", "seed": 0},
              "TwoNN (Facco et al.) or Levina-Bickel MLE per layer, with a bootstrap interval", "pages/embedding.py",

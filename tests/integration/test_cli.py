@@ -389,9 +389,11 @@ def test_data_files_whose_path_holds_a_colon_are_read_as_files(tmp_path):
                                      "turn the probe off (--param separability.probe=false), or use more samples of each class."),
         ("intrinsic_dimension", 12, "classes", "The 'intrinsic_dimension' analysis estimates dimension from each sample's "
                                                "nearest neighbours, and dataset 'few' has 12 samples; use a dataset of at least 20"),
+        ("embedding", 3, "classes", "The 'embedding' analysis places samples among their neighbours, and dataset 'few' has "
+                                    "3 samples; use a dataset of at least 4 samples."),
     ],
     ids=["too-few-samples", "continuous-targets-for-losses", "continuous-targets-for-classes", "a-class-rarer-than-the-folds",
-         "too-few-samples-for-intrinsic-dimension"],
+         "too-few-samples-for-intrinsic-dimension", "too-few-samples-for-an-embedding"],
 )
 def test_data_that_does_not_suit_an_analysis_is_a_bad_argument_before_any_work(analysis, n, y, message, tmp_path):
     rng = np.random.default_rng(0)
@@ -465,3 +467,11 @@ def test_topology_of_one_model_compares_its_layers_with_each_other(tmp_path):
     distances = section["summary"]
     assert distances["closest layers"].count(" – ") == 1 and "(A)" not in distances["closest layers"]  # distinct pairs of A
     assert "model_b = None" in section["snippet"]
+
+
+def test_mode_connectivity_of_a_model_with_itself_is_refused_before_any_work(tmp_path):
+    out = run("analyze", "--model-a", MLP0, "--model-b", MLP0, "--data", "digits", "--analysis", "mode_connectivity",
+              "--out", str(tmp_path / "r"), cache=tmp_path)
+    assert out.returncode == 2 and ("error: Model A ('mlp_seed0') and model B ('mlp_seed0') are the same network (weights "
+                                    "sha256 a074982042bd), so the path between them is one point and every barrier is 0; "
+                                    "pick two trained models, such as two seeds.") in out.stderr, out.stderr

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("umap", "pca", "tsne")
 ID_METHODS = ("twonn", "mle")
+EMBED_MIN_SAMPLES = 4  # the fewest an embedding and its neighbourhood scores are defined on
 ID_MIN_SAMPLES = 20  # fewer nearest-neighbour distance ratios than this give no usable estimate
 QUALITY_K = 10
 UMAP_REFINE_FRACTION = 0.25  # of the learning rate, when UMAP starts from given coordinates
@@ -225,7 +226,7 @@ def embed(
     method = check_choice(method, "method", METHODS, func=func)
     metric = check_choice(metric, "metric", METRICS, func=func)
     seed = check_seed(seed, func=func)
-    t = as_matrix(x, "x", func=func, dtype=torch.float32 if _is_float32(x) else torch.float64, min_samples=4)
+    t = as_matrix(x, "x", func=func, dtype=torch.float32 if _is_float32(x) else torch.float64, min_samples=EMBED_MIN_SAMPLES)
     n, d = t.shape
     _check_method_params(
         method, n_neighbors=n_neighbors, min_dist=min_dist, n_epochs=n_epochs, perplexity=perplexity, init=init
