@@ -104,8 +104,8 @@ def test_json_and_npz_round_trip(stats_report, tmp_path):
     assert first["stats"]["fc1"]["mean"] == pytest.approx(result.stats["fc1"].mean)
     assert doc["header"]["dataset"]["n_samples"] == 450
     with np.load(files["npz"], allow_pickle=False) as arrays:
-        np.testing.assert_array_equal(arrays["section00/fc1/hist_counts"], result.stats["fc1"].hist_counts)
-        np.testing.assert_allclose(arrays["section01/relu1/hist_edges"], result.stats["relu1"].hist_edges)
+        np.testing.assert_array_equal(arrays["section01/fc1/hist_counts"], result.stats["fc1"].hist_counts)
+        np.testing.assert_allclose(arrays["section02/relu1/hist_edges"], result.stats["relu1"].hist_edges)
 
 
 def test_large_arrays_are_in_the_npz_and_the_json_names_them(stats_report, digits_test, tmp_path):
@@ -133,7 +133,7 @@ def test_large_arrays_are_in_the_npz_and_the_json_names_them(stats_report, digit
                 find(v)
 
     find(doc)
-    assert sorted(r["npz"] for r in refs) == sorted(f"section01/1/{k}" for k in big)
+    assert sorted(r["npz"] for r in refs) == sorted(f"section02/1/{k}" for k in big)
     with np.load(files["npz"], allow_pickle=False) as arrays:
         for ref in refs:
             assert list(arrays[ref["npz"]].shape) == ref["shape"] and str(arrays[ref["npz"]].dtype) == ref["dtype"]
@@ -266,7 +266,7 @@ def test_figures_as_static_png(stats_report, tmp_path):
     report, _ = stats_report
     files = report.save(tmp_path, formats=("png",))
     pngs = sorted(p for k, p in files.items() if k.startswith("png/"))
-    assert [p.name for p in pngs] == ["section00-fig0.png", "section01-fig0.png"]
+    assert [p.name for p in pngs] == ["section01-fig1.png", "section02-fig1.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     width = int.from_bytes(pngs[0].read_bytes()[16:20], "big")  # the IHDR chunk: as wide as the report shows it, at scale 2
     assert width == 2 * 1200
@@ -293,12 +293,12 @@ def test_png_without_kaleido_says_what_to_install(stats_report, tmp_path, monkey
 def test_saving_into_a_folder_removes_the_files_of_an_earlier_report(tmp_path):
     report = build_report([Section("numbers", {"value": 1.0}, [])], title="second")
     (tmp_path / "figures").mkdir()
-    for old in ("report.pdf", "arrays.npz", "figures/section00-fig0.png", "notes.txt"):
+    for old in ("report.pdf", "arrays.npz", "figures/section01-fig1.png", "notes.txt"):
         (tmp_path / old).write_text("from before")
     written = report.save(tmp_path, ("html", "json"))
     assert set(written) == {"html", "json"}
     assert not (tmp_path / "report.pdf").exists() and not (tmp_path / "arrays.npz").exists()
-    assert not (tmp_path / "figures" / "section00-fig0.png").exists()
+    assert not (tmp_path / "figures" / "section01-fig1.png").exists()
     assert (tmp_path / "notes.txt").read_text() == "from before"  # not a report file
 
 

@@ -166,8 +166,8 @@ class Section:
 
 
 def _section_prefix(i: int) -> str:
-    """The prefix of section ``i``'s keys in ``arrays.npz``."""
-    return f"section{i:02d}/"
+    """The prefix of the keys in ``arrays.npz`` of the section at index ``i``, numbered from 1 as the report counts them."""
+    return f"section{i + 1:02d}/"
 
 
 def _versions() -> dict[str, str]:
@@ -394,7 +394,7 @@ class Report:
         written: dict[str, Path] = {}
         for i, section in enumerate(self.sections):
             for j, fig in enumerate(section.figures):
-                path = folder / f"section{i:02d}-fig{j}.png"
+                path = folder / f"section{i + 1:02d}-fig{j + 1}.png"  # numbered from 1, as the report counts sections
                 # as wide as the report shows it (kaleido's default 700 px cut long titles and wrapped table rows out of view)
                 path.write_bytes(fig.to_image(format="png", width=fig.layout.width or PNG_WIDTH, scale=scale))
                 written[f"png/{path.name}"] = path
