@@ -138,31 +138,6 @@ def _check_fits(models: Sequence[Any], data: Any) -> None:
             raise ParameterError(str(exc)) from None
 
 
-def _check_layers_run(model: Any, data: Any, layers: Sequence[str] | None, which: str, separate: bool = False) -> None:
-    """Refuse, before any work, named layers that model ``which`` ("A" or "B") lacks or that give no activations per
-    sample on ``data`` (a module the forward pass never calls, or one that outputs a single row for the whole batch).
-    ``separate``: model B's layers were named by --layers-b (else B is asked for A's)."""
-    from workbench.activations.extract import check_layers, layer_info
-
-    if model is None or not layers:
-        return
-    where = f"Model {which} ('{model.name}')"
-    try:
-        check_layers(model, list(layers))
-    except UnknownLayerError as exc:
-        hint = " Name model B's layers separately (--layers-b)." if which == "B" and not separate else ""
-        raise UnknownLayerError(f"{where}: {exc}{hint}") from None
-    shapes = {info.name: info.output_shape for info in layer_info(model, data)}
-    idle = [layer for layer in layers if shapes.get(layer) is None]
-    if idle:
-        listed = ", ".join(f"'{layer}'" for layer in idle)
-        raise ParameterError(
-            f"{where}: layer{'s' if len(idle) > 1 else ''} {listed} give{'' if len(idle) > 1 else 's'} no activations per "
-            "sample (not run by the forward pass, or one row for the whole batch); pick layers that 'workbench layers' "
-            "shows with an output shape."
-        )
-
-
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -344,7 +319,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from workbench.registry import check_analysis, get_analysis, run_analysis
+    from workbench.registry import check_analysis, check_layers_run, get_analysis, run_analysis
     from workbench.report import PdfUnavailableError, StaticImageUnavailableError, build_report
 
     names = list(dict.fromkeys(n.strip() for n in args.analysis.split(",") if n.strip()))  # each analysis once
@@ -359,9 +334,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model_b = _load_model_b(args) if args.model_b else None
     data = _data_arg(args.data)
     _check_fits([model_a, model_b], data)
-    if any(entry.inputs != "weights" for entry in entries):  # the analyses that read activations
-        _check_layers_run(model_a, data, args.layers, "A")
-        _check_layers_run(model_b, data, args.layers_b or args.layers, "B", separate=bool(args.layers_b))
+    if any(entry.inputs != "weights" for entry in entries) and args.layers:  # named layers of the analyses that read them
+        check_layers_run(model_a, data, args.layers, "a")
+        if model_b is not None:
+            check_layers_run(model_b, data, args.layers_b or args.layers, "b", separate=bool(args.layers_b))
     for entry in entries:  # models or data that do not suit an analysis are a bad argument, found before any work
         try:
             check_analysis(entry.name, model_a=model_a, model_b=model_b, dataset=data, params=params[entry.name])

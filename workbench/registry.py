@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workbench.activations import Activations, extract, list_layers
+from workbench.activations import Activations, check_layers, extract, layer_info, list_layers
 from workbench.data import Dataset
 from workbench.errors import ParameterError, UnknownLayerError, did_you_mean, format_choices
 from workbench.models import SAMPLE_MODELS, LoadedModel
@@ -62,9 +62,33 @@ class Context:
                 self._acts[which] = extract(model, self.dataset, layers or default_layers(model), pooling=self.pooling,
                                             device=self.device, progress=self.progress)
             except UnknownLayerError as exc:  # say which of the two models lacks the layer
-                hint = " Name model B's layers separately (layers_b, --layers-b)." if which == "b" and not self.layers_b else ""
-                raise UnknownLayerError(f"Model {which.upper()} ('{model.name}'): {exc}{hint}") from exc
+                raise _lacking(exc, model, which, separate=bool(self.layers_b)) from exc
         return self._acts[which]
+
+
+def _lacking(exc: UnknownLayerError, model: LoadedModel, which: str, *, separate: bool) -> UnknownLayerError:
+    """``exc`` naming model ``which`` ("a" or "b"); for model B asked for A's layer names, how to name its own."""
+    hint = " Name model B's layers separately (layers_b, --layers-b)." if which == "b" and not separate else ""
+    return UnknownLayerError(f"Model {which.upper()} ('{model.name}'): {exc}{hint}")
+
+
+def check_layers_run(model: LoadedModel, dataset: Dataset, layers: list[str], which: str, *, separate: bool = False) -> None:
+    """Raise, before any work, where model ``which`` ("a" or "b") lacks one of ``layers`` or where one gives no
+    activations per sample on ``dataset`` (a module its forward pass never calls, or one that outputs a single row for
+    the whole batch). ``separate``: model B's layers were named apart from A's (``layers_b``)."""
+    try:
+        check_layers(model, list(layers))
+    except UnknownLayerError as exc:
+        raise _lacking(exc, model, which, separate=separate) from None
+    shapes = {info.name: info.output_shape for info in layer_info(model, dataset)}
+    idle = [layer for layer in layers if shapes.get(layer) is None]
+    if idle:
+        listed = ", ".join(f"'{layer}'" for layer in idle)
+        raise ParameterError(
+            f"Model {which.upper()} ('{model.name}'): layer{'s' if len(idle) > 1 else ''} {listed} "
+            f"give{'' if len(idle) > 1 else 's'} no activations per sample (not run by the forward pass, or one row for "
+            "the whole batch); pick layers that list_layers (or 'workbench layers') shows with an output shape."
+        )
 
 
 SKIP_LAYER_TYPES = frozenset({"Unflatten", "Flatten", "Dropout", "Identity", "ModuleList", "Sequential"})
@@ -74,8 +98,6 @@ def default_layers(model: LoadedModel, infos: list | None = None) -> list[str]:
     """Leaf modules that run on a probe batch, without reshapes, dropout or containers (at most 12).
 
     ``infos`` is the model's :func:`workbench.activations.layer_info`, when already at hand."""
-    from workbench.activations import layer_info
-
     infos = layer_info(model) if infos is None else infos
     names = [i.name for i in infos if i.output_shape is not None and i.type not in SKIP_LAYER_TYPES
              and not any(o.name.startswith(i.name + ".") for o in infos)]

@@ -434,7 +434,7 @@ def test_named_layers_that_give_no_activations_are_refused_before_any_work(tmp_p
     assert out.returncode == 2, out.stderr
     assert ("workbench analyze: error: Model A ('text_transformer_seed0'): layer 'layers.0.self_attn.out_proj' gives no "
             "activations per sample (not run by the forward pass, or one row for the whole batch); pick layers that "
-            "'workbench layers' shows with an output shape.") in out.stderr
+            "list_layers (or 'workbench layers') shows with an output shape.") in out.stderr
     out = run("analyze", "--model-a", MLP0, "--model-b", MLP1, "--data", "digits", "--analysis", "activations,similarity",
               "--layers", "fc1", "--layers-b", "fc9", "--out", str(tmp_path / "report"), cache=tmp_path)
     assert out.returncode == 2 and "error: Model B ('mlp_seed1'): Unknown layer 'fc9'. Did you mean 'fc2'?" in out.stderr, out.stderr

@@ -295,3 +295,22 @@ def test_a_probing_section_is_titled_by_its_probe_and_control_task(sample_model,
                                     params={"probe": "linear", "control": False, "cv": 2})
     assert section.title == "Linear probes per layer"
     assert registry.get_analysis("probing").title_for({"probe": "mlp", "control": True}) == "MLP probes per layer, with control task"
+
+
+def test_named_layers_are_checked_before_any_work(sample_model, digits_test):
+    from workbench import load_dataset
+    from workbench.errors import UnknownLayerError
+
+    text = sample_model("text_transformer_seed0")
+    sentences = load_dataset("sentences")
+    registry.check_layers_run(text, sentences, ["norm", "layers.1.linear1"], "a")  # both run: nothing to say
+    with pytest.raises(ParameterError, match=r"^Model A \('text_transformer_seed0'\): layer 'layers.0.self_attn.out_proj' "
+                                             r"gives no activations per sample \(not run by the forward pass"):
+        registry.check_layers_run(text, sentences, ["norm", "layers.0.self_attn.out_proj"], "a")
+    mlp = sample_model("mlp_seed1")
+    with pytest.raises(UnknownLayerError, match=r"^Model B \('mlp_seed1'\): Unknown layer 'conv1'\..* Name model B's "
+                                                r"layers separately \(layers_b, --layers-b\)\.$"):
+        registry.check_layers_run(mlp, digits_test, ["conv1"], "b")
+    with pytest.raises(UnknownLayerError) as raised:
+        registry.check_layers_run(mlp, digits_test, ["conv1"], "b", separate=True)
+    assert "separately" not in str(raised.value)
