@@ -387,6 +387,25 @@ def _require_labels(ctx: Context, what: str) -> None:
         raise ParameterError(f"{what} needs labels and dataset '{ctx.dataset.name}' has none; pick a labelled dataset.")
 
 
+def _check_folds(ctx: Context, analysis: str, cv: int, off: str) -> None:
+    """Refuse class labels with a class rarer than ``cv`` folds, naming the options that fix it (``off``: the
+    option that turns the folds off, "" where none does). Continuous targets are left to the analysis."""
+    y = ctx.dataset.y
+    if y is None or (y.dtype.is_floating_point and not bool((y == y.round()).all())):
+        return
+    classes, counts = np.unique(y.numpy(), return_counts=True)
+    if len(classes) < 2 or counts.min() >= cv:
+        return
+    fewest, rare = int(counts.min()), classes[int(counts.argmin())].item()
+    fixes = [f"lower cv to {fewest} (--param {analysis}.cv={fewest})" if fewest >= 2 else
+             "" if off else "drop the classes with a single sample", off, "use more samples of each class"]
+    fixes = [f for f in fixes if f]
+    raise ParameterError(
+        f"The '{analysis}' analysis splits each class into cv={cv} folds, and class {rare!r} of dataset "
+        f"'{ctx.dataset.name}' has {fewest} sample{'s' if fewest != 1 else ''}; {', '.join(fixes[:-1])} or {fixes[-1]}."
+    )
+
+
 def _probing_title(params: dict[str, Any]) -> str:
     kind = "Linear" if params["probe"] == "linear" else "MLP"
     return f"{kind} probes per layer" + (", with control task" if params["control"] else "")
@@ -397,6 +416,7 @@ def _probing_requires(ctx: Context, params: dict[str, Any]) -> None:
 
     _require_labels(ctx, "Probing")
     _check_c(params["c"], "probe_layers")  # a strength the probes cannot honour, refused before any extraction
+    _check_folds(ctx, "probing", params["cv"], "")
     # labels the probes cannot use (one class, a class rarer than the folds), refused before any activation is extracted
     _prepare_targets(None, ctx.dataset.y, ctx.dataset.n_samples, cv=params["cv"], control=False, seed=params["seed"],
                      groups=None, func="probe_layers")
@@ -418,21 +438,12 @@ def _mode_connectivity_requires(ctx: Context, _params: dict[str, Any]) -> None:
 
 
 def _separability_requires(ctx: Context, params: dict[str, Any]) -> None:
-    from workbench.analyses.topology import _class_indices
-
     y = ctx.dataset.y
     if y is not None and y.dtype.is_floating_point and not bool((y == y.round()).all()):
         raise ParameterError(f"Separability compares classes, and dataset '{ctx.dataset.name}' has continuous targets; "
                              "pick a dataset with class labels.")
-    if y is not None and params["probe"]:  # folds the probe cannot make, refused before any activation is extracted
-        smallest = int(np.bincount(_class_indices(y.numpy(), ctx.dataset.n_samples, "separability")).min())
-        if smallest < params["cv"]:
-            lower = f"lower cv to {smallest} (--param separability.cv={smallest}), " if smallest >= 2 else ""
-            raise ParameterError(
-                f"The 'separability' analysis's linear probe splits each class into cv={params['cv']} folds, and the "
-                f"smallest class of dataset '{ctx.dataset.name}' has {smallest} sample{'s' if smallest != 1 else ''}; "
-                f"{lower}turn the probe off (--param separability.probe=false), or use more samples of each class."
-            )
+    if params["probe"]:  # folds the probe cannot make, refused before any activation is extracted
+        _check_folds(ctx, "separability", params["cv"], "turn the probe off (--param separability.probe=false)")
 
 
 def _embedding_requires(ctx: Context, _params: dict[str, Any]) -> None:

@@ -384,16 +384,18 @@ def test_data_files_whose_path_holds_a_colon_are_read_as_files(tmp_path):
         ("mode_connectivity", 30, "float", "mode_connectivity: dataset 'few' (dataset) has continuous targets, but loss and "
                                            "accuracy need integer class labels."),
         ("separability", 30, "float", "Separability compares classes, and dataset 'few' has continuous targets; pick a dataset"),
-        ("separability", 30, "rare", "The 'separability' analysis's linear probe splits each class into cv=5 folds, and the "
-                                     "smallest class of dataset 'few' has 3 samples; lower cv to 3 (--param separability.cv=3), "
-                                     "turn the probe off (--param separability.probe=false), or use more samples of each class."),
+        ("separability", 30, "rare", "The 'separability' analysis splits each class into cv=5 folds, and class 1 of dataset "
+                                     "'few' has 3 samples; lower cv to 3 (--param separability.cv=3), turn the probe off "
+                                     "(--param separability.probe=false) or use more samples of each class."),
+        ("probing", 30, "rare", "The 'probing' analysis splits each class into cv=5 folds, and class 1 of dataset 'few' has 3 "
+                                "samples; lower cv to 3 (--param probing.cv=3) or use more samples of each class."),
         ("intrinsic_dimension", 12, "classes", "The 'intrinsic_dimension' analysis estimates dimension from each sample's "
                                                "nearest neighbours, and dataset 'few' has 12 samples; use a dataset of at least 20"),
         ("embedding", 3, "classes", "The 'embedding' analysis places samples among their neighbours, and dataset 'few' has "
                                     "3 samples; use a dataset of at least 4 samples."),
     ],
-    ids=["too-few-samples", "continuous-targets-for-losses", "continuous-targets-for-classes", "a-class-rarer-than-the-folds",
-         "too-few-samples-for-intrinsic-dimension", "too-few-samples-for-an-embedding"],
+    ids=["too-few-samples", "continuous-targets-for-losses", "continuous-targets-for-classes", "a-class-rarer-than-the-separability-folds",
+         "a-class-rarer-than-the-probing-folds", "too-few-samples-for-intrinsic-dimension", "too-few-samples-for-an-embedding"],
 )
 def test_data_that_does_not_suit_an_analysis_is_a_bad_argument_before_any_work(analysis, n, y, message, tmp_path):
     rng = np.random.default_rng(0)

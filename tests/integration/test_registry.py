@@ -108,8 +108,13 @@ def test_check_analysis_refuses_unsuited_models_before_any_work(sample_model, di
     with pytest.raises(DataError, match=r"probe_layers: 'labels' hold one class only \(0\); a probe needs at least two"):
         registry.check_analysis("probing", model_a=mlp, dataset=one_class)
     rare = make_dataset("rare", digits_test.x, (torch.arange(digits_test.n_samples) < 3).long())
-    with pytest.raises(DataError, match=r"class 1 has 3 samples but cv=5 folds need at least 5 per class; lower cv to 3"):
+    with pytest.raises(ParameterError, match=r"^The 'probing' analysis splits each class into cv=5 folds, and class 1 of "
+                                             r"dataset 'rare' has 3 samples; lower cv to 3 \(--param probing.cv=3\) or use"):
         registry.check_analysis("probing", model_a=mlp, dataset=rare)
+    single = make_dataset("single", digits_test.x, (torch.arange(digits_test.n_samples) < 1).long())
+    with pytest.raises(ParameterError, match=r"class 1 of dataset 'single' has 1 sample; drop the classes with a single "
+                                             r"sample or use more samples of each class\.$"):
+        registry.check_analysis("probing", model_a=mlp, dataset=single)
     registry.check_analysis("probing", model_a=mlp, dataset=rare, params={"cv": 3})
 
 
