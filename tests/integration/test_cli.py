@@ -420,12 +420,12 @@ def test_the_report_command_names_files_by_absolute_paths(tmp_path, monkeypatch)
 
 
 def test_a_parameter_left_at_its_default_is_named_as_its_option(tmp_path):
-    data = tmp_path / "few.npz"  # 3 samples: at most 3 folds, where probing asks for 5 by default
-    np.savez(data, x=np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32), y=np.array([0, 1, 2]))
+    data = tmp_path / "few.npz"  # 3 samples with continuous targets: at most 3 folds, where probing asks for 5 by default
+    np.savez(data, x=np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32), y=np.array([0.1, 0.5, 0.9]))
     out = run("analyze", "--model-a", MLP0, "--data", str(data), "--analysis", "probing", "--out", str(tmp_path / "r"),
               cache=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "The 'cv' parameter (--param probing.cv, left at its default 5)" in out.stderr, out.stderr
+    assert "The 'cv' parameter (--param probing.cv, left at its default 5) must be an int in [2, 3]. Got 5." in out.stderr, out.stderr
 
 
 def test_named_layers_that_give_no_activations_are_refused_before_any_work(tmp_path):
