@@ -387,11 +387,16 @@ def _require_labels(ctx: Context, what: str) -> None:
         raise ParameterError(f"{what} needs labels and dataset '{ctx.dataset.name}' has none; pick a labelled dataset.")
 
 
+def _continuous(y: Any) -> bool:
+    """Whether targets ``y`` are continuous values rather than class labels (floats that are not all whole numbers)."""
+    return y.dtype.is_floating_point and not bool((y == y.round()).all())
+
+
 def _check_folds(ctx: Context, analysis: str, cv: int, off: str) -> None:
     """Refuse class labels with a class rarer than ``cv`` folds, naming the options that fix it (``off``: the
     option that turns the folds off, "" where none does). Continuous targets are left to the analysis."""
     y = ctx.dataset.y
-    if y is None or (y.dtype.is_floating_point and not bool((y == y.round()).all())):
+    if y is None or _continuous(y):
         return
     classes, counts = np.unique(y.numpy(), return_counts=True)
     if len(classes) < 2 or counts.min() >= cv:
@@ -439,7 +444,7 @@ def _mode_connectivity_requires(ctx: Context, _params: dict[str, Any]) -> None:
 
 def _separability_requires(ctx: Context, params: dict[str, Any]) -> None:
     y = ctx.dataset.y
-    if y is not None and y.dtype.is_floating_point and not bool((y == y.round()).all()):
+    if y is not None and _continuous(y):
         raise ParameterError(f"Separability compares classes, and dataset '{ctx.dataset.name}' has continuous targets; "
                              "pick a dataset with class labels.")
     if params["probe"]:  # folds the probe cannot make, refused before any activation is extracted
